@@ -1,0 +1,292 @@
+"""Memory backends: mmap'd file or anonymous regions that migd saves and restores."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import re
+import stat
+from collections.abc import Iterator
+
+from .errors import BackendError
+
+PAGE_SIZE = 4096
+
+_FALLOC_FL_KEEP_SIZE = 1
+_FALLOC_FL_PUNCH_HOLE = 2
+_MADV_POPULATE_WRITE = 23  # Linux 5.14; not exported by the 3.11 mmap module
+_HUGETLBFS_MAGIC = 0x958458F6
+_ZERO_STEP = 4 << 20
+_ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9._-]*")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+# fallocate64 keeps 64-bit offsets even where off_t is 32 bits wide.
+_fallocate = getattr(_libc, "fallocate64", None) or _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
+_zeros: bytes | None = None
+
+
+def _zero_buffer() -> bytes:
+    """A shared zero buffer; bytes(n) comes from calloc, so it costs no RSS until read."""
+    global _zeros
+    if _zeros is None:
+        _zeros = bytes(_ZERO_STEP)
+    return _zeros
+
+
+def _is_hugetlbfs(fd: int) -> bool:
+    """True if fd lives on hugetlbfs; statvfs lacks f_type, so ask fstatfs directly."""
+    buf = ctypes.create_string_buffer(256)  # larger than struct statfs on any arch
+    if _libc.fstatfs(fd, buf) != 0:
+        return False
+    return ctypes.c_ulong.from_buffer(buf).value & 0xFFFFFFFF == _HUGETLBFS_MAGIC
+
+
+class MemoryBackend:
+    """One RAM block: a page-aligned mapping plus, for file backends, its fd."""
+
+    def __init__(self, id: str, size: int, qom_type: str, mm: mmap.mmap, fd: int | None,
+                 mem_path: str | None, share: bool, block_name: str) -> None:
+        self.id = id
+        self.block_name = block_name
+        self.size = size
+        self.qom_type = qom_type
+        self.mem_path = mem_path
+        self.share = share
+        self.in_use = 0
+        self._mm: mmap.mmap | None = mm
+        self._mv: memoryview | None = memoryview(mm)
+        self._fd = fd
+
+    def __repr__(self) -> str:
+        return f"<MemoryBackend {self.id!r} {self.qom_type} size={self.size}>"
+
+    def _check(self, offset: int, length: int) -> memoryview:
+        if self._mv is None:
+            raise BackendError(f"Memory backend '{self.id}' is closed")
+        if (offset | length) % PAGE_SIZE or offset < 0 or length < 0 or offset + length > self.size:
+            raise ValueError(f"range {offset}+{length} is not page aligned inside {self.size} bytes")
+        return self._mv
+
+    def view(self, offset: int, length: int) -> memoryview:
+        """Zero-copy writable slice of the mapping, page aligned (O_DIRECT-safe)."""
+        return self._check(offset, length)[offset:offset + length]
+
+    def zero_range(self, offset: int, length: int) -> None:
+        """Make [offset, offset+length) read as zeros, freeing memory where possible."""
+        mv = self._check(offset, length)
+        if length == 0:
+            return
+        assert self._mm is not None
+        if self._fd is None:
+            # Private anonymous pages dropped by DONTNEED come back as fresh zero pages.
+            try:
+                self._mm.madvise(mmap.MADV_DONTNEED, offset, length)
+                return
+            except OSError:
+                pass
+        elif self.share:
+            # Punching the file also unmaps the pages, so the view reads zeros at once.
+            mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
+            if _fallocate(self._fd, mode, offset, length) == 0:
+                return
+            try:
+                self._mm.madvise(mmap.MADV_REMOVE, offset, length)
+                return
+            except OSError:
+                pass
+        # Private file mappings land here too: DONTNEED would bring back the file's data.
+        zeros = _zero_buffer()
+        end = offset + length
+        while offset < end:
+            n = min(_ZERO_STEP, end - offset)
+            mv[offset:offset + n] = zeros[:n]
+            offset += n
+
+    def populate(self, offset: int, length: int) -> None:
+        """Pre-fault the range for writing in one call; faults on shmem make restores slow."""
+        self._check(offset, length)
+        if length == 0:
+            return
+        assert self._mm is not None
+        try:
+            self._mm.madvise(_MADV_POPULATE_WRITE, offset, length)
+            return
+        except OSError:
+            pass
+        if self._fd is not None and self.share:
+            try:
+                os.posix_fallocate(self._fd, offset, length)
+            except OSError:
+                pass  # only an optimisation: the copy will fault pages in anyway
+
+    def data_ranges(self) -> list[tuple[int, int]] | None:
+        """Page-rounded (offset, length) ranges that may hold data; None if unknown."""
+        if self._fd is None or not self.share or self._mv is None:
+            return None  # anonymous or private pages are invisible to the file
+        ranges: list[tuple[int, int]] = []
+        pos = 0
+        while pos < self.size:
+            try:
+                start = os.lseek(self._fd, pos, os.SEEK_DATA)
+                end = min(os.lseek(self._fd, start, os.SEEK_HOLE), self.size)
+            except OSError as e:
+                if e.errno == errno.ENXIO:
+                    break  # no data at or after pos
+                return None
+            if start >= self.size:
+                break
+            start -= start % PAGE_SIZE
+            end = min(-(-end // PAGE_SIZE) * PAGE_SIZE, self.size)
+            if ranges and ranges[-1][0] + ranges[-1][1] >= start:
+                prev = ranges.pop()
+                start = prev[0]
+            ranges.append((start, end - start))
+            pos = end
+        return ranges
+
+    def close(self) -> None:
+        """Unmap and close the fd; safe to call twice."""
+        if self._mv is not None:
+            try:
+                self._mv.release()
+            except BufferError:
+                pass
+            self._mv = None
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:
+                pass  # a caller still holds a view: munmap happens when it goes away
+            self._mm = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _validate(id: str, size: int, ramblock_name: str | None) -> str:
+    if not isinstance(id, str) or not _ID_RE.fullmatch(id):
+        raise BackendError("Parameter 'id' expects an identifier")
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % PAGE_SIZE:
+        raise BackendError(f"Parameter 'size' expects a positive multiple of {PAGE_SIZE}")
+    if ramblock_name is None:
+        return id
+    if not isinstance(ramblock_name, str) or not 1 <= len(ramblock_name.encode()) <= 255:
+        raise BackendError("Parameter 'ramblock-name' expects a name of 1 to 255 bytes")
+    return ramblock_name
+
+
+def create_file_backend(id: str, size: int, mem_path: str, *, share: bool = True,
+                        ramblock_name: str | None = None, fd: int | None = None) -> MemoryBackend:
+    """Map mem_path (or the passed fd, which the backend owns even on failure) as RAM."""
+    try:
+        block_name = _validate(id, size, ramblock_name)
+    except BackendError:
+        if fd is not None:
+            os.close(fd)
+        raise
+    created = False
+    if fd is None:
+        flags = os.O_RDWR | os.O_CLOEXEC
+        try:
+            # O_EXCL first tells us whether the file is ours to remove on failure.
+            fd = os.open(mem_path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+            created = True
+        except FileExistsError:
+            try:
+                fd = os.open(mem_path, flags)
+            except OSError as e:
+                raise BackendError(f"Could not open '{mem_path}': {e.strerror}") from None
+        except OSError as e:
+            raise BackendError(f"Could not open '{mem_path}': {e.strerror}") from None
+    step = "use"
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise BackendError(f"Could not open '{mem_path}': Is a directory")
+        if not stat.S_ISREG(st.st_mode):
+            raise BackendError(f"Could not use '{mem_path}': not a regular file")
+        if _is_hugetlbfs(fd):
+            huge = os.fstatvfs(fd).f_bsize
+            if size % huge:
+                raise BackendError(f"Could not use '{mem_path}': size {size} is not a multiple "
+                                   f"of the huge page size {huge}")
+        step = "extend"
+        if st.st_size < size:
+            os.ftruncate(fd, size)  # never shrink: a larger file may hold someone's data
+        step = "map"
+        mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED if share else mmap.MAP_PRIVATE,
+                       prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    except BaseException as e:
+        if created:
+            try:
+                if os.stat(mem_path).st_ino == os.fstat(fd).st_ino:
+                    os.unlink(mem_path)
+            except OSError:
+                pass
+        os.close(fd)
+        if isinstance(e, OSError):
+            raise BackendError(f"Could not {step} '{mem_path}': {e.strerror}") from None
+        raise
+    return MemoryBackend(id, size, "memory-backend-file", mm, fd, mem_path, share, block_name)
+
+
+def create_ram_backend(id: str, size: int, *, ramblock_name: str | None = None) -> MemoryBackend:
+    """Anonymous private memory owned by migd."""
+    block_name = _validate(id, size, ramblock_name)
+    try:
+        mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                       prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    except OSError as e:
+        raise BackendError(f"Could not allocate {size} bytes for memory backend '{id}': "
+                           f"{e.strerror}") from None
+    return MemoryBackend(id, size, "memory-backend-ram", mm, None, None, False, block_name)
+
+
+class MemoryRegistry:
+    """The daemon's memory backends by id, in insertion order."""
+
+    def __init__(self) -> None:
+        self._backends: dict[str, MemoryBackend] = {}
+
+    def add(self, backend: MemoryBackend) -> None:
+        """Register backend; on refusal the caller still owns (and closes) it."""
+        if backend.id in self._backends:
+            raise BackendError(f"Memory backend '{backend.id}' already exists")
+        other = self.by_block_name(backend.block_name)
+        if other is not None:
+            raise BackendError(f"RAM block name '{backend.block_name}' is already used "
+                               f"by memory backend '{other.id}'")
+        self._backends[backend.id] = backend
+
+    def remove(self, id: str) -> None:
+        """Unregister and close a backend no migration is using."""
+        backend = self.get(id)
+        if backend.in_use > 0:
+            raise BackendError(f"Memory backend '{id}' is in use by a migration")
+        del self._backends[id]
+        backend.close()
+
+    def get(self, id: str) -> MemoryBackend:
+        try:
+            return self._backends[id]
+        except KeyError:
+            raise BackendError(f"Memory backend '{id}' not found") from None
+
+    def by_block_name(self, name: str) -> MemoryBackend | None:
+        return next((b for b in self._backends.values() if b.block_name == name), None)
+
+    def __iter__(self) -> Iterator[MemoryBackend]:
+        return iter(list(self._backends.values()))
+
+    def __len__(self) -> int:
+        return len(self._backends)
+
+    def close_all(self) -> None:
+        """Close every backend at shutdown, in use or not (threads are joined by then)."""
+        backends, self._backends = list(self._backends.values()), {}
+        for backend in backends:
+            backend.close()

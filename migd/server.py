@@ -1,0 +1,273 @@
+"""UNIX socket listener and QMP sessions: greeting, read loop, SCM_RIGHTS, event broadcast.
+
+Knows nothing of migration: each decoded request goes to the `dispatch` callable the
+daemon hands in. Sockets are read with recvmsg (asyncio streams cannot carry fds).
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import socket
+import stat
+import struct
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from .errors import FdError, InvalidRequest, MigdError
+from .qmp import (
+    MessageSplitter,
+    MessageTooLarge,
+    Request,
+    decode_request,
+    encode,
+    error_reply,
+    event_message,
+)
+
+log = logging.getLogger(__name__)
+
+RECV_BYTES = 65536
+MAX_FDS_PER_MESSAGE = 16  # QEMU's TCP_MAX_FDS
+
+Dispatch = Callable[["Session", Request], Awaitable[dict[str, Any]]]
+
+
+class SocketInUse(MigdError):
+    """Another live daemon answers on the socket path."""
+
+
+def _peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", creds)
+    return pid, uid, gid
+
+
+class Session:
+    """One client connection."""
+
+    def __init__(self, server: Server, sock: socket.socket, number: int) -> None:
+        self.server = server
+        self.sock = sock
+        self.number = number
+        self.negotiated = False
+        self.pending_fds: list[int] = []
+        self._out: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+
+    # -- fds -------------------------------------------------------------------------
+
+    def take_fd(self) -> int:
+        """Hand the oldest fd received with this command to the caller, who then owns it."""
+        if not self.pending_fds:
+            raise FdError("No file descriptor supplied via SCM_RIGHTS")
+        return self.pending_fds.pop(0)
+
+    def _replace_pending_fds(self, fds: list[int]) -> None:
+        # As QEMU's chardev: a new batch of fds drops whatever the last batch left unused.
+        self._close_pending_fds()
+        self.pending_fds = fds
+
+    def _close_pending_fds(self) -> None:
+        for fd in self.pending_fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.pending_fds = []
+
+    # -- I/O -------------------------------------------------------------------------
+
+    def send(self, msg: dict[str, Any]) -> None:
+        self._out.put_nowait(encode(msg))
+
+    async def _wait(self, add: Callable[..., None], remove: Callable[[int], Any]) -> None:
+        fut = self._loop.create_future()
+        fd = self.sock.fileno()
+
+        def ready() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        add(fd, ready)
+        try:
+            await fut
+        finally:
+            remove(fd)
+
+    async def _recv(self) -> tuple[bytes, list[int]]:
+        cmsg_space = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
+        while True:
+            try:
+                data, ancdata, _flags, _addr = self.sock.recvmsg(RECV_BYTES, cmsg_space)
+            except (BlockingIOError, InterruptedError):
+                await self._wait(self._loop.add_reader, self._loop.remove_reader)
+                continue
+            fds: list[int] = []
+            for level, kind, payload in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    arr = array.array("i")
+                    arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
+                    fds.extend(arr)
+            return data, fds
+
+    async def _writer(self) -> None:
+        while True:
+            data = await self._out.get()
+            if data is None:
+                return
+            view = memoryview(data)
+            while view:
+                try:
+                    sent = self.sock.send(view)
+                except (BlockingIOError, InterruptedError):
+                    await self._wait(self._loop.add_writer, self._loop.remove_writer)
+                    continue
+                view = view[sent:]
+
+    async def run(self, dispatch: Dispatch) -> None:
+        writer = asyncio.create_task(self._writer())
+        splitter = MessageSplitter()
+        try:
+            self.send(self.server.greeting)
+            while True:
+                data, fds = await self._recv()
+                if fds:
+                    self._replace_pending_fds(fds)
+                if not data:
+                    break
+                try:
+                    texts = splitter.feed(data)
+                except MessageTooLarge:
+                    self.send(error_reply(InvalidRequest("QMP message exceeds 1 MiB"), None))
+                    break
+                for text in texts:
+                    self.send(await self._handle(text, dispatch))
+        except (ConnectionError, OSError) as exc:
+            log.debug("session %d: %s", self.number, exc)
+        finally:
+            self._close_pending_fds()
+            self._out.put_nowait(None)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer, 2)
+            writer.cancel()
+            self.sock.close()
+
+    async def _handle(self, text: bytes, dispatch: Dispatch) -> dict[str, Any]:
+        try:
+            req = decode_request(text)
+        except InvalidRequest as exc:
+            return error_reply(exc, getattr(exc, "request", None))
+        return await dispatch(self, req)
+
+
+class Server:
+    """Accepts clients on a listening UNIX socket and broadcasts events to them."""
+
+    def __init__(self, listener: socket.socket, greeting: dict[str, Any], dispatch: Dispatch):
+        self.listener = listener
+        self.greeting = greeting
+        self._dispatch = dispatch
+        self.sessions: set[Session] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._accepting: asyncio.Task[None] | None = None
+        self._count = 0
+
+    def start(self) -> None:
+        self.listener.setblocking(False)
+        self._accepting = asyncio.create_task(self._accept_loop())
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, _ = await loop.sock_accept(self.listener)
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.error("cannot accept a client: %s", exc)
+                    await asyncio.sleep(0.1)  # back off: the limit may clear
+                    continue
+                raise
+            sock.setblocking(False)
+            self._count += 1
+            try:
+                pid, uid, gid = _peer_credentials(sock)
+                log.info("client %d connected: pid=%d uid=%d gid=%d", self._count, pid, uid, gid)
+            except OSError:
+                log.info("client %d connected", self._count)
+            session = Session(self, sock, self._count)
+            task = asyncio.create_task(self._serve(session))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, session: Session) -> None:
+        self.sessions.add(session)
+        try:
+            await session.run(self._dispatch)
+        finally:
+            self.sessions.discard(session)
+            log.info("client %d disconnected", session.number)
+
+    def broadcast_event(self, name: str, data: dict[str, Any] | None = None) -> None:
+        msg = event_message(name, data)
+        for session in list(self.sessions):
+            if session.negotiated:
+                session.send(msg)
+
+    async def stop_accepting(self) -> None:
+        if self._accepting is not None:
+            self._accepting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accepting
+            self._accepting = None
+
+    async def close(self) -> None:
+        """Stop accepting, then end every session."""
+        await self.stop_accepting()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.listener.close()
+
+
+def bind_unix_socket(path: str, mode: int) -> socket.socket:
+    """Create the listening socket, replacing a stale one and refusing a live one."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, mode=0o755, exist_ok=True)
+    if len(os.fsencode(path)) > 107:
+        raise MigdError(f"Socket path '{path}' is longer than 107 bytes")
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise MigdError(f"Cannot listen on '{path}': it exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            log.info("replacing stale socket %s", path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        else:
+            raise SocketInUse(f"Cannot listen on '{path}': another migd is serving it")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        # Bind under a tight umask so the socket is never briefly wider than `mode`.
+        old_umask = os.umask(0o177)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, mode)
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise MigdError(f"Cannot listen on '{path}': {exc.strerror}") from None
+    return sock
