@@ -60,9 +60,7 @@ def command(
     """Register a handler under its QMP name."""
 
     def register(handler: Handler) -> Handler:
-        COMMANDS[name] = Command(
-            name, arguments, result, handler, description, TypeAdapter(result)
-        )
+        COMMANDS[name] = Command(name, arguments, result, handler, description, TypeAdapter(result))
         return handler
 
     return register
@@ -99,7 +97,7 @@ class Empty(QapiModel):
     """No arguments / an empty object result."""
 
 
-class QMPCapability(str, enum.Enum):
+class QMPCapability(enum.StrEnum):
     oob = "oob"
 
 

@@ -68,8 +68,9 @@ class Daemon:
         else:
             where = f"inherited socket {listener.getsockname()!r}"
         major, minor, micro = version_numbers()
-        self.server = Server(listener, greeting(major, minor, micro, f"migd {__version__}"),
-                             self._dispatch)
+        self.server = Server(
+            listener, greeting(major, minor, micro, f"migd {__version__}"), self._dispatch
+        )
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         self.server.start()

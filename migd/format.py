@@ -59,8 +59,13 @@ _MAX_OFFSET = (1 << 63) - 1  # off_t is signed 64-bit
 ReadAt = Callable[[int, int], bytes]
 
 
-def _round_up(value: int, align: int) -> int:
-    return -(-value // align) * align
+def _ceil_div(value: int, divisor: int) -> int:
+    return -(-value // divisor)
+
+
+def _bitmap_size(pages: int) -> int:
+    # QEMU writes whole 64-bit `unsigned long` words.
+    return _ceil_div(pages, 64) * 8
 
 
 def _str8(raw: bytes) -> bytes:
@@ -85,8 +90,7 @@ class BlockLayout:
 
     @property
     def bitmap_size(self) -> int:
-        # QEMU writes whole 64-bit `unsigned long` words.
-        return -(-self.pages // 64) * 8
+        return _bitmap_size(self.pages)
 
     @property
     def end(self) -> int:
@@ -149,7 +153,10 @@ def plan_save(
         raise FormatError(f"invalid machine type name {machine!r}")
     names: set[str] = set()
     for name, length in blocks:
-        raw = name.encode() if isinstance(name, str) else b""
+        try:
+            raw = name.encode() if isinstance(name, str) else b""
+        except UnicodeEncodeError:  # lone surrogates
+            raw = b""
         if not 1 <= len(raw) <= 255:
             raise FormatError(f"invalid RAM block name {name!r}: must be 1..255 bytes of UTF-8")
         if name in names:
@@ -162,9 +169,12 @@ def plan_save(
             or length % PAGE_SIZE
         ):
             raise FormatError(
-                f"invalid length {length!r} of RAM block {name!r}: must be a positive multiple of {PAGE_SIZE}"
+                f"invalid length {length!r} of RAM block {name!r}: "
+                f"must be a positive multiple of {PAGE_SIZE}"
             )
     total = sum(length for _, length in blocks)
+    if offset + total > _MAX_OFFSET:
+        raise FormatError(f"save file too large: {total} bytes of RAM at offset {offset}")
 
     # Each block record (and its header) is a separate piece: the main stream jumps
     # over the block's region, so the next record starts at the previous region's end.
@@ -177,9 +187,9 @@ def plan_save(
         piece += _str8(name.encode()) + struct.pack(">Q", length)
         header_at = piece_at + len(piece)
         bitmap_at = header_at + MAPPED_RAM_HEADER_SIZE
-        bitmap_size = -(-length // PAGE_SIZE // 64) * 8
+        bitmap_end = bitmap_at + _bitmap_size(length // PAGE_SIZE)
         # Absolute alignment keeps O_DIRECT page I/O aligned for any (even odd) offset.
-        pages_at = _round_up(bitmap_at + bitmap_size, MAPPED_RAM_ALIGN)
+        pages_at = _ceil_div(bitmap_end, MAPPED_RAM_ALIGN) * MAPPED_RAM_ALIGN
         block = BlockLayout(name, length, header_at, bitmap_at, pages_at)
         piece += _HEADER.pack(
             MAPPED_RAM_VERSION, PAGE_SIZE, block.bitmap_offset, block.pages_offset
@@ -191,7 +201,7 @@ def plan_save(
     writes.append((piece_at, bytes(piece)))
     end_offset = piece_at + len(piece)
     if end_offset > _MAX_OFFSET:
-        raise FormatError(f"save file would be too large ({end_offset} bytes)")
+        raise FormatError(f"save file too large: it would end at offset {end_offset}")
     return SaveLayout(offset, tuple(layouts), tuple(writes), end_offset)
 
 
@@ -207,7 +217,7 @@ def encode_bitmap(present: np.ndarray, bitmap_size: int) -> bytes:
 
 def decode_bitmap(data: bytes, pages: int) -> np.ndarray:
     """Unpack a bitmap into a bool array of `pages` entries (padding bits ignored)."""
-    need = -(-pages // 8)
+    need = _ceil_div(pages, 8)
     if len(data) < need:
         raise FormatError(f"truncated bitmap: expected {need} bytes, got {len(data)}")
     bits = np.unpackbits(
@@ -319,8 +329,10 @@ def _parse_configuration(cur: _Cursor) -> tuple[str, tuple[str, ...]]:
 
 def _check_capabilities(caps: tuple[str, ...], require_mapped_ram: bool) -> None:
     if CAP_MAPPED_RAM not in caps:
+        # Without mapped-ram, pages are inline in the stream: a format migd cannot read.
         raise FormatError(
-            "Capability mapped-ram is off in the save file: migd reads only mapped-ram streams"
+            "Capability mapped-ram is on, but received capability is off "
+            "(migd reads only mapped-ram streams)"
         )
     if not require_mapped_ram:
         raise FormatError("Capability mapped-ram is off, but received capability is on")
@@ -362,7 +374,8 @@ def _parse_block(cur: _Cursor) -> BlockLayout:
     version, page_size, bitmap_at, pages_at = _HEADER.unpack(cur.take(MAPPED_RAM_HEADER_SIZE))
     if version != MAPPED_RAM_VERSION:
         raise FormatError(
-            f"Migration mapped-ram capability version not supported (expected <= {MAPPED_RAM_VERSION}, got {version})"
+            "Migration mapped-ram capability version not supported "
+            f"(expected <= {MAPPED_RAM_VERSION}, got {version})"
         )
     if page_size != PAGE_SIZE:
         raise FormatError(
@@ -377,7 +390,8 @@ def _parse_block(cur: _Cursor) -> BlockLayout:
     block = BlockLayout(name, length, header_at, bitmap_at, pages_at, page_size)
     if bitmap_at < header_at + MAPPED_RAM_HEADER_SIZE:
         raise FormatError(
-            f"ramblock {name} bitmap at offset {bitmap_at} overlaps its header at offset {header_at}"
+            f"ramblock {name} bitmap at offset {bitmap_at} "
+            f"overlaps its header at offset {header_at}"
         )
     if bitmap_at + block.bitmap_size > pages_at:
         raise FormatError(
@@ -386,7 +400,8 @@ def _parse_block(cur: _Cursor) -> BlockLayout:
         )
     if block.end > cur.file_size:
         raise FormatError(
-            f"ramblock {name} region [{bitmap_at}, {block.end}) extends past the end of the file ({cur.file_size} bytes)"
+            f"ramblock {name} region [{bitmap_at}, {block.end}) extends past "
+            f"the end of the file ({cur.file_size} bytes)"
         )
     # Regions cannot overlap: the next record is read at this region's end and its
     # region must start after its own header, so regions strictly increase.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import mmap
@@ -68,7 +69,7 @@ class MemoryBackend:
         if self._mv is None:
             raise BackendError(f"Memory backend '{self.id}' is closed")
         if (offset | length) % PAGE_SIZE or offset < 0 or length < 0 or offset + length > self.size:
-            raise ValueError(f"range {offset}+{length} is not page aligned inside {self.size} bytes")
+            raise ValueError(f"range {offset}+{length} is not page aligned within {self.size}")
         return self._mv
 
     def view(self, offset: int, length: int) -> memoryview:
@@ -118,10 +119,9 @@ class MemoryBackend:
         except OSError:
             pass
         if self._fd is not None and self.share:
-            try:
+            # Only an optimisation: if this fails too, the copy faults pages in anyway.
+            with contextlib.suppress(OSError):
                 os.posix_fallocate(self._fd, offset, length)
-            except OSError:
-                pass  # only an optimisation: the copy will fault pages in anyway
 
     def data_ranges(self) -> list[tuple[int, int]] | None:
         """Page-rounded (offset, length) ranges that may hold data; None if unknown."""
@@ -151,16 +151,13 @@ class MemoryBackend:
     def close(self) -> None:
         """Unmap and close the fd; safe to call twice."""
         if self._mv is not None:
-            try:
+            with contextlib.suppress(BufferError):
                 self._mv.release()
-            except BufferError:
-                pass
             self._mv = None
         if self._mm is not None:
-            try:
+            # A caller may still hold a view: munmap then happens when the last one goes.
+            with contextlib.suppress(BufferError):
                 self._mm.close()
-            except BufferError:
-                pass  # a caller still holds a view: munmap happens when it goes away
             self._mm = None
         if self._fd is not None:
             os.close(self._fd)

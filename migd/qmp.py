@@ -18,7 +18,14 @@ _INTERESTING = re.compile(rb'[{}\[\]"\\\n]')
 
 
 class MessageTooLarge(Exception):
-    """The peer sent a message over MAX_MESSAGE_BYTES; the connection is closed after the reply."""
+    """The peer sent a message over MAX_MESSAGE_BYTES; the connection is closed after the reply.
+
+    `before` holds the complete messages that preceded it in the same read.
+    """
+
+    def __init__(self, before: list[bytes]) -> None:
+        super().__init__("QMP message exceeds 1 MiB")
+        self.before = before
 
 
 class MessageSplitter:
@@ -61,6 +68,9 @@ class MessageSplitter:
             elif ch in (b"}", b"]"):
                 self._depth -= 1
                 if self._depth <= 0:
+                    if pos > self._limit:
+                        self._reset()
+                        raise MessageTooLarge(out)
                     out.append(self._cut(pos))
                     pos = 0
             elif ch == b"\n" and self._depth == 0:
@@ -70,10 +80,16 @@ class MessageSplitter:
                     out.append(text)
         self._scan = pos
         if len(self._buf) > self._limit:
-            self._buf.clear()
-            self._scan = 0
-            raise MessageTooLarge()
+            self._reset()
+            raise MessageTooLarge(out)
         return out
+
+    def _reset(self) -> None:
+        self._buf.clear()
+        self._scan = 0
+        self._depth = 0
+        self._in_string = False
+        self._escaped = False
 
     def _skip_string(self, pos: int) -> int:
         buf = self._buf

@@ -140,8 +140,10 @@ class Session:
                     break
                 try:
                     texts = splitter.feed(data)
-                except MessageTooLarge:
-                    self.send(error_reply(InvalidRequest("QMP message exceeds 1 MiB"), None))
+                except MessageTooLarge as exc:
+                    for text in exc.before:
+                        self.send(await self._handle(text, dispatch))
+                    self.send(error_reply(InvalidRequest(str(exc)), None))
                     break
                 for text in texts:
                     self.send(await self._handle(text, dispatch))

@@ -1,0 +1,102 @@
+"""Starting, stopping and socket handling of `migd serve`, as real processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+from .conftest import RawClient, start_daemon
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_the_daemon_within_two_seconds_and_removes_the_socket(short_dir, sig):
+    d = start_daemon(short_dir / "qmp.sock")
+    client = RawClient(d.socket_path).negotiate()  # a connected client must not delay exit
+    started = time.monotonic()
+    assert d.stop(sig, timeout=5) == 0
+    assert time.monotonic() - started < 2.0
+    assert not d.socket_path.exists()
+    client.close()
+
+
+def test_socket_is_created_with_mode_0600_in_a_new_parent_directory(short_dir):
+    path = short_dir / "a" / "b" / "qmp.sock"
+    d = start_daemon(path)
+    try:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    finally:
+        d.stop()
+
+
+def test_socket_mode_option_is_applied(short_dir):
+    d = start_daemon(short_dir / "qmp.sock", "--socket-mode", "0660")
+    try:
+        assert stat.S_IMODE(os.stat(d.socket_path).st_mode) == 0o660
+    finally:
+        d.stop()
+
+
+def test_stale_socket_file_left_by_a_dead_daemon_is_replaced(short_dir):
+    path = short_dir / "qmp.sock"
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(path))
+    dead.close()  # the file stays, nobody listens
+    d = start_daemon(path)
+    try:
+        assert "return" in RawClient(path).execute("qmp_capabilities")
+    finally:
+        d.stop()
+
+
+def test_live_socket_is_refused_with_exit_code_1_and_left_working(short_dir):
+    d = start_daemon(short_dir / "qmp.sock")
+    try:
+        second = subprocess.run(
+            [sys.executable, "-m", "migd", "serve", "--socket", str(d.socket_path)],
+            capture_output=True,
+            timeout=20,
+        )
+        assert second.returncode == 1
+        assert b"another migd is serving it" in second.stderr
+        assert "return" in RawClient(d.socket_path).execute("qmp_capabilities")
+    finally:
+        d.stop()
+
+
+def test_a_regular_file_in_the_socket_path_is_not_deleted(short_dir):
+    path = short_dir / "qmp.sock"
+    path.write_text("precious")
+    result = subprocess.run(
+        [sys.executable, "-m", "migd", "serve", "--socket", str(path)],
+        capture_output=True,
+        timeout=20,
+    )
+    assert result.returncode == 1
+    assert b"exists and is not a socket" in result.stderr
+    assert path.read_text() == "precious"
+
+
+def test_bad_socket_mode_is_a_usage_error(short_dir):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "migd",
+            "serve",
+            "--socket",
+            str(short_dir / "s"),
+            "--socket-mode",
+            "rw",
+        ],
+        capture_output=True,
+        timeout=20,
+    )
+    assert result.returncode == 2
+    assert b"not an octal mode" in result.stderr

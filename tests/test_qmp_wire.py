@@ -1,0 +1,199 @@
+"""The QMP wire rules of qmp.md, checked against a real daemon over a real socket."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+
+import pytest
+from qemu.qmp import ExecuteError, QMPClient
+
+from migd import __version__
+
+from .conftest import RawClient
+
+
+async def test_qmpclient_negotiates_and_queries_version_and_commands(daemon):
+    client = QMPClient("test")
+    await asyncio.wait_for(client.connect(str(daemon.socket_path)), 10)
+    try:
+        version = await client.execute("query-version")
+        assert version["package"] == f"migd {__version__}"
+        assert set(version["qemu"]) == {"major", "minor", "micro"}
+        names = {c["name"] for c in await client.execute("query-commands")}
+        assert {"qmp_capabilities", "query-version", "query-commands"} <= names
+        with pytest.raises(ExecuteError) as info:
+            await client.execute("no-such-command")
+        assert info.value.error_class == "CommandNotFound"
+        assert info.value.error.error.desc == "The command no-such-command has not been found"
+    finally:
+        await client.disconnect()
+
+
+def test_greeting_names_migd_and_offers_no_capabilities(raw):
+    qmp = raw.greeting["QMP"]
+    assert qmp["capabilities"] == []
+    assert qmp["version"]["package"] == f"migd {__version__}"
+
+
+def test_commands_before_negotiation_are_refused(raw):
+    reply = raw.execute("query-version", id=1)
+    assert reply == {
+        "error": {
+            "class": "CommandNotFound",
+            "desc": "Expecting capabilities negotiation with 'qmp_capabilities'",
+        },
+        "id": 1,
+    }
+    raw.negotiate()
+    assert "return" in raw.execute("query-version")
+
+
+def test_second_negotiation_is_refused(raw):
+    raw.negotiate()
+    reply = raw.execute("qmp_capabilities")
+    assert reply["error"] == {
+        "class": "CommandNotFound",
+        "desc": "Capabilities negotiation is already complete, command ignored",
+    }
+
+
+def test_bad_json_gets_an_error_and_the_connection_survives(raw):
+    raw.negotiate()
+    raw.send_raw(b'{"execute": ]\n')
+    reply = raw.recv()
+    assert reply["error"]["class"] == "GenericError"
+    assert reply["error"]["desc"].startswith("JSON parse error, ")
+    assert "id" not in reply
+    assert "return" in raw.execute("query-version")
+
+
+def test_invalid_utf8_is_a_parse_error(raw):
+    raw.negotiate()
+    raw.send_raw(b'{"execute": "\xff\xfe"}\n')
+    assert raw.recv()["error"]["desc"].startswith("JSON parse error")
+    assert "return" in raw.execute("query-version")
+
+
+@pytest.mark.parametrize("text", [b"[1, 2]", b'"hello"\n', b"42\n", b"null\n"])
+def test_json_that_is_not_an_object_is_refused(raw, text):
+    raw.negotiate()
+    raw.send_raw(text)
+    assert raw.recv() == {
+        "error": {"class": "GenericError", "desc": "QMP input must be a JSON object"}
+    }
+
+
+def test_missing_execute_is_refused_with_the_id_echoed(raw):
+    raw.negotiate()
+    raw.send({"arguments": {}, "id": "x"})
+    assert raw.recv() == {
+        "error": {"class": "GenericError", "desc": "QMP input lacks member 'execute'"},
+        "id": "x",
+    }
+
+
+def test_unexpected_member_is_refused(raw):
+    raw.negotiate()
+    raw.send({"execute": "query-version", "colour": "red"})
+    assert raw.recv()["error"]["desc"] == "QMP input member 'colour' is unexpected"
+
+
+def test_arguments_that_are_not_an_object_are_refused(raw):
+    raw.negotiate()
+    raw.send({"execute": "query-version", "arguments": [1]})
+    assert raw.recv()["error"]["desc"] == "QMP input member 'arguments' must be an object"
+
+
+def test_unexpected_argument_is_refused(raw):
+    raw.negotiate()
+    reply = raw.execute("query-version", {"verbose": True})
+    assert reply["error"] == {
+        "class": "GenericError",
+        "desc": "Parameter 'verbose' is unexpected",
+    }
+
+
+def test_mistyped_argument_names_the_expected_json_type(raw):
+    reply = raw.execute("qmp_capabilities", {"enable": "oob"})
+    assert reply["error"]["desc"] == "Invalid parameter type for 'enable', expected: array"
+    reply = raw.execute("qmp_capabilities", {"enable": [7]})
+    assert reply["error"]["desc"] == "Invalid parameter type for 'enable', expected: string"
+
+
+def test_bad_enum_value_says_what_is_expected(raw):
+    reply = raw.execute("qmp_capabilities", {"enable": ["fast"]})
+    assert reply["error"]["desc"] == "Parameter 'enable' expects QMPCapability"
+    # nothing happened: negotiation is still pending
+    assert raw.execute("query-version")["error"]["class"] == "CommandNotFound"
+
+
+@pytest.mark.parametrize("ident", [7, -1.5, "abc", {"a": [1, None]}, [1, 2], None, True])
+def test_id_is_echoed_verbatim(raw, ident):
+    raw.negotiate()
+    assert raw.execute("query-version", id=ident)["id"] == ident
+    assert raw.execute("no-such", id=ident)["id"] == ident
+
+
+def test_reply_has_no_id_when_request_had_none(raw):
+    raw.negotiate()
+    assert "id" not in raw.execute("query-version")
+
+
+def test_two_messages_in_one_write_get_two_replies_in_order(raw):
+    raw.send_raw(b'{"execute": "qmp_capabilities", "id": 1}{"execute": "query-version", "id": 2}')
+    assert raw.recv() == {"return": {}, "id": 1}
+    assert raw.recv()["id"] == 2
+
+
+def test_one_message_split_over_many_writes_is_reassembled(raw):
+    raw.negotiate()
+    text = json.dumps({"execute": "query-version", "id": 'split \\" {[ '}).encode()
+    for i in range(len(text)):
+        raw.send_raw(text[i : i + 1])
+    assert raw.recv()["id"] == 'split \\" {[ '
+
+
+def test_over_limit_message_gets_an_error_and_the_connection_closes(raw):
+    raw.negotiate()
+    big = b'{"execute": "query-version", "arguments": {"x": "' + b"a" * (1 << 20) + b'"}}'
+    # the server may close before it has read everything
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        raw.send_raw(big)
+    reply = raw.recv()
+    assert reply["error"]["desc"] == "QMP message exceeds 1 MiB"
+    with pytest.raises((ConnectionError, OSError)):
+        for _ in range(10):
+            raw.recv()
+
+
+def test_events_are_not_sent_before_negotiation_and_nothing_else_is_queued(raw):
+    raw.sock.settimeout(0.3)
+    with pytest.raises(socket.timeout):
+        raw.recv()
+
+
+async def test_fifty_clients_at_once_are_all_greeted_and_answered(daemon):
+    clients = [QMPClient(f"c{i}") for i in range(50)]
+    await asyncio.wait_for(
+        asyncio.gather(*(c.connect(str(daemon.socket_path)) for c in clients)), 30
+    )
+    try:
+        replies = await asyncio.wait_for(
+            asyncio.gather(*(c.execute("query-version") for c in clients)), 30
+        )
+        assert all(r["package"] == f"migd {__version__}" for r in replies)
+    finally:
+        await asyncio.gather(*(c.disconnect() for c in clients))
+
+
+def test_a_second_client_is_served_while_the_first_is_idle(daemon):
+    a = RawClient(daemon.socket_path)
+    b = RawClient(daemon.socket_path).negotiate()
+    try:
+        assert "return" in b.execute("query-version")
+    finally:
+        a.close()
+        b.close()
