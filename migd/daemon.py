@@ -13,10 +13,14 @@ from typing import Any
 import sdnotify
 
 from . import __version__
-from .commands import Context, dispatch, version_numbers
+from .commands import Context, dispatch
 from .config import Config
+from .memory import MemoryRegistry
+from .migration import MigrationEngine
 from .qmp import Request, greeting
+from .registry import version_numbers
 from .server import Server, Session, bind_unix_socket
+from .services import Services
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +44,8 @@ def inherited_listener() -> socket.socket | None:
 class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.services: Any = None
+        memory = MemoryRegistry()
+        self.services = Services(memory, MigrationEngine(memory, self._emit, self.notify))
         self.server: Server | None = None
         self._stop: asyncio.Event | None = None
         self._notifier = sdnotify.SystemdNotifier()
@@ -49,6 +54,10 @@ class Daemon:
     def notify(self, state: str) -> None:
         if os.environ.get("NOTIFY_SOCKET"):
             self._notifier.notify(state)
+
+    def _emit(self, name: str, data: dict[str, Any]) -> None:
+        if self.server is not None:
+            self.server.broadcast_event(name, data)
 
     def request_stop(self) -> None:
         if self._stop is not None:
@@ -86,9 +95,7 @@ class Daemon:
         """Stop accepting, end the job, close sessions and backends, remove the socket."""
         assert self.server is not None
         await self.server.stop_accepting()
-        close = getattr(self.services, "close", None)
-        if close is not None:
-            await close()
+        await self.services.close()
         await self.server.close()
         if self._owns_socket_path:
             with contextlib.suppress(FileNotFoundError):

@@ -49,8 +49,17 @@ def _is_hugetlbfs(fd: int) -> bool:
 class MemoryBackend:
     """One RAM block: a page-aligned mapping plus, for file backends, its fd."""
 
-    def __init__(self, id: str, size: int, qom_type: str, mm: mmap.mmap, fd: int | None,
-                 mem_path: str | None, share: bool, block_name: str) -> None:
+    def __init__(
+        self,
+        id: str,
+        size: int,
+        qom_type: str,
+        mm: mmap.mmap,
+        fd: int | None,
+        mem_path: str | None,
+        share: bool,
+        block_name: str,
+    ) -> None:
         self.id = id
         self.block_name = block_name
         self.size = size
@@ -74,7 +83,7 @@ class MemoryBackend:
 
     def view(self, offset: int, length: int) -> memoryview:
         """Zero-copy writable slice of the mapping, page aligned (O_DIRECT-safe)."""
-        return self._check(offset, length)[offset:offset + length]
+        return self._check(offset, length)[offset : offset + length]
 
     def zero_range(self, offset: int, length: int) -> None:
         """Make [offset, offset+length) read as zeros, freeing memory where possible."""
@@ -104,7 +113,7 @@ class MemoryBackend:
         end = offset + length
         while offset < end:
             n = min(_ZERO_STEP, end - offset)
-            mv[offset:offset + n] = zeros[:n]
+            mv[offset : offset + n] = zeros[:n]
             offset += n
 
     def populate(self, offset: int, length: int) -> None:
@@ -176,8 +185,15 @@ def _validate(id: str, size: int, ramblock_name: str | None) -> str:
     return ramblock_name
 
 
-def create_file_backend(id: str, size: int, mem_path: str, *, share: bool = True,
-                        ramblock_name: str | None = None, fd: int | None = None) -> MemoryBackend:
+def create_file_backend(
+    id: str,
+    size: int,
+    mem_path: str,
+    *,
+    share: bool = True,
+    ramblock_name: str | None = None,
+    fd: int | None = None,
+) -> MemoryBackend:
     """Map mem_path (or the passed fd, which the backend owns even on failure) as RAM."""
     try:
         block_name = _validate(id, size, ramblock_name)
@@ -209,14 +225,20 @@ def create_file_backend(id: str, size: int, mem_path: str, *, share: bool = True
         if _is_hugetlbfs(fd):
             huge = os.fstatvfs(fd).f_bsize
             if size % huge:
-                raise BackendError(f"Could not use '{mem_path}': size {size} is not a multiple "
-                                   f"of the huge page size {huge}")
+                raise BackendError(
+                    f"Could not use '{mem_path}': size {size} is not a multiple "
+                    f"of the huge page size {huge}"
+                )
         step = "extend"
         if st.st_size < size:
             os.ftruncate(fd, size)  # never shrink: a larger file may hold someone's data
         step = "map"
-        mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED if share else mmap.MAP_PRIVATE,
-                       prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        mm = mmap.mmap(
+            fd,
+            size,
+            flags=mmap.MAP_SHARED if share else mmap.MAP_PRIVATE,
+            prot=mmap.PROT_READ | mmap.PROT_WRITE,
+        )
     except BaseException as e:
         if created:
             try:
@@ -235,11 +257,16 @@ def create_ram_backend(id: str, size: int, *, ramblock_name: str | None = None) 
     """Anonymous private memory owned by migd."""
     block_name = _validate(id, size, ramblock_name)
     try:
-        mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
-                       prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        mm = mmap.mmap(
+            -1,
+            size,
+            flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+            prot=mmap.PROT_READ | mmap.PROT_WRITE,
+        )
     except OSError as e:
-        raise BackendError(f"Could not allocate {size} bytes for memory backend '{id}': "
-                           f"{e.strerror}") from None
+        raise BackendError(
+            f"Could not allocate {size} bytes for memory backend '{id}': {e.strerror}"
+        ) from None
     return MemoryBackend(id, size, "memory-backend-ram", mm, None, None, False, block_name)
 
 
@@ -255,8 +282,10 @@ class MemoryRegistry:
             raise BackendError(f"Memory backend '{backend.id}' already exists")
         other = self.by_block_name(backend.block_name)
         if other is not None:
-            raise BackendError(f"RAM block name '{backend.block_name}' is already used "
-                               f"by memory backend '{other.id}'")
+            raise BackendError(
+                f"RAM block name '{backend.block_name}' is already used "
+                f"by memory backend '{other.id}'"
+            )
         self._backends[backend.id] = backend
 
     def remove(self, id: str) -> None:

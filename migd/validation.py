@@ -33,6 +33,10 @@ class QapiModel(BaseModel):
     )
 
 
+class Empty(QapiModel):
+    """No arguments / an empty object result."""
+
+
 _JSON_TYPE_BY_ERROR = {
     "int_type": "integer",
     "int_parsing": "integer",

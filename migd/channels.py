@@ -1,0 +1,259 @@
+"""The file transport's threads: multifd channels doing positional I/O on their own fds.
+
+No await and no pydantic here. Each channel is one thread with one fd (O_DIRECT when
+direct-io is effective) that takes page runs from a shared queue and does
+os.pwritev/os.preadv straight between the file and the backend's mmap. The asyncio
+side reads the counters as a snapshot; errors come back as ChannelError with the path.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .format import BlockLayout
+
+PAGE_SIZE = 4096
+# Large I/Os keep O_DIRECT at disk speed; 8 MiB per call is the top of performance.md's range.
+CHUNK_PAGES = (8 << 20) // PAGE_SIZE
+# A zero run shorter than this is written inline: skipping it would split one large I/O
+# into small ones, which costs more on O_DIRECT than writing the zeros (performance.md).
+MIN_SKIP_PAGES = (1 << 20) // PAGE_SIZE
+_WORDS_PER_PAGE = PAGE_SIZE // 8
+
+
+class ChannelError(Exception):
+    """An I/O failure in a channel thread, worded for the job's error-desc."""
+
+
+@dataclass(frozen=True)
+class PageRun:
+    """A contiguous run of pages of one block: the unit dealt to channels."""
+
+    block: int  # index into the job's block list
+    first_page: int
+    pages: int
+    zero: bool = False  # restore only: make these pages zero instead of reading them
+
+
+@dataclass
+class BlockIO:
+    """What a channel needs of one block: its file layout and its memory."""
+
+    layout: BlockLayout
+    memory: memoryview  # the whole backend mapping, page aligned
+    present: np.ndarray  # one bool per page: the save's bitmap, filled in by the channels
+    zero_range: Callable[[int, int], None] | None = None  # restore: cheap zeroing
+    populate: Callable[[int, int], None] | None = None  # restore: prefault in bulk
+
+
+class Counters:
+    """Progress of one channel; plain ints written by one thread, read as a snapshot."""
+
+    __slots__ = ("bytes", "pages_done", "pages_normal", "pages_zero")
+
+    def __init__(self) -> None:
+        self.bytes = 0  # bytes moved through the fd
+        self.pages_done = 0  # pages dealt with, whether written, read or skipped
+        self.pages_normal = 0  # pages written or read
+        self.pages_zero = 0  # zero pages skipped (save) or zeroed (restore)
+
+
+class Throttle:
+    """Caps the bytes per second of all channels together (0 = unlimited)."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self._lock = threading.Lock()
+        self._start = time.monotonic()
+        self._granted = 0
+
+    def wait(self, nbytes: int, cancel: threading.Event) -> None:
+        if self.rate <= 0:
+            return
+        with self._lock:
+            self._granted += nbytes
+            due = self._start + self._granted / self.rate
+        delay = due - time.monotonic()
+        if delay > 0:
+            cancel.wait(delay)
+
+
+def zero_pages(memory: memoryview) -> np.ndarray:
+    """One bool per page: True where the page holds only zero bytes.
+
+    Pages whose first word is non-zero are settled by reading one cache line each, so
+    random memory costs almost nothing; only the rest are scanned in full.
+    """
+    words = np.frombuffer(memory, dtype=np.uint64).reshape(-1, _WORDS_PER_PAGE)
+    zero = words[:, 0] == 0
+    candidates = np.flatnonzero(zero)
+    if candidates.size:
+        zero[candidates] = ~words[candidates].any(axis=1)
+    return zero
+
+
+def runs_to_write(zero: np.ndarray, min_skip: int = MIN_SKIP_PAGES) -> list[tuple[int, int]]:
+    """(first, count) runs to write: everything except zero runs of at least min_skip pages."""
+    n = zero.size
+    padded = np.concatenate(([False], zero, [False]))
+    edges = np.flatnonzero(padded[1:] != padded[:-1])
+    starts, stops = edges[0::2], edges[1::2]
+    # Zero runs touching either end are skipped at any length: nothing is split by them.
+    long_runs = [
+        (int(a), int(b))
+        for a, b in zip(starts, stops, strict=True)
+        if b - a >= min_skip or a == 0 or b == n
+    ]
+    writes: list[tuple[int, int]] = []
+    pos = 0
+    for a, b in long_runs:
+        if a > pos:
+            writes.append((pos, a - pos))
+        pos = b
+    if pos < n:
+        writes.append((pos, n - pos))
+    return writes
+
+
+def _describe(exc: OSError, verb: str, path: str) -> ChannelError:
+    return ChannelError(f"Could not {verb} '{path}': {os.strerror(exc.errno or errno.EIO)}")
+
+
+def write_fully(fd: int, data: memoryview, offset: int, path: str) -> None:
+    """pwritev until every byte is written; a short write continues where it stopped."""
+    while data:
+        try:
+            done = os.pwritev(fd, [data], offset)
+        except InterruptedError:
+            continue
+        except OSError as exc:
+            raise _describe(exc, "write", path) from None
+        if done == 0:
+            raise ChannelError(f"Could not write '{path}': no progress at offset {offset}")
+        data = data[done:]
+        offset += done
+
+
+def read_fully(fd: int, data: memoryview, offset: int, path: str) -> None:
+    """preadv until every byte is read; the end of the file is an error, never zeros."""
+    while data:
+        try:
+            done = os.preadv(fd, [data], offset)
+        except InterruptedError:
+            continue
+        except OSError as exc:
+            raise _describe(exc, "read", path) from None
+        if done == 0:
+            raise ChannelError(
+                f"Could not read '{path}': file ends at offset {offset}, "
+                f"{len(data)} more bytes were expected"
+            )
+        data = data[done:]
+        offset += done
+
+
+class Channel:
+    """One thread's worth of work: take runs from the queue until it is empty or cancelled."""
+
+    def __init__(
+        self,
+        fd: int,
+        path: str,
+        blocks: Sequence[BlockIO],
+        work: queue.SimpleQueue[PageRun | None],
+        cancel: threading.Event,
+        throttle: Throttle,
+        detect_zero: bool,
+    ) -> None:
+        self.fd = fd
+        self.path = path
+        self.blocks = blocks
+        self.work = work
+        self.cancel = cancel
+        self.throttle = throttle
+        self.detect_zero = detect_zero
+        self.counters = Counters()
+
+    def _drain(self, step: Callable[[PageRun], None]) -> None:
+        while not self.cancel.is_set():
+            run = self.work.get()
+            if run is None:
+                return
+            step(run)
+
+    def save(self) -> None:
+        self._drain(self._save_run)
+
+    def restore(self) -> None:
+        self._drain(self._restore_run)
+
+    def _save_run(self, run: PageRun) -> None:
+        block = self.blocks[run.block]
+        start = run.first_page * PAGE_SIZE
+        memory = block.memory[start : start + run.pages * PAGE_SIZE]
+        if self.detect_zero:
+            zero = zero_pages(memory)
+            pieces = runs_to_write(zero)
+        else:
+            pieces = [(0, run.pages)]
+        written = 0
+        for first, count in pieces:
+            if self.cancel.is_set():
+                return
+            data = memory[first * PAGE_SIZE : (first + count) * PAGE_SIZE]
+            self.throttle.wait(len(data), self.cancel)
+            write_fully(self.fd, data, block.layout.page_offset(run.first_page + first), self.path)
+            block.present[run.first_page + first : run.first_page + first + count] = True
+            self.counters.bytes += len(data)
+            written += count
+        self.counters.pages_normal += written
+        self.counters.pages_zero += run.pages - written
+        self.counters.pages_done += run.pages
+
+    def _restore_run(self, run: PageRun) -> None:
+        block = self.blocks[run.block]
+        start, length = run.first_page * PAGE_SIZE, run.pages * PAGE_SIZE
+        if run.zero:
+            if block.zero_range is not None:
+                block.zero_range(start, length)
+            self.counters.pages_zero += run.pages
+        else:
+            if block.populate is not None:
+                block.populate(start, length)
+            self.throttle.wait(length, self.cancel)
+            memory = block.memory[start : start + length]
+            read_fully(self.fd, memory, block.layout.page_offset(run.first_page), self.path)
+            self.counters.bytes += length
+            self.counters.pages_normal += run.pages
+        self.counters.pages_done += run.pages
+
+
+def split_runs(
+    block: int, runs: Sequence[tuple[int, int]], zero: bool = False, chunk: int = CHUNK_PAGES
+) -> list[PageRun]:
+    """Cut (first, count) runs of one block into PageRuns of at most `chunk` pages."""
+    out: list[PageRun] = []
+    for first, count in runs:
+        for at in range(first, first + count, chunk):
+            out.append(PageRun(block, at, min(chunk, first + count - at), zero))
+    return out
+
+
+def open_channel_fd(path: str, flags: int, direct: bool) -> int:
+    """Open one channel's own fd; EINVAL with O_DIRECT means the filesystem refuses it."""
+    try:
+        return os.open(path, flags | os.O_CLOEXEC | (os.O_DIRECT if direct else 0), 0o600)
+    except OSError as exc:
+        if direct and exc.errno == errno.EINVAL:
+            raise ChannelError(
+                f"Could not open '{path}': filesystem does not support O_DIRECT"
+            ) from None
+        raise _describe(exc, "open", path) from None

@@ -1,0 +1,115 @@
+"""Memory backend commands: object-add, object-del, query-memdev."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from typing import Annotated
+
+from pydantic import Strict
+
+from .errors import InvalidRequest
+from .memory import MemoryBackend, create_file_backend, create_ram_backend
+from .registry import Context, command
+from .validation import Empty, QapiModel
+
+
+class QomType(enum.StrEnum):
+    memory_backend_file = "memory-backend-file"
+    memory_backend_ram = "memory-backend-ram"
+
+
+class ObjectAddArgs(QapiModel):
+    qom_type: Annotated[QomType, Strict(False)]
+    id: str
+    size: int
+    mem_path: str | None = None
+    share: bool | None = None
+    ramblock_name: str | None = None
+
+
+@command(
+    "object-add",
+    ObjectAddArgs,
+    Empty,
+    "Create a memory backend, the unit migd saves and restores. 'memory-backend-file' maps "
+    "'mem-path' (created if missing and extended to 'size'; tmpfs, hugetlbfs or any "
+    "filesystem); 'memory-backend-ram' is anonymous memory owned by migd. 'size' is a "
+    "positive multiple of 4096. migd extension: 'share' defaults to true for files, so "
+    "that a restore lands in the file. 'ramblock-name' sets the block name used in save "
+    "files (default: the id), to match QEMU names such as 'pc.ram'.",
+)
+async def object_add(ctx: Context, args: ObjectAddArgs) -> Empty:
+    registry = ctx.services.memory
+    if any(b.id == args.id for b in registry):
+        raise InvalidRequest(f"Memory backend '{args.id}' already exists")
+    backend: MemoryBackend
+    if args.qom_type is QomType.memory_backend_file:
+        if args.mem_path is None:
+            raise InvalidRequest("Parameter 'mem-path' is missing")
+        share = True if args.share is None else args.share
+        backend = await asyncio.to_thread(
+            create_file_backend,
+            args.id,
+            args.size,
+            args.mem_path,
+            share=share,
+            ramblock_name=args.ramblock_name,
+        )
+    else:
+        if args.mem_path is not None:
+            raise InvalidRequest("Parameter 'mem-path' is unexpected")
+        if args.share:
+            raise InvalidRequest("Parameter 'share' is unexpected: memory-backend-ram is private")
+        backend = create_ram_backend(args.id, args.size, ramblock_name=args.ramblock_name)
+    try:
+        registry.add(backend)
+    except BaseException:
+        backend.close()
+        raise
+    return Empty()
+
+
+class ObjectDelArgs(QapiModel):
+    id: str
+
+
+@command(
+    "object-del",
+    ObjectDelArgs,
+    Empty,
+    "Remove a memory backend and unmap it (its file stays). Refused while a migration uses it.",
+)
+async def object_del(ctx: Context, args: ObjectDelArgs) -> Empty:
+    ctx.services.memory.remove(args.id)
+    return Empty()
+
+
+class Memdev(QapiModel):
+    id: str
+    size: int
+    qom_type: str
+    mem_path: str | None = None
+    share: bool
+    ramblock_name: str
+
+
+@command(
+    "query-memdev",
+    Empty,
+    list[Memdev],
+    "List the memory backends in creation order. migd extension: 'qom-type', 'mem-path' "
+    "and 'ramblock-name' members.",
+)
+async def query_memdev(ctx: Context, args: Empty) -> list[Memdev]:
+    return [
+        Memdev(
+            id=b.id,
+            size=b.size,
+            qom_type=b.qom_type,
+            mem_path=b.mem_path,
+            share=b.share,
+            ramblock_name=b.block_name,
+        )
+        for b in ctx.services.memory
+    ]

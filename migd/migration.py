@@ -1,0 +1,615 @@
+"""The migration job: status machine, capabilities and parameters, save and restore.
+
+The asyncio side plans the file with `format`, does the small metadata I/O through the
+main fd in worker threads, and deals page runs to the `channels` threads; query-migrate
+answers from counters and never waits for I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import __version__, format
+from .channels import (
+    BlockIO,
+    Channel,
+    ChannelError,
+    PageRun,
+    Throttle,
+    open_channel_fd,
+    split_runs,
+)
+from .errors import MigdError, MigrationError
+from .memory import MemoryBackend, MemoryRegistry
+from .uri import FileTarget
+
+log = logging.getLogger(__name__)
+
+PAGE_SIZE = format.PAGE_SIZE
+IN_PROGRESS = "There's a migration process in progress"
+SAMPLE_PERIOD = 0.1  # seconds between throughput samples (QEMU's BUFFER_DELAY)
+
+
+class MigrationStatus(enum.StrEnum):
+    none = "none"
+    setup = "setup"
+    cancelling = "cancelling"
+    cancelled = "cancelled"
+    active = "active"
+    completed = "completed"
+    failed = "failed"
+
+
+ACTIVE_STATES = {MigrationStatus.setup, MigrationStatus.active, MigrationStatus.cancelling}
+
+
+@dataclass
+class Capabilities:
+    multifd: bool = False
+    mapped_ram: bool = False
+    events: bool = False
+
+
+@dataclass
+class Parameters:
+    multifd_channels: int = 2
+    direct_io: bool = False
+    max_bandwidth: int = 0  # bytes/s; 0 = unlimited (QEMU's 128 MiB/s would slow saves 10x)
+    zero_page_detection: str = "multifd"
+
+
+Opener = Callable[[str, int, bool], int]
+"""open(path, flags, direct) -> fd; raises ChannelError/MigdError with a clear text."""
+
+
+def default_opener(path: str, flags: int, direct: bool) -> int:
+    return open_channel_fd(path, flags, direct)
+
+
+class JobCancelled(Exception):
+    pass
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int, path: str) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            done = os.pwrite(fd, view, offset)
+        except OSError as exc:
+            raise ChannelError(f"Could not write '{path}': {exc.strerror}") from None
+        view, offset = view[done:], offset + done
+
+
+def _pread_all(fd: int, offset: int, n: int, path: str) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        try:
+            chunk = os.pread(fd, n - len(out), offset + len(out))
+        except OSError as exc:
+            raise ChannelError(f"Could not read '{path}': {exc.strerror}") from None
+        if not chunk:
+            break
+        out += chunk
+    return bytes(out)
+
+
+def _fdatasync(fd: int, path: str) -> None:
+    try:
+        os.fdatasync(fd)
+    except OSError as exc:
+        raise ChannelError(f"Could not sync '{path}': {exc.strerror}") from None
+
+
+@dataclass
+class Job:
+    """One save or restore, from `setup` to a final status."""
+
+    direction: str  # "save" | "restore"
+    target: FileTarget
+    backends: list[MemoryBackend]
+    total_bytes: int
+    status: MigrationStatus = MigrationStatus.none
+    started: float = field(default_factory=time.monotonic)
+    setup_done: float | None = None
+    finished: float | None = None
+    error_desc: str | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+    channels: list[Channel] = field(default_factory=list)
+    hole_pages: int = 0  # pages known zero without touching memory (file holes)
+    main_bytes: int = 0
+    task: asyncio.Task[None] | None = None
+    skipped_blocks: list[str] = field(default_factory=list)
+    sync_count: int = 0
+    _samples: list[tuple[float, int, int]] = field(default_factory=list)
+
+    @property
+    def active(self) -> bool:
+        return self.status in ACTIVE_STATES
+
+    def totals(self) -> tuple[int, int, int, int, int]:
+        """(bytes moved, pages done, normal pages, zero pages, multifd bytes) right now."""
+        moved = normal = zero = done = 0
+        for ch in self.channels:
+            c = ch.counters
+            moved += c.bytes
+            done += c.pages_done
+            normal += c.pages_normal
+            zero += c.pages_zero
+        return (
+            moved + self.main_bytes,
+            done + self.hole_pages,
+            normal,
+            zero + self.hole_pages,
+            moved,
+        )
+
+    def sample(self) -> None:
+        moved, done, *_ = self.totals()
+        now = time.monotonic()
+        self._samples.append((now, moved, done))
+        # Keep about one second: mbps is measured over the recent window, as QEMU's is.
+        while len(self._samples) > 2 and now - self._samples[0][0] > 1.0:
+            self._samples.pop(0)
+
+    def rates(self) -> tuple[float, float]:
+        """(mbps, pages per second) over the recent window, or over the whole job when done."""
+        moved, done, *_ = self.totals()
+        if self.finished is not None:
+            span = self.finished - (self.setup_done or self.started)
+            if span <= 0:
+                return 0.0, 0.0
+            return moved * 8 / span / 1e6, done / span
+        if len(self._samples) < 2:
+            return 0.0, 0.0
+        (t0, b0, p0), (t1, b1, p1) = self._samples[0], self._samples[-1]
+        if t1 <= t0:
+            return 0.0, 0.0
+        return (b1 - b0) * 8 / (t1 - t0) / 1e6, (p1 - p0) / (t1 - t0)
+
+    def info(self) -> dict[str, Any]:
+        """query-migrate's MigrationInfo, from counters only."""
+        end = self.finished if self.finished is not None else time.monotonic()
+        out: dict[str, Any] = {"status": self.status.value}
+        out["total-time"] = int((end - self.started) * 1000)
+        if self.setup_done is not None:
+            out["setup-time"] = int((self.setup_done - self.started) * 1000)
+        if self.error_desc is not None:
+            out["error-desc"] = self.error_desc
+        moved, done, normal, zero, multifd = self.totals()
+        mbps, pps = self.rates()
+        remaining = (
+            0 if self.status == MigrationStatus.completed else (self.total_bytes - done * PAGE_SIZE)
+        )
+        out["ram"] = {
+            "transferred": moved,
+            "remaining": max(0, remaining),
+            "total": self.total_bytes,
+            "duplicate": zero,
+            "normal": normal,
+            "normal-bytes": normal * PAGE_SIZE,
+            "dirty-pages-rate": 0,
+            "mbps": round(mbps, 3),
+            "dirty-sync-count": self.sync_count,
+            "postcopy-requests": 0,
+            "page-size": PAGE_SIZE,
+            "multifd-bytes": multifd,
+            "pages-per-second": int(pps),
+            "precopy-bytes": moved,
+            "downtime-bytes": 0,
+            "postcopy-bytes": 0,
+            "dirty-sync-missed-zero-copy": 0,
+        }
+        if self.skipped_blocks:
+            out["x-skipped-blocks"] = list(self.skipped_blocks)
+        return out
+
+
+class MigrationEngine:
+    """Owns capabilities, parameters and at most one running job."""
+
+    def __init__(
+        self,
+        memory: MemoryRegistry,
+        emit: Callable[[str, dict[str, Any]], None] = lambda name, data: None,
+        notify: Callable[[str], None] = lambda state: None,
+        opener: Opener = default_opener,
+    ) -> None:
+        self.memory = memory
+        self.emit = emit
+        self.notify = notify
+        self.opener = opener
+        self.caps = Capabilities()
+        self.params = Parameters()
+        self.job: Job | None = None
+
+    # -- settings ------------------------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        return self.job is not None and self.job.active
+
+    def refuse_if_busy(self) -> None:
+        if self.busy:
+            raise MigrationError(IN_PROGRESS)
+
+    def set_capabilities(self, changes: dict[str, bool]) -> None:
+        self.refuse_if_busy()
+        for name, state in changes.items():
+            setattr(self.caps, name, state)
+
+    def set_parameters(self, changes: dict[str, Any]) -> None:
+        self.refuse_if_busy()
+        if changes.get("direct_io") and not hasattr(os, "O_DIRECT"):
+            raise MigrationError("No build-time support for direct-io")
+        for name, value in changes.items():
+            setattr(self.params, name, value)
+
+    @property
+    def direct_io_effective(self) -> bool:
+        # QEMU's rule: direct-io only takes effect with multifd and mapped-ram.
+        return self.params.direct_io and self.caps.multifd and self.caps.mapped_ram
+
+    @property
+    def channel_count(self) -> int:
+        return self.params.multifd_channels if self.caps.multifd else 1
+
+    def query(self) -> dict[str, Any]:
+        return {} if self.job is None else self.job.info()
+
+    # -- status --------------------------------------------------------------------------
+
+    def _set_status(self, job: Job, status: MigrationStatus) -> None:
+        """The one place a job's status changes; it also emits the event."""
+        job.status = status
+        if status in (MigrationStatus.completed, MigrationStatus.failed, MigrationStatus.cancelled):
+            job.finished = time.monotonic()
+        log.info(
+            "%s %s: %s%s",
+            job.direction,
+            job.target,
+            status.value,
+            f" ({job.error_desc})" if job.error_desc else "",
+        )
+        if self.caps.events:
+            self.emit("MIGRATION", {"status": status.value})
+        self.notify(f"STATUS={job.direction} {status.value}")
+
+    # -- starting ------------------------------------------------------------------------
+
+    def _check_can_start(self) -> None:
+        self.refuse_if_busy()
+        if not self.caps.mapped_ram:
+            raise MigrationError(
+                "migd writes and reads only the mapped-ram layout: enable the 'mapped-ram' "
+                "capability with migrate-set-capabilities"
+            )
+
+    def start_save(self, target: FileTarget) -> None:
+        """Synchronous checks, open the main fd, then run the save in the background."""
+        self._check_can_start()
+        backends = list(self.memory)
+        if not backends:
+            raise MigrationError("There is no memory backend to save: add one with object-add")
+        layout = format.plan_save([(b.block_name, b.size) for b in backends], target.offset)
+        main_fd = self.opener(target.path, os.O_WRONLY | os.O_CREAT, False)
+        job = Job("save", target, backends, sum(b.size for b in backends))
+        self._launch(job, self._save(job, layout, main_fd), main_fd)
+
+    async def start_restore(self, target: FileTarget, skip_unmatched: bool) -> None:
+        """Open and validate the file's head and blocks, then restore in the background."""
+        self._check_can_start()
+        main_fd = self.opener(target.path, os.O_RDONLY, False)
+        try:
+            parsed = await asyncio.to_thread(self._parse, main_fd, target)
+            matched, skipped = self._match_blocks(parsed, target, skip_unmatched)
+        except BaseException:
+            os.close(main_fd)
+            raise
+        self.refuse_if_busy()  # another request may have started one while we parsed
+        backends = [b for _, b in matched]
+        job = Job("restore", target, backends, sum(layout.length for layout, _ in matched))
+        job.skipped_blocks = [layout.name for layout in skipped]
+        self._launch(job, self._restore(job, matched, main_fd), main_fd)
+
+    def _parse(self, fd: int, target: FileTarget) -> format.ParsedStream:
+        size = os.fstat(fd).st_size
+        try:
+            parsed = format.parse_stream(
+                lambda at, n: _pread_all(fd, at, n, target.path),
+                target.offset,
+                size,
+                require_mapped_ram=self.caps.mapped_ram,
+            )
+        except (format.FormatError, ChannelError) as exc:
+            raise MigrationError(f"'{target.path}': {exc}") from None
+        if not parsed.complete:
+            raise MigrationError(
+                f"'{target.path}': save file is incomplete (no RAM end section: the save "
+                "was interrupted or the file is truncated)"
+            )
+        return parsed
+
+    def _match_blocks(
+        self, parsed: format.ParsedStream, target: FileTarget, skip_unmatched: bool
+    ) -> tuple[list[tuple[format.BlockLayout, MemoryBackend]], list[format.BlockLayout]]:
+        matched, skipped = [], []
+        for layout in parsed.blocks:
+            backend = self.memory.by_block_name(layout.name)
+            if backend is None:
+                if skip_unmatched:
+                    skipped.append(layout)
+                    continue
+                raise MigrationError(f'Unknown ramblock "{layout.name}", cannot accept migration')
+            if backend.size != layout.length:
+                raise MigrationError(
+                    f"Length mismatch: block '{layout.name}' is {layout.length} bytes in "
+                    f"'{target.path}' but memory backend '{backend.id}' has {backend.size} bytes"
+                )
+            matched.append((layout, backend))
+        if not matched:
+            raise MigrationError(f"'{target.path}': no block in the file has a memory backend")
+        return matched, skipped
+
+    def _launch(self, job: Job, body: Any, main_fd: int) -> None:
+        for b in job.backends:
+            b.in_use += 1
+        self.job = job
+        self._set_status(job, MigrationStatus.setup)
+        job.task = asyncio.create_task(self._run(job, body, main_fd))
+
+    async def _run(self, job: Job, body: Any, main_fd: int) -> None:
+        sampler = asyncio.create_task(self._sample(job))
+        try:
+            await body
+            self._set_status(job, MigrationStatus.completed)
+        except JobCancelled:
+            if job.direction == "restore":
+                job.error_desc = self._partial_note(job, "Restore cancelled")
+            self._set_status(job, MigrationStatus.cancelled)
+        except (MigdError, ChannelError) as exc:
+            text = exc.desc if isinstance(exc, MigdError) else str(exc)
+            job.error_desc = self._partial_note(job, text) if job.direction == "restore" else text
+            self._set_status(job, MigrationStatus.failed)
+        except Exception as exc:  # a bug: fail the job, keep the daemon
+            log.exception("migration job crashed")
+            job.error_desc = f"Internal error: {type(exc).__name__}: {exc}"
+            self._set_status(job, MigrationStatus.failed)
+        finally:
+            sampler.cancel()
+            with contextlib.suppress(OSError):
+                os.close(main_fd)
+            for b in job.backends:
+                b.in_use -= 1
+
+    @staticmethod
+    def _partial_note(job: Job, text: str) -> str:
+        names = ", ".join(f"'{b.id}'" for b in job.backends)
+        return f"{text}; memory backends {names} hold partial data"
+
+    async def _sample(self, job: Job) -> None:
+        last_notify = 0.0
+        while True:
+            job.sample()
+            now = time.monotonic()
+            if now - last_notify >= 1.0 and job.status == MigrationStatus.active:
+                last_notify = now
+                _, done, *_ = job.totals()
+                mbps, _ = job.rates()
+                pct = 100 * done * PAGE_SIZE / max(1, job.total_bytes)
+                self.notify(f"STATUS={job.direction} {pct:.0f}% at {mbps / 8:.0f} MB/s")
+            await asyncio.sleep(SAMPLE_PERIOD)
+
+    # -- cancel / shutdown ---------------------------------------------------------------
+
+    async def cancel(self) -> None:
+        """migrate_cancel: stop the threads, join them, end in `cancelled`."""
+        job = self.job
+        if job is None or not job.active:
+            return
+        if job.status != MigrationStatus.cancelling:
+            job.cancel.set()
+            self._set_status(job, MigrationStatus.cancelling)
+        if job.task is not None:
+            await asyncio.shield(job.task)
+
+    async def close(self) -> None:
+        await self.cancel()
+
+    # -- the two directions --------------------------------------------------------------
+
+    def _check_cancel(self, job: Job) -> None:
+        if job.cancel.is_set():
+            raise JobCancelled()
+
+    async def _open_channels(self, job: Job, flags: int, main_fd: int) -> list[int]:
+        """One fd per channel; without multifd the main fd is the only channel."""
+        if not self.caps.multifd:
+            return [main_fd]
+        fds: list[int] = []
+        try:
+            for _ in range(self.params.multifd_channels):
+                fds.append(
+                    await asyncio.to_thread(
+                        self.opener, job.target.path, flags, self.direct_io_effective
+                    )
+                )
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return fds
+
+    async def _run_channels(
+        self,
+        job: Job,
+        fds: Sequence[int],
+        blocks: Sequence[BlockIO],
+        runs: Sequence[PageRun],
+        direction: str,
+    ) -> None:
+        work: queue.SimpleQueue[PageRun | None] = queue.SimpleQueue()
+        for run in runs:
+            work.put(run)
+        for _ in fds:
+            work.put(None)
+        throttle = Throttle(self.params.max_bandwidth)
+        detect = self.params.zero_page_detection != "none"
+        job.channels = [
+            Channel(fd, job.target.path, blocks, work, job.cancel, throttle, detect) for fd in fds
+        ]
+        loop = asyncio.get_running_loop()
+        with ThreadPoolExecutor(len(fds), thread_name_prefix=f"migd-{direction}") as pool:
+            futures = [loop.run_in_executor(pool, getattr(ch, direction)) for ch in job.channels]
+            results = await asyncio.gather(*futures, return_exceptions=True)
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            job.cancel.set()
+            raise failures[0]
+        self._check_cancel(job)
+
+    async def _save(self, job: Job, layout: format.SaveLayout, main_fd: int) -> None:
+        path = job.target.path
+
+        def write_head() -> None:
+            try:
+                os.ftruncate(main_fd, layout.offset)
+            except OSError as exc:
+                raise ChannelError(
+                    f"Could not truncate '{path}' to offset {layout.offset}: {exc.strerror}"
+                ) from None
+            for at, data in layout.head_writes:
+                _pwrite_all(main_fd, data, at, path)
+                job.main_bytes += len(data)
+
+        await asyncio.to_thread(write_head)
+        self._check_cancel(job)
+        fds = await self._open_channels(job, os.O_WRONLY, main_fd)
+        try:
+            blocks, runs = self._plan_save_runs(job, layout)
+            job.setup_done = time.monotonic()
+            self._set_status(job, MigrationStatus.active)
+            await self._run_channels(job, fds, blocks, runs, "save")
+            job.sync_count = 1
+            await asyncio.to_thread(self._finish_save, job, layout, blocks, fds, main_fd)
+        finally:
+            for fd in fds:
+                if fd != main_fd:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+
+    def _plan_save_runs(
+        self, job: Job, layout: format.SaveLayout
+    ) -> tuple[list[BlockIO], list[PageRun]]:
+        blocks: list[BlockIO] = []
+        runs: list[PageRun] = []
+        detect = self.params.zero_page_detection != "none"
+        for index, (backend, block) in enumerate(zip(job.backends, layout.blocks, strict=True)):
+            present = np.zeros(block.pages, dtype=bool)
+            blocks.append(BlockIO(block, backend.view(0, backend.size), present))
+            # Holes of a file-backed backend are zero pages found without touching memory.
+            ranges = backend.data_ranges() if detect else None
+            if ranges is None:
+                ranges = [(0, backend.size)]
+            page_runs = [(off // PAGE_SIZE, length // PAGE_SIZE) for off, length in ranges]
+            job.hole_pages += block.pages - sum(count for _, count in page_runs)
+            runs += split_runs(index, page_runs)
+        return blocks, runs
+
+    def _finish_save(
+        self,
+        job: Job,
+        layout: format.SaveLayout,
+        blocks: Sequence[BlockIO],
+        fds: Sequence[int],
+        main_fd: int,
+    ) -> None:
+        """Pages durable first, then bitmaps, end section and EOF, then those durable."""
+        path = job.target.path
+        for fd in fds:
+            _fdatasync(fd, path)
+        self._check_cancel(job)
+        for block in blocks:
+            data = format.encode_bitmap(block.present, block.layout.bitmap_size)
+            _pwrite_all(main_fd, data, block.layout.bitmap_offset, path)
+            job.main_bytes += len(data)
+        _, _, normal, zero, _ = job.totals()
+        vmdesc = {
+            "migd": {
+                "version": __version__,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "blocks": [
+                    {
+                        "name": b.layout.name,
+                        "pages": b.layout.pages,
+                        "present": int(np.count_nonzero(b.present)),
+                    }
+                    for b in blocks
+                ],
+                "normal-pages": normal,
+                "zero-pages": zero,
+            }
+        }
+        end = layout.encode_end(vmdesc)
+        _pwrite_all(main_fd, end, layout.end_offset, path)
+        job.main_bytes += len(end)
+        _fdatasync(main_fd, path)
+
+    async def _restore(
+        self, job: Job, matched: Sequence[tuple[format.BlockLayout, MemoryBackend]], main_fd: int
+    ) -> None:
+        path = job.target.path
+
+        def read_bitmaps() -> list[np.ndarray]:
+            out = []
+            for layout, _ in matched:
+                data = _pread_all(main_fd, layout.bitmap_offset, layout.bitmap_size, path)
+                if len(data) < layout.bitmap_size:
+                    raise ChannelError(f"'{path}': truncated bitmap of block '{layout.name}'")
+                out.append(format.decode_bitmap(data, layout.pages))
+                job.main_bytes += len(data)
+            return out
+
+        # Every check is done before the first byte of any backend changes.
+        bitmaps = await asyncio.to_thread(read_bitmaps)
+        self._check_cancel(job)
+        fds = await self._open_channels(job, os.O_RDONLY, main_fd)
+        try:
+            blocks: list[BlockIO] = []
+            runs: list[PageRun] = []
+            for index, ((layout, backend), present) in enumerate(
+                zip(matched, bitmaps, strict=True)
+            ):
+                blocks.append(
+                    BlockIO(
+                        layout,
+                        backend.view(0, backend.size),
+                        present,
+                        backend.zero_range,
+                        backend.populate,
+                    )
+                )
+                set_runs = format.set_runs(present)
+                runs += split_runs(index, format.set_runs(~present), zero=True)
+                runs += split_runs(index, set_runs)
+            job.setup_done = time.monotonic()
+            self._set_status(job, MigrationStatus.active)
+            await self._run_channels(job, fds, blocks, runs, "restore")
+            job.sync_count = 1
+        finally:
+            for fd in fds:
+                if fd != main_fd:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
