@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import MigrationError
 from .format import BlockLayout
 
 PAGE_SIZE = 4096
@@ -29,7 +30,7 @@ MIN_SKIP_PAGES = (1 << 20) // PAGE_SIZE
 _WORDS_PER_PAGE = PAGE_SIZE // 8
 
 
-class ChannelError(Exception):
+class ChannelError(MigrationError):
     """An I/O failure in a channel thread, worded for the job's error-desc."""
 
 

@@ -333,8 +333,8 @@ class MigrationEngine:
                 size,
                 require_mapped_ram=self.caps.mapped_ram,
             )
-        except (format.FormatError, ChannelError) as exc:
-            raise MigrationError(f"'{target.path}': {exc}") from None
+        except format.FormatError as exc:
+            raise MigrationError(f"'{target.path}': {exc.desc}") from None
         if not parsed.complete:
             raise MigrationError(
                 f"'{target.path}': save file is incomplete (no RAM end section: the save "

@@ -60,17 +60,21 @@ def _member_name(loc: tuple[Any, ...]) -> str:
     return "null"
 
 
-def _strip(annotation: Any) -> Any:
-    """Peel Optional/Annotated so the concrete type of a member is left."""
+def _strip(annotation: Any) -> tuple[Any, list[Any]]:
+    """Peel Optional/Annotated so the concrete type of a member is left, with constraints."""
+    metadata: list[Any] = []
     while True:
         origin = typing.get_origin(annotation)
         if origin is typing.Annotated:
-            annotation = typing.get_args(annotation)[0]
+            annotation, *extra = typing.get_args(annotation)
+            for item in extra:
+                # Field(...) inside Annotated carries its constraints in .metadata
+                metadata.extend(getattr(item, "metadata", None) or [item])
         elif origin in (typing.Union, types.UnionType):
             args = [a for a in typing.get_args(annotation) if a is not type(None)]
             annotation = args[0]
         else:
-            return annotation
+            return annotation, metadata
 
 
 def _field_at(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[Any, list[Any]]:
@@ -78,7 +82,7 @@ def _field_at(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[Any, list[A
     annotation: Any = model
     metadata: list[Any] = []
     for part in loc:
-        annotation = _strip(annotation)
+        annotation, _ = _strip(annotation)
         if isinstance(part, int):
             args = typing.get_args(annotation)
             annotation, metadata = (args[0] if args else Any), []
@@ -91,7 +95,8 @@ def _field_at(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[Any, list[A
             annotation, metadata = field.annotation, list(field.metadata)
         else:
             return Any, []
-    return _strip(annotation), metadata
+    annotation, inner = _strip(annotation)
+    return annotation, metadata + inner
 
 
 def _expects(model: type[BaseModel], loc: tuple[Any, ...], err: dict[str, Any]) -> str:

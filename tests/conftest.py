@@ -141,3 +141,194 @@ def raw(daemon: DaemonProcess) -> Iterator[RawClient]:
 def open_fds(pid: int | None = None) -> set[str]:
     where = f"/proc/{pid}/fd" if pid else "/proc/self/fd"
     return set(os.listdir(where))
+
+
+# --- in-process daemon: lets tests look at this process's fds and threads -------------
+
+FINAL_STATES = {"completed", "failed", "cancelled"}
+
+
+class InProcessDaemon:
+    """A Daemon running on the test's own event loop, with a connected QMPClient."""
+
+    def __init__(self, socket_path: Path) -> None:
+        from migd.config import Config
+        from migd.daemon import Daemon
+
+        self.socket_path = socket_path
+        self.daemon = Daemon(Config(socket_path=str(socket_path)))
+        self.task: Any = None
+
+    async def start(self) -> None:
+        import asyncio
+
+        self.task = asyncio.create_task(self.daemon.run())
+        deadline = time.monotonic() + START_TIMEOUT
+        while not self.socket_path.exists():
+            if self.task.done():
+                self.task.result()
+            if time.monotonic() > deadline:
+                raise TimeoutError("in-process migd did not start")
+            await asyncio.sleep(0.01)
+
+    async def client(self, name: str = "test") -> Any:
+        from qemu.qmp import QMPClient
+
+        c = QMPClient(name)
+        await c.connect(str(self.socket_path))
+        return c
+
+    async def stop(self) -> None:
+        import asyncio
+
+        self.daemon.request_stop()
+        await asyncio.wait_for(self.task, 30)
+
+
+@pytest.fixture
+async def migd_inproc(short_dir: Path):
+    d = InProcessDaemon(short_dir / "qmp.sock")
+    await d.start()
+    yield d
+    await d.stop()
+
+
+@pytest.fixture
+async def qmp(migd_inproc: InProcessDaemon):
+    """A negotiated qemu.qmp client of an in-process daemon."""
+    client = await migd_inproc.client()
+    yield client
+    await client.disconnect()
+
+
+async def wait_migration(client: Any, timeout: float = 120.0) -> dict[str, Any]:
+    """Poll query-migrate until the job reaches a final state; return its info."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while True:
+        info = await client.execute("query-migrate")
+        if info.get("status") in FINAL_STATES:
+            return info
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"migration still {info.get('status')} after {timeout}s")
+        await asyncio.sleep(0.01)
+
+
+async def enable_mapped_ram(
+    client: Any,
+    *,
+    multifd: bool = True,
+    channels: int = 2,
+    direct_io: bool = False,
+    events: bool = True,
+    **params: Any,
+) -> None:
+    caps = [
+        {"capability": "mapped-ram", "state": True},
+        {"capability": "multifd", "state": multifd},
+        {"capability": "events", "state": events},
+    ]
+    await client.execute("migrate-set-capabilities", {"capabilities": caps})
+    await client.execute(
+        "migrate-set-parameters",
+        {"multifd-channels": channels, "direct-io": direct_io, **params},
+    )
+
+
+async def add_file_backend(client: Any, id: str, path: Path | str, size: int, **extra: Any) -> None:
+    await client.execute(
+        "object-add",
+        {"qom-type": "memory-backend-file", "id": id, "size": size, "mem-path": str(path), **extra},
+    )
+
+
+async def save(client: Any, path: Path | str, offset: int | None = None) -> dict[str, Any]:
+    uri = f"file:{path}" + (f",offset={offset}" if offset is not None else "")
+    await client.execute("migrate", {"uri": uri})
+    return await wait_migration(client)
+
+
+async def restore(
+    client: Any, path: Path | str, offset: int | None = None, **extra: Any
+) -> dict[str, Any]:
+    uri = f"file:{path}" + (f",offset={offset}" if offset is not None else "")
+    await client.execute("migrate-incoming", {"uri": uri, **extra})
+    return await wait_migration(client)
+
+
+def fill_random(path: Path, size: int, seed: int = 1) -> bytes:
+    """Write `size` random bytes to `path` (deterministic by seed); return them."""
+    import numpy as np
+
+    data = np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes()
+    path.write_bytes(data)
+    return data
+
+
+def shm_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="migd-test-", dir="/dev/shm"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def shm() -> Iterator[Path]:
+    """A fresh directory on tmpfs (/dev/shm), for memory backends."""
+    yield from shm_dir()
+
+
+# --- special filesystems ------------------------------------------------------------------
+
+
+def _mount(args: list[str], where: Path) -> bool:
+    result = subprocess.run(["mount", *args, str(where)], capture_output=True)
+    return result.returncode == 0
+
+
+def _umount(where: Path) -> None:
+    subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+@pytest.fixture
+def ramfs(short_dir: Path) -> Iterator[Path]:
+    """A ramfs mount: a filesystem that refuses O_DIRECT with EINVAL."""
+    where = short_dir / "ramfs"
+    where.mkdir()
+    if not _mount(["-t", "ramfs", "ramfs"], where):
+        pytest.skip("cannot mount ramfs here (needs root)")
+    yield where
+    _umount(where)
+
+
+@pytest.fixture
+def small_ext4(short_dir: Path) -> Iterator[Path]:
+    """A 24 MiB ext4 filesystem on a loop device, for 'disk full'."""
+    image = short_dir / "small.img"
+    where = short_dir / "small"
+    where.mkdir()
+    subprocess.run(["truncate", "-s", "24M", str(image)], check=True)
+    made = subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], capture_output=True)
+    if made.returncode != 0 or not _mount(["-o", "loop", str(image)], where):
+        pytest.skip("cannot make and loop-mount an ext4 image here (needs root)")
+    yield where
+    _umount(where)
+
+
+@pytest.fixture
+def readonly_dir(short_dir: Path) -> Iterator[Path]:
+    """A read-only tmpfs mount: every create or write fails with EROFS."""
+    where = short_dir / "ro"
+    where.mkdir()
+    if not _mount(["-t", "tmpfs", "-o", "ro,size=1M", "tmpfs"], where):
+        pytest.skip("cannot mount tmpfs here (needs root)")
+    yield where
+    _umount(where)
+
+
+def migd_threads() -> list[str]:
+    import threading
+
+    return [t.name for t in threading.enumerate() if t.name.startswith("migd-")]

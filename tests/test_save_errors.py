@@ -1,0 +1,236 @@
+"""A save that cannot run is refused with QEMU's text; one that fails leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from qemu.qmp import ExecuteError
+
+from migd import format
+
+from .conftest import (
+    add_file_backend,
+    enable_mapped_ram,
+    fill_random,
+    migd_threads,
+    open_fds,
+    save,
+    wait_migration,
+)
+
+MiB = 1 << 20
+
+
+async def _error(client, command, arguments=None) -> str:
+    with pytest.raises(ExecuteError) as info:
+        await client.execute(command, arguments)
+    return info.value.error.error.desc
+
+
+def _is_complete(path, offset=0) -> bool:
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        try:
+            return format.parse_stream(
+                lambda at, n: os.pread(f.fileno(), n, at), offset, size
+            ).complete
+        except format.FormatError:
+            return False
+
+
+@pytest.fixture
+async def ready(qmp, shm):
+    fill_random(shm / "ram0", 16 * MiB)
+    await add_file_backend(qmp, "ram0", shm / "ram0", 16 * MiB)
+    await enable_mapped_ram(qmp, channels=2, direct_io=True)
+    return qmp
+
+
+@pytest.mark.parametrize(
+    ("arguments", "text"),
+    [
+        ({}, "need either 'uri' or 'channels' argument"),
+        ({"uri": "file:/tmp/x", "channels": []}, "need either 'uri' or 'channels' argument"),
+        ({"uri": "file:/tmp/x,offset=0x20M"}, "file URI has bad offset 0x20M: Invalid argument"),
+        ({"uri": "file:/tmp/x,offset=-1"}, "file URI has bad offset -1: Invalid argument"),
+        ({"uri": "unix:/tmp/sock"}, "Migration requires seekable transport (e.g. file)"),
+        ({"uri": "tcp:127.0.0.1:4444"}, "Migration requires seekable transport (e.g. file)"),
+        ({"uri": "exec:cat"}, "Migration requires seekable transport (e.g. file)"),
+        ({"uri": "gopher:x"}, "unknown migration protocol: gopher:x"),
+        (
+            {
+                "channels": [
+                    {
+                        "channel-type": "main",
+                        "addr": {"transport": "socket", "type": "unix", "path": "/x"},
+                    }
+                ]
+            },
+            "Migration requires seekable transport (e.g. file)",
+        ),
+        (
+            {
+                "channels": [
+                    {
+                        "channel-type": "main",
+                        "addr": {"transport": "file", "filename": "/tmp/a", "offset": 0},
+                    },
+                    {
+                        "channel-type": "main",
+                        "addr": {"transport": "file", "filename": "/tmp/b", "offset": 0},
+                    },
+                ]
+            },
+            "Channel list must have only one entry, for type 'main'",
+        ),
+        ({"uri": 7}, "Invalid parameter type for 'uri', expected: string"),
+        ({"uri": "file:/tmp/x", "speed": 1}, "Parameter 'speed' is unexpected"),
+    ],
+)
+async def test_bad_migrate_requests_are_refused_with_qemus_text(ready, arguments, text):
+    assert await _error(ready, "migrate", arguments) == text
+    assert await ready.execute("query-migrate") == {}
+
+
+async def test_save_without_mapped_ram_is_refused_clearly(qmp, shm, short_dir):
+    await add_file_backend(qmp, "ram0", shm / "ram0", MiB)
+    text = await _error(qmp, "migrate", {"uri": f"file:{short_dir}/x"})
+    assert "mapped-ram" in text
+    assert not (short_dir / "x").exists()
+
+
+async def test_save_without_memory_backends_is_refused(qmp, short_dir):
+    await enable_mapped_ram(qmp)
+    text = await _error(qmp, "migrate", {"uri": f"file:{short_dir}/x"})
+    assert "no memory backend" in text.lower()
+
+
+async def test_target_that_is_a_directory_is_refused(ready, short_dir):
+    text = await _error(ready, "migrate", {"uri": f"file:{short_dir}"})
+    assert text == f"Could not open '{short_dir}': Is a directory"
+
+
+async def test_target_that_cannot_be_created_is_refused(ready, short_dir):
+    target = short_dir / "missing" / "save.img"
+    text = await _error(ready, "migrate", {"uri": f"file:{target}"})
+    assert text == f"Could not open '{target}': No such file or directory"
+
+
+async def test_target_on_a_read_only_filesystem_is_refused(ready, readonly_dir):
+    target = readonly_dir / "save.img"
+    text = await _error(ready, "migrate", {"uri": f"file:{target}"})
+    assert text == f"Could not open '{target}': Read-only file system"
+
+
+@pytest.mark.parametrize(
+    ("arguments", "text"),
+    [
+        ({"multifd-channels": 0}, "Parameter 'multifd-channels' expects a value between 1 and 255"),
+        (
+            {"multifd-channels": 256},
+            "Parameter 'multifd-channels' expects a value between 1 and 255",
+        ),
+        (
+            {"multifd-channels": "2"},
+            "Invalid parameter type for 'multifd-channels', expected: integer",
+        ),
+        ({"direct-io": 1}, "Invalid parameter type for 'direct-io', expected: boolean"),
+        ({"max-bandwidth": -1}, "Parameter 'max-bandwidth' expects a non-negative value"),
+        (
+            {"zero-page-detection": "legacy"},
+            "Parameter 'zero-page-detection' expects ZeroPageDetection",
+        ),
+        ({"downtime-limit": 5}, "Parameter 'downtime-limit' is unexpected"),
+    ],
+)
+async def test_bad_parameters_are_refused_and_change_nothing(qmp, arguments, text):
+    before = await qmp.execute("query-migrate-parameters")
+    assert await _error(qmp, "migrate-set-parameters", arguments) == text
+    assert await qmp.execute("query-migrate-parameters") == before
+
+
+async def test_parameter_defaults_are_migds(qmp):
+    assert await qmp.execute("query-migrate-parameters") == {
+        "multifd-channels": 2,
+        "direct-io": False,
+        "max-bandwidth": 0,
+        "zero-page-detection": "multifd",
+    }
+
+
+async def test_unknown_capability_is_refused_and_changes_nothing(qmp):
+    before = await qmp.execute("query-migrate-capabilities")
+    caps = [{"capability": "multifd", "state": True}, {"capability": "xbzrle", "state": True}]
+    text = await _error(qmp, "migrate-set-capabilities", {"capabilities": caps})
+    assert text == "Parameter 'capability' expects MigrationCapability"
+    assert await qmp.execute("query-migrate-capabilities") == before
+
+
+async def test_second_migrate_and_setting_changes_are_refused_while_one_runs(ready, short_dir):
+    await ready.execute("migrate-set-parameters", {"max-bandwidth": 8 * MiB})
+    await ready.execute("migrate", {"uri": f"file:{short_dir}/a.img"})
+    busy = "There's a migration process in progress"
+    assert await _error(ready, "migrate", {"uri": f"file:{short_dir}/b.img"}) == busy
+    assert await _error(ready, "migrate-incoming", {"uri": f"file:{short_dir}/a.img"}) == busy
+    caps = {"capabilities": [{"capability": "multifd", "state": False}]}
+    assert await _error(ready, "migrate-set-capabilities", caps) == busy
+    assert await _error(ready, "migrate-set-parameters", {"multifd-channels": 3}) == busy
+    assert "in use by a migration" in await _error(ready, "object-del", {"id": "ram0"})
+    await ready.execute("migrate_cancel")
+    assert (await wait_migration(ready))["status"] == "cancelled"
+    assert not (short_dir / "b.img").exists()
+
+
+async def test_filesystem_refusing_o_direct_fails_the_save_with_qemus_text(ready, ramfs):
+    fds_before, target = open_fds(), ramfs / "save.img"
+    info = await save(ready, target)
+    assert info["status"] == "failed"
+    assert info["error-desc"] == f"Could not open '{target}': filesystem does not support O_DIRECT"
+    assert open_fds() == fds_before and migd_threads() == []
+    assert not _is_complete(target)
+    assert "return" in {"return": await ready.execute("query-version")}
+
+
+async def test_save_to_ramfs_works_without_direct_io(ready, ramfs):
+    await ready.execute("migrate-set-parameters", {"direct-io": False})
+    info = await save(ready, ramfs / "save.img")
+    assert info["status"] == "completed", info
+    assert _is_complete(ramfs / "save.img")
+
+
+async def test_disk_full_fails_the_save_names_the_file_and_leaves_nothing_behind(
+    qmp, shm, small_ext4
+):
+    fill_random(shm / "big", 64 * MiB)
+    await add_file_backend(qmp, "big", shm / "big", 64 * MiB)
+    await enable_mapped_ram(qmp, channels=2, direct_io=True)
+    fds_before, target = open_fds(), small_ext4 / "save.img"
+    info = await save(qmp, target)
+    assert info["status"] == "failed"
+    assert info["error-desc"] == f"Could not write '{target}': No space left on device"
+    assert open_fds() == fds_before and migd_threads() == []
+    assert not _is_complete(target)
+    # the daemon keeps serving, and a save that fits still works afterwards
+    os.unlink(target)
+    await qmp.execute("object-del", {"id": "big"})
+    fill_random(shm / "small", 4 * MiB)
+    await add_file_backend(qmp, "small", shm / "small", 4 * MiB)
+    assert (await save(qmp, target))["status"] == "completed"
+
+
+async def test_cancel_mid_save_joins_threads_closes_fds_and_leaves_an_incomplete_file(
+    ready, short_dir
+):
+    fds_before = open_fds()
+    await ready.execute("migrate-set-parameters", {"max-bandwidth": 4 * MiB})
+    await ready.execute("migrate", {"uri": f"file:{short_dir}/save.img"})
+    while (await ready.execute("query-migrate"))["status"] != "active":
+        pass
+    await ready.execute("migrate_cancel")
+    info = await wait_migration(ready)
+    assert info["status"] == "cancelled"
+    assert open_fds() == fds_before and migd_threads() == []
+    assert not _is_complete(short_dir / "save.img")
+    # cancelling when nothing runs is fine, as in QEMU
+    assert await ready.execute("migrate_cancel") == {}
