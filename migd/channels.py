@@ -107,15 +107,10 @@ def runs_to_write(zero: np.ndarray, min_skip: int = MIN_SKIP_PAGES) -> list[tupl
     padded = np.concatenate(([False], zero, [False]))
     edges = np.flatnonzero(padded[1:] != padded[:-1])
     starts, stops = edges[0::2], edges[1::2]
-    # Zero runs touching either end are skipped at any length: nothing is split by them.
-    long_runs = [
-        (int(a), int(b))
-        for a, b in zip(starts, stops, strict=True)
-        if b - a >= min_skip or a == 0 or b == n
-    ]
+    keep = (stops - starts) >= min_skip
     writes: list[tuple[int, int]] = []
     pos = 0
-    for a, b in long_runs:
+    for a, b in zip(starts[keep].tolist(), stops[keep].tolist(), strict=True):
         if a > pos:
             writes.append((pos, a - pos))
         pos = b

@@ -1,0 +1,104 @@
+"""A running save reports progress, emits events, and holds its bandwidth cap."""
+
+from __future__ import annotations
+
+import asyncio
+
+from .conftest import add_file_backend, enable_mapped_ram, fill_random, save, wait_migration
+
+MiB = 1 << 20
+
+
+async def test_migration_events_follow_every_status_change_in_order(qmp, shm, short_dir):
+    fill_random(shm / "ram0", 4 * MiB)
+    await add_file_backend(qmp, "ram0", shm / "ram0", 4 * MiB)
+    await enable_mapped_ram(qmp, events=True)
+    statuses = []
+    with qmp.listener("MIGRATION") as listener:
+        await qmp.execute("migrate", {"uri": f"file:{short_dir}/save.img"})
+        while not statuses or statuses[-1] not in ("completed", "failed"):
+            event = await asyncio.wait_for(listener.get(), 30)
+            assert set(event["timestamp"]) == {"seconds", "microseconds"}
+            statuses.append(event["data"]["status"])
+    assert statuses == ["setup", "active", "completed"]
+
+
+async def test_no_events_without_the_events_capability(migd_inproc, shm, short_dir):
+    client = await migd_inproc.client()
+    fill_random(shm / "ram0", MiB)
+    await add_file_backend(client, "ram0", shm / "ram0", MiB)
+    await enable_mapped_ram(client, events=False)
+    with client.listener("MIGRATION") as listener:
+        assert (await save(client, short_dir / "save.img"))["status"] == "completed"
+        assert listener.empty()
+    await client.disconnect()
+
+
+async def test_query_migrate_shows_progress_while_a_save_runs(qmp, shm, short_dir):
+    size = 32 * MiB
+    fill_random(shm / "ram0", size)
+    await add_file_backend(qmp, "ram0", shm / "ram0", size)
+    await enable_mapped_ram(qmp, channels=2, **{"max-bandwidth": 16 * MiB})
+    await qmp.execute("migrate", {"uri": f"file:{short_dir}/save.img"})
+    samples = []
+    while True:
+        info = await qmp.execute("query-migrate")
+        if info["status"] == "active":
+            samples.append(info)
+        if info["status"] == "completed":
+            break
+        await asyncio.sleep(0.2)
+    assert len(samples) >= 3, "a 2 s save should be seen active several times"
+    remaining = [s["ram"]["remaining"] for s in samples]
+    transferred = [s["ram"]["transferred"] for s in samples]
+    assert remaining == sorted(remaining, reverse=True) and remaining[0] > remaining[-1]
+    assert transferred == sorted(transferred) and transferred[-1] > transferred[0]
+    assert any(s["ram"]["mbps"] > 0 for s in samples[1:])
+    assert all(s["ram"]["total"] == size for s in samples)
+    assert info["ram"]["remaining"] == 0 and info["ram"]["transferred"] >= size
+
+
+async def test_max_bandwidth_holds_within_ten_percent(qmp, shm, short_dir):
+    size, rate = 256 * MiB, 64 * MiB
+    fill_random(shm / "ram0", size)
+    await add_file_backend(qmp, "ram0", shm / "ram0", size)
+    await enable_mapped_ram(qmp, channels=4, direct_io=True, **{"max-bandwidth": rate})
+    info = await save(qmp, short_dir / "save.img")
+    assert info["status"] == "completed"
+    seconds = (info["total-time"] - info["setup-time"]) / 1000
+    achieved = info["ram"]["multifd-bytes"] / seconds
+    assert 0.9 * rate <= achieved <= 1.1 * rate, f"{achieved / MiB:.1f} MiB/s"
+
+
+async def test_query_migrate_is_empty_before_any_migration(qmp):
+    assert await qmp.execute("query-migrate") == {}
+
+
+async def test_completed_save_reports_qemus_members(qmp, shm, short_dir):
+    fill_random(shm / "ram0", MiB)
+    await add_file_backend(qmp, "ram0", shm / "ram0", MiB)
+    await enable_mapped_ram(qmp)
+    info = await save(qmp, short_dir / "save.img")
+    assert {"status", "total-time", "setup-time", "ram"} <= set(info)
+    assert set(info["ram"]) == {
+        "transferred",
+        "remaining",
+        "total",
+        "duplicate",
+        "normal",
+        "normal-bytes",
+        "dirty-pages-rate",
+        "mbps",
+        "dirty-sync-count",
+        "postcopy-requests",
+        "page-size",
+        "multifd-bytes",
+        "pages-per-second",
+        "precopy-bytes",
+        "downtime-bytes",
+        "postcopy-bytes",
+        "dirty-sync-missed-zero-copy",
+    }
+    assert info["ram"]["page-size"] == 4096
+    # wait_migration is reused by other tests; make sure it sees a finished job at once
+    assert (await wait_migration(qmp, timeout=1))["status"] == "completed"
