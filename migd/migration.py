@@ -474,6 +474,8 @@ class MigrationEngine:
         with ThreadPoolExecutor(len(fds), thread_name_prefix=f"migd-{direction}") as pool:
             futures = [loop.run_in_executor(pool, getattr(ch, direction)) for ch in job.channels]
             results = await asyncio.gather(*futures, return_exceptions=True)
+        for ch in job.channels:
+            ch.blocks = ()  # drop the mmap views so object-del really unmaps afterwards
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
             job.cancel.set()

@@ -139,8 +139,17 @@ def raw(daemon: DaemonProcess) -> Iterator[RawClient]:
 
 
 def open_fds(pid: int | None = None) -> set[str]:
+    """'fd -> target' of every open fd, without the one listing the directory itself."""
     where = f"/proc/{pid}/fd" if pid else "/proc/self/fd"
-    return set(os.listdir(where))
+    out = set()
+    for name in os.listdir(where):
+        try:
+            target = os.readlink(f"{where}/{name}")
+        except FileNotFoundError:
+            continue  # the listing's own fd, closed by now
+        if not target.endswith("/fd") or "/proc/" not in target:
+            out.add(f"{name} -> {target}")
+    return out
 
 
 # --- in-process daemon: lets tests look at this process's fds and threads -------------
