@@ -113,17 +113,16 @@ class QemuVM:
         except OSError:
             return ""
 
-    async def cmd(self, name: str, arguments: dict[str, Any] | None = None,
-                  timeout: float = 30.0) -> Any:
+    async def cmd(
+        self, name: str, arguments: dict[str, Any] | None = None, timeout: float = 30.0
+    ) -> Any:
         """Execute one QMP command; raises qemu.qmp.ExecuteError on an error reply."""
         assert self.qmp is not None, "QEMU is not connected"
         return await asyncio.wait_for(self.qmp.execute(name, arguments), timeout)
 
     async def set_mapped_ram(self, *, channels: int | None = None, direct_io: bool = True) -> None:
         """multifd + mapped-ram + events, direct-io, unlimited bandwidth."""
-        caps = [
-            {"capability": c, "state": True} for c in ("multifd", "mapped-ram", "events")
-        ]
+        caps = [{"capability": c, "state": True} for c in ("multifd", "mapped-ram", "events")]
         await self.cmd("migrate-set-capabilities", {"capabilities": caps})
         params: dict[str, Any] = {"direct-io": direct_io, "max-bandwidth": 0}
         if channels is not None:
