@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import control_commands, memory_commands, migration_commands
+from . import control_commands, fd_commands, memory_commands, migration_commands
 from .registry import COMMANDS, Command, Context, dispatch
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "Context",
     "control_commands",
     "dispatch",
+    "fd_commands",
     "memory_commands",
     "migration_commands",
 ]

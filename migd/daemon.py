@@ -14,8 +14,10 @@ import sdnotify
 
 from . import __version__
 from .commands import Context, dispatch
-from .config import Config
-from .memory import MemoryRegistry
+from .config import BackendConfig, Config
+from .errors import MigdError
+from .fdsets import FdStore
+from .memory import MemoryBackend, MemoryRegistry, create_file_backend, create_ram_backend
 from .migration import MigrationEngine
 from .qmp import Request, greeting
 from .registry import version_numbers
@@ -41,11 +43,24 @@ def inherited_listener() -> socket.socket | None:
     return sock
 
 
+def create_backend(spec: BackendConfig) -> MemoryBackend:
+    """A memory backend of the configuration file, as object-add would create it."""
+    if spec.qom_type == "memory-backend-file":
+        assert spec.mem_path is not None  # the config model requires it
+        share = True if spec.share is None else spec.share
+        return create_file_backend(
+            spec.id, spec.size, spec.mem_path, share=share, ramblock_name=spec.ramblock_name
+        )
+    return create_ram_backend(spec.id, spec.size, ramblock_name=spec.ramblock_name)
+
+
 class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
         memory = MemoryRegistry()
-        self.services = Services(memory, MigrationEngine(memory, self._emit, self.notify))
+        fdsets = FdStore()
+        engine = MigrationEngine(memory, self._emit, self.notify, fdsets.open_path)
+        self.services = Services(memory, engine, fdsets)
         self.server: Server | None = None
         self._stop: asyncio.Event | None = None
         self._notifier = sdnotify.SystemdNotifier()
@@ -69,13 +84,18 @@ class Daemon:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        listener = inherited_listener()
-        if listener is None:
-            listener = bind_unix_socket(self.config.socket_path, self.config.socket_mode)
-            self._owns_socket_path = True
-            where = self.config.socket_path
-        else:
-            where = f"inherited socket {listener.getsockname()!r}"
+        try:
+            await self._apply_config()
+            listener = inherited_listener()
+            if listener is None:
+                listener = bind_unix_socket(self.config.socket_path, self.config.socket_mode)
+                self._owns_socket_path = True
+                where = self.config.socket_path
+            else:
+                where = f"inherited socket {listener.getsockname()!r}"
+        except BaseException:
+            self.services.memory.close_all()
+            raise
         major, minor, micro = version_numbers()
         self.server = Server(
             listener, greeting(major, minor, micro, f"migd {__version__}"), self._dispatch
@@ -90,6 +110,23 @@ class Daemon:
         finally:
             self.notify("STOPPING=1")
             await self.shutdown()
+
+    async def _apply_config(self) -> None:
+        """The configured capabilities, parameters and memory backends, before serving."""
+        engine, memory = self.services.engine, self.services.memory
+        engine.set_capabilities(self.config.capabilities.model_dump(exclude_none=True))
+        engine.set_parameters(self.config.parameters.model_dump(exclude_none=True))
+        for spec in self.config.memory_backends:
+            try:
+                backend = await asyncio.to_thread(create_backend, spec)
+            except MigdError as exc:
+                raise MigdError(f"Cannot create memory backend '{spec.id}': {exc.desc}") from None
+            try:
+                memory.add(backend)  # no clash: the config model checks ids and block names
+            except BaseException:
+                backend.close()
+                raise
+            log.info("created memory backend %r (%s, %d bytes)", spec.id, spec.qom_type, spec.size)
 
     async def shutdown(self) -> None:
         """Stop accepting, end the job, close sessions and backends, remove the socket."""

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import os
 from typing import Annotated
 
 from pydantic import Strict
 
 from .errors import InvalidRequest
+from .fdsets import is_fdset_path
 from .memory import MemoryBackend, create_file_backend, create_ram_backend
 from .registry import Context, command
 from .validation import Empty, QapiModel
@@ -34,7 +36,8 @@ class ObjectAddArgs(QapiModel):
     Empty,
     "Create a memory backend, the unit migd saves and restores. 'memory-backend-file' maps "
     "'mem-path' (created if missing and extended to 'size'; tmpfs, hugetlbfs or any "
-    "filesystem); 'memory-backend-ram' is anonymous memory owned by migd. 'size' is a "
+    "filesystem; '/dev/fdset/N' maps a read-write fd of that set passed by add-fd, such "
+    "as a VMM's memfd); 'memory-backend-ram' is anonymous memory owned by migd. 'size' is a "
     "positive multiple of 4096. migd extension: 'share' defaults to true for files, so "
     "that a restore lands in the file. 'ramblock-name' sets the block name used in save "
     "files (default: the id), to match QEMU names such as 'pc.ram'.",
@@ -48,6 +51,10 @@ async def object_add(ctx: Context, args: ObjectAddArgs) -> Empty:
         if args.mem_path is None:
             raise InvalidRequest("Parameter 'mem-path' is missing")
         share = True if args.share is None else args.share
+        # A VMM's memfd or file passed by add-fd: map a read-write dup the backend owns.
+        fd = None
+        if is_fdset_path(args.mem_path):
+            fd = ctx.services.fdsets.dup_from_fdset(args.mem_path, os.O_RDWR)
         backend = await asyncio.to_thread(
             create_file_backend,
             args.id,
@@ -55,6 +62,7 @@ async def object_add(ctx: Context, args: ObjectAddArgs) -> Empty:
             args.mem_path,
             share=share,
             ramblock_name=args.ramblock_name,
+            fd=fd,
         )
     else:
         if args.mem_path is not None:

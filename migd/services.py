@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .fdsets import FdStore
 from .memory import MemoryRegistry
 from .migration import MigrationEngine
 
@@ -12,8 +13,10 @@ from .migration import MigrationEngine
 class Services:
     memory: MemoryRegistry
     engine: MigrationEngine
+    fdsets: FdStore
 
     async def close(self) -> None:
-        """Shutdown order: end the job (threads joined), then unmap the backends."""
+        """Shutdown order: end the job (threads joined), unmap the backends, close passed fds."""
         await self.engine.close()
         self.memory.close_all()
+        self.fdsets.close_all()

@@ -1,0 +1,509 @@
+"""Client commands (`migd save`, `restore`, `status`, `call`): a QMP client of a running migd.
+
+Everything here is a coroutine that returns an exit code or raises `UsageError` (exit 2) /
+`ClientError` (exit 1); the command line picks the event loop and prints the errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import mmap
+import os
+import re
+import signal
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+FINAL_STATES = ("completed", "failed", "cancelled")
+POLL_PERIOD = 0.1
+LINE_PERIOD = 1.0  # plain progress lines: at most one a second
+CANCEL_TIMEOUT = 60.0
+GiB = 1 << 30
+_SIZE = re.compile(r"(\d+)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+class UsageError(Exception):
+    """Bad arguments or no daemon to talk to: exit code 2."""
+
+
+class ClientError(Exception):
+    """The daemon refused a command or the migration failed: exit code 1."""
+
+
+def parse_size(text: str) -> int:
+    """'4096', '512K', '64M', '2G', '1T' (binary units, optional 'B'/'iB')."""
+    m = _SIZE.fullmatch(text.strip())
+    if not m:
+        raise ValueError(f"'{text}' is not a size like 4096, 512K, 64M or 2G")
+    return int(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
+def parse_offset(text: str) -> int:
+    """Decimal or 0x-hex, as the daemon's file: URIs accept."""
+    try:
+        value = int(text, 16) if text[:2].lower() == "0x" else int(text, 10)
+    except ValueError:
+        raise ValueError(f"'{text}' is not an offset (decimal or 0x-hex)") from None
+    if value < 0:
+        raise ValueError(f"offset {text} is negative")
+    return value
+
+
+def human_bytes(n: float) -> str:
+    for unit, size in (("TiB", 1 << 40), ("GiB", GiB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def _error_text(exc: BaseException) -> str:
+    from qemu.qmp import ExecuteError
+
+    if isinstance(exc, ExecuteError):
+        return f"{exc.error_class}: {exc.error.error.desc}"
+    return str(exc) or type(exc).__name__
+
+
+# --- connection ---------------------------------------------------------------------------
+
+
+async def connect(socket_path: str) -> Any:
+    """A negotiated QMPClient, or UsageError naming the socket and how to start migd."""
+    try:
+        from qemu.qmp import QMPClient
+    except ImportError:
+        raise UsageError(
+            "the client commands need the 'qemu.qmp' package: pip install qemu.qmp"
+        ) from None
+    client = QMPClient("migd-cli")
+    try:
+        await client.connect(socket_path)
+    except Exception as exc:
+        cause = getattr(exc, "exc", exc)
+        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause)
+        raise UsageError(
+            f"cannot connect to migd at {socket_path}: {reason}\n"
+            f"is the daemon running? start it with: migd serve --socket {socket_path}"
+        ) from None
+    return client
+
+
+async def _execute(client: Any, command: str, arguments: Mapping[str, Any] | None = None) -> Any:
+    """Run one command; a daemon error becomes ClientError 'command: CLASS: desc'."""
+    from qemu.qmp import ExecuteError, QMPError
+
+    try:
+        return await client.execute(command, dict(arguments) if arguments is not None else None)
+    except ExecuteError as exc:
+        raise ClientError(f"{command}: {exc.error.error.desc}") from exc
+    except (QMPError, OSError, EOFError) as exc:
+        raise ClientError(f"{command}: lost the connection to migd ({_error_text(exc)})") from exc
+
+
+async def _disconnect(client: Any) -> None:
+    with contextlib.suppress(Exception):
+        await client.disconnect()
+
+
+# --- call / status ------------------------------------------------------------------------
+
+
+async def run_call(socket_path: str, command: str, arguments: dict[str, Any]) -> Any:
+    """Any command; ExecuteError propagates so that the caller prints its class."""
+    from qemu.qmp import ExecuteError, QMPError
+
+    client = await connect(socket_path)
+    try:
+        return await client.execute(command, arguments)
+    except ExecuteError:
+        raise
+    except (QMPError, OSError, EOFError) as exc:
+        raise ClientError(f"{command}: lost the connection to migd ({_error_text(exc)})") from exc
+    finally:
+        await _disconnect(client)
+
+
+async def run_status(socket_path: str) -> dict[str, Any]:
+    client = await connect(socket_path)
+    try:
+        return await _execute(client, "query-migrate")
+    finally:
+        await _disconnect(client)
+
+
+def format_status(info: Mapping[str, Any]) -> list[str]:
+    """query-migrate in human form."""
+    if not info:
+        return ["no migration has run since migd started"]
+    lines = [f"status:       {info.get('status', '?')}"]
+    if "total-time" in info:
+        lines.append(f"total time:   {info['total-time'] / 1000:.2f} s")
+    if "setup-time" in info:
+        lines.append(f"setup time:   {info['setup-time'] / 1000:.2f} s")
+    ram = info.get("ram")
+    if ram:
+        total, remaining = ram.get("total", 0), ram.get("remaining", 0)
+        done = max(0, total - remaining)
+        pct = 100 * done / total if total else 100.0
+        lines.append(f"progress:     {pct:.0f}% ({human_bytes(done)} of {human_bytes(total)})")
+        lines.append(f"transferred:  {human_bytes(ram.get('transferred', 0))}")
+        page = ram.get("page-size", 4096) or 4096
+        lines.append(
+            f"pages:        {ram.get('normal', 0)} with data, {ram.get('duplicate', 0)} zero "
+            f"({page} bytes each)"
+        )
+        mbps = ram.get("mbps", 0)
+        lines.append(f"throughput:   {mbps * 1e6 / 8 / GiB:.2f} GiB/s ({mbps:.1f} mbps)")
+    if info.get("x-skipped-blocks"):
+        lines.append(f"skipped:      {', '.join(info['x-skipped-blocks'])}")
+    if info.get("error-desc"):
+        lines.append(f"error:        {info['error-desc']}")
+    return lines
+
+
+# --- direct-io probe ----------------------------------------------------------------------
+
+
+def _odirect_io(fd: int, write: bool) -> bool:
+    buf = mmap.mmap(-1, 4096)  # page-aligned, as O_DIRECT wants
+    try:
+        if write:
+            os.pwritev(fd, [buf], 0)
+        else:
+            os.preadv(fd, [buf], 0)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            return False
+        raise
+    finally:
+        buf.close()
+    return True
+
+
+def probe_direct_io(path: str, for_write: bool) -> bool:
+    """Whether the filesystem holding `path` takes O_DIRECT I/O (EINVAL means it doesn't).
+
+    A save probes a scratch file next to the target; a restore reads the file itself.
+    Any other failure answers False and leaves the real error to the daemon.
+    """
+    o_direct = getattr(os, "O_DIRECT", 0)
+    if not o_direct:
+        return False
+    try:
+        if not for_write:
+            fd = os.open(path, os.O_RDONLY | o_direct)
+            try:
+                return _odirect_io(fd, write=False)
+            finally:
+                os.close(fd)
+        directory = os.path.dirname(os.path.abspath(path))
+        probe = os.path.join(directory, f".migd-direct-io-probe-{os.getpid()}")
+        # Created first without O_DIRECT: some filesystems create the file, then refuse.
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        try:
+            fd = os.open(probe, os.O_WRONLY | o_direct)
+            try:
+                return _odirect_io(fd, write=True)
+            finally:
+                os.close(fd)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(probe)
+    except OSError:
+        return False
+
+
+# --- progress -----------------------------------------------------------------------------
+
+
+class Progress:
+    """A tqdm bar on a terminal; otherwise a plain line at most once a second."""
+
+    def __init__(self, direction: str, stream: TextIO, quiet: bool = False) -> None:
+        self.direction, self.stream, self.quiet = direction, stream, quiet
+        self.bar: Any = None
+        self._tqdm: Any = None
+        self._last_line = time.monotonic()  # the first line comes after a second of work
+        self._samples: list[tuple[float, int]] = [(self._last_line, 0)]
+        if stream.isatty() and not quiet:
+            try:
+                from tqdm import tqdm
+            except ImportError:  # plain lines, then
+                pass
+            else:
+                self._tqdm = tqdm
+
+    def _rate(self, now: float, done: int) -> float:
+        self._samples.append((now, done))
+        while len(self._samples) > 2 and now - self._samples[0][0] > 3.0:
+            self._samples.pop(0)
+        (t0, d0), (t1, d1) = self._samples[0], self._samples[-1]
+        return (d1 - d0) / (t1 - t0) if t1 > t0 else 0.0
+
+    def update(self, info: Mapping[str, Any]) -> None:
+        ram = info.get("ram")
+        if self.quiet or not ram or info.get("status") not in ("active", "completed"):
+            return
+        total = ram.get("total", 0)
+        done = max(0, total - ram.get("remaining", 0))
+        now = time.monotonic()
+        rate = self._rate(now, done)
+        if self._tqdm is not None:
+            if self.bar is None:  # made once the total is known
+                self.bar = self._tqdm(
+                    desc=self.direction,
+                    total=total,
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1024,
+                    file=self.stream,
+                    dynamic_ncols=True,
+                )
+            self.bar.update(done - self.bar.n)
+            return
+        if info.get("status") != "active" or now - self._last_line < LINE_PERIOD:
+            return  # the summary line reports the end
+        self._last_line = now
+        pct = 100 * done / total if total else 100.0
+        print(
+            f"{self.direction} {pct:.0f}% {human_bytes(done)}/{human_bytes(total)} "
+            f"{rate / GiB:.2f} GiB/s",
+            file=self.stream,
+            flush=True,
+        )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.bar = self._tqdm = None
+        self.quiet = True  # nothing more after the bar is gone (e.g. while cancelling)
+
+
+def summary_line(direction: str, target: str, info: Mapping[str, Any]) -> str:
+    ram = info.get("ram") or {}
+    total = ram.get("total", 0)
+    seconds = max(info.get("total-time", 0), 1) / 1000
+    data = ram.get("normal-bytes", 0)
+    zero = ram.get("duplicate", 0) * (ram.get("page-size", 4096) or 4096)
+    return (
+        f"{direction} completed: {human_bytes(total)} in {seconds:.2f} s, "
+        f"{total / seconds / GiB:.2f} GiB/s ({human_bytes(data)} data, "
+        f"{human_bytes(zero)} zero pages) {'->' if direction == 'save' else '<-'} {target}"
+    )
+
+
+# --- save / restore -----------------------------------------------------------------------
+
+
+@dataclass
+class MigrateOptions:
+    file: str
+    offset: int = 0
+    backends: list[str] = field(default_factory=list)
+    mem_path: str | None = None
+    size: int | None = None
+    id: str | None = None
+    block_name: str | None = None
+    channels: int | None = None
+    direct_io: bool | None = None  # None: probe the filesystem
+    skip_unmatched: bool = False
+    quiet: bool = False
+    max_bandwidth: int = 0  # bytes/s, 0 = unlimited
+
+
+def _uri_arguments(path: str, offset: int) -> dict[str, Any]:
+    if "," in path:  # a comma would end the path inside a file: URI
+        addr = {"transport": "file", "filename": path, "offset": offset}
+        return {"channels": [{"channel-type": "main", "addr": addr}]}
+    return {"uri": f"file:{path}" + (f",offset={offset}" if offset else "")}
+
+
+def _file_backend(direction: str, opts: MigrateOptions) -> dict[str, Any] | None:
+    """object-add arguments for --mem-path; a restore takes size and block name from FILE."""
+    if opts.mem_path is None:
+        if opts.size is not None or opts.id is not None or opts.block_name is not None:
+            raise UsageError("--size, --id and --block-name go with --mem-path")
+        return None
+    backend_id = opts.id or f"cli-{os.getpid()}"
+    size, block_name = opts.size, opts.block_name
+    if direction == "restore" and (size is None or block_name is None):
+        from .inspect import InspectError, inspect_file
+
+        try:
+            saved = inspect_file(opts.file, opts.offset)
+        except (InspectError, OSError) as exc:
+            raise UsageError(
+                f"cannot read {opts.file} to choose the block ({exc}): give --size and --block-name"
+            ) from None
+        if block_name is None:
+            if opts.id and any(b.name == opts.id for b in saved.blocks):
+                block_name = opts.id
+            elif len(saved.blocks) == 1:
+                block_name = saved.blocks[0].name
+            else:
+                names = ", ".join(b.name for b in saved.blocks)
+                raise UsageError(
+                    f"{opts.file} has {len(saved.blocks)} blocks ({names}): "
+                    "say which one goes to --mem-path with --block-name"
+                )
+        if size is None:
+            sizes = [b.size for b in saved.blocks if b.name == block_name]
+            if not sizes:
+                raise UsageError(f"{opts.file} has no block named '{block_name}'")
+            size = sizes[0]
+    if size is None:
+        try:
+            size = os.stat(opts.mem_path).st_size or None
+        except OSError:
+            size = None
+        if size is None:
+            raise UsageError(f"--size is required: {opts.mem_path} does not exist or is empty")
+    args: dict[str, Any] = {
+        "qom-type": "memory-backend-file",
+        "id": backend_id,
+        "size": size,
+        "mem-path": os.path.abspath(opts.mem_path),
+        "share": True,
+    }
+    if block_name is not None and block_name != backend_id:
+        args["ramblock-name"] = block_name
+    return args
+
+
+async def _check_backends(client: Any, direction: str, wanted: list[str]) -> None:
+    """--backend: each must exist; a save must cover all of them, since migd saves every one."""
+    have = [m["id"] for m in await _execute(client, "query-memdev")]
+    missing = [b for b in wanted if b not in have]
+    if missing:
+        raise ClientError(f"no memory backend {', '.join(repr(b) for b in missing)} in migd")
+    others = [b for b in have if b not in wanted]
+    if direction == "save" and others:
+        raise ClientError(
+            "migd saves every memory backend, and it also has "
+            f"{', '.join(repr(b) for b in others)}: list them with --backend "
+            "or remove them with object-del"
+        )
+
+
+class _Interrupt:
+    """SIGINT/SIGTERM during a migration: ask for migrate_cancel, don't die mid-way."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.count = 0
+        self._loop = asyncio.get_running_loop()
+        self._installed: list[int] = []
+
+    def _fire(self) -> None:
+        self.count += 1
+        self.event.set()
+
+    def __enter__(self) -> _Interrupt:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                self._loop.add_signal_handler(sig, self._fire)
+                self._installed.append(sig)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig in self._installed:
+            self._loop.remove_signal_handler(sig)
+
+
+async def _follow(
+    client: Any, interrupt: _Interrupt, progress: Progress, direction: str
+) -> tuple[dict[str, Any], bool]:
+    """Poll query-migrate until a final state; (last info, whether the user cancelled)."""
+    cancelled_at: float | None = None
+    while True:
+        info = await _execute(client, "query-migrate")
+        progress.update(info)
+        if info.get("status") in FINAL_STATES:
+            return info, cancelled_at is not None
+        if interrupt.event.is_set():
+            if cancelled_at is None:
+                progress.close()
+                print(f"interrupted: cancelling the {direction}", file=sys.stderr, flush=True)
+                cancelled_at = time.monotonic()
+                await _execute(client, "migrate_cancel")
+            elif interrupt.count > 1 or time.monotonic() - cancelled_at > CANCEL_TIMEOUT:
+                raise ClientError(f"{direction} interrupted; it may still be cancelling in migd")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(interrupt.event.wait(), POLL_PERIOD)
+        if cancelled_at is not None:
+            await asyncio.sleep(POLL_PERIOD)  # the event stays set: don't spin
+
+
+async def run_migration(
+    direction: str, socket_path: str, opts: MigrateOptions, out: TextIO, err: TextIO
+) -> int:
+    """`migd save` / `migd restore`: set up, start, follow to a final state, clean up."""
+    assert direction in ("save", "restore")
+    opts.file = os.path.abspath(opts.file)  # the daemon has its own working directory
+    backend = _file_backend(direction, opts)
+    if opts.channels is None:
+        opts.channels = min(4, os.cpu_count() or 1)
+    direct_io = opts.direct_io
+    if direct_io is None:
+        direct_io = probe_direct_io(opts.file, for_write=direction == "save")
+
+    client = await connect(socket_path)
+    added = False
+    try:
+        with _Interrupt() as interrupt:
+            if backend is not None:
+                await _execute(client, "object-add", backend)
+                added = True
+            if opts.backends or backend is not None:
+                wanted = list(opts.backends) + ([backend["id"]] if backend else [])
+                await _check_backends(client, direction, wanted)
+            caps = [
+                {"capability": name, "state": True} for name in ("mapped-ram", "multifd", "events")
+            ]
+            await _execute(client, "migrate-set-capabilities", {"capabilities": caps})
+            await _execute(
+                client,
+                "migrate-set-parameters",
+                {
+                    "multifd-channels": opts.channels,
+                    "direct-io": direct_io,
+                    "max-bandwidth": opts.max_bandwidth,
+                },
+            )
+            if interrupt.event.is_set():
+                raise ClientError(f"{direction} interrupted before it started")
+            arguments = _uri_arguments(opts.file, opts.offset)
+            if direction == "restore" and opts.skip_unmatched:
+                arguments["skip-unmatched-blocks"] = True
+            await _execute(
+                client, "migrate" if direction == "save" else "migrate-incoming", arguments
+            )
+            progress = Progress(direction, err, quiet=opts.quiet)
+            try:
+                info, by_user = await _follow(client, interrupt, progress, direction)
+            finally:
+                progress.close()
+    finally:
+        if added and backend is not None:
+            try:
+                await _execute(client, "object-del", {"id": backend["id"]})
+            except ClientError as exc:
+                print(f"warning: {exc}", file=err)
+        await _disconnect(client)
+
+    status = info.get("status")
+    if status == "completed":
+        print(summary_line(direction, opts.file, info), file=out, flush=True)
+        skipped = info.get("x-skipped-blocks")
+        if skipped:
+            print(f"skipped blocks without a backend: {', '.join(skipped)}", file=out)
+        return 0
+    if status == "cancelled" or by_user:
+        raise ClientError(info.get("error-desc") or f"{direction} cancelled")
+    raise ClientError(f"{direction} failed: {info.get('error-desc', 'unknown error')}")

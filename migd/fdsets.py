@@ -1,0 +1,186 @@
+"""Passed fds: getfd's named fds, add-fd's fdsets, and /dev/fdset/N resolution.
+
+QEMU's rules (monitor/fds.c): an open of "/dev/fdset/N" dups the most recently added fd
+of set N whose access mode and O_DIRECT flag match the open, so a management app can
+hand over one file as two fds (one with O_DIRECT for the multifd channels, one without
+for the main channel). Opens come from the event loop and from worker threads, hence
+the lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import string
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .channels import open_channel_fd
+from .errors import FdError
+
+FDSET_PREFIX = "/dev/fdset/"
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+_O_SYNC = getattr(os, "O_SYNC", 0)
+# strtol's grammar, as qemu_parse_fd accepts it: blanks, a sign, decimal digits.
+_FD_NUMBER = re.compile(r"[ \t\n\v\f\r]*[+-]?[0-9]+")
+_INT_MAX = 2**31 - 1
+
+Opener = Callable[[str, int, bool], int]
+
+
+@dataclass
+class FdsetFd:
+    fd: int
+    opaque: str | None = None
+
+
+def _close(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+def is_fdset_path(path: str) -> bool:
+    return path.startswith(FDSET_PREFIX)
+
+
+def parse_fdset_id(path: str) -> int:
+    """The N of "/dev/fdset/N"; qemu_parse_fd's rules (decimal, 0..INT_MAX)."""
+    text = path[len(FDSET_PREFIX) :]
+    if _FD_NUMBER.fullmatch(text):
+        value = int(text.strip(" \t\n\v\f\r"))
+        if 0 <= value <= _INT_MAX:
+            return value
+    raise FdError(f"Could not parse fdset {path}")
+
+
+class FdStore:
+    """The daemon's passed fds, shared by every session as QEMU's fdsets are by monitors."""
+
+    def __init__(self, fallback: Opener = open_channel_fd) -> None:
+        self._fallback = fallback
+        self._lock = threading.Lock()
+        self._named: dict[str, int] = {}
+        self._sets: dict[int, list[FdsetFd]] = {}  # each list newest first, as QEMU's
+
+    # -- getfd / closefd -------------------------------------------------------------
+
+    def add_named(self, name: str, fd: int) -> None:
+        """Name fd (owned from now on, even on error), replacing and closing a namesake."""
+        if name and name[0] in string.digits:
+            _close(fd)
+            raise FdError("Parameter 'fdname' expects a name not starting with a digit")
+        with self._lock:
+            old = self._named.get(name)
+            self._named[name] = fd
+        if old is not None:
+            _close(old)
+
+    def close_named(self, name: str) -> None:
+        with self._lock:
+            fd = self._named.pop(name, None)
+        if fd is None:
+            raise FdError(f"File descriptor named '{name}' not found")
+        _close(fd)
+
+    # -- add-fd / remove-fd / query-fdsets -------------------------------------------
+
+    def add_fd(self, fd: int, fdset_id: int | None, opaque: str | None) -> tuple[int, int]:
+        """Put fd (owned from now on, even on error) in a set; -> (fdset id, fd)."""
+        with self._lock:
+            if fdset_id is None:
+                fdset_id = 0
+                while fdset_id in self._sets:  # the lowest free id
+                    fdset_id += 1
+            elif fdset_id < 0:
+                _close(fd)
+                raise FdError("Parameter 'fdset-id' expects a non-negative value")
+            self._sets.setdefault(fdset_id, []).insert(0, FdsetFd(fd, opaque))
+        return fdset_id, fd
+
+    def remove_fd(self, fdset_id: int, fd: int | None = None) -> None:
+        """Close one fd of a set, or all of them; an empty set disappears."""
+        with self._lock:
+            fds = self._sets.get(fdset_id, [])
+            gone = [f for f in fds if fd is None or f.fd == fd]
+            if gone:
+                kept = [f for f in fds if f not in gone]
+                if kept:
+                    self._sets[fdset_id] = kept
+                else:
+                    del self._sets[fdset_id]
+        if not gone:
+            where = f"fdset-id:{fdset_id}" + ("" if fd is None else f", fd:{fd}")
+            raise FdError(f"File descriptor named '{where}' not found")
+        for f in gone:
+            _close(f.fd)
+
+    def query(self) -> list[tuple[int, list[FdsetFd]]]:
+        """QEMU's order: sets by descending id, each set's fds oldest first."""
+        with self._lock:
+            return [
+                (fdset_id, list(reversed(self._sets[fdset_id])))
+                for fdset_id in sorted(self._sets, reverse=True)
+            ]
+
+    # -- opening ---------------------------------------------------------------------
+
+    def open_path(self, path: str, flags: int, direct: bool) -> int:
+        """The migration engine's opener: /dev/fdset/N from the store, anything else opened."""
+        if is_fdset_path(path):
+            return self.dup_from_fdset(path, flags | (_O_DIRECT if direct else 0))
+        return self._fallback(path, flags, direct)
+
+    def dup_from_fdset(self, path: str, flags: int) -> int:
+        """monitor_fdset_dup_fd_add: a close-on-exec dup of the newest matching fd of the set.
+
+        Only the access mode and O_DIRECT decide; O_CREAT and the like are ignored. O_DIRECT
+        belongs to the open file description, so a dup of the same fd never matches both
+        a direct and a buffered open: such a set fails with the matching-flags error.
+        """
+        fdset_id = parse_fdset_id(path)
+        wanted = (flags & os.O_ACCMODE) | (flags & _O_DIRECT)
+        with self._lock:
+            fds = self._sets.get(fdset_id)
+            if fds is None:
+                raise FdError(f"Failed to find fdset /dev/fdset/{fdset_id}")
+            chosen = None
+            for entry in fds:
+                try:
+                    fd_flags = fcntl.fcntl(entry.fd, fcntl.F_GETFL)
+                except OSError:
+                    raise FdError(f"Failed to read file status flags for fd={entry.fd}") from None
+                if fd_flags & (os.O_ACCMODE | _O_DIRECT) == wanted:
+                    chosen = entry.fd
+                    break
+            if chosen is None:
+                raise FdError(f"Failed to find file descriptor with matching flags=0x{flags:x}")
+            try:
+                dup = fcntl.fcntl(chosen, fcntl.F_DUPFD_CLOEXEC, 0)
+            except OSError:
+                raise FdError(f"Failed to dup() given file descriptor fd={chosen}") from None
+        try:
+            # As qemu_dup_flags: refuse a sync mismatch, and reset O_APPEND/O_NONBLOCK/...
+            # on the description so positional writes land where the layout says.
+            if (flags & _O_SYNC) != (fcntl.fcntl(dup, fcntl.F_GETFL) & _O_SYNC):
+                raise OSError("O_SYNC differs")
+            fcntl.fcntl(dup, fcntl.F_SETFL, flags)
+        except OSError:
+            _close(dup)
+            raise FdError(f"Failed to dup() given file descriptor fd={chosen}") from None
+        return dup
+
+    # -- shutdown --------------------------------------------------------------------
+
+    def close_all(self) -> None:
+        """Close every named fd and every fd of every set (at daemon stop)."""
+        with self._lock:
+            named, self._named = list(self._named.values()), {}
+            sets, self._sets = list(self._sets.values()), {}
+        for fd in named:
+            _close(fd)
+        for fds in sets:
+            for entry in fds:
+                _close(entry.fd)

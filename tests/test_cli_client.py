@@ -1,0 +1,340 @@
+"""The client commands `migd save`, `restore`, `status` and `call`, against a real daemon."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from migd.client import parse_size, probe_direct_io
+from migd.inspect import inspect_file
+
+from .conftest import RawClient, fill_random
+
+MiB = 1 << 20
+SUMMARY = re.compile(r"^(save|restore) completed: .* in [\d.]+ s, [\d.]+ GiB/s ", re.MULTILINE)
+PROGRESS_LINE = re.compile(r"^save \d+% [\d.]+ (B|KiB|MiB|GiB)/[\d.]+ (MiB|GiB) [\d.]+ GiB/s$")
+
+
+def migd(*args: object, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "migd", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def memdevs(socket_path: Path) -> list[str]:
+    client = RawClient(socket_path).negotiate()
+    try:
+        return [m["id"] for m in client.execute("query-memdev")["return"]]
+    finally:
+        client.close()
+
+
+def query_migrate(socket_path: Path) -> dict:
+    client = RawClient(socket_path).negotiate()
+    try:
+        return client.execute("query-migrate")["return"]
+    finally:
+        client.close()
+
+
+def with_zeros(path: Path, size: int, seed: int) -> bytes:
+    """Random data with a zero MiB in the middle, so that both page kinds occur."""
+    data = bytearray(fill_random(path, size, seed))
+    data[2 * MiB : 3 * MiB] = bytes(MiB)
+    path.write_bytes(data)
+    return bytes(data)
+
+
+# --- save / restore -------------------------------------------------------------------
+
+
+def test_save_then_restore_with_mem_path_gives_identical_bytes(daemon, shm, short_dir):
+    data = with_zeros(shm / "src", 16 * MiB, seed=1)
+    image = short_dir / "save.img"
+    saved = migd("save", image, "--socket", daemon.socket_path, "--mem-path", shm / "src",
+                 "--size", "16M", "--channels", "3")  # fmt: skip
+    assert saved.returncode == 0, saved.stderr
+    assert SUMMARY.search(saved.stdout) and str(image) in saved.stdout, saved.stdout
+    assert memdevs(daemon.socket_path) == []  # the temporary backend is gone again
+
+    # No --size: a restore takes the size and the block name from the file.
+    (shm / "dst").write_bytes(os.urandom(16 * MiB))  # old contents must all be replaced
+    restored = migd("restore", image, "--socket", daemon.socket_path, "--mem-path", shm / "dst")
+    assert restored.returncode == 0, restored.stderr
+    assert SUMMARY.search(restored.stdout), restored.stdout
+    assert (shm / "dst").read_bytes() == data
+    assert memdevs(daemon.socket_path) == []
+
+
+def test_save_into_a_relative_path_lands_where_the_client_runs(daemon, shm, short_dir):
+    fill_random(shm / "src", MiB)
+    result = subprocess.run(
+        [sys.executable, "-m", "migd", "save", "rel.img", "--socket", str(daemon.socket_path),
+         "--mem-path", str(shm / "src"), "--no-direct-io"],
+        capture_output=True, text=True, timeout=60, cwd=short_dir,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert (short_dir / "rel.img").stat().st_size > MiB
+
+
+def test_save_of_existing_backends_named_with_backend(daemon, shm, short_dir):
+    data = fill_random(shm / "a", 2 * MiB)
+    client = RawClient(daemon.socket_path).negotiate()
+    client.execute("object-add", {"qom-type": "memory-backend-file", "id": "a", "size": 2 * MiB,
+                                  "mem-path": str(shm / "a"), "share": True})  # fmt: skip
+    client.close()
+    result = migd("save", short_dir / "a.img", "--socket", daemon.socket_path, "--backend", "a")
+    assert result.returncode == 0, result.stderr
+    (shm / "a").write_bytes(bytes(2 * MiB))
+    result = migd("restore", short_dir / "a.img", "--socket", daemon.socket_path, "--backend", "a")
+    assert result.returncode == 0, result.stderr
+    assert (shm / "a").read_bytes() == data
+    assert memdevs(daemon.socket_path) == ["a"]  # not ours: left in place
+
+
+def test_save_refuses_when_migd_has_backends_beyond_those_named(daemon, shm, short_dir):
+    fill_random(shm / "a", MiB)
+    client = RawClient(daemon.socket_path).negotiate()
+    client.execute("object-add", {"qom-type": "memory-backend-file", "id": "a", "size": MiB,
+                                  "mem-path": str(shm / "a"), "share": True})  # fmt: skip
+    client.close()
+    fill_random(shm / "b", MiB)
+    result = migd("save", short_dir / "x.img", "--socket", daemon.socket_path,
+                  "--mem-path", shm / "b")  # fmt: skip
+    assert result.returncode == 1
+    assert "migd saves every memory backend" in result.stderr and "'a'" in result.stderr
+    assert memdevs(daemon.socket_path) == ["a"]  # the one it added is removed again
+    result = migd("save", short_dir / "x.img", "--socket", daemon.socket_path, "--backend", "zz")
+    assert result.returncode == 1 and "no memory backend 'zz'" in result.stderr
+
+
+def test_save_without_a_terminal_prints_plain_progress_lines_at_most_once_a_second(
+    daemon, shm, short_dir
+):
+    fill_random(shm / "src", 24 * MiB)
+    started = time.monotonic()
+    result = migd("save", short_dir / "slow.img", "--socket", daemon.socket_path,
+                  "--mem-path", shm / "src", "--max-bandwidth", "8M")  # fmt: skip
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("save ")]
+    assert len(lines) >= 2, result.stderr
+    assert all(PROGRESS_LINE.match(line) for line in lines), lines
+    assert len(lines) <= elapsed + 1
+    percents = [int(line.split()[1].rstrip("%")) for line in lines]
+    assert percents == sorted(percents) and percents[-1] < 100
+    assert "\r" not in result.stderr  # no bar when stderr is not a terminal
+    assert SUMMARY.search(result.stdout)
+
+
+def test_quiet_save_prints_only_the_summary(daemon, shm, short_dir):
+    fill_random(shm / "src", 8 * MiB)
+    result = migd("save", short_dir / "q.img", "--socket", daemon.socket_path,
+                  "--mem-path", shm / "src", "--max-bandwidth", "4M", "-q")  # fmt: skip
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert SUMMARY.search(result.stdout)
+
+
+def test_save_into_a_missing_directory_exits_1_with_the_daemons_error(daemon, shm, short_dir):
+    fill_random(shm / "src", MiB)
+    target = short_dir / "no-such-dir" / "save.img"
+    result = migd("save", target, "--socket", daemon.socket_path, "--mem-path", shm / "src")
+    assert result.returncode == 1
+    assert f"Could not open '{target}': No such file or directory" in result.stderr
+    assert memdevs(daemon.socket_path) == []
+
+
+def test_restore_of_an_incomplete_file_exits_1_and_says_so(daemon, shm, short_dir):
+    fill_random(shm / "src", 2 * MiB)
+    image = short_dir / "save.img"
+    assert migd("save", image, "--socket", daemon.socket_path, "--mem-path", shm / "src",
+                "--id", "ram0").returncode == 0  # fmt: skip
+    last_end = max(b.end for b in inspect_file(image).blocks)
+    os.truncate(image, last_end + 13 + 9)  # in the middle of the RAM end section
+    result = migd("restore", image, "--socket", daemon.socket_path, "--mem-path", shm / "dst",
+                  "--size", "2M", "--id", "ram0")  # fmt: skip
+    assert result.returncode == 1
+    assert "save file is incomplete" in result.stderr
+
+
+def test_ctrl_c_during_a_save_cancels_it_and_exits_1(daemon, shm, short_dir):
+    fill_random(shm / "src", 64 * MiB)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "migd", "save", str(short_dir / "c.img"), "--socket",
+         str(daemon.socket_path), "--mem-path", str(shm / "src"), "--max-bandwidth", "16M"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while query_migrate(daemon.socket_path).get("status") != "active":
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, err
+    assert "cancelling the save" in err and "save cancelled" in err
+    assert query_migrate(daemon.socket_path)["status"] == "cancelled"
+    assert memdevs(daemon.socket_path) == []
+    assert migd("inspect", short_dir / "c.img").returncode == 1  # never taken for complete
+
+
+def test_save_into_a_filesystem_without_o_direct_turns_direct_io_off(daemon, shm, ramfs):
+    assert probe_direct_io(str(ramfs / "x.img"), for_write=True) is False
+    assert list(ramfs.iterdir()) == []  # the probe cleans up after itself
+    fill_random(shm / "src", 2 * MiB)
+    result = migd("save", ramfs / "x.img", "--socket", daemon.socket_path,
+                  "--mem-path", shm / "src")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+
+
+def test_direct_io_probe_says_yes_on_a_disk_filesystem_and_leaves_nothing(short_dir):
+    fs = subprocess.run(["stat", "-f", "-c", "%T", str(short_dir)], capture_output=True,
+                        text=True).stdout.strip()  # fmt: skip
+    if fs not in ("ext2/ext3", "ext4", "xfs", "btrfs"):
+        pytest.skip(f"{short_dir} is on {fs}, not a disk filesystem")
+    assert probe_direct_io(str(short_dir / "x.img"), for_write=True) is True
+    assert list(short_dir.iterdir()) == []
+    (short_dir / "y.img").write_bytes(bytes(8192))
+    assert probe_direct_io(str(short_dir / "y.img"), for_write=False) is True
+
+
+# --- status / call --------------------------------------------------------------------
+
+
+def test_status_before_and_after_a_save(daemon, shm, short_dir):
+    result = migd("status", "--socket", daemon.socket_path)
+    assert result.returncode == 0 and "no migration has run" in result.stdout
+    assert json.loads(migd("status", "--socket", daemon.socket_path, "--json").stdout) == {}
+    fill_random(shm / "src", 4 * MiB)
+    assert migd("save", short_dir / "s.img", "--socket", daemon.socket_path,
+                "--mem-path", shm / "src").returncode == 0  # fmt: skip
+    result = migd("status", "--socket", daemon.socket_path)
+    assert result.returncode == 0
+    assert "status:       completed" in result.stdout
+    assert "progress:     100% (4.0 MiB of 4.0 MiB)" in result.stdout
+    info = json.loads(migd("status", "--socket", daemon.socket_path, "--json").stdout)
+    assert info["status"] == "completed" and info["ram"]["total"] == 4 * MiB
+
+
+def test_restore_of_a_foreign_file_exits_1_with_the_daemons_error(daemon, shm, short_dir):
+    fill_random(shm / "src", MiB)
+    image = short_dir / "bad.img"
+    image.write_bytes(b"not a save file")
+    result = migd("restore", image, "--socket", daemon.socket_path, "--mem-path", shm / "src",
+                  "--size", "1M", "--block-name", "x")  # fmt: skip
+    assert result.returncode == 1 and "Not a migration stream" in result.stderr
+    assert memdevs(daemon.socket_path) == []
+
+
+def test_status_shows_the_error_of_a_failed_save(daemon, shm, short_dir, ramfs):
+    fill_random(shm / "src", 4 * MiB)
+    # direct-io forced on where O_DIRECT is refused: the save starts, then fails.
+    client = RawClient(daemon.socket_path).negotiate()
+    client.execute("object-add", {"qom-type": "memory-backend-file", "id": "a", "size": 4 * MiB,
+                                  "mem-path": str(shm / "src"), "share": True})  # fmt: skip
+    caps = [{"capability": c, "state": True} for c in ("mapped-ram", "multifd")]
+    client.execute("migrate-set-capabilities", {"capabilities": caps})
+    client.execute("migrate-set-parameters", {"direct-io": True})
+    client.execute("migrate", {"uri": f"file:{ramfs}/x.img"})
+    deadline = time.monotonic() + 20
+    while client.execute("query-migrate")["return"]["status"] not in ("failed", "completed"):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    client.close()
+    result = migd("status", "--socket", daemon.socket_path)
+    assert result.returncode == 0
+    assert "status:       failed" in result.stdout
+    assert "error:        " in result.stdout and "O_DIRECT" in result.stdout
+
+
+def test_call_query_version_prints_the_json_result(daemon):
+    result = migd("call", "--socket", daemon.socket_path, "query-version", "{}")
+    assert result.returncode == 0, result.stderr
+    version = json.loads(result.stdout)
+    assert set(version) == {"qemu", "package"} and version["package"].startswith("migd ")
+    # The arguments are optional.
+    result = migd("call", "--socket", daemon.socket_path, "query-memdev")
+    assert result.returncode == 0 and json.loads(result.stdout) == []
+
+
+def test_call_of_a_failing_command_prints_class_and_text_and_exits_1(daemon):
+    result = migd("call", "--socket", daemon.socket_path, "no-such-command", "{}")
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.strip() == (
+        "error: CommandNotFound: The command no-such-command has not been found"
+    )
+    result = migd("call", "--socket", daemon.socket_path, "object-del", '{"id": "nope"}')
+    assert result.returncode == 1 and result.stderr.startswith("error: GenericError: ")
+
+
+# --- usage errors and no daemon -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "text"),
+    [
+        (["call", "query-version", "{not json"], "not valid JSON"),
+        (["call", "query-version", "[1, 2]"], "must be a JSON object"),
+        (["save", "x.img", "--size", "12Q"], "is not a size"),
+        (["save", "x.img", "--channels", "0"], "out of range 1..255"),
+        (["save", "x.img", "--offset", "-5"], "negative"),
+        (["save", "x.img", "--bogus"], "unrecognized arguments"),
+        (["save"], "required: FILE"),
+        (["save", "x.img", "--size", "1M"], "--size, --id and --block-name go with --mem-path"),
+        (["inspect"], "required: FILE"),
+    ],
+)
+def test_usage_errors_exit_2(short_dir, args, text):
+    if args[0] != "inspect":
+        args = [*args, "--socket", short_dir / "any.sock"]
+    result = migd(*args)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert text in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["status"], ["call", "query-version"], ["save", "x.img"], ["restore", "x.img"]],
+)
+def test_no_daemon_exits_2_naming_the_socket_and_suggesting_migd_serve(short_dir, args):
+    sock = short_dir / "absent.sock"
+    result = migd(*args, "--socket", sock)
+    assert result.returncode == 2
+    assert f"cannot connect to migd at {sock}" in result.stderr
+    assert "migd serve" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_without_socket_the_client_uses_the_default_socket(short_dir):
+    runtime = short_dir / "rt"
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime)}
+    expected = "/run/migd/migd.sock" if os.geteuid() == 0 else f"{runtime}/migd/migd.sock"
+    if os.path.exists(expected):
+        pytest.skip(f"a migd may be running on {expected}")
+    result = subprocess.run([sys.executable, "-m", "migd", "status"], capture_output=True,
+                            text=True, timeout=30, env=env)  # fmt: skip
+    assert result.returncode == 2
+    assert f"cannot connect to migd at {expected}" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("4096", 4096), ("512K", 512 << 10), ("64M", 64 << 20), ("2G", 2 << 30), ("1GiB", 1 << 30)],
+)
+def test_sizes_take_binary_suffixes(text, value):
+    assert parse_size(text) == value

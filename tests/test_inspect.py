@@ -1,0 +1,244 @@
+"""`migd inspect FILE`: describes migd's and QEMU's save files without a daemon."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from migd import format
+from migd.channels import MIN_SKIP_PAGES
+from migd.inspect import inspect_file
+
+from .conftest import RawClient
+from .qemu_vm import QemuVM, requires_qemu
+
+MiB = 1 << 20
+PAGE = format.PAGE_SIZE
+
+
+def migd(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "migd", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def data_with_zero_pages(size: int, seed: int, zero_mib: tuple[int, ...] = ()) -> bytes:
+    """Random pages, every 7th page zero, and the whole MiBs `zero_mib` zero."""
+    rng = np.random.default_rng(seed)
+    pages = np.frombuffer(bytearray(rng.bytes(size)), dtype=np.uint8).reshape(-1, PAGE)
+    pages[::7] = 0
+    per_mib = MiB // PAGE
+    for mib in zero_mib:
+        pages[mib * per_mib : (mib + 1) * per_mib] = 0
+    return pages.tobytes()
+
+
+def nonzero_pages(data: bytes) -> int:
+    return int(np.frombuffer(data, dtype=np.uint8).reshape(-1, PAGE).any(axis=1).sum())
+
+
+def written_pages(data: bytes) -> int:
+    """What migd writes: every page but those in zero runs of MIN_SKIP_PAGES (1 MiB) or more."""
+    zero = ~np.frombuffer(data, dtype=np.uint8).reshape(-1, PAGE).any(axis=1)
+    skipped = sum(n for start, n in format.set_runs(zero) if n >= MIN_SKIP_PAGES)
+    return zero.size - skipped
+
+
+@pytest.fixture
+def saved(daemon, shm, short_dir):
+    """A migd save of two backends (ram0: 8 MiB, extra: 4 MiB) at offset 0: (path, data)."""
+    data = {
+        "ram0": data_with_zero_pages(8 * MiB, seed=1, zero_mib=(1, 2, 7)),
+        "extra": data_with_zero_pages(4 * MiB, seed=2, zero_mib=(0,)),
+    }
+    client = RawClient(daemon.socket_path).negotiate()
+    for name, content in data.items():
+        (shm / name).write_bytes(content)
+        reply = client.execute(
+            "object-add",
+            {
+                "qom-type": "memory-backend-file",
+                "id": name,
+                "size": len(content),
+                "mem-path": str(shm / name),
+                "share": True,
+            },
+        )
+        assert reply == {"return": {}}, reply
+    client.close()
+    path = short_dir / "save.img"
+    result = migd("save", path, "--socket", daemon.socket_path, "--backend", "ram0",
+                  "--backend", "extra")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return path, data
+
+
+def test_inspect_of_a_migd_save_shows_complete_blocks_and_page_counts(saved):
+    path, data = saved
+    result = migd("inspect", path)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert f"{path}: complete mapped-ram save" in out
+    assert "machine:       none" in out and "capabilities:  mapped-ram" in out
+    assert "INCOMPLETE" not in out and "status:  complete" in out
+    for name, content in data.items():
+        pages = len(content) // PAGE
+        present = written_pages(content)
+        row = next(line.split() for line in out.splitlines() if line.split()[:1] == [name])
+        assert row[3:6] == [str(pages), str(present), str(pages - present)], row
+
+
+def test_inspect_json_gives_the_layout_and_counts_that_match_the_written_memory(saved):
+    path, data = saved
+    result = migd("inspect", path, "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["complete"] is True and info["problem"] is None
+    assert info["machine"] == "none" and info["capabilities"] == ["mapped-ram"]
+    blocks = {b["name"]: b for b in info["blocks"]}
+    assert set(blocks) == set(data)
+    for name, content in data.items():
+        b = blocks[name]
+        assert b["size"] == len(content) and b["pages"] == len(content) // PAGE
+        assert b["present_pages"] == written_pages(content)
+        assert b["zero_pages"] == b["pages"] - b["present_pages"]
+        assert b["pages_offset"] % MiB == 0 and b["bitmap_offset"] == b["header_offset"] + 28
+        with open(path, "rb") as f:  # the region really holds the block's pages
+            assert os.pread(f.fileno(), len(content), b["pages_offset"]) == content
+    totals = info["totals"]
+    assert totals["blocks"] == 2 and totals["ram"] == 12 * MiB
+    assert totals["present_pages"] == sum(written_pages(c) for c in data.values())
+    assert info["file_size"] == os.stat(path).st_size
+
+
+def test_a_save_without_its_end_section_is_reported_incomplete_with_exit_1(saved):
+    path, _ = saved
+    last_end = max(b.end for b in inspect_file(path).blocks)
+    # EOS + footer of the start section (13 bytes), then half of the 18-byte end section.
+    os.truncate(path, last_end + 13 + 9)
+    result = migd("inspect", path)
+    assert result.returncode == 1
+    assert f"{path}: INCOMPLETE mapped-ram save" in result.stdout
+    assert "no RAM end section" in result.stdout
+    assert "ram0" in result.stdout and "extra" in result.stdout  # still shows what it can
+
+
+def test_a_file_cut_short_in_a_block_region_is_incomplete_and_still_lists_its_blocks(saved):
+    path, _ = saved
+    first = inspect_file(path).blocks[0]
+    os.truncate(path, first.pages_offset + 5 * MiB)
+    result = migd("inspect", path)
+    assert result.returncode == 1
+    assert "INCOMPLETE" in result.stdout and "cut short" in result.stdout
+    assert first.name in result.stdout
+    result = migd("inspect", path, "--json")
+    assert result.returncode == 1
+    info = json.loads(result.stdout)
+    assert info["complete"] is False and info["truncated"] is True
+    assert [b["name"] for b in info["blocks"]] == [first.name]
+    assert "incomplete" in result.stderr
+
+
+def test_a_file_cut_inside_its_head_is_one_error_line_saying_incomplete(saved):
+    path, _ = saved
+    os.truncate(path, 10)
+    result = migd("inspect", path)
+    assert result.returncode == 1 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(path) in lines[0] and "incomplete" in lines[0], lines
+
+
+def test_a_foreign_file_is_one_clear_error_line_with_exit_1(short_dir):
+    path = short_dir / "notes.txt"
+    path.write_text("these are not the pages you are looking for\n" * 100)
+    result = migd("inspect", path)
+    assert result.returncode == 1 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert str(path) in lines[0] and "not a QEMU/migd save file" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"", "no migration stream at offset 0"),
+        (b"PK\x03", "not a QEMU/migd save file"),
+        (b"QEV", "incomplete: the file is cut short at 3 bytes"),
+    ],
+)
+def test_an_empty_or_tiny_foreign_file_is_an_error_not_a_crash(short_dir, content, problem):
+    path = short_dir / "tiny.img"
+    path.write_bytes(content)
+    result = migd("inspect", path)
+    assert result.returncode == 1 and problem in result.stderr, result.stderr
+
+
+def test_a_missing_file_is_one_error_line_naming_it(short_dir):
+    result = migd("inspect", short_dir / "nope.img")
+    assert result.returncode == 1
+    assert f"{short_dir / 'nope.img'}: No such file or directory" in result.stderr
+
+
+def test_a_corrupt_header_is_reported_with_the_parsers_text(saved):
+    path, _ = saved
+    block = inspect_file(path).blocks[0]
+    with open(path, "r+b") as f:
+        os.pwrite(f.fileno(), (2).to_bytes(4, "big"), block.header_offset)  # header version 2
+    result = migd("inspect", path)
+    assert result.returncode == 1
+    assert "mapped-ram capability version not supported" in result.stderr
+    assert "incomplete" not in result.stderr
+
+
+def test_inspect_reads_a_save_at_an_offset_after_an_applications_header(
+    daemon, shm, short_dir
+):
+    content = data_with_zero_pages(4 * MiB, seed=3, zero_mib=(2,))
+    (shm / "mem").write_bytes(content)
+    path = short_dir / "with-header.img"
+    path.write_bytes(b"HEADER" * 1000)
+    result = migd("save", path, "--socket", daemon.socket_path, "--offset", "0x11921",
+                  "--mem-path", shm / "mem", "--id", "ram0")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert migd("inspect", path).returncode == 1  # no stream at 0: the header is foreign
+    result = migd("inspect", path, "--offset", "0x11921", "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["offset"] == 0x11921 and info["blocks"][0]["name"] == "ram0"
+    assert info["blocks"][0]["present_pages"] == written_pages(content)
+
+
+@requires_qemu
+@pytest.mark.timeout(120)
+async def test_inspect_of_a_qemu_q35_save_lists_all_its_blocks_and_is_complete(shm, short_dir):
+    mem = shm / "q35-mem0"
+    mem.write_bytes(data_with_zero_pages(64 * MiB, seed=4, zero_mib=(3, 10)))
+    backend = f"memory-backend-file,id=mem0,size={64 * MiB},mem-path={mem},share=on"
+    args = ["-machine", "q35,memory-backend=mem0", "-object", backend, "-m", "64M",
+            "-nodefaults", "-display", "none", "-S"]  # fmt: skip
+    path = short_dir / "q35.img"
+    async with QemuVM(args, short_dir, name="src") as vm:
+        await vm.set_mapped_ram(channels=2)
+        await vm.cmd("migrate", {"uri": f"file:{path}"})
+        assert (await vm.wait_migration(60))["status"] == "completed", vm.log()
+    result = migd("inspect", path, "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["complete"] and info["machine"].startswith("pc-q35-")
+    names = [b["name"] for b in info["blocks"]]
+    assert "mem0" in names and len(names) > 2, names
+    assert sum(b["size"] for b in info["blocks"]) == info["total_ram"]
+    mem0 = info["blocks"][names.index("mem0")]
+    assert mem0["size"] == 64 * MiB
+    # The guest never ran (-S): QEMU skips every zero page, so exactly the data pages remain.
+    assert mem0["present_pages"] == nonzero_pages(mem.read_bytes())
+    human = migd("inspect", path)
+    assert human.returncode == 0 and "complete mapped-ram save" in human.stdout
