@@ -133,6 +133,7 @@ class Job:
     task: asyncio.Task[None] | None = None
     skipped_blocks: list[str] = field(default_factory=list)
     sync_count: int = 0
+    memory_touched: bool = False  # restore: some backend may already hold new data
     _samples: list[tuple[float, int, int]] = field(default_factory=list)
 
     @property
@@ -396,6 +397,8 @@ class MigrationEngine:
 
     @staticmethod
     def _partial_note(job: Job, text: str) -> str:
+        if not job.memory_touched:
+            return f"{text}; no memory backend was changed"
         names = ", ".join(f"'{b.id}'" for b in job.backends)
         return f"{text}; memory backends {names} hold partial data"
 
@@ -608,6 +611,7 @@ class MigrationEngine:
                 runs += split_runs(index, set_runs)
             job.setup_done = time.monotonic()
             self._set_status(job, MigrationStatus.active)
+            job.memory_touched = True
             await self._run_channels(job, fds, blocks, runs, "restore")
             job.sync_count = 1
         finally:

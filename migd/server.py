@@ -56,6 +56,7 @@ class Session:
         self.number = number
         self.negotiated = False
         self.pending_fds: list[int] = []
+        self._fd_taken = False
         self._out: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
 
@@ -65,6 +66,7 @@ class Session:
         """Hand the oldest fd received with this command to the caller, who then owns it."""
         if not self.pending_fds:
             raise FdError("No file descriptor supplied via SCM_RIGHTS")
+        self._fd_taken = True
         return self.pending_fds.pop(0)
 
     def _replace_pending_fds(self, fds: list[int]) -> None:
@@ -162,7 +164,13 @@ class Session:
             req = decode_request(text)
         except InvalidRequest as exc:
             return error_reply(exc, getattr(exc, "request", None))
-        return await dispatch(self, req)
+        self._fd_taken = False
+        try:
+            return await dispatch(self, req)
+        finally:
+            if self._fd_taken:
+                # As QEMU: a command consumes one fd of a batch and the extras are closed.
+                self._close_pending_fds()
 
 
 class Server:

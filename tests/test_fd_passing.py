@@ -484,3 +484,32 @@ async def test_daemon_stop_closes_named_fds_fdsets_and_passed_memory(migd_inproc
         os.close(memfd)
         with contextlib.suppress(Exception):
             await client.disconnect()
+
+
+async def test_a_command_takes_one_fd_of_a_batch_and_the_extras_are_closed(
+    migd_inproc, short_dir
+):
+    first, extra = short_dir / "first", short_dir / "extra"
+    client = await asyncio.to_thread(
+        _send_unclaimed_fds, migd_inproc.socket_path, [first, extra], True
+    )
+    try:
+        reply = await asyncio.to_thread(client.execute, "add-fd", {"fdset-id": 3})
+        assert reply["return"]["fdset-id"] == 3
+        assert _targets(first) == 1 and _targets(extra) == 0
+        await asyncio.to_thread(client.execute, "remove-fd", {"fdset-id": 3})
+    finally:
+        client.close()
+
+
+async def test_a_restore_that_fails_before_reading_says_memory_is_unchanged(qmp, shm, short_dir):
+    size = 4 * MiB
+    fill_random(shm / "src", size)
+    await add_file_backend(qmp, "ram0", shm / "src", size)
+    await enable_mapped_ram(qmp, channels=2, direct_io=True)
+    assert (await save(qmp, short_dir / "vm.sav"))["status"] == "completed"
+    await _fdset_of(qmp, 0, short_dir / "vm.sav", os.O_RDONLY)
+    await qmp.execute("migrate-incoming", {"uri": "file:/dev/fdset/0"})
+    info = await wait_migration(qmp)
+    assert info["status"] == "failed"
+    assert info["error-desc"].endswith("; no memory backend was changed")
