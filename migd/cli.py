@@ -47,9 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--socket", default=None, help=f"QMP socket (default {default_socket_path()})"
     )
     serve.add_argument("--socket-mode", type=_mode, default=None, help="socket mode (default 0600)")
-    serve.add_argument(
-        "--log-level", default=None, choices=["debug", "info", "warning", "error"]
-    )
+    serve.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
 
     schema = sub.add_parser("schema", help="write or check the JSON Schemas in schemas/")
     action = schema.add_mutually_exclusive_group(required=True)

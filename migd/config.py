@@ -184,7 +184,7 @@ class Config(Section):
     @field_validator("socket_mode", mode="before")
     @classmethod
     def _mode(cls, value: Any) -> Any:
-        text = "must be a mode from 0o000 to 0o777, written 0o660 or \"0660\""
+        text = 'must be a mode from 0o000 to 0o777, written 0o660 or "0660"'
         if isinstance(value, str):
             try:
                 value = int(value, 8)

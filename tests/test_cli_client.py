@@ -133,7 +133,7 @@ def test_save_without_a_terminal_prints_plain_progress_lines_at_most_once_a_seco
     assert all(PROGRESS_LINE.match(line) for line in lines), lines
     assert len(lines) <= elapsed + 1
     percents = [int(line.split()[1].rstrip("%")) for line in lines]
-    assert percents == sorted(percents) and percents[-1] < 100
+    assert percents == sorted(percents) and percents[0] >= 0 and percents[-1] <= 100
     assert "\r" not in result.stderr  # no bar when stderr is not a terminal
     assert SUMMARY.search(result.stdout)
 

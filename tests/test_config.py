@@ -1,0 +1,338 @@
+"""The TOML configuration file of `migd serve`: errors, backends, defaults, overrides."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from migd import config as config_module
+from migd.config import load_config
+
+from .conftest import RawClient, wait_for_socket
+
+BACKEND_RAM = '[[memory-backend]]\nqom-type = "memory-backend-ram"\nid = "a"\nsize = 4096\n'
+
+BAD_CONFIGS = [
+    # (file text, key named in the error, words of the problem)
+    ("socket = ", "invalid TOML", "line 1"),
+    ('sokcet = "/run/x.sock"', "sokcet", "unknown key (did you mean 'socket'?)"),
+    ('socket_path = "/run/x.sock"', "socket_path", "unknown key"),
+    ("socket-mode = 0o1777", "socket-mode", "must be a mode from 0o000 to 0o777"),
+    ('socket-mode = "rw"', "socket-mode", "must be a mode"),
+    ('log-level = "loud"', "log-level", "must be 'debug', 'info', 'warning' or 'error'"),
+    ('allowed-dirs = "/var/lib/migd"', "allowed-dirs", "must be an array"),
+    ('allowed-dirs = ["/dev/shm", "saves"]', "allowed-dirs[1]", "must be an absolute path"),
+    ("capabilities = true", "capabilities", "must be a table"),
+    ('[capabilities]\nmultifd = "yes"', "capabilities.multifd", "must be true or false"),
+    ("[capabilities]\nmapped_ram = true", "capabilities.mapped_ram", "did you mean 'mapped-ram'"),
+    ("[capabilities]\nxbzrle = true", "capabilities.xbzrle", "unknown key"),
+    ("[parameters]\nmultifd-channels = 0", "parameters.multifd-channels", "between 1 and 255"),
+    ("[parameters]\nmultifd-channels = 256", "parameters.multifd-channels", "between 1 and 255"),
+    ("[parameters]\nmultifd-channels = 4.0", "parameters.multifd-channels", "must be an integer"),
+    ("[parameters]\nmax-bandwidth = -1", "parameters.max-bandwidth", "must be 0 (unlimited)"),
+    ('[parameters]\ndirect-io = "on"', "parameters.direct-io", "must be true or false"),
+    (
+        '[parameters]\nzero-page-detection = "legacy"',
+        "parameters.zero-page-detection",
+        "must be 'none' or 'multifd'",
+    ),
+    ('[memory-backend]\nid = "a"', "memory-backend", "write each one as [[memory-backend]]"),
+    ('[[memory-backend]]\nid = "a"\nsize = 4096', "memory-backend[0].qom-type", "is required"),
+    (
+        BACKEND_RAM.replace("memory-backend-ram", "memory-backend-memfd"),
+        "memory-backend[0].qom-type",
+        "must be 'memory-backend-file' or 'memory-backend-ram'",
+    ),
+    (BACKEND_RAM.replace('"a"', '"1a"'), "memory-backend[0].id", "must be an identifier"),
+    (BACKEND_RAM.replace("4096", "1000"), "memory-backend[0].size", "multiple of 4096"),
+    (BACKEND_RAM.replace("4096", '"2X"'), "memory-backend[0].size", 'like 1073741824 or "1G"'),
+    (BACKEND_RAM + "share = true", "memory-backend[0].share", "always private"),
+    (BACKEND_RAM + 'mem-path = "/dev/shm/a"', "memory-backend[0].mem-path", "not allowed"),
+    (BACKEND_RAM + "mem_path = 1", "memory-backend[0].mem_path", "did you mean 'mem-path'"),
+    (
+        BACKEND_RAM.replace("memory-backend-ram", "memory-backend-file"),
+        "memory-backend[0].mem-path",
+        "is required for memory-backend-file",
+    ),
+    (
+        BACKEND_RAM.replace("memory-backend-ram", "memory-backend-file") + 'mem-path = "a.ram"',
+        "memory-backend[0].mem-path",
+        "must be an absolute path",
+    ),
+    (BACKEND_RAM + BACKEND_RAM, "memory-backend[1].id", "already used by memory-backend[0]"),
+    (
+        BACKEND_RAM
+        + 'ramblock-name = "pc.ram"\n'
+        + BACKEND_RAM.replace('"a"', '"b"')
+        + 'ramblock-name = "pc.ram"\n',
+        "memory-backend[1].ramblock-name",
+        "RAM block name 'pc.ram' is already used",
+    ),
+]
+
+
+def run_serve(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "migd", "serve", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def assert_config_error(result: subprocess.CompletedProcess[str], prefix: str) -> str:
+    """Exit code 2 and exactly one stderr line, starting with `prefix`; returns the line."""
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(prefix), lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "words"), BAD_CONFIGS, ids=[key for _, key, _ in BAD_CONFIGS]
+)
+def test_a_bad_config_file_is_one_error_line_naming_the_key_with_exit_code_2_and_no_socket(
+    short_dir, text, key, words
+):
+    conf = short_dir / "migd.toml"
+    conf.write_text(text + "\n")
+    sock = short_dir / "run" / "qmp.sock"
+    result = run_serve("--config", str(conf), "--socket", str(sock))
+    line = assert_config_error(result, f"migd: {conf}: {key}: ")
+    assert words in line
+    assert not sock.parent.exists()
+
+
+@pytest.mark.parametrize(
+    ("setup", "words"),
+    [
+        ("missing", "cannot read: No such file or directory"),
+        ("directory", "cannot read: Is a directory"),
+        ("binary", "not UTF-8 text"),
+    ],
+)
+def test_an_unreadable_config_file_is_a_usage_error_before_any_socket(short_dir, setup, words):
+    conf = short_dir / "migd.toml"
+    if setup == "directory":
+        conf.mkdir()
+    elif setup == "binary":
+        conf.write_bytes(b'socket = "\xff\xfe"\n')
+    sock = short_dir / "run" / "qmp.sock"
+    result = run_serve("--config", str(conf), "--socket", str(sock))
+    assert assert_config_error(result, f"migd: {conf}: ") == f"migd: {conf}: {words}"
+    assert not sock.parent.exists()
+
+
+def write_good_config(short_dir: Path, shm: Path) -> tuple[Path, Path]:
+    sock = short_dir / "file.sock"
+    conf = short_dir / "migd.toml"
+    conf.write_text(
+        f"""
+socket = "{sock}"
+socket-mode = 0o640
+log-level = "info"
+allowed-dirs = ["{shm}/", "/var/lib/migd"]
+
+[capabilities]
+multifd = true
+mapped-ram = true
+
+[parameters]
+multifd-channels = 4
+direct-io = true
+max-bandwidth = 0
+zero-page-detection = "none"
+
+[[memory-backend]]
+qom-type = "memory-backend-file"
+id = "vm0-ram"
+size = "8M"
+mem-path = "{shm}/vm0.ram"
+ramblock-name = "pc.ram"
+
+[[memory-backend]]
+qom-type = "memory-backend-ram"
+id = "scratch"
+size = 65536
+"""
+    )
+    return conf, sock
+
+
+def start_serve(sock: Path, *args: str) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "migd", "serve", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_for_socket(sock, proc, 15)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc
+
+
+def stop(proc: subprocess.Popen[bytes]) -> str:
+    proc.terminate()
+    assert proc.wait(10) == 0
+    assert proc.stderr is not None
+    return proc.stderr.read().decode()
+
+
+def test_a_good_config_creates_its_backends_and_sets_default_capabilities_and_parameters(
+    short_dir, shm
+):
+    conf, sock = write_good_config(short_dir, shm)
+    proc = start_serve(sock, "--config", str(conf))
+    try:
+        assert stat.S_IMODE(os.stat(sock).st_mode) == 0o640
+        assert os.stat(shm / "vm0.ram").st_size == 8 << 20
+        client = RawClient(sock).negotiate()
+        assert client.execute("query-memdev") == {
+            "return": [
+                {
+                    "id": "vm0-ram",
+                    "size": 8 << 20,
+                    "qom-type": "memory-backend-file",
+                    "mem-path": f"{shm}/vm0.ram",
+                    "share": True,
+                    "ramblock-name": "pc.ram",
+                },
+                {
+                    "id": "scratch",
+                    "size": 65536,
+                    "qom-type": "memory-backend-ram",
+                    "share": False,
+                    "ramblock-name": "scratch",
+                },
+            ]
+        }
+        caps = client.execute("query-migrate-capabilities")["return"]
+        assert {c["capability"]: c["state"] for c in caps} == {
+            "multifd": True,
+            "mapped-ram": True,
+            "events": False,
+        }
+        assert client.execute("query-migrate-parameters") == {
+            "return": {
+                "multifd-channels": 4,
+                "direct-io": True,
+                "max-bandwidth": 0,
+                "zero-page-detection": "none",
+            }
+        }
+        client.close()
+    finally:
+        log = stop(proc)
+    assert "created memory backend 'vm0-ram'" in log
+    assert not sock.exists()
+    assert (shm / "vm0.ram").exists()  # a backend's file outlives the daemon
+
+
+def test_command_line_options_override_the_socket_and_mode_of_the_file(short_dir, shm):
+    conf, file_sock = write_good_config(short_dir, shm)
+    cli_sock = short_dir / "cli" / "qmp.sock"
+    proc = start_serve(
+        cli_sock, "--config", str(conf), "--socket", str(cli_sock), "--socket-mode", "0600"
+    )
+    try:
+        assert stat.S_IMODE(os.stat(cli_sock).st_mode) == 0o600
+        assert not file_sock.exists()
+        client = RawClient(cli_sock).negotiate()
+        ids = [b["id"] for b in client.execute("query-memdev")["return"]]
+        assert ids == ["vm0-ram", "scratch"]  # the rest of the file still applies
+        client.close()
+    finally:
+        stop(proc)
+    assert not file_sock.exists()
+
+
+@pytest.mark.parametrize(("cli_level", "logged"), [(None, False), ("info", True)])
+def test_the_log_level_of_the_file_applies_unless_the_command_line_sets_one(
+    short_dir, cli_level, logged
+):
+    conf = short_dir / "migd.toml"
+    conf.write_text('log-level = "error"\n')
+    sock = short_dir / "qmp.sock"
+    extra = ["--log-level", cli_level] if cli_level else []
+    proc = start_serve(sock, "--config", str(conf), "--socket", str(sock), *extra)
+    log = stop(proc)
+    assert ("serving QMP on" in log) is logged
+
+
+def test_a_backend_that_cannot_be_created_stops_the_start_with_exit_code_1_and_no_socket(
+    short_dir, shm
+):
+    conf = short_dir / "migd.toml"
+    conf.write_text(
+        f"""
+[[memory-backend]]
+qom-type = "memory-backend-ram"
+id = "first"
+size = 4096
+
+[[memory-backend]]
+qom-type = "memory-backend-file"
+id = "broken"
+size = 4096
+mem-path = "{shm}/no/such/dir/ram"
+"""
+    )
+    sock = short_dir / "qmp.sock"
+    result = run_serve("--config", str(conf), "--socket", str(sock))
+    assert result.returncode == 1
+    assert f"Cannot create memory backend 'broken': Could not open '{shm}/no/such/dir/ram'" in (
+        result.stderr
+    )
+    assert not sock.exists()
+
+
+def test_without_config_option_the_default_file_is_read_when_it_exists(tmp_path, monkeypatch):
+    default = tmp_path / "migd.toml"
+    monkeypatch.setattr(config_module, "DEFAULT_CONFIG_PATH", str(default))
+    assert load_config().parameters.multifd_channels is None
+    default.write_text("[parameters]\nmultifd-channels = 7\n")
+    assert load_config().parameters.multifd_channels == 7
+    assert load_config(log_level="debug").log_level == "debug"
+
+
+def test_an_explicit_config_file_that_is_missing_is_an_error_even_if_the_default_exists(
+    tmp_path, monkeypatch
+):
+    default = tmp_path / "migd.toml"
+    default.write_text("")
+    monkeypatch.setattr(config_module, "DEFAULT_CONFIG_PATH", str(default))
+    with pytest.raises(config_module.ConfigError, match="cannot read"):
+        load_config(str(tmp_path / "other.toml"))
+
+
+def test_python_callers_may_still_build_a_config_by_field_name():
+    conf = config_module.Config(socket_path="/run/x.sock", socket_mode=0o660)
+    assert (conf.socket_path, conf.socket_mode, conf.allowed_dirs) == ("/run/x.sock", 0o660, [])
+
+
+def test_allowed_dirs_are_loaded_normalised(tmp_path):
+    conf = tmp_path / "migd.toml"
+    conf.write_text('allowed-dirs = ["/var/lib/migd/", "/dev//shm"]\n')
+    assert load_config(str(conf)).allowed_dirs == ["/var/lib/migd", "/dev/shm"]
+
+
+def test_sizes_accept_bytes_and_binary_suffixes(tmp_path):
+    conf = tmp_path / "migd.toml"
+    sizes = ["8192", '"64K"', '"512M"', '"2G"', '"1GiB"', '"1t"']
+    conf.write_text(
+        "".join(
+            f'[[memory-backend]]\nqom-type = "memory-backend-ram"\nid = "b{i}"\nsize = {s}\n'
+            for i, s in enumerate(sizes)
+        )
+    )
+    got = [b.size for b in load_config(str(conf)).memory_backends]
+    assert got == [8192, 64 << 10, 512 << 20, 2 << 30, 1 << 30, 1 << 40]

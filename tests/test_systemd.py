@@ -1,0 +1,287 @@
+"""systemd integration: the unit files, socket activation, sd_notify, the hardening rules."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from migd.config import load_config
+
+from .conftest import RawClient, wait_for_socket
+
+UNITS = Path(__file__).resolve().parent.parent / "systemd"
+MIGD_SCRIPT = Path(sys.executable).parent / "migd"
+SERVE = [sys.executable, "-m", "migd", "serve"]
+
+
+def unit_settings(path: Path) -> dict[str, list[str]]:
+    """key -> values of a unit file (keys may repeat, so no configparser)."""
+    out: dict[str, list[str]] = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", ";", "[")) and "=" in line:
+            key, value = line.split("=", 1)
+            out.setdefault(key.strip(), []).append(value.strip())
+    return out
+
+
+@pytest.fixture
+def units(tmp_path: Path) -> Path:
+    """Copies of the unit files whose ExecStart runs this checkout's migd script."""
+    if not MIGD_SCRIPT.exists():
+        pytest.skip(f"no migd script next to {sys.executable}")
+    service = (UNITS / "migd.service").read_text()
+    assert "ExecStart=/usr/local/bin/migd " in service
+    (tmp_path / "migd.service").write_text(
+        service.replace("ExecStart=/usr/local/bin/migd ", f"ExecStart={MIGD_SCRIPT} ")
+    )
+    shutil.copy(UNITS / "migd.socket", tmp_path / "migd.socket")
+    return tmp_path
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+def test_systemd_analyze_verify_passes_on_the_service_and_socket_units(units):
+    result = subprocess.run(
+        ["systemd-analyze", "verify", "migd.service", "migd.socket"],
+        cwd=units,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout + result.stderr == ""  # not even a warning
+
+
+def test_the_units_and_the_shipped_config_agree_on_the_socket_and_the_config_path():
+    service = unit_settings(UNITS / "migd.service")
+    sock = unit_settings(UNITS / "migd.socket")
+    assert service["Type"] == ["notify"]
+    assert service["ExecStart"] == ["/usr/local/bin/migd serve --config /etc/migd/migd.toml"]
+    assert sock["ListenStream"] == ["/run/migd/migd.sock"]
+    assert sock["SocketMode"] == ["0660"]
+    shipped = load_config(str(UNITS / "migd.toml"))
+    assert shipped.socket_path == "/run/migd/migd.sock"
+    assert shipped.socket_mode == 0o660
+    # The unit may write only these: allowed-dirs must not promise more.
+    writable = {p.lstrip("-") for p in service["ReadWritePaths"][0].split()}
+    assert set(shipped.allowed_dirs) <= writable
+    assert shipped.capabilities.mapped_ram and shipped.capabilities.multifd
+    assert shipped.memory_backends == []  # examples only, commented out
+
+
+def test_the_service_keeps_what_memory_backends_need_under_its_hardening():
+    service = unit_settings(UNITS / "migd.service")
+    assert service["ProtectSystem"] == ["strict"]
+    assert {"/var/lib/migd", "/dev/shm", "-/dev/hugepages"} <= set(
+        service["ReadWritePaths"][0].split()
+    )
+    assert service["CapabilityBoundingSet"] == [""]
+    assert service["RestrictAddressFamilies"] == ["AF_UNIX"]
+    assert service["MemoryDenyWriteExecute"] == ["yes"]
+    # Stopping the service must not delete the socket that migd.socket still listens on.
+    assert service["RuntimeDirectoryPreserve"] == ["yes"]
+
+
+async def _qmp_version(path: Path) -> dict[str, object]:
+    from qemu.qmp import QMPClient
+
+    client = QMPClient("test")
+    await client.connect(str(path))
+    try:
+        return await client.execute("query-version")  # type: ignore[return-value]
+    finally:
+        await client.disconnect()
+
+
+@pytest.fixture
+def notify_socket(short_dir: Path) -> Iterator[tuple[socket.socket, str]]:
+    """A datagram socket standing in for systemd's NOTIFY_SOCKET."""
+    path = short_dir / "notify"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(15)
+    yield sock, str(path)
+    sock.close()
+
+
+def wait_notify(sock: socket.socket, wanted: str) -> str:
+    """The first datagram with the line `wanted` (others, such as STATUS=, are skipped)."""
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        msg = sock.recv(4096).decode()
+        if wanted in msg.splitlines():
+            return msg
+    raise TimeoutError(f"no {wanted} on the notify socket")
+
+
+@pytest.mark.skipif(
+    shutil.which("systemd-socket-activate") is None, reason="needs systemd-socket-activate"
+)
+async def test_socket_activation_serves_qmp_on_the_passed_socket_and_creates_no_socket(
+    short_dir, notify_socket
+):
+    notify, notify_path = notify_socket
+    passed = short_dir / "activate.sock"
+    own = short_dir / "own" / "qmp.sock"  # what migd would create if not activated
+    proc = subprocess.Popen(
+        [
+            "systemd-socket-activate",
+            "-l",
+            str(passed),
+            "-E",
+            f"NOTIFY_SOCKET={notify_path}",
+            *SERVE,
+            "--socket",
+            str(own),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while not passed.exists():
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, "systemd-socket-activate did not listen"
+            await asyncio.sleep(0.02)
+        before = os.stat(passed)
+        assert stat.S_ISSOCK(before.st_mode)
+        # The first connection makes systemd-socket-activate exec migd with LISTEN_FDS=1.
+        version = await asyncio.wait_for(_qmp_version(passed), 30)
+        assert "qemu" in version
+        wait_notify(notify, "READY=1")
+        again = await asyncio.wait_for(_qmp_version(passed), 10)  # same listener, same migd
+        assert again == version
+        after = os.stat(passed)
+        assert (after.st_ino, after.st_dev) == (before.st_ino, before.st_dev)
+        assert not own.parent.exists()
+        proc.send_signal(signal.SIGTERM)
+        wait_notify(notify, "STOPPING=1")
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log = proc.stderr.read().decode() if proc.stderr else ""
+    assert "inherited socket" in log
+    # migd does not own the socket: it stays where systemd made it, untouched.
+    assert os.stat(passed).st_ino == before.st_ino
+    assert not own.parent.exists()
+
+
+def test_ready_is_sent_once_the_socket_serves_and_stopping_on_sigterm(short_dir, notify_socket):
+    notify, notify_path = notify_socket
+    sock = short_dir / "qmp.sock"
+    proc = subprocess.Popen(
+        [*SERVE, "--socket", str(sock)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "NOTIFY_SOCKET": notify_path},
+    )
+    try:
+        ready = wait_notify(notify, "READY=1")
+        assert "STATUS=serving" in ready.splitlines()
+        client = RawClient(sock)  # READY=1 means connectable now, without a retry
+        assert "QMP" in client.greeting
+        client.close()
+        proc.send_signal(signal.SIGTERM)
+        wait_notify(notify, "STOPPING=1")
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_without_notify_socket_migd_serves_and_sends_nothing(short_dir, notify_socket):
+    notify, _ = notify_socket
+    sock = short_dir / "qmp.sock"
+    env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+    proc = subprocess.Popen([*SERVE, "--socket", str(sock)], env=env, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_socket(sock, proc, 15)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    notify.settimeout(0.2)
+    with pytest.raises(TimeoutError):
+        notify.recv(4096)
+
+
+PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN = 65, 1
+
+
+def _deny_write_execute() -> None:
+    """In the child before exec: the kernel's version of MemoryDenyWriteExecute=yes."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN, 0, 0, 0) != 0:
+        os._exit(99)
+
+
+def _mdwe_supported() -> bool:
+    probe = subprocess.run(
+        [sys.executable, "-c", "pass"], preexec_fn=_deny_write_execute, capture_output=True
+    )
+    return probe.returncode == 0
+
+
+def _wait_done(client: RawClient) -> dict[str, object]:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        info = client.execute("query-migrate")["return"]
+        if info.get("status") in ("completed", "failed", "cancelled"):
+            return info
+        time.sleep(0.02)
+    raise TimeoutError("migration did not finish")
+
+
+def test_save_and_restore_work_without_writable_executable_memory(short_dir, shm):
+    """MemoryDenyWriteExecute=yes in migd.service: CPython, numpy, uvloop and ctypes cope."""
+    if not _mdwe_supported():
+        pytest.skip("the kernel has no PR_SET_MDWE (Linux 6.3+)")
+    sock = short_dir / "qmp.sock"
+    ram = shm / "vm.ram"
+    size = 8 << 20
+    data = os.urandom(size // 2) + bytes(size // 2)
+    ram.write_bytes(data)
+    proc = subprocess.Popen(
+        [*SERVE, "--socket", str(sock)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        preexec_fn=_deny_write_execute,
+    )
+    try:
+        wait_for_socket(sock, proc, 15)
+        client = RawClient(sock).negotiate()
+        caps = [{"capability": c, "state": True} for c in ("multifd", "mapped-ram")]
+        assert client.execute("migrate-set-capabilities", {"capabilities": caps}) == {"return": {}}
+        client.execute("migrate-set-parameters", {"multifd-channels": 2})
+        add = {"qom-type": "memory-backend-file", "id": "ram", "size": size}
+        client.execute("object-add", {**add, "mem-path": str(ram)})
+        client.execute("migrate", {"uri": f"file:{short_dir / 'vm.save'}"})
+        assert _wait_done(client)["status"] == "completed"
+        ram.write_bytes(bytes(size))
+        client.execute("migrate-incoming", {"uri": f"file:{short_dir / 'vm.save'}"})
+        assert _wait_done(client)["status"] == "completed"
+        client.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert ram.read_bytes() == data
