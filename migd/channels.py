@@ -52,7 +52,7 @@ class BlockIO:
     memory: memoryview  # the whole backend mapping, page aligned
     present: np.ndarray  # one bool per page: the save's bitmap, filled in by the channels
     zero_range: Callable[[int, int], None] | None = None  # restore: cheap zeroing
-    populate: Callable[[int, int], None] | None = None  # restore: prefault in bulk
+    populate: Callable[[int, int], None] | None = None  # restore: allocate in bulk
 
 
 class Counters:
@@ -91,13 +91,18 @@ def zero_pages(memory: memoryview) -> np.ndarray:
     """One bool per page: True where the page holds only zero bytes.
 
     Pages whose first word is non-zero are settled by reading one cache line each, so
-    random memory costs almost nothing; only the rest are scanned in full.
+    random memory costs almost nothing. The rest are scanned in place: all pages at once
+    when many are candidates, else the few candidates one by one (never a copy of RAM).
     """
     words = np.frombuffer(memory, dtype=np.uint64).reshape(-1, _WORDS_PER_PAGE)
     zero = words[:, 0] == 0
     candidates = np.flatnonzero(zero)
-    if candidates.size:
-        zero[candidates] = ~words[candidates].any(axis=1)
+    if candidates.size * 8 > zero.size:
+        # bitwise_or.reduce runs without the GIL and needs no casting: it scales across
+        # channel threads where np.any does not (measured on tmpfs-backed memory).
+        return np.bitwise_or.reduce(words, axis=1) == 0
+    for page in candidates.tolist():
+        zero[page] = not words[page].any()
     return zero
 
 

@@ -117,20 +117,24 @@ class MemoryBackend:
             offset += n
 
     def populate(self, offset: int, length: int) -> None:
-        """Pre-fault the range for writing in one call; faults on shmem make restores slow."""
+        """Allocate the range in bulk before it is written; faults make restores slow.
+
+        A shared file gets posix_fallocate: measured on tmpfs, it is several times cheaper
+        than MADV_POPULATE_WRITE, which serialises on the mapping. Anonymous memory gets
+        MADV_POPULATE_WRITE. Either is only an optimisation: failures are ignored.
+        """
         self._check(offset, length)
         if length == 0:
             return
         assert self._mm is not None
-        try:
-            self._mm.madvise(_MADV_POPULATE_WRITE, offset, length)
-            return
-        except OSError:
-            pass
         if self._fd is not None and self.share:
-            # Only an optimisation: if this fails too, the copy faults pages in anyway.
-            with contextlib.suppress(OSError):
+            try:
                 os.posix_fallocate(self._fd, offset, length)
+                return
+            except OSError:
+                pass
+        with contextlib.suppress(OSError):
+            self._mm.madvise(_MADV_POPULATE_WRITE, offset, length)
 
     def data_ranges(self) -> list[tuple[int, int]] | None:
         """Page-rounded (offset, length) ranges that may hold data; None if unknown."""
