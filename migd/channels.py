@@ -20,6 +20,7 @@ import numpy as np
 
 from .errors import MigrationError
 from .format import BlockLayout
+from .paths import FileOpener, plain_open
 
 PAGE_SIZE = 4096
 # Large I/Os keep O_DIRECT at disk speed; 8 MiB per call is the top of performance.md's range.
@@ -248,10 +249,10 @@ def split_runs(
     return out
 
 
-def open_channel_fd(path: str, flags: int, direct: bool) -> int:
+def open_channel_fd(path: str, flags: int, direct: bool, open_file: FileOpener = plain_open) -> int:
     """Open one channel's own fd; EINVAL with O_DIRECT means the filesystem refuses it."""
     try:
-        return os.open(path, flags | os.O_CLOEXEC | (os.O_DIRECT if direct else 0), 0o600)
+        return open_file(path, flags | (os.O_DIRECT if direct else 0), 0o600)
     except OSError as exc:
         if direct and exc.errno == errno.EINVAL:
             raise ChannelError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -13,12 +14,14 @@ from typing import Any
 import sdnotify
 
 from . import __version__
+from .channels import open_channel_fd
 from .commands import Context, dispatch
 from .config import BackendConfig, Config
 from .errors import MigdError
 from .fdsets import FdStore
 from .memory import MemoryBackend, MemoryRegistry, create_file_backend, create_ram_backend
 from .migration import MigrationEngine
+from .paths import PathPolicy
 from .qmp import Request, greeting
 from .registry import version_numbers
 from .server import Server, Session, bind_unix_socket
@@ -43,13 +46,18 @@ def inherited_listener() -> socket.socket | None:
     return sock
 
 
-def create_backend(spec: BackendConfig) -> MemoryBackend:
+def create_backend(spec: BackendConfig, paths: PathPolicy) -> MemoryBackend:
     """A memory backend of the configuration file, as object-add would create it."""
     if spec.qom_type == "memory-backend-file":
         assert spec.mem_path is not None  # the config model requires it
         share = True if spec.share is None else spec.share
         return create_file_backend(
-            spec.id, spec.size, spec.mem_path, share=share, ramblock_name=spec.ramblock_name
+            spec.id,
+            spec.size,
+            spec.mem_path,
+            share=share,
+            ramblock_name=spec.ramblock_name,
+            open_file=paths.open,
         )
     return create_ram_backend(spec.id, spec.size, ramblock_name=spec.ramblock_name)
 
@@ -58,9 +66,10 @@ class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
         memory = MemoryRegistry()
-        fdsets = FdStore()
+        paths = PathPolicy(config.allowed_dirs)
+        fdsets = FdStore(functools.partial(open_channel_fd, open_file=paths.open))
         engine = MigrationEngine(memory, self._emit, self.notify, fdsets.open_path)
-        self.services = Services(memory, engine, fdsets)
+        self.services = Services(memory, engine, fdsets, paths)
         self.server: Server | None = None
         self._stop: asyncio.Event | None = None
         self._notifier = sdnotify.SystemdNotifier()
@@ -104,12 +113,24 @@ class Daemon:
             loop.add_signal_handler(sig, self.request_stop)
         self.server.start()
         log.info("migd %s serving QMP on %s", __version__, where)
+        self._log_path_policy()
         self.notify("READY=1\nSTATUS=serving")
         try:
             await self._stop.wait()
         finally:
             self.notify("STOPPING=1")
             await self.shutdown()
+
+    def _log_path_policy(self) -> None:
+        paths = self.services.paths
+        if paths.restricted:
+            log.info("files and mem-paths are confined to %s", ", ".join(paths.allowed))
+        elif self.config.socket_mode & 0o066:
+            log.warning(
+                "socket mode %04o lets other users control migd, and no allowed-dirs are "
+                "configured: they can make migd open any file it can open",
+                self.config.socket_mode,
+            )
 
     async def _apply_config(self) -> None:
         """The configured capabilities, parameters and memory backends, before serving."""
@@ -118,7 +139,7 @@ class Daemon:
         engine.set_parameters(self.config.parameters.model_dump(exclude_none=True))
         for spec in self.config.memory_backends:
             try:
-                backend = await asyncio.to_thread(create_backend, spec)
+                backend = await asyncio.to_thread(create_backend, spec, self.services.paths)
             except MigdError as exc:
                 raise MigdError(f"Cannot create memory backend '{spec.id}': {exc.desc}") from None
             try:

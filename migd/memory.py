@@ -12,6 +12,7 @@ import stat
 from collections.abc import Iterator
 
 from .errors import BackendError
+from .paths import FileOpener, plain_open
 
 PAGE_SIZE = 4096
 
@@ -197,6 +198,7 @@ def create_file_backend(
     share: bool = True,
     ramblock_name: str | None = None,
     fd: int | None = None,
+    open_file: FileOpener = plain_open,
 ) -> MemoryBackend:
     """Map mem_path (or the passed fd, which the backend owns even on failure) as RAM."""
     try:
@@ -210,11 +212,11 @@ def create_file_backend(
         flags = os.O_RDWR | os.O_CLOEXEC
         try:
             # O_EXCL first tells us whether the file is ours to remove on failure.
-            fd = os.open(mem_path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = open_file(mem_path, flags | os.O_CREAT | os.O_EXCL, 0o600)
             created = True
         except FileExistsError:
             try:
-                fd = os.open(mem_path, flags)
+                fd = open_file(mem_path, flags, 0o600)
             except OSError as e:
                 raise BackendError(f"Could not open '{mem_path}': {e.strerror}") from None
         except OSError as e:

@@ -63,6 +63,7 @@ async def object_add(ctx: Context, args: ObjectAddArgs) -> Empty:
             share=share,
             ramblock_name=args.ramblock_name,
             fd=fd,
+            open_file=ctx.services.paths.open,
         )
     else:
         if args.mem_path is not None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from .fdsets import FdStore
 from .memory import MemoryRegistry
 from .migration import MigrationEngine
+from .paths import PathPolicy
 
 
 @dataclass
@@ -14,6 +15,7 @@ class Services:
     memory: MemoryRegistry
     engine: MigrationEngine
     fdsets: FdStore
+    paths: PathPolicy
 
     async def close(self) -> None:
         """Shutdown order: end the job (threads joined), unmap the backends, close passed fds."""

@@ -160,12 +160,12 @@ FINAL_STATES = {"completed", "failed", "cancelled"}
 class InProcessDaemon:
     """A Daemon running on the test's own event loop, with a connected QMPClient."""
 
-    def __init__(self, socket_path: Path) -> None:
+    def __init__(self, socket_path: Path, **config: Any) -> None:
         from migd.config import Config
         from migd.daemon import Daemon
 
         self.socket_path = socket_path
-        self.daemon = Daemon(Config(socket_path=str(socket_path)))
+        self.daemon = Daemon(Config(socket_path=str(socket_path), **config))
         self.task: Any = None
 
     async def start(self) -> None:
