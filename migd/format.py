@@ -489,3 +489,34 @@ def parse_stream(
     _expect_footer(cur, section_id)
     complete = _find_ram_end(cur, section_id)
     return ParsedStream(machine, caps, blocks, complete, total)
+
+
+def parse_cut_short(
+    read_at: ReadAt, offset: int, file_size: int
+) -> tuple[str, tuple[str, ...], int, list[BlockLayout]]:
+    """(machine, capabilities, MEM_SIZE total, blocks) of a file cut short.
+
+    Follows parse_stream but stops at the file's end instead of failing there, so a
+    tool can show what an interrupted save still holds. Regions are not checked.
+    """
+    cur = _Cursor(read_at, offset, 1 << 62)  # reads past file_size just come back short
+    magic, version = cur.unpack(">II")
+    if magic != QEVM_MAGIC or version != STREAM_VERSION:
+        raise FormatError("not a migration stream")
+    machine, caps = _parse_configuration(cur)
+    _check_capabilities(caps, True)
+    _parse_ram_start(cur)
+    value = cur.be64()
+    if value & _RAM_FLAGS_MASK != RAM_FLAG_MEM_SIZE:
+        raise FormatError("RAM section has no MEM_SIZE record")
+    total = value & ~_RAM_FLAGS_MASK
+    blocks: list[BlockLayout] = []
+    accumulated = 0
+    while accumulated < total and cur.pos < file_size:
+        name_len = read_at(cur.pos, 1)[0]
+        if cur.pos + 1 + name_len + 8 + MAPPED_RAM_HEADER_SIZE > file_size:
+            break  # this record is cut: its layout is unknown
+        block = _parse_block(cur)
+        accumulated += block.length
+        blocks.append(block)
+    return machine, caps, total, blocks

@@ -18,7 +18,6 @@ from . import format
 from .errors import FormatError
 
 # A truncated file is parsed again as if zeros followed its end; this is how far it may go.
-_VIRTUAL_SIZE = 1 << 62
 # Bitmaps are counted in slices so that a TiB-sized block needs no GiB-sized array.
 _BITMAP_CHUNK = 8 << 20
 _MAGIC = struct.pack(">I", format.QEVM_MAGIC)
@@ -102,37 +101,6 @@ def _count_present(reader: _Reader, block: format.BlockLayout) -> int:
     return present
 
 
-def _salvage(
-    reader: _Reader, offset: int, size: int
-) -> tuple[str, tuple[str, ...], int, list[format.BlockLayout]]:
-    """The head and the block records that lie inside a file cut short.
-
-    Follows format.parse_stream step by step (with its helpers) but stops at the file's
-    end instead of failing there.
-    """
-    cur = format._Cursor(reader, offset, _VIRTUAL_SIZE)
-    magic, version = cur.unpack(">II")
-    if magic != format.QEVM_MAGIC or version != format.STREAM_VERSION:
-        raise FormatError("not a migration stream")
-    machine, caps = format._parse_configuration(cur)
-    format._check_capabilities(caps, True)
-    format._parse_ram_start(cur)
-    value = cur.be64()
-    if value & format._RAM_FLAGS_MASK != format.RAM_FLAG_MEM_SIZE:
-        raise FormatError("RAM section has no MEM_SIZE record")
-    total = value & ~format._RAM_FLAGS_MASK
-    blocks: list[format.BlockLayout] = []
-    accumulated = 0
-    while accumulated < total and cur.pos < size:
-        name_len = reader(cur.pos, 1)[0]
-        if cur.pos + 1 + name_len + 8 + format.MAPPED_RAM_HEADER_SIZE > size:
-            break  # this record is cut: its layout is unknown
-        block = format._parse_block(cur)
-        accumulated += block.length
-        blocks.append(block)
-    return machine, caps, total, blocks
-
-
 def _check_magic(fd: int, offset: int, size: int) -> None:
     """A foreign file gets a clear 'not a save' error, even when it is tiny."""
     head = os.pread(fd, len(_MAGIC), offset) if offset < size else b""
@@ -165,11 +133,11 @@ def inspect_file(path: str | os.PathLike[str], offset: int = 0) -> SaveInfo:
             # the blocks whose records lie inside the file can still be shown.
             reader = _Reader(fd, size, pad=True)
             with contextlib.suppress(FormatError):
-                format.parse_stream(reader, offset, _VIRTUAL_SIZE)
+                format.parse_stream(reader, offset, 1 << 62)  # a size no file reaches
             if not reader.past_end:
                 raise InspectError(exc.desc) from None
             try:
-                machine, caps, total_ram, layouts = _salvage(reader, offset, size)
+                machine, caps, total_ram, layouts = format.parse_cut_short(reader, offset, size)
             except FormatError:
                 raise InspectError(
                     f"incomplete: the file is cut short at {size} bytes ({exc.desc})"
