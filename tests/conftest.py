@@ -341,3 +341,47 @@ def migd_threads() -> list[str]:
     import threading
 
     return [t.name for t in threading.enumerate() if t.name.startswith("migd-")]
+
+
+# --- reading what a save wrote, and QMP errors ----------------------------------------------
+
+
+def parse_save(path: Path | str, offset: int = 0) -> Any:
+    """format.parse_stream of a save file on disk."""
+    from migd import format
+
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        return format.parse_stream(lambda at, n: os.pread(f.fileno(), n, at), offset, size)
+
+
+def is_complete_save(path: Path | str, offset: int = 0) -> bool:
+    """Could a reader take this file for a complete save?"""
+    from migd import format
+
+    try:
+        return bool(parse_save(path, offset).complete)
+    except format.FormatError:
+        return False
+
+
+def read_bitmap(path: Path | str, block: Any) -> Any:
+    from migd import format
+
+    with open(path, "rb") as f:
+        data = os.pread(f.fileno(), block.bitmap_size, block.bitmap_offset)
+    return format.decode_bitmap(data, block.pages)
+
+
+def read_pages(path: Path | str, block: Any) -> bytes:
+    with open(path, "rb") as f:
+        return os.pread(f.fileno(), block.length, block.pages_offset)
+
+
+async def qmp_error(client: Any, command: str, arguments: dict[str, Any] | None = None) -> str:
+    """Run a command that must fail; return QEMU's error text."""
+    from qemu.qmp import ExecuteError
+
+    with pytest.raises(ExecuteError) as info:
+        await client.execute(command, arguments)
+    return info.value.error.error.desc

@@ -22,6 +22,7 @@ from .conftest import (
     fill_random,
     migd_threads,
     open_fds,
+    qmp_error,
     restore,
     save,
     wait_migration,
@@ -31,12 +32,6 @@ MiB = 1 << 20
 PAGE = 4096
 HEADER_END = 0x11921  # libvirt's save-image header ends here: unaligned on purpose
 NO_FD = "No file descriptor supplied via SCM_RIGHTS"
-
-
-async def _error(client, command, arguments=None) -> str:
-    with pytest.raises(ExecuteError) as info:
-        await client.execute(command, arguments)
-    return info.value.error.error.desc
 
 
 async def _with_fd(client, fd: int, command: str, arguments=None):
@@ -98,11 +93,11 @@ async def test_getfd_under_an_existing_name_closes_the_older_fd(qmp, short_dir):
 
 
 async def test_getfd_without_a_passed_fd_is_refused(qmp):
-    assert await _error(qmp, "getfd", {"fdname": "x"}) == NO_FD
+    assert await qmp_error(qmp, "getfd", {"fdname": "x"}) == NO_FD
 
 
 async def test_closefd_of_an_unknown_name_is_refused(qmp):
-    text = await _error(qmp, "closefd", {"fdname": "nope"})
+    text = await qmp_error(qmp, "closefd", {"fdname": "nope"})
     assert text == "File descriptor named 'nope' not found"
 
 
@@ -111,7 +106,7 @@ async def test_getfd_with_a_name_starting_with_a_digit_is_refused_and_closes_the
     baseline = open_fds()
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     qmp.send_fd_scm(fd)
-    text = await _error(qmp, "getfd", {"fdname": "1abc"})
+    text = await qmp_error(qmp, "getfd", {"fdname": "1abc"})
     assert text == "Parameter 'fdname' expects a name not starting with a digit"
     os.close(fd)
     assert open_fds() == baseline
@@ -156,10 +151,10 @@ async def test_add_fd_allocates_the_lowest_free_id_and_query_fdsets_lists_qemu_s
 async def test_add_fd_errors_use_qemu_texts_and_never_keep_the_fd(qmp, short_dir):
     path = short_dir / "f"
     baseline = open_fds()
-    assert await _error(qmp, "add-fd", {"fdset-id": 1}) == NO_FD
+    assert await qmp_error(qmp, "add-fd", {"fdset-id": 1}) == NO_FD
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     qmp.send_fd_scm(fd)
-    text = await _error(qmp, "add-fd", {"fdset-id": -1})
+    text = await qmp_error(qmp, "add-fd", {"fdset-id": -1})
     assert text == "Parameter 'fdset-id' expects a non-negative value"
     os.close(fd)
     assert _targets(path) == 0
@@ -173,11 +168,11 @@ async def test_remove_fd_of_an_unknown_set_or_fd_is_refused(qmp, short_dir):
         added = await _add_fd(qmp, fd, **{"fdset-id": 3})
     finally:
         os.close(fd)
-    text = await _error(qmp, "remove-fd", {"fdset-id": 42})
+    text = await qmp_error(qmp, "remove-fd", {"fdset-id": 42})
     assert text == "File descriptor named 'fdset-id:42' not found"
-    text = await _error(qmp, "remove-fd", {"fdset-id": 3, "fd": added["fd"] + 1000})
+    text = await qmp_error(qmp, "remove-fd", {"fdset-id": 3, "fd": added["fd"] + 1000})
     assert text == f"File descriptor named 'fdset-id:3, fd:{added['fd'] + 1000}' not found"
-    text = await _error(qmp, "remove-fd", {"fdset-id": 42, "fd": added["fd"]})
+    text = await qmp_error(qmp, "remove-fd", {"fdset-id": 42, "fd": added["fd"]})
     assert text == f"File descriptor named 'fdset-id:42, fd:{added['fd']}' not found"
     await qmp.execute("remove-fd", {"fdset-id": 3, "fd": added["fd"]})
     assert await qmp.execute("query-fdsets") == []
@@ -344,8 +339,8 @@ async def test_restore_through_an_fdset_without_the_o_direct_twin_is_refused(qmp
 async def test_a_missing_or_malformed_fdset_is_refused(qmp, shm, uri, expected):
     await add_file_backend(qmp, "ram0", shm / "src", 1 * MiB)
     await enable_mapped_ram(qmp)
-    assert await _error(qmp, "migrate", {"uri": uri}) == expected
-    assert await _error(qmp, "migrate-incoming", {"uri": uri}) == expected
+    assert await qmp_error(qmp, "migrate", {"uri": uri}) == expected
+    assert await qmp_error(qmp, "migrate-incoming", {"uri": uri}) == expected
 
 
 # -- memory backends on passed fds ---------------------------------------------------------
@@ -393,9 +388,9 @@ async def test_memory_backend_on_an_fdset_without_a_read_write_fd_is_refused(qmp
     path.write_bytes(bytes(MiB))
     await _fdset_of(qmp, 0, path, os.O_RDONLY)
     args = {"qom-type": "memory-backend-file", "id": "ram0", "size": MiB}
-    text = await _error(qmp, "object-add", {**args, "mem-path": "/dev/fdset/0"})
+    text = await qmp_error(qmp, "object-add", {**args, "mem-path": "/dev/fdset/0"})
     assert text == "Failed to find file descriptor with matching flags=0x2"
-    text = await _error(qmp, "object-add", {**args, "mem-path": "/dev/fdset/1"})
+    text = await qmp_error(qmp, "object-add", {**args, "mem-path": "/dev/fdset/1"})
     assert text == "Failed to find fdset /dev/fdset/1"
     assert await qmp.execute("query-memdev") == []
 
@@ -486,9 +481,7 @@ async def test_daemon_stop_closes_named_fds_fdsets_and_passed_memory(migd_inproc
             await client.disconnect()
 
 
-async def test_a_command_takes_one_fd_of_a_batch_and_the_extras_are_closed(
-    migd_inproc, short_dir
-):
+async def test_a_command_takes_one_fd_of_a_batch_and_the_extras_are_closed(migd_inproc, short_dir):
     first, extra = short_dir / "first", short_dir / "extra"
     client = await asyncio.to_thread(
         _send_unclaimed_fds, migd_inproc.socket_path, [first, extra], True

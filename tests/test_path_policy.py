@@ -11,7 +11,14 @@ from qemu.qmp import ExecuteError
 from migd import paths as paths_module
 from migd.paths import PathNotAllowed, PathPolicy
 
-from .conftest import InProcessDaemon, add_file_backend, enable_mapped_ram, fill_random, save
+from .conftest import (
+    InProcessDaemon,
+    add_file_backend,
+    enable_mapped_ram,
+    fill_random,
+    qmp_error,
+    save,
+)
 
 MiB = 1 << 20
 
@@ -37,12 +44,6 @@ async def confined(short_dir: Path, tree: dict[str, Path]):
     await d.stop()
 
 
-async def _error(client, command, arguments) -> str:
-    with pytest.raises(ExecuteError) as info:
-        await client.execute(command, arguments)
-    return info.value.error.error.desc
-
-
 async def _ready(client, shm: Path) -> None:
     fill_random(shm / "ram0", MiB)
     await add_file_backend(client, "ram0", shm / "ram0", MiB)
@@ -57,7 +58,7 @@ async def test_save_inside_an_allowed_directory_works(confined, tree):
 async def test_save_outside_the_allowed_directories_is_refused_and_creates_nothing(confined, tree):
     await _ready(confined, tree["shm"])
     target = tree["outside"] / "vm.sav"
-    text = await _error(confined, "migrate", {"uri": f"file:{target}"})
+    text = await qmp_error(confined, "migrate", {"uri": f"file:{target}"})
     assert text.startswith(f"'{target}' is outside the allowed directories (")
     assert not target.exists()
     assert await confined.execute("query-migrate") == {}
@@ -66,7 +67,7 @@ async def test_save_outside_the_allowed_directories_is_refused_and_creates_nothi
 async def test_dotdot_cannot_climb_out(confined, tree):
     await _ready(confined, tree["shm"])
     target = f"{tree['allowed']}/../outside/vm.sav"
-    assert "outside the allowed directories" in await _error(
+    assert "outside the allowed directories" in await qmp_error(
         confined, "migrate", {"uri": f"file:{target}"}
     )
     assert not (tree["outside"] / "vm.sav").exists()
@@ -76,7 +77,7 @@ async def test_a_symlink_as_the_file_is_refused_and_its_target_untouched(confine
     await _ready(confined, tree["shm"])
     link = tree["allowed"] / "vm.sav"
     link.symlink_to(tree["outside"] / "precious")
-    text = await _error(confined, "migrate", {"uri": f"file:{link}"})
+    text = await qmp_error(confined, "migrate", {"uri": f"file:{link}"})
     assert "outside the allowed directories" in text or "symbolic link" in text
     assert (tree["outside"] / "precious").read_bytes() == b"keep me"
 
@@ -85,7 +86,7 @@ async def test_a_symlinked_directory_leading_out_is_refused(confined, tree):
     await _ready(confined, tree["shm"])
     (tree["allowed"] / "sub").symlink_to(tree["outside"])
     target = tree["allowed"] / "sub" / "vm.sav"
-    assert "outside the allowed directories" in await _error(
+    assert "outside the allowed directories" in await qmp_error(
         confined, "migrate", {"uri": f"file:{target}"}
     )
     assert not (tree["outside"] / "vm.sav").exists()
@@ -96,7 +97,7 @@ async def test_a_symlink_inside_pointing_inside_is_still_refused_as_a_symlink(co
     real = tree["allowed"] / "real.sav"
     real.write_bytes(b"")
     (tree["allowed"] / "alias.sav").symlink_to(real)
-    text = await _error(confined, "migrate", {"uri": f"file:{tree['allowed']}/alias.sav"})
+    text = await qmp_error(confined, "migrate", {"uri": f"file:{tree['allowed']}/alias.sav"})
     assert "is a symbolic link" in text
 
 
@@ -111,7 +112,9 @@ async def test_mem_path_outside_is_refused_and_creates_nothing(confined, tree):
 
 async def test_restore_from_outside_is_refused(confined, tree):
     await _ready(confined, tree["shm"])
-    text = await _error(confined, "migrate-incoming", {"uri": f"file:{tree['outside']}/precious"})
+    text = await qmp_error(
+        confined, "migrate-incoming", {"uri": f"file:{tree['outside']}/precious"}
+    )
     assert "outside the allowed directories" in text
 
 

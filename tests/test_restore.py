@@ -8,7 +8,6 @@ import struct
 
 import numpy as np
 import pytest
-from qemu.qmp import ExecuteError
 
 from migd import format
 
@@ -18,6 +17,7 @@ from .conftest import (
     fill_random,
     migd_threads,
     open_fds,
+    qmp_error,
     restore,
     save,
     wait_migration,
@@ -54,12 +54,6 @@ async def _saved(qmp, shm, short_dir, size=16 * MiB, channels=2, direct_io=True,
 
 def _digest(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-async def _error(client, command, arguments) -> str:
-    with pytest.raises(ExecuteError) as info:
-        await client.execute(command, arguments)
-    return info.value.error.error.desc
 
 
 @pytest.mark.parametrize(("save_channels", "restore_channels"), [(1, 1), (2, 2), (8, 8), (2, 5)])
@@ -124,7 +118,7 @@ async def test_restore_skips_unmatched_blocks_only_when_asked(qmp, shm, short_di
     await save(qmp, short_dir / "two.img")
     await qmp.execute("object-del", {"id": "extra"})
     before = _digest(shm / "dst")
-    text = await _error(qmp, "migrate-incoming", {"uri": f"file:{short_dir}/two.img"})
+    text = await qmp_error(qmp, "migrate-incoming", {"uri": f"file:{short_dir}/two.img"})
     assert text == 'Unknown ramblock "extra", cannot accept migration'
     assert _digest(shm / "dst") == before
     info = await restore(qmp, short_dir / "two.img", **{"skip-unmatched-blocks": True})
@@ -136,13 +130,13 @@ async def test_restore_refuses_when_mapped_ram_is_off(qmp, shm, short_dir):
     await _saved(qmp, shm, short_dir)
     caps = [{"capability": "mapped-ram", "state": False}]
     await qmp.execute("migrate-set-capabilities", {"capabilities": caps})
-    text = await _error(qmp, "migrate-incoming", {"uri": f"file:{short_dir}/save.img"})
+    text = await qmp_error(qmp, "migrate-incoming", {"uri": f"file:{short_dir}/save.img"})
     assert "mapped-ram" in text
 
 
 async def test_restore_of_a_missing_file_is_refused(qmp, shm, short_dir):
     await enable_mapped_ram(qmp)
-    text = await _error(qmp, "migrate-incoming", {"uri": f"file:{short_dir}/nope.img"})
+    text = await qmp_error(qmp, "migrate-incoming", {"uri": f"file:{short_dir}/nope.img"})
     assert text == f"Could not open '{short_dir}/nope.img': No such file or directory"
 
 
@@ -207,7 +201,7 @@ async def test_corrupt_files_are_refused_and_backends_stay_untouched(qmp, shm, s
     damage, expected = CORRUPTIONS[name]
     damage(target, _first_block(target))
     before, fds_before = _digest(shm / "dst"), open_fds()
-    text = await _error(qmp, "migrate-incoming", {"uri": f"file:{target}"})
+    text = await qmp_error(qmp, "migrate-incoming", {"uri": f"file:{target}"})
     assert str(target) in text and expected in text
     assert _digest(shm / "dst") == before
     assert open_fds() == fds_before and migd_threads() == []
@@ -218,7 +212,7 @@ async def test_length_mismatch_names_both_lengths(qmp, shm, short_dir):
     await _saved(qmp, shm, short_dir, size=4 * MiB)
     await qmp.execute("object-del", {"id": "ram0"})
     await add_file_backend(qmp, "ram0", shm / "dst2", 8 * MiB)
-    text = await _error(qmp, "migrate-incoming", {"uri": f"file:{short_dir}/save.img"})
+    text = await qmp_error(qmp, "migrate-incoming", {"uri": f"file:{short_dir}/save.img"})
     assert str(4 * MiB) in text and str(8 * MiB) in text and "Length mismatch" in text
 
 

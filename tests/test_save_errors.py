@@ -5,38 +5,20 @@ from __future__ import annotations
 import os
 
 import pytest
-from qemu.qmp import ExecuteError
-
-from migd import format
 
 from .conftest import (
     add_file_backend,
     enable_mapped_ram,
     fill_random,
+    is_complete_save,
     migd_threads,
     open_fds,
+    qmp_error,
     save,
     wait_migration,
 )
 
 MiB = 1 << 20
-
-
-async def _error(client, command, arguments=None) -> str:
-    with pytest.raises(ExecuteError) as info:
-        await client.execute(command, arguments)
-    return info.value.error.error.desc
-
-
-def _is_complete(path, offset=0) -> bool:
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        try:
-            return format.parse_stream(
-                lambda at, n: os.pread(f.fileno(), n, at), offset, size
-            ).complete
-        except format.FormatError:
-            return False
 
 
 @pytest.fixture
@@ -89,37 +71,37 @@ async def ready(qmp, shm):
     ],
 )
 async def test_bad_migrate_requests_are_refused_with_qemus_text(ready, arguments, text):
-    assert await _error(ready, "migrate", arguments) == text
+    assert await qmp_error(ready, "migrate", arguments) == text
     assert await ready.execute("query-migrate") == {}
 
 
 async def test_save_without_mapped_ram_is_refused_clearly(qmp, shm, short_dir):
     await add_file_backend(qmp, "ram0", shm / "ram0", MiB)
-    text = await _error(qmp, "migrate", {"uri": f"file:{short_dir}/x"})
+    text = await qmp_error(qmp, "migrate", {"uri": f"file:{short_dir}/x"})
     assert "mapped-ram" in text
     assert not (short_dir / "x").exists()
 
 
 async def test_save_without_memory_backends_is_refused(qmp, short_dir):
     await enable_mapped_ram(qmp)
-    text = await _error(qmp, "migrate", {"uri": f"file:{short_dir}/x"})
+    text = await qmp_error(qmp, "migrate", {"uri": f"file:{short_dir}/x"})
     assert "no memory backend" in text.lower()
 
 
 async def test_target_that_is_a_directory_is_refused(ready, short_dir):
-    text = await _error(ready, "migrate", {"uri": f"file:{short_dir}"})
+    text = await qmp_error(ready, "migrate", {"uri": f"file:{short_dir}"})
     assert text == f"Could not open '{short_dir}': Is a directory"
 
 
 async def test_target_that_cannot_be_created_is_refused(ready, short_dir):
     target = short_dir / "missing" / "save.img"
-    text = await _error(ready, "migrate", {"uri": f"file:{target}"})
+    text = await qmp_error(ready, "migrate", {"uri": f"file:{target}"})
     assert text == f"Could not open '{target}': No such file or directory"
 
 
 async def test_target_on_a_read_only_filesystem_is_refused(ready, readonly_dir):
     target = readonly_dir / "save.img"
-    text = await _error(ready, "migrate", {"uri": f"file:{target}"})
+    text = await qmp_error(ready, "migrate", {"uri": f"file:{target}"})
     assert text == f"Could not open '{target}': Read-only file system"
 
 
@@ -146,7 +128,7 @@ async def test_target_on_a_read_only_filesystem_is_refused(ready, readonly_dir):
 )
 async def test_bad_parameters_are_refused_and_change_nothing(qmp, arguments, text):
     before = await qmp.execute("query-migrate-parameters")
-    assert await _error(qmp, "migrate-set-parameters", arguments) == text
+    assert await qmp_error(qmp, "migrate-set-parameters", arguments) == text
     assert await qmp.execute("query-migrate-parameters") == before
 
 
@@ -162,7 +144,7 @@ async def test_parameter_defaults_are_migds(qmp):
 async def test_unknown_capability_is_refused_and_changes_nothing(qmp):
     before = await qmp.execute("query-migrate-capabilities")
     caps = [{"capability": "multifd", "state": True}, {"capability": "xbzrle", "state": True}]
-    text = await _error(qmp, "migrate-set-capabilities", {"capabilities": caps})
+    text = await qmp_error(qmp, "migrate-set-capabilities", {"capabilities": caps})
     assert text == "Parameter 'capability' expects MigrationCapability"
     assert await qmp.execute("query-migrate-capabilities") == before
 
@@ -171,12 +153,12 @@ async def test_second_migrate_and_setting_changes_are_refused_while_one_runs(rea
     await ready.execute("migrate-set-parameters", {"max-bandwidth": 8 * MiB})
     await ready.execute("migrate", {"uri": f"file:{short_dir}/a.img"})
     busy = "There's a migration process in progress"
-    assert await _error(ready, "migrate", {"uri": f"file:{short_dir}/b.img"}) == busy
-    assert await _error(ready, "migrate-incoming", {"uri": f"file:{short_dir}/a.img"}) == busy
+    assert await qmp_error(ready, "migrate", {"uri": f"file:{short_dir}/b.img"}) == busy
+    assert await qmp_error(ready, "migrate-incoming", {"uri": f"file:{short_dir}/a.img"}) == busy
     caps = {"capabilities": [{"capability": "multifd", "state": False}]}
-    assert await _error(ready, "migrate-set-capabilities", caps) == busy
-    assert await _error(ready, "migrate-set-parameters", {"multifd-channels": 3}) == busy
-    assert "in use by a migration" in await _error(ready, "object-del", {"id": "ram0"})
+    assert await qmp_error(ready, "migrate-set-capabilities", caps) == busy
+    assert await qmp_error(ready, "migrate-set-parameters", {"multifd-channels": 3}) == busy
+    assert "in use by a migration" in await qmp_error(ready, "object-del", {"id": "ram0"})
     await ready.execute("migrate_cancel")
     assert (await wait_migration(ready))["status"] == "cancelled"
     assert not (short_dir / "b.img").exists()
@@ -188,7 +170,7 @@ async def test_filesystem_refusing_o_direct_fails_the_save_with_qemus_text(ready
     assert info["status"] == "failed"
     assert info["error-desc"] == f"Could not open '{target}': filesystem does not support O_DIRECT"
     assert open_fds() == fds_before and migd_threads() == []
-    assert not _is_complete(target)
+    assert not is_complete_save(target)
     assert "return" in {"return": await ready.execute("query-version")}
 
 
@@ -196,7 +178,7 @@ async def test_save_to_ramfs_works_without_direct_io(ready, ramfs):
     await ready.execute("migrate-set-parameters", {"direct-io": False})
     info = await save(ready, ramfs / "save.img")
     assert info["status"] == "completed", info
-    assert _is_complete(ramfs / "save.img")
+    assert is_complete_save(ramfs / "save.img")
 
 
 async def test_disk_full_fails_the_save_names_the_file_and_leaves_nothing_behind(
@@ -210,7 +192,7 @@ async def test_disk_full_fails_the_save_names_the_file_and_leaves_nothing_behind
     assert info["status"] == "failed"
     assert info["error-desc"] == f"Could not write '{target}': No space left on device"
     assert open_fds() == fds_before and migd_threads() == []
-    assert not _is_complete(target)
+    assert not is_complete_save(target)
     # the daemon keeps serving, and a save that fits still works afterwards
     os.unlink(target)
     await qmp.execute("object-del", {"id": "big"})
@@ -231,6 +213,6 @@ async def test_cancel_mid_save_joins_threads_closes_fds_and_leaves_an_incomplete
     info = await wait_migration(ready)
     assert info["status"] == "cancelled"
     assert open_fds() == fds_before and migd_threads() == []
-    assert not _is_complete(short_dir / "save.img")
+    assert not is_complete_save(short_dir / "save.img")
     # cancelling when nothing runs is fine, as in QEMU
     assert await ready.execute("migrate_cancel") == {}

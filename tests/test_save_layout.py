@@ -7,29 +7,18 @@ import os
 import numpy as np
 import pytest
 
-from migd import format
-
-from .conftest import add_file_backend, enable_mapped_ram, fill_random, save
+from .conftest import (
+    add_file_backend,
+    enable_mapped_ram,
+    fill_random,
+    parse_save,
+    read_bitmap,
+    read_pages,
+    save,
+)
 
 MiB = 1 << 20
 PAGE = 4096
-
-
-def _parse(path, offset=0):
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        return format.parse_stream(lambda at, n: os.pread(f.fileno(), n, at), offset, size)
-
-
-def _bitmap(path, block):
-    with open(path, "rb") as f:
-        data = os.pread(f.fileno(), block.bitmap_size, block.bitmap_offset)
-    return format.decode_bitmap(data, block.pages)
-
-
-def _pages(path, block):
-    with open(path, "rb") as f:
-        return os.pread(f.fileno(), block.length, block.pages_offset)
 
 
 def _is_hole(path, start, length) -> bool:
@@ -61,8 +50,8 @@ async def test_long_zero_runs_are_skipped_as_holes_with_clear_bits(qmp, shm, sho
     await enable_mapped_ram(qmp, channels=2, direct_io=True)
     info = await save(qmp, short_dir / "save.img")
     assert info["status"] == "completed", info
-    block = _parse(short_dir / "save.img").blocks[0]
-    bits = _bitmap(short_dir / "save.img", block)
+    block = parse_save(short_dir / "save.img").blocks[0]
+    bits = read_bitmap(short_dir / "save.img", block)
     zero_pages = np.frombuffer(data, np.uint8).reshape(-1, PAGE).any(axis=1) == 0
     assert not bits[zero_pages].any() and bits[~zero_pages].all()
     assert info["ram"]["duplicate"] == int(zero_pages.sum()) == 3 * 512
@@ -70,7 +59,7 @@ async def test_long_zero_runs_are_skipped_as_holes_with_clear_bits(qmp, shm, sho
     for c in (1, 2, 6):
         assert _is_hole(short_dir / "save.img", block.pages_offset + c * 2 * MiB, 2 * MiB)
     assert not _is_hole(short_dir / "save.img", block.pages_offset, 2 * MiB)
-    saved = bytearray(_pages(short_dir / "save.img", block))
+    saved = bytearray(read_pages(short_dir / "save.img", block))
     assert bytes(saved) == data  # holes read as zeros, everything else is the data
 
 
@@ -84,11 +73,11 @@ async def test_short_zero_runs_are_written_inline_and_keep_their_bits(qmp, shm, 
     await add_file_backend(qmp, "ram0", shm / "ram0", size)
     await enable_mapped_ram(qmp, channels=2)
     info = await save(qmp, short_dir / "save.img")
-    block = _parse(short_dir / "save.img").blocks[0]
+    block = parse_save(short_dir / "save.img").blocks[0]
     # scattered zero pages do not break the writes into 4 KiB pieces: they are written
-    assert _bitmap(short_dir / "save.img", block).all()
+    assert read_bitmap(short_dir / "save.img", block).all()
     assert info["ram"]["duplicate"] == 0
-    assert _pages(short_dir / "save.img", block) == bytes(data)
+    assert read_pages(short_dir / "save.img", block) == bytes(data)
 
 
 async def test_zero_page_detection_none_writes_every_page(qmp, shm, short_dir):
@@ -97,10 +86,10 @@ async def test_zero_page_detection_none_writes_every_page(qmp, shm, short_dir):
     await add_file_backend(qmp, "ram0", shm / "ram0", size)
     await enable_mapped_ram(qmp, channels=2, **{"zero-page-detection": "none"})
     info = await save(qmp, short_dir / "save.img")
-    block = _parse(short_dir / "save.img").blocks[0]
-    assert _bitmap(short_dir / "save.img", block).all()
+    block = parse_save(short_dir / "save.img").blocks[0]
+    assert read_bitmap(short_dir / "save.img", block).all()
     assert info["ram"]["normal"] == size // PAGE and info["ram"]["duplicate"] == 0
-    assert _pages(short_dir / "save.img", block) == data
+    assert read_pages(short_dir / "save.img", block) == data
 
 
 async def test_never_touched_pages_of_a_sparse_backend_are_found_without_reading(
@@ -115,8 +104,8 @@ async def test_never_touched_pages_of_a_sparse_backend_are_found_without_reading
     await enable_mapped_ram(qmp, channels=2)
     info = await save(qmp, short_dir / "save.img")
     assert info["ram"]["duplicate"] == size // PAGE - 1
-    block = _parse(short_dir / "save.img").blocks[0]
-    bits = _bitmap(short_dir / "save.img", block)
+    block = parse_save(short_dir / "save.img").blocks[0]
+    bits = read_bitmap(short_dir / "save.img", block)
     assert np.flatnonzero(bits).tolist() == [5 * MiB // PAGE]
 
 
@@ -139,7 +128,7 @@ async def test_several_blocks_of_odd_sizes_each_get_an_aligned_region(qmp, shm, 
     await enable_mapped_ram(qmp, channels=8, direct_io=True)
     info = await save(qmp, short_dir / "save.img")
     assert info["status"] == "completed", info
-    parsed = _parse(short_dir / "save.img")
+    parsed = parse_save(short_dir / "save.img")
     assert parsed.complete
     assert {b.name: b.length for b in parsed.blocks} == {**sizes, "pc.bios": 2 * MiB}
     assert parsed.total_ram == sum(sizes.values()) + 2 * MiB
@@ -147,9 +136,9 @@ async def test_several_blocks_of_odd_sizes_each_get_an_aligned_region(qmp, shm, 
         assert block.pages_offset % MiB == 0
         assert block.bitmap_offset == block.header_offset + 28
         if block.name in datas:
-            assert _pages(short_dir / "save.img", block) == datas[block.name]
+            assert read_pages(short_dir / "save.img", block) == datas[block.name]
         else:  # fresh anonymous memory is all zero pages: nothing written
-            assert not _bitmap(short_dir / "save.img", block).any()
+            assert not read_bitmap(short_dir / "save.img", block).any()
 
 
 @pytest.mark.parametrize("offset", [4096, 0x11921])
@@ -164,9 +153,9 @@ async def test_bytes_before_the_offset_survive_and_offsets_are_absolute(
     await enable_mapped_ram(qmp, channels=2, direct_io=True)
     assert (await save(qmp, target, offset=offset))["status"] == "completed"
     assert target.read_bytes()[:offset] == header
-    block = _parse(target, offset).blocks[0]
+    block = parse_save(target, offset).blocks[0]
     assert block.header_offset > offset and block.pages_offset % MiB == 0
-    assert _pages(target, block) == data
+    assert read_pages(target, block) == data
 
 
 async def test_save_without_multifd_goes_through_the_main_channel(qmp, shm, short_dir):
@@ -175,8 +164,8 @@ async def test_save_without_multifd_goes_through_the_main_channel(qmp, shm, shor
     await enable_mapped_ram(qmp, multifd=False, direct_io=True)  # direct-io has no effect
     info = await save(qmp, short_dir / "save.img")
     assert info["status"] == "completed"
-    block = _parse(short_dir / "save.img").blocks[0]
-    assert _pages(short_dir / "save.img", block) == data
+    block = parse_save(short_dir / "save.img").blocks[0]
+    assert read_pages(short_dir / "save.img", block) == data
 
 
 async def test_vmdescription_carries_migds_metadata(qmp, shm, short_dir):
