@@ -15,6 +15,7 @@ from .errors import BackendError
 from .paths import FileOpener, plain_open
 
 PAGE_SIZE = 4096
+MAX_SIZE = (1 << 62) - PAGE_SIZE  # leaves room in a 64-bit file for the save's metadata
 
 _FALLOC_FL_KEEP_SIZE = 1
 _FALLOC_FL_PUNCH_HOLE = 2
@@ -183,6 +184,9 @@ def _validate(id: str, size: int, ramblock_name: str | None) -> str:
         raise BackendError("Parameter 'id' expects an identifier")
     if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % PAGE_SIZE:
         raise BackendError(f"Parameter 'size' expects a positive multiple of {PAGE_SIZE}")
+    if size > MAX_SIZE:
+        # mmap and off_t are signed 64-bit: larger sizes cannot be mapped or saved.
+        raise BackendError(f"Parameter 'size' expects a value of at most {MAX_SIZE}")
     if ramblock_name is None:
         return id
     if not isinstance(ramblock_name, str) or not 1 <= len(ramblock_name.encode()) <= 255:
@@ -282,16 +286,19 @@ class MemoryRegistry:
     def __init__(self) -> None:
         self._backends: dict[str, MemoryBackend] = {}
 
-    def add(self, backend: MemoryBackend) -> None:
-        """Register backend; on refusal the caller still owns (and closes) it."""
-        if backend.id in self._backends:
-            raise BackendError(f"Memory backend '{backend.id}' already exists")
-        other = self.by_block_name(backend.block_name)
+    def check_new(self, id: str, block_name: str) -> None:
+        """Refuse an id or block name already taken: callers check before creating files."""
+        if id in self._backends:
+            raise BackendError(f"Memory backend '{id}' already exists")
+        other = self.by_block_name(block_name)
         if other is not None:
             raise BackendError(
-                f"RAM block name '{backend.block_name}' is already used "
-                f"by memory backend '{other.id}'"
+                f"RAM block name '{block_name}' is already used by memory backend '{other.id}'"
             )
+
+    def add(self, backend: MemoryBackend) -> None:
+        """Register backend; on refusal the caller still owns (and closes) it."""
+        self.check_new(backend.id, backend.block_name)
         self._backends[backend.id] = backend
 
     def remove(self, id: str) -> None:

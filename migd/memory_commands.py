@@ -44,8 +44,8 @@ class ObjectAddArgs(QapiModel):
 )
 async def object_add(ctx: Context, args: ObjectAddArgs) -> Empty:
     registry = ctx.services.memory
-    if any(b.id == args.id for b in registry):
-        raise InvalidRequest(f"Memory backend '{args.id}' already exists")
+    # Before anything is created: a refused object-add must leave no file behind.
+    registry.check_new(args.id, args.ramblock_name or args.id)
     backend: MemoryBackend
     if args.qom_type is QomType.memory_backend_file:
         if args.mem_path is None:

@@ -480,9 +480,17 @@ class MigrationEngine:
         for ch in job.channels:
             ch.blocks = ()  # drop the mmap views so object-del really unmaps afterwards
         failures = [r for r in results if isinstance(r, BaseException)]
+        del results, futures
         if failures:
             job.cancel.set()
-            raise failures[0]
+            # The thread frames an error reaches hold views of the backends' mappings:
+            # cut them (and any cycle through this frame) so object-del can unmap at once.
+            error = failures.pop(0)
+            error.__context__ = error.__cause__ = None
+            try:
+                raise error.with_traceback(None)
+            finally:
+                del error, failures
         self._check_cancel(job)
 
     async def _save(self, job: Job, layout: format.SaveLayout, main_fd: int) -> None:

@@ -148,6 +148,22 @@ def _nesting_depth(text: bytes) -> int:
     return best
 
 
+def _has_nul(value: Any) -> bool:
+    """QEMU's parser refuses NUL in strings; paths and names with one cannot work anyway."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
 def decode_request(text: bytes) -> Request:
     """Decode one framed text into a Request; InvalidRequest carries QEMU's text.
 
@@ -178,6 +194,8 @@ def decode_request(text: bytes) -> Request:
         args = msg.get("arguments", {})
         if not isinstance(args, dict):
             raise InvalidRequest("QMP input member 'arguments' must be an object")
+        if _has_nul(msg["execute"]) or _has_nul(args):
+            raise InvalidRequest("JSON parse error, \\u0000 is not supported")
     except InvalidRequest as exc:
         exc.request = req  # type: ignore[attr-defined]
         raise

@@ -1,0 +1,278 @@
+"""A save reported completed was durable first: checked on the syscalls themselves.
+
+The daemon runs under strace; the order of its pwritev/pwrite64/fdatasync calls on the
+save file and of the socket write that first says "completed" is then checked against
+format.md's rule: page data written, channel fds fdatasync'ed, then bitmaps, RAM end
+section and EOF on the main fd, then the main fd fdatasync'ed, and only then `completed`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from migd import format
+
+from .conftest import RawClient, fill_random
+
+MiB = 1 << 20
+TRACED = "pwrite64,pwritev,pwritev2,fdatasync,fsync,sendto,sendmsg,write"
+
+# `PID name(FD<what>, args...) = RET`, or `... <unfinished ...>` and later
+# `PID <... name resumed>...) = RET`; RET may be followed by ` ERRNO (text)`.
+_CALL = re.compile(r"^(\d+) +(\w+)\((\d+)<([^>]*)>(.*)$")
+_RESUMED = re.compile(r"^(\d+) +<\.\.\. (\w+) resumed>(.*)$")
+_RESULT = re.compile(r"\) += (-?\d+)(?: \w+ \([^()]*\))?$")
+_UNFINISHED = " <unfinished ...>"
+_POSITIONAL = ("pwrite64", "pwritev", "pwritev2")
+
+
+@dataclass
+class Call:
+    name: str
+    fd: int
+    what: str  # the path, or socket:[inode], that strace -y shows for the fd
+    args: str  # the arguments after the fd, as strace prints them
+    start: int  # line numbers: strace sees a call's exit before any later call's entry
+    end: int = -1
+    result: int | None = None
+
+    @property
+    def offset(self) -> int | None:
+        """The file offset of a positional write: its last argument."""
+        if self.name not in _POSITIONAL:
+            return None
+        return int(self.args.rsplit(", ", 1)[-1])
+
+
+def _split_result(text: str) -> tuple[str, int | None]:
+    m = _RESULT.search(text)
+    return (text[: m.start()], int(m.group(1))) if m else (text, None)
+
+
+def parse_strace(text: str) -> list[Call]:
+    calls: list[Call] = []
+    pending: dict[int, Call] = {}
+    for number, line in enumerate(text.splitlines()):
+        if m := _RESUMED.match(line):
+            call = pending.pop(int(m.group(1)), None)
+            if call is not None:
+                call.end = number
+                call.result = _split_result(m.group(3))[1]
+            continue
+        if not (m := _CALL.match(line)):
+            continue
+        pid, name, fd, what, rest = m.groups()
+        if rest.endswith(_UNFINISHED):
+            call = Call(name, int(fd), what, rest[: -len(_UNFINISHED)], number)
+            pending[int(pid)] = call
+        else:
+            args, result = _split_result(rest)
+            call = Call(name, int(fd), what, args, number, number, result)
+        calls.append(call)
+    return calls
+
+
+def check_durable_order(calls: list[Call], path: str, layout: format.SaveLayout) -> None:
+    """Assert format.md's durability order for one completed save of `path`."""
+    on_file = [c for c in calls if c.what == path]
+    heads = [c for c in on_file if c.name == "pwrite64" and c.offset == layout.offset]
+    assert len(heads) == 1, "the stream head is written once, on the main fd"
+    main_fd = heads[0].fd
+    pages = [c for c in on_file if c.name in ("pwritev", "pwritev2")]
+    assert pages, "no page data was written with pwritev"
+    assert all(c.result is not None and c.result > 0 for c in pages), "a page write failed"
+    channel_fds = {c.fd for c in pages}
+    syncs = [c for c in on_file if c.name in ("fdatasync", "fsync")]
+    assert all(c.result == 0 for c in syncs)
+    bitmap_at = {b.bitmap_offset for b in layout.blocks}
+    bitmaps = [c for c in on_file if c.name == "pwrite64" and c.offset in bitmap_at]
+    ends = [c for c in on_file if c.name == "pwrite64" and c.offset == layout.end_offset]
+    assert {c.fd for c in bitmaps + ends} == {main_fd}
+    assert len(bitmaps) == len(layout.blocks) and len(ends) == 1
+    end = ends[0]
+
+    first_page, last_page = min(c.start for c in pages), max(c.end for c in pages)
+    channel_syncs = []
+    for fd in sorted(channel_fds):
+        after = [c for c in syncs if c.fd == fd and c.start > first_page]
+        assert after, f"channel fd {fd} was never synced"
+        channel_syncs.append(after[0])
+        assert last_page < after[0].start, f"fd {fd} synced before every page was written"
+    synced = max(c.end for c in channel_syncs)
+    for c in [*bitmaps, end]:
+        assert c.start > synced, f"{c.name} at {c.offset} began before the pages were synced"
+    main_syncs = [c for c in syncs if c.fd == main_fd and c.start > end.end]
+    assert main_syncs, "the main fd was not synced after the end section"
+    final_sync = main_syncs[0]
+    assert max(c.end for c in bitmaps) < final_sync.start
+    late = [c for c in on_file if c.name != "fdatasync" and c.start > final_sync.start]
+    assert not late, f"writes after the final sync: {late}"
+
+    said = [
+        c
+        for c in calls
+        if c.what.startswith("socket:")
+        and c.name in ("sendto", "sendmsg", "write")
+        and "completed" in c.args
+    ]
+    assert said, "no client was told the save completed"
+    assert said[0].start > final_sync.end, "'completed' was sent before the final fdatasync"
+
+
+def _strace() -> str:
+    strace = shutil.which("strace")
+    if strace is None:
+        pytest.skip("strace is not installed (apt-get install -y strace)")
+    probe = subprocess.run([strace, "-qq", "-e", "trace=none", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"strace cannot trace here: {probe.stderr.decode().strip()}")
+    return strace
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+@pytest.fixture
+def traced_daemon(short_dir: Path):
+    """A subprocess migd under `strace -f -y`; yields (socket path, a function -> log)."""
+    strace = _strace()
+    sock, log = short_dir / "qmp.sock", short_dir / "strace.log"
+    with open(short_dir / "migd.err", "wb") as err:
+        proc = subprocess.Popen(
+            [
+                strace, "-f", "-qq", "-y", "-s", "256", "-e", f"trace={TRACED}",
+                "-e", "signal=none", "-o", str(log),
+                sys.executable, "-m", "migd", "serve", "--socket", str(sock),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while True:
+        assert proc.poll() is None, (short_dir / "migd.err").read_text()
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(sock))
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "traced migd did not start"
+            time.sleep(0.05)
+        finally:
+            probe.close()
+
+    def finish() -> str:
+        for pid in _children(proc.pid):
+            os.kill(pid, signal.SIGTERM)
+        proc.wait(30)
+        return log.read_text(errors="replace")
+
+    try:
+        yield sock, finish
+    finally:
+        if proc.poll() is None:
+            for pid in _children(proc.pid):
+                os.kill(pid, signal.SIGKILL)
+            proc.kill()
+            proc.wait(10)
+
+
+@pytest.mark.parametrize(
+    ("multifd", "direct_io", "offset"),
+    [(True, True, None), (False, False, None), (True, False, 0x11921)],
+    ids=["multifd-direct-io", "main-channel-only", "multifd-at-an-offset"],
+)
+def test_completed_is_announced_only_after_pages_and_metadata_are_fdatasynced(
+    traced_daemon, shm, short_dir, multifd, direct_io, offset
+):
+    sock, finish = traced_daemon
+    size = 16 * MiB
+    data = bytearray(fill_random(shm / "ram0", size, seed=8))
+    data[4 * MiB : 8 * MiB] = bytes(4 * MiB)  # a zero run the save skips
+    (shm / "ram0").write_bytes(data)
+    (shm / "ram1").write_bytes(bytes(MiB - 4096) + b"\x01" * 4096)
+    target = short_dir / "save.img"
+    client = RawClient(sock).negotiate()
+    try:
+        for id, path, length in (("ram0", "ram0", size), ("ram1", "ram1", MiB)):
+            add = {"qom-type": "memory-backend-file", "id": id, "size": length}
+            assert "return" in client.execute("object-add", {**add, "mem-path": str(shm / path)})
+        caps = [
+            {"capability": "mapped-ram", "state": True},
+            {"capability": "multifd", "state": multifd},
+            {"capability": "events", "state": True},
+        ]
+        assert "return" in client.execute("migrate-set-capabilities", {"capabilities": caps})
+        params = {"multifd-channels": 3, "direct-io": direct_io}
+        assert "return" in client.execute("migrate-set-parameters", params)
+        uri = f"file:{target}" + (f",offset={offset}" if offset is not None else "")
+        assert "return" in client.execute("migrate", {"uri": uri})
+        deadline = time.monotonic() + 60
+        while (status := client.execute("query-migrate")["return"]["status"]) != "completed":
+            assert status in ("setup", "active"), status
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        client.close()
+    calls = parse_strace(finish())
+
+    layout = format.plan_save([("ram0", size), ("ram1", MiB)], offset or 0)
+    check_durable_order(calls, str(target), layout)
+    syncs = [c for c in calls if c.what == str(target) and c.name == "fdatasync"]
+    assert len(syncs) == (3 if multifd else 1) + 1
+
+
+# --- the checker itself must catch a wrong order -------------------------------------------
+
+_GOOD_LOG = """\
+10 pwrite64(5</s.img>, "QEVM", 200, 0) = 200
+10 pwrite64(5</s.img>, "\\0\\0", 13, 2101248) = 13
+11 pwritev(6</s.img>, [{iov_base="x", iov_len=4096}], 1, 1048576 <unfinished ...>
+12 pwritev(7</s.img>, [{iov_base="y", iov_len=4096}], 1, 1052672) = 4096
+11 <... pwritev resumed>) = 4096
+13 fdatasync(6</s.img>) = 0
+13 fdatasync(7</s.img>) = 0
+13 pwrite64(5</s.img>, "\\3", 8, 84) = 8
+13 pwrite64(5</s.img>, "\\3\\0", 33, 2101261) = 33
+13 fdatasync(5</s.img>) = 0
+10 sendto(8<socket:[99]>, "{\\"data\\": {\\"status\\": \\"completed\\"}}", 60, 0, NULL, 0) = 60
+"""
+_LAYOUT = format.SaveLayout(
+    0,
+    (format.BlockLayout("ram0", 2 * 4096, 56, 84, 1048576),),
+    (),
+    2101261,
+)
+
+
+def test_the_order_checker_accepts_the_documented_order():
+    check_durable_order(parse_strace(_GOOD_LOG), "/s.img", _LAYOUT)
+
+
+@pytest.mark.parametrize(
+    ("swap", "message"),
+    [
+        ((4, 5), "synced before every page"),  # a channel sync before the last page write
+        ((6, 7), "began before the pages were synced"),  # bitmap before a channel sync
+        ((8, 9), "not synced after the end section"),  # final sync before the end section
+        ((9, 10), "before the final fdatasync"),  # completed before the final sync
+    ],
+)
+def test_the_order_checker_rejects_each_wrong_order(swap, message):
+    lines = _GOOD_LOG.splitlines()
+    a, b = swap
+    lines[a], lines[b] = lines[b], lines[a]
+    with pytest.raises(AssertionError, match=message):
+        check_durable_order(parse_strace("\n".join(lines)), "/s.img", _LAYOUT)
