@@ -23,5 +23,10 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -q
 
+# The real benchmark (about 16 minutes here); never part of `make test`.
+bench: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[test,bench]'
+	$(BIN)/migd bench --size-gib 4 --runs 3 --out docs/bench
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from qemu.qmp import ConnectError, QMPClient
 
+from migd.bench import drop_caches
+
 MiB = 1 << 20
 GiB = 1 << 30
 
@@ -41,16 +43,11 @@ async def connect(path: str, proc: subprocess.Popen[bytes], name: str) -> QMPCli
             await asyncio.sleep(0.05)
 
 
-def drop_caches() -> None:
-    if os.geteuid() == 0:
-        subprocess.run("sync; echo 3 > /proc/sys/vm/drop_caches", shell=True, check=False)
-
-
 def prepare(target: Path) -> None:
     """Remove the last save and drop caches: done before the pollers start, because these
     block this process's event loop and would show up as slow answers."""
     target.unlink(missing_ok=True)
-    drop_caches()
+    drop_caches(target.parent, enabled=os.geteuid() == 0)
 
 
 async def timed_save(control: QMPClient, target: Path) -> float:

@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     action.add_argument("--check", action="store_true", help="fail if the files drift")
     schema.add_argument("--dir", type=Path, default=None, help="schema directory")
     _add_client_commands(sub)
+    from .bench import add_arguments as add_bench_arguments  # no numpy until it runs
+
+    add_bench_arguments(
+        sub.add_parser("bench", help="measure save and restore here, against the disk and QEMU")
+    )
     return parser
 
 
@@ -386,7 +391,13 @@ CLIENT_HANDLERS = {
 }
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run
+
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"serve": cmd_serve, "schema": cmd_schema, **CLIENT_HANDLERS}
+    handlers = {"serve": cmd_serve, "schema": cmd_schema, "bench": cmd_bench, **CLIENT_HANDLERS}
     return handlers[args.command](args)

@@ -1,0 +1,119 @@
+"""`migd bench` end to end at a tiny size: the suite works; its figures are not checked.
+
+The real run (4 GiB, 3 rounds, 20+ minutes) is never a test: see README.md.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["--size-gib", "0.0625", "--runs", "1", "--channels", "1,2"]
+
+
+def odirect_ok(directory: Path) -> bool:
+    probe = directory / "probe"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600))
+    except OSError:
+        return False
+    finally:
+        probe.unlink(missing_ok=True)
+    return True
+
+
+def run_bench(argv: list[str], prelude: str = "") -> subprocess.CompletedProcess[str]:
+    code = f"{prelude}import sys; from migd.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run(
+        [sys.executable, "-c", code, "bench", *argv],
+        capture_output=True, text=True, timeout=240, cwd=REPO,
+    )
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> Path:
+    if not odirect_ok(tmp_path):
+        pytest.skip(f"{tmp_path} does not support O_DIRECT")
+    return tmp_path
+
+
+@pytest.mark.timeout(300)
+def test_bench_end_to_end(disk: Path) -> None:
+    out = disk / "out"
+    proc = run_bench([*TINY, "--dir", str(disk), "--out", str(out), "--json"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(proc.stdout)
+    assert doc == json.loads((out / "bench.json").read_text())
+    assert doc["complete"] and doc["channels"] == [1, 2] and doc["ref_channels"] == 2
+    assert sorted(p.name for p in disk.iterdir()) == ["out"], "save files left behind"
+
+    rows = {r["key"]: r for r in doc["rows"]}
+    expected = {
+        "migd-save-1", "migd-save-2", "migd-save-1-buffered", "migd-save-2-buffered",
+        "migd-save-2-nodetect", "migd-restore-1", "migd-restore-2",
+        "migd-restore-1-buffered", "migd-restore-2-buffered", "migd-restore-2-empty",
+        "migd-save-2-adjacent", "migd-save-2-zero75", "migd-save-2-zero30",
+        "migd-save-2-holes75",
+    }
+    if doc["qemu"]:  # QEMU >= 9.1 installed
+        expected |= {
+            "qemu-save-1", "qemu-save-2", "qemu-save-2-buffered", "qemu-restore-1",
+            "qemu-restore-2", "qemu-restore-2-buffered", "qemu-restore-2-empty",
+        }
+    assert expected <= set(rows), expected - set(rows)
+    assert doc["disk_write_key"] in rows and doc["disk_read_key"] in rows
+    for row in rows.values():
+        samples = 4 if row["memory"] == "adjacent" else 1  # paired with each of 4 saves
+        assert len(row["seconds"]) == samples and row["gib_per_s"] > 0, row
+        assert row["bytes"] == 64 << 20
+    for key in expected:
+        if "restore" in key:
+            assert rows[key]["verified"] is True, key
+    assert rows["migd-save-2"]["page_cache_pct"] and rows["migd-save-2"]["query_migrate_p99_ms"]
+    assert rows["migd-save-2-zero75"]["written_pct"][0] < 50  # the zero clusters are skipped
+    assert {r["name"] for r in doc["ratios"]} and doc["machine"]["cpus"] == os.cpu_count()
+
+    md = (out / "bench.md").read_text()
+    assert "migd bench --size-gib 0.0625" in md and "| ch |" in md
+    assert "migd restore, 2 ch, direct-io (verified)" in md
+    png = out / "bench.png"
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert not png.exists()
+
+
+@pytest.mark.timeout(300)
+def test_bench_without_matplotlib_qemu_or_fio(disk: Path) -> None:
+    out = disk / "out"
+    proc = run_bench(
+        ["--size-gib", "0.0625", "--runs", "1", "--channels", "1", "--dir", str(disk),
+         "--out", str(out), "--no-qemu", "--buffered-channels", "none",
+         "--baseline", "python"],
+        prelude="import sys; sys.modules['matplotlib'] = None; ",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "matplotlib is not installed" in proc.stderr
+    assert not (out / "bench.png").exists()
+    assert "| ch |" in proc.stdout and proc.stdout == (out / "bench.md").read_text()
+    doc = json.loads((out / "bench.json").read_text())
+    keys = {r["key"] for r in doc["rows"]}
+    assert {"disk-write-py", "disk-read-py", "migd-save-1", "migd-restore-1"} <= keys
+    assert not any(k.startswith("qemu") or "buffered" in k for k in keys)
+    assert doc["qemu"] is None
+
+
+def test_bench_usage_errors() -> None:
+    proc = run_bench(["--channels", "1,x"])
+    assert proc.returncode == 2 and "1,2,4,8" in proc.stderr
+    proc = run_bench(["--channels", "1", "--buffered-channels", "2"])
+    assert proc.returncode == 2 and "subset" in proc.stderr
+    proc = run_bench(["--size-gib", "0.01", "--runs", "1"])
+    assert proc.returncode == 1 and "at least" in proc.stderr
