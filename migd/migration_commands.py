@@ -163,9 +163,17 @@ def resolve_target(uri: str | None, channels: list[MigrationChannel] | None) -> 
     return FileTarget(addr.filename, addr.offset)
 
 
-class MigrateArgs(QapiModel):
+class TargetArgs(QapiModel):
+    """The address both directions take: a `uri` or a QAPI `channels` list."""
+
     uri: str | None = None
     channels: list[MigrationChannel] | None = None
+
+    def target(self) -> FileTarget:
+        return resolve_target(self.uri, self.channels)
+
+
+class MigrateArgs(TargetArgs):
     detach: bool | None = None
     resume: bool | None = None
 
@@ -181,16 +189,14 @@ class MigrateArgs(QapiModel):
     "ignored, as in QEMU; 'resume' (postcopy recovery) is refused.",
 )
 async def migrate(ctx: Context, args: MigrateArgs) -> Empty:
-    target = resolve_target(args.uri, args.channels)
+    target = args.target()
     if args.resume:
         raise MigrationError("migd has no postcopy: 'resume' cannot be used")
     ctx.services.engine.start_save(target)
     return Empty()
 
 
-class MigrateIncomingArgs(QapiModel):
-    uri: str | None = None
-    channels: list[MigrationChannel] | None = None
+class MigrateIncomingArgs(TargetArgs):
     exit_on_error: bool | None = None
     skip_unmatched_blocks: bool = False
 
@@ -207,7 +213,7 @@ class MigrateIncomingArgs(QapiModel):
     "that have a backend and lists the others in query-migrate's 'x-skipped-blocks'.",
 )
 async def migrate_incoming(ctx: Context, args: MigrateIncomingArgs) -> Empty:
-    target = resolve_target(args.uri, args.channels)
+    target = args.target()
     await ctx.services.engine.start_restore(target, args.skip_unmatched_blocks)
     return Empty()
 
