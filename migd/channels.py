@@ -107,6 +107,17 @@ def zero_pages(memory: memoryview) -> np.ndarray:
     return zero
 
 
+def touch_pages(memory: memoryview) -> None:
+    """Read one word per page so the pages are mapped before the O_DIRECT write.
+
+    The kernel maps a file's pages up to 16 per fault when they are read from user space,
+    but one per fault when the write pins them. The zero scan maps pages this way; without
+    it, `migd bench` measured saves 20% slower (1.24 against 1.56 GiB/s on a busy machine).
+    """
+    words = np.frombuffer(memory, dtype=np.uint64).reshape(-1, _WORDS_PER_PAGE)
+    words[:, 0].max()
+
+
 def runs_to_write(zero: np.ndarray, min_skip: int = MIN_SKIP_PAGES) -> list[tuple[int, int]]:
     """(first, count) runs to write: everything except zero runs of at least min_skip pages."""
     n = zero.size
@@ -205,6 +216,7 @@ class Channel:
             zero = zero_pages(memory)
             pieces = runs_to_write(zero)
         else:
+            touch_pages(memory)
             pieces = [(0, run.pages)]
         written = 0
         for first, count in pieces:
