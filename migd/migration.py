@@ -380,8 +380,8 @@ class MigrationEngine:
             if job.direction == "restore":
                 job.error_desc = self._partial_note(job, "Restore cancelled")
             self._set_status(job, MigrationStatus.cancelled)
-        except (MigdError, ChannelError) as exc:
-            text = exc.desc if isinstance(exc, MigdError) else str(exc)
+        except MigdError as exc:  # ChannelError included: I/O failures name the file
+            text = exc.desc
             job.error_desc = self._partial_note(job, text) if job.direction == "restore" else text
             self._set_status(job, MigrationStatus.failed)
         except Exception as exc:  # a bug: fail the job, keep the daemon
