@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check migd tests examples bench
+	$(BIN)/ruff check migd tests examples
 	$(BIN)/migd schema --check
 
 test: lint
