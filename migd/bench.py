@@ -95,8 +95,11 @@ PY_THREADS = 4
 FIO_CONFIGS = (
     ("fio1", "fio psync, 1 job, 1 MiB", ("--ioengine=psync", "--numjobs=1", "--bs=1M")),
     ("fio4", "fio psync, 4 jobs, 1 MiB", ("--ioengine=psync", "--numjobs=4", "--bs=1M")),
-    ("fioaio", "fio libaio, 1 job, iodepth 8, 4 MiB",
-     ("--ioengine=libaio", "--numjobs=1", "--iodepth=8", "--bs=4M")),
+    (
+        "fioaio",
+        "fio libaio, 1 job, iodepth 8, 4 MiB",
+        ("--ioengine=libaio", "--numjobs=1", "--iodepth=8", "--bs=4M"),
+    ),
 )
 POLL = 0.01
 QEMU_MIN = (9, 1)
@@ -130,7 +133,10 @@ class Cleanup:
     def spawn(self, argv: Sequence[str], log_path: Path) -> subprocess.Popen[bytes]:
         with open(log_path, "ab") as out:
             proc = subprocess.Popen(
-                list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
                 cwd=PACKAGE_PARENT,
             )
         self.procs.append(proc)
@@ -381,7 +387,9 @@ def meminfo(key: str) -> int:
 def file_cached(path: Path) -> int:
     out = subprocess.run(
         ["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return int(out.stdout.split()[0])
 
@@ -417,8 +425,10 @@ def direct_pass(path: Path, size: int, buffers: Sequence[mmap.mmap], write: bool
         finally:
             view.release()
 
-    threads = [threading.Thread(target=worker, args=(fd, buf), daemon=True)
-               for fd, buf in zip(fds, buffers, strict=True)]
+    threads = [
+        threading.Thread(target=worker, args=(fd, buf), daemon=True)
+        for fd, buf in zip(fds, buffers, strict=True)
+    ]
     try:
         start = time.perf_counter()
         for t in threads:
@@ -470,8 +480,14 @@ def fio_disk(
     """(write, read) seconds for `size` bytes from fio's bandwidth (one file per job)."""
     numjobs = int(next(o for o in options if o.startswith("--numjobs=")).split("=")[1])
     argv = [
-        "fio", f"--name={name}", f"--directory={directory}", "--direct=1", *options,
-        f"--size={size // numjobs}", "--group_reporting", "--output-format=json",
+        "fio",
+        f"--name={name}",
+        f"--directory={directory}",
+        "--direct=1",
+        *options,
+        f"--size={size // numjobs}",
+        "--group_reporting",
+        "--output-format=json",
     ]
     try:
         drop()
@@ -547,16 +563,30 @@ class Row:
     def as_dict(self) -> dict[str, Any]:
         lo, hi = self.gibs_range
         return {
-            "key": self.key, "label": self.label, "op": self.op, "tool": self.tool,
-            "channels": self.channels, "direct_io": self.direct_io, "memory": self.memory,
-            "empty_dst": self.empty_dst, "zero_detection": self.detect, "bytes": self.nbytes,
-            "seconds": self.times, "median_seconds": self.seconds, "gib_per_s": self.gibs,
-            "gib_per_s_min": lo, "gib_per_s_max": hi,
-            "page_cache_pct": self.cache_pct or None, "written_pct": self.written_pct or None,
-            "query_migrate_p99_ms": self.p99_ms(), "query_migrate_max_ms": self.max_ms(),
+            "key": self.key,
+            "label": self.label,
+            "op": self.op,
+            "tool": self.tool,
+            "channels": self.channels,
+            "direct_io": self.direct_io,
+            "memory": self.memory,
+            "empty_dst": self.empty_dst,
+            "zero_detection": self.detect,
+            "bytes": self.nbytes,
+            "seconds": self.times,
+            "median_seconds": self.seconds,
+            "gib_per_s": self.gibs,
+            "gib_per_s_min": lo,
+            "gib_per_s_max": hi,
+            "page_cache_pct": self.cache_pct or None,
+            "written_pct": self.written_pct or None,
+            "query_migrate_p99_ms": self.p99_ms(),
+            "query_migrate_max_ms": self.max_ms(),
             "query_migrate_answers": len(self.latencies) or None,
-            "cpu_seconds": self.cpu or None, "cpu_pct_of_core": self.cpu_pct,
-            "peak_rss_anon": self.peak_anon or None, "verified": self.verified,
+            "cpu_seconds": self.cpu or None,
+            "cpu_pct_of_core": self.cpu_pct,
+            "peak_rss_anon": self.peak_anon or None,
+            "verified": self.verified,
         }
 
 
@@ -678,10 +708,16 @@ class Migd:
         hiding the cost of faulting the memory in that every first save or restore pays.
         """
         self.detach()
-        self.qmp.execute("object-add", {
-            "qom-type": "memory-backend-file", "id": "ram0", "size": size,
-            "mem-path": str(mem), "share": True,
-        })
+        self.qmp.execute(
+            "object-add",
+            {
+                "qom-type": "memory-backend-file",
+                "id": "ram0",
+                "size": size,
+                "mem-path": str(mem),
+                "share": True,
+            },
+        )
         self.attached = True
 
     def detach(self) -> None:
@@ -714,6 +750,9 @@ class Bench:
         self.buffered: list[int] = args.buffered_channels
         self.runs: int = args.runs
         self.root = os.geteuid() == 0
+        # Dropping the page cache also drops the filesystem's metadata, which every save then
+        # reads back while it allocates: a fixed cost that weighs most on short saves.
+        self.drop_enabled = self.root and not args.keep_caches
         self.rows: dict[str, Row] = {}
         self.qemu = None if args.no_qemu else qemu_version(args.qemu)
         self.use_qemu = self.qemu is not None and self.qemu >= QEMU_MIN
@@ -725,7 +764,8 @@ class Bench:
             raise BenchError("--baseline fio: fio is not installed")
         self.disk_tools = {
             "auto": ["fio"] if self.has_fio else ["python"],
-            "fio": ["fio"], "python": ["python"],
+            "fio": ["fio"],
+            "python": ["python"],
             "both": (["fio"] if self.has_fio else []) + ["python"],
         }[mode]
         self.machine = machine_facts(Path(args.dir), self.qemu_str() if self.qemu else None)
@@ -742,18 +782,33 @@ class Bench:
     # -- helpers ---------------------------------------------------------------------------
 
     def drop(self) -> None:
-        drop_caches(self.work, self.root)
+        drop_caches(self.work, self.drop_enabled)
+
+    def drop_note(self) -> str:
+        if self.drop_enabled:
+            return "yes"
+        return "no (--keep-caches)" if self.root else "no (not root)"
 
     def row(self, key: str, label: str, **kw: Any) -> Row:
         return self.rows.setdefault(key, Row(key, label, self.size, **kw))
 
     def migration_row(
-        self, tool: str, op: str, channels: int, direct_io: bool = True, empty: bool = False,
-        detect: bool = True, memory: str = "random",
+        self,
+        tool: str,
+        op: str,
+        channels: int,
+        direct_io: bool = True,
+        empty: bool = False,
+        detect: bool = True,
+        memory: str = "random",
     ) -> Row:
-        key = f"{tool}-{op}-{channels}" + ("" if direct_io else "-buffered") + (
-            "-empty" if empty else "") + ("" if detect else "-nodetect") + (
-            "" if memory == "random" else f"-{memory}")
+        key = (
+            f"{tool}-{op}-{channels}"
+            + ("" if direct_io else "-buffered")
+            + ("-empty" if empty else "")
+            + ("" if detect else "-nodetect")
+            + ("" if memory == "random" else f"-{memory}")
+        )
         name = "migd" if tool == "migd" else f"QEMU {self.qemu_str()}"
         what = [f"{name} {op}", f"{channels} ch", "direct-io" if direct_io else "buffered"]
         if empty:
@@ -761,13 +816,23 @@ class Bench:
         if not detect:
             what.append("zero detection off")
         what += {
-            "random": [], "zero75": ["75% zero pages in 2 MiB clusters"],
+            "random": [],
+            "zero75": ["75% zero pages in 2 MiB clusters"],
             "zero30": ["30% zero pages scattered"],
             "holes75": ["75% zero pages as 2 MiB file holes"],
             "adjacent": ["random RAM, paired with each save below"],
         }[memory]
-        return self.row(key, ", ".join(what), op=op, tool=tool, channels=channels,
-                        direct_io=direct_io, empty_dst=empty, detect=detect, memory=memory)
+        return self.row(
+            key,
+            ", ".join(what),
+            op=op,
+            tool=tool,
+            channels=channels,
+            direct_io=direct_io,
+            empty_dst=empty,
+            detect=detect,
+            memory=memory,
+        )
 
     def check_space(self) -> None:
         shm_free = shutil.disk_usage(self.shm).free
@@ -800,10 +865,19 @@ class Bench:
         sock = self.run_dir / f"qemu{self.op_count}.sock"
         log_path = self.run_dir / f"qemu{self.op_count}.log"
         argv = [
-            self.args.qemu, "-M", "none", "-nodefaults", "-display", "none", "-S",
-            "-object", f"memory-backend-file,id=ram0,size={self.size},mem-path={mem},share=on",
-            "-machine", "memory-backend=ram0",
-            "-qmp", f"unix:{sock},server=on,wait=off",
+            self.args.qemu,
+            "-M",
+            "none",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-S",
+            "-object",
+            f"memory-backend-file,id=ram0,size={self.size},mem-path={mem},share=on",
+            "-machine",
+            "memory-backend=ram0",
+            "-qmp",
+            f"unix:{sock},server=on,wait=off",
         ]
         if incoming:
             argv += ["-incoming", "defer"]
@@ -829,30 +903,41 @@ class Bench:
             for name, what, options in FIO_CONFIGS:
                 log(f"round {run + 1}: disk, {what}")
                 w, r = fio_disk(self.work, self.size, name, options, self.drop)
-                self.row(f"disk-write-{name}", f"disk O_DIRECT write, {what}", op="write",
-                         tool="fio").times.append(w)
-                self.row(f"disk-read-{name}", f"disk O_DIRECT read, {what}", op="read",
-                         tool="fio").times.append(r)
+                self.row(
+                    f"disk-write-{name}", f"disk O_DIRECT write, {what}", op="write", tool="fio"
+                ).times.append(w)
+                self.row(
+                    f"disk-read-{name}", f"disk O_DIRECT read, {what}", op="read", tool="fio"
+                ).times.append(r)
         if "python" in self.disk_tools:
             log(f"round {run + 1}: disk, Python {PY_THREADS} threads")
             w, r = python_disk(self.work, self.size, self.drop)
             label = f"Python {PY_THREADS} threads x 4 MiB"
-            self.row("disk-write-py", f"disk O_DIRECT write, {label}", op="write",
-                     tool="python").times.append(w)
-            self.row("disk-read-py", f"disk O_DIRECT read, {label}", op="read",
-                     tool="python").times.append(r)
+            self.row(
+                "disk-write-py", f"disk O_DIRECT write, {label}", op="write", tool="python"
+            ).times.append(w)
+            self.row(
+                "disk-read-py", f"disk O_DIRECT read, {label}", op="read", tool="python"
+            ).times.append(r)
 
-    def migd_save(self, migd: Migd, row: Row, mem: Path, run: int,
-                  keep: Path | None = None) -> None:
+    def migd_save(
+        self, migd: Migd, row: Row, mem: Path, run: int, keep: Path | None = None
+    ) -> None:
         """One timed save of `mem` through a freshly mapped backend, into a new file."""
         self.op_count += 1
         path = self.work / f"migd-save-{self.op_count}.img"
         log(f"round {run + 1}: {row.label}")
         migd.attach(mem, self.size)
         assert row.channels is not None
-        configure(migd.qmp, row.channels, row.direct_io, **{
-            "max-bandwidth": 0, "zero-page-detection": "multifd" if row.detect else "none",
-        })
+        configure(
+            migd.qmp,
+            row.channels,
+            row.direct_io,
+            **{
+                "max-bandwidth": 0,
+                "zero-page-detection": "multifd" if row.detect else "none",
+            },
+        )
         self.drop()
         before = meminfo("Cached")
         timed = timed_migration(migd.qmp, "migrate", {"uri": f"file:{path}"}, migd.proc.pid)
@@ -911,16 +996,18 @@ class Bench:
             configure(migd.qmp, row.channels, row.direct_io)
             self.drop()
             before = meminfo("Cached")
-            timed = timed_migration(migd.qmp, "migrate-incoming", {"uri": f"file:{source}"},
-                                    migd.proc.pid)
+            timed = timed_migration(
+                migd.qmp, "migrate-incoming", {"uri": f"file:{source}"}, migd.proc.pid
+            )
         else:
             source = self.qemu_file
             with self.qemu_session(self.dst, incoming=True) as (qmp, proc):
                 configure(qmp, row.channels, row.direct_io)
                 self.drop()
                 before = meminfo("Cached")
-                timed = timed_migration(qmp, "migrate-incoming", {"uri": f"file:{source}"},
-                                        proc.pid, False)
+                timed = timed_migration(
+                    qmp, "migrate-incoming", {"uri": f"file:{source}"}, proc.pid, False
+                )
         row.add(timed)
         cache = self.cache_left(source, before)
         if cache is not None:
@@ -942,31 +1029,39 @@ class Bench:
         saves: list[Callable[[], None]] = []
         for ch in self.channels:
             keep = self.restore_src if ch == self.ref else None
-            saves.append(partial(self.migd_save, saver, mig("migd", "save", ch), self.src, run,
-                                 keep=keep))
+            saves.append(
+                partial(self.migd_save, saver, mig("migd", "save", ch), self.src, run, keep=keep)
+            )
         for ch in self.buffered:
-            saves.append(partial(self.migd_save, saver, mig("migd", "save", ch, direct_io=False),
-                                 self.src, run))
+            saves.append(
+                partial(
+                    self.migd_save, saver, mig("migd", "save", ch, direct_io=False), self.src, run
+                )
+            )
         for i, ch in enumerate(self.qemu_channels):
             keep = self.qemu_file if i == 0 else None
             saves.append(partial(self.qemu_save, mig("qemu", "save", ch), run, saver, keep=keep))
         if self.qemu_channels:
-            saves.append(partial(self.qemu_save, mig("qemu", "save", self.ref, direct_io=False),
-                                 run, saver))
+            saves.append(
+                partial(self.qemu_save, mig("qemu", "save", self.ref, direct_io=False), run, saver)
+            )
         restores: list[Callable[[], None]] = []
         for ch in self.channels:
             restores.append(partial(self.restore, mig("migd", "restore", ch), run, loader))
         for ch in self.buffered:
-            restores.append(partial(self.restore, mig("migd", "restore", ch, direct_io=False),
-                                    run, loader))
-        restores.append(partial(self.restore, mig("migd", "restore", self.ref, empty=True), run,
-                                loader))
+            restores.append(
+                partial(self.restore, mig("migd", "restore", ch, direct_io=False), run, loader)
+            )
+        restores.append(
+            partial(self.restore, mig("migd", "restore", self.ref, empty=True), run, loader)
+        )
         for ch in self.qemu_channels:
             restores.append(partial(self.restore, mig("qemu", "restore", ch), run, None, loader))
         if self.qemu_channels:
             for kw in ({"direct_io": False}, {"empty": True}):
-                restores.append(partial(self.restore, mig("qemu", "restore", self.ref, **kw),
-                                        run, None, loader))
+                restores.append(
+                    partial(self.restore, mig("qemu", "restore", self.ref, **kw), run, None, loader)
+                )
         order = random.Random(run)
         for group in (saves, restores):
             if run:
@@ -1026,25 +1121,39 @@ class Bench:
         return max(pool, key=lambda r: r.gibs) if pool else None
 
     def best(self, tool: str, op: str, **match: Any) -> Row | None:
-        rows = [r for r in self.measured().values() if r.tool == tool and r.op == op
-                and r.memory == "random" and not r.empty_dst and r.detect
-                and all(getattr(r, k) == v for k, v in match.items())]
+        rows = [
+            r
+            for r in self.measured().values()
+            if r.tool == tool
+            and r.op == op
+            and r.memory == "random"
+            and not r.empty_dst
+            and r.detect
+            and all(getattr(r, k) == v for k, v in match.items())
+        ]
         return max(rows, key=lambda r: r.gibs) if rows else None
 
     def qemu_match(self, row: Row) -> Row | None:
         """QEMU's figure for the same operation, channels, direct-io and destination."""
         if row.tool != "migd" or row.memory != "random":
             return None
-        key = f"qemu-{row.op}-{row.channels}" + ("" if row.direct_io else "-buffered") + (
-            "-empty" if row.empty_dst else "")
+        key = (
+            f"qemu-{row.op}-{row.channels}"
+            + ("" if row.direct_io else "-buffered")
+            + ("-empty" if row.empty_dst else "")
+        )
         return self.measured().get(key)
 
     def ratios(self) -> list[Ratio]:
         rows = self.measured()
-        save, restore = self.best("migd", "save", direct_io=True), self.best(
-            "migd", "restore", direct_io=True)
-        qsave, qrestore = self.best("qemu", "save", direct_io=True), self.best(
-            "qemu", "restore", direct_io=True)
+        save, restore = (
+            self.best("migd", "save", direct_io=True),
+            self.best("migd", "restore", direct_io=True),
+        )
+        qsave, qrestore = (
+            self.best("qemu", "save", direct_io=True),
+            self.best("qemu", "restore", direct_io=True),
+        )
         zero_ref = rows.get(f"migd-save-{self.ref}-adjacent")  # paired with each below
 
         def speed(a: Row | None, b: Row | None) -> float | None:
@@ -1056,55 +1165,120 @@ class Bench:
 
         out: list[Ratio] = []
 
-        def add(name: str, value: float | None, target: str, good: Callable[[float], bool],
-                unit: str = "x") -> None:
+        def add(
+            name: str,
+            value: float | None,
+            target: str,
+            good: Callable[[float], bool],
+            unit: str = "x",
+        ) -> None:
             out.append(Ratio(name, value, target, None if value is None else good(value), unit))
 
         def ch(row: Row | None) -> str:
             return f"{row.channels} ch" if row else "-"
 
-        add(f"best migd save ({ch(save)}) / best disk write", speed(save, self.best_disk(
-            "write")), ">= 0.90", lambda v: v >= 0.9)
-        add(f"best migd save ({ch(save)}) / best QEMU save ({ch(qsave)})", speed(save, qsave),
-            "> 1", lambda v: v > 1)
-        add(f"best migd restore ({ch(restore)}) / best disk read", speed(
-            restore, self.best_disk("read")), ">= 0.85", lambda v: v >= 0.85)
-        add(f"best migd restore ({ch(restore)}) / best QEMU restore ({ch(qrestore)})",
-            speed(restore, qrestore), ">= 2", lambda v: v >= 2)
-        add(f"restore / QEMU restore, both into an empty memory file ({self.ref} ch)",
-            speed(rows.get(f"migd-restore-{self.ref}-empty"),
-                  rows.get(f"qemu-restore-{self.ref}-empty")), ">= 2", lambda v: v >= 2)
+        add(
+            f"best migd save ({ch(save)}) / best disk write",
+            speed(save, self.best_disk("write")),
+            ">= 0.90",
+            lambda v: v >= 0.9,
+        )
+        add(
+            f"best migd save ({ch(save)}) / best QEMU save ({ch(qsave)})",
+            speed(save, qsave),
+            "> 1",
+            lambda v: v > 1,
+        )
+        add(
+            f"best migd restore ({ch(restore)}) / best disk read",
+            speed(restore, self.best_disk("read")),
+            ">= 0.85",
+            lambda v: v >= 0.85,
+        )
+        add(
+            f"best migd restore ({ch(restore)}) / best QEMU restore ({ch(qrestore)})",
+            speed(restore, qrestore),
+            ">= 2",
+            lambda v: v >= 2,
+        )
+        add(
+            f"restore / QEMU restore, both into an empty memory file ({self.ref} ch)",
+            speed(
+                rows.get(f"migd-restore-{self.ref}-empty"),
+                rows.get(f"qemu-restore-{self.ref}-empty"),
+            ),
+            ">= 2",
+            lambda v: v >= 2,
+        )
         for key, what, target in (
-            ("zero75", "zero75", 0.4), ("holes75", "zero75 as holes", 0.4),
+            ("zero75", "zero75", 0.4),
+            ("holes75", "zero75 as holes", 0.4),
             ("zero30", "zero30", 1.0),
         ):
-            add(f"{what} / random save time ({self.ref} ch, paired runs)",
-                time_ratio(f"migd-save-{self.ref}-{key}"), f"<= {target:.2f}",
-                lambda v, t=target: v <= t)
+            add(
+                f"{what} / random save time ({self.ref} ch, paired runs)",
+                time_ratio(f"migd-save-{self.ref}-{key}"),
+                f"<= {target:.2f}",
+                lambda v, t=target: v <= t,
+            )
         nodetect = time_ratio(f"migd-save-{self.ref}-nodetect")
         cost = 100 * (1 / nodetect - 1) if nodetect else None
-        add(f"zero detection cost on random RAM ({self.ref} ch, paired runs)", cost, "< 10 %",
-            lambda v: v < 10, "%")
-        cache = [p for r in rows.values() if r.tool == "migd" and r.op == "save" and r.direct_io
-                 for p in r.cache_pct]
-        add("page cache left by a migd direct-io save (worst)", max(cache) if cache else None,
-            "< 1 %", lambda v: v < 1, "%")
-        lat = [x for r in rows.values() if r.tool == "migd" and r.op == "save"
-               for x in r.latencies]
-        add("query-migrate p99 during migd saves", percentile_ms(lat, 0.99), "< 20 ms",
-            lambda v: v < 20, " ms")
+        add(
+            f"zero detection cost on random RAM ({self.ref} ch, paired runs)",
+            cost,
+            "< 10 %",
+            lambda v: v < 10,
+            "%",
+        )
+        cache = [
+            p
+            for r in rows.values()
+            if r.tool == "migd" and r.op == "save" and r.direct_io
+            for p in r.cache_pct
+        ]
+        add(
+            "page cache left by a migd direct-io save (worst)",
+            max(cache) if cache else None,
+            "< 1 %",
+            lambda v: v < 1,
+            "%",
+        )
+        lat = [x for r in rows.values() if r.tool == "migd" and r.op == "save" for x in r.latencies]
+        add(
+            "query-migrate p99 during migd saves",
+            percentile_ms(lat, 0.99),
+            "< 20 ms",
+            lambda v: v < 20,
+            " ms",
+        )
         peak = max((r.peak_anon for r in rows.values()), default=0)
         bitmaps = self.size // PAGE // 8
-        add("migd private memory (RssAnon) peak", peak / MiB if peak else None,
-            f"< {100 + bitmaps / MiB:.1f} MiB", lambda v: v < 100 + bitmaps / MiB, " MiB")
+        add(
+            "migd private memory (RssAnon) peak",
+            peak / MiB if peak else None,
+            f"< {100 + bitmaps / MiB:.1f} MiB",
+            lambda v: v < 100 + bitmaps / MiB,
+            " MiB",
+        )
         return out
 
     def command(self) -> str:
         """The command line that repeats this run, every option spelled out."""
         a = self.args
-        argv = ["migd", "bench", "--size-gib", f"{a.size_gib:g}", "--dir", a.dir,
-                "--channels", ",".join(map(str, a.channels)), "--runs", str(a.runs),
-                "--buffered-channels", ",".join(map(str, a.buffered_channels)) or "none"]
+        argv = [
+            "migd",
+            "bench",
+            "--size-gib",
+            f"{a.size_gib:g}",
+            "--dir",
+            a.dir,
+            "--channels",
+            ",".join(map(str, a.channels)),
+            "--runs",
+            str(a.runs),
+            "--buffered-channels",
+            ",".join(map(str, a.buffered_channels)) or "none",
+        ]
         if a.no_qemu:
             argv.append("--no-qemu")
         else:
@@ -1126,26 +1300,33 @@ class Bench:
         if disk:
             dev += f" ({', '.join(f'{k} {v}' for k, v in disk.items())})"
         elapsed = (self.finished or time.time()) - self.started
-        qemu = (f"QEMU {self.qemu_str()}" if self.use_qemu else
-                "QEMU: skipped (--no-qemu)" if self.args.no_qemu else
-                f"QEMU: {'not found' if not self.qemu else self.qemu_str() + ' (< 9.1)'}")
-        buffered = ("all channel counts" if self.buffered == self.channels else
-                    f"{', '.join(map(str, self.buffered)) or 'no'} channels only")
+        qemu = (
+            f"QEMU {self.qemu_str()}"
+            if self.use_qemu
+            else "QEMU: skipped (--no-qemu)"
+            if self.args.no_qemu
+            else f"QEMU: {'not found' if not self.qemu else self.qemu_str() + ' (< 9.1)'}"
+        )
+        buffered = (
+            "all channel counts"
+            if self.buffered == self.channels
+            else f"{', '.join(map(str, self.buffered)) or 'no'} channels only"
+        )
         return [
             f"- command: `{self.command()}`",
             f"- date: {time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(self.started))}, "
             f"took {elapsed / 60:.1f} min{'' if self.complete else ' (**interrupted**)'}",
             f"- machine: {m['cpus']} x {m['cpu']}, {m['memory_gib']:g} GiB RAM, kernel "
-            f"{m['kernel']}" + (f", {m['virtualization']}" if m["virtualization"] else "")
+            f"{m['kernel']}"
+            + (f", {m['virtualization']}" if m["virtualization"] else "")
             + f"; load average {m['loadavg_start']:.2f} at the start, "
             f"{os.getloadavg()[0]:.2f} at the end",
             f"- disk: save files in {m['dir']} on {dev}, {m['dir_fs'] or '?'}; memory files "
             "in /dev/shm",
-            f"- software: migd {m['migd']}, Python {m['python']}, {qemu}, "
-            f"{m['fio'] or 'no fio'}",
+            f"- software: migd {m['migd']}, Python {m['python']}, {qemu}, {m['fio'] or 'no fio'}",
             f"- {self.size / GiB:g} GiB per operation, {self.runs} round{'s' * (self.runs > 1)}"
             f" (median, min-max); page cache dropped before each measurement: "
-            f"{'yes' if self.root else 'no (not root)'}; page cache measured with "
+            f"{self.drop_note()}; page cache measured with "
             f"{'fincore' if self.has_fincore else '/proc/meminfo Cached'}; disk baseline: "
             f"{' + '.join(self.disk_tools)}; direct-io off measured for {buffered}",
         ]
@@ -1167,21 +1348,31 @@ class Bench:
             return f"{text} | {f'{row.gibs / q.gibs:.2f}x' if q else ''} |"
 
         vs = " | vs QEMU" if qemu else ""
-        head = f"| ch | save, direct-io{vs} | save, buffered{vs} | restore, direct-io{vs} " \
-               f"| restore, buffered{vs} |"
+        head = (
+            f"| ch | save, direct-io{vs} | save, buffered{vs} | restore, direct-io{vs} "
+            f"| restore, buffered{vs} |"
+        )
         lines = [head, "|---:" + "|---:" * (8 if qemu else 4) + "|"]
         for ch in self.channels:
-            lines.append(f"| {ch} | " + " ".join(
-                cell(k, d) for k, d in ((f"migd-save-{ch}", w),
-                                        (f"migd-save-{ch}-buffered", w),
-                                        (f"migd-restore-{ch}", r),
-                                        (f"migd-restore-{ch}-buffered", r))))
+            lines.append(
+                f"| {ch} | "
+                + " ".join(
+                    cell(k, d)
+                    for k, d in (
+                        (f"migd-save-{ch}", w),
+                        (f"migd-save-{ch}-buffered", w),
+                        (f"migd-restore-{ch}", r),
+                        (f"migd-restore-{ch}-buffered", r),
+                    )
+                )
+            )
         for label, key, disk in (("QEMU save", "save", w), ("QEMU restore", "restore", r)):
             best = self.best("qemu", key, direct_io=True)
             if best:
-                lines.append(f"\nBest {label}: {best.gibs:.2f} GiB/s ({best.channels} ch, "
-                             f"direct-io)" + (f", {best.gibs / disk.gibs:.0%} of the disk."
-                                              if disk else "."))
+                lines.append(
+                    f"\nBest {label}: {best.gibs:.2f} GiB/s ({best.channels} ch, "
+                    f"direct-io)" + (f", {best.gibs / disk.gibs:.0%} of the disk." if disk else ".")
+                )
         return lines
 
     def markdown(self) -> str:
@@ -1216,17 +1407,21 @@ class Bench:
             cache = f"{max(row.cache_pct):.3g} %" if row.cache_pct else ""
             cpu = "" if row.cpu_pct is None else f"{row.cpu_pct:.0f} %"
             p99, top = row.p99_ms(), row.max_ms()
-            qm = "" if p99 is None or top is None else (
-                f"{p99:.1f} / {top:.0f} ({len(row.latencies)})")
-            label = row.label + {True: " (verified)", False: " (**MISMATCH**)", None: ""}[
-                row.verified
-            ]
+            qm = (
+                ""
+                if p99 is None or top is None
+                else (f"{p99:.1f} / {top:.0f} ({len(row.latencies)})")
+            )
+            label = (
+                row.label + {True: " (verified)", False: " (**MISMATCH**)", None: ""}[row.verified]
+            )
             lines.append(
                 f"| {label} | {row.gibs:.2f} | {row.span()} | {row.seconds:.2f} | {vs_disk} "
                 f"| {vs_qemu} | {written} | {cache} | {cpu} | {qm} |"
             )
-        lat = [x for r_ in rows.values() if r_.tool == "migd" and r_.op == "save"
-               for x in r_.latencies]
+        lat = [
+            x for r_ in rows.values() if r_.tool == "migd" and r_.op == "save" for x in r_.latencies
+        ]
         lines += [
             "",
             "vs disk: against the best disk figure above; zero-page rows count GiB/s of RAM. "
@@ -1256,22 +1451,37 @@ class Bench:
 
     def as_json(self) -> str:
         w, r = self.best_disk("write"), self.best_disk("read")
-        return json.dumps({
-            "command": self.command(), "started": time.strftime(
-                "%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started)),
-            "seconds": (self.finished or time.time()) - self.started,
-            "loadavg_end": os.getloadavg()[0],
-            "complete": self.complete, "machine": self.machine,
-            "size_bytes": self.size, "runs": self.runs, "dir": self.args.dir,
-            "channels": self.channels, "buffered_channels": self.buffered,
-            "qemu_channels": self.qemu_channels, "ref_channels": self.ref,
-            "qemu": self.qemu_str() if self.use_qemu else None,
-            "disk_tools": self.disk_tools, "dropped_caches": self.root,
-            "disk_write_key": w.key if w else None, "disk_read_key": r.key if r else None,
-            "rows": [row.as_dict() for row in self.measured().values()],
-            "ratios": [{"name": x.name, "value": x.value, "target": x.target, "met": x.ok}
-                       for x in self.ratios()],
-        }, indent=2) + "\n"
+        return (
+            json.dumps(
+                {
+                    "command": self.command(),
+                    "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started)),
+                    "seconds": (self.finished or time.time()) - self.started,
+                    "loadavg_end": os.getloadavg()[0],
+                    "complete": self.complete,
+                    "machine": self.machine,
+                    "size_bytes": self.size,
+                    "runs": self.runs,
+                    "dir": self.args.dir,
+                    "channels": self.channels,
+                    "buffered_channels": self.buffered,
+                    "qemu_channels": self.qemu_channels,
+                    "ref_channels": self.ref,
+                    "qemu": self.qemu_str() if self.use_qemu else None,
+                    "disk_tools": self.disk_tools,
+                    "dropped_caches": self.drop_enabled,
+                    "disk_write_key": w.key if w else None,
+                    "disk_read_key": r.key if r else None,
+                    "rows": [row.as_dict() for row in self.measured().values()],
+                    "ratios": [
+                        {"name": x.name, "value": x.value, "target": x.target, "met": x.ok}
+                        for x in self.ratios()
+                    ],
+                },
+                indent=2,
+            )
+            + "\n"
+        )
 
     def plot(self, path: Path) -> str | None:
         """Write the PNG; returns why not when matplotlib is missing."""
@@ -1293,33 +1503,60 @@ class Bench:
                 ("qemu", False, "D", f"QEMU {self.qemu_str()}, buffered"),
             ):
                 pts = sorted(
-                    (r.channels, r) for r in rows.values()
-                    if r.tool == tool and r.op == op and r.direct_io == direct
-                    and r.memory == "random" and not r.empty_dst and r.detect
+                    (r.channels, r)
+                    for r in rows.values()
+                    if r.tool == tool
+                    and r.op == op
+                    and r.direct_io == direct
+                    and r.memory == "random"
+                    and not r.empty_dst
+                    and r.detect
                 )
                 if not pts:
                     continue
-                shift = {("migd", True): 1.0, ("migd", False): 1.0,
-                         ("qemu", True): 1.05, ("qemu", False): 0.95}[tool, direct]
+                shift = {
+                    ("migd", True): 1.0,
+                    ("migd", False): 1.0,
+                    ("qemu", True): 1.05,
+                    ("qemu", False): 0.95,
+                }[tool, direct]
                 xs = [c * shift for c, _ in pts]  # side by side, not on top of each other
                 ys = [r.gibs for _, r in pts]
-                err = [[r.gibs - r.gibs_range[0] for _, r in pts],
-                       [r.gibs_range[1] - r.gibs for _, r in pts]]
+                err = [
+                    [r.gibs - r.gibs_range[0] for _, r in pts],
+                    [r.gibs_range[1] - r.gibs for _, r in pts],
+                ]
                 top = max(top, *(r.gibs_range[1] for _, r in pts))
-                ax.errorbar(xs, ys, yerr=err, fmt=style, capsize=3, label=name,
-                            markersize=7 if tool == "qemu" else 5)
+                ax.errorbar(
+                    xs,
+                    ys,
+                    yerr=err,
+                    fmt=style,
+                    capsize=3,
+                    label=name,
+                    markersize=7 if tool == "qemu" else 5,
+                )
             for tool, marker in (("migd", "^"), ("qemu", "v")):
                 row = rows.get(f"{tool}-{op}-{self.ref}-empty")
                 if row:
                     name = "migd" if tool == "migd" else "QEMU"
                     shift = 0.9 if tool == "migd" else 1.1
-                    ax.plot([row.channels * shift], [row.gibs], marker, markersize=8,
-                            label=f"{name}, direct-io, into empty memory")
+                    ax.plot(
+                        [row.channels * shift],
+                        [row.gibs],
+                        marker,
+                        markersize=8,
+                        label=f"{name}, direct-io, into empty memory",
+                    )
                     top = max(top, row.gibs)
             disk = self.best_disk(rw)
             if disk:
-                ax.axhline(disk.gibs, color="black", linestyle=":",
-                           label=f"disk {rw}: {disk.label.split(', ', 1)[1]}")
+                ax.axhline(
+                    disk.gibs,
+                    color="black",
+                    linestyle=":",
+                    label=f"disk {rw}: {disk.label.split(', ', 1)[1]}",
+                )
                 lo, hi = disk.gibs_range
                 ax.axhspan(lo, hi, color="grey", alpha=0.15)
                 top = max(top, hi)
@@ -1337,7 +1574,9 @@ class Bench:
             f"migd bench, {time.strftime('%Y-%m-%d', time.localtime(self.started))}: "
             f"{m['cpus']} CPUs, {m['dir_fs'] or '?'} on {m['dir_device'] or '?'} "
             f"({m['dir_disk'].get('driver', '?')}), median of {self.runs} "
-            f"round{'s' * (self.runs > 1)}", fontsize=11)
+            f"round{'s' * (self.runs > 1)}",
+            fontsize=11,
+        )
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
@@ -1373,26 +1612,59 @@ def _counts(text: str) -> list[int]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--size-gib", type=float, default=4.0,
-                   help="bytes per operation in GiB (default 4; at least 0.0625)")
-    p.add_argument("--dir", default="/tmp", help="directory of the save files: the disk under "
-                   "test (default /tmp)")
-    p.add_argument("--channels", type=_counts, default=[1, 2, 4, 8],
-                   help="multifd channel counts (default 1,2,4,8)")
-    p.add_argument("--buffered-channels", type=_counts, default=None, metavar="CHANNELS",
-                   help="channel counts also measured without direct-io (default: all of "
-                   "--channels; 'none' for none)")
-    p.add_argument("--qemu-channels", type=_counts, default=None, metavar="CHANNELS",
-                   help="channel counts of QEMU's saves and restores (default: --channels)")
-    p.add_argument("--runs", type=int, default=3, help="rounds; each figure is the median "
-                   "(default 3)")
-    p.add_argument("--out", default=None, metavar="DIR",
-                   help="write bench.md, bench.json and bench.png there")
+    p.add_argument(
+        "--size-gib",
+        type=float,
+        default=4.0,
+        help="bytes per operation in GiB (default 4; at least 0.0625)",
+    )
+    p.add_argument(
+        "--dir",
+        default="/tmp",
+        help="directory of the save files: the disk under test (default /tmp)",
+    )
+    p.add_argument(
+        "--channels",
+        type=_counts,
+        default=[1, 2, 4, 8],
+        help="multifd channel counts (default 1,2,4,8)",
+    )
+    p.add_argument(
+        "--buffered-channels",
+        type=_counts,
+        default=None,
+        metavar="CHANNELS",
+        help="channel counts also measured without direct-io (default: all of "
+        "--channels; 'none' for none)",
+    )
+    p.add_argument(
+        "--qemu-channels",
+        type=_counts,
+        default=None,
+        metavar="CHANNELS",
+        help="channel counts of QEMU's saves and restores (default: --channels)",
+    )
+    p.add_argument(
+        "--runs", type=int, default=3, help="rounds; each figure is the median (default 3)"
+    )
+    p.add_argument(
+        "--out", default=None, metavar="DIR", help="write bench.md, bench.json and bench.png there"
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
-    p.add_argument("--baseline", choices=("auto", "fio", "python", "both"), default="auto",
-                   help="disk baseline: fio if installed (auto), or the Python loop, or both")
+    p.add_argument(
+        "--baseline",
+        choices=("auto", "fio", "python", "both"),
+        default="auto",
+        help="disk baseline: fio if installed (auto), or the Python loop, or both",
+    )
     p.add_argument("--qemu", default=DEFAULT_QEMU, help=f"QEMU binary (default {DEFAULT_QEMU})")
     p.add_argument("--no-qemu", action="store_true", help="leave QEMU out")
+    p.add_argument(
+        "--keep-caches",
+        action="store_true",
+        help="do not drop the page cache between measurements (it is dropped by "
+        "default when running as root)",
+    )
 
 
 def check_arguments(args: argparse.Namespace) -> str | None:
