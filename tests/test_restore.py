@@ -9,15 +9,15 @@ import struct
 import numpy as np
 import pytest
 
-from migd import format
-
 from .conftest import (
     add_file_backend,
     enable_mapped_ram,
     fill_random,
     migd_threads,
     open_fds,
+    parse_save,
     qmp_error,
+    read_pages,
     restore,
     save,
     wait_migration,
@@ -106,10 +106,7 @@ async def test_restore_into_anonymous_memory(qmp, shm, short_dir):
     assert info["status"] == "completed", info
     # the anonymous backend is saved again to compare: its bytes must be the original's
     await save(qmp, short_dir / "again.img")
-    with open(short_dir / "again.img", "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        block = format.parse_stream(lambda a, n: os.pread(f.fileno(), n, a), 0, size).blocks[0]
-        assert os.pread(f.fileno(), block.length, block.pages_offset) == data
+    assert read_pages(short_dir / "again.img", first_block(short_dir / "again.img")) == data
 
 
 async def test_restore_skips_unmatched_blocks_only_when_asked(qmp, shm, short_dir):
@@ -146,12 +143,6 @@ def _corrupt_header_field(path, block, field_offset, value, fmt=">Q"):
         f.write(struct.pack(fmt, value))
 
 
-def _first_block(path):
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        return format.parse_stream(lambda a, n: os.pread(f.fileno(), n, a), 0, size).blocks[0]
-
-
 CORRUPTIONS = {
     "not a stream": (
         lambda p, b: p.write_bytes(b"ELF!" + p.read_bytes()[4:]),
@@ -186,10 +177,14 @@ def _patch(path, at, data):
         f.write(data)
 
 
+def first_block(path):
+    return parse_save(path).blocks[0]
+
+
 def _truncate_tail(path):
     """Cut the RAM end section off, as an interrupted save leaves the file."""
     raw = path.read_bytes()
-    block = _first_block(path)
+    block = first_block(path)
     os.truncate(path, block.end + 13)  # start section EOS + footer only
     assert len(raw) > block.end + 13
 
@@ -199,7 +194,7 @@ async def test_corrupt_files_are_refused_and_backends_stay_untouched(qmp, shm, s
     await _saved(qmp, shm, short_dir)
     target = short_dir / "save.img"
     damage, expected = CORRUPTIONS[name]
-    damage(target, _first_block(target))
+    damage(target, first_block(target))
     before, fds_before = _digest(shm / "dst"), open_fds()
     text = await qmp_error(qmp, "migrate-incoming", {"uri": f"file:{target}"})
     assert str(target) in text and expected in text
