@@ -261,6 +261,10 @@ def split_runs(
     return out
 
 
+ChannelOpener = Callable[[str, int, bool], int]
+"""open(path, flags, direct) -> fd; raises a MigdError whose text names the file."""
+
+
 def open_channel_fd(path: str, flags: int, direct: bool, open_file: FileOpener = plain_open) -> int:
     """Open one channel's own fd; EINVAL with O_DIRECT means the filesystem refuses it."""
     try:

@@ -15,10 +15,9 @@ import os
 import re
 import string
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 
-from .channels import open_channel_fd
+from .channels import ChannelOpener, open_channel_fd
 from .errors import FdError
 
 FDSET_PREFIX = "/dev/fdset/"
@@ -27,8 +26,6 @@ _O_SYNC = getattr(os, "O_SYNC", 0)
 # strtol's grammar, as qemu_parse_fd accepts it: blanks, a sign, decimal digits.
 _FD_NUMBER = re.compile(r"[ \t\n\v\f\r]*[+-]?[0-9]+")
 _INT_MAX = 2**31 - 1
-
-Opener = Callable[[str, int, bool], int]
 
 
 @dataclass
@@ -59,7 +56,7 @@ def parse_fdset_id(path: str) -> int:
 class FdStore:
     """The daemon's passed fds, shared by every session as QEMU's fdsets are by monitors."""
 
-    def __init__(self, fallback: Opener = open_channel_fd) -> None:
+    def __init__(self, fallback: ChannelOpener = open_channel_fd) -> None:
         self._fallback = fallback
         self._lock = threading.Lock()
         self._named: dict[str, int] = {}

@@ -27,6 +27,7 @@ from .channels import (
     BlockIO,
     Channel,
     ChannelError,
+    ChannelOpener,
     PageRun,
     Throttle,
     open_channel_fd,
@@ -69,14 +70,6 @@ class Parameters:
     direct_io: bool = False
     max_bandwidth: int = 0  # bytes/s; 0 = unlimited (QEMU's 128 MiB/s would slow saves 10x)
     zero_page_detection: str = "multifd"
-
-
-Opener = Callable[[str, int, bool], int]
-"""open(path, flags, direct) -> fd; raises ChannelError/MigdError with a clear text."""
-
-
-def default_opener(path: str, flags: int, direct: bool) -> int:
-    return open_channel_fd(path, flags, direct)
 
 
 class JobCancelled(Exception):
@@ -226,7 +219,7 @@ class MigrationEngine:
         memory: MemoryRegistry,
         emit: Callable[[str, dict[str, Any]], None] = lambda name, data: None,
         notify: Callable[[str], None] = lambda state: None,
-        opener: Opener = default_opener,
+        opener: ChannelOpener = open_channel_fd,
     ) -> None:
         self.memory = memory
         self.emit = emit
