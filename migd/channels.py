@@ -53,7 +53,7 @@ class BlockIO:
     memory: memoryview  # the whole backend mapping, page aligned
     present: np.ndarray  # one bool per page: the save's bitmap, filled in by the channels
     zero_range: Callable[[int, int], None] | None = None  # restore: cheap zeroing
-    populate: Callable[[int, int], None] | None = None  # restore: allocate in bulk
+    populate: Callable[[int, int], None] | None = None  # restore: allocate in bulk (Populator)
 
 
 class Counters:
@@ -196,11 +196,15 @@ class Channel:
         self.counters = Counters()
 
     def _drain(self, step: Callable[[PageRun], None]) -> None:
-        while not self.cancel.is_set():
-            run = self.work.get()
-            if run is None:
-                return
-            step(run)
+        try:
+            while not self.cancel.is_set():
+                run = self.work.get()
+                if run is None:
+                    return
+                step(run)
+        except BaseException:
+            self.cancel.set()  # the job has failed: the other threads stop at their next run
+            raise
 
     def save(self) -> None:
         self._drain(self._save_run)
@@ -240,14 +244,43 @@ class Channel:
                 block.zero_range(start, length)
             self.counters.pages_zero += run.pages
         else:
-            if block.populate is not None:
-                block.populate(start, length)
             self.throttle.wait(length, self.cancel)
             memory = block.memory[start : start + length]
             read_fully(self.fd, memory, block.layout.page_offset(run.first_page), self.path)
             self.counters.bytes += length
             self.counters.pages_normal += run.pages
         self.counters.pages_done += run.pages
+
+
+class Populator:
+    """Allocates and maps restore destinations ahead of the channels' reads.
+
+    It walks the runs to be read in the order the channels take them from the queue, and
+    maps memory faster than a disk reads (several GiB/s here), so each O_DIRECT read pins
+    pages that are already there instead of faulting them in. Doing the same work in the
+    channel threads, right before each read, leaves the disk idle meanwhile: restoring 4 GiB
+    into fresh tmpfs memory, 1.28 GiB/s that way against 1.76 with this thread ahead.
+    A channel that overtakes it simply faults its pages in, which is only slower.
+    """
+
+    def __init__(
+        self, blocks: Sequence[BlockIO], runs: Sequence[PageRun], cancel: threading.Event
+    ) -> None:
+        self.blocks = blocks
+        self.runs = [r for r in runs if not r.zero and blocks[r.block].populate is not None]
+        self.cancel = cancel
+
+    def run(self) -> None:
+        try:
+            for run in self.runs:
+                if self.cancel.is_set():
+                    return
+                populate = self.blocks[run.block].populate
+                assert populate is not None
+                populate(run.first_page * PAGE_SIZE, run.pages * PAGE_SIZE)
+        except BaseException:
+            self.cancel.set()  # out of memory: the reads would fail too, with EFAULT
+            raise
 
 
 def split_runs(

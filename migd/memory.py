@@ -29,6 +29,15 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _fallocate = getattr(_libc, "fallocate64", None) or _libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _fallocate.restype = ctypes.c_int
+# mmap.madvise holds the GIL for the whole call, and MADV_POPULATE_WRITE of a large range
+# takes long enough to stall every channel thread; a ctypes call releases the GIL.
+_madvise = _libc.madvise
+_madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_madvise.restype = ctypes.c_int
+# What a failed allocation looks like: tmpfs full (ENOSPC from fallocate, SIGBUS turned
+# into EFAULT by MADV_POPULATE_WRITE) or no memory (ENOMEM). Anything else (EINVAL from a
+# kernel without MADV_POPULATE_WRITE, EOPNOTSUPP) only means the optimisation is missing.
+_ALLOCATION_ERRNOS = frozenset({errno.ENOSPC, errno.ENOMEM, errno.EFAULT})
 _zeros: bytes | None = None
 
 
@@ -72,6 +81,9 @@ class MemoryBackend:
         self._mm: mmap.mmap | None = mm
         self._mv: memoryview | None = memoryview(mm)
         self._fd = fd
+        anchor = ctypes.c_char.from_buffer(mm)
+        self._base = ctypes.addressof(anchor)  # for ctypes madvise; valid while mapped
+        del anchor  # a live export would make mm.close() fail
 
     def __repr__(self) -> str:
         return f"<MemoryBackend {self.id!r} {self.qom_type} size={self.size}>"
@@ -87,6 +99,19 @@ class MemoryBackend:
         """Zero-copy writable slice of the mapping, page aligned (O_DIRECT-safe)."""
         return self._check(offset, length)[offset : offset + length]
 
+    def _advise(self, advice: int, offset: int, length: int) -> None:
+        """madvise a checked range of the mapping without holding the GIL."""
+        if _madvise(self._base + offset, length, advice) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+
+    def _allocation_error(self, exc: OSError) -> BackendError:
+        where = f" in '{self.mem_path}'" if self.mem_path else ""
+        return BackendError(
+            f"Could not allocate memory for memory backend '{self.id}'{where}: "
+            f"{os.strerror(errno.ENOSPC if exc.errno == errno.EFAULT else exc.errno or 0)}"
+        )
+
     def zero_range(self, offset: int, length: int) -> None:
         """Make [offset, offset+length) read as zeros, freeing memory where possible."""
         mv = self._check(offset, length)
@@ -96,7 +121,7 @@ class MemoryBackend:
         if self._fd is None:
             # Private anonymous pages dropped by DONTNEED come back as fresh zero pages.
             try:
-                self._mm.madvise(mmap.MADV_DONTNEED, offset, length)
+                self._advise(mmap.MADV_DONTNEED, offset, length)
                 return
             except OSError:
                 pass
@@ -106,7 +131,7 @@ class MemoryBackend:
             if _fallocate(self._fd, mode, offset, length) == 0:
                 return
             try:
-                self._mm.madvise(mmap.MADV_REMOVE, offset, length)
+                self._advise(mmap.MADV_REMOVE, offset, length)
                 return
             except OSError:
                 pass
@@ -119,24 +144,44 @@ class MemoryBackend:
             offset += n
 
     def populate(self, offset: int, length: int) -> None:
-        """Allocate the range in bulk before it is written; faults make restores slow.
+        """Allocate and map the range in bulk before it is read into; faults make restores slow.
 
-        A shared file gets posix_fallocate: measured on tmpfs, it is several times cheaper
-        than MADV_POPULATE_WRITE, which serialises on the mapping. Anonymous memory gets
-        MADV_POPULATE_WRITE. Either is only an optimisation: failures are ignored.
+        A shared file first gets posix_fallocate, which allocates and zeroes its pages
+        several times faster than faulting them in one by one; then MADV_POPULATE_WRITE
+        maps them (or, for anonymous and private memory, allocates them too), so the
+        O_DIRECT read that follows pins pages without faulting. Running out of memory or
+        of room in the file's filesystem raises BackendError: the read would fail anyway,
+        with a less helpful EFAULT. Other failures only cost speed and are ignored.
         """
         self._check(offset, length)
         if length == 0:
             return
-        assert self._mm is not None
         if self._fd is not None and self.share:
             try:
                 os.posix_fallocate(self._fd, offset, length)
-                return
-            except OSError:
-                pass
-        with contextlib.suppress(OSError):
-            self._mm.madvise(_MADV_POPULATE_WRITE, offset, length)
+            except OSError as exc:
+                if exc.errno in _ALLOCATION_ERRNOS:
+                    raise self._allocation_error(exc) from None
+        try:
+            self._advise(_MADV_POPULATE_WRITE, offset, length)
+        except OSError as exc:
+            if exc.errno in _ALLOCATION_ERRNOS:
+                raise self._allocation_error(exc) from None
+
+    def room(self) -> tuple[int, int, int] | None:
+        """(st_dev, free bytes of the filesystem, bytes this file has allocated) for a
+        shared file on a filesystem with a size limit; None where that cannot be known
+        (anonymous or private memory, an unlimited tmpfs reports no size at all).
+
+        Free counts the root-reserved blocks too: the check built on it must never refuse
+        a restore that could fit."""
+        if self._fd is None or not self.share:
+            return None
+        st = os.fstat(self._fd)
+        vfs = os.fstatvfs(self._fd)
+        if vfs.f_blocks == 0:
+            return None
+        return st.st_dev, vfs.f_bfree * vfs.f_frsize, st.st_blocks * 512
 
     def data_ranges(self) -> list[tuple[int, int]] | None:
         """Page-rounded (offset, length) ranges that may hold data; None if unknown."""

@@ -29,6 +29,7 @@ from .channels import (
     ChannelError,
     ChannelOpener,
     PageRun,
+    Populator,
     Throttle,
     open_channel_fd,
     split_runs,
@@ -104,6 +105,30 @@ def _fdatasync(fd: int, path: str) -> None:
         os.fdatasync(fd)
     except OSError as exc:
         raise ChannelError(f"Could not sync '{path}': {exc.strerror}") from None
+
+
+def _check_room(path: str, needs: Sequence[tuple[MemoryBackend, int]]) -> None:
+    """Refuse a restore whose pages cannot fit in the backends' filesystems.
+
+    Restoring into a tmpfs file allocates its pages; once the filesystem is full the reads
+    would fail half-way with EFAULT. Per filesystem: the bytes to read must fit in its
+    free space plus what the backend files already hold (overwriting that needs no room).
+    """
+    by_device: dict[int, tuple[int, int, list[str]]] = {}
+    for backend, needed in needs:
+        room = backend.room()
+        if room is None or needed == 0:
+            continue
+        dev, free, allocated = room
+        total, have, names = by_device.get(dev, (0, free, []))
+        by_device[dev] = (total + needed, have + allocated, [*names, backend.id])
+    for total, have, names in by_device.values():
+        if total > have:
+            which = ", ".join(f"'{n}'" for n in names)
+            raise MigrationError(
+                f"Could not restore '{path}': memory backends {which} need {total} bytes, "
+                f"but their filesystem has room for {have}"
+            )
 
 
 @dataclass
@@ -466,12 +491,21 @@ class MigrationEngine:
         job.channels = [
             Channel(fd, job.target.path, blocks, work, job.cancel, throttle, detect) for fd in fds
         ]
+        threads: list[Channel | Populator] = list(job.channels)
+        bodies = [getattr(ch, direction) for ch in job.channels]
+        if direction == "restore":
+            # First in the list, so that its error (out of memory) is the one reported, not
+            # the EFAULT that reads into memory that cannot be allocated get meanwhile.
+            populator = Populator(blocks, runs, job.cancel)
+            threads.insert(0, populator)
+            bodies.insert(0, populator.run)
         loop = asyncio.get_running_loop()
-        with ThreadPoolExecutor(len(fds), thread_name_prefix=f"migd-{direction}") as pool:
-            futures = [loop.run_in_executor(pool, getattr(ch, direction)) for ch in job.channels]
+        with ThreadPoolExecutor(len(bodies), thread_name_prefix=f"migd-{direction}") as pool:
+            futures = [loop.run_in_executor(pool, body) for body in bodies]
             results = await asyncio.gather(*futures, return_exceptions=True)
-        for ch in job.channels:
-            ch.blocks = ()  # drop the mmap views so object-del really unmaps afterwards
+        for thread in threads:
+            thread.blocks = ()  # drop the mmap views so object-del really unmaps afterwards
+        del threads, bodies
         failures = [r for r in results if isinstance(r, BaseException)]
         del results, futures
         if failures:
@@ -591,6 +625,13 @@ class MigrationEngine:
 
         # Every check is done before the first byte of any backend changes.
         bitmaps = await asyncio.to_thread(read_bitmaps)
+        _check_room(
+            path,
+            [
+                (b, int(present.sum()) * PAGE_SIZE)
+                for (_, b), present in zip(matched, bitmaps, strict=True)
+            ],
+        )
         self._check_cancel(job)
         fds = await self._open_channels(job, os.O_RDONLY, main_fd)
         try:

@@ -327,6 +327,17 @@ def small_ext4(short_dir: Path) -> Iterator[Path]:
 
 
 @pytest.fixture
+def small_tmpfs(short_dir: Path) -> Iterator[Path]:
+    """An 8 MiB tmpfs: memory backends on it run out of room (ENOSPC) when filled."""
+    where = short_dir / "tmpfs8"
+    where.mkdir()
+    if not _mount(["-t", "tmpfs", "-o", "size=8M", "tmpfs"], where):
+        pytest.skip("cannot mount tmpfs here (needs root)")
+    yield where
+    _umount(where)
+
+
+@pytest.fixture
 def readonly_dir(short_dir: Path) -> Iterator[Path]:
     """A read-only tmpfs mount: every create or write fails with EROFS."""
     where = short_dir / "ro"

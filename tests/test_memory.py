@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -335,6 +336,20 @@ def test_ids_may_use_letters_digits_dash_dot_and_underscore() -> None:
 def test_a_ramblock_name_outside_1_to_255_bytes_is_refused(name: str) -> None:
     with pytest.raises(BackendError, match="ramblock-name"):
         create_ram_backend("m", MiB, ramblock_name=name)
+
+
+def test_populate_reports_a_full_filesystem_with_the_backend_and_its_file(
+    small_tmpfs: Path,
+) -> None:
+    path = small_tmpfs / "ram"
+    b = create_file_backend("m", 16 * MiB, str(path))
+    try:
+        b.populate(0, 4 * MiB)  # fits
+        expected = f"Could not allocate memory for memory backend 'm' in '{path}': No space"
+        with pytest.raises(BackendError, match=re.escape(expected)):
+            b.populate(4 * MiB, 12 * MiB)
+    finally:
+        b.close()
 
 
 def test_a_ramblock_name_replaces_the_id_as_block_name() -> None:

@@ -17,6 +17,7 @@ from .conftest import (
     open_fds,
     parse_save,
     qmp_error,
+    read_bitmap,
     read_pages,
     restore,
     save,
@@ -209,6 +210,56 @@ async def test_length_mismatch_names_both_lengths(qmp, shm, short_dir):
     await add_file_backend(qmp, "ram0", shm / "dst2", 8 * MiB)
     text = await qmp_error(qmp, "migrate-incoming", {"uri": f"file:{short_dir}/save.img"})
     assert str(4 * MiB) in text and str(8 * MiB) in text and "Length mismatch" in text
+
+
+async def _saved_into_small_tmpfs(qmp, shm, short_dir, small_tmpfs):
+    """A 32 MiB save (about 14 MiB of pages to read) and a backend `ram0` on an 8 MiB
+    tmpfs whose first 2 MiB hold other data."""
+    await _saved(qmp, shm, short_dir, size=32 * MiB)
+    await qmp.execute("object-del", {"id": "ram0"})
+    dst = small_tmpfs / "ram"
+    fill_random(dst, 2 * MiB, seed=5)
+    await add_file_backend(qmp, "ram0", dst, 32 * MiB)
+    return dst
+
+
+async def test_restore_into_a_filesystem_too_small_fails_before_changing_memory(
+    qmp, shm, short_dir, small_tmpfs
+):
+    dst = await _saved_into_small_tmpfs(qmp, shm, short_dir, small_tmpfs)
+    before = _digest(dst)
+    info = await restore(qmp, short_dir / "save.img")
+    assert info["status"] == "failed"
+    block = first_block(short_dir / "save.img")
+    needed = int(read_bitmap(short_dir / "save.img", block).sum()) * PAGE
+    assert info["error-desc"] == (
+        f"Could not restore '{short_dir}/save.img': memory backends 'ram0' need {needed} "
+        f"bytes, but their filesystem has room for {8 * MiB}; no memory backend was changed"
+    )
+    assert _digest(dst) == before
+    assert migd_threads() == []
+
+
+async def test_memory_that_runs_out_during_a_restore_is_reported_as_such(
+    qmp, shm, short_dir, small_tmpfs, monkeypatch
+):
+    """When the room check cannot see it coming (another writer fills the filesystem),
+    the allocation ahead of the reads fails: ENOSPC with the backend, not EFAULT."""
+    from migd import migration
+
+    dst = await _saved_into_small_tmpfs(qmp, shm, short_dir, small_tmpfs)
+    monkeypatch.setattr(migration, "_check_room", lambda path, needs: None)
+    fds_before = open_fds()
+    info = await restore(qmp, short_dir / "save.img")
+    assert info["status"] == "failed"
+    assert info["error-desc"] == (
+        f"Could not allocate memory for memory backend 'ram0' in '{dst}': "
+        "No space left on device; memory backends 'ram0' hold partial data"
+    )
+    assert open_fds() == fds_before and migd_threads() == []
+    await qmp.execute("object-del", {"id": "ram0"})
+    await add_file_backend(qmp, "ram0", shm / "dst", 32 * MiB)
+    assert (await restore(qmp, short_dir / "save.img"))["status"] == "completed"
 
 
 async def test_cancelled_restore_says_the_backend_holds_partial_data(qmp, shm, short_dir):
