@@ -24,6 +24,7 @@ import numpy as np
 
 from . import __version__, format
 from .channels import (
+    READ_CHUNK_PAGES,
     BlockIO,
     Channel,
     ChannelError,
@@ -649,9 +650,8 @@ class MigrationEngine:
                         backend.populate,
                     )
                 )
-                set_runs = format.set_runs(present)
                 runs += split_runs(index, format.set_runs(~present), zero=True)
-                runs += split_runs(index, set_runs)
+                runs += split_runs(index, format.set_runs(present), chunk=READ_CHUNK_PAGES)
             job.setup_done = time.monotonic()
             self._set_status(job, MigrationStatus.active)
             job.memory_touched = True
