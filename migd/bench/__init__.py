@@ -1,0 +1,189 @@
+"""`migd bench`: how fast is migd on this machine, and why, measured in one run.
+
+Everything is measured in one run on one machine and reported as GiB/s of RAM and as
+ratios, because absolute figures drift on shared machines (docs/performance.md). The run
+is made of rounds (--runs, default 3); each round measures every figure once, in an order
+shuffled afresh each round, so that drift during the run and the after-effects of one
+measurement on the next hit every figure alike; each figure is the median of its rounds,
+with min-max.
+
+In every round:
+
+* disk: O_DIRECT sequential write, then read, of the same number of bytes in --dir. With
+  fio installed: psync with 1 MiB blocks, 1 and 4 jobs, and libaio with 8 x 4 MiB in
+  flight (the best is the 100% line).
+  Without fio: a built-in loop of 4 threads, each with its own O_DIRECT fd, doing
+  os.pwritev / os.preadv of 4 MiB mmap-allocated (aligned) buffers.
+* migd save of --size-gib of random data held in a /dev/shm memory-backend-file
+  (multifd + mapped-ram) for each --channels count, with direct-io and without it (for
+  --buffered-channels).
+* QEMU (>= 9.1, unless --no-qemu) saving the same memory file (-M none,
+  memory-backend-file share=on, multifd + mapped-ram, max-bandwidth 0) with direct-io for
+  each --qemu-channels count and once without direct-io.
+* migd restore of migd's file into a second /dev/shm memory file pre-filled with other
+  data, for each channel count, with and without direct-io, and once into an empty
+  (never touched) memory file; QEMU likewise from its own file. Restored memory is
+  compared with the source.
+* the page cache each save or restore leaves behind: `fincore` on the save file (or the
+  growth of Cached in /proc/meminfo), as a percentage of the bytes moved.
+
+Then, in pairs with a direct-io save of random RAM at the same channel count (in turn
+before and after it), so that their time ratios shrug off disk drift: a save with
+zero-page detection off (the cost of detection), and saves of RAM that is 75% zero pages
+in randomly chosen 2 MiB clusters (written zeros, and once more as file holes) and of RAM
+with 30% zero pages scattered at random.
+
+A migration is timed from the `migrate` / `migrate-incoming` command to query-migrate
+reporting `completed`, polled every 10 ms; the polls' round trips give the control plane
+latency, /proc/PID/stat the CPU time of migd or QEMU, and /proc/PID/status migd's private
+memory (RssAnon). migd maps the memory file afresh (object-del, object-add) before every
+timed operation, as for a real save or restore; QEMU is a new process each time. As root
+the page cache is dropped before every measurement (after syncfs of --dir only: a global
+sync would wait on every other filesystem too). All files and processes the benchmark
+creates are removed at the end, also on error, SIGINT, SIGTERM or SIGHUP.
+
+With --out DIR: DIR/bench.md (the tables, the command, the date, the machine),
+DIR/bench.json, and DIR/bench.png (throughput against channels; needs matplotlib, the
+`bench` extra). The Markdown (or with --json the JSON) also goes to stdout.
+
+    migd bench --size-gib 4 --runs 3 --out docs/bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from .common import DEFAULT_QEMU, BenchError, log
+from .processes import Cleanup
+from .suite import Bench
+
+# --- command line ----------------------------------------------------------------------
+
+
+def _counts(text: str) -> list[int]:
+    if text.strip().lower() in ("", "none"):
+        return []
+    try:
+        values = sorted({int(c) for c in text.split(",") if c.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a list like 1,2,4,8") from None
+    if any(not 1 <= v <= 255 for v in values):
+        raise argparse.ArgumentTypeError(f"'{text}': channel counts are 1..255")
+    return values
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--size-gib",
+        type=float,
+        default=4.0,
+        help="bytes per operation in GiB (default 4; at least 0.0625)",
+    )
+    p.add_argument(
+        "--dir",
+        default="/tmp",
+        help="directory of the save files: the disk under test (default /tmp)",
+    )
+    p.add_argument(
+        "--channels",
+        type=_counts,
+        default=[1, 2, 4, 8],
+        help="multifd channel counts (default 1,2,4,8)",
+    )
+    p.add_argument(
+        "--buffered-channels",
+        type=_counts,
+        default=None,
+        metavar="CHANNELS",
+        help="channel counts also measured without direct-io (default: all of "
+        "--channels; 'none' for none)",
+    )
+    p.add_argument(
+        "--qemu-channels",
+        type=_counts,
+        default=None,
+        metavar="CHANNELS",
+        help="channel counts of QEMU's saves and restores (default: --channels)",
+    )
+    p.add_argument(
+        "--runs", type=int, default=3, help="rounds; each figure is the median (default 3)"
+    )
+    p.add_argument(
+        "--out", default=None, metavar="DIR", help="write bench.md, bench.json and bench.png there"
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
+    p.add_argument(
+        "--baseline",
+        choices=("auto", "fio", "python", "both"),
+        default="auto",
+        help="disk baseline: fio if installed (auto), or the Python loop, or both",
+    )
+    p.add_argument("--qemu", default=DEFAULT_QEMU, help=f"QEMU binary (default {DEFAULT_QEMU})")
+    p.add_argument("--no-qemu", action="store_true", help="leave QEMU out")
+    p.add_argument(
+        "--keep-caches",
+        action="store_true",
+        help="do not drop the page cache between measurements (it is dropped by "
+        "default when running as root)",
+    )
+
+
+def check_arguments(args: argparse.Namespace) -> str | None:
+    """Fills in the defaults that depend on --channels; the usage error, if any."""
+    if not args.channels or args.runs < 1:
+        return "--channels and --runs must be positive"
+    if args.buffered_channels is None:
+        args.buffered_channels = list(args.channels)
+    if args.qemu_channels is None:
+        args.qemu_channels = list(args.channels)
+    if not set(args.buffered_channels) <= set(args.channels):
+        return "--buffered-channels must be a subset of --channels"
+    return None
+
+
+def _terminate(signum: int, _frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs the suite for parsed arguments (`migd bench` or the script); the exit code."""
+    error = check_arguments(args)
+    if error:
+        print(f"migd bench: error: {error}", file=sys.stderr)
+        return 2
+    old = {s: signal.signal(s, _terminate) for s in (signal.SIGTERM, signal.SIGHUP)}
+    cleanup = Cleanup()
+    bench: Bench | None = None
+    code = 1
+    try:
+        bench = Bench(args, cleanup)
+        bench.run()
+        code = 0
+    except BenchError as exc:
+        log(f"error: {exc}")
+    except KeyboardInterrupt:
+        log("interrupted")
+        code = 130
+    finally:
+        cleanup.close()
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        if bench is not None and bench.measured():
+            bench.finished = time.time()
+            if args.out:
+                bench.write_out(Path(args.out))
+            print(bench.as_json() if args.json else bench.markdown(), end="", flush=True)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="migd bench", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
+

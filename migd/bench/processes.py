@@ -1,0 +1,229 @@
+"""What the benchmark runs: cleanup of all it made, QMP clients of migd and QEMU,
+timed migrations, and the migd daemon under test."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .common import FINAL, PACKAGE_PARENT, POLL, BenchError
+
+if TYPE_CHECKING:
+    from .suite import Bench  # numpy is imported where it is used: `migd --help` need not load it
+
+    pass
+
+
+# --- processes and files ---------------------------------------------------------------
+
+
+class Cleanup:
+    """Owns every process and directory the benchmark creates; close() removes them all."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.dirs: list[Path] = []
+
+    def mkdtemp(self, parent: str | Path) -> Path:
+        path = Path(tempfile.mkdtemp(prefix="migd-bench-", dir=parent))
+        self.dirs.append(path)
+        return path
+
+    def spawn(self, argv: Sequence[str], log_path: Path) -> subprocess.Popen[bytes]:
+        with open(log_path, "ab") as out:
+            proc = subprocess.Popen(
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=PACKAGE_PARENT,
+            )
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen[bytes]) -> None:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc in self.procs:
+            self.procs.remove(proc)
+
+    def close(self) -> None:
+        for proc in reversed(list(self.procs)):
+            with contextlib.suppress(Exception):
+                self.stop(proc)
+        for path in reversed(self.dirs):
+            shutil.rmtree(path, ignore_errors=True)
+        self.dirs.clear()
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+class QMP:
+    """A minimal synchronous QMP client (one JSON object per line, events skipped)."""
+
+    def __init__(self, path: Path, proc: subprocess.Popen[bytes], log_path: Path) -> None:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                raise BenchError(f"{proc.args[0]} exited with {proc.returncode}:\n{tail(log_path)}")
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(str(path))
+                break
+            except OSError:
+                sock.close()
+                if time.monotonic() > deadline:
+                    raise BenchError(f"nothing listens on {path} after 30 s") from None
+                time.sleep(0.02)
+        sock.settimeout(300)
+        self.sock = sock
+        self._buf = b""
+        self.greeting = self._recv()
+        self.execute("qmp_capabilities")
+
+    def _recv(self) -> dict[str, Any]:
+        while b"\n" not in self._buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise BenchError("the QMP connection closed")
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def execute(self, name: str, arguments: dict[str, Any] | None = None) -> Any:
+        msg: dict[str, Any] = {"execute": name}
+        if arguments is not None:
+            msg["arguments"] = arguments
+        self.sock.sendall(json.dumps(msg).encode() + b"\r\n")
+        while True:
+            reply = self._recv()
+            if "event" in reply:
+                continue
+            if "error" in reply:
+                raise BenchError(f"{name}: {reply['error'].get('desc')}")
+            return reply.get("return")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@dataclass
+class Timed:
+    seconds: float
+    info: dict[str, Any]
+    latencies: list[float]  # query-migrate round trips, seconds
+    peak_anon: int  # the server's peak RssAnon in bytes (0 when not sampled)
+    cpu: float  # CPU seconds (user + system) the server spent on it
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()  # fields[0] is field 3, the state
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_anon(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def timed_migration(
+    qmp: QMP, command: str, arguments: dict[str, Any], pid: int, rss: bool = True
+) -> Timed:
+    """Issue migrate / migrate-incoming, poll query-migrate every 10 ms until final."""
+    latencies: list[float] = []
+    peak = 0
+    cpu = cpu_seconds(pid)
+    start = time.perf_counter()
+    qmp.execute(command, arguments)
+    while True:
+        sent = time.perf_counter()
+        info = qmp.execute("query-migrate")
+        now = time.perf_counter()
+        latencies.append(now - sent)
+        if rss:
+            peak = max(peak, rss_anon(pid))
+        if info.get("status") in FINAL:
+            break
+        time.sleep(POLL)
+    if info["status"] != "completed":
+        raise BenchError(f"{command} ended {info['status']}: {info.get('error-desc')}")
+    return Timed(now - start, info, latencies, peak, cpu_seconds(pid) - cpu)
+
+
+def configure(qmp: QMP, channels: int, direct_io: bool, **params: Any) -> None:
+    caps = [{"capability": c, "state": True} for c in ("multifd", "mapped-ram", "events")]
+    qmp.execute("migrate-set-capabilities", {"capabilities": caps})
+    qmp.execute(
+        "migrate-set-parameters",
+        {"multifd-channels": channels, "direct-io": direct_io, **params},
+    )
+
+
+# --- migd under test -------------------------------------------------------------------
+
+
+class Migd:
+    """A migd daemon subprocess with its QMP connection and at most one backend, 'ram0'."""
+
+    def __init__(self, bench: Bench, name: str) -> None:
+        sock, log_path = bench.run_dir / f"{name}.sock", bench.run_dir / f"{name}.log"
+        self.cleanup = bench.cleanup
+        self.proc = bench.cleanup.spawn(
+            [sys.executable, "-m", "migd", "serve", "--socket", str(sock)], log_path
+        )
+        self.qmp = QMP(sock, self.proc, log_path)
+        self.attached = False
+
+    def attach(self, mem: Path, size: int) -> None:
+        """Map `mem` afresh as backend ram0, as a daemon does before a real save or restore.
+
+        A mapping reused from the previous run would have its page tables filled already,
+        hiding the cost of faulting the memory in that every first save or restore pays.
+        """
+        self.detach()
+        self.qmp.execute(
+            "object-add",
+            {
+                "qom-type": "memory-backend-file",
+                "id": "ram0",
+                "size": size,
+                "mem-path": str(mem),
+                "share": True,
+            },
+        )
+        self.attached = True
+
+    def detach(self) -> None:
+        if self.attached:
+            self.qmp.execute("object-del", {"id": "ram0"})
+            self.attached = False
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.qmp.close()
+        self.cleanup.stop(self.proc)

@@ -1,0 +1,395 @@
+"""The measurements: rounds of saves and restores by migd and QEMU, the disk baseline,
+the paired zero-page saves."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import random
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from .common import FIO_CONFIGS, PAGE, PY_THREADS, QEMU_MIN, BenchError, GiB, MiB, log
+from .disk import drop_caches, file_cached, fio_disk, meminfo, python_disk
+from .fill import fill_memory, fill_pattern, same_contents
+from .machine import machine_facts, qemu_version
+from .processes import QMP, Cleanup, Migd, configure, timed_migration
+from .report import BenchReport
+from .results import Row, human
+
+# --- the benchmark ---------------------------------------------------------------------
+
+
+class Bench(BenchReport):
+    """The measurements, round by round, as the docstring of migd.bench describes them."""
+
+    def __init__(self, args: argparse.Namespace, cleanup: Cleanup) -> None:
+        self.args = args
+        self.cleanup = cleanup
+        self.started = time.time()
+        self.finished: float | None = None
+        self.complete = False
+        self.size = int(args.size_gib * GiB) // (4 * MiB) * (4 * MiB)
+        if self.size < 64 * MiB:
+            raise BenchError("--size-gib must be at least 1/16 (64 MiB)")
+        self.channels: list[int] = args.channels
+        # the channel count of the single-count rows: 4 (performance.md's best) when asked
+        self.ref = 4 if 4 in self.channels else max(self.channels)
+        self.buffered: list[int] = args.buffered_channels
+        self.runs: int = args.runs
+        self.root = os.geteuid() == 0
+        # Dropping the page cache also drops the filesystem's metadata, which every save then
+        # reads back while it allocates: a fixed cost that weighs most on short saves.
+        self.drop_enabled = self.root and not args.keep_caches
+        self.rows: dict[str, Row] = {}
+        self.qemu = None if args.no_qemu else qemu_version(args.qemu)
+        self.use_qemu = self.qemu is not None and self.qemu >= QEMU_MIN
+        self.qemu_channels: list[int] = args.qemu_channels if self.use_qemu else []
+        self.has_fio = shutil.which("fio") is not None
+        self.has_fincore = shutil.which("fincore") is not None
+        mode = args.baseline
+        if mode == "fio" and not self.has_fio:
+            raise BenchError("--baseline fio: fio is not installed")
+        self.disk_tools = {
+            "auto": ["fio"] if self.has_fio else ["python"],
+            "fio": ["fio"],
+            "python": ["python"],
+            "both": (["fio"] if self.has_fio else []) + ["python"],
+        }[mode]
+        self.machine = machine_facts(Path(args.dir), self.qemu_str() if self.qemu else None)
+        self.work = cleanup.mkdtemp(args.dir)  # save files and disk-baseline files
+        self.shm = cleanup.mkdtemp("/dev/shm")  # memory files
+        self.run_dir = cleanup.mkdtemp("/tmp")  # sockets (short paths) and logs
+        self.src = self.shm / "src.ram"
+        self.dst = self.shm / "dst.ram"
+        self.zero_src = self.shm / "zero.ram"
+        self.restore_src = self.work / "migd-restore-source.img"
+        self.qemu_file = self.work / "qemu-restore-source.img"
+        self.op_count = 0
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def drop(self) -> None:
+        drop_caches(self.work, self.drop_enabled)
+
+    def row(self, key: str, label: str, **kw: Any) -> Row:
+        return self.rows.setdefault(key, Row(key, label, self.size, **kw))
+
+    def migration_row(
+        self,
+        tool: str,
+        op: str,
+        channels: int,
+        direct_io: bool = True,
+        empty: bool = False,
+        detect: bool = True,
+        memory: str = "random",
+    ) -> Row:
+        key = (
+            f"{tool}-{op}-{channels}"
+            + ("" if direct_io else "-buffered")
+            + ("-empty" if empty else "")
+            + ("" if detect else "-nodetect")
+            + ("" if memory == "random" else f"-{memory}")
+        )
+        name = "migd" if tool == "migd" else f"QEMU {self.qemu_str()}"
+        what = [f"{name} {op}", f"{channels} ch", "direct-io" if direct_io else "buffered"]
+        if empty:
+            what.append("into an empty memory file")
+        if not detect:
+            what.append("zero detection off")
+        what += {
+            "random": [],
+            "zero75": ["75% zero pages in 2 MiB clusters"],
+            "zero30": ["30% zero pages scattered"],
+            "holes75": ["75% zero pages as 2 MiB file holes"],
+            "adjacent": ["random RAM, paired with each save below"],
+        }[memory]
+        return self.row(
+            key,
+            ", ".join(what),
+            op=op,
+            tool=tool,
+            channels=channels,
+            direct_io=direct_io,
+            empty_dst=empty,
+            detect=detect,
+            memory=memory,
+        )
+
+    def check_space(self) -> None:
+        shm_free = shutil.disk_usage(self.shm).free
+        if shm_free < 2 * self.size + 256 * MiB:
+            raise BenchError(f"/dev/shm has {shm_free / GiB:.1f} GiB free; need 2 x the size")
+        disk_free = shutil.disk_usage(self.work).free
+        if disk_free < 4 * self.size + GiB:
+            raise BenchError(f"{self.args.dir} has {disk_free / GiB:.1f} GiB free; need 4 x")
+        probe = self.work / "odirect-probe"
+        try:
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_DIRECT | os.O_CLOEXEC, 0o600))
+        except OSError as exc:
+            raise BenchError(f"{self.args.dir} refuses O_DIRECT: {exc.strerror}") from None
+        finally:
+            probe.unlink(missing_ok=True)
+
+    def cache_left(self, path: Path, cached_before: int) -> float | None:
+        """The page cache `path` holds after an operation, % of the bytes moved."""
+        if self.has_fincore:
+            return 100 * file_cached(path) / self.size
+        if path.is_relative_to(self.shm):
+            return None  # shmem is 'Cached' itself: /proc/meminfo cannot tell
+        return 100 * max(0, meminfo("Cached") - cached_before) / self.size
+
+    @contextlib.contextmanager
+    def qemu_session(
+        self, mem: Path, incoming: bool
+    ) -> Iterator[tuple[QMP, subprocess.Popen[bytes]]]:
+        self.op_count += 1
+        sock = self.run_dir / f"qemu{self.op_count}.sock"
+        log_path = self.run_dir / f"qemu{self.op_count}.log"
+        argv = [
+            self.args.qemu,
+            "-M",
+            "none",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-S",
+            "-object",
+            f"memory-backend-file,id=ram0,size={self.size},mem-path={mem},share=on",
+            "-machine",
+            "memory-backend=ram0",
+            "-qmp",
+            f"unix:{sock},server=on,wait=off",
+        ]
+        if incoming:
+            argv += ["-incoming", "defer"]
+        proc = self.cleanup.spawn(argv, log_path)
+        qmp = QMP(sock, proc, log_path)
+        try:
+            yield qmp, proc
+        finally:
+            with contextlib.suppress(Exception):
+                qmp.execute("quit")
+            qmp.close()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(10)
+            self.cleanup.stop(proc)
+
+    # -- measurements ----------------------------------------------------------------------
+
+    def disk(self, run: int) -> None:
+        if "fio" in self.disk_tools:
+            for name, what, options in FIO_CONFIGS:
+                log(f"round {run + 1}: disk, {what}")
+                w, r = fio_disk(self.work, self.size, name, options, self.drop)
+                self.row(
+                    f"disk-write-{name}", f"disk O_DIRECT write, {what}", op="write", tool="fio"
+                ).times.append(w)
+                self.row(
+                    f"disk-read-{name}", f"disk O_DIRECT read, {what}", op="read", tool="fio"
+                ).times.append(r)
+        if "python" in self.disk_tools:
+            log(f"round {run + 1}: disk, Python {PY_THREADS} threads")
+            w, r = python_disk(self.work, self.size, self.drop)
+            label = f"Python {PY_THREADS} threads x 4 MiB"
+            self.row(
+                "disk-write-py", f"disk O_DIRECT write, {label}", op="write", tool="python"
+            ).times.append(w)
+            self.row(
+                "disk-read-py", f"disk O_DIRECT read, {label}", op="read", tool="python"
+            ).times.append(r)
+
+    def migd_save(
+        self, migd: Migd, row: Row, mem: Path, run: int, keep: Path | None = None
+    ) -> None:
+        """One timed save of `mem` through a freshly mapped backend, into a new file."""
+        self.op_count += 1
+        path = self.work / f"migd-save-{self.op_count}.img"
+        log(f"round {run + 1}: {row.label}")
+        migd.attach(mem, self.size)
+        assert row.channels is not None
+        configure(
+            migd.qmp,
+            row.channels,
+            row.direct_io,
+            **{
+                "max-bandwidth": 0,
+                "zero-page-detection": "multifd" if row.detect else "none",
+            },
+        )
+        self.drop()
+        before = meminfo("Cached")
+        timed = timed_migration(migd.qmp, "migrate", {"uri": f"file:{path}"}, migd.proc.pid)
+        cache = self.cache_left(path, before)
+        if cache is not None:
+            row.cache_pct.append(cache)
+        pages = self.size // PAGE
+        row.written_pct.append(100 * timed.info.get("ram", {}).get("normal", pages) / pages)
+        row.add(timed)
+        if keep is not None:
+            path.replace(keep)
+        else:
+            path.unlink()
+
+    def qemu_save(self, row: Row, run: int, migd: Migd, keep: Path | None = None) -> None:
+        """One timed save by a new QEMU; `migd` lets go of the memory file first."""
+        migd.detach()
+        self.op_count += 1
+        path = self.work / f"qemu-save-{self.op_count}.img"
+        log(f"round {run + 1}: {row.label}")
+        assert row.channels is not None
+        with self.qemu_session(self.src, incoming=False) as (qmp, proc):
+            configure(qmp, row.channels, row.direct_io, **{"max-bandwidth": 0})
+            self.drop()
+            before = meminfo("Cached")
+            timed = timed_migration(qmp, "migrate", {"uri": f"file:{path}"}, proc.pid, False)
+        row.add(timed)
+        cache = self.cache_left(path, before)
+        if cache is not None:
+            row.cache_pct.append(cache)
+        if keep is not None:
+            path.replace(keep)
+        else:
+            path.unlink()
+
+    def prepare_dst(self, empty: bool, value: int) -> None:
+        """Pre-fill the destination with other data, or leave it an empty (sparse) file."""
+        if empty:
+            with open(self.dst, "a+b") as f:
+                os.ftruncate(f.fileno(), 0)  # frees every page, mapped or not
+                os.ftruncate(f.fileno(), self.size)
+        else:
+            fill_pattern(self.dst, self.size, value)
+
+    def restore(self, row: Row, run: int, migd: Migd | None, other: Migd | None = None) -> None:
+        """One timed restore into dst: by `migd`, or by a new QEMU when it is None (and
+        then `other`, a migd that maps dst, lets go of it first)."""
+        log(f"round {run + 1}: {row.label}")
+        if other is not None:
+            other.detach()
+        self.prepare_dst(row.empty_dst, 0x11 * (1 + (run + self.op_count) % 15))
+        assert row.channels is not None
+        if migd is not None:
+            source = self.restore_src
+            migd.attach(self.dst, self.size)
+            configure(migd.qmp, row.channels, row.direct_io)
+            self.drop()
+            before = meminfo("Cached")
+            timed = timed_migration(
+                migd.qmp, "migrate-incoming", {"uri": f"file:{source}"}, migd.proc.pid
+            )
+        else:
+            source = self.qemu_file
+            with self.qemu_session(self.dst, incoming=True) as (qmp, proc):
+                configure(qmp, row.channels, row.direct_io)
+                self.drop()
+                before = meminfo("Cached")
+                timed = timed_migration(
+                    qmp, "migrate-incoming", {"uri": f"file:{source}"}, proc.pid, False
+                )
+        row.add(timed)
+        cache = self.cache_left(source, before)
+        if cache is not None:
+            row.cache_pct.append(cache)
+        ok = same_contents(self.src, self.dst, self.size)
+        row.verified = ok and row.verified is not False
+        if not ok and migd is not None:
+            raise BenchError(f"{row.label}: restored memory differs from the source")
+
+    def round(self, run: int, saver: Migd, loader: Migd) -> None:
+        """Every figure once: saves, then the restores that read their files.
+
+        Within each group the order is shuffled afresh every round (the first round keeps
+        the table's order), so that no figure always follows the same neighbour: a
+        buffered save, for one, leaves the host writing back for a while after it ends.
+        """
+        self.disk(run)
+        mig = self.migration_row
+        saves: list[Callable[[], None]] = []
+        for ch in self.channels:
+            keep = self.restore_src if ch == self.ref else None
+            saves.append(
+                partial(self.migd_save, saver, mig("migd", "save", ch), self.src, run, keep=keep)
+            )
+        for ch in self.buffered:
+            saves.append(
+                partial(
+                    self.migd_save, saver, mig("migd", "save", ch, direct_io=False), self.src, run
+                )
+            )
+        for i, ch in enumerate(self.qemu_channels):
+            keep = self.qemu_file if i == 0 else None
+            saves.append(partial(self.qemu_save, mig("qemu", "save", ch), run, saver, keep=keep))
+        if self.qemu_channels:
+            saves.append(
+                partial(self.qemu_save, mig("qemu", "save", self.ref, direct_io=False), run, saver)
+            )
+        restores: list[Callable[[], None]] = []
+        for ch in self.channels:
+            restores.append(partial(self.restore, mig("migd", "restore", ch), run, loader))
+        for ch in self.buffered:
+            restores.append(
+                partial(self.restore, mig("migd", "restore", ch, direct_io=False), run, loader)
+            )
+        restores.append(
+            partial(self.restore, mig("migd", "restore", self.ref, empty=True), run, loader)
+        )
+        for ch in self.qemu_channels:
+            restores.append(partial(self.restore, mig("qemu", "restore", ch), run, None, loader))
+        if self.qemu_channels:
+            for kw in ({"direct_io": False}, {"empty": True}):
+                restores.append(
+                    partial(self.restore, mig("qemu", "restore", self.ref, **kw), run, None, loader)
+                )
+        order = random.Random(run)
+        for group in (saves, restores):
+            if run:
+                order.shuffle(group)
+            for op in group:
+                op()
+        saver.detach()
+        loader.detach()
+
+    def paired_saves(self, migd: Migd) -> None:
+        """Zero-page saves and detection off, each next to a random-RAM save (alternately
+        before and after it): their time ratios shrug off disk drift."""
+        ref = self.migration_row("migd", "save", self.ref, memory="adjacent")
+        for kind in ("nodetect", "zero75", "zero30", "holes75"):
+            if kind == "nodetect":
+                row = self.migration_row("migd", "save", self.ref, detect=False)
+                mem = self.src
+            else:
+                row = self.migration_row("migd", "save", self.ref, memory=kind)
+                mem = self.zero_src
+                log(f"filling the memory file: {row.label.split(', ')[-1]}")
+                fill_memory(mem, self.size, kind, seed=7)
+            for run in range(self.runs):
+                pair = [(ref, self.src), (row, mem)]
+                for r, m in pair[:: 1 if run % 2 == 0 else -1]:
+                    self.migd_save(migd, r, m, run)
+        migd.detach()
+        self.zero_src.unlink(missing_ok=True)
+
+    def run(self) -> None:
+        self.check_space()
+        log(f"filling {human(self.size)} of random memory in {self.src}")
+        fill_memory(self.src, self.size, "random", seed=1)
+        saver = Migd(self, "migd-save")
+        loader = Migd(self, "migd-restore")
+        try:
+            for run in range(self.runs):
+                self.round(run, saver, loader)
+            for path in (self.dst, self.restore_src, self.qemu_file):
+                path.unlink(missing_ok=True)  # room in /dev/shm for the zero-page memory
+            self.paired_saves(saver)
+        finally:
+            saver.close()
+            loader.close()
+        self.complete = True
