@@ -301,15 +301,19 @@ def _umount(where: Path) -> None:
     subprocess.run(["umount", "-l", str(where)], capture_output=True)
 
 
+def _mounted(where: Path, args: list[str], what: str) -> Iterator[Path]:
+    """Mount a filesystem on a new directory for one test, or skip the test."""
+    where.mkdir()
+    if not _mount(args, where):
+        pytest.skip(f"cannot mount {what} here (needs root)")
+    yield where
+    _umount(where)
+
+
 @pytest.fixture
 def ramfs(short_dir: Path) -> Iterator[Path]:
     """A ramfs mount: a filesystem that refuses O_DIRECT with EINVAL."""
-    where = short_dir / "ramfs"
-    where.mkdir()
-    if not _mount(["-t", "ramfs", "ramfs"], where):
-        pytest.skip("cannot mount ramfs here (needs root)")
-    yield where
-    _umount(where)
+    yield from _mounted(short_dir / "ramfs", ["-t", "ramfs", "ramfs"], "ramfs")
 
 
 @pytest.fixture
@@ -329,23 +333,13 @@ def small_ext4(short_dir: Path) -> Iterator[Path]:
 @pytest.fixture
 def small_tmpfs(short_dir: Path) -> Iterator[Path]:
     """An 8 MiB tmpfs: memory backends on it run out of room (ENOSPC) when filled."""
-    where = short_dir / "tmpfs8"
-    where.mkdir()
-    if not _mount(["-t", "tmpfs", "-o", "size=8M", "tmpfs"], where):
-        pytest.skip("cannot mount tmpfs here (needs root)")
-    yield where
-    _umount(where)
+    yield from _mounted(short_dir / "tmpfs8", ["-t", "tmpfs", "-o", "size=8M", "tmpfs"], "tmpfs")
 
 
 @pytest.fixture
 def readonly_dir(short_dir: Path) -> Iterator[Path]:
     """A read-only tmpfs mount: every create or write fails with EROFS."""
-    where = short_dir / "ro"
-    where.mkdir()
-    if not _mount(["-t", "tmpfs", "-o", "ro,size=1M", "tmpfs"], where):
-        pytest.skip("cannot mount tmpfs here (needs root)")
-    yield where
-    _umount(where)
+    yield from _mounted(short_dir / "ro", ["-t", "tmpfs", "-o", "ro,size=1M", "tmpfs"], "tmpfs")
 
 
 def migd_threads() -> list[str]:
