@@ -338,6 +338,30 @@ def test_a_ramblock_name_outside_1_to_255_bytes_is_refused(name: str) -> None:
         create_ram_backend("m", MiB, ramblock_name=name)
 
 
+def _mapped_bytes(backend: memory.MemoryBackend) -> int:
+    """Rss of the backend's mapping in /proc/self/smaps: the pages it has mapped."""
+    start = f"{backend._base:x}-"
+    lines = Path("/proc/self/smaps").read_text().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith(start))
+    rss = next(line for line in lines[at + 1 :] if line.startswith("Rss:"))
+    return int(rss.split()[1]) * 1024
+
+
+def test_populate_maps_the_pages_so_the_reads_into_them_do_not_fault(shm: Path) -> None:
+    """Allocating is not enough: an O_DIRECT read into unmapped pages faults each one."""
+    b = create_file_backend("m", 8 * MiB, str(shm / "ram"))
+    r = create_ram_backend("r", 8 * MiB)
+    try:
+        assert _mapped_bytes(b) == 0 and _mapped_bytes(r) == 0
+        b.populate(0, 4 * MiB)
+        r.populate(2 * MiB, 4 * MiB)
+        assert _mapped_bytes(b) == 4 * MiB and _mapped_bytes(r) == 4 * MiB
+        assert (shm / "ram").stat().st_blocks * 512 == 4 * MiB  # allocated, rest a hole
+    finally:
+        b.close()
+        r.close()
+
+
 def test_populate_reports_a_full_filesystem_with_the_backend_and_its_file(
     small_tmpfs: Path,
 ) -> None:
