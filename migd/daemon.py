@@ -68,7 +68,9 @@ class Daemon:
         memory = MemoryRegistry()
         paths = PathPolicy(config.allowed_dirs)
         fdsets = FdStore(functools.partial(open_channel_fd, open_file=paths.open))
-        engine = MigrationEngine(memory, self._emit, self.notify, fdsets.open_path)
+        engine = MigrationEngine(
+            memory, self._emit, self.notify, fdsets.open_path, fdsets.close_dup
+        )
         self.services = Services(memory, engine, fdsets, paths)
         self.server: Server | None = None
         self._stop: asyncio.Event | None = None

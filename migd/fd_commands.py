@@ -71,9 +71,10 @@ class RemoveFdArgs(QapiModel):
     "remove-fd",
     RemoveFdArgs,
     Empty,
-    "Close fd 'fd' of fdset 'fdset-id', or every fd of the set without 'fd'; a set "
-    "without fds disappears. Dups already opened from the set (a running migration's) "
-    "stay open until their user closes them.",
+    "Close fd 'fd' of fdset 'fdset-id', or every fd of the set without 'fd'. As in QEMU, "
+    "a set without fds disappears once no dup opened from it (a running migration's "
+    "channels, a memory backend on /dev/fdset/N) is open any more; until then "
+    "query-fdsets lists it with no fds and add-fd does not reuse its id.",
 )
 async def remove_fd(ctx: Context, args: RemoveFdArgs) -> Empty:
     ctx.services.fdsets.remove_fd(args.fdset_id, args.fd)

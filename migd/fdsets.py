@@ -4,7 +4,10 @@ QEMU's rules (monitor/fds.c): an open of "/dev/fdset/N" dups the most recently a
 of set N whose access mode and O_DIRECT flag match the open, so a management app can
 hand over one file as two fds (one with O_DIRECT for the multifd channels, one without
 for the main channel). Opens come from the event loop and from worker threads, hence
-the lock.
+the lock. As in QEMU, a set lives on while dups of it are open (a running migration's
+channels, a memory backend mapping a memfd), even after remove-fd closed all its fds:
+query-fdsets then lists it with no fds, and add-fd's automatic ids pass it by. Whoever
+holds such a dup closes it with close_dup, which lets the set go with its last dup.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ class FdStore:
         self._lock = threading.Lock()
         self._named: dict[str, int] = {}
         self._sets: dict[int, list[FdsetFd]] = {}  # each list newest first, as QEMU's
+        self._dups: dict[int, int] = {}  # open dup fd -> the set it came from
 
     # -- getfd / closefd -------------------------------------------------------------
 
@@ -103,16 +107,27 @@ class FdStore:
             fds = self._sets.get(fdset_id, [])
             gone = [f for f in fds if fd is None or f.fd == fd]
             if gone:
-                kept = [f for f in fds if f not in gone]
-                if kept:
-                    self._sets[fdset_id] = kept
-                else:
-                    del self._sets[fdset_id]
+                self._sets[fdset_id] = [f for f in fds if f not in gone]
+                self._forget_if_unused(fdset_id)
         if not gone:
             where = f"fdset-id:{fdset_id}" + ("" if fd is None else f", fd:{fd}")
             raise FdError(f"File descriptor named '{where}' not found")
         for f in gone:
             _close(f.fd)
+
+    def _forget_if_unused(self, fdset_id: int) -> None:
+        """monitor_fdset_cleanup: a set with no fds and no open dups is gone (lock held)."""
+        if not self._sets.get(fdset_id) and fdset_id not in self._dups.values():
+            self._sets.pop(fdset_id, None)
+
+    def close_dup(self, fd: int) -> None:
+        """Close an fd that open_path or dup_from_fdset gave out (any other fd is just
+        closed): the last dup of a removed set takes the set with it."""
+        with self._lock:
+            fdset_id = self._dups.pop(fd, None)
+            if fdset_id is not None:
+                self._forget_if_unused(fdset_id)
+        _close(fd)
 
     def query(self) -> list[tuple[int, list[FdsetFd]]]:
         """QEMU's order: sets by descending id, each set's fds oldest first."""
@@ -158,6 +173,7 @@ class FdStore:
                 dup = fcntl.fcntl(chosen, fcntl.F_DUPFD_CLOEXEC, 0)
             except OSError:
                 raise FdError(f"Failed to dup() given file descriptor fd={chosen}") from None
+            self._dups[dup] = fdset_id
         try:
             # As qemu_dup_flags: refuse a sync mismatch, and reset O_APPEND/O_NONBLOCK/...
             # on the description so positional writes land where the layout says.
@@ -165,7 +181,7 @@ class FdStore:
                 raise OSError("O_SYNC differs")
             fcntl.fcntl(dup, fcntl.F_SETFL, flags)
         except OSError:
-            _close(dup)
+            self.close_dup(dup)
             raise FdError(f"Failed to dup() given file descriptor fd={chosen}") from None
         return dup
 
@@ -176,6 +192,7 @@ class FdStore:
         with self._lock:
             named, self._named = list(self._named.values()), {}
             sets, self._sets = list(self._sets.values()), {}
+            self._dups = {}  # their holders close them (the job and the backends stop first)
         for fd in named:
             _close(fd)
         for fds in sets:

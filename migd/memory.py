@@ -9,7 +9,7 @@ import mmap
 import os
 import re
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from .errors import BackendError
 from .paths import FileOpener, plain_open
@@ -70,6 +70,7 @@ class MemoryBackend:
         mem_path: str | None,
         share: bool,
         block_name: str,
+        close_fd: Callable[[int], None] = os.close,
     ) -> None:
         self.id = id
         self.block_name = block_name
@@ -81,6 +82,7 @@ class MemoryBackend:
         self._mm: mmap.mmap | None = mm
         self._mv: memoryview | None = memoryview(mm)
         self._fd = fd
+        self._close_fd = close_fd  # a dup of a passed fdset is closed through the FdStore
         anchor = ctypes.c_char.from_buffer(mm)
         self._base = ctypes.addressof(anchor)  # for ctypes madvise; valid while mapped
         del anchor  # a live export would make mm.close() fail
@@ -220,7 +222,7 @@ class MemoryBackend:
                 self._mm.close()
             self._mm = None
         if self._fd is not None:
-            os.close(self._fd)
+            self._close_fd(self._fd)
             self._fd = None
 
 
@@ -247,6 +249,7 @@ def create_file_backend(
     share: bool = True,
     ramblock_name: str | None = None,
     fd: int | None = None,
+    close_fd: Callable[[int], None] = os.close,
     open_file: FileOpener = plain_open,
 ) -> MemoryBackend:
     """Map mem_path (or the passed fd, which the backend owns even on failure) as RAM."""
@@ -254,7 +257,7 @@ def create_file_backend(
         block_name = _validate(id, size, ramblock_name)
     except BackendError:
         if fd is not None:
-            os.close(fd)
+            close_fd(fd)
         raise
     created = False
     if fd is None:
@@ -301,11 +304,13 @@ def create_file_backend(
                     os.unlink(mem_path)
             except OSError:
                 pass
-        os.close(fd)
+        close_fd(fd)
         if isinstance(e, OSError):
             raise BackendError(f"Could not {step} '{mem_path}': {e.strerror}") from None
         raise
-    return MemoryBackend(id, size, "memory-backend-file", mm, fd, mem_path, share, block_name)
+    return MemoryBackend(
+        id, size, "memory-backend-file", mm, fd, mem_path, share, block_name, close_fd
+    )
 
 
 def create_ram_backend(id: str, size: int, *, ramblock_name: str | None = None) -> MemoryBackend:

@@ -63,6 +63,7 @@ async def object_add(ctx: Context, args: ObjectAddArgs) -> Empty:
             share=share,
             ramblock_name=args.ramblock_name,
             fd=fd,
+            close_fd=ctx.services.fdsets.close_dup,
             open_file=ctx.services.paths.open,
         )
     else:

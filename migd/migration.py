@@ -108,6 +108,11 @@ def _fdatasync(fd: int, path: str) -> None:
         raise ChannelError(f"Could not sync '{path}': {exc.strerror}") from None
 
 
+def _close_quietly(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
 def _check_room(path: str, needs: Sequence[tuple[MemoryBackend, int]]) -> None:
     """Refuse a restore whose pages cannot fit in the backends' filesystems.
 
@@ -246,11 +251,13 @@ class MigrationEngine:
         emit: Callable[[str, dict[str, Any]], None] = lambda name, data: None,
         notify: Callable[[str], None] = lambda state: None,
         opener: ChannelOpener = open_channel_fd,
+        closer: Callable[[int], None] = _close_quietly,
     ) -> None:
         self.memory = memory
         self.emit = emit
         self.notify = notify
         self.opener = opener
+        self.closer = closer  # closes what opener opened (fdset dups are tracked)
         self.caps = Capabilities()
         self.params = Parameters()
         self.job: Job | None = None
@@ -336,7 +343,7 @@ class MigrationEngine:
             parsed = await asyncio.to_thread(self._parse, main_fd, target)
             matched, skipped = self._match_blocks(parsed, target, skip_unmatched)
         except BaseException:
-            os.close(main_fd)
+            self.closer(main_fd)
             raise
         self.refuse_if_busy()  # another request may have started one while we parsed
         backends = [b for _, b in matched]
@@ -409,8 +416,7 @@ class MigrationEngine:
             self._set_status(job, MigrationStatus.failed)
         finally:
             sampler.cancel()
-            with contextlib.suppress(OSError):
-                os.close(main_fd)
+            self.closer(main_fd)
             for b in job.backends:
                 b.in_use -= 1
 
@@ -470,7 +476,7 @@ class MigrationEngine:
                 )
         except BaseException:
             for fd in fds:
-                os.close(fd)
+                self.closer(fd)
             raise
         return fds
 
@@ -549,8 +555,7 @@ class MigrationEngine:
         finally:
             for fd in fds:
                 if fd != main_fd:
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
+                    self.closer(fd)
 
     def _plan_save_runs(
         self, job: Job, layout: format.SaveLayout
@@ -660,5 +665,4 @@ class MigrationEngine:
         finally:
             for fd in fds:
                 if fd != main_fd:
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
+                    self.closer(fd)

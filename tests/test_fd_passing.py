@@ -22,7 +22,9 @@ from .conftest import (
     fill_random,
     migd_threads,
     open_fds,
+    parse_save,
     qmp_error,
+    read_pages,
     restore,
     save,
     wait_migration,
@@ -248,6 +250,40 @@ async def test_save_and_restore_through_fdsets_keep_the_management_header(qmp, s
     assert open_fds() == baseline and migd_threads() == []
 
 
+async def test_a_removed_fdset_lives_on_while_a_migration_holds_dups_of_it(
+    qmp, shm, short_dir
+):
+    """QEMU's fdset lifetime: remove-fd closes the fds at once, but the set stays listed
+    (with no fds) and its id stays taken until the running migration closes its dups."""
+    size = 16 * MiB
+    data = fill_random(shm / "src", size)
+    await add_file_backend(qmp, "ram0", shm / "src", size)
+    await enable_mapped_ram(qmp, channels=2, direct_io=True)
+    # About half a second of saving: room for the commands below while it runs.
+    await qmp.execute("migrate-set-parameters", {"max-bandwidth": 32 * MiB})
+    target = short_dir / "vm.sav"
+    target.touch()
+    await _fdset_of(qmp, 0, target, os.O_WRONLY, os.O_WRONLY | os.O_DIRECT)
+    await qmp.execute("migrate", {"uri": "file:/dev/fdset/0"})
+    while (await qmp.execute("query-migrate"))["status"] != "active":
+        pass
+    held = _targets(target)  # the two passed fds and the migration's dups of them
+    await qmp.execute("remove-fd", {"fdset-id": 0})
+    assert _targets(target) == held - 2  # the passed fds are closed at once
+    assert await qmp.execute("query-fdsets") == [{"fdset-id": 0, "fds": []}]
+    other = os.open(short_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert (await _add_fd(qmp, other))["fdset-id"] == 1  # 0 is still taken
+    finally:
+        os.close(other)
+    assert (await wait_migration(qmp))["status"] == "completed"
+    assert [entry["fdset-id"] for entry in await qmp.execute("query-fdsets")] == [1]
+    assert _targets(target) == 0
+    await qmp.execute("remove-fd", {"fdset-id": 1})
+    assert await qmp.execute("query-fdsets") == []
+    assert read_pages(target, parse_save(target).blocks[0]) == data
+
+
 async def test_one_fd_serves_every_open_without_direct_io(qmp, shm, short_dir):
     size = 4 * MiB
     data = fill_random(shm / "src", size)
@@ -367,8 +403,10 @@ async def test_memory_backend_on_a_passed_memfd_is_saved_and_restored_in_place(q
                 "mem-path": "/dev/fdset/3",
             },
         )
-        # The backend holds its own dup: the set can go at once, as a VMM would do it.
+        # The backend holds its own dup: the fd can go at once, as a VMM would do it. As in
+        # QEMU, the set lives on, empty, while the backend's dup is open.
         await qmp.execute("remove-fd", {"fdset-id": 3})
+        assert await qmp.execute("query-fdsets") == [{"fdset-id": 3, "fds": []}]
         memdev = await qmp.execute("query-memdev")
         assert memdev[0]["mem-path"] == "/dev/fdset/3" and memdev[0]["size"] == size
         await enable_mapped_ram(qmp, channels=2, direct_io=True)
@@ -379,6 +417,7 @@ async def test_memory_backend_on_a_passed_memfd_is_saved_and_restored_in_place(q
         assert (await restore(qmp, short_dir / "vm.sav"))["status"] == "completed"
         assert os.pread(memfd, size, 0) == data
         await qmp.execute("object-del", {"id": "ram0"})
+        assert await qmp.execute("query-fdsets") == []  # its last dup closed with the backend
         assert open_fds() == baseline
     finally:
         os.close(memfd)
