@@ -152,6 +152,7 @@ class Job:
     error_desc: str | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     channels: list[Channel] = field(default_factory=list)
+    throttle: Throttle | None = None  # while the channels run: max-bandwidth can change
     hole_pages: int = 0  # pages known zero without touching memory (file holes)
     main_bytes: int = 0
     task: asyncio.Task[None] | None = None
@@ -278,11 +279,17 @@ class MigrationEngine:
             setattr(self.caps, name, state)
 
     def set_parameters(self, changes: dict[str, Any]) -> None:
-        self.refuse_if_busy()
+        # As in QEMU, max-bandwidth may change during a migration and applies at once; the
+        # others shape how a migration sets up, so they wait until none is running.
+        if set(changes) - {"max_bandwidth"}:
+            self.refuse_if_busy()
         if changes.get("direct_io") and not hasattr(os, "O_DIRECT"):
             raise MigrationError("No build-time support for direct-io")
         for name, value in changes.items():
             setattr(self.params, name, value)
+        job = self.job
+        if "max_bandwidth" in changes and job is not None and job.throttle is not None:
+            job.throttle.set_rate(self.params.max_bandwidth)
 
     @property
     def direct_io_effective(self) -> bool:
@@ -493,7 +500,7 @@ class MigrationEngine:
             work.put(run)
         for _ in fds:
             work.put(None)
-        throttle = Throttle(self.params.max_bandwidth)
+        throttle = job.throttle = Throttle(self.params.max_bandwidth)
         detect = self.params.zero_page_detection != "none"
         job.channels = [
             Channel(fd, job.target.path, blocks, work, job.cancel, throttle, detect) for fd in fds

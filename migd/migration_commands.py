@@ -89,7 +89,9 @@ class MigrationParameters(QapiModel):
     "(default false; O_DIRECT on every multifd channel, effective only with the multifd "
     "and mapped-ram capabilities), 'max-bandwidth' (bytes/s; migd's default 0 means "
     "unlimited, unlike QEMU's 128 MiB/s), 'zero-page-detection' ('multifd' skips long "
-    "runs of zero pages, 'none' writes every page). Refused while a migration runs.",
+    "runs of zero pages, 'none' writes every page). While a migration runs only "
+    "'max-bandwidth' may change, and applies to it at once, as in QEMU; the others are "
+    "refused until it ends.",
 )
 async def migrate_set_parameters(ctx: Context, args: SetParametersArgs) -> Empty:
     changes: dict[str, Any] = {

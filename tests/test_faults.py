@@ -444,7 +444,7 @@ async def test_file_truncated_under_a_running_restore_fails_clearly_and_leaks_no
     fds_before = snapshot_fds()
     await qmp.execute("migrate-set-parameters", {"max-bandwidth": 16 * MiB})
     await qmp.execute("migrate-incoming", {"uri": f"file:{target}"})
-    await wait_progress(qmp, pages=2048)  # the first 8 MiB run is in memory
+    await wait_progress(qmp, pages=2048)  # the first 8 MiB are in memory
     cut = block.pages_offset + 16 * MiB
     os.truncate(target, cut)
     info = await wait_migration(qmp, timeout=60)

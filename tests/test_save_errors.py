@@ -158,6 +158,9 @@ async def test_second_migrate_and_setting_changes_are_refused_while_one_runs(rea
     caps = {"capabilities": [{"capability": "multifd", "state": False}]}
     assert await qmp_error(ready, "migrate-set-capabilities", caps) == busy
     assert await qmp_error(ready, "migrate-set-parameters", {"multifd-channels": 3}) == busy
+    both = {"multifd-channels": 3, "max-bandwidth": 0}
+    assert await qmp_error(ready, "migrate-set-parameters", both) == busy
+    assert (await ready.execute("query-migrate-parameters"))["max-bandwidth"] == 8 * MiB
     assert "in use by a migration" in await qmp_error(ready, "object-del", {"id": "ram0"})
     await ready.execute("migrate_cancel")
     assert (await wait_migration(ready))["status"] == "cancelled"

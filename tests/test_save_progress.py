@@ -70,6 +70,26 @@ async def test_max_bandwidth_holds_within_ten_percent(qmp, shm, short_dir):
     assert 0.9 * rate <= achieved <= 1.1 * rate, f"{achieved / MiB:.1f} MiB/s"
 
 
+async def test_max_bandwidth_changes_apply_to_the_running_save(qmp, shm, short_dir):
+    """libvirt's migrate-setspeed: the cap of a running save can be lifted (or set)."""
+    size, rate = 32 * MiB, 4 * MiB  # 8 s at the cap
+    data = fill_random(shm / "ram0", size)
+    await add_file_backend(qmp, "ram0", shm / "ram0", size)
+    await enable_mapped_ram(qmp, channels=2, direct_io=True, **{"max-bandwidth": rate})
+    await qmp.execute("migrate", {"uri": f"file:{short_dir}/save.img"})
+    while (await qmp.execute("query-migrate"))["status"] != "active":
+        pass
+    await qmp.execute("migrate-set-parameters", {"max-bandwidth": 0})
+    assert (await qmp.execute("query-migrate-parameters"))["max-bandwidth"] == 0
+    info = await wait_migration(qmp)
+    assert info["status"] == "completed"
+    # Under the old cap the pages alone would have taken size / rate seconds.
+    assert info["total-time"] < 1000 * size / rate / 2, info["total-time"]
+    assert (await save(qmp, short_dir / "again.img"))["status"] == "completed"
+    assert (short_dir / "again.img").stat().st_size == (short_dir / "save.img").stat().st_size
+    assert (shm / "ram0").read_bytes() == data
+
+
 async def test_query_migrate_is_empty_before_any_migration(qmp):
     assert await qmp.execute("query-migrate") == {}
 
