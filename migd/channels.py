@@ -86,10 +86,6 @@ class Throttle:
         self._start = time.monotonic()
         self._granted = 0
 
-    @property
-    def rate(self) -> int:
-        return self._rate
-
     def set_rate(self, rate: int) -> None:
         """A new cap from now on; what was granted under the old one is not owed."""
         with self._lock:
