@@ -505,14 +505,12 @@ class MigrationEngine:
         job.channels = [
             Channel(fd, job.target.path, blocks, work, job.cancel, throttle, detect) for fd in fds
         ]
-        threads: list[Channel | Populator] = list(job.channels)
-        bodies = [getattr(ch, direction) for ch in job.channels]
-        if direction == "restore":
-            # First in the list, so that its error (out of memory) is the one reported, not
-            # the EFAULT that reads into memory that cannot be allocated get meanwhile.
-            populator = Populator(blocks, runs, job.cancel)
-            threads.insert(0, populator)
-            bodies.insert(0, populator.run)
+        # The populator is first in the list, so that its error (out of memory, on restore)
+        # is the one reported, not the EFAULT that reads into memory that cannot be
+        # allocated get meanwhile.
+        populator = Populator(blocks, runs, job.cancel)
+        threads: list[Channel | Populator] = [populator, *job.channels]
+        bodies = [populator.run, *(getattr(ch, direction) for ch in job.channels)]
         loop = asyncio.get_running_loop()
         with ThreadPoolExecutor(len(bodies), thread_name_prefix=f"migd-{direction}") as pool:
             futures = [loop.run_in_executor(pool, body) for body in bodies]
@@ -572,7 +570,8 @@ class MigrationEngine:
         detect = self.params.zero_page_detection != "none"
         for index, (backend, block) in enumerate(zip(job.backends, layout.blocks, strict=True)):
             present = np.zeros(block.pages, dtype=bool)
-            blocks.append(BlockIO(block, backend.view(0, backend.size), present))
+            view = backend.view(0, backend.size)
+            blocks.append(BlockIO(block, view, present, populate=backend.prefault))
             # Holes of a file-backed backend are zero pages found without touching memory.
             ranges = backend.data_ranges() if detect else None
             if ranges is None:

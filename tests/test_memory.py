@@ -362,6 +362,19 @@ def test_populate_maps_the_pages_so_the_reads_into_them_do_not_fault(shm: Path) 
         r.close()
 
 
+def test_prefault_maps_a_range_for_reading_and_keeps_its_contents(shm: Path) -> None:
+    data = pattern(4 * MiB, seed=3)
+    (shm / "ram").write_bytes(data)
+    b = create_file_backend("m", 8 * MiB, str(shm / "ram"))
+    try:
+        b.prefault(0, 4 * MiB)
+        assert _mapped_bytes(b) == 4 * MiB
+        assert (shm / "ram").stat().st_blocks * 512 == 4 * MiB  # nothing allocated
+        assert bytes(b.view(0, 4 * MiB)) == data
+    finally:
+        b.close()
+
+
 def test_populate_reports_a_full_filesystem_with_the_backend_and_its_file(
     small_tmpfs: Path,
 ) -> None:
