@@ -109,22 +109,32 @@ class Throttle:
                 return
 
 
-def zero_pages(memory: memoryview) -> np.ndarray:
-    """One bool per page: True where the page holds only zero bytes.
+def _true_runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Starts and stops of the runs of True in a bool array."""
+    padded = np.concatenate(([False], mask, [False]))
+    edges = np.flatnonzero(padded[1:] != padded[:-1])
+    return edges[0::2], edges[1::2]
+
+
+def zero_pages(memory: memoryview, min_run: int = MIN_SKIP_PAGES) -> np.ndarray:
+    """One bool per page: True where the page holds only zero bytes, found wherever a
+    save could skip it: in runs of at least `min_run` pages whose first words are all
+    zero. Zero pages elsewhere read False; runs_to_write would write them inline anyway.
 
     Pages whose first word is non-zero are settled by reading one cache line each, so
-    random memory costs almost nothing. The rest are scanned in place: all pages at once
-    when many are candidates, else the few candidates one by one (never a copy of RAM).
+    random memory costs almost nothing. Only runs of at least `min_run` pages whose first
+    words are all zero are scanned in full, in place: scattered zero pages (30% of them,
+    say) cost no scan at all, where scanning every candidate page made such saves 10-20%
+    slower than saves of random memory.
     """
     words = np.frombuffer(memory, dtype=np.uint64).reshape(-1, _WORDS_PER_PAGE)
-    zero = words[:, 0] == 0
-    candidates = np.flatnonzero(zero)
-    if candidates.size * 8 > zero.size:
+    starts, stops = _true_runs(words[:, 0] == 0)
+    zero = np.zeros(words.shape[0], dtype=bool)
+    long = (stops - starts) >= min_run
+    for a, b in zip(starts[long].tolist(), stops[long].tolist(), strict=True):
         # bitwise_or.reduce runs without the GIL and needs no casting: it scales across
         # channel threads where np.any does not (measured on tmpfs-backed memory).
-        return np.bitwise_or.reduce(words, axis=1) == 0
-    for page in candidates.tolist():
-        zero[page] = not words[page].any()
+        zero[a:b] = np.bitwise_or.reduce(words[a:b], axis=1) == 0
     return zero
 
 
@@ -142,9 +152,7 @@ def touch_pages(memory: memoryview) -> None:
 def runs_to_write(zero: np.ndarray, min_skip: int = MIN_SKIP_PAGES) -> list[tuple[int, int]]:
     """(first, count) runs to write: everything except zero runs of at least min_skip pages."""
     n = zero.size
-    padded = np.concatenate(([False], zero, [False]))
-    edges = np.flatnonzero(padded[1:] != padded[:-1])
-    starts, stops = edges[0::2], edges[1::2]
+    starts, stops = _true_runs(zero)
     keep = (stops - starts) >= min_skip
     writes: list[tuple[int, int]] = []
     pos = 0

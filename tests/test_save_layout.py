@@ -181,3 +181,26 @@ async def test_vmdescription_carries_migds_metadata(qmp, shm, short_dir):
     desc = json.loads(raw[at + 5 : at + 5 + length])
     assert desc["migd"]["blocks"] == [{"name": "ram0", "pages": 256, "present": 256}]
     assert at + 5 + length == len(raw)
+
+
+def test_zero_scan_reports_only_zero_runs_long_enough_to_skip() -> None:
+    from migd.channels import MIN_SKIP_PAGES, runs_to_write, zero_pages
+
+    pages = 4 * MIN_SKIP_PAGES
+    data = np.random.default_rng(4).integers(1, 256, (pages, PAGE), dtype=np.uint8)
+    data[0:200:3] = 0  # scattered zero pages: written inline, never reported
+    data[MIN_SKIP_PAGES : 2 * MIN_SKIP_PAGES + 10] = 0  # a long run: skipped
+    data[3 * MIN_SKIP_PAGES :] = 0
+    cut = 3 * MIN_SKIP_PAGES + 100
+    data[cut, 100] = 1  # its first word is zero: the run is scanned, both halves found
+    zero = zero_pages(memoryview(bytearray(data.tobytes())))
+    expected = np.zeros(pages, dtype=bool)
+    expected[MIN_SKIP_PAGES : 2 * MIN_SKIP_PAGES + 10] = True
+    expected[3 * MIN_SKIP_PAGES :] = True
+    expected[cut] = False
+    assert zero.tolist() == expected.tolist()
+    # ... and neither half is long enough to skip: only the first run is left out
+    assert runs_to_write(zero) == [
+        (0, MIN_SKIP_PAGES),
+        (2 * MIN_SKIP_PAGES + 10, 2 * MIN_SKIP_PAGES - 10),
+    ]
