@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -69,6 +70,12 @@ def test_bench_end_to_end(disk: Path) -> None:
         }
     assert expected <= set(rows), expected - set(rows)
     assert doc["disk_write_key"] in rows and doc["disk_read_key"] in rows
+    # the restores' baseline: a plain read of the very file they read, among them
+    assert doc["restore_read_key"] == "disk-read-file"
+    assert rows["disk-read-file"]["tool"] == ("fio" if shutil.which("fio") else "python")
+    ratios = {r["name"]: r for r in doc["ratios"]}
+    same_file = [n for n in ratios if "O_DIRECT read of the same file" in n]
+    assert len(same_file) == 1 and ratios[same_file[0]]["value"] > 0
     for row in rows.values():
         samples = 4 if row["memory"] == "adjacent" else 1  # paired with each of 4 saves
         assert len(row["seconds"]) == samples and row["gib_per_s"] > 0, row
@@ -106,6 +113,8 @@ def test_bench_without_matplotlib_qemu_or_fio(disk: Path) -> None:
     doc = json.loads((out / "bench.json").read_text())
     keys = {r["key"] for r in doc["rows"]}
     assert {"disk-write-py", "disk-read-py", "migd-save-1", "migd-restore-1"} <= keys
+    assert doc["restore_read_key"] == "disk-read-file"
+    assert {r["key"]: r for r in doc["rows"]}["disk-read-file"]["tool"] == "python"
     assert not any(k.startswith("qemu") or "buffered" in k for k in keys)
     assert doc["qemu"] is None
 

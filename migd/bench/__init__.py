@@ -22,8 +22,13 @@ In every round:
   each --qemu-channels count and once without direct-io.
 * migd restore of migd's file into a second /dev/shm memory file pre-filled with other
   data, for each channel count, with and without direct-io, and once into an empty
-  (never touched) memory file; QEMU likewise from its own file. Restored memory is
-  compared with the source.
+  (never touched) memory file; QEMU likewise from the same file (files of one size can
+  sit on parts of the disk that read at different speeds). Restored memory is compared
+  with the source. Among the restores, shuffled with them: a plain O_DIRECT sequential
+  read of that same file (fio psync, 1 job, 1 MiB; without fio one Python thread), the
+  restores' 100% line. Restore ratios are taken round by round (each round's restore
+  time against the same round's read or QEMU restore) and the median of the rounds
+  reported, since the disk's speed here swings by tens of percent from minute to minute.
 * the page cache each save or restore leaves behind: `fincore` on the save file (or the
   growth of Cached in /proc/meminfo), as a percentage of the bytes moved.
 
@@ -52,6 +57,7 @@ DIR/bench.json, and DIR/bench.png (throughput against channels; needs matplotlib
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -176,6 +182,7 @@ def run(args: argparse.Namespace) -> int:
             signal.signal(sig, handler)
         if bench is not None and bench.measured():
             bench.finished = time.time()
+            bench.loadavg_end = os.getloadavg()[0]
             if args.out:
                 bench.write_out(Path(args.out))
             print(bench.as_json() if args.json else bench.markdown(), end="", flush=True)

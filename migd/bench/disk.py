@@ -131,6 +131,35 @@ def python_disk(directory: Path, size: int, drop: Callable[[], None]) -> tuple[f
         path.unlink(missing_ok=True)
 
 
+def python_read_file(path: Path, size: int, drop: Callable[[], None]) -> float:
+    """Seconds for one thread to read the first `size` bytes of `path` with O_DIRECT."""
+    buffer = mmap.mmap(-1, PY_BLOCK)
+    try:
+        drop()
+        return direct_pass(path, size, [buffer], write=False)
+    finally:
+        buffer.close()
+
+
+def fio_read_file(path: Path, size: int, drop: Callable[[], None]) -> float:
+    """Seconds for fio to read the first `size` bytes of an existing file: one job, psync,
+    1 MiB blocks, O_DIRECT, the plain sequential read the restore target names."""
+    argv = [
+        "fio",
+        "--name=read-file",
+        f"--filename={path}",
+        "--direct=1",
+        "--rw=read",
+        "--ioengine=psync",
+        "--numjobs=1",
+        "--bs=1M",
+        f"--size={size}",
+        "--output-format=json",
+    ]
+    drop()
+    return size / run_fio(argv, "read")
+
+
 def run_fio(argv: Sequence[str], rw: str) -> float:
     out = subprocess.run(list(argv), capture_output=True, text=True)
     if out.returncode != 0:

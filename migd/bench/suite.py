@@ -15,8 +15,16 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from .common import FIO_CONFIGS, PAGE, PY_THREADS, QEMU_MIN, BenchError, GiB, MiB, log
-from .disk import drop_caches, file_cached, fio_disk, meminfo, python_disk
+from .common import FIO_CONFIGS, PAGE, PY_BLOCK, PY_THREADS, QEMU_MIN, BenchError, GiB, MiB, log
+from .disk import (
+    drop_caches,
+    file_cached,
+    fio_disk,
+    fio_read_file,
+    meminfo,
+    python_disk,
+    python_read_file,
+)
 from .fill import fill_memory, fill_pattern, same_contents
 from .machine import machine_facts, qemu_version
 from .processes import QMP, Cleanup, Migd, configure, timed_migration
@@ -34,6 +42,7 @@ class Bench(BenchReport):
         self.cleanup = cleanup
         self.started = time.time()
         self.finished: float | None = None
+        self.loadavg_end: float | None = None
         self.complete = False
         self.size = int(args.size_gib * GiB) // (4 * MiB) * (4 * MiB)
         if self.size < 64 * MiB:
@@ -69,8 +78,10 @@ class Bench(BenchReport):
         self.src = self.shm / "src.ram"
         self.dst = self.shm / "dst.ram"
         self.zero_src = self.shm / "zero.ram"
-        self.restore_src = self.work / "migd-restore-source.img"
-        self.qemu_file = self.work / "qemu-restore-source.img"
+        # every restore, migd's and QEMU's, and the plain read they are held against read
+        # this one file (a save of migd's): files of the same size can sit on parts of the
+        # disk that read at different speeds
+        self.restore_src = self.work / "restore-source.img"
         self.op_count = 0
 
     # -- helpers ---------------------------------------------------------------------------
@@ -206,6 +217,25 @@ class Bench(BenchReport):
                 "disk-read-py", f"disk O_DIRECT read, {label}", op="read", tool="python"
             ).times.append(r)
 
+    def file_read(self, run: int) -> None:
+        """The restores' disk baseline: a plain O_DIRECT sequential read of the file they
+        read, measured among them (shuffled with them) so that it shares their disk weather."""
+        tool = "fio" if self.has_fio and "fio" in self.disk_tools else "python"
+        what = (
+            "fio psync, 1 job, 1 MiB"
+            if tool == "fio"
+            else f"Python, 1 thread x {PY_BLOCK // MiB} MiB"
+        )
+        log(f"round {run + 1}: disk, read of the restore file, {what}")
+        read = fio_read_file if tool == "fio" else python_read_file
+        seconds = read(self.restore_src, self.size, self.drop)
+        self.row(
+            "disk-read-file",
+            f"disk O_DIRECT read of the file the restores read, {what}",
+            op="read-file",
+            tool=tool,
+        ).times.append(seconds)
+
     def migd_save(
         self, migd: Migd, row: Row, mem: Path, run: int, keep: Path | None = None
     ) -> None:
@@ -238,7 +268,7 @@ class Bench(BenchReport):
         else:
             path.unlink()
 
-    def qemu_save(self, row: Row, run: int, migd: Migd, keep: Path | None = None) -> None:
+    def qemu_save(self, row: Row, run: int, migd: Migd) -> None:
         """One timed save by a new QEMU; `migd` lets go of the memory file first."""
         migd.detach()
         self.op_count += 1
@@ -254,10 +284,7 @@ class Bench(BenchReport):
         cache = self.cache_left(path, before)
         if cache is not None:
             row.cache_pct.append(cache)
-        if keep is not None:
-            path.replace(keep)
-        else:
-            path.unlink()
+        path.unlink()
 
     def prepare_dst(self, empty: bool, value: int) -> None:
         """Pre-fill the destination with other data, or leave it an empty (sparse) file."""
@@ -276,8 +303,8 @@ class Bench(BenchReport):
             other.detach()
         self.prepare_dst(row.empty_dst, 0x11 * (1 + (run + self.op_count) % 15))
         assert row.channels is not None
+        source = self.restore_src
         if migd is not None:
-            source = self.restore_src
             migd.attach(self.dst, self.size)
             configure(migd.qmp, row.channels, row.direct_io)
             self.drop()
@@ -286,7 +313,6 @@ class Bench(BenchReport):
                 migd.qmp, "migrate-incoming", {"uri": f"file:{source}"}, migd.proc.pid
             )
         else:
-            source = self.qemu_file
             with self.qemu_session(self.dst, incoming=True) as (qmp, proc):
                 configure(qmp, row.channels, row.direct_io)
                 self.drop()
@@ -324,14 +350,13 @@ class Bench(BenchReport):
                     self.migd_save, saver, mig("migd", "save", ch, direct_io=False), self.src, run
                 )
             )
-        for i, ch in enumerate(self.qemu_channels):
-            keep = self.qemu_file if i == 0 else None
-            saves.append(partial(self.qemu_save, mig("qemu", "save", ch), run, saver, keep=keep))
+        for ch in self.qemu_channels:
+            saves.append(partial(self.qemu_save, mig("qemu", "save", ch), run, saver))
         if self.qemu_channels:
             saves.append(
                 partial(self.qemu_save, mig("qemu", "save", self.ref, direct_io=False), run, saver)
             )
-        restores: list[Callable[[], None]] = []
+        restores: list[Callable[[], None]] = [partial(self.file_read, run)]
         for ch in self.channels:
             restores.append(partial(self.restore, mig("migd", "restore", ch), run, loader))
         for ch in self.buffered:
@@ -386,7 +411,7 @@ class Bench(BenchReport):
         try:
             for run in range(self.runs):
                 self.round(run, saver, loader)
-            for path in (self.dst, self.restore_src, self.qemu_file):
+            for path in (self.dst, self.restore_src):
                 path.unlink(missing_ok=True)  # room in /dev/shm for the zero-page memory
             self.paired_saves(saver)
         finally:
