@@ -69,7 +69,7 @@ class Daemon:
         paths = PathPolicy(config.allowed_dirs)
         fdsets = FdStore(functools.partial(open_channel_fd, open_file=paths.open))
         engine = MigrationEngine(
-            memory, self._emit, self.notify, fdsets.open_path, fdsets.close_dup
+            memory, self._emit, self.notify, fdsets.open_path, fdsets.close_dup, paths.open
         )
         self.services = Services(memory, engine, fdsets, paths)
         self.server: Server | None = None

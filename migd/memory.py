@@ -9,10 +9,10 @@ import mmap
 import os
 import re
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 
 from .errors import BackendError
-from .paths import FileOpener, plain_open
+from .paths import FileOpener, open_regular, plain_open, trusted_owners
 
 PAGE_SIZE = 4096
 MAX_SIZE = (1 << 62) - PAGE_SIZE  # leaves room in a 64-bit file for the save's metadata
@@ -90,6 +90,13 @@ class MemoryBackend:
 
     def __repr__(self) -> str:
         return f"<MemoryBackend {self.id!r} {self.qom_type} size={self.size}>"
+
+    def file_identity(self) -> tuple[int, int] | None:
+        """(st_dev, st_ino) of the mapped file; None for anonymous memory."""
+        if self._fd is None:
+            return None
+        st = os.fstat(self._fd)
+        return st.st_dev, st.st_ino
 
     def _check(self, offset: int, length: int) -> memoryview:
         if self._mv is None:
@@ -264,8 +271,16 @@ def create_file_backend(
     fd: int | None = None,
     close_fd: Callable[[int], None] = os.close,
     open_file: FileOpener = plain_open,
+    owners: Collection[int] | None = None,
 ) -> MemoryBackend:
-    """Map mem_path (or the passed fd, which the backend owns even on failure) as RAM."""
+    """Map mem_path (or the passed fd, which the backend owns even on failure) as RAM.
+
+    QEMU's size rules (qemu_ram_alloc_from_fd): a new or empty file is extended to
+    `size`; a larger one is used as a prefix; a non-empty smaller one is refused, never
+    grown (its end may hold data someone keeps there). A refused backend leaves an
+    existing file as it was. An existing mem-path must pass paths.check_trusted for
+    `owners` (default: migd's own uid).
+    """
     try:
         block_name = _validate(id, size, ramblock_name)
     except BackendError:
@@ -274,25 +289,29 @@ def create_file_backend(
         raise
     created = False
     if fd is None:
-        flags = os.O_RDWR | os.O_CLOEXEC
         try:
-            # O_EXCL first tells us whether the file is ours to remove on failure.
-            fd = open_file(mem_path, flags | os.O_CREAT | os.O_EXCL, 0o600)
-            created = True
-        except FileExistsError:
-            try:
-                fd = open_file(mem_path, flags, 0o600)
-            except OSError as e:
-                raise BackendError(f"Could not open '{mem_path}': {e.strerror}") from None
+            fd, created = open_regular(
+                mem_path,
+                os.O_RDWR,
+                create=True,
+                owners=trusted_owners() if owners is None else owners,
+                open_file=open_file,
+            )
         except OSError as e:
             raise BackendError(f"Could not open '{mem_path}': {e.strerror}") from None
     step = "use"
+    st: os.stat_result | None = None
     try:
         st = os.fstat(fd)
         if stat.S_ISDIR(st.st_mode):
             raise BackendError(f"Could not open '{mem_path}': Is a directory")
         if not stat.S_ISREG(st.st_mode):
             raise BackendError(f"Could not use '{mem_path}': not a regular file")
+        if 0 < st.st_size < size:
+            raise BackendError(
+                f"{id} backing store size 0x{st.st_size:x} is too small for 'size' option "
+                f"0x{size:x} plus 'offset' option 0x0"
+            )
         if _is_hugetlbfs(fd):
             huge = os.fstatvfs(fd).f_bsize
             if size % huge:
@@ -301,8 +320,8 @@ def create_file_backend(
                     f"of the huge page size {huge}"
                 )
         step = "extend"
-        if st.st_size < size:
-            os.ftruncate(fd, size)  # never shrink: a larger file may hold someone's data
+        if st.st_size == 0:
+            os.ftruncate(fd, size)
         step = "map"
         mm = mmap.mmap(
             fd,
@@ -317,6 +336,8 @@ def create_file_backend(
                     os.unlink(mem_path)
             except OSError:
                 pass
+        elif st is not None and st.st_size == 0 and step in ("extend", "map"):
+            _restore_empty(fd, st)
         close_fd(fd)
         if isinstance(e, OSError):
             raise BackendError(f"Could not {step} '{mem_path}': {e.strerror}") from None
@@ -324,6 +345,14 @@ def create_file_backend(
     return MemoryBackend(
         id, size, "memory-backend-file", mm, fd, mem_path, share, block_name, close_fd
     )
+
+
+def _restore_empty(fd: int, st: os.stat_result) -> None:
+    """An existing empty file we extended and then could not map: empty again, with its
+    times as they were (a refused object-add changes nothing)."""
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+        os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def create_ram_backend(id: str, size: int, *, ramblock_name: str | None = None) -> MemoryBackend:

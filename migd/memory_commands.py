@@ -12,6 +12,7 @@ from pydantic import Strict
 from .errors import InvalidRequest
 from .fdsets import is_fdset_path
 from .memory import MemoryBackend, create_file_backend, create_ram_backend
+from .paths import trusted_owners
 from .registry import Context, command
 from .validation import Empty, QapiModel
 
@@ -65,6 +66,7 @@ async def object_add(ctx: Context, args: ObjectAddArgs) -> Empty:
             fd=fd,
             close_fd=ctx.services.fdsets.close_dup,
             open_file=ctx.services.paths.open,
+            owners=trusted_owners(ctx.session.peer_uid),
         )
     else:
         if args.mem_path is not None:

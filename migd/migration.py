@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import errno
+import functools
 import logging
 import os
 import queue
@@ -36,7 +38,9 @@ from .channels import (
     split_runs,
 )
 from .errors import MigdError, MigrationError
+from .fdsets import is_fdset_path
 from .memory import MemoryBackend, MemoryRegistry
+from .paths import FileOpener, open_regular, plain_open, remove_created, trusted_owners
 from .uri import FileTarget
 
 log = logging.getLogger(__name__)
@@ -111,6 +115,15 @@ def _fdatasync(fd: int, path: str) -> None:
 def _close_quietly(fd: int) -> None:
     with contextlib.suppress(OSError):
         os.close(fd)
+
+
+def _reopener(main_fd: int) -> FileOpener:
+    """An open_file that reopens the main fd's file, whatever its name is now."""
+
+    def reopen(_path: str, flags: int, mode: int) -> int:
+        return os.open(f"/proc/self/fd/{main_fd}", flags | os.O_CLOEXEC)
+
+    return reopen
 
 
 def _check_room(path: str, needs: Sequence[tuple[MemoryBackend, int]]) -> None:
@@ -253,11 +266,13 @@ class MigrationEngine:
         notify: Callable[[str], None] = lambda state: None,
         opener: ChannelOpener = open_channel_fd,
         closer: Callable[[int], None] = _close_quietly,
+        open_file: FileOpener = plain_open,
     ) -> None:
         self.memory = memory
         self.emit = emit
         self.notify = notify
-        self.opener = opener
+        self.opener = opener  # /dev/fdset/N: dups from the set, matched by flags
+        self.open_file = open_file  # named files (the allowed-dirs policy's open)
         self.closer = closer  # closes what opener opened (fdset dups are tracked)
         self.caps = Capabilities()
         self.params = Parameters()
@@ -331,22 +346,37 @@ class MigrationEngine:
                 "capability with migrate-set-capabilities"
             )
 
-    def start_save(self, target: FileTarget) -> None:
-        """Synchronous checks, open the main fd, then run the save in the background."""
+    async def start_save(self, target: FileTarget, peer_uid: int | None = None) -> None:
+        """Checks, open the main fd (off the loop), then run the save in the background."""
         self._check_can_start()
         backends = list(self.memory)
         if not backends:
             raise MigrationError("There is no memory backend to save: add one with object-add")
         layout = format.plan_save([(b.block_name, b.size) for b in backends], target.offset)
-        main_fd = self.opener(target.path, os.O_WRONLY | os.O_CREAT, False)
+        main_fd, created = await self._open_main(target.path, os.O_WRONLY, True, peer_uid)
+        try:
+            self._refuse_backend_file(
+                main_fd, target.path, "a save to it would overwrite that memory"
+            )
+            self.refuse_if_busy()  # another request may have started one while we opened
+        except BaseException:
+            if created:
+                remove_created(target.path, main_fd)
+            self.closer(main_fd)
+            raise
         job = Job("save", target, backends, sum(b.size for b in backends))
         self._launch(job, self._save(job, layout, main_fd), main_fd)
 
-    async def start_restore(self, target: FileTarget, skip_unmatched: bool) -> None:
+    async def start_restore(
+        self, target: FileTarget, skip_unmatched: bool, peer_uid: int | None = None
+    ) -> None:
         """Open and validate the file's head and blocks, then restore in the background."""
         self._check_can_start()
-        main_fd = self.opener(target.path, os.O_RDONLY, False)
+        main_fd, _ = await self._open_main(target.path, os.O_RDONLY, False, peer_uid)
         try:
+            self._refuse_backend_file(
+                main_fd, target.path, "a restore would overwrite the save while reading it"
+            )
             parsed = await asyncio.to_thread(self._parse, main_fd, target)
             matched, skipped = self._match_blocks(parsed, target, skip_unmatched)
         except BaseException:
@@ -357,6 +387,42 @@ class MigrationEngine:
         job = Job("restore", target, backends, sum(layout.length for layout, _ in matched))
         job.skipped_blocks = [layout.name for layout in skipped]
         self._launch(job, self._restore(job, matched, main_fd), main_fd)
+
+    async def _open_main(
+        self, path: str, flags: int, create: bool, peer_uid: int | None
+    ) -> tuple[int, bool]:
+        """The job's main fd -> (fd, created), opened in a worker thread: a file on a hung
+        or slow filesystem must not stop the loop. A passed fd (/dev/fdset/N) is a dup
+        from its set; a named file must pass paths.open_regular's rules."""
+        if is_fdset_path(path):
+            # O_CREAT only for QEMU's matching-flags text: a set's fds are never created.
+            creat = os.O_CREAT if create else 0
+            return await asyncio.to_thread(self.opener, path, flags | creat, False), False
+        try:
+            return await asyncio.to_thread(
+                open_regular,
+                path,
+                flags,
+                create=create,
+                owners=trusted_owners(peer_uid),
+                open_file=self.open_file,
+            )
+        except OSError as exc:
+            raise ChannelError(
+                f"Could not open '{path}': {os.strerror(exc.errno or errno.EIO)}"
+            ) from None
+
+    def _refuse_backend_file(self, fd: int, path: str, consequence: str) -> None:
+        """Refuse a job whose file is a memory backend's own file, by device and inode:
+        the save would truncate the memory it reads, the restore overwrite the file it
+        reads from, each reporting success."""
+        st = os.fstat(fd)
+        for backend in self.memory:
+            if backend.file_identity() == (st.st_dev, st.st_ino):
+                raise MigrationError(
+                    f"'{path}' is the memory file of memory backend '{backend.id}' "
+                    f"('{backend.mem_path}'): {consequence}"
+                )
 
     def _parse(self, fd: int, target: FileTarget) -> format.ParsedStream:
         size = os.fstat(fd).st_size
@@ -470,17 +536,32 @@ class MigrationEngine:
             raise JobCancelled()
 
     async def _open_channels(self, job: Job, flags: int, main_fd: int) -> list[int]:
-        """One fd per channel; without multifd the main fd is the only channel."""
+        """One fd per channel; without multifd the main fd is the only channel.
+
+        Every channel fd is the main fd's file: a named file is reopened through
+        /proc/self/fd/N of the main fd, never by its name again (a name replaced
+        meanwhile would mix pages of two files). A passed fdset gives dups matched by
+        flags, as QEMU's; they must be the main fd's file too.
+        """
         if not self.caps.multifd:
             return [main_fd]
+        path = job.target.path
+        if is_fdset_path(path):
+            opener = self.opener
+        else:
+            opener = functools.partial(open_channel_fd, open_file=_reopener(main_fd))
+        main = os.fstat(main_fd)
         fds: list[int] = []
         try:
             for _ in range(self.params.multifd_channels):
-                fds.append(
-                    await asyncio.to_thread(
-                        self.opener, job.target.path, flags, self.direct_io_effective
+                fd = await asyncio.to_thread(opener, path, flags, self.direct_io_effective)
+                fds.append(fd)
+                st = os.fstat(fd)
+                if (st.st_dev, st.st_ino) != (main.st_dev, main.st_ino):
+                    raise ChannelError(
+                        f"'{path}': a channel's fd is not the file the migration opened "
+                        "(the fdset holds fds of different files)"
                     )
-                )
         except BaseException:
             for fd in fds:
                 self.closer(fd)

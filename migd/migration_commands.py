@@ -194,7 +194,7 @@ async def migrate(ctx: Context, args: MigrateArgs) -> Empty:
     target = args.target()
     if args.resume:
         raise MigrationError("migd has no postcopy: 'resume' cannot be used")
-    ctx.services.engine.start_save(target)
+    await ctx.services.engine.start_save(target, ctx.session.peer_uid)
     return Empty()
 
 
@@ -216,7 +216,9 @@ class MigrateIncomingArgs(TargetArgs):
 )
 async def migrate_incoming(ctx: Context, args: MigrateIncomingArgs) -> Empty:
     target = args.target()
-    await ctx.services.engine.start_restore(target, args.skip_unmatched_blocks)
+    await ctx.services.engine.start_restore(
+        target, args.skip_unmatched_blocks, ctx.session.peer_uid
+    )
     return Empty()
 
 

@@ -29,6 +29,7 @@ class Session(Protocol):
     """What a handler may ask of the connection that sent the command."""
 
     negotiated: bool
+    peer_uid: int | None  # the client's uid (SO_PEERCRED), None if unknown
 
     def take_fd(self) -> int: ...
 

@@ -10,6 +10,7 @@ import array
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import os
 import socket
@@ -59,6 +60,14 @@ class Session:
         self._fd_taken = False
         self._out: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
+
+    @functools.cached_property
+    def peer_uid(self) -> int | None:
+        """The client's uid (SO_PEERCRED): it may own the existing files it names."""
+        try:
+            return _peer_credentials(self.sock)[1]
+        except OSError:
+            return None
 
     # -- fds -------------------------------------------------------------------------
 

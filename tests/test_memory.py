@@ -58,20 +58,32 @@ def test_a_missing_file_is_created_with_mode_0600_and_extended_to_size(fsdir: Pa
         b.close()
 
 
-def test_a_smaller_file_is_extended_and_a_larger_one_is_never_shrunk(fsdir: Path) -> None:
-    small, large = fsdir / "small", fsdir / "large"
+def test_a_smaller_file_is_refused_unchanged_and_a_larger_one_is_never_shrunk(
+    fsdir: Path,
+) -> None:
+    small, large, empty = fsdir / "small", fsdir / "large", fsdir / "empty"
     small.write_bytes(b"x" * 100)
     large.write_bytes(b"y" * (3 * MiB))
-    b1 = create_file_backend("a", MiB, str(small))
+    empty.write_bytes(b"")
+    before = small.stat()
+    with pytest.raises(BackendError) as refused:
+        create_file_backend("a", MiB, str(small))
+    assert refused.value.desc == (
+        "a backing store size 0x64 is too small for 'size' option 0x100000 plus "
+        "'offset' option 0x0"
+    )
+    after = small.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    assert small.read_bytes() == b"x" * 100
     b2 = create_file_backend("b", MiB, str(large))
+    b3 = create_file_backend("c", MiB, str(empty))
     try:
-        assert small.stat().st_size == MiB
-        assert bytes(b1.view(0, PAGE_SIZE))[:101] == b"x" * 100 + b"\0"
         assert large.stat().st_size == 3 * MiB
         assert len(b2.view(0, MiB)) == MiB
+        assert empty.stat().st_size == MiB
     finally:
-        b1.close()
         b2.close()
+        b3.close()
     assert large.stat().st_size == 3 * MiB
 
 
@@ -185,7 +197,8 @@ def test_zero_range_zeroes_an_anonymous_backend() -> None:
 def test_populate_keeps_contents_of_file_and_anonymous_backends(fsdir: Path) -> None:
     path = fsdir / "ram"
     data = pattern(2 * MiB, seed=6)
-    path.write_bytes(data[:MiB])  # second half is a hole to be populated
+    path.write_bytes(data[:MiB])
+    os.truncate(path, 2 * MiB)  # second half is a hole to be populated
     b = create_file_backend("m", 2 * MiB, str(path))
     r = create_ram_backend("r", 2 * MiB)
     try:
@@ -205,6 +218,7 @@ def test_populate_falls_back_to_posix_fallocate_and_keeps_contents(
     path = fsdir / "ram"
     data = pattern(MiB, seed=8)
     path.write_bytes(data)
+    os.truncate(path, 2 * MiB)
     b = create_file_backend("m", 2 * MiB, str(path))
     try:
         b.populate(0, 2 * MiB)
@@ -241,6 +255,7 @@ def test_data_ranges_stop_at_the_backend_size_of_a_larger_file(fsdir: Path) -> N
 
 def test_a_passed_fd_is_used_and_owned_by_the_backend() -> None:
     fd = os.memfd_create("migd-test", os.MFD_CLOEXEC)
+    os.ftruncate(fd, MiB)
     os.pwrite(fd, b"hello", 0)
     b = create_file_backend("m", MiB, "/dev/fdset/1", fd=fd)
     assert b.mem_path == "/dev/fdset/1"
@@ -365,6 +380,7 @@ def test_populate_maps_the_pages_so_the_reads_into_them_do_not_fault(shm: Path) 
 def test_prefault_maps_a_range_for_reading_and_keeps_its_contents(shm: Path) -> None:
     data = pattern(4 * MiB, seed=3)
     (shm / "ram").write_bytes(data)
+    os.truncate(shm / "ram", 8 * MiB)
     b = create_file_backend("m", 8 * MiB, str(shm / "ram"))
     try:
         b.prefault(0, 4 * MiB)

@@ -1,0 +1,270 @@
+"""Every fd of a job is the file its main fd opened; a job's file is never a backend's.
+
+Items 1 and 2 of issue 12. A path swapped between two files while a save or restore
+starts must not make the channels read or write the other file; a save to (or restore
+from) a memory backend's own file is refused before anything changes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from .conftest import (
+    DaemonProcess,
+    RawClient,
+    add_file_backend,
+    enable_mapped_ram,
+    fill_random,
+    parse_save,
+    qmp_error,
+    read_bitmap,
+    read_pages,
+    restore,
+    save,
+    start_daemon,
+)
+
+MiB = 1 << 20
+PAGE = 4096
+SIZE = 32 * MiB  # four 8 MiB save runs, 32 1 MiB restore runs: every channel gets some
+CHANNELS = 4
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _exchange(a: Path, b: Path) -> None:
+    """renameat2(RENAME_EXCHANGE): the two names swap files atomically, and each file
+    keeps one link (a link + rename swap would leave two, which migd now refuses)."""
+    if _libc.renameat2(_AT_FDCWD, bytes(a), _AT_FDCWD, bytes(b), _RENAME_EXCHANGE) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+class Swapper:
+    """A thread that keeps swapping two names while a job starts."""
+
+    def __init__(self, a: Path, b: Path) -> None:
+        self.a, self.b = a, b
+        self.swaps = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            _exchange(self.a, self.b)
+            self.swaps += 1
+
+    def __enter__(self) -> Swapper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def generation(gen: int) -> np.ndarray:
+    """Memory whose every page says which generation and which page it is."""
+    pages = np.zeros((SIZE // PAGE, PAGE // 8), dtype=np.uint64)
+    pages[:, 0::2] = gen
+    pages[:, 1::2] = np.arange(SIZE // PAGE, dtype=np.uint64)[:, None]
+    return pages
+
+
+def write_memory(path: Path, gen: int) -> None:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.pwrite(fd, generation(gen).tobytes(), 0)
+    finally:
+        os.close(fd)
+
+
+def memory_generation(data: bytes) -> int | None:
+    """The generation every page of data belongs to, or None if pages are mixed."""
+    words = np.frombuffer(data, dtype=np.uint64).reshape(-1, PAGE // 8)
+    gen = int(words[0, 0])
+    return gen if np.array_equal(words, generation(gen)) else None
+
+
+def save_generation(path: Path) -> int | None:
+    """A complete save's generation, or None if its pages are not all of one save."""
+    block = parse_save(path).blocks[0]
+    if not read_bitmap(path, block).all():
+        return None
+    return memory_generation(read_pages(path, block))
+
+
+def is_complete(path: Path) -> bool:
+    from migd import format
+
+    try:
+        return bool(parse_save(path).complete)
+    except format.FormatError:
+        return False
+
+
+def wait_final(client: RawClient, timeout: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        info = client.execute("query-migrate")["return"]
+        if info.get("status") in ("completed", "failed", "cancelled"):
+            return info
+        assert time.monotonic() < deadline, f"migration still {info.get('status')}"
+        time.sleep(0.005)
+
+
+@pytest.fixture
+def swap_daemon(short_dir: Path):
+    """A daemon process (its own GIL: the swapper runs truly alongside its opens)."""
+    d = start_daemon(short_dir / "qmp.sock")
+    yield d
+    d.stop()
+    if d.proc.stderr:
+        d.proc.stderr.close()
+
+
+def _setup(daemon: DaemonProcess, mem: Path) -> RawClient:
+    client = RawClient(daemon.socket_path).negotiate()
+    mem.write_bytes(b"")
+    reply = client.execute(
+        "object-add",
+        {"qom-type": "memory-backend-file", "id": "ram0", "size": SIZE, "mem-path": str(mem)},
+    )
+    assert reply == {"return": {}}
+    caps = [{"capability": c, "state": True} for c in ("mapped-ram", "multifd")]
+    assert client.execute("migrate-set-capabilities", {"capabilities": caps}) == {"return": {}}
+    params = {"multifd-channels": CHANNELS}
+    assert client.execute("migrate-set-parameters", params) == {"return": {}}
+    return client
+
+
+def test_saves_started_while_the_path_is_swapped_are_each_one_whole_save(
+    swap_daemon: DaemonProcess, short_dir: Path, shm: Path
+) -> None:
+    client = _setup(swap_daemon, shm / "mem")
+    a, b = shm / "a.sav", shm / "b.sav"
+    for p in (a, b):
+        p.write_bytes(b"")
+        p.chmod(0o600)
+    completed = 0
+    for gen in range(1, 41):
+        write_memory(shm / "mem", gen)
+        with Swapper(a, b) as swapper:
+            assert client.execute("migrate", {"uri": f"file:{a}"}) == {"return": {}}
+            info = wait_final(client)
+        assert swapper.swaps > 0
+        if info["status"] != "completed":
+            continue
+        completed += 1
+        gens = {p.name: save_generation(p) for p in (a, b) if is_complete(p)}
+        # Every file that reads as a complete save is one whole save, and one is this one.
+        assert None not in gens.values(), f"save {gen}: a complete file mixes pages: {gens}"
+        assert gen in gens.values(), f"save {gen} is in neither file: {gens}"
+    assert completed == 40
+    client.close()
+
+
+def test_restores_started_while_the_path_is_swapped_each_read_one_file(
+    swap_daemon: DaemonProcess, short_dir: Path, shm: Path
+) -> None:
+    client = _setup(swap_daemon, shm / "mem")
+    a, b = shm / "a.sav", shm / "b.sav"
+    for gen, p in ((1, a), (2, b)):
+        write_memory(shm / "mem", gen)
+        assert client.execute("migrate", {"uri": f"file:{p}"}) == {"return": {}}
+        assert wait_final(client)["status"] == "completed"
+        assert save_generation(p) == gen
+    completed = 0
+    for attempt in range(40):
+        write_memory(shm / "mem", 99)
+        with Swapper(a, b) as swapper:
+            reply = client.execute("migrate-incoming", {"uri": f"file:{a}"})
+            assert reply == {"return": {}}
+            info = wait_final(client)
+        assert swapper.swaps > 0
+        if info["status"] != "completed":
+            continue
+        completed += 1
+        got = memory_generation((shm / "mem").read_bytes())
+        assert got in (1, 2), f"restore {attempt} mixed the two files (or kept old memory)"
+    assert completed == 40
+    client.close()
+
+
+# -- item 2: a job's file is never a backend's memory file ----------------------------------
+
+
+def _digest(path: Path) -> tuple[int, int, str]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+async def test_a_save_to_a_backends_own_file_is_refused_and_changes_nothing(qmp, shm):
+    mem = shm / "ram0"
+    fill_random(mem, MiB)
+    await add_file_backend(qmp, "ram0", mem, MiB)
+    await enable_mapped_ram(qmp)
+    before = _digest(mem)
+    text = await qmp_error(qmp, "migrate", {"uri": f"file:{mem}"})
+    assert text == (
+        f"'{mem}' is the memory file of memory backend 'ram0' ('{mem}'): a save to it "
+        "would overwrite that memory"
+    )
+    assert _digest(mem) == before
+    assert await qmp.execute("query-migrate") == {}
+
+
+async def test_a_save_to_a_backends_file_through_an_fdset_is_refused(qmp, shm):
+    mem = shm / "ram0"
+    fill_random(mem, MiB)
+    await add_file_backend(qmp, "ram0", mem, MiB)
+    await enable_mapped_ram(qmp, multifd=False)
+    fd = os.open(mem, os.O_WRONLY)
+    qmp.send_fd_scm(fd)
+    os.close(fd)
+    added = await qmp.execute("add-fd", {"fdset-id": 3})
+    assert added["fdset-id"] == 3
+    before = _digest(mem)
+    text = await qmp_error(qmp, "migrate", {"uri": "file:/dev/fdset/3"})
+    assert text == (
+        f"'/dev/fdset/3' is the memory file of memory backend 'ram0' ('{mem}'): a save to "
+        "it would overwrite that memory"
+    )
+    assert _digest(mem) == before
+
+
+async def test_a_restore_from_the_file_a_backend_maps_is_refused_and_keeps_the_save(
+    qmp, shm, short_dir
+):
+    fill_random(shm / "src", MiB)
+    await add_file_backend(qmp, "ram0", shm / "src", MiB)
+    await enable_mapped_ram(qmp)
+    target = short_dir / "vm.sav"
+    assert (await save(qmp, target))["status"] == "completed"
+    await qmp.execute("object-del", {"id": "ram0"})
+    # ram0 now maps the save file itself (its first MiB: the file is larger).
+    await add_file_backend(qmp, "ram0", target, MiB)
+    before, job_before = _digest(target), await qmp.execute("query-migrate")
+    text = await qmp_error(qmp, "migrate-incoming", {"uri": f"file:{target}"})
+    assert text == (
+        f"'{target}' is the memory file of memory backend 'ram0' ('{target}'): a restore "
+        "would overwrite the save while reading it"
+    )
+    assert _digest(target) == before
+    assert await qmp.execute("query-migrate") == job_before  # no job started
+    # The save itself is still good: restored elsewhere it gives the memory back.
+    await qmp.execute("object-del", {"id": "ram0"})
+    await add_file_backend(qmp, "ram0", shm / "dst", MiB)
+    assert (await restore(qmp, target))["status"] == "completed"
+    assert (shm / "dst").read_bytes() == (shm / "src").read_bytes()
