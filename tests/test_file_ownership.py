@@ -1,0 +1,259 @@
+"""Files another local user planted are never used; files migd creates are 0600.
+
+Item 13 of issue 12: an existing save file, restore file or mem-path must be owned by
+migd's uid or the client's (SO_PEERCRED), writable by nobody else, with one link; fd-
+passed files are exempt. Item 16 (first part): `file:DIR/new/` is refused, not made a
+file `new`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from migd.config import BackendConfig
+from migd.daemon import create_backend
+from migd.errors import MigdError
+from migd.paths import PathPolicy
+
+from .conftest import (
+    InProcessDaemon,
+    RawClient,
+    add_file_backend,
+    enable_mapped_ram,
+    fill_random,
+    qmp_error,
+    save,
+    start_daemon,
+)
+
+MiB = 1 << 20
+OTHER_UID = 65534  # nobody
+
+
+def _state(path: Path) -> tuple[Any, ...]:
+    st = path.stat()
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return st.st_uid, st.st_mode, st.st_nlink, st.st_size, st.st_mtime_ns, digest
+
+
+def _other_owner(path: Path) -> str:
+    os.chown(path, OTHER_UID, OTHER_UID)
+    return (
+        f"'{path}' is owned by uid {OTHER_UID}: migd uses an existing file only if it "
+        f"belongs to migd's or the client's uid ({os.geteuid()})"
+    )
+
+
+def _world_writable(path: Path) -> str:
+    path.chmod(0o666)
+    return (
+        f"'{path}' is writable by group or others (mode 0666): migd uses an existing file "
+        "only if no other user can write it"
+    )
+
+
+def _group_writable(path: Path) -> str:
+    path.chmod(0o620)
+    return (
+        f"'{path}' is writable by group or others (mode 0620): migd uses an existing file "
+        "only if no other user can write it"
+    )
+
+
+def _hard_linked(path: Path) -> str:
+    os.link(path, path.with_name(path.name + ".link"))
+    return (
+        f"'{path}' has 2 hard links: migd uses an existing file only if it has exactly one"
+    )
+
+
+PLANTS: dict[str, Callable[[Path], str]] = {
+    "other-owner": _other_owner,
+    "world-writable": _world_writable,
+    "group-writable": _group_writable,
+    "hard-link": _hard_linked,
+}
+
+
+@pytest.fixture
+async def ready(qmp, shm):
+    fill_random(shm / "ram0", MiB)
+    await add_file_backend(qmp, "ram0", shm / "ram0", MiB)
+    await enable_mapped_ram(qmp)
+    return qmp
+
+
+@pytest.mark.parametrize("plant", PLANTS)
+async def test_a_planted_save_target_is_refused_and_unchanged(ready, shm, short_dir, plant):
+    target = short_dir / "vm.sav"
+    target.write_bytes(b"planted")
+    target.chmod(0o600)
+    expected = PLANTS[plant](target)
+    before, memory = _state(target), _state(shm / "ram0")
+    assert await qmp_error(ready, "migrate", {"uri": f"file:{target}"}) == expected
+    assert _state(target) == before and _state(shm / "ram0") == memory
+    assert await ready.execute("query-migrate") == {}
+
+
+@pytest.mark.parametrize("plant", PLANTS)
+async def test_a_planted_restore_file_is_refused_and_memory_unchanged(
+    ready, shm, short_dir, plant
+):
+    target = short_dir / "vm.sav"
+    assert (await save(ready, target))["status"] == "completed"
+    fill_random(shm / "ram0", MiB, seed=2)
+    expected = PLANTS[plant](target)
+    before, memory = _state(target), _state(shm / "ram0")
+    assert await qmp_error(ready, "migrate-incoming", {"uri": f"file:{target}"}) == expected
+    assert _state(target) == before and _state(shm / "ram0") == memory
+
+
+@pytest.mark.parametrize("plant", PLANTS)
+async def test_a_planted_mem_path_is_refused_and_unchanged(qmp, shm, plant):
+    path = shm / "ram1"
+    fill_random(path, MiB)
+    path.chmod(0o600)
+    expected = PLANTS[plant](path)
+    before = _state(path)
+    arguments = {
+        "qom-type": "memory-backend-file",
+        "id": "ram1",
+        "size": MiB,
+        "mem-path": str(path),
+    }
+    assert await qmp_error(qmp, "object-add", arguments) == expected
+    assert _state(path) == before
+    assert await qmp.execute("query-memdev") == []
+
+
+@pytest.mark.parametrize("plant", ["other-owner", "hard-link"])
+def test_a_planted_mem_path_of_the_configuration_is_refused(shm, plant):
+    path = shm / "ram0"
+    fill_random(path, MiB)
+    path.chmod(0o600)
+    expected = PLANTS[plant](path)
+    before = _state(path)
+    spec = BackendConfig(qom_type="memory-backend-file", id="ram0", size=MiB, mem_path=str(path))
+    with pytest.raises(MigdError) as refused:
+        create_backend(spec, PathPolicy())
+    assert refused.value.desc == expected
+    assert _state(path) == before
+
+
+async def test_files_migd_creates_are_0600_whatever_the_umask(ready, shm, short_dir):
+    old = os.umask(0)
+    try:
+        assert (await save(ready, short_dir / "vm.sav"))["status"] == "completed"
+        await add_file_backend(ready, "ram1", shm / "new", MiB)
+    finally:
+        os.umask(old)
+    assert (short_dir / "vm.sav").stat().st_mode & 0o777 == 0o600
+    assert (shm / "new").stat().st_mode & 0o777 == 0o600
+
+
+async def test_an_fd_passed_file_is_exempt(qmp, shm):
+    path = shm / "theirs"
+    path.write_bytes(b"")
+    os.chown(path, OTHER_UID, OTHER_UID)
+    path.chmod(0o666)
+    fd = os.open(path, os.O_RDWR)
+    qmp.send_fd_scm(fd)
+    os.close(fd)
+    await qmp.execute("add-fd", {"fdset-id": 7})
+    await add_file_backend(qmp, "ram0", "/dev/fdset/7", MiB)
+    assert [b["id"] for b in await qmp.execute("query-memdev")] == ["ram0"]
+
+
+# -- the client's own files: SO_PEERCRED ---------------------------------------------------
+
+
+@pytest.fixture
+def open_daemon(short_dir: Path) -> Iterator[Any]:
+    """A daemon whose socket another uid may reach (mode 0666 in a searchable dir)."""
+    short_dir.chmod(0o711)
+    d = start_daemon(short_dir / "qmp.sock", "--socket-mode", "0666")
+    yield d
+    d.stop()
+    if d.proc.stderr:
+        d.proc.stderr.close()
+
+
+def _connect_as(uid: int, path: Path) -> RawClient:
+    """A client whose peer credentials are uid's: SO_PEERCRED records them at connect."""
+    os.seteuid(uid)
+    try:
+        return RawClient(path).negotiate()
+    finally:
+        os.seteuid(0)
+
+
+def test_a_file_of_the_clients_own_uid_is_accepted_and_anothers_is_not(open_daemon, shm):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to connect as another uid")
+    mine, theirs = shm / "mine", shm / "theirs"
+    for path, uid in ((mine, OTHER_UID), (theirs, 1234)):
+        path.write_bytes(b"")
+        path.chmod(0o600)
+        os.chown(path, uid, uid)
+    client = _connect_as(OTHER_UID, open_daemon.socket_path)
+    try:
+        add = {"qom-type": "memory-backend-file", "size": MiB}
+        assert client.execute("object-add", {**add, "id": "a", "mem-path": str(mine)}) == {
+            "return": {}
+        }
+        reply = client.execute("object-add", {**add, "id": "b", "mem-path": str(theirs)})
+        assert reply["error"]["desc"] == (
+            f"'{theirs}' is owned by uid 1234: migd uses an existing file only if it "
+            f"belongs to migd's or the client's uid (0 or {OTHER_UID})"
+        )
+    finally:
+        client.close()
+    assert theirs.stat().st_size == 0
+
+
+# -- item 16: a trailing slash names a directory -------------------------------------------
+
+
+@pytest.fixture
+async def confined(short_dir: Path, shm: Path):
+    d = InProcessDaemon(short_dir / "qmp.sock", allowed_dirs=[str(short_dir), str(shm)])
+    await d.start()
+    client = await d.client()
+    yield client
+    await client.disconnect()
+    await d.stop()
+
+
+async def _refuses_trailing_slashes(client: Any, short_dir: Path, shm: Path) -> None:
+    fill_random(shm / "ram0", MiB)
+    await add_file_backend(client, "ram0", shm / "ram0", MiB)
+    await enable_mapped_ram(client)
+    for command, arguments, name in [
+        ("migrate", {"uri": f"file:{short_dir}/new/"}, f"{short_dir}/new/"),
+        ("migrate-incoming", {"uri": f"file:{short_dir}/new/"}, f"{short_dir}/new/"),
+        (
+            "object-add",
+            {"qom-type": "memory-backend-file", "id": "m", "size": MiB, "mem-path": f"{shm}/m/"},
+            f"{shm}/m/",
+        ),
+    ]:
+        text = await qmp_error(client, command, arguments)
+        assert text == f"'{name}' ends with '/': it names a directory, not a file"
+    assert not (short_dir / "new").exists() and not (shm / "m").exists()
+
+
+async def test_a_file_name_with_a_trailing_slash_is_refused_and_creates_nothing(
+    qmp, short_dir, shm
+):
+    await _refuses_trailing_slashes(qmp, short_dir, shm)
+
+
+async def test_with_allowed_dirs_a_trailing_slash_is_refused_too(confined, short_dir, shm):
+    # abspath() drops the slash: before, the confined open made a file `new`.
+    await _refuses_trailing_slashes(confined, short_dir, shm)
