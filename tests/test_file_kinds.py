@@ -1,0 +1,113 @@
+"""Only regular files are opened, and opening never blocks the daemon (issue 12 item 9).
+
+A FIFO as save target, restore source or mem-path used to block migd in open() until
+its other end opened: every client and SIGTERM waited. Now every file is opened in a
+worker thread with O_NONBLOCK and anything but a regular file is refused by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .conftest import (
+    DaemonProcess,
+    RawClient,
+    add_file_backend,
+    enable_mapped_ram,
+    fill_random,
+    qmp_error,
+    start_daemon,
+)
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def fifo_daemon(short_dir: Path) -> Iterator[DaemonProcess]:
+    d = start_daemon(short_dir / "qmp.sock")
+    yield d
+    if d.proc.poll() is None:
+        d.proc.kill()
+        d.proc.wait()
+    if d.proc.stderr:
+        d.proc.stderr.close()
+
+
+def _unblock(fifo: Path) -> None:
+    """Open the FIFO's other end, so a daemon stuck in open() (the old code) goes on."""
+    with contextlib.suppress(OSError):
+        os.close(os.open(fifo, os.O_RDWR | os.O_NONBLOCK))
+
+
+def test_a_fifo_is_refused_at_once_while_other_clients_are_served_and_sigterm_stops(
+    fifo_daemon: DaemonProcess, short_dir: Path, shm: Path
+) -> None:
+    fifo = short_dir / "fifo"
+    os.mkfifo(fifo, 0o600)
+    fill_random(shm / "ram0", MiB)
+    setup = RawClient(fifo_daemon.socket_path).negotiate()
+    add = {"qom-type": "memory-backend-file", "id": "ram0", "size": MiB}
+    assert setup.execute("object-add", {**add, "mem-path": str(shm / "ram0")}) == {"return": {}}
+    caps = [{"capability": "mapped-ram", "state": True}]
+    assert setup.execute("migrate-set-capabilities", {"capabilities": caps}) == {"return": {}}
+    other = RawClient(fifo_daemon.socket_path, timeout=10).negotiate()
+    try:
+        for command, arguments in [
+            ("migrate", {"uri": f"file:{fifo}"}),
+            ("migrate-incoming", {"uri": f"file:{fifo}"}),
+            ("object-add", {**add, "id": "ram1", "mem-path": str(fifo)}),
+        ]:
+            setup.send({"execute": command, "arguments": arguments})
+            # Another client is answered meanwhile (the old daemon sat in open()).
+            assert "qemu" in other.execute("query-version")["return"]
+            assert "return" in other.execute("query-migrate")
+            reply = setup.recv_reply()
+            assert reply["error"]["desc"] == f"'{fifo}' is not a regular file (it is a FIFO)"
+    finally:
+        _unblock(fifo)
+        setup.close()
+        other.close()
+    assert fifo_daemon.stop(signal.SIGTERM, timeout=10) == 0
+
+
+@pytest.fixture
+def unix_socket_file(short_dir: Path) -> Iterator[Path]:
+    path = short_dir / "sock"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(path))
+    yield path
+    s.close()
+
+
+@pytest.mark.parametrize(
+    ("kind", "what"),
+    [("char-device", "a character device"), ("socket", "a socket")],
+)
+async def test_a_device_or_socket_is_refused_for_every_use(
+    qmp, shm, unix_socket_file, kind, what
+):
+    path = "/dev/null" if kind == "char-device" else str(unix_socket_file)
+    fill_random(shm / "ram0", MiB)
+    await add_file_backend(qmp, "ram0", shm / "ram0", MiB)
+    await enable_mapped_ram(qmp)
+    expected = f"'{path}' is not a regular file (it is {what})"
+    assert await qmp_error(qmp, "migrate", {"uri": f"file:{path}"}) == expected
+    assert await qmp_error(qmp, "migrate-incoming", {"uri": f"file:{path}"}) == expected
+    arguments = {"qom-type": "memory-backend-file", "id": "m", "size": MiB, "mem-path": path}
+    assert await qmp_error(qmp, "object-add", arguments) == expected
+    assert await qmp.execute("query-migrate") == {}
+
+
+async def test_a_directory_as_restore_source_is_refused(qmp, shm, short_dir):
+    fill_random(shm / "ram0", MiB)
+    await add_file_backend(qmp, "ram0", shm / "ram0", MiB)
+    await enable_mapped_ram(qmp)
+    text = await qmp_error(qmp, "migrate-incoming", {"uri": f"file:{short_dir}"})
+    assert text == f"'{short_dir}' is not a regular file (it is a directory)"
