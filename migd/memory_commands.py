@@ -36,12 +36,16 @@ class ObjectAddArgs(QapiModel):
     ObjectAddArgs,
     Empty,
     "Create a memory backend, the unit migd saves and restores. 'memory-backend-file' maps "
-    "'mem-path' (created if missing and extended to 'size'; tmpfs, hugetlbfs or any "
-    "filesystem; '/dev/fdset/N' maps a read-write fd of that set passed by add-fd, such "
-    "as a VMM's memfd); 'memory-backend-ram' is anonymous memory owned by migd. 'size' is a "
-    "positive multiple of 4096. migd extension: 'share' defaults to true for files, so "
-    "that a restore lands in the file. 'ramblock-name' sets the block name used in save "
-    "files (default: the id), to match QEMU names such as 'pc.ram'.",
+    "'mem-path', a regular file on tmpfs, hugetlbfs or any filesystem: created with mode "
+    "0600 if missing; a new or empty file is extended to 'size', a larger one used as a "
+    "prefix, a smaller non-empty one refused, as in QEMU; an existing file must belong to "
+    "migd's or the client's uid, be writable by no one else and have one link. "
+    "'/dev/fdset/N' maps a read-write fd of that set passed by add-fd, such as a VMM's "
+    "memfd (exempt from the ownership rule); 'memory-backend-ram' is anonymous memory "
+    "owned by migd. 'size' is a positive multiple of 4096. migd extension: 'share' "
+    "defaults to true for files, so that a restore lands in the file. 'ramblock-name' "
+    "sets the block name used in save files (default: the id), to match QEMU names such "
+    "as 'pc.ram'.",
 )
 async def object_add(ctx: Context, args: ObjectAddArgs) -> Empty:
     registry = ctx.services.memory

@@ -188,7 +188,10 @@ class MigrateArgs(TargetArgs):
     "'file:PATH[,offset=N]' (N decimal or 0x-hex; bytes before N are kept) or 'channels' "
     "with one 'main' file address. Needs the mapped-ram capability. Returns at once; "
     "follow the job with query-migrate or MIGRATION events. 'detach' is accepted and "
-    "ignored, as in QEMU; 'resume' (postcopy recovery) is refused.",
+    "ignored, as in QEMU; 'resume' (postcopy recovery) is refused. The file must be a "
+    "regular file: a new one is created with mode 0600; an existing one must belong to "
+    "migd's or the client's uid, be writable by no one else, have one link and not be a "
+    "memory backend's file (the same rules hold for migrate-incoming's file).",
 )
 async def migrate(ctx: Context, args: MigrateArgs) -> Empty:
     target = args.target()
