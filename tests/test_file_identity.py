@@ -41,6 +41,9 @@ _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 
 _libc = ctypes.CDLL(None, use_errno=True)
+needs_renameat2 = pytest.mark.skipif(
+    not hasattr(_libc, "renameat2"), reason="no renameat2 in this libc"
+)
 
 
 def _exchange(a: Path, b: Path) -> None:
@@ -149,6 +152,7 @@ def _setup(daemon: DaemonProcess, mem: Path) -> RawClient:
     return client
 
 
+@needs_renameat2
 def test_saves_started_while_the_path_is_swapped_are_each_one_whole_save(
     swap_daemon: DaemonProcess, short_dir: Path, shm: Path
 ) -> None:
@@ -175,6 +179,7 @@ def test_saves_started_while_the_path_is_swapped_are_each_one_whole_save(
     client.close()
 
 
+@needs_renameat2
 def test_restores_started_while_the_path_is_swapped_each_read_one_file(
     swap_daemon: DaemonProcess, short_dir: Path, shm: Path
 ) -> None:
