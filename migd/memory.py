@@ -91,6 +91,11 @@ class MemoryBackend:
     def __repr__(self) -> str:
         return f"<MemoryBackend {self.id!r} {self.qom_type} size={self.size}>"
 
+    @property
+    def fd(self) -> int | None:
+        """The memory file's fd (None for anonymous memory), e.g. for partial.py's marks."""
+        return self._fd
+
     def _check(self, offset: int, length: int) -> memoryview:
         if self._mv is None:
             raise BackendError(f"Memory backend '{self.id}' is closed")

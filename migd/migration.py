@@ -37,6 +37,7 @@ from .channels import (
 )
 from .errors import MigdError, MigrationError
 from .memory import MemoryBackend, MemoryRegistry
+from .partial import PartialMarks
 from .uri import FileTarget
 
 log = logging.getLogger(__name__)
@@ -262,6 +263,7 @@ class MigrationEngine:
         self.caps = Capabilities()
         self.params = Parameters()
         self.job: Job | None = None
+        self.partial = PartialMarks()  # the daemon gives it a state directory
 
     # -- settings ------------------------------------------------------------------------
 
@@ -676,6 +678,8 @@ class MigrationEngine:
                 runs += split_runs(index, format.set_runs(present), chunk=READ_CHUNK_PAGES)
             job.setup_done = time.monotonic()
             self._set_status(job, MigrationStatus.active)
+            # Durable before the first page changes; only a completed restore removes it.
+            await asyncio.to_thread(self.partial.set_all, job.backends, path)
             job.memory_touched = True
             await self._run_channels(job, fds, blocks, runs, "restore")
             job.sync_count = 1
@@ -683,3 +687,4 @@ class MigrationEngine:
             for fd in fds:
                 if fd != main_fd:
                     self.closer(fd)
+        await asyncio.to_thread(self.partial.clear_all, job.backends)
