@@ -25,7 +25,7 @@ from qemu.qmp import ExecuteError
 from migd import format
 from migd.errors import FormatError
 
-from .conftest import add_file_backend, enable_mapped_ram, save, wait_migration
+from .conftest import add_file_backend, enable_mapped_ram, qmp_error, save, wait_migration
 
 MiB = 1 << 20
 PAGE = format.PAGE_SIZE
@@ -211,3 +211,12 @@ async def test_mutated_files_through_the_daemon_are_refused_or_restored_exactly(
             assert isinstance(expected, str), f"{kind}: in-process restores it, daemon: {desc}"
         print(f"{kind}: {status} {desc}")
     assert os.path.getsize(short_dir / "good.img") == len(raw)
+
+
+async def test_an_empty_save_file_is_refused_as_empty_naming_it(qmp, shm: Path, short_dir: Path):
+    await add_file_backend(qmp, "ram0", shm / "ram0", MiB)
+    await enable_mapped_ram(qmp)
+    empty = short_dir / "empty.img"
+    empty.touch()
+    desc = await qmp_error(qmp, "migrate-incoming", {"uri": f"file:{empty}"})
+    assert desc == f"'{empty}': the file is empty: not a save file"
