@@ -21,6 +21,7 @@ from .errors import MigdError
 from .fdsets import FdStore
 from .memory import MemoryBackend, MemoryRegistry, create_file_backend, create_ram_backend
 from .migration import MigrationEngine
+from .partial import SIDECAR_DIR, PartialMarks
 from .paths import PathPolicy
 from .qmp import Request, greeting
 from .registry import version_numbers
@@ -70,6 +71,10 @@ class Daemon:
         fdsets = FdStore(functools.partial(open_channel_fd, open_file=paths.open))
         engine = MigrationEngine(
             memory, self._emit, self.notify, fdsets.open_path, fdsets.close_dup, paths.open
+        )
+        # Partial-restore marks where memory files have no xattrs: next to the socket.
+        engine.partial = PartialMarks(
+            os.path.join(os.path.dirname(config.socket_path), SIDECAR_DIR)
         )
         self.services = Services(memory, engine, fdsets, paths)
         self.server: Server | None = None

@@ -2,14 +2,22 @@
 
 Writers get a `SaveLayout` (absolute offsets plus the byte pieces to pwrite); readers
 inject a `read_at` callback and get a `ParsedStream`. Bitmaps are numpy bool arrays.
+
+What a reader can trust (docs/integrity.md): every file's layout is checked (each
+bitmap right after its header, inside the file and before its pages, regions of
+different blocks disjoint). A migd file also says in its vmdescription how many pages
+of each block are present and the SHA-256 of each bitmap, so `read_bitmap` refuses a
+corrupt bitmap before any memory changes. QEMU's files carry no such description: a
+flipped bitmap bit there cannot be detected, nor can corrupt page data in any file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -55,6 +63,8 @@ _MAX_CAPS = 16
 _HEADER = struct.Struct(">IQQQ")  # version, page_size, bitmap_offset, pages_offset
 _EOS_FOOTER = struct.Struct(">QBI")  # be64 EOS, 0x7e, be32 section id
 _MAX_OFFSET = (1 << 63) - 1  # off_t is signed 64-bit
+# migd's vmdescription is ~150 bytes per block; this bounds what a hostile length allocates.
+_MAX_VMDESCRIPTION = 16 << 20
 
 ReadAt = Callable[[int, int], bytes]
 
@@ -74,6 +84,14 @@ def _str8(raw: bytes) -> bytes:
 
 
 @dataclass(frozen=True)
+class BitmapCheck:
+    """What migd's vmdescription says a block's bitmap holds (absent in QEMU's files)."""
+
+    present: int  # pages whose bit is set
+    sha256: str | None  # hex digest of the bitmap's bytes; None in files of migd <= 0.x
+
+
+@dataclass(frozen=True)
 class BlockLayout:
     """Where one RAM block's header, bitmap and pages live (absolute file offsets)."""
 
@@ -83,6 +101,8 @@ class BlockLayout:
     bitmap_offset: int
     pages_offset: int
     page_size: int = PAGE_SIZE
+    # Set by parse_stream for migd's files; read_bitmap checks the bitmap against it.
+    bitmap_check: BitmapCheck | None = field(default=None, compare=False)
 
     @property
     def pages(self) -> int:
@@ -224,6 +244,37 @@ def decode_bitmap(data: bytes, pages: int) -> np.ndarray:
         np.frombuffer(data, dtype=np.uint8, count=need), count=pages, bitorder="little"
     )
     return bits.view(np.bool_)  # values are 0/1, so a view is exact and avoids a copy
+
+
+def bitmap_digest(data: bytes) -> str:
+    """The SHA-256 a migd vmdescription records for a bitmap's bytes."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_bitmap(read_at: ReadAt, block: BlockLayout) -> np.ndarray:
+    """Read and decode `block`'s bitmap; refuse it if the file's description disagrees."""
+    data = bytes(read_at(block.bitmap_offset, block.bitmap_size)[: block.bitmap_size])
+    if len(data) < block.bitmap_size:
+        raise FormatError(
+            f"truncated bitmap of ramblock {block.name}: expected {block.bitmap_size} bytes "
+            f"at offset {block.bitmap_offset}, got {len(data)}"
+        )
+    present = decode_bitmap(data, block.pages)
+    check = block.bitmap_check
+    if check is None:
+        return present  # a QEMU file: nothing to check against
+    count = int(np.count_nonzero(present))
+    if count != check.present:
+        raise FormatError(
+            f"bitmap of ramblock {block.name} is corrupt: it marks {count} pages present, "
+            f"the file's description says {check.present}"
+        )
+    if check.sha256 is not None and bitmap_digest(data) != check.sha256:
+        raise FormatError(
+            f"bitmap of ramblock {block.name} is corrupt: its SHA-256 differs from the one "
+            "in the file's description"
+        )
+    return present
 
 
 def set_runs(present: np.ndarray) -> list[tuple[int, int]]:
@@ -398,6 +449,14 @@ def _parse_block(cur: _Cursor) -> BlockLayout:
             f"ramblock {name} bitmap ({block.bitmap_size} bytes at offset {bitmap_at}) "
             f"does not fit before its pages at offset {pages_at}"
         )
+    if bitmap_at != header_at + MAPPED_RAM_HEADER_SIZE:
+        # QEMU (ram.c mapped_ram_setup_ramblock) and migd both put the bitmap right after
+        # the header; anywhere else, the offset is corrupt and would read other bytes as
+        # the bitmap (in the padding: all pages zero, or shifted bits).
+        raise FormatError(
+            f"ramblock {name} bitmap at offset {bitmap_at} does not follow its header "
+            f"(expected offset {header_at + MAPPED_RAM_HEADER_SIZE})"
+        )
     if block.end > cur.file_size:
         raise FormatError(
             f"ramblock {name} region [{bitmap_at}, {block.end}) extends past "
@@ -470,12 +529,80 @@ def _find_ram_end(cur: _Cursor, section_id: int) -> bool:
         return False
 
 
+def _read_vmdescription(cur: _Cursor) -> dict[str, Any] | None:
+    """The JSON after `EOF` when it follows the RAM end section at once (migd's layout).
+
+    QEMU's files have device sections there, which are not self-describing: None.
+    """
+    try:
+        if cur.u8() != VM_EOF or cur.u8() != VM_VMDESCRIPTION:
+            return None
+    except FormatError:
+        return None  # nothing after the end section: a file without description
+    size = cur.be32()
+    if size > _MAX_VMDESCRIPTION:
+        raise FormatError(f"vmdescription too long ({size} bytes)")
+    try:
+        raw = cur.take(size)
+    except FormatError as exc:
+        raise FormatError(f"truncated vmdescription: {exc.desc}") from None
+    try:
+        desc = json.loads(raw)
+    except (UnicodeDecodeError, ValueError):
+        raise FormatError("the vmdescription after EOF is not valid JSON") from None
+    if not isinstance(desc, dict):
+        raise FormatError("the vmdescription after EOF is not a JSON object")
+    return desc
+
+
+def _is_count(value: Any, top: int) -> bool:
+    return type(value) is int and 0 <= value <= top  # JSON true is not a count
+
+
+def _is_digest(value: Any) -> bool:
+    hexdigits = "0123456789abcdef"
+    return isinstance(value, str) and len(value) == 64 and all(c in hexdigits for c in value)
+
+
+def _migd_checks(desc: dict[str, Any], blocks: tuple[BlockLayout, ...]) -> tuple[BlockLayout, ...]:
+    """Attach the per-block counts of a migd vmdescription; refuse one that lacks them.
+
+    A file that says migd wrote it but has no valid counts is refused rather than read
+    as QEMU's: every migd version wrote them, so their absence means corruption.
+    """
+    bad = FormatError(
+        "the vmdescription says migd wrote this file, but its per-block page counts are "
+        "missing or do not match the file's blocks: the file is corrupt"
+    )
+    migd = desc["migd"]
+    entries = migd.get("blocks") if isinstance(migd, dict) else None
+    if not isinstance(entries, list) or len(entries) != len(blocks):
+        raise bad
+    out = []
+    for block, entry in zip(blocks, entries, strict=True):
+        if not isinstance(entry, dict) or entry.get("name") != block.name:
+            raise bad
+        if entry.get("pages") != block.pages or type(entry.get("pages")) is not int:
+            raise bad
+        present, digest = entry.get("present"), entry.get("bitmap-sha256")
+        if not _is_count(present, block.pages) or not (digest is None or _is_digest(digest)):
+            raise bad
+        out.append(replace(block, bitmap_check=BitmapCheck(present, digest)))
+    return tuple(out)
+
+
 def parse_stream(
     read_at: ReadAt, offset: int, file_size: int, *, require_mapped_ram: bool = True
 ) -> ParsedStream:
-    """Parse a mapped-ram stream at `offset` up to the RAM end section."""
+    """Parse a mapped-ram stream at `offset` up to the RAM end section.
+
+    For migd's files, also the vmdescription after it: each block then carries the
+    `bitmap_check` that read_bitmap enforces.
+    """
     if offset < 0:
         raise FormatError(f"invalid file offset {offset}")
+    if file_size <= offset:
+        raise FormatError(empty_file_text(offset, file_size))
     cur = _Cursor(read_at, offset, file_size)
     magic, version = cur.unpack(">II")
     if magic != QEVM_MAGIC:
@@ -488,7 +615,21 @@ def parse_stream(
     total, blocks = _parse_ram_setup(cur)
     _expect_footer(cur, section_id)
     complete = _find_ram_end(cur, section_id)
+    if complete:
+        desc = _read_vmdescription(cur)
+        if desc is not None and "migd" in desc:
+            blocks = _migd_checks(desc, blocks)
     return ParsedStream(machine, caps, blocks, complete, total)
+
+
+def empty_file_text(offset: int, file_size: int) -> str:
+    """What to say of a file with nothing at `offset` (an empty file is not a save)."""
+    if file_size == 0:
+        return "the file is empty: not a save file"
+    return (
+        f"no migration stream at offset {offset}: the file has only {file_size} bytes "
+        "(truncated, or not a save file)"
+    )
 
 
 def parse_cut_short(

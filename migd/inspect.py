@@ -105,9 +105,7 @@ def _check_magic(fd: int, offset: int, size: int) -> None:
     """A foreign file gets a clear 'not a save' error, even when it is tiny."""
     head = os.pread(fd, len(_MAGIC), offset) if offset < size else b""
     if not head:
-        raise InspectError(
-            f"no migration stream at offset {offset}: the file has only {size} bytes"
-        )
+        raise InspectError(format.empty_file_text(offset, size))
     if head != _MAGIC[: len(head)]:
         raise InspectError(
             f"not a QEMU/migd save file (no QEVM magic at offset {offset}, found {head.hex()})"

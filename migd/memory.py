@@ -98,6 +98,11 @@ class MemoryBackend:
         st = os.fstat(self._fd)
         return st.st_dev, st.st_ino
 
+    @property
+    def fd(self) -> int | None:
+        """The memory file's fd (None for anonymous memory), e.g. for partial.py's marks."""
+        return self._fd
+
     def _check(self, offset: int, length: int) -> memoryview:
         if self._mv is None:
             raise BackendError(f"Memory backend '{self.id}' is closed")

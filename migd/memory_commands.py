@@ -29,6 +29,7 @@ class ObjectAddArgs(QapiModel):
     mem_path: str | None = None
     share: bool | None = None
     ramblock_name: str | None = None
+    x_accept_partial: bool = False
 
 
 @command(
@@ -45,7 +46,9 @@ class ObjectAddArgs(QapiModel):
     "owned by migd. 'size' is a positive multiple of 4096. migd extension: 'share' "
     "defaults to true for files, so that a restore lands in the file. 'ramblock-name' "
     "sets the block name used in save files (default: the id), to match QEMU names such "
-    "as 'pc.ram'.",
+    "as 'pc.ram'. A file that an interrupted restore left partial (a mix of old and "
+    "restored pages) is refused unless 'x-accept-partial' is true; its mark stays until "
+    "a restore into it completes.",
 )
 async def object_add(ctx: Context, args: ObjectAddArgs) -> Empty:
     registry = ctx.services.memory
@@ -72,6 +75,13 @@ async def object_add(ctx: Context, args: ObjectAddArgs) -> Empty:
             open_file=ctx.services.paths.open,
             owners=trusted_owners(ctx.session.peer_uid),
         )
+        try:
+            await asyncio.to_thread(
+                ctx.services.engine.partial.check_add, backend, args.x_accept_partial
+            )
+        except BaseException:
+            backend.close()
+            raise
     else:
         if args.mem_path is not None:
             raise InvalidRequest("Parameter 'mem-path' is unexpected")

@@ -40,6 +40,7 @@ from .channels import (
 from .errors import MigdError, MigrationError
 from .fdsets import is_fdset_path
 from .memory import MemoryBackend, MemoryRegistry
+from .partial import PartialMarks
 from .paths import FileOpener, open_regular, plain_open, remove_created, trusted_owners
 from .uri import FileTarget
 
@@ -277,6 +278,7 @@ class MigrationEngine:
         self.caps = Capabilities()
         self.params = Parameters()
         self.job: Job | None = None
+        self.partial = PartialMarks()  # the daemon gives it a state directory
 
     # -- settings ------------------------------------------------------------------------
 
@@ -670,28 +672,36 @@ class MigrationEngine:
         fds: Sequence[int],
         main_fd: int,
     ) -> None:
-        """Pages durable first, then bitmaps, end section and EOF, then those durable."""
+        """Pages durable, then bitmaps durable, then the end section and EOF durable.
+
+        A file only reads as complete once its end section is on disk; syncing the
+        bitmaps before writing it means a power cut can never leave a "complete" file
+        whose bitmaps are still zeros (a restore of it would give all-zero memory).
+        """
         path = job.target.path
         for fd in fds:
             _fdatasync(fd, path)
         self._check_cancel(job)
+        described = []
         for block in blocks:
             data = format.encode_bitmap(block.present, block.layout.bitmap_size)
             _pwrite_all(main_fd, data, block.layout.bitmap_offset, path)
             job.main_bytes += len(data)
+            described.append(
+                {
+                    "name": block.layout.name,
+                    "pages": block.layout.pages,
+                    "present": int(np.count_nonzero(block.present)),
+                    "bitmap-sha256": format.bitmap_digest(data),
+                }
+            )
+        _fdatasync(main_fd, path)
         _, _, normal, zero, _ = job.totals()
         vmdesc = {
             "migd": {
                 "version": __version__,
                 "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "blocks": [
-                    {
-                        "name": b.layout.name,
-                        "pages": b.layout.pages,
-                        "present": int(np.count_nonzero(b.present)),
-                    }
-                    for b in blocks
-                ],
+                "blocks": described,
                 "normal-pages": normal,
                 "zero-pages": zero,
             }
@@ -709,11 +719,14 @@ class MigrationEngine:
         def read_bitmaps() -> list[np.ndarray]:
             out = []
             for layout, _ in matched:
-                data = _pread_all(main_fd, layout.bitmap_offset, layout.bitmap_size, path)
-                if len(data) < layout.bitmap_size:
-                    raise ChannelError(f"'{path}': truncated bitmap of block '{layout.name}'")
-                out.append(format.decode_bitmap(data, layout.pages))
-                job.main_bytes += len(data)
+                try:
+                    # Checked against the counts and digest of a migd file's description.
+                    out.append(
+                        format.read_bitmap(lambda at, n: _pread_all(main_fd, at, n, path), layout)
+                    )
+                except format.FormatError as exc:
+                    raise MigrationError(f"'{path}': {exc.desc}") from None
+                job.main_bytes += layout.bitmap_size
             return out
 
         # Every check is done before the first byte of any backend changes.
@@ -746,6 +759,8 @@ class MigrationEngine:
                 runs += split_runs(index, format.set_runs(present), chunk=READ_CHUNK_PAGES)
             job.setup_done = time.monotonic()
             self._set_status(job, MigrationStatus.active)
+            # Durable before the first page changes; only a completed restore removes it.
+            await asyncio.to_thread(self.partial.set_all, job.backends, path)
             job.memory_touched = True
             await self._run_channels(job, fds, blocks, runs, "restore")
             job.sync_count = 1
@@ -753,3 +768,4 @@ class MigrationEngine:
             for fd in fds:
                 if fd != main_fd:
                     self.closer(fd)
+        await asyncio.to_thread(self.partial.clear_all, job.backends)

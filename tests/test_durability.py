@@ -2,8 +2,10 @@
 
 The daemon runs under strace; the order of its pwritev/pwrite64/fdatasync calls on the
 save file and of the socket write that first says "completed" is then checked against
-format.md's rule: page data written, channel fds fdatasync'ed, then bitmaps, RAM end
-section and EOF on the main fd, then the main fd fdatasync'ed, and only then `completed`.
+format.md's rule: page data written (pwritev), channel fds fdatasync'ed, bitmaps written
+on the main fd and fdatasync'ed, and only then the RAM end section and EOF written and
+the main fd fdatasync'ed again; only then `completed`. A file reads as complete once its
+end section is there, so that must never reach the disk before the bitmaps do.
 """
 
 from __future__ import annotations
@@ -112,10 +114,13 @@ def check_durable_order(calls: list[Call], path: str, layout: format.SaveLayout)
     synced = max(c.end for c in channel_syncs)
     for c in [*bitmaps, end]:
         assert c.start > synced, f"{c.name} at {c.offset} began before the pages were synced"
+    bitmap_syncs = [c for c in syncs if c.fd == main_fd and c.start > max(b.end for b in bitmaps)]
+    assert bitmap_syncs and bitmap_syncs[0].end < end.start, (
+        "the end section was written before the bitmaps were synced"
+    )
     main_syncs = [c for c in syncs if c.fd == main_fd and c.start > end.end]
     assert main_syncs, "the main fd was not synced after the end section"
     final_sync = main_syncs[0]
-    assert max(c.end for c in bitmaps) < final_sync.start
     late = [c for c in on_file if c.name != "fdatasync" and c.start > final_sync.start]
     assert not late, f"writes after the final sync: {late}"
 
@@ -231,7 +236,7 @@ def test_completed_is_announced_only_after_pages_and_metadata_are_fdatasynced(
     layout = format.plan_save([("ram0", size), ("ram1", MiB)], offset or 0)
     check_durable_order(calls, str(target), layout)
     syncs = [c for c in calls if c.what == str(target) and c.name == "fdatasync"]
-    assert len(syncs) == (3 if multifd else 1) + 1
+    assert len(syncs) == (3 if multifd else 1) + 2  # channels, bitmaps, end section
 
 
 # --- the checker itself must catch a wrong order -------------------------------------------
@@ -245,6 +250,7 @@ _GOOD_LOG = """\
 13 fdatasync(6</s.img>) = 0
 13 fdatasync(7</s.img>) = 0
 13 pwrite64(5</s.img>, "\\3", 8, 84) = 8
+13 fdatasync(5</s.img>) = 0
 13 pwrite64(5</s.img>, "\\3\\0", 33, 2101261) = 33
 13 fdatasync(5</s.img>) = 0
 10 sendto(8<socket:[99]>, "{\\"data\\": {\\"status\\": \\"completed\\"}}", 60, 0, NULL, 0) = 60
@@ -266,13 +272,18 @@ def test_the_order_checker_accepts_the_documented_order():
     [
         ((4, 5), "synced before every page"),  # a channel sync before the last page write
         ((6, 7), "began before the pages were synced"),  # bitmap before a channel sync
-        ((8, 9), "not synced after the end section"),  # final sync before the end section
-        ((9, 10), "before the final fdatasync"),  # completed before the final sync
+        ((8, 9), "written before the bitmaps were synced"),  # end section before that sync
+        ((10, 11), "before the final fdatasync"),  # completed before the final sync
+        ((9, 10), "not synced after the end section"),  # final sync before the end section
+        (8, "written before the bitmaps were synced"),  # one sync after both (the old order)
     ],
 )
 def test_the_order_checker_rejects_each_wrong_order(swap, message):
     lines = _GOOD_LOG.splitlines()
-    a, b = swap
-    lines[a], lines[b] = lines[b], lines[a]
+    if isinstance(swap, int):
+        del lines[swap]
+    else:
+        a, b = swap
+        lines[a], lines[b] = lines[b], lines[a]
     with pytest.raises(AssertionError, match=message):
         check_durable_order(parse_strace("\n".join(lines)), "/s.img", _LAYOUT)

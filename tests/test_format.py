@@ -22,10 +22,12 @@ from migd.format import (
     BlockLayout,
     ParsedStream,
     SaveLayout,
+    bitmap_digest,
     decode_bitmap,
     encode_bitmap,
     parse_stream,
     plan_save,
+    read_bitmap,
     set_runs,
 )
 
@@ -425,10 +427,11 @@ def test_qemu_stream_with_part_sections_switchover_and_devices_is_complete() -> 
         ("pc.ram", 8 * PAGE_SIZE),
         ("/rom@etc/acpi/tables", PAGE_SIZE),
     ]
-    # It stops at the RAM end section: the device section after it is never read.
+    # It stops at the RAM end section: of the device section after it, only the record
+    # type is read (to see whether a migd vmdescription follows: it does not).
     (tail_at,) = [at for at, data in f.pieces if data == qemu_tail(2)]
     ram_end = tail_at + len(part(2) * 2 + SWITCHOVER + end(2))
-    assert max(off + n for off, n in f.reads) == ram_end
+    assert max(off + n for off, n in f.reads) == ram_end + 1
 
 
 def test_qemu_stream_reads_pages_offset_from_the_header_not_recomputed() -> None:
@@ -686,12 +689,22 @@ def test_missing_start_section_footer_is_an_error() -> None:
         f.parse()
 
 
-@pytest.mark.parametrize("cut", [0, 6, 9, 30, 60, 80, 95])
+@pytest.mark.parametrize("cut", [6, 9, 30, 60, 80, 95])
 def test_a_file_cut_inside_the_head_reports_a_truncated_read(cut: int) -> None:
     f = saved(plan_save([("a", 4096)]))
     f.size = cut
     with pytest.raises(FormatError, match=r"truncated: expected \d+ bytes at offset \d+, got \d+"):
         f.parse()
+
+
+def test_an_empty_file_is_said_to_be_empty_not_truncated() -> None:
+    f = saved(plan_save([("a", 4096)]))
+    f.size = 0
+    with pytest.raises(FormatError, match=r"^the file is empty: not a save file$"):
+        f.parse()
+    f.size = 5
+    with pytest.raises(FormatError, match="no migration stream at offset 5: the file has only 5"):
+        f.parse(5)
 
 
 def test_truncation_message_names_size_offset_and_got() -> None:
@@ -713,6 +726,157 @@ def test_offset_past_the_end_of_the_file_is_a_truncation() -> None:
         f.parse(f.size + 10)
     with pytest.raises(FormatError, match="invalid file offset -1"):
         f.parse(-1)
+
+
+# ---- bitmap trust: layout checks and migd's vmdescription ---------------------------
+
+
+def test_a_bitmap_offset_that_does_not_follow_the_header_is_refused() -> None:
+    # Still inside the region and before the pages, but it would read padding as bitmap.
+    f = qemu_stream(header=hdr(0, bitmap_offset=shifted("bitmap_offset", 1)))
+    with pytest.raises(FormatError, match=r"bitmap at offset \d+ does not follow its header"):
+        f.parse()
+
+
+def migd_file(present: list[np.ndarray], desc: dict | None = None) -> SparseFile:
+    """A migd save of blocks a, b with these bitmaps and the vmdescription migd writes."""
+    layout = plan_save([("a", len(present[0]) * PAGE_SIZE), ("b", len(present[1]) * PAGE_SIZE)])
+    bitmaps = [encode_bitmap(p, b.bitmap_size) for p, b in zip(present, layout.blocks, strict=True)]
+    if desc is None:
+        desc = {
+            "migd": {
+                "blocks": [
+                    {
+                        "name": b.name,
+                        "pages": b.pages,
+                        "present": int(p.sum()),
+                        "bitmap-sha256": bitmap_digest(data),
+                    }
+                    for b, p, data in zip(layout.blocks, present, bitmaps, strict=True)
+                ]
+            }
+        }
+    f = saved(layout, vmdesc=desc)
+    for block, data in zip(layout.blocks, bitmaps, strict=True):
+        f.write(block.bitmap_offset, data)
+    return f
+
+
+BITS = [np.array([1, 0, 1, 1, 0, 0, 0, 1, 1, 1], bool), np.array([0, 1, 1], bool)]
+
+
+def test_migd_files_carry_the_counts_and_digest_that_read_bitmap_checks() -> None:
+    f = migd_file(BITS)
+    parsed = f.parse()
+    assert [b.bitmap_check.present for b in parsed.blocks] == [6, 2]
+    for block, bits in zip(parsed.blocks, BITS, strict=True):
+        assert read_bitmap(f.read_at, block).tolist() == bits.tolist()
+
+
+@pytest.mark.parametrize(
+    ("byte", "text"),
+    [
+        (0b00001101, "it marks 5 pages present, the file's description says 6"),
+        # Same population, other pages: only the digest sees it.
+        (0b10001110, "its SHA-256 differs"),
+        (0b10001101 | 0b01000000, "it marks 7 pages present"),
+    ],
+)
+def test_a_corrupt_bitmap_of_a_migd_file_is_refused(byte: int, text: str) -> None:
+    f = migd_file(BITS)
+    block = f.parse().blocks[0]
+    f.write(block.bitmap_offset, bytes([byte]))
+    with pytest.raises(FormatError, match=f"bitmap of ramblock a is corrupt: {text}"):
+        read_bitmap(f.read_at, block)
+
+
+def test_a_flipped_padding_bit_is_caught_by_the_digest() -> None:
+    f = migd_file(BITS)
+    block = f.parse().blocks[1]
+    f.write(block.bitmap_offset + 7, b"\x80")
+    with pytest.raises(FormatError, match="SHA-256 differs"):
+        read_bitmap(f.read_at, block)
+
+
+def test_counts_without_a_digest_are_still_checked() -> None:
+    desc = {"migd": {"blocks": [{"name": "a", "pages": 10, "present": 6},
+                                {"name": "b", "pages": 3, "present": 3}]}}  # fmt: skip
+    f = migd_file(BITS, desc)
+    a, b = f.parse().blocks
+    assert a.bitmap_check.sha256 is None
+    assert read_bitmap(f.read_at, a).sum() == 6
+    with pytest.raises(FormatError, match="marks 2 pages present, the file's description says 3"):
+        read_bitmap(f.read_at, b)
+
+
+def test_qemu_files_have_no_check_and_a_bitmap_is_taken_as_it_is() -> None:
+    f = qemu_stream()
+    for block in f.parse().blocks:
+        assert block.bitmap_check is None
+        assert read_bitmap(f.read_at, block).sum() == 0
+
+
+def test_a_vmdescription_without_migd_key_is_qemus_and_not_checked() -> None:
+    f = migd_file(BITS, {"page_size": 4096, "devices": []})
+    assert all(b.bitmap_check is None for b in f.parse().blocks)
+
+
+BAD_DESCRIPTIONS = [
+    ("not-a-dict", {"migd": []}),
+    ("no-blocks", {"migd": {"version": "1"}}),
+    ("one-block-missing", {"migd": {"blocks": [{"name": "a", "pages": 10, "present": 6}]}}),
+    ("other-name", {"migd": {"blocks": [{"name": "x", "pages": 10, "present": 6},
+                                        {"name": "b", "pages": 3, "present": 2}]}}),
+    ("other-pages", {"migd": {"blocks": [{"name": "a", "pages": 11, "present": 6},
+                                         {"name": "b", "pages": 3, "present": 2}]}}),
+    ("no-present", {"migd": {"blocks": [{"name": "a", "pages": 10},
+                                        {"name": "b", "pages": 3, "present": 2}]}}),
+    ("present-too-big", {"migd": {"blocks": [{"name": "a", "pages": 10, "present": 11},
+                                             {"name": "b", "pages": 3, "present": 2}]}}),
+    ("present-bool", {"migd": {"blocks": [{"name": "a", "pages": 10, "present": True},
+                                          {"name": "b", "pages": 3, "present": 2}]}}),
+    ("bad-digest", {"migd": {"blocks": [{"name": "a", "pages": 10, "present": 6,
+                                         "bitmap-sha256": "xyz"},
+                                        {"name": "b", "pages": 3, "present": 2}]}}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "desc", [d for _, d in BAD_DESCRIPTIONS], ids=[i for i, _ in BAD_DESCRIPTIONS]
+)
+def test_a_migd_vmdescription_without_valid_counts_is_refused(desc: dict) -> None:
+    with pytest.raises(FormatError, match="says migd wrote this file, but its per-block page"):
+        migd_file(BITS, desc).parse()
+
+
+@pytest.mark.parametrize(
+    ("mangle", "text"),
+    [
+        (lambda js: js[:-1], "is not valid JSON"),
+        (lambda js: js.replace(b'"migd"', b'"mi\xffd"'), "is not valid JSON"),
+        (lambda js: b"[1,2]", "is not a JSON object"),
+    ],
+)
+def test_a_mangled_vmdescription_is_an_error_not_a_crash(mangle: Callable, text: str) -> None:
+    f = migd_file(BITS)
+    layout = plan_save([("a", 10 * PAGE_SIZE), ("b", 3 * PAGE_SIZE)])
+    js = f.read_at(layout.end_offset + 24, f.size)
+    bad = mangle(js)
+    f.size = layout.end_offset + 19
+    f.write(layout.end_offset + 19, b"\x06" + be32(len(bad)) + bad)
+    with pytest.raises(FormatError, match=text):
+        f.parse()
+
+
+def test_a_vmdescription_longer_than_the_file_is_truncated() -> None:
+    f = migd_file(BITS)
+    layout = plan_save([("a", 10 * PAGE_SIZE), ("b", 3 * PAGE_SIZE)])
+    f.write(layout.end_offset + 20, be32(f.size))
+    with pytest.raises(FormatError, match="truncated vmdescription"):
+        f.parse()
+    f.write(layout.end_offset + 20, be32(0xFFFFFFFF))
+    with pytest.raises(FormatError, match="vmdescription too long"):
+        f.parse()
 
 
 # ---- hostile input -----------------------------------------------------------------

@@ -169,7 +169,7 @@ def test_a_foreign_file_is_one_clear_error_line_with_exit_1(short_dir):
 @pytest.mark.parametrize(
     ("content", "problem"),
     [
-        (b"", "no migration stream at offset 0"),
+        (b"", "tiny.img: the file is empty: not a save file"),
         (b"PK\x03", "not a QEMU/migd save file"),
         (b"QEV", "incomplete: the file is cut short at 3 bytes"),
     ],

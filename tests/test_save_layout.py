@@ -169,6 +169,7 @@ async def test_save_without_multifd_goes_through_the_main_channel(qmp, shm, shor
 
 
 async def test_vmdescription_carries_migds_metadata(qmp, shm, short_dir):
+    import hashlib
     import json
 
     fill_random(shm / "ram0", MiB)
@@ -179,7 +180,10 @@ async def test_vmdescription_carries_migds_metadata(qmp, shm, short_dir):
     at = raw.rindex(b"\x06\x00\x00")
     length = int.from_bytes(raw[at + 1 : at + 5], "big")
     desc = json.loads(raw[at + 5 : at + 5 + length])
-    assert desc["migd"]["blocks"] == [{"name": "ram0", "pages": 256, "present": 256}]
+    bitmap = hashlib.sha256(b"\xff" * 32).hexdigest()  # 256 pages, all present
+    assert desc["migd"]["blocks"] == [
+        {"name": "ram0", "pages": 256, "present": 256, "bitmap-sha256": bitmap}
+    ]
     assert at + 5 + length == len(raw)
 
 

@@ -1,0 +1,158 @@
+"""A restore that does not finish leaves a mark on the memory file, and object-add says so.
+
+A real daemon is SIGKILLed in the middle of a restore (made slow with max-bandwidth; the
+kill waits for query-migrate to show progress); after a restart, object-add of that
+memory file is refused with an error naming the file and the interrupted restore, and
+accepted with 'x-accept-partial'. A completed restore removes the mark. On ramfs (no
+user xattrs) the mark is a sidecar file in migd's state directory.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from migd.partial import SIDECAR_DIR, XATTR
+
+from .conftest import RawClient, fill_random, start_daemon
+
+MiB = 1 << 20
+SIZE = 32 * MiB
+SLOW = 4 * MiB  # bytes/s: the restore takes seconds, the kill lands long before its end
+
+
+def _ok(client: RawClient, name: str, args: dict[str, Any] | None = None) -> Any:
+    reply = client.execute(name, args)
+    assert "return" in reply, (name, reply)
+    return reply["return"]
+
+
+def _setup(client: RawClient, mem: Path, **extra: Any) -> None:
+    add = {"qom-type": "memory-backend-file", "id": "ram0", "size": SIZE, "mem-path": str(mem)}
+    _ok(client, "object-add", {**add, **extra})
+    caps = [{"capability": "mapped-ram", "state": True}, {"capability": "multifd", "state": True}]
+    _ok(client, "migrate-set-capabilities", {"capabilities": caps})
+
+
+def _wait(client: RawClient, done: Any, timeout: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        info = _ok(client, "query-migrate")
+        if done(info):
+            return info
+        assert info.get("status") in ("setup", "active"), info
+        assert time.monotonic() < deadline, info
+        time.sleep(0.005)
+
+
+def _final(info: dict[str, Any]) -> bool:
+    return info.get("status") in ("completed", "failed", "cancelled")
+
+
+def _midway(info: dict[str, Any]) -> bool:
+    ram = info.get("ram", {})
+    return info.get("status") == "active" and 0 < ram.get("transferred", 0) < SIZE // 2
+
+
+def _saved_then_changed(client: RawClient, mem: Path, save: Path) -> bytes:
+    """Save the backend's memory to `save`, then give it other data; return the saved."""
+    saved = mem.read_bytes()
+    _ok(client, "migrate", {"uri": f"file:{save}"})
+    assert _wait(client, _final)["status"] == "completed"
+    with open(mem, "r+b") as f:  # in place: the mapping sees it
+        f.write(bytes(b ^ 0x5A for b in saved[:MiB]) * (SIZE // MiB))
+    return saved
+
+
+def _start_slow_restore(client: RawClient, save: Path) -> None:
+    _ok(client, "migrate-set-parameters", {"max-bandwidth": SLOW})
+    _ok(client, "migrate-incoming", {"uri": f"file:{save}"})
+    _wait(client, _midway)
+
+
+def _mark(mem: Path) -> str | None:
+    try:
+        return os.getxattr(mem, XATTR).decode()
+    except OSError:
+        return None
+
+
+def test_a_restore_killed_midway_leaves_a_mark_that_object_add_reports(short_dir: Path, shm: Path):
+    sock, mem, save = short_dir / "qmp.sock", shm / "ram0", short_dir / "save.img"
+    fill_random(mem, SIZE, seed=12)
+    daemon = start_daemon(sock)
+    try:
+        client = RawClient(sock).negotiate()
+        _setup(client, mem)
+        saved = _saved_then_changed(client, mem, save)
+        _start_slow_restore(client, save)
+        daemon.stop(signal.SIGKILL)
+        client.close()
+    finally:
+        daemon.stop(signal.SIGKILL)
+    mark = _mark(mem)
+    assert mark is not None and f"restore of '{save}'" in mark, mark
+    assert mem.read_bytes() != saved  # the kill did land mid-way
+
+    daemon = start_daemon(sock)
+    try:
+        client = RawClient(sock).negotiate()
+        add = {"qom-type": "memory-backend-file", "id": "ram0", "size": SIZE, "mem-path": str(mem)}
+        reply = client.execute("object-add", add)
+        desc = reply["error"]["desc"]
+        assert f"Memory file '{mem}'" in desc and "interrupted restore of" in desc, desc
+        assert str(save) in desc and "x-accept-partial" in desc, desc
+        assert _ok(client, "query-memdev") == []
+
+        _setup(client, mem, **{"x-accept-partial": True})
+        assert _mark(mem) == mark  # accepted, still partial until a restore completes
+        _ok(client, "migrate-incoming", {"uri": f"file:{save}"})
+        assert _wait(client, _final)["status"] == "completed"
+        assert _mark(mem) is None and XATTR not in os.listxattr(mem)
+        assert mem.read_bytes() == saved
+
+        _ok(client, "object-del", {"id": "ram0"})
+        _ok(client, "object-add", add)  # no mark: no argument needed
+        client.close()
+    finally:
+        daemon.stop()
+
+
+def test_on_ramfs_a_cancelled_restore_leaves_a_sidecar_mark(short_dir: Path, ramfs: Path):
+    sock, mem, save = short_dir / "qmp.sock", ramfs / "ram0", short_dir / "save.img"
+    with pytest.raises(OSError):
+        mem.touch()
+        os.setxattr(mem, "user.probe", b"1")  # the case under test: no user xattrs
+    fill_random(mem, SIZE, seed=13)
+    sidecars = short_dir / SIDECAR_DIR
+    daemon = start_daemon(sock)
+    try:
+        client = RawClient(sock).negotiate()
+        _setup(client, mem)
+        saved = _saved_then_changed(client, mem, save)
+        _start_slow_restore(client, save)
+        assert len(list(sidecars.iterdir())) == 1
+        _ok(client, "migrate_cancel")
+        info = _wait(client, _final)
+        assert info["status"] == "cancelled" and "hold partial data" in info["error-desc"]
+        assert len(list(sidecars.iterdir())) == 1  # a cancelled restore keeps the mark
+
+        _ok(client, "object-del", {"id": "ram0"})
+        add = {"qom-type": "memory-backend-file", "id": "ram0", "size": SIZE, "mem-path": str(mem)}
+        desc = client.execute("object-add", add)["error"]["desc"]
+        assert f"Memory file '{mem}'" in desc and f"interrupted restore of '{save}'" in desc
+
+        _ok(client, "object-add", {**add, "x-accept-partial": True})
+        _ok(client, "migrate-set-parameters", {"max-bandwidth": 0})
+        _ok(client, "migrate-incoming", {"uri": f"file:{save}"})
+        assert _wait(client, _final)["status"] == "completed"
+        assert list(sidecars.iterdir()) == []
+        assert mem.read_bytes() == saved
+        client.close()
+    finally:
+        daemon.stop()
