@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -182,24 +183,38 @@ def test_a_pipelined_burst_does_not_hold_up_another_client(migd):
             buf = buf[buf.rfind(b"\r\n") + 2 :] if b"\r\n" in buf else buf
 
     reader = threading.Thread(target=read_all, daemon=True)
-    sender = threading.Thread(target=burst.sock.sendall, args=(QUERY * requests,), daemon=True)
     reader.start()
-    sender.start()
+    sender = _send_from_another_process(burst.sock, QUERY * requests)
     try:
         _wait_until(lambda: received[0] > 0, what="the burst's first reply")
         other = _negotiated(migd.socket_path)
         assert other.execute("query-migrate") == {"return": {}}
-        done_when_answered = received[0]
+        burst_still_sending = sender.poll() is None
         other.close()
-        # The other client got its answer while the burst was still being served.
-        assert done_when_answered < requests
+        # The other client got its answer while migd was still reading the burst.
+        assert burst_still_sending
         reader.join(60)
         assert received[0] == requests  # and the burst lost nothing
     finally:
         burst.sock.shutdown(socket.SHUT_RDWR)
-        sender.join(DEADLINE)
+        sender.wait(DEADLINE)
         reader.join(DEADLINE)
         burst.close()
+
+
+def _send_from_another_process(sock: socket.socket, data: bytes) -> subprocess.Popen[bytes]:
+    """sendall(data) on sock from a child process: a sender thread here would share the
+    GIL with the reader, and the pauses that causes would let migd's reads run dry."""
+    code = "import socket, sys; socket.socket(fileno=int(sys.argv[1])).sendall(sys.stdin.buffer.read())"  # noqa: E501
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, str(sock.fileno())],
+        stdin=subprocess.PIPE,
+        pass_fds=[sock.fileno()],
+    )
+    assert child.stdin is not None
+    child.stdin.write(data)
+    child.stdin.close()
+    return child
 
 
 # -- 8: bounded memory per client ---------------------------------------------------------
