@@ -298,3 +298,40 @@ def test_a_client_that_streams_requests_without_reading_is_paused_not_dropped(mi
     assert not migd.log.has(b"dropped")
     assert peak < 32 * MiB, f"RSS grew by {peak // MiB} MiB for one client"
 
+
+
+# -- 14: log injection --------------------------------------------------------------------
+
+FAKE_LINE = "2026-01-01 00:00:00 INFO migd.server: client 99 connected: pid=1 uid=0 gid=0"
+
+
+def _wait_job(client: RawClient) -> dict:
+    deadline = time.monotonic() + 60
+    while True:
+        info = client.execute("query-migrate")["return"]
+        if info.get("status") in ("completed", "failed", "cancelled"):
+            return info
+        assert time.monotonic() < deadline, info
+        time.sleep(0.01)
+
+
+def test_control_characters_in_a_file_name_cannot_write_fake_log_lines(migd, short_dir):
+    client = _negotiated(migd.socket_path)
+    assert "return" in client.execute(
+        "object-add", {"qom-type": "memory-backend-ram", "id": "ram0", "size": 1 * MiB}
+    )
+    caps = [{"capability": "mapped-ram", "state": True}]
+    assert "return" in client.execute("migrate-set-capabilities", {"capabilities": caps})
+    name = f"save\n{FAKE_LINE}\r\x1b[2K\x1b[31mred\x9b1m\x7f"
+    target = short_dir / name
+    assert "return" in client.execute("migrate", {"uri": f"file:{target}"})
+    assert _wait_job(client)["status"] == "completed"
+    assert target.exists()
+    client.close()
+    _stop(migd)
+
+    log = migd.log.all()
+    lines = log.decode().split("\n")
+    assert not any(line.startswith(FAKE_LINE[:24]) for line in lines)
+    assert not any(ch in log for ch in (b"\r", b"\x1b", b"\x7f", "\x9b".encode()))
+    assert b"save\\n2026-01-01" in log  # the name is logged, escaped
