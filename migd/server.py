@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .errors import FdError, InvalidRequest, MigdError
+from .fdsets import check_room_for_passed_fds
 from .qmp import (
     MessageSplitter,
     MessageTooLarge,
@@ -71,13 +72,15 @@ class Session:
         self._out: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
         self._unsent = _UnsentBytes()
+        self._fds_refused: FdError | None = None
 
     # -- fds -------------------------------------------------------------------------
 
     def take_fd(self) -> int:
         """Hand the oldest fd received with this command to the caller, who then owns it."""
         if not self.pending_fds:
-            raise FdError("No file descriptor supplied via SCM_RIGHTS")
+            refused, self._fds_refused = self._fds_refused, None
+            raise refused or FdError("No file descriptor supplied via SCM_RIGHTS")
         self._fd_taken = True
         return self.pending_fds.pop(0)
 
@@ -85,6 +88,13 @@ class Session:
         # As QEMU's chardev: a new batch of fds drops whatever the last batch left unused.
         self._close_pending_fds()
         self.pending_fds = fds
+        self._fds_refused = None
+        try:
+            check_room_for_passed_fds()
+        except FdError as exc:
+            # Over the cap: close the batch now; the command meant to take it says why.
+            self._close_pending_fds()
+            self._fds_refused = exc
 
     def _close_pending_fds(self) -> None:
         for fd in self.pending_fds:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import DaemonProcess, RawClient, start_daemon
+from .conftest import START_TIMEOUT, DaemonProcess, RawClient, start_daemon, wait_for_socket
 
 MiB = 1 << 20
 DEADLINE = 10.0  # seconds: "promptly" here means "at all", bounded generously
@@ -298,6 +299,90 @@ def test_a_client_that_streams_requests_without_reading_is_paused_not_dropped(mi
     assert not migd.log.has(b"dropped")
     assert peak < 32 * MiB, f"RSS grew by {peak // MiB} MiB for one client"
 
+
+
+# -- 11: fd exhaustion --------------------------------------------------------------------
+
+TOO_MANY = "Too many file descriptors"
+
+
+def _start_with_fd_limit(socket_path: Path, soft: int, hard: int) -> DaemonProcess:
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "migd", "serve", "--socket", str(socket_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        preexec_fn=limit,
+    )
+    d = DaemonProcess(socket_path, proc)
+    d.log = LogWatcher(proc)  # type: ignore[attr-defined]
+    try:
+        wait_for_socket(socket_path, proc, START_TIMEOUT)
+    except BaseException:
+        _stop(d)
+        raise
+    return d
+
+
+def _pass_fd(client: RawClient, fd: int, command: str, arguments: dict) -> dict:
+    socket.send_fds(client.sock, [b" "], [fd])
+    return client.execute(command, arguments)
+
+
+def _fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_fds_passed_until_refused_leave_room_for_clients_and_a_multifd_save(short_dir, shm):
+    soft, hard = 64, 256
+    d = _start_with_fd_limit(short_dir / "qmp.sock", soft, hard)
+    try:
+        client = _negotiated(d.socket_path)
+        fd = os.open(short_dir / "passed", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            kept = 0
+            for _ in range(hard):
+                reply = _pass_fd(client, fd, "add-fd", {"fdset-id": 1})
+                if "error" in reply:
+                    break
+                kept += 1
+            assert TOO_MANY in reply["error"]["desc"], reply
+            print(f"kept {kept} passed fds under a hard limit of {hard}")
+            assert soft < kept < hard  # the soft limit was raised; a reserve is kept
+            # Further fds are refused and closed, by add-fd and getfd alike.
+            before = _fd_count(d.pid)
+            for command, arguments in [("add-fd", {}), ("getfd", {"fdname": "x"})] * 3:
+                reply = _pass_fd(client, fd, command, arguments)
+                assert TOO_MANY in reply["error"]["desc"], reply
+            assert _fd_count(d.pid) == before
+        finally:
+            os.close(fd)
+
+        # A new client is still accepted, and a save with 8 multifd channels completes.
+        other = _negotiated(d.socket_path)
+        mem = shm / "mem"
+        backend = {"qom-type": "memory-backend-file", "id": "ram0", "size": 8 * MiB}
+        assert "return" in other.execute("object-add", {**backend, "mem-path": str(mem)})
+        caps = [{"capability": c, "state": True} for c in ("mapped-ram", "multifd")]
+        assert "return" in other.execute("migrate-set-capabilities", {"capabilities": caps})
+        assert "return" in other.execute("migrate-set-parameters", {"multifd-channels": 8})
+        assert "return" in other.execute("migrate", {"uri": f"file:{short_dir / 'save'}"})
+        info = _wait_job(other)
+        assert info["status"] == "completed", info
+
+        # Giving fds back makes room again.
+        assert "return" in client.execute("remove-fd", {"fdset-id": 1})
+        fd = os.open(short_dir / "passed", os.O_RDWR)
+        try:
+            assert "return" in _pass_fd(client, fd, "add-fd", {})
+        finally:
+            os.close(fd)
+        other.close()
+        client.close()
+    finally:
+        _stop(d)
 
 
 # -- 14: log injection --------------------------------------------------------------------
