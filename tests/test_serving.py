@@ -349,7 +349,6 @@ def test_fds_passed_until_refused_leave_room_for_clients_and_a_multifd_save(shor
                     break
                 kept += 1
             assert TOO_MANY in reply["error"]["desc"], reply
-            print(f"kept {kept} passed fds under a hard limit of {hard}")
             assert soft < kept < hard  # the soft limit was raised; a reserve is kept
             # Further fds are refused and closed, by add-fd and getfd alike.
             before = _fd_count(d.pid)
