@@ -10,6 +10,7 @@ import asyncio
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .config import DEFAULT_CONFIG_PATH, default_socket_path, load_config
@@ -63,12 +64,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Every C0 and C1 control character and DEL: a file name or any other string a client
+# sends may hold newlines, carriage returns or terminal escapes.
+_CONTROL_ESCAPES = {
+    code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F, *range(0x80, 0xA0))
+}
+_CONTROL_ESCAPES.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
+
+
+def escape_controls(text: str) -> str:
+    """Control characters as visible escapes: one log record stays one line."""
+    return text.translate(_CONTROL_ESCAPES)
+
+
+class ControlEscapingFormatter(logging.Formatter):
+    """Escapes control characters in every record, so that a client string (a file name,
+    a command name) cannot write fake log lines or terminal escapes into the log.
+
+    Tracebacks keep their line breaks, but each of their lines is indented, so no line of
+    one can pass for a record of its own.
+    """
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return escape_controls(super().formatMessage(record))
+
+    def formatException(self, ei: Any) -> str:
+        return self._indented(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        return self._indented(super().formatStack(stack_info))
+
+    @staticmethod
+    def _indented(text: str) -> str:
+        return "\n".join("    " + escape_controls(line) for line in text.split("\n"))
+
+
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        ControlEscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
 
 
 def _run_loop(coro: object) -> None:

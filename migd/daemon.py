@@ -7,6 +7,7 @@ import contextlib
 import functools
 import logging
 import os
+import resource
 import signal
 import socket
 from typing import Any
@@ -63,6 +64,28 @@ def create_backend(spec: BackendConfig, paths: PathPolicy) -> MemoryBackend:
     return create_ram_backend(spec.id, spec.size, ramblock_name=spec.ramblock_name)
 
 
+def raise_open_file_limit() -> int:
+    """Soft RLIMIT_NOFILE up to the hard limit (the usual soft 1024 is easily reached by
+    passed fds and a job's channels); returns the soft limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:
+        try:  # an unlimited hard limit still stops at the kernel's nr_open
+            with open("/proc/sys/fs/nr_open") as f:
+                target = int(f.read())
+        except (OSError, ValueError):
+            target = soft
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (OSError, ValueError) as exc:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, exc)
+            return soft
+        log.info("open-file limit raised from %d to %d", soft, target)
+        return target
+    return soft
+
+
 class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -100,6 +123,7 @@ class Daemon:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
+        raise_open_file_limit()
         try:
             await self._apply_config()
             listener = inherited_listener()

@@ -8,6 +8,11 @@ the lock. As in QEMU, a set lives on while dups of it are open (a running migrat
 channels, a memory backend mapping a memfd), even after remove-fd closed all its fds:
 query-fdsets then lists it with no fds, and add-fd's automatic ids pass it by. Whoever
 holds such a dup closes it with close_dup, which lets the set go with its last dup.
+
+Passed fds are capped (unlike QEMU): migd keeps no more than its open-file limit minus a
+reserve open, so that passing fds (getfd, add-fd, or fds sent with no command yet) can
+never stop migd accepting a client or opening a job's channels with "Too many open
+files". A passed fd over the cap is closed and the command fails with a clear error.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import contextlib
 import fcntl
 import os
 import re
+import resource
 import string
 import threading
 from dataclasses import dataclass
@@ -31,6 +37,39 @@ _FD_NUMBER = re.compile(r"[ \t\n\v\f\r]*[+-]?[0-9]+")
 _INT_MAX = 2**31 - 1
 
 
+# Fds kept free for accepting clients and for a job's fds (main fd, up to 255 multifd
+# channels, backends): passed fds may use the open-file limit only up to this reserve.
+FD_RESERVE = 512
+
+
+def fd_reserve(limit: int) -> int:
+    """The reserve under a soft limit of `limit`: FD_RESERVE, or half a small limit."""
+    return min(FD_RESERVE, limit // 2)
+
+
+def _open_fd_count() -> int:
+    return len(os.listdir("/proc/self/fd")) - 1  # without the listing's own fd
+
+
+def check_room_for_passed_fds() -> None:
+    """Refuse to keep more passed fds once migd's open fds reach its limit minus the reserve.
+
+    Counts every open fd of the process (the passed fds just received included), so a
+    client holding fds pending or a running job's channels count too.
+    """
+    limit, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if limit == resource.RLIM_INFINITY:
+        return
+    allowed = limit - fd_reserve(limit)
+    open_now = _open_fd_count()
+    if open_now > allowed:
+        raise FdError(
+            f"Too many file descriptors: migd has {open_now} open and keeps passed ones "
+            f"under {allowed}, so that {limit - allowed} of its limit of {limit} stay free "
+            "for clients and migrations; close some with remove-fd or closefd"
+        )
+
+
 @dataclass
 class FdsetFd:
     fd: int
@@ -40,6 +79,15 @@ class FdsetFd:
 def _close(fd: int) -> None:
     with contextlib.suppress(OSError):
         os.close(fd)
+
+
+def _close_unless_room(fd: int) -> None:
+    """Keep fd only if there is room for it (check_room_for_passed_fds); else close it."""
+    try:
+        check_room_for_passed_fds()
+    except FdError:
+        _close(fd)
+        raise
 
 
 def is_fdset_path(path: str) -> bool:
@@ -73,6 +121,8 @@ class FdStore:
         if name and name[0] in string.digits:
             _close(fd)
             raise FdError("Parameter 'fdname' expects a name not starting with a digit")
+        if name not in self._named:  # replacing a namesake keeps the count
+            _close_unless_room(fd)
         with self._lock:
             old = self._named.get(name)
             self._named[name] = fd
@@ -90,6 +140,7 @@ class FdStore:
 
     def add_fd(self, fd: int, fdset_id: int | None, opaque: str | None) -> tuple[int, int]:
         """Put fd (owned from now on, even on error) in a set; -> (fdset id, fd)."""
+        _close_unless_room(fd)
         with self._lock:
             if fdset_id is None:
                 fdset_id = 0

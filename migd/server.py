@@ -2,6 +2,13 @@
 
 Knows nothing of migration: each decoded request goes to the `dispatch` callable the
 daemon hands in. Sockets are read with recvmsg (asyncio streams cannot carry fds).
+
+Serving stays fair and bounded whatever a client does: a session handles one request
+at a time and yields to the event loop after every read and every request, so a client
+streaming requests without pause cannot starve other clients, running jobs or SIGTERM.
+It reads no more requests while more than REPLY_PAUSE_BYTES of its replies are unsent
+(the client is not reading them), and a client whose unsent replies and events pass
+REPLY_LIMIT_BYTES is dropped: a client that never reads costs a bounded amount of memory.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .errors import FdError, InvalidRequest, MigdError
+from .fdsets import check_room_for_passed_fds
 from .qmp import (
     MessageSplitter,
     MessageTooLarge,
@@ -34,6 +42,10 @@ log = logging.getLogger(__name__)
 
 RECV_BYTES = 65536
 MAX_FDS_PER_MESSAGE = 16  # QEMU's TCP_MAX_FDS
+# Stop reading a client's requests while this much of its replies is unsent...
+REPLY_PAUSE_BYTES = 1 << 20
+# ... and drop it when its unsent replies and events pass this (one message may go over).
+REPLY_LIMIT_BYTES = 16 << 20
 
 Dispatch = Callable[["Session", Request], Awaitable[dict[str, Any]]]
 
@@ -60,6 +72,8 @@ class Session:
         self._fd_taken = False
         self._out: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
+        self._unsent = _UnsentBytes()
+        self._fds_refused: FdError | None = None
 
     @functools.cached_property
     def peer_uid(self) -> int | None:
@@ -74,7 +88,8 @@ class Session:
     def take_fd(self) -> int:
         """Hand the oldest fd received with this command to the caller, who then owns it."""
         if not self.pending_fds:
-            raise FdError("No file descriptor supplied via SCM_RIGHTS")
+            refused, self._fds_refused = self._fds_refused, None
+            raise refused or FdError("No file descriptor supplied via SCM_RIGHTS")
         self._fd_taken = True
         return self.pending_fds.pop(0)
 
@@ -82,6 +97,13 @@ class Session:
         # As QEMU's chardev: a new batch of fds drops whatever the last batch left unused.
         self._close_pending_fds()
         self.pending_fds = fds
+        self._fds_refused = None
+        try:
+            check_room_for_passed_fds()
+        except FdError as exc:
+            # Over the cap: close the batch now; the command meant to take it says why.
+            self._close_pending_fds()
+            self._fds_refused = exc
 
     def _close_pending_fds(self) -> None:
         for fd in self.pending_fds:
@@ -92,7 +114,28 @@ class Session:
     # -- I/O -------------------------------------------------------------------------
 
     def send(self, msg: dict[str, Any]) -> None:
-        self._out.put_nowait(encode(msg))
+        if self._unsent.dropped:
+            return
+        if self._unsent.count > REPLY_LIMIT_BYTES:
+            self._drop()
+            return
+        data = encode(msg)
+        self._unsent.add(len(data))
+        self._out.put_nowait(data)
+
+    def _drop(self) -> None:
+        """End a client that does not read what it asked for, freeing what it left unread."""
+        log.warning(
+            "client %d dropped: more than %d bytes of replies and events left unread",
+            self.number,
+            REPLY_LIMIT_BYTES,
+        )
+        self._unsent.drop()
+        while not self._out.empty():
+            self._out.get_nowait()
+        self._out.put_nowait(None)
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the read loop with EOF
 
     async def _wait(self, add: Callable[..., None], remove: Callable[[int], Any]) -> None:
         fut = self._loop.create_future()
@@ -125,6 +168,16 @@ class Session:
             return data, fds
 
     async def _writer(self) -> None:
+        try:
+            await self._write_queued()
+        except OSError as exc:
+            # The client is gone: wake a read loop paused on the replies it left unread.
+            log.debug("session %d: %s", self.number, exc)
+            self._unsent.drop()
+            while not self._out.empty():
+                self._out.get_nowait()
+
+    async def _write_queued(self) -> None:
         while True:
             data = await self._out.get()
             if data is None:
@@ -137,13 +190,15 @@ class Session:
                     await self._wait(self._loop.add_writer, self._loop.remove_writer)
                     continue
                 view = view[sent:]
+                self._unsent.sent(sent)
 
     async def run(self, dispatch: Dispatch) -> None:
         writer = asyncio.create_task(self._writer())
         splitter = MessageSplitter()
         try:
             self.send(self.server.greeting)
-            while True:
+            while not self._unsent.dropped:
+                await self._pause_while_replies_unread()
                 data, fds = await self._recv()
                 if fds:
                     self._replace_pending_fds(fds)
@@ -152,12 +207,11 @@ class Session:
                 try:
                     texts = splitter.feed(data)
                 except MessageTooLarge as exc:
-                    for text in exc.before:
-                        self.send(await self._handle(text, dispatch))
+                    await self._handle_all(exc.before, dispatch)
                     self.send(error_reply(InvalidRequest(str(exc)), None))
                     break
-                for text in texts:
-                    self.send(await self._handle(text, dispatch))
+                await self._handle_all(texts, dispatch)
+                await asyncio.sleep(0)  # even a read that completes no request yields
         except (ConnectionError, OSError) as exc:
             log.debug("session %d: %s", self.number, exc)
         finally:
@@ -167,6 +221,25 @@ class Session:
                 await asyncio.wait_for(writer, 2)
             writer.cancel()
             self.sock.close()
+
+    async def _pause_while_replies_unread(self) -> None:
+        """Backpressure: a client that does not read its replies is not read either."""
+        if self._unsent.count > REPLY_PAUSE_BYTES:
+            log.debug(
+                "client %d: %d bytes of replies unread, reading paused",
+                self.number,
+                self._unsent.count,
+            )
+            await self._unsent.below(REPLY_PAUSE_BYTES)
+
+    async def _handle_all(self, texts: list[bytes], dispatch: Dispatch) -> None:
+        """Handle the requests of one read in order, one at a time, yielding after each:
+        a handler that never awaits would otherwise hold the event loop for the whole read."""
+        for text in texts:
+            if self._unsent.dropped:
+                return
+            self.send(await self._handle(text, dispatch))
+            await asyncio.sleep(0)
 
     async def _handle(self, text: bytes, dispatch: Dispatch) -> dict[str, Any]:
         try:
@@ -180,6 +253,33 @@ class Session:
             if self._fd_taken:
                 # As QEMU: a command consumes one fd of a batch and the extras are closed.
                 self._close_pending_fds()
+
+
+class _UnsentBytes:
+    """How many bytes of a session's replies and events are queued or being sent."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.dropped = False
+        self._changed = asyncio.Event()
+
+    def add(self, n: int) -> None:
+        self.count += n
+
+    def sent(self, n: int) -> None:
+        self.count -= n
+        self._changed.set()
+
+    def drop(self) -> None:
+        self.dropped = True
+        self.count = 0
+        self._changed.set()
+
+    async def below(self, limit: int) -> None:
+        """Wait until at most `limit` bytes are unsent (or the client was dropped)."""
+        while self.count > limit and not self.dropped:
+            self._changed.clear()
+            await self._changed.wait()
 
 
 class Server:

@@ -1,0 +1,424 @@
+"""The daemon keeps serving whatever one client does: a client streaming requests flat out,
+a multi-MiB pipelined burst, a client that never reads its replies, fds passed until the
+limit, and client strings that try to write fake log lines.
+
+Every test runs a real daemon process and talks to it over real UNIX sockets; deadlines
+are generous bounds on "at all", never speed assertions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .conftest import START_TIMEOUT, DaemonProcess, RawClient, start_daemon, wait_for_socket
+
+MiB = 1 << 20
+DEADLINE = 10.0  # seconds: "promptly" here means "at all", bounded generously
+QUERY = b'{"execute": "query-migrate"}\n'
+
+
+def _status(pid: int, field: str) -> int:
+    """A kB field of /proc/PID/status (VmRSS, VmHWM), in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _reset_peak_rss(pid: int) -> None:
+    """Make VmHWM start again from the current RSS (clear_refs 5, Linux >= 4.0)."""
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _wait_until(predicate, timeout: float = DEADLINE, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not reached within {timeout}s")
+        time.sleep(0.01)
+
+
+def _negotiated(path: Path) -> RawClient:
+    return RawClient(path, timeout=DEADLINE).negotiate()
+
+
+class LogWatcher:
+    """Drains a daemon's stderr (a full pipe would block its logging) and keeps the lines."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stderr is not None
+        self._stream = proc.stderr
+        self.lines: list[bytes] = []
+        self._thread = threading.Thread(target=self._drain, daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        for line in self._stream:
+            self.lines.append(line)
+
+    def has(self, text: bytes) -> bool:
+        return any(text in line for line in self.lines)
+
+    def wait_for(self, text: bytes, timeout: float = DEADLINE) -> None:
+        _wait_until(lambda: self.has(text), timeout, f"log line {text!r}")
+
+    def all(self, timeout: float = DEADLINE) -> bytes:
+        """Everything logged, once the daemon has exited and closed its stderr."""
+        self._thread.join(timeout)
+        return b"".join(self.lines)
+
+
+def _stop(d: DaemonProcess) -> None:
+    if d.proc.poll() is None:
+        d.proc.send_signal(signal.SIGTERM)
+        try:
+            d.proc.wait(DEADLINE)
+        except subprocess.TimeoutExpired:  # the bug under test: only SIGKILL ends it
+            d.proc.kill()
+            d.proc.wait()
+
+
+@pytest.fixture
+def migd(short_dir: Path) -> Iterator[DaemonProcess]:
+    """A daemon logging at debug level to a LogWatcher (`migd.log`), killed if SIGTERM fails."""
+    d = start_daemon(short_dir / "qmp.sock", "--log-level", "debug")
+    d.log = LogWatcher(d.proc)  # type: ignore[attr-defined]
+    yield d
+    _stop(d)
+
+
+class Flood:
+    """One client that sends requests without pause and reads its replies as they come."""
+
+    def __init__(self, path: Path) -> None:
+        self.client = _negotiated(path)
+        self.client.sock.settimeout(None)
+        self.stop = threading.Event()
+        self.replies = 0
+        self.sent = 0
+        self._threads = [
+            threading.Thread(target=self._send, daemon=True),
+            threading.Thread(target=self._read, daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _send(self) -> None:
+        batch = QUERY * 2000
+        try:
+            while not self.stop.is_set():
+                self.client.sock.sendall(batch)
+                self.sent += len(batch)
+        except OSError:
+            pass
+
+    def _read(self) -> None:
+        try:
+            while not self.stop.is_set():
+                chunk = self.client.sock.recv(1 << 16)
+                if not chunk:
+                    return
+                self.replies += chunk.count(b"\r\n")
+        except OSError:
+            pass
+
+    def end(self) -> None:
+        self.stop.set()
+        self.client.sock.shutdown(socket.SHUT_RDWR)
+        for t in self._threads:
+            t.join(DEADLINE)
+        self.client.close()
+
+
+# -- 7: fair reading ----------------------------------------------------------------------
+
+
+def test_another_client_is_served_while_one_streams_requests_flat_out(migd):
+    flood = Flood(migd.socket_path)
+    try:
+        _wait_until(lambda: flood.sent > 4 * MiB, what="the flood under way")
+        other = _negotiated(migd.socket_path)  # accept, greeting, negotiation: all served
+        assert other.execute("query-migrate") == {"return": {}}
+        other.close()
+        assert flood.replies > 0  # and the flood is served too
+    finally:
+        flood.end()
+
+
+def test_sigterm_stops_the_daemon_while_a_client_streams_requests_flat_out(migd):
+    flood = Flood(migd.socket_path)
+    try:
+        # migd is busy with the flood once it has read more than the socket can buffer.
+        _wait_until(lambda: flood.sent > 4 * MiB, what="the flood under way")
+        migd.proc.send_signal(signal.SIGTERM)
+        assert migd.proc.wait(DEADLINE) == 0  # before the fix: only SIGKILL ended it
+    finally:
+        flood.end()
+
+
+def test_a_pipelined_burst_does_not_hold_up_another_client(migd):
+    burst = _negotiated(migd.socket_path)
+    burst.sock.settimeout(None)
+    requests = 3 * MiB // len(QUERY)
+    received = [0]
+
+    def read_all() -> None:
+        buf = b""
+        while received[0] < requests:
+            chunk = burst.sock.recv(1 << 16)
+            if not chunk:
+                return
+            buf += chunk
+            received[0] += buf.count(b"\r\n")
+            buf = buf[buf.rfind(b"\r\n") + 2 :] if b"\r\n" in buf else buf
+
+    reader = threading.Thread(target=read_all, daemon=True)
+    reader.start()
+    sender = _send_from_another_process(burst.sock, QUERY * requests)
+    try:
+        _wait_until(lambda: received[0] > 0, what="the burst's first reply")
+        other = _negotiated(migd.socket_path)
+        assert other.execute("query-migrate") == {"return": {}}
+        burst_still_sending = sender.poll() is None
+        other.close()
+        # The other client got its answer while migd was still reading the burst.
+        assert burst_still_sending
+        reader.join(60)
+        assert received[0] == requests  # and the burst lost nothing
+    finally:
+        burst.sock.shutdown(socket.SHUT_RDWR)
+        sender.wait(DEADLINE)
+        reader.join(DEADLINE)
+        burst.close()
+
+
+def _send_from_another_process(sock: socket.socket, data: bytes) -> subprocess.Popen[bytes]:
+    """sendall(data) on sock from a child process: a sender thread here would share the
+    GIL with the reader, and the pauses that causes would let migd's reads run dry."""
+    code = "import socket, sys; socket.socket(fileno=int(sys.argv[1])).sendall(sys.stdin.buffer.read())"  # noqa: E501
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, str(sock.fileno())],
+        stdin=subprocess.PIPE,
+        pass_fds=[sock.fileno()],
+    )
+    assert child.stdin is not None
+    child.stdin.write(data)
+    child.stdin.close()
+    return child
+
+
+# -- 8: bounded memory per client ---------------------------------------------------------
+
+
+def _add_fdset_with_opaque(client: RawClient, path: Path, opaque_bytes: int) -> None:
+    """An fdset whose query-fdsets listing is about opaque_bytes long."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        socket.send_fds(client.sock, [b" "], [fd])
+    finally:
+        os.close(fd)
+    reply = client.execute("add-fd", {"fdset-id": 1, "opaque": "x" * opaque_bytes})
+    assert "return" in reply, reply
+
+
+def _read_until_closed(sock: socket.socket, limit: int) -> int:
+    """Read until migd closes the connection; fail if it sends more than `limit` bytes."""
+    total = 0
+    sock.settimeout(DEADLINE)
+    while True:
+        try:
+            chunk = sock.recv(1 << 20)
+        except ConnectionResetError:
+            return total
+        if not chunk:
+            return total
+        total += len(chunk)
+        assert total <= limit, f"migd kept sending past {limit} bytes instead of dropping"
+
+
+def test_a_client_that_never_reads_its_replies_is_dropped_and_its_memory_returns(
+    migd, short_dir
+):
+    keeper = _negotiated(migd.socket_path)
+    _add_fdset_with_opaque(keeper, short_dir / "f", 900_000)
+    baseline = _status(migd.pid, "VmRSS")
+    _reset_peak_rss(migd.pid)
+
+    # 300 query-fdsets (8 KiB of requests) ask for 270 MB of replies, never read.
+    hog = _negotiated(migd.socket_path)
+    hog.send_raw(b'{"execute": "query-fdsets"}' * 300)
+    # migd drops it once its unread replies pass the bound (16 MiB), well before 270 MB.
+    migd.log.wait_for(b"dropped")
+    _read_until_closed(hog.sock, 64 * MiB)
+    hog.close()
+    peak = _status(migd.pid, "VmHWM") - baseline
+    assert peak < 64 * MiB, f"RSS grew by {peak // MiB} MiB for one client"
+    _wait_until(
+        lambda: _status(migd.pid, "VmRSS") < baseline + 32 * MiB, what="memory given back"
+    )
+    # The daemon serves as before.
+    assert "return" in keeper.execute("query-fdsets")
+    keeper.close()
+
+
+def test_a_client_that_streams_requests_without_reading_is_paused_not_dropped(migd, short_dir):
+    keeper = _negotiated(migd.socket_path)
+    _add_fdset_with_opaque(keeper, short_dir / "f", 1000)
+    one_reply = len(json.dumps(keeper.execute("query-fdsets")))
+    baseline = _status(migd.pid, "VmRSS")
+    _reset_peak_rss(migd.pid)
+
+    # 2 MiB of requests ask for ~80 MB of replies; while they go unread migd stops reading.
+    slow = _negotiated(migd.socket_path)
+    slow.sock.settimeout(None)
+    request = b'{"execute": "query-fdsets"}\n'
+    count = 2 * MiB // len(request)
+    sender = threading.Thread(target=slow.sock.sendall, args=(request * count,), daemon=True)
+    sender.start()
+    migd.log.wait_for(b"reading paused")
+    # Then the client reads: it gets every reply (paused, not dropped).
+    slow.sock.settimeout(60)
+    for _ in range(count):
+        assert "return" in slow.recv()
+    sender.join(DEADLINE)
+    slow.close()
+    keeper.close()
+    peak = _status(migd.pid, "VmHWM") - baseline
+    assert one_reply * count > 64 * MiB
+    assert not migd.log.has(b"dropped")
+    assert peak < 32 * MiB, f"RSS grew by {peak // MiB} MiB for one client"
+
+
+
+# -- 11: fd exhaustion --------------------------------------------------------------------
+
+TOO_MANY = "Too many file descriptors"
+
+
+def _start_with_fd_limit(socket_path: Path, soft: int, hard: int) -> DaemonProcess:
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "migd", "serve", "--socket", str(socket_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        preexec_fn=limit,
+    )
+    d = DaemonProcess(socket_path, proc)
+    d.log = LogWatcher(proc)  # type: ignore[attr-defined]
+    try:
+        wait_for_socket(socket_path, proc, START_TIMEOUT)
+    except BaseException:
+        _stop(d)
+        raise
+    return d
+
+
+def _pass_fd(client: RawClient, fd: int, command: str, arguments: dict) -> dict:
+    socket.send_fds(client.sock, [b" "], [fd])
+    return client.execute(command, arguments)
+
+
+def _fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_fds_passed_until_refused_leave_room_for_clients_and_a_multifd_save(short_dir, shm):
+    soft, hard = 64, 256
+    d = _start_with_fd_limit(short_dir / "qmp.sock", soft, hard)
+    try:
+        client = _negotiated(d.socket_path)
+        fd = os.open(short_dir / "passed", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            kept = 0
+            for _ in range(hard):
+                reply = _pass_fd(client, fd, "add-fd", {"fdset-id": 1})
+                if "error" in reply:
+                    break
+                kept += 1
+            assert TOO_MANY in reply["error"]["desc"], reply
+            assert soft < kept < hard  # the soft limit was raised; a reserve is kept
+            # Further fds are refused and closed, by add-fd and getfd alike.
+            before = _fd_count(d.pid)
+            for command, arguments in [("add-fd", {}), ("getfd", {"fdname": "x"})] * 3:
+                reply = _pass_fd(client, fd, command, arguments)
+                assert TOO_MANY in reply["error"]["desc"], reply
+            assert _fd_count(d.pid) == before
+        finally:
+            os.close(fd)
+
+        # A new client is still accepted, and a save with 8 multifd channels completes.
+        other = _negotiated(d.socket_path)
+        mem = shm / "mem"
+        backend = {"qom-type": "memory-backend-file", "id": "ram0", "size": 8 * MiB}
+        assert "return" in other.execute("object-add", {**backend, "mem-path": str(mem)})
+        caps = [{"capability": c, "state": True} for c in ("mapped-ram", "multifd")]
+        assert "return" in other.execute("migrate-set-capabilities", {"capabilities": caps})
+        assert "return" in other.execute("migrate-set-parameters", {"multifd-channels": 8})
+        assert "return" in other.execute("migrate", {"uri": f"file:{short_dir / 'save'}"})
+        info = _wait_job(other)
+        assert info["status"] == "completed", info
+
+        # Giving fds back makes room again.
+        assert "return" in client.execute("remove-fd", {"fdset-id": 1})
+        fd = os.open(short_dir / "passed", os.O_RDWR)
+        try:
+            assert "return" in _pass_fd(client, fd, "add-fd", {})
+        finally:
+            os.close(fd)
+        other.close()
+        client.close()
+    finally:
+        _stop(d)
+
+
+# -- 14: log injection --------------------------------------------------------------------
+
+FAKE_LINE = "2026-01-01 00:00:00 INFO migd.server: client 99 connected: pid=1 uid=0 gid=0"
+
+
+def _wait_job(client: RawClient) -> dict:
+    deadline = time.monotonic() + 60
+    while True:
+        info = client.execute("query-migrate")["return"]
+        if info.get("status") in ("completed", "failed", "cancelled"):
+            return info
+        assert time.monotonic() < deadline, info
+        time.sleep(0.01)
+
+
+def test_control_characters_in_a_file_name_cannot_write_fake_log_lines(migd, short_dir):
+    client = _negotiated(migd.socket_path)
+    assert "return" in client.execute(
+        "object-add", {"qom-type": "memory-backend-ram", "id": "ram0", "size": 1 * MiB}
+    )
+    caps = [{"capability": "mapped-ram", "state": True}]
+    assert "return" in client.execute("migrate-set-capabilities", {"capabilities": caps})
+    name = f"save\n{FAKE_LINE}\r\x1b[2K\x1b[31mred\x9b1m\x7f"
+    target = short_dir / name
+    assert "return" in client.execute("migrate", {"uri": f"file:{target}"})
+    assert _wait_job(client)["status"] == "completed"
+    assert target.exists()
+    client.close()
+    _stop(migd)
+
+    log = migd.log.all()
+    lines = log.decode().split("\n")
+    assert not any(line.startswith(FAKE_LINE[:24]) for line in lines)
+    assert not any(ch in log for ch in (b"\r", b"\x1b", b"\x7f", "\x9b".encode()))
+    assert b"save\\n2026-01-01" in log  # the name is logged, escaped
