@@ -109,6 +109,8 @@ class BackendConfig(Section):
     mem_path: str | None = None
     share: bool | None = None
     ramblock_name: str | None = None
+    # As object-add's migd extension: use a file an interrupted restore left partial.
+    x_accept_partial: bool = False
 
     @field_validator("id")
     @classmethod

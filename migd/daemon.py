@@ -174,6 +174,12 @@ class Daemon:
             except MigdError as exc:
                 raise MigdError(f"Cannot create memory backend '{spec.id}': {exc.desc}") from None
             try:
+                # As object-add: a file an interrupted restore left partial is refused.
+                await asyncio.to_thread(engine.partial.check_add, backend, spec.x_accept_partial)
+            except MigdError as exc:
+                backend.close()
+                raise MigdError(f"Cannot create memory backend '{spec.id}': {exc.desc}") from None
+            try:
                 memory.add(backend)  # no clash: the config model checks ids and block names
             except BaseException:
                 backend.close()

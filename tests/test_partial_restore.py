@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -156,3 +158,40 @@ def test_on_ramfs_a_cancelled_restore_leaves_a_sidecar_mark(short_dir: Path, ram
         client.close()
     finally:
         daemon.stop()
+
+
+def test_a_configured_backend_on_a_partial_file_stops_the_start_unless_accepted(
+    short_dir: Path, shm: Path
+):
+    """The configuration file's backends follow object-add's rule for partial files."""
+    mem = shm / "mem"
+    mem.write_bytes(bytes(SIZE))
+    mem.chmod(0o600)
+    os.setxattr(mem, XATTR, b"restore of '/x.sav' started 2026-12-02T00:00:00Z by migd pid 1")
+    sock = short_dir / "qmp.sock"
+    conf = short_dir / "migd.toml"
+    backend = (
+        f'[[memory-backend]]\nqom-type = "memory-backend-file"\nid = "ram0"\n'
+        f'size = {SIZE}\nmem-path = "{mem}"\n'
+    )
+    conf.write_text(backend)
+    result = subprocess.run(
+        [sys.executable, "-m", "migd", "serve", "--config", str(conf), "--socket", str(sock)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode != 0
+    assert f"Cannot create memory backend 'ram0': Memory file '{mem}'" in result.stderr
+    assert "interrupted restore of '/x.sav'" in result.stderr
+    assert not sock.exists()
+
+    conf.write_text(backend + "x-accept-partial = true\n")
+    daemon = start_daemon(sock, "--config", str(conf))
+    try:
+        client = RawClient(sock).negotiate()
+        assert [m["id"] for m in _ok(client, "query-memdev")] == ["ram0"]
+        client.close()
+    finally:
+        daemon.stop()
+    assert _mark(mem) is not None  # accepted as it is: the file is still partial
