@@ -17,9 +17,7 @@ MODULES = sorted(
 
 
 def test_the_walk_finds_the_modules_the_readme_names() -> None:
-    assert {"migd.bench_load", "migd.bench.disk", "migd.channels", "migd.__main__"} <= set(
-        MODULES
-    )
+    assert {"migd.bench_load", "migd.bench.disk", "migd.channels", "migd.__main__"} <= set(MODULES)
 
 
 @pytest.mark.parametrize("name", MODULES)
