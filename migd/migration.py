@@ -531,6 +531,12 @@ class MigrationEngine:
             finally:
                 del error, failures
         self._check_cancel(job)
+        # A file cut short after the channels were done with its pages faults no thread,
+        # but what was restored into the lost pages is gone: the job must not complete.
+        for block in blocks:
+            shrunk = block.check_size(direction) if block.check_size is not None else None
+            if shrunk is not None:
+                raise shrunk
 
     async def _save(self, job: Job, layout: format.SaveLayout, main_fd: int) -> None:
         path = job.target.path
@@ -571,7 +577,16 @@ class MigrationEngine:
         for index, (backend, block) in enumerate(zip(job.backends, layout.blocks, strict=True)):
             present = np.zeros(block.pages, dtype=bool)
             view = backend.view(0, backend.size)
-            blocks.append(BlockIO(block, view, present, populate=backend.prefault))
+            blocks.append(
+                BlockIO(
+                    block,
+                    view,
+                    present,
+                    populate=backend.prefault,
+                    explain_fault=backend.fault_error,
+                    check_size=backend.shrink_error,
+                )
+            )
             # Holes of a file-backed backend are zero pages found without touching memory.
             ranges = backend.data_ranges() if detect else None
             if ranges is None:
@@ -659,6 +674,8 @@ class MigrationEngine:
                         present,
                         backend.zero_range,
                         backend.populate,
+                        backend.fault_error,
+                        backend.shrink_error,
                     )
                 )
                 runs += split_runs(index, format.set_runs(~present), zero=True)
