@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 PAGE_SIZE = format.PAGE_SIZE
 IN_PROGRESS = "There's a migration process in progress"
 SAMPLE_PERIOD = 0.1  # seconds between throughput samples (QEMU's BUFFER_DELAY)
+STOP_TIMEOUT = 1.5  # seconds a shutdown waits for a cancelled job (SIGTERM ends in < 2 s)
 
 
 class MigrationStatus(enum.StrEnum):
@@ -450,18 +451,28 @@ class MigrationEngine:
     # -- cancel / shutdown ---------------------------------------------------------------
 
     async def cancel(self) -> None:
-        """migrate_cancel: stop the threads, join them, end in `cancelled`."""
+        """migrate_cancel: tell the threads to stop and answer at once, in `cancelling`, as
+        QEMU does; the job ends in `cancelled` once its threads have stopped, within an
+        I/O call (channels.CALL_SECONDS on any disk) and its fds are closed."""
         job = self.job
         if job is None or not job.active:
             return
         if job.status != MigrationStatus.cancelling:
             job.cancel.set()
             self._set_status(job, MigrationStatus.cancelling)
-        if job.task is not None:
-            await asyncio.shield(job.task)
 
-    async def close(self) -> None:
+    async def close(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Shutdown: cancel, and give the job `timeout` seconds to stop. A thread still in a
+        syscall after that is not waited for here: the daemon goes on closing, and a save
+        left behind stays incomplete (no end section), which readers refuse."""
         await self.cancel()
+        job = self.job
+        if job is None or job.task is None or job.task.done():
+            return
+        done, _ = await asyncio.wait({job.task}, timeout=timeout)
+        if not done:
+            log.warning("%s %s: still stopping after %.1f s, not waiting for it",
+                        job.direction, job.target, timeout)  # fmt: skip
 
     # -- the two directions --------------------------------------------------------------
 
@@ -502,8 +513,12 @@ class MigrationEngine:
             work.put(None)
         throttle = job.throttle = Throttle(self.params.max_bandwidth)
         detect = self.params.zero_page_detection != "none"
+        # Buffered saves keep their dirty page cache small, so that neither the final sync
+        # nor a stop has to wait for the whole save to reach a slow disk.
+        write_behind = direction == "save" and not self.direct_io_effective
         job.channels = [
-            Channel(fd, job.target.path, blocks, work, job.cancel, throttle, detect) for fd in fds
+            Channel(fd, job.target.path, blocks, work, job.cancel, throttle, detect, write_behind)
+            for fd in fds
         ]
         # The populator is first in the list, so that its error (out of memory, on restore)
         # is the one reported, not the EFAULT that reads into memory that cannot be
