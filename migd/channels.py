@@ -4,6 +4,14 @@ No await and no pydantic here. Each channel is one thread with one fd (O_DIRECT 
 direct-io is effective) that takes page runs from a shared queue and does
 os.pwritev/os.preadv straight between the file and the backend's mmap. The asyncio
 side reads the counters as a snapshot; errors come back as ChannelError with the path.
+
+Two rules keep the daemon alive and stoppable whatever happens to the files:
+* The backends' memory is only ever reached by the kernel (pwritev, preadv, madvise,
+  process_vm_readv), never read or written from user space: another process may cut a
+  memory file short at any time, and a page past its new end is SIGBUS for user space,
+  which kills Python, but EFAULT for a syscall, which the backend explains (shrink error).
+* No call runs for long (CallSizer, WriteBehind): a cancel or SIGTERM is seen within
+  about CALL_SECONDS on any disk.
 """
 
 from __future__ import annotations
