@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import os
 import queue
 import threading
@@ -30,6 +31,8 @@ import numpy as np
 from .errors import MigdError, MigrationError
 from .format import BlockLayout
 from .paths import FileOpener, plain_open
+
+log = logging.getLogger(__name__)
 
 PAGE_SIZE = 4096
 # Large I/Os keep O_DIRECT at disk speed; 8 MiB per call is the top of performance.md's range.
@@ -159,6 +162,11 @@ _IOV_MAX = 1024  # iovecs per process_vm_readv call (UIO_MAXIOV)
 SCAN_CHUNK_PAGES = 256
 
 
+# Set once process_vm_readv fails with EPERM or ENOSYS (a seccomp filter: systemd 252's
+# @system-service lacks it); reads then go the old way, from user space.
+_kernel_reads_refused = False
+
+
 class MemoryFault(ChannelError):
     """The kernel could not reach a page of the mapping (EFAULT): its file shrank, or its
     memory could not be allocated. The channel asks the backend which, for the error;
@@ -183,12 +191,30 @@ class MemoryReader:
 
     def _readv(self, into: int, length: int, count: int) -> None:
         """process_vm_readv of `count` pieces described in self._remote into one buffer."""
-        self._local[0], self._local[1] = into, length
-        done = _process_vm_readv(
-            os.getpid(), self._local.ctypes.data, 1, self._remote.ctypes.data, count, 0
-        )
-        if done != length:  # -1 with EFAULT, or short: a page past the end of the file
-            raise MemoryFault(f"Could not read memory: {os.strerror(errno.EFAULT)}")
+        global _kernel_reads_refused
+        if not _kernel_reads_refused:
+            self._local[0], self._local[1] = into, length
+            done = _process_vm_readv(
+                os.getpid(), self._local.ctypes.data, 1, self._remote.ctypes.data, count, 0
+            )
+            if done == length:
+                return
+            if done >= 0 or ctypes.get_errno() not in (errno.EPERM, errno.ENOSYS):
+                # -1 with EFAULT, or short: a page past the end of a file cut short
+                raise MemoryFault(f"Could not read memory: {os.strerror(errno.EFAULT)}")
+            _kernel_reads_refused = True
+            log.warning(
+                "process_vm_readv is refused here (a seccomp filter? migd.service allows "
+                "it): the zero scan reads memory directly, and a memory file cut short by "
+                "another process during a save can now kill migd with SIGBUS"
+            )
+        self._copy_directly(into, count)
+
+    def _copy_directly(self, into: int, count: int) -> None:
+        """What _readv does, from user space: only where process_vm_readv is refused."""
+        for base, length in self._remote[:count].tolist():
+            ctypes.memmove(into, base, length)
+            into += length
 
     def first_words(self, address: int, pages: int, step: int) -> np.ndarray:
         """The first 8 bytes of pages 0, step, 2*step... of the `pages` from `address` on."""

@@ -77,3 +77,32 @@ def test_a_page_past_the_end_of_a_cut_file_is_a_memory_fault_not_sigbus(
     finally:
         mm.close()
         os.close(fd)
+
+
+def test_where_process_vm_readv_is_refused_the_scan_still_works_and_says_so(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A seccomp filter (systemd 252's @system-service) answers EPERM: saves go on."""
+    import ctypes
+    import errno
+
+    from migd import channels
+
+    def refused(*args: object) -> int:
+        ctypes.set_errno(errno.EPERM)
+        return -1
+
+    monkeypatch.setattr(channels, "_process_vm_readv", refused)
+    monkeypatch.setattr(channels, "_kernel_reads_refused", False)
+    pages = np.random.default_rng(3).integers(1, 256, (4 * MIN_SKIP_PAGES, PAGE), dtype=np.uint8)
+    pages[MIN_SKIP_PAGES : 3 * MIN_SKIP_PAGES] = 0
+    found = zero_pages(memoryview(bytearray(pages.tobytes())))
+    assert found.tolist() == reference(pages, MIN_SKIP_PAGES).tolist()
+    assert "process_vm_readv is refused" in caplog.text
+
+
+def test_the_service_unit_allows_process_vm_readv() -> None:
+    from .test_systemd import UNITS, unit_settings
+
+    filters = unit_settings(UNITS / "migd.service")["SystemCallFilter"]
+    assert "@system-service" in filters and "process_vm_readv" in filters
