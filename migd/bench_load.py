@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from qemu.qmp import ConnectError, QMPClient
 
-from .bench import drop_caches
+from .bench.disk import drop_caches
 
 MiB = 1 << 20
 GiB = 1 << 30

@@ -4,11 +4,21 @@ No await and no pydantic here. Each channel is one thread with one fd (O_DIRECT 
 direct-io is effective) that takes page runs from a shared queue and does
 os.pwritev/os.preadv straight between the file and the backend's mmap. The asyncio
 side reads the counters as a snapshot; errors come back as ChannelError with the path.
+
+Two rules keep the daemon alive and stoppable whatever happens to the files:
+* The backends' memory is only ever reached by the kernel (pwritev, preadv, madvise,
+  process_vm_readv), never read or written from user space: another process may cut a
+  memory file short at any time, and a page past its new end is SIGBUS for user space,
+  which kills Python, but EFAULT for a syscall, which the backend explains (shrink error).
+* No call runs for long (CallSizer, WriteBehind): a cancel or SIGTERM is seen within
+  about CALL_SECONDS on any disk.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import logging
 import os
 import queue
 import threading
@@ -18,9 +28,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import MigrationError
+from .errors import MigdError, MigrationError
 from .format import BlockLayout
 from .paths import FileOpener, plain_open
+
+log = logging.getLogger(__name__)
 
 PAGE_SIZE = 4096
 # Large I/Os keep O_DIRECT at disk speed; 8 MiB per call is the top of performance.md's range.
@@ -59,6 +71,11 @@ class BlockIO:
     # What the Populator does to a run before a channel reads or writes it: on restore,
     # allocate and map the memory; on save, map it for reading.
     populate: Callable[[int, int], None] | None = None
+    # Why the kernel could not reach this memory (EFAULT), given "save" or "restore": the
+    # backend's file shrank, or its memory could not be allocated; None if neither.
+    explain_fault: Callable[[str], MigdError | None] | None = None
+    # The error if the backend's file is shorter than its mapping now, given the direction.
+    check_size: Callable[[str], MigdError | None] | None = None
 
 
 class Counters:
@@ -88,6 +105,11 @@ class Throttle:
         self._start = time.monotonic()
         self._granted = 0
 
+    @property
+    def rate(self) -> int:
+        """Bytes per second now (0 = unlimited): I/O calls are sized to it."""
+        return self._rate
+
     def set_rate(self, rate: int) -> None:
         """A new cap from now on; what was granted under the old one is not owed."""
         with self._lock:
@@ -116,37 +138,164 @@ def _true_runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return edges[0::2], edges[1::2]
 
 
-def zero_pages(memory: memoryview, min_run: int = MIN_SKIP_PAGES) -> np.ndarray:
-    """One bool per page: True where the page holds only zero bytes, found wherever a
-    save could skip it: in runs of at least `min_run` pages whose first words are all
-    zero. Zero pages elsewhere read False; runs_to_write would write them inline anyway.
+# Reading the mapping from user space (numpy) would die of SIGBUS, which Python cannot
+# catch, once another process cuts the memory file short under it. Read through the
+# kernel instead: process_vm_readv on our own pid reports such a page as EFAULT.
+_libc = ctypes.CDLL(None, use_errno=True)
+_process_vm_readv = _libc.process_vm_readv
+_process_vm_readv.argtypes = [
+    ctypes.c_int,
+    ctypes.c_void_p,
+    ctypes.c_ulong,
+    ctypes.c_void_p,
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+]
+_process_vm_readv.restype = ctypes.c_ssize_t
+_madvise = _libc.madvise  # a ctypes call releases the GIL, as memory.py's
+_madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_madvise.restype = ctypes.c_int
+_MADV_POPULATE_READ = 22
+_IOV_MAX = 1024  # iovecs per process_vm_readv call (UIO_MAXIOV)
+# Candidate zero runs are copied and scanned in pieces this size, small enough to stay
+# in the CPU's cache between the copy and the scan.
+SCAN_CHUNK_PAGES = 256
 
-    Pages whose first word is non-zero are settled by reading one cache line each, so
-    random memory costs almost nothing. Only runs of at least `min_run` pages whose first
-    words are all zero are scanned in full, in place: scattered zero pages (30% of them,
-    say) cost no scan at all, where scanning every candidate page made such saves 10-20%
-    slower than saves of random memory.
+
+# Set once process_vm_readv fails with EPERM or ENOSYS (a seccomp filter: systemd 252's
+# @system-service lacks it); reads then go the old way, from user space.
+_kernel_reads_refused = False
+
+
+class MemoryFault(ChannelError):
+    """The kernel could not reach a page of the mapping (EFAULT): its file shrank, or its
+    memory could not be allocated. The channel asks the backend which, for the error;
+    this text is only the last resort."""
+
+
+def address_of(memory: memoryview) -> int:
+    """The address of a buffer's first byte (read-only buffers included)."""
+    return int(np.frombuffer(memory, dtype=np.uint8).ctypes.data)
+
+
+class MemoryReader:
+    """Reads a mapping through the kernel, with buffers kept for one thread's scans."""
+
+    def __init__(self) -> None:
+        # struct iovec[]: (base, len) pairs; every remote piece is one page's first word.
+        self._remote = np.empty((_IOV_MAX, 2), dtype=np.uint64)
+        self._index = np.arange(_IOV_MAX, dtype=np.uint64)
+        self._local = np.empty(2, dtype=np.uint64)
+        self._words = np.empty(CHUNK_PAGES, dtype=np.uint64)
+        self._chunk = np.empty((SCAN_CHUNK_PAGES, _WORDS_PER_PAGE), dtype=np.uint64)
+
+    def _readv(self, into: int, length: int, count: int) -> None:
+        """process_vm_readv of `count` pieces described in self._remote into one buffer."""
+        global _kernel_reads_refused
+        if not _kernel_reads_refused:
+            self._local[0], self._local[1] = into, length
+            done = _process_vm_readv(
+                os.getpid(), self._local.ctypes.data, 1, self._remote.ctypes.data, count, 0
+            )
+            if done == length:
+                return
+            if done >= 0 or ctypes.get_errno() not in (errno.EPERM, errno.ENOSYS):
+                # -1 with EFAULT, or short: a page past the end of a file cut short
+                raise MemoryFault(f"Could not read memory: {os.strerror(errno.EFAULT)}")
+            _kernel_reads_refused = True
+            log.warning(
+                "process_vm_readv is refused here (a seccomp filter? migd.service allows "
+                "it): the zero scan reads memory directly, and a memory file cut short by "
+                "another process during a save can now kill migd with SIGBUS"
+            )
+        self._copy_directly(into, count)
+
+    def _copy_directly(self, into: int, count: int) -> None:
+        """What _readv does, from user space: only where process_vm_readv is refused."""
+        for base, length in self._remote[:count].tolist():
+            ctypes.memmove(into, base, length)
+            into += length
+
+    def first_words(self, address: int, pages: int, step: int) -> np.ndarray:
+        """The first 8 bytes of pages 0, step, 2*step... of the `pages` from `address` on."""
+        count_all = -(-pages // step)
+        if count_all > self._words.size:
+            self._words = np.empty(count_all, dtype=np.uint64)
+        words = self._words[:count_all]
+        self._remote[:, 1] = 8
+        for at in range(0, count_all, _IOV_MAX):
+            count = min(_IOV_MAX, count_all - at)
+            bases = self._remote[:count, 0]
+            np.multiply(self._index[:count], step * PAGE_SIZE, out=bases)
+            bases += address + at * step * PAGE_SIZE
+            self._readv(words[at:].ctypes.data, count * 8, count)
+        return words
+
+    def zero_pages(self, address: int, out: np.ndarray) -> None:
+        """out[i] = whether page i from `address` holds only zero bytes."""
+        for at in range(0, out.size, SCAN_CHUNK_PAGES):
+            count = min(SCAN_CHUNK_PAGES, out.size - at)
+            chunk = self._chunk[:count]
+            self._remote[0] = address + at * PAGE_SIZE, count * PAGE_SIZE
+            self._readv(chunk.ctypes.data, count * PAGE_SIZE, 1)
+            # bitwise_or.reduce runs without the GIL and needs no casting: it scales across
+            # channel threads where np.any does not (measured on tmpfs-backed memory).
+            out[at : at + count] = np.bitwise_or.reduce(chunk, axis=1) == 0
+
+
+def zero_pages(
+    memory: memoryview, min_run: int = MIN_SKIP_PAGES, reader: MemoryReader | None = None
+) -> np.ndarray:
+    """One bool per page: True for the pages of every run of at least `min_run` pages
+    that hold only zero bytes, the runs a save skips; every other page reads False
+    (runs_to_write would write a shorter zero run inline anyway).
+
+    Every read goes through the kernel (MemoryReader), so that a page cut off by a
+    shrinking file raises MemoryFault instead of killing the daemon with SIGBUS; each
+    call costs about half a microsecond a piece, so few pieces are read. The first word
+    of every `step`-th page is sampled (step = min_run / 4): a zero run of min_run pages
+    holds at least min_run / step samples in a row, all zero. Only the pages between the
+    non-zero samples around such a row are read in full (copied a cache-sized chunk at a
+    time into a buffer and scanned there). Random memory costs one word per 64 pages;
+    scattered zero pages (30% of them, say) rarely make 4 zero samples in a row and
+    cost almost nothing more, where scanning every candidate page made such saves
+    10-20% slower than saves of random memory.
     """
-    words = np.frombuffer(memory, dtype=np.uint64).reshape(-1, _WORDS_PER_PAGE)
-    starts, stops = _true_runs(words[:, 0] == 0)
-    zero = np.zeros(words.shape[0], dtype=bool)
-    long = (stops - starts) >= min_run
-    for a, b in zip(starts[long].tolist(), stops[long].tolist(), strict=True):
-        # bitwise_or.reduce runs without the GIL and needs no casting: it scales across
-        # channel threads where np.any does not (measured on tmpfs-backed memory).
-        zero[a:b] = np.bitwise_or.reduce(words[a:b], axis=1) == 0
+    reader = reader or MemoryReader()
+    address, pages = address_of(memory), len(memory) // PAGE_SIZE
+    step = max(1, min_run // 4)
+    need = max(1, min_run // step)
+    samples = reader.first_words(address, pages, step)
+    starts, stops = _true_runs(samples == 0)
+    zero = np.zeros(pages, dtype=bool)
+    rows = (stops - starts) >= need
+    for a, b in zip(starts[rows].tolist(), stops[rows].tolist(), strict=True):
+        low = (a - 1) * step + 1 if a > 0 else 0  # sample a - 1 is non-zero
+        high = min(b * step, pages)  # so is sample b, if there is one
+        reader.zero_pages(address + low * PAGE_SIZE, zero[low:high])
+    # The regions scanned hold zero pages in shorter runs too: those are written inline.
+    starts, stops = _true_runs(zero)
+    short = (stops - starts) < min_run
+    if short.any():
+        edges = np.zeros(pages + 1, dtype=np.int64)
+        np.add.at(edges, starts[short], 1)
+        np.add.at(edges, stops[short], -1)
+        zero &= np.cumsum(edges[:-1]) == 0
     return zero
 
 
 def touch_pages(memory: memoryview) -> None:
-    """Read one word per page so the pages are mapped before the O_DIRECT write.
+    """Map the pages for reading (MADV_POPULATE_READ) before the O_DIRECT write.
 
     The kernel maps a file's pages up to 16 per fault when they are read from user space,
-    but one per fault when the write pins them. The zero scan maps pages this way; without
-    it, `migd bench` measured saves 20% slower (1.24 against 1.56 GiB/s on a busy machine).
+    but one per fault when the write pins them; populating maps them in bulk, in the
+    kernel, so a file cut short under the mapping is EFAULT (MemoryFault), never SIGBUS.
+    Without it `migd bench` measured saves 20% slower (1.24 against 1.56 GiB/s on a busy
+    machine). A kernel without MADV_POPULATE_READ (before 5.14) only loses the speed.
     """
-    words = np.frombuffer(memory, dtype=np.uint64).reshape(-1, _WORDS_PER_PAGE)
-    words[:, 0].max()
+    failed = _madvise(address_of(memory), len(memory), _MADV_POPULATE_READ) != 0
+    if failed and ctypes.get_errno() == errno.EFAULT:
+        raise MemoryFault(f"Could not map memory: {os.strerror(errno.EFAULT)}")
 
 
 def runs_to_write(zero: np.ndarray, min_skip: int = MIN_SKIP_PAGES) -> list[tuple[int, int]]:
@@ -166,7 +315,9 @@ def runs_to_write(zero: np.ndarray, min_skip: int = MIN_SKIP_PAGES) -> list[tupl
 
 
 def _describe(exc: OSError, verb: str, path: str) -> ChannelError:
-    return ChannelError(f"Could not {verb} '{path}': {os.strerror(exc.errno or errno.EIO)}")
+    text = f"Could not {verb} '{path}': {os.strerror(exc.errno or errno.EIO)}"
+    # EFAULT is the memory side of the I/O failing, not the file: the channel explains it.
+    return MemoryFault(text) if exc.errno == errno.EFAULT else ChannelError(text)
 
 
 def write_fully(fd: int, data: memoryview, offset: int, path: str) -> None:
@@ -202,6 +353,91 @@ def read_fully(fd: int, data: memoryview, offset: int, path: str) -> None:
         offset += done
 
 
+# No single I/O call may keep a channel from seeing a cancel (migrate_cancel, SIGTERM) for
+# long: on a slow disk, or under max-bandwidth, calls shrink until each takes about this.
+CALL_SECONDS = 0.1
+MIN_CALL_PAGES = (256 << 10) // PAGE_SIZE
+WINDOW_TOP_PAGES = 4 * CHUNK_PAGES  # write-behind: at most 2 x 32 MiB dirty per channel
+_SYNC_FILE_RANGE_WAIT_BEFORE = 1
+_SYNC_FILE_RANGE_WRITE = 2
+_SYNC_FILE_RANGE_WAIT_AFTER = 4
+_sync_file_range = _libc.sync_file_range
+_sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+_sync_file_range.restype = ctypes.c_int
+
+
+class CallSizer:
+    """Pages per I/O call for one channel, so that a call lasts about CALL_SECONDS.
+
+    It starts at MIN_CALL_PAGES and doubles after every quick call up to `top` (8 MiB on
+    a fast disk within a few calls), and shrinks to fit CALL_SECONDS after a slow one: an
+    8 MiB O_DIRECT write on a disk of 8 MB/s shared by four channels took 4 s, and the
+    thread could not stop before it returned. Under max-bandwidth a call also moves at
+    most CALL_SECONDS of the rate, so progress and cancels come in small steps.
+    """
+
+    def __init__(self, top: int, throttle: Throttle | None = None) -> None:
+        self.top = top
+        self.throttle = throttle
+        self.pages = min(MIN_CALL_PAGES, top)
+
+    def next(self, left: int) -> int:
+        """The pages of the next call, of `left` still to move."""
+        pages = self.pages
+        rate = self.throttle.rate if self.throttle is not None else 0
+        if rate > 0:
+            pages = min(pages, max(MIN_CALL_PAGES, int(rate * CALL_SECONDS) // PAGE_SIZE))
+        return max(1, min(pages, left))
+
+    def took(self, pages: int, seconds: float) -> None:
+        """Adapt to how long a call of `pages` pages took."""
+        if seconds < CALL_SECONDS / 2:
+            if pages >= self.pages:
+                self.pages = min(self.top, self.pages * 2)
+        elif seconds > CALL_SECONDS:
+            fit = int(pages * CALL_SECONDS / seconds)
+            self.pages = max(MIN_CALL_PAGES, min(self.pages, fit))
+
+
+class WriteBehind:
+    """Keeps a buffered (not O_DIRECT) save's dirty page cache small, per channel.
+
+    Without it the page cache took the whole save and the final fdatasync wrote it all:
+    32 s on a disk of 8 MB/s, during which SIGTERM could not end the daemon. Here, after
+    each window of writes the channel starts their writeback (SYNC_FILE_RANGE_WRITE) and
+    waits for the window before, so at most two windows per channel are dirty or under
+    writeback. The window is sized so that the wait lasts about CALL_SECONDS, like an
+    I/O call: on a slow disk it shrinks to MIN_CALL_PAGES (and the last sync with it), on
+    a fast one it grows to WINDOW_TOP_PAGES, enough to keep the disk busy. Only page cache
+    is flushed, never metadata: the final fdatasync still makes the save durable.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.sizer = CallSizer(WINDOW_TOP_PAGES)
+        self.window: list[tuple[int, int]] = []  # (offset, bytes) written since the last flush
+        self.window_bytes = 0
+        self.previous: list[tuple[int, int]] = []
+
+    def wrote(self, offset: int, length: int) -> None:
+        self.window.append((offset, length))
+        self.window_bytes += length
+        if self.window_bytes >= self.sizer.pages * PAGE_SIZE:
+            self._flush()
+
+    def _flush(self) -> None:
+        started = time.monotonic()
+        wait = _SYNC_FILE_RANGE_WAIT_BEFORE | _SYNC_FILE_RANGE_WRITE | _SYNC_FILE_RANGE_WAIT_AFTER
+        for offset, length in self.previous:
+            _sync_file_range(self.fd, offset, length, wait)
+        for offset, length in self.window:
+            _sync_file_range(self.fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+        if self.previous:
+            pages = sum(length for _, length in self.previous) // PAGE_SIZE
+            self.sizer.took(pages, time.monotonic() - started)
+        self.previous, self.window, self.window_bytes = self.window, [], 0
+
+
 class Channel:
     """One thread's worth of work: take runs from the queue until it is empty or cancelled."""
 
@@ -214,6 +450,7 @@ class Channel:
         cancel: threading.Event,
         throttle: Throttle,
         detect_zero: bool,
+        write_behind: bool = False,
     ) -> None:
         self.fd = fd
         self.path = path
@@ -223,62 +460,92 @@ class Channel:
         self.throttle = throttle
         self.detect_zero = detect_zero
         self.counters = Counters()
+        self.reader = MemoryReader()
+        self.sizer = CallSizer(CHUNK_PAGES, throttle)
+        # Buffered saves only: O_DIRECT leaves nothing dirty, restores only read.
+        self.write_behind = WriteBehind(fd) if write_behind else None
 
-    def _drain(self, step: Callable[[PageRun], None]) -> None:
+    def _drain(self, step: Callable[[PageRun], None], direction: str) -> None:
         try:
             while not self.cancel.is_set():
                 run = self.work.get()
                 if run is None:
                     return
-                step(run)
+                try:
+                    step(run)
+                except MemoryFault as fault:
+                    raise self._explain(fault, run, direction) from None
         except BaseException:
             self.cancel.set()  # the job has failed: the other threads stop at their next run
             raise
 
+    def _explain(self, fault: MemoryFault, run: PageRun, direction: str) -> MigdError:
+        """The backend's account of an EFAULT (its file shrank, its filesystem is full), so
+        that the job's error does not depend on which thread met the fault first."""
+        explain = self.blocks[run.block].explain_fault
+        return (explain(direction) if explain is not None else None) or fault
+
     def save(self) -> None:
-        self._drain(self._save_run)
+        self._drain(self._save_run, "save")
 
     def restore(self) -> None:
-        self._drain(self._restore_run)
+        self._drain(self._restore_run, "restore")
 
     def _save_run(self, run: PageRun) -> None:
         block = self.blocks[run.block]
         start = run.first_page * PAGE_SIZE
         memory = block.memory[start : start + run.pages * PAGE_SIZE]
         if self.detect_zero:
-            zero = zero_pages(memory)
+            zero = zero_pages(memory, reader=self.reader)
             pieces = runs_to_write(zero)
         else:
             touch_pages(memory)
             pieces = [(0, run.pages)]
         written = 0
         for first, count in pieces:
-            if self.cancel.is_set():
-                return
-            data = memory[first * PAGE_SIZE : (first + count) * PAGE_SIZE]
-            self.throttle.wait(len(data), self.cancel)
-            write_fully(self.fd, data, block.layout.page_offset(run.first_page + first), self.path)
-            block.present[run.first_page + first : run.first_page + first + count] = True
-            self.counters.bytes += len(data)
-            written += count
+            at, end = first, first + count
+            while at < end:
+                if self.cancel.is_set():
+                    return
+                pages = self.sizer.next(end - at)
+                data = memory[at * PAGE_SIZE : (at + pages) * PAGE_SIZE]
+                offset = block.layout.page_offset(run.first_page + at)
+                self.throttle.wait(len(data), self.cancel)
+                started = time.monotonic()
+                write_fully(self.fd, data, offset, self.path)
+                self.sizer.took(pages, time.monotonic() - started)
+                block.present[run.first_page + at : run.first_page + at + pages] = True
+                self.counters.bytes += len(data)
+                written += pages
+                at += pages
+                if self.write_behind is not None:
+                    self.write_behind.wrote(offset, len(data))
         self.counters.pages_normal += written
         self.counters.pages_zero += run.pages - written
         self.counters.pages_done += run.pages
 
     def _restore_run(self, run: PageRun) -> None:
         block = self.blocks[run.block]
-        start, length = run.first_page * PAGE_SIZE, run.pages * PAGE_SIZE
         if run.zero:
             if block.zero_range is not None:
-                block.zero_range(start, length)
+                block.zero_range(run.first_page * PAGE_SIZE, run.pages * PAGE_SIZE)
             self.counters.pages_zero += run.pages
-        else:
-            self.throttle.wait(length, self.cancel)
-            memory = block.memory[start : start + length]
-            read_fully(self.fd, memory, block.layout.page_offset(run.first_page), self.path)
-            self.counters.bytes += length
-            self.counters.pages_normal += run.pages
-        self.counters.pages_done += run.pages
+            self.counters.pages_done += run.pages
+            return
+        at, end = run.first_page, run.first_page + run.pages
+        while at < end:
+            if self.cancel.is_set():
+                return
+            pages = self.sizer.next(end - at)
+            memory = block.memory[at * PAGE_SIZE : (at + pages) * PAGE_SIZE]
+            self.throttle.wait(len(memory), self.cancel)
+            started = time.monotonic()
+            read_fully(self.fd, memory, block.layout.page_offset(at), self.path)
+            self.sizer.took(pages, time.monotonic() - started)
+            self.counters.bytes += len(memory)
+            self.counters.pages_normal += pages
+            self.counters.pages_done += pages
+            at += pages
 
 
 class Populator:

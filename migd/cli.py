@@ -210,7 +210,12 @@ def _add_client_commands(sub: argparse._SubParsersAction) -> None:  # type: igno
             "--mem-path", default=None, help="add a memory-backend-file on PATH for this run"
         )
         p.add_argument("--size", type=_type(parse_size), default=None, help="its size: N[K|M|G|T]")
-        p.add_argument("--id", default=None, help="its backend id (default cli-<pid>)")
+        p.add_argument(
+            "--id",
+            default=None,
+            help="its backend id (default ram0, as QEMU guests' RAM); a save names its "
+            "block after it unless --block-name is given, and prints the name",
+        )
         p.add_argument("--block-name", default=None, help="its RAM block name (ramblock-name)")
         p.add_argument(
             "--channels",

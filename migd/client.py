@@ -317,6 +317,11 @@ class MigrateOptions:
     max_bandwidth: int = 0  # bytes/s, 0 = unlimited
 
 
+# --mem-path's backend id, and so its block name: QEMU's usual id for a guest's RAM, so a
+# save made by the CLI restores over QMP into a backend named ram0 (and the other way round).
+DEFAULT_BACKEND_ID = "ram0"
+
+
 def _uri_arguments(path: str, offset: int) -> dict[str, Any]:
     if "," in path:  # a comma would end the path inside a file: URI
         addr = {"transport": "file", "filename": path, "offset": offset}
@@ -330,7 +335,7 @@ def _file_backend(direction: str, opts: MigrateOptions) -> dict[str, Any] | None
         if opts.size is not None or opts.id is not None or opts.block_name is not None:
             raise UsageError("--size, --id and --block-name go with --mem-path")
         return None
-    backend_id = opts.id or f"cli-{os.getpid()}"
+    backend_id = opts.id or DEFAULT_BACKEND_ID
     size, block_name = opts.size, opts.block_name
     if direction == "restore" and (size is None or block_name is None):
         from .inspect import InspectError, inspect_file
@@ -374,6 +379,12 @@ def _file_backend(direction: str, opts: MigrateOptions) -> dict[str, Any] | None
     if block_name is not None and block_name != backend_id:
         args["ramblock-name"] = block_name
     return args
+
+
+def _backend_line(backend: Mapping[str, Any]) -> str:
+    """What --mem-path was called: a QMP restore of the save needs a backend of that block."""
+    block = backend.get("ramblock-name", backend["id"])
+    return f"block '{block}' (memory backend '{backend['id']}' on {backend['mem-path']})"
 
 
 async def _check_backends(client: Any, direction: str, wanted: list[str]) -> None:
@@ -500,6 +511,8 @@ async def run_migration(
     status = info.get("status")
     if status == "completed":
         print(summary_line(direction, opts.file, info), file=out, flush=True)
+        if backend is not None:
+            print(_backend_line(backend), file=out, flush=True)
         skipped = info.get("x-skipped-blocks")
         if skipped:
             print(f"skipped blocks without a backend: {', '.join(skipped)}", file=out)

@@ -22,7 +22,7 @@ _FALLOC_FL_PUNCH_HOLE = 2
 _MADV_POPULATE_READ = 22  # Linux 5.14; neither is exported by the 3.11 mmap module
 _MADV_POPULATE_WRITE = 23
 _HUGETLBFS_MAGIC = 0x958458F6
-_ZERO_STEP = 4 << 20
+_ZERO_STEP = 4 << 20  # bytes of zeros per read of /dev/zero
 _ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9._-]*")
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -39,15 +39,6 @@ _madvise.restype = ctypes.c_int
 # into EFAULT by MADV_POPULATE_WRITE) or no memory (ENOMEM). Anything else (EINVAL from a
 # kernel without MADV_POPULATE_WRITE, EOPNOTSUPP) only means the optimisation is missing.
 _ALLOCATION_ERRNOS = frozenset({errno.ENOSPC, errno.ENOMEM, errno.EFAULT})
-_zeros: bytes | None = None
-
-
-def _zero_buffer() -> bytes:
-    """A shared zero buffer; bytes(n) comes from calloc, so it costs no RSS until read."""
-    global _zeros
-    if _zeros is None:
-        _zeros = bytes(_ZERO_STEP)
-    return _zeros
 
 
 def _is_hugetlbfs(fd: int) -> bool:
@@ -120,12 +111,41 @@ class MemoryBackend:
             code = ctypes.get_errno()
             raise OSError(code, os.strerror(code))
 
-    def _allocation_error(self, exc: OSError) -> BackendError:
+    def _allocation_error(self, code: int) -> BackendError:
         where = f" in '{self.mem_path}'" if self.mem_path else ""
         return BackendError(
             f"Could not allocate memory for memory backend '{self.id}'{where}: "
-            f"{os.strerror(errno.ENOSPC if exc.errno == errno.EFAULT else exc.errno or 0)}"
+            f"{os.strerror(errno.ENOSPC if code == errno.EFAULT else code)}"
         )
+
+    def shrink_error(self, during: str) -> BackendError | None:
+        """The error to report if another process cut the file short under the mapping:
+        its pages past the new end can no longer be read or written (EFAULT, or SIGBUS
+        from user space)."""
+        if self._fd is None:
+            return None
+        try:
+            now = os.fstat(self._fd).st_size
+        except OSError:
+            return None
+        if now >= self.size:
+            return None
+        return BackendError(
+            f"Memory backend '{self.id}' file '{self.mem_path}' shrank from {self.size} "
+            f"to {now} bytes during the {during}"
+        )
+
+    def fault_error(self, during: str) -> BackendError | None:
+        """Why the kernel could not reach a page of the mapping (EFAULT) during a save or a
+        restore: the file shrank, or (restoring into a shared file) its filesystem had no
+        room left for the page. Asked whichever thread met the fault, so that the job's
+        error does not depend on which came first. None where neither explains it."""
+        shrunk = self.shrink_error(during)
+        if shrunk is not None:
+            return shrunk
+        if during == "restore" and self._fd is not None and self.share:
+            return self._allocation_error(errno.ENOSPC)
+        return None
 
     def zero_range(self, offset: int, length: int) -> None:
         """Make [offset, offset+length) read as zeros, freeing memory where possible."""
@@ -151,37 +171,53 @@ class MemoryBackend:
             except OSError:
                 pass
         # Private file mappings land here too: DONTNEED would bring back the file's data.
-        zeros = _zero_buffer()
-        end = offset + length
-        while offset < end:
-            n = min(_ZERO_STEP, end - offset)
-            mv[offset : offset + n] = zeros[:n]
-            offset += n
+        self._read_zeros(mv[offset : offset + length])
+
+    def _read_zeros(self, view: memoryview) -> None:
+        """Fill part of the mapping with zeros read from /dev/zero: the kernel writes them,
+        so a page past the end of a file cut short is EFAULT here, where a store from
+        user space would kill the daemon with SIGBUS."""
+        fd = os.open("/dev/zero", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            while view:
+                try:
+                    done = os.readv(fd, [view[:_ZERO_STEP]])
+                except InterruptedError:
+                    continue
+                except OSError as exc:
+                    error = self.fault_error("restore") if exc.errno == errno.EFAULT else None
+                    raise error or BackendError(
+                        f"Could not zero memory of memory backend '{self.id}': {exc.strerror}"
+                    ) from None
+                view = view[done:]
+        finally:
+            os.close(fd)
 
     def populate(self, offset: int, length: int) -> None:
         """Allocate and map the range in bulk before it is read into; faults make restores slow.
 
-        A shared file first gets posix_fallocate, which allocates and zeroes its pages
-        several times faster than faulting them in one by one; then MADV_POPULATE_WRITE
+        A shared file first gets fallocate, which allocates and zeroes its pages several
+        times faster than faulting them in one by one (FALLOC_FL_KEEP_SIZE: a file another
+        process cut short is never grown back over the pages it lost); then MADV_POPULATE_WRITE
         maps them (or, for anonymous and private memory, allocates them too), so the
         O_DIRECT read that follows pins pages without faulting. Running out of memory or
         of room in the file's filesystem raises BackendError: the read would fail anyway,
-        with a less helpful EFAULT. Other failures only cost speed and are ignored.
+        with a less helpful EFAULT; a file cut short under the mapping raises the shrink
+        error. Other failures only cost speed and are ignored.
         """
         self._check(offset, length)
         if length == 0:
             return
-        if self._fd is not None and self.share:
-            try:
-                os.posix_fallocate(self._fd, offset, length)
-            except OSError as exc:
-                if exc.errno in _ALLOCATION_ERRNOS:
-                    raise self._allocation_error(exc) from None
+        shared_file = self._fd is not None and self.share
+        if shared_file and _fallocate(self._fd, _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+            code = ctypes.get_errno()
+            if code in _ALLOCATION_ERRNOS:
+                raise self.shrink_error("restore") or self._allocation_error(code)
         try:
             self._advise(_MADV_POPULATE_WRITE, offset, length)
         except OSError as exc:
             if exc.errno in _ALLOCATION_ERRNOS:
-                raise self._allocation_error(exc) from None
+                raise self.shrink_error("restore") or self._allocation_error(exc.errno) from None
 
     def prefault(self, offset: int, length: int) -> None:
         """Map the range for reading before a save writes it out (MADV_POPULATE_READ).

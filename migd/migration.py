@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 PAGE_SIZE = format.PAGE_SIZE
 IN_PROGRESS = "There's a migration process in progress"
 SAMPLE_PERIOD = 0.1  # seconds between throughput samples (QEMU's BUFFER_DELAY)
+STOP_TIMEOUT = 1.5  # seconds a shutdown waits for a cancelled job (SIGTERM ends in < 2 s)
 
 
 class MigrationStatus(enum.StrEnum):
@@ -518,18 +519,28 @@ class MigrationEngine:
     # -- cancel / shutdown ---------------------------------------------------------------
 
     async def cancel(self) -> None:
-        """migrate_cancel: stop the threads, join them, end in `cancelled`."""
+        """migrate_cancel: tell the threads to stop and answer at once, in `cancelling`, as
+        QEMU does; the job ends in `cancelled` once its threads have stopped, within an
+        I/O call (channels.CALL_SECONDS on any disk) and its fds are closed."""
         job = self.job
         if job is None or not job.active:
             return
         if job.status != MigrationStatus.cancelling:
             job.cancel.set()
             self._set_status(job, MigrationStatus.cancelling)
-        if job.task is not None:
-            await asyncio.shield(job.task)
 
-    async def close(self) -> None:
+    async def close(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Shutdown: cancel, and give the job `timeout` seconds to stop. A thread still in a
+        syscall after that is not waited for here: the daemon goes on closing, and a save
+        left behind stays incomplete (no end section), which readers refuse."""
         await self.cancel()
+        job = self.job
+        if job is None or job.task is None or job.task.done():
+            return
+        done, _ = await asyncio.wait({job.task}, timeout=timeout)
+        if not done:
+            log.warning("%s %s: still stopping after %.1f s, not waiting for it",
+                        job.direction, job.target, timeout)  # fmt: skip
 
     # -- the two directions --------------------------------------------------------------
 
@@ -585,8 +596,12 @@ class MigrationEngine:
             work.put(None)
         throttle = job.throttle = Throttle(self.params.max_bandwidth)
         detect = self.params.zero_page_detection != "none"
+        # Buffered saves keep their dirty page cache small, so that neither the final sync
+        # nor a stop has to wait for the whole save to reach a slow disk.
+        write_behind = direction == "save" and not self.direct_io_effective
         job.channels = [
-            Channel(fd, job.target.path, blocks, work, job.cancel, throttle, detect) for fd in fds
+            Channel(fd, job.target.path, blocks, work, job.cancel, throttle, detect, write_behind)
+            for fd in fds
         ]
         # The populator is first in the list, so that its error (out of memory, on restore)
         # is the one reported, not the EFAULT that reads into memory that cannot be
@@ -614,6 +629,12 @@ class MigrationEngine:
             finally:
                 del error, failures
         self._check_cancel(job)
+        # A file cut short after the channels were done with its pages faults no thread,
+        # but what was restored into the lost pages is gone: the job must not complete.
+        for block in blocks:
+            shrunk = block.check_size(direction) if block.check_size is not None else None
+            if shrunk is not None:
+                raise shrunk
 
     async def _save(self, job: Job, layout: format.SaveLayout, main_fd: int) -> None:
         path = job.target.path
@@ -654,7 +675,16 @@ class MigrationEngine:
         for index, (backend, block) in enumerate(zip(job.backends, layout.blocks, strict=True)):
             present = np.zeros(block.pages, dtype=bool)
             view = backend.view(0, backend.size)
-            blocks.append(BlockIO(block, view, present, populate=backend.prefault))
+            blocks.append(
+                BlockIO(
+                    block,
+                    view,
+                    present,
+                    populate=backend.prefault,
+                    explain_fault=backend.fault_error,
+                    check_size=backend.shrink_error,
+                )
+            )
             # Holes of a file-backed backend are zero pages found without touching memory.
             ranges = backend.data_ranges() if detect else None
             if ranges is None:
@@ -753,6 +783,8 @@ class MigrationEngine:
                         present,
                         backend.zero_range,
                         backend.populate,
+                        backend.fault_error,
+                        backend.shrink_error,
                     )
                 )
                 runs += split_runs(index, format.set_runs(~present), zero=True)

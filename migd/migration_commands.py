@@ -273,8 +273,9 @@ async def query_migrate(ctx: Context, args: Empty) -> MigrationInfo:
     "migrate_cancel",
     Empty,
     Empty,
-    "Stop the running save or restore: its threads are joined and its fds closed; the "
-    "status goes cancelling, then cancelled. Returns {} even when nothing runs.",
+    "Stop the running save or restore. Returns {} at once, with the status cancelling; it "
+    "goes cancelled once the job's threads have stopped and its fds are closed. Returns {} "
+    "even when nothing runs.",
 )
 async def migrate_cancel(ctx: Context, args: Empty) -> Empty:
     await ctx.services.engine.cancel()

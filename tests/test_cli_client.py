@@ -338,3 +338,40 @@ def test_without_socket_the_client_uses_the_default_socket(short_dir):
 )
 def test_sizes_take_binary_suffixes(text, value):
     assert parse_size(text) == value
+
+
+def test_save_with_mem_path_names_the_block_ram0_so_a_qmp_restore_into_ram0_works(
+    daemon, shm, short_dir
+):
+    data = with_zeros(shm / "src", 8 * MiB, seed=7)
+    image = short_dir / "save.img"
+    saved = migd("save", image, "--socket", daemon.socket_path, "--mem-path", shm / "src")
+    assert saved.returncode == 0, saved.stderr
+    assert "block 'ram0'" in saved.stdout, saved.stdout  # printed: what a restore must match
+    assert [b.name for b in inspect_file(str(image)).blocks] == ["ram0"]
+
+    # QEMU's usual backend id, restored over QMP alone: the block names must match.
+    client = RawClient(daemon.socket_path).negotiate()
+    try:
+        reply = client.execute("object-add", {"qom-type": "memory-backend-file", "id": "ram0",
+                                              "size": 8 * MiB, "mem-path": str(shm / "dst"),
+                                              "share": True})  # fmt: skip
+        assert reply == {"return": {}}, reply
+        caps = [{"capability": "mapped-ram", "state": True}]
+        assert "return" in client.execute("migrate-set-capabilities", {"capabilities": caps})
+        reply = client.execute("migrate-incoming", {"uri": f"file:{image}"})
+        assert reply == {"return": {}}, reply
+        deadline = time.monotonic() + 30
+        while (info := client.execute("query-migrate")["return"])["status"] not in (
+            "completed", "failed", "cancelled"
+        ):  # fmt: skip
+            assert time.monotonic() < deadline, info
+        assert info["status"] == "completed", info
+    finally:
+        client.close()
+    assert (shm / "dst").read_bytes() == data
+
+
+def test_the_save_help_documents_the_default_backend_id():
+    result = migd("save", "--help")
+    assert "default ram0" in result.stdout, result.stdout

@@ -1,0 +1,195 @@
+"""Memory files cut short by another process while migd saves or restores them.
+
+The pages past the new end of a file can no longer be read or written: from user space
+that is SIGBUS, which kills a Python process; through the kernel it is EFAULT. migd must
+survive, fail the job naming the backend, its file and both sizes, and keep serving the
+other backends. The jobs are slowed with max-bandwidth and the truncate lands when
+query-migrate shows the job part-way (polled, not slept for).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .conftest import FINAL_STATES, RawClient, fill_random
+
+MiB = 1 << 20
+
+
+def ok(client: RawClient, command: str, arguments: dict | None = None) -> dict:
+    reply = client.execute(command, arguments)
+    assert "return" in reply, (command, reply)
+    return reply["return"]
+
+
+def add_backend(client: RawClient, id: str, path: Path, size: int, share: bool = True) -> None:
+    ok(client, "object-add", {"qom-type": "memory-backend-file", "id": id, "size": size,
+                              "mem-path": str(path), "share": share})  # fmt: skip
+
+
+def set_up(client: RawClient, bandwidth: int) -> None:
+    caps = [{"capability": c, "state": True} for c in ("mapped-ram", "multifd")]
+    ok(client, "migrate-set-capabilities", {"capabilities": caps})
+    ok(client, "migrate-set-parameters", {"multifd-channels": 2, "max-bandwidth": bandwidth})
+
+
+def wait_until(client: RawClient, done, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        info = ok(client, "query-migrate")
+        if done(info):
+            return info
+        assert time.monotonic() < deadline, info
+
+
+def truncate_part_way(client: RawClient, path: Path, after: int, to: int) -> None:
+    """Once the job has moved `after` bytes, cut `path` to `to` bytes, as another process."""
+    info = wait_until(
+        client,
+        lambda i: i["status"] in FINAL_STATES or i.get("ram", {}).get("transferred", 0) >= after,
+    )
+    assert info["status"] == "active", info  # still running: the truncate lands mid-job
+    os.truncate(path, to)
+
+
+def final(client: RawClient) -> dict:
+    return wait_until(client, lambda i: i["status"] in FINAL_STATES)
+
+
+def with_zero_mibs(path: Path, size: int, seed: int) -> bytes:
+    """Random data with every other MiB zero: the restore has zero runs to make."""
+    data = np.frombuffer(bytearray(fill_random(path, size, seed)), dtype=np.uint8).copy()
+    for mib in range(0, size // MiB, 2):
+        data[mib * MiB : (mib + 1) * MiB] = 0
+    path.write_bytes(data.tobytes())
+    return data.tobytes()
+
+
+def test_a_memory_file_truncated_during_a_save_fails_the_save_and_migd_lives_on(
+    daemon, shm, short_dir
+):
+    fill_random(shm / "a", 64 * MiB, seed=1)
+    other = fill_random(shm / "b", 8 * MiB, seed=2)
+    client = RawClient(daemon.socket_path).negotiate()
+    add_backend(client, "ram0", shm / "a", 64 * MiB)
+    add_backend(client, "ram1", shm / "b", 8 * MiB)
+    set_up(client, bandwidth=16 * MiB)  # about 4.5 s: the truncate lands early in it
+    ok(client, "migrate", {"uri": f"file:{short_dir}/save.img"})
+    # Only the last 16 MiB go, pages no channel has reached yet: the first to touch them
+    # is the zero scan, which read them from user space (SIGBUS) before this was fixed.
+    truncate_part_way(client, shm / "a", after=8 * MiB, to=48 * MiB)
+
+    info = final(client)
+    assert daemon.proc.poll() is None, daemon.proc.stderr.read().decode()  # no SIGBUS
+    assert info["status"] == "failed"
+    assert info["error-desc"] == (
+        f"Memory backend 'ram0' file '{shm}/a' shrank from {64 * MiB} to {48 * MiB} bytes "
+        "during the save"
+    )
+    # The other backend, and the daemon, still work: save it alone, restore it.
+    ok(client, "object-del", {"id": "ram0"})
+    ok(client, "migrate-set-parameters", {"max-bandwidth": 0})
+    ok(client, "migrate", {"uri": f"file:{short_dir}/other.img"})
+    assert final(client)["status"] == "completed"
+    (shm / "b").write_bytes(bytes(8 * MiB))
+    ok(client, "migrate-incoming", {"uri": f"file:{short_dir}/other.img"})
+    assert final(client)["status"] == "completed"
+    assert (shm / "b").read_bytes() == other
+    client.close()
+
+
+def test_a_private_memory_file_truncated_during_a_restore_fails_it_and_migd_lives_on(
+    daemon, shm, short_dir
+):
+    """share=false: zeroing the absent pages writes into a private mapping of the file,
+    which a truncate turns into SIGBUS for a store from user space."""
+    fill_random(shm / "a", 32 * MiB, seed=3)
+    with_zero_mibs(shm / "b", 16 * MiB, seed=4)
+    client = RawClient(daemon.socket_path).negotiate()
+    add_backend(client, "ram0", shm / "a", 32 * MiB)
+    add_backend(client, "ram1", shm / "b", 16 * MiB)
+    set_up(client, bandwidth=0)
+    ok(client, "migrate", {"uri": f"file:{short_dir}/save.img"})
+    assert final(client)["status"] == "completed"
+    for id in ("ram0", "ram1"):
+        ok(client, "object-del", {"id": id})
+    fill_random(shm / "a2", 32 * MiB, seed=5)
+    fill_random(shm / "b2", 16 * MiB, seed=6)
+    add_backend(client, "ram0", shm / "a2", 32 * MiB, share=False)
+    add_backend(client, "ram1", shm / "b2", 16 * MiB, share=False)
+
+    # ram1's zero runs come after ram0's pages, which take about 2 s at this rate.
+    ok(client, "migrate-set-parameters", {"max-bandwidth": 16 * MiB})
+    ok(client, "migrate-incoming", {"uri": f"file:{short_dir}/save.img"})
+    truncate_part_way(client, shm / "b2", after=4 * MiB, to=0)
+
+    info = final(client)
+    assert daemon.proc.poll() is None, daemon.proc.stderr.read().decode()  # no SIGBUS
+    assert info["status"] == "failed"
+    assert info["error-desc"] == (
+        f"Memory backend 'ram1' file '{shm}/b2' shrank from {16 * MiB} to 0 bytes during "
+        "the restore; memory backends 'ram0', 'ram1' hold partial data"
+    )
+    assert {m["id"] for m in ok(client, "query-memdev")} == {"ram0", "ram1"}
+    ok(client, "object-del", {"id": "ram1"})
+    ok(client, "migrate-set-parameters", {"max-bandwidth": 0})
+    ok(client, "migrate", {"uri": f"file:{short_dir}/again.img"})
+    assert final(client)["status"] == "completed"
+    client.close()
+
+
+def test_a_shared_memory_file_truncated_during_a_restore_is_reported_as_shrunk(
+    daemon, shm, short_dir
+):
+    """Not as ENOSPC or a bad address, and the file is not grown back over lost pages."""
+    fill_random(shm / "a", 32 * MiB, seed=7)
+    client = RawClient(daemon.socket_path).negotiate()
+    add_backend(client, "ram0", shm / "a", 32 * MiB)
+    set_up(client, bandwidth=0)
+    ok(client, "migrate", {"uri": f"file:{short_dir}/save.img"})
+    assert final(client)["status"] == "completed"
+    ok(client, "migrate-set-parameters", {"max-bandwidth": 8 * MiB})
+    ok(client, "migrate-incoming", {"uri": f"file:{short_dir}/save.img"})
+    truncate_part_way(client, shm / "a", after=2 * MiB, to=MiB)
+
+    info = final(client)
+    assert daemon.proc.poll() is None
+    assert info["status"] == "failed"
+    assert info["error-desc"] == (
+        f"Memory backend 'ram0' file '{shm}/a' shrank from {32 * MiB} to {MiB} bytes during "
+        "the restore; memory backends 'ram0' hold partial data"
+    )
+    assert os.stat(shm / "a").st_size == MiB
+    client.close()
+
+
+async def test_the_channels_fault_on_a_full_filesystem_gives_the_allocation_error(
+    qmp, shm, short_dir, small_tmpfs, monkeypatch
+):
+    """Which thread fails first must not change the error: here the populator does
+    nothing, so a channel's read into unallocatable memory (EFAULT) is the first and only
+    failure, and the job still reports the allocation error the populator would."""
+    from migd import channels, migration
+
+    from .test_restore import _saved_into_small_tmpfs
+
+    class IdlePopulator(channels.Populator):
+        def run(self) -> None:
+            pass
+
+    dst = await _saved_into_small_tmpfs(qmp, shm, short_dir, small_tmpfs)
+    monkeypatch.setattr(migration, "_check_room", lambda path, needs: None)
+    monkeypatch.setattr(migration, "Populator", IdlePopulator)
+    await qmp.execute("migrate-incoming", {"uri": f"file:{short_dir}/save.img"})
+    deadline = time.monotonic() + 60
+    while (info := await qmp.execute("query-migrate"))["status"] not in FINAL_STATES:
+        assert time.monotonic() < deadline, info
+    assert info["status"] == "failed"
+    assert info["error-desc"] == (
+        f"Could not allocate memory for memory backend 'ram0' in '{dst}': "
+        "No space left on device; memory backends 'ram0' hold partial data"
+    )
