@@ -47,7 +47,7 @@ def _wait(client: RawClient, done: Any, timeout: float = 60) -> dict[str, Any]:
         info = _ok(client, "query-migrate")
         if done(info):
             return info
-        assert info.get("status") in ("setup", "active"), info
+        assert info.get("status") in ("setup", "active", "cancelling"), info
         assert time.monotonic() < deadline, info
         time.sleep(0.005)
 
