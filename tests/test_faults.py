@@ -36,6 +36,8 @@ from .conftest import (
     fill_random,
     migd_threads,
     open_fds,
+    poll_until,
+    reached,
     save,
     start_daemon,
     wait_migration,
@@ -530,8 +532,11 @@ async def test_client_disconnecting_mid_save_leaves_the_save_running_to_completi
     params = {"multifd-channels": 2, "direct-io": True, "max-bandwidth": 16 * MiB}
     assert "return" in await first.execute("migrate-set-parameters", params)
     assert "return" in await first.execute("migrate", {"uri": f"file:{target}"})
-    while (await first.execute("query-migrate"))["return"]["status"] != "active":
-        await asyncio.sleep(POLL)
+    await poll_until(
+        lambda: first.execute("query-migrate"),
+        lambda reply: reached(reply["return"], "active"),
+        "the save running",
+    )
     if how == "clean":
         first.writer.close()
         await first.writer.wait_closed()

@@ -22,6 +22,7 @@ from .conftest import (
     restore,
     save,
     wait_migration,
+    wait_status,
 )
 
 MiB = 1 << 20
@@ -268,8 +269,7 @@ async def test_cancelled_restore_says_the_backend_holds_partial_data(qmp, shm, s
     fds_before = open_fds()
     await qmp.execute("migrate-set-parameters", {"max-bandwidth": 4 * MiB})
     await qmp.execute("migrate-incoming", {"uri": f"file:{short_dir}/save.img"})
-    while (await qmp.execute("query-migrate"))["status"] != "active":
-        pass
+    await wait_status(qmp, "active")
     await qmp.execute("migrate_cancel")
     info = await wait_migration(qmp)
     assert info["status"] == "cancelled"

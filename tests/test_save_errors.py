@@ -16,6 +16,7 @@ from .conftest import (
     qmp_error,
     save,
     wait_migration,
+    wait_status,
 )
 
 MiB = 1 << 20
@@ -210,8 +211,7 @@ async def test_cancel_mid_save_joins_threads_closes_fds_and_leaves_an_incomplete
     fds_before = open_fds()
     await ready.execute("migrate-set-parameters", {"max-bandwidth": 4 * MiB})
     await ready.execute("migrate", {"uri": f"file:{short_dir}/save.img"})
-    while (await ready.execute("query-migrate"))["status"] != "active":
-        pass
+    await wait_status(ready, "active")
     await ready.execute("migrate_cancel")
     info = await wait_migration(ready)
     assert info["status"] == "cancelled"
