@@ -11,13 +11,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
 START_TIMEOUT = 15.0
+T = TypeVar("T")
 
 
 @pytest.fixture
@@ -222,6 +223,49 @@ async def wait_migration(client: Any, timeout: float = 120.0) -> dict[str, Any]:
         if time.monotonic() > deadline:
             raise TimeoutError(f"migration still {info.get('status')} after {timeout}s")
         await asyncio.sleep(0.01)
+
+
+def reached(info: dict[str, Any], wanted: str) -> bool:
+    """Has a job reached `wanted`? Fails at once if it ended in another final state, so
+    that a wait for "active" does not spin until its deadline on a job that already
+    failed (and says why)."""
+    status = info.get("status")
+    if status == wanted:
+        return True
+    if status in FINAL_STATES:
+        raise AssertionError(f"migration ended {status}, never {wanted}: {info}")
+    return False
+
+
+async def poll_until(
+    probe: Callable[[], Awaitable[T]],
+    done: Callable[[T], bool],
+    what: str,
+    timeout: float = 30.0,
+    interval: float = 0.01,
+) -> T:
+    """Await probe() until done(value) holds and return that value; fail with `what` and
+    the last value once `timeout` seconds have passed (a bounded busy wait)."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await probe()
+        if done(value):
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not reached within {timeout}s; last: {value!r}")
+        await asyncio.sleep(interval)
+
+
+async def wait_status(client: Any, wanted: str, timeout: float = 30.0) -> dict[str, Any]:
+    """Poll query-migrate (a qemu.qmp client) until the job's status is `wanted`."""
+    return await poll_until(
+        lambda: client.execute("query-migrate"),
+        lambda info: reached(info, wanted),
+        f"migration status {wanted}",
+        timeout,
+    )
 
 
 async def enable_mapped_ram(

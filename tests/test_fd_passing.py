@@ -28,6 +28,7 @@ from .conftest import (
     restore,
     save,
     wait_migration,
+    wait_status,
 )
 
 MiB = 1 << 20
@@ -265,8 +266,7 @@ async def test_a_removed_fdset_lives_on_while_a_migration_holds_dups_of_it(
     target.touch()
     await _fdset_of(qmp, 0, target, os.O_WRONLY, os.O_WRONLY | os.O_DIRECT)
     await qmp.execute("migrate", {"uri": "file:/dev/fdset/0"})
-    while (await qmp.execute("query-migrate"))["status"] != "active":
-        pass
+    await wait_status(qmp, "active")
     held = _targets(target)  # the two passed fds and the migration's dups of them
     await qmp.execute("remove-fd", {"fdset-id": 0})
     assert _targets(target) == held - 2  # the passed fds are closed at once

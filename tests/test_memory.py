@@ -343,8 +343,14 @@ def test_an_id_that_is_not_an_identifier_is_refused(bad_id: str) -> None:
         create_ram_backend(bad_id, MiB)
 
 
-def test_ids_may_use_letters_digits_dash_dot_and_underscore() -> None:
-    create_ram_backend("A-b.c_9", PAGE_SIZE).close()
+@pytest.mark.parametrize("good_id", ["A-b.c_9", "z", "Z9", "x-", "x.", "x_", "a" * 64])
+def test_ids_may_use_letters_digits_dash_dot_and_underscore(good_id: str) -> None:
+    b = create_ram_backend(good_id, PAGE_SIZE)
+    try:
+        # kept exactly as given, and the block is named after it
+        assert (b.id, b.block_name, b.size) == (good_id, good_id, PAGE_SIZE)
+    finally:
+        b.close()
 
 
 @pytest.mark.parametrize("name", ["", "x" * 256, "é" * 128])

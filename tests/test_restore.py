@@ -22,6 +22,7 @@ from .conftest import (
     restore,
     save,
     wait_migration,
+    wait_status,
 )
 
 MiB = 1 << 20
@@ -111,17 +112,21 @@ async def test_restore_into_anonymous_memory(qmp, shm, short_dir):
 
 
 async def test_restore_skips_unmatched_blocks_only_when_asked(qmp, shm, short_dir):
-    data = await _saved(qmp, shm, short_dir)
+    await _saved(qmp, shm, short_dir)
     await qmp.execute("object-add", {"qom-type": "memory-backend-ram", "id": "extra", "size": MiB})
-    await save(qmp, short_dir / "two.img")
+    assert (await save(qmp, short_dir / "two.img"))["status"] == "completed"
     await qmp.execute("object-del", {"id": "extra"})
+    saved = (shm / "dst").read_bytes()  # what two.img holds for ram0
+    # Other data in ram0, so that the restore has something to change.
+    with open(shm / "dst", "r+b") as f:
+        f.write(_mixed(len(saved), seed=10))
     before = _digest(shm / "dst")
     text = await qmp_error(qmp, "migrate-incoming", {"uri": f"file:{short_dir}/two.img"})
     assert text == 'Unknown ramblock "extra", cannot accept migration'
     assert _digest(shm / "dst") == before
     info = await restore(qmp, short_dir / "two.img", **{"skip-unmatched-blocks": True})
     assert info["status"] == "completed" and info["x-skipped-blocks"] == ["extra"]
-    assert (shm / "dst").read_bytes() != data  # it was saved again from dst's random data
+    assert (shm / "dst").read_bytes() == saved
 
 
 async def test_restore_refuses_when_mapped_ram_is_off(qmp, shm, short_dir):
@@ -164,11 +169,14 @@ CORRUPTIONS = {
     ),
     "region past the end": (
         lambda p, b: _corrupt_header_field(p, b, 20, b.pages_offset + (1 << 40)),
-        "",
+        "extends past the end of the file",
     ),
     "incomplete": (lambda p, b: _truncate_tail(p), "incomplete"),
-    "truncated": (lambda p, b: os.truncate(p, b.pages_offset + 4096), ""),
-    "empty": (lambda p, b: os.truncate(p, 0), ""),
+    "truncated": (
+        lambda p, b: os.truncate(p, b.pages_offset + 4096),
+        "extends past the end of the file",
+    ),
+    "empty": (lambda p, b: os.truncate(p, 0), "the file is empty: not a save file"),
 }
 
 
@@ -197,11 +205,13 @@ async def test_corrupt_files_are_refused_and_backends_stay_untouched(qmp, shm, s
     damage, expected = CORRUPTIONS[name]
     damage(target, first_block(target))
     before, fds_before = _digest(shm / "dst"), open_fds()
+    job_before = await qmp.execute("query-migrate")  # the save's: completed
     text = await qmp_error(qmp, "migrate-incoming", {"uri": f"file:{target}"})
     assert str(target) in text and expected in text
     assert _digest(shm / "dst") == before
     assert open_fds() == fds_before and migd_threads() == []
-    assert await qmp.execute("query-migrate") != {"status": "active"}
+    # A refused restore starts no job: query-migrate still shows the save, unchanged.
+    assert await qmp.execute("query-migrate") == job_before
 
 
 async def test_length_mismatch_names_both_lengths(qmp, shm, short_dir):
@@ -268,8 +278,7 @@ async def test_cancelled_restore_says_the_backend_holds_partial_data(qmp, shm, s
     fds_before = open_fds()
     await qmp.execute("migrate-set-parameters", {"max-bandwidth": 4 * MiB})
     await qmp.execute("migrate-incoming", {"uri": f"file:{short_dir}/save.img"})
-    while (await qmp.execute("query-migrate"))["status"] != "active":
-        pass
+    await wait_status(qmp, "active")
     await qmp.execute("migrate_cancel")
     info = await wait_migration(qmp)
     assert info["status"] == "cancelled"

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import asyncio
 
-from .conftest import add_file_backend, enable_mapped_ram, fill_random, save, wait_migration
+from .conftest import (
+    FINAL_STATES,
+    add_file_backend,
+    enable_mapped_ram,
+    fill_random,
+    save,
+    wait_migration,
+    wait_status,
+)
 
 MiB = 1 << 20
 
@@ -41,13 +49,13 @@ async def test_query_migrate_shows_progress_while_a_save_runs(qmp, shm, short_di
     await enable_mapped_ram(qmp, channels=2, **{"max-bandwidth": 16 * MiB})
     await qmp.execute("migrate", {"uri": f"file:{short_dir}/save.img"})
     samples = []
-    while True:
-        info = await qmp.execute("query-migrate")
+    deadline = asyncio.get_running_loop().time() + 60  # the save takes about 2 s
+    while (info := await qmp.execute("query-migrate"))["status"] not in FINAL_STATES:
         if info["status"] == "active":
             samples.append(info)
-        if info["status"] == "completed":
-            break
+        assert asyncio.get_running_loop().time() < deadline, f"save still running: {info}"
         await asyncio.sleep(0.2)
+    assert info["status"] == "completed", info
     assert len(samples) >= 3, "a 2 s save should be seen active several times"
     remaining = [s["ram"]["remaining"] for s in samples]
     transferred = [s["ram"]["transferred"] for s in samples]
@@ -77,8 +85,7 @@ async def test_max_bandwidth_changes_apply_to_the_running_save(qmp, shm, short_d
     await add_file_backend(qmp, "ram0", shm / "ram0", size)
     await enable_mapped_ram(qmp, channels=2, direct_io=True, **{"max-bandwidth": rate})
     await qmp.execute("migrate", {"uri": f"file:{short_dir}/save.img"})
-    while (await qmp.execute("query-migrate"))["status"] != "active":
-        pass
+    await wait_status(qmp, "active")
     await qmp.execute("migrate-set-parameters", {"max-bandwidth": 0})
     assert (await qmp.execute("query-migrate-parameters"))["max-bandwidth"] == 0
     info = await wait_migration(qmp)
