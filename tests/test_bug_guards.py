@@ -433,3 +433,67 @@ async def test_direct_io_opens_every_channel_with_o_direct(qmp, shm, short_dir, 
         # The pages went around the page cache: only the head, bitmap and end section
         # (written through the main fd, a few KiB) may be cached, never the 32 MiB.
         assert _cached_bytes(target) < MiB, _cached_bytes(target)
+
+
+# --- 8. every channel fd is the file the migration opened ------------------------------
+
+
+async def test_an_fdset_whose_o_direct_fd_is_another_file_is_refused(qmp, shm, short_dir):
+    """Bug caught: the channel identity check removed (pages written into another file)."""
+    size = 4 * MiB
+    fill_random(shm / "src", size)
+    await add_file_backend(qmp, "ram0", shm / "src", size)
+    await enable_mapped_ram(qmp, channels=2, direct_io=True)
+    target, other = short_dir / "vm.sav", short_dir / "other.sav"
+    other.write_bytes(b"someone else's file")
+    main = os.open(target, os.O_WRONLY | os.O_CREAT, 0o600)
+    twin = os.open(other, os.O_WRONLY | O_DIRECT)
+    try:
+        for fd in (main, twin):
+            qmp.send_fd_scm(fd)
+            await qmp.execute("add-fd", {"fdset-id": 0})
+    finally:
+        os.close(main)
+        os.close(twin)
+    await qmp.execute("migrate", {"uri": "file:/dev/fdset/0"})
+    info = await wait_migration(qmp)
+    assert info["status"] == "failed", info
+    assert "a channel's fd is not the file the migration opened" in info["error-desc"]
+    assert other.read_bytes() == b"someone else's file"
+
+
+# --- 9. a memory file cut where no channel goes any more still fails the restore --------
+
+
+async def test_a_memory_file_cut_after_its_pages_were_restored_fails_the_restore(
+    qmp, shm, short_dir
+):
+    """Bug caught: the final shrink check removed. The cut falls in the tail the restore
+    zeroed first (absent pages go first), so no channel faults on it: only the check
+    after the channels sees that the memory restored there is gone."""
+    size, tail = 32 * MiB, 8 * MiB
+    data = bytearray(fill_random(shm / "src", size, seed=61))
+    data[size - tail :] = bytes(tail)
+    (shm / "src").write_bytes(data)
+    await add_file_backend(qmp, "ram0", shm / "src", size)
+    await enable_mapped_ram(qmp, channels=2)
+    assert (await save(qmp, short_dir / "save.img"))["status"] == "completed"
+    await qmp.execute("object-del", {"id": "ram0"})
+    fill_random(shm / "dst", size, seed=62)
+    await add_file_backend(qmp, "ram0", shm / "dst", size, share=True)
+    await qmp.execute("migrate-set-parameters", {"max-bandwidth": 8 * MiB})
+    await qmp.execute("migrate-incoming", {"uri": f"file:{short_dir}/save.img"})
+    info = await poll_until(
+        lambda: qmp.execute("query-migrate"),
+        lambda i: i["status"] not in ("setup", "active") or i["ram"]["duplicate"] >= tail // PAGE,
+        "the zero tail restored",
+    )
+    assert info["status"] == "active" and info["ram"]["normal"] < (size - tail) // PAGE, info
+    os.truncate(shm / "dst", size - tail)
+    info = await wait_migration(qmp)
+    assert info["status"] == "failed", info
+    assert info["error-desc"] == (
+        f"Memory backend 'ram0' file '{shm}/dst' shrank from {size} to {size - tail} bytes "
+        "during the restore; memory backends 'ram0' hold partial data"
+    )
+    await qmp.execute("migrate-set-parameters", {"max-bandwidth": 0})
