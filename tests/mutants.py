@@ -10,6 +10,7 @@ unpatched copy first; then for each mutant they run with `-x` and must fail.
     python -m tests.mutants            # all mutants; exit status 1 if any survives
     python -m tests.mutants NAME...    # only these
     python -m tests.mutants --list     # names and tests, without running anything
+    python -m tests.mutants --show     # also print the assertion that caught each
 """
 
 from __future__ import annotations
@@ -297,21 +298,26 @@ def environment(tree: Path) -> dict[str, str]:
     return env
 
 
-def run_tests(tree: Path, env: dict[str, str], tests: tuple[str, ...]) -> tuple[int, float]:
+def run_tests(
+    tree: Path, env: dict[str, str], tests: tuple[str, ...], show: bool = False
+) -> tuple[int, float]:
+    """pytest -x of `tests` in the copy -> (exit status, -1 on timeout; seconds)."""
     started = time.monotonic()
     argv = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
     try:
         done = subprocess.run(
-            argv, cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            timeout=TIMEOUT,
-        )  # fmt: skip
+            argv, cwd=tree, env=env, capture_output=True, text=True, timeout=TIMEOUT
+        )
         code = done.returncode
+        if show:  # the failure pytest reports: why the mutant was caught
+            lines = [line for line in done.stdout.splitlines() if line.startswith("E ")]
+            print(*("      " + line for line in lines[:6]), sep="\n")
     except subprocess.TimeoutExpired:
         code = -1
     return code, time.monotonic() - started
 
 
-def run(mutants: list[Mutant]) -> int:
+def run(mutants: list[Mutant], show: bool = False) -> int:
     problems = check_patches(ROOT, mutants)
     if problems:
         print("mutants: the list no longer matches the code:", *problems, sep="\n  ")
@@ -331,7 +337,7 @@ def run(mutants: list[Mutant]) -> int:
             original = path.read_text()
             try:
                 path.write_text(original.replace(m.original, m.replacement, 1))
-                code, seconds = run_tests(tree, env, m.tests)
+                code, seconds = run_tests(tree, env, m.tests, show)
             finally:
                 path.write_text(original)
             verdict = {1: "caught", 0: "SURVIVED", -1: "TIMEOUT"}.get(code, f"ERROR ({code})")
@@ -351,6 +357,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="*", help="run only these mutants")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument("--show", action="store_true", help="print each failing assertion")
     args = parser.parse_args()
     by_name = {m.name: m for m in MUTANTS}
     unknown = [n for n in args.names if n not in by_name]
@@ -361,7 +368,7 @@ def main() -> int:
         for m in chosen:
             print(f"{m.name}: {m.path}; {' '.join(m.tests)}")
         return 0
-    return run(chosen)
+    return run(chosen, args.show)
 
 
 if __name__ == "__main__":

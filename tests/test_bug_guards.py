@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from qemu.qmp import ExecuteError
 
 from migd import migration
 from migd.channels import MIN_SKIP_PAGES, runs_to_write, zero_pages
@@ -184,7 +185,7 @@ async def test_a_daemon_refuses_siblings_and_prefixes_of_an_allowed_dir(
     client, other = confined_to_allowed, short_dir / name
     other.mkdir()
     (other / "old.sav").write_bytes(b"not a save")
-    with pytest.raises(Exception, match="outside the allowed directories"):
+    with pytest.raises(ExecuteError, match="outside the allowed directories"):
         await add_file_backend(client, "bad", other / "ram", MiB)
     assert not (other / "ram").exists()
     fill_random(shm / "ram0", MiB)
