@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint schema bench clean
+.PHONY: demo test lint schema bench mutants clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+# Plants each bug of tests/mutants.py in a copy of the tree and checks that its tests
+# fail (about 3 minutes here); never part of `make test`.
+mutants: $(STAMP)
+	$(BIN)/python -m tests.mutants
 
 # The real benchmark (about 16 minutes here); never part of `make test`.
 bench: $(STAMP)

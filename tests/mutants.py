@@ -1,0 +1,375 @@
+"""`make mutants`: plant realistic bugs one at a time and check that a test catches each.
+
+Every mutant is a named patch: a file, an exact piece of its text, what replaces it, and
+the tests that must then fail. The patches are applied to a temporary copy of the tree
+(the working tree is never touched, so an interrupted run leaves nothing behind), and
+each must match its file exactly once: a patch whose original text has changed fails
+the run loudly instead of silently testing nothing. The selected tests must pass on the
+unpatched copy first; then for each mutant they run with `-x` and must fail.
+
+    python -m tests.mutants            # all mutants; exit status 1 if any survives
+    python -m tests.mutants NAME...    # only these
+    python -m tests.mutants --list     # names and tests, without running anything
+    python -m tests.mutants --show     # also print the assertion that caught each
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT = 300  # seconds per pytest run; a run that hangs this long counts as not caught
+
+G = "tests/test_bug_guards.py::"
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str  # relative to the tree's root
+    original: str  # must occur exactly once in the file
+    replacement: str
+    tests: tuple[str, ...]  # pytest arguments: node ids
+
+
+MUTANTS = [
+    # --- the seven of issue 13 --------------------------------------------------------
+    Mutant(
+        "zero-scan-reads-half-of-each-page",
+        "migd/channels.py",
+        "np.bitwise_or.reduce(chunk, axis=1) == 0",
+        "np.bitwise_or.reduce(chunk[:, : _WORDS_PER_PAGE // 2], axis=1) == 0",
+        (G + "test_a_page_with_one_nonzero_byte_anywhere_is_never_called_zero",),
+    ),
+    Mutant(
+        "allowed-dirs-as-a-string-prefix",
+        "migd/paths.py",
+        'return path == directory or path.startswith(directory.rstrip("/") + "/")',
+        'return path.startswith(directory.rstrip("/"))',
+        (G + "test_siblings_and_prefixes_of_an_allowed_dir_are_outside",),
+    ),
+    Mutant(
+        "short-write-taken-as-complete",
+        "migd/channels.py",
+        "        data = data[done:]\n        offset += done\n\n\ndef read_fully",
+        "        data = data[len(data) :]\n        offset += done\n\n\ndef read_fully",
+        (G + "test_a_save_onto_a_filesystem_that_writes_short_keeps_every_byte",),
+    ),
+    Mutant(
+        "first-channel-fd-left-open-on-a-later-open-failure",
+        "migd/migration.py",
+        "            for fd in fds:\n                self.closer(fd)\n            raise",
+        "            for fd in fds[1:]:\n                self.closer(fd)\n            raise",
+        (G + "test_a_failed_channel_open_leaves_no_fd_open_in_the_daemon",),
+    ),
+    Mutant(
+        "restore-ignores-max-bandwidth",
+        "migd/channels.py",
+        "            self.throttle.wait(len(memory), self.cancel)\n",
+        "",
+        (G + "test_a_restore_holds_max_bandwidth",),
+    ),
+    Mutant(
+        "remaining-from-the-last-sample",
+        "migd/migration.py",
+        "else (self.total_bytes - done * PAGE_SIZE)",
+        "else (self.total_bytes - (self._samples[-1][2] if self._samples else 0) * PAGE_SIZE)",
+        (G + "test_remaining_adds_up_with_the_counters_of_the_same_reply",),
+    ),
+    Mutant(
+        "channels-opened-without-o-direct",
+        "migd/channels.py",
+        "return open_file(path, flags | (os.O_DIRECT if direct else 0), 0o600)",
+        "return open_file(path, flags | (0 if direct else 0), 0o600)",
+        (G + "test_direct_io_opens_every_channel_with_o_direct",),
+    ),
+    # --- the zero scan and the page I/O ---------------------------------------------------
+    Mutant(
+        "zero-scan-trusts-its-samples",
+        "migd/channels.py",
+        "reader.zero_pages(address + low * PAGE_SIZE, zero[low:high])",
+        "zero[low:high] = True",
+        (G + "test_lone_bytes_in_long_zero_runs_survive_save_and_restore",),
+    ),
+    Mutant(
+        "zero-scan-keeps-short-runs",
+        "migd/channels.py",
+        "    short = (stops - starts) < min_run\n",
+        "    short = (stops - starts) < 0\n",
+        ("tests/test_zero_scan.py::test_zero_scan_finds_exactly_the_long_zero_runs",),
+    ),
+    Mutant(
+        "last-page-of-each-write-not-marked-present",
+        "migd/channels.py",
+        "block.present[run.first_page + at : run.first_page + at + pages] = True",
+        "block.present[run.first_page + at : run.first_page + at + pages - 1] = True",
+        ("tests/test_restore.py::test_round_trip_restores_every_byte_and_zeroes_absent_pages",),
+    ),
+    Mutant(
+        "end-of-file-read-as-zeros",
+        "migd/channels.py",
+        "        if done == 0:\n            raise ChannelError(\n                f\"Could not read",
+        "        if done == 0:\n            break\n            raise ChannelError(\n"
+        "                f\"Could not read",
+        ("tests/test_faults.py::test_file_truncated_under_a_running_restore_fails_clearly_and_leaks_nothing",),
+    ),
+    Mutant(
+        "absent-pages-not-zeroed-on-restore",
+        "migd/channels.py",
+        "                block.zero_range(run.first_page * PAGE_SIZE, run.pages * PAGE_SIZE)",
+        "                pass",
+        ("tests/test_restore.py::test_round_trip_restores_every_byte_and_zeroes_absent_pages",),
+    ),
+    Mutant(
+        "save-ignores-max-bandwidth",
+        "migd/channels.py",
+        "                self.throttle.wait(len(data), self.cancel)\n",
+        "",
+        ("tests/test_save_progress.py::test_max_bandwidth_holds_within_ten_percent",),
+    ),
+    # --- the file format --------------------------------------------------------------
+    Mutant(
+        "bitmap-encoded-msb-first",
+        "migd/format.py",
+        'packed = np.packbits(np.asarray(present, dtype=bool), bitorder="little")',
+        'packed = np.packbits(np.asarray(present, dtype=bool), bitorder="big")',
+        ("tests/test_format.py",),
+    ),
+    Mutant(
+        "bitmap-decoded-one-byte-short",
+        "migd/format.py",
+        "    need = _ceil_div(pages, 8)\n    if len(data) < need:",
+        "    need = pages // 8\n    if len(data) < need:",
+        ("tests/test_format.py",),
+    ),
+    Mutant(
+        "bitmap-count-check-removed",
+        "migd/format.py",
+        "    if count != check.present:",
+        "    if False:",
+        ("tests/test_format.py", "tests/test_metadata_mutations.py"),
+    ),
+    # --- durability ---------------------------------------------------------------------
+    Mutant(
+        "channel-fdatasync-skipped",
+        "migd/migration.py",
+        "        for fd in fds:\n            _fdatasync(fd, path)\n",
+        "        for fd in fds[:0]:\n            _fdatasync(fd, path)\n",
+        ("tests/test_durability.py",),
+    ),
+    Mutant(
+        "end-section-written-before-the-bitmaps-are-synced",
+        "migd/migration.py",
+        "        _fdatasync(main_fd, path)\n        _, _, normal, zero, _ = job.totals()",
+        "        _, _, normal, zero, _ = job.totals()",
+        ("tests/test_durability.py",),
+    ),
+    # --- which files migd opens -------------------------------------------------------
+    Mutant(
+        "channel-identity-check-removed",
+        "migd/migration.py",
+        "if (st.st_dev, st.st_ino) != (main.st_dev, main.st_ino):",
+        "if False:",
+        (G + "test_an_fdset_whose_o_direct_fd_is_another_file_is_refused",),
+    ),
+    Mutant(
+        "ownership-check-removed",
+        "migd/paths.py",
+        "    if st.st_uid not in owners:",
+        "    if False:",
+        ("tests/test_file_ownership.py",),
+    ),
+    Mutant(
+        "group-writable-check-removed",
+        "migd/paths.py",
+        "    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):",
+        "    if False:",
+        ("tests/test_file_ownership.py",),
+    ),
+    Mutant(
+        "hard-link-check-removed",
+        "migd/paths.py",
+        "    if st.st_nlink != 1:",
+        "    if False:",
+        ("tests/test_file_ownership.py", "tests/test_file_identity.py"),
+    ),
+    Mutant(
+        "fifo-opened-without-o-nonblock",
+        "migd/paths.py",
+        "fd = open_file(path, flags | os.O_NONBLOCK, 0o600)",
+        "fd = open_file(path, flags, 0o600)",
+        ("tests/test_file_kinds.py",),
+    ),
+    Mutant(
+        "symlink-followed-inside-allowed-dirs",
+        "migd/paths.py",
+        "flags | os.O_CLOEXEC | os.O_NOFOLLOW, mode, dir_fd=dir_fd",
+        "flags | os.O_CLOEXEC, mode, dir_fd=dir_fd",
+        ("tests/test_path_policy.py",),
+    ),
+    Mutant(
+        "held-directory-not-rechecked",
+        "migd/paths.py",
+        "            if not self._allowed(os.path.join(held, name)):",
+        "            if False:",
+        ("tests/test_path_policy.py",),
+    ),
+    # --- memory backends, restores ----------------------------------------------------
+    Mutant(
+        "shrink-check-removed",
+        "migd/migration.py",
+        "            if shrunk is not None:\n                raise shrunk",
+        "            if False:\n                raise shrunk",
+        (G + "test_a_memory_file_cut_after_its_pages_were_restored_fails_the_restore",),
+    ),
+    Mutant(
+        "room-check-removed",
+        "migd/migration.py",
+        "        if total > have:",
+        "        if False:",
+        ("tests/test_restore.py::test_restore_into_a_filesystem_too_small_fails_before_changing_memory",),
+    ),
+    Mutant(
+        "partial-restore-not-marked",
+        "migd/migration.py",
+        "await asyncio.to_thread(self.partial.set_all, job.backends, path)",
+        "await asyncio.sleep(0)",
+        ("tests/test_partial_restore.py",),
+    ),
+    # --- the QMP server ---------------------------------------------------------------
+    Mutant(
+        "reply-queue-bound-removed",
+        "migd/server.py",
+        "        if self._unsent.count > REPLY_LIMIT_BYTES:",
+        "        if False:",
+        ("tests/test_serving.py::test_a_client_that_never_reads_its_replies_is_dropped_and_its_memory_returns",),
+    ),
+    Mutant(
+        "message-size-limit-removed",
+        "migd/qmp.py",
+        "        if len(self._buf) > self._limit:",
+        "        if False:",
+        ("tests/test_qmp_framing.py",),
+    ),
+]  # fmt: skip
+
+
+def check_patches(tree: Path, mutants: list[Mutant]) -> list[str]:
+    """Problems with the list: a patch whose original text is missing or ambiguous."""
+    problems = []
+    for m in mutants:
+        text = (tree / m.path).read_text()
+        found = text.count(m.original)
+        if found != 1:
+            problems.append(f"{m.name}: original text found {found} times in {m.path}")
+    return problems
+
+
+def copy_tree(into: Path) -> Path:
+    """A copy of the tree to mutate: everything but the venv, git and caches."""
+    tree = into / "tree"
+    shutil.copytree(
+        ROOT,
+        tree,
+        ignore=shutil.ignore_patterns(
+            ".venv", ".git", "__pycache__", ".pytest_cache", ".hypothesis", ".ruff_cache"
+        ),
+    )
+    return tree
+
+
+def environment(tree: Path) -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(tree), PYTHONDONTWRITEBYTECODE="1")
+    # The editable install points at the real tree; PYTHONPATH (and the cwd) come first.
+    where = subprocess.run(
+        [sys.executable, "-c", "import migd; print(migd.__file__)"],
+        cwd=tree, env=env, capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    if not where.startswith(str(tree)):
+        raise SystemExit(f"mutants: the copy's migd is not the one imported ({where})")
+    return env
+
+
+def run_tests(
+    tree: Path, env: dict[str, str], tests: tuple[str, ...], show: bool = False
+) -> tuple[int, float]:
+    """pytest -x of `tests` in the copy -> (exit status, -1 on timeout; seconds)."""
+    started = time.monotonic()
+    argv = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    try:
+        done = subprocess.run(
+            argv, cwd=tree, env=env, capture_output=True, text=True, timeout=TIMEOUT
+        )
+        code = done.returncode
+        if show:  # the failure pytest reports: why the mutant was caught
+            lines = [line for line in done.stdout.splitlines() if line.startswith("E ")]
+            print(*("      " + line for line in lines[:6]), sep="\n")
+    except subprocess.TimeoutExpired:
+        code = -1
+    return code, time.monotonic() - started
+
+
+def run(mutants: list[Mutant], show: bool = False) -> int:
+    problems = check_patches(ROOT, mutants)
+    if problems:
+        print("mutants: the list no longer matches the code:", *problems, sep="\n  ")
+        return 2
+    with tempfile.TemporaryDirectory(prefix="migd-mutants-") as tmp:
+        tree = copy_tree(Path(tmp))
+        env = environment(tree)
+        selected = tuple(dict.fromkeys(t for m in mutants for t in m.tests))
+        code, seconds = run_tests(tree, env, selected)
+        if code != 0:
+            print(f"unmutated tree: the selected tests FAIL (exit {code}); nothing to compare")
+            return 2
+        print(f"unmutated tree: the {len(selected)} selections pass ({seconds:.0f} s)")
+        rows = []
+        for m in mutants:
+            path = tree / m.path
+            original = path.read_text()
+            try:
+                path.write_text(original.replace(m.original, m.replacement, 1))
+                code, seconds = run_tests(tree, env, m.tests, show)
+            finally:
+                path.write_text(original)
+            verdict = {1: "caught", 0: "SURVIVED", -1: "TIMEOUT"}.get(code, f"ERROR ({code})")
+            rows.append((m.name, " ".join(t.replace(G, "guards::") for t in m.tests), verdict))
+            print(f"  {verdict:9} {m.name} ({seconds:.0f} s)", flush=True)
+    width = max(len(r[0]) for r in rows)
+    print(f"\n| {'mutant':{width}} | result   | tests run |")
+    print(f"|{'-' * (width + 2)}|----------|-----------|")
+    for name, tests, verdict in rows:
+        print(f"| {name:{width}} | {verdict:8} | {tests} |")
+    survivors = [r for r in rows if r[2] != "caught"]
+    print(f"\n{len(rows) - len(survivors)} of {len(rows)} mutants caught")
+    return 1 if survivors else 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="*", help="run only these mutants")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument("--show", action="store_true", help="print each failing assertion")
+    args = parser.parse_args()
+    by_name = {m.name: m for m in MUTANTS}
+    unknown = [n for n in args.names if n not in by_name]
+    if unknown:
+        parser.error(f"unknown mutants: {', '.join(unknown)}")
+    chosen = [by_name[n] for n in args.names] if args.names else MUTANTS
+    if args.list:
+        for m in chosen:
+            print(f"{m.name}: {m.path}; {' '.join(m.tests)}")
+        return 0
+    return run(chosen, args.show)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
