@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import InvalidRequest, MigdError
+from ..errors import InvalidRequest, MigdError
 
 MAX_MESSAGE_BYTES = 1 << 20
 # QEMU's JSON parser refuses deeper nesting; it also keeps json.loads off the recursion limit.

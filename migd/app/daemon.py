@@ -14,19 +14,19 @@ from typing import Any
 
 import sdnotify
 
-from . import __version__
-from .channels import open_channel_fd
-from .commands import Context, dispatch
+from .. import __version__
+from ..api.commands import Context, dispatch
+from ..errors import MigdError
+from ..io.threads import open_channel_fd
+from ..migration.engine import MigrationEngine
+from ..qmp.dispatch import version_numbers
+from ..qmp.server import Server, Session, bind_unix_socket
+from ..qmp.wire import Request, greeting
+from ..state.fdsets import FdStore
+from ..state.memory import MemoryBackend, MemoryRegistry, create_file_backend, create_ram_backend
+from ..state.partial import SIDECAR_DIR, PartialMarks
+from ..state.paths import PathPolicy
 from .config import BackendConfig, Config
-from .errors import MigdError
-from .fdsets import FdStore
-from .memory import MemoryBackend, MemoryRegistry, create_file_backend, create_ram_backend
-from .migration import MigrationEngine
-from .partial import SIDECAR_DIR, PartialMarks
-from .paths import PathPolicy
-from .qmp import Request, greeting
-from .registry import version_numbers
-from .server import Server, Session, bind_unix_socket
 from .services import Services
 
 log = logging.getLogger(__name__)

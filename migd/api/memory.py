@@ -9,12 +9,12 @@ from typing import Annotated
 
 from pydantic import Strict
 
-from .errors import InvalidRequest
-from .fdsets import is_fdset_path
-from .memory import MemoryBackend, create_file_backend, create_ram_backend
-from .paths import trusted_owners
-from .registry import Context, command
-from .validation import Empty, QapiModel
+from ..errors import InvalidRequest
+from ..qmp.dispatch import Context, command
+from ..qmp.validation import Empty, QapiModel
+from ..state.fdsets import is_fdset_path
+from ..state.memory import MemoryBackend, create_file_backend, create_ram_backend
+from ..state.paths import trusted_owners
 
 
 class QomType(enum.StrEnum):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .fdsets import FdStore
-from .memory import MemoryRegistry
-from .migration import MigrationEngine
-from .paths import PathPolicy
+from ..migration.engine import MigrationEngine
+from ..state.fdsets import FdStore
+from ..state.memory import MemoryRegistry
+from ..state.paths import PathPolicy
 
 
 @dataclass

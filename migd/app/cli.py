@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from .. import __version__
+from ..errors import ConfigError, MigdError
 from .config import DEFAULT_CONFIG_PATH, default_socket_path, load_config
-from .errors import ConfigError, MigdError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     action.add_argument("--check", action="store_true", help="fail if the files drift")
     schema.add_argument("--dir", type=Path, default=None, help="schema directory")
     _add_client_commands(sub)
-    from .bench import add_arguments as add_bench_arguments  # no numpy until it runs
+    from ..bench import add_arguments as add_bench_arguments  # no numpy until it runs
 
     add_bench_arguments(
         sub.add_parser("bench", help="measure save and restore here, against the disk and QEMU")
@@ -141,7 +141,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from . import schema
+    from ..api import schema
 
     directory = args.dir or schema.SCHEMA_DIR
     if args.write:
@@ -180,7 +180,7 @@ def _channels(text: str) -> int:
 
 
 def _add_client_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from .client import parse_offset, parse_size
+    from ..tools.client import parse_offset, parse_size
 
     inspect = sub.add_parser(
         "inspect", help="describe a save file (migd's or QEMU's); needs no daemon"
@@ -254,8 +254,8 @@ def _add_client_commands(sub: argparse._SubParsersAction) -> None:  # type: igno
 
 
 def _print_inspect(info: object) -> None:
-    from .client import human_bytes
-    from .inspect import SaveInfo
+    from ..tools.client import human_bytes
+    from ..tools.inspect import SaveInfo
 
     assert isinstance(info, SaveInfo)
     state = "complete" if info.complete else "INCOMPLETE"
@@ -302,7 +302,7 @@ def _print_inspect(info: object) -> None:
 def cmd_inspect(args: argparse.Namespace) -> int:
     import json
 
-    from .inspect import InspectError, inspect_file
+    from ..tools.inspect import InspectError, inspect_file
 
     try:
         info = inspect_file(args.file, args.offset)
@@ -330,7 +330,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def _run_client(name: str, coro: object) -> int:
     """Runs a client coroutine; maps its exceptions to exit codes."""
-    from .client import ClientError, UsageError
+    from ..tools.client import ClientError, UsageError
 
     try:
         result = asyncio.run(coro)  # type: ignore[arg-type]
@@ -358,7 +358,7 @@ def _drop_stdout() -> None:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from .client import MigrateOptions, run_migration
+    from ..tools.client import MigrateOptions, run_migration
 
     opts = MigrateOptions(
         file=args.file,
@@ -383,7 +383,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     import json
 
-    from .client import format_status, run_status
+    from ..tools.client import format_status, run_status
 
     async def status() -> int:
         info = await run_status(args.socket or default_socket_path())
@@ -396,7 +396,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_call(args: argparse.Namespace) -> int:
     import json
 
-    from .client import run_call
+    from ..tools.client import run_call
 
     try:
         arguments = json.loads(args.arguments)
@@ -433,7 +433,7 @@ CLIENT_HANDLERS = {
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import run
+    from ..bench import run
 
     return run(args)
 

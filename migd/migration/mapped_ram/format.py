@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import FormatError
+from ...errors import FormatError
 
 PAGE_SIZE = 4096
 MAPPED_RAM_ALIGN = 1 << 20

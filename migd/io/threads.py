@@ -28,9 +28,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import MigdError, MigrationError
-from .format import BlockLayout
-from .paths import FileOpener, plain_open
+from ..errors import MigdError, MigrationError
+from ..migration.mapped_ram.format import BlockLayout
+from ..state.paths import FileOpener, plain_open
 
 log = logging.getLogger(__name__)
 
@@ -591,10 +591,6 @@ def split_runs(
         for at in range(first, first + count, chunk):
             out.append(PageRun(block, at, min(chunk, first + count - at), zero))
     return out
-
-
-ChannelOpener = Callable[[str, int, bool], int]
-"""open(path, flags, direct) -> fd; raises a MigdError whose text names the file."""
 
 
 def open_channel_fd(path: str, flags: int, direct: bool, open_file: FileOpener = plain_open) -> int:

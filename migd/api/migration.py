@@ -7,10 +7,10 @@ from typing import Annotated, Any
 
 from pydantic import ConfigDict, Field, Strict
 
-from .errors import MigrationError
-from .registry import Context, command
-from .uri import FileTarget, NotSeekable, parse_uri
-from .validation import Empty, QapiModel
+from ..errors import MigrationError
+from ..io.target import FileTarget, NotSeekable, parse_uri
+from ..qmp.dispatch import Context, command
+from ..qmp.validation import Empty, QapiModel
 
 
 class MigrationCapability(enum.StrEnum):

@@ -1,7 +1,7 @@
 """The command registry: name -> (argument model, result type, handler), and dispatch.
 
 Adding a command is one argument model, one handler and one `@command` line in one of
-the *_commands modules. Handlers are thin: validated arguments in, an engine call, a
+the migd.api modules. Handlers are thin: validated arguments in, an engine call, a
 result out.
 """
 
@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import TypeAdapter
 
-from . import __version__
-from .errors import CommandNotFound, MigdError
-from .qmp import Request, error_reply, return_reply
+from .. import __version__
+from ..errors import CommandNotFound, MigdError
 from .validation import QapiModel, validate
+from .wire import Request, error_reply, return_reply
 
 if TYPE_CHECKING:
-    from .services import Services
+    from ..app.services import Services
 
 log = logging.getLogger(__name__)
 

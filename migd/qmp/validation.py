@@ -13,7 +13,7 @@ from typing import Any
 import annotated_types
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .errors import InvalidRequest
+from ..errors import InvalidRequest
 
 
 def qapi_name(name: str) -> str:

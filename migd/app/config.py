@@ -22,8 +22,8 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import ConfigError
-from .memory import PAGE_SIZE
+from ..errors import ConfigError
+from ..state.memory import PAGE_SIZE
 
 DEFAULT_CONFIG_PATH = "/etc/migd/migd.toml"
 _ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9._-]*")  # as memory.py: QEMU's id_wellformed()

@@ -24,25 +24,32 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__, format
-from .channels import (
+from .. import __version__
+from ..errors import MigdError, MigrationError
+from ..io.target import FileTarget
+from ..io.threads import (
     READ_CHUNK_PAGES,
     BlockIO,
     Channel,
     ChannelError,
-    ChannelOpener,
     PageRun,
     Populator,
     Throttle,
     open_channel_fd,
     split_runs,
 )
-from .errors import MigdError, MigrationError
-from .fdsets import is_fdset_path
-from .memory import MemoryBackend, MemoryRegistry
-from .partial import PartialMarks
-from .paths import FileOpener, open_regular, plain_open, remove_created, trusted_owners
-from .uri import FileTarget
+from ..state.fdsets import is_fdset_path
+from ..state.memory import MemoryBackend, MemoryRegistry
+from ..state.partial import PartialMarks
+from ..state.paths import (
+    ChannelOpener,
+    FileOpener,
+    open_regular,
+    plain_open,
+    remove_created,
+    trusted_owners,
+)
+from .mapped_ram import format
 
 log = logging.getLogger(__name__)
 

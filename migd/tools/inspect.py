@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from . import format
-from .errors import FormatError
+from ..errors import FormatError
+from ..migration.mapped_ram import format
 
 # A truncated file is parsed again as if zeros followed its end; this is how far it may go.
 # Bitmaps are counted in slices so that a TiB-sized block needs no GiB-sized array.

@@ -6,8 +6,8 @@ takes it; the store owns it from then on.
 
 from __future__ import annotations
 
-from .registry import Context, command
-from .validation import Empty, QapiModel
+from ..qmp.dispatch import Context, command
+from ..qmp.validation import Empty, QapiModel
 
 
 class GetfdArgs(QapiModel):

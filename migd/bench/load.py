@@ -6,7 +6,7 @@ clients (default 200) each polling query-migrate every --interval seconds (defau
 p50/p99/max answer times seen by the pollers, the number of errors (must be 0), and the
 save throughput with polling as a ratio of the throughput without (target >= 0.9).
 
-    .venv/bin/python -m migd.bench_load [--size-gib 2] [--clients 200] [--interval 0.1]
+    .venv/bin/python -m migd.bench.load [--size-gib 2] [--clients 200] [--interval 0.1]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from qemu.qmp import ConnectError, QMPClient
 
-from .bench.disk import drop_caches
+from .disk import drop_caches
 
 MiB = 1 << 20
 GiB = 1 << 30

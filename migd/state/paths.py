@@ -24,10 +24,14 @@ import os
 import stat
 from collections.abc import Callable, Collection, Sequence
 
-from .errors import MigdError
+from ..errors import MigdError
 
 FileOpener = Callable[[str, int, int], int]
 """open(path, flags, mode) -> fd, raising OSError like os.open."""
+
+ChannelOpener = Callable[[str, int, bool], int]
+"""open(path, flags, direct) -> fd; raises a MigdError whose text names the file
+(migd.io.threads.open_channel_fd is the one the daemon uses)."""
 
 
 class PathNotAllowed(MigdError):

@@ -7,10 +7,10 @@ from typing import Annotated
 
 from pydantic import Strict
 
-from . import __version__
-from .errors import CommandNotFound, MigdError
-from .registry import COMMANDS, Context, command, version_numbers
-from .validation import Empty, QapiModel
+from .. import __version__
+from ..errors import CommandNotFound, MigdError
+from ..qmp.dispatch import COMMANDS, Context, command, version_numbers
+from ..qmp.validation import Empty, QapiModel
 
 
 class QMPCapability(enum.StrEnum):

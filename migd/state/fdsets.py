@@ -26,8 +26,8 @@ import string
 import threading
 from dataclasses import dataclass
 
-from .channels import ChannelOpener, open_channel_fd
-from .errors import FdError
+from ..errors import FdError
+from .paths import ChannelOpener
 
 FDSET_PREFIX = "/dev/fdset/"
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
@@ -107,7 +107,7 @@ def parse_fdset_id(path: str) -> int:
 class FdStore:
     """The daemon's passed fds, shared by every session as QEMU's fdsets are by monitors."""
 
-    def __init__(self, fallback: ChannelOpener = open_channel_fd) -> None:
+    def __init__(self, fallback: ChannelOpener) -> None:
         self._fallback = fallback
         self._lock = threading.Lock()
         self._named: dict[str, int] = {}

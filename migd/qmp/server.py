@@ -26,9 +26,9 @@ import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .errors import FdError, InvalidRequest, MigdError
-from .fdsets import check_room_for_passed_fds
-from .qmp import (
+from ..errors import FdError, InvalidRequest, MigdError
+from ..state.fdsets import check_room_for_passed_fds
+from .wire import (
     MessageSplitter,
     MessageTooLarge,
     Request,

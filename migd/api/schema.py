@@ -8,7 +8,7 @@ from typing import Any
 
 from .commands import COMMANDS, Command
 
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
 
 
 def command_schema(cmd: Command) -> dict[str, Any]:

@@ -24,7 +24,7 @@ import os
 import time
 from collections.abc import Iterable
 
-from .errors import BackendError, MigrationError
+from ..errors import BackendError, MigrationError
 from .memory import MemoryBackend
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .errors import MigrationError
+from ..errors import MigrationError
 
 _OTHER_TRANSPORTS = ("unix", "tcp", "fd", "exec", "rdma", "vsock")
 _OFFSET = re.compile(r"(0[xX][0-9a-fA-F]+|[0-9]+)")

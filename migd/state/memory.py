@@ -11,7 +11,7 @@ import re
 import stat
 from collections.abc import Callable, Collection, Iterator
 
-from .errors import BackendError
+from ..errors import BackendError
 from .paths import FileOpener, open_regular, plain_open, trusted_owners
 
 PAGE_SIZE = 4096
