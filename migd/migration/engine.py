@@ -25,19 +25,18 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
-from ..errors import MigdError, MigrationError
+from ..errors import ChannelError, MigdError, MigrationError
+from ..io.pages import READ_CHUNK_PAGES
 from ..io.target import FileTarget
 from ..io.threads import (
-    READ_CHUNK_PAGES,
     BlockIO,
     Channel,
-    ChannelError,
     PageRun,
     Populator,
-    Throttle,
     open_channel_fd,
     split_runs,
 )
+from ..io.throttle import Throttle
 from ..state.fdsets import is_fdset_path
 from ..state.memory import MemoryBackend, MemoryRegistry
 from ..state.partial import PartialMarks
