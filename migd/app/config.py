@@ -23,10 +23,10 @@ from pydantic import (
 )
 
 from ..errors import ConfigError
-from ..state.memory import PAGE_SIZE
+from ..pages import PAGE_SIZE
+from ..state.memory import ID_RE
 
 DEFAULT_CONFIG_PATH = "/etc/migd/migd.toml"
-_ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9._-]*")  # as memory.py: QEMU's id_wellformed()
 _SIZE_RE = re.compile(r"(\d+)\s*([kmgtpe]?)(?:i?b)?", re.IGNORECASE)
 _SIZE_SHIFT = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
 
@@ -115,7 +115,7 @@ class BackendConfig(Section):
     @field_validator("id")
     @classmethod
     def _id(cls, value: str) -> str:
-        if not _ID_RE.fullmatch(value):
+        if not ID_RE.fullmatch(value):
             raise ValueError(
                 "must be an identifier: a letter, then letters, digits, '.', '_' or '-'"
             )

@@ -30,8 +30,8 @@ import numpy as np
 
 from ..errors import ChannelError, MemoryFault, MigdError
 from ..migration.mapped_ram.format import BlockLayout
+from ..pages import CHUNK_PAGES, PAGE_SIZE
 from ..state.paths import FileOpener, plain_open
-from .pages import CHUNK_PAGES, PAGE_SIZE
 from .throttle import Throttle
 from .zero_scan import MemoryReader, runs_to_write, touch_pages, zero_pages
 

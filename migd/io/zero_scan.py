@@ -15,7 +15,7 @@ import os
 import numpy as np
 
 from ..errors import MemoryFault
-from .pages import CHUNK_PAGES, MIN_SKIP_PAGES, PAGE_SIZE
+from ..pages import CHUNK_PAGES, MIN_SKIP_PAGES, PAGE_SIZE
 
 log = logging.getLogger(__name__)
 _WORDS_PER_PAGE = PAGE_SIZE // 8

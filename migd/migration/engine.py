@@ -26,7 +26,6 @@ import numpy as np
 
 from .. import __version__
 from ..errors import ChannelError, MigdError, MigrationError
-from ..io.pages import READ_CHUNK_PAGES
 from ..io.target import FileTarget
 from ..io.threads import (
     BlockIO,
@@ -37,6 +36,7 @@ from ..io.threads import (
     split_runs,
 )
 from ..io.throttle import Throttle
+from ..pages import PAGE_SIZE, READ_CHUNK_PAGES
 from ..state.fdsets import is_fdset_path
 from ..state.memory import MemoryBackend, MemoryRegistry
 from ..state.partial import PartialMarks
@@ -52,7 +52,6 @@ from .mapped_ram import format
 
 log = logging.getLogger(__name__)
 
-PAGE_SIZE = format.PAGE_SIZE
 IN_PROGRESS = "There's a migration process in progress"
 SAMPLE_PERIOD = 0.1  # seconds between throughput samples (QEMU's BUFFER_DELAY)
 STOP_TIMEOUT = 1.5  # seconds a shutdown waits for a cancelled job (SIGTERM ends in < 2 s)

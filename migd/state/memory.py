@@ -12,9 +12,9 @@ import stat
 from collections.abc import Callable, Collection, Iterator
 
 from ..errors import BackendError
+from ..pages import PAGE_SIZE
 from .paths import FileOpener, open_regular, plain_open, trusted_owners
 
-PAGE_SIZE = 4096
 MAX_SIZE = (1 << 62) - PAGE_SIZE  # leaves room in a 64-bit file for the save's metadata
 
 _FALLOC_FL_KEEP_SIZE = 1
@@ -23,7 +23,7 @@ _MADV_POPULATE_READ = 22  # Linux 5.14; neither is exported by the 3.11 mmap mod
 _MADV_POPULATE_WRITE = 23
 _HUGETLBFS_MAGIC = 0x958458F6
 _ZERO_STEP = 4 << 20  # bytes of zeros per read of /dev/zero
-_ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9._-]*")
+ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9._-]*")  # QEMU's id_wellformed()
 
 _libc = ctypes.CDLL(None, use_errno=True)
 # fallocate64 keeps 64-bit offsets even where off_t is 32 bits wide.
@@ -288,7 +288,7 @@ class MemoryBackend:
 
 
 def _validate(id: str, size: int, ramblock_name: str | None) -> str:
-    if not isinstance(id, str) or not _ID_RE.fullmatch(id):
+    if not isinstance(id, str) or not ID_RE.fullmatch(id):
         raise BackendError("Parameter 'id' expects an identifier")
     if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % PAGE_SIZE:
         raise BackendError(f"Parameter 'size' expects a positive multiple of {PAGE_SIZE}")

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 
 from ...errors import FormatError
+from ...pages import PAGE_SIZE
 
-PAGE_SIZE = 4096
 MAPPED_RAM_ALIGN = 1 << 20
 QEVM_MAGIC = 0x5145564D
 STREAM_VERSION = 3

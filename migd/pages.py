@@ -1,4 +1,5 @@
-"""Page and I/O sizes shared by the zero scan and the channel threads."""
+"""The page size (one constant for the whole package) and the I/O sizes of the channel
+threads and the zero scan. Below every layer, as errors.py."""
 
 PAGE_SIZE = 4096
 # Large I/Os keep O_DIRECT at disk speed; 8 MiB per call is the top of performance.md's range.
