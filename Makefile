@@ -18,6 +18,7 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check migd tests examples
+	$(BIN)/lint-imports
 	$(BIN)/migd schema --check
 
 test: lint
@@ -34,4 +35,4 @@ bench: $(STAMP)
 	$(BIN)/migd bench --size-gib 4 --runs 3 --out docs/bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis .import_linter_cache

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from qemu.qmp import QMPClient
 
-from migd.config import default_socket_path
+from migd.app.config import default_socket_path
 
 
 async def main(socket_path: str) -> int:

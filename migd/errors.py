@@ -39,3 +39,13 @@ class FormatError(MigrationError):
 
 class FdError(MigdError):
     """A passed file descriptor or fdset cannot be found or used."""
+
+
+class ChannelError(MigrationError):
+    """An I/O failure in a channel thread, worded for the job's error-desc."""
+
+
+class MemoryFault(ChannelError):
+    """The kernel could not reach a page of the mapping (EFAULT): its file shrank, or its
+    memory could not be allocated. The channel asks the backend which, for the error;
+    this text is only the last resort."""

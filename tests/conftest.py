@@ -162,8 +162,8 @@ class InProcessDaemon:
     """A Daemon running on the test's own event loop, with a connected QMPClient."""
 
     def __init__(self, socket_path: Path, **config: Any) -> None:
-        from migd.config import Config
-        from migd.daemon import Daemon
+        from migd.app.config import Config
+        from migd.app.daemon import Daemon
 
         self.socket_path = socket_path
         self.daemon = Daemon(Config(socket_path=str(socket_path), **config))
@@ -397,7 +397,7 @@ def migd_threads() -> list[str]:
 
 def parse_save(path: Path | str, offset: int = 0) -> Any:
     """format.parse_stream of a save file on disk."""
-    from migd import format
+    from migd.migration.mapped_ram import format
 
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
@@ -406,7 +406,7 @@ def parse_save(path: Path | str, offset: int = 0) -> Any:
 
 def is_complete_save(path: Path | str, offset: int = 0) -> bool:
     """Could a reader take this file for a complete save?"""
-    from migd import format
+    from migd.migration.mapped_ram import format
 
     try:
         return bool(parse_save(path, offset).complete)
@@ -415,7 +415,7 @@ def is_complete_save(path: Path | str, offset: int = 0) -> bool:
 
 
 def read_bitmap(path: Path | str, block: Any) -> Any:
-    from migd import format
+    from migd.migration.mapped_ram import format
 
     with open(path, "rb") as f:
         data = os.pread(f.fileno(), block.bitmap_size, block.bitmap_offset)

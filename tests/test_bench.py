@@ -31,7 +31,7 @@ def odirect_ok(directory: Path) -> bool:
 
 
 def run_bench(argv: list[str], prelude: str = "") -> subprocess.CompletedProcess[str]:
-    code = f"{prelude}import sys; from migd.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = f"{prelude}import sys; from migd.app.cli import main; sys.exit(main(sys.argv[1:]))"
     return subprocess.run(
         [sys.executable, "-c", code, "bench", *argv],
         capture_output=True, text=True, timeout=240, cwd=REPO,

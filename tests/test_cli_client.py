@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from migd.client import parse_size, probe_direct_io
-from migd.inspect import inspect_file
+from migd.tools.client import parse_size, probe_direct_io
+from migd.tools.inspect import inspect_file
 
 from .conftest import RawClient, fill_random
 

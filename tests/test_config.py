@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from migd import config as config_module
-from migd.config import load_config
+from migd.app import config as config_module
+from migd.app.config import load_config
 
 from .conftest import RawClient, wait_for_socket
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from migd import format
+from migd.migration.mapped_ram import format
 
 from .conftest import RawClient, fill_random
 

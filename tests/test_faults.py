@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from migd import format
+from migd.migration.mapped_ram import format
 
 from .conftest import (
     RawClient,

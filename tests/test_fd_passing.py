@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from qemu.qmp import ExecuteError
 
-from migd import format
+from migd.migration.mapped_ram import format
 
 from .conftest import (
     RawClient,

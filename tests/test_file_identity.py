@@ -109,7 +109,7 @@ def save_generation(path: Path) -> int | None:
 
 
 def is_complete(path: Path) -> bool:
-    from migd import format
+    from migd.migration.mapped_ram import format
 
     try:
         return bool(parse_save(path).complete)

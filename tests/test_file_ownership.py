@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 
-from migd.config import BackendConfig
-from migd.daemon import create_backend
+from migd.app.config import BackendConfig
+from migd.app.daemon import create_backend
 from migd.errors import MigdError
-from migd.paths import PathPolicy
+from migd.state.paths import PathPolicy
 
 from .conftest import (
     InProcessDaemon,

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from migd.errors import FormatError
-from migd.format import (
+from migd.migration.mapped_ram.format import (
     MAPPED_RAM_ALIGN,
     PAGE_SIZE,
     QEVM_MAGIC,

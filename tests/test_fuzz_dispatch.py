@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from migd.commands import COMMANDS
+from migd.api.commands import COMMANDS
 
 from .conftest import fill_random, migd_threads, open_fds
 

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from qemu.qmp import ExecuteError
 
-from migd import format
+from migd.migration.mapped_ram import format
 
 from .conftest import add_file_backend, enable_mapped_ram, migd_threads, open_fds, save
 

@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from migd import format
-from migd.inspect import inspect_file
+from migd.migration.mapped_ram import format
+from migd.tools.inspect import inspect_file
 
 from .conftest import RawClient
 from .qemu_vm import QemuVM, requires_qemu

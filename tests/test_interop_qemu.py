@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from qemu.qmp import ExecuteError
 
-from migd import format
+from migd.migration.mapped_ram import format
 
 from .conftest import add_file_backend, enable_mapped_ram, wait_migration
 from .qemu_vm import QemuVM, requires_qemu

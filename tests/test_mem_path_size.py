@@ -11,7 +11,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from migd.memory import MAX_SIZE
+from migd.state.memory import MAX_SIZE
 
 from .conftest import add_file_backend, enable_mapped_ram, fill_random, parse_save, qmp_error, save
 

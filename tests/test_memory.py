@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from migd import memory
 from migd.errors import BackendError
-from migd.memory import (
+from migd.state import memory
+from migd.state.memory import (
     PAGE_SIZE,
     MemoryRegistry,
     create_file_backend,

@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 from qemu.qmp import ExecuteError
 
-from migd import format
 from migd.errors import FormatError
+from migd.migration.mapped_ram import format
 
 from .conftest import add_file_backend, enable_mapped_ram, qmp_error, save, wait_migration
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from migd.partial import SIDECAR_DIR, XATTR
+from migd.state.partial import SIDECAR_DIR, XATTR
 
 from .conftest import RawClient, fill_random, start_daemon
 

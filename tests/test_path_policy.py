@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from qemu.qmp import ExecuteError
 
-from migd import paths as paths_module
-from migd.paths import PathNotAllowed, PathPolicy
+from migd.state import paths as paths_module
+from migd.state.paths import PathNotAllowed, PathPolicy
 
 from .conftest import (
     InProcessDaemon,

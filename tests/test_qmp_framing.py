@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from migd.errors import InvalidRequest
-from migd.qmp import MessageSplitter, MessageTooLarge, decode_request
+from migd.qmp.wire import MessageSplitter, MessageTooLarge, decode_request
 
 
 def test_strings_with_braces_and_escapes_do_not_end_a_message():

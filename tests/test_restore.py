@@ -256,7 +256,7 @@ async def test_memory_that_runs_out_during_a_restore_is_reported_as_such(
 ):
     """When the room check cannot see it coming (another writer fills the filesystem),
     the allocation ahead of the reads fails: ENOSPC with the backend, not EFAULT."""
-    from migd import migration
+    from migd.migration import engine as migration
 
     dst = await _saved_into_small_tmpfs(qmp, shm, short_dir, small_tmpfs)
     monkeypatch.setattr(migration, "_check_room", lambda path, needs: None)

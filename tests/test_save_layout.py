@@ -188,7 +188,7 @@ async def test_vmdescription_carries_migds_metadata(qmp, shm, short_dir):
 
 
 def test_zero_scan_reports_only_zero_runs_long_enough_to_skip() -> None:
-    from migd.channels import MIN_SKIP_PAGES, runs_to_write, zero_pages
+    from migd.io.zero_scan import MIN_SKIP_PAGES, runs_to_write, zero_pages
 
     pages = 4 * MIN_SKIP_PAGES
     data = np.random.default_rng(4).integers(1, 256, (pages, PAGE), dtype=np.uint8)

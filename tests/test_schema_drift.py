@@ -6,8 +6,8 @@ import json
 import subprocess
 import sys
 
-from migd import schema
-from migd.commands import COMMANDS
+from migd.api import schema
+from migd.api.commands import COMMANDS
 
 
 def test_committed_schemas_match_the_models():

@@ -173,7 +173,8 @@ async def test_the_channels_fault_on_a_full_filesystem_gives_the_allocation_erro
     """Which thread fails first must not change the error: here the populator does
     nothing, so a channel's read into unallocatable memory (EFAULT) is the first and only
     failure, and the job still reports the allocation error the populator would."""
-    from migd import channels, migration
+    from migd.io import threads as channels
+    from migd.migration import engine as migration
 
     from .test_restore import _saved_into_small_tmpfs
 

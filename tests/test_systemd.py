@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from migd.config import load_config
+from migd.app.config import load_config
 
 from .conftest import RawClient, wait_for_socket
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from migd.channels import (
+from migd.io.zero_scan import (
     MIN_SKIP_PAGES,
     MemoryFault,
     MemoryReader,
@@ -86,7 +86,7 @@ def test_where_process_vm_readv_is_refused_the_scan_still_works_and_says_so(
     import ctypes
     import errno
 
-    from migd import channels
+    from migd.io import zero_scan as channels
 
     def refused(*args: object) -> int:
         ctypes.set_errno(errno.EPERM)

@@ -1,0 +1,19 @@
+"""The command table: every command module registers into the registry on import.
+
+Adding a command module means adding it to the import line below (the table entry)."""
+
+from __future__ import annotations
+
+from ..qmp.dispatch import COMMANDS, Command, Context, dispatch
+from . import control, fds, memory, migration
+
+__all__ = [
+    "COMMANDS",
+    "Command",
+    "Context",
+    "control",
+    "dispatch",
+    "fds",
+    "memory",
+    "migration",
+]

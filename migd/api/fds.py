@@ -1,0 +1,104 @@
+"""fd passing commands, QEMU's: getfd, closefd, add-fd, remove-fd, query-fdsets.
+
+Each fd travels as SCM_RIGHTS on the socket just before (or with) the command that
+takes it; the store owns it from then on.
+"""
+
+from __future__ import annotations
+
+from ..qmp.dispatch import Context, command
+from ..qmp.validation import Empty, QapiModel
+
+
+class GetfdArgs(QapiModel):
+    fdname: str
+
+
+@command(
+    "getfd",
+    GetfdArgs,
+    Empty,
+    "Keep the fd sent with this command (SCM_RIGHTS) under 'fdname', closing any fd "
+    "already of that name. The name must not start with a digit.",
+)
+async def getfd(ctx: Context, args: GetfdArgs) -> Empty:
+    fd = ctx.session.take_fd()
+    ctx.services.fdsets.add_named(args.fdname, fd)
+    return Empty()
+
+
+class ClosefdArgs(QapiModel):
+    fdname: str
+
+
+@command("closefd", ClosefdArgs, Empty, "Close the fd kept by getfd under 'fdname'.")
+async def closefd(ctx: Context, args: ClosefdArgs) -> Empty:
+    ctx.services.fdsets.close_named(args.fdname)
+    return Empty()
+
+
+class AddFdArgs(QapiModel):
+    fdset_id: int | None = None
+    opaque: str | None = None
+
+
+class AddfdInfo(QapiModel):
+    fdset_id: int
+    fd: int
+
+
+@command(
+    "add-fd",
+    AddFdArgs,
+    AddfdInfo,
+    "Add the fd sent with this command (SCM_RIGHTS) to fdset 'fdset-id' (created if "
+    "needed; default: the lowest free id), with an optional 'opaque' note. A path "
+    "'/dev/fdset/N' then opens as a dup of the newest fd of set N whose access mode and "
+    "O_DIRECT flag match the open. Returns the set's id and migd's number for the fd.",
+)
+async def add_fd(ctx: Context, args: AddFdArgs) -> AddfdInfo:
+    fd = ctx.session.take_fd()
+    fdset_id, number = ctx.services.fdsets.add_fd(fd, args.fdset_id, args.opaque)
+    return AddfdInfo(fdset_id=fdset_id, fd=number)
+
+
+class RemoveFdArgs(QapiModel):
+    fdset_id: int
+    fd: int | None = None
+
+
+@command(
+    "remove-fd",
+    RemoveFdArgs,
+    Empty,
+    "Close fd 'fd' of fdset 'fdset-id', or every fd of the set without 'fd'. As in QEMU, "
+    "a set without fds disappears once no dup opened from it (a running migration's "
+    "channels, a memory backend on /dev/fdset/N) is open any more; until then "
+    "query-fdsets lists it with no fds and add-fd does not reuse its id.",
+)
+async def remove_fd(ctx: Context, args: RemoveFdArgs) -> Empty:
+    ctx.services.fdsets.remove_fd(args.fdset_id, args.fd)
+    return Empty()
+
+
+class FdsetFdInfo(QapiModel):
+    fd: int
+    opaque: str | None = None
+
+
+class FdsetInfo(QapiModel):
+    fdset_id: int
+    fds: list[FdsetFdInfo]
+
+
+@command(
+    "query-fdsets",
+    Empty,
+    list[FdsetInfo],
+    "List the fdsets and their fds (with 'opaque' where given), in QEMU's order.",
+)
+async def query_fdsets(ctx: Context, args: Empty) -> list[FdsetInfo]:
+    return [
+        FdsetInfo(fdset_id=fdset_id, fds=[FdsetFdInfo(fd=f.fd, opaque=f.opaque) for f in fds])
+        for fdset_id, fds in ctx.services.fdsets.query()
+    ]

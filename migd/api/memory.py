@@ -1,0 +1,141 @@
+"""Memory backend commands: object-add, object-del, query-memdev."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import os
+from typing import Annotated
+
+from pydantic import Strict
+
+from ..errors import InvalidRequest
+from ..qmp.dispatch import Context, command
+from ..qmp.validation import Empty, QapiModel
+from ..state.fdsets import is_fdset_path
+from ..state.memory import MemoryBackend, create_file_backend, create_ram_backend
+from ..state.paths import trusted_owners
+
+
+class QomType(enum.StrEnum):
+    memory_backend_file = "memory-backend-file"
+    memory_backend_ram = "memory-backend-ram"
+
+
+class ObjectAddArgs(QapiModel):
+    qom_type: Annotated[QomType, Strict(False)]
+    id: str
+    size: int
+    mem_path: str | None = None
+    share: bool | None = None
+    ramblock_name: str | None = None
+    x_accept_partial: bool = False
+
+
+@command(
+    "object-add",
+    ObjectAddArgs,
+    Empty,
+    "Create a memory backend, the unit migd saves and restores. 'memory-backend-file' maps "
+    "'mem-path', a regular file on tmpfs, hugetlbfs or any filesystem: created with mode "
+    "0600 if missing; a new or empty file is extended to 'size', a larger one used as a "
+    "prefix, a smaller non-empty one refused, as in QEMU; an existing file must belong to "
+    "migd's or the client's uid, be writable by no one else and have one link. "
+    "'/dev/fdset/N' maps a read-write fd of that set passed by add-fd, such as a VMM's "
+    "memfd (exempt from the ownership rule); 'memory-backend-ram' is anonymous memory "
+    "owned by migd. 'size' is a positive multiple of 4096. migd extension: 'share' "
+    "defaults to true for files, so that a restore lands in the file. 'ramblock-name' "
+    "sets the block name used in save files (default: the id), to match QEMU names such "
+    "as 'pc.ram'. A file that an interrupted restore left partial (a mix of old and "
+    "restored pages) is refused unless 'x-accept-partial' is true; its mark stays until "
+    "a restore into it completes.",
+)
+async def object_add(ctx: Context, args: ObjectAddArgs) -> Empty:
+    registry = ctx.services.memory
+    # Before anything is created: a refused object-add must leave no file behind.
+    registry.check_new(args.id, args.ramblock_name or args.id)
+    backend: MemoryBackend
+    if args.qom_type is QomType.memory_backend_file:
+        if args.mem_path is None:
+            raise InvalidRequest("Parameter 'mem-path' is missing")
+        share = True if args.share is None else args.share
+        # A VMM's memfd or file passed by add-fd: map a read-write dup the backend owns.
+        fd = None
+        if is_fdset_path(args.mem_path):
+            fd = ctx.services.fdsets.dup_from_fdset(args.mem_path, os.O_RDWR)
+        backend = await asyncio.to_thread(
+            create_file_backend,
+            args.id,
+            args.size,
+            args.mem_path,
+            share=share,
+            ramblock_name=args.ramblock_name,
+            fd=fd,
+            close_fd=ctx.services.fdsets.close_dup,
+            open_file=ctx.services.paths.open,
+            owners=trusted_owners(ctx.session.peer_uid),
+        )
+        try:
+            await asyncio.to_thread(
+                ctx.services.engine.partial.check_add, backend, args.x_accept_partial
+            )
+        except BaseException:
+            backend.close()
+            raise
+    else:
+        if args.mem_path is not None:
+            raise InvalidRequest("Parameter 'mem-path' is unexpected")
+        if args.share:
+            raise InvalidRequest("Parameter 'share' is unexpected: memory-backend-ram is private")
+        backend = create_ram_backend(args.id, args.size, ramblock_name=args.ramblock_name)
+    try:
+        registry.add(backend)
+    except BaseException:
+        backend.close()
+        raise
+    return Empty()
+
+
+class ObjectDelArgs(QapiModel):
+    id: str
+
+
+@command(
+    "object-del",
+    ObjectDelArgs,
+    Empty,
+    "Remove a memory backend and unmap it (its file stays). Refused while a migration uses it.",
+)
+async def object_del(ctx: Context, args: ObjectDelArgs) -> Empty:
+    ctx.services.memory.remove(args.id)
+    return Empty()
+
+
+class Memdev(QapiModel):
+    id: str
+    size: int
+    qom_type: str
+    mem_path: str | None = None
+    share: bool
+    ramblock_name: str
+
+
+@command(
+    "query-memdev",
+    Empty,
+    list[Memdev],
+    "List the memory backends in creation order. migd extension: 'qom-type', 'mem-path' "
+    "and 'ramblock-name' members.",
+)
+async def query_memdev(ctx: Context, args: Empty) -> list[Memdev]:
+    return [
+        Memdev(
+            id=b.id,
+            size=b.size,
+            qom_type=b.qom_type,
+            mem_path=b.mem_path,
+            share=b.share,
+            ramblock_name=b.block_name,
+        )
+        for b in ctx.services.memory
+    ]

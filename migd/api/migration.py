@@ -1,0 +1,282 @@
+"""Migration commands: capabilities, parameters, migrate, migrate-incoming, query, cancel."""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated, Any
+
+from pydantic import ConfigDict, Field, Strict
+
+from ..errors import MigrationError
+from ..io.target import FileTarget, NotSeekable, parse_uri
+from ..qmp.dispatch import Context, command
+from ..qmp.validation import Empty, QapiModel
+
+
+class MigrationCapability(enum.StrEnum):
+    multifd = "multifd"
+    mapped_ram = "mapped-ram"
+    events = "events"
+
+
+class CapabilityState(QapiModel):
+    capability: Annotated[MigrationCapability, Strict(False)]
+    state: bool
+
+
+class SetCapabilitiesArgs(QapiModel):
+    capabilities: list[CapabilityState]
+
+
+@command(
+    "migrate-set-capabilities",
+    SetCapabilitiesArgs,
+    Empty,
+    "Turn migration capabilities on or off: 'multifd' (page I/O through "
+    "'multifd-channels' threads, each with its own fd), 'mapped-ram' (required: the only "
+    "layout migd writes and reads), 'events' (MIGRATION events). All are off by default, "
+    "as in QEMU. Refused while a migration runs.",
+)
+async def migrate_set_capabilities(ctx: Context, args: SetCapabilitiesArgs) -> Empty:
+    changes = {c.capability.value.replace("-", "_"): c.state for c in args.capabilities}
+    ctx.services.engine.set_capabilities(changes)
+    return Empty()
+
+
+@command(
+    "query-migrate-capabilities",
+    Empty,
+    list[CapabilityState],
+    "The state of every migration capability migd knows.",
+)
+async def query_migrate_capabilities(ctx: Context, args: Empty) -> list[CapabilityState]:
+    caps = ctx.services.engine.caps
+    return [
+        CapabilityState(capability=c, state=getattr(caps, c.value.replace("-", "_")))
+        for c in MigrationCapability
+    ]
+
+
+class ZeroPageDetection(enum.StrEnum):
+    none = "none"
+    multifd = "multifd"
+
+
+Channels = Annotated[int, Field(ge=1, le=255)]
+Bandwidth = Annotated[int, Field(ge=0)]
+ZeroDetect = Annotated[ZeroPageDetection, Strict(False)]
+
+
+class SetParametersArgs(QapiModel):
+    multifd_channels: Channels | None = None
+    direct_io: bool | None = None
+    max_bandwidth: Bandwidth | None = None
+    zero_page_detection: ZeroDetect | None = None
+
+
+class MigrationParameters(QapiModel):
+    multifd_channels: int
+    direct_io: bool
+    max_bandwidth: int
+    zero_page_detection: ZeroPageDetection
+
+
+@command(
+    "migrate-set-parameters",
+    SetParametersArgs,
+    Empty,
+    "Set migration parameters: 'multifd-channels' (1..255, default 2), 'direct-io' "
+    "(default false; O_DIRECT on every multifd channel, effective only with the multifd "
+    "and mapped-ram capabilities), 'max-bandwidth' (bytes/s; migd's default 0 means "
+    "unlimited, unlike QEMU's 128 MiB/s), 'zero-page-detection' ('multifd' skips long "
+    "runs of zero pages, 'none' writes every page). While a migration runs only "
+    "'max-bandwidth' may change, and applies to it at once, as in QEMU; the others are "
+    "refused until it ends.",
+)
+async def migrate_set_parameters(ctx: Context, args: SetParametersArgs) -> Empty:
+    changes: dict[str, Any] = {
+        name: getattr(value, "value", value)
+        for name, value in args.model_dump(exclude_none=True).items()
+    }
+    ctx.services.engine.set_parameters(changes)
+    return Empty()
+
+
+@command(
+    "query-migrate-parameters", Empty, MigrationParameters, "The current migration parameters."
+)
+async def query_migrate_parameters(ctx: Context, args: Empty) -> MigrationParameters:
+    p = ctx.services.engine.params
+    return MigrationParameters(
+        multifd_channels=p.multifd_channels,
+        direct_io=p.direct_io,
+        max_bandwidth=p.max_bandwidth,
+        zero_page_detection=ZeroPageDetection(p.zero_page_detection),
+    )
+
+
+class ChannelType(enum.StrEnum):
+    main = "main"
+    cpr = "cpr"
+
+
+class Transport(enum.StrEnum):
+    file = "file"
+    socket = "socket"
+    exec = "exec"
+    rdma = "rdma"
+
+
+class MigrationAddress(QapiModel):
+    # Other transports carry other members; they are refused by transport, not by shape.
+    model_config = ConfigDict(extra="allow")
+
+    transport: Annotated[Transport, Strict(False)]
+    filename: str | None = None
+    offset: Annotated[int, Field(ge=0)] | None = None
+
+
+class MigrationChannel(QapiModel):
+    channel_type: Annotated[ChannelType, Strict(False)]
+    addr: MigrationAddress
+
+
+def resolve_target(uri: str | None, channels: list[MigrationChannel] | None) -> FileTarget:
+    """QEMU's rules for `uri` versus `channels`, down to one file target."""
+    if (uri is None) == (channels is None):
+        raise MigrationError("need either 'uri' or 'channels' argument")
+    if uri is not None:
+        return parse_uri(uri)
+    assert channels is not None
+    if len(channels) != 1:
+        raise MigrationError("Channel list must have only one entry, for type 'main'")
+    channel = channels[0]
+    if channel.channel_type is not ChannelType.main:
+        raise MigrationError("Channel list has no main entry")
+    addr = channel.addr
+    if addr.transport is not Transport.file:
+        raise NotSeekable("Migration requires seekable transport (e.g. file)")
+    if addr.filename is None:
+        raise MigrationError("Parameter 'filename' is missing")
+    if addr.offset is None:
+        raise MigrationError("Parameter 'offset' is missing")
+    if not addr.filename:
+        raise MigrationError("file address has no filename")
+    return FileTarget(addr.filename, addr.offset)
+
+
+class TargetArgs(QapiModel):
+    """The address both directions take: a `uri` or a QAPI `channels` list."""
+
+    uri: str | None = None
+    channels: list[MigrationChannel] | None = None
+
+    def target(self) -> FileTarget:
+        return resolve_target(self.uri, self.channels)
+
+
+class MigrateArgs(TargetArgs):
+    detach: bool | None = None
+    resume: bool | None = None
+
+
+@command(
+    "migrate",
+    MigrateArgs,
+    Empty,
+    "Save every memory backend to a file in QEMU's mapped-ram layout: 'uri' "
+    "'file:PATH[,offset=N]' (N decimal or 0x-hex; bytes before N are kept) or 'channels' "
+    "with one 'main' file address. Needs the mapped-ram capability. Returns at once; "
+    "follow the job with query-migrate or MIGRATION events. 'detach' is accepted and "
+    "ignored, as in QEMU; 'resume' (postcopy recovery) is refused. The file must be a "
+    "regular file: a new one is created with mode 0600; an existing one must belong to "
+    "migd's or the client's uid, be writable by no one else, have one link and not be a "
+    "memory backend's file (the same rules hold for migrate-incoming's file).",
+)
+async def migrate(ctx: Context, args: MigrateArgs) -> Empty:
+    target = args.target()
+    if args.resume:
+        raise MigrationError("migd has no postcopy: 'resume' cannot be used")
+    await ctx.services.engine.start_save(target, ctx.session.peer_uid)
+    return Empty()
+
+
+class MigrateIncomingArgs(TargetArgs):
+    exit_on_error: bool | None = None
+    skip_unmatched_blocks: bool = False
+
+
+@command(
+    "migrate-incoming",
+    MigrateIncomingArgs,
+    Empty,
+    "Restore memory backends from a mapped-ram save file (migd's or QEMU's): blocks are "
+    "matched to backends by block name; pages absent from the file end up zero. Same "
+    "'uri'/'channels' forms as migrate. Returns at once after the file's head and block "
+    "list are checked. 'exit-on-error' is accepted and ignored (migd never exits). "
+    "migd extension: 'skip-unmatched-blocks' (default false) restores only the blocks "
+    "that have a backend and lists the others in query-migrate's 'x-skipped-blocks'.",
+)
+async def migrate_incoming(ctx: Context, args: MigrateIncomingArgs) -> Empty:
+    target = args.target()
+    await ctx.services.engine.start_restore(
+        target, args.skip_unmatched_blocks, ctx.session.peer_uid
+    )
+    return Empty()
+
+
+class MigrationStats(QapiModel):
+    transferred: int
+    remaining: int
+    total: int
+    duplicate: int
+    normal: int
+    normal_bytes: int
+    dirty_pages_rate: int
+    mbps: float
+    dirty_sync_count: int
+    postcopy_requests: int
+    page_size: int
+    multifd_bytes: int
+    pages_per_second: int
+    precopy_bytes: int
+    downtime_bytes: int
+    postcopy_bytes: int
+    dirty_sync_missed_zero_copy: int
+
+
+class MigrationInfo(QapiModel):
+    model_config = ConfigDict(populate_by_name=True, alias_generator=None)
+
+    status: str | None = None
+    total_time: int | None = Field(None, alias="total-time")
+    setup_time: int | None = Field(None, alias="setup-time")
+    error_desc: str | None = Field(None, alias="error-desc")
+    ram: MigrationStats | None = None
+    x_skipped_blocks: list[str] | None = Field(None, alias="x-skipped-blocks")
+
+
+@command(
+    "query-migrate",
+    Empty,
+    MigrationInfo,
+    "The state of the last migration: {} before any; else 'status' (setup, active, "
+    "completed, failed, cancelling, cancelled), 'total-time' and 'setup-time' in ms, "
+    "'error-desc' on failure, and 'ram' with QEMU's MigrationStats members. Answered "
+    "from counters, never waiting for I/O.",
+)
+async def query_migrate(ctx: Context, args: Empty) -> MigrationInfo:
+    return MigrationInfo.model_validate(ctx.services.engine.query(), strict=False)
+
+
+@command(
+    "migrate_cancel",
+    Empty,
+    Empty,
+    "Stop the running save or restore. Returns {} at once, with the status cancelling; it "
+    "goes cancelled once the job's threads have stopped and its fds are closed. Returns {} "
+    "even when nothing runs.",
+)
+async def migrate_cancel(ctx: Context, args: Empty) -> Empty:
+    await ctx.services.engine.cancel()
+    return Empty()

@@ -1,0 +1,1 @@
+"""The application: command line, daemon wiring (signals, shutdown order), configuration."""

@@ -1,0 +1,444 @@
+"""Command line: `migd serve` runs the daemon; other subcommands are tools and clients.
+
+The only place that picks the event loop (uvloop, else asyncio) and sets up logging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..errors import ConfigError, MigdError
+from .config import DEFAULT_CONFIG_PATH, default_socket_path, load_config
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _mode(text: str) -> int:
+    try:
+        value = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an octal mode like 0600") from None
+    if not 0 <= value <= 0o777:
+        raise argparse.ArgumentTypeError(f"mode {text} is out of range 0000..0777")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="migd", description="Save and restore memory to QEMU mapped-ram files over QMP."
+    )
+    parser.add_argument("--version", action="version", version=f"migd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the daemon in the foreground")
+    serve.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help=f"TOML configuration file (default {DEFAULT_CONFIG_PATH} if it exists); "
+        "the options below override it",
+    )
+    serve.add_argument(
+        "--socket", default=None, help=f"QMP socket (default {default_socket_path()})"
+    )
+    serve.add_argument("--socket-mode", type=_mode, default=None, help="socket mode (default 0600)")
+    serve.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
+
+    schema = sub.add_parser("schema", help="write or check the JSON Schemas in schemas/")
+    action = schema.add_mutually_exclusive_group(required=True)
+    action.add_argument("--write", action="store_true", help="regenerate the files")
+    action.add_argument("--check", action="store_true", help="fail if the files drift")
+    schema.add_argument("--dir", type=Path, default=None, help="schema directory")
+    _add_client_commands(sub)
+    from ..bench import add_arguments as add_bench_arguments  # no numpy until it runs
+
+    add_bench_arguments(
+        sub.add_parser("bench", help="measure save and restore here, against the disk and QEMU")
+    )
+    return parser
+
+
+# Every C0 and C1 control character and DEL: a file name or any other string a client
+# sends may hold newlines, carriage returns or terminal escapes.
+_CONTROL_ESCAPES = {
+    code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F, *range(0x80, 0xA0))
+}
+_CONTROL_ESCAPES.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
+
+
+def escape_controls(text: str) -> str:
+    """Control characters as visible escapes: one log record stays one line."""
+    return text.translate(_CONTROL_ESCAPES)
+
+
+class ControlEscapingFormatter(logging.Formatter):
+    """Escapes control characters in every record, so that a client string (a file name,
+    a command name) cannot write fake log lines or terminal escapes into the log.
+
+    Tracebacks keep their line breaks, but each of their lines is indented, so no line of
+    one can pass for a record of its own.
+    """
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return escape_controls(super().formatMessage(record))
+
+    def formatException(self, ei: Any) -> str:
+        return self._indented(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        return self._indented(super().formatStack(stack_info))
+
+    @staticmethod
+    def _indented(text: str) -> str:
+        return "\n".join("    " + escape_controls(line) for line in text.split("\n"))
+
+
+def _setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        ControlEscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
+
+
+def _run_loop(coro: object) -> None:
+    try:
+        import uvloop
+    except ImportError:  # uvloop is a speed-up, not a requirement
+        asyncio.run(coro)  # type: ignore[arg-type]
+    else:
+        uvloop.run(coro)  # type: ignore[arg-type]
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .daemon import Daemon
+
+    overrides: dict[str, object] = {}
+    if args.log_level is not None:
+        overrides["log_level"] = args.log_level
+    if args.socket:
+        overrides["socket_path"] = args.socket
+    if args.socket_mode is not None:
+        overrides["socket_mode"] = args.socket_mode
+    try:
+        config = load_config(args.config, **overrides)
+    except ConfigError as exc:  # before logging is set up or any socket exists
+        print(f"migd: {exc.desc}", file=sys.stderr)
+        return EXIT_USAGE
+    _setup_logging(config.log_level)
+    try:
+        _run_loop(Daemon(config).run())
+    except MigdError as exc:
+        logging.getLogger("migd").error("%s", exc.desc)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from ..api import schema
+
+    directory = args.dir or schema.SCHEMA_DIR
+    if args.write:
+        for path in schema.write_all(directory):
+            print(f"wrote {path}")
+        return EXIT_OK
+    problems = schema.drift(directory)
+    for line in problems:
+        print(line, file=sys.stderr)
+    if problems:
+        print("schemas drifted from the models: run 'migd schema --write'", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+# --- tools and clients (inspect, save, restore, status, call) -------------------------------
+
+
+def _type(parse: object) -> object:
+    """An argparse type from a parser that raises ValueError with a readable text."""
+
+    def convert(text: str) -> object:
+        try:
+            return parse(text)  # type: ignore[operator]
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
+
+
+def _channels(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 255:
+        raise ValueError(f"--channels {text} is out of range 1..255")
+    return value
+
+
+def _add_client_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from ..tools.client import parse_offset, parse_size
+
+    inspect = sub.add_parser(
+        "inspect", help="describe a save file (migd's or QEMU's); needs no daemon"
+    )
+    inspect.add_argument("file", metavar="FILE")
+    inspect.add_argument(
+        "--offset", type=_type(parse_offset), default=0, help="stream offset in FILE (0x-hex ok)"
+    )
+    inspect.add_argument("--json", action="store_true", help="print JSON")
+
+    socket_help = f"migd's QMP socket (default {default_socket_path()})"
+    for name, what in (("save", "save memory backends to FILE"), ("restore", "restore FILE")):
+        p = sub.add_parser(name, help=f"{what} through a running migd")
+        p.add_argument("file", metavar="FILE")
+        p.add_argument("--socket", default=None, help=socket_help)
+        p.add_argument(
+            "--offset", type=_type(parse_offset), default=0, help="stream offset in FILE"
+        )
+        p.add_argument(
+            "--backend",
+            action="append",
+            default=[],
+            metavar="ID",
+            help="a memory backend that must take part (repeatable)",
+        )
+        p.add_argument(
+            "--mem-path", default=None, help="add a memory-backend-file on PATH for this run"
+        )
+        p.add_argument("--size", type=_type(parse_size), default=None, help="its size: N[K|M|G|T]")
+        p.add_argument(
+            "--id",
+            default=None,
+            help="its backend id (default ram0, as QEMU guests' RAM); a save names its "
+            "block after it unless --block-name is given, and prints the name",
+        )
+        p.add_argument("--block-name", default=None, help="its RAM block name (ramblock-name)")
+        p.add_argument(
+            "--channels",
+            type=_type(_channels),
+            default=None,
+            help="multifd channels (default min(4, CPUs))",
+        )
+        p.add_argument(
+            "--no-direct-io",
+            action="store_true",
+            help="don't use O_DIRECT (default: use it when FILE's filesystem supports it)",
+        )
+        p.add_argument(
+            "--max-bandwidth",
+            type=_type(parse_size),
+            default=0,
+            metavar="N[K|M|G]",
+            help="cap in bytes/s (default 0: unlimited)",
+        )
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+        if name == "restore":
+            p.add_argument(
+                "--skip-unmatched",
+                action="store_true",
+                help="skip blocks of FILE that have no backend",
+            )
+
+    status = sub.add_parser("status", help="show query-migrate of a running migd")
+    status.add_argument("--socket", default=None, help=socket_help)
+    status.add_argument("--json", action="store_true", help="print the raw JSON")
+
+    call = sub.add_parser("call", help="run any QMP command and print its JSON result")
+    call.add_argument("--socket", default=None, help=socket_help)
+    call.add_argument("qmp_command", metavar="COMMAND")
+    call.add_argument("arguments", metavar="JSON", nargs="?", default="{}")
+
+
+def _print_inspect(info: object) -> None:
+    from ..tools.client import human_bytes
+    from ..tools.inspect import SaveInfo
+
+    assert isinstance(info, SaveInfo)
+    state = "complete" if info.complete else "INCOMPLETE"
+    print(f"{info.path}: {state} mapped-ram save")
+    if not info.complete:
+        print(f"  INCOMPLETE: {info.problem}")
+    print(f"  machine:       {info.machine}")
+    print(f"  capabilities:  {', '.join(info.capabilities) or '-'}")
+    print(f"  stream offset: {info.offset}")
+    print(
+        f"  file size:     {human_bytes(info.file_size)} ({info.file_size} bytes), "
+        f"{human_bytes(info.allocated)} allocated"
+    )
+    rows = [("BLOCK", "SIZE", "PAGES", "PRESENT", "ZERO", "FILE REGION")]
+    for b in info.blocks:
+        region = f"{b.bitmap_offset:#x}..{b.end:#x} (pages at {b.pages_offset:#x})"
+        rows.append(
+            (b.name, human_bytes(b.size), str(b.pages), str(b.present_pages),
+             str(b.zero_pages), region)
+        )  # fmt: skip
+    pages = sum(b.pages for b in info.blocks)
+    rows.append(
+        ("total", human_bytes(info.total_ram), str(pages), str(info.present_pages),
+         str(info.zero_pages), f"{len(info.blocks)} block{'s' if len(info.blocks) != 1 else ''}")
+    )  # fmt: skip
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    print()
+    for row in rows:
+        print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    print()
+    if info.complete:
+        print(
+            f"  present: {human_bytes(info.present_pages * 4096)} of page data, "
+            f"{human_bytes(info.zero_pages * 4096)} zero"
+        )
+    else:
+        print("  present: not reliable (bitmaps are written last: an interrupted save has none)")
+    if info.complete:
+        print("  status:  complete")
+    else:
+        print(f"  status:  INCOMPLETE ({info.problem}); migd restore refuses this file")
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from ..tools.inspect import InspectError, inspect_file
+
+    try:
+        info = inspect_file(args.file, args.offset)
+    except InspectError as exc:
+        print(f"migd inspect: {args.file}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as exc:
+        print(f"migd inspect: {args.file}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        if args.json:
+            print(json.dumps(info.to_dict(), indent=2))
+        else:
+            _print_inspect(info)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _drop_stdout()
+        return EXIT_FAILED
+    if not info.complete:
+        if args.json:
+            print(f"migd inspect: {args.file}: incomplete: {info.problem}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _run_client(name: str, coro: object) -> int:
+    """Runs a client coroutine; maps its exceptions to exit codes."""
+    from ..tools.client import ClientError, UsageError
+
+    try:
+        result = asyncio.run(coro)  # type: ignore[arg-type]
+    except UsageError as exc:
+        print(f"migd {name}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ClientError as exc:
+        print(f"migd {name}: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print(f"migd {name}: interrupted", file=sys.stderr)
+        return EXIT_FAILED
+    except BrokenPipeError:  # `migd status | head`: not worth a traceback
+        _drop_stdout()
+        return EXIT_FAILED
+    return result  # type: ignore[no-any-return]
+
+
+def _drop_stdout() -> None:
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from ..tools.client import MigrateOptions, run_migration
+
+    opts = MigrateOptions(
+        file=args.file,
+        offset=args.offset,
+        backends=args.backend,
+        mem_path=args.mem_path,
+        size=args.size,
+        id=args.id,
+        block_name=args.block_name,
+        channels=args.channels,
+        direct_io=False if args.no_direct_io else None,
+        skip_unmatched=getattr(args, "skip_unmatched", False),
+        quiet=args.quiet,
+        max_bandwidth=args.max_bandwidth,
+    )
+    socket = args.socket or default_socket_path()
+    return _run_client(
+        args.command, run_migration(args.command, socket, opts, sys.stdout, sys.stderr)
+    )
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from ..tools.client import format_status, run_status
+
+    async def status() -> int:
+        info = await run_status(args.socket or default_socket_path())
+        print(json.dumps(info, indent=2) if args.json else "\n".join(format_status(info)))
+        return EXIT_OK
+
+    return _run_client("status", status())
+
+
+def cmd_call(args: argparse.Namespace) -> int:
+    import json
+
+    from ..tools.client import run_call
+
+    try:
+        arguments = json.loads(args.arguments)
+    except json.JSONDecodeError as exc:
+        print(f"migd call: arguments are not valid JSON: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if not isinstance(arguments, dict):
+        print("migd call: arguments must be a JSON object, like '{}'", file=sys.stderr)
+        return EXIT_USAGE
+
+    async def call() -> int:
+        from qemu.qmp import ExecuteError
+
+        try:
+            result = await run_call(
+                args.socket or default_socket_path(), args.qmp_command, arguments
+            )
+        except ExecuteError as exc:
+            print(f"error: {exc.error_class}: {exc.error.error.desc}", file=sys.stderr)
+            return EXIT_FAILED
+        print(json.dumps(result, indent=2))
+        return EXIT_OK
+
+    return _run_client("call", call())
+
+
+CLIENT_HANDLERS = {
+    "inspect": cmd_inspect,
+    "save": cmd_migrate,
+    "restore": cmd_migrate,
+    "status": cmd_status,
+    "call": cmd_call,
+}
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from ..bench import run
+
+    return run(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"serve": cmd_serve, "schema": cmd_schema, "bench": cmd_bench, **CLIENT_HANDLERS}
+    return handlers[args.command](args)

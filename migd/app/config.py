@@ -1,0 +1,325 @@
+"""Daemon configuration: a TOML file (kebab-case keys) overridden by command-line options.
+
+Every problem in the file becomes one ConfigError line naming the file and the key, e.g.
+"/etc/migd/migd.toml: parameters.multifd-channels: must be between 1 and 255".
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import tomllib
+import typing
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from ..errors import ConfigError
+from ..pages import PAGE_SIZE
+from ..state.memory import ID_RE
+
+DEFAULT_CONFIG_PATH = "/etc/migd/migd.toml"
+_SIZE_RE = re.compile(r"(\d+)\s*([kmgtpe]?)(?:i?b)?", re.IGNORECASE)
+_SIZE_SHIFT = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
+
+
+def default_socket_path() -> str:
+    """/run/migd/migd.sock for root, $XDG_RUNTIME_DIR/migd/migd.sock otherwise."""
+    if os.geteuid() == 0:
+        return "/run/migd/migd.sock"
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/migd-{os.geteuid()}"
+    return os.path.join(runtime, "migd", "migd.sock")
+
+
+class KeyedError(ValueError):
+    """A model-level problem that belongs to one of the model's keys."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class Section(BaseModel):
+    """Base of every table in the file: kebab-case keys only, TOML types as they are."""
+
+    model_config = ConfigDict(
+        alias_generator=_kebab,
+        validate_by_alias=True,
+        validate_by_name=True,  # Config(socket_path=...) from Python; files use aliases only
+        extra="forbid",
+        strict=True,
+    )
+
+
+def _absolute(value: str) -> str:
+    if not os.path.isabs(value):
+        raise ValueError(f"must be an absolute path, not '{value}'")
+    return os.path.normpath(value)
+
+
+class CapabilitiesConfig(Section):
+    """Migration capabilities set at start, as with migrate-set-capabilities."""
+
+    multifd: bool | None = None
+    mapped_ram: bool | None = None
+    events: bool | None = None
+
+
+class ParametersConfig(Section):
+    """Migration parameters set at start, as with migrate-set-parameters."""
+
+    multifd_channels: int | None = None
+    direct_io: bool | None = None
+    max_bandwidth: int | None = None
+    zero_page_detection: Literal["none", "multifd"] | None = None
+
+    @field_validator("multifd_channels")
+    @classmethod
+    def _channels(cls, value: int | None) -> int | None:
+        if value is not None and not 1 <= value <= 255:
+            raise ValueError("must be between 1 and 255")
+        return value
+
+    @field_validator("max_bandwidth")
+    @classmethod
+    def _bandwidth(cls, value: int | None) -> int | None:
+        if value is not None and value < 0:
+            raise ValueError("must be 0 (unlimited) or more bytes per second")
+        return value
+
+
+class BackendConfig(Section):
+    """One memory backend created at start, as with object-add."""
+
+    qom_type: Literal["memory-backend-file", "memory-backend-ram"]
+    id: str
+    size: int
+    mem_path: str | None = None
+    share: bool | None = None
+    ramblock_name: str | None = None
+    # As object-add's migd extension: use a file an interrupted restore left partial.
+    x_accept_partial: bool = False
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, value: str) -> str:
+        if not ID_RE.fullmatch(value):
+            raise ValueError(
+                "must be an identifier: a letter, then letters, digits, '.', '_' or '-'"
+            )
+        return value
+
+    @field_validator("size", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            match = _SIZE_RE.fullmatch(value.strip())
+            if match is None:
+                raise ValueError(f"must be a size like 1073741824 or \"1G\", not '{value}'")
+            value = int(match[1]) << _SIZE_SHIFT[match[2].lower()]
+        is_int = isinstance(value, int) and not isinstance(value, bool)
+        if is_int and (value <= 0 or value % PAGE_SIZE):
+            raise ValueError(f"must be a positive multiple of {PAGE_SIZE} bytes")
+        return value
+
+    @field_validator("mem_path")
+    @classmethod
+    def _mem_path(cls, value: str | None) -> str | None:
+        if value is not None and value.startswith("/dev/fdset/"):
+            raise ValueError("cannot name an fd set: none exists when migd starts")
+        return None if value is None else _absolute(value)
+
+    @field_validator("ramblock_name")
+    @classmethod
+    def _ramblock_name(cls, value: str | None) -> str | None:
+        if value is not None and not 1 <= len(value.encode()) <= 255:
+            raise ValueError("must be 1 to 255 bytes long")
+        return value
+
+    @model_validator(mode="after")
+    def _by_type(self) -> BackendConfig:
+        if self.qom_type == "memory-backend-file":
+            if self.mem_path is None:
+                raise KeyedError("mem-path", "is required for memory-backend-file")
+        else:
+            if self.mem_path is not None:
+                raise KeyedError("mem-path", "is not allowed for memory-backend-ram")
+            if self.share:
+                raise KeyedError("share", "memory-backend-ram is always private (share = false)")
+        return self
+
+    @property
+    def block_name(self) -> str:
+        return self.ramblock_name or self.id
+
+
+class Config(Section):
+    """What `migd serve` runs with; every field is optional in the file."""
+
+    socket_path: str = Field(default_factory=default_socket_path, alias="socket")
+    socket_mode: int = 0o600
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    allowed_dirs: list[str] = Field(default_factory=list)
+    capabilities: CapabilitiesConfig = Field(default_factory=CapabilitiesConfig)
+    parameters: ParametersConfig = Field(default_factory=ParametersConfig)
+    memory_backends: list[BackendConfig] = Field(default_factory=list, alias="memory-backend")
+
+    @field_validator("socket_path")
+    @classmethod
+    def _socket(cls, value: str) -> str:
+        if not value:
+            raise ValueError("must not be empty")
+        return value
+
+    @field_validator("socket_mode", mode="before")
+    @classmethod
+    def _mode(cls, value: Any) -> Any:
+        text = 'must be a mode from 0o000 to 0o777, written 0o660 or "0660"'
+        if isinstance(value, str):
+            try:
+                value = int(value, 8)
+            except ValueError:
+                raise ValueError(text) from None
+        if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value <= 0o777:
+            raise ValueError(text)
+        return value
+
+    @field_validator("allowed_dirs")
+    @classmethod
+    def _dirs(cls, value: list[str]) -> list[str]:
+        for i, path in enumerate(value):
+            if not os.path.isabs(path):
+                raise KeyedError(f"[{i}]", f"must be an absolute path, not '{path}'")
+        return [os.path.normpath(p) for p in value]
+
+    @model_validator(mode="after")
+    def _unique_backends(self) -> Config:
+        ids: dict[str, int] = {}
+        blocks: dict[str, int] = {}
+        for i, b in enumerate(self.memory_backends):
+            if b.id in ids:
+                raise KeyedError(
+                    f"memory-backend[{i}].id",
+                    f"'{b.id}' is already used by memory-backend[{ids[b.id]}]",
+                )
+            if b.block_name in blocks:
+                raise KeyedError(
+                    f"memory-backend[{i}].ramblock-name",
+                    f"RAM block name '{b.block_name}' is already used by "
+                    f"memory-backend[{blocks[b.block_name]}]",
+                )
+            ids[b.id] = blocks[b.block_name] = i
+        return self
+
+
+# --- loading ----------------------------------------------------------------------------
+
+
+def load_config(path: str | None = None, **overrides: Any) -> Config:
+    """The file's Config (the default file if present, else defaults), then `overrides`.
+
+    Overrides are Python field names with values already checked by the command line.
+    Raises ConfigError with "FILE: KEY: problem" on any problem in the file.
+    """
+    if path is None and os.path.exists(DEFAULT_CONFIG_PATH):
+        path = DEFAULT_CONFIG_PATH
+    config = Config() if path is None else _parse(path)
+    return config.model_copy(update=overrides) if overrides else config
+
+
+def _parse(path: str) -> Config:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    try:
+        return Config.model_validate(data, by_alias=True, by_name=False)
+    except ValidationError as exc:
+        key, message = describe_error(exc.errors()[0])
+        raise ConfigError(f"{path}: {key}: {message}") from None
+
+
+def _key(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif isinstance(part, str) and part.startswith("["):
+            out += part
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def describe_error(err: Any) -> tuple[str, str]:
+    """(dotted key, plain-words problem) for one pydantic error of Config."""
+    loc = tuple(err["loc"])
+    kind = err["type"]
+    ctx = err.get("ctx") or {}
+    cause = ctx.get("error")
+    if isinstance(cause, KeyedError):
+        sub = cause.key if cause.key.startswith("[") else f".{cause.key}"
+        key = _key(loc) + sub if loc else cause.key
+        return key, str(cause)
+    if kind == "value_error" and cause is not None:
+        return _key(loc), str(cause)
+    if kind == "extra_forbidden":
+        known = _known_keys(loc[:-1])
+        hint = difflib.get_close_matches(str(loc[-1]).replace("_", "-"), known, n=1)
+        return _key(loc), "unknown key" + (f" (did you mean '{hint[0]}'?)" if hint else "")
+    plain = {
+        "missing": "is required",
+        "bool_type": "must be true or false",
+        "int_type": "must be an integer",
+        "string_type": "must be a string",
+        "list_type": "must be an array",
+        "model_type": "must be a table",
+        "dict_type": "must be a table",
+        "model_attributes_type": "must be a table",
+    }
+    if kind == "list_type" and loc == ("memory-backend",):
+        return _key(loc), "must be an array of tables: write each one as [[memory-backend]]"
+    if kind in plain:
+        return _key(loc), plain[kind]
+    if kind == "literal_error":
+        return _key(loc), f"must be {ctx['expected']}"
+    return _key(loc), err["msg"][:1].lower() + err["msg"][1:]
+
+
+def _known_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The keys the table at `loc` accepts, for "did you mean" hints."""
+    model: Any = Config
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = next(
+            (f for name, f in model.model_fields.items() if (f.alias or _kebab(name)) == part),
+            None,
+        )
+        if field is None:
+            return []
+        annotation = field.annotation
+        while typing.get_origin(annotation) is not None:
+            args = [a for a in typing.get_args(annotation) if a is not type(None)]
+            annotation = args[0]
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return [f.alias or _kebab(name) for name, f in model.model_fields.items()]

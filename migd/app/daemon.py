@@ -1,0 +1,198 @@
+"""The daemon: owns the server and the services; signals, readiness, shutdown order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import resource
+import signal
+import socket
+from typing import Any
+
+import sdnotify
+
+from .. import __version__
+from ..api.commands import Context, dispatch
+from ..errors import MigdError
+from ..io.threads import open_channel_fd
+from ..migration.engine import MigrationEngine
+from ..qmp.dispatch import version_numbers
+from ..qmp.server import Server, Session, bind_unix_socket
+from ..qmp.wire import Request, greeting
+from ..state.fdsets import FdStore
+from ..state.memory import MemoryBackend, MemoryRegistry, create_file_backend, create_ram_backend
+from ..state.partial import SIDECAR_DIR, PartialMarks
+from ..state.paths import PathPolicy
+from .config import BackendConfig, Config
+from .services import Services
+
+log = logging.getLogger(__name__)
+
+SD_LISTEN_FDS_START = 3
+
+
+def inherited_listener() -> socket.socket | None:
+    """The socket systemd passed us (LISTEN_FDS/LISTEN_PID), if any."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return None
+    count = int(os.environ.get("LISTEN_FDS", "0") or 0)
+    if count < 1:
+        return None
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)  # children must not think the socket is theirs
+    sock = socket.socket(fileno=SD_LISTEN_FDS_START)
+    os.set_inheritable(sock.fileno(), False)
+    return sock
+
+
+def create_backend(spec: BackendConfig, paths: PathPolicy) -> MemoryBackend:
+    """A memory backend of the configuration file, as object-add would create it."""
+    if spec.qom_type == "memory-backend-file":
+        assert spec.mem_path is not None  # the config model requires it
+        share = True if spec.share is None else spec.share
+        return create_file_backend(
+            spec.id,
+            spec.size,
+            spec.mem_path,
+            share=share,
+            ramblock_name=spec.ramblock_name,
+            open_file=paths.open,
+        )
+    return create_ram_backend(spec.id, spec.size, ramblock_name=spec.ramblock_name)
+
+
+def raise_open_file_limit() -> int:
+    """Soft RLIMIT_NOFILE up to the hard limit (the usual soft 1024 is easily reached by
+    passed fds and a job's channels); returns the soft limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:
+        try:  # an unlimited hard limit still stops at the kernel's nr_open
+            with open("/proc/sys/fs/nr_open") as f:
+                target = int(f.read())
+        except (OSError, ValueError):
+            target = soft
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (OSError, ValueError) as exc:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, exc)
+            return soft
+        log.info("open-file limit raised from %d to %d", soft, target)
+        return target
+    return soft
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        memory = MemoryRegistry()
+        paths = PathPolicy(config.allowed_dirs)
+        fdsets = FdStore(functools.partial(open_channel_fd, open_file=paths.open))
+        engine = MigrationEngine(
+            memory, self._emit, self.notify, fdsets.open_path, fdsets.close_dup, paths.open
+        )
+        # Partial-restore marks where memory files have no xattrs: next to the socket.
+        engine.partial = PartialMarks(
+            os.path.join(os.path.dirname(config.socket_path), SIDECAR_DIR)
+        )
+        self.services = Services(memory, engine, fdsets, paths)
+        self.server: Server | None = None
+        self._stop: asyncio.Event | None = None
+        self._notifier = sdnotify.SystemdNotifier()
+        self._owns_socket_path = False
+
+    def notify(self, state: str) -> None:
+        if os.environ.get("NOTIFY_SOCKET"):
+            self._notifier.notify(state)
+
+    def _emit(self, name: str, data: dict[str, Any]) -> None:
+        if self.server is not None:
+            self.server.broadcast_event(name, data)
+
+    def request_stop(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+
+    async def _dispatch(self, session: Session, req: Request) -> dict[str, Any]:
+        return await dispatch(Context(session=session, services=self.services), req)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        raise_open_file_limit()
+        try:
+            await self._apply_config()
+            listener = inherited_listener()
+            if listener is None:
+                listener = bind_unix_socket(self.config.socket_path, self.config.socket_mode)
+                self._owns_socket_path = True
+                where = self.config.socket_path
+            else:
+                where = f"inherited socket {listener.getsockname()!r}"
+        except BaseException:
+            self.services.memory.close_all()
+            raise
+        major, minor, micro = version_numbers()
+        self.server = Server(
+            listener, greeting(major, minor, micro, f"migd {__version__}"), self._dispatch
+        )
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        self.server.start()
+        log.info("migd %s serving QMP on %s", __version__, where)
+        self._log_path_policy()
+        self.notify("READY=1\nSTATUS=serving")
+        try:
+            await self._stop.wait()
+        finally:
+            self.notify("STOPPING=1")
+            await self.shutdown()
+
+    def _log_path_policy(self) -> None:
+        paths = self.services.paths
+        if paths.restricted:
+            log.info("files and mem-paths are confined to %s", ", ".join(paths.allowed))
+        elif self.config.socket_mode & 0o066:
+            log.warning(
+                "socket mode %04o lets other users control migd, and no allowed-dirs are "
+                "configured: they can make migd open any file it can open",
+                self.config.socket_mode,
+            )
+
+    async def _apply_config(self) -> None:
+        """The configured capabilities, parameters and memory backends, before serving."""
+        engine, memory = self.services.engine, self.services.memory
+        engine.set_capabilities(self.config.capabilities.model_dump(exclude_none=True))
+        engine.set_parameters(self.config.parameters.model_dump(exclude_none=True))
+        for spec in self.config.memory_backends:
+            try:
+                backend = await asyncio.to_thread(create_backend, spec, self.services.paths)
+            except MigdError as exc:
+                raise MigdError(f"Cannot create memory backend '{spec.id}': {exc.desc}") from None
+            try:
+                # As object-add: a file an interrupted restore left partial is refused.
+                await asyncio.to_thread(engine.partial.check_add, backend, spec.x_accept_partial)
+            except MigdError as exc:
+                backend.close()
+                raise MigdError(f"Cannot create memory backend '{spec.id}': {exc.desc}") from None
+            try:
+                memory.add(backend)  # no clash: the config model checks ids and block names
+            except BaseException:
+                backend.close()
+                raise
+            log.info("created memory backend %r (%s, %d bytes)", spec.id, spec.qom_type, spec.size)
+
+    async def shutdown(self) -> None:
+        """Stop accepting, end the job, close sessions and backends, remove the socket."""
+        assert self.server is not None
+        await self.server.stop_accepting()
+        await self.services.close()
+        await self.server.close()
+        if self._owns_socket_path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.config.socket_path)
+        log.info("migd stopped")

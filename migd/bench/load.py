@@ -1,0 +1,173 @@
+"""Control plane under load: many clients polling query-migrate during a full-speed save.
+
+Runs, in one process and one run, the same direct-io save twice: alone, then with N
+clients (default 200) each polling query-migrate every --interval seconds (default
+0.1, as a management app's progress display would; 0 hammers without pause). Prints the
+p50/p99/max answer times seen by the pollers, the number of errors (must be 0), and the
+save throughput with polling as a ratio of the throughput without (target >= 0.9).
+
+    .venv/bin/python -m migd.bench.load [--size-gib 2] [--clients 200] [--interval 0.1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from qemu.qmp import ConnectError, QMPClient
+
+from .disk import drop_caches
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+async def connect(path: str, proc: subprocess.Popen[bytes], name: str) -> QMPClient:
+    client = QMPClient(name)
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            await client.connect(path)
+            return client
+        except (OSError, ConnectError):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
+def prepare(target: Path) -> None:
+    """Remove the last save and drop caches: done before the pollers start, because these
+    block this process's event loop and would show up as slow answers."""
+    target.unlink(missing_ok=True)
+    drop_caches(target.parent, enabled=os.geteuid() == 0)
+
+
+async def timed_save(control: QMPClient, target: Path) -> float:
+    """Seconds from `migrate` to `completed`, polled by the control client every 20 ms."""
+    started = time.monotonic()
+    await control.execute("migrate", {"uri": f"file:{target}"})
+    while (info := await control.execute("query-migrate"))["status"] not in (
+        "completed",
+        "failed",
+        "cancelled",
+    ):
+        await asyncio.sleep(0.02)
+    if info["status"] != "completed":
+        raise RuntimeError(f"save {info['status']}: {info.get('error-desc')}")
+    return time.monotonic() - started
+
+
+async def poll(
+    client: QMPClient, interval: float, stop: asyncio.Event, times: list[float], errors: list[str]
+) -> None:
+    # Start at a random phase so the clients do not all ask in the same instant.
+    await asyncio.sleep(interval * np.random.default_rng().random())
+    while not stop.is_set():
+        t0 = time.perf_counter()
+        try:
+            await client.execute("query-migrate")
+        except Exception as exc:  # counted, never fatal: the figure is the error count
+            errors.append(repr(exc))
+        times.append(time.perf_counter() - t0)
+        await asyncio.sleep(interval)
+
+
+async def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-gib", type=float, default=2.0)
+    parser.add_argument("--clients", type=int, default=200)
+    parser.add_argument("--dir", default="/tmp", help="where the save file goes")
+    parser.add_argument("--channels", type=int, default=4)
+    parser.add_argument(
+        "--interval",
+        type=float,
+        default=0.1,
+        help="seconds between one client's polls (0: as fast as answered)",
+    )
+    args = parser.parse_args()
+    size = int(args.size_gib * GiB) // MiB * MiB
+    with (
+        tempfile.TemporaryDirectory(prefix="migd-load-", dir="/dev/shm") as shm,
+        tempfile.TemporaryDirectory(prefix="migd-load-", dir=args.dir) as work,
+    ):
+        mem = Path(shm) / "ram"
+        rng = np.random.default_rng(7)
+        with open(mem, "wb") as f:
+            for at in range(0, size, 64 * MiB):
+                f.write(rng.integers(0, 256, min(64 * MiB, size - at), dtype=np.uint8).tobytes())
+        sock = os.path.join(work, "qmp.sock")
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "migd", "serve", "--socket", sock, "--log-level", "warning"]
+        )
+        try:
+            control = await connect(sock, daemon, "control")
+            caps = [{"capability": c, "state": True} for c in ("multifd", "mapped-ram")]
+            await control.execute("migrate-set-capabilities", {"capabilities": caps})
+            await control.execute(
+                "migrate-set-parameters", {"multifd-channels": args.channels, "direct-io": True}
+            )
+            await control.execute(
+                "object-add",
+                {
+                    "qom-type": "memory-backend-file",
+                    "id": "ram",
+                    "size": size,
+                    "mem-path": str(mem),
+                },
+            )
+            target = Path(work) / "vm.sav"
+            prepare(target)
+            await timed_save(control, target)  # warm-up: maps the memory once
+            prepare(target)
+            alone = await timed_save(control, target)
+            prepare(target)
+
+            pollers = await asyncio.gather(
+                *(connect(sock, daemon, f"poller{i}") for i in range(args.clients))
+            )
+            stop, times, errors = asyncio.Event(), [], []
+            tasks = [
+                asyncio.create_task(poll(c, args.interval, stop, times, errors)) for c in pollers
+            ]
+            await asyncio.sleep(0.5)  # let every poller reach its steady loop
+            times.clear()
+            loaded = await timed_save(control, target)
+            stop.set()
+            await asyncio.gather(*tasks)
+            await asyncio.gather(*(c.disconnect() for c in pollers))
+            await control.disconnect()
+        finally:
+            daemon.terminate()
+            daemon.wait(30)
+
+    ms = sorted(t * 1000 for t in times)
+    p99 = ms[min(len(ms) - 1, int(len(ms) * 0.99))]
+    print(f"# migd control plane under load, {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    print(
+        f"{size / GiB:.2f} GiB direct-io save, {args.channels} channels, save file in "
+        f"{args.dir}; {args.clients} clients each polling query-migrate every "
+        f"{args.interval * 1000:.0f} ms\n"
+    )
+    print("| what | value | target |")
+    print("|---|---:|---:|")
+    print(f"| query-migrate answers during the save | {len(ms)} | |")
+    print(f"| errors | {len(errors)} | 0 |")
+    print(f"| answer time p50 | {statistics.median(ms):.1f} ms | |")
+    print(f"| answer time p99 | {p99:.1f} ms | < 20 ms |")
+    print(f"| answer time max | {ms[-1]:.1f} ms | |")
+    print(f"| save alone | {size / alone / GiB:.2f} GiB/s | |")
+    print(f"| save with the pollers | {size / loaded / GiB:.2f} GiB/s | |")
+    print(f"| throughput with / without polling | {alone / loaded:.2f} | >= 0.90 |")
+    return 0 if not errors else 1
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))

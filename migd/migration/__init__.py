@@ -1,0 +1,2 @@
+"""Save and restore jobs: the engine (settings, status machine, events, orchestration) and the
+file format (mapped_ram/)."""

@@ -1,0 +1,1 @@
+"""QEMU's mapped-ram stream format."""

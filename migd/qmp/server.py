@@ -1,0 +1,392 @@
+"""UNIX socket listener and QMP sessions: greeting, read loop, SCM_RIGHTS, event broadcast.
+
+Knows nothing of migration: each decoded request goes to the `dispatch` callable the
+daemon hands in. Sockets are read with recvmsg (asyncio streams cannot carry fds).
+
+Serving stays fair and bounded whatever a client does: a session handles one request
+at a time and yields to the event loop after every read and every request, so a client
+streaming requests without pause cannot starve other clients, running jobs or SIGTERM.
+It reads no more requests while more than REPLY_PAUSE_BYTES of its replies are unsent
+(the client is not reading them), and a client whose unsent replies and events pass
+REPLY_LIMIT_BYTES is dropped: a client that never reads costs a bounded amount of memory.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import errno
+import functools
+import logging
+import os
+import socket
+import stat
+import struct
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from ..errors import FdError, InvalidRequest, MigdError
+from ..state.fdsets import check_room_for_passed_fds
+from .wire import (
+    MessageSplitter,
+    MessageTooLarge,
+    Request,
+    decode_request,
+    encode,
+    error_reply,
+    event_message,
+)
+
+log = logging.getLogger(__name__)
+
+RECV_BYTES = 65536
+MAX_FDS_PER_MESSAGE = 16  # QEMU's TCP_MAX_FDS
+# Stop reading a client's requests while this much of its replies is unsent...
+REPLY_PAUSE_BYTES = 1 << 20
+# ... and drop it when its unsent replies and events pass this (one message may go over).
+REPLY_LIMIT_BYTES = 16 << 20
+
+Dispatch = Callable[["Session", Request], Awaitable[dict[str, Any]]]
+
+
+class SocketInUse(MigdError):
+    """Another live daemon answers on the socket path."""
+
+
+def _peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", creds)
+    return pid, uid, gid
+
+
+class Session:
+    """One client connection."""
+
+    def __init__(self, server: Server, sock: socket.socket, number: int) -> None:
+        self.server = server
+        self.sock = sock
+        self.number = number
+        self.negotiated = False
+        self.pending_fds: list[int] = []
+        self._fd_taken = False
+        self._out: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+        self._unsent = _UnsentBytes()
+        self._fds_refused: FdError | None = None
+
+    @functools.cached_property
+    def peer_uid(self) -> int | None:
+        """The client's uid (SO_PEERCRED): it may own the existing files it names."""
+        try:
+            return _peer_credentials(self.sock)[1]
+        except OSError:
+            return None
+
+    # -- fds -------------------------------------------------------------------------
+
+    def take_fd(self) -> int:
+        """Hand the oldest fd received with this command to the caller, who then owns it."""
+        if not self.pending_fds:
+            refused, self._fds_refused = self._fds_refused, None
+            raise refused or FdError("No file descriptor supplied via SCM_RIGHTS")
+        self._fd_taken = True
+        return self.pending_fds.pop(0)
+
+    def _replace_pending_fds(self, fds: list[int]) -> None:
+        # As QEMU's chardev: a new batch of fds drops whatever the last batch left unused.
+        self._close_pending_fds()
+        self.pending_fds = fds
+        self._fds_refused = None
+        try:
+            check_room_for_passed_fds()
+        except FdError as exc:
+            # Over the cap: close the batch now; the command meant to take it says why.
+            self._close_pending_fds()
+            self._fds_refused = exc
+
+    def _close_pending_fds(self) -> None:
+        for fd in self.pending_fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.pending_fds = []
+
+    # -- I/O -------------------------------------------------------------------------
+
+    def send(self, msg: dict[str, Any]) -> None:
+        if self._unsent.dropped:
+            return
+        if self._unsent.count > REPLY_LIMIT_BYTES:
+            self._drop()
+            return
+        data = encode(msg)
+        self._unsent.add(len(data))
+        self._out.put_nowait(data)
+
+    def _drop(self) -> None:
+        """End a client that does not read what it asked for, freeing what it left unread."""
+        log.warning(
+            "client %d dropped: more than %d bytes of replies and events left unread",
+            self.number,
+            REPLY_LIMIT_BYTES,
+        )
+        self._unsent.drop()
+        while not self._out.empty():
+            self._out.get_nowait()
+        self._out.put_nowait(None)
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the read loop with EOF
+
+    async def _wait(self, add: Callable[..., None], remove: Callable[[int], Any]) -> None:
+        fut = self._loop.create_future()
+        fd = self.sock.fileno()
+
+        def ready() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        add(fd, ready)
+        try:
+            await fut
+        finally:
+            remove(fd)
+
+    async def _recv(self) -> tuple[bytes, list[int]]:
+        cmsg_space = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
+        while True:
+            try:
+                data, ancdata, _flags, _addr = self.sock.recvmsg(RECV_BYTES, cmsg_space)
+            except (BlockingIOError, InterruptedError):
+                await self._wait(self._loop.add_reader, self._loop.remove_reader)
+                continue
+            fds: list[int] = []
+            for level, kind, payload in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    arr = array.array("i")
+                    arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
+                    fds.extend(arr)
+            return data, fds
+
+    async def _writer(self) -> None:
+        try:
+            await self._write_queued()
+        except OSError as exc:
+            # The client is gone: wake a read loop paused on the replies it left unread.
+            log.debug("session %d: %s", self.number, exc)
+            self._unsent.drop()
+            while not self._out.empty():
+                self._out.get_nowait()
+
+    async def _write_queued(self) -> None:
+        while True:
+            data = await self._out.get()
+            if data is None:
+                return
+            view = memoryview(data)
+            while view:
+                try:
+                    sent = self.sock.send(view)
+                except (BlockingIOError, InterruptedError):
+                    await self._wait(self._loop.add_writer, self._loop.remove_writer)
+                    continue
+                view = view[sent:]
+                self._unsent.sent(sent)
+
+    async def run(self, dispatch: Dispatch) -> None:
+        writer = asyncio.create_task(self._writer())
+        splitter = MessageSplitter()
+        try:
+            self.send(self.server.greeting)
+            while not self._unsent.dropped:
+                await self._pause_while_replies_unread()
+                data, fds = await self._recv()
+                if fds:
+                    self._replace_pending_fds(fds)
+                if not data:
+                    break
+                try:
+                    texts = splitter.feed(data)
+                except MessageTooLarge as exc:
+                    await self._handle_all(exc.before, dispatch)
+                    self.send(error_reply(InvalidRequest(str(exc)), None))
+                    break
+                await self._handle_all(texts, dispatch)
+                await asyncio.sleep(0)  # even a read that completes no request yields
+        except (ConnectionError, OSError) as exc:
+            log.debug("session %d: %s", self.number, exc)
+        finally:
+            self._close_pending_fds()
+            self._out.put_nowait(None)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer, 2)
+            writer.cancel()
+            self.sock.close()
+
+    async def _pause_while_replies_unread(self) -> None:
+        """Backpressure: a client that does not read its replies is not read either."""
+        if self._unsent.count > REPLY_PAUSE_BYTES:
+            log.debug(
+                "client %d: %d bytes of replies unread, reading paused",
+                self.number,
+                self._unsent.count,
+            )
+            await self._unsent.below(REPLY_PAUSE_BYTES)
+
+    async def _handle_all(self, texts: list[bytes], dispatch: Dispatch) -> None:
+        """Handle the requests of one read in order, one at a time, yielding after each:
+        a handler that never awaits would otherwise hold the event loop for the whole read."""
+        for text in texts:
+            if self._unsent.dropped:
+                return
+            self.send(await self._handle(text, dispatch))
+            await asyncio.sleep(0)
+
+    async def _handle(self, text: bytes, dispatch: Dispatch) -> dict[str, Any]:
+        try:
+            req = decode_request(text)
+        except InvalidRequest as exc:
+            return error_reply(exc, getattr(exc, "request", None))
+        self._fd_taken = False
+        try:
+            return await dispatch(self, req)
+        finally:
+            if self._fd_taken:
+                # As QEMU: a command consumes one fd of a batch and the extras are closed.
+                self._close_pending_fds()
+
+
+class _UnsentBytes:
+    """How many bytes of a session's replies and events are queued or being sent."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.dropped = False
+        self._changed = asyncio.Event()
+
+    def add(self, n: int) -> None:
+        self.count += n
+
+    def sent(self, n: int) -> None:
+        self.count -= n
+        self._changed.set()
+
+    def drop(self) -> None:
+        self.dropped = True
+        self.count = 0
+        self._changed.set()
+
+    async def below(self, limit: int) -> None:
+        """Wait until at most `limit` bytes are unsent (or the client was dropped)."""
+        while self.count > limit and not self.dropped:
+            self._changed.clear()
+            await self._changed.wait()
+
+
+class Server:
+    """Accepts clients on a listening UNIX socket and broadcasts events to them."""
+
+    def __init__(self, listener: socket.socket, greeting: dict[str, Any], dispatch: Dispatch):
+        self.listener = listener
+        self.greeting = greeting
+        self._dispatch = dispatch
+        self.sessions: set[Session] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._accepting: asyncio.Task[None] | None = None
+        self._count = 0
+
+    def start(self) -> None:
+        self.listener.setblocking(False)
+        self._accepting = asyncio.create_task(self._accept_loop())
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, _ = await loop.sock_accept(self.listener)
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.error("cannot accept a client: %s", exc)
+                    await asyncio.sleep(0.1)  # back off: the limit may clear
+                    continue
+                raise
+            sock.setblocking(False)
+            self._count += 1
+            try:
+                pid, uid, gid = _peer_credentials(sock)
+                log.info("client %d connected: pid=%d uid=%d gid=%d", self._count, pid, uid, gid)
+            except OSError:
+                log.info("client %d connected", self._count)
+            session = Session(self, sock, self._count)
+            task = asyncio.create_task(self._serve(session))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, session: Session) -> None:
+        self.sessions.add(session)
+        try:
+            await session.run(self._dispatch)
+        finally:
+            self.sessions.discard(session)
+            log.info("client %d disconnected", session.number)
+
+    def broadcast_event(self, name: str, data: dict[str, Any] | None = None) -> None:
+        msg = event_message(name, data)
+        for session in list(self.sessions):
+            if session.negotiated:
+                session.send(msg)
+
+    async def stop_accepting(self) -> None:
+        if self._accepting is not None:
+            self._accepting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accepting
+            self._accepting = None
+
+    async def close(self) -> None:
+        """Stop accepting, then end every session."""
+        await self.stop_accepting()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.listener.close()
+
+
+def bind_unix_socket(path: str, mode: int) -> socket.socket:
+    """Create the listening socket, replacing a stale one and refusing a live one."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, mode=0o755, exist_ok=True)
+    if len(os.fsencode(path)) > 107:
+        raise MigdError(f"Socket path '{path}' is longer than 107 bytes")
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise MigdError(f"Cannot listen on '{path}': it exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            log.info("replacing stale socket %s", path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        else:
+            raise SocketInUse(f"Cannot listen on '{path}': another migd is serving it")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        # Bind under a tight umask so the socket is never briefly wider than `mode`.
+        old_umask = os.umask(0o177)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, mode)
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise MigdError(f"Cannot listen on '{path}': {exc.strerror}") from None
+    return sock

@@ -1,0 +1,157 @@
+"""Argument models' base class and the pydantic error -> QEMU text mapping.
+
+QEMU clients match on QEMU's error texts, so no pydantic wording may reach the wire.
+"""
+
+from __future__ import annotations
+
+import enum
+import types
+import typing
+from typing import Any
+
+import annotated_types
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ..errors import InvalidRequest
+
+
+def qapi_name(name: str) -> str:
+    """QAPI member names use dashes where Python uses underscores."""
+    return name.replace("_", "-")
+
+
+class QapiModel(BaseModel):
+    """Base of every argument and result model: QAPI names, strict JSON types, no extras."""
+
+    model_config = ConfigDict(
+        alias_generator=qapi_name,
+        populate_by_name=True,
+        extra="forbid",
+        strict=True,
+        use_enum_values=False,
+    )
+
+
+class Empty(QapiModel):
+    """No arguments / an empty object result."""
+
+
+_JSON_TYPE_BY_ERROR = {
+    "int_type": "integer",
+    "int_parsing": "integer",
+    "int_from_float": "integer",
+    "string_type": "string",
+    "bool_type": "boolean",
+    "dict_type": "object",
+    "model_type": "object",
+    "model_attributes_type": "object",
+    "list_type": "array",
+    "tuple_type": "array",
+    "float_type": "number",
+    "bytes_type": "string",
+}
+
+
+def _member_name(loc: tuple[Any, ...]) -> str:
+    for part in reversed(loc):
+        if isinstance(part, str):
+            return part
+    return "null"
+
+
+def _strip(annotation: Any) -> tuple[Any, list[Any]]:
+    """Peel Optional/Annotated so the concrete type of a member is left, with constraints."""
+    metadata: list[Any] = []
+    while True:
+        origin = typing.get_origin(annotation)
+        if origin is typing.Annotated:
+            annotation, *extra = typing.get_args(annotation)
+            for item in extra:
+                # Field(...) inside Annotated carries its constraints in .metadata
+                metadata.extend(getattr(item, "metadata", None) or [item])
+        elif origin in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(annotation) if a is not type(None)]
+            annotation = args[0]
+        else:
+            return annotation, metadata
+
+
+def _field_at(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[Any, list[Any]]:
+    """The annotation and constraint metadata of the member `loc` points to."""
+    annotation: Any = model
+    metadata: list[Any] = []
+    for part in loc:
+        annotation, _ = _strip(annotation)
+        if isinstance(part, int):
+            args = typing.get_args(annotation)
+            annotation, metadata = (args[0] if args else Any), []
+        elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            field = next(
+                (f for n, f in annotation.model_fields.items() if part in (n, f.alias)), None
+            )
+            if field is None:
+                return Any, []
+            annotation, metadata = field.annotation, list(field.metadata)
+        else:
+            return Any, []
+    annotation, inner = _strip(annotation)
+    return annotation, metadata + inner
+
+
+def _expects(model: type[BaseModel], loc: tuple[Any, ...], err: dict[str, Any]) -> str:
+    annotation, metadata = _field_at(model, loc)
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return annotation.__name__
+    if typing.get_origin(annotation) is typing.Literal:
+        return " or ".join(repr(v) for v in typing.get_args(annotation))
+    low = high = None
+    for m in metadata:
+        if isinstance(m, annotated_types.Ge):
+            low = m.ge
+        elif isinstance(m, annotated_types.Gt):
+            low = m.gt + 1
+        elif isinstance(m, annotated_types.Le):
+            high = m.le
+        elif isinstance(m, annotated_types.Lt):
+            high = m.lt - 1
+    if low is not None and high is not None:
+        return f"a value between {low} and {high}"
+    if low is not None:
+        return "a non-negative value" if low == 0 else f"a value of at least {low}"
+    if high is not None:
+        return f"a value of at most {high}"
+    ctx = err.get("ctx") or {}
+    if "error" in ctx:
+        return str(ctx["error"])
+    return "a valid value"
+
+
+def translate(model: type[BaseModel], exc: ValidationError) -> InvalidRequest:
+    """Turn the first pydantic error into QEMU's wording for that kind of mistake."""
+    errors = exc.errors(include_url=False)
+    # Report missing members before type errors, as QEMU's visitor walks members in order.
+    err = errors[0]
+    loc = tuple(err["loc"])
+    name = _member_name(loc)
+    kind = err["type"]
+    if kind == "missing":
+        return InvalidRequest(f"Parameter '{name}' is missing")
+    if kind == "extra_forbidden":
+        return InvalidRequest(f"Parameter '{name}' is unexpected")
+    if kind in _JSON_TYPE_BY_ERROR:
+        return InvalidRequest(
+            f"Invalid parameter type for '{name}', expected: {_JSON_TYPE_BY_ERROR[kind]}"
+        )
+    if kind in ("enum", "literal_error") and not isinstance(err.get("input"), str):
+        return InvalidRequest(f"Invalid parameter type for '{name}', expected: string")
+    if kind == "value_error" and isinstance((err.get("ctx") or {}).get("error"), InvalidRequest):
+        return err["ctx"]["error"]
+    return InvalidRequest(f"Parameter '{name}' expects {_expects(model, loc, err)}")
+
+
+def validate(model: type[QapiModel], arguments: dict[str, Any]) -> QapiModel:
+    try:
+        return model.model_validate(arguments)
+    except ValidationError as exc:
+        raise translate(model, exc) from None

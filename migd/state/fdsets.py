@@ -1,0 +1,251 @@
+"""Passed fds: getfd's named fds, add-fd's fdsets, and /dev/fdset/N resolution.
+
+QEMU's rules (monitor/fds.c): an open of "/dev/fdset/N" dups the most recently added fd
+of set N whose access mode and O_DIRECT flag match the open, so a management app can
+hand over one file as two fds (one with O_DIRECT for the multifd channels, one without
+for the main channel). Opens come from the event loop and from worker threads, hence
+the lock. As in QEMU, a set lives on while dups of it are open (a running migration's
+channels, a memory backend mapping a memfd), even after remove-fd closed all its fds:
+query-fdsets then lists it with no fds, and add-fd's automatic ids pass it by. Whoever
+holds such a dup closes it with close_dup, which lets the set go with its last dup.
+
+Passed fds are capped (unlike QEMU): migd keeps no more than its open-file limit minus a
+reserve open, so that passing fds (getfd, add-fd, or fds sent with no command yet) can
+never stop migd accepting a client or opening a job's channels with "Too many open
+files". A passed fd over the cap is closed and the command fails with a clear error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import resource
+import string
+import threading
+from dataclasses import dataclass
+
+from ..errors import FdError
+from .paths import ChannelOpener
+
+FDSET_PREFIX = "/dev/fdset/"
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+_O_SYNC = getattr(os, "O_SYNC", 0)
+# strtol's grammar, as qemu_parse_fd accepts it: blanks, a sign, decimal digits.
+_FD_NUMBER = re.compile(r"[ \t\n\v\f\r]*[+-]?[0-9]+")
+_INT_MAX = 2**31 - 1
+
+
+# Fds kept free for accepting clients and for a job's fds (main fd, up to 255 multifd
+# channels, backends): passed fds may use the open-file limit only up to this reserve.
+FD_RESERVE = 512
+
+
+def fd_reserve(limit: int) -> int:
+    """The reserve under a soft limit of `limit`: FD_RESERVE, or half a small limit."""
+    return min(FD_RESERVE, limit // 2)
+
+
+def _open_fd_count() -> int:
+    return len(os.listdir("/proc/self/fd")) - 1  # without the listing's own fd
+
+
+def check_room_for_passed_fds() -> None:
+    """Refuse to keep more passed fds once migd's open fds reach its limit minus the reserve.
+
+    Counts every open fd of the process (the passed fds just received included), so a
+    client holding fds pending or a running job's channels count too.
+    """
+    limit, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if limit == resource.RLIM_INFINITY:
+        return
+    allowed = limit - fd_reserve(limit)
+    open_now = _open_fd_count()
+    if open_now > allowed:
+        raise FdError(
+            f"Too many file descriptors: migd has {open_now} open and keeps passed ones "
+            f"under {allowed}, so that {limit - allowed} of its limit of {limit} stay free "
+            "for clients and migrations; close some with remove-fd or closefd"
+        )
+
+
+@dataclass
+class FdsetFd:
+    fd: int
+    opaque: str | None = None
+
+
+def _close(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+def _close_unless_room(fd: int) -> None:
+    """Keep fd only if there is room for it (check_room_for_passed_fds); else close it."""
+    try:
+        check_room_for_passed_fds()
+    except FdError:
+        _close(fd)
+        raise
+
+
+def is_fdset_path(path: str) -> bool:
+    return path.startswith(FDSET_PREFIX)
+
+
+def parse_fdset_id(path: str) -> int:
+    """The N of "/dev/fdset/N"; qemu_parse_fd's rules (decimal, 0..INT_MAX)."""
+    text = path[len(FDSET_PREFIX) :]
+    if _FD_NUMBER.fullmatch(text):
+        value = int(text.strip(" \t\n\v\f\r"))
+        if 0 <= value <= _INT_MAX:
+            return value
+    raise FdError(f"Could not parse fdset {path}")
+
+
+class FdStore:
+    """The daemon's passed fds, shared by every session as QEMU's fdsets are by monitors."""
+
+    def __init__(self, fallback: ChannelOpener) -> None:
+        self._fallback = fallback
+        self._lock = threading.Lock()
+        self._named: dict[str, int] = {}
+        self._sets: dict[int, list[FdsetFd]] = {}  # each list newest first, as QEMU's
+        self._dups: dict[int, int] = {}  # open dup fd -> the set it came from
+
+    # -- getfd / closefd -------------------------------------------------------------
+
+    def add_named(self, name: str, fd: int) -> None:
+        """Name fd (owned from now on, even on error), replacing and closing a namesake."""
+        if name and name[0] in string.digits:
+            _close(fd)
+            raise FdError("Parameter 'fdname' expects a name not starting with a digit")
+        if name not in self._named:  # replacing a namesake keeps the count
+            _close_unless_room(fd)
+        with self._lock:
+            old = self._named.get(name)
+            self._named[name] = fd
+        if old is not None:
+            _close(old)
+
+    def close_named(self, name: str) -> None:
+        with self._lock:
+            fd = self._named.pop(name, None)
+        if fd is None:
+            raise FdError(f"File descriptor named '{name}' not found")
+        _close(fd)
+
+    # -- add-fd / remove-fd / query-fdsets -------------------------------------------
+
+    def add_fd(self, fd: int, fdset_id: int | None, opaque: str | None) -> tuple[int, int]:
+        """Put fd (owned from now on, even on error) in a set; -> (fdset id, fd)."""
+        _close_unless_room(fd)
+        with self._lock:
+            if fdset_id is None:
+                fdset_id = 0
+                while fdset_id in self._sets:  # the lowest free id
+                    fdset_id += 1
+            elif fdset_id < 0:
+                _close(fd)
+                raise FdError("Parameter 'fdset-id' expects a non-negative value")
+            self._sets.setdefault(fdset_id, []).insert(0, FdsetFd(fd, opaque))
+        return fdset_id, fd
+
+    def remove_fd(self, fdset_id: int, fd: int | None = None) -> None:
+        """Close one fd of a set, or all of them; an empty set disappears."""
+        with self._lock:
+            fds = self._sets.get(fdset_id, [])
+            gone = [f for f in fds if fd is None or f.fd == fd]
+            if gone:
+                self._sets[fdset_id] = [f for f in fds if f not in gone]
+                self._forget_if_unused(fdset_id)
+        if not gone:
+            where = f"fdset-id:{fdset_id}" + ("" if fd is None else f", fd:{fd}")
+            raise FdError(f"File descriptor named '{where}' not found")
+        for f in gone:
+            _close(f.fd)
+
+    def _forget_if_unused(self, fdset_id: int) -> None:
+        """monitor_fdset_cleanup: a set with no fds and no open dups is gone (lock held)."""
+        if not self._sets.get(fdset_id) and fdset_id not in self._dups.values():
+            self._sets.pop(fdset_id, None)
+
+    def close_dup(self, fd: int) -> None:
+        """Close an fd that open_path or dup_from_fdset gave out (any other fd is just
+        closed): the last dup of a removed set takes the set with it."""
+        with self._lock:
+            fdset_id = self._dups.pop(fd, None)
+            if fdset_id is not None:
+                self._forget_if_unused(fdset_id)
+        _close(fd)
+
+    def query(self) -> list[tuple[int, list[FdsetFd]]]:
+        """QEMU's order: sets by descending id, each set's fds oldest first."""
+        with self._lock:
+            return [
+                (fdset_id, list(reversed(self._sets[fdset_id])))
+                for fdset_id in sorted(self._sets, reverse=True)
+            ]
+
+    # -- opening ---------------------------------------------------------------------
+
+    def open_path(self, path: str, flags: int, direct: bool) -> int:
+        """The migration engine's opener: /dev/fdset/N from the store, anything else opened."""
+        if is_fdset_path(path):
+            return self.dup_from_fdset(path, flags | (_O_DIRECT if direct else 0))
+        return self._fallback(path, flags, direct)
+
+    def dup_from_fdset(self, path: str, flags: int) -> int:
+        """monitor_fdset_dup_fd_add: a close-on-exec dup of the newest matching fd of the set.
+
+        Only the access mode and O_DIRECT decide; O_CREAT and the like are ignored. O_DIRECT
+        belongs to the open file description, so a dup of the same fd never matches both
+        a direct and a buffered open: such a set fails with the matching-flags error.
+        """
+        fdset_id = parse_fdset_id(path)
+        wanted = (flags & os.O_ACCMODE) | (flags & _O_DIRECT)
+        with self._lock:
+            fds = self._sets.get(fdset_id)
+            if fds is None:
+                raise FdError(f"Failed to find fdset /dev/fdset/{fdset_id}")
+            chosen = None
+            for entry in fds:
+                try:
+                    fd_flags = fcntl.fcntl(entry.fd, fcntl.F_GETFL)
+                except OSError:
+                    raise FdError(f"Failed to read file status flags for fd={entry.fd}") from None
+                if fd_flags & (os.O_ACCMODE | _O_DIRECT) == wanted:
+                    chosen = entry.fd
+                    break
+            if chosen is None:
+                raise FdError(f"Failed to find file descriptor with matching flags=0x{flags:x}")
+            try:
+                dup = fcntl.fcntl(chosen, fcntl.F_DUPFD_CLOEXEC, 0)
+            except OSError:
+                raise FdError(f"Failed to dup() given file descriptor fd={chosen}") from None
+            self._dups[dup] = fdset_id
+        try:
+            # As qemu_dup_flags: refuse a sync mismatch, and reset O_APPEND/O_NONBLOCK/...
+            # on the description so positional writes land where the layout says.
+            if (flags & _O_SYNC) != (fcntl.fcntl(dup, fcntl.F_GETFL) & _O_SYNC):
+                raise OSError("O_SYNC differs")
+            fcntl.fcntl(dup, fcntl.F_SETFL, flags)
+        except OSError:
+            self.close_dup(dup)
+            raise FdError(f"Failed to dup() given file descriptor fd={chosen}") from None
+        return dup
+
+    # -- shutdown --------------------------------------------------------------------
+
+    def close_all(self) -> None:
+        """Close every named fd and every fd of every set (at daemon stop)."""
+        with self._lock:
+            named, self._named = list(self._named.values()), {}
+            sets, self._sets = list(self._sets.values()), {}
+            self._dups = {}  # their holders close them (the job and the backends stop first)
+        for fd in named:
+            _close(fd)
+        for fds in sets:
+            for entry in fds:
+                _close(entry.fd)

@@ -1,0 +1,464 @@
+"""Memory backends: mmap'd file or anonymous regions that migd saves and restores."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import mmap
+import os
+import re
+import stat
+from collections.abc import Callable, Collection, Iterator
+
+from ..errors import BackendError
+from ..pages import PAGE_SIZE
+from .paths import FileOpener, open_regular, plain_open, trusted_owners
+
+MAX_SIZE = (1 << 62) - PAGE_SIZE  # leaves room in a 64-bit file for the save's metadata
+
+_FALLOC_FL_KEEP_SIZE = 1
+_FALLOC_FL_PUNCH_HOLE = 2
+_MADV_POPULATE_READ = 22  # Linux 5.14; neither is exported by the 3.11 mmap module
+_MADV_POPULATE_WRITE = 23
+_HUGETLBFS_MAGIC = 0x958458F6
+_ZERO_STEP = 4 << 20  # bytes of zeros per read of /dev/zero
+ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9._-]*")  # QEMU's id_wellformed()
+
+_libc = ctypes.CDLL(None, use_errno=True)
+# fallocate64 keeps 64-bit offsets even where off_t is 32 bits wide.
+_fallocate = getattr(_libc, "fallocate64", None) or _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
+# mmap.madvise holds the GIL for the whole call, and MADV_POPULATE_WRITE of a large range
+# takes long enough to stall every channel thread; a ctypes call releases the GIL.
+_madvise = _libc.madvise
+_madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_madvise.restype = ctypes.c_int
+# What a failed allocation looks like: tmpfs full (ENOSPC from fallocate, SIGBUS turned
+# into EFAULT by MADV_POPULATE_WRITE) or no memory (ENOMEM). Anything else (EINVAL from a
+# kernel without MADV_POPULATE_WRITE, EOPNOTSUPP) only means the optimisation is missing.
+_ALLOCATION_ERRNOS = frozenset({errno.ENOSPC, errno.ENOMEM, errno.EFAULT})
+
+
+def _is_hugetlbfs(fd: int) -> bool:
+    """True if fd lives on hugetlbfs; statvfs lacks f_type, so ask fstatfs directly."""
+    buf = ctypes.create_string_buffer(256)  # larger than struct statfs on any arch
+    if _libc.fstatfs(fd, buf) != 0:
+        return False
+    return ctypes.c_ulong.from_buffer(buf).value & 0xFFFFFFFF == _HUGETLBFS_MAGIC
+
+
+class MemoryBackend:
+    """One RAM block: a page-aligned mapping plus, for file backends, its fd."""
+
+    def __init__(
+        self,
+        id: str,
+        size: int,
+        qom_type: str,
+        mm: mmap.mmap,
+        fd: int | None,
+        mem_path: str | None,
+        share: bool,
+        block_name: str,
+        close_fd: Callable[[int], None] = os.close,
+    ) -> None:
+        self.id = id
+        self.block_name = block_name
+        self.size = size
+        self.qom_type = qom_type
+        self.mem_path = mem_path
+        self.share = share
+        self.in_use = 0
+        self._mm: mmap.mmap | None = mm
+        self._mv: memoryview | None = memoryview(mm)
+        self._fd = fd
+        self._close_fd = close_fd  # a dup of a passed fdset is closed through the FdStore
+        anchor = ctypes.c_char.from_buffer(mm)
+        self._base = ctypes.addressof(anchor)  # for ctypes madvise; valid while mapped
+        del anchor  # a live export would make mm.close() fail
+
+    def __repr__(self) -> str:
+        return f"<MemoryBackend {self.id!r} {self.qom_type} size={self.size}>"
+
+    def file_identity(self) -> tuple[int, int] | None:
+        """(st_dev, st_ino) of the mapped file; None for anonymous memory."""
+        if self._fd is None:
+            return None
+        st = os.fstat(self._fd)
+        return st.st_dev, st.st_ino
+
+    @property
+    def fd(self) -> int | None:
+        """The memory file's fd (None for anonymous memory), e.g. for partial.py's marks."""
+        return self._fd
+
+    def _check(self, offset: int, length: int) -> memoryview:
+        if self._mv is None:
+            raise BackendError(f"Memory backend '{self.id}' is closed")
+        if (offset | length) % PAGE_SIZE or offset < 0 or length < 0 or offset + length > self.size:
+            raise ValueError(f"range {offset}+{length} is not page aligned within {self.size}")
+        return self._mv
+
+    def view(self, offset: int, length: int) -> memoryview:
+        """Zero-copy writable slice of the mapping, page aligned (O_DIRECT-safe)."""
+        return self._check(offset, length)[offset : offset + length]
+
+    def _advise(self, advice: int, offset: int, length: int) -> None:
+        """madvise a checked range of the mapping without holding the GIL."""
+        if _madvise(self._base + offset, length, advice) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+
+    def _allocation_error(self, code: int) -> BackendError:
+        where = f" in '{self.mem_path}'" if self.mem_path else ""
+        return BackendError(
+            f"Could not allocate memory for memory backend '{self.id}'{where}: "
+            f"{os.strerror(errno.ENOSPC if code == errno.EFAULT else code)}"
+        )
+
+    def shrink_error(self, during: str) -> BackendError | None:
+        """The error to report if another process cut the file short under the mapping:
+        its pages past the new end can no longer be read or written (EFAULT, or SIGBUS
+        from user space)."""
+        if self._fd is None:
+            return None
+        try:
+            now = os.fstat(self._fd).st_size
+        except OSError:
+            return None
+        if now >= self.size:
+            return None
+        return BackendError(
+            f"Memory backend '{self.id}' file '{self.mem_path}' shrank from {self.size} "
+            f"to {now} bytes during the {during}"
+        )
+
+    def fault_error(self, during: str) -> BackendError | None:
+        """Why the kernel could not reach a page of the mapping (EFAULT) during a save or a
+        restore: the file shrank, or (restoring into a shared file) its filesystem had no
+        room left for the page. Asked whichever thread met the fault, so that the job's
+        error does not depend on which came first. None where neither explains it."""
+        shrunk = self.shrink_error(during)
+        if shrunk is not None:
+            return shrunk
+        if during == "restore" and self._fd is not None and self.share:
+            return self._allocation_error(errno.ENOSPC)
+        return None
+
+    def zero_range(self, offset: int, length: int) -> None:
+        """Make [offset, offset+length) read as zeros, freeing memory where possible."""
+        mv = self._check(offset, length)
+        if length == 0:
+            return
+        assert self._mm is not None
+        if self._fd is None:
+            # Private anonymous pages dropped by DONTNEED come back as fresh zero pages.
+            try:
+                self._advise(mmap.MADV_DONTNEED, offset, length)
+                return
+            except OSError:
+                pass
+        elif self.share:
+            # Punching the file also unmaps the pages, so the view reads zeros at once.
+            mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
+            if _fallocate(self._fd, mode, offset, length) == 0:
+                return
+            try:
+                self._advise(mmap.MADV_REMOVE, offset, length)
+                return
+            except OSError:
+                pass
+        # Private file mappings land here too: DONTNEED would bring back the file's data.
+        self._read_zeros(mv[offset : offset + length])
+
+    def _read_zeros(self, view: memoryview) -> None:
+        """Fill part of the mapping with zeros read from /dev/zero: the kernel writes them,
+        so a page past the end of a file cut short is EFAULT here, where a store from
+        user space would kill the daemon with SIGBUS."""
+        fd = os.open("/dev/zero", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            while view:
+                try:
+                    done = os.readv(fd, [view[:_ZERO_STEP]])
+                except InterruptedError:
+                    continue
+                except OSError as exc:
+                    error = self.fault_error("restore") if exc.errno == errno.EFAULT else None
+                    raise error or BackendError(
+                        f"Could not zero memory of memory backend '{self.id}': {exc.strerror}"
+                    ) from None
+                view = view[done:]
+        finally:
+            os.close(fd)
+
+    def populate(self, offset: int, length: int) -> None:
+        """Allocate and map the range in bulk before it is read into; faults make restores slow.
+
+        A shared file first gets fallocate, which allocates and zeroes its pages several
+        times faster than faulting them in one by one (FALLOC_FL_KEEP_SIZE: a file another
+        process cut short is never grown back over the pages it lost); then MADV_POPULATE_WRITE
+        maps them (or, for anonymous and private memory, allocates them too), so the
+        O_DIRECT read that follows pins pages without faulting. Running out of memory or
+        of room in the file's filesystem raises BackendError: the read would fail anyway,
+        with a less helpful EFAULT; a file cut short under the mapping raises the shrink
+        error. Other failures only cost speed and are ignored.
+        """
+        self._check(offset, length)
+        if length == 0:
+            return
+        shared_file = self._fd is not None and self.share
+        if shared_file and _fallocate(self._fd, _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+            code = ctypes.get_errno()
+            if code in _ALLOCATION_ERRNOS:
+                raise self.shrink_error("restore") or self._allocation_error(code)
+        try:
+            self._advise(_MADV_POPULATE_WRITE, offset, length)
+        except OSError as exc:
+            if exc.errno in _ALLOCATION_ERRNOS:
+                raise self.shrink_error("restore") or self._allocation_error(exc.errno) from None
+
+    def prefault(self, offset: int, length: int) -> None:
+        """Map the range for reading before a save writes it out (MADV_POPULATE_READ).
+
+        In bulk, in the kernel, rather than by the faults of the zero scan or of the
+        O_DIRECT write that pins the pages. Only an optimisation: a failure here (an old
+        kernel, a file cut short under the mapping) is left for the write to report.
+        """
+        self._check(offset, length)
+        if length:
+            with contextlib.suppress(OSError):
+                self._advise(_MADV_POPULATE_READ, offset, length)
+
+    def room(self) -> tuple[int, int, int] | None:
+        """(st_dev, free bytes of the filesystem, bytes this file has allocated) for a
+        shared file on a filesystem with a size limit; None where that cannot be known
+        (anonymous or private memory, an unlimited tmpfs reports no size at all).
+
+        Free counts the root-reserved blocks too: the check built on it must never refuse
+        a restore that could fit."""
+        if self._fd is None or not self.share:
+            return None
+        st = os.fstat(self._fd)
+        vfs = os.fstatvfs(self._fd)
+        if vfs.f_blocks == 0:
+            return None
+        return st.st_dev, vfs.f_bfree * vfs.f_frsize, st.st_blocks * 512
+
+    def data_ranges(self) -> list[tuple[int, int]] | None:
+        """Page-rounded (offset, length) ranges that may hold data; None if unknown."""
+        if self._fd is None or not self.share or self._mv is None:
+            return None  # anonymous or private pages are invisible to the file
+        ranges: list[tuple[int, int]] = []
+        pos = 0
+        while pos < self.size:
+            try:
+                start = os.lseek(self._fd, pos, os.SEEK_DATA)
+                end = min(os.lseek(self._fd, start, os.SEEK_HOLE), self.size)
+            except OSError as e:
+                if e.errno == errno.ENXIO:
+                    break  # no data at or after pos
+                return None
+            if start >= self.size:
+                break
+            start -= start % PAGE_SIZE
+            end = min(-(-end // PAGE_SIZE) * PAGE_SIZE, self.size)
+            if ranges and ranges[-1][0] + ranges[-1][1] >= start:
+                prev = ranges.pop()
+                start = prev[0]
+            ranges.append((start, end - start))
+            pos = end
+        return ranges
+
+    def close(self) -> None:
+        """Unmap and close the fd; safe to call twice."""
+        if self._mv is not None:
+            with contextlib.suppress(BufferError):
+                self._mv.release()
+            self._mv = None
+        if self._mm is not None:
+            # A caller may still hold a view: munmap then happens when the last one goes.
+            with contextlib.suppress(BufferError):
+                self._mm.close()
+            self._mm = None
+        if self._fd is not None:
+            self._close_fd(self._fd)
+            self._fd = None
+
+
+def _validate(id: str, size: int, ramblock_name: str | None) -> str:
+    if not isinstance(id, str) or not ID_RE.fullmatch(id):
+        raise BackendError("Parameter 'id' expects an identifier")
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % PAGE_SIZE:
+        raise BackendError(f"Parameter 'size' expects a positive multiple of {PAGE_SIZE}")
+    if size > MAX_SIZE:
+        # mmap and off_t are signed 64-bit: larger sizes cannot be mapped or saved.
+        raise BackendError(f"Parameter 'size' expects a value of at most {MAX_SIZE}")
+    if ramblock_name is None:
+        return id
+    if not isinstance(ramblock_name, str) or not 1 <= len(ramblock_name.encode()) <= 255:
+        raise BackendError("Parameter 'ramblock-name' expects a name of 1 to 255 bytes")
+    return ramblock_name
+
+
+def create_file_backend(
+    id: str,
+    size: int,
+    mem_path: str,
+    *,
+    share: bool = True,
+    ramblock_name: str | None = None,
+    fd: int | None = None,
+    close_fd: Callable[[int], None] = os.close,
+    open_file: FileOpener = plain_open,
+    owners: Collection[int] | None = None,
+) -> MemoryBackend:
+    """Map mem_path (or the passed fd, which the backend owns even on failure) as RAM.
+
+    QEMU's size rules (qemu_ram_alloc_from_fd): a new or empty file is extended to
+    `size`; a larger one is used as a prefix; a non-empty smaller one is refused, never
+    grown (its end may hold data someone keeps there). A refused backend leaves an
+    existing file as it was. An existing mem-path must pass paths.check_trusted for
+    `owners` (default: migd's own uid).
+    """
+    try:
+        block_name = _validate(id, size, ramblock_name)
+    except BackendError:
+        if fd is not None:
+            close_fd(fd)
+        raise
+    created = False
+    if fd is None:
+        try:
+            fd, created = open_regular(
+                mem_path,
+                os.O_RDWR,
+                create=True,
+                owners=trusted_owners() if owners is None else owners,
+                open_file=open_file,
+            )
+        except OSError as e:
+            raise BackendError(f"Could not open '{mem_path}': {e.strerror}") from None
+    step = "use"
+    st: os.stat_result | None = None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise BackendError(f"Could not open '{mem_path}': Is a directory")
+        if not stat.S_ISREG(st.st_mode):
+            raise BackendError(f"Could not use '{mem_path}': not a regular file")
+        if 0 < st.st_size < size:
+            raise BackendError(
+                f"{id} backing store size 0x{st.st_size:x} is too small for 'size' option "
+                f"0x{size:x} plus 'offset' option 0x0"
+            )
+        if _is_hugetlbfs(fd):
+            huge = os.fstatvfs(fd).f_bsize
+            if size % huge:
+                raise BackendError(
+                    f"Could not use '{mem_path}': size {size} is not a multiple "
+                    f"of the huge page size {huge}"
+                )
+        step = "extend"
+        if st.st_size == 0:
+            os.ftruncate(fd, size)
+        step = "map"
+        mm = mmap.mmap(
+            fd,
+            size,
+            flags=mmap.MAP_SHARED if share else mmap.MAP_PRIVATE,
+            prot=mmap.PROT_READ | mmap.PROT_WRITE,
+        )
+    except BaseException as e:
+        if created:
+            try:
+                if os.stat(mem_path).st_ino == os.fstat(fd).st_ino:
+                    os.unlink(mem_path)
+            except OSError:
+                pass
+        elif st is not None and st.st_size == 0 and step in ("extend", "map"):
+            _restore_empty(fd, st)
+        close_fd(fd)
+        if isinstance(e, OSError):
+            raise BackendError(f"Could not {step} '{mem_path}': {e.strerror}") from None
+        raise
+    return MemoryBackend(
+        id, size, "memory-backend-file", mm, fd, mem_path, share, block_name, close_fd
+    )
+
+
+def _restore_empty(fd: int, st: os.stat_result) -> None:
+    """An existing empty file we extended and then could not map: empty again, with its
+    times as they were (a refused object-add changes nothing)."""
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+        os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def create_ram_backend(id: str, size: int, *, ramblock_name: str | None = None) -> MemoryBackend:
+    """Anonymous private memory owned by migd."""
+    block_name = _validate(id, size, ramblock_name)
+    try:
+        mm = mmap.mmap(
+            -1,
+            size,
+            flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+            prot=mmap.PROT_READ | mmap.PROT_WRITE,
+        )
+    except OSError as e:
+        raise BackendError(
+            f"Could not allocate {size} bytes for memory backend '{id}': {e.strerror}"
+        ) from None
+    return MemoryBackend(id, size, "memory-backend-ram", mm, None, None, False, block_name)
+
+
+class MemoryRegistry:
+    """The daemon's memory backends by id, in insertion order."""
+
+    def __init__(self) -> None:
+        self._backends: dict[str, MemoryBackend] = {}
+
+    def check_new(self, id: str, block_name: str) -> None:
+        """Refuse an id or block name already taken: callers check before creating files."""
+        if id in self._backends:
+            raise BackendError(f"Memory backend '{id}' already exists")
+        other = self.by_block_name(block_name)
+        if other is not None:
+            raise BackendError(
+                f"RAM block name '{block_name}' is already used by memory backend '{other.id}'"
+            )
+
+    def add(self, backend: MemoryBackend) -> None:
+        """Register backend; on refusal the caller still owns (and closes) it."""
+        self.check_new(backend.id, backend.block_name)
+        self._backends[backend.id] = backend
+
+    def remove(self, id: str) -> None:
+        """Unregister and close a backend no migration is using."""
+        backend = self.get(id)
+        if backend.in_use > 0:
+            raise BackendError(f"Memory backend '{id}' is in use by a migration")
+        del self._backends[id]
+        backend.close()
+
+    def get(self, id: str) -> MemoryBackend:
+        try:
+            return self._backends[id]
+        except KeyError:
+            raise BackendError(f"Memory backend '{id}' not found") from None
+
+    def by_block_name(self, name: str) -> MemoryBackend | None:
+        return next((b for b in self._backends.values() if b.block_name == name), None)
+
+    def __iter__(self) -> Iterator[MemoryBackend]:
+        return iter(list(self._backends.values()))
+
+    def __len__(self) -> int:
+        return len(self._backends)
+
+    def close_all(self) -> None:
+        """Close every backend at shutdown, in use or not (threads are joined by then)."""
+        backends, self._backends = list(self._backends.values()), {}
+        for backend in backends:
+            backend.close()

@@ -1,0 +1,225 @@
+"""Which files a client may make migd open: the allowed-directories policy, and the
+rules every save file, restore file and mem-path must pass (`open_regular`).
+
+Access to the socket is control of migd, and migd usually runs as root. With
+`allowed-dirs` configured, save files and mem-paths must resolve (symlinks followed)
+inside one of them, and the open itself cannot be redirected by a symlink swapped in
+after the check: the parent directory is opened first and verified through its fd, and
+the final component is opened relative to it with O_NOFOLLOW.
+
+Whatever the policy, `open_regular` opens a named file without blocking (O_NONBLOCK: a
+FIFO would block open() until its other end opens), refuses anything but a regular file,
+creates a missing file with O_EXCL and mode 0600, and uses an existing one only if no
+other local user could have planted it or could still change it: owned by migd's uid or
+the client's, not writable by group or others, one link. fd-passed files (/dev/fdset/N)
+never come here: the client already holds them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import stat
+from collections.abc import Callable, Collection, Sequence
+
+from ..errors import MigdError
+
+FileOpener = Callable[[str, int, int], int]
+"""open(path, flags, mode) -> fd, raising OSError like os.open."""
+
+ChannelOpener = Callable[[str, int, bool], int]
+"""open(path, flags, direct) -> fd; raises a MigdError whose text names the file
+(migd.io.threads.open_channel_fd is the one the daemon uses)."""
+
+
+class PathNotAllowed(MigdError):
+    """A path lies outside the configured allowed directories."""
+
+
+class FileRefused(MigdError):
+    """A file migd was asked to use breaks a rule of `open_regular`."""
+
+
+def plain_open(path: str, flags: int, mode: int = 0o600) -> int:
+    return os.open(path, flags | os.O_CLOEXEC, mode)
+
+
+def _inside(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
+class PathPolicy:
+    def __init__(self, allowed_dirs: Sequence[str] = ()) -> None:
+        # Resolved once: an allowed directory that is itself a symlink means its target.
+        self.allowed = [os.path.realpath(d) for d in allowed_dirs]
+
+    @property
+    def restricted(self) -> bool:
+        return bool(self.allowed)
+
+    def _refuse(self, path: str) -> PathNotAllowed:
+        return PathNotAllowed(
+            f"'{path}' is outside the allowed directories ({', '.join(self.allowed)})"
+        )
+
+    def _allowed(self, real: str) -> bool:
+        return any(_inside(real, d) for d in self.allowed)
+
+    def check(self, path: str) -> None:
+        """Refuse a path whose resolved location is outside every allowed directory."""
+        if self.restricted and not self._allowed(os.path.realpath(path)):
+            raise self._refuse(path)
+
+    def open(self, path: str, flags: int, mode: int = 0o600) -> int:
+        """os.open, confined to the allowed directories when there are any."""
+        if not self.restricted:
+            return plain_open(path, flags, mode)
+        parent, name = os.path.split(os.path.abspath(path))
+        if name in ("", ".", ".."):
+            raise self._refuse(path)
+        real_parent = os.path.realpath(parent)
+        if not self._allowed(os.path.join(real_parent, name)):
+            raise self._refuse(path)
+        dir_fd = os.open(real_parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            # The directory we hold must still be inside: a component swapped for a
+            # symlink between realpath() and open() shows up here.
+            held = os.readlink(f"/proc/self/fd/{dir_fd}")
+            if not self._allowed(os.path.join(held, name)):
+                raise self._refuse(path)
+            try:
+                return os.open(name, flags | os.O_CLOEXEC | os.O_NOFOLLOW, mode, dir_fd=dir_fd)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise PathNotAllowed(
+                        f"'{path}' is a symbolic link: with allowed-dirs set, migd opens "
+                        "only real files"
+                    ) from None
+                raise
+        finally:
+            os.close(dir_fd)
+
+
+_KINDS = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFLNK: "a symbolic link",
+}
+
+
+def trusted_owners(peer_uid: int | None = None) -> frozenset[int]:
+    """The uids that may own an existing file migd uses: its own, and the client's."""
+    return frozenset({os.geteuid()} | ({peer_uid} if peer_uid is not None else set()))
+
+
+def refuse_directory_name(path: str) -> None:
+    """`DIR/new/` names a directory: opening it with O_CREAT (or after abspath) would make
+    a file `new`, which is not what the name says."""
+    if path.endswith("/"):
+        raise FileRefused(f"'{path}' ends with '/': it names a directory, not a file")
+
+
+def not_regular(path: str, mode: int | None = None) -> FileRefused:
+    kind = _KINDS.get(stat.S_IFMT(mode)) if mode is not None else None
+    return FileRefused(f"'{path}' is not a regular file" + (f" (it is {kind})" if kind else ""))
+
+
+def check_regular(path: str, st: os.stat_result) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        raise not_regular(path, st.st_mode)
+
+
+def check_trusted(path: str, st: os.stat_result, owners: Collection[int]) -> None:
+    """Refuse an existing file another local user could have planted or can change.
+
+    Such a user could read the guest RAM a save writes into it, or write into a backend
+    through a mapped file or a file a restore reads; a hard link would let them reach,
+    through an allowed directory, a file of someone else's outside it.
+    """
+    if st.st_uid not in owners:
+        who = " or ".join(str(uid) for uid in sorted(owners))
+        raise FileRefused(
+            f"'{path}' is owned by uid {st.st_uid}: migd uses an existing file only if it "
+            f"belongs to migd's or the client's uid ({who})"
+        )
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise FileRefused(
+            f"'{path}' is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}): "
+            "migd uses an existing file only if no other user can write it"
+        )
+    if st.st_nlink != 1:
+        raise FileRefused(
+            f"'{path}' has {st.st_nlink} hard links: migd uses an existing file only if it "
+            "has exactly one"
+        )
+
+
+def _unlink_if_same(path: str, st: os.stat_result) -> None:
+    """Remove a file we created, unless the name meanwhile points elsewhere."""
+    with contextlib.suppress(OSError):
+        now = os.stat(path, follow_symlinks=False)
+        if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+            os.unlink(path)
+
+
+def open_regular(
+    path: str,
+    flags: int,
+    *,
+    create: bool,
+    owners: Collection[int],
+    open_file: FileOpener = plain_open,
+) -> tuple[int, bool]:
+    """Open a regular file by name for a job or a backend -> (fd, created by this call).
+
+    Never blocks on a FIFO (O_NONBLOCK, cleared again on the fd before it is returned),
+    so it is safe in a worker thread that shutdown waits for. OSError of the open itself
+    is the caller's to word; rule violations raise FileRefused naming the file.
+    """
+    refuse_directory_name(path)
+    fd, created = None, False
+    if create:
+        # O_EXCL never opens what exists (a FIFO, a file planted by someone else): if it
+        # succeeds, the file is new and ours, created with mode 0600.
+        with contextlib.suppress(FileExistsError):
+            fd = open_file(path, flags | os.O_CREAT | os.O_EXCL | os.O_NONBLOCK, 0o600)
+            created = True
+    if fd is None:
+        try:
+            fd = open_file(path, flags | os.O_NONBLOCK, 0o600)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # a FIFO with no reader, a socket, a device
+                raise not_regular(path, _mode_of(path)) from None
+            raise
+    st = None
+    try:
+        st = os.fstat(fd)
+        check_regular(path, st)
+        if not created:
+            check_trusted(path, st, owners)
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    except BaseException:
+        if created and st is not None:
+            _unlink_if_same(path, st)
+        os.close(fd)
+        raise
+    return fd, created
+
+
+def _mode_of(path: str) -> int | None:
+    """For an error message only: what the name points at now."""
+    try:
+        return os.stat(path).st_mode
+    except OSError:
+        return None
+
+
+def remove_created(path: str, fd: int) -> None:
+    """Undo the creation of a file by open_regular when the job is refused after all."""
+    with contextlib.suppress(OSError):
+        _unlink_if_same(path, os.fstat(fd))

@@ -1,0 +1,188 @@
+"""`migd inspect`: what a mapped-ram save file holds, read without a daemon.
+
+Works on migd's files and QEMU's (it stops at the RAM end section, before device state).
+Returns plain data; the command line does the printing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import FormatError
+from ..migration.mapped_ram import format
+
+# A truncated file is parsed again as if zeros followed its end; this is how far it may go.
+# Bitmaps are counted in slices so that a TiB-sized block needs no GiB-sized array.
+_BITMAP_CHUNK = 8 << 20
+_MAGIC = struct.pack(">I", format.QEVM_MAGIC)
+
+
+class InspectError(Exception):
+    """The file cannot be read as a save at all (foreign, corrupt, unreadable)."""
+
+
+@dataclass
+class BlockInfo:
+    name: str
+    size: int
+    pages: int
+    present_pages: int
+    zero_pages: int
+    header_offset: int
+    bitmap_offset: int
+    pages_offset: int
+    end: int
+
+
+@dataclass
+class SaveInfo:
+    path: str
+    offset: int
+    file_size: int
+    allocated: int
+    machine: str
+    capabilities: list[str]
+    complete: bool
+    # Why the file is incomplete: no RAM end section, or cut short (then sizes are guesses).
+    problem: str | None
+    truncated: bool
+    total_ram: int
+    blocks: list[BlockInfo] = field(default_factory=list)
+
+    @property
+    def present_pages(self) -> int:
+        return sum(b.present_pages for b in self.blocks)
+
+    @property
+    def zero_pages(self) -> int:
+        return sum(b.zero_pages for b in self.blocks)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["totals"] = {
+            "blocks": len(self.blocks),
+            "ram": self.total_ram,
+            "pages": sum(b.pages for b in self.blocks),
+            "present_pages": self.present_pages,
+            "present_bytes": self.present_pages * format.PAGE_SIZE,
+            "zero_pages": self.zero_pages,
+        }
+        return out
+
+
+class _Reader:
+    """pread over the file; optionally pads reads past the end with zeros and notes it."""
+
+    def __init__(self, fd: int, size: int, pad: bool) -> None:
+        self.fd, self.size, self.pad = fd, size, pad
+        self.past_end = False
+
+    def __call__(self, at: int, n: int) -> bytes:
+        data = os.pread(self.fd, n, at) if at < self.size else b""
+        if len(data) < n and self.pad:
+            self.past_end = True
+            data += bytes(n - len(data))
+        return data
+
+
+def _count_present(reader: _Reader, block: format.BlockLayout) -> int:
+    present = 0
+    pages_per_chunk = _BITMAP_CHUNK * 8
+    for first in range(0, block.pages, pages_per_chunk):
+        pages = min(pages_per_chunk, block.pages - first)
+        data = reader(block.bitmap_offset + first // 8, -(-pages // 8))
+        present += int(np.count_nonzero(format.decode_bitmap(data, pages)))
+    return present
+
+
+def _check_magic(fd: int, offset: int, size: int) -> None:
+    """A foreign file gets a clear 'not a save' error, even when it is tiny."""
+    head = os.pread(fd, len(_MAGIC), offset) if offset < size else b""
+    if not head:
+        raise InspectError(format.empty_file_text(offset, size))
+    if head != _MAGIC[: len(head)]:
+        raise InspectError(
+            f"not a QEMU/migd save file (no QEVM magic at offset {offset}, found {head.hex()})"
+        )
+
+
+def inspect_file(path: str | os.PathLike[str], offset: int = 0) -> SaveInfo:
+    """Describe the save at `offset` of `path`; raises InspectError or OSError."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        st = os.fstat(fd)
+        size = st.st_size
+        _check_magic(fd, offset, size)
+        reader = _Reader(fd, size, pad=False)
+        truncated = False
+        try:
+            parsed = format.parse_stream(reader, offset, size)
+            layouts, machine, caps = parsed.blocks, parsed.machine, parsed.capabilities
+            complete, total_ram = parsed.complete, parsed.total_ram
+        except FormatError as exc:
+            # Parsed again as if zeros followed the file's end: if that reads past the end,
+            # the file was cut short (a crash, a partial copy), which is "incomplete", and
+            # the blocks whose records lie inside the file can still be shown.
+            reader = _Reader(fd, size, pad=True)
+            with contextlib.suppress(FormatError):
+                format.parse_stream(reader, offset, 1 << 62)  # a size no file reaches
+            if not reader.past_end:
+                raise InspectError(exc.desc) from None
+            try:
+                machine, caps, total_ram, layouts = format.parse_cut_short(reader, offset, size)
+            except FormatError:
+                raise InspectError(
+                    f"incomplete: the file is cut short at {size} bytes ({exc.desc})"
+                ) from None
+            truncated, complete = True, False
+        blocks = []
+        for b in layouts:
+            present = _count_present(reader, b)
+            blocks.append(
+                BlockInfo(
+                    b.name,
+                    b.length,
+                    b.pages,
+                    present,
+                    b.pages - present,
+                    b.header_offset,
+                    b.bitmap_offset,
+                    b.pages_offset,
+                    b.end,
+                )
+            )
+    finally:
+        os.close(fd)
+
+    problem = None
+    if truncated:
+        needed = max((b.end for b in blocks), default=size)
+        missing = total_ram - sum(b.size for b in blocks)
+        problem = f"the file is cut short at {size} bytes"
+        if needed > size:
+            problem += f", but its blocks reach offset {needed}"
+        if missing > 0:
+            problem += f"; the records of {missing} bytes of RAM are missing"
+        if needed <= size and missing <= 0:
+            problem += ", before the RAM end section"
+    elif not complete:
+        problem = "no RAM end section: the save was interrupted or the file is truncated"
+    return SaveInfo(
+        path=os.fspath(path),
+        offset=offset,
+        file_size=size,
+        allocated=st.st_blocks * 512,
+        machine=machine,
+        capabilities=list(caps),
+        complete=complete,
+        problem=problem,
+        truncated=truncated,
+        total_ram=total_ram,
+        blocks=blocks,
+    )
