@@ -44,49 +44,49 @@ MUTANTS = [
     # --- the seven of issue 13 --------------------------------------------------------
     Mutant(
         "zero-scan-reads-half-of-each-page",
-        "migd/channels.py",
+        "migd/io/zero_scan.py",
         "np.bitwise_or.reduce(chunk, axis=1) == 0",
         "np.bitwise_or.reduce(chunk[:, : _WORDS_PER_PAGE // 2], axis=1) == 0",
         (G + "test_a_page_with_one_nonzero_byte_anywhere_is_never_called_zero",),
     ),
     Mutant(
         "allowed-dirs-as-a-string-prefix",
-        "migd/paths.py",
+        "migd/state/paths.py",
         'return path == directory or path.startswith(directory.rstrip("/") + "/")',
         'return path.startswith(directory.rstrip("/"))',
         (G + "test_siblings_and_prefixes_of_an_allowed_dir_are_outside",),
     ),
     Mutant(
         "short-write-taken-as-complete",
-        "migd/channels.py",
+        "migd/io/threads.py",
         "        data = data[done:]\n        offset += done\n\n\ndef read_fully",
         "        data = data[len(data) :]\n        offset += done\n\n\ndef read_fully",
         (G + "test_a_save_onto_a_filesystem_that_writes_short_keeps_every_byte",),
     ),
     Mutant(
         "first-channel-fd-left-open-on-a-later-open-failure",
-        "migd/migration.py",
+        "migd/migration/engine.py",
         "            for fd in fds:\n                self.closer(fd)\n            raise",
         "            for fd in fds[1:]:\n                self.closer(fd)\n            raise",
         (G + "test_a_failed_channel_open_leaves_no_fd_open_in_the_daemon",),
     ),
     Mutant(
         "restore-ignores-max-bandwidth",
-        "migd/channels.py",
+        "migd/io/threads.py",
         "            self.throttle.wait(len(memory), self.cancel)\n",
         "",
         (G + "test_a_restore_holds_max_bandwidth",),
     ),
     Mutant(
         "remaining-from-the-last-sample",
-        "migd/migration.py",
+        "migd/migration/engine.py",
         "else (self.total_bytes - done * PAGE_SIZE)",
         "else (self.total_bytes - (self._samples[-1][2] if self._samples else 0) * PAGE_SIZE)",
         (G + "test_remaining_adds_up_with_the_counters_of_the_same_reply",),
     ),
     Mutant(
         "channels-opened-without-o-direct",
-        "migd/channels.py",
+        "migd/io/threads.py",
         "return open_file(path, flags | (os.O_DIRECT if direct else 0), 0o600)",
         "return open_file(path, flags | (0 if direct else 0), 0o600)",
         (G + "test_direct_io_opens_every_channel_with_o_direct",),
@@ -94,28 +94,28 @@ MUTANTS = [
     # --- the zero scan and the page I/O ---------------------------------------------------
     Mutant(
         "zero-scan-trusts-its-samples",
-        "migd/channels.py",
+        "migd/io/zero_scan.py",
         "reader.zero_pages(address + low * PAGE_SIZE, zero[low:high])",
         "zero[low:high] = True",
         (G + "test_lone_bytes_in_long_zero_runs_survive_save_and_restore",),
     ),
     Mutant(
         "zero-scan-keeps-short-runs",
-        "migd/channels.py",
+        "migd/io/zero_scan.py",
         "    short = (stops - starts) < min_run\n",
         "    short = (stops - starts) < 0\n",
         ("tests/test_zero_scan.py::test_zero_scan_finds_exactly_the_long_zero_runs",),
     ),
     Mutant(
         "last-page-of-each-write-not-marked-present",
-        "migd/channels.py",
+        "migd/io/threads.py",
         "block.present[run.first_page + at : run.first_page + at + pages] = True",
         "block.present[run.first_page + at : run.first_page + at + pages - 1] = True",
         ("tests/test_restore.py::test_round_trip_restores_every_byte_and_zeroes_absent_pages",),
     ),
     Mutant(
         "end-of-file-read-as-zeros",
-        "migd/channels.py",
+        "migd/io/threads.py",
         "        if done == 0:\n            raise ChannelError(\n                f\"Could not read",
         "        if done == 0:\n            break\n            raise ChannelError(\n"
         "                f\"Could not read",
@@ -123,14 +123,14 @@ MUTANTS = [
     ),
     Mutant(
         "absent-pages-not-zeroed-on-restore",
-        "migd/channels.py",
+        "migd/io/threads.py",
         "                block.zero_range(run.first_page * PAGE_SIZE, run.pages * PAGE_SIZE)",
         "                pass",
         ("tests/test_restore.py::test_round_trip_restores_every_byte_and_zeroes_absent_pages",),
     ),
     Mutant(
         "save-ignores-max-bandwidth",
-        "migd/channels.py",
+        "migd/io/threads.py",
         "                self.throttle.wait(len(data), self.cancel)\n",
         "",
         ("tests/test_save_progress.py::test_max_bandwidth_holds_within_ten_percent",),
@@ -138,21 +138,21 @@ MUTANTS = [
     # --- the file format --------------------------------------------------------------
     Mutant(
         "bitmap-encoded-msb-first",
-        "migd/format.py",
+        "migd/migration/mapped_ram/format.py",
         'packed = np.packbits(np.asarray(present, dtype=bool), bitorder="little")',
         'packed = np.packbits(np.asarray(present, dtype=bool), bitorder="big")',
         ("tests/test_format.py",),
     ),
     Mutant(
         "bitmap-decoded-one-byte-short",
-        "migd/format.py",
+        "migd/migration/mapped_ram/format.py",
         "    need = _ceil_div(pages, 8)\n    if len(data) < need:",
         "    need = pages // 8\n    if len(data) < need:",
         ("tests/test_format.py",),
     ),
     Mutant(
         "bitmap-count-check-removed",
-        "migd/format.py",
+        "migd/migration/mapped_ram/format.py",
         "    if count != check.present:",
         "    if False:",
         ("tests/test_format.py", "tests/test_metadata_mutations.py"),
@@ -160,14 +160,14 @@ MUTANTS = [
     # --- durability ---------------------------------------------------------------------
     Mutant(
         "channel-fdatasync-skipped",
-        "migd/migration.py",
+        "migd/migration/engine.py",
         "        for fd in fds:\n            _fdatasync(fd, path)\n",
         "        for fd in fds[:0]:\n            _fdatasync(fd, path)\n",
         ("tests/test_durability.py",),
     ),
     Mutant(
         "end-section-written-before-the-bitmaps-are-synced",
-        "migd/migration.py",
+        "migd/migration/engine.py",
         "        _fdatasync(main_fd, path)\n        _, _, normal, zero, _ = job.totals()",
         "        _, _, normal, zero, _ = job.totals()",
         ("tests/test_durability.py",),
@@ -175,49 +175,49 @@ MUTANTS = [
     # --- which files migd opens -------------------------------------------------------
     Mutant(
         "channel-identity-check-removed",
-        "migd/migration.py",
+        "migd/migration/engine.py",
         "if (st.st_dev, st.st_ino) != (main.st_dev, main.st_ino):",
         "if False:",
         (G + "test_an_fdset_whose_o_direct_fd_is_another_file_is_refused",),
     ),
     Mutant(
         "ownership-check-removed",
-        "migd/paths.py",
+        "migd/state/paths.py",
         "    if st.st_uid not in owners:",
         "    if False:",
         ("tests/test_file_ownership.py",),
     ),
     Mutant(
         "group-writable-check-removed",
-        "migd/paths.py",
+        "migd/state/paths.py",
         "    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):",
         "    if False:",
         ("tests/test_file_ownership.py",),
     ),
     Mutant(
         "hard-link-check-removed",
-        "migd/paths.py",
+        "migd/state/paths.py",
         "    if st.st_nlink != 1:",
         "    if False:",
         ("tests/test_file_ownership.py", "tests/test_file_identity.py"),
     ),
     Mutant(
         "fifo-opened-without-o-nonblock",
-        "migd/paths.py",
+        "migd/state/paths.py",
         "fd = open_file(path, flags | os.O_NONBLOCK, 0o600)",
         "fd = open_file(path, flags, 0o600)",
         ("tests/test_file_kinds.py",),
     ),
     Mutant(
         "symlink-followed-inside-allowed-dirs",
-        "migd/paths.py",
+        "migd/state/paths.py",
         "flags | os.O_CLOEXEC | os.O_NOFOLLOW, mode, dir_fd=dir_fd",
         "flags | os.O_CLOEXEC, mode, dir_fd=dir_fd",
         ("tests/test_path_policy.py",),
     ),
     Mutant(
         "held-directory-not-rechecked",
-        "migd/paths.py",
+        "migd/state/paths.py",
         "            if not self._allowed(os.path.join(held, name)):",
         "            if False:",
         ("tests/test_path_policy.py",),
@@ -225,21 +225,21 @@ MUTANTS = [
     # --- memory backends, restores ----------------------------------------------------
     Mutant(
         "shrink-check-removed",
-        "migd/migration.py",
+        "migd/migration/engine.py",
         "            if shrunk is not None:\n                raise shrunk",
         "            if False:\n                raise shrunk",
         (G + "test_a_memory_file_cut_after_its_pages_were_restored_fails_the_restore",),
     ),
     Mutant(
         "room-check-removed",
-        "migd/migration.py",
+        "migd/migration/engine.py",
         "        if total > have:",
         "        if False:",
         ("tests/test_restore.py::test_restore_into_a_filesystem_too_small_fails_before_changing_memory",),
     ),
     Mutant(
         "partial-restore-not-marked",
-        "migd/migration.py",
+        "migd/migration/engine.py",
         "await asyncio.to_thread(self.partial.set_all, job.backends, path)",
         "await asyncio.sleep(0)",
         ("tests/test_partial_restore.py",),
@@ -247,14 +247,14 @@ MUTANTS = [
     # --- the QMP server ---------------------------------------------------------------
     Mutant(
         "reply-queue-bound-removed",
-        "migd/server.py",
+        "migd/qmp/server.py",
         "        if self._unsent.count > REPLY_LIMIT_BYTES:",
         "        if False:",
         ("tests/test_serving.py::test_a_client_that_never_reads_its_replies_is_dropped_and_its_memory_returns",),
     ),
     Mutant(
         "message-size-limit-removed",
-        "migd/qmp.py",
+        "migd/qmp/wire.py",
         "        if len(self._buf) > self._limit:",
         "        if False:",
         ("tests/test_qmp_framing.py",),
@@ -266,6 +266,9 @@ def check_patches(tree: Path, mutants: list[Mutant]) -> list[str]:
     """Problems with the list: a patch whose original text is missing or ambiguous."""
     problems = []
     for m in mutants:
+        if not (tree / m.path).is_file():  # the module moved or was split
+            problems.append(f"{m.name}: no file {m.path}")
+            continue
         text = (tree / m.path).read_text()
         found = text.count(m.original)
         if found != 1:

@@ -24,9 +24,10 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from qemu.qmp import ExecuteError
 
-from migd import migration
-from migd.channels import MIN_SKIP_PAGES, runs_to_write, zero_pages
-from migd.paths import PathNotAllowed, PathPolicy
+from migd.io.zero_scan import runs_to_write, zero_pages
+from migd.migration import engine as migration
+from migd.pages import MIN_SKIP_PAGES
+from migd.state.paths import PathNotAllowed, PathPolicy
 
 from .conftest import (
     InProcessDaemon,

@@ -40,5 +40,9 @@ def test_every_test_a_mutant_names_exists():
 def test_a_patch_whose_text_is_gone_is_reported():
     from .mutants import Mutant
 
-    stale = Mutant("stale", "migd/paths.py", "text that is not there", "", ())
-    assert check_patches(ROOT, [stale]) == ["stale: original text found 0 times in migd/paths.py"]
+    stale = Mutant("stale", "migd/state/paths.py", "text that is not there", "", ())
+    moved = Mutant("moved", "migd/paths.py", "PathPolicy", "", ())
+    assert check_patches(ROOT, [stale, moved]) == [
+        "stale: original text found 0 times in migd/state/paths.py",
+        "moved: no file migd/paths.py",
+    ]
