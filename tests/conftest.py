@@ -124,6 +124,24 @@ class RawClient:
         self.send(msg)
         return self.recv_reply()
 
+    def ok(self, name: str, arguments: dict[str, Any] | None = None) -> Any:
+        """execute() that must succeed: its `return` value."""
+        reply = self.execute(name, arguments)
+        assert "return" in reply, (name, reply)
+        return reply["return"]
+
+    def poll_migrate(self, done: Callable[[dict[str, Any]], bool], timeout: float = 60.0) -> Any:
+        """query-migrate until done(info) holds; fails at the deadline, or at once when the
+        job ended in a final state that done() does not accept (a bounded busy wait)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self.ok("query-migrate")
+            if done(info):
+                return info
+            assert info.get("status") not in FINAL_STATES, f"migration ended: {info}"
+            assert time.monotonic() < deadline, f"not reached within {timeout}s: {info}"
+            time.sleep(0.005)
+
     def negotiate(self) -> RawClient:
         assert self.execute("qmp_capabilities") == {"return": {}}
         return self

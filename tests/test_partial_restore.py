@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -28,28 +27,11 @@ SIZE = 32 * MiB
 SLOW = 4 * MiB  # bytes/s: the restore takes seconds, the kill lands long before its end
 
 
-def _ok(client: RawClient, name: str, args: dict[str, Any] | None = None) -> Any:
-    reply = client.execute(name, args)
-    assert "return" in reply, (name, reply)
-    return reply["return"]
-
-
 def _setup(client: RawClient, mem: Path, **extra: Any) -> None:
     add = {"qom-type": "memory-backend-file", "id": "ram0", "size": SIZE, "mem-path": str(mem)}
-    _ok(client, "object-add", {**add, **extra})
+    client.ok("object-add", {**add, **extra})
     caps = [{"capability": "mapped-ram", "state": True}, {"capability": "multifd", "state": True}]
-    _ok(client, "migrate-set-capabilities", {"capabilities": caps})
-
-
-def _wait(client: RawClient, done: Any, timeout: float = 60) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        info = _ok(client, "query-migrate")
-        if done(info):
-            return info
-        assert info.get("status") in ("setup", "active", "cancelling"), info
-        assert time.monotonic() < deadline, info
-        time.sleep(0.005)
+    client.ok("migrate-set-capabilities", {"capabilities": caps})
 
 
 def _final(info: dict[str, Any]) -> bool:
@@ -64,17 +46,17 @@ def _midway(info: dict[str, Any]) -> bool:
 def _saved_then_changed(client: RawClient, mem: Path, save: Path) -> bytes:
     """Save the backend's memory to `save`, then give it other data; return the saved."""
     saved = mem.read_bytes()
-    _ok(client, "migrate", {"uri": f"file:{save}"})
-    assert _wait(client, _final)["status"] == "completed"
+    client.ok("migrate", {"uri": f"file:{save}"})
+    assert client.poll_migrate(_final)["status"] == "completed"
     with open(mem, "r+b") as f:  # in place: the mapping sees it
         f.write(bytes(b ^ 0x5A for b in saved[:MiB]) * (SIZE // MiB))
     return saved
 
 
 def _start_slow_restore(client: RawClient, save: Path) -> None:
-    _ok(client, "migrate-set-parameters", {"max-bandwidth": SLOW})
-    _ok(client, "migrate-incoming", {"uri": f"file:{save}"})
-    _wait(client, _midway)
+    client.ok("migrate-set-parameters", {"max-bandwidth": SLOW})
+    client.ok("migrate-incoming", {"uri": f"file:{save}"})
+    client.poll_migrate(_midway)
 
 
 def _mark(mem: Path) -> str | None:
@@ -109,17 +91,17 @@ def test_a_restore_killed_midway_leaves_a_mark_that_object_add_reports(short_dir
         desc = reply["error"]["desc"]
         assert f"Memory file '{mem}'" in desc and "interrupted restore of" in desc, desc
         assert str(save) in desc and "x-accept-partial" in desc, desc
-        assert _ok(client, "query-memdev") == []
+        assert client.ok("query-memdev") == []
 
         _setup(client, mem, **{"x-accept-partial": True})
         assert _mark(mem) == mark  # accepted, still partial until a restore completes
-        _ok(client, "migrate-incoming", {"uri": f"file:{save}"})
-        assert _wait(client, _final)["status"] == "completed"
+        client.ok("migrate-incoming", {"uri": f"file:{save}"})
+        assert client.poll_migrate(_final)["status"] == "completed"
         assert _mark(mem) is None and XATTR not in os.listxattr(mem)
         assert mem.read_bytes() == saved
 
-        _ok(client, "object-del", {"id": "ram0"})
-        _ok(client, "object-add", add)  # no mark: no argument needed
+        client.ok("object-del", {"id": "ram0"})
+        client.ok("object-add", add)  # no mark: no argument needed
         client.close()
     finally:
         daemon.stop()
@@ -139,20 +121,20 @@ def test_on_ramfs_a_cancelled_restore_leaves_a_sidecar_mark(short_dir: Path, ram
         saved = _saved_then_changed(client, mem, save)
         _start_slow_restore(client, save)
         assert len(list(sidecars.iterdir())) == 1
-        _ok(client, "migrate_cancel")
-        info = _wait(client, _final)
+        client.ok("migrate_cancel")
+        info = client.poll_migrate(_final)
         assert info["status"] == "cancelled" and "hold partial data" in info["error-desc"]
         assert len(list(sidecars.iterdir())) == 1  # a cancelled restore keeps the mark
 
-        _ok(client, "object-del", {"id": "ram0"})
+        client.ok("object-del", {"id": "ram0"})
         add = {"qom-type": "memory-backend-file", "id": "ram0", "size": SIZE, "mem-path": str(mem)}
         desc = client.execute("object-add", add)["error"]["desc"]
         assert f"Memory file '{mem}'" in desc and f"interrupted restore of '{save}'" in desc
 
-        _ok(client, "object-add", {**add, "x-accept-partial": True})
-        _ok(client, "migrate-set-parameters", {"max-bandwidth": 0})
-        _ok(client, "migrate-incoming", {"uri": f"file:{save}"})
-        assert _wait(client, _final)["status"] == "completed"
+        client.ok("object-add", {**add, "x-accept-partial": True})
+        client.ok("migrate-set-parameters", {"max-bandwidth": 0})
+        client.ok("migrate-incoming", {"uri": f"file:{save}"})
+        assert client.poll_migrate(_final)["status"] == "completed"
         assert list(sidecars.iterdir()) == []
         assert mem.read_bytes() == saved
         client.close()
@@ -190,7 +172,7 @@ def test_a_configured_backend_on_a_partial_file_stops_the_start_unless_accepted(
     daemon = start_daemon(sock, "--config", str(conf))
     try:
         client = RawClient(sock).negotiate()
-        assert [m["id"] for m in _ok(client, "query-memdev")] == ["ram0"]
+        assert [m["id"] for m in client.ok("query-memdev")] == ["ram0"]
         client.close()
     finally:
         daemon.stop()

@@ -20,44 +20,27 @@ from .conftest import FINAL_STATES, RawClient, fill_random
 MiB = 1 << 20
 
 
-def ok(client: RawClient, command: str, arguments: dict | None = None) -> dict:
-    reply = client.execute(command, arguments)
-    assert "return" in reply, (command, reply)
-    return reply["return"]
-
-
 def add_backend(client: RawClient, id: str, path: Path, size: int, share: bool = True) -> None:
-    ok(client, "object-add", {"qom-type": "memory-backend-file", "id": id, "size": size,
+    client.ok("object-add", {"qom-type": "memory-backend-file", "id": id, "size": size,
                               "mem-path": str(path), "share": share})  # fmt: skip
 
 
 def set_up(client: RawClient, bandwidth: int) -> None:
     caps = [{"capability": c, "state": True} for c in ("mapped-ram", "multifd")]
-    ok(client, "migrate-set-capabilities", {"capabilities": caps})
-    ok(client, "migrate-set-parameters", {"multifd-channels": 2, "max-bandwidth": bandwidth})
-
-
-def wait_until(client: RawClient, done, timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        info = ok(client, "query-migrate")
-        if done(info):
-            return info
-        assert time.monotonic() < deadline, info
+    client.ok("migrate-set-capabilities", {"capabilities": caps})
+    client.ok("migrate-set-parameters", {"multifd-channels": 2, "max-bandwidth": bandwidth})
 
 
 def truncate_part_way(client: RawClient, path: Path, after: int, to: int) -> None:
     """Once the job has moved `after` bytes, cut `path` to `to` bytes, as another process."""
-    info = wait_until(
-        client,
-        lambda i: i["status"] in FINAL_STATES or i.get("ram", {}).get("transferred", 0) >= after,
-    )
-    assert info["status"] == "active", info  # still running: the truncate lands mid-job
+    # poll_migrate fails if the job ends first: the truncate must land mid-job.
+    info = client.poll_migrate(lambda i: i.get("ram", {}).get("transferred", 0) >= after)
+    assert info["status"] == "active", info
     os.truncate(path, to)
 
 
 def final(client: RawClient) -> dict:
-    return wait_until(client, lambda i: i["status"] in FINAL_STATES)
+    return client.poll_migrate(lambda i: i["status"] in FINAL_STATES)
 
 
 def with_zero_mibs(path: Path, size: int, seed: int) -> bytes:
@@ -78,7 +61,7 @@ def test_a_memory_file_truncated_during_a_save_fails_the_save_and_migd_lives_on(
     add_backend(client, "ram0", shm / "a", 64 * MiB)
     add_backend(client, "ram1", shm / "b", 8 * MiB)
     set_up(client, bandwidth=16 * MiB)  # about 4.5 s: the truncate lands early in it
-    ok(client, "migrate", {"uri": f"file:{short_dir}/save.img"})
+    client.ok("migrate", {"uri": f"file:{short_dir}/save.img"})
     # Only the last 16 MiB go, pages no channel has reached yet: the first to touch them
     # is the zero scan, which read them from user space (SIGBUS) before this was fixed.
     truncate_part_way(client, shm / "a", after=8 * MiB, to=48 * MiB)
@@ -91,12 +74,12 @@ def test_a_memory_file_truncated_during_a_save_fails_the_save_and_migd_lives_on(
         "during the save"
     )
     # The other backend, and the daemon, still work: save it alone, restore it.
-    ok(client, "object-del", {"id": "ram0"})
-    ok(client, "migrate-set-parameters", {"max-bandwidth": 0})
-    ok(client, "migrate", {"uri": f"file:{short_dir}/other.img"})
+    client.ok("object-del", {"id": "ram0"})
+    client.ok("migrate-set-parameters", {"max-bandwidth": 0})
+    client.ok("migrate", {"uri": f"file:{short_dir}/other.img"})
     assert final(client)["status"] == "completed"
     (shm / "b").write_bytes(bytes(8 * MiB))
-    ok(client, "migrate-incoming", {"uri": f"file:{short_dir}/other.img"})
+    client.ok("migrate-incoming", {"uri": f"file:{short_dir}/other.img"})
     assert final(client)["status"] == "completed"
     assert (shm / "b").read_bytes() == other
     client.close()
@@ -113,18 +96,18 @@ def test_a_private_memory_file_truncated_during_a_restore_fails_it_and_migd_live
     add_backend(client, "ram0", shm / "a", 32 * MiB)
     add_backend(client, "ram1", shm / "b", 16 * MiB)
     set_up(client, bandwidth=0)
-    ok(client, "migrate", {"uri": f"file:{short_dir}/save.img"})
+    client.ok("migrate", {"uri": f"file:{short_dir}/save.img"})
     assert final(client)["status"] == "completed"
     for id in ("ram0", "ram1"):
-        ok(client, "object-del", {"id": id})
+        client.ok("object-del", {"id": id})
     fill_random(shm / "a2", 32 * MiB, seed=5)
     fill_random(shm / "b2", 16 * MiB, seed=6)
     add_backend(client, "ram0", shm / "a2", 32 * MiB, share=False)
     add_backend(client, "ram1", shm / "b2", 16 * MiB, share=False)
 
     # ram1's zero runs come after ram0's pages, which take about 2 s at this rate.
-    ok(client, "migrate-set-parameters", {"max-bandwidth": 16 * MiB})
-    ok(client, "migrate-incoming", {"uri": f"file:{short_dir}/save.img"})
+    client.ok("migrate-set-parameters", {"max-bandwidth": 16 * MiB})
+    client.ok("migrate-incoming", {"uri": f"file:{short_dir}/save.img"})
     truncate_part_way(client, shm / "b2", after=4 * MiB, to=0)
 
     info = final(client)
@@ -134,10 +117,10 @@ def test_a_private_memory_file_truncated_during_a_restore_fails_it_and_migd_live
         f"Memory backend 'ram1' file '{shm}/b2' shrank from {16 * MiB} to 0 bytes during "
         "the restore; memory backends 'ram0', 'ram1' hold partial data"
     )
-    assert {m["id"] for m in ok(client, "query-memdev")} == {"ram0", "ram1"}
-    ok(client, "object-del", {"id": "ram1"})
-    ok(client, "migrate-set-parameters", {"max-bandwidth": 0})
-    ok(client, "migrate", {"uri": f"file:{short_dir}/again.img"})
+    assert {m["id"] for m in client.ok("query-memdev")} == {"ram0", "ram1"}
+    client.ok("object-del", {"id": "ram1"})
+    client.ok("migrate-set-parameters", {"max-bandwidth": 0})
+    client.ok("migrate", {"uri": f"file:{short_dir}/again.img"})
     assert final(client)["status"] == "completed"
     client.close()
 
@@ -150,10 +133,10 @@ def test_a_shared_memory_file_truncated_during_a_restore_is_reported_as_shrunk(
     client = RawClient(daemon.socket_path).negotiate()
     add_backend(client, "ram0", shm / "a", 32 * MiB)
     set_up(client, bandwidth=0)
-    ok(client, "migrate", {"uri": f"file:{short_dir}/save.img"})
+    client.ok("migrate", {"uri": f"file:{short_dir}/save.img"})
     assert final(client)["status"] == "completed"
-    ok(client, "migrate-set-parameters", {"max-bandwidth": 8 * MiB})
-    ok(client, "migrate-incoming", {"uri": f"file:{short_dir}/save.img"})
+    client.ok("migrate-set-parameters", {"max-bandwidth": 8 * MiB})
+    client.ok("migrate-incoming", {"uri": f"file:{short_dir}/save.img"})
     truncate_part_way(client, shm / "a", after=2 * MiB, to=MiB)
 
     info = final(client)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import FINAL_STATES, RawClient, fill_random, start_daemon
+from .conftest import RawClient, fill_random, start_daemon
 from .test_faults import _FUSE_BIG_WRITES, _INIT_OUT, _MAX_WRITE, F_INIT, FaultFS, is_complete
 
 MiB = 1 << 20
@@ -73,30 +73,14 @@ def slow_cached_disk(short_dir: Path) -> Iterator[SlowFS]:
     yield from mounted(short_dir, writeback_cache=True)
 
 
-def ok(client: RawClient, command: str, arguments: dict | None = None) -> dict:
-    reply = client.execute(command, arguments)
-    assert "return" in reply, (command, reply)
-    return reply["return"]
-
-
 def start_save(client: RawClient, shm: Path, target: Path, size: int, direct_io: bool) -> None:
     fill_random(shm / "ram0", size, seed=9)
-    ok(client, "object-add", {"qom-type": "memory-backend-file", "id": "ram0", "size": size,
+    client.ok("object-add", {"qom-type": "memory-backend-file", "id": "ram0", "size": size,
                               "mem-path": str(shm / "ram0")})  # fmt: skip
     caps = [{"capability": c, "state": True} for c in ("mapped-ram", "multifd")]
-    ok(client, "migrate-set-capabilities", {"capabilities": caps})
-    ok(client, "migrate-set-parameters", {"multifd-channels": 4, "direct-io": direct_io})
-    ok(client, "migrate", {"uri": f"file:{target}"})
-
-
-def wait_for(client: RawClient, done, timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        info = ok(client, "query-migrate")
-        if done(info):
-            return info
-        assert info["status"] not in FINAL_STATES, info
-        assert time.monotonic() < deadline, info
+    client.ok("migrate-set-capabilities", {"capabilities": caps})
+    client.ok("migrate-set-parameters", {"multifd-channels": 4, "direct-io": direct_io})
+    client.ok("migrate", {"uri": f"file:{target}"})
 
 
 def seconds_to_stop(daemon) -> float:
@@ -112,7 +96,7 @@ def test_sigterm_mid_direct_io_save_on_a_slow_disk_exits_promptly(shm, short_dir
     try:
         client = RawClient(daemon.socket_path).negotiate()
         start_save(client, shm, target, 64 * MiB, direct_io=True)
-        wait_for(client, lambda i: i["status"] == "active" and i["ram"]["transferred"] >= MiB)
+        client.poll_migrate(lambda i: i["status"] == "active" and i["ram"]["transferred"] >= MiB)
         assert seconds_to_stop(daemon) < STOP_BOUND
         client.close()
     finally:
@@ -130,7 +114,7 @@ def test_sigterm_during_the_final_sync_of_a_buffered_save_exits_promptly(
     try:
         client = RawClient(daemon.socket_path).negotiate()
         start_save(client, shm, target, size, direct_io=False)
-        wait_for(client, lambda i: i["status"] == "active" and i["ram"]["remaining"] == 0)
+        client.poll_migrate(lambda i: i["status"] == "active" and i["ram"]["remaining"] == 0)
         assert seconds_to_stop(daemon) < STOP_BOUND
         client.close()
     finally:
@@ -144,14 +128,14 @@ def test_migrate_cancel_answers_at_once_on_a_slow_disk(shm, short_dir, slow_disk
     try:
         client = RawClient(daemon.socket_path).negotiate()
         start_save(client, shm, target, 64 * MiB, direct_io=True)
-        wait_for(client, lambda i: i["status"] == "active" and i["ram"]["transferred"] >= MiB)
+        client.poll_migrate(lambda i: i["status"] == "active" and i["ram"]["transferred"] >= MiB)
         asked = time.monotonic()
-        assert ok(client, "migrate_cancel") == {}
+        assert client.ok("migrate_cancel") == {}
         answered = time.monotonic() - asked
-        assert ok(client, "query-migrate")["status"] in ("cancelling", "cancelled")
+        assert client.ok("query-migrate")["status"] in ("cancelling", "cancelled")
         assert answered < 1.0  # it does not wait for the threads (it took 3.5 s at 8 MB/s)
         deadline = time.monotonic() + 30
-        while (info := ok(client, "query-migrate"))["status"] != "cancelled":
+        while (info := client.ok("query-migrate"))["status"] != "cancelled":
             assert info["status"] == "cancelling", info
             assert time.monotonic() < deadline, info
         assert not is_complete(target)
