@@ -45,7 +45,7 @@ from .conftest import (
     wait_migration,
     wait_status,
 )
-from .test_faults import _IO_IN, F_WRITE, FaultFS
+from .test_faults import _IO_IN, F_WRITE, FaultFS, mounted_fuse
 
 MiB = 1 << 20
 PAGE = 4096
@@ -228,17 +228,7 @@ class ShortWriteFS(FaultFS):
 
 @pytest.fixture
 def short_write_fs(short_dir: Path) -> Iterator[ShortWriteFS]:
-    if not os.path.exists("/dev/fuse") or os.geteuid() != 0:
-        pytest.skip("needs /dev/fuse and root to mount a FUSE filesystem")
-    (short_dir / "backing").mkdir()
-    (short_dir / "short").mkdir()
-    fs = ShortWriteFS(short_dir / "backing", short_dir / "short")
-    try:
-        fs.start()
-    except OSError as exc:
-        pytest.skip(f"cannot mount a FUSE filesystem here: {exc}")
-    yield fs
-    fs.stop()
+    yield from mounted_fuse(short_dir, "short", ShortWriteFS)
 
 
 @pytest.mark.parametrize("direct_io", [True, False], ids=["direct-io", "buffered"])

@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pytest
@@ -314,19 +315,28 @@ def _run(*argv: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, timeout=60)
 
 
-@pytest.fixture
-def faultfs(short_dir: Path) -> Iterator[FaultFS]:
+FS = TypeVar("FS", bound="FaultFS")
+
+
+def mounted_fuse(short_dir: Path, name: str, make: Callable[[Path, Path], FS]) -> Iterator[FS]:
+    """A FaultFS (or subclass), make(backing, mountpoint), mounted at short_dir/name for a
+    fixture's duration; the test is skipped where FUSE cannot be mounted."""
     if not os.path.exists("/dev/fuse") or os.geteuid() != 0:
         pytest.skip("needs /dev/fuse and root to mount a FUSE filesystem")
     (short_dir / "backing").mkdir()
-    (short_dir / "faulty").mkdir()
-    fs = FaultFS(short_dir / "backing", short_dir / "faulty")
+    (short_dir / name).mkdir()
+    fs = make(short_dir / "backing", short_dir / name)
     try:
         fs.start()
     except OSError as exc:
         pytest.skip(f"cannot mount a FUSE filesystem here: {exc}")
     yield fs
     fs.stop()
+
+
+@pytest.fixture
+def faultfs(short_dir: Path) -> Iterator[FaultFS]:
+    yield from mounted_fuse(short_dir, "faulty", FaultFS)
 
 
 def snapshot_fds() -> set[str]:

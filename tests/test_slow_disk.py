@@ -19,7 +19,15 @@ from pathlib import Path
 import pytest
 
 from .conftest import RawClient, fill_random, start_daemon
-from .test_faults import _FUSE_BIG_WRITES, _INIT_OUT, _MAX_WRITE, F_INIT, FaultFS, is_complete
+from .test_faults import (
+    _FUSE_BIG_WRITES,
+    _INIT_OUT,
+    _MAX_WRITE,
+    F_INIT,
+    FaultFS,
+    is_complete,
+    mounted_fuse,
+)
 
 MiB = 1 << 20
 RATE = 4 * MiB  # bytes/s of the slow disk
@@ -48,19 +56,7 @@ class SlowFS(FaultFS):
 
 
 def mounted(short_dir: Path, writeback_cache: bool) -> Iterator[SlowFS]:
-    import os
-
-    if not os.path.exists("/dev/fuse") or os.geteuid() != 0:
-        pytest.skip("needs /dev/fuse and root to mount a FUSE filesystem")
-    (short_dir / "backing").mkdir()
-    (short_dir / "slow").mkdir()
-    fs = SlowFS(short_dir / "backing", short_dir / "slow", writeback_cache)
-    try:
-        fs.start()
-    except OSError as exc:
-        pytest.skip(f"cannot mount a FUSE filesystem here: {exc}")
-    yield fs
-    fs.stop()
+    yield from mounted_fuse(short_dir, "slow", lambda b, m: SlowFS(b, m, writeback_cache))
 
 
 @pytest.fixture
