@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import errno
 import functools
@@ -49,6 +50,7 @@ from ..state.paths import (
     trusted_owners,
 )
 from .mapped_ram import format
+from .settings import Capabilities, Parameters
 
 log = logging.getLogger(__name__)
 
@@ -68,21 +70,6 @@ class MigrationStatus(enum.StrEnum):
 
 
 ACTIVE_STATES = {MigrationStatus.setup, MigrationStatus.active, MigrationStatus.cancelling}
-
-
-@dataclass
-class Capabilities:
-    multifd: bool = False
-    mapped_ram: bool = False
-    events: bool = False
-
-
-@dataclass
-class Parameters:
-    multifd_channels: int = 2
-    direct_io: bool = False
-    max_bandwidth: int = 0  # bytes/s; 0 = unlimited (QEMU's 128 MiB/s would slow saves 10x)
-    zero_page_detection: str = "multifd"
 
 
 class JobCancelled(Exception):
@@ -297,9 +284,9 @@ class MigrationEngine:
             raise MigrationError(IN_PROGRESS)
 
     def set_capabilities(self, changes: dict[str, bool]) -> None:
+        """`changes`: Capabilities field names -> new state."""
         self.refuse_if_busy()
-        for name, state in changes.items():
-            setattr(self.caps, name, state)
+        self.caps = dataclasses.replace(self.caps, **changes)
 
     def set_parameters(self, changes: dict[str, Any]) -> None:
         # As in QEMU, max-bandwidth may change during a migration and applies at once; the
@@ -308,8 +295,7 @@ class MigrationEngine:
             self.refuse_if_busy()
         if changes.get("direct_io") and not hasattr(os, "O_DIRECT"):
             raise MigrationError("No build-time support for direct-io")
-        for name, value in changes.items():
-            setattr(self.params, name, value)
+        self.params = dataclasses.replace(self.params, **changes)
         job = self.job
         if "max_bandwidth" in changes and job is not None and job.throttle is not None:
             job.throttle.set_rate(self.params.max_bandwidth)
