@@ -116,9 +116,8 @@ MUTANTS = [
     Mutant(
         "end-of-file-read-as-zeros",
         "migd/io/threads.py",
-        "        if done == 0:\n            raise ChannelError(\n                f\"Could not read",
-        "        if done == 0:\n            break\n            raise ChannelError(\n"
-        "                f\"Could not read",
+        "    if got < len(data):\n        raise ChannelError(",
+        "    if False:\n        raise ChannelError(",
         ("tests/test_faults.py::test_file_truncated_under_a_running_restore_fails_clearly_and_leaks_nothing",),
     ),
     Mutant(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import difflib
 import enum
 import os
-import re
 import tomllib
 import typing
 from typing import Annotated, Any, Literal
@@ -35,10 +34,9 @@ from ..migration.settings import (
 )
 from ..pages import PAGE_SIZE
 from ..state.memory import ID_RE
+from ..units import size_bytes
 
 DEFAULT_CONFIG_PATH = "/etc/migd/migd.toml"
-_SIZE_RE = re.compile(r"(\d+)\s*([kmgtpe]?)(?:i?b)?", re.IGNORECASE)
-_SIZE_SHIFT = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
 
 
 def default_socket_path() -> str:
@@ -147,10 +145,10 @@ class BackendConfig(Section):
     @classmethod
     def _size(cls, value: Any) -> Any:
         if isinstance(value, str):
-            match = _SIZE_RE.fullmatch(value.strip())
-            if match is None:
+            size = size_bytes(value)
+            if size is None:
                 raise ValueError(f"must be a size like 1073741824 or \"1G\", not '{value}'")
-            value = int(match[1]) << _SIZE_SHIFT[match[2].lower()]
+            value = size
         is_int = isinstance(value, int) and not isinstance(value, bool)
         if is_int and (value <= 0 or value % PAGE_SIZE):
             raise ValueError(f"must be a positive multiple of {PAGE_SIZE} bytes")

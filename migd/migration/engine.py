@@ -34,7 +34,9 @@ from ..io.threads import (
     PageRun,
     Populator,
     open_channel_fd,
+    read_upto,
     split_runs,
+    write_fully,
 )
 from ..io.throttle import Throttle
 from ..pages import PAGE_SIZE, READ_CHUNK_PAGES
@@ -77,26 +79,15 @@ class JobCancelled(Exception):
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int, path: str) -> None:
-    view = memoryview(data)
-    while view:
-        try:
-            done = os.pwrite(fd, view, offset)
-        except OSError as exc:
-            raise ChannelError(f"Could not write '{path}': {exc.strerror}") from None
-        view, offset = view[done:], offset + done
+    """Metadata through pwrite (page data goes through pwritev)."""
+    write_fully(fd, memoryview(data), offset, path, vectored=False)
 
 
 def _pread_all(fd: int, offset: int, n: int, path: str) -> bytes:
-    out = bytearray()
-    while len(out) < n:
-        try:
-            chunk = os.pread(fd, n - len(out), offset + len(out))
-        except OSError as exc:
-            raise ChannelError(f"Could not read '{path}': {exc.strerror}") from None
-        if not chunk:
-            break
-        out += chunk
-    return bytes(out)
+    """Up to n bytes at offset: fewer where the file ends, which the format reports."""
+    buf = bytearray(n)
+    got = read_upto(fd, memoryview(buf), offset, path)
+    return bytes(buf[:got])
 
 
 def _fdatasync(fd: int, path: str) -> None:
