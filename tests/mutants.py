@@ -221,6 +221,21 @@ MUTANTS = [
         "            if False:",
         ("tests/test_path_policy.py",),
     ),
+    # --- the job's status machine and cancellation -------------------------------------
+    Mutant(
+        "status-transitions-unchecked",
+        "migd/migration/engine.py",
+        "        if status not in TRANSITIONS[job.status]:",
+        "        if False:",
+        ("tests/test_job_status.py::test_an_illegal_status_change_is_refused_and_changes_nothing",),
+    ),
+    Mutant(
+        "pool-left-without-cancelling-its-threads",
+        "migd/migration/engine.py",
+        "                job.cancel.set()\n                raise\n",
+        "                raise\n",
+        ("tests/test_job_status.py::test_a_job_task_cancelled_under_its_threads_tells_them_to_stop",),
+    ),
     # --- memory backends, restores ----------------------------------------------------
     Mutant(
         "shrink-check-removed",

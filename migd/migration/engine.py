@@ -73,6 +73,25 @@ class MigrationStatus(enum.StrEnum):
 
 ACTIVE_STATES = {MigrationStatus.setup, MigrationStatus.active, MigrationStatus.cancelling}
 
+_S = MigrationStatus
+# The status changes a job may make; anything else is a bug in the engine. A cancel that
+# comes after the last check still lets the job complete (or fail), as in QEMU.
+TRANSITIONS: dict[MigrationStatus, frozenset[MigrationStatus]] = {
+    _S.none: frozenset({_S.setup}),
+    _S.setup: frozenset({_S.active, _S.failed, _S.cancelling}),
+    _S.active: frozenset({_S.completed, _S.failed, _S.cancelling}),
+    _S.cancelling: frozenset({_S.cancelled, _S.failed, _S.completed}),
+    _S.completed: frozenset(),
+    _S.failed: frozenset(),
+    _S.cancelled: frozenset(),
+}
+# Set by the test suite: an illegal status change raises instead of only being logged.
+STRICT_STATUS_ENV = "MIGD_STRICT_STATUS"
+
+
+class IllegalTransition(Exception):
+    """A status change TRANSITIONS does not allow (raised only under MIGD_STRICT_STATUS)."""
+
 
 class JobCancelled(Exception):
     pass
@@ -307,6 +326,11 @@ class MigrationEngine:
 
     def _set_status(self, job: Job, status: MigrationStatus) -> None:
         """The one place a job's status changes; it also emits the event."""
+        if status not in TRANSITIONS[job.status]:
+            text = f"{job.direction} {job.target}: illegal status change {job.status} -> {status}"
+            log.error("%s", text)
+            if os.environ.get(STRICT_STATUS_ENV) == "1":
+                raise IllegalTransition(text)
         job.status = status
         if status in (MigrationStatus.completed, MigrationStatus.failed, MigrationStatus.cancelled):
             job.finished = time.monotonic()
@@ -593,8 +617,14 @@ class MigrationEngine:
         bodies = [populator.run, *(getattr(ch, direction) for ch in job.channels)]
         loop = asyncio.get_running_loop()
         with ThreadPoolExecutor(len(bodies), thread_name_prefix=f"migd-{direction}") as pool:
-            futures = [loop.run_in_executor(pool, body) for body in bodies]
-            results = await asyncio.gather(*futures, return_exceptions=True)
+            try:
+                futures = [loop.run_in_executor(pool, body) for body in bodies]
+                results = await asyncio.gather(*futures, return_exceptions=True)
+            except BaseException:
+                # This task cancelled, or a thread that could not start: leaving the pool
+                # waits for its threads, so they must be told to stop first.
+                job.cancel.set()
+                raise
         for thread in threads:
             thread.blocks = ()  # drop the mmap views so object-del really unmaps afterwards
         del threads, bodies
