@@ -79,7 +79,7 @@ MUTANTS = [
     ),
     Mutant(
         "remaining-from-the-last-sample",
-        "migd/migration/engine.py",
+        "migd/migration/job.py",
         "else (self.total_bytes - done * PAGE_SIZE)",
         "else (self.total_bytes - (self._samples[-1][2] if self._samples else 0) * PAGE_SIZE)",
         (G + "test_remaining_adds_up_with_the_counters_of_the_same_reply",),
@@ -159,16 +159,16 @@ MUTANTS = [
     # --- durability ---------------------------------------------------------------------
     Mutant(
         "channel-fdatasync-skipped",
-        "migd/migration/engine.py",
-        "        for fd in fds:\n            _fdatasync(fd, path)\n",
-        "        for fd in fds[:0]:\n            _fdatasync(fd, path)\n",
+        "migd/migration/mapped_ram/save.py",
+        "    for fd in fds:\n        fdatasync(fd, path)\n",
+        "    for fd in fds[:0]:\n        fdatasync(fd, path)\n",
         ("tests/test_durability.py",),
     ),
     Mutant(
         "end-section-written-before-the-bitmaps-are-synced",
-        "migd/migration/engine.py",
-        "        _fdatasync(main_fd, path)\n        _, _, normal, zero, _ = job.totals()",
-        "        _, _, normal, zero, _ = job.totals()",
+        "migd/migration/mapped_ram/save.py",
+        "    fdatasync(main_fd, path)\n    _, _, normal, zero, _ = job.totals()",
+        "    _, _, normal, zero, _ = job.totals()",
         ("tests/test_durability.py",),
     ),
     # --- which files migd opens -------------------------------------------------------
@@ -246,7 +246,7 @@ MUTANTS = [
     ),
     Mutant(
         "room-check-removed",
-        "migd/migration/engine.py",
+        "migd/migration/plan.py",
         "        if total > have:",
         "        if False:",
         ("tests/test_restore.py::test_restore_into_a_filesystem_too_small_fails_before_changing_memory",),

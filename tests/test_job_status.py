@@ -7,13 +7,8 @@ import asyncio
 import pytest
 
 from migd.io.target import FileTarget
-from migd.migration.engine import (
-    TRANSITIONS,
-    IllegalTransition,
-    Job,
-    MigrationEngine,
-    MigrationStatus,
-)
+from migd.migration.engine import MigrationEngine
+from migd.migration.job import TRANSITIONS, IllegalTransition, Job, MigrationStatus
 from migd.state.memory import MemoryRegistry, create_ram_backend
 
 MiB = 1 << 20
