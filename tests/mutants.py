@@ -236,6 +236,13 @@ MUTANTS = [
         "                raise\n",
         ("tests/test_job_status.py::test_a_job_task_cancelled_under_its_threads_tells_them_to_stop",),
     ),
+    Mutant(
+        "cancel-during-setup-goes-back-to-active",
+        "migd/migration/engine.py",
+        "        check_cancel(job)\n        job.setup_done = time.monotonic()\n",
+        "        job.setup_done = time.monotonic()\n",
+        ("tests/test_job_status.py::test_a_cancel_while_the_channels_open_ends_cancelled_and_never_active",),
+    ),
     # --- memory backends, restores ----------------------------------------------------
     Mutant(
         "shrink-check-removed",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 import pytest
 
@@ -76,3 +77,41 @@ async def test_a_job_task_cancelled_under_its_threads_tells_them_to_stop(short_d
     assert job.cancel.is_set()
     moved = sum(ch.counters.pages_done for ch in job.channels)
     assert moved * 4096 < job.total_bytes  # the threads stopped, not finished
+
+
+@pytest.mark.parametrize("direction", ["save", "restore"])
+async def test_a_cancel_while_the_channels_open_ends_cancelled_and_never_active(
+    short_dir, direction
+):
+    """The window between the last cancel check of setup and `active`: here the cancel
+    comes while the first channel fd is being opened (an fdset opener, in its thread)."""
+    events: list[str] = []
+    image = short_dir / "s.img"
+    engine = _engine(events)
+    if direction == "restore":  # a file to restore from, saved first
+        await engine.start_save(FileTarget(str(image)))
+        assert engine.job is not None and engine.job.task is not None
+        await engine.job.task
+        events.clear()
+    loop = asyncio.get_running_loop()
+    calls = 0
+
+    def opener(path: str, flags: int, direct: bool) -> int:
+        nonlocal calls
+        calls += 1
+        fd = os.open(image, (flags & ~os.O_CREAT) | os.O_CREAT, 0o600)
+        if calls == 2:  # the first channel: migrate_cancel arrives meanwhile
+            asyncio.run_coroutine_threadsafe(engine.cancel(), loop).result(timeout=30)
+        return fd
+
+    engine.opener = opener
+    target = FileTarget("/dev/fdset/1")
+    if direction == "save":
+        await engine.start_save(target)
+    else:
+        await engine.start_restore(target, skip_unmatched=False)
+    assert engine.job is not None and engine.job.task is not None
+    await engine.job.task
+    assert calls >= 2
+    assert events == ["setup", "cancelling", "cancelled"]
+    assert engine.job.error_desc is None or "no memory backend was changed" in engine.job.error_desc

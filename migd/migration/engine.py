@@ -162,6 +162,13 @@ class MigrationEngine:
             self.emit("MIGRATION", {"status": status.value})
         self.notify(f"STATUS={job.direction} {status.value}")
 
+    def _activate(self, job: Job) -> None:
+        """setup -> active once the channels are ready, unless a cancel came meanwhile: the
+        job then ends cancelled, as `cancelling` never goes back to `active`."""
+        check_cancel(job)
+        job.setup_done = time.monotonic()
+        self._set_status(job, MigrationStatus.active)
+
     # -- starting ------------------------------------------------------------------------
 
     def _check_can_start(self) -> None:
@@ -430,8 +437,7 @@ class MigrationEngine:
             # SEEK_DATA walks and run splitting take tens of ms on large memory: off the loop.
             detect = self.params.zero_page_detection != "none"
             blocks, runs = await asyncio.to_thread(plan.plan_save_runs, job, layout, detect)
-            job.setup_done = time.monotonic()
-            self._set_status(job, MigrationStatus.active)
+            self._activate(job)
             await self._run_channels(job, fds, blocks, runs, "save")
             job.sync_count = 1
             await asyncio.to_thread(save.finish_save, job, layout, blocks, fds, main_fd)
@@ -458,8 +464,7 @@ class MigrationEngine:
         fds = await self._open_channels(job, os.O_RDONLY, main_fd)
         try:
             blocks, runs = plan.plan_restore_runs(matched, bitmaps)
-            job.setup_done = time.monotonic()
-            self._set_status(job, MigrationStatus.active)
+            self._activate(job)
             # Durable before the first page changes; only a completed restore removes it.
             await asyncio.to_thread(self.partial.set_all, job.backends, path)
             job.memory_touched = True
