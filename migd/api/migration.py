@@ -243,7 +243,25 @@ class MigrationInfo(QapiModel):
     "from counters, never waiting for I/O.",
 )
 async def query_migrate(ctx: Context, args: Empty) -> MigrationInfo:
-    return MigrationInfo.model_validate(ctx.services.engine.query(), strict=False)
+    stats = ctx.services.engine.query()
+    if stats is None:
+        return MigrationInfo()
+    return MigrationInfo(
+        status=stats.status.value,
+        total_time=stats.total_time,
+        setup_time=stats.setup_time,
+        error_desc=stats.error_desc,
+        ram=MigrationStats(
+            **dataclasses.asdict(stats.ram),
+            # What migd never has (no dirty tracking, postcopy or zero-copy): always 0.
+            dirty_pages_rate=0,
+            postcopy_requests=0,
+            downtime_bytes=0,
+            postcopy_bytes=0,
+            dirty_sync_missed_zero_copy=0,
+        ),
+        x_skipped_blocks=list(stats.skipped_blocks) or None,
+    )
 
 
 @command(

@@ -50,6 +50,7 @@ from .job import (
     IllegalTransition,
     Job,
     JobCancelled,
+    JobStats,
     MigrationStatus,
     check_cancel,
 )
@@ -136,8 +137,9 @@ class MigrationEngine:
     def channel_count(self) -> int:
         return self.params.multifd_channels if self.caps.multifd else 1
 
-    def query(self) -> dict[str, Any]:
-        return {} if self.job is None else self.job.info()
+    def query(self) -> JobStats | None:
+        """The last job's stats, None before any."""
+        return None if self.job is None else self.job.stats()
 
     # -- status --------------------------------------------------------------------------
 

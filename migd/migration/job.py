@@ -8,7 +8,6 @@ import enum
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 from ..io.target import FileTarget
 from ..io.threads import Channel
@@ -126,39 +125,67 @@ class Job:
             return 0.0, 0.0
         return (b1 - b0) * 8 / (t1 - t0) / 1e6, (p1 - p0) / (t1 - t0)
 
-    def info(self) -> dict[str, Any]:
-        """query-migrate's MigrationInfo, from counters only."""
+    def stats(self) -> JobStats:
+        """What query-migrate reports, from counters only."""
         end = self.finished if self.finished is not None else time.monotonic()
-        out: dict[str, Any] = {"status": self.status.value}
-        out["total-time"] = int((end - self.started) * 1000)
+        setup_time = None
         if self.setup_done is not None:
-            out["setup-time"] = int((self.setup_done - self.started) * 1000)
-        if self.error_desc is not None:
-            out["error-desc"] = self.error_desc
+            setup_time = int((self.setup_done - self.started) * 1000)
         moved, done, normal, zero, multifd = self.totals()
         mbps, pps = self.rates()
         remaining = (
             0 if self.status == MigrationStatus.completed else (self.total_bytes - done * PAGE_SIZE)
         )
-        out["ram"] = {
-            "transferred": moved,
-            "remaining": max(0, remaining),
-            "total": self.total_bytes,
-            "duplicate": zero,
-            "normal": normal,
-            "normal-bytes": normal * PAGE_SIZE,
-            "dirty-pages-rate": 0,
-            "mbps": round(mbps, 3),
-            "dirty-sync-count": self.sync_count,
-            "postcopy-requests": 0,
-            "page-size": PAGE_SIZE,
-            "multifd-bytes": multifd,
-            "pages-per-second": int(pps),
-            "precopy-bytes": moved,
-            "downtime-bytes": 0,
-            "postcopy-bytes": 0,
-            "dirty-sync-missed-zero-copy": 0,
-        }
-        if self.skipped_blocks:
-            out["x-skipped-blocks"] = list(self.skipped_blocks)
-        return out
+        ram = RamStats(
+            transferred=moved,
+            remaining=max(0, remaining),
+            total=self.total_bytes,
+            duplicate=zero,
+            normal=normal,
+            normal_bytes=normal * PAGE_SIZE,
+            mbps=round(mbps, 3),
+            dirty_sync_count=self.sync_count,
+            page_size=PAGE_SIZE,
+            multifd_bytes=multifd,
+            pages_per_second=int(pps),
+            precopy_bytes=moved,
+        )
+        return JobStats(
+            status=self.status,
+            total_time=int((end - self.started) * 1000),
+            setup_time=setup_time,
+            error_desc=self.error_desc,
+            ram=ram,
+            skipped_blocks=tuple(self.skipped_blocks),
+        )
+
+
+@dataclass(frozen=True)
+class RamStats:
+    """A job's page counters at one moment (QEMU's MigrationStats, without what migd never
+    has: dirty pages, postcopy, zero-copy)."""
+
+    transferred: int
+    remaining: int
+    total: int
+    duplicate: int
+    normal: int
+    normal_bytes: int
+    mbps: float
+    dirty_sync_count: int
+    page_size: int
+    multifd_bytes: int
+    pages_per_second: int
+    precopy_bytes: int
+
+
+@dataclass(frozen=True)
+class JobStats:
+    """A snapshot of a job for query-migrate: times in ms, None where there is none yet."""
+
+    status: MigrationStatus
+    total_time: int
+    setup_time: int | None
+    error_desc: str | None
+    ram: RamStats
+    skipped_blocks: tuple[str, ...]
