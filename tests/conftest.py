@@ -18,6 +18,8 @@ from typing import Any, TypeVar
 import pytest
 
 START_TIMEOUT = 15.0
+# An illegal job status change raises in every daemon the tests run (in-process or not).
+os.environ["MIGD_STRICT_STATUS"] = "1"
 T = TypeVar("T")
 
 

@@ -79,7 +79,7 @@ MUTANTS = [
     ),
     Mutant(
         "remaining-from-the-last-sample",
-        "migd/migration/engine.py",
+        "migd/migration/job.py",
         "else (self.total_bytes - done * PAGE_SIZE)",
         "else (self.total_bytes - (self._samples[-1][2] if self._samples else 0) * PAGE_SIZE)",
         (G + "test_remaining_adds_up_with_the_counters_of_the_same_reply",),
@@ -116,9 +116,8 @@ MUTANTS = [
     Mutant(
         "end-of-file-read-as-zeros",
         "migd/io/threads.py",
-        "        if done == 0:\n            raise ChannelError(\n                f\"Could not read",
-        "        if done == 0:\n            break\n            raise ChannelError(\n"
-        "                f\"Could not read",
+        "    if got < len(data):\n        raise ChannelError(",
+        "    if False:\n        raise ChannelError(",
         ("tests/test_faults.py::test_file_truncated_under_a_running_restore_fails_clearly_and_leaks_nothing",),
     ),
     Mutant(
@@ -160,16 +159,16 @@ MUTANTS = [
     # --- durability ---------------------------------------------------------------------
     Mutant(
         "channel-fdatasync-skipped",
-        "migd/migration/engine.py",
-        "        for fd in fds:\n            _fdatasync(fd, path)\n",
-        "        for fd in fds[:0]:\n            _fdatasync(fd, path)\n",
+        "migd/migration/mapped_ram/save.py",
+        "    for fd in fds:\n        fdatasync(fd, path)\n",
+        "    for fd in fds[:0]:\n        fdatasync(fd, path)\n",
         ("tests/test_durability.py",),
     ),
     Mutant(
         "end-section-written-before-the-bitmaps-are-synced",
-        "migd/migration/engine.py",
-        "        _fdatasync(main_fd, path)\n        _, _, normal, zero, _ = job.totals()",
-        "        _, _, normal, zero, _ = job.totals()",
+        "migd/migration/mapped_ram/save.py",
+        "    fdatasync(main_fd, path)\n    _, _, normal, zero, _ = job.totals()",
+        "    _, _, normal, zero, _ = job.totals()",
         ("tests/test_durability.py",),
     ),
     # --- which files migd opens -------------------------------------------------------
@@ -222,6 +221,28 @@ MUTANTS = [
         "            if False:",
         ("tests/test_path_policy.py",),
     ),
+    # --- the job's status machine and cancellation -------------------------------------
+    Mutant(
+        "status-transitions-unchecked",
+        "migd/migration/engine.py",
+        "        if status not in TRANSITIONS[job.status]:",
+        "        if False:",
+        ("tests/test_job_status.py::test_an_illegal_status_change_is_refused_and_changes_nothing",),
+    ),
+    Mutant(
+        "pool-left-without-cancelling-its-threads",
+        "migd/migration/engine.py",
+        "                job.cancel.set()\n                raise\n",
+        "                raise\n",
+        ("tests/test_job_status.py::test_a_job_task_cancelled_under_its_threads_tells_them_to_stop",),
+    ),
+    Mutant(
+        "cancel-during-setup-goes-back-to-active",
+        "migd/migration/engine.py",
+        "        check_cancel(job)\n        job.setup_done = time.monotonic()\n",
+        "        job.setup_done = time.monotonic()\n",
+        ("tests/test_job_status.py::test_a_cancel_while_the_channels_open_ends_cancelled_and_never_active",),
+    ),
     # --- memory backends, restores ----------------------------------------------------
     Mutant(
         "shrink-check-removed",
@@ -232,7 +253,7 @@ MUTANTS = [
     ),
     Mutant(
         "room-check-removed",
-        "migd/migration/engine.py",
+        "migd/migration/plan.py",
         "        if total > have:",
         "        if False:",
         ("tests/test_restore.py::test_restore_into_a_filesystem_too_small_fails_before_changing_memory",),

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
+from migd.api.memory import create_backend
 from migd.app.config import BackendConfig
-from migd.app.daemon import create_backend
 from migd.errors import MigdError
 from migd.state.paths import PathPolicy
 

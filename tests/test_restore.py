@@ -256,10 +256,10 @@ async def test_memory_that_runs_out_during_a_restore_is_reported_as_such(
 ):
     """When the room check cannot see it coming (another writer fills the filesystem),
     the allocation ahead of the reads fails: ENOSPC with the backend, not EFAULT."""
-    from migd.migration import engine as migration
+    from migd.migration import plan
 
     dst = await _saved_into_small_tmpfs(qmp, shm, short_dir, small_tmpfs)
-    monkeypatch.setattr(migration, "_check_room", lambda path, needs: None)
+    monkeypatch.setattr(plan, "check_room", lambda path, needs: None)
     fds_before = open_fds()
     info = await restore(qmp, short_dir / "save.img")
     assert info["status"] == "failed"

@@ -158,6 +158,7 @@ async def test_the_channels_fault_on_a_full_filesystem_gives_the_allocation_erro
     failure, and the job still reports the allocation error the populator would."""
     from migd.io import threads as channels
     from migd.migration import engine as migration
+    from migd.migration import plan
 
     from .test_restore import _saved_into_small_tmpfs
 
@@ -166,7 +167,7 @@ async def test_the_channels_fault_on_a_full_filesystem_gives_the_allocation_erro
             pass
 
     dst = await _saved_into_small_tmpfs(qmp, shm, short_dir, small_tmpfs)
-    monkeypatch.setattr(migration, "_check_room", lambda path, needs: None)
+    monkeypatch.setattr(plan, "check_room", lambda path, needs: None)
     monkeypatch.setattr(migration, "Populator", IdlePopulator)
     await qmp.execute("migrate-incoming", {"uri": f"file:{short_dir}/save.img"})
     deadline = time.monotonic() + 60

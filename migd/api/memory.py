@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import enum
 import os
-from typing import Annotated
+from collections.abc import Callable, Collection
+from typing import Annotated, Protocol
 
 from pydantic import Strict
 
@@ -14,7 +15,8 @@ from ..qmp.dispatch import Context, command
 from ..qmp.validation import Empty, QapiModel
 from ..state.fdsets import is_fdset_path
 from ..state.memory import MemoryBackend, create_file_backend, create_ram_backend
-from ..state.paths import trusted_owners
+from ..state.partial import PartialMarks
+from ..state.paths import PathPolicy, trusted_owners
 
 
 class QomType(enum.StrEnum):
@@ -54,46 +56,87 @@ async def object_add(ctx: Context, args: ObjectAddArgs) -> Empty:
     registry = ctx.services.memory
     # Before anything is created: a refused object-add must leave no file behind.
     registry.check_new(args.id, args.ramblock_name or args.id)
-    backend: MemoryBackend
+    fd = None
     if args.qom_type is QomType.memory_backend_file:
         if args.mem_path is None:
             raise InvalidRequest("Parameter 'mem-path' is missing")
-        share = True if args.share is None else args.share
         # A VMM's memfd or file passed by add-fd: map a read-write dup the backend owns.
-        fd = None
         if is_fdset_path(args.mem_path):
             fd = ctx.services.fdsets.dup_from_fdset(args.mem_path, os.O_RDWR)
-        backend = await asyncio.to_thread(
-            create_file_backend,
-            args.id,
-            args.size,
-            args.mem_path,
-            share=share,
-            ramblock_name=args.ramblock_name,
-            fd=fd,
-            close_fd=ctx.services.fdsets.close_dup,
-            open_file=ctx.services.paths.open,
-            owners=trusted_owners(ctx.session.peer_uid),
-        )
-        try:
-            await asyncio.to_thread(
-                ctx.services.engine.partial.check_add, backend, args.x_accept_partial
-            )
-        except BaseException:
-            backend.close()
-            raise
     else:
         if args.mem_path is not None:
             raise InvalidRequest("Parameter 'mem-path' is unexpected")
         if args.share:
             raise InvalidRequest("Parameter 'share' is unexpected: memory-backend-ram is private")
-        backend = create_ram_backend(args.id, args.size, ramblock_name=args.ramblock_name)
+    backend = await asyncio.to_thread(
+        create_backend,
+        args,
+        ctx.services.paths,
+        ctx.services.engine.partial,
+        owners=trusted_owners(ctx.session.peer_uid),
+        fd=fd,
+        close_fd=ctx.services.fdsets.close_dup,
+    )
     try:
         registry.add(backend)
     except BaseException:
         backend.close()
         raise
     return Empty()
+
+
+class BackendSpec(Protocol):
+    """What object-add's arguments and a [[memory-backend]] table of the file both hold."""
+
+    @property
+    def qom_type(self) -> str: ...
+    @property
+    def id(self) -> str: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def mem_path(self) -> str | None: ...
+    @property
+    def share(self) -> bool | None: ...
+    @property
+    def ramblock_name(self) -> str | None: ...
+    @property
+    def x_accept_partial(self) -> bool: ...
+
+
+def create_backend(
+    spec: BackendSpec,
+    paths: PathPolicy,
+    partial: PartialMarks | None = None,
+    *,
+    owners: Collection[int] | None = None,
+    fd: int | None = None,
+    close_fd: Callable[[int], None] = os.close,
+) -> MemoryBackend:
+    """The memory backend `spec` describes (object-add's and the configuration's; checked
+    by their models): a file one is refused if an interrupted restore left it partial
+    (unless spec.x_accept_partial), and then closed. Blocking: run it in a thread."""
+    if spec.qom_type != QomType.memory_backend_file:
+        return create_ram_backend(spec.id, spec.size, ramblock_name=spec.ramblock_name)
+    assert spec.mem_path is not None  # both models require it
+    backend = create_file_backend(
+        spec.id,
+        spec.size,
+        spec.mem_path,
+        share=True if spec.share is None else spec.share,
+        ramblock_name=spec.ramblock_name,
+        fd=fd,
+        close_fd=close_fd,
+        open_file=paths.open,
+        owners=owners,
+    )
+    if partial is not None:
+        try:
+            partial.check_add(backend, spec.x_accept_partial)
+        except BaseException:
+            backend.close()
+            raise
+    return backend
 
 
 class ObjectDelArgs(QapiModel):

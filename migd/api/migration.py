@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
-from typing import Annotated, Any
+from typing import Annotated
 
-from pydantic import ConfigDict, Field, Strict
+from pydantic import ConfigDict, Field, Strict, create_model
 
 from ..errors import MigrationError
 from ..io.target import FileTarget, NotSeekable, parse_uri
+from ..migration.settings import MigrationCapability, Parameters, field_types, plain_types
 from ..qmp.dispatch import Context, command
 from ..qmp.validation import Empty, QapiModel
-
-
-class MigrationCapability(enum.StrEnum):
-    multifd = "multifd"
-    mapped_ram = "mapped-ram"
-    events = "events"
 
 
 class CapabilityState(QapiModel):
@@ -38,7 +34,7 @@ class SetCapabilitiesArgs(QapiModel):
     "as in QEMU. Refused while a migration runs.",
 )
 async def migrate_set_capabilities(ctx: Context, args: SetCapabilitiesArgs) -> Empty:
-    changes = {c.capability.value.replace("-", "_"): c.state for c in args.capabilities}
+    changes = {c.capability.name: c.state for c in args.capabilities}
     ctx.services.engine.set_capabilities(changes)
     return Empty()
 
@@ -52,33 +48,22 @@ async def migrate_set_capabilities(ctx: Context, args: SetCapabilitiesArgs) -> E
 async def query_migrate_capabilities(ctx: Context, args: Empty) -> list[CapabilityState]:
     caps = ctx.services.engine.caps
     return [
-        CapabilityState(capability=c, state=getattr(caps, c.value.replace("-", "_")))
+        CapabilityState(capability=c, state=dataclasses.asdict(caps)[c.name])
         for c in MigrationCapability
     ]
 
 
-class ZeroPageDetection(enum.StrEnum):
-    none = "none"
-    multifd = "multifd"
-
-
-Channels = Annotated[int, Field(ge=1, le=255)]
-Bandwidth = Annotated[int, Field(ge=0)]
-ZeroDetect = Annotated[ZeroPageDetection, Strict(False)]
-
-
-class SetParametersArgs(QapiModel):
-    multifd_channels: Channels | None = None
-    direct_io: bool | None = None
-    max_bandwidth: Bandwidth | None = None
-    zero_page_detection: ZeroDetect | None = None
-
-
-class MigrationParameters(QapiModel):
-    multifd_channels: int
-    direct_io: bool
-    max_bandwidth: int
-    zero_page_detection: ZeroPageDetection
+_PARAMETERS = field_types(Parameters)
+# Every parameter, each optional: what migrate-set-parameters changes.
+SetParametersArgs = create_model(
+    "SetParametersArgs",
+    __base__=QapiModel,
+    **{name: (kind | None, None) for name, kind in _PARAMETERS.items()},
+)
+# Every parameter, as query-migrate-parameters reports it.
+MigrationParameters = create_model(
+    "MigrationParameters", __base__=QapiModel, **plain_types(Parameters)
+)
 
 
 @command(
@@ -94,11 +79,7 @@ class MigrationParameters(QapiModel):
     "refused until it ends.",
 )
 async def migrate_set_parameters(ctx: Context, args: SetParametersArgs) -> Empty:
-    changes: dict[str, Any] = {
-        name: getattr(value, "value", value)
-        for name, value in args.model_dump(exclude_none=True).items()
-    }
-    ctx.services.engine.set_parameters(changes)
+    ctx.services.engine.set_parameters(args.model_dump(exclude_none=True))
     return Empty()
 
 
@@ -106,13 +87,9 @@ async def migrate_set_parameters(ctx: Context, args: SetParametersArgs) -> Empty
     "query-migrate-parameters", Empty, MigrationParameters, "The current migration parameters."
 )
 async def query_migrate_parameters(ctx: Context, args: Empty) -> MigrationParameters:
-    p = ctx.services.engine.params
-    return MigrationParameters(
-        multifd_channels=p.multifd_channels,
-        direct_io=p.direct_io,
-        max_bandwidth=p.max_bandwidth,
-        zero_page_detection=ZeroPageDetection(p.zero_page_detection),
-    )
+    # Not strict: a value from the configuration file is the enum's plain string.
+    params = dataclasses.asdict(ctx.services.engine.params)
+    return MigrationParameters.model_validate(params, strict=False)
 
 
 class ChannelType(enum.StrEnum):
@@ -266,7 +243,25 @@ class MigrationInfo(QapiModel):
     "from counters, never waiting for I/O.",
 )
 async def query_migrate(ctx: Context, args: Empty) -> MigrationInfo:
-    return MigrationInfo.model_validate(ctx.services.engine.query(), strict=False)
+    stats = ctx.services.engine.query()
+    if stats is None:
+        return MigrationInfo()
+    return MigrationInfo(
+        status=stats.status.value,
+        total_time=stats.total_time,
+        setup_time=stats.setup_time,
+        error_desc=stats.error_desc,
+        ram=MigrationStats(
+            **dataclasses.asdict(stats.ram),
+            # What migd never has (no dirty tracking, postcopy or zero-copy): always 0.
+            dirty_pages_rate=0,
+            postcopy_requests=0,
+            downtime_bytes=0,
+            postcopy_bytes=0,
+            dirty_sync_missed_zero_copy=0,
+        ),
+        x_skipped_blocks=list(stats.skipped_blocks) or None,
+    )
 
 
 @command(

@@ -14,6 +14,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import ConfigError, MigdError
+from ..migration.settings import CHANNELS_MAX, CHANNELS_MIN, channels_in_range
 from .config import DEFAULT_CONFIG_PATH, default_socket_path, load_config
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -174,8 +175,8 @@ def _type(parse: object) -> object:
 
 def _channels(text: str) -> int:
     value = int(text)
-    if not 1 <= value <= 255:
-        raise ValueError(f"--channels {text} is out of range 1..255")
+    if not channels_in_range(value):
+        raise ValueError(f"--channels {text} is out of range {CHANNELS_MIN}..{CHANNELS_MAX}")
     return value
 
 

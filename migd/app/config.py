@@ -7,28 +7,36 @@ Every problem in the file becomes one ConfigError line naming the file and the k
 from __future__ import annotations
 
 import difflib
+import enum
 import os
-import re
 import tomllib
 import typing
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     ValidationError,
+    create_model,
     field_validator,
     model_validator,
 )
 
 from ..errors import ConfigError
+from ..migration.settings import (
+    CHANNELS_MAX,
+    CHANNELS_MIN,
+    Capabilities,
+    Parameters,
+    channels_in_range,
+    field_types,
+)
 from ..pages import PAGE_SIZE
 from ..state.memory import ID_RE
+from ..units import size_bytes
 
 DEFAULT_CONFIG_PATH = "/etc/migd/migd.toml"
-_SIZE_RE = re.compile(r"(\d+)\s*([kmgtpe]?)(?:i?b)?", re.IGNORECASE)
-_SIZE_SHIFT = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
 
 
 def default_socket_path() -> str:
@@ -69,35 +77,47 @@ def _absolute(value: str) -> str:
     return os.path.normpath(value)
 
 
-class CapabilitiesConfig(Section):
+def _config_type(kind: Any) -> Any:
+    """A setting's type as the file may write it: plain TOML values, checked below."""
+    if typing.get_origin(kind) is Annotated:
+        kind = typing.get_args(kind)[0]
+    if isinstance(kind, type) and issubclass(kind, enum.Enum):
+        return Literal[tuple(m.value for m in kind)]  # "must be 'none' or 'multifd'"
+    return kind
+
+
+def _optional_fields(settings: Any) -> dict[str, Any]:
+    return {name: (_config_type(kind) | None, None) for name, kind in field_types(settings).items()}
+
+
+class _CapabilitiesBase(Section):
     """Migration capabilities set at start, as with migrate-set-capabilities."""
 
-    multifd: bool | None = None
-    mapped_ram: bool | None = None
-    events: bool | None = None
 
-
-class ParametersConfig(Section):
+class _ParametersBase(Section):
     """Migration parameters set at start, as with migrate-set-parameters."""
 
-    multifd_channels: int | None = None
-    direct_io: bool | None = None
-    max_bandwidth: int | None = None
-    zero_page_detection: Literal["none", "multifd"] | None = None
-
-    @field_validator("multifd_channels")
+    @field_validator("multifd_channels", check_fields=False)
     @classmethod
     def _channels(cls, value: int | None) -> int | None:
-        if value is not None and not 1 <= value <= 255:
-            raise ValueError("must be between 1 and 255")
+        if value is not None and not channels_in_range(value):
+            raise ValueError(f"must be between {CHANNELS_MIN} and {CHANNELS_MAX}")
         return value
 
-    @field_validator("max_bandwidth")
+    @field_validator("max_bandwidth", check_fields=False)
     @classmethod
     def _bandwidth(cls, value: int | None) -> int | None:
         if value is not None and value < 0:
             raise ValueError("must be 0 (unlimited) or more bytes per second")
         return value
+
+
+CapabilitiesConfig = create_model(
+    "CapabilitiesConfig", __base__=_CapabilitiesBase, **_optional_fields(Capabilities)
+)
+ParametersConfig = create_model(
+    "ParametersConfig", __base__=_ParametersBase, **_optional_fields(Parameters)
+)
 
 
 class BackendConfig(Section):
@@ -125,10 +145,10 @@ class BackendConfig(Section):
     @classmethod
     def _size(cls, value: Any) -> Any:
         if isinstance(value, str):
-            match = _SIZE_RE.fullmatch(value.strip())
-            if match is None:
+            size = size_bytes(value)
+            if size is None:
                 raise ValueError(f"must be a size like 1073741824 or \"1G\", not '{value}'")
-            value = int(match[1]) << _SIZE_SHIFT[match[2].lower()]
+            value = size
         is_int = isinstance(value, int) and not isinstance(value, bool)
         if is_int and (value <= 0 or value % PAGE_SIZE):
             raise ValueError(f"must be a positive multiple of {PAGE_SIZE} bytes")

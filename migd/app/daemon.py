@@ -16,6 +16,7 @@ import sdnotify
 
 from .. import __version__
 from ..api.commands import Context, dispatch
+from ..api.memory import create_backend
 from ..errors import MigdError
 from ..io.threads import open_channel_fd
 from ..migration.engine import MigrationEngine
@@ -23,10 +24,10 @@ from ..qmp.dispatch import version_numbers
 from ..qmp.server import Server, Session, bind_unix_socket
 from ..qmp.wire import Request, greeting
 from ..state.fdsets import FdStore
-from ..state.memory import MemoryBackend, MemoryRegistry, create_file_backend, create_ram_backend
+from ..state.memory import MemoryRegistry
 from ..state.partial import SIDECAR_DIR, PartialMarks
 from ..state.paths import PathPolicy
-from .config import BackendConfig, Config
+from .config import Config
 from .services import Services
 
 log = logging.getLogger(__name__)
@@ -46,22 +47,6 @@ def inherited_listener() -> socket.socket | None:
     sock = socket.socket(fileno=SD_LISTEN_FDS_START)
     os.set_inheritable(sock.fileno(), False)
     return sock
-
-
-def create_backend(spec: BackendConfig, paths: PathPolicy) -> MemoryBackend:
-    """A memory backend of the configuration file, as object-add would create it."""
-    if spec.qom_type == "memory-backend-file":
-        assert spec.mem_path is not None  # the config model requires it
-        share = True if spec.share is None else spec.share
-        return create_file_backend(
-            spec.id,
-            spec.size,
-            spec.mem_path,
-            share=share,
-            ramblock_name=spec.ramblock_name,
-            open_file=paths.open,
-        )
-    return create_ram_backend(spec.id, spec.size, ramblock_name=spec.ramblock_name)
 
 
 def raise_open_file_limit() -> int:
@@ -170,14 +155,11 @@ class Daemon:
         engine.set_parameters(self.config.parameters.model_dump(exclude_none=True))
         for spec in self.config.memory_backends:
             try:
-                backend = await asyncio.to_thread(create_backend, spec, self.services.paths)
-            except MigdError as exc:
-                raise MigdError(f"Cannot create memory backend '{spec.id}': {exc.desc}") from None
-            try:
                 # As object-add: a file an interrupted restore left partial is refused.
-                await asyncio.to_thread(engine.partial.check_add, backend, spec.x_accept_partial)
+                backend = await asyncio.to_thread(
+                    create_backend, spec, self.services.paths, engine.partial
+                )
             except MigdError as exc:
-                backend.close()
                 raise MigdError(f"Cannot create memory backend '{spec.id}': {exc.desc}") from None
             try:
                 memory.add(backend)  # no clash: the config model checks ids and block names

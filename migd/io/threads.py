@@ -85,11 +85,17 @@ def _describe(exc: OSError, verb: str, path: str) -> ChannelError:
     return MemoryFault(text) if exc.errno == errno.EFAULT else ChannelError(text)
 
 
-def write_fully(fd: int, data: memoryview, offset: int, path: str) -> None:
-    """pwritev until every byte is written; a short write continues where it stopped."""
+def write_fully(
+    fd: int, data: memoryview, offset: int, path: str, vectored: bool = True
+) -> None:
+    """pwritev until every byte is written; a short write continues where it stopped.
+
+    `vectored=False` writes with pwrite: the file's metadata (head, bitmaps, end section)
+    goes through pwrite and page data through pwritev, so that a trace tells them apart.
+    """
     while data:
         try:
-            done = os.pwritev(fd, [data], offset)
+            done = os.pwritev(fd, [data], offset) if vectored else os.pwrite(fd, data, offset)
         except InterruptedError:
             continue
         except OSError as exc:
@@ -102,20 +108,29 @@ def write_fully(fd: int, data: memoryview, offset: int, path: str) -> None:
 
 def read_fully(fd: int, data: memoryview, offset: int, path: str) -> None:
     """preadv until every byte is read; the end of the file is an error, never zeros."""
-    while data:
+    got = read_upto(fd, data, offset, path)
+    if got < len(data):
+        raise ChannelError(
+            f"Could not read '{path}': file ends at offset {offset + got}, "
+            f"{len(data) - got} more bytes were expected"
+        )
+
+
+def read_upto(fd: int, data: memoryview, offset: int, path: str) -> int:
+    """preadv until `data` is full or the file ends -> the bytes read (a metadata reader
+    tells a file cut short from an I/O error this way)."""
+    got = 0
+    while got < len(data):
         try:
-            done = os.preadv(fd, [data], offset)
+            done = os.preadv(fd, [data[got:]], offset + got)
         except InterruptedError:
             continue
         except OSError as exc:
             raise _describe(exc, "read", path) from None
         if done == 0:
-            raise ChannelError(
-                f"Could not read '{path}': file ends at offset {offset}, "
-                f"{len(data)} more bytes were expected"
-            )
-        data = data[done:]
-        offset += done
+            break
+        got += done
+    return got
 
 
 # No single I/O call may keep a channel from seeing a cancel (migrate_cancel, SIGTERM) for

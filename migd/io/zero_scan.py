@@ -16,16 +16,10 @@ import numpy as np
 
 from ..errors import MemoryFault
 from ..pages import CHUNK_PAGES, MIN_SKIP_PAGES, PAGE_SIZE
+from ..runs import true_runs
 
 log = logging.getLogger(__name__)
 _WORDS_PER_PAGE = PAGE_SIZE // 8
-
-
-def _true_runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Starts and stops of the runs of True in a bool array."""
-    padded = np.concatenate(([False], mask, [False]))
-    edges = np.flatnonzero(padded[1:] != padded[:-1])
-    return edges[0::2], edges[1::2]
 
 
 # Reading the mapping from user space (numpy) would die of SIGBUS, which Python cannot
@@ -150,7 +144,7 @@ def zero_pages(
     step = max(1, min_run // 4)
     need = max(1, min_run // step)
     samples = reader.first_words(address, pages, step)
-    starts, stops = _true_runs(samples == 0)
+    starts, stops = true_runs(samples == 0)
     zero = np.zeros(pages, dtype=bool)
     rows = (stops - starts) >= need
     for a, b in zip(starts[rows].tolist(), stops[rows].tolist(), strict=True):
@@ -158,7 +152,7 @@ def zero_pages(
         high = min(b * step, pages)  # so is sample b, if there is one
         reader.zero_pages(address + low * PAGE_SIZE, zero[low:high])
     # The regions scanned hold zero pages in shorter runs too: those are written inline.
-    starts, stops = _true_runs(zero)
+    starts, stops = true_runs(zero)
     short = (stops - starts) < min_run
     if short.any():
         edges = np.zeros(pages + 1, dtype=np.int64)
@@ -185,7 +179,7 @@ def touch_pages(memory: memoryview) -> None:
 def runs_to_write(zero: np.ndarray, min_skip: int = MIN_SKIP_PAGES) -> list[tuple[int, int]]:
     """(first, count) runs to write: everything except zero runs of at least min_skip pages."""
     n = zero.size
-    starts, stops = _true_runs(zero)
+    starts, stops = true_runs(zero)
     keep = (stops - starts) >= min_skip
     writes: list[tuple[int, int]] = []
     pos = 0

@@ -1,30 +1,26 @@
-"""The migration job: status machine, capabilities and parameters, save and restore.
+"""The engine: admission (one job at a time, its checks), launch, status changes and
+their events, cancel and shutdown, and the channel threads of a job.
 
-The asyncio side plans the file with `format`, does the small metadata I/O through the
-main fd in worker threads, and deals page runs to the `channels` threads; query-migrate
-answers from counters and never waits for I/O.
+What a job does to its file is in mapped_ram/save.py and restore.py, how its pages are
+split among the threads in plan.py, the job itself (status, counters) in job.py; the
+asyncio side never waits for I/O, so query-migrate answers from counters.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
+import dataclasses
 import errno
 import functools
 import logging
 import os
 import queue
-import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
-from .. import __version__
 from ..errors import ChannelError, MigdError, MigrationError
 from ..io.target import FileTarget
 from ..io.threads import (
@@ -33,10 +29,9 @@ from ..io.threads import (
     PageRun,
     Populator,
     open_channel_fd,
-    split_runs,
 )
 from ..io.throttle import Throttle
-from ..pages import PAGE_SIZE, READ_CHUNK_PAGES
+from ..pages import PAGE_SIZE
 from ..state.fdsets import is_fdset_path
 from ..state.memory import MemoryBackend, MemoryRegistry
 from ..state.partial import PartialMarks
@@ -48,75 +43,25 @@ from ..state.paths import (
     remove_created,
     trusted_owners,
 )
-from .mapped_ram import format
+from . import plan
+from .job import (
+    STRICT_STATUS_ENV,
+    TRANSITIONS,
+    IllegalTransition,
+    Job,
+    JobCancelled,
+    JobStats,
+    MigrationStatus,
+    check_cancel,
+)
+from .mapped_ram import format, restore, save
+from .settings import Capabilities, Parameters
 
 log = logging.getLogger(__name__)
 
 IN_PROGRESS = "There's a migration process in progress"
 SAMPLE_PERIOD = 0.1  # seconds between throughput samples (QEMU's BUFFER_DELAY)
 STOP_TIMEOUT = 1.5  # seconds a shutdown waits for a cancelled job (SIGTERM ends in < 2 s)
-
-
-class MigrationStatus(enum.StrEnum):
-    none = "none"
-    setup = "setup"
-    cancelling = "cancelling"
-    cancelled = "cancelled"
-    active = "active"
-    completed = "completed"
-    failed = "failed"
-
-
-ACTIVE_STATES = {MigrationStatus.setup, MigrationStatus.active, MigrationStatus.cancelling}
-
-
-@dataclass
-class Capabilities:
-    multifd: bool = False
-    mapped_ram: bool = False
-    events: bool = False
-
-
-@dataclass
-class Parameters:
-    multifd_channels: int = 2
-    direct_io: bool = False
-    max_bandwidth: int = 0  # bytes/s; 0 = unlimited (QEMU's 128 MiB/s would slow saves 10x)
-    zero_page_detection: str = "multifd"
-
-
-class JobCancelled(Exception):
-    pass
-
-
-def _pwrite_all(fd: int, data: bytes, offset: int, path: str) -> None:
-    view = memoryview(data)
-    while view:
-        try:
-            done = os.pwrite(fd, view, offset)
-        except OSError as exc:
-            raise ChannelError(f"Could not write '{path}': {exc.strerror}") from None
-        view, offset = view[done:], offset + done
-
-
-def _pread_all(fd: int, offset: int, n: int, path: str) -> bytes:
-    out = bytearray()
-    while len(out) < n:
-        try:
-            chunk = os.pread(fd, n - len(out), offset + len(out))
-        except OSError as exc:
-            raise ChannelError(f"Could not read '{path}': {exc.strerror}") from None
-        if not chunk:
-            break
-        out += chunk
-    return bytes(out)
-
-
-def _fdatasync(fd: int, path: str) -> None:
-    try:
-        os.fdatasync(fd)
-    except OSError as exc:
-        raise ChannelError(f"Could not sync '{path}': {exc.strerror}") from None
 
 
 def _close_quietly(fd: int) -> None:
@@ -131,136 +76,6 @@ def _reopener(main_fd: int) -> FileOpener:
         return os.open(f"/proc/self/fd/{main_fd}", flags | os.O_CLOEXEC)
 
     return reopen
-
-
-def _check_room(path: str, needs: Sequence[tuple[MemoryBackend, int]]) -> None:
-    """Refuse a restore whose pages cannot fit in the backends' filesystems.
-
-    Restoring into a tmpfs file allocates its pages; once the filesystem is full the reads
-    would fail half-way with EFAULT. Per filesystem: the bytes to read must fit in its
-    free space plus what the backend files already hold (overwriting that needs no room).
-    """
-    by_device: dict[int, tuple[int, int, list[str]]] = {}
-    for backend, needed in needs:
-        room = backend.room()
-        if room is None or needed == 0:
-            continue
-        dev, free, allocated = room
-        total, have, names = by_device.get(dev, (0, free, []))
-        by_device[dev] = (total + needed, have + allocated, [*names, backend.id])
-    for total, have, names in by_device.values():
-        if total > have:
-            which = ", ".join(f"'{n}'" for n in names)
-            raise MigrationError(
-                f"Could not restore '{path}': memory backends {which} need {total} bytes, "
-                f"but their filesystem has room for {have}"
-            )
-
-
-@dataclass
-class Job:
-    """One save or restore, from `setup` to a final status."""
-
-    direction: str  # "save" | "restore"
-    target: FileTarget
-    backends: list[MemoryBackend]
-    total_bytes: int
-    status: MigrationStatus = MigrationStatus.none
-    started: float = field(default_factory=time.monotonic)
-    setup_done: float | None = None
-    finished: float | None = None
-    error_desc: str | None = None
-    cancel: threading.Event = field(default_factory=threading.Event)
-    channels: list[Channel] = field(default_factory=list)
-    throttle: Throttle | None = None  # while the channels run: max-bandwidth can change
-    hole_pages: int = 0  # pages known zero without touching memory (file holes)
-    main_bytes: int = 0
-    task: asyncio.Task[None] | None = None
-    skipped_blocks: list[str] = field(default_factory=list)
-    sync_count: int = 0
-    memory_touched: bool = False  # restore: some backend may already hold new data
-    _samples: list[tuple[float, int, int]] = field(default_factory=list)
-
-    @property
-    def active(self) -> bool:
-        return self.status in ACTIVE_STATES
-
-    def totals(self) -> tuple[int, int, int, int, int]:
-        """(bytes moved, pages done, normal pages, zero pages, multifd bytes) right now."""
-        moved = normal = zero = done = 0
-        for ch in self.channels:
-            c = ch.counters
-            moved += c.bytes
-            done += c.pages_done
-            normal += c.pages_normal
-            zero += c.pages_zero
-        return (
-            moved + self.main_bytes,
-            done + self.hole_pages,
-            normal,
-            zero + self.hole_pages,
-            moved,
-        )
-
-    def sample(self) -> None:
-        moved, done, *_ = self.totals()
-        now = time.monotonic()
-        self._samples.append((now, moved, done))
-        # Keep about one second: mbps is measured over the recent window, as QEMU's is.
-        while len(self._samples) > 2 and now - self._samples[0][0] > 1.0:
-            self._samples.pop(0)
-
-    def rates(self) -> tuple[float, float]:
-        """(mbps, pages per second) over the recent window, or over the whole job when done."""
-        moved, done, *_ = self.totals()
-        if self.finished is not None:
-            span = self.finished - (self.setup_done or self.started)
-            if span <= 0:
-                return 0.0, 0.0
-            return moved * 8 / span / 1e6, done / span
-        if len(self._samples) < 2:
-            return 0.0, 0.0
-        (t0, b0, p0), (t1, b1, p1) = self._samples[0], self._samples[-1]
-        if t1 <= t0:
-            return 0.0, 0.0
-        return (b1 - b0) * 8 / (t1 - t0) / 1e6, (p1 - p0) / (t1 - t0)
-
-    def info(self) -> dict[str, Any]:
-        """query-migrate's MigrationInfo, from counters only."""
-        end = self.finished if self.finished is not None else time.monotonic()
-        out: dict[str, Any] = {"status": self.status.value}
-        out["total-time"] = int((end - self.started) * 1000)
-        if self.setup_done is not None:
-            out["setup-time"] = int((self.setup_done - self.started) * 1000)
-        if self.error_desc is not None:
-            out["error-desc"] = self.error_desc
-        moved, done, normal, zero, multifd = self.totals()
-        mbps, pps = self.rates()
-        remaining = (
-            0 if self.status == MigrationStatus.completed else (self.total_bytes - done * PAGE_SIZE)
-        )
-        out["ram"] = {
-            "transferred": moved,
-            "remaining": max(0, remaining),
-            "total": self.total_bytes,
-            "duplicate": zero,
-            "normal": normal,
-            "normal-bytes": normal * PAGE_SIZE,
-            "dirty-pages-rate": 0,
-            "mbps": round(mbps, 3),
-            "dirty-sync-count": self.sync_count,
-            "postcopy-requests": 0,
-            "page-size": PAGE_SIZE,
-            "multifd-bytes": multifd,
-            "pages-per-second": int(pps),
-            "precopy-bytes": moved,
-            "downtime-bytes": 0,
-            "postcopy-bytes": 0,
-            "dirty-sync-missed-zero-copy": 0,
-        }
-        if self.skipped_blocks:
-            out["x-skipped-blocks"] = list(self.skipped_blocks)
-        return out
 
 
 class MigrationEngine:
@@ -297,9 +112,9 @@ class MigrationEngine:
             raise MigrationError(IN_PROGRESS)
 
     def set_capabilities(self, changes: dict[str, bool]) -> None:
+        """`changes`: Capabilities field names -> new state."""
         self.refuse_if_busy()
-        for name, state in changes.items():
-            setattr(self.caps, name, state)
+        self.caps = dataclasses.replace(self.caps, **changes)
 
     def set_parameters(self, changes: dict[str, Any]) -> None:
         # As in QEMU, max-bandwidth may change during a migration and applies at once; the
@@ -308,8 +123,7 @@ class MigrationEngine:
             self.refuse_if_busy()
         if changes.get("direct_io") and not hasattr(os, "O_DIRECT"):
             raise MigrationError("No build-time support for direct-io")
-        for name, value in changes.items():
-            setattr(self.params, name, value)
+        self.params = dataclasses.replace(self.params, **changes)
         job = self.job
         if "max_bandwidth" in changes and job is not None and job.throttle is not None:
             job.throttle.set_rate(self.params.max_bandwidth)
@@ -323,13 +137,19 @@ class MigrationEngine:
     def channel_count(self) -> int:
         return self.params.multifd_channels if self.caps.multifd else 1
 
-    def query(self) -> dict[str, Any]:
-        return {} if self.job is None else self.job.info()
+    def query(self) -> JobStats | None:
+        """The last job's stats, None before any."""
+        return None if self.job is None else self.job.stats()
 
     # -- status --------------------------------------------------------------------------
 
     def _set_status(self, job: Job, status: MigrationStatus) -> None:
         """The one place a job's status changes; it also emits the event."""
+        if status not in TRANSITIONS[job.status]:
+            text = f"{job.direction} {job.target}: illegal status change {job.status} -> {status}"
+            log.error("%s", text)
+            if os.environ.get(STRICT_STATUS_ENV) == "1":
+                raise IllegalTransition(text)
         job.status = status
         if status in (MigrationStatus.completed, MigrationStatus.failed, MigrationStatus.cancelled):
             job.finished = time.monotonic()
@@ -343,6 +163,13 @@ class MigrationEngine:
         if self.caps.events:
             self.emit("MIGRATION", {"status": status.value})
         self.notify(f"STATUS={job.direction} {status.value}")
+
+    def _activate(self, job: Job) -> None:
+        """setup -> active once the channels are ready, unless a cancel came meanwhile: the
+        job then ends cancelled, as `cancelling` never goes back to `active`."""
+        check_cancel(job)
+        job.setup_done = time.monotonic()
+        self._set_status(job, MigrationStatus.active)
 
     # -- starting ------------------------------------------------------------------------
 
@@ -385,8 +212,8 @@ class MigrationEngine:
             self._refuse_backend_file(
                 main_fd, target.path, "a restore would overwrite the save while reading it"
             )
-            parsed = await asyncio.to_thread(self._parse, main_fd, target)
-            matched, skipped = self._match_blocks(parsed, target, skip_unmatched)
+            parsed = await asyncio.to_thread(restore.parse, main_fd, target, self.caps.mapped_ram)
+            matched, skipped = plan.match_blocks(self.memory, parsed, target, skip_unmatched)
         except BaseException:
             self.closer(main_fd)
             raise
@@ -431,45 +258,6 @@ class MigrationEngine:
                     f"'{path}' is the memory file of memory backend '{backend.id}' "
                     f"('{backend.mem_path}'): {consequence}"
                 )
-
-    def _parse(self, fd: int, target: FileTarget) -> format.ParsedStream:
-        size = os.fstat(fd).st_size
-        try:
-            parsed = format.parse_stream(
-                lambda at, n: _pread_all(fd, at, n, target.path),
-                target.offset,
-                size,
-                require_mapped_ram=self.caps.mapped_ram,
-            )
-        except format.FormatError as exc:
-            raise MigrationError(f"'{target.path}': {exc.desc}") from None
-        if not parsed.complete:
-            raise MigrationError(
-                f"'{target.path}': save file is incomplete (no RAM end section: the save "
-                "was interrupted or the file is truncated)"
-            )
-        return parsed
-
-    def _match_blocks(
-        self, parsed: format.ParsedStream, target: FileTarget, skip_unmatched: bool
-    ) -> tuple[list[tuple[format.BlockLayout, MemoryBackend]], list[format.BlockLayout]]:
-        matched, skipped = [], []
-        for layout in parsed.blocks:
-            backend = self.memory.by_block_name(layout.name)
-            if backend is None:
-                if skip_unmatched:
-                    skipped.append(layout)
-                    continue
-                raise MigrationError(f'Unknown ramblock "{layout.name}", cannot accept migration')
-            if backend.size != layout.length:
-                raise MigrationError(
-                    f"Length mismatch: block '{layout.name}' is {layout.length} bytes in "
-                    f"'{target.path}' but memory backend '{backend.id}' has {backend.size} bytes"
-                )
-            matched.append((layout, backend))
-        if not matched:
-            raise MigrationError(f"'{target.path}': no block in the file has a memory backend")
-        return matched, skipped
 
     def _launch(self, job: Job, body: Any, main_fd: int) -> None:
         for b in job.backends:
@@ -549,10 +337,6 @@ class MigrationEngine:
 
     # -- the two directions --------------------------------------------------------------
 
-    def _check_cancel(self, job: Job) -> None:
-        if job.cancel.is_set():
-            raise JobCancelled()
-
     async def _open_channels(self, job: Job, flags: int, main_fd: int) -> list[int]:
         """One fd per channel; without multifd the main fd is the only channel.
 
@@ -616,8 +400,14 @@ class MigrationEngine:
         bodies = [populator.run, *(getattr(ch, direction) for ch in job.channels)]
         loop = asyncio.get_running_loop()
         with ThreadPoolExecutor(len(bodies), thread_name_prefix=f"migd-{direction}") as pool:
-            futures = [loop.run_in_executor(pool, body) for body in bodies]
-            results = await asyncio.gather(*futures, return_exceptions=True)
+            try:
+                futures = [loop.run_in_executor(pool, body) for body in bodies]
+                results = await asyncio.gather(*futures, return_exceptions=True)
+            except BaseException:
+                # This task cancelled, or a thread that could not start: leaving the pool
+                # waits for its threads, so they must be told to stop first.
+                job.cancel.set()
+                raise
         for thread in threads:
             thread.blocks = ()  # drop the mmap views so object-del really unmaps afterwards
         del threads, bodies
@@ -633,7 +423,7 @@ class MigrationEngine:
                 raise error.with_traceback(None)
             finally:
                 del error, failures
-        self._check_cancel(job)
+        check_cancel(job)
         # A file cut short after the channels were done with its pages faults no thread,
         # but what was restored into the lost pages is gone: the job must not complete.
         for block in blocks:
@@ -642,160 +432,41 @@ class MigrationEngine:
                 raise shrunk
 
     async def _save(self, job: Job, layout: format.SaveLayout, main_fd: int) -> None:
-        path = job.target.path
-
-        def write_head() -> None:
-            try:
-                os.ftruncate(main_fd, layout.offset)
-            except OSError as exc:
-                raise ChannelError(
-                    f"Could not truncate '{path}' to offset {layout.offset}: {exc.strerror}"
-                ) from None
-            for at, data in layout.head_writes:
-                _pwrite_all(main_fd, data, at, path)
-                job.main_bytes += len(data)
-
-        await asyncio.to_thread(write_head)
-        self._check_cancel(job)
+        await asyncio.to_thread(save.write_head, job, layout, main_fd)
+        check_cancel(job)
         fds = await self._open_channels(job, os.O_WRONLY, main_fd)
         try:
             # SEEK_DATA walks and run splitting take tens of ms on large memory: off the loop.
-            blocks, runs = await asyncio.to_thread(self._plan_save_runs, job, layout)
-            job.setup_done = time.monotonic()
-            self._set_status(job, MigrationStatus.active)
+            detect = self.params.zero_page_detection != "none"
+            blocks, runs = await asyncio.to_thread(plan.plan_save_runs, job, layout, detect)
+            self._activate(job)
             await self._run_channels(job, fds, blocks, runs, "save")
             job.sync_count = 1
-            await asyncio.to_thread(self._finish_save, job, layout, blocks, fds, main_fd)
+            await asyncio.to_thread(save.finish_save, job, layout, blocks, fds, main_fd)
         finally:
             for fd in fds:
                 if fd != main_fd:
                     self.closer(fd)
-
-    def _plan_save_runs(
-        self, job: Job, layout: format.SaveLayout
-    ) -> tuple[list[BlockIO], list[PageRun]]:
-        blocks: list[BlockIO] = []
-        runs: list[PageRun] = []
-        detect = self.params.zero_page_detection != "none"
-        for index, (backend, block) in enumerate(zip(job.backends, layout.blocks, strict=True)):
-            present = np.zeros(block.pages, dtype=bool)
-            view = backend.view(0, backend.size)
-            blocks.append(
-                BlockIO(
-                    block,
-                    view,
-                    present,
-                    populate=backend.prefault,
-                    explain_fault=backend.fault_error,
-                    check_size=backend.shrink_error,
-                )
-            )
-            # Holes of a file-backed backend are zero pages found without touching memory.
-            ranges = backend.data_ranges() if detect else None
-            if ranges is None:
-                ranges = [(0, backend.size)]
-            page_runs = [(off // PAGE_SIZE, length // PAGE_SIZE) for off, length in ranges]
-            job.hole_pages += block.pages - sum(count for _, count in page_runs)
-            runs += split_runs(index, page_runs)
-        return blocks, runs
-
-    def _finish_save(
-        self,
-        job: Job,
-        layout: format.SaveLayout,
-        blocks: Sequence[BlockIO],
-        fds: Sequence[int],
-        main_fd: int,
-    ) -> None:
-        """Pages durable, then bitmaps durable, then the end section and EOF durable.
-
-        A file only reads as complete once its end section is on disk; syncing the
-        bitmaps before writing it means a power cut can never leave a "complete" file
-        whose bitmaps are still zeros (a restore of it would give all-zero memory).
-        """
-        path = job.target.path
-        for fd in fds:
-            _fdatasync(fd, path)
-        self._check_cancel(job)
-        described = []
-        for block in blocks:
-            data = format.encode_bitmap(block.present, block.layout.bitmap_size)
-            _pwrite_all(main_fd, data, block.layout.bitmap_offset, path)
-            job.main_bytes += len(data)
-            described.append(
-                {
-                    "name": block.layout.name,
-                    "pages": block.layout.pages,
-                    "present": int(np.count_nonzero(block.present)),
-                    "bitmap-sha256": format.bitmap_digest(data),
-                }
-            )
-        _fdatasync(main_fd, path)
-        _, _, normal, zero, _ = job.totals()
-        vmdesc = {
-            "migd": {
-                "version": __version__,
-                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "blocks": described,
-                "normal-pages": normal,
-                "zero-pages": zero,
-            }
-        }
-        end = layout.encode_end(vmdesc)
-        _pwrite_all(main_fd, end, layout.end_offset, path)
-        job.main_bytes += len(end)
-        _fdatasync(main_fd, path)
 
     async def _restore(
         self, job: Job, matched: Sequence[tuple[format.BlockLayout, MemoryBackend]], main_fd: int
     ) -> None:
         path = job.target.path
 
-        def read_bitmaps() -> list[np.ndarray]:
-            out = []
-            for layout, _ in matched:
-                try:
-                    # Checked against the counts and digest of a migd file's description.
-                    out.append(
-                        format.read_bitmap(lambda at, n: _pread_all(main_fd, at, n, path), layout)
-                    )
-                except format.FormatError as exc:
-                    raise MigrationError(f"'{path}': {exc.desc}") from None
-                job.main_bytes += layout.bitmap_size
-            return out
-
         # Every check is done before the first byte of any backend changes.
-        bitmaps = await asyncio.to_thread(read_bitmaps)
-        _check_room(
+        bitmaps = await asyncio.to_thread(restore.read_bitmaps, job, matched, main_fd)
+        plan.check_room(
             path,
             [
                 (b, int(present.sum()) * PAGE_SIZE)
                 for (_, b), present in zip(matched, bitmaps, strict=True)
             ],
         )
-        self._check_cancel(job)
+        check_cancel(job)
         fds = await self._open_channels(job, os.O_RDONLY, main_fd)
         try:
-            blocks: list[BlockIO] = []
-            runs: list[PageRun] = []
-            for index, ((layout, backend), present) in enumerate(
-                zip(matched, bitmaps, strict=True)
-            ):
-                blocks.append(
-                    BlockIO(
-                        layout,
-                        backend.view(0, backend.size),
-                        present,
-                        backend.zero_range,
-                        backend.populate,
-                        backend.fault_error,
-                        backend.shrink_error,
-                    )
-                )
-                runs += split_runs(index, format.set_runs(~present), zero=True)
-                runs += split_runs(index, format.set_runs(present), chunk=READ_CHUNK_PAGES)
-            job.setup_done = time.monotonic()
-            self._set_status(job, MigrationStatus.active)
+            blocks, runs = plan.plan_restore_runs(matched, bitmaps)
+            self._activate(job)
             # Durable before the first page changes; only a completed restore removes it.
             await asyncio.to_thread(self.partial.set_all, job.backends, path)
             job.memory_touched = True

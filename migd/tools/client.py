@@ -11,7 +11,6 @@ import contextlib
 import errno
 import mmap
 import os
-import re
 import signal
 import sys
 import time
@@ -19,13 +18,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from ..units import size_bytes
+
 FINAL_STATES = ("completed", "failed", "cancelled")
 POLL_PERIOD = 0.1
 LINE_PERIOD = 1.0  # plain progress lines: at most one a second
 CANCEL_TIMEOUT = 60.0
 GiB = 1 << 30
-_SIZE = re.compile(r"(\d+)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 class UsageError(Exception):
@@ -38,10 +37,10 @@ class ClientError(Exception):
 
 def parse_size(text: str) -> int:
     """'4096', '512K', '64M', '2G', '1T' (binary units, optional 'B'/'iB')."""
-    m = _SIZE.fullmatch(text.strip())
-    if not m:
+    size = size_bytes(text)
+    if size is None:
         raise ValueError(f"'{text}' is not a size like 4096, 512K, 64M or 2G")
-    return int(m.group(1)) * _UNITS[m.group(2).lower()]
+    return size
 
 
 def parse_offset(text: str) -> int:

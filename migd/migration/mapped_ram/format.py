@@ -24,6 +24,7 @@ import numpy as np
 
 from ...errors import FormatError
 from ...pages import PAGE_SIZE
+from ...runs import true_runs
 
 MAPPED_RAM_ALIGN = 1 << 20
 QEVM_MAGIC = 0x5145564D
@@ -279,12 +280,7 @@ def read_bitmap(read_at: ReadAt, block: BlockLayout) -> np.ndarray:
 
 def set_runs(present: np.ndarray) -> list[tuple[int, int]]:
     """(first_page, count) of each maximal run of True."""
-    bits = np.asarray(present, dtype=bool)
-    padded = np.zeros(bits.size + 2, dtype=bool)
-    padded[1:-1] = bits
-    # With False on both ends, edges alternate rise/fall, so they pair up as runs.
-    edges = np.flatnonzero(padded[1:] != padded[:-1])
-    starts, stops = edges[0::2], edges[1::2]
+    starts, stops = true_runs(np.asarray(present, dtype=bool))
     return list(zip(starts.tolist(), (stops - starts).tolist(), strict=True))
 
 

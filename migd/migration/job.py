@@ -1,0 +1,191 @@
+"""The job: one save or restore, its status enum and the allowed changes, its counters
+and query-migrate's answer from them."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import threading
+import time
+from dataclasses import dataclass, field
+
+from ..io.target import FileTarget
+from ..io.threads import Channel
+from ..io.throttle import Throttle
+from ..pages import PAGE_SIZE
+from ..state.memory import MemoryBackend
+
+
+class MigrationStatus(enum.StrEnum):
+    none = "none"
+    setup = "setup"
+    cancelling = "cancelling"
+    cancelled = "cancelled"
+    active = "active"
+    completed = "completed"
+    failed = "failed"
+
+
+ACTIVE_STATES = {MigrationStatus.setup, MigrationStatus.active, MigrationStatus.cancelling}
+
+_S = MigrationStatus
+# The status changes a job may make; anything else is a bug in the engine. A cancel that
+# comes after the last check still lets the job complete (or fail), as in QEMU.
+TRANSITIONS: dict[MigrationStatus, frozenset[MigrationStatus]] = {
+    _S.none: frozenset({_S.setup}),
+    _S.setup: frozenset({_S.active, _S.failed, _S.cancelling}),
+    _S.active: frozenset({_S.completed, _S.failed, _S.cancelling}),
+    _S.cancelling: frozenset({_S.cancelled, _S.failed, _S.completed}),
+    _S.completed: frozenset(),
+    _S.failed: frozenset(),
+    _S.cancelled: frozenset(),
+}
+# Set by the test suite: an illegal status change raises instead of only being logged.
+STRICT_STATUS_ENV = "MIGD_STRICT_STATUS"
+
+
+class IllegalTransition(Exception):
+    """A status change TRANSITIONS does not allow (raised only under MIGD_STRICT_STATUS)."""
+
+
+class JobCancelled(Exception):
+    pass
+
+
+def check_cancel(job: Job) -> None:
+    if job.cancel.is_set():
+        raise JobCancelled()
+
+
+@dataclass
+class Job:
+    """One save or restore, from `setup` to a final status."""
+
+    direction: str  # "save" | "restore"
+    target: FileTarget
+    backends: list[MemoryBackend]
+    total_bytes: int
+    status: MigrationStatus = MigrationStatus.none
+    started: float = field(default_factory=time.monotonic)
+    setup_done: float | None = None
+    finished: float | None = None
+    error_desc: str | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+    channels: list[Channel] = field(default_factory=list)
+    throttle: Throttle | None = None  # while the channels run: max-bandwidth can change
+    hole_pages: int = 0  # pages known zero without touching memory (file holes)
+    main_bytes: int = 0
+    task: asyncio.Task[None] | None = None
+    skipped_blocks: list[str] = field(default_factory=list)
+    sync_count: int = 0
+    memory_touched: bool = False  # restore: some backend may already hold new data
+    _samples: list[tuple[float, int, int]] = field(default_factory=list)
+
+    @property
+    def active(self) -> bool:
+        return self.status in ACTIVE_STATES
+
+    def totals(self) -> tuple[int, int, int, int, int]:
+        """(bytes moved, pages done, normal pages, zero pages, multifd bytes) right now."""
+        moved = normal = zero = done = 0
+        for ch in self.channels:
+            c = ch.counters
+            moved += c.bytes
+            done += c.pages_done
+            normal += c.pages_normal
+            zero += c.pages_zero
+        return (
+            moved + self.main_bytes,
+            done + self.hole_pages,
+            normal,
+            zero + self.hole_pages,
+            moved,
+        )
+
+    def sample(self) -> None:
+        moved, done, *_ = self.totals()
+        now = time.monotonic()
+        self._samples.append((now, moved, done))
+        # Keep about one second: mbps is measured over the recent window, as QEMU's is.
+        while len(self._samples) > 2 and now - self._samples[0][0] > 1.0:
+            self._samples.pop(0)
+
+    def rates(self) -> tuple[float, float]:
+        """(mbps, pages per second) over the recent window, or over the whole job when done."""
+        moved, done, *_ = self.totals()
+        if self.finished is not None:
+            span = self.finished - (self.setup_done or self.started)
+            if span <= 0:
+                return 0.0, 0.0
+            return moved * 8 / span / 1e6, done / span
+        if len(self._samples) < 2:
+            return 0.0, 0.0
+        (t0, b0, p0), (t1, b1, p1) = self._samples[0], self._samples[-1]
+        if t1 <= t0:
+            return 0.0, 0.0
+        return (b1 - b0) * 8 / (t1 - t0) / 1e6, (p1 - p0) / (t1 - t0)
+
+    def stats(self) -> JobStats:
+        """What query-migrate reports, from counters only."""
+        end = self.finished if self.finished is not None else time.monotonic()
+        setup_time = None
+        if self.setup_done is not None:
+            setup_time = int((self.setup_done - self.started) * 1000)
+        moved, done, normal, zero, multifd = self.totals()
+        mbps, pps = self.rates()
+        remaining = (
+            0 if self.status == MigrationStatus.completed else (self.total_bytes - done * PAGE_SIZE)
+        )
+        ram = RamStats(
+            transferred=moved,
+            remaining=max(0, remaining),
+            total=self.total_bytes,
+            duplicate=zero,
+            normal=normal,
+            normal_bytes=normal * PAGE_SIZE,
+            mbps=round(mbps, 3),
+            dirty_sync_count=self.sync_count,
+            page_size=PAGE_SIZE,
+            multifd_bytes=multifd,
+            pages_per_second=int(pps),
+            precopy_bytes=moved,
+        )
+        return JobStats(
+            status=self.status,
+            total_time=int((end - self.started) * 1000),
+            setup_time=setup_time,
+            error_desc=self.error_desc,
+            ram=ram,
+            skipped_blocks=tuple(self.skipped_blocks),
+        )
+
+
+@dataclass(frozen=True)
+class RamStats:
+    """A job's page counters at one moment (QEMU's MigrationStats, without what migd never
+    has: dirty pages, postcopy, zero-copy)."""
+
+    transferred: int
+    remaining: int
+    total: int
+    duplicate: int
+    normal: int
+    normal_bytes: int
+    mbps: float
+    dirty_sync_count: int
+    page_size: int
+    multifd_bytes: int
+    pages_per_second: int
+    precopy_bytes: int
+
+
+@dataclass(frozen=True)
+class JobStats:
+    """A snapshot of a job for query-migrate: times in ms, None where there is none yet."""
+
+    status: MigrationStatus
+    total_time: int
+    setup_time: int | None
+    error_desc: str | None
+    ram: RamStats
+    skipped_blocks: tuple[str, ...]

@@ -1,0 +1,89 @@
+"""A mapped-ram save's own file I/O through the main fd: the head before the pages, and
+after them the bitmaps, the end section and the syncs, in the order format.md gives."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from ... import __version__
+from ...errors import ChannelError
+from ...io.threads import BlockIO, write_fully
+from ..job import Job, check_cancel
+from . import format
+
+
+def pwrite_all(fd: int, data: bytes, offset: int, path: str) -> None:
+    """Metadata through pwrite (page data goes through pwritev)."""
+    write_fully(fd, memoryview(data), offset, path, vectored=False)
+
+
+def fdatasync(fd: int, path: str) -> None:
+    try:
+        os.fdatasync(fd)
+    except OSError as exc:
+        raise ChannelError(f"Could not sync '{path}': {exc.strerror}") from None
+
+
+def write_head(job: Job, layout: format.SaveLayout, main_fd: int) -> None:
+    """Cut the file at the stream's offset and write the head (everything up to the pages)."""
+    path = job.target.path
+    try:
+        os.ftruncate(main_fd, layout.offset)
+    except OSError as exc:
+        raise ChannelError(
+            f"Could not truncate '{path}' to offset {layout.offset}: {exc.strerror}"
+        ) from None
+    for at, data in layout.head_writes:
+        pwrite_all(main_fd, data, at, path)
+        job.main_bytes += len(data)
+
+
+def finish_save(
+    job: Job,
+    layout: format.SaveLayout,
+    blocks: Sequence[BlockIO],
+    fds: Sequence[int],
+    main_fd: int,
+) -> None:
+    """Pages durable, then bitmaps durable, then the end section and EOF durable.
+
+    A file only reads as complete once its end section is on disk; syncing the
+    bitmaps before writing it means a power cut can never leave a "complete" file
+    whose bitmaps are still zeros (a restore of it would give all-zero memory).
+    """
+    path = job.target.path
+    for fd in fds:
+        fdatasync(fd, path)
+    check_cancel(job)
+    described = []
+    for block in blocks:
+        data = format.encode_bitmap(block.present, block.layout.bitmap_size)
+        pwrite_all(main_fd, data, block.layout.bitmap_offset, path)
+        job.main_bytes += len(data)
+        described.append(
+            {
+                "name": block.layout.name,
+                "pages": block.layout.pages,
+                "present": int(np.count_nonzero(block.present)),
+                "bitmap-sha256": format.bitmap_digest(data),
+            }
+        )
+    fdatasync(main_fd, path)
+    _, _, normal, zero, _ = job.totals()
+    vmdesc = {
+        "migd": {
+            "version": __version__,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "blocks": described,
+            "normal-pages": normal,
+            "zero-pages": zero,
+        }
+    }
+    end = layout.encode_end(vmdesc)
+    pwrite_all(main_fd, end, layout.end_offset, path)
+    job.main_bytes += len(end)
+    fdatasync(main_fd, path)

@@ -1,0 +1,114 @@
+"""Planning a job before any memory is touched: which backend takes which block of a
+file, whether the restore fits, and the page runs the channel threads share."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..errors import MigrationError
+from ..io.target import FileTarget
+from ..io.threads import BlockIO, PageRun, split_runs
+from ..pages import PAGE_SIZE, READ_CHUNK_PAGES
+from ..state.memory import MemoryBackend, MemoryRegistry
+from .job import Job
+from .mapped_ram import format
+
+
+def check_room(path: str, needs: Sequence[tuple[MemoryBackend, int]]) -> None:
+    """Refuse a restore whose pages cannot fit in the backends' filesystems.
+
+    Restoring into a tmpfs file allocates its pages; once the filesystem is full the reads
+    would fail half-way with EFAULT. Per filesystem: the bytes to read must fit in its
+    free space plus what the backend files already hold (overwriting that needs no room).
+    """
+    by_device: dict[int, tuple[int, int, list[str]]] = {}
+    for backend, needed in needs:
+        room = backend.room()
+        if room is None or needed == 0:
+            continue
+        dev, free, allocated = room
+        total, have, names = by_device.get(dev, (0, free, []))
+        by_device[dev] = (total + needed, have + allocated, [*names, backend.id])
+    for total, have, names in by_device.values():
+        if total > have:
+            which = ", ".join(f"'{n}'" for n in names)
+            raise MigrationError(
+                f"Could not restore '{path}': memory backends {which} need {total} bytes, "
+                f"but their filesystem has room for {have}"
+            )
+
+
+def match_blocks(
+    memory: MemoryRegistry, parsed: format.ParsedStream, target: FileTarget, skip_unmatched: bool
+) -> tuple[list[tuple[format.BlockLayout, MemoryBackend]], list[format.BlockLayout]]:
+    matched, skipped = [], []
+    for layout in parsed.blocks:
+        backend = memory.by_block_name(layout.name)
+        if backend is None:
+            if skip_unmatched:
+                skipped.append(layout)
+                continue
+            raise MigrationError(f'Unknown ramblock "{layout.name}", cannot accept migration')
+        if backend.size != layout.length:
+            raise MigrationError(
+                f"Length mismatch: block '{layout.name}' is {layout.length} bytes in "
+                f"'{target.path}' but memory backend '{backend.id}' has {backend.size} bytes"
+            )
+        matched.append((layout, backend))
+    if not matched:
+        raise MigrationError(f"'{target.path}': no block in the file has a memory backend")
+    return matched, skipped
+
+
+def plan_save_runs(
+    job: Job, layout: format.SaveLayout, detect: bool
+) -> tuple[list[BlockIO], list[PageRun]]:
+    """The save's blocks and page runs; `detect`: zero page detection is on."""
+    blocks: list[BlockIO] = []
+    runs: list[PageRun] = []
+    for index, (backend, block) in enumerate(zip(job.backends, layout.blocks, strict=True)):
+        present = np.zeros(block.pages, dtype=bool)
+        view = backend.view(0, backend.size)
+        blocks.append(
+            BlockIO(
+                block,
+                view,
+                present,
+                populate=backend.prefault,
+                explain_fault=backend.fault_error,
+                check_size=backend.shrink_error,
+            )
+        )
+        # Holes of a file-backed backend are zero pages found without touching memory.
+        ranges = backend.data_ranges() if detect else None
+        if ranges is None:
+            ranges = [(0, backend.size)]
+        page_runs = [(off // PAGE_SIZE, length // PAGE_SIZE) for off, length in ranges]
+        job.hole_pages += block.pages - sum(count for _, count in page_runs)
+        runs += split_runs(index, page_runs)
+    return blocks, runs
+
+
+def plan_restore_runs(
+    matched: Sequence[tuple[format.BlockLayout, MemoryBackend]], bitmaps: Sequence[np.ndarray]
+) -> tuple[list[BlockIO], list[PageRun]]:
+    """The restore's blocks and page runs: absent pages zeroed, present ones read."""
+    blocks: list[BlockIO] = []
+    runs: list[PageRun] = []
+    for index, ((layout, backend), present) in enumerate(zip(matched, bitmaps, strict=True)):
+        blocks.append(
+            BlockIO(
+                layout,
+                backend.view(0, backend.size),
+                present,
+                backend.zero_range,
+                backend.populate,
+                backend.fault_error,
+                backend.shrink_error,
+            )
+        )
+        runs += split_runs(index, format.set_runs(~present), zero=True)
+        runs += split_runs(index, format.set_runs(present), chunk=READ_CHUNK_PAGES)
+    return blocks, runs
