@@ -100,3 +100,22 @@ def test_bad_socket_mode_is_a_usage_error(short_dir):
     )
     assert result.returncode == 2
     assert b"not an octal mode" in result.stderr
+
+
+def test_sigterm_the_moment_the_socket_appears_is_a_clean_stop(short_dir):
+    """A client (systemd, a test) may connect and stop migd as soon as the socket exists:
+    the signal must already run migd's shutdown, not the default action that kills it
+    and leaves the socket behind."""
+    sock = short_dir / "qmp.sock"
+    for _ in range(10):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "migd", "serve", "--socket", str(sock)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 15
+        while not sock.exists():  # bounded busy wait: catch the socket's first moment
+            assert proc.poll() is None and time.monotonic() < deadline, "migd did not bind"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        assert not sock.exists()

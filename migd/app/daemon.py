@@ -108,6 +108,10 @@ class Daemon:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
+        # Before the socket listens: a client may connect and a SIGTERM come at once, and
+        # the default action would kill migd without its shutdown (socket left behind).
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
         raise_open_file_limit()
         try:
             await self._apply_config()
@@ -125,8 +129,6 @@ class Daemon:
         self.server = Server(
             listener, greeting(major, minor, micro, f"migd {__version__}"), self._dispatch
         )
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.request_stop)
         self.server.start()
         log.info("migd %s serving QMP on %s", __version__, where)
         self._log_path_policy()
