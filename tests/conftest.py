@@ -144,6 +144,10 @@ class RawClient:
             assert time.monotonic() < deadline, f"not reached within {timeout}s: {info}"
             time.sleep(0.005)
 
+    def wait_final(self, timeout: float = 60.0) -> Any:
+        """query-migrate until the job is completed, failed or cancelled; its info."""
+        return self.poll_migrate(lambda info: info.get("status") in FINAL_STATES, timeout)
+
     def negotiate(self) -> RawClient:
         assert self.execute("qmp_capabilities") == {"return": {}}
         return self

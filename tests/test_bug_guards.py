@@ -289,7 +289,7 @@ def test_a_failed_channel_open_leaves_no_fd_open_in_the_daemon(shm, short_dir):
             try:
                 reply = client.execute("migrate", {"uri": f"file:{short_dir}/save{k}.img"})
                 if "error" not in reply:
-                    info = _wait_final(client)
+                    info = client.wait_final(30)
                     if info["status"] == "completed":
                         break
                     emfile += "Too many open files" in info.get("error-desc", "")
@@ -302,18 +302,6 @@ def test_a_failed_channel_open_leaves_no_fd_open_in_the_daemon(shm, short_dir):
     finally:
         client.close()
         d.stop()
-
-
-def _wait_final(client: RawClient, timeout: float = 30.0) -> dict:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while True:
-        info = client.execute("query-migrate")["return"]
-        if info.get("status") in ("completed", "failed", "cancelled"):
-            return info
-        assert time.monotonic() < deadline, f"migration still {info.get('status')}"
-        time.sleep(0.01)
 
 
 # --- 5. a restore holds max-bandwidth ---------------------------------------------------

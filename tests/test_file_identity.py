@@ -11,7 +11,6 @@ import ctypes
 import hashlib
 import os
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -117,16 +116,6 @@ def is_complete(path: Path) -> bool:
         return False
 
 
-def wait_final(client: RawClient, timeout: float = 60) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        info = client.execute("query-migrate")["return"]
-        if info.get("status") in ("completed", "failed", "cancelled"):
-            return info
-        assert time.monotonic() < deadline, f"migration still {info.get('status')}"
-        time.sleep(0.005)
-
-
 @pytest.fixture
 def swap_daemon(short_dir: Path):
     """A daemon process (its own GIL: the swapper runs truly alongside its opens)."""
@@ -166,7 +155,7 @@ def test_saves_started_while_the_path_is_swapped_are_each_one_whole_save(
         write_memory(shm / "mem", gen)
         with Swapper(a, b) as swapper:
             assert client.execute("migrate", {"uri": f"file:{a}"}) == {"return": {}}
-            info = wait_final(client)
+            info = client.wait_final()
         assert swapper.swaps > 0
         if info["status"] != "completed":
             continue
@@ -188,7 +177,7 @@ def test_restores_started_while_the_path_is_swapped_each_read_one_file(
     for gen, p in ((1, a), (2, b)):
         write_memory(shm / "mem", gen)
         assert client.execute("migrate", {"uri": f"file:{p}"}) == {"return": {}}
-        assert wait_final(client)["status"] == "completed"
+        assert client.wait_final()["status"] == "completed"
         assert save_generation(p) == gen
     completed = 0
     for attempt in range(40):
@@ -196,7 +185,7 @@ def test_restores_started_while_the_path_is_swapped_each_read_one_file(
         with Swapper(a, b) as swapper:
             reply = client.execute("migrate-incoming", {"uri": f"file:{a}"})
             assert reply == {"return": {}}
-            info = wait_final(client)
+            info = client.wait_final()
         assert swapper.swaps > 0
         if info["status"] != "completed":
             continue

@@ -34,10 +34,6 @@ def _setup(client: RawClient, mem: Path, **extra: Any) -> None:
     client.ok("migrate-set-capabilities", {"capabilities": caps})
 
 
-def _final(info: dict[str, Any]) -> bool:
-    return info.get("status") in ("completed", "failed", "cancelled")
-
-
 def _midway(info: dict[str, Any]) -> bool:
     ram = info.get("ram", {})
     return info.get("status") == "active" and 0 < ram.get("transferred", 0) < SIZE // 2
@@ -47,7 +43,7 @@ def _saved_then_changed(client: RawClient, mem: Path, save: Path) -> bytes:
     """Save the backend's memory to `save`, then give it other data; return the saved."""
     saved = mem.read_bytes()
     client.ok("migrate", {"uri": f"file:{save}"})
-    assert client.poll_migrate(_final)["status"] == "completed"
+    assert client.wait_final()["status"] == "completed"
     with open(mem, "r+b") as f:  # in place: the mapping sees it
         f.write(bytes(b ^ 0x5A for b in saved[:MiB]) * (SIZE // MiB))
     return saved
@@ -96,7 +92,7 @@ def test_a_restore_killed_midway_leaves_a_mark_that_object_add_reports(short_dir
         _setup(client, mem, **{"x-accept-partial": True})
         assert _mark(mem) == mark  # accepted, still partial until a restore completes
         client.ok("migrate-incoming", {"uri": f"file:{save}"})
-        assert client.poll_migrate(_final)["status"] == "completed"
+        assert client.wait_final()["status"] == "completed"
         assert _mark(mem) is None and XATTR not in os.listxattr(mem)
         assert mem.read_bytes() == saved
 
@@ -122,7 +118,7 @@ def test_on_ramfs_a_cancelled_restore_leaves_a_sidecar_mark(short_dir: Path, ram
         _start_slow_restore(client, save)
         assert len(list(sidecars.iterdir())) == 1
         client.ok("migrate_cancel")
-        info = client.poll_migrate(_final)
+        info = client.wait_final()
         assert info["status"] == "cancelled" and "hold partial data" in info["error-desc"]
         assert len(list(sidecars.iterdir())) == 1  # a cancelled restore keeps the mark
 
@@ -134,7 +130,7 @@ def test_on_ramfs_a_cancelled_restore_leaves_a_sidecar_mark(short_dir: Path, ram
         client.ok("object-add", {**add, "x-accept-partial": True})
         client.ok("migrate-set-parameters", {"max-bandwidth": 0})
         client.ok("migrate-incoming", {"uri": f"file:{save}"})
-        assert client.poll_migrate(_final)["status"] == "completed"
+        assert client.wait_final()["status"] == "completed"
         assert list(sidecars.iterdir()) == []
         assert mem.read_bytes() == saved
         client.close()

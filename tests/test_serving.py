@@ -303,7 +303,6 @@ def test_a_client_that_streams_requests_without_reading_is_paused_not_dropped(mi
     assert peak < 32 * MiB, f"RSS grew by {peak // MiB} MiB for one client"
 
 
-
 # -- 11: fd exhaustion --------------------------------------------------------------------
 
 TOO_MANY = "Too many file descriptors"
@@ -371,7 +370,7 @@ def test_fds_passed_until_refused_leave_room_for_clients_and_a_multifd_save(shor
         assert "return" in other.execute("migrate-set-capabilities", {"capabilities": caps})
         assert "return" in other.execute("migrate-set-parameters", {"multifd-channels": 8})
         assert "return" in other.execute("migrate", {"uri": f"file:{short_dir / 'save'}"})
-        info = _wait_job(other)
+        info = other.wait_final()
         assert info["status"] == "completed", info
 
         # Giving fds back makes room again.
@@ -392,16 +391,6 @@ def test_fds_passed_until_refused_leave_room_for_clients_and_a_multifd_save(shor
 FAKE_LINE = "2026-01-01 00:00:00 INFO migd.server: client 99 connected: pid=1 uid=0 gid=0"
 
 
-def _wait_job(client: RawClient) -> dict:
-    deadline = time.monotonic() + 60
-    while True:
-        info = client.execute("query-migrate")["return"]
-        if info.get("status") in ("completed", "failed", "cancelled"):
-            return info
-        assert time.monotonic() < deadline, info
-        time.sleep(0.01)
-
-
 def test_control_characters_in_a_file_name_cannot_write_fake_log_lines(migd, short_dir):
     client = _negotiated(migd.socket_path)
     assert "return" in client.execute(
@@ -412,7 +401,7 @@ def test_control_characters_in_a_file_name_cannot_write_fake_log_lines(migd, sho
     name = f"save\n{FAKE_LINE}\r\x1b[2K\x1b[31mred\x9b1m\x7f"
     target = short_dir / name
     assert "return" in client.execute("migrate", {"uri": f"file:{target}"})
-    assert _wait_job(client)["status"] == "completed"
+    assert client.wait_final()["status"] == "completed"
     assert target.exists()
     client.close()
     _stop(migd)

@@ -247,16 +247,6 @@ def _mdwe_supported() -> bool:
     return probe.returncode == 0
 
 
-def _wait_done(client: RawClient) -> dict[str, object]:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        info = client.execute("query-migrate")["return"]
-        if info.get("status") in ("completed", "failed", "cancelled"):
-            return info
-        time.sleep(0.02)
-    raise TimeoutError("migration did not finish")
-
-
 def test_save_and_restore_work_without_writable_executable_memory(short_dir, shm):
     """MemoryDenyWriteExecute=yes in migd.service: CPython, numpy, uvloop and ctypes cope."""
     if not _mdwe_supported():
@@ -281,10 +271,10 @@ def test_save_and_restore_work_without_writable_executable_memory(short_dir, shm
         add = {"qom-type": "memory-backend-file", "id": "ram", "size": size}
         client.execute("object-add", {**add, "mem-path": str(ram)})
         client.execute("migrate", {"uri": f"file:{short_dir / 'vm.save'}"})
-        assert _wait_done(client)["status"] == "completed"
+        assert client.wait_final()["status"] == "completed"
         ram.write_bytes(bytes(size))
         client.execute("migrate-incoming", {"uri": f"file:{short_dir / 'vm.save'}"})
-        assert _wait_done(client)["status"] == "completed"
+        assert client.wait_final()["status"] == "completed"
         client.close()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
