@@ -57,7 +57,7 @@ def fill_memory(path: Path, size: int, kind: str, seed: int) -> None:
             zero = None if mask is None else mask[off // PAGE : (off + n) // PAGE]
             if zero is not None:
                 pages[zero] = 0
-            view = memoryview(words).cast("B")
+            view = words.data.cast("B")
             if not holes or zero is None:
                 pwrite_all(fd, view, off)
                 continue

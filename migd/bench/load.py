@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from qemu.qmp import ConnectError, QMPClient
@@ -50,11 +51,17 @@ def prepare(target: Path) -> None:
     drop_caches(target.parent, enabled=os.geteuid() == 0)
 
 
+async def query_migrate(control: QMPClient) -> dict[str, Any]:
+    info = await control.execute("query-migrate")
+    assert isinstance(info, dict)
+    return info
+
+
 async def timed_save(control: QMPClient, target: Path) -> float:
     """Seconds from `migrate` to `completed`, polled by the control client every 20 ms."""
     started = time.monotonic()
     await control.execute("migrate", {"uri": f"file:{target}"})
-    while (info := await control.execute("query-migrate"))["status"] not in (
+    while (info := await query_migrate(control))["status"] not in (
         "completed",
         "failed",
         "cancelled",
@@ -133,7 +140,9 @@ async def main() -> int:
             pollers = await asyncio.gather(
                 *(connect(sock, daemon, f"poller{i}") for i in range(args.clients))
             )
-            stop, times, errors = asyncio.Event(), [], []
+            stop = asyncio.Event()
+            times: list[float] = []
+            errors: list[str] = []
             tasks = [
                 asyncio.create_task(poll(c, args.interval, stop, times, errors)) for c in pollers
             ]

@@ -86,7 +86,10 @@ class QMP:
         deadline = time.monotonic() + 30
         while True:
             if proc.poll() is not None:
-                raise BenchError(f"{proc.args[0]} exited with {proc.returncode}:\n{tail(log_path)}")
+                program = proc.args[0] if isinstance(proc.args, list) else proc.args
+                raise BenchError(
+                    f"{program!s} exited with {proc.returncode}:\n{tail(log_path)}"
+                )
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 sock.connect(str(path))

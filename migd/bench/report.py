@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import operator
 import os
 import shlex
 import statistics
@@ -188,7 +190,7 @@ class BenchReport:
                 f"{what} / random save time ({self.ref} ch, paired runs)",
                 time_ratio(f"migd-save-{self.ref}-{key}"),
                 f"<= {target:.2f}",
-                lambda v, t=target: v <= t,
+                functools.partial(operator.ge, target),  # target >= v
             )
         nodetect = time_ratio(f"migd-save-{self.ref}-nodetect")
         cost = 100 * (1 / nodetect - 1) if nodetect else None
@@ -477,7 +479,8 @@ class BenchReport:
                 pts = sorted(
                     (r.channels, r)
                     for r in rows.values()
-                    if r.tool == tool
+                    if r.channels is not None
+                    and r.tool == tool
                     and r.op == op
                     and r.direct_io == direct
                     and r.memory == "random"
@@ -510,7 +513,7 @@ class BenchReport:
                 )
             for tool, marker in (("migd", "^"), ("qemu", "v")):
                 row = rows.get(f"{tool}-{op}-{self.ref}-empty")
-                if row:
+                if row and row.channels is not None:
                     name = "migd" if tool == "migd" else "QEMU"
                     shift = 0.9 if tool == "migd" else 1.1
                     ax.plot(

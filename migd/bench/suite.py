@@ -369,10 +369,11 @@ class Bench(BenchReport):
         for ch in self.qemu_channels:
             restores.append(partial(self.restore, mig("qemu", "restore", ch), run, None, loader))
         if self.qemu_channels:
-            for kw in ({"direct_io": False}, {"empty": True}):
-                restores.append(
-                    partial(self.restore, mig("qemu", "restore", self.ref, **kw), run, None, loader)
-                )
+            for row in (
+                mig("qemu", "restore", self.ref, direct_io=False),
+                mig("qemu", "restore", self.ref, empty=True),
+            ):
+                restores.append(partial(self.restore, row, run, None, loader))
         order = random.Random(run)
         for group in (saves, restores):
             if run:

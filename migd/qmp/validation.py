@@ -8,10 +8,11 @@ from __future__ import annotations
 import enum
 import types
 import typing
-from typing import Any
+from typing import Any, cast
 
 import annotated_types
 from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic_core import ErrorDetails
 
 from ..errors import InvalidRequest
 
@@ -99,7 +100,7 @@ def _field_at(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[Any, list[A
     return annotation, metadata + inner
 
 
-def _expects(model: type[BaseModel], loc: tuple[Any, ...], err: dict[str, Any]) -> str:
+def _expects(model: type[BaseModel], loc: tuple[Any, ...], err: ErrorDetails) -> str:
     annotation, metadata = _field_at(model, loc)
     if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
         return annotation.__name__
@@ -110,11 +111,11 @@ def _expects(model: type[BaseModel], loc: tuple[Any, ...], err: dict[str, Any]) 
         if isinstance(m, annotated_types.Ge):
             low = m.ge
         elif isinstance(m, annotated_types.Gt):
-            low = m.gt + 1
+            low = cast(int, m.gt) + 1
         elif isinstance(m, annotated_types.Le):
             high = m.le
         elif isinstance(m, annotated_types.Lt):
-            high = m.lt - 1
+            high = cast(int, m.lt) - 1
     if low is not None and high is not None:
         return f"a value between {low} and {high}"
     if low is not None:

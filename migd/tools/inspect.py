@@ -123,7 +123,7 @@ def inspect_file(path: str | os.PathLike[str], offset: int = 0) -> SaveInfo:
         truncated = False
         try:
             parsed = format.parse_stream(reader, offset, size)
-            layouts, machine, caps = parsed.blocks, parsed.machine, parsed.capabilities
+            layouts, machine, caps = list(parsed.blocks), parsed.machine, parsed.capabilities
             complete, total_ram = parsed.complete, parsed.total_ram
         except FormatError as exc:
             # Parsed again as if zeros followed the file's end: if that reads past the end,

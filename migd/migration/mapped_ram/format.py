@@ -18,7 +18,7 @@ import json
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -551,7 +551,7 @@ def _read_vmdescription(cur: _Cursor) -> dict[str, Any] | None:
     return desc
 
 
-def _is_count(value: Any, top: int) -> bool:
+def _is_count(value: Any, top: int) -> TypeGuard[int]:
     return type(value) is int and 0 <= value <= top  # JSON true is not a count
 
 
