@@ -5,7 +5,7 @@ Adding a command module means adding it to the import line below (the table entr
 from __future__ import annotations
 
 from ..qmp.dispatch import COMMANDS, Command, Context, dispatch
-from . import control, fds, memory, migration
+from . import control, fds, introspection, memory, migration
 
 __all__ = [
     "COMMANDS",
@@ -14,6 +14,7 @@ __all__ = [
     "control",
     "dispatch",
     "fds",
+    "introspection",
     "memory",
     "migration",
 ]

@@ -10,8 +10,9 @@ from pydantic import ConfigDict, Field, Strict, create_model
 
 from ..errors import MigrationError
 from ..io.target import FileTarget, NotSeekable, parse_uri
+from ..migration.job import MigrationStatus
 from ..migration.settings import MigrationCapability, Parameters, field_types, plain_types
-from ..qmp.dispatch import Context, command
+from ..qmp.dispatch import Context, command, event
 from ..qmp.validation import Empty, QapiModel
 
 
@@ -225,12 +226,19 @@ class MigrationStats(QapiModel):
 class MigrationInfo(QapiModel):
     model_config = ConfigDict(populate_by_name=True, alias_generator=None)
 
-    status: str | None = None
+    status: MigrationStatus | None = None
     total_time: int | None = Field(None, alias="total-time")
     setup_time: int | None = Field(None, alias="setup-time")
     error_desc: str | None = Field(None, alias="error-desc")
     ram: MigrationStats | None = None
     x_skipped_blocks: list[str] | None = Field(None, alias="x-skipped-blocks")
+
+
+class MigrationEvent(QapiModel):
+    status: MigrationStatus
+
+
+event("MIGRATION", MigrationEvent)
 
 
 @command(
@@ -247,7 +255,7 @@ async def query_migrate(ctx: Context, args: Empty) -> MigrationInfo:
     if stats is None:
         return MigrationInfo()
     return MigrationInfo(
-        status=stats.status.value,
+        status=stats.status,
         total_time=stats.total_time,
         setup_time=stats.setup_time,
         error_desc=stats.error_desc,

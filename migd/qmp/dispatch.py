@@ -56,6 +56,8 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {}
+# Events migd sends: name -> model of their 'data' (what query-qmp-schema describes).
+EVENTS: dict[str, type[QapiModel]] = {}
 
 
 def command(
@@ -68,6 +70,11 @@ def command(
         return handler
 
     return register
+
+
+def event(name: str, data: type[QapiModel]) -> None:
+    """Declare an event and the shape of its data."""
+    EVENTS[name] = data
 
 
 async def dispatch(ctx: Context, req: Request) -> dict[str, Any]:
