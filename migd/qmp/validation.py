@@ -55,10 +55,24 @@ _JSON_TYPE_BY_ERROR = {
 
 
 def _member_name(loc: tuple[Any, ...]) -> str:
+    """The member's own name; a list element has none ('null' in QEMU's texts)."""
     for part in reversed(loc):
-        if isinstance(part, str):
+        if isinstance(part, int):
+            return "null"
+        if isinstance(part, str) and not part.startswith("function-"):
             return part
     return "null"
+
+
+def _full_name(loc: tuple[Any, ...]) -> str:
+    """QEMU's full member path for type and presence errors: 'capabilities[0].state'."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif isinstance(part, str) and not part.startswith("function-"):
+            out += f".{part}" if out else part
+    return out or "null"
 
 
 def _strip(annotation: Any) -> tuple[Any, list[Any]]:
@@ -134,18 +148,23 @@ def translate(model: type[BaseModel], exc: ValidationError) -> InvalidRequest:
     # Report missing members before type errors, as QEMU's visitor walks members in order.
     err = errors[0]
     loc = tuple(err["loc"])
-    name = _member_name(loc)
+    # QEMU names the member by its full path for presence and type errors, by its own
+    # name for values it does not accept.
+    name, full = _member_name(loc), _full_name(loc)
     kind = err["type"]
     if kind == "missing":
-        return InvalidRequest(f"Parameter '{name}' is missing")
+        return InvalidRequest(f"Parameter '{full}' is missing")
     if kind == "extra_forbidden":
-        return InvalidRequest(f"Parameter '{name}' is unexpected")
+        return InvalidRequest(f"Parameter '{full}' is unexpected")
     if kind in _JSON_TYPE_BY_ERROR:
         return InvalidRequest(
-            f"Invalid parameter type for '{name}', expected: {_JSON_TYPE_BY_ERROR[kind]}"
+            f"Invalid parameter type for '{full}', expected: {_JSON_TYPE_BY_ERROR[kind]}"
         )
-    if kind in ("enum", "literal_error") and not isinstance(err.get("input"), str):
-        return InvalidRequest(f"Invalid parameter type for '{name}', expected: string")
+    if kind in ("enum", "literal_error"):
+        value = err.get("input")
+        if not isinstance(value, str):
+            return InvalidRequest(f"Invalid parameter type for '{full}', expected: string")
+        return InvalidRequest(f"Parameter '{name}' does not accept value '{value}'")
     if kind == "value_error" and isinstance((err.get("ctx") or {}).get("error"), InvalidRequest):
         return err["ctx"]["error"]
     return InvalidRequest(f"Parameter '{name}' expects {_expects(model, loc, err)}")
