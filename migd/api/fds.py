@@ -6,6 +6,7 @@ takes it; the store owns it from then on.
 
 from __future__ import annotations
 
+from ..qapi import Int64
 from ..qmp.dispatch import Context, command
 from ..qmp.validation import Empty, QapiModel
 
@@ -38,7 +39,7 @@ async def closefd(ctx: Context, args: ClosefdArgs) -> Empty:
 
 
 class AddFdArgs(QapiModel):
-    fdset_id: int | None = None
+    fdset_id: Int64 | None = None
     opaque: str | None = None
 
 
@@ -63,8 +64,8 @@ async def add_fd(ctx: Context, args: AddFdArgs) -> AddfdInfo:
 
 
 class RemoveFdArgs(QapiModel):
-    fdset_id: int
-    fd: int | None = None
+    fdset_id: Int64
+    fd: Int64 | None = None
 
 
 @command(

@@ -12,6 +12,7 @@ from ..errors import MigrationError
 from ..io.target import FileTarget, NotSeekable, parse_uri
 from ..migration.job import MigrationStatus
 from ..migration.settings import MigrationCapability, Parameters, field_types, plain_types
+from ..qapi import Uint64
 from ..qmp.dispatch import Context, command, event
 from ..qmp.validation import Empty, QapiModel
 
@@ -111,7 +112,7 @@ class MigrationAddress(QapiModel):
 
     transport: Annotated[Transport, Strict(False)]
     filename: str | None = None
-    offset: Annotated[int, Field(ge=0)] | None = None
+    offset: Uint64 | None = None
 
 
 class MigrationChannel(QapiModel):
@@ -134,10 +135,11 @@ def resolve_target(uri: str | None, channels: list[MigrationChannel] | None) -> 
     addr = channel.addr
     if addr.transport is not Transport.file:
         raise NotSeekable("Migration requires seekable transport (e.g. file)")
+    # QEMU's texts: the member's full path (only one channel gets this far).
     if addr.filename is None:
-        raise MigrationError("Parameter 'filename' is missing")
+        raise MigrationError("Parameter 'channels[0].addr.filename' is missing")
     if addr.offset is None:
-        raise MigrationError("Parameter 'offset' is missing")
+        raise MigrationError("Parameter 'channels[0].addr.offset' is missing")
     if not addr.filename:
         raise MigrationError("file address has no filename")
     return FileTarget(addr.filename, addr.offset)

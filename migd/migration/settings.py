@@ -13,6 +13,8 @@ from typing import Annotated, Any
 
 from pydantic import Field, Strict
 
+from ..qapi import UINT8_T, CheckedAs, Uint64
+
 CHANNELS_MIN = 1
 CHANNELS_MAX = 255  # QEMU's range for multifd-channels
 
@@ -29,8 +31,11 @@ class ZeroPageDetection(enum.StrEnum):
     multifd = "multifd"
 
 
-Channels = Annotated[int, Field(ge=CHANNELS_MIN, le=CHANNELS_MAX)]
-Bandwidth = Annotated[int, Field(ge=0)]  # bytes/s; 0 = unlimited
+# QAPI uint8 first, then QEMU's own check (named 'multifd_channels' in its text).
+Channels = Annotated[
+    int, UINT8_T, Field(ge=CHANNELS_MIN, le=CHANNELS_MAX), CheckedAs("multifd_channels")
+]
+Bandwidth = Uint64  # bytes/s; 0 = unlimited
 ZeroDetect = Annotated[ZeroPageDetection, Strict(False)]
 
 

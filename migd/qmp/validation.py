@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic_core import ErrorDetails
 
 from ..errors import InvalidRequest
+from ..qapi import QAPI_INT_ERROR, UINT64_T, CheckedAs, QapiInt
 
 
 def qapi_name(name: str) -> str:
@@ -152,6 +153,11 @@ def translate(model: type[BaseModel], exc: ValidationError) -> InvalidRequest:
     # name for values it does not accept.
     name, full = _member_name(loc), _full_name(loc)
     kind = err["type"]
+    _, metadata = _field_at(model, loc)
+    qapi = next((m for m in metadata if isinstance(m, QapiInt)), None)
+    if qapi is not None and (kind == QAPI_INT_ERROR or kind in _JSON_TYPE_BY_ERROR):
+        return InvalidRequest(_qapi_int_text(qapi, kind, err.get("input"), name, full))
+    checked = next((m.name for m in metadata if isinstance(m, CheckedAs)), None)
     if kind == "missing":
         return InvalidRequest(f"Parameter '{full}' is missing")
     if kind == "extra_forbidden":
@@ -167,7 +173,21 @@ def translate(model: type[BaseModel], exc: ValidationError) -> InvalidRequest:
         return InvalidRequest(f"Parameter '{name}' does not accept value '{value}'")
     if kind == "value_error" and isinstance((err.get("ctx") or {}).get("error"), InvalidRequest):
         return err["ctx"]["error"]
-    return InvalidRequest(f"Parameter '{name}' expects {_expects(model, loc, err)}")
+    return InvalidRequest(f"Parameter '{checked or name}' expects {_expects(model, loc, err)}")
+
+
+def _qapi_int_text(qapi: QapiInt, kind: str, value: Any, name: str, full: str) -> str:
+    """QEMU's QObject input visitor: an unsigned member is read as a uint64 first, then
+    narrowed; a signed one as an int64."""
+    if not qapi.unsigned:
+        return f"Invalid parameter type for '{full}', expected: integer"
+    if kind != QAPI_INT_ERROR or not isinstance(value, int) or value > UINT64_T.high:
+        return f"Parameter '{full}' expects uint64"
+    if value < 0 and qapi == UINT64_T:
+        # QEMU takes a negative uint64 as 2^64 + value; migd refuses it (a listed
+        # difference), in the same words.
+        return f"Parameter '{full}' expects uint64"
+    return f"Parameter '{name}' expects {qapi.name}"
 
 
 def validate(model: type[QapiModel], arguments: dict[str, Any]) -> QapiModel:
