@@ -21,22 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from qemu.qmp import ConnectError, QMPClient
+from qemu.qmp import QMPClient
+
+from migd.bench.processes import connect_qmp, start_migd
 
 MiB = 1 << 20
-
-
-async def connect(path: str, proc: subprocess.Popen[bytes]) -> QMPClient:
-    client = QMPClient("demo")
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            await client.connect(path)
-            return client
-        except (OSError, ConnectError):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.05)
 
 
 def make_memory(path: Path, size: int) -> str:
@@ -111,10 +100,8 @@ async def main() -> int:
         want = make_memory(src, size)
         dst.write_bytes(b"\xab" * size)  # the restore target holds other data first
 
-        daemon = subprocess.Popen(
-            [sys.executable, "-m", "migd", "serve", "--socket", sock, "--log-level", "warning"]
-        )
-        client = await connect(sock, daemon)
+        daemon = start_migd(sock, "--log-level", "warning")
+        client = await connect_qmp(sock, daemon, "demo")
         try:
             print(f"connected: {(await client.execute('query-version'))['package']} on {sock}")
             caps = [{"capability": c, "state": True} for c in ("multifd", "mapped-ram", "events")]

@@ -49,6 +49,8 @@ from typing import Any
 import numpy as np
 from qemu.qmp import ConnectError, QMPClient
 
+from migd.bench.processes import connect_qmp, start_migd
+
 QEMU = "qemu-system-x86_64"
 MiB = 1 << 20
 PAGE = 4096
@@ -119,16 +121,10 @@ def file_size(path: Path) -> str:
 
 async def connect(socket_path: Path, proc: subprocess.Popen[bytes], name: str) -> QMPClient:
     """Connect (and negotiate) once the process listens; fail early if it died."""
-    client = QMPClient(name)
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            await client.connect(str(socket_path))
-            return client
-        except (OSError, ConnectError):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{name} did not come up (exit code {proc.poll()})") from None
-            await asyncio.sleep(0.05)
+    try:
+        return await connect_qmp(socket_path, proc, name)
+    except (OSError, ConnectError):
+        raise RuntimeError(f"{name} did not come up (exit code {proc.poll()})") from None
 
 
 async def migration(
@@ -371,8 +367,7 @@ async def main() -> int:
         tempfile.TemporaryDirectory(prefix="migd-walk-", dir=args.dir) as work,
     ):
         socket_path = Path(work) / "migd.sock"
-        command = [sys.executable, "-m", "migd", "serve", "--socket", str(socket_path)]
-        daemon = subprocess.Popen([*command, "--log-level", "warning"])
+        daemon = start_migd(socket_path, "--log-level", "warning")
         try:
             migd = await connect(socket_path, daemon, "migd")
             try:

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from migd.tools.client import parse_size, probe_direct_io
+from migd.errors import MigrationError
+from migd.io.target import parse_uri
+from migd.tools.client import parse_offset, parse_size, probe_direct_io
 from migd.tools.inspect import inspect_file
 
 from .conftest import RawClient, fill_random
@@ -292,7 +294,7 @@ def test_call_of_a_failing_command_prints_class_and_text_and_exits_1(daemon):
         (["call", "query-version", "[1, 2]"], "must be a JSON object"),
         (["save", "x.img", "--size", "12Q"], "is not a size"),
         (["save", "x.img", "--channels", "0"], "out of range 1..255"),
-        (["save", "x.img", "--offset", "-5"], "negative"),
+        (["save", "x.img", "--offset", "-5"], "'-5' is not an offset (decimal or 0x-hex)"),
         (["save", "x.img", "--bogus"], "unrecognized arguments"),
         (["save"], "required: FILE"),
         (["save", "x.img", "--size", "1M"], "--size, --id and --block-name go with --mem-path"),
@@ -338,6 +340,19 @@ def test_without_socket_the_client_uses_the_default_socket(short_dir):
 )
 def test_sizes_take_binary_suffixes(text, value):
     assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["+5", "1_000", " 7", "7 ", "-5", "-0", "0x", "0x-1", "12k"])
+def test_the_client_refuses_an_offset_exactly_when_a_file_uri_would(text):
+    with pytest.raises(MigrationError, match="bad offset"):
+        parse_uri(f"file:/x.img,offset={text}")
+    with pytest.raises(ValueError, match=f"'{re.escape(text)}' is not an offset"):
+        parse_offset(text)
+
+
+@pytest.mark.parametrize(("text", "value"), [("0", 0), ("4096", 4096), ("0x11921", 0x11921)])
+def test_the_client_reads_an_offset_as_a_file_uri_does(text, value):
+    assert parse_offset(text) == parse_uri(f"file:/x.img,offset={text}").offset == value
 
 
 def test_save_with_mem_path_names_the_block_ram0_so_a_qmp_restore_into_ram0_works(

@@ -6,7 +6,7 @@ import asyncio
 import enum
 import os
 from collections.abc import Callable, Collection
-from typing import Annotated, Protocol
+from typing import Annotated
 
 from pydantic import Strict
 
@@ -85,27 +85,8 @@ async def object_add(ctx: Context, args: ObjectAddArgs) -> Empty:
     return Empty()
 
 
-class BackendSpec(Protocol):
-    """What object-add's arguments and a [[memory-backend]] table of the file both hold."""
-
-    @property
-    def qom_type(self) -> str: ...
-    @property
-    def id(self) -> str: ...
-    @property
-    def size(self) -> int: ...
-    @property
-    def mem_path(self) -> str | None: ...
-    @property
-    def share(self) -> bool | None: ...
-    @property
-    def ramblock_name(self) -> str | None: ...
-    @property
-    def x_accept_partial(self) -> bool: ...
-
-
 def create_backend(
-    spec: BackendSpec,
+    spec: ObjectAddArgs,
     paths: PathPolicy,
     partial: PartialMarks | None = None,
     *,
@@ -113,12 +94,13 @@ def create_backend(
     fd: int | None = None,
     close_fd: Callable[[int], None] = os.close,
 ) -> MemoryBackend:
-    """The memory backend `spec` describes (object-add's and the configuration's; checked
-    by their models): a file one is refused if an interrupted restore left it partial
-    (unless spec.x_accept_partial), and then closed. Blocking: run it in a thread."""
+    """The memory backend `spec` describes (object-add's arguments, or a [[memory-backend]]
+    table of the configuration, which derives from them): a file one is refused if an
+    interrupted restore left it partial (unless spec.x_accept_partial), and then closed.
+    Blocking: run it in a thread."""
     if spec.qom_type != QomType.memory_backend_file:
         return create_ram_backend(spec.id, spec.size, ramblock_name=spec.ramblock_name)
-    assert spec.mem_path is not None  # both models require it
+    assert spec.mem_path is not None  # object-add and the configuration require it
     backend = create_file_backend(
         spec.id,
         spec.size,

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import typing
 from typing import Annotated
 
 from pydantic import ConfigDict, Field, Strict, create_model
 
 from ..errors import MigrationError
 from ..io.target import FileTarget, NotSeekable, parse_uri
-from ..migration.job import MigrationStatus
+from ..migration.job import MigrationStatus, RamStats
 from ..migration.settings import MigrationCapability, Parameters, field_types, plain_types
 from ..qapi import Uint64
 from ..qmp.dispatch import Context, command, event
@@ -205,24 +206,12 @@ async def migrate_incoming(ctx: Context, args: MigrateIncomingArgs) -> Empty:
     return Empty()
 
 
-class MigrationStats(QapiModel):
-    transferred: int
-    remaining: int
-    total: int
-    duplicate: int
-    normal: int
-    normal_bytes: int
-    dirty_pages_rate: int
-    mbps: float
-    dirty_sync_count: int
-    postcopy_requests: int
-    page_size: int
-    multifd_bytes: int
-    pages_per_second: int
-    precopy_bytes: int
-    downtime_bytes: int
-    postcopy_bytes: int
-    dirty_sync_missed_zero_copy: int
+# QEMU's MigrationStats: the job's snapshot, member for member (one declaration, in job.py).
+MigrationStats = create_model(
+    "MigrationStats",
+    __base__=QapiModel,
+    **{name: (kind, ...) for name, kind in typing.get_type_hints(RamStats).items()},
+)
 
 
 class MigrationInfo(QapiModel):
@@ -261,15 +250,7 @@ async def query_migrate(ctx: Context, args: Empty) -> MigrationInfo:
         total_time=stats.total_time,
         setup_time=stats.setup_time,
         error_desc=stats.error_desc,
-        ram=MigrationStats(
-            **dataclasses.asdict(stats.ram),
-            # What migd never has (no dirty tracking, postcopy or zero-copy): always 0.
-            dirty_pages_rate=0,
-            postcopy_requests=0,
-            downtime_bytes=0,
-            postcopy_bytes=0,
-            dirty_sync_missed_zero_copy=0,
-        ),
+        ram=MigrationStats(**dataclasses.asdict(stats.ram)),
         x_skipped_blocks=list(stats.skipped_blocks) or None,
     )
 

@@ -15,7 +15,6 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     create_model,
@@ -23,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 
+from ..api.memory import ObjectAddArgs
 from ..errors import ConfigError
 from ..migration.settings import (
     CHANNELS_MAX,
@@ -33,6 +33,7 @@ from ..migration.settings import (
     field_types,
 )
 from ..pages import PAGE_SIZE
+from ..qmp.validation import QapiModel, qapi_name
 from ..state.memory import ID_RE
 from ..units import size_bytes
 
@@ -55,20 +56,10 @@ class KeyedError(ValueError):
         self.key = key
 
 
-def _kebab(name: str) -> str:
-    return name.replace("_", "-")
-
-
-class Section(BaseModel):
-    """Base of every table in the file: kebab-case keys only, TOML types as they are."""
-
-    model_config = ConfigDict(
-        alias_generator=_kebab,
-        validate_by_alias=True,
-        validate_by_name=True,  # Config(socket_path=...) from Python; files use aliases only
-        extra="forbid",
-        strict=True,
-    )
+class Section(QapiModel):
+    """Base of every table in the file: the keys are QMP's member names (kebab-case, as
+    'multifd-channels' and object-add's 'mem-path'), TOML types as they are, no extras.
+    Config(socket_path=...) works from Python; _parse takes the file's keys only."""
 
 
 def _absolute(value: str) -> str:
@@ -120,17 +111,9 @@ ParametersConfig = create_model(
 )
 
 
-class BackendConfig(Section):
-    """One memory backend created at start, as with object-add."""
-
-    qom_type: Literal["memory-backend-file", "memory-backend-ram"]
-    id: str
-    size: int
-    mem_path: str | None = None
-    share: bool | None = None
-    ramblock_name: str | None = None
-    # As object-add's migd extension: use a file an interrupted restore left partial.
-    x_accept_partial: bool = False
+class BackendConfig(ObjectAddArgs):
+    """One memory backend created at start: object-add's arguments, with every check made
+    when the file is read, in the file's words."""
 
     @field_validator("id")
     @classmethod
@@ -318,7 +301,7 @@ def describe_error(err: Any) -> tuple[str, str]:
         return _key(loc), "must be an array of tables: write each one as [[memory-backend]]"
     if kind in plain:
         return _key(loc), plain[kind]
-    if kind == "literal_error":
+    if kind in ("literal_error", "enum"):
         return _key(loc), f"must be {ctx['expected']}"
     return _key(loc), err["msg"][:1].lower() + err["msg"][1:]
 
@@ -330,7 +313,7 @@ def _known_keys(loc: tuple[Any, ...]) -> list[str]:
         if isinstance(part, int):
             continue
         field = next(
-            (f for name, f in model.model_fields.items() if (f.alias or _kebab(name)) == part),
+            (f for name, f in model.model_fields.items() if (f.alias or qapi_name(name)) == part),
             None,
         )
         if field is None:
@@ -342,4 +325,4 @@ def _known_keys(loc: tuple[Any, ...]) -> list[str]:
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return []
         model = annotation
-    return [f.alias or _kebab(name) for name, f in model.model_fields.items()]
+    return [f.alias or qapi_name(name) for name, f in model.model_fields.items()]

@@ -6,8 +6,10 @@ import sys
 import time
 from pathlib import Path
 
+from ..pages import PAGE_SIZE
+
 MiB, GiB = 1 << 20, 1 << 30
-PAGE = 4096
+PAGE = PAGE_SIZE  # the fills' zero pages are the pages migd's zero scan skips
 CLUSTER = 2 * MiB  # zero clusters: the granule of free guest memory (a huge page)
 FILL_CHUNK = 64 * MiB
 PY_BLOCK = 4 * MiB

@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,25 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from qemu.qmp import ConnectError, QMPClient
+from qemu.qmp import QMPClient
 
 from .disk import drop_caches
+from .processes import connect_qmp, start_migd
 
 MiB = 1 << 20
 GiB = 1 << 30
-
-
-async def connect(path: str, proc: subprocess.Popen[bytes], name: str) -> QMPClient:
-    client = QMPClient(name)
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            await client.connect(path)
-            return client
-        except (OSError, ConnectError):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.05)
 
 
 def prepare(target: Path) -> None:
@@ -111,11 +98,9 @@ async def main() -> int:
             for at in range(0, size, 64 * MiB):
                 f.write(rng.integers(0, 256, min(64 * MiB, size - at), dtype=np.uint8).tobytes())
         sock = os.path.join(work, "qmp.sock")
-        daemon = subprocess.Popen(
-            [sys.executable, "-m", "migd", "serve", "--socket", sock, "--log-level", "warning"]
-        )
+        daemon = start_migd(sock, "--log-level", "warning")
         try:
-            control = await connect(sock, daemon, "control")
+            control = await connect_qmp(sock, daemon, "control")
             caps = [{"capability": c, "state": True} for c in ("multifd", "mapped-ram")]
             await control.execute("migrate-set-capabilities", {"capabilities": caps})
             await control.execute(
@@ -138,7 +123,7 @@ async def main() -> int:
             prepare(target)
 
             pollers = await asyncio.gather(
-                *(connect(sock, daemon, f"poller{i}") for i in range(args.clients))
+                *(connect_qmp(sock, daemon, f"poller{i}") for i in range(args.clients))
             )
             stop = asyncio.Event()
             times: list[float] = []

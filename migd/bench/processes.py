@@ -1,8 +1,10 @@
 """What the benchmark runs: cleanup of all it made, QMP clients of migd and QEMU,
-timed migrations, and the migd daemon under test."""
+timed migrations, and the migd daemon under test (also started this way by
+migd.bench.load and examples/demo.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -20,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 from .common import FINAL, PACKAGE_PARENT, POLL, BenchError
 
 if TYPE_CHECKING:
+    from qemu.qmp import QMPClient
+
     from .suite import Bench  # numpy is imported where it is used: `migd --help` need not load it
 
     pass
@@ -190,15 +194,42 @@ def configure(qmp: QMP, channels: int, direct_io: bool, **params: Any) -> None:
 # --- migd under test -------------------------------------------------------------------
 
 
+def serve_argv(socket_path: str | Path, *extra: str) -> list[str]:
+    """The command line of a migd daemon on `socket_path`, run by this Python."""
+    return [sys.executable, "-m", "migd", "serve", "--socket", str(socket_path), *extra]
+
+
+def start_migd(socket_path: str | Path, *extra: str) -> subprocess.Popen[bytes]:
+    """A migd daemon on `socket_path`, its output on ours; connect_qmp waits until it listens."""
+    return subprocess.Popen(serve_argv(socket_path, *extra))
+
+
+async def connect_qmp(
+    socket_path: str | Path, proc: subprocess.Popen[bytes], name: str, timeout: float = 15.0
+) -> QMPClient:
+    """A negotiated asyncio QMP client of `proc` once it listens on `socket_path`; the
+    connect error if `proc` exits or `timeout` passes first."""
+    from qemu.qmp import ConnectError, QMPClient
+
+    client = QMPClient(name)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await client.connect(str(socket_path))
+            return client
+        except (OSError, ConnectError):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
 class Migd:
     """A migd daemon subprocess with its QMP connection and at most one backend, 'ram0'."""
 
     def __init__(self, bench: Bench, name: str) -> None:
         sock, log_path = bench.run_dir / f"{name}.sock", bench.run_dir / f"{name}.log"
         self.cleanup = bench.cleanup
-        self.proc = bench.cleanup.spawn(
-            [sys.executable, "-m", "migd", "serve", "--socket", str(sock)], log_path
-        )
+        self.proc = bench.cleanup.spawn(serve_argv(sock), log_path)
         self.qmp = QMP(sock, self.proc, log_path)
         self.attached = False
 

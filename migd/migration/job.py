@@ -160,10 +160,11 @@ class Job:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RamStats:
-    """A job's page counters at one moment (QEMU's MigrationStats, without what migd never
-    has: dirty pages, postcopy, zero-copy)."""
+    """A job's page counters at one moment: QEMU's MigrationStats, member for member and in
+    its order (query-migrate's 'ram' model is built from these fields). The members that
+    default to 0 are what migd never has: dirty tracking, postcopy, zero-copy."""
 
     transferred: int
     remaining: int
@@ -171,12 +172,17 @@ class RamStats:
     duplicate: int
     normal: int
     normal_bytes: int
+    dirty_pages_rate: int = 0
     mbps: float
     dirty_sync_count: int
+    postcopy_requests: int = 0
     page_size: int
     multifd_bytes: int
     pages_per_second: int
     precopy_bytes: int
+    downtime_bytes: int = 0
+    postcopy_bytes: int = 0
+    dirty_sync_missed_zero_copy: int = 0
 
 
 @dataclass(frozen=True)

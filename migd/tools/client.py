@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from ..errors import MigrationError
+from ..io.target import parse_offset as parse_uri_offset
 from ..units import size_bytes
 
 FINAL_STATES = ("completed", "failed", "cancelled")
@@ -44,14 +46,12 @@ def parse_size(text: str) -> int:
 
 
 def parse_offset(text: str) -> int:
-    """Decimal or 0x-hex, as the daemon's file: URIs accept."""
+    """Decimal or 0x-hex: the daemon's own parser of file: URI offsets, so that the client
+    takes exactly what a URI may carry; with the command line's error text."""
     try:
-        value = int(text, 16) if text[:2].lower() == "0x" else int(text, 10)
-    except ValueError:
+        return parse_uri_offset(text)
+    except MigrationError:
         raise ValueError(f"'{text}' is not an offset (decimal or 0x-hex)") from None
-    if value < 0:
-        raise ValueError(f"offset {text} is negative")
-    return value
 
 
 def human_bytes(n: float) -> str:
