@@ -9,13 +9,16 @@ import argparse
 import asyncio
 import logging
 import sys
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .. import __version__
 from ..errors import ConfigError, MigdError
 from ..migration.settings import CHANNELS_MAX, CHANNELS_MIN, channels_in_range
 from .config import DEFAULT_CONFIG_PATH, default_socket_path, load_config
+
+T = TypeVar("T")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -108,13 +111,13 @@ def _setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
 
 
-def _run_loop(coro: object) -> None:
+def _run_loop(coro: Coroutine[Any, Any, None]) -> None:
     try:
         import uvloop
     except ImportError:  # uvloop is a speed-up, not a requirement
-        asyncio.run(coro)  # type: ignore[arg-type]
+        asyncio.run(coro)
     else:
-        uvloop.run(coro)  # type: ignore[arg-type]
+        uvloop.run(coro)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -161,12 +164,12 @@ def cmd_schema(args: argparse.Namespace) -> int:
 # --- tools and clients (inspect, save, restore, status, call) -------------------------------
 
 
-def _type(parse: object) -> object:
+def _type(parse: Callable[[str], T]) -> Callable[[str], T]:
     """An argparse type from a parser that raises ValueError with a readable text."""
 
-    def convert(text: str) -> object:
+    def convert(text: str) -> T:
         try:
-            return parse(text)  # type: ignore[operator]
+            return parse(text)
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -180,7 +183,7 @@ def _channels(text: str) -> int:
     return value
 
 
-def _add_client_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from ..tools.client import parse_offset, parse_size
 
     inspect = sub.add_parser(
@@ -329,12 +332,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _run_client(name: str, coro: object) -> int:
+def _run_client(name: str, coro: Coroutine[Any, Any, int]) -> int:
     """Runs a client coroutine; maps its exceptions to exit codes."""
     from ..tools.client import ClientError, UsageError
 
     try:
-        result = asyncio.run(coro)  # type: ignore[arg-type]
+        result = asyncio.run(coro)
     except UsageError as exc:
         print(f"migd {name}: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -347,7 +350,7 @@ def _run_client(name: str, coro: object) -> int:
     except BrokenPipeError:  # `migd status | head`: not worth a traceback
         _drop_stdout()
         return EXIT_FAILED
-    return result  # type: ignore[no-any-return]
+    return result
 
 
 def _drop_stdout() -> None:
