@@ -6,8 +6,9 @@ takes it; the store owns it from then on.
 
 from __future__ import annotations
 
-from ..qmp.dispatch import Context, command
+from ..qmp.dispatch import command
 from ..qmp.validation import Empty, QapiModel
+from .context import Context
 
 
 class GetfdArgs(QapiModel):

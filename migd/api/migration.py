@@ -11,8 +11,9 @@ from pydantic import ConfigDict, Field, Strict, create_model
 from ..errors import MigrationError
 from ..io.target import FileTarget, NotSeekable, parse_uri
 from ..migration.settings import MigrationCapability, Parameters, field_types, plain_types
-from ..qmp.dispatch import Context, command
+from ..qmp.dispatch import command
 from ..qmp.validation import Empty, QapiModel
+from .context import Context
 
 
 class CapabilityState(QapiModel):
