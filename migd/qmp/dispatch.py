@@ -26,7 +26,10 @@ class Session(Protocol):
     """What a handler may ask of the connection that sent the command."""
 
     negotiated: bool
-    peer_uid: int | None  # the client's uid (SO_PEERCRED), None if unknown
+
+    @property
+    def peer_uid(self) -> int | None:
+        """The client's uid (SO_PEERCRED), None if unknown."""
 
     def take_fd(self) -> int: ...
 
@@ -57,7 +60,7 @@ class Command:
     result: Any
     handler: Handler
     description: str
-    result_adapter: TypeAdapter[Any] = field(compare=False, repr=False, default=None)  # type: ignore[assignment]
+    result_adapter: TypeAdapter[Any] = field(compare=False, repr=False)
 
 
 COMMANDS: dict[str, Command] = {}

@@ -12,6 +12,7 @@ from typing import Any
 
 import annotated_types
 from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic_core import ErrorDetails
 
 from ..errors import InvalidRequest
 
@@ -99,22 +100,24 @@ def _field_at(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[Any, list[A
     return annotation, metadata + inner
 
 
-def _expects(model: type[BaseModel], loc: tuple[Any, ...], err: dict[str, Any]) -> str:
+def _expects(model: type[BaseModel], loc: tuple[Any, ...], err: ErrorDetails) -> str:
     annotation, metadata = _field_at(model, loc)
     if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
         return annotation.__name__
     if typing.get_origin(annotation) is typing.Literal:
         return " or ".join(repr(v) for v in typing.get_args(annotation))
-    low = high = None
+    # annotated_types types its bounds as merely comparable; the models' bounds are ints.
+    low: int | None = None
+    high: int | None = None
     for m in metadata:
         if isinstance(m, annotated_types.Ge):
-            low = m.ge
+            low = typing.cast(int, m.ge)
         elif isinstance(m, annotated_types.Gt):
-            low = m.gt + 1
+            low = typing.cast(int, m.gt) + 1
         elif isinstance(m, annotated_types.Le):
-            high = m.le
+            high = typing.cast(int, m.le)
         elif isinstance(m, annotated_types.Lt):
-            high = m.lt - 1
+            high = typing.cast(int, m.lt) - 1
     if low is not None and high is not None:
         return f"a value between {low} and {high}"
     if low is not None:
