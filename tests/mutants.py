@@ -274,6 +274,20 @@ MUTANTS = [
         ("tests/test_serving.py::test_a_client_that_never_reads_its_replies_is_dropped_and_its_memory_returns",),
     ),
     Mutant(
+        "closing-session-runs-requests-it-had-read",
+        "migd/qmp/server.py",
+        "            if self._unsent.dropped or self._closing:",
+        "            if self._unsent.dropped:",
+        ("tests/test_shutdown_order.py::test_a_closing_session_answers_the_request_it_handles_and_runs_no_other",),
+    ),
+    Mutant(
+        "sessions-served-while-the-job-stops",
+        "migd/app/daemon.py",
+        "        await self.server.close_sessions(SESSION_GRACE)",
+        "        await asyncio.sleep(0)",
+        ("tests/test_shutdown_order.py::test_a_request_sent_once_the_job_is_being_cancelled_is_not_run",),
+    ),
+    Mutant(
         "message-size-limit-removed",
         "migd/qmp/wire.py",
         "        if len(self._buf) > self._limit:",

@@ -9,8 +9,9 @@ from pydantic import Strict
 
 from .. import __version__
 from ..errors import CommandNotFound, MigdError
-from ..qmp.dispatch import COMMANDS, Context, command, version_numbers
+from ..qmp.dispatch import COMMANDS, command, version_numbers
 from ..qmp.validation import Empty, QapiModel
+from .context import Context
 
 
 class QMPCapability(enum.StrEnum):

@@ -7,8 +7,9 @@ takes it; the store owns it from then on.
 from __future__ import annotations
 
 from ..qapi import Int64
-from ..qmp.dispatch import Context, command
+from ..qmp.dispatch import command
 from ..qmp.validation import Empty, QapiModel
+from .context import Context
 
 
 class GetfdArgs(QapiModel):

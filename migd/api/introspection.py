@@ -22,8 +22,9 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel
 
-from ..qmp.dispatch import COMMANDS, EVENTS, Context, command
+from ..qmp.dispatch import COMMANDS, EVENTS, command
 from ..qmp.validation import Empty
+from .context import Context
 
 SchemaInfo = dict[str, Any]
 

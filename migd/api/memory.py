@@ -11,12 +11,13 @@ from typing import Annotated
 from pydantic import Strict
 
 from ..errors import InvalidRequest
-from ..qmp.dispatch import Context, command
+from ..qmp.dispatch import command
 from ..qmp.validation import Empty, QapiModel
 from ..state.fdsets import is_fdset_path
 from ..state.memory import MemoryBackend, create_file_backend, create_ram_backend
 from ..state.partial import PartialMarks
 from ..state.paths import PathPolicy, trusted_owners
+from .context import Context
 
 
 class QomType(enum.StrEnum):

@@ -14,8 +14,9 @@ from ..io.target import FileTarget, NotSeekable, parse_uri
 from ..migration.job import MigrationStatus, RamStats
 from ..migration.settings import MigrationCapability, Parameters, field_types, plain_types
 from ..qapi import Uint64
-from ..qmp.dispatch import Context, command, event
+from ..qmp.dispatch import command, event
 from ..qmp.validation import Empty, QapiModel
+from .context import Context
 
 
 class CapabilityState(QapiModel):

@@ -1,4 +1,20 @@
-"""The daemon: owns the server and the services; signals, readiness, shutdown order."""
+"""The daemon: owns the server and the services; signals, readiness, shutdown order.
+
+Shutdown (SIGTERM or SIGINT, with its own socket or one systemd passed) goes in uvicorn's
+order, so that no client can start or change anything once the job is being stopped:
+
+1. stop accepting: the listener is closed, a connect is refused from then on (a socket
+   systemd passed stays open in systemd, which queues clients for the next migd);
+2. close the client sessions: none reads another request (one already received but not
+   started is not run), the request being handled gets SESSION_GRACE seconds to reply,
+   queued replies and events are sent, the connections close;
+3. cancel the job and release the services: MigrationEngine.close (the job gets
+   STOP_TIMEOUT seconds to stop), the memory backends, the passed fds; last the socket
+   file, if it is still the one this daemon made.
+
+Each step is logged ("shutting down: ...", then "migd stopped"). The whole stays under
+2 s: SESSION_GRACE plus the engine's STOP_TIMEOUT.
+"""
 
 from __future__ import annotations
 
@@ -33,6 +49,8 @@ from .services import Services
 log = logging.getLogger(__name__)
 
 SD_LISTEN_FDS_START = 3
+# Seconds a request being handled at shutdown gets to finish and reply (step 2 above).
+SESSION_GRACE = 0.25
 
 
 def inherited_listener() -> socket.socket | None:
@@ -88,7 +106,7 @@ class Daemon:
         self.server: Server | None = None
         self._stop: asyncio.Event | None = None
         self._notifier = sdnotify.SystemdNotifier()
-        self._owns_socket_path = False
+        self._own_socket: tuple[int, int] | None = None  # (st_dev, st_ino) of the file we bound
 
     def notify(self, state: str) -> None:
         if os.environ.get("NOTIFY_SOCKET"):
@@ -118,7 +136,7 @@ class Daemon:
             listener = inherited_listener()
             if listener is None:
                 listener = bind_unix_socket(self.config.socket_path, self.config.socket_mode)
-                self._owns_socket_path = True
+                self._own_socket = file_identity(self.config.socket_path)
                 where = self.config.socket_path
             else:
                 where = f"inherited socket {listener.getsockname()!r}"
@@ -171,12 +189,29 @@ class Daemon:
             log.info("created memory backend %r (%s, %d bytes)", spec.id, spec.qom_type, spec.size)
 
     async def shutdown(self) -> None:
-        """Stop accepting, end the job, close sessions and backends, remove the socket."""
+        """Stop accepting, close the sessions, then end the job and release the services
+        (the order of the module docstring)."""
         assert self.server is not None
         await self.server.stop_accepting()
+        log.info("shutting down: no longer accepting clients")
+        await self.server.close_sessions(SESSION_GRACE)
+        log.info("shutting down: client sessions closed; stopping the job and the services")
         await self.services.close()
-        await self.server.close()
-        if self._owns_socket_path:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.config.socket_path)
+        if self._own_socket is not None:
+            remove_socket_file(self.config.socket_path, self._own_socket)
         log.info("migd stopped")
+
+
+def file_identity(path: str) -> tuple[int, int]:
+    st = os.lstat(path)
+    return st.st_dev, st.st_ino
+
+
+def remove_socket_file(path: str, identity: tuple[int, int]) -> None:
+    """Unlink the socket file if it is still ours: once the listener is closed, a new
+    migd may have taken the path for stale and bound its own socket there."""
+    with contextlib.suppress(FileNotFoundError):
+        if file_identity(path) != identity:
+            log.info("socket %s is another migd's now: left in place", path)
+            return
+        os.unlink(path)

@@ -18,7 +18,8 @@ class Services:
     paths: PathPolicy
 
     async def close(self) -> None:
-        """Shutdown order: end the job (threads joined), unmap the backends, close passed fds."""
+        """Shutdown step 3 (app.daemon): end the job (threads joined, or given up on after
+        the engine's STOP_TIMEOUT), unmap the backends, close the passed fds."""
         await self.engine.close()
         self.memory.close_all()
         self.fdsets.close_all()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 from pydantic import TypeAdapter
 
@@ -19,9 +19,6 @@ from ..errors import CommandNotFound, MigdError
 from .validation import QapiModel, validate
 from .wire import Request, error_reply, return_reply
 
-if TYPE_CHECKING:
-    from ..app.services import Services
-
 log = logging.getLogger(__name__)
 
 
@@ -29,20 +26,31 @@ class Session(Protocol):
     """What a handler may ask of the connection that sent the command."""
 
     negotiated: bool
-    peer_uid: int | None  # the client's uid (SO_PEERCRED), None if unknown
+
+    @property
+    def peer_uid(self) -> int | None:
+        """The client's uid (SO_PEERCRED), None if unknown."""
 
     def take_fd(self) -> int: ...
 
 
+ServicesT = TypeVar("ServicesT")
+
+
 @dataclass
-class Context:
-    """Everything a handler can reach: the connection and the daemon's services."""
+class Context(Generic[ServicesT]):
+    """Everything a handler can reach: the connection and the daemon's services.
+
+    Generic over the services, so that this layer names no type of the layers that
+    define them: the api layer says what its handlers need (api.context), the daemon
+    hands in what it has (app.services).
+    """
 
     session: Session
-    services: Services
+    services: ServicesT
 
 
-Handler = Callable[[Context, Any], Awaitable[Any]]
+Handler = Callable[[Context[Any], Any], Awaitable[Any]]
 
 
 @dataclass(frozen=True)
@@ -52,7 +60,7 @@ class Command:
     result: Any
     handler: Handler
     description: str
-    result_adapter: TypeAdapter[Any] = field(compare=False, repr=False, default=None)  # type: ignore[assignment]
+    result_adapter: TypeAdapter[Any] = field(compare=False, repr=False)
 
 
 COMMANDS: dict[str, Command] = {}
@@ -77,7 +85,7 @@ def event(name: str, data: type[QapiModel]) -> None:
     EVENTS[name] = data
 
 
-async def dispatch(ctx: Context, req: Request) -> dict[str, Any]:
+async def dispatch(ctx: Context[Any], req: Request) -> dict[str, Any]:
     """Run one request; every failure becomes an error reply, never an exception."""
     try:
         if not ctx.session.negotiated and req.execute != "qmp_capabilities":

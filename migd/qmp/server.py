@@ -9,6 +9,12 @@ streaming requests without pause cannot starve other clients, running jobs or SI
 It reads no more requests while more than REPLY_PAUSE_BYTES of its replies are unsent
 (the client is not reading them), and a client whose unsent replies and events pass
 REPLY_LIMIT_BYTES is dropped: a client that never reads costs a bounded amount of memory.
+
+Stopping is in two steps, as uvicorn's: `stop_accepting` closes the listener (a connect
+is refused from then on), `close_sessions` ends every session. A closing session reads
+no more requests, not even those already received in the same read: the request being
+handled gets its reply (within a grace period, else it is cancelled), and whatever was
+queued for the client is sent before the connection closes.
 """
 
 from __future__ import annotations
@@ -46,6 +52,8 @@ MAX_FDS_PER_MESSAGE = 16  # QEMU's TCP_MAX_FDS
 REPLY_PAUSE_BYTES = 1 << 20
 # ... and drop it when its unsent replies and events pass this (one message may go over).
 REPLY_LIMIT_BYTES = 16 << 20
+# Seconds a closing session's writer gets to send what is queued for its client.
+FLUSH_SECONDS = 2.0
 
 Dispatch = Callable[["Session", Request], Awaitable[dict[str, Any]]]
 
@@ -74,6 +82,7 @@ class Session:
         self._loop = asyncio.get_running_loop()
         self._unsent = _UnsentBytes()
         self._fds_refused: FdError | None = None
+        self._closing = False
 
     @functools.cached_property
     def peer_uid(self) -> int | None:
@@ -137,6 +146,20 @@ class Session:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)  # wakes the read loop with EOF
 
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        """Read no more requests (shutdown): the one being handled still gets its reply,
+        then the connection closes."""
+        if self._closing:
+            return
+        self._closing = True
+        self._unsent.stop_waiting()  # a read loop paused on unread replies goes on
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RD)  # wakes a read loop waiting for data
+
     async def _wait(self, add: Callable[..., None], remove: Callable[[int], Any]) -> None:
         fut = self._loop.create_future()
         fd = self.sock.fileno()
@@ -195,15 +218,16 @@ class Session:
     async def run(self, dispatch: Dispatch) -> None:
         writer = asyncio.create_task(self._writer())
         splitter = MessageSplitter()
+        flush = True
         try:
             self.send(self.server.greeting)
-            while not self._unsent.dropped:
+            while not self._unsent.dropped and not self._closing:
                 await self._pause_while_replies_unread()
                 data, fds = await self._recv()
                 if fds:
                     self._replace_pending_fds(fds)
-                if not data:
-                    break
+                if not data or self._closing:
+                    break  # a read that raced with close() is not handled
                 try:
                     texts = splitter.feed(data)
                 except MessageTooLarge as exc:
@@ -214,13 +238,19 @@ class Session:
                 await asyncio.sleep(0)  # even a read that completes no request yields
         except (ConnectionError, OSError) as exc:
             log.debug("session %d: %s", self.number, exc)
+        except asyncio.CancelledError:
+            flush = False  # the server stopped waiting for this session: close at once
+            raise
         finally:
             self._close_pending_fds()
             self._out.put_nowait(None)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer, 2)
-            writer.cancel()
-            self.sock.close()
+            try:
+                if flush:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(writer, FLUSH_SECONDS)
+            finally:  # also when the server cancels this task meanwhile
+                writer.cancel()
+                self.sock.close()
 
     async def _pause_while_replies_unread(self) -> None:
         """Backpressure: a client that does not read its replies is not read either."""
@@ -236,7 +266,7 @@ class Session:
         """Handle the requests of one read in order, one at a time, yielding after each:
         a handler that never awaits would otherwise hold the event loop for the whole read."""
         for text in texts:
-            if self._unsent.dropped:
+            if self._unsent.dropped or self._closing:
                 return
             self.send(await self._handle(text, dispatch))
             await asyncio.sleep(0)
@@ -261,6 +291,7 @@ class _UnsentBytes:
     def __init__(self) -> None:
         self.count = 0
         self.dropped = False
+        self._waiting = True
         self._changed = asyncio.Event()
 
     def add(self, n: int) -> None:
@@ -275,9 +306,15 @@ class _UnsentBytes:
         self.count = 0
         self._changed.set()
 
+    def stop_waiting(self) -> None:
+        """End a wait in below() now and any later one at once (the session closes)."""
+        self._waiting = False
+        self._changed.set()
+
     async def below(self, limit: int) -> None:
-        """Wait until at most `limit` bytes are unsent (or the client was dropped)."""
-        while self.count > limit and not self.dropped:
+        """Wait until at most `limit` bytes are unsent (or the client was dropped, or the
+        session closes)."""
+        while self.count > limit and not self.dropped and self._waiting:
             self._changed.clear()
             await self._changed.wait()
 
@@ -317,12 +354,13 @@ class Server:
             except OSError:
                 log.info("client %d connected", self._count)
             session = Session(self, sock, self._count)
+            # In the set before its task runs: close_sessions() must find it.
+            self.sessions.add(session)
             task = asyncio.create_task(self._serve(session))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
     async def _serve(self, session: Session) -> None:
-        self.sessions.add(session)
         try:
             await session.run(self._dispatch)
         finally:
@@ -336,20 +374,27 @@ class Server:
                 session.send(msg)
 
     async def stop_accepting(self) -> None:
+        """Accept no more clients and close the listener: a connect is refused from now
+        on (with socket activation, it waits in systemd's socket for the next migd)."""
         if self._accepting is not None:
             self._accepting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._accepting
             self._accepting = None
-
-    async def close(self) -> None:
-        """Stop accepting, then end every session."""
-        await self.stop_accepting()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
         self.listener.close()
+
+    async def close_sessions(self, grace: float) -> None:
+        """End every session: none reads another request, the request being handled
+        gets `grace` seconds to finish and reply, then is cancelled."""
+        for session in list(self.sessions):
+            session.close()
+        tasks = set(self._tasks)
+        if not tasks:
+            return
+        _, unfinished = await asyncio.wait(tasks, timeout=grace)
+        for task in unfinished:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def bind_unix_socket(path: str, mode: int) -> socket.socket:

@@ -121,14 +121,16 @@ def _expects(model: type[BaseModel], loc: tuple[Any, ...], err: ErrorDetails) ->
         return annotation.__name__
     if typing.get_origin(annotation) is typing.Literal:
         return " or ".join(repr(v) for v in typing.get_args(annotation))
-    low = high = None
+    # annotated_types types its bounds as merely comparable; the models' bounds are ints.
+    low: int | None = None
+    high: int | None = None
     for m in metadata:
         if isinstance(m, annotated_types.Ge):
-            low = m.ge
+            low = typing.cast(int, m.ge)
         elif isinstance(m, annotated_types.Gt):
             low = cast(int, m.gt) + 1
         elif isinstance(m, annotated_types.Le):
-            high = m.le
+            high = typing.cast(int, m.le)
         elif isinstance(m, annotated_types.Lt):
             high = cast(int, m.lt) - 1
     if low is not None and high is not None:
