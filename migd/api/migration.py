@@ -9,7 +9,7 @@ from typing import Annotated
 from pydantic import ConfigDict, Field, Strict, create_model
 
 from ..errors import MigrationError
-from ..io.target import FileTarget, NotSeekable, parse_uri
+from ..io.target import FileTarget, NotSeekable, Target, parse_uri
 from ..migration.settings import MigrationCapability, Parameters, field_types, plain_types
 from ..qmp.dispatch import Context, command
 from ..qmp.validation import Empty, QapiModel
@@ -118,7 +118,7 @@ class MigrationChannel(QapiModel):
     addr: MigrationAddress
 
 
-def resolve_target(uri: str | None, channels: list[MigrationChannel] | None) -> FileTarget:
+def resolve_target(uri: str | None, channels: list[MigrationChannel] | None) -> Target:
     """QEMU's rules for `uri` versus `channels`, down to one file target."""
     if (uri is None) == (channels is None):
         raise MigrationError("need either 'uri' or 'channels' argument")
@@ -148,7 +148,7 @@ class TargetArgs(QapiModel):
     uri: str | None = None
     channels: list[MigrationChannel] | None = None
 
-    def target(self) -> FileTarget:
+    def target(self) -> Target:
         return resolve_target(self.uri, self.channels)
 
 
