@@ -122,8 +122,8 @@ class FileTarget:
         return f"file:{self.path},offset={self.offset}" if self.offset else f"file:{self.path}"
 
     @classmethod
-    def parse(cls, uri: str, rest: str) -> FileTarget:
-        """`rest` of `file:PATH[,offset=N]`."""
+    def parse(cls, rest: str) -> FileTarget:
+        """What follows `file:` in `file:PATH[,offset=N]`."""
         path, comma, option = rest.partition(",")
         offset = 0
         if comma:
@@ -216,8 +216,8 @@ def parse_offset(text: str) -> int:
     return int(text, 16) if text[:2].lower() == "0x" else int(text, 10)
 
 
-# URI scheme -> the target parser, given the whole URI and what follows "scheme:".
-TARGETS: dict[str, Callable[[str, str], Target]] = {
+# URI scheme -> the target's parser, given what follows "scheme:".
+TARGETS: dict[str, Callable[[str], Target]] = {
     "file": FileTarget.parse,
 }
 
@@ -229,7 +229,7 @@ def parse_uri(uri: str) -> Target:
         raise MigrationError(f"unknown migration protocol: {uri}")
     parse = TARGETS.get(scheme)
     if parse is not None:
-        return parse(uri, rest)
+        return parse(rest)
     if scheme in _OTHER_TRANSPORTS:
         raise NotSeekable("Migration requires seekable transport (e.g. file)")
     raise MigrationError(f"unknown migration protocol: {uri}")
