@@ -12,6 +12,7 @@ job's cancel event is set. Like any engine it sets the cancel event on every exc
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 
@@ -44,7 +45,10 @@ class FakeEngine:
         transfer.counters.append(Counters())  # a channel that moves nothing
         try:
             if self.error is not None:
-                raise self.error
+                # A copy, and no local name for it: an exception kept (here or in a frame
+                # its traceback holds) would keep this frame's transfer, and with it views
+                # of the backends' memory, alive after the job (object-del could not unmap).
+                raise copy.copy(self.error)
             self.hanging = True
             while not transfer.cancel.is_set():
                 await asyncio.sleep(POLL)

@@ -4,6 +4,7 @@ in-process daemon, and the job's status, error-desc, files and fds are checked."
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,13 @@ from .fake_engine import FakeEngine
 
 MiB = 1 << 20
 SIZE = 8 * MiB
+
+
+def _unmapped(mem_path: Path) -> bool:
+    """Neither mapped nor open in this process: object-del after a failed job unmaps at
+    once, so no frame or traceback of the job's error may still hold a view of the memory."""
+    maps = Path("/proc/self/maps").read_text()
+    return str(mem_path) not in maps and not any(str(mem_path) in fd for fd in open_fds())
 
 
 async def _ready(migd_inproc: Any, qmp: Any, shm: Path, fake: FakeEngine) -> None:
@@ -64,12 +72,17 @@ async def test_a_restore_whose_engine_fails_says_the_backends_hold_partial_data(
     fake = FakeEngine(error=MemoryFault(text), at=2)  # the save (1st) is real
     await _ready(migd_inproc, qmp, shm, fake)
     assert (await save(qmp, image))["status"] == "completed"
-    info = await restore(qmp, image)
-    assert info["status"] == "failed"
-    assert info["error-desc"] == f"{text}; memory backends 'ram0' hold partial data"
-    assert fake.directions == ["save", "restore"]
+    gc.disable()  # only migd itself may release the mapping (see _unmapped)
+    try:
+        info = await restore(qmp, image)
+        assert info["status"] == "failed"
+        assert info["error-desc"] == f"{text}; memory backends 'ram0' hold partial data"
+        assert fake.directions == ["save", "restore"]
+        await qmp.execute("object-del", {"id": "ram0"})
+        assert _unmapped(shm / "ram0")
+    finally:
+        gc.enable()
     # The mark stays: object-add of that file is refused until a restore completes.
-    await qmp.execute("object-del", {"id": "ram0"})
     add = {"qom-type": "memory-backend-file", "id": "ram0", "size": SIZE}
     desc = await qmp_error(qmp, "object-add", {**add, "mem-path": str(shm / "ram0")})
     assert "interrupted restore of" in desc and str(image) in desc, desc
