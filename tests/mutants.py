@@ -65,9 +65,9 @@ MUTANTS = [
     ),
     Mutant(
         "first-channel-fd-left-open-on-a-later-open-failure",
-        "migd/migration/engine.py",
-        "            for fd in fds:\n                self.closer(fd)\n            raise",
-        "            for fd in fds[1:]:\n                self.closer(fd)\n            raise",
+        "migd/io/target.py",
+        "            for fd in fds:\n                self._openers.close(fd)\n",
+        "            for fd in fds[1:]:\n                self._openers.close(fd)\n",
         (G + "test_a_failed_channel_open_leaves_no_fd_open_in_the_daemon",),
     ),
     Mutant(
@@ -86,7 +86,7 @@ MUTANTS = [
     ),
     Mutant(
         "channels-opened-without-o-direct",
-        "migd/io/threads.py",
+        "migd/io/target.py",
         "return open_file(path, flags | (os.O_DIRECT if direct else 0), 0o600)",
         "return open_file(path, flags | (0 if direct else 0), 0o600)",
         (G + "test_direct_io_opens_every_channel_with_o_direct",),
@@ -174,7 +174,7 @@ MUTANTS = [
     # --- which files migd opens -------------------------------------------------------
     Mutant(
         "channel-identity-check-removed",
-        "migd/migration/engine.py",
+        "migd/io/target.py",
         "if (st.st_dev, st.st_ino) != (main.st_dev, main.st_ino):",
         "if False:",
         (G + "test_an_fdset_whose_o_direct_fd_is_another_file_is_refused",),
@@ -231,8 +231,8 @@ MUTANTS = [
     ),
     Mutant(
         "pool-left-without-cancelling-its-threads",
-        "migd/migration/engine.py",
-        "                job.cancel.set()\n                raise\n",
+        "migd/io/threads.py",
+        "                cancel.set()\n                raise\n",
         "                raise\n",
         ("tests/test_job_status.py::test_a_job_task_cancelled_under_its_threads_tells_them_to_stop",),
     ),
@@ -246,9 +246,9 @@ MUTANTS = [
     # --- memory backends, restores ----------------------------------------------------
     Mutant(
         "shrink-check-removed",
-        "migd/migration/engine.py",
-        "            if shrunk is not None:\n                raise shrunk",
-        "            if False:\n                raise shrunk",
+        "migd/io/engine.py",
+        "        if shrunk is not None:\n            raise shrunk",
+        "        if False:\n            raise shrunk",
         (G + "test_a_memory_file_cut_after_its_pages_were_restored_fails_the_restore",),
     ),
     Mutant(

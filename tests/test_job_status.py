@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 
 import pytest
@@ -69,13 +70,13 @@ async def test_a_job_task_cancelled_under_its_threads_tells_them_to_stop(short_d
     await engine.start_save(FileTarget(str(short_dir / "c.img")))
     job = engine.job
     assert job is not None and job.task is not None
-    while not job.channels or job.totals()[0] == 0:
+    while not job.counters or job.totals()[0] == 0:
         await asyncio.sleep(0.01)
     job.task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await job.task
     assert job.cancel.is_set()
-    moved = sum(ch.counters.pages_done for ch in job.channels)
+    moved = sum(c.pages_done for c in job.counters)
     assert moved * 4096 < job.total_bytes  # the threads stopped, not finished
 
 
@@ -104,7 +105,7 @@ async def test_a_cancel_while_the_channels_open_ends_cancelled_and_never_active(
             asyncio.run_coroutine_threadsafe(engine.cancel(), loop).result(timeout=30)
         return fd
 
-    engine.opener = opener
+    engine.openers = dataclasses.replace(engine.openers, fdset=opener)
     target = FileTarget("/dev/fdset/1")
     if direction == "save":
         await engine.start_save(target)

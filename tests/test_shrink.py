@@ -151,24 +151,19 @@ def test_a_shared_memory_file_truncated_during_a_restore_is_reported_as_shrunk(
 
 
 async def test_the_channels_fault_on_a_full_filesystem_gives_the_allocation_error(
-    qmp, shm, short_dir, small_tmpfs, monkeypatch
+    migd_inproc, qmp, shm, short_dir, small_tmpfs, monkeypatch
 ):
     """Which thread fails first must not change the error: here the populator does
     nothing, so a channel's read into unallocatable memory (EFAULT) is the first and only
     failure, and the job still reports the allocation error the populator would."""
-    from migd.io import threads as channels
-    from migd.migration import engine as migration
     from migd.migration import plan
 
+    from .fake_engine import FakeEngine
     from .test_restore import _saved_into_small_tmpfs
-
-    class IdlePopulator(channels.Populator):
-        def run(self) -> None:
-            pass
 
     dst = await _saved_into_small_tmpfs(qmp, shm, short_dir, small_tmpfs)
     monkeypatch.setattr(plan, "check_room", lambda path, needs: None)
-    monkeypatch.setattr(migration, "Populator", IdlePopulator)
+    migd_inproc.daemon.services.engine.io_engine = FakeEngine(idle_populator=True)
     await qmp.execute("migrate-incoming", {"uri": f"file:{short_dir}/save.img"})
     deadline = time.monotonic() + 60
     while (info := await qmp.execute("query-migrate"))["status"] not in FINAL_STATES:

@@ -10,7 +10,7 @@ from typing import Annotated
 from pydantic import ConfigDict, Field, Strict, create_model
 
 from ..errors import MigrationError
-from ..io.target import FileTarget, NotSeekable, parse_uri
+from ..io.target import FileTarget, NotSeekable, Target, parse_uri
 from ..migration.job import MigrationStatus, RamStats
 from ..migration.settings import MigrationCapability, Parameters, field_types, plain_types
 from ..qapi import Uint64
@@ -122,7 +122,7 @@ class MigrationChannel(QapiModel):
     addr: MigrationAddress
 
 
-def resolve_target(uri: str | None, channels: list[MigrationChannel] | None) -> FileTarget:
+def resolve_target(uri: str | None, channels: list[MigrationChannel] | None) -> Target:
     """QEMU's rules for `uri` versus `channels`, down to one file target."""
     if (uri is None) == (channels is None):
         raise MigrationError("need either 'uri' or 'channels' argument")
@@ -153,7 +153,7 @@ class TargetArgs(QapiModel):
     uri: str | None = None
     channels: list[MigrationChannel] | None = None
 
-    def target(self) -> FileTarget:
+    def target(self) -> Target:
         return resolve_target(self.uri, self.channels)
 
 

@@ -34,7 +34,7 @@ from .. import __version__
 from ..api.commands import Context, dispatch
 from ..api.memory import create_backend
 from ..errors import MigdError
-from ..io.threads import open_channel_fd
+from ..io.target import open_channel_fd
 from ..migration.engine import MigrationEngine
 from ..qmp.dispatch import version_numbers
 from ..qmp.server import Server, Session, bind_unix_socket

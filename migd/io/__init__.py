@@ -1,2 +1,3 @@
-"""Moving pages between memory and files: migration addresses and targets (target), the
-channel threads and the populator, the zero scan, the bandwidth throttle (threads)."""
+"""Moving pages between memory and files: targets and their fds (target), the I/O engine
+seam and its table (engine), the default engine's channel threads and populator (threads),
+the zero scan (zero_scan), the bandwidth throttle (throttle)."""

@@ -1,25 +1,208 @@
-"""Migration addresses: `file:PATH[,offset=N]` URIs and QAPI `channels`, QEMU's rules."""
+"""The target seam: where a job's stream goes or comes from, and the fds it opens there.
+
+A `Target` is parsed from the job's address (TARGETS maps a URI scheme to its parser;
+QAPI `channels` are resolved by the api layer) and then opens, for one job, its main fd
+and one fd per multifd channel, closes what it opened, and on a start that fails after
+all removes a file it created. The daemon's policies for opening reach it as `Openers`.
+
+`FileTarget` is the one target: `file:PATH[,offset=N]`, a named file (under the
+allowed-dirs policy and paths.open_regular's rules) or a passed fdset (/dev/fdset/N).
+The other transports QEMU knows cannot carry a mapped-ram stream (NotSeekable); a new
+target (a socket, say) is its module plus one TARGETS entry.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import functools
+import os
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
 
-from ..errors import MigrationError
+from ..errors import ChannelError, MigrationError
+from ..state.fdsets import is_fdset_path
+from ..state.paths import (
+    ChannelOpener,
+    FileOpener,
+    open_regular,
+    plain_open,
+    remove_created,
+    trusted_owners,
+)
 
 _OTHER_TRANSPORTS = ("unix", "tcp", "fd", "exec", "rdma", "vsock")
 _OFFSET = re.compile(r"(0[xX][0-9a-fA-F]+|[0-9]+)")
 
 
+def _open_error(path: str, exc: OSError) -> ChannelError:
+    return ChannelError(f"Could not open '{path}': {os.strerror(exc.errno or errno.EIO)}")
+
+
+def open_channel_fd(path: str, flags: int, direct: bool, open_file: FileOpener = plain_open) -> int:
+    """Open one channel's own fd; EINVAL with O_DIRECT means the filesystem refuses it."""
+    try:
+        return open_file(path, flags | (os.O_DIRECT if direct else 0), 0o600)
+    except OSError as exc:
+        if direct and exc.errno == errno.EINVAL:
+            raise ChannelError(
+                f"Could not open '{path}': filesystem does not support O_DIRECT"
+            ) from None
+        raise _open_error(path, exc) from None
+
+
+def close_quietly(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
 @dataclass(frozen=True)
+class Openers:
+    """The daemon's policies for the fds a target opens (the defaults: no policy)."""
+
+    fdset: ChannelOpener = open_channel_fd  # /dev/fdset/N: dups from the set, matched by flags
+    named: FileOpener = plain_open  # named files (the allowed-dirs policy's open)
+    close: Callable[[int], None] = close_quietly  # closes what these opened (fdset dups tracked)
+
+
+class Target(Protocol):
+    """One job's end of the stream. Its open and close methods block: call them off the
+    event loop. A target serves one job: open_main first, close (or discard) last."""
+
+    path: str  # names the stream in every error text and log line
+    offset: int  # where the stream starts in it
+
+    def open_main(self, openers: Openers, direction: str, peer_uid: int | None) -> int:
+        """The main fd: "save" opens for writing (creating what is missing), "restore"
+        for reading. `peer_uid` is the client's uid (an existing file it owns is trusted)."""
+        ...
+
+    def open_channels(self, count: int, direct: bool) -> list[int]:
+        """`count` more fds on the main fd's stream, O_DIRECT if `direct`; all or none."""
+        ...
+
+    def close_channels(self) -> None:
+        """Close the channel fds (the main fd stays open)."""
+        ...
+
+    def close(self) -> None:
+        """Close every fd this target opened."""
+        ...
+
+    def discard(self) -> None:
+        """A start refused after the main fd opened: remove what open_main created, close."""
+        ...
+
+
+def _reopener(main_fd: int) -> FileOpener:
+    """An open_file that reopens the main fd's file, whatever its name is now."""
+
+    def reopen(_path: str, flags: int, mode: int) -> int:
+        return os.open(f"/proc/self/fd/{main_fd}", flags | os.O_CLOEXEC)
+
+    return reopen
+
+
+@dataclass
 class FileTarget:
-    """Where a save goes or a restore comes from: a path and the stream's offset in it."""
+    """A save or restore file: a path (or /dev/fdset/N) and the stream's offset in it."""
 
     path: str
     offset: int = 0
+    # What this target opened, for its job (none of it is part of the address).
+    _openers: Openers = field(default_factory=Openers, init=False, repr=False, compare=False)
+    _flags: int = field(default=0, init=False, repr=False, compare=False)
+    _main_fd: int | None = field(default=None, init=False, repr=False, compare=False)
+    _created: bool = field(default=False, init=False, repr=False, compare=False)
+    _channel_fds: list[int] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __str__(self) -> str:
         return f"file:{self.path},offset={self.offset}" if self.offset else f"file:{self.path}"
+
+    @classmethod
+    def parse(cls, rest: str) -> FileTarget:
+        """What follows `file:` in `file:PATH[,offset=N]`."""
+        path, comma, option = rest.partition(",")
+        offset = 0
+        if comma:
+            if not option.startswith("offset="):
+                raise MigrationError(f"file URI has bad option '{option}': only offset= is known")
+            offset = parse_offset(option[len("offset=") :])
+        if not path:
+            raise MigrationError("file URI has no path")
+        return cls(path, offset)
+
+    def open_main(self, openers: Openers, direction: str, peer_uid: int | None) -> int:
+        """A passed fd (/dev/fdset/N) is a dup from its set; a named file must pass
+        paths.open_regular's rules (a save creates a missing file)."""
+        create = direction == "save"
+        flags = os.O_WRONLY if create else os.O_RDONLY
+        if is_fdset_path(self.path):
+            # O_CREAT only for QEMU's matching-flags text: a set's fds are never created.
+            fd = openers.fdset(self.path, flags | (os.O_CREAT if create else 0), False)
+            created = False
+        else:
+            try:
+                fd, created = open_regular(
+                    self.path,
+                    flags,
+                    create=create,
+                    owners=trusted_owners(peer_uid),
+                    open_file=openers.named,
+                )
+            except OSError as exc:
+                raise _open_error(self.path, exc) from None
+        self._openers, self._flags, self._main_fd, self._created = openers, flags, fd, created
+        return fd
+
+    def open_channels(self, count: int, direct: bool) -> list[int]:
+        """Every channel fd is the main fd's file: a named file is reopened through
+        /proc/self/fd/N of the main fd, never by its name again (a name replaced
+        meanwhile would mix pages of two files). A passed fdset gives dups matched by
+        flags, as QEMU's; they must be the main fd's file too.
+        """
+        main_fd, path = self._main_fd, self.path
+        assert main_fd is not None, "open_main first"
+        if is_fdset_path(path):
+            opener = self._openers.fdset
+        else:
+            opener = functools.partial(open_channel_fd, open_file=_reopener(main_fd))
+        main = os.fstat(main_fd)
+        fds: list[int] = []
+        try:
+            for _ in range(count):
+                fd = opener(path, self._flags, direct)
+                fds.append(fd)
+                st = os.fstat(fd)
+                if (st.st_dev, st.st_ino) != (main.st_dev, main.st_ino):
+                    raise ChannelError(
+                        f"'{path}': a channel's fd is not the file the migration opened "
+                        "(the fdset holds fds of different files)"
+                    )
+        except BaseException:
+            for fd in fds:
+                self._openers.close(fd)
+            raise
+        self._channel_fds = fds
+        return list(fds)
+
+    def close_channels(self) -> None:
+        channel_fds, self._channel_fds = self._channel_fds, []
+        for channel_fd in channel_fds:
+            self._openers.close(channel_fd)
+
+    def close(self) -> None:
+        self.close_channels()
+        if self._main_fd is not None:
+            main_fd, self._main_fd = self._main_fd, None
+            self._openers.close(main_fd)
+
+    def discard(self) -> None:
+        if self._created and self._main_fd is not None:
+            remove_created(self.path, self._main_fd)
+        self.close()
 
 
 class NotSeekable(MigrationError):
@@ -33,21 +216,20 @@ def parse_offset(text: str) -> int:
     return int(text, 16) if text[:2].lower() == "0x" else int(text, 10)
 
 
-def parse_uri(uri: str) -> FileTarget:
-    """Split a migration URI; only `file:` can carry a mapped-ram stream."""
+# URI scheme -> the target's parser, given what follows "scheme:".
+TARGETS: dict[str, Callable[[str], Target]] = {
+    "file": FileTarget.parse,
+}
+
+
+def parse_uri(uri: str) -> Target:
+    """Split a migration URI; only a scheme in TARGETS can carry a mapped-ram stream."""
     scheme, sep, rest = uri.partition(":")
     if not sep:
         raise MigrationError(f"unknown migration protocol: {uri}")
+    parse = TARGETS.get(scheme)
+    if parse is not None:
+        return parse(rest)
     if scheme in _OTHER_TRANSPORTS:
         raise NotSeekable("Migration requires seekable transport (e.g. file)")
-    if scheme != "file":
-        raise MigrationError(f"unknown migration protocol: {uri}")
-    path, comma, option = rest.partition(",")
-    offset = 0
-    if comma:
-        if not option.startswith("offset="):
-            raise MigrationError(f"file URI has bad option '{option}': only offset= is known")
-        offset = parse_offset(option[len("offset=") :])
-    if not path:
-        raise MigrationError("file URI has no path")
-    return FileTarget(path, offset)
+    raise MigrationError(f"unknown migration protocol: {uri}")

@@ -1,9 +1,10 @@
-"""The file transport's threads: multifd channels doing positional I/O on their own fds.
+"""The `threads` I/O engine: multifd channels doing positional I/O on their own fds.
 
-No await and no pydantic here. Each channel is one thread with one fd (O_DIRECT when
-direct-io is effective) that takes page runs from a shared queue and does
-os.pwritev/os.preadv straight between the file and the backend's mmap. The asyncio
-side reads the counters as a snapshot; errors come back as ChannelError with the path.
+No pydantic here, and no await below ThreadEngine.run. Each channel is one thread with
+one fd (O_DIRECT when direct-io is effective) that takes page runs from a shared queue
+and does os.pwritev/os.preadv straight between the file and the backend's mmap; a
+populator thread maps the memory ahead of them. The asyncio side reads the counters as a
+snapshot; errors come back as ChannelError with the path.
 
 Two rules keep the daemon alive and stoppable whatever happens to the files:
 * The backends' memory is only ever reached by the kernel (pwritev, preadv, madvise,
@@ -12,10 +13,14 @@ Two rules keep the daemon alive and stoppable whatever happens to the files:
   which kills Python, but EFAULT for a syscall, which the backend explains (shrink error).
 * No call runs for long (CallSizer, WriteBehind): a cancel or SIGTERM is seen within
   about CALL_SECONDS on any disk.
+
+write_fully, read_fully and read_upto also serve the main fd's metadata I/O
+(migration/mapped_ram/).
 """
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import errno
 import logging
@@ -24,59 +29,15 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-
-import numpy as np
+from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import ChannelError, MemoryFault, MigdError
-from ..migration.mapped_ram.format import BlockLayout
 from ..pages import CHUNK_PAGES, PAGE_SIZE
-from ..state.paths import FileOpener, plain_open
+from .engine import BlockIO, Counters, PageRun, Transfer
 from .throttle import Throttle
 from .zero_scan import MemoryReader, runs_to_write, touch_pages, zero_pages
 
 log = logging.getLogger(__name__)
-
-
-
-@dataclass(frozen=True)
-class PageRun:
-    """A contiguous run of pages of one block: the unit dealt to channels."""
-
-    block: int  # index into the job's block list
-    first_page: int
-    pages: int
-    zero: bool = False  # restore only: make these pages zero instead of reading them
-
-
-@dataclass
-class BlockIO:
-    """What a channel needs of one block: its file layout and its memory."""
-
-    layout: BlockLayout
-    memory: memoryview  # the whole backend mapping, page aligned
-    present: np.ndarray  # one bool per page: the save's bitmap, filled in by the channels
-    zero_range: Callable[[int, int], None] | None = None  # restore: cheap zeroing
-    # What the Populator does to a run before a channel reads or writes it: on restore,
-    # allocate and map the memory; on save, map it for reading.
-    populate: Callable[[int, int], None] | None = None
-    # Why the kernel could not reach this memory (EFAULT), given "save" or "restore": the
-    # backend's file shrank, or its memory could not be allocated; None if neither.
-    explain_fault: Callable[[str], MigdError | None] | None = None
-    # The error if the backend's file is shorter than its mapping now, given the direction.
-    check_size: Callable[[str], MigdError | None] | None = None
-
-
-class Counters:
-    """Progress of one channel; plain ints written by one thread, read as a snapshot."""
-
-    __slots__ = ("bytes", "pages_done", "pages_normal", "pages_zero")
-
-    def __init__(self) -> None:
-        self.bytes = 0  # bytes moved through the fd
-        self.pages_done = 0  # pages dealt with, whether written, read or skipped
-        self.pages_normal = 0  # pages written or read
-        self.pages_zero = 0  # zero pages skipped (save) or zeroed (restore)
 
 
 def _describe(exc: OSError, verb: str, path: str) -> ChannelError:
@@ -290,7 +251,7 @@ class Channel:
                     return
                 pages = self.sizer.next(end - at)
                 data = memory[at * PAGE_SIZE : (at + pages) * PAGE_SIZE]
-                offset = block.layout.page_offset(run.first_page + at)
+                offset = block.page_offset(run.first_page + at)
                 self.throttle.wait(len(data), self.cancel)
                 started = time.monotonic()
                 write_fully(self.fd, data, offset, self.path)
@@ -321,7 +282,7 @@ class Channel:
             memory = block.memory[at * PAGE_SIZE : (at + pages) * PAGE_SIZE]
             self.throttle.wait(len(memory), self.cancel)
             started = time.monotonic()
-            read_fully(self.fd, memory, block.layout.page_offset(at), self.path)
+            read_fully(self.fd, memory, block.page_offset(at), self.path)
             self.sizer.took(pages, time.monotonic() - started)
             self.counters.bytes += len(memory)
             self.counters.pages_normal += pages
@@ -363,24 +324,60 @@ class Populator:
             raise
 
 
-def split_runs(
-    block: int, runs: Sequence[tuple[int, int]], zero: bool = False, chunk: int = CHUNK_PAGES
-) -> list[PageRun]:
-    """Cut (first, count) runs of one block into PageRuns of at most `chunk` pages."""
-    out: list[PageRun] = []
-    for first, count in runs:
-        for at in range(first, first + count, chunk):
-            out.append(PageRun(block, at, min(chunk, first + count - at), zero))
-    return out
+class ThreadEngine:
+    """The default IOEngine: a thread per channel fd and a Populator, in a pool per run."""
 
-
-def open_channel_fd(path: str, flags: int, direct: bool, open_file: FileOpener = plain_open) -> int:
-    """Open one channel's own fd; EINVAL with O_DIRECT means the filesystem refuses it."""
-    try:
-        return open_file(path, flags | (os.O_DIRECT if direct else 0), 0o600)
-    except OSError as exc:
-        if direct and exc.errno == errno.EINVAL:
-            raise ChannelError(
-                f"Could not open '{path}': filesystem does not support O_DIRECT"
-            ) from None
-        raise _describe(exc, "open", path) from None
+    async def run(self, transfer: Transfer) -> None:
+        work: queue.SimpleQueue[PageRun | None] = queue.SimpleQueue()
+        for run in transfer.runs:
+            work.put(run)
+        for _ in transfer.fds:
+            work.put(None)
+        cancel = transfer.cancel
+        channels = [
+            Channel(
+                fd,
+                transfer.path,
+                transfer.blocks,
+                work,
+                cancel,
+                transfer.throttle,
+                transfer.detect_zero,
+                transfer.write_behind,
+            )
+            for fd in transfer.fds
+        ]
+        transfer.counters.extend(ch.counters for ch in channels)
+        # The populator is first in the list, so that its error (out of memory, on restore)
+        # is the one reported, not the EFAULT that reads into memory that cannot be
+        # allocated get meanwhile.
+        populator = Populator(transfer.blocks, transfer.runs, cancel)
+        threads: list[Channel | Populator] = [populator, *channels]
+        bodies = [populator.run, *(getattr(ch, transfer.direction) for ch in channels)]
+        del channels
+        loop = asyncio.get_running_loop()
+        name = f"migd-{transfer.direction}"
+        with ThreadPoolExecutor(len(bodies), thread_name_prefix=name) as pool:
+            try:
+                futures = [loop.run_in_executor(pool, body) for body in bodies]
+                results = await asyncio.gather(*futures, return_exceptions=True)
+            except BaseException:
+                # This task cancelled, or a thread that could not start: leaving the pool
+                # waits for its threads, so they must be told to stop first.
+                cancel.set()
+                raise
+        for thread in threads:
+            thread.blocks = ()  # drop the mmap views so object-del really unmaps afterwards
+        del threads, bodies
+        failures = [r for r in results if isinstance(r, BaseException)]
+        del results, futures
+        if failures:
+            cancel.set()
+            # The thread frames an error reaches hold views of the backends' mappings:
+            # cut them (and any cycle through this frame) so object-del can unmap at once.
+            error = failures.pop(0)
+            error.__context__ = error.__cause__ = None
+            try:
+                raise error.with_traceback(None)
+            finally:
+                del error, failures

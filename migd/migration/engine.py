@@ -1,48 +1,31 @@
 """The engine: admission (one job at a time, its checks), launch, status changes and
-their events, cancel and shutdown, and the channel threads of a job.
+their events, cancel and shutdown.
 
-What a job does to its file is in mapped_ram/save.py and restore.py, how its pages are
-split among the threads in plan.py, the job itself (status, counters) in job.py; the
-asyncio side never waits for I/O, so query-migrate answers from counters.
+The seams do the rest: the job's target (io/target.py) opens and closes its fds, the I/O
+engine (io/engine.py; `threads` by default) moves its page runs, mapped_ram/save.py and
+restore.py do its own file I/O, plan.py splits its pages into runs, and job.py holds its
+status and counters; the asyncio side never waits for I/O, so query-migrate answers from
+counters.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
-import errno
-import functools
 import logging
 import os
-import queue
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from ..errors import ChannelError, MigdError, MigrationError
-from ..io.target import FileTarget
-from ..io.threads import (
-    BlockIO,
-    Channel,
-    PageRun,
-    Populator,
-    open_channel_fd,
-)
+from ..errors import MigdError, MigrationError
+from ..io.engine import BlockIO, IOEngine, PageRun, Transfer, check_sizes, load_engine
+from ..io.target import Openers, Target, close_quietly, open_channel_fd
 from ..io.throttle import Throttle
 from ..pages import PAGE_SIZE
-from ..state.fdsets import is_fdset_path
 from ..state.memory import MemoryBackend, MemoryRegistry
 from ..state.partial import PartialMarks
-from ..state.paths import (
-    ChannelOpener,
-    FileOpener,
-    open_regular,
-    plain_open,
-    remove_created,
-    trusted_owners,
-)
+from ..state.paths import ChannelOpener, FileOpener, plain_open
 from . import plan
 from .job import (
     STRICT_STATUS_ENV,
@@ -64,20 +47,6 @@ SAMPLE_PERIOD = 0.1  # seconds between throughput samples (QEMU's BUFFER_DELAY)
 STOP_TIMEOUT = 1.5  # seconds a shutdown waits for a cancelled job (SIGTERM ends in < 2 s)
 
 
-def _close_quietly(fd: int) -> None:
-    with contextlib.suppress(OSError):
-        os.close(fd)
-
-
-def _reopener(main_fd: int) -> FileOpener:
-    """An open_file that reopens the main fd's file, whatever its name is now."""
-
-    def reopen(_path: str, flags: int, mode: int) -> int:
-        return os.open(f"/proc/self/fd/{main_fd}", flags | os.O_CLOEXEC)
-
-    return reopen
-
-
 class MigrationEngine:
     """Owns capabilities, parameters and at most one running job."""
 
@@ -87,15 +56,16 @@ class MigrationEngine:
         emit: Callable[[str, dict[str, Any]], None] = lambda name, data: None,
         notify: Callable[[str], None] = lambda state: None,
         opener: ChannelOpener = open_channel_fd,
-        closer: Callable[[int], None] = _close_quietly,
+        closer: Callable[[int], None] = close_quietly,
         open_file: FileOpener = plain_open,
+        io_engine: IOEngine | None = None,
     ) -> None:
         self.memory = memory
         self.emit = emit
         self.notify = notify
-        self.opener = opener  # /dev/fdset/N: dups from the set, matched by flags
-        self.open_file = open_file  # named files (the allowed-dirs policy's open)
-        self.closer = closer  # closes what opener opened (fdset dups are tracked)
+        # The daemon's policies for the fds a job's target opens.
+        self.openers = Openers(fdset=opener, named=open_file, close=closer)
+        self.io_engine = io_engine if io_engine is not None else load_engine()
         self.caps = Capabilities()
         self.params = Parameters()
         self.job: Job | None = None
@@ -181,33 +151,32 @@ class MigrationEngine:
                 "capability with migrate-set-capabilities"
             )
 
-    async def start_save(self, target: FileTarget, peer_uid: int | None = None) -> None:
+    async def start_save(self, target: Target, peer_uid: int | None = None) -> None:
         """Checks, open the main fd (off the loop), then run the save in the background."""
         self._check_can_start()
         backends = list(self.memory)
         if not backends:
             raise MigrationError("There is no memory backend to save: add one with object-add")
         layout = format.plan_save([(b.block_name, b.size) for b in backends], target.offset)
-        main_fd, created = await self._open_main(target.path, os.O_WRONLY, True, peer_uid)
+        # In a worker thread: a file on a hung or slow filesystem must not stop the loop.
+        main_fd = await asyncio.to_thread(target.open_main, self.openers, "save", peer_uid)
         try:
             self._refuse_backend_file(
                 main_fd, target.path, "a save to it would overwrite that memory"
             )
             self.refuse_if_busy()  # another request may have started one while we opened
         except BaseException:
-            if created:
-                remove_created(target.path, main_fd)
-            self.closer(main_fd)
+            target.discard()
             raise
         job = Job("save", target, backends, sum(b.size for b in backends))
-        self._launch(job, self._save(job, layout, main_fd), main_fd)
+        self._launch(job, self._save(job, layout, main_fd))
 
     async def start_restore(
-        self, target: FileTarget, skip_unmatched: bool, peer_uid: int | None = None
+        self, target: Target, skip_unmatched: bool, peer_uid: int | None = None
     ) -> None:
         """Open and validate the file's head and blocks, then restore in the background."""
         self._check_can_start()
-        main_fd, _ = await self._open_main(target.path, os.O_RDONLY, False, peer_uid)
+        main_fd = await asyncio.to_thread(target.open_main, self.openers, "restore", peer_uid)
         try:
             self._refuse_backend_file(
                 main_fd, target.path, "a restore would overwrite the save while reading it"
@@ -215,37 +184,13 @@ class MigrationEngine:
             parsed = await asyncio.to_thread(restore.parse, main_fd, target, self.caps.mapped_ram)
             matched, skipped = plan.match_blocks(self.memory, parsed, target, skip_unmatched)
         except BaseException:
-            self.closer(main_fd)
+            target.discard()
             raise
         self.refuse_if_busy()  # another request may have started one while we parsed
         backends = [b for _, b in matched]
         job = Job("restore", target, backends, sum(layout.length for layout, _ in matched))
         job.skipped_blocks = [layout.name for layout in skipped]
-        self._launch(job, self._restore(job, matched, main_fd), main_fd)
-
-    async def _open_main(
-        self, path: str, flags: int, create: bool, peer_uid: int | None
-    ) -> tuple[int, bool]:
-        """The job's main fd -> (fd, created), opened in a worker thread: a file on a hung
-        or slow filesystem must not stop the loop. A passed fd (/dev/fdset/N) is a dup
-        from its set; a named file must pass paths.open_regular's rules."""
-        if is_fdset_path(path):
-            # O_CREAT only for QEMU's matching-flags text: a set's fds are never created.
-            creat = os.O_CREAT if create else 0
-            return await asyncio.to_thread(self.opener, path, flags | creat, False), False
-        try:
-            return await asyncio.to_thread(
-                open_regular,
-                path,
-                flags,
-                create=create,
-                owners=trusted_owners(peer_uid),
-                open_file=self.open_file,
-            )
-        except OSError as exc:
-            raise ChannelError(
-                f"Could not open '{path}': {os.strerror(exc.errno or errno.EIO)}"
-            ) from None
+        self._launch(job, self._restore(job, matched, main_fd))
 
     def _refuse_backend_file(self, fd: int, path: str, consequence: str) -> None:
         """Refuse a job whose file is a memory backend's own file, by device and inode:
@@ -259,14 +204,14 @@ class MigrationEngine:
                     f"('{backend.mem_path}'): {consequence}"
                 )
 
-    def _launch(self, job: Job, body: Any, main_fd: int) -> None:
+    def _launch(self, job: Job, body: Any) -> None:
         for b in job.backends:
             b.in_use += 1
         self.job = job
         self._set_status(job, MigrationStatus.setup)
-        job.task = asyncio.create_task(self._run(job, body, main_fd))
+        job.task = asyncio.create_task(self._run(job, body))
 
-    async def _run(self, job: Job, body: Any, main_fd: int) -> None:
+    async def _run(self, job: Job, body: Any) -> None:
         sampler = asyncio.create_task(self._sample(job))
         try:
             await body
@@ -285,7 +230,7 @@ class MigrationEngine:
             self._set_status(job, MigrationStatus.failed)
         finally:
             sampler.cancel()
-            self.closer(main_fd)
+            job.target.close()
             for b in job.backends:
                 b.in_use -= 1
 
@@ -337,116 +282,51 @@ class MigrationEngine:
 
     # -- the two directions --------------------------------------------------------------
 
-    async def _open_channels(self, job: Job, flags: int, main_fd: int) -> list[int]:
-        """One fd per channel; without multifd the main fd is the only channel.
-
-        Every channel fd is the main fd's file: a named file is reopened through
-        /proc/self/fd/N of the main fd, never by its name again (a name replaced
-        meanwhile would mix pages of two files). A passed fdset gives dups matched by
-        flags, as QEMU's; they must be the main fd's file too.
-        """
+    async def _open_channels(self, job: Job, main_fd: int) -> list[int]:
+        """One fd per channel; without multifd the main fd is the only channel."""
         if not self.caps.multifd:
             return [main_fd]
-        path = job.target.path
-        if is_fdset_path(path):
-            opener = self.opener
-        else:
-            opener = functools.partial(open_channel_fd, open_file=_reopener(main_fd))
-        main = os.fstat(main_fd)
-        fds: list[int] = []
-        try:
-            for _ in range(self.params.multifd_channels):
-                fd = await asyncio.to_thread(opener, path, flags, self.direct_io_effective)
-                fds.append(fd)
-                st = os.fstat(fd)
-                if (st.st_dev, st.st_ino) != (main.st_dev, main.st_ino):
-                    raise ChannelError(
-                        f"'{path}': a channel's fd is not the file the migration opened "
-                        "(the fdset holds fds of different files)"
-                    )
-        except BaseException:
-            for fd in fds:
-                self.closer(fd)
-            raise
-        return fds
+        count, direct = self.params.multifd_channels, self.direct_io_effective
+        return await asyncio.to_thread(job.target.open_channels, count, direct)
 
-    async def _run_channels(
-        self,
-        job: Job,
-        fds: Sequence[int],
-        blocks: Sequence[BlockIO],
-        runs: Sequence[PageRun],
-        direction: str,
+    async def _move_pages(
+        self, job: Job, fds: Sequence[int], blocks: Sequence[BlockIO], runs: Sequence[PageRun]
     ) -> None:
-        work: queue.SimpleQueue[PageRun | None] = queue.SimpleQueue()
-        for run in runs:
-            work.put(run)
-        for _ in fds:
-            work.put(None)
-        throttle = job.throttle = Throttle(self.params.max_bandwidth)
-        detect = self.params.zero_page_detection != "none"
-        # Buffered saves keep their dirty page cache small, so that neither the final sync
-        # nor a stop has to wait for the whole save to reach a slow disk.
-        write_behind = direction == "save" and not self.direct_io_effective
-        job.channels = [
-            Channel(fd, job.target.path, blocks, work, job.cancel, throttle, detect, write_behind)
-            for fd in fds
-        ]
-        # The populator is first in the list, so that its error (out of memory, on restore)
-        # is the one reported, not the EFAULT that reads into memory that cannot be
-        # allocated get meanwhile.
-        populator = Populator(blocks, runs, job.cancel)
-        threads: list[Channel | Populator] = [populator, *job.channels]
-        bodies = [populator.run, *(getattr(ch, direction) for ch in job.channels)]
-        loop = asyncio.get_running_loop()
-        with ThreadPoolExecutor(len(bodies), thread_name_prefix=f"migd-{direction}") as pool:
-            try:
-                futures = [loop.run_in_executor(pool, body) for body in bodies]
-                results = await asyncio.gather(*futures, return_exceptions=True)
-            except BaseException:
-                # This task cancelled, or a thread that could not start: leaving the pool
-                # waits for its threads, so they must be told to stop first.
-                job.cancel.set()
-                raise
-        for thread in threads:
-            thread.blocks = ()  # drop the mmap views so object-del really unmaps afterwards
-        del threads, bodies
-        failures = [r for r in results if isinstance(r, BaseException)]
-        del results, futures
-        if failures:
-            job.cancel.set()
-            # The thread frames an error reaches hold views of the backends' mappings:
-            # cut them (and any cycle through this frame) so object-del can unmap at once.
-            error = failures.pop(0)
-            error.__context__ = error.__cause__ = None
-            try:
-                raise error.with_traceback(None)
-            finally:
-                del error, failures
+        """The page runs through the I/O engine, then the checks no channel could make."""
+        job.throttle = Throttle(self.params.max_bandwidth)
+        direction = job.direction
+        transfer = Transfer(
+            direction,
+            job.target.path,
+            fds,
+            blocks,
+            runs,
+            job.cancel,
+            job.throttle,
+            detect_zero=self.params.zero_page_detection != "none",
+            # Buffered saves keep their dirty page cache small, so that neither the final
+            # sync nor a stop has to wait for the whole save to reach a slow disk.
+            write_behind=direction == "save" and not self.direct_io_effective,
+            counters=job.counters,
+        )
+        await self.io_engine.run(transfer)
         check_cancel(job)
-        # A file cut short after the channels were done with its pages faults no thread,
-        # but what was restored into the lost pages is gone: the job must not complete.
-        for block in blocks:
-            shrunk = block.check_size(direction) if block.check_size is not None else None
-            if shrunk is not None:
-                raise shrunk
+        check_sizes(blocks, direction)
 
     async def _save(self, job: Job, layout: format.SaveLayout, main_fd: int) -> None:
         await asyncio.to_thread(save.write_head, job, layout, main_fd)
         check_cancel(job)
-        fds = await self._open_channels(job, os.O_WRONLY, main_fd)
+        fds = await self._open_channels(job, main_fd)
         try:
             # SEEK_DATA walks and run splitting take tens of ms on large memory: off the loop.
             detect = self.params.zero_page_detection != "none"
             blocks, runs = await asyncio.to_thread(plan.plan_save_runs, job, layout, detect)
             self._activate(job)
-            await self._run_channels(job, fds, blocks, runs, "save")
+            await self._move_pages(job, fds, blocks, runs)
             job.sync_count = 1
             await asyncio.to_thread(save.finish_save, job, layout, blocks, fds, main_fd)
         finally:
-            for fd in fds:
-                if fd != main_fd:
-                    self.closer(fd)
+            job.target.close_channels()
 
     async def _restore(
         self, job: Job, matched: Sequence[tuple[format.BlockLayout, MemoryBackend]], main_fd: int
@@ -463,17 +343,15 @@ class MigrationEngine:
             ],
         )
         check_cancel(job)
-        fds = await self._open_channels(job, os.O_RDONLY, main_fd)
+        fds = await self._open_channels(job, main_fd)
         try:
             blocks, runs = plan.plan_restore_runs(matched, bitmaps)
             self._activate(job)
             # Durable before the first page changes; only a completed restore removes it.
             await asyncio.to_thread(self.partial.set_all, job.backends, path)
             job.memory_touched = True
-            await self._run_channels(job, fds, blocks, runs, "restore")
+            await self._move_pages(job, fds, blocks, runs)
             job.sync_count = 1
         finally:
-            for fd in fds:
-                if fd != main_fd:
-                    self.closer(fd)
+            job.target.close_channels()
         await asyncio.to_thread(self.partial.clear_all, job.backends)

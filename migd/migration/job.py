@@ -9,8 +9,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from ..io.target import FileTarget
-from ..io.threads import Channel
+from ..io.engine import Counters
+from ..io.target import Target
 from ..io.throttle import Throttle
 from ..pages import PAGE_SIZE
 from ..state.memory import MemoryBackend
@@ -62,7 +62,7 @@ class Job:
     """One save or restore, from `setup` to a final status."""
 
     direction: str  # "save" | "restore"
-    target: FileTarget
+    target: Target
     backends: list[MemoryBackend]
     total_bytes: int
     status: MigrationStatus = MigrationStatus.none
@@ -71,7 +71,7 @@ class Job:
     finished: float | None = None
     error_desc: str | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
-    channels: list[Channel] = field(default_factory=list)
+    counters: list[Counters] = field(default_factory=list)  # one per channel, from the engine
     throttle: Throttle | None = None  # while the channels run: max-bandwidth can change
     hole_pages: int = 0  # pages known zero without touching memory (file holes)
     main_bytes: int = 0
@@ -88,8 +88,7 @@ class Job:
     def totals(self) -> tuple[int, int, int, int, int]:
         """(bytes moved, pages done, normal pages, zero pages, multifd bytes) right now."""
         moved = normal = zero = done = 0
-        for ch in self.channels:
-            c = ch.counters
+        for c in self.counters:
             moved += c.bytes
             done += c.pages_done
             normal += c.pages_normal

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..errors import MigrationError
-from ..io.target import FileTarget
-from ..io.threads import BlockIO, PageRun, split_runs
+from ..io.engine import BlockIO, PageRun, split_runs
+from ..io.target import Target
 from ..pages import PAGE_SIZE, READ_CHUNK_PAGES
 from ..state.memory import MemoryBackend, MemoryRegistry
 from .job import Job
@@ -41,7 +41,7 @@ def check_room(path: str, needs: Sequence[tuple[MemoryBackend, int]]) -> None:
 
 
 def match_blocks(
-    memory: MemoryRegistry, parsed: format.ParsedStream, target: FileTarget, skip_unmatched: bool
+    memory: MemoryRegistry, parsed: format.ParsedStream, target: Target, skip_unmatched: bool
 ) -> tuple[list[tuple[format.BlockLayout, MemoryBackend]], list[format.BlockLayout]]:
     matched, skipped = [], []
     for layout in parsed.blocks:
@@ -73,7 +73,9 @@ def plan_save_runs(
         view = backend.view(0, backend.size)
         blocks.append(
             BlockIO(
-                block,
+                block.name,
+                block.pages_offset,
+                block.pages,
                 view,
                 present,
                 populate=backend.prefault,
@@ -100,7 +102,9 @@ def plan_restore_runs(
     for index, ((layout, backend), present) in enumerate(zip(matched, bitmaps, strict=True)):
         blocks.append(
             BlockIO(
-                layout,
+                layout.name,
+                layout.pages_offset,
+                layout.pages,
                 backend.view(0, backend.size),
                 present,
                 backend.zero_range,

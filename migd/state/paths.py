@@ -31,7 +31,7 @@ FileOpener = Callable[[str, int, int], int]
 
 ChannelOpener = Callable[[str, int, bool], int]
 """open(path, flags, direct) -> fd; raises a MigdError whose text names the file
-(migd.io.threads.open_channel_fd is the one the daemon uses)."""
+(migd.io.target.open_channel_fd is the one the daemon uses)."""
 
 
 class PathNotAllowed(MigdError):

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ...errors import MigrationError
-from ...io.target import FileTarget
+from ...io.target import Target
 from ...io.threads import read_upto
 from ...state.memory import MemoryBackend
 from ..job import Job
@@ -23,7 +23,7 @@ def pread_all(fd: int, offset: int, n: int, path: str) -> bytes:
     return bytes(buf[:got])
 
 
-def parse(fd: int, target: FileTarget, require_mapped_ram: bool) -> format.ParsedStream:
+def parse(fd: int, target: Target, require_mapped_ram: bool) -> format.ParsedStream:
     """The file's head and block list, checked; a file without its end section is refused."""
     size = os.fstat(fd).st_size
     try:

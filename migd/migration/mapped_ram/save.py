@@ -11,7 +11,8 @@ import numpy as np
 
 from ... import __version__
 from ...errors import ChannelError
-from ...io.threads import BlockIO, write_fully
+from ...io.engine import BlockIO
+from ...io.threads import write_fully
 from ..job import Job, check_cancel
 from . import format
 
@@ -60,14 +61,14 @@ def finish_save(
         fdatasync(fd, path)
     check_cancel(job)
     described = []
-    for block in blocks:
-        data = format.encode_bitmap(block.present, block.layout.bitmap_size)
-        pwrite_all(main_fd, data, block.layout.bitmap_offset, path)
+    for place, block in zip(layout.blocks, blocks, strict=True):
+        data = format.encode_bitmap(block.present, place.bitmap_size)
+        pwrite_all(main_fd, data, place.bitmap_offset, path)
         job.main_bytes += len(data)
         described.append(
             {
-                "name": block.layout.name,
-                "pages": block.layout.pages,
+                "name": place.name,
+                "pages": place.pages,
                 "present": int(np.count_nonzero(block.present)),
                 "bitmap-sha256": format.bitmap_digest(data),
             }

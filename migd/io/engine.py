@@ -1,0 +1,148 @@
+"""The I/O engine seam: what moves a job's page runs between its fds and memory.
+
+A job's planner (migration/plan.py) cuts its blocks into PageRuns and describes each
+block as a BlockIO (its place in the file and its memory); a `Transfer` hands those, the
+channel fds, the job's cancel event and its throttle to an `IOEngine`, whose `run` moves
+every run and raises the job's error. The engine knows nothing of the file format or
+the job: a block is a file offset, a page count and a memory view.
+
+Engines are named in ENGINES, as uvicorn names its protocol implementations: an import
+string per name, loaded on demand, so that adding one is its module plus one entry.
+`threads` (io/threads.py: one thread per channel fd and a populator) is the default.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from ..errors import MigdError, MigrationError
+from ..pages import CHUNK_PAGES, PAGE_SIZE
+from .throttle import Throttle
+
+
+@dataclass(frozen=True)
+class PageRun:
+    """A contiguous run of pages of one block: the unit dealt to channels."""
+
+    block: int  # index into the job's block list
+    first_page: int
+    pages: int
+    zero: bool = False  # restore only: make these pages zero instead of reading them
+
+
+@dataclass
+class BlockIO:
+    """What page I/O needs of one block: where its pages are in the file, its memory."""
+
+    name: str  # the block's name (RAMBlock idstr), for errors
+    pages_offset: int  # absolute file offset of the block's first page
+    pages: int
+    memory: memoryview  # the whole backend mapping, page aligned
+    present: np.ndarray  # one bool per page: the save's bitmap, filled in by the channels
+    zero_range: Callable[[int, int], None] | None = None  # restore: cheap zeroing
+    # What the Populator does to a run before a channel reads or writes it: on restore,
+    # allocate and map the memory; on save, map it for reading.
+    populate: Callable[[int, int], None] | None = None
+    # Why the kernel could not reach this memory (EFAULT), given "save" or "restore": the
+    # backend's file shrank, or its memory could not be allocated; None if neither.
+    explain_fault: Callable[[str], MigdError | None] | None = None
+    # The error if the backend's file is shorter than its mapping now, given the direction.
+    check_size: Callable[[str], MigdError | None] | None = None
+
+    def page_offset(self, page_index: int) -> int:
+        """Absolute file offset of page `page_index`."""
+        if not 0 <= page_index < self.pages:
+            raise IndexError(f"page {page_index} outside of ramblock {self.name} range")
+        return self.pages_offset + page_index * PAGE_SIZE
+
+
+class Counters:
+    """Progress of one channel; plain ints written by one thread, read as a snapshot."""
+
+    __slots__ = ("bytes", "pages_done", "pages_normal", "pages_zero")
+
+    def __init__(self) -> None:
+        self.bytes = 0  # bytes moved through the fd
+        self.pages_done = 0  # pages dealt with, whether written, read or skipped
+        self.pages_normal = 0  # pages written or read
+        self.pages_zero = 0  # zero pages skipped (save) or zeroed (restore)
+
+
+def split_runs(
+    block: int, runs: Sequence[tuple[int, int]], zero: bool = False, chunk: int = CHUNK_PAGES
+) -> list[PageRun]:
+    """Cut (first, count) runs of one block into PageRuns of at most `chunk` pages."""
+    out: list[PageRun] = []
+    for first, count in runs:
+        for at in range(first, first + count, chunk):
+            out.append(PageRun(block, at, min(chunk, first + count - at), zero))
+    return out
+
+
+@dataclass
+class Transfer:
+    """One job's page I/O, as an engine sees it."""
+
+    direction: str  # "save" (memory -> fds) or "restore" (fds -> memory)
+    path: str  # names the file in every error
+    fds: Sequence[int]  # one per channel
+    blocks: Sequence[BlockIO]
+    runs: Sequence[PageRun]
+    cancel: threading.Event  # the job's: set by migrate_cancel, shutdown, or a failure
+    throttle: Throttle  # max-bandwidth, shared by every channel; its rate may change
+    detect_zero: bool  # save: skip zero pages (zero-page-detection)
+    write_behind: bool  # save: keep the dirty page cache small (buffered fds)
+    # The engine adds one Counters per channel before moving any page; query-migrate sums
+    # them while the transfer runs (the job holds this same list).
+    counters: list[Counters] = field(default_factory=list)
+
+
+class IOEngine(Protocol):
+    """Moves a Transfer's runs. The contract every engine keeps:
+
+    * `run` returns once every run is moved, or early once `cancel` is set (the caller
+      checks the event afterwards); it never returns while one of its workers may still
+      touch a block's memory or an fd.
+    * Errors are the job's: ChannelError or MemoryFault naming the file, or the block's
+      explain_fault account of an EFAULT; the first one is raised, after every worker
+      has stopped. On ANY exception (a failure, the calling task cancelled) `cancel` is
+      set before the engine waits for its workers, so that they stop within an I/O call.
+    * No work per page beyond the I/O itself: this is the hot path.
+    """
+
+    async def run(self, transfer: Transfer) -> None: ...
+
+
+DEFAULT_ENGINE = "threads"
+# name -> "module:class"; the class is built with no arguments.
+ENGINES: dict[str, str] = {
+    "threads": "migd.io.threads:ThreadEngine",
+}
+
+
+def load_engine(name: str = DEFAULT_ENGINE) -> IOEngine:
+    """A new engine of the kind `name` names in ENGINES."""
+    try:
+        where = ENGINES[name]
+    except KeyError:
+        known = ", ".join(sorted(ENGINES))
+        raise MigrationError(f"unknown I/O engine '{name}' (known: {known})") from None
+    module, _, cls = where.partition(":")
+    engine: IOEngine = getattr(importlib.import_module(module), cls)()
+    return engine
+
+
+def check_sizes(blocks: Sequence[BlockIO], direction: str) -> None:
+    """After the runs: a memory file cut short after the channels were done with its pages
+    faults no thread, but what was restored into the lost pages is gone (or what was saved
+    from them no longer exists): the job must not complete."""
+    for block in blocks:
+        shrunk = block.check_size(direction) if block.check_size is not None else None
+        if shrunk is not None:
+            raise shrunk
