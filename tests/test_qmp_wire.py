@@ -9,7 +9,7 @@ import json
 import pytest
 from qemu.qmp import ExecuteError, QMPClient
 
-from migd import __version__
+from migd import QEMU_VERSION, __version__
 
 from .conftest import RawClient
 
@@ -35,6 +35,19 @@ def test_greeting_names_migd_and_offers_no_capabilities(raw):
     qmp = raw.greeting["QMP"]
     assert qmp["capabilities"] == []
     assert qmp["version"]["package"] == f"migd {__version__}"
+
+
+def test_greeting_and_query_version_report_the_qemu_release_migd_implements(raw):
+    """Clients gate mapped-ram and direct-io on QEMU >= 9.1 (libvirt does): the `qemu`
+    triple is QEMU's release whose interface migd implements, `package` names migd."""
+    expected = {
+        "qemu": dict(zip(("major", "minor", "micro"), QEMU_VERSION, strict=True)),
+        "package": f"migd {__version__}",
+    }
+    assert raw.greeting["QMP"]["version"] == expected
+    assert QEMU_VERSION[:2] == (10, 0)
+    raw.negotiate()
+    assert raw.execute("query-version") == {"return": expected}
 
 
 def test_commands_before_negotiation_are_refused(raw):
