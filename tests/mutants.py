@@ -290,7 +290,7 @@ MUTANTS = [
     Mutant(
         "message-size-limit-removed",
         "migd/qmp/wire.py",
-        "        if len(self._buf) > self._limit:",
+        "        if not self._discarding and len(self._buf) > self._limit:",
         "        if False:",
         ("tests/test_qmp_framing.py",),
     ),

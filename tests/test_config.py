@@ -14,6 +14,7 @@ from migd.app import config as config_module
 from migd.app.config import load_config
 
 from .conftest import RawClient, wait_for_socket
+from .test_query_memdev import MIGD_MAPPING as QEMU_MEMDEV_MEMBERS
 
 BACKEND_RAM = '[[memory-backend]]\nqom-type = "memory-backend-ram"\nid = "a"\nsize = 4096\n'
 
@@ -201,16 +202,18 @@ def test_a_good_config_creates_its_backends_and_sets_default_capabilities_and_pa
                 {
                     "id": "vm0-ram",
                     "size": 8 << 20,
+                    **QEMU_MEMDEV_MEMBERS,
+                    "share": True,
                     "qom-type": "memory-backend-file",
                     "mem-path": f"{shm}/vm0.ram",
-                    "share": True,
                     "ramblock-name": "pc.ram",
                 },
                 {
                     "id": "scratch",
                     "size": 65536,
-                    "qom-type": "memory-backend-ram",
+                    **QEMU_MEMDEV_MEMBERS,
                     "share": False,
+                    "qom-type": "memory-backend-ram",
                     "ramblock-name": "scratch",
                 },
             ]

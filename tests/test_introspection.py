@@ -16,9 +16,6 @@ from .qemu_vm import QemuVM, requires_qemu
 
 pytestmark = pytest.mark.timeout(60)
 
-# Replies that do not yet have QEMU's shape, with the work that fixes them.
-NOT_YET_LIKE_QEMU = {"query-memdev": "issue 15 item 2: QEMU's mandatory MemdevInfo members"}
-
 QUERIES = (
     "query-version",
     "query-commands",
@@ -146,7 +143,7 @@ async def test_migd_schema_read_with_qemus_own_definitions(qmp: Any, short_dir: 
         if e["meta-type"] == "command" and n in qemu.entities
     ]
     assert "migrate" in shared and "query-migrate-parameters" in shared
-    for name in [n for n in shared if n not in NOT_YET_LIKE_QEMU]:
+    for name in shared:
         for side in ("arg-type", "ret-type"):
             _same_members(ours, qemu, ours[name][side], qemu[name][side], f"{name}/{side}")
     qemu.check(await qmp.execute("query-version"), qemu.ret_type("query-version"), "version")

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from migd.qmp.wire import MAX_MESSAGE_BYTES, MAX_TOKENS
+
 from .conftest import START_TIMEOUT, DaemonProcess, RawClient, start_daemon, wait_for_socket
 
 MiB = 1 << 20
@@ -206,10 +208,18 @@ def test_a_pipelined_burst_does_not_hold_up_another_client(migd):
         burst.close()
 
 
-def _send_from_another_process(sock: socket.socket, data: bytes) -> subprocess.Popen[bytes]:
+def _send_from_another_process(
+    sock: socket.socket, data: bytes, *, blocking: bool = False
+) -> subprocess.Popen[bytes]:
     """sendall(data) on sock from a child process: a sender thread here would share the
-    GIL with the reader, and the pauses that causes would let migd's reads run dry."""
-    code = "import socket, sys; socket.socket(fileno=int(sys.argv[1])).sendall(sys.stdin.buffer.read())"  # noqa: E501
+    GIL with the reader, and the pauses that causes would let migd's reads run dry.
+    `blocking` makes the shared file blocking first, so that this side may keep a socket
+    timeout (which sets O_NONBLOCK) and still read with a deadline."""
+    code = (
+        "import socket, sys; s = socket.socket(fileno=int(sys.argv[1])); "
+        + ("s.setblocking(True); " if blocking else "")
+        + "s.sendall(sys.stdin.buffer.read())"
+    )
     child = subprocess.Popen(
         [sys.executable, "-c", code, str(sock.fileno())],
         stdin=subprocess.PIPE,
@@ -250,9 +260,7 @@ def _read_until_closed(sock: socket.socket, limit: int) -> int:
         assert total <= limit, f"migd kept sending past {limit} bytes instead of dropping"
 
 
-def test_a_client_that_never_reads_its_replies_is_dropped_and_its_memory_returns(
-    migd, short_dir
-):
+def test_a_client_that_never_reads_its_replies_is_dropped_and_its_memory_returns(migd, short_dir):
     keeper = _negotiated(migd.socket_path)
     _add_fdset_with_opaque(keeper, short_dir / "f", 900_000)
     baseline = _status(migd.pid, "VmRSS")
@@ -267,9 +275,7 @@ def test_a_client_that_never_reads_its_replies_is_dropped_and_its_memory_returns
     hog.close()
     peak = _status(migd.pid, "VmHWM") - baseline
     assert peak < 64 * MiB, f"RSS grew by {peak // MiB} MiB for one client"
-    _wait_until(
-        lambda: _status(migd.pid, "VmRSS") < baseline + 32 * MiB, what="memory given back"
-    )
+    _wait_until(lambda: _status(migd.pid, "VmRSS") < baseline + 32 * MiB, what="memory given back")
     # The daemon serves as before.
     assert "return" in keeper.execute("query-fdsets")
     keeper.close()
@@ -301,6 +307,60 @@ def test_a_client_that_streams_requests_without_reading_is_paused_not_dropped(mi
     assert one_reply * count > 64 * MiB
     assert not migd.log.has(b"dropped")
     assert peak < 32 * MiB, f"RSS grew by {peak // MiB} MiB for one client"
+
+
+def test_a_client_streaming_one_endless_message_gets_one_error_and_costs_no_memory(migd):
+    """64 MiB of one message that never ends (a string that never closes, then garbage
+    that never reaches a newline): migd answers once with QEMU's text when the message
+    passes its bound, discards the rest as it arrives, and reads the next message on the
+    same connection (before: the connection was closed at 1 MiB)."""
+    baseline = _status(migd.pid, "VmRSS")
+    _reset_peak_rss(migd.pid)
+    client = _negotiated(migd.socket_path)
+    client.sock.settimeout(60)
+    head = b'{"execute": "query-version", "id": 1, "arguments": {"x": "'
+    sender = _send_from_another_process(client.sock, head + b"a" * (64 * MiB), blocking=True)
+    assert client.recv() == {
+        "error": {"class": "GenericError", "desc": "JSON token size limit exceeded"}
+    }
+    assert sender.wait(60) == 0
+    peak = _status(migd.pid, "VmHWM") - baseline
+    assert peak < 32 * MiB, f"RSS grew by {peak // MiB} MiB for one message"
+    # The message ends; nothing of it is answered, and the next one is.
+    client.send_raw(b'"}}{"execute": "query-version", "id": 2}')
+    reply = client.recv()
+    assert reply["id"] == 2 and reply["return"]["package"].startswith("migd ")
+    # Top-level garbage that never reaches a newline: the same.
+    sender = _send_from_another_process(client.sock, b"garbage" * (8 * MiB), blocking=True)
+    assert client.recv()["error"]["desc"] == "JSON token size limit exceeded"
+    assert sender.wait(60) == 0
+    client.send_raw(b'\n{"execute": "query-version", "id": 3}')
+    assert client.recv()["id"] == 3
+    peak = _status(migd.pid, "VmHWM") - baseline
+    assert peak < 32 * MiB, f"RSS grew by {peak // MiB} MiB for one message"
+    client.close()
+
+
+def test_the_costliest_messages_under_the_bounds_cost_a_bounded_amount_of_memory(migd):
+    """What one accepted request may cost (wire.py): an id just under the size bound,
+    echoed in the reply, or just under the token bound of long strings."""
+    client = _negotiated(migd.socket_path)
+    client.sock.settimeout(60)
+    costly = [
+        b'{"execute": "query-version", "id": "' + b"x" * (MAX_MESSAGE_BYTES - 64) + b'"}',
+        b'{"execute": "query-version", "id": ['
+        + (b'"' + b"y" * 60 + b'", ') * (MAX_TOKENS - 4)
+        + b"0]}",
+    ]
+    for text in costly:
+        assert len(text) <= MAX_MESSAGE_BYTES
+        baseline = _status(migd.pid, "VmRSS")
+        _reset_peak_rss(migd.pid)
+        client.send_raw(text)
+        assert "return" in client.recv()
+        peak = _status(migd.pid, "VmHWM") - baseline
+        assert peak < 64 * MiB, f"RSS grew by {peak // MiB} MiB for one message"
+    client.close()
 
 
 # -- 11: fd exhaustion --------------------------------------------------------------------

@@ -60,8 +60,10 @@ def version_info() -> VersionInfo:
     "query-version",
     Empty,
     VersionInfo,
-    "Return migd's version. As in QEMU's reply, 'qemu' carries the numbers (here migd's "
-    "own) and 'package' names the program.",
+    "Return the version. 'qemu' is the QEMU release whose migration interface migd "
+    "implements (commands, replies, error texts and mapped-ram files), so that clients "
+    "gating features on QEMU's version (mapped-ram, direct-io: >= 9.1) see what migd "
+    "does; 'package' names migd and its own version, e.g. 'migd 0.1.0'.",
 )
 async def query_version(ctx: Context, args: Empty) -> VersionInfo:
     return version_info()

@@ -137,12 +137,27 @@ async def object_del(ctx: Context, args: ObjectDelArgs) -> Empty:
     return Empty()
 
 
+class HostMemPolicy(enum.StrEnum):
+    default = "default"
+    preferred = "preferred"
+    bind = "bind"
+    interleave = "interleave"
+
+
 class Memdev(QapiModel):
+    """QEMU 10's MemdevInfo members in QEMU's order, then migd's own."""
+
     id: str
     size: int
+    merge: bool
+    dump: bool
+    prealloc: bool
+    share: bool
+    reserve: bool
+    host_nodes: list[int]
+    policy: HostMemPolicy
     qom_type: str
     mem_path: str | None = None
-    share: bool
     ramblock_name: str
 
 
@@ -150,17 +165,26 @@ class Memdev(QapiModel):
     "query-memdev",
     Empty,
     list[Memdev],
-    "List the memory backends in creation order. migd extension: 'qom-type', 'mem-path' "
-    "and 'ramblock-name' members.",
+    "List the memory backends in creation order, with QEMU's members as they are for "
+    "migd's mappings: 'merge' false (no KSM advice), 'dump' true, 'prealloc' false "
+    "(pages are populated by a save or restore, not at creation), 'reserve' true (no "
+    "MAP_NORESERVE), 'host-nodes' empty and 'policy' default (no NUMA binding). migd "
+    "extension, after QEMU's members: 'qom-type', 'mem-path' and 'ramblock-name'.",
 )
 async def query_memdev(ctx: Context, args: Empty) -> list[Memdev]:
     return [
         Memdev(
             id=b.id,
             size=b.size,
+            merge=b.mergeable,
+            dump=b.dumpable,
+            prealloc=b.preallocated,
+            share=b.share,
+            reserve=b.reserves_swap,
+            host_nodes=[],
+            policy=HostMemPolicy.default,
             qom_type=b.qom_type,
             mem_path=b.mem_path,
-            share=b.share,
             ramblock_name=b.block_name,
         )
         for b in ctx.services.memory

@@ -14,7 +14,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from pydantic import TypeAdapter
 
-from .. import __version__
+from .. import QEMU_VERSION
 from ..errors import CommandNotFound, MigdError
 from .validation import QapiModel, validate
 from .wire import Request, error_reply, return_reply
@@ -105,5 +105,6 @@ async def dispatch(ctx: Context[Any], req: Request) -> dict[str, Any]:
 
 
 def version_numbers() -> tuple[int, int, int]:
-    major, minor, micro = (int(x) for x in __version__.split(".")[:3])
-    return major, minor, micro
+    """The `qemu` triple of the greeting and query-version: the QEMU release whose
+    interface migd implements (migd's own version goes in `package`)."""
+    return QEMU_VERSION

@@ -36,7 +36,7 @@ from ..errors import FdError, InvalidRequest, MigdError
 from ..state.fdsets import check_room_for_passed_fds
 from .wire import (
     MessageSplitter,
-    MessageTooLarge,
+    Refused,
     Request,
     decode_request,
     encode,
@@ -228,13 +228,7 @@ class Session:
                     self._replace_pending_fds(fds)
                 if not data or self._closing:
                     break  # a read that raced with close() is not handled
-                try:
-                    texts = splitter.feed(data)
-                except MessageTooLarge as exc:
-                    await self._handle_all(exc.before, dispatch)
-                    self.send(error_reply(InvalidRequest(str(exc)), None))
-                    break
-                await self._handle_all(texts, dispatch)
+                await self._handle_all(splitter.feed(data), dispatch)
                 await asyncio.sleep(0)  # even a read that completes no request yields
         except (ConnectionError, OSError) as exc:
             log.debug("session %d: %s", self.number, exc)
@@ -262,7 +256,7 @@ class Session:
             )
             await self._unsent.below(REPLY_PAUSE_BYTES)
 
-    async def _handle_all(self, texts: list[bytes], dispatch: Dispatch) -> None:
+    async def _handle_all(self, texts: list[bytes | Refused], dispatch: Dispatch) -> None:
         """Handle the requests of one read in order, one at a time, yielding after each:
         a handler that never awaits would otherwise hold the event loop for the whole read."""
         for text in texts:
@@ -271,7 +265,9 @@ class Session:
             self.send(await self._handle(text, dispatch))
             await asyncio.sleep(0)
 
-    async def _handle(self, text: bytes, dispatch: Dispatch) -> dict[str, Any]:
+    async def _handle(self, text: bytes | Refused, dispatch: Dispatch) -> dict[str, Any]:
+        if isinstance(text, Refused):  # over a bound of the framing: QEMU's text, no id
+            return error_reply(InvalidRequest(text.desc), None)
         try:
             req = decode_request(text)
         except InvalidRequest as exc:

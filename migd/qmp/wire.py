@@ -4,28 +4,40 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import InvalidRequest, MigdError
 
-MAX_MESSAGE_BYTES = 1 << 20
-# QEMU's JSON parser refuses deeper nesting; it also keeps json.loads off the recursion limit.
+# The largest message migd reads. QEMU's own bound is 64 MiB of tokens; a request migd
+# understands is a few hundred bytes, and QEMU clients send lines of a few MiB at most (an
+# add-fd opaque, a long id). A message over the bound, or over MAX_TOKENS values, is refused
+# with QEMU's text while it streams in, its remaining bytes discarded, and the connection
+# kept. That bounds what one request costs: its text (and the copy json.loads decodes) plus
+# at most MAX_TOKENS Python objects, under 48 MiB at the worst (tests/test_qmp_wire.py).
+MAX_MESSAGE_BYTES = 8 << 20
+# Containers plus commas of one message: the number of values json.loads can make of it
+# (a value costs up to 70 bytes as a Python object, 26 times its text for `[],`).
+MAX_TOKENS = 1 << 17
+# QEMU's JSON streamer refuses deeper nesting (MAX_NESTING).
 MAX_NESTING = 1024
 
-_INTERESTING = re.compile(rb'[{}\[\]"\\\n]')
+# QEMU's texts (qobject/json-streamer.c), sent without an id, as QEMU sends them.
+TOKEN_SIZE_EXCEEDED = "JSON token size limit exceeded"
+TOKEN_COUNT_EXCEEDED = "JSON token count limit exceeded"
+NESTING_EXCEEDED = "JSON nesting depth limit exceeded"
+
+_INTERESTING = re.compile(rb'[{}\[\]",\\\n]')
 
 
-class MessageTooLarge(Exception):
-    """The peer sent a message over MAX_MESSAGE_BYTES; the connection is closed after the reply.
+@dataclass(frozen=True)
+class Refused:
+    """A message the splitter refused as it streamed in (`desc` is QEMU's error text);
+    the rest of it is discarded unread."""
 
-    `before` holds the complete messages that preceded it in the same read.
-    """
-
-    def __init__(self, before: list[bytes]) -> None:
-        super().__init__("QMP message exceeds 1 MiB")
-        self.before = before
+    desc: str
 
 
 class MessageSplitter:
@@ -34,6 +46,12 @@ class MessageSplitter:
     Messages need no separator: a text ends when its outermost brace or bracket closes.
     Anything at depth 0 that is not whitespace ends at the next newline, so garbage
     is reported (as a parse error) instead of waiting forever.
+
+    A message over `limit` bytes, MAX_TOKENS values or MAX_NESTING levels becomes one
+    Refused at the moment it crosses the bound; the splitter then keeps only its place in
+    the message (depth, inside a string or not) and drops the bytes until the message
+    ends, so a peer streaming an endless message costs no memory, and the next message
+    is read as usual.
     """
 
     def __init__(self, limit: int = MAX_MESSAGE_BYTES) -> None:
@@ -41,13 +59,15 @@ class MessageSplitter:
         self._buf = bytearray()
         self._scan = 0  # bytes of _buf already scanned
         self._depth = 0
+        self._tokens = 0
         self._in_string = False
         self._escaped = False
+        self._discarding = False
 
-    def feed(self, data: bytes) -> list[bytes]:
-        """Add received bytes; return the complete texts they finish, in order."""
+    def feed(self, data: bytes) -> list[bytes | Refused]:
+        """Add received bytes; return the texts they finish and the refusals, in order."""
         self._buf += data
-        out: list[bytes] = []
+        out: list[bytes | Refused] = []
         pos = self._scan
         while True:
             if self._in_string:
@@ -63,33 +83,60 @@ class MessageSplitter:
             pos = m.end()
             if ch == b'"':
                 self._in_string = True
+            elif ch == b",":
+                self._count_token(out)
             elif ch in (b"{", b"["):
                 self._depth += 1
+                self._count_token(out)
+                if self._depth > MAX_NESTING:
+                    self._refuse(out, NESTING_EXCEEDED)
             elif ch in (b"}", b"]"):
                 self._depth -= 1
                 if self._depth <= 0:
-                    if pos > self._limit:
-                        self._reset()
-                        raise MessageTooLarge(out)
-                    out.append(self._cut(pos))
+                    self._end(pos, out)
                     pos = 0
             elif ch == b"\n" and self._depth == 0:
-                text = self._cut(pos)
+                self._end(pos, out, top_level=True)
                 pos = 0
-                if text.strip():
-                    out.append(text)
+        if not self._discarding and len(self._buf) > self._limit:
+            self._refuse(out, TOKEN_SIZE_EXCEEDED)
+        if self._discarding:
+            del self._buf[:pos]
+            pos = 0
         self._scan = pos
-        if len(self._buf) > self._limit:
-            self._reset()
-            raise MessageTooLarge(out)
         return out
 
-    def _reset(self) -> None:
-        self._buf.clear()
-        self._scan = 0
+    @property
+    def buffered(self) -> int:
+        """Bytes held for the message in progress (a refused one holds none)."""
+        return len(self._buf)
+
+    def _count_token(self, out: list[bytes | Refused]) -> None:
+        self._tokens += 1
+        if self._tokens > MAX_TOKENS:
+            self._refuse(out, TOKEN_COUNT_EXCEEDED)
+
+    def _refuse(self, out: list[bytes | Refused], desc: str) -> None:
+        if not self._discarding:
+            out.append(Refused(desc))
+            self._discarding = True
+
+    def _end(self, end: int, out: list[bytes | Refused], top_level: bool = False) -> None:
+        """The message (or top-level garbage line) ends at `end`: hand it out or drop it."""
+        if not self._discarding and end > self._limit:
+            self._refuse(out, TOKEN_SIZE_EXCEEDED)
+        if self._discarding:
+            del self._buf[:end]
+        else:
+            text = bytes(self._buf[:end])
+            del self._buf[:end]
+            if not top_level or text.strip():
+                out.append(text)
         self._depth = 0
+        self._tokens = 0
         self._in_string = False
         self._escaped = False
+        self._discarding = False
 
     def _skip_string(self, pos: int) -> int:
         buf = self._buf
@@ -114,14 +161,6 @@ class MessageSplitter:
             return q + 1
         return pos
 
-    def _cut(self, end: int) -> bytes:
-        text = bytes(self._buf[:end])
-        del self._buf[:end]
-        self._depth = 0
-        self._in_string = False
-        self._escaped = False
-        return text
-
 
 @dataclass
 class Request:
@@ -136,16 +175,13 @@ class Request:
 _REQUEST_MEMBERS = {"execute", "arguments", "id"}
 
 
-def _nesting_depth(text: bytes) -> int:
-    depth = best = 0
-    for m in re.finditer(rb'"(?:[^"\\]|\\.)*"|[\[{]|[\]}]', text):
-        tok = m.group()
-        if tok in (b"[", b"{"):
-            depth += 1
-            best = max(best, depth)
-        elif tok in (b"]", b"}"):
-            depth -= 1
-    return best
+def _too_deep(text: bytes) -> bool:
+    """Nested over MAX_NESTING? The server's splitter has refused such texts already; this
+    is for other callers. Cheap for the usual text (two counts in C); no regex, whose
+    backtracking over a long string takes 100 times its size in memory."""
+    if text.count(b"[") + text.count(b"{") <= MAX_NESTING:
+        return False
+    return Refused(NESTING_EXCEEDED) in MessageSplitter(limit=len(text)).feed(text)
 
 
 def _has_nul(value: Any) -> bool:
@@ -164,15 +200,35 @@ def _has_nul(value: Any) -> bool:
     return False
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise _DuplicateKey
+    return obj
+
+
+# json.loads recurses once per nesting level and counts against the interpreter's
+# recursion limit (1000 by default, less the frames below it): raise it so that the
+# MAX_NESTING levels QEMU accepts decode, with room for the frames of the event loop.
+sys.setrecursionlimit(max(sys.getrecursionlimit(), MAX_NESTING + 1000))
+
+
 def decode_request(text: bytes) -> Request:
     """Decode one framed text into a Request; InvalidRequest carries QEMU's text.
 
-    The id of an object is recovered before any other check so errors can echo it.
+    The id of an object is recovered before any other check so errors can echo it. As
+    in QEMU, a duplicate key anywhere makes the whole text a parse error (with no id).
     """
-    if _nesting_depth(text) > MAX_NESTING:
-        raise InvalidRequest("JSON parse error, nesting too deep")
+    if _too_deep(text):
+        raise InvalidRequest(NESTING_EXCEEDED)
     try:
-        msg = json.loads(text)
+        msg = json.loads(text, object_pairs_hook=_object_without_duplicates)
+    except _DuplicateKey:
+        raise InvalidRequest("JSON parse error, duplicate key") from None
     except UnicodeDecodeError:
         raise InvalidRequest("JSON parse error, invalid UTF-8 sequence") from None
     except (ValueError, RecursionError) as exc:

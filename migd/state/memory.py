@@ -52,6 +52,14 @@ def _is_hugetlbfs(fd: int) -> bool:
 class MemoryBackend:
     """One RAM block: a page-aligned mapping plus, for file backends, its fd."""
 
+    # What query-memdev reports in QEMU's MemdevInfo members, true of every mapping made
+    # here: no MADV_MERGEABLE (KSM), no MADV_DONTDUMP, no MAP_NORESERVE, nothing touched
+    # at creation (pages are populated only by a save or restore), no NUMA binding.
+    mergeable = False
+    dumpable = True
+    preallocated = False
+    reserves_swap = True
+
     def __init__(
         self,
         id: str,

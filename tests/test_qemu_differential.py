@@ -1,0 +1,264 @@
+"""The same requests to QEMU 10.0 and to migd, replies compared: where migd claims QEMU's
+behaviour the replies must be equal, and every difference is listed, with its reason, in
+one place: DIFFERENCES below. That table is the documentation of how migd differs.
+
+Each row opens a new connection to each side (greeting included), sends its messages one
+at a time and reads one reply to each. Before comparing, what must differ is normalised
+on both sides (`_normalise`: the `package` string, QEMU's micro release, the order of
+QEMU's unordered lists, migd's own members after QEMU's in query-memdev). A row with a
+Difference must still differ, and only in the members it names: a row that starts to
+match QEMU fails here, so that its entry is removed.
+
+QEMU runs as `qemu-system-x86_64 -machine none -nodefaults -display none` with one
+memory-backend-file; migd has the same backend. Skipped, saying so, without QEMU 10.0.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from migd import QEMU_VERSION
+
+from .conftest import RawClient, start_daemon
+from .qemu_vm import QEMU_BINARY, qemu_version
+
+MiB = 1 << 20
+CAPS = b'{"execute": "qmp_capabilities"}'
+MIGD_MEMDEV_MEMBERS = ("qom-type", "mem-path", "ramblock-name")
+
+pytestmark = pytest.mark.skipif(
+    qemu_version() is None or qemu_version() != QEMU_VERSION[:2],
+    reason=f"the differential test needs QEMU {QEMU_VERSION[0]}.{QEMU_VERSION[1]} "
+    f"(migd.QEMU_VERSION), installed: {qemu_version()}",
+)
+
+
+@dataclass(frozen=True)
+class Difference:
+    """Where the replies differ (paths into [greeting, reply 1, reply 2, ...]) and why."""
+
+    reason: str
+    paths: tuple[tuple[Any, ...], ...]
+
+
+def msg(execute: str, arguments: dict[str, Any] | None = None, **extra: Any) -> bytes:
+    body: dict[str, Any] = {"execute": execute, **extra}
+    if arguments is not None:
+        body["arguments"] = arguments
+    return json.dumps(body).encode()
+
+
+def deep(levels: int) -> bytes:
+    return b"[" * levels + b"]" * levels
+
+
+INTENDED = "intended"
+ITEM = "issue 15 item"
+WORDING = "issue 15, wording:"
+Row = tuple[str, list[bytes], Difference | None]
+
+
+def same(name: str, *messages: bytes) -> Row:
+    return (name, list(messages), None)
+
+
+def differs(name: str, messages: list[bytes], reason: str, *paths: tuple[Any, ...]) -> Row:
+    return (name, messages, Difference(reason, paths))
+
+
+def caps_of(*caps: tuple[str, bool]) -> bytes:
+    states = [{"capability": c, "state": on} for c, on in caps]
+    return msg("migrate-set-capabilities", {"capabilities": states})
+
+
+REPLY = 2  # the reply to the message after CAPS
+ERROR = (REPLY, "error", "desc")
+# Every message gets exactly one reply read. Paths index [greeting, reply 1, reply 2, ...].
+ROWS: list[Row] = [
+    # -- greeting and negotiation
+    differs("greeting", [], f"{INTENDED}: migd offers no out-of-band execution",
+            (0, "QMP", "capabilities")),
+    same("command before negotiation", msg("query-version", id=1)),
+    same("negotiation twice", CAPS, CAPS),
+    same("negotiation with an unknown capability", msg("qmp_capabilities", {"enable": ["nope"]})),
+    # -- item 1: version
+    same("query-version", CAPS, msg("query-version")),
+    same("query-version echoes any id", CAPS, msg("query-version", id={"a": [1, None]})),
+    # -- item 2: query-memdev (migd's own members are dropped by _normalise)
+    differs("query-memdev", [CAPS, msg("query-memdev")],
+            "truthful: QEMU advises MADV_MERGEABLE (mem-merge is on by default), "
+            "migd never gives memory to KSM",
+            (REPLY, "return", 0, "merge")),
+    # -- item 5: JSON parsing
+    same("duplicate key", CAPS, b'{"execute": "query-version", "id": 1, "id": 2}'),
+    same("duplicate key in arguments",
+         CAPS, b'{"execute": "query-version", "arguments": {"a": 1, "a": 2}}'),
+    same("2 MiB line", CAPS, msg("query-version", id="x" * (2 * MiB)) + b"\n"),
+    same("1024 levels of nesting", CAPS, deep(1024)),
+    differs("1025 levels of nesting, then a request",
+            [CAPS, deep(1025), msg("query-version", id="after")],
+            f"{INTENDED}: migd discards the rest of a refused message; QEMU parses it as "
+            "new input and answers every stray bracket",
+            (3,)),
+    differs("9 MiB message", [CAPS, msg("query-version", {"x": "x" * (9 * MiB)})],
+            f"{INTENDED}: migd bounds a message at 8 MiB (wire.MAX_MESSAGE_BYTES; QEMU: 64 "
+            "MiB of tokens) to bound the memory of a client",
+            (REPLY,)),
+    same("not an object", CAPS, b"[1, 2]"),
+    same("no execute", CAPS, b'{"arguments": {}, "id": 5}'),
+    same("execute not a string", CAPS, b'{"execute": 1}'),
+    same("unexpected member", CAPS, b'{"execute": "query-version", "foo": 1}'),
+    same("arguments not an object", CAPS, b'{"execute": "query-version", "arguments": []}'),
+    differs("garbage keyword", [CAPS, b"aaa\n"], f"{WORDING} JSON parse errors", ERROR),
+    differs("invalid UTF-8", [CAPS, b'{"execute": "query-version", "id": "\xff"}'],
+            f"{WORDING} JSON parse errors", ERROR),
+    same("NUL in an id", CAPS, b'{"execute": "query-version", "id": "a\\u0000b"}'),
+    differs("NUL in an argument",
+            [CAPS, b'{"execute": "object-del", "arguments": {"id": "a\\u0000b"}}'],
+            f"{WORDING} JSON parse errors (QEMU 10 takes \\u0000 in strings, migd refuses "
+            "it in arguments)",
+            (REPLY,)),
+    # -- commands and arguments
+    same("unknown command", CAPS, msg("no-such-command", id="x")),
+    same("missing argument", CAPS, msg("object-del", {})),
+    same("extra argument", CAPS, msg("query-version", {"x": 1})),
+    same("wrong JSON type", CAPS, msg("object-del", {"id": 1})),
+    differs("object-del of no such object", [CAPS, msg("object-del", {"id": "nope"})],
+            f"{WORDING} object-del", ERROR),
+    same("query-migrate before any migration", CAPS, msg("query-migrate")),
+    same("migrate_cancel without a migration", CAPS, msg("migrate_cancel")),
+    same("query-fdsets", CAPS, msg("query-fdsets")),
+    same("getfd without an fd", CAPS, msg("getfd", {"fdname": "a"})),
+    same("closefd of an unknown name", CAPS, msg("closefd", {"fdname": "a"})),
+    same("add-fd without an fd", CAPS, msg("add-fd", {"fdset-id": 1})),
+    same("remove-fd of an unknown set", CAPS, msg("remove-fd", {"fdset-id": 9})),
+    # Both answer in SchemaInfo format (tests/test_introspection.py reads migd's with QEMU's
+    # own definition of it); the entities are each program's own commands.
+    differs("query-qmp-schema", [CAPS, msg("query-qmp-schema")],
+            f"{INTENDED}: migd describes its own commands and types", (REPLY,)),
+    differs("query-migrate-capabilities", [CAPS, msg("query-migrate-capabilities")],
+            f"{ITEM} 4", (REPLY, "return")),
+    differs("query-migrate-parameters", [CAPS, msg("query-migrate-parameters")],
+            f"{ITEM} 4", (REPLY, "return")),
+    differs("a QEMU capability set to false", [CAPS, caps_of(("xbzrle", False))],
+            f"{ITEM} 4", (REPLY,)),
+    same("max-bandwidth 2^64", CAPS, msg("migrate-set-parameters", {"max-bandwidth": 1 << 64})),
+    same("multifd-channels 0", CAPS, msg("migrate-set-parameters", {"multifd-channels": 0})),
+    same("multifd-channels 256", CAPS, msg("migrate-set-parameters", {"multifd-channels": 256})),
+    same("a nested member missing", CAPS, msg("migrate-set-capabilities",
+         {"capabilities": [{"capability": "multifd"}]})),
+    same("a nested member of the wrong type", CAPS, msg("migrate-set-capabilities",
+         {"capabilities": [{"capability": "multifd", "state": 1}]})),
+    same("unknown capability name", CAPS, caps_of(("nope", True))),
+]  # fmt: skip
+
+
+def _normalise(replies: list[Any]) -> list[Any]:
+    """What must differ whoever answers: migd's package string and the micro release of
+    the installed QEMU, QEMU's list orders, migd's members after QEMU's in query-memdev."""
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, dict):
+            out = {k: walk(v) for k, v in value.items()}
+            if {"qemu", "package"} <= set(out) and isinstance(out["qemu"], dict):
+                out["package"] = "PACKAGE"
+                out["qemu"] = {**out["qemu"], "micro": 0}
+            if {"merge", "dump", "host-nodes"} <= set(out):
+                for member in MIGD_MEMDEV_MEMBERS:
+                    out.pop(member, None)
+            return out
+        if isinstance(value, list):
+            return [walk(v) for v in value]
+        return value
+
+    return [walk(r) for r in replies]
+
+
+def _drop(replies: list[Any], path: tuple[Any, ...]) -> None:
+    *parents, last = path
+    target: Any = replies
+    for key in parents:
+        target = target[key]
+    target[last] = "<differs>"
+
+
+def _run(path: Path, messages: list[bytes]) -> list[Any]:
+    """[greeting, one reply per message] on a new connection."""
+    client = RawClient(path, timeout=60)
+    try:
+        replies: list[Any] = [client.greeting]
+        for message in messages:
+            client.send_raw(message)
+            replies.append(client.recv())
+        return replies
+    finally:
+        client.close()
+
+
+def _wait_for(path: Path, proc: subprocess.Popen[bytes], timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"QEMU exited with {proc.returncode}"
+        assert time.monotonic() < deadline, "QEMU's QMP socket did not appear"
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def sides() -> Iterator[tuple[Path, Path]]:
+    """(QEMU's socket, migd's socket), each with one 4 MiB shared memory-backend-file."""
+    sock_dir = Path(tempfile.mkdtemp(prefix="migd-diff-", dir="/tmp"))
+    mem = Path(tempfile.mkdtemp(prefix="migd-diff-", dir="/dev/shm"))
+    qemu_sock = sock_dir / "qemu.sock"
+    backend = f"memory-backend-file,id=ram0,size=4M,mem-path={mem}/q0,share=on"
+    args = ["-machine", "none", "-nodefaults", "-display", "none", "-object", backend]
+    args += ["-qmp", f"unix:{qemu_sock},server=on,wait=off"]
+    qemu = subprocess.Popen([QEMU_BINARY, *args], stdin=subprocess.DEVNULL)
+    daemon = None
+    try:
+        daemon = start_daemon(sock_dir / "migd.sock")
+        _wait_for(qemu_sock, qemu)
+        client = RawClient(daemon.socket_path).negotiate()
+        add = {"qom-type": "memory-backend-file", "id": "ram0", "size": 4 * MiB}
+        assert client.execute("object-add", {**add, "mem-path": f"{mem}/m0"}) == {"return": {}}
+        client.close()
+        yield qemu_sock, daemon.socket_path
+    finally:
+        if daemon is not None:
+            daemon.stop()
+        qemu.kill()
+        qemu.wait(10)
+        shutil.rmtree(mem, ignore_errors=True)
+        shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+@pytest.mark.parametrize(("name", "messages", "difference"), ROWS, ids=[r[0] for r in ROWS])
+def test_migd_answers_as_qemu_does(sides, name, messages, difference):
+    qemu_sock, migd_sock = sides
+    qemu = _normalise(_run(qemu_sock, messages))
+    migd = _normalise(_run(migd_sock, messages))
+    if messages:  # the greeting is compared in its own row
+        qemu[0] = migd[0] = "greeting"
+    if difference is None:
+        assert migd == qemu
+        return
+    assert migd != qemu, f"{name} now matches QEMU: remove its Difference ({difference.reason})"
+    for path in difference.paths:
+        _drop(qemu, path)
+        _drop(migd, path)
+    assert migd == qemu, f"{name} differs beyond {difference.paths}"
+
+
+def test_every_difference_has_a_reason():
+    for name, _, difference in ROWS:
+        if difference is not None:
+            assert difference.reason and difference.paths, name
