@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import errno
 import functools
 import logging
@@ -43,7 +42,7 @@ from ..state.paths import (
     remove_created,
     trusted_owners,
 )
-from . import plan
+from . import plan, settings
 from .job import (
     STRICT_STATUS_ENV,
     TRANSITIONS,
@@ -112,18 +111,17 @@ class MigrationEngine:
             raise MigrationError(IN_PROGRESS)
 
     def set_capabilities(self, changes: dict[str, bool]) -> None:
-        """`changes`: Capabilities field names -> new state."""
+        """`changes`: Capabilities field names -> new state, checked as a whole set."""
         self.refuse_if_busy()
-        self.caps = dataclasses.replace(self.caps, **changes)
+        self.caps = settings.apply_capabilities(self.caps, changes, self.params)
 
     def set_parameters(self, changes: dict[str, Any]) -> None:
+        """`changes`: Parameters field names -> new values, checked as a whole set."""
         # As in QEMU, max-bandwidth may change during a migration and applies at once; the
         # others shape how a migration sets up, so they wait until none is running.
         if set(changes) - {"max_bandwidth"}:
             self.refuse_if_busy()
-        if changes.get("direct_io") and not hasattr(os, "O_DIRECT"):
-            raise MigrationError("No build-time support for direct-io")
-        self.params = dataclasses.replace(self.params, **changes)
+        self.params = settings.apply_parameters(self.params, changes, self.caps)
         job = self.job
         if "max_bandwidth" in changes and job is not None and job.throttle is not None:
             job.throttle.set_rate(self.params.max_bandwidth)
