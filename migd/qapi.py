@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from pydantic import GetCoreSchemaHandler
+from pydantic import BaseModel, ConfigDict, GetCoreSchemaHandler
 from pydantic_core import PydanticCustomError, core_schema
 
 QAPI_INT_ERROR = "qapi_int_range"
@@ -44,6 +44,15 @@ class QapiInt:
 
 
 @dataclass(frozen=True)
+class Alternate:
+    """A QAPI alternate of a type and JSON null, e.g. StrOrNull: a member of the wrong
+    type is "Invalid parameter type for 'x', expected: StrOrNull" in QEMU's text, and
+    introspection describes the member as an alternate of both."""
+
+    name: str
+
+
+@dataclass(frozen=True)
 class CheckedAs:
     """The name QEMU's own range check of a member uses in its text."""
 
@@ -59,3 +68,19 @@ Uint8 = Annotated[int, UINT8_T]
 Uint32 = Annotated[int, UINT32_T]
 Uint64 = Annotated[int, UINT64_T]
 Int64 = Annotated[int, INT64_T]
+Size = Uint64  # QAPI 'size': read and checked as a uint64, with the same texts
+
+StrOrNull = Annotated[str | None, Alternate("StrOrNull")]
+
+
+class QapiStruct(BaseModel):
+    """A QAPI struct that lives below the QMP layer (a migration parameter's value):
+    QAPI member names, strict JSON types, no extra members, immutable."""
+
+    model_config = ConfigDict(
+        alias_generator=lambda name: name.replace("_", "-"),
+        populate_by_name=True,
+        extra="forbid",
+        strict=True,
+        frozen=True,
+    )

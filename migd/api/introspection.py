@@ -22,6 +22,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel
 
+from ..qapi import Alternate
 from ..qmp.dispatch import COMMANDS, EVENTS, command
 from ..qmp.validation import Empty
 from .context import Context
@@ -42,7 +43,9 @@ def _strip(tp: Any) -> Any:
     """The type under Annotated[...] and `X | None` (optionality is the member's)."""
     while True:
         if typing.get_origin(tp) is Annotated:
-            tp = typing.get_args(tp)[0]
+            tp, *metadata = typing.get_args(tp)
+            if any(isinstance(m, Alternate) for m in metadata):
+                return tp  # null is one of its branches (StrOrNull), not optionality
             continue
         if _is_union(tp):
             rest = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -111,9 +114,11 @@ class SchemaBuilder:
         entity: SchemaInfo = {"name": name, "meta-type": "object", "members": []}
         self.entities.append(entity)  # before its members: a model may refer to itself
         for field_name, info in model.model_fields.items():
+            # pydantic keeps Annotated's markers in .metadata, not in .annotation
+            kind = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
             member: dict[str, Any] = {
                 "name": info.alias or field_name,
-                "type": self.type_name(info.annotation),
+                "type": self.type_name(kind),
             }
             if not info.is_required():
                 member["default"] = None  # QEMU: optional, no default advertised

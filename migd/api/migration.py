@@ -12,7 +12,7 @@ from pydantic import ConfigDict, Field, Strict, create_model
 from ..errors import MigrationError
 from ..io.target import FileTarget, NotSeekable, Target, parse_uri
 from ..migration.job import MigrationStatus, RamStats
-from ..migration.settings import MigrationCapability, Parameters, field_types, plain_types
+from ..migration.settings import MigrationCapability, Parameters, plain_types, set_types
 from ..qapi import Uint64
 from ..qmp.dispatch import command, event
 from ..qmp.validation import Empty, QapiModel
@@ -32,10 +32,17 @@ class SetCapabilitiesArgs(QapiModel):
     "migrate-set-capabilities",
     SetCapabilitiesArgs,
     Empty,
-    "Turn migration capabilities on or off: 'multifd' (page I/O through "
+    "Turn migration capabilities on or off. Every capability of QEMU 10 is accepted, and "
+    "all are off by default, as in QEMU. migd does 'multifd' (page I/O through "
     "'multifd-channels' threads, each with its own fd), 'mapped-ram' (required: the only "
-    "layout migd writes and reads), 'events' (MIGRATION events). All are off by default, "
-    "as in QEMU. Refused while a migration runs.",
+    "layout migd writes and reads) and 'events' (MIGRATION events). Turning any other on "
+    "is refused: with QEMU's text where QEMU refuses the resulting set too (xbzrle or "
+    "postcopy-ram with mapped-ram, zero-copy-send without multifd, postcopy-preempt "
+    "without postcopy-ram, switchover-ack without return-path, dirty-limit without KVM, "
+    "...), else with \"migd does not implement the 'X' capability\" and why. Turning "
+    "one off is always accepted. As in QEMU, the whole list is checked against the "
+    "resulting set first, and a refused request changes nothing. Refused while a "
+    "migration runs.",
 )
 async def migrate_set_capabilities(ctx: Context, args: SetCapabilitiesArgs) -> Empty:
     changes = {c.capability.name: c.state for c in args.capabilities}
@@ -47,26 +54,26 @@ async def migrate_set_capabilities(ctx: Context, args: SetCapabilitiesArgs) -> E
     "query-migrate-capabilities",
     Empty,
     list[CapabilityState],
-    "The state of every migration capability migd knows.",
+    "The state of every capability of QEMU 10, in QEMU's order.",
 )
 async def query_migrate_capabilities(ctx: Context, args: Empty) -> list[CapabilityState]:
-    caps = ctx.services.engine.caps
-    return [
-        CapabilityState(capability=c, state=dataclasses.asdict(caps)[c.name])
-        for c in MigrationCapability
-    ]
+    caps = dataclasses.asdict(ctx.services.engine.caps)
+    return [CapabilityState(capability=c, state=caps[c.name]) for c in MigrationCapability]
 
 
-_PARAMETERS = field_types(Parameters)
-# Every parameter, each optional: what migrate-set-parameters changes.
+# Every parameter, each optional (a JSON null is a type error, except for StrOrNull):
+# what migrate-set-parameters changes.
 SetParametersArgs = create_model(
     "SetParametersArgs",
     __base__=QapiModel,
-    **{name: (kind | None, None) for name, kind in _PARAMETERS.items()},
+    **{name: (kind, None) for name, kind in set_types(Parameters).items()},
 )
-# Every parameter, as query-migrate-parameters reports it.
+# Every parameter, as query-migrate-parameters reports it (each optional in QEMU's
+# schema too; block-bitmap-mapping is left out until set).
 MigrationParameters = create_model(
-    "MigrationParameters", __base__=QapiModel, **plain_types(Parameters)
+    "MigrationParameters",
+    __base__=QapiModel,
+    **{name: (kind, None) for name, kind in plain_types(Parameters).items()},
 )
 
 
@@ -74,21 +81,37 @@ MigrationParameters = create_model(
     "migrate-set-parameters",
     SetParametersArgs,
     Empty,
-    "Set migration parameters: 'multifd-channels' (1..255, default 2), 'direct-io' "
-    "(default false; O_DIRECT on every multifd channel, effective only with the multifd "
-    "and mapped-ram capabilities), 'max-bandwidth' (bytes/s; migd's default 0 means "
-    "unlimited, unlike QEMU's 128 MiB/s), 'zero-page-detection' ('multifd' skips long "
-    "runs of zero pages, 'none' writes every page). While a migration runs only "
-    "'max-bandwidth' may change, and applies to it at once, as in QEMU; the others are "
-    "refused until it ends.",
+    "Set migration parameters. Every parameter of QEMU 10 is accepted with its QAPI type "
+    "and QEMU's own range checks and texts. migd uses 'multifd-channels' (1..255, default "
+    "2), 'direct-io' (default false; O_DIRECT on every multifd channel, effective only "
+    "with the multifd and mapped-ram capabilities), 'max-bandwidth' (bytes/s; migd's "
+    "default 0 means unlimited, unlike QEMU's 128 MiB/s) and 'zero-page-detection' "
+    "('multifd' and 'legacy' both skip zero pages, giving the same file; 'none' writes "
+    "every page). The others only shape a live migration of a running guest "
+    "(downtime-limit, announce-*, cpu-throttle-*, xbzrle-cache-size, the postcopy and "
+    "switchover bandwidths, dirty limits, compression levels, tls-hostname, tls-authz, "
+    "...): they are stored and reported with no effect, as in QEMU for a stopped "
+    "guest. Refused with QEMU's text: 'multifd-compression' other than none or a "
+    "non-empty 'tls-creds' with mapped-ram on; refused as not implemented by migd: those "
+    "without mapped-ram, 'mode' other than normal and a non-empty "
+    "'block-bitmap-mapping'. As in QEMU, the resulting set is checked as a whole and a "
+    "refused request changes nothing. While a migration runs only 'max-bandwidth' may "
+    "change, and applies to it at once, as in QEMU; the others are refused until it ends.",
 )
 async def migrate_set_parameters(ctx: Context, args: SetParametersArgs) -> Empty:
-    ctx.services.engine.set_parameters(args.model_dump(exclude_none=True))
+    ctx.services.engine.set_parameters(
+        {name: getattr(args, name) for name in args.model_fields_set}
+    )
     return Empty()
 
 
 @command(
-    "query-migrate-parameters", Empty, MigrationParameters, "The current migration parameters."
+    "query-migrate-parameters",
+    Empty,
+    MigrationParameters,
+    "Every migration parameter of QEMU 10 with its current value ('block-bitmap-mapping' "
+    "only once set, as in QEMU). Defaults are QEMU's, except 'max-bandwidth' 0 "
+    "(unlimited).",
 )
 async def query_migrate_parameters(ctx: Context, args: Empty) -> MigrationParameters:
     # Not strict: a value from the configuration file is the enum's plain string.

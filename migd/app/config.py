@@ -29,10 +29,14 @@ from ..migration.settings import (
     CHANNELS_MIN,
     Capabilities,
     Parameters,
+    SettingError,
+    apply_capabilities,
+    apply_parameters,
     channels_in_range,
     field_types,
 )
 from ..pages import PAGE_SIZE
+from ..qapi import QAPI_INT_ERROR, QapiInt
 from ..qmp.validation import QapiModel, qapi_name
 from ..state.memory import ID_RE
 from ..units import size_bytes
@@ -69,9 +73,13 @@ def _absolute(value: str) -> str:
 
 
 def _config_type(kind: Any) -> Any:
-    """A setting's type as the file may write it: plain TOML values, checked below."""
+    """A setting's type as the file may write it: plain TOML values, integers within
+    their QAPI type, the rest checked below as migrate-set-* checks it."""
     if typing.get_origin(kind) is Annotated:
-        kind = typing.get_args(kind)[0]
+        kind, *metadata = typing.get_args(kind)
+        qapi = [m for m in metadata if isinstance(m, QapiInt)]
+        if qapi:
+            return Annotated[kind, *qapi]
     if isinstance(kind, type) and issubclass(kind, enum.Enum):
         return Literal[tuple(m.value for m in kind)]  # "must be 'none' or 'multifd'"
     return kind
@@ -88,19 +96,24 @@ class _CapabilitiesBase(Section):
 class _ParametersBase(Section):
     """Migration parameters set at start, as with migrate-set-parameters."""
 
-    @field_validator("multifd_channels", check_fields=False)
+    # Before the type's own check, in the words of the command line's options.
+    @field_validator("multifd_channels", mode="before", check_fields=False)
     @classmethod
-    def _channels(cls, value: int | None) -> int | None:
-        if value is not None and not channels_in_range(value):
+    def _channels(cls, value: Any) -> Any:
+        if _is_int(value) and not channels_in_range(value):
             raise ValueError(f"must be between {CHANNELS_MIN} and {CHANNELS_MAX}")
         return value
 
-    @field_validator("max_bandwidth", check_fields=False)
+    @field_validator("max_bandwidth", mode="before", check_fields=False)
     @classmethod
-    def _bandwidth(cls, value: int | None) -> int | None:
-        if value is not None and value < 0:
+    def _bandwidth(cls, value: Any) -> Any:
+        if _is_int(value) and value < 0:
             raise ValueError("must be 0 (unlimited) or more bytes per second")
         return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 CapabilitiesConfig = create_model(
@@ -208,6 +221,22 @@ class Config(Section):
         return [os.path.normpath(p) for p in value]
 
     @model_validator(mode="after")
+    def _settings(self) -> Config:
+        """The tables as a whole, checked as migrate-set-capabilities and
+        migrate-set-parameters check them (the daemon applies them in that order)."""
+        caps = self.capabilities.model_dump(exclude_none=True)
+        params = self.parameters.model_dump(exclude_none=True)
+        try:
+            applied = apply_capabilities(Capabilities(), caps, Parameters())
+        except SettingError as exc:
+            raise KeyedError(_setting_key("capabilities", exc), exc.desc) from None
+        try:
+            apply_parameters(Parameters(), params, applied)
+        except SettingError as exc:
+            raise KeyedError(_setting_key("parameters", exc), exc.desc) from None
+        return self
+
+    @model_validator(mode="after")
     def _unique_backends(self) -> Config:
         ids: dict[str, int] = {}
         blocks: dict[str, int] = {}
@@ -225,6 +254,10 @@ class Config(Section):
                 )
             ids[b.id] = blocks[b.block_name] = i
         return self
+
+
+def _setting_key(table: str, exc: SettingError) -> str:
+    return f"{table}.{exc.member}" if exc.member else table
 
 
 # --- loading ----------------------------------------------------------------------------
@@ -303,6 +336,9 @@ def describe_error(err: Any) -> tuple[str, str]:
         return _key(loc), plain[kind]
     if kind in ("literal_error", "enum"):
         return _key(loc), f"must be {ctx['expected']}"
+    if kind == QAPI_INT_ERROR:
+        qapi = ctx["qapi"]
+        return _key(loc), f"must be an integer from {qapi.low} to {qapi.high}"
     return _key(loc), err["msg"][:1].lower() + err["msg"][1:]
 
 

@@ -11,7 +11,6 @@ counters.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 import time
@@ -26,7 +25,7 @@ from ..pages import PAGE_SIZE
 from ..state.memory import MemoryBackend, MemoryRegistry
 from ..state.partial import PartialMarks
 from ..state.paths import ChannelOpener, FileOpener, plain_open
-from . import plan
+from . import plan, settings
 from .job import (
     STRICT_STATUS_ENV,
     TRANSITIONS,
@@ -82,18 +81,17 @@ class MigrationEngine:
             raise MigrationError(IN_PROGRESS)
 
     def set_capabilities(self, changes: dict[str, bool]) -> None:
-        """`changes`: Capabilities field names -> new state."""
+        """`changes`: Capabilities field names -> new state, checked as a whole set."""
         self.refuse_if_busy()
-        self.caps = dataclasses.replace(self.caps, **changes)
+        self.caps = settings.apply_capabilities(self.caps, changes, self.params)
 
     def set_parameters(self, changes: dict[str, Any]) -> None:
+        """`changes`: Parameters field names -> new values, checked as a whole set."""
         # As in QEMU, max-bandwidth may change during a migration and applies at once; the
         # others shape how a migration sets up, so they wait until none is running.
         if set(changes) - {"max_bandwidth"}:
             self.refuse_if_busy()
-        if changes.get("direct_io") and not hasattr(os, "O_DIRECT"):
-            raise MigrationError("No build-time support for direct-io")
-        self.params = dataclasses.replace(self.params, **changes)
+        self.params = settings.apply_parameters(self.params, changes, self.caps)
         job = self.job
         if "max_bandwidth" in changes and job is not None and job.throttle is not None:
             job.throttle.set_rate(self.params.max_bandwidth)

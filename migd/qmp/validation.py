@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic_core import ErrorDetails
 
 from ..errors import InvalidRequest
-from ..qapi import QAPI_INT_ERROR, UINT64_T, CheckedAs, QapiInt
+from ..qapi import QAPI_INT_ERROR, UINT64_T, Alternate, CheckedAs, QapiInt
 
 
 def qapi_name(name: str) -> str:
@@ -165,9 +165,9 @@ def translate(model: type[BaseModel], exc: ValidationError) -> InvalidRequest:
     if kind == "extra_forbidden":
         return InvalidRequest(f"Parameter '{full}' is unexpected")
     if kind in _JSON_TYPE_BY_ERROR:
-        return InvalidRequest(
-            f"Invalid parameter type for '{full}', expected: {_JSON_TYPE_BY_ERROR[kind]}"
-        )
+        alternate = next((m.name for m in metadata if isinstance(m, Alternate)), None)
+        expected = alternate or _JSON_TYPE_BY_ERROR[kind]
+        return InvalidRequest(f"Invalid parameter type for '{full}', expected: {expected}")
     if kind in ("enum", "literal_error"):
         value = err.get("input")
         if not isinstance(value, str):
