@@ -19,6 +19,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check migd tests examples
 	$(BIN)/lint-imports
+	$(BIN)/mypy
 	$(BIN)/migd schema --check
 
 test: lint

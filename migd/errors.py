@@ -20,6 +20,9 @@ class CommandNotFound(MigdError):
 class InvalidRequest(MigdError):
     """Malformed QMP input or arguments (QEMU's dispatcher texts)."""
 
+    # The request as far as it was read, so that the error reply can echo its id.
+    request: object | None = None
+
 
 class ConfigError(MigdError):
     """A bad configuration file or command-line option."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import typing
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import ConfigDict, Field, Strict, create_model
 
@@ -63,18 +63,14 @@ async def query_migrate_capabilities(ctx: Context, args: Empty) -> list[Capabili
 
 # Every parameter, each optional (a JSON null is a type error, except for StrOrNull):
 # what migrate-set-parameters changes.
-SetParametersArgs = create_model(
-    "SetParametersArgs",
-    __base__=QapiModel,
-    **{name: (kind, None) for name, kind in set_types(Parameters).items()},
-)
+_SET_FIELDS: dict[str, Any] = {name: (kind, None) for name, kind in set_types(Parameters).items()}
+SetParametersArgs = create_model("SetParametersArgs", __base__=QapiModel, **_SET_FIELDS)
 # Every parameter, as query-migrate-parameters reports it (each optional in QEMU's
 # schema too; block-bitmap-mapping is left out until set).
-MigrationParameters = create_model(
-    "MigrationParameters",
-    __base__=QapiModel,
-    **{name: (kind, None) for name, kind in plain_types(Parameters).items()},
-)
+_QUERY_FIELDS: dict[str, Any] = {
+    name: (kind, None) for name, kind in plain_types(Parameters).items()
+}
+MigrationParameters = create_model("MigrationParameters", __base__=QapiModel, **_QUERY_FIELDS)
 
 
 @command(
@@ -231,11 +227,10 @@ async def migrate_incoming(ctx: Context, args: MigrateIncomingArgs) -> Empty:
 
 
 # QEMU's MigrationStats: the job's snapshot, member for member (one declaration, in job.py).
-MigrationStats = create_model(
-    "MigrationStats",
-    __base__=QapiModel,
-    **{name: (kind, ...) for name, kind in typing.get_type_hints(RamStats).items()},
-)
+_STATS_FIELDS: dict[str, Any] = {
+    name: (kind, ...) for name, kind in typing.get_type_hints(RamStats).items()
+}
+MigrationStats = create_model("MigrationStats", __base__=QapiModel, **_STATS_FIELDS)
 
 
 class MigrationInfo(QapiModel):

@@ -97,7 +97,8 @@ class Capabilities:
 
 
 # Wire names, in QEMU's order; each member's name is its Capabilities field.
-MigrationCapability = enum.StrEnum(
+# Built from the table (one declaration); mypy cannot see members of a functional enum.
+MigrationCapability = enum.StrEnum(  # type: ignore[misc]
     "MigrationCapability",
     [(f.name, wire_name(f.name)) for f in dataclasses.fields(Capabilities)],
 )

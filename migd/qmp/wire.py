@@ -253,7 +253,7 @@ def decode_request(text: bytes) -> Request:
         if _has_nul(msg["execute"]) or _has_nul(args):
             raise InvalidRequest("JSON parse error, \\u0000 is not supported")
     except InvalidRequest as exc:
-        exc.request = req  # type: ignore[attr-defined]
+        exc.request = req
         raise
     req.execute = msg["execute"]
     req.arguments = args
