@@ -76,6 +76,12 @@ def differs(name: str, messages: list[bytes], reason: str, *paths: tuple[Any, ..
     return (name, messages, Difference(reason, paths))
 
 
+# No such directory on either side: QEMU cannot open the file, and neither can migd.
+FILE_ADD = {"qom-type": "memory-backend-file", "id": "f1", "size": 4096,
+            "mem-path": "/proc/no-such-dir/ram"}  # fmt: skip
+RAM_ADD = {"qom-type": "memory-backend-ram", "id": "r1", "size": 4096}
+
+
 def caps_of(*caps: tuple[str, bool]) -> bytes:
     states = [{"capability": c, "state": on} for c, on in caps]
     return msg("migrate-set-capabilities", {"capabilities": states})
@@ -133,8 +139,19 @@ ROWS: list[Row] = [
     same("missing argument", CAPS, msg("object-del", {})),
     same("extra argument", CAPS, msg("query-version", {"x": 1})),
     same("wrong JSON type", CAPS, msg("object-del", {"id": 1})),
-    differs("object-del of no such object", [CAPS, msg("object-del", {"id": "nope"})],
-            f"{WORDING} object-del", ERROR),
+    same("object-del of no such object", CAPS, msg("object-del", {"id": "nope"})),
+    # object-add: every row is refused by both, so that no object is left behind.
+    same("object-add size 0, file", CAPS, msg("object-add", {**FILE_ADD, "size": 0})),
+    same("object-add size 0, ram", CAPS, msg("object-add", {**RAM_ADD, "size": 0})),
+    # The same text for a mem-path it can open (tests/test_object_add_texts.py).
+    differs("object-add size 4097, file", [CAPS, msg("object-add", {**FILE_ADD, "size": 4097})],
+            f"{INTENDED}: migd checks the size before it opens mem-path; QEMU opens it first "
+            "(creates it, and leaves it behind when the size is refused)", ERROR),
+    same("object-add size as a string", CAPS, msg("object-add", {**RAM_ADD, "size": "4096"})),
+    same("object-add size as a fraction", CAPS, msg("object-add", {**RAM_ADD, "size": 1.5})),
+    same("object-add size 2^64", CAPS, msg("object-add", {**RAM_ADD, "size": 1 << 64})),
+    same("object-add size true", CAPS, msg("object-add", {**RAM_ADD, "size": True})),
+    same("object-add mem-path in no directory", CAPS, msg("object-add", FILE_ADD)),
     same("query-migrate before any migration", CAPS, msg("query-migrate")),
     same("migrate_cancel without a migration", CAPS, msg("migrate_cancel")),
     same("query-fdsets", CAPS, msg("query-fdsets")),
