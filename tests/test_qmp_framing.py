@@ -137,7 +137,10 @@ def test_any_chunking_of_a_message_sequence_yields_the_same_messages(objs, chunk
         (b'{"execute": "q", "id": "\xc3("}', "invalid UTF-8 sequence in string"),
         (b'{"execute": "q", "id": "\xed\xa0\x80"}', "invalid UTF-8 sequence in string"),
         (b'{"execute": "q", "id": "\\ud800"}', "\\ud800 is not a valid Unicode character"),
-        (b'{"execute": "q", "arguments": {"\\udfff": 1}}', "\\udfff is not a valid Unicode character"),
+        (
+            b'{"execute": "q", "arguments": {"\\udfff": 1}}',
+            "\\udfff is not a valid Unicode character",
+        ),
     ],
 )
 def test_parse_errors_are_worded_as_qemu_words_them(text, desc):
