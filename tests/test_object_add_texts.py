@@ -58,6 +58,14 @@ async def test_a_mem_path_that_cannot_be_opened_is_refused_in_qemus_words(qmp, s
     assert await qmp.execute("query-memdev") == []
 
 
+async def test_a_mem_path_on_a_read_only_filesystem_is_refused_in_qemus_words(qmp, readonly_dir):
+    # QEMU run as an unprivileged user says the same for EACCES (measured): one text for
+    # every errno of the open.
+    path = readonly_dir / "ram"
+    text = await qmp_error(qmp, "object-add", _add(FILE, 4096, path))
+    assert text == f"can't open backing store {path} for guest RAM: Read-only file system"
+
+
 async def test_a_directory_keeps_migds_text(qmp, shm):
     # QEMU makes a temporary file in a directory; migd refuses it.
     text = await qmp_error(qmp, "object-add", _add(FILE, 4096, shm))
