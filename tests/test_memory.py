@@ -301,10 +301,12 @@ def test_an_unusable_path_is_refused_with_its_cause(fsdir: Path) -> None:
     before = open_fds()
     (fsdir / "file").write_bytes(b"")
     under_file = fsdir / "file" / "ram"
-    with pytest.raises(BackendError, match=f"^Could not open '{under_file}': Not a directory$"):
+    text = f"^can't open backing store {under_file} for guest RAM: Not a directory$"
+    with pytest.raises(BackendError, match=text):
         create_file_backend("m", MiB, str(under_file))
     missing = fsdir / "no" / "ram"
-    with pytest.raises(BackendError, match=f"^Could not open '{missing}': No such file or dir"):
+    text = f"^can't open backing store {missing} for guest RAM: No such file or dir"
+    with pytest.raises(BackendError, match=text):
         create_file_backend("m", MiB, str(missing))
     assert open_fds() == before
 

@@ -124,3 +124,33 @@ def test_any_chunking_of_a_message_sequence_yields_the_same_messages(objs, chunk
     for i in range(0, len(stream), chunk):
         got += s.feed(stream[i : i + chunk])
     assert [json.loads(t) for t in got] == objs
+
+
+# QEMU 10's texts for the same faults (tests/test_qemu_differential.py compares them live).
+@pytest.mark.parametrize(
+    ("text", "desc"),
+    [
+        (b"aaa\n", "invalid keyword 'aaa'"),
+        (b"truex\n", "invalid keyword 'truex'"),
+        (b'{"execute": nul}', "invalid keyword 'nul'"),
+        (b'{"execute": "q", "id": "\\x"}', "invalid escape sequence in string"),
+        (b'{"execute": "q", "id": "\xc3("}', "invalid UTF-8 sequence in string"),
+        (b'{"execute": "q", "id": "\xed\xa0\x80"}', "invalid UTF-8 sequence in string"),
+        (b'{"execute": "q", "id": "\\ud800"}', "\\ud800 is not a valid Unicode character"),
+        (
+            b'{"execute": "q", "arguments": {"\\udfff": 1}}',
+            "\\udfff is not a valid Unicode character",
+        ),
+    ],
+)
+def test_parse_errors_are_worded_as_qemu_words_them(text, desc):
+    with pytest.raises(InvalidRequest) as info:
+        decode_request(text)
+    assert info.value.desc == f"JSON parse error, {desc}"
+
+
+def test_a_surrogate_pair_and_a_number_with_a_letter_are_not_keywords():
+    assert decode_request(b'{"execute": "q", "id": "\\ud83d\\ude00"}').id == "\U0001f600"
+    with pytest.raises(InvalidRequest) as info:
+        decode_request(b'{"execute": 1e}')
+    assert "keyword" not in info.value.desc

@@ -10,7 +10,9 @@ from typing import Annotated
 
 from pydantic import Strict
 
-from ..errors import InvalidRequest
+from ..errors import BackendError, InvalidRequest
+from ..pages import PAGE_SIZE
+from ..qapi import Uint64
 from ..qmp.dispatch import command
 from ..qmp.validation import Empty, QapiModel
 from ..state.fdsets import is_fdset_path
@@ -28,7 +30,7 @@ class QomType(enum.StrEnum):
 class ObjectAddArgs(QapiModel):
     qom_type: Annotated[QomType, Strict(False)]
     id: str
-    size: int
+    size: Uint64
     mem_path: str | None = None
     share: bool | None = None
     ramblock_name: str | None = None
@@ -55,6 +57,7 @@ class ObjectAddArgs(QapiModel):
 )
 async def object_add(ctx: Context, args: ObjectAddArgs) -> Empty:
     registry = ctx.services.memory
+    check_size(args.qom_type, args.size)
     # Before anything is created: a refused object-add must leave no file behind.
     registry.check_new(args.id, args.ramblock_name or args.id)
     fd = None
@@ -84,6 +87,15 @@ async def object_add(ctx: Context, args: ObjectAddArgs) -> Empty:
         backend.close()
         raise
     return Empty()
+
+
+def check_size(qom_type: QomType, size: int) -> None:
+    """QEMU's texts for a size it refuses too. QEMU rounds a memory-backend-ram size up to
+    whole pages; migd refuses it, saying so in QEMU's words for a file."""
+    if size == 0:
+        raise BackendError(f"property 'size' of {qom_type} doesn't take value '0'")
+    if size % PAGE_SIZE:
+        raise BackendError(f"backend '{qom_type}' memory size must be multiple of 4 KiB")
 
 
 def create_backend(
@@ -133,6 +145,8 @@ class ObjectDelArgs(QapiModel):
     "Remove a memory backend and unmap it (its file stays). Refused while a migration uses it.",
 )
 async def object_del(ctx: Context, args: ObjectDelArgs) -> Empty:
+    if not any(backend.id == args.id for backend in ctx.services.memory):
+        raise BackendError(f"object '{args.id}' not found")  # QEMU's text
     ctx.services.memory.remove(args.id)
     return Empty()
 

@@ -200,6 +200,48 @@ def _has_nul(value: Any) -> bool:
     return False
 
 
+# QEMU's texts (qobject/json-parser.c) where Python's parser finds the same fault.
+INVALID_UTF8 = "invalid UTF-8 sequence in string"
+_QEMU_REASONS = {"Invalid \\escape": "invalid escape sequence in string"}
+_KEYWORD = re.compile(r"(?<![^\s\[{,:])[a-z]+")  # a run of letters that starts a token
+
+
+def _parse_error_reason(source: str, exc: ValueError | RecursionError) -> str:
+    """QEMU's words for a parse error where migd can tell which it is, else Python's."""
+    if not isinstance(exc, json.JSONDecodeError):
+        return str(exc).lower()
+    if exc.msg in _QEMU_REASONS:
+        return _QEMU_REASONS[exc.msg]
+    # A bare word that is not a keyword ('aaa', 'truex'): QEMU's lexer reads the whole
+    # run of letters as one keyword token and names it.
+    start = len(source[: exc.pos].rstrip("abcdefghijklmnopqrstuvwxyz"))
+    word = _KEYWORD.match(source, start)
+    if word is not None and word.group() not in ("true", "false", "null"):
+        return f"invalid keyword '{word.group()}'"
+    return exc.msg.lower()
+
+
+def _lone_surrogate(value: Any) -> str | None:
+    """A \\udXXX escape that is not half of a pair: json.loads keeps it, QEMU refuses it."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                found = _SURROGATE.search(item)
+                if found:
+                    return found.group()
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
+
+
+_SURROGATE = re.compile("[\\ud800-\\udfff]")
+
+
 class _DuplicateKey(ValueError):
     pass
 
@@ -226,14 +268,22 @@ def decode_request(text: bytes) -> Request:
     if _too_deep(text):
         raise InvalidRequest(NESTING_EXCEEDED)
     try:
-        msg = json.loads(text, object_pairs_hook=_object_without_duplicates)
+        # Strict UTF-8: json.loads of bytes would let encoded surrogates through.
+        source = text.decode()
+    except UnicodeDecodeError:
+        raise InvalidRequest(f"JSON parse error, {INVALID_UTF8}") from None
+    try:
+        msg = json.loads(source, object_pairs_hook=_object_without_duplicates)
     except _DuplicateKey:
         raise InvalidRequest("JSON parse error, duplicate key") from None
-    except UnicodeDecodeError:
-        raise InvalidRequest("JSON parse error, invalid UTF-8 sequence") from None
     except (ValueError, RecursionError) as exc:
-        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
-        raise InvalidRequest(f"JSON parse error, {reason.lower()}") from None
+        reason = _parse_error_reason(source, exc)
+        raise InvalidRequest(f"JSON parse error, {reason}") from None
+    surrogate = _lone_surrogate(msg)
+    if surrogate is not None:
+        raise InvalidRequest(
+            f"JSON parse error, \\u{ord(surrogate):04x} is not a valid Unicode character"
+        )
     if not isinstance(msg, dict):
         raise InvalidRequest("QMP input must be a JSON object")
     req = Request(execute="", arguments={}, id=msg.get("id"), has_id="id" in msg)

@@ -347,7 +347,12 @@ def create_file_backend(
                 open_file=open_file,
             )
         except OSError as e:
-            raise BackendError(f"Could not open '{mem_path}': {e.strerror}") from None
+            if e.errno == errno.EISDIR:  # QEMU makes a temporary file there; migd refuses
+                raise BackendError(f"Could not open '{mem_path}': Is a directory") from None
+            # QEMU's text (qemu_ram_alloc_from_file) for a name it cannot open either.
+            raise BackendError(
+                f"can't open backing store {mem_path} for guest RAM: {e.strerror}"
+            ) from None
     step = "use"
     st: os.stat_result | None = None
     try:
