@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import pytest
 
@@ -162,7 +163,7 @@ async def test_counters_advance_at_every_poll_under_a_low_cap(qmp, shm, short_di
     # While pages are still to move (the last active poll may come after the last page).
     moving = [p for p in polls if p["status"] == "active" and p["ram"]["remaining"] > 0]
     assert len(moving) >= 10, f"a 6 s save should be polled often: {len(moving)}"
-    for before, after in zip(moving, moving[1:]):
+    for before, after in itertools.pairwise(moving):
         assert after["ram"]["transferred"] > before["ram"]["transferred"], (before, after)
         assert after["ram"]["remaining"] < before["ram"]["remaining"], (before, after)
     done = polls[-1]
