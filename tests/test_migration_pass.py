@@ -33,6 +33,7 @@ from .conftest import (
     save,
     wait_migration,
 )
+from .qapi_schema import Schema
 from .qemu_vm import QemuVM, requires_qemu
 from .test_interop_qemu import none_machine_args
 
@@ -148,11 +149,24 @@ async def test_a_restore_emits_no_pass_and_keeps_its_progress_members(qmp, shm, 
     assert set(info) == {"status", "total-time", "setup-time", "ram"}, info  # migd's extra
 
 
-def test_query_qmp_schema_describes_migration_pass():
-    from migd.qmp.dispatch import EVENTS as DECLARED
-
-    model = DECLARED["MIGRATION_PASS"]
-    assert model.model_validate({"pass": 2}).model_dump(by_alias=True) == {"pass": 2}
+async def test_query_qmp_schema_describes_the_events_and_members_seen(qmp, shm, short_dir):
+    """MIGRATION_PASS is in query-qmp-schema, and the events and query-migrate replies of
+    every status read with migd's own schema (the new members included)."""
+    schema = Schema(await qmp.execute("query-qmp-schema"))
+    assert schema["MIGRATION_PASS"]["meta-type"] == "event"
+    await _migd_ready(qmp, shm, bandwidth=4 * MiB)
+    with qmp.listener(EVENTS) as listener:
+        seen = await _run(qmp, f"file:{short_dir}/a.img", cancel=True)
+        await qmp.execute("migrate-set-parameters", {"max-bandwidth": 0})
+        seen_done = await _run(qmp, f"file:{short_dir}/b.img")
+        events = []
+        while not listener.empty():
+            events.append(await listener.get())
+    assert {e["event"] for e in events} == set(EVENTS)
+    for event in events:
+        schema.check(event["data"], schema[event["event"]]["arg-type"], event["event"])
+    for info in (seen["active"], seen["final"], seen_done["final"]):
+        schema.check(info, schema.ret_type("query-migrate"), "query-migrate")
 
 
 # --- against QEMU -----------------------------------------------------------------------
