@@ -134,6 +134,20 @@ MUTANTS = [
         "",
         ("tests/test_save_progress.py::test_max_bandwidth_holds_within_ten_percent",),
     ),
+    Mutant(
+        "calls-under-a-cap-keep-their-256-kib-floor",
+        "migd/io/threads.py",
+        "pages = min(pages, int(rate * CALL_SECONDS) // PAGE_SIZE)",
+        "pages = min(pages, max(MIN_CALL_PAGES, int(rate * CALL_SECONDS) // PAGE_SIZE))",
+        ("tests/test_save_progress.py::test_counters_advance_at_every_poll_under_a_low_cap",),
+    ),
+    Mutant(
+        "no-migration-pass-2-at-the-final-sync",
+        "migd/migration/engine.py",
+        "            self._pass(job, 2)\n",
+        "            job.sync_count = 2\n",
+        ("tests/test_migration_pass.py",),
+    ),
     # --- the file format --------------------------------------------------------------
     Mutant(
         "bitmap-encoded-msb-first",

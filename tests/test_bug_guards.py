@@ -337,9 +337,11 @@ async def test_remaining_adds_up_with_the_counters_of_the_same_reply(
     """Bug caught: `remaining` taken from the throughput sample (up to 100 ms old).
 
     The sampler is slowed to one sample per hour, so a stale `remaining` would still be
-    the one of the job's first moment (nothing done). A job cancelled half-way has
-    stopped its threads: its counters no longer move, and remaining must be exactly
-    total - (normal + duplicate) pages, with both sides of the sum in the same reply."""
+    the one of the job's first moment (nothing done). A job held half-way (max-bandwidth
+    1 byte/s: each channel waits an hour before its next page) has counters that no
+    longer move, and remaining must be exactly total - (normal + duplicate) pages, with
+    both sides of the sum in the same reply. (A cancelled save shows only its status,
+    as QEMU's does, so the job is held rather than cancelled.)"""
     monkeypatch.setattr(migration, "SAMPLE_PERIOD", 3600.0)
     size = 32 * MiB
     fill_random(shm / "ram0", size, seed=41)
@@ -352,19 +354,33 @@ async def test_remaining_adds_up_with_the_counters_of_the_same_reply(
         command, uri = "migrate-incoming", {"uri": f"file:{short_dir}/save.img"}
     await qmp.execute("migrate-set-parameters", {"max-bandwidth": 8 * MiB})
     await qmp.execute(command, uri)
-    # A save counts a run's pages when the run (8 MiB) is done; a restore at each read.
+    # Both directions count pages at each I/O call.
     await poll_until(
         lambda: qmp.execute("query-migrate"),
         lambda info: info["status"] == "active" and info["ram"]["normal"] >= 2048,
         "some pages counted",
     )
-    await qmp.execute("migrate_cancel")
-    info = await wait_migration(qmp)
-    assert info["status"] == "cancelled", info
+    await qmp.execute("migrate-set-parameters", {"max-bandwidth": 1})
+    previous: dict = {}
+
+    def held(info: dict) -> bool:
+        nonlocal previous
+        ram = info["ram"]
+        still = info["status"] == "active" and ram["transferred"] == previous.get("transferred")
+        previous = ram
+        return still
+
+    # 0.3 s between polls: longer than an I/O call at 8 MiB/s (0.1 s of the rate), the
+    # last call a channel makes before the new rate holds it.
+    info = await poll_until(
+        lambda: qmp.execute("query-migrate"), held, "the channels held", interval=0.3
+    )
     ram = info["ram"]
     done = ram["normal"] + ram["duplicate"]
     assert 0 < done < size // PAGE
     assert ram["remaining"] == size - done * PAGE, ram
+    await qmp.execute("migrate_cancel")
+    assert (await wait_migration(qmp))["status"] == "cancelled"
     await qmp.execute("migrate-set-parameters", {"max-bandwidth": 0})
 
 

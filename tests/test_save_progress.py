@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+
+import pytest
 
 from .conftest import (
     FINAL_STATES,
@@ -129,3 +132,40 @@ async def test_completed_save_reports_qemus_members(qmp, shm, short_dir):
     assert info["ram"]["page-size"] == 4096
     # wait_migration is reused by other tests; make sure it sees a finished job at once
     assert (await wait_migration(qmp, timeout=1))["status"] == "completed"
+
+
+async def _poll_until_final(qmp, period: float, timeout: float) -> list[dict]:
+    """query-migrate every `period` seconds until the job ends (a poller's clock, not a
+    synchronisation: nothing waits on a sleep to be done)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    polls = []
+    while (info := await qmp.execute("query-migrate"))["status"] not in FINAL_STATES:
+        polls.append(info)
+        assert loop.time() < deadline, f"save still running: {info}"
+        await asyncio.sleep(period)
+    polls.append(info)
+    return polls
+
+
+@pytest.mark.parametrize("rate", [4 * MiB, 1 * MiB])
+async def test_counters_advance_at_every_poll_under_a_low_cap(qmp, shm, short_dir, rate):
+    """Issue 15 item 7: under a low cap, 'transferred' and 'remaining' move between every
+    two polls at 5 Hz ('remaining' moved once per 8 MiB page run, and at 1 MiB/s a call
+    took 1/4 s), and the cap holds."""
+    size = 6 * rate  # 6 s at the cap
+    fill_random(shm / "ram0", size)
+    await add_file_backend(qmp, "ram0", shm / "ram0", size)
+    await enable_mapped_ram(qmp, channels=2, **{"max-bandwidth": rate})
+    await qmp.execute("migrate", {"uri": f"file:{short_dir}/save.img"})
+    polls = await _poll_until_final(qmp, 0.2, 60)
+    assert polls[-1]["status"] == "completed", polls[-1]
+    # While pages are still to move (the last active poll may come after the last page).
+    moving = [p for p in polls if p["status"] == "active" and p["ram"]["remaining"] > 0]
+    assert len(moving) >= 10, f"a 6 s save should be polled often: {len(moving)}"
+    for before, after in itertools.pairwise(moving):
+        assert after["ram"]["transferred"] > before["ram"]["transferred"], (before, after)
+        assert after["ram"]["remaining"] < before["ram"]["remaining"], (before, after)
+    done = polls[-1]
+    seconds = (done["total-time"] - done["setup-time"]) / 1000
+    assert done["ram"]["multifd-bytes"] / seconds <= 1.1 * rate

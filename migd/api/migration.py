@@ -238,6 +238,8 @@ class MigrationInfo(QapiModel):
 
     status: MigrationStatus | None = None
     total_time: int | None = Field(None, alias="total-time")
+    expected_downtime: int | None = Field(None, alias="expected-downtime")
+    downtime: int | None = None
     setup_time: int | None = Field(None, alias="setup-time")
     error_desc: str | None = Field(None, alias="error-desc")
     ram: MigrationStats | None = None
@@ -251,14 +253,32 @@ class MigrationEvent(QapiModel):
 event("MIGRATION", MigrationEvent)
 
 
+class MigrationPassEvent(QapiModel):
+    """QEMU's MIGRATION_PASS: the number of the RAM pass (its dirty-sync-count)."""
+
+    pass_: int = Field(alias="pass")
+
+
+# A save emits pass 1 as its one pass over memory starts and pass 2 at the final sync,
+# with the 'events' capability on, as QEMU does for a stopped guest; a restore none.
+event("MIGRATION_PASS", MigrationPassEvent)
+
+
 @command(
     "query-migrate",
     Empty,
     MigrationInfo,
     "The state of the last migration: {} before any; else 'status' (setup, active, "
-    "completed, failed, cancelling, cancelled), 'total-time' and 'setup-time' in ms, "
-    "'error-desc' on failure, and 'ram' with QEMU's MigrationStats members. Answered "
-    "from counters, never waiting for I/O.",
+    "completed, failed, cancelling, cancelled) and, for a save, QEMU's members for that "
+    "status: none more in setup; 'total-time', 'setup-time' (ms), 'expected-downtime' "
+    "(the downtime-limit, as QEMU reports it for a stopped guest) and 'ram' (QEMU's "
+    "MigrationStats; 'dirty-sync-count' 1) while active or cancelling; 'total-time', "
+    "'setup-time', 'downtime' (ms of the final stage: final sync, bitmaps, end section, "
+    "fdatasync, measured as QEMU does from the switchover) and 'ram' ('dirty-sync-count' "
+    "2) once completed; 'error-desc' once failed; nothing more once cancelled. A restore "
+    "reports 'total-time', 'setup-time' and 'ram' in every status (a migd "
+    "extension: QEMU's incoming side reports only its status), 'error-desc' on failure "
+    "and 'x-skipped-blocks'. Answered from counters, never waiting for I/O.",
 )
 async def query_migrate(ctx: Context, args: Empty) -> MigrationInfo:
     stats = ctx.services.engine.query()
@@ -267,9 +287,11 @@ async def query_migrate(ctx: Context, args: Empty) -> MigrationInfo:
     return MigrationInfo(
         status=stats.status,
         total_time=stats.total_time,
+        expected_downtime=stats.expected_downtime,
+        downtime=stats.downtime,
         setup_time=stats.setup_time,
         error_desc=stats.error_desc,
-        ram=MigrationStats(**dataclasses.asdict(stats.ram)),
+        ram=None if stats.ram is None else MigrationStats(**dataclasses.asdict(stats.ram)),
         x_skipped_blocks=list(stats.skipped_blocks) or None,
     )
 

@@ -132,6 +132,18 @@ class MigrationEngine:
             self.emit("MIGRATION", {"status": status.value})
         self.notify(f"STATUS={job.direction} {status.value}")
 
+    def _pass(self, job: Job, number: int) -> None:
+        """A save's RAM pass `number` begins: QEMU's dirty-sync-count and MIGRATION_PASS
+        (QEMU syncs the dirty bitmap, and emits the event, as the pass starts and at the
+        switchover; a stopped guest has nothing dirty, so there is one pass and the final
+        sync)."""
+        job.sync_count = number
+        if number == 2:
+            job.switchover = time.monotonic()
+            job.switchover_main_bytes = job.main_bytes
+        if self.caps.events:
+            self.emit("MIGRATION_PASS", {"pass": number})
+
     def _activate(self, job: Job) -> None:
         """setup -> active once the channels are ready, unless a cancel came meanwhile: the
         job then ends cancelled, as `cancelling` never goes back to `active`."""
@@ -167,6 +179,7 @@ class MigrationEngine:
             target.discard()
             raise
         job = Job("save", target, backends, sum(b.size for b in backends))
+        job.expected_downtime = self.params.downtime_limit
         self._launch(job, self._save(job, layout, main_fd))
 
     async def start_restore(
@@ -319,9 +332,11 @@ class MigrationEngine:
             # SEEK_DATA walks and run splitting take tens of ms on large memory: off the loop.
             detect = self.params.zero_page_detection != "none"
             blocks, runs = await asyncio.to_thread(plan.plan_save_runs, job, layout, detect)
+            check_cancel(job)
+            self._pass(job, 1)  # before `active`, as in QEMU
             self._activate(job)
             await self._move_pages(job, fds, blocks, runs)
-            job.sync_count = 1
+            self._pass(job, 2)
             await asyncio.to_thread(save.finish_save, job, layout, blocks, fds, main_fd)
         finally:
             job.target.close_channels()

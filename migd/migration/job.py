@@ -4,6 +4,7 @@ and query-migrate's answer from them."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import threading
 import time
@@ -77,8 +78,11 @@ class Job:
     main_bytes: int = 0
     task: asyncio.Task[None] | None = None
     skipped_blocks: list[str] = field(default_factory=list)
-    sync_count: int = 0
+    sync_count: int = 0  # QEMU's dirty-sync-count: 1 once the pass starts, 2 at the final sync
     memory_touched: bool = False  # restore: some backend may already hold new data
+    expected_downtime: int = 0  # ms: the downtime-limit, as QEMU reports it for a stopped guest
+    switchover: float | None = None  # save: when the final stage (final sync) began
+    switchover_main_bytes: int = 0  # main_bytes then: what the final stage writes is downtime-bytes
     _samples: list[tuple[float, int, int]] = field(default_factory=list)
 
     @property
@@ -125,7 +129,35 @@ class Job:
         return (b1 - b0) * 8 / (t1 - t0) / 1e6, (p1 - p0) / (t1 - t0)
 
     def stats(self) -> JobStats:
-        """What query-migrate reports, from counters only."""
+        """What query-migrate reports, from counters only, with QEMU's members per status.
+
+        A save shows what QEMU's source side shows (migration.c fill_source_migration_info,
+        checked against QEMU 10): in setup only the status; while active or cancelling the
+        times, 'expected-downtime' and 'ram'; once completed the times, 'downtime' and
+        'ram'; once failed the status and 'error-desc'; once cancelled the status alone.
+        A restore keeps migd's times and 'ram' in every status (a migd extension: QEMU's
+        incoming side shows only its status), with no downtime members.
+        """
+        if self.direction == "save":
+            if self.status in (MigrationStatus.setup, MigrationStatus.cancelled):
+                return JobStats(status=self.status)
+            if self.status == MigrationStatus.failed:
+                return JobStats(status=self.status, error_desc=self.error_desc)
+        full = self._full_stats()
+        if self.direction != "save":
+            return full
+        if self.status == MigrationStatus.completed:
+            return dataclasses.replace(full, downtime=self._downtime())
+        return dataclasses.replace(full, expected_downtime=self.expected_downtime)
+
+    def _downtime(self) -> int:
+        """ms of the final stage, as QEMU measures downtime: from the switchover (the final
+        sync) to the end, although the guest, stopped, was 'down' all along."""
+        if self.switchover is None or self.finished is None:
+            return 0
+        return int((self.finished - self.switchover) * 1000)
+
+    def _full_stats(self) -> JobStats:
         end = self.finished if self.finished is not None else time.monotonic()
         setup_time = None
         if self.setup_done is not None:
@@ -148,6 +180,9 @@ class Job:
             multifd_bytes=multifd,
             pages_per_second=int(pps),
             precopy_bytes=moved,
+            downtime_bytes=(
+                self.main_bytes - self.switchover_main_bytes if self.switchover is not None else 0
+            ),
         )
         return JobStats(
             status=self.status,
@@ -184,13 +219,15 @@ class RamStats:
     dirty_sync_missed_zero_copy: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class JobStats:
-    """A snapshot of a job for query-migrate: times in ms, None where there is none yet."""
+    """A snapshot of a job for query-migrate: times in ms, None where QEMU shows none."""
 
     status: MigrationStatus
-    total_time: int
-    setup_time: int | None
-    error_desc: str | None
-    ram: RamStats
-    skipped_blocks: tuple[str, ...]
+    total_time: int | None = None
+    expected_downtime: int | None = None
+    downtime: int | None = None
+    setup_time: int | None = None
+    error_desc: str | None = None
+    ram: RamStats | None = None
+    skipped_blocks: tuple[str, ...] = ()
