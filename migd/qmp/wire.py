@@ -6,6 +6,7 @@ import json
 import re
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -184,20 +185,23 @@ def _too_deep(text: bytes) -> bool:
     return Refused(NESTING_EXCEEDED) in MessageSplitter(limit=len(text)).feed(text)
 
 
-def _has_nul(value: Any) -> bool:
-    """QEMU's parser refuses NUL in strings; paths and names with one cannot work anyway."""
+def _strings(value: Any) -> Iterator[str]:
+    """Every string of a decoded JSON value, keys included."""
     stack = [value]
     while stack:
         item = stack.pop()
         if isinstance(item, str):
-            if "\x00" in item:
-                return True
+            yield item
         elif isinstance(item, dict):
             stack.extend(item.keys())
             stack.extend(item.values())
         elif isinstance(item, list):
             stack.extend(item)
-    return False
+
+
+def _has_nul(value: Any) -> bool:
+    """QEMU's parser refuses NUL in strings; paths and names with one cannot work anyway."""
+    return any("\x00" in item for item in _strings(value))
 
 
 # QEMU's texts (qobject/json-parser.c) where Python's parser finds the same fault.
@@ -223,19 +227,11 @@ def _parse_error_reason(source: str, exc: ValueError | RecursionError) -> str:
 
 def _lone_surrogate(value: Any) -> str | None:
     """A \\udXXX escape that is not half of a pair: json.loads keeps it, QEMU refuses it."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            if not item.isascii():
-                found = _SURROGATE.search(item)
-                if found:
-                    return found.group()
-        elif isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
+    for item in _strings(value):
+        if not item.isascii():
+            found = _SURROGATE.search(item)
+            if found:
+                return found.group()
     return None
 
 
