@@ -97,6 +97,11 @@ class MigrationEngine:
             job.throttle.set_rate(self.params.max_bandwidth)
 
     @property
+    def detect_zero(self) -> bool:
+        # 'legacy' and 'multifd' give the same file here: zero runs are skipped either way.
+        return self.params.zero_page_detection != "none"
+
+    @property
     def direct_io_effective(self) -> bool:
         # QEMU's rule: direct-io only takes effect with multifd and mapped-ram.
         return self.params.direct_io and self.caps.multifd and self.caps.mapped_ram
@@ -314,7 +319,7 @@ class MigrationEngine:
             runs,
             job.cancel,
             job.throttle,
-            detect_zero=self.params.zero_page_detection != "none",
+            detect_zero=self.detect_zero,
             # Buffered saves keep their dirty page cache small, so that neither the final
             # sync nor a stop has to wait for the whole save to reach a slow disk.
             write_behind=direction == "save" and not self.direct_io_effective,
@@ -330,8 +335,9 @@ class MigrationEngine:
         fds = await self._open_channels(job, main_fd)
         try:
             # SEEK_DATA walks and run splitting take tens of ms on large memory: off the loop.
-            detect = self.params.zero_page_detection != "none"
-            blocks, runs = await asyncio.to_thread(plan.plan_save_runs, job, layout, detect)
+            blocks, runs = await asyncio.to_thread(
+                plan.plan_save_runs, job, layout, self.detect_zero
+            )
             check_cancel(job)
             self._pass(job, 1)  # before `active`, as in QEMU
             self._activate(job)
