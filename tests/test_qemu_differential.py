@@ -134,6 +134,23 @@ ROWS: list[Row] = [
     differs("byte 0xff", [CAPS, b'{"execute": "query-version", "id": "\xff"}'],
             f"{INTENDED}: QEMU's lexer takes 0xff as a stray token outside the string and "
             "answers twice; migd answers once, 'invalid UTF-8 sequence in string'", ERROR),
+    same("missing comma", CAPS, b'{"execute": "query-version" "id": 1}'),
+    same("trailing comma in an object", CAPS, b'{"execute": "query-version", }'),
+    same("trailing comma in an array", CAPS, b'{"execute": "query-version", "id": [1, ]}'),
+    same("missing colon", CAPS, b'{"execute" "query-version"}'),
+    same("key not a string", CAPS, b'{1: "query-version"}'),
+    same("missing comma in a list", CAPS, b'{"execute": "query-version", "id": [1 2]}'),
+    same("NaN", CAPS, b'{"execute": "query-version", "id": NaN}'),
+    same("Infinity", CAPS, b'{"execute": "query-version", "id": -Infinity}'),
+    # 1e999 is not here: QEMU echoes it as 'inf', which is not JSON (test_wire.py).
+    differs("single quotes", [CAPS, b"{'execute': 'query-version'}"],
+            f"{INTENDED}: migd reads RFC 8259 JSON; QEMU also takes single-quoted strings, "
+            "an extension of its own parser", (REPLY,)),
+    differs("a leading zero", [CAPS, b'{"execute": "query-version", "id": 01}'],
+            f"{INTENDED}: QEMU's lexer names the stray token ('01') and then parses the "
+            "rest as new input; migd refuses the message once, 'expected separator in dict'",
+            ERROR),
+    same("a stray closing brace", CAPS, b'}'),
     same("NUL in an id", CAPS, b'{"execute": "query-version", "id": "a\\u0000b"}'),
     differs("NUL in an argument",
             [CAPS, b'{"execute": "object-del", "arguments": {"id": "a\\u0000b"}}'],
@@ -165,6 +182,11 @@ ROWS: list[Row] = [
             f"{INTENDED}: migd asks for the mapped-ram capability first and saves only to "
             "regular files (QEMU: 'failed to truncate migration file to offset 0')",
             ERROR),
+    differs("migrate to /dev/full with mapped-ram on",
+            [CAPS, caps_of(("mapped-ram", True)), msg("migrate", {"uri": "file:/dev/full"})],
+            f"{INTENDED}: both fail at once and create nothing; migd names the cause, 'is not "
+            "a regular file (it is a character device)' (QEMU: 'failed to truncate migration "
+            "file to offset 0: Invalid argument')", (3, "error", "desc")),
     same("query-fdsets", CAPS, msg("query-fdsets")),
     same("getfd without an fd", CAPS, msg("getfd", {"fdname": "a"})),
     same("closefd of an unknown name", CAPS, msg("closefd", {"fdname": "a"})),

@@ -82,6 +82,43 @@ def test_bad_json_gets_an_error_and_the_connection_survives(raw):
     assert "return" in raw.execute("query-version")
 
 
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        (b'{"execute": "query-version", "id": NaN}', "stray 'N'"),
+        (b'{"execute": "query-version", "id": -Infinity}', "stray '-I'"),
+        (b'{"execute": "query-version", "id": 1e999}', "number '1e999' is out of range"),
+    ],
+)
+def test_numbers_that_are_not_json_are_refused_so_no_reply_carries_them(raw, text, reason):
+    # Python's json reads NaN, Infinity and 1e999 (as inf) and would echo them in the id,
+    # a reply no JSON parser reads; QEMU echoes 1e999 as 'inf'.
+    raw.negotiate()
+    raw.send_raw(text)
+    reply = raw.recv()
+    assert reply == {"error": {"class": "GenericError", "desc": f"JSON parse error, {reason}"}}
+    assert raw.execute("query-version", id=1.5e300)["id"] == 1.5e300
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [  # QEMU 10.0's texts (tests/test_qemu_differential.py compares them with QEMU)
+        (b'{"execute": "query-version" "id": 1}', "expected separator in dict"),
+        (b'{"execute": "query-version", "id": [1 2]}', "expected separator in list"),
+        (b'{"execute": "query-version", "id": ["]", {"a": 1} 2]}', "expected separator in list"),
+        (b'{"execute": "query-version", }', "expecting value"),
+        (b'{"execute" "query-version"}', "missing : in object pair"),
+        (b'{1: "query-version"}', "key is not a string in object"),
+        (b'{"execute": "query-version", "id": "\\x"}', "invalid escape sequence in string"),
+        (b"truex\n", "invalid keyword 'truex'"),
+    ],
+)
+def test_parse_errors_are_worded_as_qemu_words_them(raw, text, reason):
+    raw.negotiate()
+    raw.send_raw(text)
+    assert raw.recv() == {"error": {"class": "GenericError", "desc": f"JSON parse error, {reason}"}}
+
+
 def test_invalid_utf8_is_a_parse_error(raw):
     raw.negotiate()
     raw.send_raw(b'{"execute": "\xff\xfe"}\n')

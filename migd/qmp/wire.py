@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 import time
@@ -206,16 +207,59 @@ def _has_nul(value: Any) -> bool:
 
 # QEMU's texts (qobject/json-parser.c) where Python's parser finds the same fault.
 INVALID_UTF8 = "invalid UTF-8 sequence in string"
-_QEMU_REASONS = {"Invalid \\escape": "invalid escape sequence in string"}
+_QEMU_REASONS = {
+    "Invalid \\escape": "invalid escape sequence in string",
+    "Expecting ':' delimiter": "missing : in object pair",
+}
 _KEYWORD = re.compile(r"(?<![^\s\[{,:])[a-z]+")  # a run of letters that starts a token
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+
+
+class _NotJson(ValueError):
+    """A token json.loads takes that JSON (and QEMU) does not: NaN, Infinity, 1e999."""
+
+
+def _refuse_constant(name: str) -> float:
+    # QEMU's lexer stops at the first letter it cannot start a token with ('-I', 'N').
+    raise _NotJson(f"stray '{name[:2] if name.startswith('-') else name[0]}'")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        # QEMU echoes such a number back as 'inf', which no JSON parser reads: refuse it.
+        raise _NotJson(f"number '{text}' is out of range")
+    return value
+
+
+def _innermost_container(source: str, pos: int) -> str:
+    """'{' or '[': the container open at pos (strings skipped), for QEMU's 'in dict/list'."""
+    stack: list[str] = []
+    for token in re.finditer(r'[\[\]{}]|"', _STRING.sub('""', source[:pos])):
+        char = token.group()
+        if char in "[{":
+            stack.append(char)
+        elif char in "]}" and stack:
+            stack.pop()
+    return stack[-1] if stack else "{"
 
 
 def _parse_error_reason(source: str, exc: ValueError | RecursionError) -> str:
     """QEMU's words for a parse error where migd can tell which it is, else Python's."""
+    if isinstance(exc, _NotJson):
+        return str(exc)
     if not isinstance(exc, json.JSONDecodeError):
         return str(exc).lower()
     if exc.msg in _QEMU_REASONS:
         return _QEMU_REASONS[exc.msg]
+    if exc.msg == "Expecting ',' delimiter":
+        kind = "dict" if _innermost_container(source, exc.pos) == "{" else "list"
+        return f"expected separator in {kind}"
+    if exc.msg == "Expecting property name enclosed in double quotes":
+        # '{"a": 1, }' in QEMU's parser is a missing value; '{1: 2}' a key of another type.
+        if source[exc.pos : exc.pos + 1] == "}":
+            return "expecting value"
+        return "key is not a string in object"
     # A bare word that is not a keyword ('aaa', 'truex'): QEMU's lexer reads the whole
     # run of letters as one keyword token and names it.
     start = len(source[: exc.pos].rstrip("abcdefghijklmnopqrstuvwxyz"))
@@ -269,7 +313,12 @@ def decode_request(text: bytes) -> Request:
     except UnicodeDecodeError:
         raise InvalidRequest(f"JSON parse error, {INVALID_UTF8}") from None
     try:
-        msg = json.loads(source, object_pairs_hook=_object_without_duplicates)
+        msg = json.loads(
+            source,
+            object_pairs_hook=_object_without_duplicates,
+            parse_constant=_refuse_constant,
+            parse_float=_finite_float,
+        )
     except _DuplicateKey:
         raise InvalidRequest("JSON parse error, duplicate key") from None
     except (ValueError, RecursionError) as exc:
@@ -342,4 +391,5 @@ def greeting(major: int, minor: int, micro: int, package: str) -> dict[str, Any]
 
 
 def encode(msg: dict[str, Any]) -> bytes:
-    return json.dumps(msg, separators=(", ", ": ")).encode() + b"\r\n"
+    # allow_nan=False: a reply is JSON or an error here, never NaN or Infinity on the wire.
+    return json.dumps(msg, separators=(", ", ": "), allow_nan=False).encode() + b"\r\n"
