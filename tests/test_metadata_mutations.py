@@ -20,10 +20,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+import xxhash
 from qemu.qmp import ExecuteError
 
 from migd.errors import FormatError
-from migd.migration.mapped_ram import format
+from migd.migration.mapped_ram import checksum_table, format
 
 from .conftest import add_file_backend, enable_mapped_ram, qmp_error, save, wait_migration
 
@@ -44,7 +45,8 @@ def _memory(size: int, seed: int) -> bytes:
 
 def metadata_spans(raw: bytes) -> list[tuple[str, int, int]]:
     """(what, start, end) of every metadata byte range of a migd save at offset 0."""
-    blocks = format.parse_stream(lambda at, n: raw[at : at + n], 0, len(raw)).blocks
+    parsed = format.parse_stream(lambda at, n: raw[at : at + n], 0, len(raw))
+    blocks = parsed.blocks
     spans = [("head", 0, blocks[0].bitmap_offset)]
     for i, block in enumerate(blocks):
         if i:
@@ -52,7 +54,14 @@ def metadata_spans(raw: bytes) -> list[tuple[str, int, int]]:
         spans.append(
             (f"{block.name} bitmap", block.bitmap_offset, block.bitmap_offset + block.bitmap_size)
         )
-    spans.append(("end, EOF and vmdescription", blocks[-1].end, len(raw)))
+    end = parsed.description_end
+    spans.append(("end, EOF and vmdescription", blocks[-1].end, end))
+    # The zero padding before the checksum table: its first and last bytes (all of its
+    # 4 KiB would triple the sweep, and every byte is checked the same way).
+    table_at = checksum_table.table_offset(end)
+    spans.append(("padding", end, min(end + 16, table_at)))
+    spans.append(("padding", max(end + 16, table_at - 16), table_at))
+    spans.append(("checksum table", table_at, len(raw)))
     return spans
 
 
@@ -65,7 +74,9 @@ def restored_by_migd(raw: bytes, sizes: dict[str, int]) -> dict[str, bytes] | st
     """The memory a restore of `raw` into backends of `sizes` leaves, or why it refuses.
 
     The checks are migd's own, in the order the restore makes them; the pages are then
-    taken from the file as the channels read them (a clear bit reads as a zero page).
+    taken from the file as the channels read them (a clear bit reads as a zero page), and
+    each MiB of the result checked against the file's checksum table as the restore's
+    default `verify` does (the xxh3-128 of the memory of each unit, docs/checksums.md).
     """
 
     def read_at(at: int, n: int) -> bytes:
@@ -75,6 +86,7 @@ def restored_by_migd(raw: bytes, sizes: dict[str, int]) -> dict[str, bytes] | st
         parsed = format.parse_stream(read_at, 0, len(raw))
         if not parsed.complete:
             return "save file is incomplete"
+        table = checksum_table.read_table(read_at, parsed, len(raw))
         for block in parsed.blocks:  # migration._match_blocks, without skip-unmatched
             if sizes.get(block.name) != block.length:
                 return f"no backend for block {block.name} of {block.length} bytes"
@@ -85,6 +97,12 @@ def restored_by_migd(raw: bytes, sizes: dict[str, int]) -> dict[str, bytes] | st
             pages = slots.reshape(-1, PAGE).copy()
             pages[~present] = 0
             out[block.name] = pages.tobytes()
+        if table is not None:
+            for block, digests in zip(parsed.blocks, table.digests, strict=True):
+                memory = out[block.name]
+                units = [memory[at : at + MiB] for at in range(0, len(memory), MiB)]
+                if b"".join(xxhash.xxh3_128_digest(u) for u in units) != digests:
+                    return f"checksum mismatch in {block.name}"
         return out
     except FormatError as exc:
         return exc.desc
@@ -165,6 +183,7 @@ def _samples(raw: bytes) -> list[tuple[str, int, int]]:
     first = next(at for at in range(ram0.bitmap_offset + 2, ram1.header_offset) if raw[at])
     end = _bitmap_of(raw, "ram2").end + 13  # the RAM end section's record type
     vmdesc = raw.rindex(b'"present":')
+    vmdesc_end = format.parse_stream(lambda at, n: raw[at : at + n], 0, len(raw)).description_end
     machine = raw.index(b"none")
     bitmap = range(ram1.bitmap_offset, ram1.bitmap_offset + ram1.bitmap_size)
     last = next(at for at in bitmap if raw[at] not in (0, 0xFF))  # rotating it changes it
@@ -173,7 +192,9 @@ def _samples(raw: bytes) -> list[tuple[str, int, int]]:
         ("bitmap rotated", last, ((raw[last] << 1) | (raw[last] >> 7)) & 0xFF),
         ("bitmap offset moved", ram0.header_offset + 19, (raw[ram0.header_offset + 19] + 8) & 0xFF),
         ("vmdescription count", vmdesc + 10, ord("9") if raw[vmdesc + 10] != ord("9") else 49),
-        ("vmdescription brace", len(raw) - 1, ord("]")),
+        ("vmdescription brace", vmdesc_end - 1, ord("]")),
+        ("checksum table", len(raw) - 5, raw[len(raw) - 5] ^ 0x01),
+        ("padding", vmdesc_end, 0x20),
         ("end section", end, raw[end] ^ 0xFF),
         ("machine name", machine, ord("m")),
     ]

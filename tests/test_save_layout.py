@@ -172,19 +172,41 @@ async def test_vmdescription_carries_migds_metadata(qmp, shm, short_dir):
     import hashlib
     import json
 
-    fill_random(shm / "ram0", MiB)
+    import xxhash
+
+    data = fill_random(shm / "ram0", MiB)
     await add_file_backend(qmp, "ram0", shm / "ram0", MiB)
     await enable_mapped_ram(qmp)
     await save(qmp, short_dir / "save.img")
     raw = (short_dir / "save.img").read_bytes()
-    at = raw.rindex(b"\x06\x00\x00")
-    length = int.from_bytes(raw[at + 1 : at + 5], "big")
-    desc = json.loads(raw[at + 5 : at + 5 + length])
+    at = parse_save(short_dir / "save.img").description_end
+    length = length_of_json(raw, at)
+    desc = json.loads(raw[at - length : at])
     bitmap = hashlib.sha256(b"\xff" * 32).hexdigest()  # 256 pages, all present
     assert desc["migd"]["blocks"] == [
         {"name": "ram0", "pages": 256, "present": 256, "bitmap-sha256": bitmap}
     ]
-    assert at + 5 + length == len(raw)
+    # docs/checksums.md: the table at the next 4 KiB boundary, zeros before it, one
+    # xxh3-128 per MiB of memory, and nothing after it.
+    table_at = -(-at // 4096) * 4096
+    assert raw[at:table_at] == bytes(table_at - at)
+    table = raw[table_at:]
+    assert table == xxhash.xxh3_128_digest(data)
+    assert desc["migd"]["checksums"] == {
+        "algorithm": "xxh3-128",
+        "unit-bytes": MiB,
+        "table-bytes": 16,
+        "table-xxh3-128": xxhash.xxh3_128_hexdigest(table),
+    }
+    assert len(desc["migd"]["save-id"]) == 32
+
+
+def length_of_json(raw: bytes, end: int) -> int:
+    """The length of the vmdescription JSON that ends at `end` (its be32 length before it)."""
+    for length in range(2, 1 << 16):
+        if int.from_bytes(raw[end - length - 4 : end - length], "big") == length:
+            return length
+    raise AssertionError("no vmdescription length found")
 
 
 def test_zero_scan_reports_only_zero_runs_long_enough_to_skip() -> None:

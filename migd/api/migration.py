@@ -179,6 +179,7 @@ class TargetArgs(QapiModel):
 class MigrateArgs(TargetArgs):
     detach: bool | None = None
     resume: bool | None = None
+    checksums: bool = True
 
 
 @command(
@@ -192,19 +193,29 @@ class MigrateArgs(TargetArgs):
     "ignored, as in QEMU; 'resume' (postcopy recovery) is refused. The file must be a "
     "regular file: a new one is created with mode 0600; an existing one must belong to "
     "migd's or the client's uid, be writable by no one else, have one link and not be a "
-    "memory backend's file (the same rules hold for migrate-incoming's file).",
+    "memory backend's file (the same rules hold for migrate-incoming's file). migd "
+    "extension: 'checksums' (default true) records an xxh3-128 checksum of every MiB of "
+    "memory in the file, after the vmdescription where QEMU does not read, so that a "
+    "restore and 'migd verify' can prove the pages (docs/checksums.md).",
 )
 async def migrate(ctx: Context, args: MigrateArgs) -> Empty:
     target = args.target()
     if args.resume:
         raise MigrationError("migd has no postcopy: 'resume' cannot be used")
-    await ctx.services.engine.start_save(target, ctx.session.peer_uid)
+    await ctx.services.engine.start_save(target, ctx.session.peer_uid, args.checksums)
     return Empty()
+
+
+class VerifyMode(enum.StrEnum):
+    on = "on"
+    off = "off"
+    before_write = "before-write"
 
 
 class MigrateIncomingArgs(TargetArgs):
     exit_on_error: bool | None = None
     skip_unmatched_blocks: bool = False
+    verify: VerifyMode = VerifyMode.on
 
 
 @command(
@@ -216,12 +227,17 @@ class MigrateIncomingArgs(TargetArgs):
     "'uri'/'channels' forms as migrate. Returns at once after the file's head and block "
     "list are checked. 'exit-on-error' is accepted and ignored (migd never exits). "
     "migd extension: 'skip-unmatched-blocks' (default false) restores only the blocks "
-    "that have a backend and lists the others in query-migrate's 'x-skipped-blocks'.",
+    "that have a backend and lists the others in query-migrate's 'x-skipped-blocks'. "
+    "migd extension: 'verify' for a file with checksums: 'on' (default) checks each MiB "
+    "as it lands and fails the restore on the first mismatch; 'before-write' first checks "
+    "the whole file (one more read of it), so that a corrupt file changes no memory; "
+    "'off' checks nothing. Files without checksums (QEMU's) restore unverified, as "
+    "query-migrate's 'x-checksums' says.",
 )
 async def migrate_incoming(ctx: Context, args: MigrateIncomingArgs) -> Empty:
     target = args.target()
     await ctx.services.engine.start_restore(
-        target, args.skip_unmatched_blocks, ctx.session.peer_uid
+        target, args.skip_unmatched_blocks, ctx.session.peer_uid, args.verify.value
     )
     return Empty()
 
@@ -231,6 +247,18 @@ _STATS_FIELDS: dict[str, Any] = {
     name: (kind, ...) for name, kind in typing.get_type_hints(RamStats).items()
 }
 MigrationStats = create_model("MigrationStats", __base__=QapiModel, **_STATS_FIELDS)
+
+
+class ChecksumInfo(QapiModel):
+    """A job's checksums (migd extension): a save's state "off", "recording" or
+    "recorded"; a restore's "verifying-file", "verifying", "verified", "mismatch" or
+    "unverified" (with a 'note' saying why); units of 1 MiB hashed or matched so far."""
+
+    state: str
+    units: int
+    units_done: int
+    save_id: str | None = None
+    note: str | None = None
 
 
 class MigrationInfo(QapiModel):
@@ -244,6 +272,7 @@ class MigrationInfo(QapiModel):
     error_desc: str | None = Field(None, alias="error-desc")
     ram: MigrationStats | None = None
     x_skipped_blocks: list[str] | None = Field(None, alias="x-skipped-blocks")
+    x_checksums: ChecksumInfo | None = Field(None, alias="x-checksums")
 
 
 class MigrationEvent(QapiModel):
@@ -278,7 +307,8 @@ event("MIGRATION_PASS", MigrationPassEvent)
     "2) once completed; 'error-desc' once failed; nothing more once cancelled. A restore "
     "reports 'total-time', 'setup-time' and 'ram' in every status (a migd "
     "extension: QEMU's incoming side reports only its status), 'error-desc' on failure "
-    "and 'x-skipped-blocks'. Answered from counters, never waiting for I/O.",
+    "and 'x-skipped-blocks'. Both report 'x-checksums' (migd extension) with the 'ram' "
+    "member. Answered from counters, never waiting for I/O.",
 )
 async def query_migrate(ctx: Context, args: Empty) -> MigrationInfo:
     stats = ctx.services.engine.query()
@@ -293,6 +323,9 @@ async def query_migrate(ctx: Context, args: Empty) -> MigrationInfo:
         error_desc=stats.error_desc,
         ram=None if stats.ram is None else MigrationStats(**dataclasses.asdict(stats.ram)),
         x_skipped_blocks=list(stats.skipped_blocks) or None,
+        x_checksums=(
+            None if stats.checksums is None else ChecksumInfo(**dataclasses.asdict(stats.checksums))
+        ),
     )
 
 

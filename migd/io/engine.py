@@ -24,6 +24,7 @@ import numpy as np
 from ..errors import MigdError, MigrationError
 from ..pages import CHUNK_PAGES, PAGE_SIZE
 from .throttle import Throttle
+from .zero_scan import MemoryReader
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,17 @@ class Transfer:
     # The engine adds one Counters per channel before moving any page; query-migrate sums
     # them while the transfer runs (the job holds this same list).
     counters: list[Counters] = field(default_factory=list)
+    # Told of every run once it is done (its pages written, read or zeroed), in the thread
+    # that did it, with that thread's MemoryReader; None when the job has no checksums.
+    checksums: UnitSink | None = None
+
+
+class UnitSink(Protocol):
+    """Told of the pages an engine has finished, per block (io/checksums.py's
+    UnitChecksums hashes each unit they complete, and raises on a restore's mismatch)."""
+
+    def done(self, block_index: int, first_page: int, pages: int, reader: MemoryReader) -> None:
+        ...
 
 
 class IOEngine(Protocol):
@@ -113,7 +125,9 @@ class IOEngine(Protocol):
       explain_fault account of an EFAULT; the first one is raised, after every worker
       has stopped. On ANY exception (a failure, the calling task cancelled) `cancel` is
       set before the engine waits for its workers, so that they stop within an I/O call.
-    * No work per page beyond the I/O itself: this is the hot path.
+    * No work per page beyond the I/O itself: this is the hot path. With `checksums`,
+      each run is reported to it once done, before the worker takes its next run, and a
+      mismatch it raises is the job's error like any other.
     """
 
     async def run(self, transfer: Transfer) -> None: ...

@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import ChannelError, MemoryFault, MigdError
 from ..pages import CHUNK_PAGES, PAGE_SIZE
-from .engine import BlockIO, Counters, PageRun, Transfer
+from .engine import BlockIO, Counters, PageRun, Transfer, UnitSink
 from .throttle import Throttle
 from .zero_scan import MemoryReader, runs_to_write, touch_pages, zero_pages
 
@@ -197,6 +197,7 @@ class Channel:
         throttle: Throttle,
         detect_zero: bool,
         write_behind: bool = False,
+        checksums: UnitSink | None = None,
     ) -> None:
         self.fd = fd
         self.path = path
@@ -208,6 +209,7 @@ class Channel:
         self.counters = Counters()
         self.reader = MemoryReader()
         self.sizer = CallSizer(CHUNK_PAGES, throttle)
+        self.checksums = checksums
         # Buffered saves only: O_DIRECT leaves nothing dirty, restores only read.
         self.write_behind = WriteBehind(fd) if write_behind else None
 
@@ -274,6 +276,8 @@ class Channel:
             passed = end
         counters.pages_zero += run.pages - passed
         counters.pages_done += run.pages - passed
+        if self.checksums is not None:
+            self.checksums.done(run.block, run.first_page, run.pages, self.reader)
 
     def _restore_run(self, run: PageRun) -> None:
         block = self.blocks[run.block]
@@ -282,7 +286,12 @@ class Channel:
                 block.zero_range(run.first_page * PAGE_SIZE, run.pages * PAGE_SIZE)
             self.counters.pages_zero += run.pages
             self.counters.pages_done += run.pages
-            return
+        else:
+            self._read_run(run, block)
+        if self.checksums is not None and not self.cancel.is_set():
+            self.checksums.done(run.block, run.first_page, run.pages, self.reader)
+
+    def _read_run(self, run: PageRun, block: BlockIO) -> None:
         at, end = run.first_page, run.first_page + run.pages
         while at < end:
             if self.cancel.is_set():
@@ -353,6 +362,7 @@ class ThreadEngine:
                 transfer.throttle,
                 transfer.detect_zero,
                 transfer.write_behind,
+                transfer.checksums,
             )
             for fd in transfer.fds
         ]

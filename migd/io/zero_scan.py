@@ -66,6 +66,7 @@ class MemoryReader:
         self._local = np.empty(2, dtype=np.uint64)
         self._words = np.empty(CHUNK_PAGES, dtype=np.uint64)
         self._chunk = np.empty((SCAN_CHUNK_PAGES, _WORDS_PER_PAGE), dtype=np.uint64)
+        self._chunk_bytes = self._chunk.reshape(-1).view(np.uint8).data  # the same memory
 
     def _readv(self, into: int, length: int, count: int) -> None:
         """process_vm_readv of `count` pieces described in self._remote into one buffer."""
@@ -108,6 +109,14 @@ class MemoryReader:
             bases += address + at * step * PAGE_SIZE
             self._readv(words[at:].ctypes.data, count * 8, count)
         return words
+
+    def copy(self, address: int, pages: int) -> memoryview:
+        """Up to SCAN_CHUNK_PAGES pages from `address`, copied through the kernel into this
+        reader's buffer (valid until its next call): what the checksums hash."""
+        assert pages <= SCAN_CHUNK_PAGES
+        self._remote[0] = address, pages * PAGE_SIZE
+        self._readv(self._chunk.ctypes.data, pages * PAGE_SIZE, 1)
+        return self._chunk_bytes[: pages * PAGE_SIZE]
 
     def zero_pages(self, address: int, out: np.ndarray) -> None:
         """out[i] = whether page i from `address` holds only zero bytes."""

@@ -14,11 +14,14 @@ import asyncio
 import logging
 import os
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..errors import MigdError, MigrationError
+from ..io.checksums import ChecksumMismatch, UnitChecksums
 from ..io.engine import BlockIO, IOEngine, PageRun, Transfer, check_sizes, load_engine
+from ..io.file_verify import FileProgress, verify_file
 from ..io.target import Openers, Target, close_quietly, open_channel_fd
 from ..io.throttle import Throttle
 from ..pages import PAGE_SIZE
@@ -36,7 +39,7 @@ from .job import (
     MigrationStatus,
     check_cancel,
 )
-from .mapped_ram import format, restore, save
+from .mapped_ram import checksum_table, format, restore, save
 from .settings import Capabilities, Parameters
 
 log = logging.getLogger(__name__)
@@ -166,8 +169,11 @@ class MigrationEngine:
                 "capability with migrate-set-capabilities"
             )
 
-    async def start_save(self, target: Target, peer_uid: int | None = None) -> None:
-        """Checks, open the main fd (off the loop), then run the save in the background."""
+    async def start_save(
+        self, target: Target, peer_uid: int | None = None, checksums: bool = True
+    ) -> None:
+        """Checks, open the main fd (off the loop), then run the save in the background;
+        `checksums`: record unit checksums (docs/checksums.md)."""
         self._check_can_start()
         backends = list(self.memory)
         if not backends:
@@ -185,12 +191,21 @@ class MigrationEngine:
             raise
         job = Job("save", target, backends, sum(b.size for b in backends))
         job.expected_downtime = self.params.downtime_limit
-        self._launch(job, self._save(job, layout, main_fd))
+        job.save_id = uuid.uuid4().hex
+        self._launch(job, self._save(job, layout, main_fd, checksums))
 
     async def start_restore(
-        self, target: Target, skip_unmatched: bool, peer_uid: int | None = None
+        self,
+        target: Target,
+        skip_unmatched: bool,
+        peer_uid: int | None = None,
+        verify: str = "on",
     ) -> None:
-        """Open and validate the file's head and blocks, then restore in the background."""
+        """Open and validate the file's head and blocks, then restore in the background.
+
+        `verify`: "on" checks each unit against the file's checksums as it lands, "off"
+        does not, "before-write" also checks the whole file before any memory changes.
+        """
         self._check_can_start()
         main_fd = await asyncio.to_thread(target.open_main, self.openers, "restore", peer_uid)
         try:
@@ -199,6 +214,9 @@ class MigrationEngine:
             )
             parsed = await asyncio.to_thread(restore.parse, main_fd, target, self.caps.mapped_ram)
             matched, skipped = plan.match_blocks(self.memory, parsed, target, skip_unmatched)
+            table = None
+            if verify != "off":
+                table = await asyncio.to_thread(restore.read_checksums, main_fd, target, parsed)
         except BaseException:
             target.discard()
             raise
@@ -206,7 +224,13 @@ class MigrationEngine:
         backends = [b for _, b in matched]
         job = Job("restore", target, backends, sum(layout.length for layout, _ in matched))
         job.skipped_blocks = [layout.name for layout in skipped]
-        self._launch(job, self._restore(job, matched, main_fd))
+        job.save_id = restore.save_id(parsed)
+        if verify == "off":
+            job.unverified = "'verify' is off"
+        elif table is None:
+            job.unverified = "the file has no checksums (saved by QEMU or an older migd)"
+        job.verify_before_write = verify == "before-write" and table is not None
+        self._launch(job, self._restore(job, parsed, matched, main_fd, table))
 
     def _refuse_backend_file(self, fd: int, path: str, consequence: str) -> None:
         """Refuse a job whose file is a memory backend's own file, by device and inode:
@@ -237,6 +261,7 @@ class MigrationEngine:
                 job.error_desc = self._partial_note(job, "Restore cancelled")
             self._set_status(job, MigrationStatus.cancelled)
         except MigdError as exc:  # ChannelError included: I/O failures name the file
+            job.mismatch = isinstance(exc, ChecksumMismatch)
             text = exc.desc
             job.error_desc = self._partial_note(job, text) if job.direction == "restore" else text
             self._set_status(job, MigrationStatus.failed)
@@ -296,6 +321,28 @@ class MigrationEngine:
             log.warning("%s %s: still stopping after %.1f s, not waiting for it",
                         job.direction, job.target, timeout)  # fmt: skip
 
+    async def _verify_file(
+        self,
+        job: Job,
+        parsed: format.ParsedStream,
+        table: checksum_table.ChecksumTable,
+        main_fd: int,
+        fds: Sequence[int],
+    ) -> None:
+        """verify-before-write: every unit of the file checked before any memory changes."""
+        assert job.checksums is not None
+        # The blocks it restores have their bitmaps read; those it skips, not yet.
+        present = {b.name: b.present for b in job.checksums.blocks}
+        others = [layout for layout in parsed.blocks if layout.name not in present]
+        bitmaps = await asyncio.to_thread(restore.read_bitmaps, job, others, main_fd)
+        present.update((layout.name, bm) for layout, bm in zip(others, bitmaps, strict=True))
+        files = restore.file_blocks(parsed, table, present)
+        job.file_check = FileProgress(files)
+        await asyncio.to_thread(
+            verify_file, fds, job.target.path, files, job.cancel, job.file_check
+        )
+        check_cancel(job)
+
     # -- the two directions --------------------------------------------------------------
 
     async def _open_channels(self, job: Job, main_fd: int) -> list[int]:
@@ -324,12 +371,27 @@ class MigrationEngine:
             # sync nor a stop has to wait for the whole save to reach a slow disk.
             write_behind=direction == "save" and not self.direct_io_effective,
             counters=job.counters,
+            checksums=job.checksums,
         )
-        await self.io_engine.run(transfer)
+        try:
+            await self.io_engine.run(transfer)
+        finally:
+            if job.checksums is not None:
+                job.checksums.release()
         check_cancel(job)
         check_sizes(blocks, direction)
+        sums = job.checksums
+        if sums is not None and sums.units_done != sums.units_total:
+            # Never record zeros as checksums, nor call unchecked pages verified.
+            raise MigrationError(
+                f"'{job.target.path}': internal error: {sums.units_total - sums.units_done} "
+                f"of {sums.units_total} checksum units were not "
+                f"{'hashed' if direction == 'save' else 'checked'}"
+            )
 
-    async def _save(self, job: Job, layout: format.SaveLayout, main_fd: int) -> None:
+    async def _save(
+        self, job: Job, layout: format.SaveLayout, main_fd: int, checksums: bool
+    ) -> None:
         await asyncio.to_thread(save.write_head, job, layout, main_fd)
         check_cancel(job)
         fds = await self._open_channels(job, main_fd)
@@ -338,6 +400,8 @@ class MigrationEngine:
             blocks, runs = await asyncio.to_thread(
                 plan.plan_save_runs, job, layout, self.detect_zero
             )
+            if checksums:
+                job.checksums = UnitChecksums(blocks, job.target.path, None, runs)
             check_cancel(job)
             self._pass(job, 1)  # before `active`, as in QEMU
             self._activate(job)
@@ -348,12 +412,19 @@ class MigrationEngine:
             job.target.close_channels()
 
     async def _restore(
-        self, job: Job, matched: Sequence[tuple[format.BlockLayout, MemoryBackend]], main_fd: int
+        self,
+        job: Job,
+        parsed: format.ParsedStream,
+        matched: Sequence[tuple[format.BlockLayout, MemoryBackend]],
+        main_fd: int,
+        table: checksum_table.ChecksumTable | None,
     ) -> None:
         path = job.target.path
 
         # Every check is done before the first byte of any backend changes.
-        bitmaps = await asyncio.to_thread(restore.read_bitmaps, job, matched, main_fd)
+        bitmaps = await asyncio.to_thread(
+            restore.read_bitmaps, job, [layout for layout, _ in matched], main_fd
+        )
         plan.check_room(
             path,
             [
@@ -366,6 +437,15 @@ class MigrationEngine:
         try:
             blocks, runs = plan.plan_restore_runs(matched, bitmaps)
             self._activate(job)
+            if table is not None:
+                expected = restore.expected_digests(parsed, table, matched)
+                job.checksums = UnitChecksums(blocks, path, expected, runs)
+                if job.verify_before_write:
+                    try:
+                        await self._verify_file(job, parsed, table, main_fd, fds)
+                    except BaseException:
+                        job.checksums.release()
+                        raise
             # Durable before the first page changes; only a completed restore removes it.
             await asyncio.to_thread(self.partial.set_all, job.backends, path)
             job.memory_touched = True

@@ -10,7 +10,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from ..io.checksums import UnitChecksums
 from ..io.engine import Counters
+from ..io.file_verify import FileProgress
 from ..io.target import Target
 from ..io.throttle import Throttle
 from ..pages import PAGE_SIZE
@@ -83,6 +85,12 @@ class Job:
     expected_downtime: int = 0  # ms: the downtime-limit, as QEMU reports it for a stopped guest
     switchover: float | None = None  # save: when the final stage (final sync) began
     switchover_main_bytes: int = 0  # main_bytes then: what the final stage writes is downtime-bytes
+    checksums: UnitChecksums | None = None  # the unit checksums recorded (save) or checked
+    save_id: str | None = None  # the save's (restore: the file's), once known
+    unverified: str | None = None  # restore: why its pages are not checked
+    verify_before_write: bool = False  # restore: the file is checked before any page
+    file_check: FileProgress | None = None  # verify-before-write's progress
+    mismatch: bool = False  # restore: failed on a checksum that did not match
     _samples: list[tuple[float, int, int]] = field(default_factory=list)
 
     @property
@@ -191,7 +199,36 @@ class Job:
             error_desc=self.error_desc,
             ram=ram,
             skipped_blocks=tuple(self.skipped_blocks),
+            checksums=self._checksum_stats(),
         )
+
+    def _checksum_stats(self) -> ChecksumStats:
+        """query-migrate's x-checksums: what is recorded or checked, how far."""
+        sums = self.checksums
+        units, done = (sums.units_total, sums.units_done) if sums is not None else (0, 0)
+        if self.direction == "save":
+            if sums is None:
+                return ChecksumStats(state="off")
+            done_state = "recorded" if self.status == MigrationStatus.completed else "recording"
+            return ChecksumStats(
+                state=done_state, units=units, units_done=done, save_id=self.save_id
+            )
+        if self.unverified is not None:
+            return ChecksumStats(state="unverified", save_id=self.save_id, note=self.unverified)
+        check = self.file_check
+        if check is not None and not self.memory_touched:
+            state = "mismatch" if self.mismatch else "verifying-file"
+            return ChecksumStats(
+                state=state, units=check.units_total, units_done=check.units_done,
+                save_id=self.save_id,
+            )  # fmt: skip
+        if self.mismatch:
+            state = "mismatch"
+        elif self.status == MigrationStatus.completed:
+            state = "verified"
+        else:
+            state = "verifying"
+        return ChecksumStats(state=state, units=units, units_done=done, save_id=self.save_id)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -231,3 +268,18 @@ class JobStats:
     error_desc: str | None = None
     ram: RamStats | None = None
     skipped_blocks: tuple[str, ...] = ()
+    checksums: ChecksumStats | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChecksumStats:
+    """query-migrate's x-checksums (a migd extension). state: a save's "off", "recording",
+    "recorded"; a restore's "verifying-file" (verify-before-write, before any memory
+    changes), "verifying", "verified", "mismatch", "unverified" (`note` says why: the
+    file has none, or verify is off)."""
+
+    state: str
+    units: int = 0
+    units_done: int = 0  # hashed (save) or matched (restore)
+    save_id: str | None = None
+    note: str | None = None

@@ -293,6 +293,10 @@ class ParsedStream:
     blocks: tuple[BlockLayout, ...]
     complete: bool
     total_ram: int
+    # migd's files only: the vmdescription's `migd` object, and the offset after the
+    # vmdescription (where checksum_table looks for the table); else None and 0.
+    migd: dict[str, Any] | None = None
+    description_end: int = 0
 
 
 class _Cursor:
@@ -611,11 +615,13 @@ def parse_stream(
     total, blocks = _parse_ram_setup(cur)
     _expect_footer(cur, section_id)
     complete = _find_ram_end(cur, section_id)
+    migd, description_end = None, 0
     if complete:
         desc = _read_vmdescription(cur)
         if desc is not None and "migd" in desc:
             blocks = _migd_checks(desc, blocks)
-    return ParsedStream(machine, caps, blocks, complete, total)
+            migd, description_end = desc["migd"], cur.pos
+    return ParsedStream(machine, caps, blocks, complete, total, migd, description_end)
 
 
 def empty_file_text(offset: int, file_size: int) -> str:

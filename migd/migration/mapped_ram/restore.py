@@ -8,12 +8,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ...errors import MigrationError
+from ...errors import FormatError, MigrationError
+from ...io.file_verify import FileBlock
 from ...io.target import Target
 from ...io.threads import read_upto
 from ...state.memory import MemoryBackend
 from ..job import Job
-from . import format
+from . import checksum_table, format
 
 
 def pread_all(fd: int, offset: int, n: int, path: str) -> bytes:
@@ -44,11 +45,11 @@ def parse(fd: int, target: Target, require_mapped_ram: bool) -> format.ParsedStr
 
 
 def read_bitmaps(
-    job: Job, matched: Sequence[tuple[format.BlockLayout, MemoryBackend]], main_fd: int
+    job: Job, layouts: Sequence[format.BlockLayout], main_fd: int
 ) -> list[np.ndarray]:
     path = job.target.path
     out = []
-    for layout, _ in matched:
+    for layout in layouts:
         try:
             # Checked against the counts and digest of a migd file's description.
             out.append(format.read_bitmap(lambda at, n: pread_all(main_fd, at, n, path), layout))
@@ -56,3 +57,43 @@ def read_bitmaps(
             raise MigrationError(f"'{path}': {exc.desc}") from None
         job.main_bytes += layout.bitmap_size
     return out
+
+
+def read_checksums(
+    fd: int, target: Target, parsed: format.ParsedStream
+) -> checksum_table.ChecksumTable | None:
+    """The file's checksum table, checked (None for a file without one)."""
+    try:
+        return checksum_table.read_table(
+            lambda at, n: pread_all(fd, at, n, target.path), parsed, os.fstat(fd).st_size
+        )
+    except FormatError as exc:
+        raise MigrationError(f"'{target.path}': {exc.desc}") from None
+
+
+def save_id(parsed: format.ParsedStream) -> str | None:
+    """The random id a migd save gave itself (None in QEMU's files and older migd's)."""
+    value = parsed.migd.get("save-id") if parsed.migd is not None else None
+    return value if isinstance(value, str) else None
+
+
+def expected_digests(
+    parsed: format.ParsedStream,
+    table: checksum_table.ChecksumTable,
+    matched: Sequence[tuple[format.BlockLayout, MemoryBackend]],
+) -> list[bytes | None]:
+    """The table's digests of each block restored, in the order of `matched`."""
+    by_name = dict(zip((b.name for b in parsed.blocks), table.digests, strict=True))
+    return [by_name[layout.name] for layout, _ in matched]
+
+
+def file_blocks(
+    parsed: format.ParsedStream,
+    table: checksum_table.ChecksumTable,
+    present: dict[str, np.ndarray],
+) -> list[FileBlock]:
+    """Every block of the file as the file verifier takes it."""
+    return [
+        FileBlock(layout.name, layout.pages_offset, layout.pages, present[layout.name], digests)
+        for layout, digests in zip(parsed.blocks, table.digests, strict=True)
+    ]

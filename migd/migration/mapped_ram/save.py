@@ -14,7 +14,7 @@ from ...errors import ChannelError
 from ...io.engine import BlockIO
 from ...io.threads import write_fully
 from ..job import Job, check_cancel
-from . import format
+from . import checksum_table, format
 
 
 def pwrite_all(fd: int, data: bytes, offset: int, path: str) -> None:
@@ -75,16 +75,25 @@ def finish_save(
         )
     fdatasync(main_fd, path)
     _, _, normal, zero, _ = job.totals()
-    vmdesc = {
-        "migd": {
-            "version": __version__,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "blocks": described,
-            "normal-pages": normal,
-            "zero-pages": zero,
-        }
+    migd: dict[str, object] = {
+        "version": __version__,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "blocks": described,
+        "normal-pages": normal,
+        "zero-pages": zero,
     }
-    end = layout.encode_end(vmdesc)
+    if job.save_id is not None:
+        migd["save-id"] = job.save_id
+    table = b""
+    if job.checksums is not None:
+        table = b"".join(job.checksums.digests)
+        migd["checksums"] = checksum_table.describe(job.save_id or "", table)
+    end = layout.encode_end({"migd": migd})
+    if table:
+        # The table after the vmdescription, 4 KiB aligned: one write with the end section,
+        # made durable by the same sync (docs/checksums.md).
+        table_at = checksum_table.table_offset(layout.end_offset + len(end))
+        end += bytes(table_at - layout.end_offset - len(end)) + table
     pwrite_all(main_fd, end, layout.end_offset, path)
     job.main_bytes += len(end)
     fdatasync(main_fd, path)
