@@ -308,6 +308,42 @@ MUTANTS = [
         "        if False:",
         ("tests/test_qmp_framing.py",),
     ),
+    # --- issue 16: checksums -------------------------------------------------------------
+    Mutant(
+        "restore-ignores-checksum-mismatch",
+        "migd/io/checksums.py",
+        "            if want[at : at + DIGEST_BYTES] != got:",
+        "            if False:",
+        ("tests/test_checksums.py::test_every_bit_flip_in_page_data_fails_the_restore_naming_block_and_offset",),
+    ),
+    Mutant(
+        "absent-pages-left-out-of-the-unit-hash",
+        "migd/io/checksums.py",
+        "            hasher.update(_ZEROS[: (start - pos) * PAGE_SIZE])",
+        "            pass",
+        ("tests/test_checksums.py::test_a_save_records_a_checksum_of_every_mib_and_its_restore_is_verified",),
+    ),
+    Mutant(
+        "before-write-skipped",
+        "migd/migration/engine.py",
+        "                if job.verify_before_write:",
+        "                if False:",
+        ("tests/test_checksums.py::test_with_verify_before_write_a_flip_changes_no_memory",),
+    ),
+    Mutant(
+        "table-digest-not-checked",
+        "migd/migration/mapped_ram/checksum_table.py",
+        "    if digest(table).hex() != want_digest:",
+        "    if False:",
+        ("tests/test_checksums.py::test_a_flip_in_the_checksum_table_or_its_padding_is_refused_before_any_change",),
+    ),
+    Mutant(
+        "extended-file-accepted",
+        "migd/migration/mapped_ram/checksum_table.py",
+        "    if file_size > end:",
+        "    if False:",
+        ("tests/test_checksums.py::test_a_file_cut_short_or_extended_is_refused_before_any_change",),
+    ),
 ]  # fmt: skip
 
 

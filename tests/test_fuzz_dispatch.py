@@ -40,7 +40,9 @@ INTS = st.one_of(
     ),
 )
 TEXT = st.text(st.characters(blacklist_characters="/", blacklist_categories=("Cs",)), max_size=24)
-SCALARS = st.one_of(st.none(), st.booleans(), INTS, st.floats(allow_nan=False), TEXT)
+# Only finite floats: JSON has no NaN or Infinity (migd refuses them, test_qmp_wire.py).
+FLOATS = st.floats(allow_nan=False, allow_infinity=False)
+SCALARS = st.one_of(st.none(), st.booleans(), INTS, FLOATS, TEXT)
 JSON = st.recursive(
     SCALARS,
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(TEXT, inner, max_size=4),

@@ -146,7 +146,8 @@ async def test_a_restore_emits_no_pass_and_keeps_its_progress_members(qmp, shm, 
         while not names or names[-1] not in FINAL_STATES:
             names.append(_name(await asyncio.wait_for(listener.get(), 30)))
     assert names == ["setup", "active", "completed"]  # as QEMU's incoming side
-    assert set(info) == {"status", "total-time", "setup-time", "ram"}, info  # migd's extra
+    # migd's extras: progress and the checks of its checksums (tests/test_checksums.py)
+    assert set(info) == {"status", "total-time", "setup-time", "ram", "x-checksums"}, info
 
 
 async def test_query_qmp_schema_describes_the_events_and_members_seen(qmp, shm, short_dir):
@@ -236,4 +237,5 @@ async def test_restore_side_differs_from_qemu_only_by_migds_progress_members(qmp
     assert theirs == {"status": "completed"}
     assert names == ["setup", "active", "completed"]
     ours = await restore(qmp, short_dir / "save.img")
-    assert set(ours) - set(theirs) == {"total-time", "setup-time", "ram"}  # the extension
+    extension = {"total-time", "setup-time", "ram", "x-checksums"}
+    assert set(ours) - set(theirs) == extension

@@ -215,7 +215,7 @@ class VerifyMode(enum.StrEnum):
 class MigrateIncomingArgs(TargetArgs):
     exit_on_error: bool | None = None
     skip_unmatched_blocks: bool = False
-    verify: VerifyMode = VerifyMode.on
+    verify: Annotated[VerifyMode, Strict(False)] = VerifyMode.on
 
 
 @command(
@@ -250,9 +250,9 @@ MigrationStats = create_model("MigrationStats", __base__=QapiModel, **_STATS_FIE
 
 
 class ChecksumInfo(QapiModel):
-    """A job's checksums (migd extension): a save's state "off", "recording" or
-    "recorded"; a restore's "verifying-file", "verifying", "verified", "mismatch" or
-    "unverified" (with a 'note' saying why); units of 1 MiB hashed or matched so far."""
+    """A restore's checksums (migd extension): state "verifying-file" (verify
+    before-write), "verifying", "verified", "mismatch" or "unverified" (with a 'note'
+    saying why); units of 1 MiB checked so far, of 'units'."""
 
     state: str
     units: int
@@ -307,8 +307,8 @@ event("MIGRATION_PASS", MigrationPassEvent)
     "2) once completed; 'error-desc' once failed; nothing more once cancelled. A restore "
     "reports 'total-time', 'setup-time' and 'ram' in every status (a migd "
     "extension: QEMU's incoming side reports only its status), 'error-desc' on failure "
-    "and 'x-skipped-blocks'. Both report 'x-checksums' (migd extension) with the 'ram' "
-    "member. Answered from counters, never waiting for I/O.",
+    "and 'x-skipped-blocks' and 'x-checksums' (the state of the checks of its checksums, "
+    "docs/checksums.md). Answered from counters, never waiting for I/O.",
 )
 async def query_migrate(ctx: Context, args: Empty) -> MigrationInfo:
     stats = ctx.services.engine.query()

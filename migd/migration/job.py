@@ -199,20 +199,15 @@ class Job:
             error_desc=self.error_desc,
             ram=ram,
             skipped_blocks=tuple(self.skipped_blocks),
-            checksums=self._checksum_stats(),
+            # A save's members stay QEMU's own (tests/test_migration_pass.py); its checksums
+            # are in the file (migd inspect, migd verify).
+            checksums=self._checksum_stats() if self.direction == "restore" else None,
         )
 
     def _checksum_stats(self) -> ChecksumStats:
-        """query-migrate's x-checksums: what is recorded or checked, how far."""
+        """A restore's x-checksums: what is checked, how far."""
         sums = self.checksums
         units, done = (sums.units_total, sums.units_done) if sums is not None else (0, 0)
-        if self.direction == "save":
-            if sums is None:
-                return ChecksumStats(state="off")
-            done_state = "recorded" if self.status == MigrationStatus.completed else "recording"
-            return ChecksumStats(
-                state=done_state, units=units, units_done=done, save_id=self.save_id
-            )
         if self.unverified is not None:
             return ChecksumStats(state="unverified", save_id=self.save_id, note=self.unverified)
         check = self.file_check
@@ -273,8 +268,8 @@ class JobStats:
 
 @dataclass(frozen=True, kw_only=True)
 class ChecksumStats:
-    """query-migrate's x-checksums (a migd extension). state: a save's "off", "recording",
-    "recorded"; a restore's "verifying-file" (verify-before-write, before any memory
+    """query-migrate's x-checksums for a restore (a migd extension). state:
+    "verifying-file" (verify-before-write, before any memory
     changes), "verifying", "verified", "mismatch", "unverified" (`note` says why: the
     file has none, or verify is off)."""
 

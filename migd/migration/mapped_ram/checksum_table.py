@@ -99,9 +99,10 @@ def read_table(read_at: ReadAt, parsed: ParsedStream, file_size: int) -> Checksu
             f"{file_size:#x} (the file is truncated)"
         )
     if file_size > end:
+        extra = file_size - end
         raise FormatError(
-            f"the file goes on {file_size - end} bytes after the end of the save at offset "
-            f"{end:#x}: it was extended or appended to"
+            f"the file goes on {extra} byte{'s' if extra != 1 else ''} after the end of the "
+            f"save at offset {end:#x}: it was extended or appended to"
         )
     raw = bytes(read_at(vmdescription_end, end - vmdescription_end))
     if len(raw) != end - vmdescription_end:
