@@ -5,7 +5,7 @@ Adding a command module means adding it to the import line below (the table entr
 from __future__ import annotations
 
 from ..qmp.dispatch import COMMANDS, Command, Context, dispatch
-from . import control, fds, introspection, memory, migration
+from . import control, fds, introspection, jobs, memory, migration
 
 __all__ = [
     "COMMANDS",
@@ -15,6 +15,7 @@ __all__ = [
     "dispatch",
     "fds",
     "introspection",
+    "jobs",
     "memory",
     "migration",
 ]

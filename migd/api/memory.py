@@ -142,11 +142,15 @@ class ObjectDelArgs(QapiModel):
     "object-del",
     ObjectDelArgs,
     Empty,
-    "Remove a memory backend and unmap it (its file stays). Refused while a migration uses it.",
+    "Remove a memory backend and unmap it (its file stays). Refused while a job (a "
+    "migration, memory-save, memory-restore) uses it, naming the job.",
 )
 async def object_del(ctx: Context, args: ObjectDelArgs) -> Empty:
     if not any(backend.id == args.id for backend in ctx.services.memory):
         raise BackendError(f"object '{args.id}' not found")  # QEMU's text
+    owner = ctx.services.engine.owner_of(args.id)
+    if owner is not None:
+        raise BackendError(f"Memory backend '{args.id}' is in use by job '{owner}'")
     ctx.services.memory.remove(args.id)
     return Empty()
 

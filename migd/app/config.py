@@ -36,7 +36,7 @@ from ..migration.settings import (
     field_types,
 )
 from ..pages import PAGE_SIZE
-from ..qapi import QAPI_INT_ERROR, QapiInt
+from ..qapi import QAPI_INT_ERROR, QapiInt, Size
 from ..qmp.validation import QapiModel, qapi_name
 from ..state.memory import ID_RE
 from ..units import size_bytes
@@ -188,6 +188,8 @@ class Config(Section):
     socket_mode: int = 0o600
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     allowed_dirs: list[str] = Field(default_factory=list)
+    # bytes/s of page I/O of all jobs together (0 = unlimited): x-migd-set-bandwidth
+    max_bandwidth: Size = 0
     capabilities: CapabilitiesConfig = Field(default_factory=CapabilitiesConfig)
     parameters: ParametersConfig = Field(default_factory=ParametersConfig)
     memory_backends: list[BackendConfig] = Field(default_factory=list, alias="memory-backend")

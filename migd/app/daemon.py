@@ -173,6 +173,7 @@ class Daemon:
         engine, memory = self.services.engine, self.services.memory
         engine.set_capabilities(self.config.capabilities.model_dump(exclude_none=True))
         engine.set_parameters(self.config.parameters.model_dump(exclude_none=True))
+        engine.set_daemon_bandwidth(self.config.max_bandwidth)
         for spec in self.config.memory_backends:
             try:
                 # As object-add: a file an interrupted restore left partial is refused.

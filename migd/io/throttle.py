@@ -15,7 +15,8 @@ class Throttle:
 
     POLL = 0.05
 
-    def __init__(self, rate: int) -> None:
+    def __init__(self, rate: int, parent: Throttle | None = None) -> None:
+        self.parent = parent  # a cap shared with other jobs (the daemon's), waited for too
         self._lock = threading.Lock()
         self._rate = rate
         self._start = time.monotonic()
@@ -23,8 +24,10 @@ class Throttle:
 
     @property
     def rate(self) -> int:
-        """Bytes per second now (0 = unlimited): I/O calls are sized to it."""
-        return self._rate
+        """Bytes per second now (0 = unlimited), the lower of this cap and its parent's: I/O
+        calls are sized to it."""
+        parent = self.parent.rate if self.parent is not None else 0
+        return min((r for r in (self._rate, parent) if r > 0), default=0)
 
     def set_rate(self, rate: int) -> None:
         """A new cap from now on; what was granted under the old one is not owed."""
@@ -34,6 +37,11 @@ class Throttle:
             self._granted = 0
 
     def wait(self, nbytes: int, cancel: threading.Event) -> None:
+        self._wait(nbytes, cancel)
+        if self.parent is not None:
+            self.parent.wait(nbytes, cancel)
+
+    def _wait(self, nbytes: int, cancel: threading.Event) -> None:
         with self._lock:
             if self._rate <= 0:
                 return

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -30,12 +31,17 @@ from ..state.partial import PartialMarks
 from ..state.paths import ChannelOpener, FileOpener, plain_open
 from . import plan, settings
 from .job import (
+    JOB_STEPS,
+    MIGRATION_JOB_ID,
     STRICT_STATUS_ENV,
     TRANSITIONS,
     IllegalTransition,
     Job,
     JobCancelled,
+    JobInfoStats,
+    JobSettings,
     JobStats,
+    JobStatus,
     MigrationStatus,
     check_cancel,
 )
@@ -45,12 +51,17 @@ from .settings import Capabilities, Parameters
 log = logging.getLogger(__name__)
 
 IN_PROGRESS = "There's a migration process in progress"
+JOB_NOT_FOUND = "Job not found"  # QEMU's text (job-qmp.c find_job_locked)
+# QEMU's id_wellformed: a letter, then letters, digits, '-', '.', '_'.
+_JOB_ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
 SAMPLE_PERIOD = 0.1  # seconds between throughput samples (QEMU's BUFFER_DELAY)
 STOP_TIMEOUT = 1.5  # seconds a shutdown waits for a cancelled job (SIGTERM ends in < 2 s)
 
 
 class MigrationEngine:
-    """Owns capabilities, parameters and at most one running job."""
+    """Owns capabilities, parameters and the jobs: at most one migration (migrate,
+    migrate-incoming; query-migrate's) and any number of memory jobs (memory-save,
+    memory-restore), each over its own backends and file."""
 
     def __init__(
         self,
@@ -70,13 +81,17 @@ class MigrationEngine:
         self.io_engine = io_engine if io_engine is not None else load_engine()
         self.caps = Capabilities()
         self.params = Parameters()
-        self.job: Job | None = None
+        self.job: Job | None = None  # the last migration: what query-migrate reports
+        self.jobs: dict[str, Job] = {}  # query-jobs: every job not dismissed, by id
+        # All jobs' page I/O together (0 = unlimited); each job's own cap applies too.
+        self.daemon_throttle = Throttle(0)
         self.partial = PartialMarks()  # the daemon gives it a state directory
 
     # -- settings ------------------------------------------------------------------------
 
     @property
     def busy(self) -> bool:
+        """A migration (migrate, migrate-incoming) is running."""
         return self.job is not None and self.job.active
 
     def refuse_if_busy(self) -> None:
@@ -89,33 +104,59 @@ class MigrationEngine:
         self.caps = settings.apply_capabilities(self.caps, changes, self.params)
 
     def set_parameters(self, changes: dict[str, Any]) -> None:
-        """`changes`: Parameters field names -> new values, checked as a whole set."""
-        # As in QEMU, max-bandwidth may change during a migration and applies at once; the
-        # others shape how a migration sets up, so they wait until none is running.
-        if set(changes) - {"max_bandwidth"}:
-            self.refuse_if_busy()
+        """`changes`: Parameters field names -> new values, checked as a whole set.
+
+        Jobs keep the settings they started with (JobSettings), so this is never refused
+        for a running job; as in QEMU, max-bandwidth also applies at once to a running
+        migration.
+        """
         self.params = settings.apply_parameters(self.params, changes, self.caps)
         job = self.job
         if "max_bandwidth" in changes and job is not None and job.throttle is not None:
             job.throttle.set_rate(self.params.max_bandwidth)
 
-    @property
-    def detect_zero(self) -> bool:
-        # 'legacy' and 'multifd' give the same file here: zero runs are skipped either way.
-        return self.params.zero_page_detection != "none"
+    def set_daemon_bandwidth(self, rate: int) -> None:
+        """Cap all jobs' page I/O together at `rate` bytes/s (0 = unlimited), at once."""
+        self.daemon_throttle.set_rate(rate)
 
-    @property
-    def direct_io_effective(self) -> bool:
-        # QEMU's rule: direct-io only takes effect with multifd and mapped-ram.
-        return self.params.direct_io and self.caps.multifd and self.caps.mapped_ram
+    def migration_settings(self) -> JobSettings:
+        """What a migrate or migrate-incoming started now runs with."""
+        multifd = self.caps.multifd
+        return JobSettings(
+            multifd=multifd,
+            channels=self.params.multifd_channels if multifd else 1,
+            # QEMU's rule: direct-io only takes effect with multifd and mapped-ram.
+            direct_io=self.params.direct_io and multifd and self.caps.mapped_ram,
+            max_bandwidth=self.params.max_bandwidth,
+            # 'legacy' and 'multifd' give the same file here: zero runs are skipped.
+            detect_zero=self.params.zero_page_detection != "none",
+        )
 
-    @property
-    def channel_count(self) -> int:
-        return self.params.multifd_channels if self.caps.multifd else 1
+    def job_settings(
+        self,
+        channels: int | None = None,
+        direct_io: bool | None = None,
+        max_bandwidth: int | None = None,
+        zero_page_detection: str | None = None,
+    ) -> JobSettings:
+        """A memory job's: always multifd and mapped-ram; what it does not set comes from
+        the daemon's parameters as they are now."""
+        p = self.params
+        detect = zero_page_detection if zero_page_detection is not None else p.zero_page_detection
+        return JobSettings(
+            multifd=True,
+            channels=channels if channels is not None else p.multifd_channels,
+            direct_io=direct_io if direct_io is not None else p.direct_io,
+            max_bandwidth=max_bandwidth if max_bandwidth is not None else p.max_bandwidth,
+            detect_zero=detect != "none",
+        )
 
     def query(self) -> JobStats | None:
-        """The last job's stats, None before any."""
+        """The last migration's stats, None before any."""
         return None if self.job is None else self.job.stats()
+
+    def query_jobs(self) -> list[JobInfoStats]:
+        return [job.info() for job in self.jobs.values()]
 
     # -- status --------------------------------------------------------------------------
 
@@ -136,9 +177,18 @@ class MigrationEngine:
             status.value,
             f" ({job.error_desc})" if job.error_desc else "",
         )
-        if self.caps.events:
+        if job.migration and self.caps.events:
             self.emit("MIGRATION", {"status": status.value})
-        self.notify(f"STATUS={job.direction} {status.value}")
+        for step in JOB_STEPS[status]:
+            self._set_job_status(job, step)
+        self.notify(f"STATUS={job.direction} {job.id} {status.value}")
+
+    def _set_job_status(self, job: Job, status: JobStatus) -> None:
+        """QEMU's job status and its JOB_STATUS_CHANGE event (every job, migrations too)."""
+        if job.job_status == status:
+            return
+        job.job_status = status
+        self.emit("JOB_STATUS_CHANGE", {"id": job.id, "status": status.value})
 
     def _pass(self, job: Job, number: int) -> None:
         """A save's RAM pass `number` begins: QEMU's dirty-sync-count and MIGRATION_PASS
@@ -149,7 +199,7 @@ class MigrationEngine:
         if number == 2:
             job.switchover = time.monotonic()
             job.switchover_main_bytes = job.main_bytes
-        if self.caps.events:
+        if job.migration and self.caps.events:
             self.emit("MIGRATION_PASS", {"pass": number})
 
     def _activate(self, job: Job) -> None:
@@ -162,6 +212,7 @@ class MigrationEngine:
     # -- starting ------------------------------------------------------------------------
 
     def _check_can_start(self) -> None:
+        """A migration: none running, and the mapped-ram capability on."""
         self.refuse_if_busy()
         if not self.caps.mapped_ram:
             raise MigrationError(
@@ -169,27 +220,83 @@ class MigrationEngine:
                 "capability with migrate-set-capabilities"
             )
 
+    def _check_job_id(self, job_id: str | None) -> None:
+        """A memory job's id: QEMU's rules and texts (job.c job_create)."""
+        if job_id is None:
+            return
+        if not _JOB_ID.fullmatch(job_id):
+            raise MigrationError(f"Invalid job ID '{job_id}'")
+        if job_id in self.jobs or job_id == MIGRATION_JOB_ID:
+            raise MigrationError(f"Job ID '{job_id}' already in use")
+
+    def _resolve_backends(self, ids: Sequence[str] | None) -> list[MemoryBackend]:
+        """The backends a job names (all of the daemon's when it names none)."""
+        if ids is None:
+            return list(self.memory)
+        if len(set(ids)) != len(ids):
+            raise MigrationError("'backends' lists a memory backend twice")
+        return [self.memory.get(id) for id in ids]
+
+    def owner_of(self, backend_id: str) -> str | None:
+        """The id of the running job that uses a backend, if one does."""
+        for job in self.jobs.values():
+            if job.active and any(b.id == backend_id for b in job.backends):
+                return job.id
+        return None
+
+    def _check_backends_free(self, backends: Sequence[MemoryBackend]) -> None:
+        """A backend belongs to one running job at a time."""
+        for backend in backends:
+            for job in self.jobs.values():
+                if job.active and backend in job.backends:
+                    raise MigrationError(
+                        f"Memory backend '{backend.id}' is in use by job '{job.id}'"
+                    )
+
     async def start_save(
-        self, target: Target, peer_uid: int | None = None, checksums: bool = True
+        self,
+        target: Target,
+        peer_uid: int | None = None,
+        checksums: bool = True,
+        *,
+        job_id: str | None = None,
+        backend_ids: Sequence[str] | None = None,
+        job_settings: JobSettings | None = None,
+        auto_dismiss: bool = False,
     ) -> None:
         """Checks, open the main fd (off the loop), then run the save in the background;
-        `checksums`: record unit checksums (docs/checksums.md)."""
-        self._check_can_start()
-        backends = list(self.memory)
+        `checksums`: record unit checksums (docs/checksums.md).
+
+        Without `job_id` this is migrate: every backend, the daemon's capabilities and
+        parameters, at most one at a time. With it, a memory job over `backend_ids`
+        (default all) with `job_settings`, alongside other jobs.
+        """
+
+        def admit() -> list[MemoryBackend]:
+            if job_id is None:
+                self._check_can_start()
+            self._check_job_id(job_id)
+            chosen = self._resolve_backends(backend_ids)
+            self._check_backends_free(chosen)
+            return chosen
+
+        backends = admit()
         if not backends:
             raise MigrationError("There is no memory backend to save: add one with object-add")
         layout = format.plan_save([(b.block_name, b.size) for b in backends], target.offset)
         # In a worker thread: a file on a hung or slow filesystem must not stop the loop.
         main_fd = await asyncio.to_thread(target.open_main, self.openers, "save", peer_uid)
         try:
-            self._refuse_backend_file(
-                main_fd, target.path, "a save to it would overwrite that memory"
+            identity = self._refuse_file_conflicts(
+                main_fd, target.path, "save", "a save to it would overwrite that memory"
             )
-            self.refuse_if_busy()  # another request may have started one while we opened
+            admit()  # another request may have started a job meanwhile
         except BaseException:
             target.discard()
             raise
         job = Job("save", target, backends, sum(b.size for b in backends))
+        job.settings = job_settings if job_settings is not None else self.migration_settings()
+        self._identify(job, job_id, auto_dismiss, identity)
         job.expected_downtime = self.params.downtime_limit
         job.save_id = uuid.uuid4().hex
         self._launch(job, self._save(job, layout, main_fd, checksums))
@@ -200,29 +307,50 @@ class MigrationEngine:
         skip_unmatched: bool,
         peer_uid: int | None = None,
         verify: str = "on",
+        *,
+        job_id: str | None = None,
+        backend_ids: Sequence[str] | None = None,
+        job_settings: JobSettings | None = None,
+        auto_dismiss: bool = False,
     ) -> None:
         """Open and validate the file's head and blocks, then restore in the background.
 
         `verify`: "on" checks each unit against the file's checksums as it lands, "off"
         does not, "before-write" also checks the whole file before any memory changes.
+        Without `job_id`, migrate-incoming; with it, a memory job as for start_save.
         """
-        self._check_can_start()
+
+        def admit() -> list[MemoryBackend]:
+            if job_id is None:
+                self._check_can_start()
+            self._check_job_id(job_id)
+            return self._resolve_backends(backend_ids)
+
+        candidates = admit()
         main_fd = await asyncio.to_thread(target.open_main, self.openers, "restore", peer_uid)
         try:
-            self._refuse_backend_file(
-                main_fd, target.path, "a restore would overwrite the save while reading it"
+            identity = self._refuse_file_conflicts(
+                main_fd,
+                target.path,
+                "restore",
+                "a restore would overwrite the save while reading it",
             )
-            parsed = await asyncio.to_thread(restore.parse, main_fd, target, self.caps.mapped_ram)
-            matched, skipped = plan.match_blocks(self.memory, parsed, target, skip_unmatched)
+            parsed = await asyncio.to_thread(
+                restore.parse, main_fd, target, job_id is not None or self.caps.mapped_ram
+            )
+            matched, skipped = plan.match_blocks(candidates, parsed, target, skip_unmatched)
             table = None
             if verify != "off":
                 table = await asyncio.to_thread(restore.read_checksums, main_fd, target, parsed)
+            admit()  # another request may have started a job meanwhile
+            self._check_backends_free([b for _, b in matched])
         except BaseException:
             target.discard()
             raise
-        self.refuse_if_busy()  # another request may have started one while we parsed
         backends = [b for _, b in matched]
         job = Job("restore", target, backends, sum(layout.length for layout, _ in matched))
+        job.settings = job_settings if job_settings is not None else self.migration_settings()
+        self._identify(job, job_id, auto_dismiss, identity)
         job.skipped_blocks = [layout.name for layout in skipped]
         job.save_id = restore.save_id(parsed)
         if verify == "off":
@@ -232,22 +360,47 @@ class MigrationEngine:
         job.verify_before_write = verify == "before-write" and table is not None
         self._launch(job, self._restore(job, parsed, matched, main_fd, table))
 
-    def _refuse_backend_file(self, fd: int, path: str, consequence: str) -> None:
+    @staticmethod
+    def _identify(
+        job: Job, job_id: str | None, auto_dismiss: bool, identity: tuple[int, int]
+    ) -> None:
+        job.file_identity = identity
+        if job_id is not None:
+            job.id, job.migration, job.auto_dismiss = job_id, False, auto_dismiss
+
+    def _refuse_file_conflicts(
+        self, fd: int, path: str, direction: str, consequence: str
+    ) -> tuple[int, int]:
         """Refuse a job whose file is a memory backend's own file, by device and inode:
         the save would truncate the memory it reads, the restore overwrite the file it
-        reads from, each reporting success."""
+        reads from, each reporting success; or the file of a running job when either of
+        them writes it. -> the file's (device, inode)."""
         st = os.fstat(fd)
+        identity = (st.st_dev, st.st_ino)
         for backend in self.memory:
-            if backend.file_identity() == (st.st_dev, st.st_ino):
+            if backend.file_identity() == identity:
                 raise MigrationError(
                     f"'{path}' is the memory file of memory backend '{backend.id}' "
                     f"('{backend.mem_path}'): {consequence}"
                 )
+        for job in self.jobs.values():
+            if (
+                job.active
+                and job.file_identity == identity
+                and "save" in (direction, job.direction)
+            ):
+                raise MigrationError(
+                    f"'{path}' is the file of job '{job.id}' ({job.direction} of "
+                    f"'{job.target.path}'): two jobs cannot use one file while either writes it"
+                )
+        return identity
 
     def _launch(self, job: Job, body: Any) -> None:
         for b in job.backends:
             b.in_use += 1
-        self.job = job
+        if job.migration:
+            self.job = job
+        self.jobs[job.id] = job
         self._set_status(job, MigrationStatus.setup)
         job.task = asyncio.create_task(self._run(job, body))
 
@@ -274,6 +427,13 @@ class MigrationEngine:
             job.target.close()
             for b in job.backends:
                 b.in_use -= 1
+            if job.auto_dismiss:
+                self._dismiss(job)
+
+    def _dismiss(self, job: Job) -> None:
+        if self.jobs.get(job.id) is job:
+            del self.jobs[job.id]
+            self._set_job_status(job, JobStatus.null)
 
     @staticmethod
     def _partial_note(job: Job, text: str) -> str:
@@ -301,25 +461,50 @@ class MigrationEngine:
         """migrate_cancel: tell the threads to stop and answer at once, in `cancelling`, as
         QEMU does; the job ends in `cancelled` once its threads have stopped, within an
         I/O call (channels.CALL_SECONDS on any disk) and its fds are closed."""
-        job = self.job
-        if job is None or not job.active:
-            return
-        if job.status != MigrationStatus.cancelling:
+        if self.job is not None:
+            self._cancel(self.job)
+
+    def _cancel(self, job: Job) -> None:
+        if job.active and job.status != MigrationStatus.cancelling:
             job.cancel.set()
             self._set_status(job, MigrationStatus.cancelling)
 
+    def _find(self, job_id: str, verb: str, allowed: set[JobStatus]) -> Job:
+        """A job for job-cancel or job-dismiss, with QEMU's texts (job.c)."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise MigrationError(JOB_NOT_FOUND)
+        if job.job_status not in allowed:
+            raise MigrationError(
+                f"Job '{job_id}' in state '{job.job_status.value}' cannot accept command "
+                f"verb '{verb}'"
+            )
+        return job
+
+    def cancel_job(self, job_id: str) -> None:
+        """job-cancel: as migrate_cancel, for any job (the migration's id included)."""
+        job = self._find(job_id, "cancel", {JobStatus.created, JobStatus.running})
+        self._cancel(job)
+
+    def dismiss_job(self, job_id: str) -> None:
+        """job-dismiss: a concluded job leaves query-jobs (status null)."""
+        self._dismiss(self._find(job_id, "dismiss", {JobStatus.concluded}))
+
     async def close(self, timeout: float = STOP_TIMEOUT) -> None:
-        """Shutdown: cancel, and give the job `timeout` seconds to stop. A thread still in a
-        syscall after that is not waited for here: the daemon goes on closing, and a save
-        left behind stays incomplete (no end section), which readers refuse."""
-        await self.cancel()
-        job = self.job
-        if job is None or job.task is None or job.task.done():
+        """Shutdown: cancel every job, and give them `timeout` seconds to stop. A thread
+        still in a syscall after that is not waited for here: the daemon goes on closing,
+        and a save left behind stays incomplete (no end section), which readers refuse."""
+        running = [job for job in self.jobs.values() if job.active]
+        for job in running:
+            self._cancel(job)
+        tasks = {job.task for job in running if job.task is not None and not job.task.done()}
+        if not tasks:
             return
-        done, _ = await asyncio.wait({job.task}, timeout=timeout)
-        if not done:
-            log.warning("%s %s: still stopping after %.1f s, not waiting for it",
-                        job.direction, job.target, timeout)  # fmt: skip
+        done, _ = await asyncio.wait(tasks, timeout=timeout)
+        for job in running:
+            if job.task is not None and job.task not in done and not job.task.done():
+                log.warning("%s %s: still stopping after %.1f s, not waiting for it",
+                            job.direction, job.target, timeout)  # fmt: skip
 
     async def _verify_file(
         self,
@@ -347,16 +532,16 @@ class MigrationEngine:
 
     async def _open_channels(self, job: Job, main_fd: int) -> list[int]:
         """One fd per channel; without multifd the main fd is the only channel."""
-        if not self.caps.multifd:
+        if not job.settings.multifd:
             return [main_fd]
-        count, direct = self.params.multifd_channels, self.direct_io_effective
+        count, direct = job.settings.channels, job.settings.direct_io
         return await asyncio.to_thread(job.target.open_channels, count, direct)
 
     async def _move_pages(
         self, job: Job, fds: Sequence[int], blocks: Sequence[BlockIO], runs: Sequence[PageRun]
     ) -> None:
         """The page runs through the I/O engine, then the checks no channel could make."""
-        job.throttle = Throttle(self.params.max_bandwidth)
+        job.throttle = Throttle(job.settings.max_bandwidth, parent=self.daemon_throttle)
         direction = job.direction
         transfer = Transfer(
             direction,
@@ -366,10 +551,10 @@ class MigrationEngine:
             runs,
             job.cancel,
             job.throttle,
-            detect_zero=self.detect_zero,
+            detect_zero=job.settings.detect_zero,
             # Buffered saves keep their dirty page cache small, so that neither the final
             # sync nor a stop has to wait for the whole save to reach a slow disk.
-            write_behind=direction == "save" and not self.direct_io_effective,
+            write_behind=direction == "save" and not job.settings.direct_io,
             counters=job.counters,
             checksums=job.checksums,
         )
@@ -398,7 +583,7 @@ class MigrationEngine:
         try:
             # SEEK_DATA walks and run splitting take tens of ms on large memory: off the loop.
             blocks, runs = await asyncio.to_thread(
-                plan.plan_save_runs, job, layout, self.detect_zero
+                plan.plan_save_runs, job, layout, job.settings.detect_zero
             )
             if checksums:
                 job.checksums = UnitChecksums(blocks, job.target.path, None, runs)

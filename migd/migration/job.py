@@ -31,6 +31,51 @@ class MigrationStatus(enum.StrEnum):
 
 ACTIVE_STATES = {MigrationStatus.setup, MigrationStatus.active, MigrationStatus.cancelling}
 
+
+class JobStatus(enum.StrEnum):
+    """QEMU's JobStatus (qapi/job.json), the status query-jobs and JOB_STATUS_CHANGE give."""
+
+    undefined = "undefined"
+    created = "created"
+    running = "running"
+    paused = "paused"
+    ready = "ready"
+    standby = "standby"
+    waiting = "waiting"
+    pending = "pending"
+    aborting = "aborting"
+    concluded = "concluded"
+    null = "null"
+
+
+# The QEMU job statuses a migration status change passes through, in order (a QEMU job
+# that succeeds goes running -> waiting -> pending -> concluded; one that fails or is
+# cancelled, aborting -> concluded). A job already `aborting` (cancelling) only concludes.
+JOB_STEPS: dict[MigrationStatus, tuple[JobStatus, ...]] = {
+    MigrationStatus.setup: (JobStatus.created, JobStatus.running),
+    MigrationStatus.active: (),
+    MigrationStatus.cancelling: (JobStatus.aborting,),
+    MigrationStatus.completed: (JobStatus.waiting, JobStatus.pending, JobStatus.concluded),
+    MigrationStatus.failed: (JobStatus.aborting, JobStatus.concluded),
+    MigrationStatus.cancelled: (JobStatus.aborting, JobStatus.concluded),
+}
+# The job id under which migrate and migrate-incoming appear in query-jobs.
+MIGRATION_JOB_ID = "migration"
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    """What a job runs with, fixed when it starts: changing the daemon's parameters
+    afterwards changes only later jobs (and, as in QEMU, max-bandwidth of a running
+    migrate)."""
+
+    multifd: bool = True
+    channels: int = 2
+    direct_io: bool = False  # effective: O_DIRECT channel fds
+    max_bandwidth: int = 0  # bytes/s, 0 = unlimited
+    detect_zero: bool = True
+
+
 _S = MigrationStatus
 # The status changes a job may make; anything else is a bug in the engine. A cancel that
 # comes after the last check still lets the job complete (or fail), as in QEMU.
@@ -68,7 +113,13 @@ class Job:
     target: Target
     backends: list[MemoryBackend]
     total_bytes: int
+    settings: JobSettings = field(default_factory=JobSettings)
+    id: str = MIGRATION_JOB_ID  # its id in query-jobs
+    migration: bool = True  # started by migrate / migrate-incoming (query-migrate's job)
+    auto_dismiss: bool = True  # leaves query-jobs once concluded, without job-dismiss
     status: MigrationStatus = MigrationStatus.none
+    job_status: JobStatus = JobStatus.undefined
+    file_identity: tuple[int, int] | None = None  # (st_dev, st_ino) of its file
     started: float = field(default_factory=time.monotonic)
     setup_done: float | None = None
     finished: float | None = None
@@ -204,6 +255,36 @@ class Job:
             checksums=self._checksum_stats() if self.direction == "restore" else None,
         )
 
+    def info(self) -> JobInfoStats:
+        """query-jobs' entry: QEMU's JobInfo, progress in bytes, then migd's members."""
+        _, done, *_ = self.totals()
+        mbps, _ = self.rates()
+        return JobInfoStats(
+            id=self.id,
+            type="snapshot-save" if self.direction == "save" else "snapshot-load",
+            status=self.job_status,
+            current_progress=min(self.total_bytes, done * PAGE_SIZE),
+            total_progress=self.total_bytes,
+            error=self._job_error(),
+            x_file=self.target.path,
+            x_backends=tuple(b.id for b in self.backends),
+            x_mbps=round(mbps, 3),
+            x_migration_status=self.status,
+        )
+
+    def _job_error(self) -> str | None:
+        """JobInfo's error: the job's, or for a cancel without one QEMU's
+        strerror(ECANCELED), as QEMU's job_update_rc sets it."""
+        if self.status == MigrationStatus.completed:
+            return None
+        if self.status == MigrationStatus.cancelled and self.error_desc is None:
+            return "Operation canceled"
+        return (
+            self.error_desc
+            if self.status in (MigrationStatus.failed, MigrationStatus.cancelled)
+            else None
+        )
+
     def _checksum_stats(self) -> ChecksumStats:
         """A restore's x-checksums: what is checked, how far."""
         sums = self.checksums
@@ -264,6 +345,23 @@ class JobStats:
     ram: RamStats | None = None
     skipped_blocks: tuple[str, ...] = ()
     checksums: ChecksumStats | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobInfoStats:
+    """A job as query-jobs shows it: QEMU's JobInfo (type: QEMU's snapshot-save for a
+    save, snapshot-load for a restore), then migd's members."""
+
+    id: str
+    type: str
+    status: JobStatus
+    current_progress: int  # bytes
+    total_progress: int  # bytes
+    error: str | None = None
+    x_file: str
+    x_backends: tuple[str, ...]
+    x_mbps: float  # megabits per second: recent while running, the average once concluded
+    x_migration_status: MigrationStatus  # the finer status query-migrate would give
 
 
 @dataclass(frozen=True, kw_only=True)

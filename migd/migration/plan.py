@@ -11,7 +11,7 @@ from ..errors import MigrationError
 from ..io.engine import BlockIO, PageRun, split_runs
 from ..io.target import Target
 from ..pages import PAGE_SIZE, READ_CHUNK_PAGES
-from ..state.memory import MemoryBackend, MemoryRegistry
+from ..state.memory import MemoryBackend
 from .job import Job
 from .mapped_ram import format
 
@@ -41,11 +41,16 @@ def check_room(path: str, needs: Sequence[tuple[MemoryBackend, int]]) -> None:
 
 
 def match_blocks(
-    memory: MemoryRegistry, parsed: format.ParsedStream, target: Target, skip_unmatched: bool
+    backends: Sequence[MemoryBackend],
+    parsed: format.ParsedStream,
+    target: Target,
+    skip_unmatched: bool,
 ) -> tuple[list[tuple[format.BlockLayout, MemoryBackend]], list[format.BlockLayout]]:
+    """Each block of the file with the backend of its name among `backends` (a job's)."""
+    by_name = {b.block_name: b for b in backends}
     matched, skipped = [], []
     for layout in parsed.blocks:
-        backend = memory.by_block_name(layout.name)
+        backend = by_name.get(layout.name)
         if backend is None:
             if skip_unmatched:
                 skipped.append(layout)
