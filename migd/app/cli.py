@@ -311,6 +311,7 @@ def _print_inspect(info: object) -> None:
         f"  file size:     {human_bytes(info.file_size)} ({info.file_size} bytes), "
         f"{human_bytes(info.allocated)} allocated"
     )
+    _print_identity(info)
     rows = [("BLOCK", "SIZE", "PAGES", "PRESENT", "ZERO", "FILE REGION")]
     for b in info.blocks:
         region = f"{b.bitmap_offset:#x}..{b.end:#x} (pages at {b.pages_offset:#x})"
@@ -335,10 +336,34 @@ def _print_inspect(info: object) -> None:
         )
     else:
         print("  present: not reliable (bitmaps are written last: an interrupted save has none)")
-    if info.complete:
-        print("  status:  complete")
-    else:
+    sums = info.checksums
+    if not info.complete:
         print(f"  status:  INCOMPLETE ({info.problem}); migd restore refuses this file")
+    elif sums is not None and sums.problem is not None:
+        print(
+            "  status:  CORRUPT checksum table; migd restore refuses this file unless "
+            "'verify' is 'off'"
+        )
+    else:
+        print("  status:  complete")
+
+
+def _print_identity(info: Any) -> None:
+    """The save id and the checksum table: what ties the file to the save that wrote it."""
+    sums = info.checksums
+    print(f"  save id:       {info.save_id or '-'}")
+    if not info.complete:
+        print("  checksums:     not read (the file is incomplete)")
+    elif sums is None:
+        print("  checksums:     none (a QEMU file, or saved without checksums)")
+    elif sums.problem is not None:
+        print(f"  checksums:     CORRUPT: {sums.problem}")
+    else:
+        print(
+            f"  checksums:     {sums.algorithm} of each {sums.unit_bytes // (1 << 20)} MiB, "
+            f"{sums.units} units; table of {sums.table_bytes} bytes at {sums.table_offset:#x}"
+        )
+        print(f"  table digest:  {sums.table_digest} (the checksum of the checksums)")
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -366,6 +391,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if not info.complete:
         if args.json:
             print(f"migd inspect: {args.file}: incomplete: {info.problem}", file=sys.stderr)
+        return EXIT_FAILED
+    if info.checksums is not None and info.checksums.problem is not None:
+        if args.json:
+            print(f"migd inspect: {args.file}: {info.checksums.problem}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
 
