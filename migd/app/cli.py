@@ -187,7 +187,7 @@ VERIFY_THREADS = 4  # `migd verify`: one O_DIRECT fd per thread keeps a disk bus
 
 
 def _verify_file(text: str) -> tuple[str, int]:
-    from ..tools.verify import parse_file_argument  # numpy and xxhash only when it runs
+    from ..tools.verify import parse_file_argument  # the verifier loads only for `verify`
 
     return parse_file_argument(text)
 
