@@ -9,11 +9,12 @@ import sys
 
 import numpy as np
 import pytest
+import xxhash
 
 from migd.migration.mapped_ram import format
 from migd.tools.inspect import inspect_file
 
-from .conftest import RawClient
+from .conftest import RawClient, parse_save
 from .qemu_vm import QemuVM, requires_qemu
 
 MiB = 1 << 20
@@ -242,9 +243,56 @@ async def test_inspect_of_a_qemu_q35_save_lists_all_its_blocks_and_is_complete(s
     names = [b["name"] for b in info["blocks"]]
     assert "mem0" in names and len(names) > 2, names
     assert sum(b["size"] for b in info["blocks"]) == info["total_ram"]
+    assert info["save_id"] is None and info["checksums"] is None  # QEMU writes neither
     mem0 = info["blocks"][names.index("mem0")]
     assert mem0["size"] == 64 * MiB
     # The guest never ran (-S): QEMU skips every zero page, so exactly the data pages remain.
     assert mem0["present_pages"] == nonzero_pages(mem.read_bytes())
     human = migd("inspect", path)
     assert human.returncode == 0 and "complete mapped-ram save" in human.stdout
+    assert "checksums:     none" in human.stdout
+
+
+def test_inspect_shows_the_save_id_and_the_checksum_of_the_checksums(saved):
+    path, _ = saved
+    result = migd("inspect", path, "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    # Read independently: the vmdescription's id, and the table that ends the file (one
+    # 16-byte xxh3-128 per MiB: 8 + 4 units) with its own xxh3-128.
+    parsed = parse_save(path)
+    assert parsed.migd is not None
+    assert info["save_id"] == parsed.migd["save-id"] and len(info["save_id"]) == 32
+    table = path.read_bytes()[-12 * 16 :]
+    sums = info["checksums"]
+    assert sums == {
+        "algorithm": "xxh3-128",
+        "unit_bytes": MiB,
+        "units": 12,
+        "table_offset": info["file_size"] - 12 * 16,
+        "table_bytes": 12 * 16,
+        "table_digest": xxhash.xxh3_128_hexdigest(table),
+        "problem": None,
+    }
+    human = migd("inspect", path)
+    assert f"save id:       {info['save_id']}" in human.stdout
+    assert f"table digest:  {sums['table_digest']}" in human.stdout
+
+
+def test_a_corrupt_checksum_table_is_reported_as_a_problem_not_a_crash(saved):
+    path, _ = saved
+    with open(path, "r+b") as f:
+        end = os.fstat(f.fileno()).st_size
+        os.pwrite(f.fileno(), bytes([os.pread(f.fileno(), 1, end - 20)[0] ^ 0x10]), end - 20)
+    result = migd("inspect", path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "checksums:     CORRUPT: the checksum table at offset" in result.stdout
+    assert "status:  CORRUPT checksum table" in result.stdout
+    result = migd("inspect", path, "--json")
+    assert result.returncode == 1
+    sums = json.loads(result.stdout)["checksums"]
+    assert sums["algorithm"] == "xxh3-128" and "the table is corrupt" in sums["problem"]
+    assert "the table is corrupt" in result.stderr
+    os.truncate(path, end - 1)  # a table cut short: the same, with read_table's words
+    info = inspect_file(path)
+    assert info.checksums is not None and "cut short" in str(info.checksums.problem)

@@ -183,6 +183,22 @@ def _channels(text: str) -> int:
     return value
 
 
+VERIFY_THREADS = 4  # `migd verify`: one O_DIRECT fd per thread keeps a disk busy
+
+
+def _verify_file(text: str) -> tuple[str, int]:
+    from ..tools.verify import parse_file_argument  # the verifier loads only for `verify`
+
+    return parse_file_argument(text)
+
+
+def _threads(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 64:
+        raise ValueError(f"--threads {text} is out of range 1..64")
+    return value
+
+
 def _add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from ..tools.client import parse_offset, parse_size
 
@@ -194,6 +210,28 @@ def _add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
         "--offset", type=_type(parse_offset), default=0, help="stream offset in FILE (0x-hex ok)"
     )
     inspect.add_argument("--json", action="store_true", help="print JSON")
+
+    verify = sub.add_parser(
+        "verify",
+        help="check a save file's structure and every checksum; needs no daemon",
+        description="Check a save file as a restore would, and every page against its "
+        "checksum. Exit 0: good; 1: corrupt; 2: not a save file, or a usage error.",
+    )
+    verify.add_argument(
+        "file",
+        metavar="FILE[,offset=N]",
+        type=_type(_verify_file),
+        help="the save file, and the stream's offset in it (decimal or 0x-hex) as in a "
+        "file: URI",
+    )
+    verify.add_argument(
+        "--threads",
+        type=_type(_threads),
+        default=VERIFY_THREADS,
+        help=f"reader threads, each with its own fd (default {VERIFY_THREADS})",
+    )
+    verify.add_argument("--json", action="store_true", help="print the summary as JSON")
+    verify.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
     socket_help = f"migd's QMP socket (default {default_socket_path()})"
     for name, what in (("save", "save memory backends to FILE"), ("restore", "restore FILE")):
@@ -273,6 +311,7 @@ def _print_inspect(info: object) -> None:
         f"  file size:     {human_bytes(info.file_size)} ({info.file_size} bytes), "
         f"{human_bytes(info.allocated)} allocated"
     )
+    _print_identity(info)
     rows = [("BLOCK", "SIZE", "PAGES", "PRESENT", "ZERO", "FILE REGION")]
     for b in info.blocks:
         region = f"{b.bitmap_offset:#x}..{b.end:#x} (pages at {b.pages_offset:#x})"
@@ -297,10 +336,34 @@ def _print_inspect(info: object) -> None:
         )
     else:
         print("  present: not reliable (bitmaps are written last: an interrupted save has none)")
-    if info.complete:
-        print("  status:  complete")
-    else:
+    sums = info.checksums
+    if not info.complete:
         print(f"  status:  INCOMPLETE ({info.problem}); migd restore refuses this file")
+    elif sums is not None and sums.problem is not None:
+        print(
+            "  status:  CORRUPT checksum table; migd restore refuses this file unless "
+            "'verify' is 'off'"
+        )
+    else:
+        print("  status:  complete")
+
+
+def _print_identity(info: Any) -> None:
+    """The save id and the checksum table: what ties the file to the save that wrote it."""
+    sums = info.checksums
+    print(f"  save id:       {info.save_id or '-'}")
+    if not info.complete:
+        print("  checksums:     not read (the file is incomplete)")
+    elif sums is None:
+        print("  checksums:     none (a QEMU file, or saved without checksums)")
+    elif sums.problem is not None:
+        print(f"  checksums:     CORRUPT: {sums.problem}")
+    else:
+        print(
+            f"  checksums:     {sums.algorithm} of each {sums.unit_bytes // (1 << 20)} MiB, "
+            f"{sums.units} units; table of {sums.table_bytes} bytes at {sums.table_offset:#x}"
+        )
+        print(f"  table digest:  {sums.table_digest} (the checksum of the checksums)")
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -328,6 +391,95 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if not info.complete:
         if args.json:
             print(f"migd inspect: {args.file}: incomplete: {info.problem}", file=sys.stderr)
+        return EXIT_FAILED
+    if info.checksums is not None and info.checksums.problem is not None:
+        if args.json:
+            print(f"migd inspect: {args.file}: {info.checksums.problem}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _print_verify(report: object) -> None:
+    from ..tools.client import human_bytes
+    from ..tools.verify import VerifyReport
+
+    assert isinstance(report, VerifyReport)
+    r = report
+    where = f"{r.path},offset={r.offset}" if r.offset else r.path
+    if r.checksums:
+        print(f"{where}: good: structure and all {r.units_checked} checksums verified")
+    else:
+        print(f"{where}: structure good; no checksums: structure only")
+    print(f"  blocks:    {r.blocks}")
+    print(
+        f"  pages:     {r.present_pages} present of {r.pages} "
+        f"({human_bytes(r.present_pages * 4096)} of page data)"
+    )
+    if not r.checksums:
+        print('  checksums: none (a QEMU file, or a migd save made with "checksums": false);')
+        print("             the page data was not checked")
+        return
+    print(f"  units:     {r.units_checked} of {r.units} checked (xxh3-128 of each MiB)")
+    how = f"{r.threads} thread{'s' if r.threads != 1 else ''}, "
+    how += "O_DIRECT" if r.direct_io else "page cache"
+    print(
+        f"  read:      {human_bytes(r.bytes_read)} ({r.bytes_read} bytes) in "
+        f"{r.seconds:.2f} s, {r.gib_per_s:.2f} GiB/s ({how})"
+    )
+    print(f"  save id:   {r.save_id}")
+    print(f"  table:     xxh3-128 {r.table_digest} (the checksum of the checksums)")
+
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    import json
+
+    from ..tools.client import Progress
+    from ..tools.verify import CorruptError, NotASaveError, VerifyReport, verify_save
+
+    path, offset = args.file
+    progress = Progress("verify", sys.stderr, quiet=args.quiet)
+
+    def show(done: Any) -> None:
+        total = done.bytes_total
+        progress.update(
+            {"status": "active", "ram": {"total": total, "remaining": total - done.bytes_read}}
+        )
+
+    def warn(text: str) -> None:
+        print(f"migd verify: {text}", file=sys.stderr, flush=True)
+
+    def failed(status: str, text: str, code: int) -> int:
+        print(f"migd verify: {text}", file=sys.stderr)
+        if args.json:
+            out = {"path": path, "offset": offset, "status": status, "error": text}
+            print(json.dumps(out, indent=2))
+        return code
+
+    try:
+        try:
+            report: VerifyReport = verify_save(
+                path, offset, args.threads, on_progress=show, warn=warn
+            )
+        finally:
+            progress.close()
+    except KeyboardInterrupt:
+        print("migd verify: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except NotASaveError as exc:
+        return failed("not-a-save", str(exc), EXIT_USAGE)
+    except CorruptError as exc:
+        return failed("corrupt", str(exc), EXIT_FAILED)
+    try:
+        if args.json:
+            print(json.dumps(report.to_dict(), indent=2))
+        else:
+            _print_verify(report)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _drop_stdout()
         return EXIT_FAILED
     return EXIT_OK
 
@@ -429,6 +581,7 @@ def cmd_call(args: argparse.Namespace) -> int:
 
 CLIENT_HANDLERS = {
     "inspect": cmd_inspect,
+    "verify": cmd_verify,
     "save": cmd_migrate,
     "restore": cmd_migrate,
     "status": cmd_status,

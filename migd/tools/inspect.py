@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import FormatError
-from ..migration.mapped_ram import format
+from ..io.checksums import ALGORITHM, UNIT_BYTES
+from ..migration.mapped_ram import checksum_table, format
 
 # A truncated file is parsed again as if zeros followed its end; this is how far it may go.
 # Bitmaps are counted in slices so that a TiB-sized block needs no GiB-sized array.
@@ -41,6 +42,19 @@ class BlockInfo:
 
 
 @dataclass
+class ChecksumInfo:
+    """A save's checksum table (docs/checksums.md), or what its entry claims if corrupt."""
+
+    algorithm: str | None
+    unit_bytes: int | None
+    units: int | None
+    table_offset: int
+    table_bytes: int | None
+    table_digest: str | None  # the checksum of the checksums
+    problem: str | None  # why the table or its entry is corrupt (restore refuses the file)
+
+
+@dataclass
 class SaveInfo:
     path: str
     offset: int
@@ -54,6 +68,8 @@ class SaveInfo:
     truncated: bool
     total_ram: int
     blocks: list[BlockInfo] = field(default_factory=list)
+    save_id: str | None = None  # migd's random id of the save (None in QEMU's files)
+    checksums: ChecksumInfo | None = None  # None: the file has no checksums
 
     @property
     def present_pages(self) -> int:
@@ -112,6 +128,37 @@ def _check_magic(fd: int, offset: int, size: int) -> None:
         )
 
 
+def _checksums(reader: _Reader, parsed: format.ParsedStream, size: int) -> ChecksumInfo | None:
+    """The table the vmdescription announces, checked as a restore checks it; a corrupt
+    one is described by what its entry says, and why it is refused."""
+    if parsed.migd is None or parsed.migd.get("checksums") is None:
+        return None
+    at = checksum_table.table_offset(parsed.description_end)
+    try:
+        table = checksum_table.read_table(reader, parsed, size)
+    except FormatError as exc:
+        entry = parsed.migd["checksums"]
+        entry = entry if isinstance(entry, dict) else {}
+
+        def claimed(key: str, kind: type) -> Any:
+            value = entry.get(key)
+            return value if type(value) is kind else None
+
+        return ChecksumInfo(
+            claimed("algorithm", str),
+            claimed("unit-bytes", int),
+            None,
+            at,
+            claimed("table-bytes", int),
+            claimed("table-xxh3-128", str),
+            exc.desc,
+        )
+    assert table is not None
+    return ChecksumInfo(
+        ALGORITHM, UNIT_BYTES, table.units, at, table.end - at, table.table_digest, None
+    )
+
+
 def inspect_file(path: str | os.PathLike[str], offset: int = 0) -> SaveInfo:
     """Describe the save at `offset` of `path`; raises InspectError or OSError."""
     fd = os.open(path, os.O_RDONLY)
@@ -121,10 +168,14 @@ def inspect_file(path: str | os.PathLike[str], offset: int = 0) -> SaveInfo:
         _check_magic(fd, offset, size)
         reader = _Reader(fd, size, pad=False)
         truncated = False
+        save_id, checksums = None, None
         try:
             parsed = format.parse_stream(reader, offset, size)
             layouts, machine, caps = list(parsed.blocks), parsed.machine, parsed.capabilities
             complete, total_ram = parsed.complete, parsed.total_ram
+            if parsed.migd is not None and isinstance(parsed.migd.get("save-id"), str):
+                save_id = parsed.migd["save-id"]
+            checksums = _checksums(reader, parsed, size)
         except FormatError as exc:
             # Parsed again as if zeros followed the file's end: if that reads past the end,
             # the file was cut short (a crash, a partial copy), which is "incomplete", and
@@ -185,4 +236,6 @@ def inspect_file(path: str | os.PathLike[str], offset: int = 0) -> SaveInfo:
         truncated=truncated,
         total_ram=total_ram,
         blocks=blocks,
+        save_id=save_id,
+        checksums=checksums,
     )
