@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from migd.io.share import DiskShare
 from migd.io.throttle import Throttle
 
 from .conftest import (
@@ -258,3 +259,61 @@ def test_sigterm_with_several_jobs_running_exits_quickly_and_leaves_no_complete_
         for i in range(3):
             Path(shm / f"migd-jobs-{os.getpid()}-{i}").unlink(missing_ok=True)
     assert files and not any(is_complete_save(f) for f in files)
+
+
+def test_a_free_io_slot_goes_to_the_waiting_job_with_the_fewest_calls_in_flight() -> None:
+    """io/share.py: job A holds both slots and queues a third call before job B queues
+    one; when A releases a slot, B (no call in flight) gets it, not A's older call."""
+    share = DiskShare(slots=2)
+    never = threading.Event()
+    held = [share.slot("A", never) for _ in range(2)]
+    for slot in held:
+        assert slot.__enter__() is True
+    order: list[str] = []
+    finish = threading.Event()  # the granted calls hold their slots until then
+
+    def call(job: str, queued: threading.Event) -> None:
+        queued.set()
+        with share.slot(job, never) as got:
+            assert got
+            order.append(job)
+            finish.wait(10)
+
+    a_queued, b_queued = threading.Event(), threading.Event()
+    a = threading.Thread(target=call, args=("A", a_queued))
+    a.start()
+    a_queued.wait()
+    poll_until_sync(lambda: len(share._waiting) == 1, "A's third call waiting")
+    b = threading.Thread(target=call, args=("B", b_queued))
+    b.start()
+    b_queued.wait()
+    poll_until_sync(lambda: len(share._waiting) == 2, "B's call waiting")
+    held[0].__exit__(None, None, None)
+    poll_until_sync(lambda: order != [], "a slot granted")
+    assert order == ["B"] and share.in_flight == {"A": 1, "B": 1}
+    held[1].__exit__(None, None, None)
+    poll_until_sync(lambda: len(order) == 2, "the second slot granted")
+    finish.set()
+    a.join(10)
+    b.join(10)
+    assert order == ["B", "A"] and share.in_flight == {}
+
+
+def test_a_cancelled_job_stops_waiting_for_an_io_slot() -> None:
+    share = DiskShare(slots=1)
+    never, cancel = threading.Event(), threading.Event()
+    with share.slot("A", never):
+        result: list[bool] = []
+        t = threading.Thread(target=lambda: result.append(share._acquire("B", cancel)))
+        t.start()
+        poll_until_sync(lambda: len(share._waiting) == 1, "B waiting")
+        cancel.set()
+        t.join(10)
+        assert result == [False] and share.in_flight == {"A": 1}
+
+
+def poll_until_sync(done, what: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.001)

@@ -23,6 +23,7 @@ import numpy as np
 
 from ..errors import MigdError, MigrationError
 from ..pages import CHUNK_PAGES, PAGE_SIZE
+from .share import DiskShare
 from .throttle import Throttle
 from .zero_scan import MemoryReader
 
@@ -105,6 +106,9 @@ class Transfer:
     # Told of every run once it is done (its pages written, read or zeroed), in the thread
     # that did it, with that thread's MemoryReader; None when the job has no checksums.
     checksums: UnitSink | None = None
+    # The daemon's I/O slots shared with every other job's transfer (io/share.py): each
+    # page I/O call holds one; None: unshared.
+    share: DiskShare | None = None
 
 
 class UnitSink(Protocol):

@@ -30,10 +30,12 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 
 from ..errors import ChannelError, MemoryFault, MigdError
 from ..pages import CHUNK_PAGES, PAGE_SIZE
 from .engine import BlockIO, Counters, PageRun, Transfer, UnitSink
+from .share import DiskShare
 from .throttle import Throttle
 from .zero_scan import MemoryReader, runs_to_write, touch_pages, zero_pages
 
@@ -198,6 +200,8 @@ class Channel:
         detect_zero: bool,
         write_behind: bool = False,
         checksums: UnitSink | None = None,
+        share: DiskShare | None = None,
+        share_key: object = None,
     ) -> None:
         self.fd = fd
         self.path = path
@@ -210,6 +214,7 @@ class Channel:
         self.reader = MemoryReader()
         self.sizer = CallSizer(CHUNK_PAGES, throttle)
         self.checksums = checksums
+        self.share, self.share_key = share, share_key
         # Buffered saves only: O_DIRECT leaves nothing dirty, restores only read.
         self.write_behind = WriteBehind(fd) if write_behind else None
 
@@ -232,6 +237,12 @@ class Channel:
         that the job's error does not depend on which thread met the fault first."""
         explain = self.blocks[run.block].explain_fault
         return (explain(direction) if explain is not None else None) or fault
+
+    def _slot(self) -> AbstractContextManager[bool]:
+        """One of the daemon's I/O slots for the next call (False: cancelled meanwhile)."""
+        if self.share is None:
+            return nullcontext(True)
+        return self.share.slot(self.share_key, self.cancel)
 
     def save(self) -> None:
         self._drain(self._save_run, "save")
@@ -263,9 +274,12 @@ class Channel:
                 data = memory[at * PAGE_SIZE : (at + pages) * PAGE_SIZE]
                 offset = block.page_offset(run.first_page + at)
                 self.throttle.wait(len(data), self.cancel)
-                started = time.monotonic()
-                write_fully(self.fd, data, offset, self.path)
-                self.sizer.took(pages, time.monotonic() - started)
+                with self._slot() as granted:
+                    if not granted:
+                        return
+                    started = time.monotonic()
+                    write_fully(self.fd, data, offset, self.path)
+                    self.sizer.took(pages, time.monotonic() - started)
                 block.present[run.first_page + at : run.first_page + at + pages] = True
                 counters.bytes += len(data)
                 counters.pages_normal += pages
@@ -299,9 +313,12 @@ class Channel:
             pages = self.sizer.next(end - at)
             memory = block.memory[at * PAGE_SIZE : (at + pages) * PAGE_SIZE]
             self.throttle.wait(len(memory), self.cancel)
-            started = time.monotonic()
-            read_fully(self.fd, memory, block.page_offset(at), self.path)
-            self.sizer.took(pages, time.monotonic() - started)
+            with self._slot() as granted:
+                if not granted:
+                    return
+                started = time.monotonic()
+                read_fully(self.fd, memory, block.page_offset(at), self.path)
+                self.sizer.took(pages, time.monotonic() - started)
             self.counters.bytes += len(memory)
             self.counters.pages_normal += pages
             self.counters.pages_done += pages
@@ -363,6 +380,8 @@ class ThreadEngine:
                 transfer.detect_zero,
                 transfer.write_behind,
                 transfer.checksums,
+                transfer.share,
+                transfer.cancel,  # the job's own event: its identity among the share's jobs
             )
             for fd in transfer.fds
         ]

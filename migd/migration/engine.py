@@ -23,6 +23,7 @@ from ..errors import MigdError, MigrationError
 from ..io.checksums import ChecksumMismatch, UnitChecksums
 from ..io.engine import BlockIO, IOEngine, PageRun, Transfer, check_sizes, load_engine
 from ..io.file_verify import FileProgress, verify_file
+from ..io.share import DiskShare
 from ..io.target import Openers, Target, close_quietly, open_channel_fd
 from ..io.throttle import Throttle
 from ..pages import PAGE_SIZE
@@ -85,6 +86,8 @@ class MigrationEngine:
         self.jobs: dict[str, Job] = {}  # query-jobs: every job not dismissed, by id
         # All jobs' page I/O together (0 = unlimited); each job's own cap applies too.
         self.daemon_throttle = Throttle(0)
+        # The disk's I/O slots, shared by all jobs' channels so that each gets its turn.
+        self.disk_share = DiskShare()
         self.partial = PartialMarks()  # the daemon gives it a state directory
 
     # -- settings ------------------------------------------------------------------------
@@ -557,6 +560,7 @@ class MigrationEngine:
             write_behind=direction == "save" and not job.settings.direct_io,
             counters=job.counters,
             checksums=job.checksums,
+            share=self.disk_share,
         )
         try:
             await self.io_engine.run(transfer)
