@@ -23,7 +23,7 @@ from ..errors import MigdError, MigrationError
 from ..io.checksums import ChecksumMismatch, UnitChecksums
 from ..io.engine import BlockIO, IOEngine, PageRun, Transfer, check_sizes, load_engine
 from ..io.file_verify import FileProgress, verify_file
-from ..io.share import DiskShare
+from ..io.share import DEFAULT_SLOTS, DiskShare
 from ..io.target import Openers, Target, close_quietly, open_channel_fd
 from ..io.throttle import Throttle
 from ..pages import PAGE_SIZE
@@ -87,7 +87,8 @@ class MigrationEngine:
         # All jobs' page I/O together (0 = unlimited); each job's own cap applies too.
         self.daemon_throttle = Throttle(0)
         # The disk's I/O slots, shared by all jobs' channels so that each gets its turn.
-        self.disk_share = DiskShare()
+        # MIGD_IO_SLOTS: for measuring the policy (migd.bench.concurrency --slots).
+        self.disk_share = DiskShare(int(os.environ.get("MIGD_IO_SLOTS", DEFAULT_SLOTS)))
         self.partial = PartialMarks()  # the daemon gives it a state directory
 
     # -- settings ------------------------------------------------------------------------
