@@ -91,8 +91,9 @@ MigrationParameters = create_model("MigrationParameters", __base__=QapiModel, **
     "non-empty 'tls-creds' with mapped-ram on; refused as not implemented by migd: those "
     "without mapped-ram, 'mode' other than normal and a non-empty "
     "'block-bitmap-mapping'. As in QEMU, the resulting set is checked as a whole and a "
-    "refused request changes nothing. While a migration runs only 'max-bandwidth' may "
-    "change, and applies to it at once, as in QEMU; the others are refused until it ends.",
+    "refused request changes nothing. Never refused while jobs run: each job keeps the "
+    "settings it started with and later jobs get the new ones; 'max-bandwidth' also "
+    "applies at once to a running migrate, as in QEMU.",
 )
 async def migrate_set_parameters(ctx: Context, args: SetParametersArgs) -> Empty:
     ctx.services.engine.set_parameters(
