@@ -317,3 +317,18 @@ def poll_until_sync(done, what: str, timeout: float = 10) -> None:
     while not done():
         assert time.monotonic() < deadline, what
         time.sleep(0.001)
+
+
+async def test_jobs_left_undismissed_are_bounded(qmp, shm, short_dir, monkeypatch):
+    from migd.migration import engine
+
+    monkeypatch.setattr(engine, "MAX_JOBS", 2)
+    await _backends(qmp, shm, 1, size=MiB)
+    for i in range(2):
+        await qmp.execute("memory-save", {"job-id": f"j{i}", "uri": f"file:{short_dir}/{i}.sav"})
+        await wait_concluded(qmp, f"j{i}")
+    desc = await qmp_error(qmp, "memory-save", {"job-id": "j2", "uri": f"file:{short_dir}/2.sav"})
+    assert desc.startswith("2 jobs are listed, the most migd keeps: dismiss concluded jobs")
+    await qmp.execute("job-dismiss", {"id": "j0"})
+    await qmp.execute("memory-save", {"job-id": "j2", "uri": f"file:{short_dir}/2.sav"})
+    assert "error" not in (await wait_concluded(qmp, "j2"))["j2"]

@@ -52,7 +52,10 @@ from .settings import Capabilities, Parameters
 log = logging.getLogger(__name__)
 
 IN_PROGRESS = "There's a migration process in progress"
-JOB_NOT_FOUND = "Job not found"  # QEMU's text (job-qmp.c find_job_locked)
+JOB_NOT_FOUND = "Job not found"
+# Concluded jobs stay listed until job-dismiss: bound what a client that never dismisses
+# can make the daemon keep.
+MAX_JOBS = 256  # QEMU's text (job-qmp.c find_job_locked)
 # QEMU's id_wellformed: a letter, then letters, digits, '-', '.', '_'.
 _JOB_ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
 SAMPLE_PERIOD = 0.1  # seconds between throughput samples (QEMU's BUFFER_DELAY)
@@ -232,6 +235,11 @@ class MigrationEngine:
             raise MigrationError(f"Invalid job ID '{job_id}'")
         if job_id in self.jobs or job_id == MIGRATION_JOB_ID:
             raise MigrationError(f"Job ID '{job_id}' already in use")
+        if len(self.jobs) >= MAX_JOBS:
+            raise MigrationError(
+                f"{len(self.jobs)} jobs are listed, the most migd keeps: dismiss concluded "
+                "jobs with job-dismiss (or start jobs with 'auto-dismiss')"
+            )
 
     def _resolve_backends(self, ids: Sequence[str] | None) -> list[MemoryBackend]:
         """The backends a job names (all of the daemon's when it names none)."""
