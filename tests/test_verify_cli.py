@@ -224,7 +224,7 @@ def test_a_truncated_or_extended_file_exits_1(saved):
         f.write(b"\0")
     result = migd("verify", saved, "--json")
     assert result.returncode == 1
-    assert "goes on 1 bytes after the end of the save" in result.stderr
+    assert "goes on 1 byte after the end of the save" in result.stderr
     assert json.loads(result.stdout)["status"] == "corrupt"
     for cut in (1, 16, UNITS * 16 + 1):  # into the table, a whole entry, into the padding
         os.truncate(saved, size - cut)
