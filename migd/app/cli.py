@@ -266,8 +266,9 @@ def _add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
         p.add_argument(
             "--id",
             default=None,
-            help="its backend id (default ram0, as QEMU guests' RAM); a save names its "
-            "block after it unless --block-name is given, and prints the name",
+            help="its backend id (default ram0, as QEMU guests' RAM; in a job, the job id: "
+            "ids and block names are unique in a daemon); a save names its block after it "
+            "unless --block-name is given, and prints the name",
         )
         p.add_argument("--block-name", default=None, help="its RAM block name (ramblock-name)")
         p.add_argument(

@@ -343,12 +343,10 @@ def _file_backend(direction: str, opts: MigrateOptions) -> dict[str, Any] | None
         if opts.size is not None or opts.id is not None or opts.block_name is not None:
             raise UsageError("--size, --id and --block-name go with --mem-path")
         return None
+    # A job's backend is named after the job (and so, in a save, is its block): backend
+    # ids and block names are unique in a daemon, and other jobs may run beside this one.
     backend_id = opts.id or opts.job_id or DEFAULT_BACKEND_ID
     size, block_name = opts.size, opts.block_name
-    if direction == "save" and block_name is None and opts.id is None:
-        # A job's backend is named after the job (jobs in one daemon need distinct ids);
-        # its block keeps the usual name.
-        block_name = DEFAULT_BACKEND_ID
     if direction == "restore" and (size is None or block_name is None):
         from .inspect import InspectError, inspect_file
 
