@@ -586,7 +586,10 @@ async def _run_job(
     finally:
         progress.close()
     seconds = time.monotonic() - started
-    await _execute(client, "job-dismiss", {"id": opts.job_id})
+    try:  # the job's outcome is known: failing to dismiss it does not change it
+        await _execute(client, "job-dismiss", {"id": opts.job_id})
+    except ClientError as exc:
+        print(f"warning: {exc}", file=err)
     error = job.get("error")
     if error is None:
         print(job_summary_line(direction, opts.file, job, seconds), file=out, flush=True)
