@@ -19,7 +19,7 @@ import pytest
 
 from migd.app.config import load_config
 
-from .conftest import RawClient, wait_for_socket
+from .conftest import RawClient, fill_random, wait_for_socket
 
 UNITS = Path(__file__).resolve().parent.parent / "systemd"
 MIGD_SCRIPT = Path(sys.executable).parent / "migd"
@@ -283,3 +283,166 @@ def test_save_and_restore_work_without_writable_executable_memory(short_dir, shm
             proc.kill()
             proc.wait()
     assert ram.read_bytes() == data
+
+
+# --- per-instance units: migd@.service and migd@.socket -----------------------------------
+
+TEMPLATE_EXEC = (
+    "/usr/local/bin/migd serve --config /etc/migd/instances/%i.toml --socket /run/migd/%i.sock"
+)
+# What an instance may differ in from the shared service; every other setting (the whole
+# hardening) must be the same, so that the two cannot drift apart.
+INSTANCE_DIFFERS = {"Description", "ExecStart", "StateDirectory", "ReadWritePaths", "Also"}
+
+
+@pytest.fixture
+def template_units(tmp_path: Path) -> Path:
+    """Copies of the template units whose ExecStart runs this checkout's migd script."""
+    if not MIGD_SCRIPT.exists():
+        pytest.skip(f"no migd script next to {sys.executable}")
+    service = (UNITS / "migd@.service").read_text()
+    assert "ExecStart=/usr/local/bin/migd " in service
+    (tmp_path / "migd@.service").write_text(
+        service.replace("ExecStart=/usr/local/bin/migd ", f"ExecStart={MIGD_SCRIPT} ")
+    )
+    shutil.copy(UNITS / "migd@.socket", tmp_path / "migd@.socket")
+    return tmp_path
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+@pytest.mark.parametrize("instance", ["vm1", "vm-2.db_x", r"a\x2fb"])
+def test_systemd_analyze_verify_passes_on_instances_of_the_template_units(template_units, instance):
+    result = subprocess.run(
+        ["systemd-analyze", "verify", f"migd@{instance}.service", f"migd@{instance}.socket"],
+        cwd=template_units,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout + result.stderr == ""  # not even a warning
+
+
+def test_an_instance_has_its_own_socket_config_and_state_and_the_shared_hardening():
+    shared = unit_settings(UNITS / "migd.service")
+    service = unit_settings(UNITS / "migd@.service")
+    sock = unit_settings(UNITS / "migd@.socket")
+    assert service["ExecStart"] == [TEMPLATE_EXEC]
+    assert sock["ListenStream"] == ["/run/migd/%i.sock"]  # where --socket points too
+    assert sock["SocketMode"] == ["0660"] and sock["Accept"] == ["no"]
+    assert sock["RemoveOnStop"] == ["no"]
+    assert service["StateDirectory"] == ["migd/%i"]
+    # Not /var/lib/migd: an instance writes its own state directory, not its neighbours'.
+    assert service["ReadWritePaths"] == ["/dev/shm -/dev/hugepages"]
+    assert service["Also"] == ["migd@%i.socket"]
+    # Stopping one instance must not delete /run/migd with the other daemons' sockets.
+    assert service["RuntimeDirectory"] == ["migd"]
+    assert service["RuntimeDirectoryPreserve"] == ["yes"]
+    for key in set(shared) | set(service):
+        if key not in INSTANCE_DIFFERS:
+            assert service.get(key) == shared.get(key), key
+
+
+def _instance_command(instance: str, confdir: Path, rundir: Path) -> list[str]:
+    """The template's ExecStart for `instance`, with /etc/migd/instances and /run/migd
+    moved into the test's directories (systemd's %i is the instance name)."""
+    (line,) = unit_settings(UNITS / "migd@.service")["ExecStart"]
+    line = line.replace("%i", instance).replace("/usr/local/bin/migd", str(MIGD_SCRIPT))
+    line = line.replace("/etc/migd/instances/", f"{confdir}/").replace("/run/migd/", f"{rundir}/")
+    return line.split()
+
+
+def _instance_socket(instance: str, rundir: Path) -> Path:
+    (listen,) = unit_settings(UNITS / "migd@.socket")["ListenStream"]
+    return Path(listen.replace("%i", instance).replace("/run/migd/", f"{rundir}/"))
+
+
+def _write_instance_config(confdir: Path, instance: str, state: Path, mem: Path) -> None:
+    """An instance's own configuration: its directories and one backend named ram0 (the
+    same id in every instance: they are separate daemons)."""
+    (confdir / f"{instance}.toml").write_text(
+        f'allowed-dirs = ["{state}", "{mem.parent}"]\n'
+        "[capabilities]\nmultifd = true\nmapped-ram = true\n"
+        "[parameters]\nmultifd-channels = 2\n"
+        "[[memory-backend]]\n"
+        f'qom-type = "memory-backend-file"\nid = "ram0"\nsize = "4M"\nmem-path = "{mem}"\n'
+    )
+
+
+@pytest.mark.skipif(
+    shutil.which("systemd-socket-activate") is None, reason="needs systemd-socket-activate"
+)
+def test_two_socket_activated_instances_serve_their_own_sockets_without_interfering(short_dir, shm):
+    confdir, rundir = short_dir / "etc", short_dir / "run"
+    confdir.mkdir()
+    rundir.mkdir()
+    names = ("vm-a", "vm-b")
+    data, procs, socks = {}, {}, {}
+    for seed, name in enumerate(names, 1):
+        state = short_dir / name
+        state.mkdir()
+        data[name] = fill_random(shm / name, 4 << 20, seed=seed)
+        _write_instance_config(confdir, name, state, shm / name)
+        socks[name] = _instance_socket(name, rundir)
+        assert socks[name] == rundir / f"{name}.sock"
+        procs[name] = subprocess.Popen(
+            ["systemd-socket-activate", "-l", str(socks[name]),
+             *_instance_command(name, confdir, rundir)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
+    try:
+        for name in names:
+            deadline = time.monotonic() + 15
+            while not socks[name].exists():
+                assert procs[name].poll() is None, procs[name].stderr.read()
+                assert time.monotonic() < deadline, "systemd-socket-activate did not listen"
+                time.sleep(0.02)
+        # The first connection starts each instance's migd on its own passed socket.
+        clients = {name: RawClient(socks[name], timeout=30).negotiate() for name in names}
+        for name, client in clients.items():
+            memdevs = client.ok("query-memdev")
+            assert [(m["id"], m["size"]) for m in memdevs] == [("ram0", 4 << 20)], name
+        # Both save their ram0 at once, each into its own state directory.
+        for name, client in clients.items():
+            client.ok("migrate", {"uri": f"file:{short_dir / name / 'ram.sav'}"})
+        for name, client in clients.items():
+            info = client.wait_final()
+            assert info["status"] == "completed", (name, info)
+            assert [j["id"] for j in client.ok("query-jobs")] == []  # migrate's job is gone
+            (shm / name).write_bytes(bytes(4 << 20))
+        # One instance stops; the other keeps serving and restores its own file.
+        clients["vm-b"].close()
+        procs["vm-b"].send_signal(signal.SIGTERM)
+        assert procs["vm-b"].wait(10) == 0
+        assert socks["vm-b"].exists()  # systemd's socket (here systemd-socket-activate's)
+        client = clients["vm-a"]
+        client.ok("migrate-incoming", {"uri": f"file:{short_dir / 'vm-a' / 'ram.sav'}"})
+        assert client.wait_final()["status"] == "completed"
+        assert (shm / "vm-a").read_bytes() == data["vm-a"]
+        assert (shm / "vm-b").read_bytes() == bytes(4 << 20)  # vm-b's memory untouched
+        # vm-a's save was never written into vm-b's directory, nor the other way round.
+        assert sorted(p.name for p in (short_dir / "vm-b").iterdir()) == ["ram.sav"]
+        assert sorted(p.name for p in (short_dir / "vm-a").iterdir()) == ["ram.sav"]
+        client.close()
+        procs["vm-a"].send_signal(signal.SIGTERM)
+        assert procs["vm-a"].wait(10) == 0
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for name, proc in procs.items():
+        log = proc.stderr.read().decode() if proc.stderr else ""
+        assert "inherited socket" in log, (name, log)
+        assert str(confdir / f"{name}.toml") in " ".join(proc.args), proc.args
+
+
+def test_an_instance_without_its_configuration_exits_2_naming_the_file(short_dir):
+    confdir, rundir = short_dir / "etc", short_dir / "run"
+    result = subprocess.run(
+        _instance_command("nothere", confdir, rundir), capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2  # RestartPreventExitStatus=2: systemd does not retry
+    assert f"{confdir}/nothere.toml: cannot read" in result.stderr, result.stderr
+    assert not rundir.exists()  # no socket made before the configuration was read

@@ -161,7 +161,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# --- tools and clients (inspect, save, restore, status, call) -------------------------------
+# --- tools and clients (inspect, save, restore, status, jobs, call) -------------------------
 
 
 def _type(parse: Callable[[str], T]) -> Callable[[str], T]:
@@ -246,7 +246,18 @@ def _add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
             action="append",
             default=[],
             metavar="ID",
-            help="a memory backend that must take part (repeatable)",
+            help="a memory backend of the job (repeatable): run as a job "
+            f"(memory-{'save' if name == 'save' else 'restore'}) of only these backends, "
+            "alongside other jobs",
+        )
+        p.add_argument(
+            "--job-id",
+            default=None,
+            metavar="ID",
+            help="run as a job with this id (a letter, then letters, digits, '-', '.', '_'), "
+            "of the --backend ones or, without --backend, of all; default with --backend: "
+            f"{name}-PID. Without --job-id and --backend: migrate"
+            f"{'' if name == 'save' else '-incoming'} of every backend",
         )
         p.add_argument(
             "--mem-path", default=None, help="add a memory-backend-file on PATH for this run"
@@ -255,8 +266,9 @@ def _add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
         p.add_argument(
             "--id",
             default=None,
-            help="its backend id (default ram0, as QEMU guests' RAM); a save names its "
-            "block after it unless --block-name is given, and prints the name",
+            help="its backend id (default ram0, as QEMU guests' RAM; in a job, the job id: "
+            "ids and block names are unique in a daemon); a save names its block after it "
+            "unless --block-name is given, and prints the name",
         )
         p.add_argument("--block-name", default=None, help="its RAM block name (ramblock-name)")
         p.add_argument(
@@ -285,9 +297,31 @@ def _add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
                 help="skip blocks of FILE that have no backend",
             )
 
-    status = sub.add_parser("status", help="show query-migrate of a running migd")
+    status = sub.add_parser(
+        "status", help="show query-migrate of a running migd, and query-jobs when it has jobs"
+    )
     status.add_argument("--socket", default=None, help=socket_help)
-    status.add_argument("--json", action="store_true", help="print the raw JSON")
+    status.add_argument(
+        "--json",
+        action="store_true",
+        help='print the raw JSON (query-migrate; query-jobs as "jobs" when there are any)',
+    )
+
+    jobs = sub.add_parser(
+        "jobs",
+        help="list the jobs of a running migd (query-jobs)",
+        description="A table of query-jobs: id, type, status, progress, MB/s (10^6 bytes a "
+        "second), file, backends, error. Exit 0; 1 if migd refuses; 2 if it cannot be reached.",
+    )
+    jobs.add_argument("--socket", default=None, help=socket_help)
+    jobs.add_argument(
+        "--watch",
+        action="store_true",
+        help="redraw the table about twice a second until Ctrl-C (exit 0)",
+    )
+    jobs.add_argument(
+        "--json", action="store_true", help="print query-jobs' JSON (with --watch: one line each)"
+    )
 
     call = sub.add_parser("call", help="run any QMP command and print its JSON result")
     call.add_argument("--socket", default=None, help=socket_help)
@@ -529,6 +563,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         skip_unmatched=getattr(args, "skip_unmatched", False),
         quiet=args.quiet,
         max_bandwidth=args.max_bandwidth,
+        job_id=args.job_id,
     )
     socket = args.socket or default_socket_path()
     return _run_client(
@@ -539,11 +574,17 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     import json
 
-    from ..tools.client import format_status, run_status
+    from ..tools.client import format_jobs, format_status, run_status
 
     async def status() -> int:
-        info = await run_status(args.socket or default_socket_path())
-        print(json.dumps(info, indent=2) if args.json else "\n".join(format_status(info)))
+        info, jobs = await run_status(args.socket or default_socket_path())
+        if args.json:  # query-migrate's object, with query-jobs as "jobs" when there are any
+            print(json.dumps({**info, "jobs": jobs} if jobs else info, indent=2))
+            return EXIT_OK
+        lines = format_status(info)
+        if jobs:
+            lines += ["", "jobs:", *("  " + line for line in format_jobs(jobs))]
+        print("\n".join(lines))
         return EXIT_OK
 
     return _run_client("status", status())
@@ -579,12 +620,21 @@ def cmd_call(args: argparse.Namespace) -> int:
     return _run_client("call", call())
 
 
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from ..tools.client import run_jobs
+
+    return _run_client(
+        "jobs", run_jobs(args.socket or default_socket_path(), sys.stdout, args.watch, args.json)
+    )
+
+
 CLIENT_HANDLERS = {
     "inspect": cmd_inspect,
     "verify": cmd_verify,
     "save": cmd_migrate,
     "restore": cmd_migrate,
     "status": cmd_status,
+    "jobs": cmd_jobs,
     "call": cmd_call,
 }
 

@@ -1,4 +1,5 @@
-"""Client commands (`migd save`, `restore`, `status`, `call`): a QMP client of a running migd.
+"""Client commands (`migd save`, `restore`, `status`, `jobs`, `call`): a QMP client of a
+running migd.
 
 Everything here is a coroutine that returns an exit code or raises `UsageError` (exit 2) /
 `ClientError` (exit 1); the command line picks the event loop and prints the errors.
@@ -14,7 +15,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -128,10 +129,11 @@ async def run_call(socket_path: str, command: str, arguments: dict[str, Any]) ->
         await _disconnect(client)
 
 
-async def run_status(socket_path: str) -> dict[str, Any]:
+async def run_status(socket_path: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(query-migrate, query-jobs)."""
     client = await connect(socket_path)
     try:
-        return await _execute(client, "query-migrate")
+        return await _execute(client, "query-migrate"), await _execute(client, "query-jobs")
     finally:
         await _disconnect(client)
 
@@ -314,6 +316,13 @@ class MigrateOptions:
     skip_unmatched: bool = False
     quiet: bool = False
     max_bandwidth: int = 0  # bytes/s, 0 = unlimited
+    job_id: str | None = None
+
+    @property
+    def as_job(self) -> bool:
+        """--job-id or --backend: a memory-save / memory-restore job of chosen backends,
+        alongside other jobs; otherwise migrate / migrate-incoming of every backend."""
+        return self.job_id is not None or bool(self.backends)
 
 
 # --mem-path's backend id, and so its block name: QEMU's usual id for a guest's RAM, so a
@@ -334,7 +343,9 @@ def _file_backend(direction: str, opts: MigrateOptions) -> dict[str, Any] | None
         if opts.size is not None or opts.id is not None or opts.block_name is not None:
             raise UsageError("--size, --id and --block-name go with --mem-path")
         return None
-    backend_id = opts.id or DEFAULT_BACKEND_ID
+    # A job's backend is named after the job (and so, in a save, is its block): backend
+    # ids and block names are unique in a daemon, and other jobs may run beside this one.
+    backend_id = opts.id or opts.job_id or DEFAULT_BACKEND_ID
     size, block_name = opts.size, opts.block_name
     if direction == "restore" and (size is None or block_name is None):
         from .inspect import InspectError, inspect_file
@@ -386,14 +397,15 @@ def _backend_line(backend: Mapping[str, Any]) -> str:
     return f"block '{block}' (memory backend '{backend['id']}' on {backend['mem-path']})"
 
 
-async def _check_backends(client: Any, direction: str, wanted: list[str]) -> None:
-    """--backend: each must exist; a save must cover all of them, since migd saves every one."""
+async def _check_backends(client: Any, direction: str, wanted: list[str], job: bool) -> None:
+    """--backend: each must exist; a migrate must cover all of them, since it saves every
+    one (a job saves only its own)."""
     have = [m["id"] for m in await _execute(client, "query-memdev")]
     missing = [b for b in wanted if b not in have]
     if missing:
         raise ClientError(f"no memory backend {', '.join(repr(b) for b in missing)} in migd")
     others = [b for b in have if b not in wanted]
-    if direction == "save" and others:
+    if direction == "save" and others and not job:
         raise ClientError(
             "migd saves every memory backend, and it also has "
             f"{', '.join(repr(b) for b in others)}: list them with --backend "
@@ -450,12 +462,19 @@ async def _follow(
             await asyncio.sleep(POLL_PERIOD)  # the event stays set: don't spin
 
 
+def _default_job_id(direction: str) -> str:
+    """A job id for --backend without --job-id: unique among this host's clients."""
+    return f"{direction}-{os.getpid()}"
+
+
 async def run_migration(
     direction: str, socket_path: str, opts: MigrateOptions, out: TextIO, err: TextIO
 ) -> int:
     """`migd save` / `migd restore`: set up, start, follow to a final state, clean up."""
     assert direction in ("save", "restore")
     opts.file = os.path.abspath(opts.file)  # the daemon has its own working directory
+    if opts.as_job and opts.job_id is None:
+        opts.job_id = _default_job_id(direction)
     backend = _file_backend(direction, opts)
     if opts.channels is None:
         opts.channels = min(4, os.cpu_count() or 1)
@@ -470,30 +489,14 @@ async def run_migration(
             if backend is not None:
                 await _execute(client, "object-add", backend)
                 added = True
-            if opts.backends or backend is not None:
-                wanted = list(opts.backends) + ([backend["id"]] if backend else [])
-                await _check_backends(client, direction, wanted)
-            caps = [
-                {"capability": name, "state": True} for name in ("mapped-ram", "multifd", "events")
-            ]
-            await _execute(client, "migrate-set-capabilities", {"capabilities": caps})
-            await _execute(
-                client,
-                "migrate-set-parameters",
-                {
-                    "multifd-channels": opts.channels,
-                    "direct-io": direct_io,
-                    "max-bandwidth": opts.max_bandwidth,
-                },
-            )
-            if interrupt.event.is_set():
-                raise ClientError(f"{direction} interrupted before it started")
-            arguments = _uri_arguments(opts.file, opts.offset)
-            if direction == "restore" and opts.skip_unmatched:
-                arguments["skip-unmatched-blocks"] = True
-            await _execute(
-                client, "migrate" if direction == "save" else "migrate-incoming", arguments
-            )
+            wanted = list(opts.backends) + ([backend["id"]] if backend else [])
+            if wanted:
+                await _check_backends(client, direction, wanted, opts.as_job)
+            if opts.as_job:
+                return await _run_job(
+                    client, interrupt, direction, opts, wanted, direct_io, out, err, backend
+                )
+            await _start_migration(client, interrupt, direction, opts, direct_io)
             progress = Progress(direction, err, quiet=opts.quiet)
             try:
                 info, by_user = await _follow(client, interrupt, progress, direction)
@@ -519,3 +522,198 @@ async def run_migration(
     if status == "cancelled" or by_user:
         raise ClientError(info.get("error-desc") or f"{direction} cancelled")
     raise ClientError(f"{direction} failed: {info.get('error-desc', 'unknown error')}")
+
+
+async def _start_migration(
+    client: Any, interrupt: _Interrupt, direction: str, opts: MigrateOptions, direct_io: bool
+) -> None:
+    """migrate / migrate-incoming, with the daemon's capabilities and parameters set first."""
+    caps = [{"capability": name, "state": True} for name in ("mapped-ram", "multifd", "events")]
+    await _execute(client, "migrate-set-capabilities", {"capabilities": caps})
+    await _execute(
+        client,
+        "migrate-set-parameters",
+        {
+            "multifd-channels": opts.channels,
+            "direct-io": direct_io,
+            "max-bandwidth": opts.max_bandwidth,
+        },
+    )
+    if interrupt.event.is_set():
+        raise ClientError(f"{direction} interrupted before it started")
+    arguments = _uri_arguments(opts.file, opts.offset)
+    if direction == "restore" and opts.skip_unmatched:
+        arguments["skip-unmatched-blocks"] = True
+    await _execute(client, "migrate" if direction == "save" else "migrate-incoming", arguments)
+
+
+# --- jobs (memory-save, memory-restore, query-jobs) ---------------------------------------
+
+
+async def _run_job(
+    client: Any,
+    interrupt: _Interrupt,
+    direction: str,
+    opts: MigrateOptions,
+    backends: list[str],
+    direct_io: bool,
+    out: TextIO,
+    err: TextIO,
+    backend: Mapping[str, Any] | None,
+) -> int:
+    """memory-save / memory-restore with the job's own settings (the daemon's parameters,
+    which other clients' jobs use too, are left alone), followed through query-jobs and
+    dismissed once concluded."""
+    assert opts.job_id is not None
+    arguments: dict[str, Any] = {
+        "job-id": opts.job_id,
+        **_uri_arguments(opts.file, opts.offset),
+        "multifd-channels": opts.channels,
+        "direct-io": direct_io,
+        "max-bandwidth": opts.max_bandwidth,
+    }
+    if backends:
+        arguments["backends"] = backends
+    if direction == "restore" and opts.skip_unmatched:
+        arguments["skip-unmatched-blocks"] = True
+    if interrupt.event.is_set():
+        raise ClientError(f"{direction} interrupted before it started")
+    started = time.monotonic()
+    await _execute(client, "memory-save" if direction == "save" else "memory-restore", arguments)
+    progress = Progress(direction, err, quiet=opts.quiet)
+    try:
+        job, by_user = await _follow_job(client, interrupt, progress, direction, opts.job_id)
+    finally:
+        progress.close()
+    seconds = time.monotonic() - started
+    try:  # the job's outcome is known: failing to dismiss it does not change it
+        await _execute(client, "job-dismiss", {"id": opts.job_id})
+    except ClientError as exc:
+        print(f"warning: {exc}", file=err)
+    error = job.get("error")
+    if error is None:
+        print(job_summary_line(direction, opts.file, job, seconds), file=out, flush=True)
+        if backend is not None:
+            print(_backend_line(backend), file=out, flush=True)
+        return 0
+    if by_user:
+        raise ClientError(error)
+    raise ClientError(f"{direction} failed: {error}")
+
+
+def job_as_migration(job: Mapping[str, Any]) -> dict[str, Any]:
+    """A query-jobs entry in query-migrate's terms, for Progress."""
+    total, current = job.get("total-progress", 0), job.get("current-progress", 0)
+    concluded = job.get("status") == "concluded"
+    status = "active" if job.get("status") == "running" else "setup"
+    if concluded:
+        status = "completed" if job.get("error") is None else "failed"
+    return {"status": status, "ram": {"total": total, "remaining": max(0, total - current)}}
+
+
+async def _query_job(client: Any, job_id: str) -> dict[str, Any]:
+    for job in await _execute(client, "query-jobs"):
+        if job.get("id") == job_id:
+            return dict(job)
+    raise ClientError(f"job '{job_id}' is gone from query-jobs (dismissed by another client?)")
+
+
+async def _follow_job(
+    client: Any, interrupt: _Interrupt, progress: Progress, direction: str, job_id: str
+) -> tuple[dict[str, Any], bool]:
+    """Poll query-jobs until the job concludes; (its entry, whether the user cancelled)."""
+    cancelled_at: float | None = None
+    while True:
+        job = await _query_job(client, job_id)
+        progress.update(job_as_migration(job))
+        if job.get("status") == "concluded":
+            return job, cancelled_at is not None
+        if interrupt.event.is_set():
+            if cancelled_at is None:
+                progress.close()
+                print(f"interrupted: cancelling the {direction}", file=sys.stderr, flush=True)
+                cancelled_at = time.monotonic()
+                await _execute(client, "job-cancel", {"id": job_id})
+            elif interrupt.count > 1 or time.monotonic() - cancelled_at > CANCEL_TIMEOUT:
+                raise ClientError(
+                    f"{direction} interrupted; job '{job_id}' may still be cancelling in migd"
+                )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(interrupt.event.wait(), POLL_PERIOD)
+        if cancelled_at is not None:
+            await asyncio.sleep(POLL_PERIOD)  # the event stays set: don't spin
+
+
+def job_summary_line(direction: str, target: str, job: Mapping[str, Any], seconds: float) -> str:
+    """As summary_line, for a job: its size, the client's wall time, the daemon's average."""
+    total = job.get("total-progress", 0)
+    gib_s = job.get("x-mbps", 0.0) * 1e6 / 8 / GiB
+    backends = ", ".join(job.get("x-backends", [])) or "-"
+    return (
+        f"{direction} completed: {human_bytes(total)} in {max(seconds, 0.001):.2f} s, "
+        f"{gib_s:.2f} GiB/s (job {job.get('id')}, backends {backends}) "
+        f"{'->' if direction == 'save' else '<-'} {target}"
+    )
+
+
+JOB_TYPES = {"snapshot-save": "save", "snapshot-load": "restore"}
+JOB_COLUMNS = ("ID", "TYPE", "STATUS", "PROGRESS", "MB/s", "FILE", "BACKENDS", "ERROR")
+
+
+def job_row(job: Mapping[str, Any]) -> tuple[str, ...]:
+    """One query-jobs entry as the cells of JOB_COLUMNS (MB/s: 10^6 bytes a second)."""
+    total, current = job.get("total-progress", 0), job.get("current-progress", 0)
+    percent = f"{100 * current / total:.0f}%" if total else "-"
+    return (
+        str(job.get("id", "?")),
+        JOB_TYPES.get(job.get("type", ""), str(job.get("type", "?"))),
+        str(job.get("status", "?")),
+        percent,
+        f"{job.get('x-mbps', 0.0) / 8:.1f}",
+        str(job.get("x-file", "")),
+        ",".join(job.get("x-backends", [])) or "-",
+        str(job.get("error") or ""),
+    )
+
+
+def format_jobs(jobs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """query-jobs as an aligned table, or one line saying there are none."""
+    if not jobs:
+        return ["no jobs"]
+    rows = [JOB_COLUMNS, *(job_row(job) for job in jobs)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(JOB_COLUMNS))]
+    return [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
+
+
+WATCH_PERIOD = 0.5  # `migd jobs --watch`: the table is redrawn about twice a second
+CLEAR_SCREEN = "\x1b[H\x1b[2J"  # cursor home, erase the screen
+
+
+async def run_jobs(socket_path: str, out: TextIO, watch: bool, as_json: bool) -> int:
+    """`migd jobs`: query-jobs once, or with `watch` until SIGINT/SIGTERM (exit 0)."""
+    import json
+
+    client = await connect(socket_path)
+    try:
+        if not watch:
+            jobs = await _execute(client, "query-jobs")
+            print(json.dumps(jobs, indent=2) if as_json else "\n".join(format_jobs(jobs)), file=out)
+            return 0
+        tty = out.isatty()
+        with _Interrupt() as interrupt:
+            while not interrupt.event.is_set():
+                jobs = await _execute(client, "query-jobs")
+                stamp = time.strftime("%H:%M:%S")
+                if as_json:
+                    text = json.dumps(jobs)
+                else:
+                    text = "\n".join([f"migd jobs at {socket_path}, {stamp}", *format_jobs(jobs)])
+                    text = CLEAR_SCREEN + text if tty else text + "\n"
+                print(text, file=out, flush=True)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(interrupt.event.wait(), WATCH_PERIOD)
+        return 0
+    finally:
+        await _disconnect(client)
