@@ -66,10 +66,11 @@ class BlockIO:
 class Counters:
     """Progress of one channel; plain ints written by one thread, read as a snapshot."""
 
-    __slots__ = ("bytes", "pages_done", "pages_normal", "pages_zero")
+    __slots__ = ("bytes", "bytes_cached", "pages_done", "pages_normal", "pages_zero")
 
     def __init__(self) -> None:
         self.bytes = 0  # bytes moved through the fd
+        self.bytes_cached = 0  # restore: of those, read buffered as the page cache held them
         self.pages_done = 0  # pages dealt with, whether written, read or skipped
         self.pages_normal = 0  # pages written or read
         self.pages_zero = 0  # zero pages skipped (save) or zeroed (restore)
@@ -105,6 +106,10 @@ class Transfer:
     # Told of every run once it is done (its pages written, read or zeroed), in the thread
     # that did it, with that thread's MemoryReader; None when the job has no checksums.
     checksums: UnitSink | None = None
+    # Restore with O_DIRECT `fds` only: a buffered fd of the same file, through which a
+    # channel reads each run the page cache mostly holds (io/residency.py); None: every
+    # run through the channel's own fd.
+    cached_fd: int | None = None
 
 
 class UnitSink(Protocol):

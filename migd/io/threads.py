@@ -34,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from ..errors import ChannelError, MemoryFault, MigdError
 from ..pages import CHUNK_PAGES, PAGE_SIZE
 from .engine import BlockIO, Counters, PageRun, Transfer, UnitSink
+from .residency import PageCacheProbe
 from .throttle import Throttle
 from .zero_scan import MemoryReader, runs_to_write, touch_pages, zero_pages
 
@@ -198,6 +199,7 @@ class Channel:
         detect_zero: bool,
         write_behind: bool = False,
         checksums: UnitSink | None = None,
+        cached_fd: int | None = None,
     ) -> None:
         self.fd = fd
         self.path = path
@@ -212,6 +214,9 @@ class Channel:
         self.checksums = checksums
         # Buffered saves only: O_DIRECT leaves nothing dirty, restores only read.
         self.write_behind = WriteBehind(fd) if write_behind else None
+        # Restores from O_DIRECT fds: runs the page cache holds are read through cached_fd.
+        self.cached_fd = cached_fd
+        self.probe = PageCacheProbe() if cached_fd is not None else None
 
     def _drain(self, step: Callable[[PageRun], None], direction: str) -> None:
         try:
@@ -287,11 +292,21 @@ class Channel:
             self.counters.pages_zero += run.pages
             self.counters.pages_done += run.pages
         else:
-            self._read_run(run, block)
+            self._read_run(run, block, self._fd_for(run, block))
         if self.checksums is not None and not self.cancel.is_set():
             self.checksums.done(run.block, run.first_page, run.pages, self.reader)
 
-    def _read_run(self, run: PageRun, block: BlockIO) -> None:
+    def _fd_for(self, run: PageRun, block: BlockIO) -> int:
+        """The buffered fd if the page cache holds most of the run (one cachestat call,
+        about 2 us per MiB), else the channel's own."""
+        probe, cached_fd = self.probe, self.cached_fd
+        if probe is None or cached_fd is None:
+            return self.fd
+        offset = block.page_offset(run.first_page)
+        cached = probe.mostly_cached(cached_fd, offset, run.pages * PAGE_SIZE)
+        return cached_fd if cached else self.fd
+
+    def _read_run(self, run: PageRun, block: BlockIO, fd: int) -> None:
         at, end = run.first_page, run.first_page + run.pages
         while at < end:
             if self.cancel.is_set():
@@ -300,9 +315,11 @@ class Channel:
             memory = block.memory[at * PAGE_SIZE : (at + pages) * PAGE_SIZE]
             self.throttle.wait(len(memory), self.cancel)
             started = time.monotonic()
-            read_fully(self.fd, memory, block.page_offset(at), self.path)
+            read_fully(fd, memory, block.page_offset(at), self.path)
             self.sizer.took(pages, time.monotonic() - started)
             self.counters.bytes += len(memory)
+            if fd != self.fd:
+                self.counters.bytes_cached += len(memory)
             self.counters.pages_normal += pages
             self.counters.pages_done += pages
             at += pages
@@ -363,6 +380,7 @@ class ThreadEngine:
                 transfer.detect_zero,
                 transfer.write_behind,
                 transfer.checksums,
+                transfer.cached_fd,
             )
             for fd in transfer.fds
         ]
