@@ -6,12 +6,15 @@ thread, so no call is split), and every preadv of page data is attributed to the
 used: the main fd (the one the file's head was read through: opened without O_DIRECT)
 or a channel fd (O_DIRECT with direct-io, test_direct_io_opens_every_channel_with_o_direct).
 The save file lives on the disk's filesystem, where posix_fadvise DONTNEED really drops
-its pages (never a global drop_caches) and WILLNEED reads a chosen part back in. Every
-restore is compared byte for byte.
+its pages (never a global drop_caches), and a chosen part is read back in and pinned
+there (mmap + mlock) for the restore, so that memory pressure from other work cannot
+evict what a test calls cached. Every restore is compared byte for byte.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import mmap
 import os
 import re
@@ -78,8 +81,12 @@ class Traced:
 
     def sample(self) -> str:
         """Some lines of the logs, for a failure's message."""
-        lines = [line for log in self.logs.iterdir() for line in log.read_text().splitlines()
-                 if "0x1c3" not in line]
+        lines = [
+            line
+            for log in self.logs.iterdir()
+            for line in log.read_text().splitlines()
+            if "0x1c3" not in line
+        ]
         return "\n".join(lines[:20])
 
     def traced(self, name: str) -> int:
@@ -141,9 +148,7 @@ def start_daemon_plain(sock: Path) -> DaemonProcess:
 
 
 def _setup(backend: Path, direct_io: bool) -> list[tuple[str, dict]]:
-    caps = [
-        {"capability": name, "state": True} for name in ("mapped-ram", "multifd", "events")
-    ]
+    caps = [{"capability": name, "state": True} for name in ("mapped-ram", "multifd", "events")]
     return [
         ("migrate-set-capabilities", {"capabilities": caps}),
         ("migrate-set-parameters", {"multifd-channels": 2, "direct-io": direct_io}),
@@ -155,8 +160,8 @@ def _setup(backend: Path, direct_io: bool) -> list[tuple[str, dict]]:
     ]  # fmt: skip
 
 
-def drop_cache(path: Path, keep: tuple[int, int] | None = None) -> None:
-    """Drop the file's pages from the page cache; then read `keep` (offset, length) back."""
+def drop_cache(path: Path) -> None:
+    """Drop the file's pages from the page cache (this file's only)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fdatasync(fd)  # DONTNEED leaves dirty pages
@@ -164,15 +169,55 @@ def drop_cache(path: Path, keep: tuple[int, int] | None = None) -> None:
         assert PageCacheProbe().cached_pages(fd, 0, os.fstat(fd).st_size) == 0, (
             f"{path}: the page cache kept pages after DONTNEED"
         )
-        if keep is not None:
-            os.posix_fadvise(fd, keep[0], keep[1], os.POSIX_FADV_WILLNEED)
-            os.pread(fd, keep[1], keep[0])  # WILLNEED is only a hint: make sure
     finally:
         os.close(fd)
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int64,
+]
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mlock.argtypes = _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+
+@contextlib.contextmanager
+def pinned(path: Path, offset: int, length: int) -> Iterator[None]:
+    """[offset, offset + length) of the file read into the page cache and kept there
+    (mlock of a shared mapping of it) until the block ends."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        at = _libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, offset)
+        assert at not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+        try:
+            # No read-around: the fault of each page would read up to read_ahead_kb of its
+            # neighbours into the page cache too.
+            assert _libc.madvise(at, length, mmap.MADV_RANDOM) == 0
+            assert _libc.mlock(at, length) == 0, os.strerror(ctypes.get_errno())
+            yield  # munmap unlocks
+        finally:
+            _libc.munmap(at, length)
+    finally:
+        os.close(fd)
+
+
+def pages_of(path: Path) -> tuple[int, int]:
+    """(offset, length) of the save's page data (its one block)."""
+    return parse_save(path).blocks[0].pages_offset, SIZE
+
+
 def restore_traced(
-    traced: Traced, path: Path, backend: Path, data: bytes, arguments: dict | None = None,
+    traced: Traced,
+    path: Path,
+    backend: Path,
+    data: bytes,
+    arguments: dict | None = None,
     job: bool = False,
 ) -> tuple[list[int], list[int]]:
     """Restore `path` with direct-io in the traced daemon -> (offsets of the page reads
@@ -182,8 +227,8 @@ def restore_traced(
         client.ok(name, args)
     if job:
         client.ok("memory-restore", {"job-id": "r", "uri": f"file:{path}", **(arguments or {})})
-        deadline_info = _wait_job(client, "r")
-        assert "error" not in deadline_info, deadline_info
+        job_info = _wait_job(client, "r")
+        assert "error" not in job_info, job_info
     else:
         client.ok("migrate-incoming", {"uri": f"file:{path}", **(arguments or {})})
         info = client.wait_final()
@@ -226,19 +271,22 @@ def traced(short_dir: Path) -> Iterator[Traced]:
 
 def test_a_cached_file_is_read_buffered_with_direct_io(traced, saved):
     path, backend, data = saved
-    buffered, direct = restore_traced(traced, path, backend, data)
+    with pinned(path, *pages_of(path)):
+        buffered, direct = restore_traced(traced, path, backend, data)
     assert direct == [] and len(buffered) > 0
 
 
 def test_a_memory_restore_job_reads_a_cached_file_buffered(traced, saved):
     path, backend, data = saved
-    buffered, direct = restore_traced(traced, path, backend, data, job=True)
+    with pinned(path, *pages_of(path)):
+        buffered, direct = restore_traced(traced, path, backend, data, job=True)
     assert direct == [] and len(buffered) > 0
 
 
 def test_never_reads_a_cached_file_with_o_direct(traced, saved):
     path, backend, data = saved
-    buffered, direct = restore_traced(traced, path, backend, data, {"x-read-cached": "never"})
+    with pinned(path, *pages_of(path)):
+        buffered, direct = restore_traced(traced, path, backend, data, {"x-read-cached": "never"})
     assert buffered == [] and len(direct) > 0
 
 
@@ -252,9 +300,10 @@ def test_an_uncached_file_is_read_with_o_direct(traced, saved):
 def _mixed(traced: Traced, saved: tuple[Path, Path, bytes]) -> tuple[list[int], list[int]]:
     """Only the second half of the pages cached: each half read through its own fd."""
     path, backend, data = saved
-    block = parse_save(path).blocks[0]
-    drop_cache(path, keep=(block.pages_offset + SIZE // 2, SIZE // 2))
-    buffered, direct = restore_traced(traced, path, backend, data)
+    start, _ = pages_of(path)
+    drop_cache(path)
+    with pinned(path, start + SIZE // 2, SIZE // 2):
+        buffered, direct = restore_traced(traced, path, backend, data)
     assert buffered and all(offset >= SIZE // 2 for offset in buffered), buffered
     assert direct and all(offset < SIZE // 2 for offset in direct), direct
     return buffered, direct
@@ -289,14 +338,16 @@ def test_a_bad_x_read_cached_is_refused(traced):
 def test_the_probe_counts_the_cached_pages_of_a_range(short_dir, use_cachestat):
     path = short_dir / "f"
     fill_random(path, 4 * MiB)
-    drop_cache(path, keep=(MiB, MiB))
+    drop_cache(path)
     probe = PageCacheProbe(use_cachestat)
     fd = os.open(path, os.O_RDONLY)
     try:
+        with pinned(path, MiB, MiB):
+            counts = [probe.cached_pages(fd, at, MiB) for at in range(0, 4 * MiB, MiB)]
+            cached = [probe.mostly_cached(fd, at, MiB) for at in (0, MiB)]
         assert probe.use_cachestat is use_cachestat
-        counts = [probe.cached_pages(fd, at, MiB) for at in range(0, 4 * MiB, MiB)]
         assert counts[0] == 0 and counts[1] == MiB // mmap.PAGESIZE, counts
-        assert not probe.mostly_cached(fd, 0, MiB) and probe.mostly_cached(fd, MiB, MiB)
+        assert cached == [False, True]
         # A range past the end of the file (a file cut short) reads as not cached.
         assert probe.cached_pages(fd, 8 * MiB, MiB) == 0
     finally:

@@ -29,10 +29,16 @@ import sys
 from ..pages import PAGE_SIZE
 
 # cachestat's number in the generic syscall table, which x86_64 and arm64 both follow.
-CACHESTAT_NR = 451 if sys.platform == "linux" and platform.machine() in {
-    "x86_64",
-    "aarch64",
-} else None
+CACHESTAT_NR = (
+    451
+    if sys.platform == "linux"
+    and platform.machine()
+    in {
+        "x86_64",
+        "aarch64",
+    }
+    else None
+)
 _FALLBACK_ERRNOS = {errno.ENOSYS, errno.EOPNOTSUPP}
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -40,12 +46,22 @@ _libc = ctypes.CDLL(None, use_errno=True)
 # through ctypes' argument guessing and byref() about 30 (measured in
 # docs/cache-aware-restore.md).
 _syscall4 = ctypes.CFUNCTYPE(
-    ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long,
+    ctypes.c_long,
+    ctypes.c_long,
+    ctypes.c_long,
+    ctypes.c_void_p,
+    ctypes.c_void_p,
+    ctypes.c_long,
     use_errno=True,
 )(("syscall", _libc))
 _mmap = _libc.mmap
 _mmap.argtypes = [
-    ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int64,
 ]
 _mmap.restype = ctypes.c_void_p
 _munmap = _libc.munmap

@@ -4,8 +4,9 @@ No pydantic here, and no await below ThreadEngine.run. Each channel is one threa
 one fd (O_DIRECT when direct-io is effective) that takes page runs from a shared queue
 and does os.pwritev/os.preadv straight between the file and the backend's mmap; a
 populator thread maps the memory ahead of them. A restore from O_DIRECT fds may also be
-given a buffered fd of the file, for the runs the page cache holds (io/residency.py). The asyncio side reads the counters as a
-snapshot; errors come back as ChannelError with the path.
+given a buffered fd of the file, for the runs the page cache holds (io/residency.py).
+The asyncio side reads the counters as a snapshot; errors come back as ChannelError
+with the path.
 
 Two rules keep the daemon alive and stoppable whatever happens to the files:
 * The backends' memory is only ever reached by the kernel (pwritev, preadv, madvise,
