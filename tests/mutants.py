@@ -93,6 +93,20 @@ MUTANTS = [
     ),
     # --- the zero scan and the page I/O ---------------------------------------------------
     Mutant(
+        "cached-runs-read-with-o-direct",
+        "migd/io/threads.py",
+        "return cached_fd if cached else self.fd",
+        "return self.fd",
+        ("tests/test_cache_aware.py::test_a_cached_file_is_read_buffered_with_direct_io",),
+    ),
+    Mutant(
+        "mincore-counts-the-uncached-pages",
+        "migd/io/residency.py",
+        "return pages - self._vector.raw[:pages].count(0)",
+        "return self._vector.raw[:pages].count(0)",
+        ("tests/test_cache_aware.py::test_the_probe_counts_the_cached_pages_of_a_range",),
+    ),
+    Mutant(
         "zero-scan-trusts-its-samples",
         "migd/io/zero_scan.py",
         "reader.zero_pages(address + low * PAGE_SIZE, zero[low:high])",

@@ -21,7 +21,7 @@ from ..qapi import Size, Uint8
 from ..qmp.dispatch import command, event
 from ..qmp.validation import Empty, QapiModel
 from .context import Context
-from .migration import TargetArgs, VerifyMode
+from .migration import READ_CACHED_TEXT, ReadCached, TargetArgs, VerifyMode
 
 
 class MemoryJobArgs(TargetArgs):
@@ -86,6 +86,7 @@ async def memory_save(ctx: Context, args: MemorySaveArgs) -> Empty:
 class MemoryRestoreArgs(MemoryJobArgs):
     skip_unmatched_blocks: bool = False
     verify: Annotated[VerifyMode, Strict(False)] = VerifyMode.on
+    x_read_cached: Annotated[ReadCached, Strict(False)] = ReadCached.auto
 
 
 @command(
@@ -95,7 +96,7 @@ class MemoryRestoreArgs(MemoryJobArgs):
     "Start a job restoring memory backends from a save file (migd's or QEMU's), alongside "
     f"other jobs: the file's blocks are matched by block name to 'backends'. {_COMMON} "
     "'skip-unmatched-blocks' and 'verify' as for migrate-incoming. The file's head and "
-    "block list are checked before it returns.",
+    f"block list are checked before it returns. {READ_CACHED_TEXT}",
 )
 async def memory_restore(ctx: Context, args: MemoryRestoreArgs) -> Empty:
     await ctx.services.engine.start_restore(
@@ -107,6 +108,7 @@ async def memory_restore(ctx: Context, args: MemoryRestoreArgs) -> Empty:
         backend_ids=args.backends,
         job_settings=args.settings(ctx),
         auto_dismiss=args.auto_dismiss,
+        read_cached=args.x_read_cached == ReadCached.auto,
     )
     return Empty()
 

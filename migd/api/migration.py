@@ -213,10 +213,26 @@ class VerifyMode(enum.StrEnum):
     before_write = "before-write"
 
 
+class ReadCached(enum.StrEnum):
+    """x-read-cached: what a restore with direct-io does with pages the page cache holds."""
+
+    auto = "auto"  # reads the runs the page cache mostly holds buffered, the rest O_DIRECT
+    never = "never"  # reads everything O_DIRECT, as QEMU does
+
+
+READ_CACHED_TEXT = (
+    "migd extension: 'x-read-cached' for a restore with direct-io: 'auto' (default) "
+    "reads each MiB that the page cache mostly holds (a file just saved without "
+    "direct-io, or read recently) through a buffered fd, and the rest with O_DIRECT; "
+    "'never' reads all of it with O_DIRECT. Without direct-io every read is buffered."
+)
+
+
 class MigrateIncomingArgs(TargetArgs):
     exit_on_error: bool | None = None
     skip_unmatched_blocks: bool = False
     verify: Annotated[VerifyMode, Strict(False)] = VerifyMode.on
+    x_read_cached: Annotated[ReadCached, Strict(False)] = ReadCached.auto
 
 
 @command(
@@ -233,12 +249,16 @@ class MigrateIncomingArgs(TargetArgs):
     "as it lands and fails the restore on the first mismatch; 'before-write' first checks "
     "the whole file (one more read of it), so that a corrupt file changes no memory; "
     "'off' checks nothing. Files without checksums (QEMU's) restore unverified, as "
-    "query-migrate's 'x-checksums' says.",
+    f"query-migrate's 'x-checksums' says. {READ_CACHED_TEXT}",
 )
 async def migrate_incoming(ctx: Context, args: MigrateIncomingArgs) -> Empty:
     target = args.target()
     await ctx.services.engine.start_restore(
-        target, args.skip_unmatched_blocks, ctx.session.peer_uid, args.verify.value
+        target,
+        args.skip_unmatched_blocks,
+        ctx.session.peer_uid,
+        args.verify.value,
+        read_cached=args.x_read_cached == ReadCached.auto,
     )
     return Empty()
 

@@ -67,10 +67,11 @@ class BlockIO:
 class Counters:
     """Progress of one channel; plain ints written by one thread, read as a snapshot."""
 
-    __slots__ = ("bytes", "pages_done", "pages_normal", "pages_zero")
+    __slots__ = ("bytes", "bytes_cached", "pages_done", "pages_normal", "pages_zero")
 
     def __init__(self) -> None:
         self.bytes = 0  # bytes moved through the fd
+        self.bytes_cached = 0  # restore: of those, read buffered as the page cache held them
         self.pages_done = 0  # pages dealt with, whether written, read or skipped
         self.pages_normal = 0  # pages written or read
         self.pages_zero = 0  # zero pages skipped (save) or zeroed (restore)
@@ -109,6 +110,10 @@ class Transfer:
     # The daemon's I/O slots shared with every other job's transfer (io/share.py): each
     # page I/O call holds one; None: unshared.
     share: DiskShare | None = None
+    # Restore with O_DIRECT `fds` only: a buffered fd of the same file, through which a
+    # channel reads each run the page cache mostly holds (io/residency.py); None: every
+    # run through the channel's own fd.
+    cached_fd: int | None = None
 
 
 class UnitSink(Protocol):

@@ -11,6 +11,7 @@ counters.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import re
@@ -324,12 +325,15 @@ class MigrationEngine:
         backend_ids: Sequence[str] | None = None,
         job_settings: JobSettings | None = None,
         auto_dismiss: bool = False,
+        read_cached: bool = True,
     ) -> None:
         """Open and validate the file's head and blocks, then restore in the background.
 
         `verify`: "on" checks each unit against the file's checksums as it lands, "off"
         does not, "before-write" also checks the whole file before any memory changes.
         Without `job_id`, migrate-incoming; with it, a memory job as for start_save.
+        `read_cached` (x-read-cached auto): with direct-io, runs the page cache holds
+        are read buffered.
         """
 
         def admit() -> list[MemoryBackend]:
@@ -361,7 +365,8 @@ class MigrationEngine:
             raise
         backends = [b for _, b in matched]
         job = Job("restore", target, backends, sum(layout.length for layout, _ in matched))
-        job.settings = job_settings if job_settings is not None else self.migration_settings()
+        chosen = job_settings if job_settings is not None else self.migration_settings()
+        job.settings = dataclasses.replace(chosen, read_cached=read_cached)
         self._identify(job, job_id, auto_dismiss, identity)
         job.skipped_blocks = [layout.name for layout in skipped]
         job.save_id = restore.save_id(parsed)
@@ -550,9 +555,15 @@ class MigrationEngine:
         return await asyncio.to_thread(job.target.open_channels, count, direct)
 
     async def _move_pages(
-        self, job: Job, fds: Sequence[int], blocks: Sequence[BlockIO], runs: Sequence[PageRun]
+        self,
+        job: Job,
+        fds: Sequence[int],
+        blocks: Sequence[BlockIO],
+        runs: Sequence[PageRun],
+        cached_fd: int | None = None,
     ) -> None:
-        """The page runs through the I/O engine, then the checks no channel could make."""
+        """The page runs through the I/O engine, then the checks no channel could make.
+        `cached_fd`: Transfer.cached_fd (restores from O_DIRECT fds)."""
         job.throttle = Throttle(job.settings.max_bandwidth, parent=self.daemon_throttle)
         direction = job.direction
         transfer = Transfer(
@@ -570,12 +581,17 @@ class MigrationEngine:
             counters=job.counters,
             checksums=job.checksums,
             share=self.disk_share,
+            cached_fd=cached_fd,
         )
         try:
             await self.io_engine.run(transfer)
         finally:
             if job.checksums is not None:
                 job.checksums.release()
+        if cached_fd is not None:
+            cached = sum(c.bytes_cached for c in job.counters)
+            log.info("restore %s: %d of %d bytes read from the page cache",
+                     job.target, cached, sum(c.bytes for c in job.counters))  # fmt: skip
         check_cancel(job)
         check_sizes(blocks, direction)
         sums = job.checksums
@@ -647,7 +663,11 @@ class MigrationEngine:
             # Durable before the first page changes; only a completed restore removes it.
             await asyncio.to_thread(self.partial.set_all, job.backends, path)
             job.memory_touched = True
-            await self._move_pages(job, fds, blocks, runs)
+            # The main fd is the file itself (no reopen, so no identity to check), buffered,
+            # and otherwise idle now: positional reads from the channels share nothing.
+            direct = job.settings.direct_io and job.settings.multifd
+            cached_fd = main_fd if direct and job.settings.read_cached else None
+            await self._move_pages(job, fds, blocks, runs, cached_fd)
             job.sync_count = 1
         finally:
             job.target.close_channels()

@@ -74,6 +74,9 @@ class JobSettings:
     direct_io: bool = False  # effective: O_DIRECT channel fds
     max_bandwidth: int = 0  # bytes/s, 0 = unlimited
     detect_zero: bool = True
+    # Restore with direct_io: read the runs the page cache mostly holds through a buffered
+    # fd (x-read-cached auto, docs/cache-aware-restore.md); False: everything O_DIRECT.
+    read_cached: bool = True
 
 
 _S = MigrationStatus
