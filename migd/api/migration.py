@@ -215,7 +215,7 @@ class VerifyMode(enum.StrEnum):
 class MigrateIncomingArgs(TargetArgs):
     exit_on_error: bool | None = None
     skip_unmatched_blocks: bool = False
-    verify: VerifyMode = VerifyMode.on
+    verify: Annotated[VerifyMode, Strict(False)] = VerifyMode.on
 
 
 @command(
