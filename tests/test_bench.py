@@ -162,12 +162,15 @@ def test_bench_usage_errors() -> None:
 
 @pytest.mark.timeout(300)
 def test_bench_checksums_only(disk: Path) -> None:
+    out = disk / "out"
     proc = run_bench(
         ["--size-gib", "0.0625", "--runs", "2", "--channels", "2", "--dir", str(disk),
-         "--no-qemu", "--buffered-channels", "none", "--checksums-only", "--json"]
+         "--no-qemu", "--buffered-channels", "none", "--checksums-only", "--out", str(out)]
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    doc = json.loads(proc.stdout)
+    doc = json.loads((out / "bench.json").read_text())
+    assert "## Cost of checksums" in proc.stdout and "| ch |" not in proc.stdout
+    assert not (out / "bench.png").exists()
     assert doc["complete"] and "--checksums-only" in doc["command"]
     rows = {r["key"]: r for r in doc["rows"]}
     assert set(rows) == set(CHECKSUM_STATES)
@@ -179,4 +182,4 @@ def test_bench_checksums_only(disk: Path) -> None:
         assert "2 rounds" in name
         ratio = ratios[name]
         assert ratio["min"] <= ratio["value"] <= ratio["max"], ratio
-    assert sorted(p.name for p in disk.iterdir()) == [], "files left behind"
+    assert sorted(p.name for p in disk.iterdir()) == ["out"], "files left behind"

@@ -400,16 +400,21 @@ class BenchReport:
             "",
             *self.facts(),
             "",
-            "## Throughput by channel count",
-            "",
-            "GiB/s of RAM, median of the rounds; in brackets the share of the disk: saves "
-            f"against its best O_DIRECT write ({w.label if w else '-'}: "
-            f"{w.gibs if w else 0:.2f} GiB/s), restores against {r.label if r else '-'} "
-            f"({r.gibs if r else 0:.2f} GiB/s); vs QEMU: against QEMU with the same channels "
-            "and direct-io setting, restoring the same file.",
-            "",
-            *self.summary(),
-            "",
+        ]
+        if not self.args.checksums_only:  # else no row of this table was measured
+            lines += [
+                "## Throughput by channel count",
+                "",
+                "GiB/s of RAM, median of the rounds; in brackets the share of the disk: saves "
+                f"against its best O_DIRECT write ({w.label if w else '-'}: "
+                f"{w.gibs if w else 0:.2f} GiB/s), restores against {r.label if r else '-'} "
+                f"({r.gibs if r else 0:.2f} GiB/s); vs QEMU: against QEMU with the same "
+                "channels and direct-io setting, restoring the same file.",
+                "",
+                *self.summary(),
+                "",
+            ]
+        lines += [
             "## Every figure",
             "",
             "| what | GiB/s | min-max | s | vs disk | vs QEMU | pages written | page cache "
@@ -552,6 +557,8 @@ class BenchReport:
 
     def plot(self, path: Path) -> str | None:
         """Write the PNG; returns why not when matplotlib is missing."""
+        if self.args.checksums_only:
+            return "--checksums-only: no throughput by channel count, no PNG written"
         try:
             import matplotlib
 
