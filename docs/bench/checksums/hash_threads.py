@@ -13,7 +13,9 @@ each in 1 thread and in 2 threads (each its own MemoryReader and half the units)
 of memory (all threads together, the median of --repeat passes) and CPU seconds per GiB.
 2 threads at twice the 1-thread figure: the step does not serialise on the GIL; at the
 1-thread figure: it does. Also the GIL time per MiB: the hash's seconds per MiB in one
-thread, which is how long a hashing channel keeps the other channels from running Python.
+thread. Last, a direct test of the GIL that does not depend on a free second core: a
+thread repeats xxhash's update of 256 MiB while the main thread runs a Python loop, and
+the same with bytes.count (which holds the GIL) as the control.
 
     .venv/bin/python docs/bench/checksums/hash_threads.py [--mib 512] [--repeat 5]
 """
@@ -108,6 +110,45 @@ def probe_share(step: Callable[[range], None], units: int) -> float:
     return (together / seconds) / (alone / alone_seconds)
 
 
+def gil_test(big: bytes, seconds: float = 2.0) -> None:
+    """Whether xxhash's update holds the GIL, whatever else runs on the machine: while a
+    thread repeats one long call on `big`, the main thread counts Python loop turns and
+    the gaps between them as long as 0.8 x one call. A call that holds the GIL stops the
+    loop for its whole length, every time (the control, bytes.count); one that releases
+    it lets the loop run on."""
+    calls: dict[str, Callable[[], object]] = {
+        "xxh3_128().update": lambda: xxhash.xxh3_128().update(big),
+        "bytes.count (control: holds the GIL)": lambda: big.count(b"\x00\x01\x02\x03"),
+    }
+    for name, call in calls.items():
+        started = time.perf_counter()
+        call()
+        one = time.perf_counter() - started
+        stop = threading.Event()
+
+        def repeat(call: Callable[[], object] = call, stop: threading.Event = stop) -> None:
+            while not stop.is_set():
+                call()
+
+        worker = threading.Thread(target=repeat)
+        worker.start()
+        turns = long_gaps = 0
+        last = time.perf_counter()
+        end = last + seconds
+        while last < end:
+            now = time.perf_counter()
+            turns += 1
+            long_gaps += now - last >= 0.8 * one
+            last = now
+        stop.set()
+        worker.join()
+        print(
+            f"- {name} of {len(big) // MiB} MiB, {1e3 * one:.1f} ms a call: the main "
+            f"thread's loop turned {turns / seconds / 1e6:.1f} M times a second alongside, "
+            f"stopped {long_gaps} times for >= 0.8 call"
+        )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mib", type=int, default=512, help="memory to checksum (default 512)")
@@ -151,6 +192,8 @@ def main() -> None:
     print()
     for name, seconds in per_mib.items():
         print(f"- {name}: {1e6 * seconds:.0f} us per MiB in one thread")
+    print()
+    gil_test(os.urandom(256 * MiB))
     print(f"# load average at the end: {os.getloadavg()[0]:.2f}")
 
 
