@@ -30,6 +30,31 @@ def odirect_ok(directory: Path) -> bool:
     return True
 
 
+# The paired checksum rows at 2 channels (the reference count of TINY): the setting each
+# sends, as it shows: the saved file carries a table or not (bench/fill.py), the
+# restore's query-migrate x-checksums state.
+CHECKSUM_STATES = {
+    "migd-save-2-sums": ["recorded"],
+    "migd-save-2-nosum": ["off"],
+    "migd-restore-2-verify": ["verified"],
+    "migd-restore-2-noverify": ["unverified"],
+    "migd-restore-2-verify-before-write": ["verified"],
+}
+
+
+def check_checksum_rows(rows: dict, ratios: dict) -> None:
+    """Each paired row ran with its setting, restored the right memory, and the three
+    ratios (with over without, per round) are there."""
+    for key, states in CHECKSUM_STATES.items():
+        assert rows[key]["checksum_states"] == states, (key, rows[key])
+        if "restore" in key:
+            assert rows[key]["verified"] is True, key
+    for what in ("checksums on / off", "verify on / off", "verify before-write / off"):
+        (name,) = [n for n in ratios if what in n and "paired" in n]
+        ratio = ratios[name]
+        assert ratio["value"] > 0 and ratio["min"] is None  # one round: no min-max
+
+
 def run_bench(argv: list[str], prelude: str = "") -> subprocess.CompletedProcess[str]:
     code = f"{prelude}import sys; from migd.app.cli import main; sys.exit(main(sys.argv[1:]))"
     return subprocess.run(
@@ -62,7 +87,7 @@ def test_bench_end_to_end(disk: Path) -> None:
         "migd-restore-1-buffered", "migd-restore-2-buffered", "migd-restore-2-empty",
         "migd-save-2-adjacent", "migd-save-2-zero75", "migd-save-2-zero30",
         "migd-save-2-holes75",
-    }
+    } | set(CHECKSUM_STATES)
     if doc["qemu"]:  # QEMU >= 9.1 installed
         expected |= {
             "qemu-save-1", "qemu-save-2", "qemu-save-2-buffered", "qemu-restore-1",
@@ -78,6 +103,8 @@ def test_bench_end_to_end(disk: Path) -> None:
     assert len(same_file) == 1 and ratios[same_file[0]]["value"] > 0
     for row in rows.values():
         samples = 4 if row["memory"] == "adjacent" else 1  # paired with each of 4 saves
+        if row["key"] in CHECKSUM_STATES:
+            samples = 2  # on, off, off, on in each round
         assert len(row["seconds"]) == samples and row["gib_per_s"] > 0, row
         assert row["bytes"] == 64 << 20
     for key in expected:
@@ -86,9 +113,15 @@ def test_bench_end_to_end(disk: Path) -> None:
     assert rows["migd-save-2"]["page_cache_pct"] and rows["migd-save-2"]["query_migrate_p99_ms"]
     assert rows["migd-save-2-zero75"]["written_pct"][0] < 50  # the zero clusters are skipped
     assert {r["name"] for r in doc["ratios"]} and doc["machine"]["cpus"] == os.cpu_count()
+    check_checksum_rows(rows, ratios)
+    # the main rows run migd's defaults: checksums recorded, verified on restore
+    assert rows["migd-save-2"]["checksum_states"] == ["recorded"]
+    assert rows["migd-restore-2"]["checksum_states"] == ["verified"]
 
     md = (out / "bench.md").read_text()
     assert "migd bench --size-gib 0.0625" in md and "| ch |" in md
+    assert "## Cost of checksums (paired runs)" in md
+    assert "| save, checksums on / off |" in md and "| restore, verify on / off |" in md
     assert "migd restore, 2 ch, direct-io (verified)" in md
     png = out / "bench.png"
     if importlib.util.find_spec("matplotlib") is not None:
@@ -126,3 +159,28 @@ def test_bench_usage_errors() -> None:
     assert proc.returncode == 2 and "subset" in proc.stderr
     proc = run_bench(["--size-gib", "0.01", "--runs", "1"])
     assert proc.returncode == 1 and "at least" in proc.stderr
+
+
+@pytest.mark.timeout(300)
+def test_bench_checksums_only(disk: Path) -> None:
+    out = disk / "out"
+    proc = run_bench(
+        ["--size-gib", "0.0625", "--runs", "2", "--channels", "2", "--dir", str(disk),
+         "--no-qemu", "--buffered-channels", "none", "--checksums-only", "--out", str(out)]
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((out / "bench.json").read_text())
+    assert "## Cost of checksums" in proc.stdout and "| ch |" not in proc.stdout
+    assert not (out / "bench.png").exists()
+    assert doc["complete"] and "--checksums-only" in doc["command"]
+    rows = {r["key"]: r for r in doc["rows"]}
+    assert set(rows) == set(CHECKSUM_STATES)
+    for key, states in CHECKSUM_STATES.items():
+        assert rows[key]["checksum_states"] == states and len(rows[key]["seconds"]) == 4, key
+    ratios = {r["name"]: r for r in doc["ratios"]}
+    for what in ("checksums on / off", "verify on / off", "verify before-write / off"):
+        (name,) = [n for n in ratios if what in n]
+        assert "2 rounds" in name
+        ratio = ratios[name]
+        assert ratio["min"] <= ratio["value"] <= ratio["max"], ratio
+    assert sorted(p.name for p in disk.iterdir()) == ["out"], "files left behind"

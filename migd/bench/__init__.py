@@ -38,6 +38,15 @@ zero-page detection off (the cost of detection), and saves of RAM that is 75% ze
 in randomly chosen 2 MiB clusters (written zeros, and once more as file holes) and of RAM
 with 30% zero pages scattered at random.
 
+Then the cost of checksums, in pairs at the same channel count: migd saves of the random
+RAM with checksums on and off (the migrate argument 'checksums'), and restores of one
+checksummed save with verify on, off and before-write (migrate-incoming's 'verify'). Each
+round runs every setting twice in mirrored order (on, off, off, on; the next round off,
+on, on, off), so that a steady drift of the disk hits both sides alike; the report gives
+throughput with / without for each round and the median and min-max of the rounds.
+Every other migd row runs migd's defaults: its saves record checksums, its restores
+verify them as they land. With --checksums-only, only these pairs are measured.
+
 A migration is timed from the `migrate` / `migrate-incoming` command to query-migrate
 reporting `completed`, polled every 10 ms; the polls' round trips give the control plane
 latency, /proc/PID/stat the CPU time of migd or QEMU, and /proc/PID/status migd's private
@@ -132,6 +141,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--qemu", default=DEFAULT_QEMU, help=f"QEMU binary (default {DEFAULT_QEMU})")
     p.add_argument("--no-qemu", action="store_true", help="leave QEMU out")
+    p.add_argument(
+        "--checksums-only",
+        action="store_true",
+        help="measure only the paired runs with checksums on and off (save) and verify "
+        "on, off and before-write (restore)",
+    )
     p.add_argument(
         "--keep-caches",
         action="store_true",

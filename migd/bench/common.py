@@ -27,6 +27,7 @@ FIO_CONFIGS = (
     ),
 )
 POLL = 0.01
+SUM_REPEATS = 2  # samples of each setting per round in the paired checksum runs
 QEMU_MIN = (9, 1)
 FINAL = {"completed", "failed", "cancelled"}
 PACKAGE_PARENT = Path(__file__).resolve().parents[2]  # where `python -m migd` finds migd

@@ -88,3 +88,24 @@ def same_contents(a: Path, b: Path, size: int) -> bool:
             if os.pread(fa.fileno(), n, off) != os.pread(fb.fileno(), n, off):
                 return False
     return True
+
+
+def saved_checksums(path: Path) -> str:
+    """'recorded' when the save file at `path` carries a checksum table, 'off' when not.
+
+    A save's query-migrate stays QEMU's (no x-checksums), so the bench reads the file to
+    see that the row's `checksums` argument took effect."""
+    from ..migration.mapped_ram import checksum_table, format
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+
+        def read_at(at: int, n: int) -> bytes:
+            return os.pread(fd, n, at)
+
+        parsed = format.parse_stream(read_at, 0, size)
+        table = checksum_table.read_table(read_at, parsed, size)
+    finally:
+        os.close(fd)
+    return "off" if table is None else "recorded"

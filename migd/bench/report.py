@@ -14,8 +14,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .common import DEFAULT_QEMU, PAGE, GiB, MiB, log
+from .common import DEFAULT_QEMU, PAGE, SUM_REPEATS, GiB, MiB, log
 from .results import Ratio, Row, human, percentile_ms
+
+
+def paired_rounds(a: Row | None, b: Row | None) -> list[float]:
+    """a's throughput over b's in each round of paired runs (SUM_REPEATS samples each per
+    round, in mirrored order): b's time over a's, each summed over the round; only the
+    rounds both completed."""
+    if a is None or b is None or a.nbytes != b.nbytes:
+        return []
+    rounds = min(len(a.times), len(b.times)) // SUM_REPEATS
+    out = []
+    for r in range(rounds):
+        part = slice(r * SUM_REPEATS, (r + 1) * SUM_REPEATS)
+        out.append(sum(b.times[part]) / sum(a.times[part]))
+    return out
 
 
 class BenchReport:
@@ -81,13 +95,14 @@ class BenchReport:
             and r.memory == "random"
             and not r.empty_dst
             and r.detect
+            and r.checksums is None
             and all(getattr(r, k) == v for k, v in match.items())
         ]
         return max(rows, key=lambda r: r.gibs) if rows else None
 
     def qemu_match(self, row: Row) -> Row | None:
         """QEMU's figure for the same operation, channels, direct-io and destination."""
-        if row.tool != "migd" or row.memory != "random":
+        if row.tool != "migd" or row.memory != "random" or row.checksums is not None:
             return None
         key = (
             f"qemu-{row.op}-{row.channels}"
@@ -95,6 +110,33 @@ class BenchReport:
             + ("-empty" if row.empty_dst else "")
         )
         return self.measured().get(key)
+
+    def checksum_costs(self) -> list[Ratio]:
+        """Throughput with checksums over without, from the paired rows: per round (each
+        setting's SUM_REPEATS times of the round summed, so that the mirrored order
+        cancels a steady drift), the median of the rounds with their min-max."""
+        rows = self.measured()
+        ch = self.ref
+        out = []
+        for op, on, off, what, target in (
+            ("save", "-sums", "-nosum", "checksums on / off", 0.95),
+            ("restore", "-verify", "-noverify", "verify on / off", 0.95),
+            ("restore", "-verify-before-write", "-noverify", "verify before-write / off", None),
+        ):
+            a, b = rows.get(f"migd-{op}-{ch}{on}"), rows.get(f"migd-{op}-{ch}{off}")
+            per_round = paired_rounds(a, b)
+            value = statistics.median(per_round) if per_round else None
+            out.append(
+                Ratio(
+                    f"{op} throughput, {what} ({ch} ch, paired, {len(per_round)} "
+                    f"round{'s' * (len(per_round) != 1)})",
+                    value,
+                    f">= {target:.2f}" if target else "(for reference)",
+                    None if value is None or target is None else value >= target,
+                    span=(min(per_round), max(per_round)) if len(per_round) > 1 else None,
+                )
+            )
+        return out
 
     def ratios(self) -> list[Ratio]:
         rows = self.measured()
@@ -222,6 +264,7 @@ class BenchReport:
             lambda v: v < 20,
             " ms",
         )
+        out += [r for r in self.checksum_costs() if r.value is not None]
         peak = max((r.peak_anon for r in rows.values()), default=0)
         bitmaps = self.size // PAGE // 8
         add(
@@ -256,6 +299,8 @@ class BenchReport:
             argv += ["--qemu-channels", ",".join(map(str, a.qemu_channels)) or "none"]
             if a.qemu != DEFAULT_QEMU:
                 argv += ["--qemu", a.qemu]
+        if a.checksums_only:
+            argv.append("--checksums-only")
         if a.baseline != "auto":
             argv += ["--baseline", a.baseline]
         if a.out:
@@ -300,6 +345,8 @@ class BenchReport:
             f"{self.drop_note()}; page cache measured with "
             f"{'fincore' if self.has_fincore else '/proc/meminfo Cached'}; disk baseline: "
             f"{' + '.join(self.disk_tools)}; direct-io off measured for {buffered}",
+            "- migd runs with its defaults: saves record checksums, restores verify them as "
+            "they land; only the rows marked (paired) set 'checksums' or 'verify'",
         ]
 
     def summary(self) -> list[str]:
@@ -353,16 +400,21 @@ class BenchReport:
             "",
             *self.facts(),
             "",
-            "## Throughput by channel count",
-            "",
-            "GiB/s of RAM, median of the rounds; in brackets the share of the disk: saves "
-            f"against its best O_DIRECT write ({w.label if w else '-'}: "
-            f"{w.gibs if w else 0:.2f} GiB/s), restores against {r.label if r else '-'} "
-            f"({r.gibs if r else 0:.2f} GiB/s); vs QEMU: against QEMU with the same channels "
-            "and direct-io setting, restoring the same file.",
-            "",
-            *self.summary(),
-            "",
+        ]
+        if not self.args.checksums_only:  # else no row of this table was measured
+            lines += [
+                "## Throughput by channel count",
+                "",
+                "GiB/s of RAM, median of the rounds; in brackets the share of the disk: saves "
+                f"against its best O_DIRECT write ({w.label if w else '-'}: "
+                f"{w.gibs if w else 0:.2f} GiB/s), restores against {r.label if r else '-'} "
+                f"({r.gibs if r else 0:.2f} GiB/s); vs QEMU: against QEMU with the same "
+                "channels and direct-io setting, restoring the same file.",
+                "",
+                *self.summary(),
+                "",
+            ]
+        lines += [
             "## Every figure",
             "",
             "| what | GiB/s | min-max | s | vs disk | vs QEMU | pages written | page cache "
@@ -401,7 +453,8 @@ class BenchReport:
             "% of the bytes moved. CPU: the CPU time of the migd or QEMU process over the "
             "operation's time, % of one core (median; this machine has "
             f"{os.cpu_count()}). qm: query-migrate round trips during the operation, polled "
-            "every 10 ms, and how many answers came (all rounds).",
+            "every 10 ms, and how many answers came (all rounds). (verified): the restored "
+            "memory was compared with the source, byte for byte, after every round.",
         ]
         if lat:
             lines.append(
@@ -409,6 +462,7 @@ class BenchReport:
                 f"{percentile_ms(lat, 0.5):.2f} ms, p99 {percentile_ms(lat, 0.99):.2f} ms, "
                 f"max {1000 * max(lat):.2f} ms."
             )
+        lines += self.checksum_section()
         lines += [
             "",
             "## Against docs/performance.md",
@@ -420,6 +474,43 @@ class BenchReport:
             met = {True: "yes", False: "**no**", None: ""}[ratio.ok]
             lines.append(f"| {ratio.name} | {ratio.shown()} | {ratio.target} | {met} |")
         return "\n".join(lines) + "\n"
+
+    def checksum_section(self) -> list[str]:
+        """The paired checksum runs: GiB/s with and without, and the per-round ratio."""
+        costs = self.checksum_costs()
+        if all(c.value is None for c in costs):
+            return []
+        rows = self.measured()
+        ch = self.ref
+        lines = [
+            "",
+            "## Cost of checksums (paired runs)",
+            "",
+            f"{ch} channels, direct-io. Each round runs every setting twice in mirrored "
+            "order (save: on, off, off, on, the next round off, on, on, off; restore "
+            "likewise with verify on, off and before-write), each restore reading the same "
+            "checksummed file. Ratio: throughput with over without, taken round by round "
+            "from each setting's summed times, then the median of the rounds (min-max); "
+            "0.95 means checksums cost 5% of the throughput.",
+            "",
+            "| operation | with: GiB/s | without: GiB/s | with / without (min-max) | target "
+            "| met |",
+            "|---|---:|---:|---:|---:|:---:|",
+        ]
+        keys = (
+            ("save, checksums on / off", "save", "-sums", "-nosum"),
+            ("restore, verify on / off", "restore", "-verify", "-noverify"),
+            ("restore, verify before-write / off", "restore", "-verify-before-write", "-noverify"),
+        )
+        for (what, op, on, off), cost in zip(keys, costs, strict=True):
+            a, b = rows.get(f"migd-{op}-{ch}{on}"), rows.get(f"migd-{op}-{ch}{off}")
+            if a is None or b is None:
+                continue
+            met = {True: "yes", False: "**no**", None: ""}[cost.ok]
+            lines.append(
+                f"| {what} | {a.gibs:.2f} | {b.gibs:.2f} | {cost.shown()} | {cost.target} | {met} |"
+            )
+        return lines
 
     def as_json(self) -> str:
         w, r = self.best_disk("write"), self.best_disk("read")
@@ -448,7 +539,14 @@ class BenchReport:
                     "restore_read_key": file_read.key if file_read else None,
                     "rows": [row.as_dict() for row in self.measured().values()],
                     "ratios": [
-                        {"name": x.name, "value": x.value, "target": x.target, "met": x.ok}
+                        {
+                            "name": x.name,
+                            "value": x.value,
+                            "target": x.target,
+                            "met": x.ok,
+                            "min": x.span[0] if x.span else None,
+                            "max": x.span[1] if x.span else None,
+                        }
                         for x in self.ratios()
                     ],
                 },
@@ -459,6 +557,8 @@ class BenchReport:
 
     def plot(self, path: Path) -> str | None:
         """Write the PNG; returns why not when matplotlib is missing."""
+        if self.args.checksums_only:
+            return "--checksums-only: no throughput by channel count, no PNG written"
         try:
             import matplotlib
 
@@ -486,6 +586,7 @@ class BenchReport:
                     and r.memory == "random"
                     and not r.empty_dst
                     and r.detect
+                    and r.checksums is None
                 )
                 if not pts:
                     continue

@@ -27,6 +27,10 @@ class Row:
     memory: str = "random"  # random, adjacent (random, paired), zero75, zero30, holes75
     empty_dst: bool = False  # a restore into a never-touched memory file
     detect: bool = True  # zero-page detection (saves)
+    # migd's checksums, set only in the paired checksum rows (the others run migd's
+    # defaults: saves record checksums, restores verify them): a save's "on" or "off", a
+    # restore's verify mode "on", "off" or "before-write"
+    checksums: str | None = None
     times: list[float] = field(default_factory=list)
     cache_pct: list[float] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)
@@ -34,9 +38,18 @@ class Row:
     cpu: list[float] = field(default_factory=list)
     peak_anon: int = 0
     verified: bool | None = None
+    sum_states: list[str] = field(default_factory=list)  # see note_checksums
+
+    def note_checksums(self, state: str) -> None:
+        """A restore's x-checksums state, or what a save's file carries (fill.py)."""
+        if state not in self.sum_states:
+            self.sum_states.append(state)
 
     def add(self, timed: Timed) -> None:
         self.times.append(timed.seconds)
+        state = timed.info.get("x-checksums", {}).get("state")
+        if state is not None:
+            self.note_checksums(state)
         self.cpu.append(timed.cpu)
         self.latencies += timed.latencies
         self.peak_anon = max(self.peak_anon, timed.peak_anon)
@@ -82,6 +95,8 @@ class Row:
             "memory": self.memory,
             "empty_dst": self.empty_dst,
             "zero_detection": self.detect,
+            "checksums": self.checksums,
+            "checksum_states": self.sum_states or None,
             "bytes": self.nbytes,
             "seconds": self.times,
             "median_seconds": self.seconds,
@@ -118,10 +133,12 @@ class Ratio:
     target: str
     ok: bool | None
     unit: str = "x"
+    span: tuple[float, float] | None = None  # min and max of per-round values
 
     def shown(self) -> str:
         if self.value is None:
             return "n/a"
         if self.unit == "%":
             return f"{self.value:.{3 if abs(self.value) < 1 else 1}f} %"
-        return f"{self.value:.2f}{self.unit}"
+        text = f"{self.value:.2f}{self.unit}"
+        return text + (f" ({self.span[0]:.2f}-{self.span[1]:.2f})" if self.span else "")

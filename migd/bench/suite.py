@@ -25,11 +25,28 @@ from .disk import (
     python_disk,
     python_read_file,
 )
-from .fill import fill_memory, fill_pattern, same_contents
+from .fill import fill_memory, fill_pattern, same_contents, saved_checksums
 from .machine import machine_facts, qemu_version
 from .processes import QMP, Cleanup, Migd, configure, timed_migration
 from .report import BenchReport
 from .results import Row, human
+
+# The paired checksum rows (Bench.paired_checksums): key suffix and label by operation and
+# setting; a save's migd argument 'checksums', a restore's 'verify'.
+SUM_KEYS = {
+    ("save", "on"): "-sums",
+    ("save", "off"): "-nosum",
+    ("restore", "on"): "-verify",
+    ("restore", "off"): "-noverify",
+    ("restore", "before-write"): "-verify-before-write",
+}
+SUM_LABELS = {
+    ("save", "on"): "checksums on (paired)",
+    ("save", "off"): "checksums off (paired)",
+    ("restore", "on"): "verify on (paired)",
+    ("restore", "off"): "verify off (paired)",
+    ("restore", "before-write"): "verify before-write (paired)",
+}
 
 # --- the benchmark ---------------------------------------------------------------------
 
@@ -101,6 +118,7 @@ class Bench(BenchReport):
         empty: bool = False,
         detect: bool = True,
         memory: str = "random",
+        checksums: str | None = None,
     ) -> Row:
         key = (
             f"{tool}-{op}-{channels}"
@@ -108,6 +126,7 @@ class Bench(BenchReport):
             + ("-empty" if empty else "")
             + ("" if detect else "-nodetect")
             + ("" if memory == "random" else f"-{memory}")
+            + ("" if checksums is None else SUM_KEYS[op, checksums])
         )
         name = "migd" if tool == "migd" else f"QEMU {self.qemu_str()}"
         what = [f"{name} {op}", f"{channels} ch", "direct-io" if direct_io else "buffered"]
@@ -122,6 +141,8 @@ class Bench(BenchReport):
             "holes75": ["75% zero pages as 2 MiB file holes"],
             "adjacent": ["random RAM, paired with each save below"],
         }[memory]
+        if checksums is not None:
+            what.append(SUM_LABELS[op, checksums])
         return self.row(
             key,
             ", ".join(what),
@@ -132,6 +153,7 @@ class Bench(BenchReport):
             empty_dst=empty,
             detect=detect,
             memory=memory,
+            checksums=checksums,
         )
 
     def check_space(self) -> None:
@@ -256,13 +278,17 @@ class Bench(BenchReport):
         )
         self.drop()
         before = meminfo("Cached")
-        timed = timed_migration(migd.qmp, "migrate", {"uri": f"file:{path}"}, migd.proc.pid)
+        arguments: dict[str, Any] = {"uri": f"file:{path}"}
+        if row.checksums is not None:
+            arguments["checksums"] = row.checksums == "on"
+        timed = timed_migration(migd.qmp, "migrate", arguments, migd.proc.pid)
         cache = self.cache_left(path, before)
         if cache is not None:
             row.cache_pct.append(cache)
         pages = self.size // PAGE
         row.written_pct.append(100 * timed.info.get("ram", {}).get("normal", pages) / pages)
         row.add(timed)
+        row.note_checksums(saved_checksums(path))
         if keep is not None:
             path.replace(keep)
         else:
@@ -309,9 +335,10 @@ class Bench(BenchReport):
             configure(migd.qmp, row.channels, row.direct_io)
             self.drop()
             before = meminfo("Cached")
-            timed = timed_migration(
-                migd.qmp, "migrate-incoming", {"uri": f"file:{source}"}, migd.proc.pid
-            )
+            arguments: dict[str, Any] = {"uri": f"file:{source}"}
+            if row.checksums is not None:
+                arguments["verify"] = row.checksums
+            timed = timed_migration(migd.qmp, "migrate-incoming", arguments, migd.proc.pid)
         else:
             with self.qemu_session(self.dst, incoming=True) as (qmp, proc):
                 configure(qmp, row.channels, row.direct_io)
@@ -403,6 +430,35 @@ class Bench(BenchReport):
         migd.detach()
         self.zero_src.unlink(missing_ok=True)
 
+    def paired_checksums(self, saver: Migd, loader: Migd) -> None:
+        """Saves with checksums on and off, restores of one file with verify on, off and
+        before-write, at the reference channel count: every setting twice a round, in
+        mirrored order (on, off, off, on; the next round off, on, on, off), so that a
+        steady drift of the disk hits every setting alike and each round gives its own
+        ratio (report.py's checksum_costs)."""
+        ch = self.ref
+        saves = [self.migration_row("migd", "save", ch, checksums=s) for s in ("on", "off")]
+        restores = [
+            self.migration_row("migd", "restore", ch, checksums=v)
+            for v in ("on", "off", "before-write")
+        ]
+        for run in range(self.runs):
+            turn = run % len(saves)
+            order = saves[turn:] + saves[:turn]
+            for row in order + order[::-1]:
+                # the restores read a save of migd's with checksums: the rounds' own, or
+                # with --checksums-only the first checksummed save of this phase
+                keep = None
+                if row.checksums == "on" and not self.restore_src.exists():
+                    keep = self.restore_src
+                self.migd_save(saver, row, self.src, run, keep=keep)
+            turn = run % len(restores)
+            order = restores[turn:] + restores[:turn]
+            for row in order + order[::-1]:
+                self.restore(row, run, loader)
+        saver.detach()
+        loader.detach()
+
     def run(self) -> None:
         self.check_space()
         log(f"filling {human(self.size)} of random memory in {self.src}")
@@ -410,8 +466,13 @@ class Bench(BenchReport):
         saver = Migd(self, "migd-save")
         loader = Migd(self, "migd-restore")
         try:
+            if self.args.checksums_only:
+                self.paired_checksums(saver, loader)
+                self.complete = True
+                return
             for run in range(self.runs):
                 self.round(run, saver, loader)
+            self.paired_checksums(saver, loader)
             for path in (self.dst, self.restore_src):
                 path.unlink(missing_ok=True)  # room in /dev/shm for the zero-page memory
             self.paired_saves(saver)

@@ -11,9 +11,9 @@ that flips makes its unit fail too.
 Hashing never reads the backends' mappings from user space (io/threads.py's rule): a
 unit's present pages are copied through the kernel (MemoryReader.copy) a 1 MiB chunk at
 a time and hashed there; absent pages are hashed from a zero buffer, never read, so that
-checking a restore does not allocate the holes of a tmpfs file. xxh3-128 runs at more
-than 30 GiB/s here and holds the GIL for about 30 us per MiB; the copy (about 10 GiB/s)
-releases it.
+checking a restore does not allocate the holes of a tmpfs file. xxh3-128 runs at about
+70 GiB/s here (14 us per MiB) and xxhash's update releases the GIL, as the copy does;
+the copy (6-8 GiB/s a thread) is most of a checksum's cost (docs/bench/checksums/).
 
 The channel that completes a unit (its last pages written, read or zeroed, by whichever
 channel) hashes it at once: a save records the digest, a restore compares it with the
