@@ -18,6 +18,7 @@ Differences kept on purpose (the QEMU tests below check them as differences):
 from __future__ import annotations
 
 import asyncio
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,25 @@ def _qemu(shm: Path, sock_dir: Path) -> QemuVM:
 async def _qemu_ready(vm: QemuVM, bandwidth: int = 0) -> None:
     await vm.set_mapped_ram(channels=2, direct_io=False)
     await vm.cmd("migrate-set-parameters", {"max-bandwidth": bandwidth})
+
+
+async def _qemu_failed_save(shm: Path, sock_dir: Path, target: Path) -> dict[str, Any]:
+    """QEMU's save onto a full filesystem, as _run sees it.
+
+    QEMU 10.0.2 itself sometimes dies of SIGSEGV in this failure (about 1 run in 20 here,
+    more under load: a multifd channel's error path), which is QEMU's bug and not what
+    this test compares; such a run is repeated, up to 5 tries."""
+    for _ in range(5):
+        async with _qemu(shm, sock_dir) as vm:
+            await _qemu_ready(vm)
+            try:
+                return await _run(vm.qmp, f"file:{target}", extra=True)
+            except Exception:
+                if vm.proc.poll() != -signal.SIGSEGV:
+                    raise
+            finally:
+                target.unlink(missing_ok=True)
+    raise AssertionError("QEMU died of SIGSEGV in 5 failed saves in a row")
 
 
 # --- migd on its own --------------------------------------------------------------------
@@ -206,10 +226,7 @@ async def test_active_and_cancelled_members_match_qemu(qmp, shm, short_dir):
 @requires_qemu
 @pytest.mark.timeout(90)
 async def test_failed_members_match_qemu(qmp, shm, short_dir, small_tmpfs):
-    async with _qemu(shm, short_dir) as vm:
-        await _qemu_ready(vm)
-        theirs = await _run(vm.qmp, f"file:{small_tmpfs}/qemu.img", extra=True)
-    (small_tmpfs / "qemu.img").unlink()
+    theirs = await _qemu_failed_save(shm, short_dir, small_tmpfs / "qemu.img")
     await _migd_ready(qmp, shm)
     ours = await _run(qmp, f"file:{small_tmpfs}/migd.img")
     assert set(theirs["final"]) == set(ours["final"]) == {"status", "error-desc"}
