@@ -42,7 +42,7 @@ UNIT_PAGES = MiB // PAGE
 SIZES = {"ram0": 8 * MiB, "extra": 3 * MiB + 3 * PAGE}
 # Units a verify checks: one per MiB of each block, a part MiB counting as one.
 UNITS = 8 + 4
-READ_RATE = 2 * MiB  # bytes/s of the slow disk under the Ctrl-C test
+READ_RATE = 8 * MiB  # bytes/s of the slow disk under the Ctrl-C test
 
 
 def migd(*args: object, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -64,9 +64,16 @@ def content(size: int, seed: int) -> bytes:
 
 
 async def migd_save(
-    qmp, shm: Path, path: Path, *, channels: int = 4, offset: int = 0, checksums: bool = True
+    qmp,
+    shm: Path,
+    path: Path,
+    *,
+    channels: int = 4,
+    offset: int = 0,
+    checksums: bool = True,
+    sizes: dict[str, int] = SIZES,
 ) -> dict[str, bytes]:
-    data = {name: content(size, seed) for seed, (name, size) in enumerate(SIZES.items())}
+    data = {name: content(size, seed) for seed, (name, size) in enumerate(sizes.items())}
     for name, memory in data.items():
         (shm / name).write_bytes(memory)
         await add_file_backend(qmp, name, shm / name, len(memory), share=True)
@@ -348,9 +355,18 @@ def slow_disk(short_dir: Path) -> Iterator[SlowReadFS]:
     yield from mounted_fuse(short_dir, "slow", SlowReadFS)
 
 
-def test_ctrl_c_stops_the_readers_and_exits_130_without_a_traceback(saved, slow_disk):
+@pytest.fixture
+async def saved_large(qmp, shm, short_dir) -> Path:
+    """A save of 64 MiB: many times what the readers have in flight (READ_UNITS each)."""
+    path = short_dir / "large.img"
+    await migd_save(qmp, shm, path, sizes={"big": 64 * MiB})
+    return path
+
+
+def test_ctrl_c_stops_the_readers_and_exits_130_without_a_traceback(saved_large, slow_disk):
+    saved = saved_large
     shutil.copyfile(saved, slow_disk.backing / "save.img")
-    # Its 9 MiB of pages take seconds to read at READ_RATE: Ctrl-C comes mid-file.
+    # Its 64 MiB of pages take seconds to read at READ_RATE: Ctrl-C comes mid-file.
     proc, ours = run_on_a_terminal(
         [sys.executable, "-m", "migd", "verify", "--threads", "2",
          str(slow_disk.mountpoint / "save.img")]
@@ -367,5 +383,6 @@ def test_ctrl_c_stops_the_readers_and_exits_130_without_a_traceback(saved, slow_
     assert proc.returncode == 130, said
     assert b"migd verify: interrupted" in said and b"Traceback" not in said, said
     assert out == b""
-    # The readers stopped: far from every page was read (a unit or so per reader after).
+    # The readers stopped: far from every page was read (the read each had in flight,
+    # READ_UNITS MiB, and little more).
     assert slow_disk.served < present_pages(saved) * PAGE // 2, slow_disk.served

@@ -25,7 +25,6 @@ from ..errors import MigdError, MigrationError
 from ..pages import CHUNK_PAGES, PAGE_SIZE
 from .share import DiskShare
 from .throttle import Throttle
-from .zero_scan import MemoryReader
 
 
 @dataclass(frozen=True)
@@ -105,8 +104,10 @@ class Transfer:
     # them while the transfer runs (the job holds this same list).
     counters: list[Counters] = field(default_factory=list)
     # Told of every run once it is done (its pages written, read or zeroed), in the thread
-    # that did it, with that thread's MemoryReader; None when the job has no checksums.
+    # that did it; the engine runs `hash_threads` of its hash_queued bodies beside the
+    # channels. None when the job has no checksums.
     checksums: UnitSink | None = None
+    hash_threads: int = 2
     # The daemon's I/O slots shared with every other job's transfer (io/share.py): each
     # page I/O call holds one; None: unshared.
     share: DiskShare | None = None
@@ -118,9 +119,18 @@ class Transfer:
 
 class UnitSink(Protocol):
     """Told of the pages an engine has finished, per block (io/checksums.py's
-    UnitChecksums hashes each unit they complete, and raises on a restore's mismatch)."""
+    UnitChecksums queues each unit they complete for hashing, and raises on a restore's
+    mismatch in a hashing thread)."""
 
-    def done(self, block_index: int, first_page: int, pages: int, reader: MemoryReader) -> None:
+    def done(self, block_index: int, first_page: int, pages: int) -> None:
+        ...
+
+    def hash_queued(self, cancel: threading.Event) -> None:
+        """A hashing thread's body, run by the engine beside its channels."""
+        ...
+
+    def no_more_units(self, threads: int) -> None:
+        """Called once every channel has stopped: ends `threads` hash_queued bodies."""
         ...
 
 
@@ -135,8 +145,10 @@ class IOEngine(Protocol):
       has stopped. On ANY exception (a failure, the calling task cancelled) `cancel` is
       set before the engine waits for its workers, so that they stop within an I/O call.
     * No work per page beyond the I/O itself: this is the hot path. With `checksums`,
-      each run is reported to it once done, before the worker takes its next run, and a
-      mismatch it raises is the job's error like any other.
+      each run is reported to it once done, before the worker takes its next run; the
+      engine runs `hash_threads` of its hash_queued bodies beside the workers and calls
+      no_more_units once the workers have stopped; a mismatch a hashing thread raises is
+      the job's error like any other.
     """
 
     async def run(self, transfer: Transfer) -> None: ...

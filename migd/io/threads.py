@@ -298,7 +298,7 @@ class Channel:
         counters.pages_zero += run.pages - passed
         counters.pages_done += run.pages - passed
         if self.checksums is not None:
-            self.checksums.done(run.block, run.first_page, run.pages, self.reader)
+            self.checksums.done(run.block, run.first_page, run.pages)
 
     def _restore_run(self, run: PageRun) -> None:
         block = self.blocks[run.block]
@@ -310,7 +310,7 @@ class Channel:
         else:
             self._read_run(run, block, self._fd_for(run, block))
         if self.checksums is not None and not self.cancel.is_set():
-            self.checksums.done(run.block, run.first_page, run.pages, self.reader)
+            self.checksums.done(run.block, run.first_page, run.pages)
 
     def _fd_for(self, run: PageRun, block: BlockIO) -> int:
         """The buffered fd if the page cache holds most of the run (one cachestat call,
@@ -413,12 +413,29 @@ class ThreadEngine:
         threads: list[Channel | Populator] = [populator, *channels]
         bodies = [populator.run, *(getattr(ch, transfer.direction) for ch in channels)]
         del channels
+        sums = transfer.checksums
+        hashers = transfer.hash_threads if sums is not None else 0
         loop = asyncio.get_running_loop()
         name = f"migd-{transfer.direction}"
-        with ThreadPoolExecutor(len(bodies), thread_name_prefix=name) as pool:
+        with ThreadPoolExecutor(len(bodies) + hashers, thread_name_prefix=name) as pool:
+            hashing = []
             try:
+                if sums is not None:
+                    hashing = [
+                        loop.run_in_executor(pool, sums.hash_queued, cancel)
+                        for _ in range(hashers)
+                    ]
                 futures = [loop.run_in_executor(pool, body) for body in bodies]
-                results = await asyncio.gather(*futures, return_exceptions=True)
+                try:
+                    results = await asyncio.gather(*futures, return_exceptions=True)
+                finally:
+                    # The channels have stopped (or are told to, below): the hashing
+                    # threads finish the units queued so far, then end.
+                    if sums is not None:
+                        sums.no_more_units(hashers)
+                # A hashing thread's error (a restore's mismatch) comes after the
+                # channels' own: a channel that failed first is the cause.
+                results += await asyncio.gather(*hashing, return_exceptions=True)
             except BaseException:
                 # This task cancelled, or a thread that could not start: leaving the pool
                 # waits for its threads, so they must be told to stop first.

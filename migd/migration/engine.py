@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..errors import MigdError, MigrationError
-from ..io.checksums import ChecksumMismatch, UnitChecksums
+from ..io.checksums import HASH_THREADS, ChecksumMismatch, UnitChecksums
 from ..io.engine import BlockIO, IOEngine, PageRun, Transfer, check_sizes, load_engine
 from ..io.file_verify import FileProgress, verify_file
 from ..io.share import DEFAULT_SLOTS, DiskShare
@@ -93,6 +93,8 @@ class MigrationEngine:
         # The disk's I/O slots, shared by all jobs' channels so that each gets its turn.
         # MIGD_IO_SLOTS: for measuring the policy (migd.bench.concurrency --slots).
         self.disk_share = DiskShare(int(os.environ.get("MIGD_IO_SLOTS", DEFAULT_SLOTS)))
+        # MIGD_HASH_THREADS: for measuring the checksums' hashing threads (docs/checksums.md).
+        self.hash_threads = int(os.environ.get("MIGD_HASH_THREADS", HASH_THREADS))
         self.partial = PartialMarks()  # the daemon gives it a state directory
 
     # -- settings ------------------------------------------------------------------------
@@ -582,6 +584,7 @@ class MigrationEngine:
             checksums=job.checksums,
             share=self.disk_share,
             cached_fd=cached_fd,
+            hash_threads=self.hash_threads,
         )
         try:
             await self.io_engine.run(transfer)
