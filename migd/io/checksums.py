@@ -79,6 +79,8 @@ def unit_digest(present: np.ndarray, first: int, read: PageSource) -> bytes:
     SCAN_CHUNK_PAGES)."""
     if not present.any():
         return zero_unit_digest(present.size)
+    if present.size <= SCAN_CHUNK_PAGES and present.all():  # the common case, in one read
+        return xxhash.xxh3_128_digest(read(first, present.size))
     hasher = xxhash.xxh3_128()
     pos = 0
     for start, stop in zip(*(r.tolist() for r in true_runs(present)), strict=True):
@@ -93,7 +95,12 @@ def unit_digest(present: np.ndarray, first: int, read: PageSource) -> bytes:
 
 
 def memory_source(block: BlockIO, reader: MemoryReader) -> PageSource:
-    """A PageSource over a block's memory, read through the kernel."""
+    """A PageSource over a block's memory, read through the kernel: from the memory file
+    where the mapping shares its page cache (about half the CPU time: no page table walk
+    and pinning per page), else from the mapping with process_vm_readv."""
+    fd = block.content_fd
+    if fd is not None:
+        return lambda page, count: reader.pread(fd, page * PAGE_SIZE, count)
     base = address_of(block.memory)
     return lambda page, count: reader.copy(base + page * PAGE_SIZE, count)
 

@@ -55,6 +55,10 @@ class BlockIO:
     explain_fault: Callable[[str], MigdError | None] | None = None
     # The error if the backend's file is shorter than its mapping now, given the direction.
     check_size: Callable[[str], MigdError | None] | None = None
+    # The memory file's fd when `memory` is a shared mapping of it (MemoryBackend's
+    # shared_fd): the checksums read the pages through it, which costs half what reading
+    # the mapping through process_vm_readv does (docs/checksums.md). None: no such file.
+    content_fd: int | None = None
 
     def page_offset(self, page_index: int) -> int:
         """Absolute file offset of page `page_index`."""

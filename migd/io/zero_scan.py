@@ -118,6 +118,21 @@ class MemoryReader:
         self._readv(self._chunk.ctypes.data, pages * PAGE_SIZE, 1)
         return self._chunk_bytes[: pages * PAGE_SIZE]
 
+    def pread(self, fd: int, offset: int, pages: int) -> memoryview:
+        """Up to SCAN_CHUNK_PAGES pages of a memory file from `offset`, read into this
+        reader's buffer (valid until its next call). A file cut short under the mapping
+        reads short: MemoryFault, as copy() reports it."""
+        assert pages <= SCAN_CHUNK_PAGES
+        want = pages * PAGE_SIZE
+        data = self._chunk_bytes[:want]
+        done = 0
+        while done < want:
+            got = os.preadv(fd, [data[done:]], offset + done)
+            if got == 0:
+                raise MemoryFault(f"Could not read memory: {os.strerror(errno.EFAULT)}")
+            done += got
+        return data
+
     def zero_pages(self, address: int, out: np.ndarray) -> None:
         """out[i] = whether page i from `address` holds only zero bytes."""
         for at in range(0, out.size, SCAN_CHUNK_PAGES):

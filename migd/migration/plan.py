@@ -86,6 +86,7 @@ def plan_save_runs(
                 populate=backend.prefault,
                 explain_fault=backend.fault_error,
                 check_size=backend.shrink_error,
+                content_fd=backend.shared_fd,
             )
         )
         # Holes of a file-backed backend are zero pages found without touching memory.
@@ -116,6 +117,7 @@ def plan_restore_runs(
                 backend.populate,
                 backend.fault_error,
                 backend.shrink_error,
+                backend.shared_fd,
             )
         )
         runs += split_runs(index, format.set_runs(~present), zero=True)

@@ -102,6 +102,12 @@ class MemoryBackend:
         """The memory file's fd (None for anonymous memory), e.g. for partial.py's marks."""
         return self._fd
 
+    @property
+    def shared_fd(self) -> int | None:
+        """The memory file's fd when the mapping shares its page cache (share=on): reading
+        the file gives the mapping's bytes. None for anonymous or private memory."""
+        return self._fd if self.share else None
+
     def _check(self, offset: int, length: int) -> memoryview:
         if self._mv is None:
             raise BackendError(f"Memory backend '{self.id}' is closed")
