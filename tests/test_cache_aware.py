@@ -47,7 +47,9 @@ SIZE = 8 * MiB
 ENOSYS_EXEC = Path(__file__).with_name("enosys_exec.py")
 # `preadv2(FD, [{iov_base=..., iov_len=N}], 1, OFFSET, 0) = RESULT` in a per-thread log
 # (os.preadv is preadv2 with no flags under glibc; preadv without them).
-_PREADV = re.compile(r"^preadv2?\((\d+), \[.*\], \d+, (\d+)(?:, 0)?\)\s*= (\d+)$")
+# strace -y prints each fd with its path: preadv(5</tmp/x/save.img>, [...], 1, 4096) = 4096
+_PREADV = re.compile(r"^preadv2?\((\d+)<([^>]*)>, \[.*\], \d+, (\d+)(?:, 0)?\)\s*= (\d+)$")
+_FADVISE = re.compile(r"^fadvise64\((\d+)<([^>]*)>, 0, 0, POSIX_FADV_RANDOM\)\s*= 0$")
 
 
 def _strace() -> str:
@@ -70,14 +72,26 @@ class Traced:
                 os.kill(int(pid), signal.SIGTERM)
         proc.wait(30)
 
-    def preadvs(self) -> list[tuple[int, int, int]]:
-        """(fd, offset, bytes) of every preadv the daemon made so far."""
+    def preadvs(self, path: Path) -> list[tuple[int, int, int]]:
+        """(fd, offset, bytes) of every preadv of `path` the daemon made so far (not those
+        of the memory files, which the checksums read)."""
         calls = []
+        real = os.path.realpath(path)
         for log in self.logs.iterdir():
             for line in log.read_text(errors="replace").splitlines():
-                if m := _PREADV.match(line):
-                    calls.append((int(m[1]), int(m[2]), int(m[3])))
+                if (m := _PREADV.match(line)) and m[2] == real:
+                    calls.append((int(m[1]), int(m[3]), int(m[4])))
         return calls
+
+    def no_readahead(self, path: Path) -> list[int]:
+        """The fds of `path` on which the daemon turned readahead off (FADV_RANDOM)."""
+        real = os.path.realpath(path)
+        return [
+            int(m[1])
+            for log in self.logs.iterdir()
+            for line in log.read_text(errors="replace").splitlines()
+            if (m := _FADVISE.match(line)) and m[2] == real
+        ]
 
     def sample(self) -> str:
         """Some lines of the logs, for a failure's message."""
@@ -104,7 +118,8 @@ def start_traced(short_dir: Path, refuse_cachestat: bool = False) -> Traced:
     wrap = [sys.executable, str(ENOSYS_EXEC), str(residency.CACHESTAT_NR)]
     proc = subprocess.Popen(
         [
-            _strace(), "-ff", "-qq", "-s", "0", "-e", "trace=preadv,preadv2,mincore",
+            _strace(), "-ff", "-qq", "-y", "-s", "0",
+            "-e", "trace=preadv,preadv2,mincore,fadvise64",
             "-e", "signal=none", "-o", str(logs / "t"),
             *(wrap if refuse_cachestat else []),
             sys.executable, "-m", "migd", "serve", "--socket", str(sock),
@@ -237,7 +252,7 @@ def restore_traced(
     assert backend.read_bytes() == data
     block = parse_save(path).blocks[0]
     pages = range(block.pages_offset, block.pages_offset + SIZE)
-    calls = traced.preadvs()
+    calls = traced.preadvs(path)
     heads = [fd for fd, offset, _ in calls if offset == 0]
     assert heads, f"no read of the head among {len(calls)} preadv: {traced.sample()}"
     main_fd = heads[0]  # the head is read through the main fd
@@ -312,6 +327,22 @@ def _mixed(traced: Traced, saved: tuple[Path, Path, bytes]) -> tuple[list[int], 
 def test_a_half_cached_file_reads_each_half_through_the_right_fd(traced, saved):
     _mixed(traced, saved)
     assert traced.traced("mincore") == 0  # cachestat measured it
+
+
+def test_the_buffered_fd_reads_no_further_than_asked(traced, saved):
+    """Readahead is off on the buffered fd. With it (8 MiB on this disk), a run read
+    buffered pulls the runs after it into the cache, they then look cached and are read
+    buffered too, and so on: restoring a 2 GiB file of which half a MiB was cached read
+    all of it through the page cache, at a third of the O_DIRECT speed (the daemon's log
+    said 2147483648 of 2147483648 bytes read from the page cache)."""
+    path, backend, data = saved
+    start, _ = pages_of(path)
+    drop_cache(path)
+    with pinned(path, start, MiB // 2):
+        buffered, _ = restore_traced(traced, path, backend, data)
+    main_fds = {fd for fd, offset, _ in traced.preadvs(path) if offset == 0}
+    assert main_fds and set(traced.no_readahead(path)) == main_fds
+    assert buffered and all(offset < MiB for offset in buffered), buffered
 
 
 def test_without_cachestat_mincore_measures_the_same(short_dir, saved):
