@@ -358,6 +358,20 @@ MUTANTS = [
         "    if False:",
         ("tests/test_checksums.py::test_a_file_cut_short_or_extended_is_refused_before_any_change",),
     ),
+    Mutant(
+        "memory-file-hashed-from-the-wrong-offset",
+        "migd/io/checksums.py",
+        "reader.pread(fd, page * PAGE_SIZE, count)",
+        "reader.pread(fd, page * PAGE_SIZE // 2, count)",
+        ("tests/test_verify_cli.py::test_a_good_save_exits_0_with_a_summary_and_its_json_gives_the_identity",),
+    ),
+    Mutant(
+        "readahead-left-on-for-cached-reads",
+        "migd/io/threads.py",
+        "            os.posix_fadvise(transfer.cached_fd, 0, 0, os.POSIX_FADV_RANDOM)",
+        "            pass",
+        ("tests/test_cache_aware.py::test_the_buffered_fd_reads_no_further_than_asked",),
+    ),
 ]  # fmt: skip
 
 

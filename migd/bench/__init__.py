@@ -61,6 +61,9 @@ DIR/bench.json, and DIR/bench.png (throughput against channels; needs matplotlib
 `bench` extra). The Markdown (or with --json the JSON) also goes to stdout.
 
     migd bench --size-gib 4 --runs 3 --out docs/bench
+
+With --concurrency, only the concurrency section runs (migd/bench/concurrency.py: many
+jobs at once against the same jobs one after another, and against QEMU processes).
 """
 
 from __future__ import annotations
@@ -148,6 +151,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "on, off and before-write (restore)",
     )
     p.add_argument(
+        "--concurrency",
+        action="store_true",
+        help="run only the concurrency section: --jobs concurrent memory-save jobs, then "
+        "memory-restore jobs, each of its own backend and file, against the same jobs one "
+        "after another in the same daemon and against as many QEMU processes saving at "
+        "once (docs/jobs.md)",
+    )
+    p.add_argument("--jobs", type=int, default=8, help="--concurrency: jobs (default 8)")
+    p.add_argument(
+        "--job-size-mib",
+        type=int,
+        default=512,
+        help="--concurrency: MiB of memory per job (default 512)",
+    )
+    p.add_argument(
+        "--job-channels",
+        type=int,
+        default=2,
+        help="--concurrency: multifd channels per job (default 2)",
+    )
+    p.add_argument(
         "--keep-caches",
         action="store_true",
         help="do not drop the page cache between measurements (it is dropped by "
@@ -172,8 +196,32 @@ def _terminate(signum: int, _frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
 
+def run_concurrency(args: argparse.Namespace) -> int:
+    """`migd bench --concurrency`: migd.bench.concurrency with the bench's arguments."""
+    import asyncio
+
+    from . import concurrency
+
+    if min(args.jobs, args.job_size_mib, args.job_channels) < 1:
+        print("migd bench: error: --jobs, --job-size-mib and --job-channels must be positive",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    argv = [
+        "--jobs", str(args.jobs), "--size-mib", str(args.job_size_mib),
+        "--channels", str(args.job_channels), "--dir", args.dir,
+        *(["--no-qemu"] if args.no_qemu else []),
+    ]  # fmt: skip
+    try:
+        return asyncio.run(concurrency.main(argv))
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+
+
 def run(args: argparse.Namespace) -> int:
     """Runs the suite for parsed arguments (`migd bench` or the script); the exit code."""
+    if getattr(args, "concurrency", False):
+        return run_concurrency(args)
     error = check_arguments(args)
     if error:
         print(f"migd bench: error: {error}", file=sys.stderr)
