@@ -444,6 +444,11 @@ class MigrationEngine:
         finally:
             sampler.cancel()
             job.target.close()
+            if job.checksums is not None:
+                # Also when the job ended before its transfer (a cancel during setup): the
+                # concluded job is kept until dismissed, and its views of the backends'
+                # memory would keep object-del from unmapping them.
+                job.checksums.release()
             for b in job.backends:
                 b.in_use -= 1
             if job.auto_dismiss:

@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -438,28 +438,56 @@ class _Interrupt:
             self._loop.remove_signal_handler(sig)
 
 
-async def _follow(
-    client: Any, interrupt: _Interrupt, progress: Progress, direction: str
+async def _follow_until_final(
+    poll: Callable[[], Awaitable[dict[str, Any]]],
+    is_final: Callable[[dict[str, Any]], bool],
+    cancel: Callable[[], Awaitable[object]],
+    interrupt: _Interrupt,
+    progress: Progress,
+    direction: str,
+    still_cancelling: str,
 ) -> tuple[dict[str, Any], bool]:
-    """Poll query-migrate until a final state; (last info, whether the user cancelled)."""
+    """Poll until `is_final`; (the last answer, whether the user cancelled). The first
+    Ctrl-C cancels through `cancel`; a second, or no end within CANCEL_TIMEOUT, gives up
+    with `still_cancelling`."""
     cancelled_at: float | None = None
     while True:
-        info = await _execute(client, "query-migrate")
-        progress.update(info)
-        if info.get("status") in FINAL_STATES:
-            return info, cancelled_at is not None
+        answer = await poll()
+        if is_final(answer):
+            return answer, cancelled_at is not None
         if interrupt.event.is_set():
             if cancelled_at is None:
                 progress.close()
                 print(f"interrupted: cancelling the {direction}", file=sys.stderr, flush=True)
                 cancelled_at = time.monotonic()
-                await _execute(client, "migrate_cancel")
+                await cancel()
             elif interrupt.count > 1 or time.monotonic() - cancelled_at > CANCEL_TIMEOUT:
-                raise ClientError(f"{direction} interrupted; it may still be cancelling in migd")
+                raise ClientError(f"{direction} interrupted; {still_cancelling}")
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(interrupt.event.wait(), POLL_PERIOD)
         if cancelled_at is not None:
             await asyncio.sleep(POLL_PERIOD)  # the event stays set: don't spin
+
+
+async def _follow(
+    client: Any, interrupt: _Interrupt, progress: Progress, direction: str
+) -> tuple[dict[str, Any], bool]:
+    """Poll query-migrate until a final state; (last info, whether the user cancelled)."""
+
+    async def poll() -> dict[str, Any]:
+        info = await _execute(client, "query-migrate")
+        progress.update(info)
+        return info
+
+    return await _follow_until_final(
+        poll,
+        lambda info: info.get("status") in FINAL_STATES,
+        lambda: _execute(client, "migrate_cancel"),
+        interrupt,
+        progress,
+        direction,
+        "it may still be cancelling in migd",
+    )
 
 
 def _default_job_id(direction: str) -> str:
@@ -622,26 +650,21 @@ async def _follow_job(
     client: Any, interrupt: _Interrupt, progress: Progress, direction: str, job_id: str
 ) -> tuple[dict[str, Any], bool]:
     """Poll query-jobs until the job concludes; (its entry, whether the user cancelled)."""
-    cancelled_at: float | None = None
-    while True:
+
+    async def poll() -> dict[str, Any]:
         job = await _query_job(client, job_id)
         progress.update(job_as_migration(job))
-        if job.get("status") == "concluded":
-            return job, cancelled_at is not None
-        if interrupt.event.is_set():
-            if cancelled_at is None:
-                progress.close()
-                print(f"interrupted: cancelling the {direction}", file=sys.stderr, flush=True)
-                cancelled_at = time.monotonic()
-                await _execute(client, "job-cancel", {"id": job_id})
-            elif interrupt.count > 1 or time.monotonic() - cancelled_at > CANCEL_TIMEOUT:
-                raise ClientError(
-                    f"{direction} interrupted; job '{job_id}' may still be cancelling in migd"
-                )
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(interrupt.event.wait(), POLL_PERIOD)
-        if cancelled_at is not None:
-            await asyncio.sleep(POLL_PERIOD)  # the event stays set: don't spin
+        return job
+
+    return await _follow_until_final(
+        poll,
+        lambda job: job.get("status") == "concluded",
+        lambda: _execute(client, "job-cancel", {"id": job_id}),
+        interrupt,
+        progress,
+        direction,
+        f"job '{job_id}' may still be cancelling in migd",
+    )
 
 
 def job_summary_line(direction: str, target: str, job: Mapping[str, Any], seconds: float) -> str:
