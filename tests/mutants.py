@@ -372,6 +372,13 @@ MUTANTS = [
         "            pass",
         ("tests/test_cache_aware.py::test_the_buffered_fd_reads_no_further_than_asked",),
     ),
+    Mutant(
+        "hashing-fault-left-unexplained",
+        "migd/io/checksums.py",
+        "                    explain = block.explain_fault\n",
+        "                    explain = None\n",
+        ("tests/test_shrink.py::test_a_memory_file_cut_short_while_units_wait_for_hashing_names_the_backend",),
+    ),
 ]  # fmt: skip
 
 

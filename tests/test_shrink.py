@@ -10,10 +10,17 @@ query-migrate shows the job part-way (polled, not slept for).
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
+import pytest
+
+from migd.errors import BackendError
+from migd.io.checksums import UnitChecksums, digest
+from migd.io.engine import BlockIO, PageRun
+from migd.state.memory import create_file_backend
 
 from .conftest import FINAL_STATES, RawClient, fill_random
 
@@ -173,3 +180,45 @@ async def test_the_channels_fault_on_a_full_filesystem_gives_the_allocation_erro
         f"Could not allocate memory for memory backend 'ram0' in '{dst}': "
         "No space left on device; memory backends 'ram0' hold partial data"
     )
+
+
+@pytest.mark.parametrize("direction", ["save", "restore"])
+@pytest.mark.parametrize("read_through", ["memory file", "mapping"])
+def test_a_memory_file_cut_short_while_units_wait_for_hashing_names_the_backend(
+    shm: Path, direction: str, read_through: str
+) -> None:
+    """The channels are done with every page, the units wait in the hashing threads'
+    queue, and the file shrinks: the hashing thread (reading with pread of the file, or
+    from the mapping) fails with the backend's own account, as a channel would, and
+    stops the job's other threads. Deterministic: the units are queued before the cut."""
+    size, units = 4 * MiB, 4
+    path = shm / "h"
+    data = fill_random(path, size, 7)
+    backend = create_file_backend("h", size, str(path))
+    try:
+        pages = size // 4096
+        block = BlockIO(
+            "h", 0, pages, backend.view(0, size), np.ones(pages, dtype=bool),
+            explain_fault=backend.fault_error,
+            content_fd=backend.shared_fd if read_through == "memory file" else None,
+        )  # fmt: skip
+        expected = None
+        if direction == "restore":
+            expected = [b"".join(digest(data[u * MiB : (u + 1) * MiB]) for u in range(units))]
+        sums = UnitChecksums([block], "/saves/h.img", expected, [PageRun(0, 0, pages)])
+        sums.done(0, 0, pages)  # every unit queued
+        os.truncate(path, MiB + 4096)  # the first unit stays whole
+        sums.no_more_units(1)
+        cancel = threading.Event()
+        with pytest.raises(BackendError) as raised:
+            sums.hash_queued(cancel)
+        assert raised.value.desc == (
+            f"Memory backend 'h' file '{path}' shrank from {size} to {MiB + 4096} bytes "
+            f"during the {direction}"
+        )
+        assert cancel.is_set()  # the channels stop at their next run
+        assert sums.units_done == 1
+        sums.release()
+        del block
+    finally:
+        backend.close()

@@ -16,7 +16,7 @@ checking a restore does not allocate the holes of a tmpfs file. xxh3-128 runs at
 the copy (6-8 GiB/s a thread) is most of a checksum's cost (docs/bench/checksums/).
 
 The channel that completes a unit (its last pages written, read or zeroed, by whichever
-channel) hands it to the job's hashing threads at once (HASH_THREADS, run by the I/O
+channel) hands it to the job's hashing threads at once (engine.HASH_THREADS, run by the I/O
 engine beside the channels): a save records the digest, a restore compares it with the
 file's and fails the job on the first mismatch. Hashing in the channel itself kept that
 channel from having its next I/O in flight for the copy and the hash of every MiB it
@@ -35,7 +35,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import xxhash
 
-from ..errors import MigrationError
+from ..errors import MemoryFault, MigrationError
 from ..pages import PAGE_SIZE
 from ..runs import true_runs
 from .engine import BlockIO, PageRun
@@ -45,9 +45,6 @@ ALGORITHM = "xxh3-128"
 UNIT_BYTES = 1 << 20
 UNIT_PAGES = UNIT_BYTES // PAGE_SIZE
 DIGEST_BYTES = 16
-# Threads per job that hash the units its channels complete (docs/checksums.md: one
-# keeps up with about 7 GiB/s here, so two leave room on faster disks).
-HASH_THREADS = 2
 _ZEROS = memoryview(bytes(UNIT_BYTES))
 
 # (first page, pages) -> the bytes of those pages, valid until the next call.
@@ -187,7 +184,16 @@ class UnitChecksums:
                 block = self.blocks[block_index]
                 start = unit * UNIT_PAGES
                 stop = min(start + UNIT_PAGES, block.pages)
-                got = unit_digest(block.present[start:stop], start, memory_source(block, reader))
+                try:
+                    got = unit_digest(
+                        block.present[start:stop], start, memory_source(block, reader)
+                    )
+                except MemoryFault as fault:
+                    # The backend's account (its file shrank), as the channels give it:
+                    # the job's error must not depend on which thread met the fault.
+                    explain = block.explain_fault
+                    direction = "save" if self.expected is None else "restore"
+                    raise (explain(direction) if explain is not None else None) or fault from None
                 self._record(block_index, block, unit, got)
         except BaseException:
             cancel.set()

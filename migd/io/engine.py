@@ -26,6 +26,11 @@ from ..pages import CHUNK_PAGES, PAGE_SIZE
 from .share import DiskShare
 from .throttle import Throttle
 
+# Threads per job that hash the units its channels complete (docs/checksums.md: one
+# keeps up with about 7 GiB/s here, so two leave room on faster disks). Here, not in
+# checksums.py, because checksums builds on this module.
+HASH_THREADS = 2
+
 
 @dataclass(frozen=True)
 class PageRun:
@@ -111,7 +116,7 @@ class Transfer:
     # that did it; the engine runs `hash_threads` of its hash_queued bodies beside the
     # channels. None when the job has no checksums.
     checksums: UnitSink | None = None
-    hash_threads: int = 2
+    hash_threads: int = HASH_THREADS
     # The daemon's I/O slots shared with every other job's transfer (io/share.py): each
     # page I/O call holds one; None: unshared.
     share: DiskShare | None = None
@@ -126,8 +131,7 @@ class UnitSink(Protocol):
     UnitChecksums queues each unit they complete for hashing, and raises on a restore's
     mismatch in a hashing thread)."""
 
-    def done(self, block_index: int, first_page: int, pages: int) -> None:
-        ...
+    def done(self, block_index: int, first_page: int, pages: int) -> None: ...
 
     def hash_queued(self, cancel: threading.Event) -> None:
         """A hashing thread's body, run by the engine beside its channels."""

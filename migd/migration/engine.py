@@ -21,8 +21,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..errors import MigdError, MigrationError
-from ..io.checksums import HASH_THREADS, ChecksumMismatch, UnitChecksums
-from ..io.engine import BlockIO, IOEngine, PageRun, Transfer, check_sizes, load_engine
+from ..io.checksums import ChecksumMismatch, UnitChecksums
+from ..io.engine import HASH_THREADS, BlockIO, IOEngine, PageRun, Transfer, check_sizes, load_engine
 from ..io.file_verify import FileProgress, verify_file
 from ..io.share import DEFAULT_SLOTS, DiskShare
 from ..io.target import Openers, Target, close_quietly, open_channel_fd
@@ -663,11 +663,8 @@ class MigrationEngine:
                 expected = restore.expected_digests(parsed, table, matched)
                 job.checksums = UnitChecksums(blocks, path, expected, runs)
                 if job.verify_before_write:
-                    try:
-                        await self._verify_file(job, parsed, table, main_fd, fds)
-                    except BaseException:
-                        job.checksums.release()
-                        raise
+                    # On failure `_run` releases job.checksums, as for every job end.
+                    await self._verify_file(job, parsed, table, main_fd, fds)
             # Durable before the first page changes; only a completed restore removes it.
             await asyncio.to_thread(self.partial.set_all, job.backends, path)
             job.memory_touched = True
