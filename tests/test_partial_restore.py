@@ -35,8 +35,14 @@ def _setup(client: RawClient, mem: Path, **extra: Any) -> None:
 
 
 def _midway(info: dict[str, Any]) -> bool:
+    """Pages are moving: the mark is set. Not `transferred` > 0 alone: it counts the main
+    channel's metadata too, read before the mark is set (a restore is active by then)."""
     ram = info.get("ram", {})
-    return info.get("status") == "active" and 0 < ram.get("transferred", 0) < SIZE // 2
+    return (
+        info.get("status") == "active"
+        and ram.get("normal", 0) > 0
+        and (ram.get("transferred", 0) < SIZE // 2)
+    )
 
 
 def _saved_then_changed(client: RawClient, mem: Path, save: Path) -> bytes:
