@@ -413,6 +413,7 @@ def readonly_dir(short_dir: Path) -> Iterator[Path]:
 def migd_threads() -> list[str]:
     import threading
 
+    # Busy workers only: io/threads.py keeps idle ones, named "idle worker", for the next job.
     return [t.name for t in threading.enumerate() if t.name.startswith("migd-")]
 
 
