@@ -260,8 +260,8 @@ MUTANTS = [
     Mutant(
         "pool-left-without-cancelling-its-threads",
         "migd/io/threads.py",
-        "                cancel.set()\n                raise\n",
-        "                raise\n",
+        "            cancel.set()\n            concurrent.futures.wait(submitted)\n",
+        "            concurrent.futures.wait(submitted)\n",
         ("tests/test_job_status.py::test_a_job_task_cancelled_under_its_threads_tells_them_to_stop",),
     ),
     Mutant(
