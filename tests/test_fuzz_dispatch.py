@@ -197,6 +197,9 @@ PARAMS = {
     "direct-io": False,
     "max-bandwidth": 0,
     "zero-page-detection": "multifd",
+    # As in QEMU, once set (even to []) query-migrate-parameters shows it for good: no
+    # command can take it away, so the baseline has it set.
+    "block-bitmap-mapping": [],
 }
 
 
