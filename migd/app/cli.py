@@ -444,8 +444,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     import json
 
     from ..tools.inspect import InspectError, inspect_file
+    from ..tools.vm import describe
 
     try:
+        image = describe(args.file) if args.offset == 0 else None
+        if image is not None:
+            return _print_vm_image(image, args.json)
         info = inspect_file(args.file, args.offset)
     except InspectError as exc:
         print(f"migd inspect: {args.file}: {exc}", file=sys.stderr)
@@ -471,6 +475,53 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             print(f"migd inspect: {args.file}: {info.checksums.problem}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
+
+
+def _print_vm_image(image: dict[str, Any], as_json: bool) -> int:
+    """`migd inspect` of a `migd vm save` image: its header, then both parts."""
+    import json
+
+    from ..tools.client import human_bytes
+
+    path, header, problems = image["image"], image["header"], image["problems"]
+    if as_json:
+        print(json.dumps(image, indent=2))
+    elif header is None:
+        print(f"{path}: migd VM image, UNUSABLE")
+    else:
+        dev, ram, qemu = header["device-state"], header["ram"], header["qemu"]
+        print(f"{path}: migd VM image{' (DAMAGED)' if problems else ''}")
+        print(f"  image id:      {header['image-id']}")
+        print(f"  created:       {header['created']} by migd {header['migd-version']}")
+        print(f"  QEMU:          {qemu['version']}, machine {qemu['machine']}")
+        print(
+            f"  device state:  {human_bytes(dev['length'])} at {dev['offset']:#x} "
+            f"(QEMU's stream, x-ignore-shared), sha256 {dev['sha256'][:16]}..."
+        )
+        print(
+            f"  RAM:           {human_bytes(ram['length'])} at {ram['offset']:#x} "
+            f"(migd's mapped-ram save {ram['save-id']})"
+        )
+        rows = [("BACKEND", "SIZE", "BLOCK", "SAVED FROM")]
+        rows += [(b["id"], human_bytes(b["size"]), b["block"], b["mem-path"])
+                 for b in header["backends"]]  # fmt: skip
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        print()
+        for row in rows:
+            print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        part = image["ram-part"]
+        if part is not None:
+            print()
+            print(
+                f"  RAM part: {part['totals']['present_bytes'] / (1 << 20):.1f} MiB of page "
+                f"data, {part['totals']['zero_pages']} zero pages, checksums "
+                f"{'none' if part['checksums'] is None else part['checksums']['algorithm']}"
+            )
+    for problem in problems:
+        print(f"migd inspect: {path}: {problem}", file=sys.stderr)
+    if not as_json and header is not None and not problems:
+        print("  status:   complete (migd vm restore accepts it)")
+    return EXIT_FAILED if problems else EXIT_OK
 
 
 def _print_verify(report: object) -> None:

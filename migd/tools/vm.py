@@ -666,8 +666,9 @@ async def run_vm_restore(opts: VmOptions, out: TextIO, err: TextIO) -> int:
 
 
 def describe(path: str) -> dict[str, Any] | None:
-    """For `migd inspect`: the image's header and the state of both parts, or None when
-    the file is not a VM image (a plain save file)."""
+    """For `migd inspect`: the image's header and what each part holds, with "problems"
+    listing why `migd vm restore` would refuse it; None when the file is not a VM image
+    (a plain save file)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         if not vm_image.is_image(fd):
@@ -675,8 +676,27 @@ def describe(path: str) -> dict[str, Any] | None:
         try:
             header = vm_image.read_header(fd, path)
         except vm_image.ImageError as exc:
-            return {"image": path, "problem": str(exc)}
-        device_ok = vm_image.device_digest(fd, header.device) == header.device.sha256
-        return {"image": path, "header": header.to_json(), "device-state-intact": device_ok}
+            return {"image": path, "header": None, "problems": [str(exc)]}
+        problems = []
+        if vm_image.device_digest(fd, header.device) != header.device.sha256:
+            problems.append("the device state does not match its SHA-256: corrupt")
+        device_head = os.pread(fd, 8, header.device.offset)
     finally:
         os.close(fd)
+    ram: dict[str, Any] | None = None
+    try:
+        ram = inspect_file(path, header.ram.offset).to_dict()
+    except (InspectError, OSError) as exc:
+        problems.append(f"the RAM part cannot be read: {exc}")
+    else:
+        if not ram["complete"]:
+            problems.append(f"the RAM part is incomplete: {ram['problem']}")
+        elif ram["save_id"] != header.ram.save_id:
+            problems.append("the RAM part is another save than the header names")
+    return {
+        "image": path,
+        "header": header.to_json(),
+        "device-state-magic": device_head.hex(),
+        "ram-part": ram,
+        "problems": problems,
+    }
