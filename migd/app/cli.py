@@ -350,6 +350,11 @@ def _add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
             help="don't use O_DIRECT for the RAM (default: when IMAGE's filesystem supports it)",
         )
         p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+        p.add_argument(
+            "--json",
+            action="store_true",
+            help="print the summary as one JSON object (timings in seconds, downtime included)",
+        )
         if name == "save":
             after = p.add_mutually_exclusive_group()
             after.add_argument(
@@ -729,6 +734,7 @@ def cmd_vm(args: argparse.Namespace) -> int:
         channels=args.channels,
         direct_io=False if args.no_direct_io else None,
         quiet=args.quiet,
+        json=args.json,
     )
     if args.vm_command == "save":
         opts.after = "resume" if args.resume else "quit" if args.quit else "pause"

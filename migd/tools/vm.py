@@ -105,6 +105,7 @@ class VmOptions:
     quiet: bool = False
     after: str = "pause"  # save: pause | resume | quit
     paused: bool = False  # restore: leave the guest paused
+    json: bool = False  # print the summary as JSON
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -490,8 +491,31 @@ async def run_vm_save(opts: VmOptions, out: TextIO, err: TextIO) -> int:
                 await qemu_execute(qemu, "quit")
     finally:
         await _disconnect(qemu)
-    _print_save_summary(image, header, t, opts.after, out)
+    if opts.json:
+        _print_json(
+            out, "save", image, header, device_state=t["device"] - t["start"],
+            ram=t["ram"] - t["device"], downtime=t["durable"] - t["start"],
+        )  # fmt: skip
+    else:
+        _print_save_summary(image, header, t, opts.after, out)
     return 0
+
+
+def _print_json(
+    out: TextIO, what: str, image: str, header: vm_image.ImageHeader, **seconds: float
+) -> None:
+    """--json: one object, for management applications and `migd bench --vm`."""
+    import json
+
+    summary = {
+        "command": f"vm {what}",
+        "image": image,
+        "image-id": header.image_id,
+        "device-state-bytes": header.device.length,
+        "ram-bytes": sum(b.size for b in header.backends),
+        "seconds": {key.replace("_", "-"): round(value, 6) for key, value in seconds.items()},
+    }
+    print(json.dumps(summary), file=out, flush=True)
 
 
 def _print_save_summary(
@@ -652,6 +676,12 @@ async def run_vm_restore(opts: VmOptions, out: TextIO, err: TextIO) -> int:
         if qemu is not None:
             await _disconnect(qemu)
     ram_bytes = sum(b.size for b in header.backends)
+    if opts.json:
+        _print_json(
+            out, "restore", image, header, ram=t["ram"] - t["start"],
+            device_state=t["device"] - t["ram"], downtime=t["running"] - t["start"],
+        )  # fmt: skip
+        return 0
     print(
         f"vm restore completed: {image} (image id {header.image_id})\n"
         f"  RAM:          {human_bytes(ram_bytes)} by migd in {t['ram'] - t['start']:.3f} s\n"
