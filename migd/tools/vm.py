@@ -610,6 +610,7 @@ async def run_vm_restore(opts: VmOptions, out: TextIO, err: TextIO) -> int:
     except OSError as exc:
         raise ClientError(f"cannot open {image}: {exc.strerror}") from None
     qemu = migd = None
+    settings: QemuMigration | None = None
     migd_ids: list[str] = []
     try:
         header = check_image(image, fd)
@@ -637,6 +638,8 @@ async def run_vm_restore(opts: VmOptions, out: TextIO, err: TextIO) -> int:
             )
             # Incoming QEMU starts the guest when its part is loaded unless stopped first.
             await qemu_execute(qemu, "stop")
+            await settings.set_up(incoming=True)
+            uri_path = await settings.add_fd(fd, "migd vm restore")
             progress = Progress("restore", err, quiet=opts.quiet)
             try:
                 await run_migd_job(
@@ -654,11 +657,7 @@ async def run_vm_restore(opts: VmOptions, out: TextIO, err: TextIO) -> int:
                 )
             finally:
                 progress.close()
-            await del_migd_backends(migd, migd_ids)
-            migd_ids = []
             t["ram"] = time.monotonic()
-            await settings.set_up(incoming=True)
-            uri_path = await settings.add_fd(fd, "migd vm restore")
             await qemu_execute(
                 qemu,
                 "migrate-incoming",
@@ -666,12 +665,15 @@ async def run_vm_restore(opts: VmOptions, out: TextIO, err: TextIO) -> int:
             )
             await wait_qemu_migration(qemu, "device-state load")
             t["device"] = time.monotonic()
-            await settings.restore()
             if not opts.paused:
                 await qemu_execute(qemu, "cont")
             t["running"] = time.monotonic()
+            # QEMU's settings and migd's mappings are undone once the guest runs
+            # (unmapping GiBs takes tens of ms), and also after a failure.
     finally:
         os.close(fd)
+        if qemu is not None and settings is not None:
+            await settings.restore()
         if migd is not None:
             await del_migd_backends(migd, migd_ids)
             await _disconnect(migd)
