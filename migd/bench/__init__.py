@@ -187,6 +187,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="--vm: guest RAM sizes in GiB (default 1,2)",
     )
     p.add_argument(
+        "--vm-fill",
+        choices=("random", "none"),
+        default="random",
+        help="--vm: the guest's memory file before it starts: random data (default), or "
+        "none (only what the guest touches is data; with --guest, a realistic guest)",
+    )
+    p.add_argument(
         "--guest",
         default=None,
         metavar="DIR",
@@ -249,6 +256,7 @@ def run_vm(args: argparse.Namespace) -> int:
     argv = [
         "--sizes-gib", args.vm_sizes_gib, "--runs", str(args.runs),
         "--channels", str(max(args.channels)), "--dir", args.dir, "--qemu", args.qemu,
+        "--fill", args.vm_fill,
         *(["--guest", args.guest] if args.guest else []),
     ]  # fmt: skip
     try:

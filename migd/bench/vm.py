@@ -4,9 +4,10 @@ channel count, direct-io, no bandwidth cap), for each guest size (docs/vm-image.
 
 Each round, in an order that alternates between rounds, for migd and for QEMU:
 
-* a VM (q35, TCG, one vCPU; firmware only, or the kernel and initrd of --guest DIR) runs
-  on a /dev/shm memory-backend-file (share=on) filled with random data before it starts,
-  so that nearly every page must be saved;
+* a VM (q35, TCG, one vCPU; firmware only, or the kernel and initrd of --guest DIR, then
+  saved once its workload has run a round) runs on a /dev/shm memory-backend-file
+  (share=on) filled with random data before it starts, so that nearly every page must
+  be saved (--fill none: a new, empty file, so that only what the guest touched is data);
 * save, timed from `stop` until the image is durable: for migd, `migd vm save --quit`'s
   own figure; for QEMU, `stop`, `migrate`, completion polled every 2 ms, then fsync of
   the file (QEMU does not sync it itself);
@@ -149,6 +150,15 @@ class Vm:
             self.proc.wait()
 
 
+async def wait_for_guest(console: Path) -> None:
+    """Until the guest's workload has run a round (`tick 1 ok` on its console)."""
+    deadline = time.monotonic() + 300
+    while b"tick 1 ok" not in (console.read_bytes() if console.exists() else b""):
+        if time.monotonic() > deadline:
+            raise BenchError(f"the guest did not tick within 300 s ({console})")
+        await asyncio.sleep(0.2)  # the console is a file the guest writes
+
+
 def migd_cli(sock: Path, vm: Vm, *args: str) -> dict[str, Any]:
     argv = [sys.executable, "-m", "migd", "vm", args[0], "--qmp", str(vm.cli_sock),
             "--socket", str(sock), "--json", "-q", *args[1:]]  # fmt: skip
@@ -164,9 +174,12 @@ async def one_round(
     saved, restored, image = shm / "saved-ram", shm / "restored-ram", work / f"{who}.img"
     for path in (saved, restored, image):
         path.unlink(missing_ok=True)
-    fill_random(saved, row.size, seed)
+    if args.fill == "random":
+        fill_random(saved, row.size, seed)
     vm = await Vm(work, "a", saved, row.size, args, incoming=False).connect()
     try:
+        if args.guest:
+            await wait_for_guest(work / "a.serial")
         if who == "migd":
             row.migd_save.append(
                 migd_cli(sock, vm, "save", "--quit", str(image))["seconds"]["downtime"]
@@ -216,9 +229,10 @@ def _ratio(a: list[float], b: list[float]) -> str:
 
 def report(rows: list[Row], args: argparse.Namespace) -> str:
     guest = f"kernel of {args.guest}" if args.guest else "firmware only"
+    fill = "random RAM" if args.fill == "random" else "RAM as the guest left it"
     lines = [
         f"## Whole-VM save and restore ({args.runs} rounds, {args.channels} channels, "
-        f"direct-io, {guest}, TCG, save files in {args.dir})",
+        f"direct-io, {guest}, {fill}, TCG, save files in {args.dir})",
         "",
         "| guest RAM | migd vm save | QEMU save | migd / QEMU (target <= 0.5) | disk write "
         "| migd / disk | migd vm restore | QEMU restore | migd / QEMU (target <= 0.8) "
@@ -251,6 +265,13 @@ async def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channels", type=int, default=4)
     parser.add_argument("--dir", default="/tmp", help="where the images go")
     parser.add_argument("--guest", default=None, help="a make-guest.sh directory")
+    parser.add_argument(
+        "--fill",
+        choices=("random", "none"),
+        default="random",
+        help="the memory file before the VM starts: random data, or none (a new, empty "
+        "file: only what the guest touches is data)",
+    )
     parser.add_argument("--qemu", default="qemu-system-x86_64")
     args = parser.parse_args(argv)
     try:
