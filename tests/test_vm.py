@@ -278,3 +278,36 @@ async def test_inspect_shows_both_parts(daemon: DaemonProcess, setup: dict[str, 
     assert "device state:" in out and "(QEMU's stream, x-ignore-shared)" in out
     assert f"ram0     {SIZE / MiB:.1f} MiB" in out and "checksums xxh3-128" in out
     assert "migd vm restore accepts it" in out
+
+
+async def test_an_image_path_that_is_the_guests_memory_file_is_refused(
+    daemon: DaemonProcess, setup: dict[str, Path]
+) -> None:
+    ram, d = setup["ram"], setup["dir"]
+    fill_random(ram, SIZE, seed=8)
+    link = d / "ram-link"
+    link.symlink_to(ram)
+    async with QemuVM(qemu_args(ram, d / "a-cli.sock"), d, name="a") as vm:
+        for image in (ram, link):
+            result = vm_cli(daemon, d / "a-cli.sock", "save", str(image), check=False)
+            assert result.returncode == 1
+            assert "is the memory file of backend 'ram0'" in result.stderr
+            assert await status(vm) == "running"
+    assert ram.stat().st_size == SIZE and not list(ram.parent.glob(".*migd-vm-tmp"))
+
+
+def test_usage_errors_exit_2(daemon: DaemonProcess, setup: dict[str, Path]) -> None:
+    run = [sys.executable, "-m", "migd", "vm"]
+    missing = subprocess.run([*run, "save", str(setup["image"])], capture_output=True, text=True)
+    assert missing.returncode == 2 and "--qmp" in missing.stderr
+    nobody = setup["dir"] / "nobody.sock"
+    result = subprocess.run([*run, "restore", "--qmp", str(nobody), str(setup["image"])],
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 1 and "cannot open" in result.stderr  # no image yet
+    result = subprocess.run(
+        [*run, "save", "--qmp", str(nobody), "--socket", str(daemon.socket_path),
+         str(setup["image"])], capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert f"cannot connect to QEMU's QMP socket {nobody}" in result.stderr
+    assert not setup["image"].exists()

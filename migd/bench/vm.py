@@ -203,6 +203,7 @@ async def one_round(
     try:
         if who == "migd":
             out = migd_cli(sock, vm, "restore", "--paused", str(image))
+            log(f"  migd vm restore: {out['seconds']}")
             row.migd_restore.append(out["seconds"]["downtime"])
         else:
             await vm.mapped_ram(args.channels)

@@ -342,10 +342,19 @@ def _sync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _check_backends(backends: Sequence[GuestBackend]) -> None:
+def _check_backends(backends: Sequence[GuestBackend], image: str) -> None:
     problems = [p for b in backends if (p := b.problem()) is not None]
     if problems:
         raise ClientError("cannot save this VM's RAM with migd:\n  " + "\n  ".join(problems))
+    with contextlib.suppress(OSError):
+        target = os.stat(image)
+        for b in backends:
+            st = os.stat(str(b.mem_path))
+            if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
+                raise ClientError(
+                    f"{image} is the memory file of backend '{b.id}': the image would "
+                    "replace the guest's RAM"
+                )
 
 
 def _ram_part_info(path: str, offset: int) -> SaveInfo:
@@ -375,7 +384,7 @@ async def run_vm_save(opts: VmOptions, out: TextIO, err: TextIO) -> int:
             if state not in SAVABLE_STATES:
                 raise ClientError(f"the VM is in state '{state}': nothing to save")
             backends = await guest_backends(qemu)
-            _check_backends(backends)
+            _check_backends(backends, image)
             qemu_version, machine = await qemu_identity(qemu)
             migd = await connect(opts.socket)
             tmp, fd = _temporary_image(image)
