@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from .qemu_vm import requires_qemu
+
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--size-gib", "0.0625", "--runs", "1", "--channels", "1,2"]
 
@@ -209,3 +211,21 @@ def test_bench_concurrency_section(disk: Path) -> None:
     assert "3 jobs of 8 MiB" in proc.stdout
     assert list(disk.iterdir()) == []
     assert run_bench(["--concurrency", "--jobs", "0"]).returncode == 2
+
+
+@requires_qemu
+def test_bench_vm_section(disk: Path) -> None:
+    """`migd bench --vm`: both sizes measured for migd and QEMU with ratios (the restored
+    memory is compared inside), and nothing left behind in --dir."""
+    proc = run_bench(["--vm", "--vm-sizes-gib", "0.03125,0.0625", "--runs", "1",
+                      "--channels", "2", "--dir", str(disk)])  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if "GiB |" in line]
+    assert [r[0].strip() for r in rows] == ["0.03125 GiB", "0.0625 GiB"]
+    for row in rows:
+        for cell in (row[1], row[2], row[4], row[6], row[7], row[9]):  # seconds
+            assert float(cell.split()[0]) > 0
+        for cell in (row[3], row[5], row[8], row[10]):  # ratios
+            assert float(cell.split("x")[0]) > 0
+    assert list(disk.iterdir()) == []
+    assert run_bench(["--vm", "--vm-sizes-gib", "x"]).returncode == 1

@@ -177,3 +177,19 @@ def test_qemu_walkthrough_runs_every_step_with_identical_bytes(short_dir):
     assert out.count("OK: ") == 5
     assert out.rstrip().endswith("all steps passed")
     assert list(short_dir.iterdir()) == []  # its temporary directory is gone
+
+
+@requires_qemu
+def test_vm_suspend_resume_suspends_and_resumes_a_firmware_guest(daemon: DaemonProcess):
+    """Firmware only here (tests/test_vm_guest.py runs a Linux guest); against a running
+    migd, which it leaves without backends or jobs."""
+    code, out, _ = run_example(
+        "vm_suspend_resume.py", "--size-mib", "64", "--socket", str(daemon.socket_path)
+    )
+    assert code == 0, out
+    assert "==> migd vm save --quit" in out and "(stop -> image durable)" in out
+    assert "==> migd vm restore" in out and "the new QEMU is running" in out
+    assert out.rstrip().endswith("==> done")
+    client = RawClient(daemon.socket_path).negotiate()
+    assert client.ok("query-memdev") == [] and client.ok("query-jobs") == []
+    client.close()

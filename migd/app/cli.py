@@ -70,9 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Every C0 and C1 control character and DEL: a file name or any other string a client
 # sends may hold newlines, carriage returns or terminal escapes.
-_CONTROL_ESCAPES = {
-    code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F, *range(0x80, 0xA0))
-}
+_CONTROL_ESCAPES = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
 _CONTROL_ESCAPES.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
 
 
@@ -221,8 +219,7 @@ def _add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
         "file",
         metavar="FILE[,offset=N]",
         type=_type(_verify_file),
-        help="the save file, and the stream's offset in it (decimal or 0x-hex) as in a "
-        "file: URI",
+        help="the save file, and the stream's offset in it (decimal or 0x-hex) as in a file: URI",
     )
     verify.add_argument(
         "--threads",
@@ -323,6 +320,54 @@ def _add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
         "--json", action="store_true", help="print query-jobs' JSON (with --watch: one line each)"
     )
 
+    vm = sub.add_parser(
+        "vm",
+        help="suspend a QEMU guest to one image file, and resume it (docs/vm-image.md)",
+        description="Whole-VM save and restore: QEMU writes the device state, migd the RAM "
+        "of the guest's shared memory backends, into one image. Exit 0: done; 1: refused "
+        "or failed (a failed save leaves IMAGE as it was and a guest that ran, running); "
+        "2: a usage error or QEMU or migd unreachable.",
+    )
+    vm_sub = vm.add_subparsers(dest="vm_command", required=True)
+    for name, what in (
+        ("save", "stop the guest and save it into IMAGE"),
+        ("restore", "restore IMAGE into a QEMU started with the same configuration and "
+         "-incoming defer"),
+    ):  # fmt: skip
+        p = vm_sub.add_parser(name, help=what, description=what)
+        p.add_argument("image", metavar="IMAGE")
+        p.add_argument("--qmp", required=True, metavar="SOCKET", help="the VM's QMP socket")
+        p.add_argument("--socket", default=None, help=socket_help)
+        p.add_argument(
+            "--channels",
+            type=_type(_channels),
+            default=None,
+            help="migd's multifd channels (default min(4, CPUs))",
+        )
+        p.add_argument(
+            "--no-direct-io",
+            action="store_true",
+            help="don't use O_DIRECT for the RAM (default: when IMAGE's filesystem supports it)",
+        )
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+        p.add_argument(
+            "--json",
+            action="store_true",
+            help="print the summary as one JSON object (timings in seconds, downtime included)",
+        )
+        if name == "save":
+            after = p.add_mutually_exclusive_group()
+            after.add_argument(
+                "--resume", action="store_true", help="let the guest run on (a checkpoint)"
+            )
+            after.add_argument(
+                "--quit", action="store_true", help="quit QEMU once the image is durable"
+            )
+        else:
+            p.add_argument(
+                "--paused", action="store_true", help="leave the guest paused, ready for 'cont'"
+            )
+
     call = sub.add_parser("call", help="run any QMP command and print its JSON result")
     call.add_argument("--socket", default=None, help=socket_help)
     call.add_argument("qmp_command", metavar="COMMAND")
@@ -404,8 +449,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     import json
 
     from ..tools.inspect import InspectError, inspect_file
+    from ..tools.vm import describe
 
     try:
+        image = describe(args.file) if args.offset == 0 else None
+        if image is not None:
+            return _print_vm_image(image, args.json)
         info = inspect_file(args.file, args.offset)
     except InspectError as exc:
         print(f"migd inspect: {args.file}: {exc}", file=sys.stderr)
@@ -431,6 +480,53 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             print(f"migd inspect: {args.file}: {info.checksums.problem}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
+
+
+def _print_vm_image(image: dict[str, Any], as_json: bool) -> int:
+    """`migd inspect` of a `migd vm save` image: its header, then both parts."""
+    import json
+
+    from ..tools.client import human_bytes
+
+    path, header, problems = image["image"], image["header"], image["problems"]
+    if as_json:
+        print(json.dumps(image, indent=2))
+    elif header is None:
+        print(f"{path}: migd VM image, UNUSABLE")
+    else:
+        dev, ram, qemu = header["device-state"], header["ram"], header["qemu"]
+        print(f"{path}: migd VM image{' (DAMAGED)' if problems else ''}")
+        print(f"  image id:      {header['image-id']}")
+        print(f"  created:       {header['created']} by migd {header['migd-version']}")
+        print(f"  QEMU:          {qemu['version']}, machine {qemu['machine']}")
+        print(
+            f"  device state:  {human_bytes(dev['length'])} at {dev['offset']:#x} "
+            f"(QEMU's stream, x-ignore-shared), sha256 {dev['sha256'][:16]}..."
+        )
+        print(
+            f"  RAM:           {human_bytes(ram['length'])} at {ram['offset']:#x} "
+            f"(migd's mapped-ram save {ram['save-id']})"
+        )
+        rows = [("BACKEND", "SIZE", "BLOCK", "SAVED FROM")]
+        rows += [(b["id"], human_bytes(b["size"]), b["block"], b["mem-path"])
+                 for b in header["backends"]]  # fmt: skip
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        print()
+        for row in rows:
+            print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        part = image["ram-part"]
+        if part is not None:
+            print()
+            print(
+                f"  RAM part: {part['totals']['present_bytes'] / (1 << 20):.1f} MiB of page "
+                f"data, {part['totals']['zero_pages']} zero pages, checksums "
+                f"{'none' if part['checksums'] is None else part['checksums']['algorithm']}"
+            )
+    for problem in problems:
+        print(f"migd inspect: {path}: {problem}", file=sys.stderr)
+    if not as_json and header is not None and not problems:
+        print("  status:   complete (migd vm restore accepts it)")
+    return EXIT_FAILED if problems else EXIT_OK
 
 
 def _print_verify(report: object) -> None:
@@ -628,7 +724,27 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_vm(args: argparse.Namespace) -> int:
+    from ..tools.vm import VmOptions, run_vm_restore, run_vm_save
+
+    opts = VmOptions(
+        image=args.image,
+        qmp=args.qmp,
+        socket=args.socket or default_socket_path(),
+        channels=args.channels,
+        direct_io=False if args.no_direct_io else None,
+        quiet=args.quiet,
+        json=args.json,
+    )
+    if args.vm_command == "save":
+        opts.after = "resume" if args.resume else "quit" if args.quit else "pause"
+        return _run_client("vm save", run_vm_save(opts, sys.stdout, sys.stderr))
+    opts.paused = args.paused
+    return _run_client("vm restore", run_vm_restore(opts, sys.stdout, sys.stderr))
+
+
 CLIENT_HANDLERS = {
+    "vm": cmd_vm,
     "inspect": cmd_inspect,
     "verify": cmd_verify,
     "save": cmd_migrate,

@@ -64,6 +64,8 @@ DIR/bench.json, and DIR/bench.png (throughput against channels; needs matplotlib
 
 With --concurrency, only the concurrency section runs (migd/bench/concurrency.py: many
 jobs at once against the same jobs one after another, and against QEMU processes).
+With --vm, only the whole-VM section runs (migd/bench/vm.py: the downtime of `migd vm
+save` and `migd vm restore` against QEMU's own save and restore of the same VM).
 """
 
 from __future__ import annotations
@@ -172,6 +174,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="--concurrency: multifd channels per job (default 2)",
     )
     p.add_argument(
+        "--vm",
+        action="store_true",
+        help="run only the whole-VM section: downtime of `migd vm save` and `migd vm "
+        "restore` against QEMU's own mapped-ram save and restore of the same VM "
+        "(migd/bench/vm.py, docs/vm-image.md); --channels' largest count is used",
+    )
+    p.add_argument(
+        "--vm-sizes-gib",
+        default="1,2",
+        metavar="LIST",
+        help="--vm: guest RAM sizes in GiB (default 1,2)",
+    )
+    p.add_argument(
+        "--vm-fill",
+        choices=("random", "none"),
+        default="random",
+        help="--vm: the guest's memory file before it starts: random data (default), or "
+        "none (only what the guest touches is data; with --guest, a realistic guest)",
+    )
+    p.add_argument(
+        "--guest",
+        default=None,
+        metavar="DIR",
+        help="--vm: boot this kernel and initrd (a make-guest.sh directory) instead of "
+        "firmware only",
+    )
+    p.add_argument(
         "--keep-caches",
         action="store_true",
         help="do not drop the page cache between measurements (it is dropped by "
@@ -218,10 +247,34 @@ def run_concurrency(args: argparse.Namespace) -> int:
         return 130
 
 
+def run_vm(args: argparse.Namespace) -> int:
+    """`migd bench --vm`: migd.bench.vm with the bench's arguments."""
+    import asyncio
+
+    from . import vm
+
+    argv = [
+        "--sizes-gib", args.vm_sizes_gib, "--runs", str(args.runs),
+        "--channels", str(max(args.channels)), "--dir", args.dir, "--qemu", args.qemu,
+        "--fill", args.vm_fill,
+        *(["--guest", args.guest] if args.guest else []),
+    ]  # fmt: skip
+    try:
+        return asyncio.run(vm.main(argv))
+    except BenchError as exc:
+        log(f"error: {exc}")
+        return 1
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+
+
 def run(args: argparse.Namespace) -> int:
     """Runs the suite for parsed arguments (`migd bench` or the script); the exit code."""
     if getattr(args, "concurrency", False):
         return run_concurrency(args)
+    if getattr(args, "vm", False):
+        return run_vm(args)
     error = check_arguments(args)
     if error:
         print(f"migd bench: error: {error}", file=sys.stderr)
@@ -256,4 +309,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="migd bench", description=__doc__.split("\n\n")[0])
     add_arguments(p)
     return run(p.parse_args(argv))
-

@@ -1,0 +1,311 @@
+"""`migd bench --vm`: the downtime of `migd vm save` and `migd vm restore` against QEMU's
+own `migrate file:` save and restore of the same VM (mapped-ram, multifd with the same
+channel count, direct-io, no bandwidth cap), for each guest size (docs/vm-image.md).
+
+Each round, in an order that alternates between rounds, for migd and for QEMU:
+
+* a VM (q35, TCG, one vCPU; firmware only, or the kernel and initrd of --guest DIR, then
+  saved once its workload has run a round) runs on a /dev/shm memory-backend-file
+  (share=on) filled with random data before it starts, so that nearly every page must
+  be saved (--fill none: a new, empty file, so that only what the guest touched is data);
+* save, timed from `stop` until the image is durable: for migd, `migd vm save --quit`'s
+  own figure; for QEMU, `stop`, `migrate`, completion polled every 2 ms, then fsync of
+  the file (QEMU does not sync it itself);
+* the page cache is dropped (as root), and a new QEMU with a new, empty memory file
+  starts with -incoming defer;
+* restore, timed until the guest is ready to run (paused, so that its memory can then be
+  compared with the saved one; `cont` is the same for both): for migd, `migd vm
+  restore --paused`'s own figure, which counts from the command's start and so includes
+  its checks of the image and of QEMU; for QEMU, `stop` (so that it does not start the
+  guest itself), `migrate-incoming`, completion polled every 2 ms.
+
+The restored memory file must equal the saved one, byte for byte, or the bench fails.
+Ratios are migd / QEMU per round; the report gives medians and min-max.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from qemu.qmp import QMPClient
+
+from .common import BenchError, log
+from .disk import drop_caches, python_disk
+from .processes import connect_qmp, start_migd
+
+GiB = 1 << 30
+QEMU_POLL = 0.002
+
+
+@dataclass
+class Row:
+    size: int
+    migd_save: list[float] = field(default_factory=list)
+    qemu_save: list[float] = field(default_factory=list)
+    migd_restore: list[float] = field(default_factory=list)
+    qemu_restore: list[float] = field(default_factory=list)
+    disk_write: list[float] = field(default_factory=list)  # the same bytes, O_DIRECT
+    disk_read: list[float] = field(default_factory=list)
+
+
+def fill_random(path: Path, size: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    with open(path, "wb") as f:
+        for at in range(0, size, 64 << 20):
+            words = min(64 << 20, size - at) // 8
+            f.write(rng.integers(0, 1 << 63, words, dtype=np.int64).tobytes())
+
+
+def same_files(a: Path, b: Path) -> bool:
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(64 << 20), fb.read(64 << 20)
+            if x != y:
+                return False
+            if not x:
+                return True
+
+
+class Vm:
+    """One QEMU process with two QMP sockets: one for the bench, one for migd's CLI."""
+
+    def __init__(self, work: Path, name: str, ram: Path, size: int, args: argparse.Namespace,
+                 incoming: bool) -> None:  # fmt: skip
+        self.sock, self.cli_sock = work / f"{name}.sock", work / f"{name}-cli.sock"
+        mib = size >> 20
+        argv = [
+            args.qemu, "-accel", "tcg", "-cpu", "max", "-M", "q35", "-m", f"{mib}M",
+            "-smp", "1", "-nodefaults", "-display", "none",
+            "-object", f"memory-backend-file,id=ram0,size={mib}M,mem-path={ram},share=on",
+            "-machine", "memory-backend=ram0",
+            "-qmp", f"unix:{self.sock},server=on,wait=off",
+            "-qmp", f"unix:{self.cli_sock},server=on,wait=off",
+        ]  # fmt: skip
+        if args.guest:
+            guest = Path(args.guest)
+            argv += [
+                "-kernel", str(guest / "vmlinuz"), "-initrd", str(guest / "initrd.img"),
+                "-append", "console=ttyS0 quiet panic=-1 workload.mib=64",
+                "-device", "virtio-rng-pci", "-serial", f"file:{work / name}.serial",
+            ]  # fmt: skip
+        if incoming:
+            argv += ["-incoming", "defer"]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.qmp = QMPClient(name)
+
+    async def connect(self) -> Vm:
+        deadline = time.monotonic() + 30
+        while True:
+            if self.proc.poll() is not None:
+                assert self.proc.stderr is not None
+                raise BenchError(f"QEMU exited: {self.proc.stderr.read().decode()[-500:]}")
+            try:
+                await self.qmp.connect(str(self.sock))
+                return self
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise BenchError(f"QEMU's QMP socket {self.sock} did not answer") from None
+                await asyncio.sleep(0.05)
+
+    async def cmd(self, name: str, arguments: dict[str, Any] | None = None) -> Any:
+        return await self.qmp.execute(name, arguments)
+
+    async def wait_migration(self) -> None:
+        while True:
+            info = await self.cmd("query-migrate")
+            if info.get("status") == "completed":
+                return
+            if info.get("status") in ("failed", "cancelled"):
+                raise BenchError(f"QEMU migration {info.get('status')}: {info.get('error-desc')}")
+            await asyncio.sleep(QEMU_POLL)
+
+    async def mapped_ram(self, channels: int) -> None:
+        caps = [{"capability": c, "state": True} for c in ("multifd", "mapped-ram")]
+        await self.cmd("migrate-set-capabilities", {"capabilities": caps})
+        params = {"multifd-channels": channels, "direct-io": True, "max-bandwidth": 0}
+        await self.cmd("migrate-set-parameters", params)
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.cmd("quit"), 5)
+        with contextlib.suppress(Exception):
+            await self.qmp.disconnect()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(10)
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+async def wait_for_guest(console: Path) -> None:
+    """Until the guest's workload has run a round (`tick 1 ok` on its console)."""
+    deadline = time.monotonic() + 300
+    while b"tick 1 ok" not in (console.read_bytes() if console.exists() else b""):
+        if time.monotonic() > deadline:
+            raise BenchError(f"the guest did not tick within 300 s ({console})")
+        await asyncio.sleep(0.2)  # the console is a file the guest writes
+
+
+def migd_cli(sock: Path, vm: Vm, *args: str) -> dict[str, Any]:
+    argv = [sys.executable, "-m", "migd", "vm", args[0], "--qmp", str(vm.cli_sock),
+            "--socket", str(sock), "--json", "-q", *args[1:]]  # fmt: skip
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        raise BenchError(f"migd vm {args[0]} failed: {result.stderr.strip()}")
+    return dict(json.loads(result.stdout))
+
+
+async def one_round(
+    who: str, row: Row, work: Path, shm: Path, sock: Path, args: argparse.Namespace, seed: int
+) -> None:
+    saved, restored, image = shm / "saved-ram", shm / "restored-ram", work / f"{who}.img"
+    for path in (saved, restored, image):
+        path.unlink(missing_ok=True)
+    if args.fill == "random":
+        fill_random(saved, row.size, seed)
+    vm = await Vm(work, "a", saved, row.size, args, incoming=False).connect()
+    try:
+        if args.guest:
+            await wait_for_guest(work / "a.serial")
+        if who == "migd":
+            row.migd_save.append(
+                migd_cli(sock, vm, "save", "--quit", str(image))["seconds"]["downtime"]
+            )
+        else:
+            await vm.mapped_ram(args.channels)
+            started = time.monotonic()
+            await vm.cmd("stop")
+            await vm.cmd("migrate", {"uri": f"file:{image}"})
+            await vm.wait_migration()
+            fd = os.open(image, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            row.qemu_save.append(time.monotonic() - started)
+    finally:
+        await vm.close()
+    drop_caches(work, enabled=os.geteuid() == 0)
+    vm = await Vm(work, "b", restored, row.size, args, incoming=True).connect()
+    try:
+        if who == "migd":
+            out = migd_cli(sock, vm, "restore", "--paused", str(image))
+            log(f"  migd vm restore: {out['seconds']}")
+            row.migd_restore.append(out["seconds"]["downtime"])
+        else:
+            await vm.mapped_ram(args.channels)
+            started = time.monotonic()
+            await vm.cmd("stop")
+            await vm.cmd("migrate-incoming", {"uri": f"file:{image}"})
+            await vm.wait_migration()
+            row.qemu_restore.append(time.monotonic() - started)
+        if not same_files(saved, restored):
+            raise BenchError(f"{who}: the restored guest memory differs from the saved memory")
+    finally:
+        await vm.close()
+    image.unlink()
+
+
+def _median_range(values: list[float]) -> str:
+    return f"{statistics.median(values):.3f} s ({min(values):.3f}-{max(values):.3f})"
+
+
+def _ratio(a: list[float], b: list[float]) -> str:
+    ratios = [x / y for x, y in zip(a, b, strict=True)]
+    return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+
+
+def report(rows: list[Row], args: argparse.Namespace) -> str:
+    guest = f"kernel of {args.guest}" if args.guest else "firmware only"
+    fill = "random RAM" if args.fill == "random" else "RAM as the guest left it"
+    lines = [
+        f"## Whole-VM save and restore ({args.runs} rounds, {args.channels} channels, "
+        f"direct-io, {guest}, {fill}, TCG, save files in {args.dir})",
+        "",
+        "| guest RAM | migd vm save | QEMU save | migd / QEMU (target <= 0.5) | disk write "
+        "| migd / disk | migd vm restore | QEMU restore | migd / QEMU (target <= 0.8) "
+        "| disk read | migd / disk |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.size / GiB:g} GiB | {_median_range(r.migd_save)} | {_median_range(r.qemu_save)} "
+            f"| {_ratio(r.migd_save, r.qemu_save)} | {_median_range(r.disk_write)} "
+            f"| {_ratio(r.migd_save, r.disk_write)} | {_median_range(r.migd_restore)} "
+            f"| {_median_range(r.qemu_restore)} | {_ratio(r.migd_restore, r.qemu_restore)} "
+            f"| {_median_range(r.disk_read)} | {_ratio(r.migd_restore, r.disk_read)} |"
+        )
+    lines += [
+        "",
+        "Save: stop -> image durable (QEMU: completed, then fsync). Restore: command -> guest "
+        "ready to run (migd: its checks included). Disk: the bench's own O_DIRECT write and "
+        "read of as many bytes (4 threads, 4 MiB blocks, then fdatasync), each round: the "
+        "floor for moving every byte of the guest's RAM during its downtime. Medians of the "
+        "rounds, min-max in brackets; ratios are taken round by round.",
+    ]
+    return "\n".join(lines)
+
+
+async def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--sizes-gib", default="1,2")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--channels", type=int, default=4)
+    parser.add_argument("--dir", default="/tmp", help="where the images go")
+    parser.add_argument("--guest", default=None, help="a make-guest.sh directory")
+    parser.add_argument(
+        "--fill",
+        choices=("random", "none"),
+        default="random",
+        help="the memory file before the VM starts: random data, or none (a new, empty "
+        "file: only what the guest touches is data)",
+    )
+    parser.add_argument("--qemu", default="qemu-system-x86_64")
+    args = parser.parse_args(argv)
+    try:
+        sizes = [int(float(s) * GiB) // (1 << 20) * (1 << 20) for s in args.sizes_gib.split(",")]
+    except ValueError:
+        raise BenchError(f"--vm-sizes-gib {args.sizes_gib!r}: not a list like 1,2") from None
+    if not sizes or min(sizes) < 16 << 20 or args.runs < 1:
+        raise BenchError("guest sizes must be at least 16 MiB and --runs positive")
+    rows = [Row(size) for size in sizes]
+    with (
+        tempfile.TemporaryDirectory(prefix="migd-vm-", dir="/dev/shm") as shm,
+        tempfile.TemporaryDirectory(prefix="migd-vm-", dir=args.dir) as work,
+    ):
+        sock = Path(work) / "migd.sock"
+        daemon = start_migd(sock, "--log-level", "warning")
+        try:
+            await (await connect_qmp(sock, daemon, "bench")).disconnect()  # it listens
+            for round_ in range(args.runs):
+                for row in rows:
+                    order = ("migd", "qemu") if round_ % 2 == 0 else ("qemu", "migd")
+                    for who in order:
+                        log(f"vm round {round_ + 1}/{args.runs}: {who}, {row.size / GiB:g} GiB")
+                        await one_round(who, row, Path(work), Path(shm), sock, args, round_)
+                    write, read = python_disk(Path(work), row.size, lambda: drop_caches(
+                        Path(work), enabled=os.geteuid() == 0))  # fmt: skip
+                    row.disk_write.append(write)
+                    row.disk_read.append(read)
+        finally:
+            daemon.terminate()
+            daemon.wait(30)
+    print(report(rows, args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))

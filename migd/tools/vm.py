@@ -1,0 +1,747 @@
+"""`migd vm save` and `migd vm restore`: a whole QEMU guest as one image file.
+
+QEMU keeps what only it knows (CPU and device state, small RAM blocks such as ROMs):
+it writes that as its own migration stream with x-ignore-shared on, which leaves out RAM
+in shared files. migd writes that RAM, the bulk, with its mapped-ram save (multifd,
+O_DIRECT, checksums). The image header ties both together (migd/tools/vm_image.py,
+docs/vm-image.md).
+
+Both commands talk to two QMP servers: the VM's QEMU (`--qmp`) and migd (`--socket`).
+QEMU gets the image as an fd (add-fd: QEMU needs no access to the path, as under
+libvirt); migd opens the path itself, under its own path policy.
+
+Order of a save: everything is checked while the guest still runs (its backends can be
+reached, migd accepts them); then the guest stops (never is the RAM of a running guest
+saved), QEMU writes its part, migd its part, and the header is written last and synced
+into a temporary file that is then renamed over IMAGE: a failed save leaves IMAGE as it
+was, and a guest that ran before a failed save runs again.
+
+Order of a restore: the image is checked as a whole (header, the device state's digest,
+the RAM part's identity, blocks and checksum table) and against the QEMU it talks to
+(machine type, backend ids and sizes) before anything is written; then migd restores the
+RAM into QEMU's backend files, QEMU loads its part, and the guest continues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import os
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from .. import __version__
+from . import vm_image
+from .client import (
+    ClientError,
+    Progress,
+    UsageError,
+    _disconnect,
+    _execute,
+    _Interrupt,
+    connect,
+    human_bytes,
+    job_as_migration,
+    probe_direct_io,
+)
+from .inspect import InspectError, SaveInfo, inspect_file
+
+# States a guest may be saved from: it is stopped first if running. Others (inmigrate,
+# shutdown, guest-panicked, internal-error, ...) hold no guest worth resuming.
+SAVABLE_STATES = frozenset({"running", "paused", "postmigrate", "prelaunch", "suspended"})
+QEMU_POLL = 0.002  # seconds between query-migrate polls of QEMU's short device-state part
+JOB_POLL = 0.1  # progress polls of migd's job; its end comes as an event, at once
+
+
+@dataclass
+class GuestBackend:
+    """One of the guest's memory backends, as QEMU describes it."""
+
+    id: str
+    size: int
+    qom_type: str
+    share: bool
+    mem_path: str | None  # memory-backend-file only
+
+    def problem(self) -> str | None:
+        """Why migd cannot save or restore this backend, or None."""
+        if self.qom_type == "memory-backend-memfd":
+            return (
+                f"memory backend '{self.id}' is a memfd: QEMU migrates memfd RAM in its own "
+                "stream even with x-ignore-shared (it skips only RAM in named shared files), "
+                "so it cannot be left to migd; use memory-backend-file with share=on on "
+                "/dev/shm or hugetlbfs instead"
+            )
+        if self.qom_type != "memory-backend-file":
+            return (
+                f"memory backend '{self.id}' ({self.qom_type}) is private anonymous memory "
+                "of the QEMU process, which migd cannot reach; give the guest "
+                "-object memory-backend-file,share=on,mem-path=... and -machine memory-backend=..."
+            )
+        if not self.share:
+            return (
+                f"memory backend '{self.id}' has share=off: the guest's writes stay in "
+                f"QEMU's private copy, not in {self.mem_path}; use share=on"
+            )
+        if not self.mem_path or not os.path.isfile(self.mem_path):
+            return (
+                f"memory backend '{self.id}': its file {self.mem_path!r} is not a regular "
+                "file migd can reach from here"
+            )
+        return None
+
+
+@dataclass
+class VmOptions:
+    image: str
+    qmp: str  # the VM's QMP socket
+    socket: str  # migd's
+    channels: int | None = None
+    direct_io: bool | None = None  # None: probe the image's filesystem
+    quiet: bool = False
+    after: str = "pause"  # save: pause | resume | quit
+    paused: bool = False  # restore: leave the guest paused
+    json: bool = False  # print the summary as JSON
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+# --- QEMU ------------------------------------------------------------------------------------
+
+
+async def connect_qemu(path: str) -> Any:
+    from qemu.qmp import QMPClient
+
+    client = QMPClient("migd-vm")
+    try:
+        await client.connect(path)
+    except Exception as exc:
+        cause = getattr(exc, "exc", exc)
+        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause)
+        raise UsageError(f"cannot connect to QEMU's QMP socket {path}: {reason}") from None
+    return client
+
+
+async def qemu_execute(qemu: Any, command: str, arguments: Mapping[str, Any] | None = None) -> Any:
+    try:
+        return await _execute(qemu, command, arguments)
+    except ClientError as exc:
+        raise ClientError(
+            f"QEMU: {exc}".replace("lost the connection to migd", "lost QEMU")
+        ) from None
+
+
+async def guest_backends(qemu: Any) -> list[GuestBackend]:
+    out = []
+    for memdev in await qemu_execute(qemu, "query-memdev"):
+        id = memdev["id"]
+        path = f"/objects/{id}"
+        qom_type = await qemu_execute(qemu, "qom-get", {"path": path, "property": "type"})
+        mem_path = None
+        if qom_type == "memory-backend-file":
+            mem_path = await qemu_execute(qemu, "qom-get", {"path": path, "property": "mem-path"})
+        out.append(GuestBackend(id, memdev["size"], qom_type, bool(memdev["share"]), mem_path))
+    if not out:
+        raise ClientError("QEMU has no memory backends (query-memdev is empty)")
+    return out
+
+
+async def qemu_identity(qemu: Any) -> tuple[str, str]:
+    """(QEMU's version, the machine type) as the image header records them."""
+    v = (await qemu_execute(qemu, "query-version"))["qemu"]
+    machine = await qemu_execute(qemu, "qom-get", {"path": "/machine", "property": "type"})
+    return f"{v['major']}.{v['minor']}.{v['micro']}", str(machine)
+
+
+async def run_state(qemu: Any) -> str:
+    return str((await qemu_execute(qemu, "query-status"))["status"])
+
+
+class QemuMigration:
+    """QEMU's migration settings for its part (x-ignore-shared on, mapped-ram and multifd
+    off, no bandwidth cap), put back as they were afterwards: a VM that goes on running
+    must not keep x-ignore-shared for its next live migration."""
+
+    CAPS = {"x-ignore-shared": True, "mapped-ram": False, "multifd": False}
+
+    def __init__(self, qemu: Any) -> None:
+        self.qemu = qemu
+        self.saved_caps: dict[str, bool] = {}
+        self.saved_bandwidth: int | None = None
+        self.fdset: int | None = None
+
+    async def set_up(self, incoming: bool) -> None:
+        caps = await qemu_execute(self.qemu, "query-migrate-capabilities")
+        self.saved_caps = {
+            c["capability"]: c["state"] for c in caps if c["capability"] in self.CAPS
+        }
+        changes = [
+            {"capability": name, "state": state}
+            for name, state in self.CAPS.items()
+            if self.saved_caps.get(name, False) != state
+        ]
+        if changes:
+            await qemu_execute(self.qemu, "migrate-set-capabilities", {"capabilities": changes})
+        if not incoming:
+            params = await qemu_execute(self.qemu, "query-migrate-parameters")
+            self.saved_bandwidth = params.get("max-bandwidth")
+            await qemu_execute(self.qemu, "migrate-set-parameters", {"max-bandwidth": 0})
+
+    def pass_fd(self, fd: int) -> None:
+        self.qemu.send_fd_scm(fd)
+
+    async def add_fd(self, fd: int, opaque: str) -> str:
+        """The image as /dev/fdset/N for a file: URI (QEMU dups the fd it is sent)."""
+        self.pass_fd(fd)
+        reply = await qemu_execute(self.qemu, "add-fd", {"opaque": opaque})
+        self.fdset = int(reply["fdset-id"])
+        return f"/dev/fdset/{self.fdset}"
+
+    async def restore(self) -> None:
+        """Put QEMU's settings back and drop the fd; best effort (the VM may be gone)."""
+        with contextlib.suppress(ClientError):
+            if self.fdset is not None:
+                await qemu_execute(self.qemu, "remove-fd", {"fdset-id": self.fdset})
+                self.fdset = None
+            back = [
+                {"capability": name, "state": state}
+                for name, state in self.saved_caps.items()
+                if state != self.CAPS[name]
+            ]
+            if back:
+                await qemu_execute(self.qemu, "migrate-set-capabilities", {"capabilities": back})
+            if self.saved_bandwidth is not None:
+                await qemu_execute(
+                    self.qemu, "migrate-set-parameters", {"max-bandwidth": self.saved_bandwidth}
+                )
+
+
+async def wait_qemu_migration(qemu: Any, what: str) -> dict[str, Any]:
+    while True:
+        info = await qemu_execute(qemu, "query-migrate")
+        status = info.get("status")
+        if status == "completed":
+            return dict(info)
+        if status in ("failed", "cancelled"):
+            raise ClientError(f"QEMU {what} {status}: {info.get('error-desc', 'no reason given')}")
+        await asyncio.sleep(QEMU_POLL)
+
+
+# --- migd ------------------------------------------------------------------------------------
+
+
+async def add_migd_backends(migd: Any, backends: Sequence[tuple[str, str, int, str]]) -> list[str]:
+    """object-add each (migd id, block name, size, mem-path); the ids added."""
+    added = []
+    try:
+        for backend_id, block, size, mem_path in backends:
+            await _execute(
+                migd,
+                "object-add",
+                {
+                    "qom-type": "memory-backend-file",
+                    "id": backend_id,
+                    "size": size,
+                    "mem-path": mem_path,
+                    "share": True,
+                    "ramblock-name": block,
+                },
+            )
+            added.append(backend_id)
+    except BaseException:
+        await del_migd_backends(migd, added)
+        raise
+    return added
+
+
+async def del_migd_backends(migd: Any, ids: Sequence[str]) -> None:
+    for backend_id in ids:
+        with contextlib.suppress(ClientError):
+            await _execute(migd, "object-del", {"id": backend_id})
+
+
+async def run_migd_job(
+    migd: Any,
+    interrupt: _Interrupt,
+    command: str,
+    arguments: dict[str, Any],
+    progress: Progress,
+) -> dict[str, Any]:
+    """Start a memory-save / memory-restore job and wait for it: its end is taken from
+    the JOB_STATUS_CHANGE event (no poll period added to the guest's downtime), progress
+    from query-jobs. Dismissed at the end; a failed job raises ClientError."""
+    from qemu.qmp import EventListener
+
+    job_id = arguments["job-id"]
+
+    def ours(event: Any) -> bool:
+        data = event.get("data", {})
+        return bool(data.get("id") == job_id and data.get("status") == "concluded")
+
+    listener = EventListener("JOB_STATUS_CHANGE", event_filter=ours)
+    migd.register_listener(listener)
+    try:
+        await _execute(migd, command, arguments)
+        cancelled = False
+        while True:
+            job = next(
+                (j for j in await _execute(migd, "query-jobs") if j.get("id") == job_id), None
+            )
+            if job is None:
+                raise ClientError(f"migd job '{job_id}' is gone (dismissed by another client?)")
+            progress.update(job_as_migration(job))
+            if job.get("status") == "concluded":
+                break
+            if interrupt.event.is_set() and not cancelled:
+                cancelled = True
+                progress.close()
+                await _execute(migd, "job-cancel", {"id": job_id})
+            waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(listener.get())]
+            if not cancelled:
+                waits.append(asyncio.ensure_future(interrupt.event.wait()))
+            _, pending = await asyncio.wait(waits, timeout=JOB_POLL, return_when="FIRST_COMPLETED")
+            for task in pending:
+                task.cancel()
+    finally:
+        migd.remove_listener(listener)
+    with contextlib.suppress(ClientError):
+        await _execute(migd, "job-dismiss", {"id": job_id})
+    if job.get("error") is not None:
+        raise ClientError(f"migd {command} failed: {job['error']}")
+    if cancelled:
+        raise ClientError(f"migd {command} interrupted")
+    return dict(job)
+
+
+# --- save ------------------------------------------------------------------------------------
+
+
+def _temporary_image(image: str) -> tuple[str, int]:
+    """A new file beside IMAGE (same filesystem, so the final rename is atomic)."""
+    directory, name = os.path.split(image)
+    if not os.path.isdir(directory or "."):
+        raise UsageError(f"cannot write {image}: directory {directory} does not exist")
+    if os.path.isdir(image):
+        raise UsageError(f"cannot write {image}: it is a directory")
+    tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex[:8]}.migd-vm-tmp")
+    try:
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise ClientError(f"cannot create {tmp}: {exc.strerror}") from None
+    return tmp, fd
+
+
+def _sync_dir(path: str) -> None:
+    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _check_backends(backends: Sequence[GuestBackend], image: str) -> None:
+    problems = [p for b in backends if (p := b.problem()) is not None]
+    if problems:
+        raise ClientError("cannot save this VM's RAM with migd:\n  " + "\n  ".join(problems))
+    with contextlib.suppress(OSError):
+        target = os.stat(image)
+        for b in backends:
+            st = os.stat(str(b.mem_path))
+            if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
+                raise ClientError(
+                    f"{image} is the memory file of backend '{b.id}': the image would "
+                    "replace the guest's RAM"
+                )
+
+
+def _ram_part_info(path: str, offset: int) -> SaveInfo:
+    try:
+        info = inspect_file(path, offset)
+    except (InspectError, OSError) as exc:
+        raise ClientError(f"{path}: the RAM part at {offset:#x} cannot be read: {exc}") from None
+    if not info.complete or info.save_id is None:
+        raise ClientError(f"{path}: the RAM part at {offset:#x} is incomplete: {info.problem}")
+    return info
+
+
+async def run_vm_save(opts: VmOptions, out: TextIO, err: TextIO) -> int:
+    image = os.path.abspath(opts.image)
+    image_id = uuid.uuid4().hex
+    tag = image_id[:8]
+    qemu = await connect_qemu(opts.qmp)
+    migd = None
+    tmp, fd = None, -1
+    migd_ids: list[str] = []
+    settings = QemuMigration(qemu)
+    was_running, stopped, done = False, False, False
+    t = opts.timings
+    try:
+        with _Interrupt() as interrupt:
+            state = await run_state(qemu)
+            if state not in SAVABLE_STATES:
+                raise ClientError(f"the VM is in state '{state}': nothing to save")
+            backends = await guest_backends(qemu)
+            _check_backends(backends, image)
+            qemu_version, machine = await qemu_identity(qemu)
+            migd = await connect(opts.socket)
+            tmp, fd = _temporary_image(image)
+            direct_io = opts.direct_io
+            if direct_io is None:
+                direct_io = probe_direct_io(tmp, for_write=True)
+            blocks = {b.id: f"vm-{tag}/{b.id}" for b in backends}
+            migd_ids = await add_migd_backends(
+                migd,
+                [(f"vm-{tag}-{b.id}", blocks[b.id], b.size, str(b.mem_path)) for b in backends],
+            )
+            await settings.set_up(incoming=False)
+            # QEMU opens the fdset's fd write-only: it looks for one with those flags.
+            qemu_fd = os.open(tmp, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                uri_path = await settings.add_fd(qemu_fd, "migd vm save")
+            finally:
+                os.close(qemu_fd)
+            if interrupt.event.is_set():
+                raise ClientError("interrupted before the VM was stopped")
+
+            # The guest stops: from here on its downtime counts.
+            was_running = state == "running"
+            t["start"] = time.monotonic()
+            if was_running:
+                await qemu_execute(qemu, "stop")
+                stopped = True
+            await qemu_execute(
+                qemu, "migrate", {"uri": f"file:{uri_path},offset={vm_image.HEADER_AREA}"}
+            )
+            await wait_qemu_migration(qemu, "device-state save")
+            t["device"] = time.monotonic()
+            device_length = os.fstat(fd).st_size - vm_image.HEADER_AREA
+            if device_length <= 0:
+                raise ClientError("QEMU wrote no device state")
+            ram_at = vm_image.ram_offset(vm_image.HEADER_AREA + device_length)
+
+            progress = Progress("save", err, quiet=opts.quiet)
+            try:
+                await run_migd_job(
+                    migd,
+                    interrupt,
+                    "memory-save",
+                    {
+                        "job-id": f"vm-save-{tag}",
+                        "backends": migd_ids,
+                        "uri": f"file:{tmp},offset={ram_at}",
+                        "multifd-channels": opts.channels or min(4, os.cpu_count() or 1),
+                        "direct-io": direct_io,
+                    },
+                    progress,
+                )
+            finally:
+                progress.close()
+            t["ram"] = time.monotonic()
+            ram = _ram_part_info(tmp, ram_at)
+            size = os.fstat(fd).st_size
+            header = vm_image.ImageHeader(
+                image_id=image_id,
+                created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                migd_version=__version__,
+                qemu_version=qemu_version,
+                machine=machine,
+                device=vm_image.DevicePart(
+                    vm_image.HEADER_AREA,
+                    device_length,
+                    vm_image.device_digest(
+                        fd, vm_image.DevicePart(vm_image.HEADER_AREA, device_length, "")
+                    ),
+                ),
+                ram=vm_image.RamPart(
+                    ram_at,
+                    size - ram_at,
+                    ram.save_id or "",
+                    ram.checksums.table_digest if ram.checksums is not None else None,
+                ),
+                backends=[
+                    vm_image.BackendEntry(b.id, blocks[b.id], b.size, str(b.mem_path))
+                    for b in backends
+                ],
+            )
+            # Both parts durable before the header that makes the file an image.
+            os.fsync(fd)
+            os.pwrite(fd, vm_image.encode(header), 0)
+            os.fsync(fd)
+            os.rename(tmp, image)
+            tmp = None
+            _sync_dir(image)
+            t["durable"] = time.monotonic()
+            done = True
+    except OSError as exc:
+        raise ClientError(f"{image}: {exc.strerror or exc}") from None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if migd is not None:
+            await del_migd_backends(migd, migd_ids)
+            await _disconnect(migd)
+        if not (done and opts.after == "quit"):
+            await settings.restore()
+        if not done and stopped and was_running:
+            with contextlib.suppress(ClientError):
+                await qemu_execute(qemu, "cont")
+                print("the save failed: the VM runs again", file=err, flush=True)
+    try:
+        if opts.after == "resume":
+            await qemu_execute(qemu, "cont")
+        elif opts.after == "quit":
+            with contextlib.suppress(ClientError):  # QEMU closes the socket as it goes
+                await qemu_execute(qemu, "quit")
+    finally:
+        await _disconnect(qemu)
+    if opts.json:
+        _print_json(
+            out, "save", image, header, device_state=t["device"] - t["start"],
+            ram=t["ram"] - t["device"], downtime=t["durable"] - t["start"],
+        )  # fmt: skip
+    else:
+        _print_save_summary(image, header, t, opts.after, out)
+    return 0
+
+
+def _print_json(
+    out: TextIO, what: str, image: str, header: vm_image.ImageHeader, **seconds: float
+) -> None:
+    """--json: one object, for management applications and `migd bench --vm`."""
+    import json
+
+    summary = {
+        "command": f"vm {what}",
+        "image": image,
+        "image-id": header.image_id,
+        "device-state-bytes": header.device.length,
+        "ram-bytes": sum(b.size for b in header.backends),
+        "seconds": {key.replace("_", "-"): round(value, 6) for key, value in seconds.items()},
+    }
+    print(json.dumps(summary), file=out, flush=True)
+
+
+def _print_save_summary(
+    image: str, header: vm_image.ImageHeader, t: Mapping[str, float], after: str, out: TextIO,
+) -> None:  # fmt: skip
+    total = header.ram.length + header.device.length
+    ram_bytes = sum(b.size for b in header.backends)
+    print(
+        f"vm save completed: {image} ({human_bytes(total)}; image id {header.image_id})\n"
+        f"  device state: {human_bytes(header.device.length)} by QEMU in "
+        f"{t['device'] - t['start']:.3f} s\n"
+        f"  RAM:          {human_bytes(ram_bytes)} by migd in {t['ram'] - t['device']:.3f} s "
+        f"({', '.join(b.id for b in header.backends)})\n"
+        f"  downtime:     {t['durable'] - t['start']:.3f} s (stop -> image durable)\n"
+        f"  the VM is {dict(pause='paused', resume='running', quit='gone (quit)')[after]}",
+        file=out,
+        flush=True,
+    )
+
+
+# --- restore ---------------------------------------------------------------------------------
+
+
+def check_image(image: str, fd: int) -> vm_image.ImageHeader:
+    """The image's header, after checking both parts against it; ClientError otherwise."""
+    try:
+        header = vm_image.read_header(fd, image)
+    except vm_image.ImageError as exc:
+        raise ClientError(str(exc)) from None
+    if vm_image.device_digest(fd, header.device) != header.device.sha256:
+        raise ClientError(
+            f"'{image}': the device state ({header.device.length} bytes at "
+            f"{header.device.offset:#x}) does not match its SHA-256 in the header: corrupt"
+        )
+    ram = _ram_part_info(image, header.ram.offset)
+    if ram.save_id != header.ram.save_id:
+        raise ClientError(
+            f"'{image}': its RAM part is save {ram.save_id}, the header names save "
+            f"{header.ram.save_id}: the parts do not belong together"
+        )
+    digest = ram.checksums.table_digest if ram.checksums is not None else None
+    if ram.checksums is not None and ram.checksums.problem is not None:
+        raise ClientError(f"'{image}': the RAM part's checksum table: {ram.checksums.problem}")
+    if digest != header.ram.table_digest:
+        raise ClientError(f"'{image}': the RAM part's checksum table is not the one saved")
+    saved = {b.name: b.size for b in ram.blocks}
+    wanted = {b.block: b.size for b in header.backends}
+    if saved != wanted:
+        raise ClientError(
+            f"'{image}': the RAM part holds blocks {saved}, the header lists {wanted}"
+        )
+    return header
+
+
+def match_guest(
+    header: vm_image.ImageHeader, machine: str, backends: Sequence[GuestBackend]
+) -> None:
+    """The QEMU to restore into has the saved VM's machine type and memory backends."""
+    problems = []
+    if machine != header.machine:
+        problems.append(f"machine type {machine}, the image was saved from {header.machine}")
+    have = {b.id: b for b in backends}
+    for entry in header.backends:
+        b = have.get(entry.id)
+        if b is None:
+            problems.append(
+                f"no memory backend '{entry.id}' (the image has one of {entry.size} bytes)"
+            )
+        elif b.size != entry.size:
+            problems.append(
+                f"memory backend '{entry.id}' has {b.size} bytes, the image {entry.size}"
+            )
+        elif (p := b.problem()) is not None:
+            problems.append(p)
+    extra = sorted(set(have) - {e.id for e in header.backends})
+    if extra:
+        problems.append(f"memory backends not in the image: {', '.join(extra)}")
+    if problems:
+        raise ClientError(
+            "this QEMU does not match the image (start it with the saved VM's "
+            "configuration and -incoming defer):\n  " + "\n  ".join(problems)
+        )
+
+
+async def run_vm_restore(opts: VmOptions, out: TextIO, err: TextIO) -> int:
+    # The guest is down all along: its downtime counts from here, checks included.
+    t = opts.timings
+    t["start"] = time.monotonic()
+    image = os.path.abspath(opts.image)
+    try:
+        fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ClientError(f"cannot open {image}: {exc.strerror}") from None
+    qemu = migd = None
+    settings: QemuMigration | None = None
+    migd_ids: list[str] = []
+    try:
+        header = check_image(image, fd)
+        qemu = await connect_qemu(opts.qmp)
+        settings = QemuMigration(qemu)
+        state = await run_state(qemu)
+        if state != "inmigrate":
+            raise ClientError(
+                f"the VM is in state '{state}': restore needs a QEMU started with -incoming defer"
+            )
+        _, machine = await qemu_identity(qemu)
+        backends = await guest_backends(qemu)
+        match_guest(header, machine, backends)
+        paths = {b.id: str(b.mem_path) for b in backends}
+        migd = await connect(opts.socket)
+        direct_io = opts.direct_io
+        if direct_io is None:
+            direct_io = probe_direct_io(image, for_write=False)
+        tag = f"{header.image_id[:8]}-{os.getpid()}"
+        with _Interrupt() as interrupt:
+            t["checked"] = time.monotonic()
+            migd_ids = await add_migd_backends(
+                migd,
+                [(f"vm-{tag}-{e.id}", e.block, e.size, paths[e.id]) for e in header.backends],
+            )
+            # Incoming QEMU starts the guest when its part is loaded unless stopped first.
+            await qemu_execute(qemu, "stop")
+            await settings.set_up(incoming=True)
+            uri_path = await settings.add_fd(fd, "migd vm restore")
+            progress = Progress("restore", err, quiet=opts.quiet)
+            try:
+                await run_migd_job(
+                    migd,
+                    interrupt,
+                    "memory-restore",
+                    {
+                        "job-id": f"vm-restore-{tag}",
+                        "backends": migd_ids,
+                        "uri": f"file:{image},offset={header.ram.offset}",
+                        "multifd-channels": opts.channels or min(4, os.cpu_count() or 1),
+                        "direct-io": direct_io,
+                    },
+                    progress,
+                )
+            finally:
+                progress.close()
+            t["ram"] = time.monotonic()
+            await qemu_execute(
+                qemu,
+                "migrate-incoming",
+                {"uri": f"file:{uri_path},offset={header.device.offset}", "exit-on-error": False},
+            )
+            await wait_qemu_migration(qemu, "device-state load")
+            t["device"] = time.monotonic()
+            if not opts.paused:
+                await qemu_execute(qemu, "cont")
+            t["running"] = time.monotonic()
+            # QEMU's settings and migd's mappings are undone once the guest runs
+            # (unmapping GiBs takes tens of ms), and also after a failure.
+    finally:
+        os.close(fd)
+        if qemu is not None and settings is not None:
+            await settings.restore()
+        if migd is not None:
+            await del_migd_backends(migd, migd_ids)
+            await _disconnect(migd)
+        if qemu is not None:
+            await _disconnect(qemu)
+    ram_bytes = sum(b.size for b in header.backends)
+    if opts.json:
+        _print_json(
+            out, "restore", image, header, checks=t["checked"] - t["start"],
+            ram=t["ram"] - t["checked"],
+            device_state=t["device"] - t["ram"], downtime=t["running"] - t["start"],
+        )  # fmt: skip
+        return 0
+    print(
+        f"vm restore completed: {image} (image id {header.image_id})\n"
+        f"  checks:       image and QEMU in {t['checked'] - t['start']:.3f} s\n"
+        f"  RAM:          {human_bytes(ram_bytes)} by migd in {t['ram'] - t['checked']:.3f} s\n"
+        f"  device state: {human_bytes(header.device.length)} by QEMU in "
+        f"{t['device'] - t['ram']:.3f} s\n"
+        f"  downtime:     {t['running'] - t['start']:.3f} s (restore start -> "
+        f"{'paused, ready' if opts.paused else 'running'})",
+        file=out,
+        flush=True,
+    )
+    return 0
+
+
+def describe(path: str) -> dict[str, Any] | None:
+    """For `migd inspect`: the image's header and what each part holds, with "problems"
+    listing why `migd vm restore` would refuse it; None when the file is not a VM image
+    (a plain save file)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if not vm_image.is_image(fd):
+            return None
+        try:
+            header = vm_image.read_header(fd, path)
+        except vm_image.ImageError as exc:
+            return {"image": path, "header": None, "problems": [str(exc)]}
+        problems = []
+        if vm_image.device_digest(fd, header.device) != header.device.sha256:
+            problems.append("the device state does not match its SHA-256: corrupt")
+        device_head = os.pread(fd, 8, header.device.offset)
+    finally:
+        os.close(fd)
+    ram: dict[str, Any] | None = None
+    try:
+        ram = inspect_file(path, header.ram.offset).to_dict()
+    except (InspectError, OSError) as exc:
+        problems.append(f"the RAM part cannot be read: {exc}")
+    else:
+        if not ram["complete"]:
+            problems.append(f"the RAM part is incomplete: {ram['problem']}")
+        elif ram["save_id"] != header.ram.save_id:
+            problems.append("the RAM part is another save than the header names")
+    return {
+        "image": path,
+        "header": header.to_json(),
+        "device-state-magic": device_head.hex(),
+        "ram-part": ram,
+        "problems": problems,
+    }

@@ -1,0 +1,313 @@
+"""`migd vm save` / `migd vm restore` against real QEMU processes (docs/vm-image.md).
+
+These VMs run only their firmware (no kernel): what matters here is that the RAM file a
+new QEMU gets back is byte for byte the one the stopped guest had, that QEMU's device
+state loads, and that every mismatch or damage is refused before anything is written.
+tests/test_vm_guest.py runs a real Linux guest through the same commands.
+
+The CLI runs as a subprocess (`python -m migd vm ...`) against a migd daemon process.
+Each QEMU has two QMP sockets: one for the test, one for the CLI (a QMP socket serves one
+client at a time).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from migd.tools import vm_image
+
+from .conftest import DaemonProcess, fill_random
+from .qemu_vm import QemuVM, requires_qemu
+
+pytestmark = requires_qemu
+
+MiB = 1 << 20
+SIZE = 64 * MiB
+
+
+def qemu_args(
+    ram: Path,
+    cli_sock: Path,
+    size: int = SIZE,
+    extra: tuple[str, ...] = (),
+    machine: str = "q35",
+    backend: str | None = None,
+    backend_id: str = "ram0",
+) -> list[str]:
+    if backend is None:
+        backend = f"memory-backend-file,id={backend_id},size={size},mem-path={ram},share=on"
+    return [
+        "-accel", "tcg", "-M", machine, "-m", str(size // MiB), "-smp", "1", "-nodefaults",
+        "-display", "none", "-object", backend, "-machine", f"memory-backend={backend_id}",
+        "-qmp", f"unix:{cli_sock},server=on,wait=off", *extra,
+    ]  # fmt: skip
+
+
+INCOMING = ("-incoming", "defer")
+
+
+def vm_cli(
+    daemon: DaemonProcess, qemu_sock: Path, *args: str, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "migd", "vm", args[0], "--qmp", str(qemu_sock),
+           "--socket", str(daemon.socket_path), "-q", *args[1:]]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+async def status(vm: QemuVM) -> str:
+    return str((await vm.cmd("query-status"))["status"])
+
+
+async def ignore_shared(vm: QemuVM) -> bool:
+    caps = await vm.cmd("query-migrate-capabilities")
+    return next(c["state"] for c in caps if c["capability"] == "x-ignore-shared")
+
+
+@pytest.fixture
+def setup(short_dir: Path, shm: Path, daemon: DaemonProcess) -> dict[str, Path]:
+    return {"dir": short_dir, "ram": shm / "guest-ram", "image": short_dir / "vm.img"}
+
+
+async def saved_image(daemon: DaemonProcess, setup: dict[str, Path], *flags: str) -> bytes:
+    """Run a firmware-only VM on random RAM, `vm save` it; the RAM file it had then."""
+    ram, d = setup["ram"], setup["dir"]
+    fill_random(ram, SIZE, seed=5)
+    async with QemuVM(qemu_args(ram, d / "a-cli.sock"), d, name="a") as vm:
+        assert await status(vm) == "running"
+        vm_cli(daemon, d / "a-cli.sock", "save", str(setup["image"]), *flags)
+        if "--quit" not in flags:
+            assert await status(vm) in ("paused", "postmigrate")
+        return ram.read_bytes()
+
+
+async def test_a_saved_vm_restores_into_a_new_qemu_byte_exact_and_runs(
+    daemon: DaemonProcess, setup: dict[str, Path]
+) -> None:
+    ram, d, image = setup["ram"], setup["dir"], setup["image"]
+    saved = await saved_image(daemon, setup, "--quit")
+    assert not list(d.glob(".*migd-vm-tmp"))  # the temporary file became the image
+    fill_random(ram, SIZE, seed=99)  # what a new guest's RAM file might hold
+    async with QemuVM(qemu_args(ram, d / "b-cli.sock", extra=INCOMING), d,
+                      name="b") as vm:  # fmt: skip
+        assert await status(vm) == "inmigrate"
+        out = vm_cli(daemon, d / "b-cli.sock", "restore", "--paused", str(image)).stdout
+        assert "vm restore completed" in out and "downtime" in out
+        assert await status(vm) == "paused"
+        assert ram.read_bytes() == saved
+        assert not await ignore_shared(vm)  # QEMU's settings put back
+        await vm.cmd("cont")
+        assert await status(vm) == "running"
+
+
+async def test_save_stops_a_running_vm_and_resume_lets_it_run_with_its_settings_back(
+    daemon: DaemonProcess, setup: dict[str, Path]
+) -> None:
+    ram, d = setup["ram"], setup["dir"]
+    fill_random(ram, SIZE, seed=6)
+    async with QemuVM(qemu_args(ram, d / "a-cli.sock"), d, name="a") as vm:
+        await vm.cmd("migrate-set-parameters", {"max-bandwidth": 12345678})
+        events_before = await vm.cmd("query-migrate-capabilities")
+        out = vm_cli(daemon, d / "a-cli.sock", "save", "--resume", str(setup["image"])).stdout
+        assert "the VM is running" in out
+        assert await status(vm) == "running"
+        assert await vm.cmd("query-migrate-capabilities") == events_before
+        params = await vm.cmd("query-migrate-parameters")
+        assert params["max-bandwidth"] == 12345678
+        # Without --resume or --quit the guest stays stopped.
+        vm_cli(daemon, d / "a-cli.sock", "save", str(setup["image"]))
+        assert await status(vm) == "postmigrate"
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["other size", "other machine", "other backend id", "running vm", "extra backend"],
+)
+async def test_a_mismatched_qemu_is_refused_before_anything_is_written(
+    daemon: DaemonProcess, setup: dict[str, Path], change: str
+) -> None:
+    ram, d, image = setup["ram"], setup["dir"], setup["image"]
+    await saved_image(daemon, setup, "--quit")
+    size, extra, machine, backend_id = SIZE, INCOMING, "q35", "ram0"
+    if change == "other size":
+        size = SIZE // 2
+    elif change == "other machine":
+        machine = "pc"
+    elif change == "other backend id":
+        backend_id = "mem0"
+    elif change == "running vm":
+        extra = ()
+    elif change == "extra backend":
+        more = f"memory-backend-file,id=more,size={MiB},mem-path={ram}.more,share=on"
+        extra = (*INCOMING, "-object", more)
+    fill_random(ram, size, seed=42)
+    before = ram.read_bytes()
+    args = qemu_args(ram, d / "b-cli.sock", size, extra, machine, backend_id=backend_id)
+    async with QemuVM(args, d, name="b") as vm:
+        state = await status(vm)
+        result = vm_cli(daemon, d / "b-cli.sock", "restore", str(image), check=False)
+        assert result.returncode == 1, result
+        expected = {
+            "other size": f"memory backend 'ram0' has {size} bytes, the image {SIZE}",
+            "other machine": "machine type pc-i440fx",
+            "other backend id": "no memory backend 'ram0'",
+            "running vm": "restore needs a QEMU started with -incoming defer",
+            "extra backend": "memory backends not in the image: more",
+        }[change]
+        assert expected in result.stderr
+        if change != "running vm":  # a running guest changes its own RAM
+            assert ram.read_bytes() == before
+        assert await status(vm) == state
+
+
+def _damage(image: Path, how: str, other: Path | None = None) -> str:
+    """Damage the image one way; the text the refusal must hold."""
+    with open(image, "rb") as f:
+        header = vm_image.read_header(f.fileno(), str(image))
+    data = bytearray(image.read_bytes())
+    if how == "header byte":
+        data[40] ^= 0x01
+        text = "header is corrupt"
+    elif how == "header gone":
+        data[: vm_image.HEADER_AREA] = bytes(vm_image.HEADER_AREA)
+        text = "did not finish"
+    elif how == "device byte":
+        data[header.device.offset + header.device.length // 2] ^= 0x80
+        text = "does not match its SHA-256"
+    elif how == "truncated":
+        del data[-4096:]
+        text = "cut short"
+    elif how == "foreign":
+        data[:8] = b"QEVM\x00\x00\x00\x03"
+        text = "not a migd VM image"
+    else:  # "other ram part": another save's RAM spliced in
+        assert other is not None
+        with open(other, "rb") as f:
+            theirs = vm_image.read_header(f.fileno(), str(other))
+        data[header.ram.offset :] = other.read_bytes()[theirs.ram.offset :]
+        text = "do not belong together"
+    image.write_bytes(bytes(data))
+    return text
+
+
+@pytest.mark.parametrize(
+    "how", ["header byte", "header gone", "device byte", "truncated", "foreign", "other ram part"]
+)
+async def test_a_damaged_image_is_refused_before_anything_is_written(
+    daemon: DaemonProcess, setup: dict[str, Path], how: str
+) -> None:
+    ram, d, image = setup["ram"], setup["dir"], setup["image"]
+    other = None
+    if how == "other ram part":
+        await saved_image(daemon, {**setup, "image": d / "other.img"}, "--quit")
+        other = d / "other.img"
+    await saved_image(daemon, setup, "--quit")
+    text = _damage(image, how, other)
+    fill_random(ram, SIZE, seed=43)
+    before = ram.read_bytes()
+    async with QemuVM(qemu_args(ram, d / "b-cli.sock", extra=INCOMING), d,
+                      name="b") as vm:  # fmt: skip
+        result = vm_cli(daemon, d / "b-cli.sock", "restore", str(image), check=False)
+        assert result.returncode == 1 and text in result.stderr, result.stderr
+        assert ram.read_bytes() == before
+        assert await status(vm) == "inmigrate"
+    inspect = subprocess.run([sys.executable, "-m", "migd", "inspect", str(image)],
+                             capture_output=True, text=True)  # fmt: skip
+    assert inspect.returncode == 1
+
+
+@pytest.mark.parametrize("kind", ["memory-backend-ram", "memory-backend-memfd", "share=off"])
+async def test_backends_migd_cannot_reach_are_refused_and_the_vm_keeps_running(
+    daemon: DaemonProcess, setup: dict[str, Path], kind: str
+) -> None:
+    ram, d, image = setup["ram"], setup["dir"], setup["image"]
+    backend = {
+        "memory-backend-ram": f"memory-backend-ram,id=ram0,size={SIZE}",
+        "memory-backend-memfd": f"memory-backend-memfd,id=ram0,size={SIZE},share=on",
+        "share=off": f"memory-backend-file,id=ram0,size={SIZE},mem-path={ram},share=off",
+    }[kind]
+    args = qemu_args(ram, d / "a-cli.sock", backend=backend)
+    async with QemuVM(args, d, name="a") as vm:
+        result = vm_cli(daemon, d / "a-cli.sock", "save", str(image), check=False)
+        assert result.returncode == 1
+        assert {
+            "memory-backend-ram": "private anonymous memory",
+            "memory-backend-memfd": "is a memfd",
+            "share=off": "has share=off",
+        }[kind] in result.stderr
+        assert await status(vm) == "running"
+    assert not image.exists() and not list(d.glob(".*migd-vm-tmp"))
+
+
+async def test_a_save_that_fails_keeps_the_old_image_and_runs_the_vm_again(
+    daemon: DaemonProcess, setup: dict[str, Path], short_dir: Path
+) -> None:
+    """The image's filesystem fills up during migd's part (a 16 MiB tmpfs)."""
+    ram, d = setup["ram"], setup["dir"]
+    small = short_dir / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(small)], check=True)
+    try:
+        image = small / "vm.img"
+        image.write_bytes(b"the previous image")
+        fill_random(ram, SIZE, seed=7)
+        async with QemuVM(qemu_args(ram, d / "a-cli.sock"), d, name="a") as vm:
+            result = vm_cli(daemon, d / "a-cli.sock", "save", str(image), check=False)
+            assert result.returncode == 1
+            assert "No space left on device" in result.stderr, result.stderr
+            assert "the VM runs again" in result.stderr
+            assert await status(vm) == "running"
+            assert not await ignore_shared(vm)
+        assert image.read_bytes() == b"the previous image"
+        assert sorted(p.name for p in small.iterdir()) == ["vm.img"]
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+async def test_inspect_shows_both_parts(daemon: DaemonProcess, setup: dict[str, Path]) -> None:
+    await saved_image(daemon, setup, "--quit")
+    out = subprocess.run([sys.executable, "-m", "migd", "inspect", str(setup["image"])],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert "migd VM image" in out and "machine pc-q35-" in out
+    assert "device state:" in out and "(QEMU's stream, x-ignore-shared)" in out
+    assert f"ram0     {SIZE / MiB:.1f} MiB" in out and "checksums xxh3-128" in out
+    assert "migd vm restore accepts it" in out
+
+
+async def test_an_image_path_that_is_the_guests_memory_file_is_refused(
+    daemon: DaemonProcess, setup: dict[str, Path]
+) -> None:
+    ram, d = setup["ram"], setup["dir"]
+    fill_random(ram, SIZE, seed=8)
+    link = d / "ram-link"
+    link.symlink_to(ram)
+    async with QemuVM(qemu_args(ram, d / "a-cli.sock"), d, name="a") as vm:
+        for image in (ram, link):
+            result = vm_cli(daemon, d / "a-cli.sock", "save", str(image), check=False)
+            assert result.returncode == 1
+            assert "is the memory file of backend 'ram0'" in result.stderr
+            assert await status(vm) == "running"
+    assert ram.stat().st_size == SIZE and not list(ram.parent.glob(".*migd-vm-tmp"))
+
+
+def test_usage_errors_exit_2(daemon: DaemonProcess, setup: dict[str, Path]) -> None:
+    run = [sys.executable, "-m", "migd", "vm"]
+    missing = subprocess.run([*run, "save", str(setup["image"])], capture_output=True, text=True)
+    assert missing.returncode == 2 and "--qmp" in missing.stderr
+    nobody = setup["dir"] / "nobody.sock"
+    result = subprocess.run([*run, "restore", "--qmp", str(nobody), str(setup["image"])],
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 1 and "cannot open" in result.stderr  # no image yet
+    result = subprocess.run(
+        [*run, "save", "--qmp", str(nobody), "--socket", str(daemon.socket_path),
+         str(setup["image"])], capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert f"cannot connect to QEMU's QMP socket {nobody}" in result.stderr
+    assert not setup["image"].exists()
