@@ -189,11 +189,10 @@ def test_bench_checksums_only(disk: Path) -> None:
 
 
 def test_bench_concurrency_section(disk: Path) -> None:
-    """`migd bench --concurrency`: every phase measured, each with its ratio and fairness,
-    and nothing left behind in --dir."""
-    proc = run_bench(
-        ["--concurrency", "--jobs", "3", "--job-size-mib", "8", "--no-qemu", "--dir", str(disk)]
-    )
+    """`migd bench --concurrency`: every phase measured in each round, each with its ratio
+    and fairness, the rounds' median ratios, and nothing left behind in --dir."""
+    proc = run_bench(["--concurrency", "--jobs", "3", "--job-size-mib", "8", "--no-qemu",
+                      "--runs", "2", "--dir", str(disk)])  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {
         line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
@@ -201,13 +200,18 @@ def test_bench_concurrency_section(disk: Path) -> None:
         if line.startswith("| serial") or line.startswith("| concurrent")
     }
     assert set(rows) == {
-        f"{how} memory-{what}" for how in ("serial", "concurrent") for what in ("save", "restore")
-    }
+        f"{how} memory-{what} (round {r})"
+        for how in ("serial", "concurrent") for what in ("save", "restore") for r in (1, 2)
+    }  # fmt: skip
     for what in ("save", "restore"):
-        total, gibs, ratio, jain, slowest, p99, rss = rows[f"concurrent memory-{what}"]
-        assert float(total) > 0 and float(gibs) > 0 and float(ratio) > 0
-        assert 0 < float(jain) <= 1 and float(slowest) >= 1
-        assert float(p99) > 0 and float(rss) > 0
+        for r in (1, 2):
+            row = rows[f"concurrent memory-{what} (round {r})"]
+            total, gibs, ratio, jain, slowest, p99, rss = row
+            assert float(total) > 0 and float(gibs) > 0 and float(ratio) > 0
+            assert 0 < float(jain) <= 1 and float(slowest) >= 1
+            assert float(p99) > 0 and float(rss) > 0
+        assert f"concurrent memory-{what} / serial, round by round" in proc.stdout
+    assert "over 2 rounds" in proc.stdout
     assert "3 jobs of 8 MiB" in proc.stdout
     assert list(disk.iterdir()) == []
     assert run_bench(["--concurrency", "--jobs", "0"]).returncode == 2

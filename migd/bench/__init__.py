@@ -237,7 +237,7 @@ def run_concurrency(args: argparse.Namespace) -> int:
         return 2
     argv = [
         "--jobs", str(args.jobs), "--size-mib", str(args.job_size_mib),
-        "--channels", str(args.job_channels), "--dir", args.dir,
+        "--channels", str(args.job_channels), "--dir", args.dir, "--rounds", str(args.runs),
         *(["--no-qemu"] if args.no_qemu else []),
     ]  # fmt: skip
     try:

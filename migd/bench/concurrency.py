@@ -44,6 +44,7 @@ class Phase:
     per_job: dict[str, float]  # job -> seconds from its start to concluded
     latencies: list[float] = field(default_factory=list)  # query-jobs round trips, s
     peak_anon: int = 0
+    round: int = 1
 
 
 def jain(values: list[float]) -> float:
@@ -163,11 +164,15 @@ def report(phases: list[Phase], qemu: float | None, size: int, args: argparse.Na
         "| query-jobs p99 ms | peak RssAnon MiB |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    by_name = {p.name: p for p in phases}
+    by_name = {(p.round, p.name): p for p in phases}
+    rounds = max(p.round for p in phases)
+    ratios: dict[str, list[float]] = {}
     for p in phases:
         total = size * len(p.per_job)
         rates = [size / s for s in p.per_job.values()]
-        serial = by_name.get(p.name.replace("concurrent", "serial"))
+        serial = by_name.get((p.round, p.name.replace("concurrent", "serial")))
+        if serial is not None and serial is not p:
+            ratios.setdefault(p.name, []).append(p.seconds / serial.seconds)
         ratio = f"{p.seconds / serial.seconds:.3f}" if serial and serial is not p else ""
         fair = f"{jain(rates):.3f}" if p.name.startswith("concurrent") else ""
         spread = ""
@@ -175,12 +180,21 @@ def report(phases: list[Phase], qemu: float | None, size: int, args: argparse.Na
             spread = f"{max(p.per_job.values()) / statistics.median(p.per_job.values()):.2f}"
         ms = sorted(x * 1000 for x in p.latencies)
         p99 = ms[min(len(ms) - 1, int(len(ms) * 0.99))] if ms else 0.0
+        name = f"{p.name} (round {p.round})" if rounds > 1 else p.name
         lines.append(
-            f"| {p.name} | {p.seconds:.2f} | {total / p.seconds / GiB:.2f} | {ratio} | {fair} "
+            f"| {name} | {p.seconds:.2f} | {total / p.seconds / GiB:.2f} | {ratio} | {fair} "
             f"| {spread} | {p99:.1f} | {p.peak_anon / MiB:.0f} |"
         )
+    if rounds > 1:
+        lines.append("")
+        for name, values in ratios.items():
+            lines.append(
+                f"{name} / serial, round by round (serial and concurrent in mirrored order): "
+                f"median {statistics.median(values):.3f}, "
+                f"{min(values):.3f}-{max(values):.3f} over {len(values)} rounds"
+            )
     if qemu is not None:
-        concurrent = by_name.get("concurrent memory-save")
+        concurrent = by_name.get((1, "concurrent memory-save"))
         versus = f" (migd's concurrent saves: {concurrent.seconds:.2f} s)" if concurrent else ""
         lines.append("")
         lines.append(
@@ -198,6 +212,9 @@ async def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", default="/tmp", help="where the save files go")
     parser.add_argument("--slots", type=int, default=0, help="MIGD_IO_SLOTS for the daemon")
     parser.add_argument("--no-qemu", action="store_true")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="serial and concurrent phases, mirrored order"
+    )
     args = parser.parse_args(argv)
     size = args.size_mib * MiB
     env_slots = {"MIGD_IO_SLOTS": str(args.slots)} if args.slots else {}
@@ -229,12 +246,16 @@ async def main(argv: list[str] | None = None) -> int:
                     for i in range(args.jobs)
                 ]  # fmt: skip
 
-            for command, kind in (("memory-save", "save"), ("memory-restore", "load")):
-                for concurrent in (False, True):
-                    drop_caches(Path(work), enabled=os.geteuid() == 0)
-                    phases.append(
-                        await run_jobs(qmp, command, specs(kind), daemon.pid, concurrent)
-                    )
+            for round_ in range(1, args.rounds + 1):
+                # Mirrored order (serial first, then concurrent first): a steady drift of
+                # the disk's speed hits both sides alike.
+                order = (False, True) if round_ % 2 else (True, False)
+                for command, kind in (("memory-save", "save"), ("memory-restore", "load")):
+                    for concurrent in order:
+                        drop_caches(Path(work), enabled=os.geteuid() == 0)
+                        phase = await run_jobs(qmp, command, specs(kind), daemon.pid, concurrent)
+                        phase.round = round_
+                        phases.append(phase)
             await qmp.disconnect()
         finally:
             daemon.terminate()
