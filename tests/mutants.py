@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 300  # seconds per pytest run; a run that hangs this long counts as not caught
 
 G = "tests/test_bug_guards.py::"
+V = "tests/test_vm.py::"
 
 
 @dataclass(frozen=True)
@@ -378,6 +379,42 @@ MUTANTS = [
         "                    explain = block.explain_fault\n",
         "                    explain = None\n",
         ("tests/test_shrink.py::test_a_memory_file_cut_short_while_units_wait_for_hashing_names_the_backend",),
+    ),
+    # --- whole-VM images (issue 18) ----------------------------------------------------
+    Mutant(
+        "vm-device-state-digest-unchecked",
+        "migd/tools/vm.py",
+        "    if vm_image.device_digest(fd, header.device) != header.device.sha256:\n        raise",
+        "    if False:\n        raise",
+        (V + "test_a_damaged_image_is_refused_before_anything_is_written[device byte]",),
+    ),
+    Mutant(
+        "vm-ram-part-of-another-save-accepted",
+        "migd/tools/vm.py",
+        "    if ram.save_id != header.ram.save_id:",
+        "    if False:",
+        (V + "test_a_damaged_image_is_refused_before_anything_is_written[other ram part]",),
+    ),
+    Mutant(
+        "vm-backend-size-unchecked",
+        "migd/tools/vm.py",
+        "        elif b.size != entry.size:",
+        "        elif False:",
+        (V + "test_a_mismatched_qemu_is_refused_before_anything_is_written[other size]",),
+    ),
+    Mutant(
+        "vm-qemu-settings-left-changed",
+        "migd/tools/vm.py",
+        '        if not (done and opts.after == "quit"):\n            await settings.restore()',
+        "        if False:\n            await settings.restore()",
+        (V + "test_save_stops_a_running_vm_and_resume_lets_it_run_with_its_settings_back",),
+    ),
+    Mutant(
+        "vm-failed-save-leaves-the-guest-stopped",
+        "migd/tools/vm.py",
+        "        if not done and stopped and was_running:",
+        "        if False:",
+        (V + "test_a_save_that_fails_keeps_the_old_image_and_runs_the_vm_again",),
     ),
 ]  # fmt: skip
 
