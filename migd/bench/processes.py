@@ -142,12 +142,20 @@ class Timed:
     latencies: list[float]  # query-migrate round trips, seconds
     peak_anon: int  # the server's peak RssAnon in bytes (0 when not sampled)
     cpu: float  # CPU seconds (user + system) the server spent on it
+    cpu_user: float = 0.0  # of which in user space
+    cpu_sys: float = 0.0  # and in the kernel
+
+
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of the process so far, all its threads."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()  # fields[0] is field 3, the state
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()  # fields[0] is field 3, the state
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return sum(cpu_times(pid))
 
 
 def rss_anon(pid: int) -> int:
@@ -164,7 +172,7 @@ def timed_migration(
     """Issue migrate / migrate-incoming, poll query-migrate every 10 ms until final."""
     latencies: list[float] = []
     peak = 0
-    cpu = cpu_seconds(pid)
+    user, system = cpu_times(pid)
     start = time.perf_counter()
     qmp.execute(command, arguments)
     while True:
@@ -179,7 +187,9 @@ def timed_migration(
         time.sleep(POLL)
     if info["status"] != "completed":
         raise BenchError(f"{command} ended {info['status']}: {info.get('error-desc')}")
-    return Timed(now - start, info, latencies, peak, cpu_seconds(pid) - cpu)
+    user_end, system_end = cpu_times(pid)
+    used_user, used_sys = user_end - user, system_end - system
+    return Timed(now - start, info, latencies, peak, used_user + used_sys, used_user, used_sys)
 
 
 def configure(qmp: QMP, channels: int, direct_io: bool, **params: Any) -> None:

@@ -418,8 +418,8 @@ class BenchReport:
             "## Every figure",
             "",
             "| what | GiB/s | min-max | s | vs disk | vs QEMU | pages written | page cache "
-            "left | CPU | qm p99 / max ms (answers) |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "left | CPU | CPU s/GiB user+sys | qm p99 / max ms (answers) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         rows = self.measured()
         for row in rows.values():
@@ -430,6 +430,8 @@ class BenchReport:
             written = f"{statistics.median(row.written_pct):.0f} %" if row.written_pct else ""
             cache = f"{max(row.cache_pct):.3g} %" if row.cache_pct else ""
             cpu = "" if row.cpu_pct is None else f"{row.cpu_pct:.0f} %"
+            per_gib = row.cpu_per_gib()
+            cpu_gib = "" if per_gib is None else f"{per_gib[0]:.2f}+{per_gib[1]:.2f}"
             p99, top = row.p99_ms(), row.max_ms()
             qm = (
                 ""
@@ -441,7 +443,7 @@ class BenchReport:
             )
             lines.append(
                 f"| {label} | {row.gibs:.2f} | {row.span()} | {row.seconds:.2f} | {vs_disk} "
-                f"| {vs_qemu} | {written} | {cache} | {cpu} | {qm} |"
+                f"| {vs_qemu} | {written} | {cache} | {cpu} | {cpu_gib} | {qm} |"
             )
         lat = [
             x for r_ in rows.values() if r_.tool == "migd" and r_.op == "save" for x in r_.latencies
@@ -452,7 +454,8 @@ class BenchReport:
             "Page cache left: the file's cached pages after the operation (worst round), "
             "% of the bytes moved. CPU: the CPU time of the migd or QEMU process over the "
             "operation's time, % of one core (median; this machine has "
-            f"{os.cpu_count()}). qm: query-migrate round trips during the operation, polled "
+            f"{os.cpu_count()}); CPU s/GiB: its user and system CPU seconds per GiB moved "
+            f"(medians). qm: query-migrate round trips during the operation, polled "
             "every 10 ms, and how many answers came (all rounds). (verified): the restored "
             "memory was compared with the source, byte for byte, after every round.",
         ]

@@ -36,6 +36,8 @@ class Row:
     latencies: list[float] = field(default_factory=list)
     written_pct: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)
+    cpu_user: list[float] = field(default_factory=list)
+    cpu_sys: list[float] = field(default_factory=list)
     peak_anon: int = 0
     verified: bool | None = None
     sum_states: list[str] = field(default_factory=list)  # see note_checksums
@@ -51,6 +53,8 @@ class Row:
         if state is not None:
             self.note_checksums(state)
         self.cpu.append(timed.cpu)
+        self.cpu_user.append(timed.cpu_user)
+        self.cpu_sys.append(timed.cpu_sys)
         self.latencies += timed.latencies
         self.peak_anon = max(self.peak_anon, timed.peak_anon)
 
@@ -58,6 +62,13 @@ class Row:
     def cpu_pct(self) -> float | None:
         """The server's CPU time per second of the operation, % of one core (median)."""
         return 100 * statistics.median(self.cpu) / self.seconds if self.cpu else None
+
+    def cpu_per_gib(self) -> tuple[float, float] | None:
+        """The server's (user, system) CPU seconds per GiB moved (medians of the rounds)."""
+        if not self.cpu_user:
+            return None
+        gib = self.nbytes / GiB
+        return statistics.median(self.cpu_user) / gib, statistics.median(self.cpu_sys) / gib
 
     @property
     def seconds(self) -> float:
@@ -110,6 +121,8 @@ class Row:
             "query_migrate_answers": len(self.latencies) or None,
             "cpu_seconds": self.cpu or None,
             "cpu_pct_of_core": self.cpu_pct,
+            "cpu_user_seconds": self.cpu_user or None,
+            "cpu_system_seconds": self.cpu_sys or None,
             "peak_rss_anon": self.peak_anon or None,
             "verified": self.verified,
         }

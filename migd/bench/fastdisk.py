@@ -1,0 +1,89 @@
+"""`migd bench --fast-disk`: a disk much faster than this machine's, to show migd's own
+cost where the disk no longer hides it (issue 19).
+
+ext4 on a loop device whose backing file lives in /dev/shm (tmpfs): every "disk" access
+is a memory copy. The backing file is written through first, so that its pages exist
+(a sparse tmpfs file would allocate pages during the measurements); the loop device uses
+direct I/O onto it (`losetup --direct-io=on`: no second page cache above tmpfs), and
+mkfs runs with `-E nodiscard` (a discard would punch the pages out again) and initialises
+its inode tables at once (no lazy init writing behind the measurements). Needs root.
+Everything is torn down at the end, also on error or a signal (the bench's Cleanup).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from .common import BenchError, log
+
+MiB = 1 << 20
+_FILL_CHUNK = 64 * MiB
+
+
+class FastDisk:
+    """The loop-over-tmpfs ext4, mounted; `close()` undoes every step that was done."""
+
+    def __init__(self, size: int) -> None:
+        if os.geteuid() != 0:
+            raise BenchError("--fast-disk needs root (losetup, mkfs.ext4, mount)")
+        for tool in ("losetup", "mkfs.ext4", "mount", "umount"):
+            if shutil.which(tool) is None:
+                raise BenchError(f"--fast-disk needs {tool}")
+        self.size = -(-size // MiB) * MiB
+        self.backing: Path | None = None
+        self.device: str | None = None
+        self.mount: Path | None = None
+
+    def open(self) -> Path:
+        """Build and mount it; the mount point (the bench's --dir)."""
+        free = shutil.disk_usage("/dev/shm").free
+        if free < self.size + 512 * MiB:
+            raise BenchError(
+                f"--fast-disk needs {self.size / MiB:.0f} MiB in /dev/shm, which has "
+                f"{free / MiB:.0f} MiB free"
+            )
+        fd, name = tempfile.mkstemp(prefix="migd-fastdisk-", dir="/dev/shm")
+        self.backing = Path(name)
+        try:
+            zeros = bytes(_FILL_CHUNK)
+            for at in range(0, self.size, _FILL_CHUNK):
+                os.write(fd, zeros[: min(_FILL_CHUNK, self.size - at)])
+        finally:
+            os.close(fd)
+        log(f"fast disk: {self.size / MiB:.0f} MiB backing file {self.backing}")
+        self.device = self._run(
+            ["losetup", "--find", "--show", "--direct-io=on", str(self.backing)]
+        ).strip()
+        self._run(["mkfs.ext4", "-q", "-F", "-E", "nodiscard,lazy_itable_init=0,"
+                   "lazy_journal_init=0", self.device])  # fmt: skip
+        self.mount = Path(tempfile.mkdtemp(prefix="migd-fastdisk-mnt-"))
+        self._run(["mount", "-o", "nodiscard", self.device, str(self.mount)])
+        log(f"fast disk: ext4 on {self.device} (direct-io onto tmpfs) mounted at {self.mount}")
+        return self.mount
+
+    def close(self) -> None:
+        if self.mount is not None:
+            with contextlib.suppress(BenchError):
+                self._run(["umount", str(self.mount)])
+            with contextlib.suppress(OSError):
+                self.mount.rmdir()
+            self.mount = None
+        if self.device is not None:
+            with contextlib.suppress(BenchError):
+                self._run(["losetup", "-d", self.device])
+            self.device = None
+        if self.backing is not None:
+            self.backing.unlink(missing_ok=True)
+            self.backing = None
+
+    @staticmethod
+    def _run(argv: list[str]) -> str:
+        result = subprocess.run(argv, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise BenchError(f"{' '.join(argv)}: {result.stderr.strip() or result.returncode}")
+        return result.stdout
