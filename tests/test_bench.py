@@ -233,3 +233,32 @@ def test_bench_vm_section(disk: Path) -> None:
             assert float(cell.split("x")[0]) > 0
     assert list(disk.iterdir()) == []
     assert run_bench(["--vm", "--vm-sizes-gib", "x"]).returncode == 1
+
+
+def _fast_disk_leftovers() -> list[str]:
+    mounts = Path("/proc/mounts").read_text()
+    loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    return [
+        *[p.name for p in Path("/dev/shm").glob("migd-fastdisk-*")],
+        *[line for line in mounts.splitlines() if "migd-fastdisk-mnt" in line],
+        *[line for line in loops.splitlines() if "migd-fastdisk-" in line],
+    ]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(os.geteuid() != 0, reason="--fast-disk needs root (loop devices)")
+def test_bench_fast_disk_runs_on_a_loop_over_tmpfs_and_leaves_nothing() -> None:
+    """`migd bench --fast-disk`: the rows ran on ext4 over a loop device, with user and
+    system CPU seconds per row, and the disk is gone afterwards."""
+    before = _fast_disk_leftovers()
+    proc = run_bench(["--fast-disk", "--size-gib", "0.0625", "--runs", "1", "--channels", "2",
+                      "--no-qemu", "--json"])  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(proc.stdout)
+    assert doc["machine"]["dir_fs"] == "ext4", doc["machine"]
+    assert doc["machine"]["dir_device"].startswith("/dev/loop"), doc["machine"]
+    save = {r["key"]: r for r in doc["rows"]}["migd-save-2"]
+    assert len(save["cpu_user_seconds"]) == 1 and len(save["cpu_system_seconds"]) == 1
+    assert save["cpu_user_seconds"][0] + save["cpu_system_seconds"][0] > 0
+    assert _fast_disk_leftovers() == before
+    assert "fast disk: ext4 on /dev/loop" in proc.stderr
