@@ -73,20 +73,23 @@ def _error_text(exc: BaseException) -> str:
 # --- connection ---------------------------------------------------------------------------
 
 
-async def connect(socket_path: str) -> Any:
-    """A negotiated QMPClient, or UsageError naming the socket and how to start migd."""
+async def connect(socket_path: str, name: str = "migd-cli", failure: str | None = None) -> Any:
+    """A negotiated QMPClient, or UsageError naming the socket and how to start migd
+    (`failure`: the text for another server, e.g. a VM's QEMU)."""
     try:
         from qemu.qmp import QMPClient
     except ImportError:
         raise UsageError(
             "the client commands need the 'qemu.qmp' package: pip install qemu.qmp"
         ) from None
-    client = QMPClient("migd-cli")
+    client = QMPClient(name)
     try:
         await client.connect(socket_path)
     except Exception as exc:
         cause = getattr(exc, "exc", exc)
         reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause)
+        if failure is not None:
+            raise UsageError(f"{failure}: {reason}") from None
         raise UsageError(
             f"cannot connect to migd at {socket_path}: {reason}\n"
             f"is the daemon running? start it with: migd serve --socket {socket_path}"

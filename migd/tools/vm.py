@@ -113,16 +113,8 @@ class VmOptions:
 
 
 async def connect_qemu(path: str) -> Any:
-    from qemu.qmp import QMPClient
-
-    client = QMPClient("migd-vm")
-    try:
-        await client.connect(path)
-    except Exception as exc:
-        cause = getattr(exc, "exc", exc)
-        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause)
-        raise UsageError(f"cannot connect to QEMU's QMP socket {path}: {reason}") from None
-    return client
+    failure = f"cannot connect to QEMU's QMP socket {path}"
+    return await connect(path, name="migd-vm", failure=failure)
 
 
 async def qemu_execute(qemu: Any, command: str, arguments: Mapping[str, Any] | None = None) -> Any:
@@ -316,6 +308,31 @@ async def run_migd_job(
     return dict(job)
 
 
+async def ram_job(
+    migd: Any, interrupt: _Interrupt, opts: VmOptions, direction: str, job_id: str,
+    backends: list[str], uri: str, direct_io: bool, err: TextIO,
+) -> None:  # fmt: skip
+    """The RAM part: a memory-save / memory-restore job of the guest's backends, with a
+    progress bar."""
+    progress = Progress(direction, err, quiet=opts.quiet)
+    try:
+        await run_migd_job(
+            migd,
+            interrupt,
+            f"memory-{direction}",
+            {
+                "job-id": job_id,
+                "backends": backends,
+                "uri": uri,
+                "multifd-channels": opts.channels or min(4, os.cpu_count() or 1),
+                "direct-io": direct_io,
+            },
+            progress,
+        )
+    finally:
+        progress.close()
+
+
 # --- save ------------------------------------------------------------------------------------
 
 
@@ -422,23 +439,8 @@ async def run_vm_save(opts: VmOptions, out: TextIO, err: TextIO) -> int:
                 raise ClientError("QEMU wrote no device state")
             ram_at = vm_image.ram_offset(vm_image.HEADER_AREA + device_length)
 
-            progress = Progress("save", err, quiet=opts.quiet)
-            try:
-                await run_migd_job(
-                    migd,
-                    interrupt,
-                    "memory-save",
-                    {
-                        "job-id": f"vm-save-{tag}",
-                        "backends": migd_ids,
-                        "uri": f"file:{tmp},offset={ram_at}",
-                        "multifd-channels": opts.channels or min(4, os.cpu_count() or 1),
-                        "direct-io": direct_io,
-                    },
-                    progress,
-                )
-            finally:
-                progress.close()
+            await ram_job(migd, interrupt, opts, "save", f"vm-save-{tag}", migd_ids,
+                          f"file:{tmp},offset={ram_at}", direct_io, err)  # fmt: skip
             t["ram"] = time.monotonic()
             ram = _ram_part_info(tmp, ram_at)
             size = os.fstat(fd).st_size
@@ -649,23 +651,8 @@ async def run_vm_restore(opts: VmOptions, out: TextIO, err: TextIO) -> int:
             await qemu_execute(qemu, "stop")
             await settings.set_up(incoming=True)
             uri_path = await settings.add_fd(fd, "migd vm restore")
-            progress = Progress("restore", err, quiet=opts.quiet)
-            try:
-                await run_migd_job(
-                    migd,
-                    interrupt,
-                    "memory-restore",
-                    {
-                        "job-id": f"vm-restore-{tag}",
-                        "backends": migd_ids,
-                        "uri": f"file:{image},offset={header.ram.offset}",
-                        "multifd-channels": opts.channels or min(4, os.cpu_count() or 1),
-                        "direct-io": direct_io,
-                    },
-                    progress,
-                )
-            finally:
-                progress.close()
+            await ram_job(migd, interrupt, opts, "restore", f"vm-restore-{tag}", migd_ids,
+                          f"file:{image},offset={header.ram.offset}", direct_io, err)  # fmt: skip
             t["ram"] = time.monotonic()
             await qemu_execute(
                 qemu,
