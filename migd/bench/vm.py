@@ -39,11 +39,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from qemu.qmp import QMPClient
 
 from .common import BenchError, log
 from .disk import drop_caches, python_disk
+from .fill import fill_memory, same_contents
 from .processes import connect_qmp, start_migd
 
 GiB = 1 << 30
@@ -59,24 +59,6 @@ class Row:
     qemu_restore: list[float] = field(default_factory=list)
     disk_write: list[float] = field(default_factory=list)  # the same bytes, O_DIRECT
     disk_read: list[float] = field(default_factory=list)
-
-
-def fill_random(path: Path, size: int, seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    with open(path, "wb") as f:
-        for at in range(0, size, 64 << 20):
-            words = min(64 << 20, size - at) // 8
-            f.write(rng.integers(0, 1 << 63, words, dtype=np.int64).tobytes())
-
-
-def same_files(a: Path, b: Path) -> bool:
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        while True:
-            x, y = fa.read(64 << 20), fb.read(64 << 20)
-            if x != y:
-                return False
-            if not x:
-                return True
 
 
 class Vm:
@@ -175,7 +157,7 @@ async def one_round(
     for path in (saved, restored, image):
         path.unlink(missing_ok=True)
     if args.fill == "random":
-        fill_random(saved, row.size, seed)
+        fill_memory(saved, row.size, "random", seed)
     vm = await Vm(work, "a", saved, row.size, args, incoming=False).connect()
     try:
         if args.guest:
@@ -212,7 +194,7 @@ async def one_round(
             await vm.cmd("migrate-incoming", {"uri": f"file:{image}"})
             await vm.wait_migration()
             row.qemu_restore.append(time.monotonic() - started)
-        if not same_files(saved, restored):
+        if not same_contents(saved, restored, row.size):
             raise BenchError(f"{who}: the restored guest memory differs from the saved memory")
     finally:
         await vm.close()

@@ -374,9 +374,11 @@ def _check_backends(backends: Sequence[GuestBackend], image: str) -> None:
                 )
 
 
-def _ram_part_info(path: str, offset: int) -> SaveInfo:
+def _ram_part_info(path: str, fd: int, offset: int) -> SaveInfo:
+    """The RAM part of the image open as `fd` (`path` names it in errors): read through
+    the fd, not by the name again, so that a file swapped in since is not the one read."""
     try:
-        info = inspect_file(path, offset)
+        info = inspect_file(f"/proc/self/fd/{fd}", offset)
     except (InspectError, OSError) as exc:
         raise ClientError(f"{path}: the RAM part at {offset:#x} cannot be read: {exc}") from None
     if not info.complete or info.save_id is None:
@@ -442,7 +444,7 @@ async def run_vm_save(opts: VmOptions, out: TextIO, err: TextIO) -> int:
             await ram_job(migd, interrupt, opts, "save", f"vm-save-{tag}", migd_ids,
                           f"file:{tmp},offset={ram_at}", direct_io, err)  # fmt: skip
             t["ram"] = time.monotonic()
-            ram = _ram_part_info(tmp, ram_at)
+            ram = _ram_part_info(tmp, fd, ram_at)
             size = os.fstat(fd).st_size
             header = vm_image.ImageHeader(
                 image_id=image_id,
@@ -561,7 +563,7 @@ def check_image(image: str, fd: int) -> vm_image.ImageHeader:
             f"'{image}': the device state ({header.device.length} bytes at "
             f"{header.device.offset:#x}) does not match its SHA-256 in the header: corrupt"
         )
-    ram = _ram_part_info(image, header.ram.offset)
+    ram = _ram_part_info(image, fd, header.ram.offset)
     if ram.save_id != header.ram.save_id:
         raise ClientError(
             f"'{image}': its RAM part is save {ram.save_id}, the header names save "
