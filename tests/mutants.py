@@ -416,6 +416,20 @@ MUTANTS = [
         "        if False:",
         (V + "test_a_save_that_fails_keeps_the_old_image_and_runs_the_vm_again",),
     ),
+    Mutant(
+        "vm-restore-names-the-image-to-migd",
+        "migd/tools/vm.py",
+        'f"file:/dev/fdset/{migd_fdset},offset={header.ram.offset}"',
+        'f"file:{image},offset={header.ram.offset}"',
+        (V + "test_restore_reads_the_image_it_checked_even_if_its_name_is_replaced",),
+    ),
+    Mutant(
+        "vm-save-renames-whatever-the-temporary-name-is",
+        "migd/tools/vm.py",
+        "            _check_still_named(tmp, fd)\n",
+        "",
+        (V + "test_a_temporary_file_replaced_during_the_save_is_not_renamed_into_place",),
+    ),
 ]  # fmt: skip
 
 

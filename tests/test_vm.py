@@ -12,13 +12,16 @@ client at a time).
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from migd.tools import vm_image
+from migd.tools import vm, vm_image
+from migd.tools.client import ClientError
 
 from .conftest import DaemonProcess, fill_random
 from .qemu_vm import QemuVM, requires_qemu
@@ -294,6 +297,74 @@ async def test_an_image_path_that_is_the_guests_memory_file_is_refused(
             assert "is the memory file of backend 'ram0'" in result.stderr
             assert await status(vm) == "running"
     assert ram.stat().st_size == SIZE and not list(ram.parent.glob(".*migd-vm-tmp"))
+
+
+def _options(daemon: DaemonProcess, qemu_sock: Path, image: Path) -> vm.VmOptions:
+    return vm.VmOptions(image=str(image), qmp=str(qemu_sock),
+                        socket=str(daemon.socket_path), quiet=True)  # fmt: skip
+
+
+async def test_restore_reads_the_image_it_checked_even_if_its_name_is_replaced(
+    daemon: DaemonProcess, setup: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another valid image of the same VM is renamed over IMAGE after the checks, just
+    before migd's RAM job: migd still reads the checked file (it gets it as an fd set)."""
+    ram, d, image = setup["ram"], setup["dir"], setup["image"]
+    saved = await saved_image(daemon, setup, "--quit")
+    other = d / "other.img"
+    fill_random(ram, SIZE, seed=12)
+    async with QemuVM(qemu_args(ram, d / "o-cli.sock"), d, name="o"):
+        vm_cli(daemon, d / "o-cli.sock", "save", "--quit", str(other))
+    swapped_in = ram.read_bytes()
+    assert swapped_in != saved
+    original = vm.add_migd_backends
+
+    async def swap_then_add(*args: Any) -> list[str]:
+        other.replace(image)
+        return await original(*args)
+
+    monkeypatch.setattr(vm, "add_migd_backends", swap_then_add)
+    fill_random(ram, SIZE, seed=98)
+    async with QemuVM(qemu_args(ram, d / "b-cli.sock", extra=INCOMING), d, name="b") as qemu:
+        options = _options(daemon, d / "b-cli.sock", image)
+        options.paused = True
+        assert await vm.run_vm_restore(options, io.StringIO(), io.StringIO()) == 0
+        assert not other.exists()  # the swap happened
+        assert ram.read_bytes() == saved
+        assert await status(qemu) == "paused"
+
+
+async def test_a_temporary_file_replaced_during_the_save_is_not_renamed_into_place(
+    daemon: DaemonProcess, setup: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The temporary file is moved away and another file put under its name after it
+    was created: migd writes into the file the CLI created (an fd set), the impostor is
+    left untouched, and it does not become IMAGE."""
+    ram, d, image = setup["ram"], setup["dir"], setup["image"]
+    image.write_bytes(b"the previous image")
+    moved, impostor = d / "moved", b"someone else's file"
+    original = vm.add_migd_backends
+
+    async def swap_then_add(*args: Any) -> list[str]:
+        (tmp,) = d.glob(".*migd-vm-tmp")
+        tmp.rename(moved)
+        tmp.write_bytes(impostor)
+        return await original(*args)
+
+    monkeypatch.setattr(vm, "add_migd_backends", swap_then_add)
+    saved = fill_random(ram, SIZE, seed=13)
+    async with QemuVM(qemu_args(ram, d / "a-cli.sock"), d, name="a") as qemu:
+        err = io.StringIO()
+        with pytest.raises(ClientError, match="was replaced during the save"):
+            await vm.run_vm_save(_options(daemon, d / "a-cli.sock", image), io.StringIO(), err)
+        assert "the VM runs again" in err.getvalue()
+        assert await status(qemu) == "running"
+    assert image.read_bytes() == b"the previous image"
+    (tmp,) = d.glob(".*migd-vm-tmp")  # the impostor, untouched and left where it was
+    assert tmp.read_bytes() == impostor
+    # The RAM went into the file the CLI created (now `moved`), not by name elsewhere.
+    middle = saved[SIZE // 2 : SIZE // 2 + 4096]  # far from what the firmware touches
+    assert middle in moved.read_bytes()
 
 
 def test_usage_errors_exit_2(daemon: DaemonProcess, setup: dict[str, Path]) -> None:

@@ -7,8 +7,10 @@ O_DIRECT, checksums). The image header ties both together (migd/tools/vm_image.p
 docs/vm-image.md).
 
 Both commands talk to two QMP servers: the VM's QEMU (`--qmp`) and migd (`--socket`).
-QEMU gets the image as an fd (add-fd: QEMU needs no access to the path, as under
-libvirt); migd opens the path itself, under its own path policy.
+Neither opens the image by its name: QEMU gets it as an fd (add-fd: it needs no access
+to the path, as under libvirt), and so does migd (an fd set of the image opened through
+the CLI's own fd, plain and O_DIRECT, as QEMU's direct-io wants). The file checked is then
+the file read or written, even if its name is replaced in between.
 
 Order of a save: everything is checked while the guest still runs (its backends can be
 reached, migd accepts them); then the guest stops (never is the RAM of a running guest
@@ -255,6 +257,34 @@ async def del_migd_backends(migd: Any, ids: Sequence[str]) -> None:
             await _execute(migd, "object-del", {"id": backend_id})
 
 
+async def pass_image_to_migd(migd: Any, fd: int, write: bool, direct_io: bool, opaque: str) -> int:
+    """The image open as `fd` as a migd fd set: reopened through /proc/self/fd (the same
+    file whatever its name is now) write-only for a save or read-only for a restore, and
+    again with O_DIRECT for the channels when direct_io. Returns the set's id."""
+    access = os.O_WRONLY if write else os.O_RDONLY
+    variants = [0, os.O_DIRECT] if direct_io else [0]
+    fdset_id: int | None = None
+    for extra in variants:
+        twin = os.open(f"/proc/self/fd/{fd}", access | extra | os.O_CLOEXEC)
+        try:
+            migd.send_fd_scm(twin)
+            arguments: dict[str, Any] = {"opaque": opaque}
+            if fdset_id is not None:
+                arguments["fdset-id"] = fdset_id
+            reply = await _execute(migd, "add-fd", arguments)
+            fdset_id = int(reply["fdset-id"])
+        finally:
+            os.close(twin)
+    assert fdset_id is not None
+    return fdset_id
+
+
+async def drop_migd_fdset(migd: Any, fdset_id: int | None) -> None:
+    if fdset_id is not None:
+        with contextlib.suppress(ClientError):
+            await _execute(migd, "remove-fd", {"fdset-id": fdset_id})
+
+
 async def run_migd_job(
     migd: Any,
     interrupt: _Interrupt,
@@ -374,6 +404,23 @@ def _check_backends(backends: Sequence[GuestBackend], image: str) -> None:
                 )
 
 
+def _check_still_named(path: str, fd: int) -> None:
+    """The temporary name must still be the file written through `fd` before it is
+    renamed over IMAGE: a file put in its place would become the image."""
+    st, named = os.fstat(fd), os.stat(path, follow_symlinks=False)
+    if (st.st_dev, st.st_ino) != (named.st_dev, named.st_ino):
+        raise ClientError(f"{path} was replaced during the save: the image is not renamed")
+
+
+def _remove_if_ours(path: str, fd: int) -> None:
+    """Remove the temporary file of a failed save, but only if `path` still names the
+    file open as `fd`: whatever was put in its place is not ours to delete."""
+    with contextlib.suppress(OSError, ClientError):
+        if fd >= 0:
+            _check_still_named(path, fd)
+        os.unlink(path)
+
+
 def _ram_part_info(path: str, fd: int, offset: int) -> SaveInfo:
     """The RAM part of the image open as `fd` (`path` names it in errors): read through
     the fd, not by the name again, so that a file swapped in since is not the one read."""
@@ -387,13 +434,21 @@ def _ram_part_info(path: str, fd: int, offset: int) -> SaveInfo:
 
 
 async def run_vm_save(opts: VmOptions, out: TextIO, err: TextIO) -> int:
+    qemu = await connect_qemu(opts.qmp)
+    try:
+        return await _save(qemu, opts, out, err)
+    finally:
+        await _disconnect(qemu)  # also after a failure (an in-process caller goes on)
+
+
+async def _save(qemu: Any, opts: VmOptions, out: TextIO, err: TextIO) -> int:
     image = os.path.abspath(opts.image)
     image_id = uuid.uuid4().hex
     tag = image_id[:8]
-    qemu = await connect_qemu(opts.qmp)
     migd = None
     tmp, fd = None, -1
     migd_ids: list[str] = []
+    migd_fdset: int | None = None
     settings = QemuMigration(qemu)
     was_running, stopped, done = False, False, False
     t = opts.timings
@@ -415,9 +470,10 @@ async def run_vm_save(opts: VmOptions, out: TextIO, err: TextIO) -> int:
                 migd,
                 [(f"vm-{tag}-{b.id}", blocks[b.id], b.size, str(b.mem_path)) for b in backends],
             )
+            migd_fdset = await pass_image_to_migd(migd, fd, True, direct_io, "migd vm save")
             await settings.set_up(incoming=False)
             # QEMU opens the fdset's fd write-only: it looks for one with those flags.
-            qemu_fd = os.open(tmp, os.O_WRONLY | os.O_CLOEXEC)
+            qemu_fd = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_CLOEXEC)
             try:
                 uri_path = await settings.add_fd(qemu_fd, "migd vm save")
             finally:
@@ -442,7 +498,8 @@ async def run_vm_save(opts: VmOptions, out: TextIO, err: TextIO) -> int:
             ram_at = vm_image.ram_offset(vm_image.HEADER_AREA + device_length)
 
             await ram_job(migd, interrupt, opts, "save", f"vm-save-{tag}", migd_ids,
-                          f"file:{tmp},offset={ram_at}", direct_io, err)  # fmt: skip
+                          f"file:/dev/fdset/{migd_fdset},offset={ram_at}", direct_io,
+                          err)  # fmt: skip
             t["ram"] = time.monotonic()
             ram = _ram_part_info(tmp, fd, ram_at)
             size = os.fstat(fd).st_size
@@ -474,6 +531,7 @@ async def run_vm_save(opts: VmOptions, out: TextIO, err: TextIO) -> int:
             os.fsync(fd)
             os.pwrite(fd, vm_image.encode(header), 0)
             os.fsync(fd)
+            _check_still_named(tmp, fd)
             os.rename(tmp, image)
             tmp = None
             _sync_dir(image)
@@ -482,12 +540,12 @@ async def run_vm_save(opts: VmOptions, out: TextIO, err: TextIO) -> int:
     except OSError as exc:
         raise ClientError(f"{image}: {exc.strerror or exc}") from None
     finally:
+        if tmp is not None:
+            _remove_if_ours(tmp, fd)
         if fd >= 0:
             os.close(fd)
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
         if migd is not None:
+            await drop_migd_fdset(migd, migd_fdset)
             await del_migd_backends(migd, migd_ids)
             await _disconnect(migd)
         if not (done and opts.after == "quit"):
@@ -496,14 +554,11 @@ async def run_vm_save(opts: VmOptions, out: TextIO, err: TextIO) -> int:
             with contextlib.suppress(ClientError):
                 await qemu_execute(qemu, "cont")
                 print("the save failed: the VM runs again", file=err, flush=True)
-    try:
-        if opts.after == "resume":
-            await qemu_execute(qemu, "cont")
-        elif opts.after == "quit":
-            with contextlib.suppress(ClientError):  # QEMU closes the socket as it goes
-                await qemu_execute(qemu, "quit")
-    finally:
-        await _disconnect(qemu)
+    if opts.after == "resume":
+        await qemu_execute(qemu, "cont")
+    elif opts.after == "quit":
+        with contextlib.suppress(ClientError):  # QEMU closes the socket as it goes
+            await qemu_execute(qemu, "quit")
     if opts.json:
         _print_json(
             out, "save", image, header, device_state=t["device"] - t["start"],
@@ -625,6 +680,7 @@ async def run_vm_restore(opts: VmOptions, out: TextIO, err: TextIO) -> int:
     qemu = migd = None
     settings: QemuMigration | None = None
     migd_ids: list[str] = []
+    migd_fdset: int | None = None
     try:
         header = check_image(image, fd)
         qemu = await connect_qemu(opts.qmp)
@@ -641,7 +697,7 @@ async def run_vm_restore(opts: VmOptions, out: TextIO, err: TextIO) -> int:
         migd = await connect(opts.socket)
         direct_io = opts.direct_io
         if direct_io is None:
-            direct_io = probe_direct_io(image, for_write=False)
+            direct_io = probe_direct_io(f"/proc/self/fd/{fd}", for_write=False)
         tag = f"{header.image_id[:8]}-{os.getpid()}"
         with _Interrupt() as interrupt:
             t["checked"] = time.monotonic()
@@ -653,8 +709,10 @@ async def run_vm_restore(opts: VmOptions, out: TextIO, err: TextIO) -> int:
             await qemu_execute(qemu, "stop")
             await settings.set_up(incoming=True)
             uri_path = await settings.add_fd(fd, "migd vm restore")
+            migd_fdset = await pass_image_to_migd(migd, fd, False, direct_io, "migd vm restore")
             await ram_job(migd, interrupt, opts, "restore", f"vm-restore-{tag}", migd_ids,
-                          f"file:{image},offset={header.ram.offset}", direct_io, err)  # fmt: skip
+                          f"file:/dev/fdset/{migd_fdset},offset={header.ram.offset}",
+                          direct_io, err)  # fmt: skip
             t["ram"] = time.monotonic()
             await qemu_execute(
                 qemu,
@@ -673,6 +731,7 @@ async def run_vm_restore(opts: VmOptions, out: TextIO, err: TextIO) -> int:
         if qemu is not None and settings is not None:
             await settings.restore()
         if migd is not None:
+            await drop_migd_fdset(migd, migd_fdset)
             await del_migd_backends(migd, migd_ids)
             await _disconnect(migd)
         if qemu is not None:
