@@ -380,6 +380,14 @@ MUTANTS = [
         "                    explain = None\n",
         ("tests/test_shrink.py::test_a_memory_file_cut_short_while_units_wait_for_hashing_names_the_backend",),
     ),
+    # --- many jobs (issue 17) ---------------------------------------------------------------
+    Mutant(
+        "workers-as-urgent-as-the-event-loop",
+        "migd/io/threads.py",
+        "WORKER_NICE = 5\n",
+        "WORKER_NICE = 0\n",
+        ("tests/test_worker_pool.py::test_workers_run_nicer_than_the_event_loop_thread_and_are_named_after_their_work",),
+    ),
     # --- whole-VM images (issue 18) ----------------------------------------------------
     Mutant(
         "vm-device-state-digest-unchecked",

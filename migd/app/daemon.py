@@ -35,6 +35,7 @@ from ..api.commands import Context, dispatch
 from ..api.memory import create_backend
 from ..errors import MigdError
 from ..io.target import open_channel_fd
+from ..io.threads import WORKERS
 from ..migration.engine import MigrationEngine
 from ..qmp.dispatch import version_numbers
 from ..qmp.server import Server, Session, bind_unix_socket
@@ -131,6 +132,10 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         raise_open_file_limit()
+        # The job threads exist before the first client: made when the first job starts,
+        # they kept the event loop from answering for some 20 ms (thread stacks are mapped
+        # under the mm lock that running jobs' populators hold).
+        WORKERS.warm()
         try:
             await self._apply_config()
             listener = inherited_listener()
