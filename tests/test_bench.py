@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -211,6 +212,14 @@ def test_bench_concurrency_section(disk: Path) -> None:
             assert 0 < float(jain) <= 1 and float(slowest) >= 1
             assert float(p99) > 0 and float(rss) > 0
         assert f"concurrent memory-{what} / serial, round by round" in proc.stdout
+        pooled = re.search(
+            rf"query-jobs during every round's concurrent memory-{what}: p99 ([\d.]+) ms, "
+            r"p50 ([\d.]+) ms, max ([\d.]+) ms \((\d+) answers\)",
+            proc.stdout,
+        )
+        assert pooled, proc.stdout
+        p99, p50, worst, answers = map(float, pooled.groups())
+        assert 0 < p50 <= p99 <= worst and answers >= 2
     assert "over 2 rounds" in proc.stdout
     assert "3 jobs of 8 MiB" in proc.stdout
     assert list(disk.iterdir()) == []

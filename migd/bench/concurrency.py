@@ -187,6 +187,17 @@ def report(phases: list[Phase], qemu: float | None, size: int, args: argparse.Na
         )
     if rounds > 1:
         lines.append("")
+        # A phase's p99 is about its worst answer (80-200 polls); over every round's
+        # phases of a kind it is the 99th percentile the target speaks of.
+        for name in sorted({p.name for p in phases}):
+            pooled = sorted(x * 1000 for p in phases if p.name == name for x in p.latencies)
+            if pooled:
+                p99 = pooled[min(len(pooled) - 1, int(len(pooled) * 0.99))]
+                lines.append(
+                    f"query-jobs during every round's {name}: p99 {p99:.1f} ms, "
+                    f"p50 {statistics.median(pooled):.1f} ms, max {pooled[-1]:.1f} ms "
+                    f"({len(pooled)} answers)"
+                )
         for name, values in ratios.items():
             lines.append(
                 f"{name} / serial, round by round (serial and concurrent in mirrored order): "
