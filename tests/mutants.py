@@ -388,6 +388,13 @@ MUTANTS = [
         "WORKER_NICE = 0\n",
         ("tests/test_worker_pool.py::test_workers_run_nicer_than_the_event_loop_thread_and_are_named_after_their_work",),
     ),
+    Mutant(
+        "populator-maps-runs-the-channels-took",
+        "migd/io/threads.py",
+        "                if index <= self.cursor.taken:\n",
+        "                if False:\n",
+        ("tests/test_worker_pool.py::test_the_populator_maps_only_runs_ahead_of_the_channels",),
+    ),
     # --- whole-VM images (issue 18) ----------------------------------------------------
     Mutant(
         "vm-device-state-digest-unchecked",

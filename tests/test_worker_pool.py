@@ -1,12 +1,15 @@
-"""io/threads.py's WorkerPool: the threads every job's channels, populator and hashing
-run in."""
+"""io/threads.py's WorkerPool (the threads every job's channels, populator and hashing
+run in) and its Populator."""
 
 from __future__ import annotations
 
 import os
 import threading
+from types import SimpleNamespace
 
-from migd.io.threads import WORKER_NICE, WorkerPool
+from migd.io.engine import PageRun
+from migd.io.threads import WORKER_NICE, Populator, RunCursor, WorkerPool
+from migd.pages import PAGE_SIZE
 
 
 def _nice() -> int:
@@ -30,3 +33,20 @@ def test_workers_run_nicer_than_the_event_loop_thread_and_are_named_after_their_
     again: dict[str, object] = {}
     pool.submit("migd-save", lambda: again.update(nice=_nice())).result(timeout=10)
     assert again["nice"] == seen["nice"]
+
+
+def test_the_populator_maps_only_runs_ahead_of_the_channels() -> None:
+    """Runs the channels have taken (and the next one) are theirs to fault in: mapping them
+    too walked every page twice on a fast disk (issue 19). Zero runs count in the queue's
+    order but are never populated."""
+    mapped: list[int] = []
+    block = SimpleNamespace(populate=lambda offset, length: mapped.append(offset // PAGE_SIZE))
+    runs = [PageRun(0, first, 8, zero=(first == 40)) for first in range(0, 80, 8)]
+    cursor = RunCursor()
+    cursor.taken = 3  # runs 0-2 taken, run 3 about to be
+    Populator([block], runs, threading.Event(), cursor).run()
+    assert mapped == [32, 48, 56, 64, 72]
+    # Channels that have not started yet leave everything but the first run to it.
+    mapped.clear()
+    Populator([block], runs, threading.Event(), RunCursor()).run()
+    assert mapped == [8, 16, 24, 32, 48, 56, 64, 72]
