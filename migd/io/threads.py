@@ -417,8 +417,9 @@ class Populator:
 # Worker threads run this much nicer than the daemon (Linux: nice is per thread), so that
 # the event loop thread, which answers every client, wins the CPU when it wakes while the
 # jobs' threads keep both cores busy (populating memory, pinning pages for O_DIRECT,
-# hashing). 8 concurrent 512 MiB restores (migd.bench.concurrency): query-jobs p99 14-32 ms
-# at +0, 10-12 ms at +5, 10-18 ms at +10, 15-19 ms at +19, with the same throughput.
+# hashing). 8 concurrent 512 MiB restores (migd.bench.concurrency, daemons alternated):
+# query-jobs p99 per phase 14-39 ms at +0, 10-17 ms at +5 (one phase 76), 10-18 ms at +10,
+# 15-19 ms at +19, with the same throughput (docs/jobs.md).
 WORKER_NICE = 5
 
 
