@@ -31,6 +31,7 @@ from qemu.qmp import QMPClient
 
 from .disk import drop_caches
 from .processes import connect_qmp, rss_anon, start_migd
+from .results import percentile_ms
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -178,8 +179,7 @@ def report(phases: list[Phase], qemu: float | None, size: int, args: argparse.Na
         spread = ""
         if p.name.startswith("concurrent"):
             spread = f"{max(p.per_job.values()) / statistics.median(p.per_job.values()):.2f}"
-        ms = sorted(x * 1000 for x in p.latencies)
-        p99 = ms[min(len(ms) - 1, int(len(ms) * 0.99))] if ms else 0.0
+        p99 = percentile_ms(p.latencies, 0.99) or 0.0
         name = f"{p.name} (round {p.round})" if rounds > 1 else p.name
         lines.append(
             f"| {name} | {p.seconds:.2f} | {total / p.seconds / GiB:.2f} | {ratio} | {fair} "
@@ -190,13 +190,13 @@ def report(phases: list[Phase], qemu: float | None, size: int, args: argparse.Na
         # A phase's p99 is about its worst answer (80-200 polls); over every round's
         # phases of a kind it is the 99th percentile the target speaks of.
         for name in sorted({p.name for p in phases}):
-            pooled = sorted(x * 1000 for p in phases if p.name == name for x in p.latencies)
+            pooled = [x for p in phases if p.name == name for x in p.latencies]
             if pooled:
-                p99 = pooled[min(len(pooled) - 1, int(len(pooled) * 0.99))]
                 lines.append(
-                    f"query-jobs during every round's {name}: p99 {p99:.1f} ms, "
-                    f"p50 {statistics.median(pooled):.1f} ms, max {pooled[-1]:.1f} ms "
-                    f"({len(pooled)} answers)"
+                    f"query-jobs during every round's {name}: "
+                    f"p99 {percentile_ms(pooled, 0.99):.1f} ms, "
+                    f"p50 {1000 * statistics.median(pooled):.1f} ms, "
+                    f"max {1000 * max(pooled):.1f} ms ({len(pooled)} answers)"
                 )
         for name, values in ratios.items():
             lines.append(

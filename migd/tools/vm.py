@@ -416,8 +416,7 @@ def _remove_if_ours(path: str, fd: int) -> None:
     """Remove the temporary file of a failed save, but only if `path` still names the
     file open as `fd`: whatever was put in its place is not ours to delete."""
     with contextlib.suppress(OSError, ClientError):
-        if fd >= 0:
-            _check_still_named(path, fd)
+        _check_still_named(path, fd)
         os.unlink(path)
 
 
