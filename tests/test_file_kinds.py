@@ -11,6 +11,8 @@ import contextlib
 import os
 import signal
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -111,3 +113,32 @@ async def test_a_directory_as_restore_source_is_refused(qmp, shm, short_dir):
     await enable_mapped_ram(qmp)
     text = await qmp_error(qmp, "migrate-incoming", {"uri": f"file:{short_dir}"})
     assert text == f"'{short_dir}' is not a regular file (it is a directory)"
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        (["inspect"], "migd inspect: {fifo}: not a regular file (it is a FIFO)"),
+        (["vm", "restore", "--qmp", "{dir}/nobody.sock"],
+         "cannot restore from {fifo}: not a regular file (it is a FIFO)"),
+        (["restore", "--socket", "{socket}"],
+         "migrate-incoming: '{fifo}' is not a regular file (it is a FIFO)"),
+    ],
+)  # fmt: skip
+def test_a_fifo_named_to_the_cli_is_refused_without_waiting_for_a_writer(
+    short_dir: Path, daemon: DaemonProcess, command: list[str], expected: str
+) -> None:
+    # The CLI reads the file itself before any daemon or QEMU is asked; a FIFO's open
+    # used to wait for a writer, so the command hung (timeout here) instead of failing.
+    fifo = short_dir / "image.fifo"
+    os.mkfifo(fifo, 0o600)
+    args = [a.format(dir=short_dir, socket=daemon.socket_path) for a in command]
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "migd", *args, str(fifo)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    finally:
+        _unblock(fifo)
+    assert result.returncode in (1, 2), result.stderr
+    assert expected.format(fifo=fifo) in result.stderr

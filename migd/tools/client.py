@@ -201,7 +201,8 @@ def probe_direct_io(path: str, for_write: bool) -> bool:
         return False
     try:
         if not for_write:
-            fd = os.open(path, os.O_RDONLY | o_direct)
+            # O_NONBLOCK: a FIFO must not block the probe (its read then fails: False).
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | o_direct)
             try:
                 return _odirect_io(fd, write=False)
             finally:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import struct
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -26,6 +27,26 @@ _MAGIC = struct.pack(">I", format.QEVM_MAGIC)
 
 class InspectError(Exception):
     """The file cannot be read as a save at all (foreign, corrupt, unreadable)."""
+
+
+def open_regular(path: str | os.PathLike[str]) -> int:
+    """A read-only fd of `path`, which must be a regular file; InspectError otherwise.
+
+    O_NONBLOCK: a FIFO's open would wait for a writer (forever, for a CLI run by a
+    script); it is opened without waiting and refused. Reads then block as usual."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = {stat.S_IFIFO: "a FIFO", stat.S_IFDIR: "a directory"}.get(
+                stat.S_IFMT(mode), "a device"
+            )
+            raise InspectError(f"not a regular file (it is {kind})")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 @dataclass
@@ -161,7 +182,7 @@ def _checksums(reader: _Reader, parsed: format.ParsedStream, size: int) -> Check
 
 def inspect_file(path: str | os.PathLike[str], offset: int = 0) -> SaveInfo:
     """Describe the save at `offset` of `path`; raises InspectError or OSError."""
-    fd = os.open(path, os.O_RDONLY)
+    fd = open_regular(path)
     try:
         st = os.fstat(fd)
         size = st.st_size

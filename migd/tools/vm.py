@@ -50,7 +50,7 @@ from .client import (
     job_as_migration,
     probe_direct_io,
 )
-from .inspect import InspectError, SaveInfo, inspect_file
+from .inspect import InspectError, SaveInfo, inspect_file, open_regular
 
 # States a guest may be saved from: it is stopped first if running. Others (inmigrate,
 # shutdown, guest-panicked, internal-error, ...) hold no guest worth resuming.
@@ -673,9 +673,11 @@ async def run_vm_restore(opts: VmOptions, out: TextIO, err: TextIO) -> int:
     t["start"] = time.monotonic()
     image = os.path.abspath(opts.image)
     try:
-        fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_regular(image)
     except OSError as exc:
         raise ClientError(f"cannot open {image}: {exc.strerror}") from None
+    except InspectError as exc:
+        raise ClientError(f"cannot restore from {image}: {exc}") from None
     qemu = migd = None
     settings: QemuMigration | None = None
     migd_ids: list[str] = []
@@ -761,7 +763,7 @@ def describe(path: str) -> dict[str, Any] | None:
     """For `migd inspect`: the image's header and what each part holds, with "problems"
     listing why `migd vm restore` would refuse it; None when the file is not a VM image
     (a plain save file)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = open_regular(path)
     try:
         if not vm_image.is_image(fd):
             return None
