@@ -17,8 +17,10 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+
+import numpy as np
 
 from ..errors import MigdError, MigrationError
 from ..io.checksums import ChecksumMismatch, UnitChecksums
@@ -47,7 +49,7 @@ from .job import (
     MigrationStatus,
     check_cancel,
 )
-from .mapped_ram import checksum_table, format, restore, save
+from .mapped_ram import checksum_table, format, restore, save, update
 from .settings import Capabilities, Parameters
 
 log = logging.getLogger(__name__)
@@ -278,13 +280,16 @@ class MigrationEngine:
         backend_ids: Sequence[str] | None = None,
         job_settings: JobSettings | None = None,
         auto_dismiss: bool = False,
+        dirty_pages: Mapping[str, bytes] | None = None,
     ) -> None:
         """Checks, open the main fd (off the loop), then run the save in the background;
         `checksums`: record unit checksums (docs/checksums.md).
 
         Without `job_id` this is migrate: every backend, the daemon's capabilities and
         parameters, at most one at a time. With it, a memory job over `backend_ids`
-        (default all) with `job_settings`, alongside other jobs.
+        (default all) with `job_settings`, alongside other jobs. `dirty_pages` (backend id
+        -> bitmap, a memory job only): update the save already in the file, writing only
+        those pages again (mapped_ram/update.py).
         """
 
         def admit() -> list[MemoryBackend]:
@@ -299,22 +304,33 @@ class MigrationEngine:
         if not backends:
             raise MigrationError("There is no memory backend to save: add one with object-add")
         layout = format.plan_save([(b.block_name, b.size) for b in backends], target.offset)
+        updates = dirty_pages is not None
+        if updates and not checksums:
+            raise MigrationError("'x-dirty-pages' needs 'checksums': kept pages are checked")
+        job = Job("save", target, backends, sum(b.size for b in backends))
+        job.updates = updates
         # In a worker thread: a file on a hung or slow filesystem must not stop the loop.
-        main_fd = await asyncio.to_thread(target.open_main, self.openers, "save", peer_uid)
+        main_fd = await asyncio.to_thread(
+            target.open_main, self.openers, "update" if updates else "save", peer_uid
+        )
+        previous: update.Previous | None = None
+        dirty: list[np.ndarray] = []
         try:
             identity = self._refuse_file_conflicts(
                 main_fd, target.path, "save", "a save to it would overwrite that memory"
             )
+            if dirty_pages is not None:
+                dirty = update.dirty_masks(job, layout, dirty_pages)
+                previous = await asyncio.to_thread(update.read_previous, job, layout, main_fd)
             admit()  # another request may have started a job meanwhile
         except BaseException:
             target.discard()
             raise
-        job = Job("save", target, backends, sum(b.size for b in backends))
         job.settings = job_settings if job_settings is not None else self.migration_settings()
         self._identify(job, job_id, auto_dismiss, identity)
         job.expected_downtime = self.params.downtime_limit
         job.save_id = uuid.uuid4().hex
-        self._launch(job, self._save(job, layout, main_fd, checksums))
+        self._launch(job, self._save(job, layout, main_fd, checksums, previous, dirty))
 
     async def start_restore(
         self,
@@ -612,18 +628,38 @@ class MigrationEngine:
             )
 
     async def _save(
-        self, job: Job, layout: format.SaveLayout, main_fd: int, checksums: bool
+        self,
+        job: Job,
+        layout: format.SaveLayout,
+        main_fd: int,
+        checksums: bool,
+        previous: update.Previous | None = None,
+        dirty: Sequence[np.ndarray] = (),
     ) -> None:
-        await asyncio.to_thread(save.write_head, job, layout, main_fd)
+        if previous is None:
+            await asyncio.to_thread(save.write_head, job, layout, main_fd)
+        else:
+            await asyncio.to_thread(update.invalidate_end, job, layout, main_fd)
         check_cancel(job)
         fds = await self._open_channels(job, main_fd)
         try:
             # SEEK_DATA walks and run splitting take tens of ms on large memory: off the loop.
-            blocks, runs = await asyncio.to_thread(
-                plan.plan_save_runs, job, layout, job.settings.detect_zero
-            )
+            if previous is None:
+                blocks, runs = await asyncio.to_thread(
+                    plan.plan_save_runs, job, layout, job.settings.detect_zero
+                )
+            else:
+                blocks, runs = await asyncio.to_thread(
+                    plan.plan_update_runs, job, layout, previous.bitmaps, dirty
+                )
             if checksums:
-                job.checksums = UnitChecksums(blocks, job.target.path, None, runs)
+                job.checksums = UnitChecksums(
+                    blocks,
+                    job.target.path,
+                    None,
+                    runs,
+                    previous.digests if previous is not None else None,
+                )
             check_cancel(job)
             self._pass(job, 1)  # before `active`, as in QEMU
             self._activate(job)

@@ -141,6 +141,7 @@ class Job:
     switchover_main_bytes: int = 0  # main_bytes then: what the final stage writes is downtime-bytes
     checksums: UnitChecksums | None = None  # the unit checksums recorded (save) or checked
     save_id: str | None = None  # the save's (restore: the file's), once known
+    updates: bool = False  # save: rewrites the dirty pages of the save in the file only
     unverified: str | None = None  # restore: why its pages are not checked
     verify_before_write: bool = False  # restore: the file is checked before any page
     file_check: FileProgress | None = None  # verify-before-write's progress

@@ -67,6 +67,20 @@ def match_blocks(
     return matched, skipped
 
 
+def _save_block(backend: MemoryBackend, block: format.BlockLayout, present: np.ndarray) -> BlockIO:
+    return BlockIO(
+        block.name,
+        block.pages_offset,
+        block.pages,
+        backend.view(0, backend.size),
+        present,
+        populate=backend.prefault,
+        explain_fault=backend.fault_error,
+        check_size=backend.shrink_error,
+        content_fd=backend.shared_fd,
+    )
+
+
 def plan_save_runs(
     job: Job, layout: format.SaveLayout, detect: bool
 ) -> tuple[list[BlockIO], list[PageRun]]:
@@ -74,21 +88,7 @@ def plan_save_runs(
     blocks: list[BlockIO] = []
     runs: list[PageRun] = []
     for index, (backend, block) in enumerate(zip(job.backends, layout.blocks, strict=True)):
-        present = np.zeros(block.pages, dtype=bool)
-        view = backend.view(0, backend.size)
-        blocks.append(
-            BlockIO(
-                block.name,
-                block.pages_offset,
-                block.pages,
-                view,
-                present,
-                populate=backend.prefault,
-                explain_fault=backend.fault_error,
-                check_size=backend.shrink_error,
-                content_fd=backend.shared_fd,
-            )
-        )
+        blocks.append(_save_block(backend, block, np.zeros(block.pages, dtype=bool)))
         # Holes of a file-backed backend are zero pages found without touching memory.
         ranges = backend.data_ranges() if detect else None
         if ranges is None:
@@ -96,6 +96,25 @@ def plan_save_runs(
         page_runs = [(off // PAGE_SIZE, length // PAGE_SIZE) for off, length in ranges]
         job.hole_pages += block.pages - sum(count for _, count in page_runs)
         runs += split_runs(index, page_runs)
+    return blocks, runs
+
+
+def plan_update_runs(
+    job: Job,
+    layout: format.SaveLayout,
+    bitmaps: Sequence[np.ndarray],
+    dirty: Sequence[np.ndarray],
+) -> tuple[list[BlockIO], list[PageRun]]:
+    """An update's blocks and runs: only the dirty pages are saved again (their bits
+    cleared first, set again for those not zero now); the others keep the earlier save's
+    bits and slots, and count as done from the start."""
+    blocks: list[BlockIO] = []
+    runs: list[PageRun] = []
+    for index, (backend, block) in enumerate(zip(job.backends, layout.blocks, strict=True)):
+        mask = dirty[index]
+        blocks.append(_save_block(backend, block, bitmaps[index] & ~mask))
+        job.hole_pages += block.pages - int(np.count_nonzero(mask))
+        runs += split_runs(index, format.set_runs(mask))
     return blocks, runs
 
 

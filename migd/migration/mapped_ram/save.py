@@ -14,7 +14,7 @@ from ...errors import ChannelError
 from ...io.engine import BlockIO
 from ...io.threads import write_fully
 from ..job import Job, check_cancel
-from . import checksum_table, format
+from . import checksum_table, format, update
 
 
 def pwrite_all(fd: int, data: bytes, offset: int, path: str) -> None:
@@ -75,6 +75,8 @@ def finish_save(
         )
     fdatasync(main_fd, path)
     _, _, normal, zero, _ = job.totals()
+    if job.updates:  # this job wrote only some pages: count them all from the bitmaps
+        normal, zero = update.pages_totals([block.present for block in blocks])
     migd: dict[str, object] = {
         "version": __version__,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -96,4 +98,6 @@ def finish_save(
         end += bytes(table_at - layout.end_offset - len(end)) + table
     pwrite_all(main_fd, end, layout.end_offset, path)
     job.main_bytes += len(end)
+    if job.updates:
+        update.truncate_to(main_fd, layout.end_offset + len(end), path)
     fdatasync(main_fd, path)
