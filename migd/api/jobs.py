@@ -9,8 +9,6 @@ migrate-incoming are jobs too, with id "migration" (migration/job.py MIGRATION_J
 
 from __future__ import annotations
 
-import base64
-import binascii
 import enum
 from typing import Annotated
 
@@ -48,35 +46,10 @@ class MemoryJobArgs(TargetArgs):
         )
 
 
-class DirtyPages(QapiModel):
-    """One backend's pages to save again: base64 of one bit per page, least significant
-    bit first (numpy's packbits with bitorder "little")."""
-
-    backend: str
-    bitmap: str
-
-    def decoded(self) -> bytes:
-        try:
-            return base64.b64decode(self.bitmap, validate=True)
-        except binascii.Error:
-            raise InvalidRequest(
-                f"'x-dirty-pages' of '{self.backend}': the bitmap is not base64"
-            ) from None
-
-
 class MemorySaveArgs(MemoryJobArgs):
     checksums: bool = True
-    x_dirty_pages: list[DirtyPages] | None = None
-
-    def dirty_pages(self) -> dict[str, bytes] | None:
-        if self.x_dirty_pages is None:
-            return None
-        out: dict[str, bytes] = {}
-        for entry in self.x_dirty_pages:
-            if entry.backend in out:
-                raise InvalidRequest(f"'x-dirty-pages' names '{entry.backend}' twice")
-            out[entry.backend] = entry.decoded()
-        return out
+    x_live: bool = False
+    x_update: bool = False
 
 
 _COMMON = (
@@ -97,11 +70,13 @@ _COMMON = (
     MemorySaveArgs,
     Empty,
     "Start a job saving memory backends to a file in the mapped-ram layout, alongside "
-    f"other jobs. {_COMMON} 'checksums' as for migrate. 'x-dirty-pages' (migd's, for a "
-    "live save): the file already holds a complete save of these backends at this offset "
-    "(with checksums) and only the pages each bitmap marks are saved again; every other "
-    "page keeps its slot and bit, and is checked against the earlier save's checksums (a "
-    "unit changed where no page is marked fails the job).",
+    f"other jobs. {_COMMON} 'checksums' as for migrate. The two passes of a live save "
+    "(migd's): 'x-live' saves memory that may change meanwhile (a running guest's) and "
+    "records as its checksums what the file then holds, read back; 'x-update', once the "
+    "memory stands still, updates the complete save with checksums already in the file "
+    "(same backends, same offset): every unit of memory is hashed and only those whose "
+    "checksum changed are saved again. Both need 'checksums' and the file readable "
+    "(fdset: read-write fds).",
 )
 async def memory_save(ctx: Context, args: MemorySaveArgs) -> Empty:
     await ctx.services.engine.start_save(
@@ -112,7 +87,8 @@ async def memory_save(ctx: Context, args: MemorySaveArgs) -> Empty:
         backend_ids=args.backends,
         job_settings=args.settings(ctx),
         auto_dismiss=args.auto_dismiss,
-        dirty_pages=args.dirty_pages(),
+        live=args.x_live,
+        updates=args.x_update,
     )
     return Empty()
 

@@ -31,6 +31,7 @@ import functools
 import queue
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import xxhash
@@ -53,10 +54,6 @@ PageSource = Callable[[int, int], memoryview]
 
 class ChecksumMismatch(MigrationError):
     """A unit's content does not match the checksum its save recorded."""
-
-
-class UnreportedChange(MigrationError):
-    """An update of a save found memory changed where it was told nothing changed."""
 
 
 def unit_count(pages: int) -> int:
@@ -106,19 +103,55 @@ def memory_source(block: BlockIO, reader: MemoryReader) -> PageSource:
     return lambda page, count: reader.copy(base + page * PAGE_SIZE, count)
 
 
+def hash_memory(
+    blocks: Sequence[BlockIO], threads: int, cancel: threading.Event
+) -> list[bytearray]:
+    """Every unit's checksum of the blocks' memory as it is now, absent pages or not:
+    the digests a save of this memory records (a page that is zero in memory is a zero
+    page of the save). For an update of a save (migration/mapped_ram/update.py): memory
+    that stands still (a stopped guest), read through the kernel by `threads` threads."""
+    digests = [bytearray(unit_count(b.pages) * DIGEST_BYTES) for b in blocks]
+    work = [(i, u) for i, b in enumerate(blocks) for u in range(unit_count(b.pages))]
+    lock = threading.Lock()
+
+    def drain() -> None:
+        reader = MemoryReader()
+        try:
+            while not cancel.is_set():
+                with lock:
+                    if not work:
+                        return
+                    index, unit = work.pop()
+                block = blocks[index]
+                start = unit * UNIT_PAGES
+                pages = _unit_pages(block, unit)
+                try:
+                    got = unit_digest(
+                        np.ones(pages, dtype=bool), start, memory_source(block, reader)
+                    )
+                except MemoryFault as fault:
+                    explain = block.explain_fault
+                    raise (explain("save") if explain is not None else None) or fault from None
+                digests[index][unit * DIGEST_BYTES : (unit + 1) * DIGEST_BYTES] = got
+        except BaseException:
+            cancel.set()
+            raise
+
+    with ThreadPoolExecutor(max(1, threads), thread_name_prefix="migd-hash") as pool:
+        futures = [pool.submit(drain) for _ in range(max(1, threads))]
+    for future in futures:
+        error = future.exception()
+        if error is not None:
+            raise error
+    return digests
+
+
 class UnitChecksums:
     """One job's unit checksums: recorded by a save, checked by a restore.
 
     `expected`: None to record (a save), else per block the digests the file holds, or
     None for a block that is not checked. Thread safe: channels call `done` for the pages
     they have finished, and the one that finishes a unit hashes it.
-
-    `previous` (a save that updates an earlier save in place, pages outside `runs` kept as
-    the file has them): per block the earlier save's digests. Every unit is then hashed
-    from memory as a whole, absent pages read too (they must be zero there, or the unit's
-    digest cannot match the file's zeros and a restore refuses it), and a unit with no
-    page in a run must hash as it did before: else memory changed where the caller said it
-    did not, and UnreportedChange fails the job rather than let a stale unit stand.
     """
 
     def __init__(
@@ -127,12 +160,10 @@ class UnitChecksums:
         path: str,
         expected: Sequence[bytes | None] | None,
         runs: Sequence[PageRun],
-        previous: Sequence[bytes] | None = None,
     ) -> None:
         self.blocks = blocks
         self.path = path
         self.expected = expected
-        self.previous = previous
         self.digests = [bytearray(unit_count(b.pages) * DIGEST_BYTES) for b in blocks]
         self._lock = threading.Lock()
         # (block index, unit) completed by the channels, not hashed yet; None: no more.
@@ -153,15 +184,20 @@ class UnitChecksums:
             unit_count(b.pages) for b, on in zip(blocks, checked, strict=True) if on
         )
         self.units_done = 0  # hashed (and, on a restore, matched)
-        # An update's units that no run touches: hashed at once, and compared with before.
-        self._kept = [left == 0 for left in self._left] if previous is not None else None
         for index, (block, on) in enumerate(zip(blocks, checked, strict=True)):
             idle: list[int] = np.flatnonzero(self._left[index] == 0).tolist() if on else []
-            for unit in idle:
-                if previous is not None:
-                    self._queue.put((index, unit))
-                else:  # all holes: zeros, nothing to read or wait for
-                    self._record(index, block, unit, zero_unit_digest(_unit_pages(block, unit)))
+            for unit in idle:  # all holes: zeros, nothing to read or wait for
+                self._record(index, block, unit, zero_unit_digest(_unit_pages(block, unit)))
+
+    @classmethod
+    def recorded(
+        cls, blocks: Sequence[BlockIO], path: str, digests: Sequence[bytearray]
+    ) -> UnitChecksums:
+        """A save's checksums known already (an update hashed them before it wrote):
+        nothing left to hash."""
+        sums = cls(blocks, path, None, [])  # no runs: every unit idle, recorded at once
+        sums.digests = list(digests)
+        return sums
 
     def release(self) -> None:
         """Drop the views of the backends' memory once the transfer is over: the job
@@ -202,11 +238,10 @@ class UnitChecksums:
                 block = self.blocks[block_index]
                 start = unit * UNIT_PAGES
                 stop = min(start + UNIT_PAGES, block.pages)
-                present = block.present[start:stop]
-                if self.previous is not None:
-                    present = np.ones(stop - start, dtype=bool)  # the whole unit's memory
                 try:
-                    got = unit_digest(present, start, memory_source(block, reader))
+                    got = unit_digest(
+                        block.present[start:stop], start, memory_source(block, reader)
+                    )
                 except MemoryFault as fault:
                     # The backend's account (its file shrank), as the channels give it:
                     # the job's error must not depend on which thread met the fault.
@@ -221,10 +256,6 @@ class UnitChecksums:
     def _record(self, block_index: int, block: BlockIO, unit: int, got: bytes) -> None:
         """A save keeps a unit's digest; a restore compares it with the file's."""
         at = unit * DIGEST_BYTES
-        if self._kept is not None and self._kept[block_index][unit]:
-            assert self.previous is not None
-            if self.previous[block_index][at : at + DIGEST_BYTES] != got:
-                raise UnreportedChange(unreported_text(self.path, block.name, block.pages, unit))
         if self.expected is None:
             self.digests[block_index][at : at + DIGEST_BYTES] = got
         else:
@@ -240,17 +271,6 @@ class UnitChecksums:
 
 def _unit_pages(block: BlockIO, unit: int) -> int:
     return min(UNIT_PAGES, block.pages - unit * UNIT_PAGES)
-
-
-def unreported_text(path: str, name: str, pages: int, unit: int) -> str:
-    """The error of an update that finds a unit changed that it was told was not."""
-    start = unit * UNIT_PAGES
-    stop = min(start + UNIT_PAGES, pages)
-    return (
-        f"'{path}': ramblock '{name}' changed at bytes {start * PAGE_SIZE:#x}-"
-        f"{stop * PAGE_SIZE:#x} since the save being updated, but no page there was "
-        "reported dirty: the update is refused (save the memory whole)"
-    )
 
 
 def mismatch_text(path: str, name: str, pages_offset: int, pages: int, unit: int) -> str:

@@ -71,11 +71,14 @@ def verify_file(
     blocks: Sequence[FileBlock],
     cancel: threading.Event,
     progress: FileProgress | None = None,
+    record: Sequence[bytearray] | None = None,
 ) -> None:
     """Check every unit of `blocks` against its digest, reading with one thread per fd.
 
     Returns when all match or once `cancel` is set (the caller checks the event); raises
     the first error (ChecksumMismatch, ChannelError) after every thread has stopped.
+    `record` (one buffer per block): store each unit's digest there instead of checking
+    it (a live save's checksums of what its file holds, migration/engine.py).
     """
     work: queue.SimpleQueue[tuple[int, int, int] | None] = queue.SimpleQueue()
     for index, block in enumerate(blocks):
@@ -119,7 +122,9 @@ def verify_file(
                     unit_present = block.present[start : min(start + UNIT_PAGES, block.pages)]
                     got = unit_digest(unit_present, start, source)
                     at = unit * DIGEST_BYTES
-                    if block.digests[at : at + DIGEST_BYTES] != got:
+                    if record is not None:
+                        record[index][at : at + DIGEST_BYTES] = got
+                    elif block.digests[at : at + DIGEST_BYTES] != got:
                         raise ChecksumMismatch(
                             mismatch_text(path, block.name, block.pages_offset, block.pages, unit)
                         )

@@ -75,8 +75,9 @@ class Target(Protocol):
     offset: int  # where the stream starts in it
 
     def open_main(self, openers: Openers, direction: str, peer_uid: int | None) -> int:
-        """The main fd: "save" opens for writing (creating what is missing), "update"
-        an existing file for reading and writing, "restore" for reading. `peer_uid` is
+        """The main fd: "save" opens for writing (creating what is missing), "live" for
+        reading and writing (creating), "update" an existing file for reading and
+        writing, "restore" for reading. `peer_uid` is
         the client's uid (an existing file it owns is trusted)."""
         ...
 
@@ -138,9 +139,11 @@ class FileTarget:
     def open_main(self, openers: Openers, direction: str, peer_uid: int | None) -> int:
         """A passed fd (/dev/fdset/N) is a dup from its set; a named file must pass
         paths.open_regular's rules (a save creates a missing file)."""
-        create = direction == "save"
-        # "update" (a save rewriting some pages of the save in the file) reads it first.
-        flags = {"save": os.O_WRONLY, "update": os.O_RDWR}.get(direction, os.O_RDONLY)
+        # A live save reads its pages back, an update reads the save it updates first.
+        create = direction in ("save", "live")
+        flags = {"save": os.O_WRONLY, "live": os.O_RDWR, "update": os.O_RDWR}.get(
+            direction, os.O_RDONLY
+        )
         if is_fdset_path(self.path):
             # O_CREAT only for QEMU's matching-flags text: a set's fds are never created.
             fd = openers.fdset(self.path, flags | (os.O_CREAT if create else 0), False)

@@ -17,15 +17,13 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
-
 from ..errors import MigdError, MigrationError
-from ..io.checksums import ChecksumMismatch, UnitChecksums
+from ..io.checksums import DIGEST_BYTES, ChecksumMismatch, UnitChecksums, hash_memory, unit_count
 from ..io.engine import HASH_THREADS, BlockIO, IOEngine, PageRun, Transfer, check_sizes, load_engine
-from ..io.file_verify import FileProgress, verify_file
+from ..io.file_verify import FileBlock, FileProgress, verify_file
 from ..io.share import DEFAULT_SLOTS, DiskShare
 from ..io.target import Openers, Target, close_quietly, open_channel_fd
 from ..io.throttle import Throttle
@@ -280,16 +278,18 @@ class MigrationEngine:
         backend_ids: Sequence[str] | None = None,
         job_settings: JobSettings | None = None,
         auto_dismiss: bool = False,
-        dirty_pages: Mapping[str, bytes] | None = None,
+        live: bool = False,
+        updates: bool = False,
     ) -> None:
         """Checks, open the main fd (off the loop), then run the save in the background;
         `checksums`: record unit checksums (docs/checksums.md).
 
         Without `job_id` this is migrate: every backend, the daemon's capabilities and
         parameters, at most one at a time. With it, a memory job over `backend_ids`
-        (default all) with `job_settings`, alongside other jobs. `dirty_pages` (backend id
-        -> bitmap, a memory job only): update the save already in the file, writing only
-        those pages again (mapped_ram/update.py).
+        (default all) with `job_settings`, alongside other jobs. The two passes of a live
+        save (memory jobs only; mapped_ram/update.py): `live`, memory that may change
+        meanwhile, its checksums read back from the file; `updates`, the save already in
+        the file brought up to date with memory that stands still.
         """
 
         def admit() -> list[MemoryBackend]:
@@ -303,24 +303,25 @@ class MigrationEngine:
         backends = admit()
         if not backends:
             raise MigrationError("There is no memory backend to save: add one with object-add")
+        if (live or updates) and not checksums:
+            raise MigrationError(
+                f"'{'x-live' if live else 'x-update'}' needs 'checksums': they tell an update "
+                "what the file holds"
+            )
+        if live and updates:
+            raise MigrationError("'x-live' and 'x-update' are the two passes: give one")
         layout = format.plan_save([(b.block_name, b.size) for b in backends], target.offset)
-        updates = dirty_pages is not None
-        if updates and not checksums:
-            raise MigrationError("'x-dirty-pages' needs 'checksums': kept pages are checked")
         job = Job("save", target, backends, sum(b.size for b in backends))
         job.updates = updates
+        direction = "update" if updates else "live" if live else "save"
         # In a worker thread: a file on a hung or slow filesystem must not stop the loop.
-        main_fd = await asyncio.to_thread(
-            target.open_main, self.openers, "update" if updates else "save", peer_uid
-        )
+        main_fd = await asyncio.to_thread(target.open_main, self.openers, direction, peer_uid)
         previous: update.Previous | None = None
-        dirty: list[np.ndarray] = []
         try:
             identity = self._refuse_file_conflicts(
                 main_fd, target.path, "save", "a save to it would overwrite that memory"
             )
-            if dirty_pages is not None:
-                dirty = update.dirty_masks(job, layout, dirty_pages)
+            if updates:
                 previous = await asyncio.to_thread(update.read_previous, job, layout, main_fd)
             admit()  # another request may have started a job meanwhile
         except BaseException:
@@ -330,7 +331,7 @@ class MigrationEngine:
         self._identify(job, job_id, auto_dismiss, identity)
         job.expected_downtime = self.params.downtime_limit
         job.save_id = uuid.uuid4().hex
-        self._launch(job, self._save(job, layout, main_fd, checksums, previous, dirty))
+        self._launch(job, self._save(job, layout, main_fd, checksums, live, previous))
 
     async def start_restore(
         self,
@@ -602,7 +603,8 @@ class MigrationEngine:
             # sync nor a stop has to wait for the whole save to reach a slow disk.
             write_behind=direction == "save" and not job.settings.direct_io,
             counters=job.counters,
-            checksums=job.checksums,
+            # An update's checksums are hashed before it writes: nothing for the channels.
+            checksums=None if job.updates else job.checksums,
             share=self.disk_share,
             cached_fd=cached_fd,
             hash_threads=self.hash_threads,
@@ -633,8 +635,8 @@ class MigrationEngine:
         layout: format.SaveLayout,
         main_fd: int,
         checksums: bool,
+        live: bool = False,
         previous: update.Previous | None = None,
-        dirty: Sequence[np.ndarray] = (),
     ) -> None:
         if previous is None:
             await asyncio.to_thread(save.write_head, job, layout, main_fd)
@@ -643,31 +645,52 @@ class MigrationEngine:
         check_cancel(job)
         fds = await self._open_channels(job, main_fd)
         try:
-            # SEEK_DATA walks and run splitting take tens of ms on large memory: off the loop.
             if previous is None:
+                # SEEK_DATA walks and run splitting take tens of ms on large memory.
                 blocks, runs = await asyncio.to_thread(
                     plan.plan_save_runs, job, layout, job.settings.detect_zero
                 )
+                if checksums and not live:
+                    job.checksums = UnitChecksums(blocks, job.target.path, None, runs)
             else:
-                blocks, runs = await asyncio.to_thread(
-                    plan.plan_update_runs, job, layout, previous.bitmaps, dirty
-                )
-            if checksums:
-                job.checksums = UnitChecksums(
-                    blocks,
-                    job.target.path,
-                    None,
-                    runs,
-                    previous.digests if previous is not None else None,
-                )
+                blocks = plan.save_blocks(job, layout, previous.bitmaps)
             check_cancel(job)
             self._pass(job, 1)  # before `active`, as in QEMU
             self._activate(job)
+            if previous is not None:
+                runs = await self._changed_runs(job, blocks, previous)
             await self._move_pages(job, fds, blocks, runs)
+            if live and checksums:
+                await self._checksums_of_file(job, blocks, fds)
             self._pass(job, 2)
             await asyncio.to_thread(save.finish_save, job, layout, blocks, fds, main_fd)
         finally:
             job.target.close_channels()
+
+    async def _changed_runs(
+        self, job: Job, blocks: Sequence[BlockIO], previous: update.Previous
+    ) -> list[PageRun]:
+        """An update: every unit of memory hashed; those that differ from the earlier
+        save's checksum (what the file holds) are the runs to save again, and the new
+        checksums are the save's."""
+        digests = await asyncio.to_thread(hash_memory, blocks, self.hash_threads, job.cancel)
+        check_cancel(job)
+        changed = update.changed_units(blocks, digests, previous.digests)
+        job.checksums = UnitChecksums.recorded(blocks, job.target.path, digests)
+        return plan.plan_update_runs(job, blocks, changed)
+
+    async def _checksums_of_file(
+        self, job: Job, blocks: Sequence[BlockIO], fds: Sequence[int]
+    ) -> None:
+        """A live save's checksums: of the pages as its file holds them, read back, not of
+        memory that kept changing while they were written (a page written, then changed
+        before its unit was hashed, would leave a checksum the file does not match, and
+        an update would take the stale page for current)."""
+        files = [FileBlock(b.name, b.pages_offset, b.pages, b.present, b"") for b in blocks]
+        digests = [bytearray(unit_count(b.pages) * DIGEST_BYTES) for b in blocks]
+        await asyncio.to_thread(verify_file, fds, job.target.path, files, job.cancel, None, digests)
+        check_cancel(job)
+        job.checksums = UnitChecksums.recorded(blocks, job.target.path, digests)
 
     async def _restore(
         self,

@@ -67,28 +67,37 @@ def match_blocks(
     return matched, skipped
 
 
-def _save_block(backend: MemoryBackend, block: format.BlockLayout, present: np.ndarray) -> BlockIO:
-    return BlockIO(
-        block.name,
-        block.pages_offset,
-        block.pages,
-        backend.view(0, backend.size),
-        present,
-        populate=backend.prefault,
-        explain_fault=backend.fault_error,
-        check_size=backend.shrink_error,
-        content_fd=backend.shared_fd,
-    )
+def save_blocks(
+    job: Job, layout: format.SaveLayout, presents: Sequence[np.ndarray] | None = None
+) -> list[BlockIO]:
+    """The save's blocks over its backends' memory; `presents`: their bitmaps to start
+    from (an update's), else all clear."""
+    blocks = []
+    for index, (backend, block) in enumerate(zip(job.backends, layout.blocks, strict=True)):
+        present = presents[index].copy() if presents is not None else None
+        blocks.append(
+            BlockIO(
+                block.name,
+                block.pages_offset,
+                block.pages,
+                backend.view(0, backend.size),
+                present if present is not None else np.zeros(block.pages, dtype=bool),
+                populate=backend.prefault,
+                explain_fault=backend.fault_error,
+                check_size=backend.shrink_error,
+                content_fd=backend.shared_fd,
+            )
+        )
+    return blocks
 
 
 def plan_save_runs(
     job: Job, layout: format.SaveLayout, detect: bool
 ) -> tuple[list[BlockIO], list[PageRun]]:
     """The save's blocks and page runs; `detect`: zero page detection is on."""
-    blocks: list[BlockIO] = []
+    blocks = save_blocks(job, layout)
     runs: list[PageRun] = []
     for index, (backend, block) in enumerate(zip(job.backends, layout.blocks, strict=True)):
-        blocks.append(_save_block(backend, block, np.zeros(block.pages, dtype=bool)))
         # Holes of a file-backed backend are zero pages found without touching memory.
         ranges = backend.data_ranges() if detect else None
         if ranges is None:
@@ -100,22 +109,17 @@ def plan_save_runs(
 
 
 def plan_update_runs(
-    job: Job,
-    layout: format.SaveLayout,
-    bitmaps: Sequence[np.ndarray],
-    dirty: Sequence[np.ndarray],
-) -> tuple[list[BlockIO], list[PageRun]]:
-    """An update's blocks and runs: only the dirty pages are saved again (their bits
-    cleared first, set again for those not zero now); the others keep the earlier save's
-    bits and slots, and count as done from the start."""
-    blocks: list[BlockIO] = []
+    job: Job, blocks: Sequence[BlockIO], changed: Sequence[np.ndarray]
+) -> list[PageRun]:
+    """An update's runs: only the changed pages are saved again (their bits cleared
+    first, set again for those not zero now); the others keep the earlier save's bits
+    and slots, and count as done from the start."""
     runs: list[PageRun] = []
-    for index, (backend, block) in enumerate(zip(job.backends, layout.blocks, strict=True)):
-        mask = dirty[index]
-        blocks.append(_save_block(backend, block, bitmaps[index] & ~mask))
+    for index, (block, mask) in enumerate(zip(blocks, changed, strict=True)):
+        block.present &= ~mask
         job.hole_pages += block.pages - int(np.count_nonzero(mask))
         runs += split_runs(index, format.set_runs(mask))
-    return blocks, runs
+    return runs
 
 
 def plan_restore_runs(

@@ -1,25 +1,29 @@
-"""Updating a save in place: what must hold before only some pages are written again.
+"""Updating a save in place: the second pass of a live save (docs/vm-image.md).
 
-`memory-save` with `x-dirty-pages` (docs/vm-image.md, live save) rewrites the pages a
-caller reports dirty since an earlier save to the same file and keeps every other page's
-slot and bit. That is only right if the file holds a complete migd save of the same
-blocks at the same offset, with its checksums (the update hashes every unit again and
-compares the kept ones with them: io/checksums.py). All of it is checked here, before
-any byte of the file changes.
+`memory-save` with `x-live` saves memory that may change meanwhile, and records as its
+checksums what its file then holds (read back). `memory-save` with `x-update`, once the
+memory stands still, hashes every unit of it again and saves again only the units whose
+checksum changed: the others are in the file as they are in memory. That is only right
+if the file holds a complete migd save of the same blocks at the same offset, with its
+checksums; all of it is checked here, before any byte of the file changes.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from ...errors import MigrationError
+from ...io.checksums import DIGEST_BYTES, UNIT_PAGES
+from ...io.engine import BlockIO
 from ...io.target import Target
 from ..job import Job
 from . import format, restore
+
+_DIGEST = np.dtype((np.void, DIGEST_BYTES))
 
 
 @dataclass(frozen=True)
@@ -53,34 +57,15 @@ def read_previous(job: Job, layout: format.SaveLayout, fd: int) -> Previous:
     return Previous(bitmaps, list(table.digests), restore.save_id(parsed))
 
 
-def dirty_masks(
-    job: Job, layout: format.SaveLayout, bitmaps: Mapping[str, bytes]
+def changed_units(
+    blocks: Sequence[BlockIO], now: Sequence[bytearray], before: Sequence[bytes]
 ) -> list[np.ndarray]:
-    """Each block's dirty pages from the request's bitmaps (by backend id; a backend
-    not named has none), each exactly one bit per page, least significant bit first."""
-    ids = {b.id for b in job.backends}
-    unknown = sorted(set(bitmaps) - ids)
-    if unknown:
-        raise MigrationError(
-            f"'x-dirty-pages' names {', '.join(repr(i) for i in unknown)}: "
-            "not a backend of this job"
-        )
-    masks: list[np.ndarray] = []
-    for backend, block in zip(job.backends, layout.blocks, strict=True):
-        raw = bitmaps.get(backend.id)
-        if raw is None:
-            masks.append(np.zeros(block.pages, dtype=bool))
-            continue
-        want = -(-block.pages // 8)
-        if len(raw) != want:
-            raise MigrationError(
-                f"'x-dirty-pages' of '{backend.id}' has {len(raw)} bytes; its {block.pages} "
-                f"pages need {want}"
-            )
-        bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")
-        if bits[block.pages :].any():
-            raise MigrationError(f"'x-dirty-pages' of '{backend.id}' marks pages past its end")
-        masks.append(bits[: block.pages].astype(bool))
+    """Per block, one bool per page: in a unit whose memory no longer hashes as the
+    earlier save's checksum of it (what its file holds)."""
+    masks = []
+    for block, a, b in zip(blocks, now, before, strict=True):
+        units = np.frombuffer(bytes(a), dtype=_DIGEST) != np.frombuffer(b, dtype=_DIGEST)
+        masks.append(np.repeat(units, UNIT_PAGES)[: block.pages])
     return masks
 
 
