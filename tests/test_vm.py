@@ -90,11 +90,12 @@ async def saved_image(daemon: DaemonProcess, setup: dict[str, Path], *flags: str
         return ram.read_bytes()
 
 
+@pytest.mark.parametrize("flags", [("--quit",), ("--live", "--quit")])
 async def test_a_saved_vm_restores_into_a_new_qemu_byte_exact_and_runs(
-    daemon: DaemonProcess, setup: dict[str, Path]
+    daemon: DaemonProcess, setup: dict[str, Path], flags: tuple[str, ...]
 ) -> None:
     ram, d, image = setup["ram"], setup["dir"], setup["image"]
-    saved = await saved_image(daemon, setup, "--quit")
+    saved = await saved_image(daemon, setup, *flags)
     assert not list(d.glob(".*migd-vm-tmp"))  # the temporary file became the image
     fill_random(ram, SIZE, seed=99)  # what a new guest's RAM file might hold
     async with QemuVM(qemu_args(ram, d / "b-cli.sock", extra=INCOMING), d,

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from .conftest import DaemonProcess, fill_random
 from .guest import accelerator, guest_dir, qemu_args, ticks, wait_for_tick
 from .qemu_vm import QemuVM, requires_qemu
@@ -26,8 +28,11 @@ def with_cli_socket(args: list[str], sock: Path) -> list[str]:
     return [*args, "-qmp", f"unix:{sock},server=on,wait=off"]
 
 
+# --live: the RAM is copied while the guest runs its checks (and rewrites its region),
+# then only the units that changed are saved again once it is stopped.
+@pytest.mark.parametrize("live", [False, True], ids=["stopped", "live"])
 async def test_a_suspended_guest_resumes_in_a_new_qemu_and_its_memory_checks_pass(
-    daemon: DaemonProcess, short_dir: Path, shm: Path
+    daemon: DaemonProcess, short_dir: Path, shm: Path, live: bool
 ) -> None:
     guest_dir()
     accel = accelerator()
@@ -37,8 +42,10 @@ async def test_a_suspended_guest_resumes_in_a_new_qemu_and_its_memory_checks_pas
     async with QemuVM(args, short_dir, name="a") as vm:
         assert vm.proc is not None
         await wait_for_tick(first, 1, BOOT_TIMEOUT, vm.proc)
-        out = vm_cli(daemon, short_dir / "a-cli.sock", "save", "--quit", str(image)).stdout
+        flags = ("--live", "--quit") if live else ("--quit",)
+        out = vm_cli(daemon, short_dir / "a-cli.sock", "save", *flags, str(image)).stdout
         assert "the VM is gone (quit)" in out
+        assert ("live pass:" in out) == live
         assert vm.proc.wait(30) == 0
     last = ticks(first)[-1][0]
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import hashlib
 import os
 import time
 import uuid
@@ -106,6 +107,7 @@ class VmOptions:
     direct_io: bool | None = None  # None: probe the image's filesystem
     quiet: bool = False
     after: str = "pause"  # save: pause | resume | quit
+    live: bool = False  # save: copy the RAM while the guest runs, then only what changed
     paused: bool = False  # restore: leave the guest paused
     json: bool = False  # print the summary as JSON
     timings: dict[str, float] = field(default_factory=dict)
@@ -257,24 +259,27 @@ async def del_migd_backends(migd: Any, ids: Sequence[str]) -> None:
             await _execute(migd, "object-del", {"id": backend_id})
 
 
-async def pass_image_to_migd(migd: Any, fd: int, write: bool, direct_io: bool, opaque: str) -> int:
+async def pass_image_to_migd(
+    migd: Any, fd: int, accesses: Sequence[int], direct_io: bool, opaque: str
+) -> int:
     """The image open as `fd` as a migd fd set: reopened through /proc/self/fd (the same
-    file whatever its name is now) write-only for a save or read-only for a restore, and
-    again with O_DIRECT for the channels when direct_io. Returns the set's id."""
-    access = os.O_WRONLY if write else os.O_RDONLY
+    file whatever its name is now) once per access mode (O_WRONLY for a save, O_RDWR for
+    a live save's passes, O_RDONLY for a restore), and again with O_DIRECT for the
+    channels when direct_io. Returns the set's id."""
     variants = [0, os.O_DIRECT] if direct_io else [0]
     fdset_id: int | None = None
-    for extra in variants:
-        twin = os.open(f"/proc/self/fd/{fd}", access | extra | os.O_CLOEXEC)
-        try:
-            migd.send_fd_scm(twin)
-            arguments: dict[str, Any] = {"opaque": opaque}
-            if fdset_id is not None:
-                arguments["fdset-id"] = fdset_id
-            reply = await _execute(migd, "add-fd", arguments)
-            fdset_id = int(reply["fdset-id"])
-        finally:
-            os.close(twin)
+    for access in accesses:
+        for extra in variants:
+            twin = os.open(f"/proc/self/fd/{fd}", access | extra | os.O_CLOEXEC)
+            try:
+                migd.send_fd_scm(twin)
+                arguments: dict[str, Any] = {"opaque": opaque}
+                if fdset_id is not None:
+                    arguments["fdset-id"] = fdset_id
+                reply = await _execute(migd, "add-fd", arguments)
+                fdset_id = int(reply["fdset-id"])
+            finally:
+                os.close(twin)
     assert fdset_id is not None
     return fdset_id
 
@@ -341,9 +346,10 @@ async def run_migd_job(
 async def ram_job(
     migd: Any, interrupt: _Interrupt, opts: VmOptions, direction: str, job_id: str,
     backends: list[str], uri: str, direct_io: bool, err: TextIO,
+    extra: Mapping[str, Any] | None = None,
 ) -> None:  # fmt: skip
     """The RAM part: a memory-save / memory-restore job of the guest's backends, with a
-    progress bar."""
+    progress bar; `extra`: more arguments (a live save's x-live, x-update)."""
     progress = Progress(direction, err, quiet=opts.quiet)
     try:
         await run_migd_job(
@@ -356,6 +362,7 @@ async def ram_job(
                 "uri": uri,
                 "multifd-channels": opts.channels or min(4, os.cpu_count() or 1),
                 "direct-io": direct_io,
+                **(extra or {}),
             },
             progress,
         )
@@ -420,6 +427,26 @@ def _remove_if_ours(path: str, fd: int) -> None:
         os.unlink(path)
 
 
+def _copy_device_state(source: int, image_fd: int) -> vm_image.DevicePart:
+    """QEMU's part, from the memory file it wrote, into the image after the header."""
+    length = os.fstat(source).st_size
+    if length <= 0:
+        raise ClientError("QEMU wrote no device state")
+    hasher = hashlib.sha256()
+    at = 0
+    while at < length:
+        chunk = os.pread(source, min(4 << 20, length - at), at)
+        if not chunk:
+            raise ClientError(f"QEMU's device state ended at {at} of {length} bytes")
+        hasher.update(chunk)
+        done = 0
+        while done < len(chunk):
+            where = vm_image.HEADER_AREA + at + done
+            done += os.pwrite(image_fd, memoryview(chunk)[done:], where)
+        at += len(chunk)
+    return vm_image.DevicePart(vm_image.HEADER_AREA, length, hasher.hexdigest())
+
+
 def _ram_part_info(path: str, fd: int, offset: int) -> SaveInfo:
     """The RAM part of the image open as `fd` (`path` names it in errors): read through
     the fd, not by the name again, so that a file swapped in since is not the one read."""
@@ -445,7 +472,7 @@ async def _save(qemu: Any, opts: VmOptions, out: TextIO, err: TextIO) -> int:
     image_id = uuid.uuid4().hex
     tag = image_id[:8]
     migd = None
-    tmp, fd = None, -1
+    tmp, fd, device_fd = None, -1, -1
     migd_ids: list[str] = []
     migd_fdset: int | None = None
     settings = QemuMigration(qemu)
@@ -469,36 +496,57 @@ async def _save(qemu: Any, opts: VmOptions, out: TextIO, err: TextIO) -> int:
                 migd,
                 [(f"vm-{tag}-{b.id}", blocks[b.id], b.size, str(b.mem_path)) for b in backends],
             )
-            migd_fdset = await pass_image_to_migd(migd, fd, True, direct_io, "migd vm save")
+            # A live save's passes read the file too; its fallback to a whole save writes.
+            accesses = [os.O_RDWR, os.O_WRONLY] if opts.live else [os.O_WRONLY]
+            migd_fdset = await pass_image_to_migd(migd, fd, accesses, direct_io, "migd vm save")
             await settings.set_up(incoming=False)
+            # QEMU writes its part into memory first (it truncates the file it is given,
+            # which would cut off a RAM part written before it); it is copied in after.
+            device_fd = os.memfd_create("migd-vm-device-state", os.MFD_CLOEXEC)
             # QEMU opens the fdset's fd write-only: it looks for one with those flags.
-            qemu_fd = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_CLOEXEC)
+            qemu_fd = os.open(f"/proc/self/fd/{device_fd}", os.O_WRONLY | os.O_CLOEXEC)
             try:
                 uri_path = await settings.add_fd(qemu_fd, "migd vm save")
             finally:
                 os.close(qemu_fd)
+            was_running = state == "running"
+            ram_uri = f"file:/dev/fdset/{migd_fdset},offset="
+            ram_job_id = f"vm-save-{tag}"
+            live = opts.live and was_running  # a paused guest changes nothing: one pass
+            if live:
+                # The first pass runs with the guest: its RAM, then what the file holds.
+                t["precopy"] = time.monotonic()
+                await ram_job(migd, interrupt, opts, "save", f"{ram_job_id}-live", migd_ids,
+                              f"{ram_uri}{vm_image.LIVE_RAM_OFFSET}", direct_io, err,
+                              {"x-live": True})  # fmt: skip
             if interrupt.event.is_set():
                 raise ClientError("interrupted before the VM was stopped")
 
             # The guest stops: from here on its downtime counts.
-            was_running = state == "running"
             t["start"] = time.monotonic()
             if was_running:
                 await qemu_execute(qemu, "stop")
                 stopped = True
-            await qemu_execute(
-                qemu, "migrate", {"uri": f"file:{uri_path},offset={vm_image.HEADER_AREA}"}
-            )
+            await qemu_execute(qemu, "migrate", {"uri": f"file:{uri_path}"})
             await wait_qemu_migration(qemu, "device-state save")
             t["device"] = time.monotonic()
-            device_length = os.fstat(fd).st_size - vm_image.HEADER_AREA
-            if device_length <= 0:
-                raise ClientError("QEMU wrote no device state")
-            ram_at = vm_image.ram_offset(vm_image.HEADER_AREA + device_length)
-
-            await ram_job(migd, interrupt, opts, "save", f"vm-save-{tag}", migd_ids,
-                          f"file:/dev/fdset/{migd_fdset},offset={ram_at}", direct_io,
-                          err)  # fmt: skip
+            device = _copy_device_state(device_fd, fd)
+            os.close(device_fd)
+            device_fd = -1
+            ram_at = vm_image.ram_offset(device.offset + device.length)
+            update = live and ram_at <= vm_image.LIVE_RAM_OFFSET
+            if live and not update:
+                print(
+                    f"the device state ({human_bytes(device.length)}) does not fit before "
+                    "the RAM saved while the guest ran: the RAM is saved whole",
+                    file=err,
+                    flush=True,
+                )
+            if update:
+                ram_at = vm_image.LIVE_RAM_OFFSET
+            await ram_job(migd, interrupt, opts, "save", ram_job_id, migd_ids,
+                          f"{ram_uri}{ram_at}", direct_io, err,
+                          {"x-update": True} if update else None)  # fmt: skip
             t["ram"] = time.monotonic()
             ram = _ram_part_info(tmp, fd, ram_at)
             size = os.fstat(fd).st_size
@@ -508,13 +556,7 @@ async def _save(qemu: Any, opts: VmOptions, out: TextIO, err: TextIO) -> int:
                 migd_version=__version__,
                 qemu_version=qemu_version,
                 machine=machine,
-                device=vm_image.DevicePart(
-                    vm_image.HEADER_AREA,
-                    device_length,
-                    vm_image.device_digest(
-                        fd, vm_image.DevicePart(vm_image.HEADER_AREA, device_length, "")
-                    ),
-                ),
+                device=device,
                 ram=vm_image.RamPart(
                     ram_at,
                     size - ram_at,
@@ -539,6 +581,8 @@ async def _save(qemu: Any, opts: VmOptions, out: TextIO, err: TextIO) -> int:
     except OSError as exc:
         raise ClientError(f"{image}: {exc.strerror or exc}") from None
     finally:
+        if device_fd >= 0:
+            os.close(device_fd)
         if tmp is not None:
             _remove_if_ours(tmp, fd)
         if fd >= 0:
@@ -559,8 +603,9 @@ async def _save(qemu: Any, opts: VmOptions, out: TextIO, err: TextIO) -> int:
         with contextlib.suppress(ClientError):  # QEMU closes the socket as it goes
             await qemu_execute(qemu, "quit")
     if opts.json:
+        passes = {"live_pass": t["start"] - t["precopy"]} if "precopy" in t else {}
         _print_json(
-            out, "save", image, header, device_state=t["device"] - t["start"],
+            out, "save", image, header, **passes, device_state=t["device"] - t["start"],
             ram=t["ram"] - t["device"], downtime=t["durable"] - t["start"],
         )  # fmt: skip
     else:
@@ -590,12 +635,20 @@ def _print_save_summary(
 ) -> None:  # fmt: skip
     total = header.ram.length + header.device.length
     ram_bytes = sum(b.size for b in header.backends)
+    live = ""
+    if "precopy" in t:
+        live = (
+            f"  live pass:    {human_bytes(ram_bytes)} by migd in "
+            f"{t['start'] - t['precopy']:.3f} s while the guest ran\n"
+        )
+    ram_what = "what changed since, " if live else ""
     print(
         f"vm save completed: {image} ({human_bytes(total)}; image id {header.image_id})\n"
+        f"{live}"
         f"  device state: {human_bytes(header.device.length)} by QEMU in "
         f"{t['device'] - t['start']:.3f} s\n"
-        f"  RAM:          {human_bytes(ram_bytes)} by migd in {t['ram'] - t['device']:.3f} s "
-        f"({', '.join(b.id for b in header.backends)})\n"
+        f"  RAM:          {ram_what}{human_bytes(ram_bytes)} by migd in "
+        f"{t['ram'] - t['device']:.3f} s ({', '.join(b.id for b in header.backends)})\n"
         f"  downtime:     {t['durable'] - t['start']:.3f} s (stop -> image durable)\n"
         f"  the VM is {dict(pause='paused', resume='running', quit='gone (quit)')[after]}",
         file=out,
@@ -710,7 +763,9 @@ async def run_vm_restore(opts: VmOptions, out: TextIO, err: TextIO) -> int:
             await qemu_execute(qemu, "stop")
             await settings.set_up(incoming=True)
             uri_path = await settings.add_fd(fd, "migd vm restore")
-            migd_fdset = await pass_image_to_migd(migd, fd, False, direct_io, "migd vm restore")
+            migd_fdset = await pass_image_to_migd(
+                migd, fd, [os.O_RDONLY], direct_io, "migd vm restore"
+            )
             await ram_job(migd, interrupt, opts, "restore", f"vm-restore-{tag}", migd_ids,
                           f"file:/dev/fdset/{migd_fdset},offset={header.ram.offset}",
                           direct_io, err)  # fmt: skip

@@ -26,6 +26,9 @@ MAGIC = b"\x89MIGDVM\n"  # a high-bit byte and a newline: mangled copies are cau
 VERSION = 1
 HEADER_AREA = 64 << 10  # the header's room; the device state starts here
 RAM_ALIGN = 1 << 20  # the RAM part's offset: its pages stay 1 MiB aligned for O_DIRECT
+# A live save writes the RAM part before the device state exists: it leaves this much
+# room for it (a hole until then; device states without shared RAM take a few MiB).
+LIVE_RAM_OFFSET = 64 << 20
 _FIXED = struct.Struct(">8sII")  # magic, version, length of the JSON body
 DIGEST_BYTES = 32  # SHA-256 of the fixed part and the body, right after the body
 
