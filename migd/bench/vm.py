@@ -9,8 +9,9 @@ Each round, in an order that alternates between rounds, for migd and for QEMU:
   (share=on) filled with random data before it starts, so that nearly every page must
   be saved (--fill none: a new, empty file, so that only what the guest touched is data);
 * save, timed from `stop` until the image is durable: for migd, `migd vm save --quit`'s
-  own figure; for QEMU, `stop`, `migrate`, completion polled every 2 ms, then fsync of
-  the file (QEMU does not sync it itself);
+  own figure, and `migd vm save --live --quit`'s (its pass while the guest runs comes
+  before the stop, and is reported beside it); for QEMU, `stop`, `migrate`, completion
+  polled every 2 ms, then fsync of the file (QEMU does not sync it itself);
 * the page cache is dropped (as root), and a new QEMU with a new, empty memory file
   starts with -incoming defer;
 * restore, timed until the guest is ready to run (paused, so that its memory can then be
@@ -54,8 +55,11 @@ QEMU_POLL = 0.002
 class Row:
     size: int
     migd_save: list[float] = field(default_factory=list)
+    live_save: list[float] = field(default_factory=list)  # migd vm save --live
+    live_pass: list[float] = field(default_factory=list)  # its pass while the guest ran
     qemu_save: list[float] = field(default_factory=list)
     migd_restore: list[float] = field(default_factory=list)
+    live_restore: list[float] = field(default_factory=list)  # of --live's image
     qemu_restore: list[float] = field(default_factory=list)
     disk_write: list[float] = field(default_factory=list)  # the same bytes, O_DIRECT
     disk_read: list[float] = field(default_factory=list)
@@ -166,6 +170,11 @@ async def one_round(
             row.migd_save.append(
                 migd_cli(sock, vm, "save", "--quit", str(image))["seconds"]["downtime"]
             )
+        elif who == "migd-live":
+            seconds = migd_cli(sock, vm, "save", "--live", "--quit", str(image))["seconds"]
+            log(f"  migd vm save --live: {seconds}")
+            row.live_save.append(seconds["downtime"])
+            row.live_pass.append(seconds["live-pass"])
         else:
             await vm.mapped_ram(args.channels)
             started = time.monotonic()
@@ -183,10 +192,12 @@ async def one_round(
     drop_caches(work, enabled=os.geteuid() == 0)
     vm = await Vm(work, "b", restored, row.size, args, incoming=True).connect()
     try:
-        if who == "migd":
+        if who.startswith("migd"):
             out = migd_cli(sock, vm, "restore", "--paused", str(image))
             log(f"  migd vm restore: {out['seconds']}")
-            row.migd_restore.append(out["seconds"]["downtime"])
+            (row.live_restore if who == "migd-live" else row.migd_restore).append(
+                out["seconds"]["downtime"]
+            )
         else:
             await vm.mapped_ram(args.channels)
             started = time.monotonic()
@@ -232,6 +243,24 @@ def report(rows: list[Row], args: argparse.Namespace) -> str:
         )
     lines += [
         "",
+        "| guest RAM | migd vm save --live | QEMU save | migd --live / QEMU (target <= 0.5) "
+        "| its live pass (guest running) | migd vm restore of the --live image "
+        "| migd / QEMU |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.size / GiB:g} GiB | {_median_range(r.live_save)} "
+            f"| {_median_range(r.qemu_save)} | {_ratio(r.live_save, r.qemu_save)} "
+            f"| {_median_range(r.live_pass)} | {_median_range(r.live_restore)} "
+            f"| {_ratio(r.live_restore, r.qemu_restore)} |"
+        )
+    lines += [
+        "",
+        "--live: the RAM is saved while the guest runs (then read back for its checksums), "
+        "the guest stopped, and only the 1 MiB units whose checksum changed saved again; "
+        "its downtime counts from that stop, as the others'.",
+        "",
         "Save: stop -> image durable (QEMU: completed, then fsync). Restore: command -> guest "
         "ready to run (migd: its checks included). Disk: the bench's own O_DIRECT write and "
         "read of as many bytes (4 threads, 4 MiB blocks, then fdatasync), each round: the "
@@ -274,7 +303,8 @@ async def main(argv: list[str] | None = None) -> int:
             await (await connect_qmp(sock, daemon, "bench")).disconnect()  # it listens
             for round_ in range(args.runs):
                 for row in rows:
-                    order = ("migd", "qemu") if round_ % 2 == 0 else ("qemu", "migd")
+                    order = ("migd", "migd-live", "qemu")
+                    order = order if round_ % 2 == 0 else order[::-1]
                     for who in order:
                         log(f"vm round {round_ + 1}/{args.runs}: {who}, {row.size / GiB:g} GiB")
                         await one_round(who, row, Path(work), Path(shm), sock, args, round_)
