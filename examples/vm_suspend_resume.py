@@ -6,13 +6,14 @@ a management application would, and print the downtime of each step.
    ../shared/tools/make-guest.sh DIR (whose console prints `tick N ok` while its memory
    checks pass), else firmware only;
 2. `migd vm save --quit IMAGE`: the guest stops, QEMU writes its device state, migd the
-   RAM, the header last, and QEMU quits;
+   RAM, the header last, and QEMU quits (with --live: migd copies the RAM while the
+   guest runs, and after the stop only what changed);
 3. the RAM file is overwritten with garbage (a new host, a reused file...);
 4. a new QEMU with the same configuration and -incoming defer;
 5. `migd vm restore IMAGE`: checked, restored, running again;
 6. with --guest, the guest's console must go on ticking with no CORRUPT and no reboot.
 
-Run:  python examples/vm_suspend_resume.py [--guest DIR] [--size-mib 512] [--socket S]
+Run:  python examples/vm_suspend_resume.py [--guest DIR] [--size-mib 512] [--socket S] [--live]
 (without --socket it starts a migd of its own). Needs QEMU >= 9.1.
 """
 
@@ -127,6 +128,7 @@ async def main() -> int:
     p.add_argument("--guest", type=Path, default=None, help="a make-guest.sh directory")
     p.add_argument("--size-mib", type=int, default=512)
     p.add_argument("--socket", type=Path, default=None, help="a running migd's socket")
+    p.add_argument("--live", action="store_true", help="save the RAM while the guest runs")
     args = p.parse_args()
     if shutil.which("qemu-system-x86_64") is None:
         raise SystemExit("qemu-system-x86_64 not found (../shared/tools/install-qemu.sh)")
@@ -154,11 +156,14 @@ async def main() -> int:
                 last = await wait_tick(work / "first.console", 1)
                 print(f"    guest ticking: tick {last} ok")
 
-            step(f"migd vm save --quit {image}")
-            saved = migd_vm(socket, work / "first.sock", "save", "--quit", str(image))
+            flags = ["--live", "--quit"] if args.live else ["--quit"]
+            step(f"migd vm save {' '.join(flags)} {image}")
+            saved = migd_vm(socket, work / "first.sock", "save", *flags, str(image))
             first.wait(30)
             seconds = saved["seconds"]
             assert isinstance(seconds, dict)
+            if "live-pass" in seconds:
+                print(f"    live pass {seconds['live-pass']:.3f} s while the guest ran")
             print(f"    downtime {seconds['downtime']:.3f} s (stop -> image durable): device "
                   f"state {seconds['device-state']:.3f} s, RAM {seconds['ram']:.3f} s")  # fmt: skip
             last = max(last, *(n for n, _ in ticks(work / "first.console")), 0)

@@ -180,14 +180,20 @@ def test_qemu_walkthrough_runs_every_step_with_identical_bytes(short_dir):
 
 
 @requires_qemu
-def test_vm_suspend_resume_suspends_and_resumes_a_firmware_guest(daemon: DaemonProcess):
+@pytest.mark.parametrize("live", [False, True], ids=["stopped", "live"])
+def test_vm_suspend_resume_suspends_and_resumes_a_firmware_guest(
+    daemon: DaemonProcess, live: bool
+) -> None:
     """Firmware only here (tests/test_vm_guest.py runs a Linux guest); against a running
     migd, which it leaves without backends or jobs."""
     code, out, _ = run_example(
-        "vm_suspend_resume.py", "--size-mib", "64", "--socket", str(daemon.socket_path)
-    )
+        "vm_suspend_resume.py", "--size-mib", "64", "--socket", str(daemon.socket_path),
+        *(["--live"] if live else []),
+    )  # fmt: skip
     assert code == 0, out
-    assert "==> migd vm save --quit" in out and "(stop -> image durable)" in out
+    save = "==> migd vm save --live --quit" if live else "==> migd vm save --quit"
+    assert save in out and "(stop -> image durable)" in out
+    assert ("while the guest ran" in out) == live
     assert "==> migd vm restore" in out and "the new QEMU is running" in out
     assert out.rstrip().endswith("==> done")
     client = RawClient(daemon.socket_path).negotiate()
