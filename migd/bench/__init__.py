@@ -209,6 +209,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "none (only what the guest touches is data; with --guest, a realistic guest)",
     )
     p.add_argument(
+        "--vm-restore-into",
+        choices=("new", "reused"),
+        default="new",
+        help="--vm: the new QEMU's memory file: a new, empty one (default), or the one the "
+        "saved guest ran on, overwritten with other data first (a resume on the same host)",
+    )
+    p.add_argument(
         "--guest",
         default=None,
         metavar="DIR",
@@ -271,7 +278,7 @@ def run_vm(args: argparse.Namespace) -> int:
     argv = [
         "--sizes-gib", args.vm_sizes_gib, "--runs", str(args.runs),
         "--channels", str(max(args.channels)), "--dir", args.dir, "--qemu", args.qemu,
-        "--fill", args.vm_fill,
+        "--fill", args.vm_fill, "--restore-into", args.vm_restore_into,
         *(["--guest", args.guest] if args.guest else []),
     ]  # fmt: skip
     try:

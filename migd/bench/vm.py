@@ -13,7 +13,9 @@ Each round, in an order that alternates between rounds, for migd and for QEMU:
   before the stop, and is reported beside it); for QEMU, `stop`, `migrate`, completion
   polled every 2 ms, then fsync of the file (QEMU does not sync it itself);
 * the page cache is dropped (as root), and a new QEMU with a new, empty memory file
-  starts with -incoming defer;
+  starts with -incoming defer (--restore-into reused: with the memory file the guest
+  ran on, random data of another seed written over it first: a resume on the same host,
+  whose pages are allocated already);
 * restore, timed until the guest is ready to run (paused, so that its memory can then be
   compared with the saved one; `cont` is the same for both): for migd, `migd vm
   restore --paused`'s own figure, which counts from the command's start and so includes
@@ -31,6 +33,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -189,6 +192,13 @@ async def one_round(
             row.qemu_save.append(time.monotonic() - started)
     finally:
         await vm.close()
+    expected = saved
+    if args.restore_into == "reused":
+        # The file the guest ran on, its pages allocated, holding other data now.
+        expected = shm / "expected-ram"
+        shutil.copyfile(saved, expected)
+        fill_memory(saved, row.size, "random", seed + 1000)
+        restored = saved
     drop_caches(work, enabled=os.geteuid() == 0)
     vm = await Vm(work, "b", restored, row.size, args, incoming=True).connect()
     try:
@@ -205,11 +215,13 @@ async def one_round(
             await vm.cmd("migrate-incoming", {"uri": f"file:{image}"})
             await vm.wait_migration()
             row.qemu_restore.append(time.monotonic() - started)
-        if not same_contents(saved, restored, row.size):
+        if not same_contents(expected, restored, row.size):
             raise BenchError(f"{who}: the restored guest memory differs from the saved memory")
     finally:
         await vm.close()
     image.unlink()
+    if expected != saved:
+        expected.unlink()
 
 
 def _median_range(values: list[float]) -> str:
@@ -224,6 +236,11 @@ def _ratio(a: list[float], b: list[float]) -> str:
 def report(rows: list[Row], args: argparse.Namespace) -> str:
     guest = f"kernel of {args.guest}" if args.guest else "firmware only"
     fill = "random RAM" if args.fill == "random" else "RAM as the guest left it"
+    fill += (
+        ", restored into a new memory file"
+        if args.restore_into == "new"
+        else ", restored into the memory file it ran on (other data written over it)"
+    )
     lines = [
         f"## Whole-VM save and restore ({args.runs} rounds, {args.channels} channels, "
         f"direct-io, {guest}, {fill}, TCG, save files in {args.dir})",
@@ -283,6 +300,13 @@ async def main(argv: list[str] | None = None) -> int:
         default="random",
         help="the memory file before the VM starts: random data, or none (a new, empty "
         "file: only what the guest touches is data)",
+    )
+    parser.add_argument(
+        "--restore-into",
+        choices=("new", "reused"),
+        default="new",
+        help="the new QEMU's memory file: a new, empty one, or the one the saved guest "
+        "ran on, overwritten with other data first",
     )
     parser.add_argument("--qemu", default="qemu-system-x86_64")
     args = parser.parse_args(argv)
