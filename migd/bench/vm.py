@@ -13,9 +13,11 @@ Each round, in an order that alternates between rounds, for migd and for QEMU:
   before the stop, and is reported beside it); for QEMU, `stop`, `migrate`, completion
   polled every 2 ms, then fsync of the file (QEMU does not sync it itself);
 * the page cache is dropped (as root), and a new QEMU with a new, empty memory file
-  starts with -incoming defer (--restore-into reused: with the memory file the guest
-  ran on, random data of another seed written over it first: a resume on the same host,
-  whose pages are allocated already);
+  starts with -incoming defer (--restore-into reused: migd's with the memory file the
+  guest ran on, random data of another seed written over it first: a resume on the same
+  host, whose pages are allocated already; QEMU's still with a new one: its mapped-ram
+  load leaves the pages that are zero in the file as they were, so it restores correctly
+  only into a zeroed file);
 * restore, timed until the guest is ready to run (paused, so that its memory can then be
   compared with the saved one; `cont` is the same for both): for migd, `migd vm
   restore --paused`'s own figure, which counts from the command's start and so includes
@@ -193,7 +195,9 @@ async def one_round(
     finally:
         await vm.close()
     expected = saved
-    if args.restore_into == "reused":
+    # QEMU's mapped-ram load leaves the pages the file has as zero untouched: it needs a
+    # zeroed memory file (a new one) to restore correctly, so it gets one in any case.
+    if args.restore_into == "reused" and who != "qemu":
         # The file the guest ran on, its pages allocated, holding other data now.
         expected = shm / "expected-ram"
         shutil.copyfile(saved, expected)
@@ -239,7 +243,8 @@ def report(rows: list[Row], args: argparse.Namespace) -> str:
     fill += (
         ", restored into a new memory file"
         if args.restore_into == "new"
-        else ", restored into the memory file it ran on (other data written over it)"
+        else ", restored by migd into the memory file it ran on (other data written over "
+        "it), by QEMU into a new one (the only one it restores correctly)"
     )
     lines = [
         f"## Whole-VM save and restore ({args.runs} rounds, {args.channels} channels, "
