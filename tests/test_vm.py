@@ -13,6 +13,7 @@ client at a time).
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -383,3 +384,50 @@ def test_usage_errors_exit_2(daemon: DaemonProcess, setup: dict[str, Path]) -> N
     assert result.returncode == 2
     assert f"cannot connect to QEMU's QMP socket {nobody}" in result.stderr
     assert not setup["image"].exists()
+
+
+async def test_live_save_of_a_paused_vm_is_one_pass_and_restores_byte_exact(
+    daemon: DaemonProcess, setup: dict[str, Path]
+) -> None:
+    ram, d, image = setup["ram"], setup["dir"], setup["image"]
+    fill_random(ram, SIZE, seed=21)
+    async with QemuVM(qemu_args(ram, d / "a-cli.sock"), d, name="a") as qemu:
+        await qemu.cmd("stop")
+        out = vm_cli(daemon, d / "a-cli.sock", "save", "--live", str(image)).stdout
+        assert "live pass" not in out  # nothing changes under a paused guest
+        assert await status(qemu) in ("paused", "postmigrate")
+        saved = ram.read_bytes()
+    fill_random(ram, SIZE, seed=22)
+    async with QemuVM(qemu_args(ram, d / "b-cli.sock", extra=INCOMING), d, name="b"):
+        vm_cli(daemon, d / "b-cli.sock", "restore", "--paused", str(image))
+        assert ram.read_bytes() == saved
+
+
+async def test_a_device_state_too_large_for_the_live_room_gets_the_ram_saved_whole_after_it(
+    daemon: DaemonProcess, setup: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A live save leaves room for QEMU's part before the RAM it writes while the guest
+    runs; a part larger than that room (here: no room at all) is written first and the
+    RAM saved whole after it, saying so."""
+    ram, d, image = setup["ram"], setup["dir"], setup["image"]
+    monkeypatch.setattr(vm_image, "LIVE_RAM_OFFSET", 0)
+    fill_random(ram, SIZE, seed=23)
+    async with QemuVM(qemu_args(ram, d / "a-cli.sock"), d, name="a") as qemu:
+        options = _options(daemon, d / "a-cli.sock", image)
+        options.live = True
+        err = io.StringIO()
+        assert await vm.run_vm_save(options, io.StringIO(), err) == 0
+        assert "does not fit before the RAM saved while the guest ran" in err.getvalue()
+        assert "precopy" in options.timings  # the live pass ran, then was not used
+        assert await status(qemu) in ("paused", "postmigrate")
+        saved = ram.read_bytes()
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        header = vm_image.read_header(fd, str(image))
+    finally:
+        os.close(fd)
+    assert header.ram.offset == vm_image.ram_offset(header.device.offset + header.device.length)
+    fill_random(ram, SIZE, seed=24)
+    async with QemuVM(qemu_args(ram, d / "b-cli.sock", extra=INCOMING), d, name="b"):
+        vm_cli(daemon, d / "b-cli.sock", "restore", "--paused", str(image))
+        assert ram.read_bytes() == saved
