@@ -130,8 +130,7 @@ def hash_memory(
                         np.ones(pages, dtype=bool), start, memory_source(block, reader)
                     )
                 except MemoryFault as fault:
-                    explain = block.explain_fault
-                    raise (explain("save") if explain is not None else None) or fault from None
+                    raise _saved_fault(block, fault) from None
                 digests[index][unit * DIGEST_BYTES : (unit + 1) * DIGEST_BYTES] = got
         except BaseException:
             cancel.set()
@@ -144,6 +143,12 @@ def hash_memory(
         if error is not None:
             raise error
     return digests
+
+
+def _saved_fault(block: BlockIO, fault: MemoryFault) -> BaseException:
+    """The backend's account of a fault while its memory is hashed for a save."""
+    explained = block.explain_fault("save") if block.explain_fault is not None else None
+    return explained or fault
 
 
 class UnitChecksums:
