@@ -182,6 +182,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="--concurrency: multifd channels per job (default 2)",
     )
     p.add_argument(
+        "--memory-dir",
+        default="/dev/shm",
+        metavar="DIR",
+        help="where the suite's memory files live (default /dev/shm); e.g. a tmpfs "
+        "mounted with huge=always puts them on transparent huge pages",
+    )
+    p.add_argument(
         "--fast-disk",
         action="store_true",
         help="run the suite on a disk much faster than this machine's: ext4 on a loop "

@@ -90,7 +90,7 @@ class Bench(BenchReport):
         }[mode]
         self.machine = machine_facts(Path(args.dir), self.qemu_str() if self.qemu else None)
         self.work = cleanup.mkdtemp(args.dir)  # save files and disk-baseline files
-        self.shm = cleanup.mkdtemp("/dev/shm")  # memory files
+        self.shm = cleanup.mkdtemp(getattr(args, "memory_dir", "/dev/shm"))  # memory files
         self.run_dir = cleanup.mkdtemp("/tmp")  # sockets (short paths) and logs
         self.src = self.shm / "src.ram"
         self.dst = self.shm / "dst.ram"
@@ -159,7 +159,9 @@ class Bench(BenchReport):
     def check_space(self) -> None:
         shm_free = shutil.disk_usage(self.shm).free
         if shm_free < 2 * self.size + 256 * MiB:
-            raise BenchError(f"/dev/shm has {shm_free / GiB:.1f} GiB free; need 2 x the size")
+            raise BenchError(
+                f"{self.shm.parent} has {shm_free / GiB:.1f} GiB free; need 2 x the size"
+            )
         disk_free = shutil.disk_usage(self.work).free
         if disk_free < 4 * self.size + GiB:
             raise BenchError(f"{self.args.dir} has {disk_free / GiB:.1f} GiB free; need 4 x")
