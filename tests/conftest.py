@@ -405,6 +405,13 @@ def small_tmpfs(short_dir: Path) -> Iterator[Path]:
 
 
 @pytest.fixture
+def huge_tmpfs(short_dir: Path) -> Iterator[Path]:
+    """A tmpfs whose files get transparent huge pages (huge=always)."""
+    args = ["-t", "tmpfs", "-o", "huge=always,size=512M", "tmpfs"]
+    yield from _mounted(short_dir / "huge", args, "tmpfs with huge pages")
+
+
+@pytest.fixture
 def readonly_dir(short_dir: Path) -> Iterator[Path]:
     """A read-only tmpfs mount: every create or write fails with EROFS."""
     yield from _mounted(short_dir / "ro", ["-t", "tmpfs", "-o", "ro,size=1M", "tmpfs"], "tmpfs")

@@ -165,13 +165,17 @@ def test_bench_usage_errors() -> None:
 
 
 @pytest.mark.timeout(300)
-def test_bench_checksums_only(disk: Path) -> None:
+def test_bench_checksums_only(disk: Path, huge_tmpfs: Path) -> None:
+    # Its memory files on huge pages (--memory-dir), as docs/bench/fast-disk measures.
     out = disk / "out"
     proc = run_bench(
         ["--size-gib", "0.0625", "--runs", "2", "--channels", "2", "--dir", str(disk),
-         "--no-qemu", "--buffered-channels", "none", "--checksums-only", "--out", str(out)]
-    )
+         "--no-qemu", "--buffered-channels", "none", "--checksums-only", "--out", str(out),
+         "--memory-dir", str(huge_tmpfs)]
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"memory files in {huge_tmpfs}" in proc.stdout
+    assert list(huge_tmpfs.iterdir()) == []  # its memory files removed
     doc = json.loads((out / "bench.json").read_text())
     assert "## Cost of checksums" in proc.stdout and "| ch |" not in proc.stdout
     assert not (out / "bench.png").exists()
