@@ -286,6 +286,7 @@ def run_vm(args: argparse.Namespace) -> int:
         "--sizes-gib", args.vm_sizes_gib, "--runs", str(args.runs),
         "--channels", str(max(args.channels)), "--dir", args.dir, "--qemu", args.qemu,
         "--fill", args.vm_fill, "--restore-into", args.vm_restore_into,
+        "--memory-dir", args.memory_dir,
         *(["--guest", args.guest] if args.guest else []),
     ]  # fmt: skip
     try:

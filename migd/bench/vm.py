@@ -240,6 +240,7 @@ def _ratio(a: list[float], b: list[float]) -> str:
 def report(rows: list[Row], args: argparse.Namespace) -> str:
     guest = f"kernel of {args.guest}" if args.guest else "firmware only"
     fill = "random RAM" if args.fill == "random" else "RAM as the guest left it"
+    fill += f", memory files in {args.memory_dir}"
     fill += (
         ", restored into a new memory file"
         if args.restore_into == "new"
@@ -313,6 +314,9 @@ async def main(argv: list[str] | None = None) -> int:
         help="the new QEMU's memory file: a new, empty one, or the one the saved guest "
         "ran on, overwritten with other data first",
     )
+    parser.add_argument(
+        "--memory-dir", default="/dev/shm", help="where the guests' memory files live"
+    )
     parser.add_argument("--qemu", default="qemu-system-x86_64")
     args = parser.parse_args(argv)
     try:
@@ -323,7 +327,7 @@ async def main(argv: list[str] | None = None) -> int:
         raise BenchError("guest sizes must be at least 16 MiB and --runs positive")
     rows = [Row(size) for size in sizes]
     with (
-        tempfile.TemporaryDirectory(prefix="migd-vm-", dir="/dev/shm") as shm,
+        tempfile.TemporaryDirectory(prefix="migd-vm-", dir=args.memory_dir) as shm,
         tempfile.TemporaryDirectory(prefix="migd-vm-", dir=args.dir) as work,
     ):
         sock = Path(work) / "migd.sock"
