@@ -338,7 +338,7 @@ class BenchReport:
             + f"; load average {m['loadavg_start']:.2f} at the start, "
             f"{self.end_load():.2f} at the end",
             f"- disk: save files in {m['dir']} on {dev}, {m['dir_fs'] or '?'}; memory files "
-            f"in {getattr(self.args, 'memory_dir', '/dev/shm')}",
+            f"in {self.args.memory_dir}",
             f"- software: migd {m['migd']}, Python {m['python']}, {qemu}, {m['fio'] or 'no fio'}",
             f"- {self.size / GiB:g} GiB per operation, {self.runs} round{'s' * (self.runs > 1)}"
             f" (median, min-max); page cache dropped before each measurement: "

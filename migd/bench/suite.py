@@ -90,7 +90,7 @@ class Bench(BenchReport):
         }[mode]
         self.machine = machine_facts(Path(args.dir), self.qemu_str() if self.qemu else None)
         self.work = cleanup.mkdtemp(args.dir)  # save files and disk-baseline files
-        self.shm = cleanup.mkdtemp(getattr(args, "memory_dir", "/dev/shm"))  # memory files
+        self.shm = cleanup.mkdtemp(args.memory_dir)  # memory files
         self.run_dir = cleanup.mkdtemp("/tmp")  # sockets (short paths) and logs
         self.src = self.shm / "src.ram"
         self.dst = self.shm / "dst.ram"

@@ -27,11 +27,11 @@ threads of its own, the disk never waits for a hash (docs/bench/checksums).
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import queue
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import xxhash
@@ -40,6 +40,7 @@ from ..errors import MemoryFault, MigrationError
 from ..pages import PAGE_SIZE
 from ..runs import true_runs
 from .engine import BlockIO, PageRun
+from .threads import WORKERS
 from .zero_scan import SCAN_CHUNK_PAGES, MemoryReader, address_of
 
 ALGORITHM = "xxh3-128"
@@ -136,8 +137,10 @@ def hash_memory(
             cancel.set()
             raise
 
-    with ThreadPoolExecutor(max(1, threads), thread_name_prefix="migd-hash") as pool:
-        futures = [pool.submit(drain) for _ in range(max(1, threads))]
+    # In the daemon's worker threads, as the channels' (io/threads.py WorkerPool: made
+    # beforehand, nicer than the event loop).
+    futures = [WORKERS.submit("migd-hash", drain) for _ in range(max(1, threads))]
+    concurrent.futures.wait(futures)
     for future in futures:
         error = future.exception()
         if error is not None:
@@ -165,11 +168,14 @@ class UnitChecksums:
         path: str,
         expected: Sequence[bytes | None] | None,
         runs: Sequence[PageRun],
+        digests: Sequence[bytearray] | None = None,
     ) -> None:
         self.blocks = blocks
         self.path = path
         self.expected = expected
         self.digests = [bytearray(unit_count(b.pages) * DIGEST_BYTES) for b in blocks]
+        if digests is not None:  # known already (UnitChecksums.recorded): nothing to hash
+            self.digests = list(digests)
         self._lock = threading.Lock()
         # (block index, unit) completed by the channels, not hashed yet; None: no more.
         self._queue: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
@@ -189,6 +195,9 @@ class UnitChecksums:
             unit_count(b.pages) for b, on in zip(blocks, checked, strict=True) if on
         )
         self.units_done = 0  # hashed (and, on a restore, matched)
+        if digests is not None:
+            self.units_done = self.units_total
+            return
         for index, (block, on) in enumerate(zip(blocks, checked, strict=True)):
             idle: list[int] = np.flatnonzero(self._left[index] == 0).tolist() if on else []
             for unit in idle:  # all holes: zeros, nothing to read or wait for
@@ -198,11 +207,9 @@ class UnitChecksums:
     def recorded(
         cls, blocks: Sequence[BlockIO], path: str, digests: Sequence[bytearray]
     ) -> UnitChecksums:
-        """A save's checksums known already (an update hashed them before it wrote):
-        nothing left to hash."""
-        sums = cls(blocks, path, None, [])  # no runs: every unit idle, recorded at once
-        sums.digests = list(digests)
-        return sums
+        """A save's checksums known already (an update hashed them before it wrote,
+        a live save read them back): nothing left to hash."""
+        return cls(blocks, path, None, [], digests)
 
     def release(self) -> None:
         """Drop the views of the backends' memory once the transfer is over: the job

@@ -124,8 +124,13 @@ def refuse_directory_name(path: str) -> None:
         raise FileRefused(f"'{path}' ends with '/': it names a directory, not a file")
 
 
+def kind_of(mode: int) -> str | None:
+    """What a file that is not regular is, for an error: "a FIFO", "a directory", ..."""
+    return _KINDS.get(stat.S_IFMT(mode))
+
+
 def not_regular(path: str, mode: int | None = None) -> FileRefused:
-    kind = _KINDS.get(stat.S_IFMT(mode)) if mode is not None else None
+    kind = kind_of(mode) if mode is not None else None
     return FileRefused(f"'{path}' is not a regular file" + (f" (it is {kind})" if kind else ""))
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from ..errors import FormatError
 from ..io.checksums import ALGORITHM, UNIT_BYTES
 from ..migration.mapped_ram import checksum_table, format
+from ..state.paths import kind_of
 
 # A truncated file is parsed again as if zeros followed its end; this is how far it may go.
 # Bitmaps are counted in slices so that a TiB-sized block needs no GiB-sized array.
@@ -38,10 +39,9 @@ def open_regular(path: str | os.PathLike[str]) -> int:
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            kind = {stat.S_IFIFO: "a FIFO", stat.S_IFDIR: "a directory"}.get(
-                stat.S_IFMT(mode), "a device"
+            raise InspectError(
+                f"not a regular file (it is {kind_of(mode) or 'of an unknown kind'})"
             )
-            raise InspectError(f"not a regular file (it is {kind})")
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)

@@ -14,7 +14,7 @@ from ...errors import ChannelError
 from ...io.engine import BlockIO
 from ...io.threads import write_fully
 from ..job import Job, check_cancel
-from . import checksum_table, format, update
+from . import checksum_table, format
 
 
 def pwrite_all(fd: int, data: bytes, offset: int, path: str) -> None:
@@ -29,15 +29,17 @@ def fdatasync(fd: int, path: str) -> None:
         raise ChannelError(f"Could not sync '{path}': {exc.strerror}") from None
 
 
+def truncate(fd: int, at: int, path: str) -> None:
+    try:
+        os.ftruncate(fd, at)
+    except OSError as exc:
+        raise ChannelError(f"Could not truncate '{path}' to offset {at}: {exc.strerror}") from None
+
+
 def write_head(job: Job, layout: format.SaveLayout, main_fd: int) -> None:
     """Cut the file at the stream's offset and write the head (everything up to the pages)."""
     path = job.target.path
-    try:
-        os.ftruncate(main_fd, layout.offset)
-    except OSError as exc:
-        raise ChannelError(
-            f"Could not truncate '{path}' to offset {layout.offset}: {exc.strerror}"
-        ) from None
+    truncate(main_fd, layout.offset, path)
     for at, data in layout.head_writes:
         pwrite_all(main_fd, data, at, path)
         job.main_bytes += len(data)
@@ -76,7 +78,8 @@ def finish_save(
     fdatasync(main_fd, path)
     _, _, normal, zero, _ = job.totals()
     if job.updates:  # this job wrote only some pages: count them all from the bitmaps
-        normal, zero = update.pages_totals([block.present for block in blocks])
+        normal = sum(int(np.count_nonzero(block.present)) for block in blocks)
+        zero = sum(block.pages for block in blocks) - normal
     migd: dict[str, object] = {
         "version": __version__,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -98,6 +101,6 @@ def finish_save(
         end += bytes(table_at - layout.end_offset - len(end)) + table
     pwrite_all(main_fd, end, layout.end_offset, path)
     job.main_bytes += len(end)
-    if job.updates:
-        update.truncate_to(main_fd, layout.end_offset + len(end), path)
+    if job.updates:  # the end it replaces may have been longer; the table ends the file
+        truncate(main_fd, layout.end_offset + len(end), path)
     fdatasync(main_fd, path)

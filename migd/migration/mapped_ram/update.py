@@ -10,7 +10,6 @@ checksums; all of it is checked here, before any byte of the file changes.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,7 +20,7 @@ from ...io.checksums import DIGEST_BYTES, UNIT_PAGES
 from ...io.engine import BlockIO
 from ...io.target import Target
 from ..job import Job
-from . import format, restore
+from . import format, restore, save
 
 _DIGEST = np.dtype((np.void, DIGEST_BYTES))
 
@@ -73,24 +72,5 @@ def invalidate_end(job: Job, layout: format.SaveLayout, fd: int) -> None:
     """Before the first page is rewritten: the earlier save's end section is cut, so that
     an update that fails or is cut off by a crash leaves a file that reads as incomplete,
     as an interrupted save does, never as complete with some units changed."""
-    path = job.target.path
-    try:
-        os.pwrite(fd, b"\0", layout.end_offset)
-        os.fdatasync(fd)
-    except OSError as exc:
-        raise MigrationError(f"Could not write '{path}': {exc.strerror}") from None
-
-
-def truncate_to(fd: int, end: int, path: str) -> None:
-    """An update's end section may be shorter than the one it replaces: cut the rest,
-    since the checksum table must end the file."""
-    try:
-        os.ftruncate(fd, end)
-    except OSError as exc:
-        raise MigrationError(f"Could not truncate '{path}' to {end}: {exc.strerror}") from None
-
-
-def pages_totals(blocks: Sequence[np.ndarray]) -> tuple[int, int]:
-    """(normal, zero) pages of the updated save, from its bitmaps."""
-    normal = sum(int(np.count_nonzero(b)) for b in blocks)
-    return normal, sum(b.size for b in blocks) - normal
+    save.pwrite_all(fd, b"\0", layout.end_offset, job.target.path)
+    save.fdatasync(fd, job.target.path)
