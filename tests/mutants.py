@@ -51,6 +51,13 @@ MUTANTS = [
         (G + "test_a_page_with_one_nonzero_byte_anywhere_is_never_called_zero",),
     ),
     Mutant(
+        "staged-zero-scan-reads-half-of-each-page",
+        "migd/io/zero_scan.py",
+        "np.bitwise_or.reduce(pages, axis=1) == 0",
+        "np.bitwise_or.reduce(pages[:, : _WORDS_PER_PAGE // 2], axis=1) == 0",
+        (G + "test_a_page_with_one_nonzero_byte_anywhere_is_never_called_zero",),
+    ),
+    Mutant(
         "allowed-dirs-as-a-string-prefix",
         "migd/state/paths.py",
         'return path == directory or path.startswith(directory.rstrip("/") + "/")',
@@ -124,8 +131,8 @@ MUTANTS = [
     Mutant(
         "last-page-of-each-write-not-marked-present",
         "migd/io/threads.py",
-        "block.present[run.first_page + at : run.first_page + at + pages] = True",
-        "block.present[run.first_page + at : run.first_page + at + pages - 1] = True",
+        "block.present[first_page + at : first_page + at + pages] = True",
+        "block.present[first_page + at : first_page + at + pages - 1] = True",
         ("tests/test_restore.py::test_round_trip_restores_every_byte_and_zeroes_absent_pages",),
     ),
     Mutant(
@@ -145,7 +152,7 @@ MUTANTS = [
     Mutant(
         "save-ignores-max-bandwidth",
         "migd/io/threads.py",
-        "                self.throttle.wait(len(data), self.cancel)\n",
+        "                self.throttle.wait(len(chunk), self.cancel)\n",
         "",
         ("tests/test_save_progress.py::test_max_bandwidth_holds_within_ten_percent",),
     ),
@@ -473,6 +480,23 @@ MUTANTS = [
         "",
         ("tests/test_save_update.py::"
          "test_an_update_saves_what_changed_and_restores_the_memory_as_it_is_now",),
+    ),
+    # --- staged saves (issue 19): through a buffer, never the mapping ---------------------
+    Mutant(
+        "staged-save-hashes-each-unit-from-the-pieces-start",
+        "migd/io/checksums.py",
+        "at = (unit * UNIT_PAGES - first_page) * PAGE_SIZE",
+        "at = 0",
+        ("tests/test_save_staging.py::"
+         "test_staged_and_mapped_saves_make_the_same_file_and_it_restores_verified",),
+    ),
+    Mutant(
+        "staged-save-memory-still-populated",
+        "migd/io/threads.py",
+        "            and run.block not in unmapped\n",
+        "",
+        ("tests/test_save_staging.py::"
+         "test_a_direct_io_save_maps_none_of_the_memory_only_through_staging",),
     ),
 ]  # fmt: skip
 

@@ -24,7 +24,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from qemu.qmp import ExecuteError
 
-from migd.io.zero_scan import runs_to_write, zero_pages
+from migd.io.zero_scan import BufferReader, runs_to_write, zero_pages
 from migd.migration import engine as migration
 from migd.pages import MIN_SKIP_PAGES
 from migd.state.paths import PathNotAllowed, PathPolicy
@@ -77,6 +77,9 @@ RUN_LENGTHS = [
 ]
 
 
+# kernel: a mapping read through process_vm_readv (MemoryReader); buffer: a staged save's
+# buffer read in place (BufferReader).
+@pytest.mark.parametrize("reader", ["kernel", "buffer"])
 @settings(max_examples=250, deadline=None, derandomize=True)
 @given(
     run=st.sampled_from(RUN_LENGTHS),
@@ -92,7 +95,7 @@ RUN_LENGTHS = [
 @example(MIN_SKIP_PAGES, 1, 0, 0.0, 8, 1, 0)
 @example(4 * MIN_SKIP_PAGES - 1, 64, 1, 0.999, PAGE - 8, 1, 4000)
 def test_a_page_with_one_nonzero_byte_anywhere_is_never_called_zero(
-    run, before, after, where, offset, value, filler_offset
+    reader, run, before, after, where, offset, value, filler_offset
 ):
     """Bug caught: a scan reading part of each page (its first half, its first words)."""
     pages = np.zeros((before + run + after, PAGE), dtype=np.uint8)
@@ -100,7 +103,8 @@ def test_a_page_with_one_nonzero_byte_anywhere_is_never_called_zero(
     pages[before + run :, filler_offset] = 0xA5
     hit = before + int(where * run)
     pages[hit, offset] = value
-    found = zero_pages(memoryview(bytearray(pages.tobytes())))
+    memory = memoryview(bytearray(pages.tobytes()))
+    found = zero_pages(memory, reader=BufferReader(memory) if reader == "buffer" else None)
     assert not found[hit], f"page {hit} with byte {value:#x} at offset {offset} called zero"
     assert found.tolist() == long_zero_runs(pages, MIN_SKIP_PAGES).tolist()
     written = runs_to_write(found)

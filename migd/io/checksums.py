@@ -231,6 +231,44 @@ class UnitChecksums:
                 if left[unit] == 0:
                     self._queue.put((block_index, unit))
 
+    def landed(self, block_index: int, first_page: int, data: memoryview) -> list[tuple[int, int]]:
+        """Pages [first_page, first_page + len(data) / PAGE_SIZE) of a block are `data`,
+        the very bytes moved (a save channel's staging buffer, io/threads.py Staging): each
+        unit they cover whole, and no other run touches, is hashed from `data` here, with
+        no second read of the memory. Returns the (first page, pages) pieces of the other
+        units, for `done` (they are read back from memory by the hashing threads).
+
+        Pages a save skipped as zero are zero bytes in `data` too, so a unit's digest from
+        `data` is the digest of its memory image (absent pages as zeros), as unit_digest's."""
+        pages = len(data) // PAGE_SIZE
+        end = first_page + pages
+        if self.expected is not None and self.expected[block_index] is None:
+            return []
+        block = self.blocks[block_index]
+        left = self._left[block_index]
+        whole = []
+        with self._lock:
+            unit = -(-first_page // UNIT_PAGES)
+            while unit * UNIT_PAGES < block.pages and (
+                unit * UNIT_PAGES + _unit_pages(block, unit) <= end
+            ):
+                if left[unit] == _unit_pages(block, unit):  # all its pages are these
+                    left[unit] = 0
+                    whole.append(unit)
+                unit += 1
+        for unit in whole:
+            at = (unit * UNIT_PAGES - first_page) * PAGE_SIZE
+            got = digest(data[at : at + _unit_pages(block, unit) * PAGE_SIZE])
+            self._record(block_index, block, unit, got)
+        rest, taken, at = [], set(whole), first_page
+        while at < end:
+            unit = at // UNIT_PAGES
+            stop = min(end, (unit + 1) * UNIT_PAGES)
+            if unit not in taken:
+                rest.append((at, stop - at))
+            at = stop
+        return rest
+
     def no_more_units(self, threads: int) -> None:
         """Every channel has stopped: each of `threads` hashing threads ends once the
         units queued before this are hashed."""

@@ -120,6 +120,9 @@ class Transfer:
     # The daemon's I/O slots shared with every other job's transfer (io/share.py): each
     # page I/O call holds one; None: unshared.
     share: DiskShare | None = None
+    # Save only: runs of blocks with a content_fd are read from it into each channel's
+    # staging buffer and written from there (io/threads.py Staging), not from the mapping.
+    stage_saves: bool = False
     # Restore with O_DIRECT `fds` only: a buffered fd of the same file, through which a
     # channel reads each run the page cache mostly holds (io/residency.py); None: every
     # run through the channel's own fd.
@@ -132,6 +135,12 @@ class UnitSink(Protocol):
     mismatch in a hashing thread)."""
 
     def done(self, block_index: int, first_page: int, pages: int) -> None: ...
+
+    def landed(self, block_index: int, first_page: int, data: memoryview) -> list[tuple[int, int]]:
+        """For pages whose bytes are at hand (a save's staging buffer): the units they
+        hold whole are hashed from `data` at once; the pieces of the others are returned,
+        for `done`."""
+        ...
 
     def hash_queued(self, cancel: threading.Event) -> None:
         """A hashing thread's body, run by the engine beside its channels."""

@@ -11,6 +11,7 @@ import ctypes
 import errno
 import logging
 import os
+from typing import Protocol
 
 import numpy as np
 
@@ -145,8 +146,39 @@ class MemoryReader:
             out[at : at + count] = np.bitwise_or.reduce(chunk, axis=1) == 0
 
 
+class PageWords(Protocol):
+    """What the zero scan reads memory with: MemoryReader (a mapping, through the kernel)
+    or BufferReader (a buffer of migd's own)."""
+
+    def first_words(self, address: int, pages: int, step: int) -> np.ndarray: ...
+
+    def zero_pages(self, address: int, out: np.ndarray) -> None: ...
+
+
+class BufferReader:
+    """The zero scan over a buffer migd owns (a save channel's staging buffer,
+    io/threads.py Staging): read in place with numpy, no copy and no kernel call, since no
+    other process can cut such a buffer short. Addresses are those of `buffer`'s bytes."""
+
+    def __init__(self, buffer: memoryview) -> None:
+        self._base = address_of(buffer)
+        self._words = np.frombuffer(buffer, dtype=np.uint64)
+
+    def _at(self, address: int) -> int:
+        return (address - self._base) // 8
+
+    def first_words(self, address: int, pages: int, step: int) -> np.ndarray:
+        at = self._at(address)
+        return self._words[at : at + pages * _WORDS_PER_PAGE : step * _WORDS_PER_PAGE]
+
+    def zero_pages(self, address: int, out: np.ndarray) -> None:
+        at = self._at(address)
+        pages = self._words[at : at + out.size * _WORDS_PER_PAGE].reshape(-1, _WORDS_PER_PAGE)
+        out[:] = np.bitwise_or.reduce(pages, axis=1) == 0
+
+
 def zero_pages(
-    memory: memoryview, min_run: int = MIN_SKIP_PAGES, reader: MemoryReader | None = None
+    memory: memoryview, min_run: int = MIN_SKIP_PAGES, reader: PageWords | None = None
 ) -> np.ndarray:
     """One bool per page: True for the pages of every run of at least `min_run` pages
     that hold only zero bytes, the runs a save skips; every other page reads False

@@ -95,6 +95,9 @@ class MigrationEngine:
         self.disk_share = DiskShare(int(os.environ.get("MIGD_IO_SLOTS", DEFAULT_SLOTS)))
         # MIGD_HASH_THREADS: for measuring the checksums' hashing threads (docs/checksums.md).
         self.hash_threads = int(os.environ.get("MIGD_HASH_THREADS", HASH_THREADS))
+        # MIGD_SAVE_STAGING=0: O_DIRECT saves from the mapping, as before io/threads.py's
+        # Staging, for measuring the two against each other (migd bench --save-paths).
+        self.stage_saves = os.environ.get("MIGD_SAVE_STAGING", "1") != "0"
         self.partial = PartialMarks()  # the daemon gives it a state directory
 
     # -- settings ------------------------------------------------------------------------
@@ -608,6 +611,9 @@ class MigrationEngine:
             share=self.disk_share,
             cached_fd=cached_fd,
             hash_threads=self.hash_threads,
+            # Through a buffer (io/threads.py Staging) where the fds are O_DIRECT: a
+            # buffered fd copies into the page cache anyway.
+            stage_saves=self.stage_saves and job.settings.direct_io,
         )
         try:
             await self.io_engine.run(transfer)

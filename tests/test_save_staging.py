@@ -1,0 +1,146 @@
+"""Direct-io saves of memory files go through each channel's staging buffer
+(io/threads.py Staging): read from the file, zero-scanned and hashed in the buffer,
+written from it. The memory is never mapped for it, and the file it makes is the one the
+mapping makes, byte for byte.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from migd.pages import PAGE_SIZE
+
+from .conftest import (
+    add_file_backend,
+    enable_mapped_ram,
+    parse_save,
+    read_bitmap,
+    restore,
+    save,
+)
+
+MiB = 1 << 20
+SIZE = 24 * MiB
+
+
+def memory_with_zero_runs(path: Path, split: bool = False) -> bytes:
+    """Random pages with zero runs that a save skips (>= 1 MiB) and that it writes inline
+    (shorter), placed across the runs' 8 MiB boundaries, and a page with one byte set in
+    the middle of a long zero run. With `split`, also a zero run that the staging
+    buffer's 4 MiB cut leaves under 1 MiB on one side: that part is written (zeros)
+    where the mapped way skips it whole, so the two files differ there."""
+    data = np.frombuffer(np.random.default_rng(5).bytes(SIZE), dtype=np.uint8).copy()
+    runs = [
+        (4 * MiB + 512 * 1024, 3 * MiB),  # skipped, inside one 4 MiB piece
+        (8 * MiB - 5 * PAGE_SIZE, 10 * PAGE_SIZE),  # inline, across a run boundary
+        (11 * MiB, MiB),  # exactly the skip threshold
+        (14 * MiB, 5 * MiB),  # skipped, across 16 MiB, with one lone byte below
+    ]
+    if split:
+        runs.append((SIZE - 4 * MiB - 256 * 1024, 2 * MiB))
+    for start, length in runs:
+        data[start : start + length] = 0
+    data[17 * MiB + 123] = 0x5A
+    data[SIZE - 100 :] = 0  # part of the last page: a data page still
+    path.write_bytes(data.tobytes())
+    return data.tobytes()
+
+
+def mapped_rss(path: Path) -> int:
+    """Bytes of `path`'s mappings in this process that are in memory (smaps Rss)."""
+    rss, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if "-" in fields[0] and not fields[0].endswith(":"):
+                inside = fields[-1] == str(path)
+            elif inside and fields[0] == "Rss:":
+                rss += int(fields[1]) * 1024
+    return rss
+
+
+def set_staging(migd_inproc, on: bool) -> None:
+    migd_inproc.daemon.services.engine.stage_saves = on
+
+
+@pytest.mark.parametrize("staging", [True, False], ids=["staged", "mapped"])
+async def test_a_direct_io_save_maps_none_of_the_memory_only_through_staging(
+    migd_inproc, qmp, shm, short_dir, staging
+):
+    """The assertion can fail: the mapped way populates the mapping."""
+    set_staging(migd_inproc, staging)
+    memory_with_zero_runs(shm / "ram0")
+    await add_file_backend(qmp, "ram0", shm / "ram0", SIZE, share=True)
+    await enable_mapped_ram(qmp, channels=4, direct_io=True)
+    assert mapped_rss(shm / "ram0") == 0
+    info = await save(qmp, short_dir / "save.img")
+    assert info["status"] == "completed", info
+    rss = mapped_rss(shm / "ram0")
+    if staging:
+        assert rss == 0
+    else:
+        assert rss > SIZE // 2
+
+
+async def test_staged_and_mapped_saves_make_the_same_file_and_it_restores_verified(
+    migd_inproc, qmp, shm, short_dir
+):
+    data = memory_with_zero_runs(shm / "ram0")
+    await add_file_backend(qmp, "ram0", shm / "ram0", SIZE, share=True)
+    await enable_mapped_ram(qmp, channels=3, direct_io=True)
+    infos = {}
+    for staging in (True, False):
+        set_staging(migd_inproc, staging)
+        infos[staging] = await save(qmp, short_dir / f"{staging}.img")
+        assert infos[staging]["status"] == "completed", infos[staging]
+    staged, mapped = short_dir / "True.img", short_dir / "False.img"
+    assert infos[True]["ram"]["normal"] == infos[False]["ram"]["normal"]
+    assert infos[True]["ram"]["duplicate"] == infos[False]["ram"]["duplicate"] > 0
+    block = parse_save(staged).blocks[0]
+    assert read_bitmap(staged, block).tolist() == read_bitmap(mapped, block).tolist()
+    assert not read_bitmap(staged, block)[(14 * MiB) // PAGE_SIZE]  # a skipped zero page
+    assert read_bitmap(staged, block)[(17 * MiB) // PAGE_SIZE]  # the lone byte's page
+    # Byte for byte, pages, bitmaps and checksum table, but for each save's random id.
+    ids = [parse_save(path).migd["save-id"].encode() for path in (staged, mapped)]
+    assert staged.read_bytes().replace(ids[0], ids[1]) == mapped.read_bytes()
+
+    # The staged file restores, every unit verified against its recorded checksum.
+    (shm / "ram0").write_bytes(b"\xee" * SIZE)
+    info = await restore(qmp, staged)
+    assert info["status"] == "completed", info
+    assert (shm / "ram0").read_bytes() == data
+
+
+async def test_a_staged_save_of_a_huge_page_memory_file_restores_exactly(
+    migd_inproc, qmp, huge_tmpfs, short_dir
+):
+    data = memory_with_zero_runs(huge_tmpfs / "ram0")
+    await add_file_backend(qmp, "ram0", huge_tmpfs / "ram0", SIZE, share=True)
+    await enable_mapped_ram(qmp, channels=2, direct_io=True)
+    info = await save(qmp, short_dir / "save.img")
+    assert info["status"] == "completed", info
+    os.truncate(huge_tmpfs / "ram0", 0)
+    os.truncate(huge_tmpfs / "ram0", SIZE)
+    assert (await restore(qmp, short_dir / "save.img"))["status"] == "completed"
+    assert (huge_tmpfs / "ram0").read_bytes() == data
+
+
+async def test_a_zero_run_cut_by_the_staging_buffer_is_saved_and_restores_verified(
+    qmp, shm, short_dir
+):
+    data = memory_with_zero_runs(shm / "ram0", split=True)
+    await add_file_backend(qmp, "ram0", shm / "ram0", SIZE, share=True)
+    await enable_mapped_ram(qmp, channels=2, direct_io=True)
+    info = await save(qmp, short_dir / "save.img")
+    assert info["status"] == "completed", info
+    bitmap = read_bitmap(short_dir / "save.img", parse_save(short_dir / "save.img").blocks[0])
+    cut = (SIZE - 4 * MiB) // PAGE_SIZE
+    assert bitmap[cut - 64 : cut].all()  # the 256 KiB before the cut: written as zeros
+    assert not bitmap[cut : cut + 256].any()  # the MiB and more after it: skipped
+    (shm / "ram0").write_bytes(b"\xee" * SIZE)
+    assert (await restore(qmp, short_dir / "save.img"))["status"] == "completed"
+    assert (shm / "ram0").read_bytes() == data
