@@ -89,7 +89,7 @@ def test_bench_end_to_end(disk: Path) -> None:
         "migd-save-2-nodetect", "migd-restore-1", "migd-restore-2",
         "migd-restore-1-buffered", "migd-restore-2-buffered", "migd-restore-2-empty",
         "migd-save-2-adjacent", "migd-save-2-zero75", "migd-save-2-zero30",
-        "migd-save-2-holes75",
+        "migd-save-2-holes75", "migd-save-2-staged", "migd-save-2-mapped",
     } | set(CHECKSUM_STATES)
     if doc["qemu"]:  # QEMU >= 9.1 installed
         expected |= {
@@ -106,8 +106,8 @@ def test_bench_end_to_end(disk: Path) -> None:
     assert len(same_file) == 1 and ratios[same_file[0]]["value"] > 0
     for row in rows.values():
         samples = 4 if row["memory"] == "adjacent" else 1  # paired with each of 4 saves
-        if row["key"] in CHECKSUM_STATES:
-            samples = 2  # on, off, off, on in each round
+        if row["key"] in CHECKSUM_STATES or row["key"].endswith(("-staged", "-mapped")):
+            samples = 2  # on, off, off, on in each round; staged, mapped, mapped, staged
         assert len(row["seconds"]) == samples and row["gib_per_s"] > 0, row
         assert row["bytes"] == 64 << 20
     for key in expected:
@@ -120,6 +120,9 @@ def test_bench_end_to_end(disk: Path) -> None:
     # the main rows run migd's defaults: checksums recorded, verified on restore
     assert rows["migd-save-2"]["checksum_states"] == ["recorded"]
     assert rows["migd-restore-2"]["checksum_states"] == ["verified"]
+    # the two save paths, paired: both measured, their ratio reported
+    path_ratio = [r for n, r in ratios.items() if "staging buffers / from the mapping" in n]
+    assert len(path_ratio) == 1 and path_ratio[0]["value"] > 0
 
     md = (out / "bench.md").read_text()
     assert "migd bench --size-gib 0.0625" in md and "| ch |" in md

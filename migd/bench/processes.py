@@ -44,7 +44,10 @@ class Cleanup:
         self.dirs.append(path)
         return path
 
-    def spawn(self, argv: Sequence[str], log_path: Path) -> subprocess.Popen[bytes]:
+    def spawn(
+        self, argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """`argv` started with its output in `log_path`; `env`: added to ours."""
         with open(log_path, "ab") as out:
             proc = subprocess.Popen(
                 list(argv),
@@ -52,6 +55,7 @@ class Cleanup:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=PACKAGE_PARENT,
+                env=None if env is None else {**os.environ, **env},
             )
         self.procs.append(proc)
         return proc
@@ -236,10 +240,10 @@ async def connect_qmp(
 class Migd:
     """A migd daemon subprocess with its QMP connection and at most one backend, 'ram0'."""
 
-    def __init__(self, bench: Bench, name: str) -> None:
+    def __init__(self, bench: Bench, name: str, env: dict[str, str] | None = None) -> None:
         sock, log_path = bench.run_dir / f"{name}.sock", bench.run_dir / f"{name}.log"
         self.cleanup = bench.cleanup
-        self.proc = bench.cleanup.spawn(serve_argv(sock), log_path)
+        self.proc = bench.cleanup.spawn(serve_argv(sock), log_path, env)
         self.qmp = QMP(sock, self.proc, log_path)
         self.attached = False
 

@@ -138,6 +138,25 @@ class BenchReport:
             )
         return out
 
+    def save_path_ratio(self) -> Ratio:
+        """Saves through staging buffers over saves from the mapping (paired rows), as
+        checksum_costs: per round, then the median. Issue 19's rule for the virtio disk:
+        nothing slower."""
+        rows = self.measured()
+        ch = self.ref
+        per_round = paired_rounds(
+            rows.get(f"migd-save-{ch}-staged"), rows.get(f"migd-save-{ch}-mapped")
+        )
+        value = statistics.median(per_round) if per_round else None
+        return Ratio(
+            f"save throughput, staging buffers / from the mapping ({ch} ch, paired, "
+            f"{len(per_round)} round{'s' * (len(per_round) != 1)})",
+            value,
+            ">= 0.95",
+            None if value is None else value >= 0.95,
+            span=(min(per_round), max(per_round)) if len(per_round) > 1 else None,
+        )
+
     def ratios(self) -> list[Ratio]:
         rows = self.measured()
         save, restore = (
@@ -265,6 +284,9 @@ class BenchReport:
             " ms",
         )
         out += [r for r in self.checksum_costs() if r.value is not None]
+        path_ratio = self.save_path_ratio()
+        if path_ratio.value is not None:
+            out.append(path_ratio)
         peak = max((r.peak_anon for r in rows.values()), default=0)
         bitmaps = self.size // PAGE // 8
         add(

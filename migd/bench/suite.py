@@ -48,6 +48,14 @@ SUM_LABELS = {
     ("restore", "before-write"): "verify before-write (paired)",
 }
 
+# The paired save-path rows (Bench.paired_save_paths): a save through the channels'
+# staging buffers (the default) or from the mapping (MIGD_SAVE_STAGING=0).
+PATH_KEYS = {"staged": "-staged", "mapped": "-mapped"}
+PATH_LABELS = {
+    "staged": "through staging buffers (paired)",
+    "mapped": "from the mapping (paired)",
+}
+
 # --- the benchmark ---------------------------------------------------------------------
 
 
@@ -119,6 +127,7 @@ class Bench(BenchReport):
         detect: bool = True,
         memory: str = "random",
         checksums: str | None = None,
+        save_path: str | None = None,
     ) -> Row:
         key = (
             f"{tool}-{op}-{channels}"
@@ -127,6 +136,7 @@ class Bench(BenchReport):
             + ("" if detect else "-nodetect")
             + ("" if memory == "random" else f"-{memory}")
             + ("" if checksums is None else SUM_KEYS[op, checksums])
+            + ("" if save_path is None else PATH_KEYS[save_path])
         )
         name = "migd" if tool == "migd" else f"QEMU {self.qemu_str()}"
         what = [f"{name} {op}", f"{channels} ch", "direct-io" if direct_io else "buffered"]
@@ -143,6 +153,8 @@ class Bench(BenchReport):
         }[memory]
         if checksums is not None:
             what.append(SUM_LABELS[op, checksums])
+        if save_path is not None:
+            what.append(PATH_LABELS[save_path])
         return self.row(
             key,
             ", ".join(what),
@@ -197,7 +209,10 @@ class Bench(BenchReport):
             "none",
             "-S",
             "-object",
-            f"memory-backend-file,id=ram0,size={self.size},mem-path={mem},share=on",
+            # align=2M: QEMU maps a file backend at 4 KiB alignment otherwise, where a
+            # huge-page tmpfs (--memory-dir) cannot map its pages huge: migd's mmap is
+            # placed at 2 MiB by the kernel, and QEMU must have the same chance.
+            f"memory-backend-file,id=ram0,size={self.size},mem-path={mem},share=on,align=2M",
             "-machine",
             "memory-backend=ram0",
             "-qmp",
@@ -315,12 +330,17 @@ class Bench(BenchReport):
         path.unlink()
 
     def prepare_dst(self, empty: bool, value: int) -> None:
-        """Pre-fill the destination with other data, or leave it an empty (sparse) file."""
-        if empty:
-            with open(self.dst, "a+b") as f:
-                os.ftruncate(f.fileno(), 0)  # frees every page, mapped or not
-                os.ftruncate(f.fileno(), self.size)
-        else:
+        """Pre-fill the destination with other data, or leave it an empty (sparse) file.
+
+        Its pages are freed first either way, so that every restore meets pages made the
+        same way, by the fill: on a huge-page tmpfs (--memory-dir) the fill's writes make
+        huge pages, but a fill over the 4 KiB pages a restore into the empty file faulted
+        in kept those, and the restore that followed ran at a third of its speed
+        (docs/bench/fast-disk: run3-thp's first restore row)."""
+        with open(self.dst, "a+b") as f:
+            os.ftruncate(f.fileno(), 0)  # frees every page, mapped or not
+            os.ftruncate(f.fileno(), self.size)
+        if not empty:
             fill_pattern(self.dst, self.size, value)
 
     def restore(self, row: Row, run: int, migd: Migd | None, other: Migd | None = None) -> None:
@@ -461,6 +481,23 @@ class Bench(BenchReport):
         saver.detach()
         loader.detach()
 
+    def paired_save_paths(self, saver: Migd, mapped: Migd) -> None:
+        """Saves through the channels' staging buffers (`saver`, the default) and from the
+        mapping (`mapped`, a daemon with MIGD_SAVE_STAGING=0), at the reference channel
+        count with direct-io, in mirrored order as paired_checksums: their time ratio
+        round by round (report.py's save_path_ratio), and each one's CPU per GiB."""
+        rows = {
+            path: self.migration_row("migd", "save", self.ref, save_path=path)
+            for path in ("staged", "mapped")
+        }
+        daemons = {"staged": saver, "mapped": mapped}
+        for run in range(self.runs):
+            order = ["staged", "mapped"][:: 1 if run % 2 == 0 else -1]
+            for path in order + order[::-1]:
+                self.migd_save(daemons[path], rows[path], self.src, run)
+        saver.detach()
+        mapped.detach()
+
     def run(self) -> None:
         self.check_space()
         log(f"filling {human(self.size)} of random memory in {self.src}")
@@ -475,6 +512,11 @@ class Bench(BenchReport):
             for run in range(self.runs):
                 self.round(run, saver, loader)
             self.paired_checksums(saver, loader)
+            mapped = Migd(self, "migd-save-mapped", env={"MIGD_SAVE_STAGING": "0"})
+            try:
+                self.paired_save_paths(saver, mapped)
+            finally:
+                mapped.close()
             for path in (self.dst, self.restore_src):
                 path.unlink(missing_ok=True)  # room in /dev/shm for the zero-page memory
             self.paired_saves(saver)
