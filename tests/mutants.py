@@ -498,6 +498,13 @@ MUTANTS = [
         ("tests/test_save_staging.py::"
          "test_a_direct_io_save_maps_none_of_the_memory_only_through_staging",),
     ),
+    Mutant(
+        "huge-pages-from-the-system-setting-only",
+        "migd/state/memory.py",
+        'return (option if option is not None else system) in ("always", "within_size")',
+        'return system in ("always", "within_size")',
+        ("tests/test_save_staging.py::test_which_memory_files_count_as_on_huge_pages",),
+    ),
 ]  # fmt: skip
 
 

@@ -67,20 +67,25 @@ def set_staging(migd_inproc, on: bool) -> None:
     migd_inproc.daemon.services.engine.stage_saves = on
 
 
-@pytest.mark.parametrize("staging", [True, False], ids=["staged", "mapped"])
+@pytest.mark.parametrize(
+    "staging, huge", [(True, False), (False, False), (True, True)],
+    ids=["staged", "mapped", "huge-pages"],
+)  # fmt: skip
 async def test_a_direct_io_save_maps_none_of_the_memory_only_through_staging(
-    migd_inproc, qmp, shm, short_dir, staging
+    migd_inproc, qmp, shm, short_dir, request, staging, huge
 ):
-    """The assertion can fail: the mapped way populates the mapping."""
+    """The assertion can fail: the mapped way populates the mapping. Memory on huge pages
+    (a huge=always tmpfs) is saved from the mapping even with staging on."""
     set_staging(migd_inproc, staging)
-    memory_with_zero_runs(shm / "ram0")
-    await add_file_backend(qmp, "ram0", shm / "ram0", SIZE, share=True)
+    where = request.getfixturevalue("huge_tmpfs") if huge else shm
+    memory_with_zero_runs(where / "ram0")
+    await add_file_backend(qmp, "ram0", where / "ram0", SIZE, share=True)
     await enable_mapped_ram(qmp, channels=4, direct_io=True)
-    assert mapped_rss(shm / "ram0") == 0
+    assert mapped_rss(where / "ram0") == 0
     info = await save(qmp, short_dir / "save.img")
     assert info["status"] == "completed", info
-    rss = mapped_rss(shm / "ram0")
-    if staging:
+    rss = mapped_rss(where / "ram0")
+    if staging and not huge:
         assert rss == 0
     else:
         assert rss > SIZE // 2
@@ -104,9 +109,13 @@ async def test_staged_and_mapped_saves_make_the_same_file_and_it_restores_verifi
     assert read_bitmap(staged, block).tolist() == read_bitmap(mapped, block).tolist()
     assert not read_bitmap(staged, block)[(14 * MiB) // PAGE_SIZE]  # a skipped zero page
     assert read_bitmap(staged, block)[(17 * MiB) // PAGE_SIZE]  # the lone byte's page
-    # Byte for byte, pages, bitmaps and checksum table, but for each save's random id.
-    ids = [parse_save(path).migd["save-id"].encode() for path in (staged, mapped)]
-    assert staged.read_bytes().replace(ids[0], ids[1]) == mapped.read_bytes()
+    # Byte for byte, pages, bitmaps and checksum table, but for each save's random id and
+    # the time it was made (to the second; same length).
+    made = [parse_save(path).migd for path in (staged, mapped)]
+    same = staged.read_bytes()
+    for key in ("save-id", "time"):
+        same = same.replace(made[0][key].encode(), made[1][key].encode())
+    assert same == mapped.read_bytes()
 
     # The staged file restores, every unit verified against its recorded checksum.
     (shm / "ram0").write_bytes(b"\xee" * SIZE)
@@ -115,7 +124,7 @@ async def test_staged_and_mapped_saves_make_the_same_file_and_it_restores_verifi
     assert (shm / "ram0").read_bytes() == data
 
 
-async def test_a_staged_save_of_a_huge_page_memory_file_restores_exactly(
+async def test_a_save_of_a_huge_page_memory_file_restores_exactly(
     migd_inproc, qmp, huge_tmpfs, short_dir
 ):
     data = memory_with_zero_runs(huge_tmpfs / "ram0")
@@ -144,3 +153,26 @@ async def test_a_zero_run_cut_by_the_staging_buffer_is_saved_and_restores_verifi
     (shm / "ram0").write_bytes(b"\xee" * SIZE)
     assert (await restore(qmp, short_dir / "save.img"))["status"] == "completed"
     assert (shm / "ram0").read_bytes() == data
+
+
+def test_which_memory_files_count_as_on_huge_pages(shm, huge_tmpfs, short_dir):
+    from migd.state.memory import _system_shmem_huge, pages_are_huge
+
+    system = _system_shmem_huge()
+    cases = {
+        short_dir / "ext4": False,  # not tmpfs: 4 KiB page cache
+        shm / "plain": system == "force",  # a tmpfs mounted without huge=
+        huge_tmpfs / "huge": system != "deny",  # huge=always
+    }
+    for path, expected in cases.items():
+        path.write_bytes(bytes(PAGE_SIZE))
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            assert pages_are_huge(fd) is expected, path
+        finally:
+            os.close(fd)
+    memfd = os.memfd_create("migd-test")
+    try:  # no mount of its own: the system's setting
+        assert pages_are_huge(memfd) is (system in ("always", "within_size", "force"))
+    finally:
+        os.close(memfd)

@@ -64,6 +64,9 @@ class BlockIO:
     # shared_fd): the checksums read the pages through it, which costs half what reading
     # the mapping through process_vm_readv does (docs/checksums.md). None: no such file.
     content_fd: int | None = None
+    # The memory is on huge pages (MemoryBackend.huge_pages): a save writes it straight
+    # from the mapping even where the transfer stages saves (io/threads.py Staging).
+    huge_pages: bool = False
 
     def page_offset(self, page_index: int) -> int:
         """Absolute file offset of page `page_index`."""

@@ -210,9 +210,12 @@ class Staging:
     zero-scanned and hashed there in place, and written from it; the buffer is
     anonymous memory on transparent huge pages where the kernel allows, so pinning it
     for O_DIRECT takes two entries per 4 MiB instead of 1024. The memory is never mapped
-    for the save. Measured on the fast disk with 1.5 GiB (4 channels, 5 rounds):
-    4.37 GiB/s at 0.18 CPU s/GiB with checksums, against 1.42 GiB/s at 0.80 from the
-    mapping (docs/bench/fast-disk/probe_staging.py).
+    for the save. On the fast disk, 1.5 GiB, 4 channels (docs/bench/fast-disk/run4):
+    saves went from 1.84 GiB/s at 0.78 CPU s/GiB to 3.21 at 0.26 (QEMU 10: 1.44 at
+    0.83); paired with saves from the mapping, 1.40x their speed at 0.34 s/GiB against
+    0.84. On memory files on huge pages the mapping costs little (pinning a 2 MiB page
+    is one entry) and the copy is the larger cost: staged saves ran at 0.83x there, so
+    such blocks are saved from the mapping (MemoryBackend.huge_pages).
 
     The hash is of the bytes written, so a save's checksums match its file even when the
     memory changes under it (a live pass). A memory file cut short reads short: that is
@@ -269,7 +272,7 @@ class Channel:
         share_key: object = None,
         cached_fd: int | None = None,
         cursor: RunCursor | None = None,
-        stage: bool = False,
+        staged: frozenset[int] = frozenset(),
     ) -> None:
         self.fd = fd
         self.path = path
@@ -289,8 +292,8 @@ class Channel:
         self.cached_fd = cached_fd
         self.probe = PageCacheProbe() if cached_fd is not None else None
         self.cursor = cursor
-        # Saves of blocks with a memory file: through a buffer (Staging), made at first use
-        self.stage = stage
+        # The blocks it saves through a buffer (Staging), made at first use
+        self.staged = staged
         self.staging: Staging | None = None
 
     def _drain(self, step: Callable[[PageRun], None], direction: str) -> None:
@@ -334,7 +337,7 @@ class Channel:
 
     def _save_run(self, run: PageRun) -> None:
         block = self.blocks[run.block]
-        if self.stage and block.content_fd is not None:
+        if run.block in self.staged and block.content_fd is not None:
             self._save_staged(run, block, block.content_fd)
             return
         start = run.first_page * PAGE_SIZE
@@ -613,7 +616,9 @@ class ThreadEngine:
         cursor = RunCursor()  # the channels' progress through the queue, for the populator
         stage = transfer.stage_saves and transfer.direction == "save"
         staged = frozenset(
-            i for i, block in enumerate(transfer.blocks) if stage and block.content_fd is not None
+            i
+            for i, block in enumerate(transfer.blocks)
+            if stage and block.content_fd is not None and not block.huge_pages
         )
         channels = [
             Channel(
@@ -630,7 +635,7 @@ class ThreadEngine:
                 transfer.cancel,  # the job's own event: its identity among the share's jobs
                 transfer.cached_fd,
                 cursor,
-                stage,
+                staged,
             )
             for fd in transfer.fds
         ]

@@ -86,6 +86,7 @@ def save_blocks(
                 explain_fault=backend.fault_error,
                 check_size=backend.shrink_error,
                 content_fd=backend.shared_fd,
+                huge_pages=backend.huge_pages,
             )
         )
     return blocks

@@ -41,12 +41,68 @@ _madvise.restype = ctypes.c_int
 _ALLOCATION_ERRNOS = frozenset({errno.ENOSPC, errno.ENOMEM, errno.EFAULT})
 
 
-def _is_hugetlbfs(fd: int) -> bool:
-    """True if fd lives on hugetlbfs; statvfs lacks f_type, so ask fstatfs directly."""
+def _fs_magic(fd: int) -> int | None:
+    """The f_type of fd's filesystem; statvfs lacks it, so ask fstatfs directly."""
     buf = ctypes.create_string_buffer(256)  # larger than struct statfs on any arch
     if _libc.fstatfs(fd, buf) != 0:
+        return None
+    return ctypes.c_ulong.from_buffer(buf).value & 0xFFFFFFFF
+
+
+def _is_hugetlbfs(fd: int) -> bool:
+    return _fs_magic(fd) == _HUGETLBFS_MAGIC
+
+
+_TMPFS_MAGIC = 0x01021994
+_SHMEM_ENABLED = "/sys/kernel/mm/transparent_hugepage/shmem_enabled"
+
+
+def _tmpfs_huge_option(dev: int) -> str | None:
+    """The huge= option of the tmpfs mount with device `dev` ("never" if it has none), or
+    None if no mount of this process has it (a memfd's internal mount)."""
+    wanted = f"{os.major(dev)}:{os.minor(dev)}"
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 4 and fields[2] == wanted and " - " in line:
+                    options = line.split(" - ", 1)[1].split()[-1].split(",")
+                    huge = [o.partition("=")[2] for o in options if o.startswith("huge=")]
+                    return huge[0] if huge else "never"
+    except OSError:
+        pass
+    return None
+
+
+def _system_shmem_huge() -> str:
+    """The bracketed word of shmem_enabled: THP for memfds and internal shmem."""
+    try:
+        with open(_SHMEM_ENABLED) as f:
+            words = f.read().split()
+    except OSError:
+        return "never"
+    return next((w.strip("[]") for w in words if w.startswith("[")), "never")
+
+
+def pages_are_huge(fd: int) -> bool:
+    """Whether a memory file's pages are huge ones: on hugetlbfs, or on a tmpfs that makes
+    transparent huge pages (its huge=always or within_size; for a memfd, the system's
+    shmem_enabled; 'force' anywhere). Then saving straight from the mapping costs less
+    CPU than through staging buffers (pinning a huge page is one entry, not 512), and
+    the save does so (io/threads.py Staging, docs/bench/fast-disk). A guess from
+    settings: 'advise' depends on who faulted the pages in, and is taken as 4 KiB."""
+    magic = _fs_magic(fd)
+    if magic == _HUGETLBFS_MAGIC:
+        return True
+    if magic != _TMPFS_MAGIC:
         return False
-    return ctypes.c_ulong.from_buffer(buf).value & 0xFFFFFFFF == _HUGETLBFS_MAGIC
+    system = _system_shmem_huge()
+    if system == "force":
+        return True
+    if system == "deny":
+        return False
+    option = _tmpfs_huge_option(os.fstat(fd).st_dev)
+    return (option if option is not None else system) in ("always", "within_size")
 
 
 class MemoryBackend:
@@ -83,6 +139,7 @@ class MemoryBackend:
         self._mv: memoryview | None = memoryview(mm)
         self._fd = fd
         self._close_fd = close_fd  # a dup of a passed fdset is closed through the FdStore
+        self._huge_pages: bool | None = None  # huge_pages, found out at first use
         anchor = ctypes.c_char.from_buffer(mm)
         self._base = ctypes.addressof(anchor)  # for ctypes madvise; valid while mapped
         del anchor  # a live export would make mm.close() fail
@@ -101,6 +158,16 @@ class MemoryBackend:
     def fd(self) -> int | None:
         """The memory file's fd (None for anonymous memory), e.g. for partial.py's marks."""
         return self._fd
+
+    @property
+    def huge_pages(self) -> bool:
+        """The memory file's pages are huge ones (pages_are_huge); False for anonymous
+        memory."""
+        if self._fd is None:
+            return False
+        if self._huge_pages is None:
+            self._huge_pages = pages_are_huge(self._fd)
+        return self._huge_pages
 
     @property
     def shared_fd(self) -> int | None:
