@@ -505,6 +505,29 @@ MUTANTS = [
         'return system in ("always", "within_size")',
         ("tests/test_save_staging.py::test_which_memory_files_count_as_on_huge_pages",),
     ),
+    Mutant(
+        "staged-restore-stores-before-checking",
+        "migd/io/threads.py",
+        "        rest = sums.landed(run.block, run.first_page, data) if sums is not None else []\n"
+        "        store(data, run.first_page * PAGE_SIZE)\n",
+        "        store(data, run.first_page * PAGE_SIZE)\n"
+        "        rest = sums.landed(run.block, run.first_page, data) if sums is not None else []\n",
+        ("tests/test_save_staging.py::test_a_corrupt_unit_never_reaches_used_memory",),
+    ),
+    Mutant(
+        "pages-written-through-not-checked-for-holes",
+        "migd/io/engine.py",
+        "            check_stored(block)\n",
+        "",
+        ("tests/test_save_staging.py::test_pages_lost_from_a_file_written_through_are_found_after_the_restore",),
+    ),
+    Mutant(
+        "staged-restore-memory-still-populated",
+        "migd/io/threads.py",
+        "            and not run.staged\n",
+        "",
+        ("tests/test_save_staging.py::test_a_restore_into_used_memory_maps_none_of_it",),
+    ),
 ]  # fmt: skip
 
 

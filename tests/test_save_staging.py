@@ -64,7 +64,7 @@ def mapped_rss(path: Path) -> int:
 
 
 def set_staging(migd_inproc, on: bool) -> None:
-    migd_inproc.daemon.services.engine.stage_saves = on
+    migd_inproc.daemon.services.engine.staging = on
 
 
 @pytest.mark.parametrize(
@@ -176,3 +176,80 @@ def test_which_memory_files_count_as_on_huge_pages(shm, huge_tmpfs, short_dir):
         assert pages_are_huge(memfd) is (system in ("always", "within_size", "force"))
     finally:
         os.close(memfd)
+
+
+# --- restores ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("used", [True, False], ids=["used-memory", "empty-file"])
+async def test_a_restore_into_used_memory_maps_none_of_it(migd_inproc, qmp, shm, short_dir, used):
+    """Runs the memory file holds data for go through the staging buffers and pwrite;
+    into a file's holes the restore reads into the mapping (the assertion can fail)."""
+    data = memory_with_zero_runs(shm / "ram0")
+    await add_file_backend(qmp, "ram0", shm / "ram0", SIZE, share=True)
+    await enable_mapped_ram(qmp, channels=4, direct_io=True)
+    assert (await save(qmp, short_dir / "save.img"))["status"] == "completed"
+    await qmp.execute("object-del", {"id": "ram0"})
+    if used:
+        (shm / "ram0").write_bytes(b"\xee" * SIZE)
+    else:
+        os.truncate(shm / "ram0", 0)
+        os.truncate(shm / "ram0", SIZE)
+    await add_file_backend(qmp, "ram0", shm / "ram0", SIZE, share=True)
+    assert mapped_rss(shm / "ram0") == 0
+    info = await restore(qmp, short_dir / "save.img")
+    assert info["status"] == "completed", info
+    rss = mapped_rss(shm / "ram0")
+    if used:
+        assert rss == 0
+    else:
+        assert rss > SIZE // 2
+    assert (shm / "ram0").read_bytes() == data
+
+
+async def test_a_corrupt_unit_never_reaches_used_memory(qmp, shm, short_dir):
+    """A staged restore checks each whole unit in its buffer before it writes it: the unit
+    whose byte was flipped in the file fails the job, and that unit of memory keeps what
+    it held (a restore into the mapping would have landed it, then failed)."""
+    memory_with_zero_runs(shm / "ram0")
+    await add_file_backend(qmp, "ram0", shm / "ram0", SIZE, share=True)
+    await enable_mapped_ram(qmp, channels=1, direct_io=True)
+    assert (await save(qmp, short_dir / "save.img"))["status"] == "completed"
+    block = parse_save(short_dir / "save.img").blocks[0]
+    unit = 2  # random data, saved in full
+    with open(short_dir / "save.img", "r+b") as f:
+        at = block.pages_offset + unit * MiB + 4000
+        f.seek(at)
+        byte = f.read(1)
+        f.seek(at)
+        f.write(bytes([byte[0] ^ 0x40]))
+    (shm / "ram0").write_bytes(b"\xee" * SIZE)
+    info = await restore(qmp, short_dir / "save.img")
+    assert info["status"] == "failed"
+    assert "checksum mismatch in ramblock 'ram0'" in info["error-desc"], info
+    with open(shm / "ram0", "rb") as f:
+        assert os.pread(f.fileno(), MiB, unit * MiB) == b"\xee" * MiB
+
+
+def test_pages_lost_from_a_file_written_through_are_found_after_the_restore(shm):
+    """A memory file cut short and grown back during a staged restore keeps its size but
+    lost the pages between, as holes: check_sizes reports them (the size alone passes)."""
+    from migd.errors import MemoryFault
+    from migd.io.engine import BlockIO, check_sizes
+
+    path = shm / "lost"
+    path.write_bytes(b"\x01" * (4 * MiB))
+    os.truncate(path, MiB)
+    os.truncate(path, 4 * MiB)  # [1 MiB, 4 MiB) are holes now
+    fd = os.open(path, os.O_RDWR)
+    try:
+        pages = 4 * MiB // PAGE_SIZE
+        present = np.ones(pages, dtype=bool)
+        block = BlockIO("ram0", 0, pages, memoryview(bytearray(0)), present, content_fd=fd,
+                        store=lambda data, offset: None)  # fmt: skip
+        with pytest.raises(MemoryFault, match="lost restored pages at byte 0x100000"):
+            check_sizes([block], "restore")
+        present[MiB // PAGE_SIZE :] = False  # those pages were zero pages: no loss
+        check_sizes([block], "restore")
+    finally:
+        os.close(fd)

@@ -138,24 +138,29 @@ class BenchReport:
             )
         return out
 
-    def save_path_ratio(self) -> Ratio:
-        """Saves through staging buffers over saves from the mapping (paired rows), as
-        checksum_costs: per round, then the median. Issue 19's rule for the virtio disk:
-        nothing slower."""
+    def staging_ratios(self) -> list[Ratio]:
+        """Saves and restores through staging buffers over the same straight from or into
+        the mapping (paired rows), as checksum_costs: per round, then the median. Issue
+        19's rule for the virtio disk: nothing slower."""
         rows = self.measured()
         ch = self.ref
-        per_round = paired_rounds(
-            rows.get(f"migd-save-{ch}-staged"), rows.get(f"migd-save-{ch}-mapped")
-        )
-        value = statistics.median(per_round) if per_round else None
-        return Ratio(
-            f"save throughput, staging buffers / from the mapping ({ch} ch, paired, "
-            f"{len(per_round)} round{'s' * (len(per_round) != 1)})",
-            value,
-            ">= 0.95",
-            None if value is None else value >= 0.95,
-            span=(min(per_round), max(per_round)) if len(per_round) > 1 else None,
-        )
+        out = []
+        for op, other in (("save", "from"), ("restore", "into")):
+            per_round = paired_rounds(
+                rows.get(f"migd-{op}-{ch}-staged"), rows.get(f"migd-{op}-{ch}-mapped")
+            )
+            value = statistics.median(per_round) if per_round else None
+            out.append(
+                Ratio(
+                    f"{op} throughput, staging buffers / {other} the mapping ({ch} ch, "
+                    f"paired, {len(per_round)} round{'s' * (len(per_round) != 1)})",
+                    value,
+                    ">= 0.95",
+                    None if value is None else value >= 0.95,
+                    span=(min(per_round), max(per_round)) if len(per_round) > 1 else None,
+                )
+            )
+        return out
 
     def ratios(self) -> list[Ratio]:
         rows = self.measured()
@@ -284,9 +289,7 @@ class BenchReport:
             " ms",
         )
         out += [r for r in self.checksum_costs() if r.value is not None]
-        path_ratio = self.save_path_ratio()
-        if path_ratio.value is not None:
-            out.append(path_ratio)
+        out += [r for r in self.staging_ratios() if r.value is not None]
         peak = max((r.peak_anon for r in rows.values()), default=0)
         bitmaps = self.size // PAGE // 8
         add(

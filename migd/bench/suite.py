@@ -48,12 +48,15 @@ SUM_LABELS = {
     ("restore", "before-write"): "verify before-write (paired)",
 }
 
-# The paired save-path rows (Bench.paired_save_paths): a save through the channels'
-# staging buffers (the default) or from the mapping (MIGD_SAVE_STAGING=0).
+# The paired staging rows (Bench.paired_staging): saves and restores through the
+# channels' staging buffers (the default) or straight from and into the mapping (a daemon
+# with MIGD_STAGING=0).
 PATH_KEYS = {"staged": "-staged", "mapped": "-mapped"}
 PATH_LABELS = {
-    "staged": "through staging buffers (paired)",
-    "mapped": "from the mapping (paired)",
+    ("save", "staged"): "through staging buffers (paired)",
+    ("save", "mapped"): "from the mapping (paired)",
+    ("restore", "staged"): "through staging buffers (paired)",
+    ("restore", "mapped"): "into the mapping (paired)",
 }
 
 # --- the benchmark ---------------------------------------------------------------------
@@ -127,7 +130,7 @@ class Bench(BenchReport):
         detect: bool = True,
         memory: str = "random",
         checksums: str | None = None,
-        save_path: str | None = None,
+        staging: str | None = None,
     ) -> Row:
         key = (
             f"{tool}-{op}-{channels}"
@@ -136,7 +139,7 @@ class Bench(BenchReport):
             + ("" if detect else "-nodetect")
             + ("" if memory == "random" else f"-{memory}")
             + ("" if checksums is None else SUM_KEYS[op, checksums])
-            + ("" if save_path is None else PATH_KEYS[save_path])
+            + ("" if staging is None else PATH_KEYS[staging])
         )
         name = "migd" if tool == "migd" else f"QEMU {self.qemu_str()}"
         what = [f"{name} {op}", f"{channels} ch", "direct-io" if direct_io else "buffered"]
@@ -153,8 +156,8 @@ class Bench(BenchReport):
         }[memory]
         if checksums is not None:
             what.append(SUM_LABELS[op, checksums])
-        if save_path is not None:
-            what.append(PATH_LABELS[save_path])
+        if staging is not None:
+            what.append(PATH_LABELS[op, staging])
         return self.row(
             key,
             ", ".join(what),
@@ -481,22 +484,30 @@ class Bench(BenchReport):
         saver.detach()
         loader.detach()
 
-    def paired_save_paths(self, saver: Migd, mapped: Migd) -> None:
-        """Saves through the channels' staging buffers (`saver`, the default) and from the
-        mapping (`mapped`, a daemon with MIGD_SAVE_STAGING=0), at the reference channel
-        count with direct-io, in mirrored order as paired_checksums: their time ratio
-        round by round (report.py's save_path_ratio), and each one's CPU per GiB."""
-        rows = {
-            path: self.migration_row("migd", "save", self.ref, save_path=path)
-            for path in ("staged", "mapped")
-        }
-        daemons = {"staged": saver, "mapped": mapped}
-        for run in range(self.runs):
-            order = ["staged", "mapped"][:: 1 if run % 2 == 0 else -1]
-            for path in order + order[::-1]:
-                self.migd_save(daemons[path], rows[path], self.src, run)
-        saver.detach()
-        mapped.detach()
+    def paired_staging(self, saver: Migd, loader: Migd, mapped: Migd) -> None:
+        """Saves and restores (into used memory) through the channels' staging buffers
+        (`saver`, `loader`: the default) and straight from and into the mapping (`mapped`,
+        a daemon with MIGD_STAGING=0), at the reference channel count with direct-io, in
+        mirrored order as paired_checksums: their time ratios round by round (report.py's
+        staging_ratios), and each one's CPU per GiB. The restores read the file of the
+        rounds' reference save."""
+        for op, daemon in (("save", saver), ("restore", loader)):
+            rows = {
+                path: self.migration_row("migd", op, self.ref, staging=path)
+                for path in ("staged", "mapped")
+            }
+            daemons = {"staged": daemon, "mapped": mapped}
+            for run in range(self.runs):
+                order = ["staged", "mapped"][:: 1 if run % 2 == 0 else -1]
+                for path in order + order[::-1]:
+                    # one mapping of the memory at a time: the other daemon lets go of it
+                    daemons["mapped" if path == "staged" else "staged"].detach()
+                    if op == "save":
+                        self.migd_save(daemons[path], rows[path], self.src, run)
+                    else:
+                        self.restore(rows[path], run, daemons[path])
+            daemon.detach()
+            mapped.detach()
 
     def run(self) -> None:
         self.check_space()
@@ -511,12 +522,12 @@ class Bench(BenchReport):
                 return
             for run in range(self.runs):
                 self.round(run, saver, loader)
-            self.paired_checksums(saver, loader)
-            mapped = Migd(self, "migd-save-mapped", env={"MIGD_SAVE_STAGING": "0"})
+            mapped = Migd(self, "migd-mapped", env={"MIGD_STAGING": "0"})
             try:
-                self.paired_save_paths(saver, mapped)
+                self.paired_staging(saver, loader, mapped)
             finally:
                 mapped.close()
+            self.paired_checksums(saver, loader)
             for path in (self.dst, self.restore_src):
                 path.unlink(missing_ok=True)  # room in /dev/shm for the zero-page memory
             self.paired_saves(saver)

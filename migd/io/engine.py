@@ -13,7 +13,9 @@ string per name, loaded on demand, so that adding one is its module plus one ent
 
 from __future__ import annotations
 
+import errno
 import importlib
+import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,8 +23,9 @@ from typing import Protocol
 
 import numpy as np
 
-from ..errors import MigdError, MigrationError
+from ..errors import MemoryFault, MigdError, MigrationError
 from ..pages import CHUNK_PAGES, PAGE_SIZE
+from ..runs import true_runs
 from .share import DiskShare
 from .throttle import Throttle
 
@@ -40,6 +43,9 @@ class PageRun:
     first_page: int
     pages: int
     zero: bool = False  # restore only: make these pages zero instead of reading them
+    # restore only: read into a channel's staging buffer, checked there, and written into
+    # the memory file with BlockIO.store (io/threads.py Staging); the populator skips it
+    staged: bool = False
 
 
 @dataclass
@@ -67,6 +73,9 @@ class BlockIO:
     # The memory is on huge pages (MemoryBackend.huge_pages): a save writes it straight
     # from the mapping even where the transfer stages saves (io/threads.py Staging).
     huge_pages: bool = False
+    # Restore: write bytes at a byte offset of the memory through its file (pwrite;
+    # MemoryBackend.write_at), for the runs planned `staged`; None: no such way in.
+    store: Callable[[memoryview, int], None] | None = None
 
     def page_offset(self, page_index: int) -> int:
         """Absolute file offset of page `page_index`."""
@@ -89,13 +98,19 @@ class Counters:
 
 
 def split_runs(
-    block: int, runs: Sequence[tuple[int, int]], zero: bool = False, chunk: int = CHUNK_PAGES
+    block: int,
+    runs: Sequence[tuple[int, int]],
+    zero: bool = False,
+    chunk: int = CHUNK_PAGES,
+    staged: Callable[[int, int], bool] | None = None,
 ) -> list[PageRun]:
-    """Cut (first, count) runs of one block into PageRuns of at most `chunk` pages."""
+    """Cut (first, count) runs of one block into PageRuns of at most `chunk` pages;
+    `staged(first, pages)` marks those a restore stages (PageRun.staged)."""
     out: list[PageRun] = []
     for first, count in runs:
         for at in range(first, first + count, chunk):
-            out.append(PageRun(block, at, min(chunk, first + count - at), zero))
+            pages = min(chunk, first + count - at)
+            out.append(PageRun(block, at, pages, zero, staged is not None and staged(at, pages)))
     return out
 
 
@@ -201,3 +216,28 @@ def check_sizes(blocks: Sequence[BlockIO], direction: str) -> None:
         shrunk = block.check_size(direction) if block.check_size is not None else None
         if shrunk is not None:
             raise shrunk
+        if direction == "restore" and block.store is not None:
+            check_stored(block)
+
+
+def check_stored(block: BlockIO) -> None:
+    """A restore that wrote through the memory file (BlockIO.store): every present page
+    must be data in it now. A file cut short and grown back by a later write (another
+    channel's, between its size check and its pwrite) keeps its size but has lost the
+    pages in between, as holes: found here, where the size alone would pass."""
+    fd = block.content_fd
+    assert fd is not None
+    for first, stop in zip(*(r.tolist() for r in true_runs(block.present)), strict=True):
+        start, end = first * PAGE_SIZE, stop * PAGE_SIZE
+        try:
+            hole = os.lseek(fd, start, os.SEEK_HOLE)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:  # ENXIO: the file ends before `start`
+                raise
+            hole = start
+        if hole < end:
+            explain = block.check_size("restore") if block.check_size is not None else None
+            raise explain or MemoryFault(
+                f"ramblock '{block.name}': its memory file lost restored pages at byte "
+                f"{hole:#x} (cut short and grown back during the restore?)"
+            )

@@ -38,7 +38,7 @@ from contextlib import AbstractContextManager, nullcontext, suppress
 from typing import Any
 
 from ..errors import ChannelError, MemoryFault, MigdError
-from ..pages import CHUNK_PAGES, PAGE_SIZE
+from ..pages import CHUNK_PAGES, PAGE_SIZE, READ_CHUNK_PAGES
 from .engine import BlockIO, Counters, PageRun, Transfer, UnitSink
 from .residency import PageCacheProbe
 from .share import DiskShare
@@ -192,14 +192,15 @@ class WriteBehind:
         self.previous, self.window, self.window_bytes = self.window, [], 0
 
 
-# A save channel's staging buffer: half a save run (pages.CHUNK_PAGES), so that 4
-# channels add 16 MiB to the daemon's private memory, not 32.
+# A channel's staging buffer: half a save run (pages.CHUNK_PAGES), so that 4 channels
+# add 16 MiB to the daemon's private memory, not 32; a whole restore run.
 STAGE_PAGES = CHUNK_PAGES // 2
+assert READ_CHUNK_PAGES <= STAGE_PAGES
 _MADV_HUGEPAGE = 14
 
 
 class Staging:
-    """A save channel's buffer between the memory file and its O_DIRECT fd.
+    """A channel's buffer between the memory file and its O_DIRECT fd.
 
     Saving straight from the mapping (zero-copy) makes the kernel map every 4 KiB page of
     the memory into migd (populate), pin each one again for every O_DIRECT write, read
@@ -220,6 +221,14 @@ class Staging:
     The hash is of the bytes written, so a save's checksums match its file even when the
     memory changes under it (a live pass). A memory file cut short reads short: that is
     MemoryFault, which the backend explains, as EFAULT is for the mapping.
+
+    Restores use it for the runs whose memory file holds data already (used memory;
+    migration/plan.py marks them PageRun.staged): a run is read into the buffer, its
+    whole units are checked there, and it is written into the file with pwrite
+    (MemoryBackend.write_at: never grows the file; engine.check_stored finds pages a
+    truncate took meanwhile). A corrupt unit so never reaches the memory. Into a file's
+    holes the mapping stays: tmpfs allocates each new page under the file's lock on a
+    write, which serialized the channels (branch store-path measured it slower there).
     """
 
     def __init__(self) -> None:
@@ -328,12 +337,23 @@ class Channel:
         try:
             self._drain(self._save_run, "save")
         finally:
-            if self.staging is not None:
-                self.staging.close()
-                self.staging = None
+            self._drop_staging()
 
     def restore(self) -> None:
-        self._drain(self._restore_run, "restore")
+        try:
+            self._drain(self._restore_run, "restore")
+        finally:
+            self._drop_staging()
+
+    def _staging(self) -> Staging:
+        if self.staging is None:
+            self.staging = Staging()
+        return self.staging
+
+    def _drop_staging(self) -> None:
+        if self.staging is not None:
+            self.staging.close()
+            self.staging = None
 
     def _save_run(self, run: PageRun) -> None:
         block = self.blocks[run.block]
@@ -355,9 +375,7 @@ class Channel:
     def _save_staged(self, run: PageRun, block: BlockIO, fd: int) -> None:
         """A run read from the memory file into the staging buffer a piece at a time, and
         written, zero-scanned and hashed from there (Staging says why)."""
-        if self.staging is None:
-            self.staging = Staging()
-        staging = self.staging
+        staging = self._staging()
         for at in range(0, run.pages, STAGE_PAGES):
             if self.cancel.is_set():
                 return
@@ -419,10 +437,30 @@ class Channel:
                 block.zero_range(run.first_page * PAGE_SIZE, run.pages * PAGE_SIZE)
             self.counters.pages_zero += run.pages
             self.counters.pages_done += run.pages
+        elif run.staged and block.store is not None:
+            self._restore_staged(run, block, block.store, self._fd_for(run, block))
+            return  # its units were reported as they landed
         else:
             self._read_run(run, block, self._fd_for(run, block))
         if self.checksums is not None and not self.cancel.is_set():
             self.checksums.done(run.block, run.first_page, run.pages)
+
+    def _restore_staged(
+        self, run: PageRun, block: BlockIO, store: Callable[[memoryview, int], None], fd: int
+    ) -> None:
+        """A run read into the staging buffer, its whole units checked there against the
+        file's checksums (a mismatch fails the job before a byte of the unit reaches the
+        memory), then written into the memory file (Staging says why)."""
+        assert run.pages <= STAGE_PAGES
+        data = self._staging().view[: run.pages * PAGE_SIZE]
+        if not self._read_run(run, block, fd, into=data):
+            return
+        sums = self.checksums
+        rest = sums.landed(run.block, run.first_page, data) if sums is not None else []
+        store(data, run.first_page * PAGE_SIZE)
+        for first, count in rest:  # in memory now: the hashing threads read them there
+            assert sums is not None
+            sums.done(run.block, first, count)
 
     def _fd_for(self, run: PageRun, block: BlockIO) -> int:
         """The buffered fd if the page cache holds most of the run (one cachestat call,
@@ -434,17 +472,25 @@ class Channel:
         cached = probe.mostly_cached(cached_fd, offset, run.pages * PAGE_SIZE)
         return cached_fd if cached else self.fd
 
-    def _read_run(self, run: PageRun, block: BlockIO, fd: int) -> None:
+    def _read_run(
+        self, run: PageRun, block: BlockIO, fd: int, into: memoryview | None = None
+    ) -> bool:
+        """Read a run's pages into the block's memory, or into `into` (the run's bytes, a
+        staging buffer); False if the job was cancelled meanwhile."""
         at, end = run.first_page, run.first_page + run.pages
         while at < end:
             if self.cancel.is_set():
-                return
+                return False
             pages = self.sizer.next(end - at)
-            memory = block.memory[at * PAGE_SIZE : (at + pages) * PAGE_SIZE]
+            if into is None:
+                memory = block.memory[at * PAGE_SIZE : (at + pages) * PAGE_SIZE]
+            else:
+                start = (at - run.first_page) * PAGE_SIZE
+                memory = into[start : start + pages * PAGE_SIZE]
             self.throttle.wait(len(memory), self.cancel)
             with self._slot() as granted:
                 if not granted:
-                    return
+                    return False
                 started = time.monotonic()
                 read_fully(fd, memory, block.page_offset(at), self.path)
                 self.sizer.took(pages, time.monotonic() - started)
@@ -454,6 +500,7 @@ class Channel:
             self.counters.pages_normal += pages
             self.counters.pages_done += pages
             at += pages
+        return True
 
 
 class RunCursor:
@@ -501,6 +548,7 @@ class Populator:
             (index, run)
             for index, run in enumerate(runs)
             if not run.zero
+            and not run.staged
             and blocks[run.block].populate is not None
             and run.block not in unmapped
         ]

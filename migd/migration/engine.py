@@ -95,9 +95,10 @@ class MigrationEngine:
         self.disk_share = DiskShare(int(os.environ.get("MIGD_IO_SLOTS", DEFAULT_SLOTS)))
         # MIGD_HASH_THREADS: for measuring the checksums' hashing threads (docs/checksums.md).
         self.hash_threads = int(os.environ.get("MIGD_HASH_THREADS", HASH_THREADS))
-        # MIGD_SAVE_STAGING=0: O_DIRECT saves from the mapping, as before io/threads.py's
-        # Staging, for measuring the two against each other (migd bench --save-paths).
-        self.stage_saves = os.environ.get("MIGD_SAVE_STAGING", "1") != "0"
+        # MIGD_STAGING=0: O_DIRECT saves and restores straight from and into the mapping,
+        # as before io/threads.py's Staging, for measuring the two ways against each
+        # other (migd bench's paired "staging buffers" rows).
+        self.staging = os.environ.get("MIGD_STAGING", "1") != "0"
         self.partial = PartialMarks()  # the daemon gives it a state directory
 
     # -- settings ------------------------------------------------------------------------
@@ -613,7 +614,7 @@ class MigrationEngine:
             hash_threads=self.hash_threads,
             # Through a buffer (io/threads.py Staging) where the fds are O_DIRECT: a
             # buffered fd copies into the page cache anyway.
-            stage_saves=self.stage_saves and job.settings.direct_io,
+            stage_saves=self.staging and job.settings.direct_io,
         )
         try:
             await self.io_engine.run(transfer)
@@ -722,7 +723,9 @@ class MigrationEngine:
         check_cancel(job)
         fds = await self._open_channels(job, main_fd)
         try:
-            blocks, runs = plan.plan_restore_runs(matched, bitmaps)
+            blocks, runs = plan.plan_restore_runs(
+                matched, bitmaps, staging=self.staging and job.settings.direct_io
+            )
             self._activate(job)
             if table is not None:
                 expected = restore.expected_digests(parsed, table, matched)

@@ -175,6 +175,36 @@ class MemoryBackend:
         the file gives the mapping's bytes. None for anonymous or private memory."""
         return self._fd if self.share else None
 
+    def write_at(self, data: memoryview, offset: int) -> None:
+        """Write restored bytes into the shared memory file at `offset` (pwrite): a staged
+        restore's way in (io/threads.py Staging), which maps and pins nothing.
+
+        Never grows the file: a file another process cut short is refused here (its size
+        is checked before each call; what a truncate between the check and the write
+        still costs, io/engine.py's check_stored finds as holes). Running out of room or
+        memory is the backend's allocation error."""
+        self._check(offset, len(data))
+        fd = self.shared_fd
+        assert fd is not None
+        if os.fstat(fd).st_size < offset + len(data):
+            raise self.shrink_error("restore") or BackendError(
+                f"Memory backend '{self.id}' file '{self.mem_path}' is shorter than "
+                f"{offset + len(data)} bytes"
+            )
+        while data:
+            try:
+                done = os.pwrite(fd, data, offset)
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                if exc.errno in _ALLOCATION_ERRNOS:
+                    raise self._allocation_error(exc.errno) from None
+                raise BackendError(
+                    f"Could not write memory backend '{self.id}' file '{self.mem_path}': "
+                    f"{exc.strerror}"
+                ) from None
+            data, offset = data[done:], offset + done
+
     def _check(self, offset: int, length: int) -> memoryview:
         if self._mv is None:
             raise BackendError(f"Memory backend '{self.id}' is closed")
