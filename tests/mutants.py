@@ -268,8 +268,8 @@ MUTANTS = [
     Mutant(
         "pool-left-without-cancelling-its-threads",
         "migd/io/threads.py",
-        "            cancel.set()\n            concurrent.futures.wait(submitted)\n",
-        "            concurrent.futures.wait(submitted)\n",
+        "            cancel.set()\n            end_units()\n",
+        "            end_units()\n",
         ("tests/test_job_status.py::test_a_job_task_cancelled_under_its_threads_tells_them_to_stop",),
     ),
     Mutant(

@@ -207,16 +207,17 @@ async def test_a_restore_into_used_memory_maps_none_of_it(migd_inproc, qmp, shm,
     assert (shm / "ram0").read_bytes() == data
 
 
-async def test_a_corrupt_unit_never_reaches_used_memory(qmp, shm, short_dir):
+@pytest.mark.parametrize("channels", [1, 4])
+async def test_a_corrupt_unit_never_reaches_used_memory(qmp, shm, short_dir, channels):
     """A staged restore checks each whole unit in its buffer before it writes it: the unit
     whose byte was flipped in the file fails the job, and that unit of memory keeps what
     it held (a restore into the mapping would have landed it, then failed)."""
     memory_with_zero_runs(shm / "ram0")
     await add_file_backend(qmp, "ram0", shm / "ram0", SIZE, share=True)
-    await enable_mapped_ram(qmp, channels=1, direct_io=True)
+    await enable_mapped_ram(qmp, channels=channels, direct_io=True)
     assert (await save(qmp, short_dir / "save.img"))["status"] == "completed"
     block = parse_save(short_dir / "save.img").blocks[0]
-    unit = 2  # random data, saved in full
+    unit = 2  # random data, saved in full; with 4 channels, runs after it are in flight
     with open(short_dir / "save.img", "r+b") as f:
         at = block.pages_offset + unit * MiB + 4000
         f.seek(at)

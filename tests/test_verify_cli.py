@@ -259,7 +259,8 @@ def test_an_empty_file_and_a_foreign_file_exit_2(short_dir):
 
 def test_a_directory_a_fifo_and_a_missing_file_are_not_save_files(short_dir):
     os.mkfifo(short_dir / "fifo")
-    for name, why in (("", "not a regular file"), ("fifo", "not a regular file"),
+    for name, why in (("", r"not a regular file \(it is a directory\)"),
+                      ("fifo", r"not a regular file \(it is a FIFO\)"),
                       ("nope.img", "No such file or directory")):  # fmt: skip
         with pytest.raises(NotASaveError, match=why):
             verify_save(str(short_dir / name), 0, 1)

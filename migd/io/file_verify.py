@@ -11,11 +11,11 @@ the block and the offset.
 
 from __future__ import annotations
 
+import concurrent.futures
 import mmap
 import queue
 import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,7 +30,7 @@ from .checksums import (
     unit_count,
     unit_digest,
 )
-from .threads import read_fully
+from .threads import WORKERS, read_fully
 
 # Units read per call: 8 MiB, as large as the channels' reads, so that a thread per fd
 # keeps the disk busy (one unit per call left restores with verify before-write waiting
@@ -133,8 +133,10 @@ def verify_file(
             cancel.set()
             raise
 
-    with ThreadPoolExecutor(len(fds), thread_name_prefix="migd-verify") as pool:
-        futures = [pool.submit(drain, fd) for fd in fds]
+    # In the worker threads the channels and hashing threads use (io/threads.py
+    # WorkerPool: made beforehand, nicer than a daemon's event loop).
+    futures = [WORKERS.submit("migd-verify", drain, fd) for fd in fds]
+    concurrent.futures.wait(futures)
     for future in futures:
         error = future.exception()
         if error is not None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-import stat
 import struct
 import threading
 import time
@@ -28,6 +27,7 @@ from ..io.checksums import ALGORITHM, UNIT_BYTES
 from ..io.file_verify import FileBlock, FileProgress, verify_file
 from ..io.target import parse_offset
 from ..migration.mapped_ram import checksum_table, format
+from .inspect import InspectError, open_regular
 
 POLL_SECONDS = 0.1  # how often the progress callback runs while the threads read
 _MAGIC = struct.pack(">I", format.QEVM_MAGIC)
@@ -95,14 +95,13 @@ def parse_file_argument(text: str) -> tuple[str, int]:
 def _open_save(path: str, offset: int) -> tuple[int, int]:
     """(fd, size) of a regular file that starts a stream (or a piece of one) at `offset`."""
     try:
-        # O_NONBLOCK: a FIFO must not block the open; it is refused just below.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = open_regular(path)  # a FIFO is refused without waiting for a writer
     except OSError as exc:
         raise NotASaveError(f"'{path}': {exc.strerror or exc}") from None
+    except InspectError as exc:
+        raise NotASaveError(f"'{path}': {exc}") from None
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise NotASaveError(f"'{path}': not a regular file")
         try:
             head = os.pread(fd, len(_MAGIC), offset) if offset < st.st_size else b""
         except OSError as exc:
