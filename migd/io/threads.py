@@ -200,7 +200,8 @@ _MADV_HUGEPAGE = 14
 
 
 class Staging:
-    """A channel's buffer between the memory file and its O_DIRECT fd.
+    """A buffer between a memory file and a channel's O_DIRECT fd (a save's Loader fills
+    it for the channels, a restore's channel fills it for the Storer).
 
     Saving straight from the mapping (zero-copy) makes the kernel map every 4 KiB page of
     the memory into migd (populate), pin each one again for every O_DIRECT write, read
@@ -211,12 +212,12 @@ class Staging:
     zero-scanned and hashed there in place, and written from it; the buffer is
     anonymous memory on transparent huge pages where the kernel allows, so pinning it
     for O_DIRECT takes two entries per 4 MiB instead of 1024. The memory is never mapped
-    for the save. On the fast disk, 1.5 GiB, 4 channels (docs/bench/fast-disk/run4):
-    saves went from 1.84 GiB/s at 0.78 CPU s/GiB to 3.21 at 0.26 (QEMU 10: 1.44 at
-    0.83); paired with saves from the mapping, 1.40x their speed at 0.34 s/GiB against
-    0.84. On memory files on huge pages the mapping costs little (pinning a 2 MiB page
-    is one entry) and the copy is the larger cost: staged saves ran at 0.83x there, so
-    such blocks are saved from the mapping (MemoryBackend.huge_pages).
+    for the save. On the fast disk, 1.5 GiB, 4 channels (docs/bench/fast-disk/run5):
+    saves went from 1.84 GiB/s at 0.78 CPU s/GiB to 2.97 at 0.22 (QEMU 10: 1.00 at
+    0.74); paired with saves from the mapping, 1.65x their speed at a third of the CPU.
+    On memory files on huge pages the mapping costs little (pinning a 2 MiB page is one
+    entry) and the copy is the larger cost: staged saves ran at 0.83x there, so such
+    blocks are saved from the mapping (MemoryBackend.huge_pages).
 
     The hash is of the bytes written, so a save's checksums match its file even when the
     memory changes under it (a live pass). A memory file cut short reads short: that is
@@ -224,7 +225,8 @@ class Staging:
 
     Restores use it for the runs whose memory file holds data already (used memory;
     migration/plan.py marks them PageRun.staged): a run is read into the buffer, its
-    whole units are checked there, and it is written into the file with pwrite
+    whole units are checked there, and it is written into the file with pwrite (paired
+    with restores into the mapping: 1.48x on the fast disk, 1.57x on the virtio disk)
     (MemoryBackend.write_at: never grows the file; engine.check_stored finds pages a
     truncate took meanwhile). A corrupt unit so never reaches the memory. Into a file's
     holes the mapping stays: tmpfs allocates each new page under the file's lock on a
