@@ -265,6 +265,13 @@ class Staging:
             self._map.close()
 
 
+# Threads per job that copy between memory files and staging buffers (a save's Loader,
+# a restore's Storer): one was the bottleneck on the fast disk, where the channels each
+# did their own copying ran faster (docs/bench/fast-disk: run 5 against run 6); two,
+# as this machine has cores, keep the copying going while one waits for the GIL.
+COPY_THREADS = 2
+
+
 class Loaded:
     """A piece of a save run in a staging buffer, ready for a channel to write."""
 
@@ -311,10 +318,13 @@ class Loader:
         checksums: UnitSink | None,
         cancel: threading.Event,
         cursor: RunCursor,
+        threads: int = 1,
     ) -> None:
         self.blocks = blocks
         self.work = work
         self.staged = staged
+        self.threads = threads  # run() bodies
+        self._running = threads
         self.channels = channels
         self.detect_zero = detect_zero
         self.checksums = checksums
@@ -340,6 +350,7 @@ class Loader:
             while not self.cancel.is_set():
                 run = self.work.get()
                 if run is None:
+                    self.work.put(None)  # for the Loader's other threads
                     return
                 self.cursor.taken += 1
                 block = self.blocks[run.block]
@@ -355,7 +366,11 @@ class Loader:
             self.cancel.set()
             raise
         finally:
-            self.end()
+            with self._lock:
+                self._running -= 1
+                last = self._running == 0
+            if last or self.cancel.is_set():
+                self.end()
 
     def _load(self, run: PageRun, block: BlockIO, fd: int) -> None:
         for at in range(0, run.pages, STAGE_PAGES):
@@ -380,13 +395,15 @@ class Loader:
             self.ready.put(Loaded(run.block, first, data, pieces, rest, free))
 
     def _free_buffer(self) -> tuple[Staging, threading.Semaphore] | None:
-        if not self.buffers:
-            self.buffers = [(Staging(), threading.Semaphore(1)) for _ in range(2 * self.channels)]
-        buffer, free = self.buffers[self._next]
+        with self._lock:
+            if not self.buffers:
+                count = 2 * self.channels
+                self.buffers = [(Staging(), threading.Semaphore(1)) for _ in range(count)]
+            buffer, free = self.buffers[self._next]
+            self._next = (self._next + 1) % len(self.buffers)
         while not free.acquire(timeout=0.05):
             if self.cancel.is_set():
                 return None
-        self._next = (self._next + 1) % len(self.buffers)
         return buffer, free
 
     def close(self) -> None:
@@ -410,19 +427,25 @@ class Storer:
     goes on freeing the buffers queued to it, unwritten, until no_more(), and raises it.
     """
 
-    def __init__(self, blocks: Sequence[BlockIO], checksums: UnitSink | None) -> None:
+    def __init__(
+        self, blocks: Sequence[BlockIO], checksums: UnitSink | None, threads: int = 1
+    ) -> None:
         self.blocks = blocks
         self.checksums = checksums
+        self.threads = threads  # run() bodies
         self.work: queue.SimpleQueue[tuple[PageRun, memoryview, threading.Semaphore] | None]
         self.work = queue.SimpleQueue()
-        self.finished = threading.Event()  # run() returned: nobody holds a buffer now
+        self.finished = threading.Event()  # every run() returned: nobody holds a buffer
+        self._running = threads
+        self._lock = threading.Lock()
 
     def put(self, run: PageRun, data: memoryview, free: threading.Semaphore) -> None:
         """Store `data`, the bytes of `run`, then release `free`."""
         self.work.put((run, data, free))
 
     def no_more(self) -> None:
-        self.work.put(None)
+        for _ in range(self.threads):
+            self.work.put(None)
 
     def run(self, cancel: threading.Event) -> None:
         error: BaseException | None = None
@@ -438,7 +461,10 @@ class Storer:
                 finally:
                     free.release()
         finally:
-            self.finished.set()
+            with self._lock:
+                self._running -= 1
+                if self._running == 0:
+                    self.finished.set()
         if error is not None:
             raise error
 
@@ -882,7 +908,7 @@ class ThreadEngine:
         # A restore with staged runs: one thread writes them into the memory files.
         storer = None
         if transfer.direction == "restore" and any(run.staged for run in transfer.runs):
-            storer = Storer(transfer.blocks, transfer.checksums)
+            storer = Storer(transfer.blocks, transfer.checksums, COPY_THREADS)
         stage = transfer.stage_saves and transfer.direction == "save"
         staged = frozenset(
             i
@@ -892,8 +918,8 @@ class ThreadEngine:
         # A save with staged blocks: one thread reads them into buffers for the channels.
         loader = None
         if staged:
-            loader = Loader(transfer.blocks, work, staged, len(transfer.fds),
-                            transfer.detect_zero, transfer.checksums, cancel, cursor)  # fmt: skip
+            loader = Loader(transfer.blocks, work, staged, len(transfer.fds), transfer.detect_zero,
+                            transfer.checksums, cancel, cursor, COPY_THREADS)  # fmt: skip
         channels = [
             Channel(
                 fd,
@@ -923,7 +949,7 @@ class ThreadEngine:
         bodies = [populator.run, *(getattr(ch, transfer.direction) for ch in channels)]
         if loader is not None:  # after the populator: its error before the channels'
             threads.insert(1, loader)
-            bodies.insert(1, loader.run)
+            bodies[1:1] = [loader.run] * loader.threads
         del channels
         sums = transfer.checksums
         hashers = transfer.hash_threads if sums is not None else 0
@@ -951,7 +977,7 @@ class ThreadEngine:
             if sums is not None:
                 hashing = [start(sums.hash_queued, cancel) for _ in range(hashers)]
             if storer is not None:
-                storing = [start(storer.run, cancel)]
+                storing = [start(storer.run, cancel) for _ in range(storer.threads)]
             futures = [start(body) for body in bodies]
             try:
                 results = await asyncio.gather(*futures, return_exceptions=True)
