@@ -212,9 +212,9 @@ class Staging:
     zero-scanned and hashed there in place, and written from it; the buffer is
     anonymous memory on transparent huge pages where the kernel allows, so pinning it
     for O_DIRECT takes two entries per 4 MiB instead of 1024. The memory is never mapped
-    for the save. On the fast disk, 1.5 GiB, 4 channels (docs/bench/fast-disk/run5):
-    saves went from 1.84 GiB/s at 0.78 CPU s/GiB to 2.97 at 0.22 (QEMU 10: 1.00 at
-    0.74); paired with saves from the mapping, 1.65x their speed at a third of the CPU.
+    for the save. On the fast disk, 1.5 GiB, 4 channels, paired with saves from the
+    mapping: 1.67x their speed at 0.28 CPU s/GiB against 0.73 (docs/bench/fast-disk,
+    run 6; QEMU 10 needed 0.90 there).
     On memory files on huge pages the mapping costs little (pinning a 2 MiB page is one
     entry) and the copy is the larger cost: staged saves ran at 0.83x there, so such
     blocks are saved from the mapping (MemoryBackend.huge_pages).
@@ -226,7 +226,7 @@ class Staging:
     Restores use it for the runs whose memory file holds data already (used memory;
     migration/plan.py marks them PageRun.staged): a run is read into the buffer, its
     whole units are checked there, and it is written into the file with pwrite (paired
-    with restores into the mapping: 1.48x on the fast disk, 1.57x on the virtio disk)
+    with restores into the mapping: 1.26x on the fast disk, 1.21x on the virtio disk)
     (MemoryBackend.write_at: never grows the file; engine.check_stored finds pages a
     truncate took meanwhile). A corrupt unit so never reaches the memory. Into a file's
     holes the mapping stays: tmpfs allocates each new page under the file's lock on a
@@ -266,9 +266,9 @@ class Staging:
 
 
 # Threads per job that copy between memory files and staging buffers (a save's Loader,
-# a restore's Storer): one was the bottleneck on the fast disk, where the channels each
-# did their own copying ran faster (docs/bench/fast-disk: run 5 against run 6); two,
-# as this machine has cores, keep the copying going while one waits for the GIL.
+# a restore's Storer): with one, paired staged saves on the fast disk ran 1.50x the
+# mapped ones and restores 1.14x; with two, 1.67x and 1.26x (docs/bench/fast-disk,
+# run 6): one thread copying for four channels waited for the GIL among them.
 COPY_THREADS = 2
 
 
