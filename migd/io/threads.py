@@ -43,7 +43,14 @@ from .engine import BlockIO, Counters, PageRun, Transfer, UnitSink
 from .residency import PageCacheProbe
 from .share import DiskShare
 from .throttle import Throttle
-from .zero_scan import BufferReader, MemoryReader, runs_to_write, touch_pages, zero_pages
+from .zero_scan import (
+    BufferReader,
+    MemoryReader,
+    read_memory_file,
+    runs_to_write,
+    touch_pages,
+    zero_pages,
+)
 
 log = logging.getLogger(__name__)
 
@@ -243,17 +250,10 @@ class Staging:
     def fill(self, fd: int, offset: int, pages: int) -> memoryview:
         """The `pages` pages of the memory file `fd` from `offset`, read into the buffer."""
         data = self.view[: pages * PAGE_SIZE]
-        done = 0
-        while done < len(data):
-            try:
-                got = os.preadv(fd, [data[done:]], offset + done)
-            except InterruptedError:
-                continue
-            except OSError as exc:
-                raise MemoryFault(f"Could not read memory: {exc.strerror}") from None
-            if got == 0:  # the file ends before these pages: cut short under the save
-                raise MemoryFault(f"Could not read memory: {os.strerror(errno.EFAULT)}")
-            done += got
+        try:
+            read_memory_file(fd, data, offset)  # a file cut short: MemoryFault
+        except OSError as exc:
+            raise MemoryFault(f"Could not read memory: {exc.strerror}") from None
         return data
 
     def close(self) -> None:

@@ -124,14 +124,8 @@ class MemoryReader:
         reader's buffer (valid until its next call). A file cut short under the mapping
         reads short: MemoryFault, as copy() reports it."""
         assert pages <= SCAN_CHUNK_PAGES
-        want = pages * PAGE_SIZE
-        data = self._chunk_bytes[:want]
-        done = 0
-        while done < want:
-            got = os.preadv(fd, [data[done:]], offset + done)
-            if got == 0:
-                raise MemoryFault(f"Could not read memory: {os.strerror(errno.EFAULT)}")
-            done += got
+        data = self._chunk_bytes[: pages * PAGE_SIZE]
+        read_memory_file(fd, data, offset)
         return data
 
     def zero_pages(self, address: int, out: np.ndarray) -> None:
@@ -144,6 +138,17 @@ class MemoryReader:
             # bitwise_or.reduce runs without the GIL and needs no casting: it scales across
             # channel threads where np.any does not (measured on tmpfs-backed memory).
             out[at : at + count] = np.bitwise_or.reduce(chunk, axis=1) == 0
+
+
+def read_memory_file(fd: int, data: memoryview, offset: int) -> None:
+    """Fill `data` from a memory file at `offset`. A file cut short under its mapping
+    reads short: MemoryFault, as reading the mapping through the kernel reports it."""
+    done = 0
+    while done < len(data):
+        got = os.preadv(fd, [data[done:]], offset + done)
+        if got == 0:
+            raise MemoryFault(f"Could not read memory: {os.strerror(errno.EFAULT)}")
+        done += got
 
 
 class PageWords(Protocol):
