@@ -145,14 +145,20 @@ class BenchReport:
         rows = self.measured()
         ch = self.ref
         out = []
-        for op, other in (("save", "from"), ("restore", "into")):
+        for op, empty, other in (
+            ("save", "", "from"),
+            ("restore", "", "into"),
+            ("restore", "-empty", "into"),
+        ):
             per_round = paired_rounds(
-                rows.get(f"migd-{op}-{ch}-staged"), rows.get(f"migd-{op}-{ch}-mapped")
+                rows.get(f"migd-{op}-{ch}{empty}-staged"),
+                rows.get(f"migd-{op}-{ch}{empty}-mapped"),
             )
             value = statistics.median(per_round) if per_round else None
+            what = f"{op} into an empty memory file" if empty else op
             out.append(
                 Ratio(
-                    f"{op} throughput, staging buffers / {other} the mapping ({ch} ch, "
+                    f"{what} throughput, staging buffers / {other} the mapping ({ch} ch, "
                     f"paired, {len(per_round)} round{'s' * (len(per_round) != 1)})",
                     value,
                     ">= 0.95",
