@@ -526,7 +526,7 @@ MUTANTS = [
         "migd/io/threads.py",
         "            and not run.staged\n",
         "",
-        ("tests/test_save_staging.py::test_a_restore_maps_none_of_the_memory",),
+        ("tests/test_save_staging.py::test_a_restore_into_used_memory_maps_none_of_it",),
     ),
 ]  # fmt: skip
 

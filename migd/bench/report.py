@@ -145,20 +145,14 @@ class BenchReport:
         rows = self.measured()
         ch = self.ref
         out = []
-        for op, empty, other in (
-            ("save", "", "from"),
-            ("restore", "", "into"),
-            ("restore", "-empty", "into"),
-        ):
+        for op, other in (("save", "from"), ("restore", "into")):
             per_round = paired_rounds(
-                rows.get(f"migd-{op}-{ch}{empty}-staged"),
-                rows.get(f"migd-{op}-{ch}{empty}-mapped"),
+                rows.get(f"migd-{op}-{ch}-staged"), rows.get(f"migd-{op}-{ch}-mapped")
             )
             value = statistics.median(per_round) if per_round else None
-            what = f"{op} into an empty memory file" if empty else op
             out.append(
                 Ratio(
-                    f"{what} throughput, staging buffers / {other} the mapping ({ch} ch, "
+                    f"{op} throughput, staging buffers / {other} the mapping ({ch} ch, "
                     f"paired, {len(per_round)} round{'s' * (len(per_round) != 1)})",
                     value,
                     ">= 0.95",

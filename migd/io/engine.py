@@ -102,15 +102,15 @@ def split_runs(
     runs: Sequence[tuple[int, int]],
     zero: bool = False,
     chunk: int = CHUNK_PAGES,
-    staged: bool = False,
+    staged: Callable[[int, int], bool] | None = None,
 ) -> list[PageRun]:
     """Cut (first, count) runs of one block into PageRuns of at most `chunk` pages;
-    `staged` marks them as runs a restore stages (PageRun.staged)."""
+    `staged(first, pages)` marks those a restore stages (PageRun.staged)."""
     out: list[PageRun] = []
     for first, count in runs:
         for at in range(first, first + count, chunk):
             pages = min(chunk, first + count - at)
-            out.append(PageRun(block, at, pages, zero, staged))
+            out.append(PageRun(block, at, pages, zero, staged is not None and staged(at, pages)))
     return out
 
 

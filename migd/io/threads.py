@@ -230,20 +230,17 @@ class Staging:
     memory changes under it (a live pass). A memory file cut short reads short: that is
     MemoryFault, which the backend explains, as EFAULT is for the mapping.
 
-    Restores use it for every present page of such a file (migration/plan.py marks the
-    runs PageRun.staged): a run is read into the buffer, its whole units are checked
-    there, and it is written into the file with pwrite (MemoryBackend.write_at: never
-    grows the file; engine.check_stored finds pages a truncate took meanwhile). A
-    corrupt unit so never reaches the memory. Into used memory, paired with restores into
-    the mapping: 1.26x on the fast disk, 1.21x on the virtio disk. Into a file's holes
-    too: a write allocates a tmpfs page without zeroing it (a full page is written) and
-    maps nothing, where a fault zeroes the page and fills a page table entry, which on
-    this machine (a guest under PVM, shadow page tables) is the larger cost. The writes
-    into one file serialize on its inode lock, which made restores into holes slower
-    when the channels wrote themselves (branch store-path); with the Storer threads
-    writing while the channels read on, the paired probe ran 0.94 against 0.57 GiB/s on
-    the virtio disk and at 1.03 against 1.35 CPU s/GiB on the fast disk
-    (docs/bench/fast-disk/README.md, "Restores into holes").
+    Restores use it for the runs whose memory file holds data already (used memory;
+    migration/plan.py marks them PageRun.staged): a run is read into the buffer, its
+    whole units are checked there, and it is written into the file with pwrite (paired
+    with restores into the mapping: 1.26x on the fast disk, 1.21x on the virtio disk)
+    (MemoryBackend.write_at: never grows the file; engine.check_stored finds pages a
+    truncate took meanwhile). A corrupt unit so never reaches the memory. Into a file's
+    holes the mapping stays: a write allocates the page under the file's inode lock, so
+    the writes serialize, and where allocating a page is costly (here: a guest whose
+    freed memory the host takes back, so each new page faults on the host too) that
+    made staged restores into an empty file 0.70x the mapped ones, whose page faults run
+    in parallel (docs/bench/fast-disk/README.md, "Restores into holes").
     """
 
     def __init__(self) -> None:
