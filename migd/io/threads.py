@@ -237,10 +237,10 @@ class Staging:
     (MemoryBackend.write_at: never grows the file; engine.check_stored finds pages a
     truncate took meanwhile). A corrupt unit so never reaches the memory. Into a file's
     holes the mapping stays: a write allocates the page under the file's inode lock, so
-    the writes serialize, and where allocating a page is costly (here: a guest whose
-    freed memory the host takes back, so each new page faults on the host too) that
-    made staged restores into an empty file 0.70x the mapped ones, whose page faults run
-    in parallel (docs/bench/fast-disk/README.md, "Restores into holes").
+    the writes serialize, and where a new page is costly (on this machine, in some
+    restores, 3-4 CPU s/GiB) that made staged restores into an empty file 0.70x the
+    mapped ones, whose page faults run in parallel (docs/bench/fast-disk/README.md,
+    "Restores into holes").
     """
 
     def __init__(self) -> None:
