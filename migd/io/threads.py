@@ -238,7 +238,7 @@ class Staging:
     truncate took meanwhile). A corrupt unit so never reaches the memory. Into a file's
     holes the mapping stays: a write allocates the page under the file's inode lock, so
     the writes serialize, and where a new page is costly (on this machine, in some
-    restores, 3-4 CPU s/GiB) that made staged restores into an empty file 0.70x the
+    restores, 3-6 CPU s/GiB) that made staged restores into an empty file 0.70x the
     mapped ones, whose page faults run in parallel (docs/bench/fast-disk/README.md,
     "Restores into holes").
     """
