@@ -528,6 +528,14 @@ MUTANTS = [
         "",
         ("tests/test_save_staging.py::test_a_restore_into_used_memory_maps_none_of_it",),
     ),
+    Mutant(
+        "restore-staging-buffers-unmapped-not-kept",
+        "migd/io/threads.py",
+        "        STAGING.give([buffer for buffer, _ in self.restore_buffers])\n",
+        "        [buffer.close() for buffer, _ in self.restore_buffers]\n",
+        ("tests/test_staging_pool.py::"
+         "test_restores_reuse_the_buffers_and_an_idle_daemon_lets_them_go",),
+    ),
 ]  # fmt: skip
 
 

@@ -268,6 +268,57 @@ class Staging:
             self._map.close()
 
 
+class StagingPool:
+    """Staging buffers kept from one job to the next, so that a job does not make new ones.
+
+    A new buffer is new memory: the kernel zeroes each of its pages on first touch, and
+    on this machine a new page costs 1 to 6 CPU s/GiB (docs/bench/fast-disk/README.md,
+    "Restores into holes"). A restore with 4 channels touches 8 buffers (32 MiB) before
+    its first byte is stored; perf of 1.5 GiB restores into used memory on the fast disk
+    had the channels' clear_page at about 4% of the daemon's CPU. Buffers come back here
+    when a job ends (at most KEEP), and those not taken again within IDLE seconds are
+    unmapped (trim, which the engine schedules at each job's end), so an idle daemon holds
+    none. A buffer is given back only once no thread of its job can touch it."""
+
+    KEEP = 16  # 64 MiB: two jobs' worth of restore buffers with 4 channels
+    IDLE = 10.0  # seconds
+
+    def __init__(self) -> None:
+        self._free: list[tuple[float, Staging]] = []  # (when given back, buffer)
+        self._lock = threading.Lock()
+
+    def take(self) -> Staging:
+        with self._lock:
+            if self._free:
+                return self._free.pop()[1]
+        return Staging()
+
+    def give(self, buffers: Sequence[Staging]) -> None:
+        now = time.monotonic()
+        with self._lock:
+            room = max(0, self.KEEP - len(self._free))
+            self._free += [(now, buffer) for buffer in buffers[:room]]
+        for buffer in buffers[room:]:
+            buffer.close()
+
+    def trim(self) -> None:
+        """Unmap the buffers given back more than IDLE seconds ago."""
+        stale = time.monotonic() - self.IDLE
+        with self._lock:
+            old = [buffer for given, buffer in self._free if given <= stale]
+            self._free = [(given, buffer) for given, buffer in self._free if given > stale]
+        for buffer in old:
+            buffer.close()
+
+    def held(self) -> int:
+        """How many buffers are kept now."""
+        with self._lock:
+            return len(self._free)
+
+
+STAGING = StagingPool()
+
+
 # Threads per job that copy between memory files and staging buffers (a save's Loader,
 # a restore's Storer): with one, paired staged saves on the fast disk ran 1.50x the
 # mapped ones and restores 1.14x; with two, 1.67x and 1.26x (docs/bench/fast-disk,
@@ -401,7 +452,7 @@ class Loader:
         with self._lock:
             if not self.buffers:
                 count = 2 * self.channels
-                self.buffers = [(Staging(), threading.Semaphore(1)) for _ in range(count)]
+                self.buffers = [(STAGING.take(), threading.Semaphore(1)) for _ in range(count)]
             buffer, free = self.buffers[self._next]
             self._next = (self._next + 1) % len(self.buffers)
         while not free.acquire(timeout=0.05):
@@ -410,9 +461,9 @@ class Loader:
         return buffer, free
 
     def close(self) -> None:
-        """Unmap the buffers: once the loader and every channel have stopped."""
-        for buffer, _ in self.buffers:
-            buffer.close()
+        """Give the buffers back (StagingPool): once the loader and every channel have
+        stopped."""
+        STAGING.give([buffer for buffer, _ in self.buffers])
         self.buffers = []
 
 
@@ -599,11 +650,11 @@ class Channel:
             self._drop_staging()
 
     def _drop_staging(self) -> None:
-        for buffer, free in self.restore_buffers:
+        for _, free in self.restore_buffers:
             # The Storer may still hold it: wait until it lets go (or has stopped).
             while not free.acquire(timeout=0.05) and not self._storer_gone():
                 pass
-            buffer.close()
+        STAGING.give([buffer for buffer, _ in self.restore_buffers])
         self.restore_buffers = []
 
     def _storer_gone(self) -> bool:
@@ -613,7 +664,7 @@ class Channel:
         """The next of this channel's two restore buffers, once the Storer is done with
         it; None if the job was cancelled (or the Storer stopped) meanwhile."""
         if not self.restore_buffers:
-            self.restore_buffers = [(Staging(), threading.Semaphore(1)) for _ in range(2)]
+            self.restore_buffers = [(STAGING.take(), threading.Semaphore(1)) for _ in range(2)]
         buffer, free = self.restore_buffers[self.next_buffer]
         while not free.acquire(timeout=0.05):
             if self.cancel.is_set() or self._storer_gone():
@@ -895,6 +946,13 @@ class ThreadEngine:
     """The default IOEngine: a thread per channel fd and a Populator, in a pool per run."""
 
     async def run(self, transfer: Transfer) -> None:
+        try:
+            await self._run(transfer)
+        finally:
+            # The staging buffers this job gave back go once no job took them again.
+            asyncio.get_running_loop().call_later(StagingPool.IDLE + 0.5, STAGING.trim)
+
+    async def _run(self, transfer: Transfer) -> None:
         work: queue.SimpleQueue[PageRun | None] = queue.SimpleQueue()
         for run in transfer.runs:
             work.put(run)
