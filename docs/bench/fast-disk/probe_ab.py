@@ -1,0 +1,49 @@
+"""A/B: two daemons (old tree, new tree), alternated saves and restores into used memory
+of 1.5 GiB on the fast disk, 4 channels, direct-io; GiB/s and daemon CPU s/GiB."""
+import os, subprocess, sys, statistics as st
+from pathlib import Path
+sys.path.insert(0, "/work/main")
+from migd.bench.fastdisk import FastDisk
+from migd.bench.processes import QMP, serve_argv, timed_migration, configure
+MiB = 1 << 20; SIZE = int(os.environ.get("SIZE_MIB", "1536")) * MiB; G = SIZE / 2**30
+ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 6
+trees = {"old": "/tmp/wt-old", "new": "/work/main"}
+disk = FastDisk(3 * SIZE + 512 * MiB); outdir = disk.open()
+procs = []; mems = {}
+try:
+    d = {}
+    for name, tree in trees.items():
+        mem = f"/dev/shm/ab-{name}"; mems[name] = mem
+        with open(mem, "wb") as f:
+            for _ in range(SIZE // (64 * MiB)): f.write(os.urandom(64 * MiB))
+        sock = Path(f"/tmp/p/ab-{name}.sock"); log = Path(f"/tmp/p/ab-{name}.log")
+        p = subprocess.Popen(serve_argv(sock), cwd=tree, stdout=open(log, "wb"), stderr=subprocess.STDOUT); procs.append(p)
+        q = QMP(sock, p, log)
+        q.execute("object-add", {"qom-type": "memory-backend-file", "id": "ram0", "size": SIZE, "mem-path": mem, "share": True})
+        configure(q, 4, True)
+        d[name] = (p, q)
+    res = {}
+    for r in range(ROUNDS):
+        order = ["old", "new"] if r % 2 == 0 else ["new", "old"]
+        for op in ("save", "restore"):
+            for name in order:
+                p, q = d[name]; img = f"{outdir}/ab-{name}.img"
+                if op == "save":
+                    if os.path.exists(img): os.unlink(img)
+                    t = timed_migration(q, "migrate", {"uri": f"file:{img}"}, p.pid)
+                else:
+                    t = timed_migration(q, "migrate-incoming", {"uri": f"file:{img}"}, p.pid)
+                res.setdefault((op, name), []).append((G / t.seconds, t.cpu / G))
+                print(f"r{r} {op} {name}: {G/t.seconds:.2f} GiB/s {t.cpu/G:.3f} CPU s/GiB", flush=True)
+    for op in ("save", "restore"):
+        o, n = res[(op, "old")], res[(op, "new")]
+        ratios = [b[0] / a[0] for a, b in zip(o, n)]
+        print(f"{op}: old {st.median(x[0] for x in o):.2f} GiB/s {st.median(x[1] for x in o):.3f} CPU; "
+              f"new {st.median(x[0] for x in n):.2f} GiB/s {st.median(x[1] for x in n):.3f} CPU; "
+              f"new/old speed median {st.median(ratios):.3f} ({min(ratios):.2f}-{max(ratios):.2f})")
+finally:
+    for p in procs: p.terminate(); p.wait()
+    for m in mems.values():
+        try: os.unlink(m)
+        except OSError: pass
+    disk.close()
