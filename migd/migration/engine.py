@@ -626,7 +626,9 @@ class MigrationEngine:
             log.info("restore %s: %d of %d bytes read from the page cache",
                      job.target, cached, sum(c.bytes for c in job.counters))  # fmt: skip
         check_cancel(job)
-        check_sizes(blocks, direction)
+        # A thread: a restore through the memory file walks every page of it here
+        # (check_stored: tens of ms per GiB, which the event loop would stop for).
+        await asyncio.to_thread(check_sizes, blocks, direction)
         sums = job.checksums
         if sums is not None and sums.units_done != sums.units_total:
             # Never record zeros as checksums, nor call unchecked pages verified.
@@ -723,8 +725,12 @@ class MigrationEngine:
         check_cancel(job)
         fds = await self._open_channels(job, main_fd)
         try:
-            blocks, runs = plan.plan_restore_runs(
-                matched, bitmaps, staging=self.staging and job.settings.direct_io
+            # A thread, as for a save: the memory files' SEEK_DATA walks and run splitting.
+            blocks, runs = await asyncio.to_thread(
+                plan.plan_restore_runs,
+                matched,
+                bitmaps,
+                staging=self.staging and job.settings.direct_io,
             )
             self._activate(job)
             if table is not None:

@@ -34,7 +34,8 @@ try:
                 else:
                     t = timed_migration(q, "migrate-incoming", {"uri": f"file:{img}"}, p.pid)
                 res.setdefault((op, name), []).append((G / t.seconds, t.cpu / G))
-                print(f"r{r} {op} {name}: {G/t.seconds:.2f} GiB/s {t.cpu/G:.3f} CPU s/GiB", flush=True)
+                lat = sorted(t.latencies)
+                print(f"r{r} {op} {name}: {G/t.seconds:.2f} GiB/s {t.cpu/G:.3f} CPU s/GiB; query-migrate max {lat[-1]*1000:.1f} ms, 2nd {lat[-2]*1000:.1f} ms ({len(lat)} polls)", flush=True)
     for op in ("save", "restore"):
         o, n = res[(op, "old")], res[(op, "new")]
         ratios = [b[0] / a[0] for a, b in zip(o, n)]
