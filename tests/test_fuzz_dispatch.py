@@ -235,12 +235,21 @@ class Arena:
         assert (await self.wait_final())["status"] == "completed"
         self.contents[self.sandbox / "good.img"] = (self.sandbox / "good.img").read_bytes()
         self.memdev = await self.raw.ok("query-memdev")
+        self.params = await self.raw.ok("query-migrate-parameters")
         self.fds = open_fds()
 
     async def reset_settings(self) -> None:
         caps = [{"capability": c, "state": s} for c, s in CAPS.items()]
         await self.raw.ok("migrate-set-capabilities", {"capabilities": caps})
         await self.raw.ok("migrate-set-parameters", PARAMS)
+        # Any other parameter a successful command set (announce-initial, ...) goes back to
+        # what the baseline had: only the keys that differ, each settable since it was set.
+        baseline = getattr(self, "params", None)
+        if baseline is not None:
+            now = await self.raw.ok("query-migrate-parameters")
+            changed = {k: v for k, v in baseline.items() if now.get(k) != v}
+            if changed:
+                await self.raw.ok("migrate-set-parameters", changed)
 
     async def wait_final(self, timeout: float = 20.0) -> dict[str, Any]:
         deadline = asyncio.get_running_loop().time() + timeout
