@@ -217,6 +217,7 @@ class Arena:
         self.raw, self.daemon, self.shm, self.sandbox = raw, daemon, shm, sandbox
         self.contents: dict[Path, bytes] = {}
         self.memdev: Any = None
+        self.params: dict[str, Any] | None = None  # query-migrate-parameters once set up
         self.fds: set[str] = set()
 
     async def add_backend(self, id: str) -> None:
@@ -244,10 +245,9 @@ class Arena:
         await self.raw.ok("migrate-set-parameters", PARAMS)
         # Any other parameter a successful command set (announce-initial, ...) goes back to
         # what the baseline had: only the keys that differ, each settable since it was set.
-        baseline = getattr(self, "params", None)
-        if baseline is not None:
+        if self.params is not None:
             now = await self.raw.ok("query-migrate-parameters")
-            changed = {k: v for k, v in baseline.items() if now.get(k) != v}
+            changed = {k: v for k, v in self.params.items() if now.get(k) != v}
             if changed:
                 await self.raw.ok("migrate-set-parameters", changed)
 

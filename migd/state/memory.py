@@ -361,9 +361,9 @@ class MemoryBackend:
         """Page-rounded (offset, length) ranges that may hold data; None if unknown."""
         if self._fd is None or not self.share or self._mv is None:
             return None  # anonymous or private pages are invisible to the file
-        # A file with as many blocks as bytes has no holes: one fstat instead of walking
-        # every page of it twice (SEEK_DATA, SEEK_HOLE). For a restore into used memory
-        # the walk was 2% of the daemon's CPU on the fast disk (docs/bench/fast-disk).
+        # A file with as many blocks as bytes has no holes: one fstat instead of the
+        # SEEK_HOLE walk over every page of it. For a restore into used memory that walk
+        # was 2% of the daemon's CPU on the fast disk (docs/bench/fast-disk).
         if os.fstat(self._fd).st_blocks * 512 >= self.size:
             return [(0, self.size)]
         ranges: list[tuple[int, int]] = []
