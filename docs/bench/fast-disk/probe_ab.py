@@ -1,13 +1,19 @@
 """A/B: two daemons (old tree, new tree), alternated saves and restores into used memory
-of 1.5 GiB on the fast disk, 4 channels, direct-io; GiB/s and daemon CPU s/GiB."""
-import os, subprocess, sys, statistics as st
+of 1.5 GiB on the fast disk, 4 channels, direct-io; GiB/s and daemon CPU s/GiB. Each
+daemon imports migd from its tree (its working directory); the old one is a worktree:
+
+    git worktree add /tmp/wt-old <commit>
+    sudo OLD_TREE=/tmp/wt-old [SIZE_MIB=1536] .venv/bin/python docs/bench/fast-disk/probe_ab.py [ROUNDS]
+"""
+import os, subprocess, sys, tempfile, statistics as st
 from pathlib import Path
-sys.path.insert(0, "/work/main")
+sys.path.insert(0, os.getcwd())
 from migd.bench.fastdisk import FastDisk
 from migd.bench.processes import QMP, serve_argv, timed_migration, configure
 MiB = 1 << 20; SIZE = int(os.environ.get("SIZE_MIB", "1536")) * MiB; G = SIZE / 2**30
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 6
-trees = {"old": "/tmp/wt-old", "new": "/work/main"}
+trees = {"old": os.environ["OLD_TREE"], "new": os.getcwd()}
+work = Path(tempfile.mkdtemp(prefix="probe-ab-"))
 disk = FastDisk(3 * SIZE + 512 * MiB); outdir = disk.open()
 procs = []; mems = {}
 try:
@@ -16,7 +22,7 @@ try:
         mem = f"/dev/shm/ab-{name}"; mems[name] = mem
         with open(mem, "wb") as f:
             for _ in range(SIZE // (64 * MiB)): f.write(os.urandom(64 * MiB))
-        sock = Path(f"/tmp/p/ab-{name}.sock"); log = Path(f"/tmp/p/ab-{name}.log")
+        sock, log = work / f"{name}.sock", work / f"{name}.log"
         p = subprocess.Popen(serve_argv(sock), cwd=tree, stdout=open(log, "wb"), stderr=subprocess.STDOUT); procs.append(p)
         q = QMP(sock, p, log)
         q.execute("object-add", {"qom-type": "memory-backend-file", "id": "ram0", "size": SIZE, "mem-path": mem, "share": True})
