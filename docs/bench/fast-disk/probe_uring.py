@@ -3,7 +3,7 @@
 
 O_DIRECT read from the fast disk into staging buffers [+ xxh3 + pwrite into used memory]."""
 import mmap, os, resource, sys, threading, time
-sys.path.insert(0, "/work/main")
+sys.path.insert(0, os.getcwd())  # run from the repo root
 import xxhash
 import liburing as L
 from migd.bench.fastdisk import FastDisk
