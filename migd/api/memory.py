@@ -72,16 +72,28 @@ async def object_add(ctx: Context, args: ObjectAddArgs) -> Empty:
             raise InvalidRequest("Parameter 'mem-path' is unexpected")
         if args.share:
             raise InvalidRequest("Parameter 'share' is unexpected: memory-backend-ram is private")
+    engine = ctx.services.engine
+
+    def refuse_file(identity: tuple[int, int]) -> None:
+        # Before the file is extended or mapped; again below, on the loop, where no
+        # other request can start a job or add a backend between the check and the add.
+        registry.refuse_shared_file(identity, args.mem_path or args.id)
+        engine.refuse_job_file(identity, args.mem_path or args.id)
+
     backend = await asyncio.to_thread(
         create_backend,
         args,
         ctx.services.paths,
-        ctx.services.engine.partial,
+        engine.partial,
         owners=trusted_owners(ctx.session.peer_uid),
         fd=fd,
         close_fd=ctx.services.fdsets.close_dup,
+        refuse_file=refuse_file,
     )
     try:
+        identity = backend.file_identity()
+        if identity is not None:
+            engine.refuse_job_file(identity, args.mem_path or args.id)
         registry.add(backend)
     except BaseException:
         backend.close()
@@ -106,6 +118,7 @@ def create_backend(
     owners: Collection[int] | None = None,
     fd: int | None = None,
     close_fd: Callable[[int], None] = os.close,
+    refuse_file: Callable[[tuple[int, int]], None] | None = None,
 ) -> MemoryBackend:
     """The memory backend `spec` describes (object-add's arguments, or a [[memory-backend]]
     table of the configuration, which derives from them): a file one is refused if an
@@ -124,6 +137,7 @@ def create_backend(
         close_fd=close_fd,
         open_file=paths.open,
         owners=owners,
+        refuse_file=refuse_file,
     )
     if partial is not None:
         try:

@@ -327,7 +327,12 @@ class MigrationEngine:
             )
             if updates:
                 previous = await asyncio.to_thread(update.read_previous, job, layout, main_fd)
-            admit()  # another request may have started a job meanwhile
+            # Another request may have started a job (or added a backend) meanwhile: both
+            # checks again, with no await between them and the job's launch.
+            admit()
+            self._refuse_file_conflicts(
+                main_fd, target.path, "save", "a save to it would overwrite that memory"
+            )
         except BaseException:
             target.discard()
             raise
@@ -381,8 +386,17 @@ class MigrationEngine:
             table = None
             if verify != "off":
                 table = await asyncio.to_thread(restore.read_checksums, main_fd, target, parsed)
-            admit()  # another request may have started a job meanwhile
+            # Another request may have started a job (a save to this very file: it would
+            # write what this restore reads) or added a backend meanwhile: every check
+            # again, with no await between them and the job's launch.
+            admit()
             self._check_backends_free([b for _, b in matched])
+            self._refuse_file_conflicts(
+                main_fd,
+                target.path,
+                "restore",
+                "a restore would overwrite the save while reading it",
+            )
         except BaseException:
             target.discard()
             raise
@@ -434,6 +448,16 @@ class MigrationEngine:
                     f"'{job.target.path}'): two jobs cannot use one file while either writes it"
                 )
         return identity
+
+    def refuse_job_file(self, identity: tuple[int, int], path: str) -> None:
+        """object-add: refuse a memory file that is the file of a running job (a restore
+        into the new backend would overwrite the save the job reads or writes)."""
+        for job in self.jobs.values():
+            if job.active and job.file_identity == identity:
+                raise MigrationError(
+                    f"'{path}' is the file of job '{job.id}' ({job.direction} of "
+                    f"'{job.target.path}'): it cannot be a memory backend's file too"
+                )
 
     def _launch(self, job: Job, body: Any) -> None:
         for b in job.backends:
@@ -647,13 +671,15 @@ class MigrationEngine:
         live: bool = False,
         previous: update.Previous | None = None,
     ) -> None:
-        if previous is None:
-            await asyncio.to_thread(save.write_head, job, layout, main_fd)
-        else:
-            await asyncio.to_thread(update.invalidate_end, job, layout, main_fd)
-        check_cancel(job)
+        # The channels first: a save that cannot open them (O_DIRECT on a filesystem
+        # without it) must fail before write_head truncates what the file held.
         fds = await self._open_channels(job, main_fd)
         try:
+            if previous is None:
+                await asyncio.to_thread(save.write_head, job, layout, main_fd)
+            else:
+                await asyncio.to_thread(update.invalidate_end, job, layout, main_fd)
+            check_cancel(job)
             if previous is None:
                 # SEEK_DATA walks and run splitting take tens of ms on large memory.
                 blocks, runs = await asyncio.to_thread(

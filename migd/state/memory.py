@@ -429,8 +429,11 @@ def create_file_backend(
     close_fd: Callable[[int], None] = os.close,
     open_file: FileOpener = plain_open,
     owners: Collection[int] | None = None,
+    refuse_file: Callable[[tuple[int, int]], None] | None = None,
 ) -> MemoryBackend:
     """Map mem_path (or the passed fd, which the backend owns even on failure) as RAM.
+    `refuse_file((st_dev, st_ino))` may refuse the file before it is extended or mapped
+    (another backend's file, a job's save file).
 
     QEMU's size rules (qemu_ram_alloc_from_fd): a new or empty file is extended to
     `size`; a larger one is used as a prefix; a non-empty smaller one is refused, never
@@ -469,6 +472,8 @@ def create_file_backend(
             raise BackendError(f"Could not open '{mem_path}': Is a directory")
         if not stat.S_ISREG(st.st_mode):
             raise BackendError(f"Could not use '{mem_path}': not a regular file")
+        if refuse_file is not None:
+            refuse_file((st.st_dev, st.st_ino))
         if 0 < st.st_size < size:
             raise BackendError(
                 f"{id} backing store size 0x{st.st_size:x} is too small for 'size' option "
@@ -553,7 +558,23 @@ class MemoryRegistry:
     def add(self, backend: MemoryBackend) -> None:
         """Register backend; on refusal the caller still owns (and closes) it."""
         self.check_new(backend.id, backend.block_name)
+        identity = backend.file_identity()
+        if identity is not None:
+            self.refuse_shared_file(identity, backend.mem_path or backend.id)
         self._backends[backend.id] = backend
+
+    def refuse_shared_file(self, identity: tuple[int, int], path: str) -> None:
+        """Refuse a second backend on a backend's file (same device and inode, whatever
+        the name): a restore into both would write each block's pages over the other's,
+        and the checks of one would blame the save file for the other's bytes."""
+        for other in self._backends.values():
+            if other.file_identity() == identity:
+                named = other.mem_path if other.mem_path not in (None, path) else None
+                raise BackendError(
+                    f"'{path}' is already the memory file of memory backend '{other.id}'"
+                    + (f" ('{named}')" if named else "")
+                    + ": two backends cannot map one file"
+                )
 
     def remove(self, id: str) -> None:
         """Unregister and close a backend no migration is using."""
