@@ -7,6 +7,7 @@ from) a memory backend's own file is refused before anything changes.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import hashlib
 import os
@@ -16,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from qemu.qmp import ExecuteError
 
 from .conftest import (
     DaemonProcess,
@@ -24,6 +26,7 @@ from .conftest import (
     enable_mapped_ram,
     fill_random,
     parse_save,
+    poll_until,
     qmp_error,
     read_bitmap,
     read_pages,
@@ -262,3 +265,116 @@ async def test_a_restore_from_the_file_a_backend_maps_is_refused_and_keeps_the_s
     await add_file_backend(qmp, "ram0", shm / "dst", MiB)
     assert (await restore(qmp, target))["status"] == "completed"
     assert (shm / "dst").read_bytes() == (shm / "src").read_bytes()
+
+
+# --- a job's file and backends added or jobs started while it starts (red-team, session 12)
+
+
+async def _memory_job(qmp, command: str, job: str, uri: str, **extra: Any) -> dict[str, Any]:
+    """Run a memory-save / memory-restore job to its end; its query-jobs entry."""
+    await qmp.execute(command, {"job-id": job, "uri": uri, **extra})
+    jobs = await poll_until(
+        lambda: qmp.execute("query-jobs"),
+        lambda jobs: any(j["id"] == job and j["status"] == "concluded" for j in jobs),
+        f"job {job} concluded",
+    )
+    return next(j for j in jobs if j["id"] == job)
+
+
+async def test_a_save_admitted_while_a_restore_of_its_file_starts_makes_the_restore_refused(
+    migd_inproc, shm, short_dir, monkeypatch
+):
+    """The restore checks its file against running jobs, then reads the file's head and
+    checksums in threads: a save to the same file that starts meanwhile must make the
+    restore refused, not let it read the save's bytes and complete."""
+    from migd.migration.mapped_ram import restore as restore_module
+
+    a, b = await migd_inproc.client("a"), await migd_inproc.client("b")
+    try:
+        fill_random(shm / "m0", MiB, seed=1)
+        fill_random(shm / "m1", MiB, seed=2)
+        await add_file_backend(a, "m0", shm / "m0", MiB)
+        await add_file_backend(a, "m1", shm / "m1", MiB)
+        image = short_dir / "f.sav"
+        assert "error" not in await _memory_job(
+            a, "memory-save", "s0", f"file:{image}", backends=["m0"]
+        )
+        await a.execute("job-dismiss", {"id": "s0"})
+        reading, go_on = threading.Event(), threading.Event()
+        read_checksums = restore_module.read_checksums
+
+        def held_read_checksums(*args: Any) -> Any:
+            reading.set()
+            assert go_on.wait(30)
+            return read_checksums(*args)
+
+        monkeypatch.setattr(restore_module, "read_checksums", held_read_checksums)
+        restoring = asyncio.ensure_future(
+            b.execute(
+                "memory-restore", {"job-id": "r", "uri": f"file:{image}", "backends": ["m0"]}
+            )
+        )
+        await poll_until(
+            lambda: asyncio.sleep(0, reading.is_set()), bool, "restore reading checksums"
+        )
+        saved = await a.execute(
+            "memory-save", {"job-id": "s1", "uri": f"file:{image}", "backends": ["m1"]}
+        )
+        assert saved == {}
+        go_on.set()
+        with pytest.raises(ExecuteError) as refused:
+            await restoring
+        assert refused.value.error.error.desc == (
+            f"'{image}' is the file of job 's1' (save of '{image}'): two jobs cannot use one "
+            "file while either writes it"
+        )
+        assert "r" not in [j["id"] for j in await a.execute("query-jobs")]
+    finally:
+        go_on.set()
+        await a.disconnect()
+        await b.disconnect()
+
+
+async def test_object_add_refuses_the_file_of_a_running_job(qmp, shm, short_dir):
+    fill_random(shm / "m0", 8 * MiB)
+    await add_file_backend(qmp, "m0", shm / "m0", 8 * MiB)
+    image = short_dir / "f.sav"
+    assert "error" not in await _memory_job(qmp, "memory-save", "s0", f"file:{image}")
+    before = _digest(image)
+    await qmp.execute(
+        "memory-restore",
+        {"job-id": "r", "uri": f"file:{image}", "max-bandwidth": MiB, "multifd-channels": 1},
+    )
+    text = await qmp_error(
+        qmp,
+        "object-add",
+        {"qom-type": "memory-backend-file", "id": "m1", "size": MiB, "mem-path": str(image)},
+    )
+    assert text == (
+        f"'{image}' is the file of job 'r' (restore of '{image}'): it cannot be a memory "
+        "backend's file too"
+    )
+    assert [b["id"] for b in await qmp.execute("query-memdev")] == ["m0"]
+    await qmp.execute("job-cancel", {"id": "r"})
+    assert _digest(image) == before
+
+
+@pytest.mark.parametrize("alias", ["same path", "symlink"])
+async def test_object_add_refuses_a_second_backend_on_one_file(qmp, shm, alias):
+    data = fill_random(shm / "m0", MiB)
+    await add_file_backend(qmp, "m0", shm / "m0", MiB)
+    name = shm / "m0"
+    if alias == "symlink":
+        name = shm / "alias"
+        name.symlink_to(shm / "m0")
+    text = await qmp_error(
+        qmp,
+        "object-add",
+        {"qom-type": "memory-backend-file", "id": "m1", "size": MiB, "mem-path": str(name)},
+    )
+    expected = f"'{name}' is already the memory file of memory backend 'm0'"
+    if alias == "symlink":
+        expected += f" ('{shm / 'm0'}')"
+    assert text == expected + ": two backends cannot map one file"
+    assert [b["id"] for b in await qmp.execute("query-memdev")] == ["m0"]
+    assert (shm / "m0").read_bytes() == data

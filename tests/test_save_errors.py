@@ -189,6 +189,22 @@ async def test_filesystem_refusing_o_direct_fails_the_save_with_qemus_text(ready
     assert is_complete_save(short_dir / "next.img")
 
 
+async def test_a_direct_io_save_that_cannot_open_its_channels_keeps_the_old_image(
+    ready, ramfs
+):
+    # The channels open before the head is written: a save that can never succeed
+    # (O_DIRECT on ramfs) used to truncate the good image first.
+    target = ramfs / "save.img"
+    await ready.execute("migrate-set-parameters", {"direct-io": False})
+    assert (await save(ready, target))["status"] == "completed"
+    before = target.read_bytes()
+    await ready.execute("migrate-set-parameters", {"direct-io": True})
+    info = await save(ready, target)
+    assert info["status"] == "failed"
+    assert "does not support O_DIRECT" in info["error-desc"]
+    assert target.read_bytes() == before and is_complete_save(target)
+
+
 async def test_save_to_ramfs_works_without_direct_io(ready, ramfs):
     await ready.execute("migrate-set-parameters", {"direct-io": False})
     info = await save(ready, ramfs / "save.img")
