@@ -237,11 +237,26 @@ MUTANTS = [
         ("tests/test_file_ownership.py", "tests/test_file_identity.py"),
     ),
     Mutant(
-        "fifo-opened-without-o-nonblock",
+        "fifo-or-device-opened-before-its-kind-is-refused",
         "migd/state/paths.py",
-        "fd = open_file(path, flags | os.O_NONBLOCK, 0o600)",
-        "fd = open_file(path, flags, 0o600)",
+        "if found is not None and not (stat.S_ISREG(found.st_mode) or stat.S_ISDIR("
+        "found.st_mode)):",
+        "if False:",
         ("tests/test_file_kinds.py",),
+    ),
+    Mutant(
+        "another-users-symlink-followed",
+        "migd/state/paths.py",
+        "            if st.st_uid not in owners:\n                where",
+        "            if False:\n                where",
+        ("tests/test_file_ownership.py",),
+    ),
+    Mutant(
+        "directory-another-user-controls-accepted",
+        "migd/state/paths.py",
+        "            _check_directory(path, there, st, owners)",
+        "            pass",
+        ("tests/test_file_ownership.py",),
     ),
     Mutant(
         "symlink-followed-inside-allowed-dirs",

@@ -304,9 +304,10 @@ async def test_a_save_admitted_while_a_restore_of_its_file_starts_makes_the_rest
         read_checksums = restore_module.read_checksums
 
         def held_read_checksums(*args: Any) -> Any:
+            table = read_checksums(*args)
             reading.set()
             assert go_on.wait(30)
-            return read_checksums(*args)
+            return table
 
         monkeypatch.setattr(restore_module, "read_checksums", held_read_checksums)
         restoring = asyncio.ensure_future(
@@ -317,8 +318,10 @@ async def test_a_save_admitted_while_a_restore_of_its_file_starts_makes_the_rest
         await poll_until(
             lambda: asyncio.sleep(0, reading.is_set()), bool, "restore reading checksums"
         )
+        # Throttled: still writing the file when the restore goes on.
         saved = await a.execute(
-            "memory-save", {"job-id": "s1", "uri": f"file:{image}", "backends": ["m1"]}
+            "memory-save",
+            {"job-id": "s1", "uri": f"file:{image}", "backends": ["m1"], "max-bandwidth": 65536},
         )
         assert saved == {}
         go_on.set()
@@ -329,6 +332,7 @@ async def test_a_save_admitted_while_a_restore_of_its_file_starts_makes_the_rest
             "file while either writes it"
         )
         assert "r" not in [j["id"] for j in await a.execute("query-jobs")]
+        await a.execute("job-cancel", {"id": "s1"})
     finally:
         go_on.set()
         await a.disconnect()

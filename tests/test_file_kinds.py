@@ -8,9 +8,11 @@ worker thread with O_NONBLOCK and anything but a regular file is refused by name
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -142,3 +144,48 @@ def test_a_fifo_named_to_the_cli_is_refused_without_waiting_for_a_writer(
         _unblock(fifo)
     assert result.returncode in (1, 2), result.stderr
     assert expected.format(fifo=fifo) in result.stderr
+
+
+class OpenWatch:
+    """inotify IN_OPEN on one file: whether anyone opened it since the watch began."""
+
+    _IN_OPEN, _IN_NONBLOCK = 0x20, os.O_NONBLOCK
+
+    def __init__(self, path: Path) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = libc.inotify_init1(self._IN_NONBLOCK | os.O_CLOEXEC)
+        assert self.fd >= 0
+        assert libc.inotify_add_watch(self.fd, bytes(path), self._IN_OPEN) >= 0
+
+    def opened(self) -> bool:
+        try:
+            return bool(os.read(self.fd, 4096))
+        except BlockingIOError:
+            return False
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+async def test_a_fifo_or_device_is_refused_without_being_opened(qmp, shm, short_dir):
+    """A device's open() alone can act (a watchdog starts, a pty is allocated), and a
+    FIFO's open for reading lets its writer go on: refused by what the name is, unopened."""
+    fill_random(shm / "ram0", MiB)
+    await add_file_backend(qmp, "ram0", shm / "ram0", MiB)
+    await enable_mapped_ram(qmp)
+    fifo = short_dir / "fifo"
+    os.mkfifo(fifo, 0o600)
+    device = short_dir / "null"
+    os.mknod(device, 0o600 | stat.S_IFCHR, os.makedev(1, 3))  # /dev/null's numbers
+    for path, what in ((fifo, "a FIFO"), (device, "a character device")):
+        watch = OpenWatch(path)
+        try:
+            expected = f"'{path}' is not a regular file (it is {what})"
+            assert await qmp_error(qmp, "migrate-incoming", {"uri": f"file:{path}"}) == expected
+            assert await qmp_error(qmp, "migrate", {"uri": f"file:{path}"}) == expected
+            arguments = {"qom-type": "memory-backend-file", "id": "m", "size": MiB,
+                         "mem-path": str(path)}  # fmt: skip
+            assert await qmp_error(qmp, "object-add", arguments) == expected
+            assert not watch.opened(), f"migd opened {path}"
+        finally:
+            watch.close()

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -257,3 +259,110 @@ async def test_a_file_name_with_a_trailing_slash_is_refused_and_creates_nothing(
 async def test_with_allowed_dirs_a_trailing_slash_is_refused_too(confined, short_dir, shm):
     # abspath() drops the slash: before, the confined open made a file `new`.
     await _refuses_trailing_slashes(confined, short_dir, shm)
+
+
+# --- links and directories another user controls (red-team, session 12) ---------------
+
+
+@pytest.fixture
+def public(short_dir: Path) -> Path:
+    """A sticky, world-writable directory, as /tmp and /dev/shm."""
+    path = short_dir / "pub"
+    path.mkdir()
+    path.chmod(0o1777)
+    return path
+
+
+def _victim(short_dir: Path) -> Path:
+    victim = short_dir / "victim.conf"
+    victim.write_bytes(b"precious root-owned content\n")
+    victim.chmod(0o644)
+    return victim
+
+
+@pytest.mark.parametrize("use", ["save", "restore", "mem-path"])
+async def test_a_link_another_user_planted_is_not_followed(ready, short_dir, public, use):
+    """Another user's link to a file of root's: root would write guest RAM into it (or
+    map it as RAM), a file that user could not write himself."""
+    victim = _victim(short_dir)
+    link = public / "vm.sav"
+    link.symlink_to(victim)
+    os.lchown(link, OTHER_UID, OTHER_UID)
+    before = _state(victim)
+    expected = (
+        f"'{link}' is a symbolic link owned by uid {OTHER_UID}: migd follows only links of "
+        f"migd's or the client's uid ({os.geteuid()})"
+    )
+    if use == "save":
+        assert await qmp_error(ready, "migrate", {"uri": f"file:{link}"}) == expected
+    elif use == "restore":
+        assert await qmp_error(ready, "migrate-incoming", {"uri": f"file:{link}"}) == expected
+    else:
+        arguments = {"qom-type": "memory-backend-file", "id": "m", "size": 4096,
+                     "mem-path": str(link)}  # fmt: skip
+        assert await qmp_error(ready, "object-add", arguments) == expected
+    assert _state(victim) == before
+
+
+async def test_a_directory_link_another_user_planted_is_not_followed(ready, short_dir, public):
+    (short_dir / "real").mkdir()
+    link = public / "dir"
+    link.symlink_to(short_dir / "real")
+    os.lchown(link, OTHER_UID, OTHER_UID)
+    target = link / "vm.sav"
+    assert await qmp_error(ready, "migrate", {"uri": f"file:{target}"}) == (
+        f"'{target}' goes through '{link}', a symbolic link owned by uid {OTHER_UID}: migd "
+        f"follows only links of migd's or the client's uid ({os.geteuid()})"
+    )
+    assert list((short_dir / "real").iterdir()) == []
+
+
+async def test_a_link_of_migds_own_uid_is_followed(ready, short_dir, public):
+    real = short_dir / "real.sav"
+    link = public / "vm.sav"
+    link.symlink_to(real)
+    assert (await save(ready, link))["status"] == "completed"
+    assert real.stat().st_size > MiB and link.is_symlink()
+
+
+@pytest.mark.parametrize("how", ["owned by another user", "writable by others, not sticky"])
+async def test_a_directory_another_user_can_change_is_refused(ready, short_dir, how):
+    """Its owner (or anyone, without the sticky bit) could swap the file for a link
+    between migd's checks and its open."""
+    theirs = short_dir / "theirs"
+    theirs.mkdir()
+    if how == "owned by another user":
+        os.chown(theirs, OTHER_UID, OTHER_UID)
+        problem = (
+            f"owned by uid {OTHER_UID}: migd opens files only through directories of migd's "
+            f"or the client's uid ({os.geteuid()})"
+        )
+    else:
+        theirs.chmod(0o777)
+        problem = (
+            "writable by group or others without the sticky bit (mode 0777): another user "
+            "could swap the file"
+        )
+    target = theirs / "vm.sav"
+    text = await qmp_error(ready, "migrate", {"uri": f"file:{target}"})
+    assert text == f"'{target}' lies in '{theirs}', {problem}"
+    assert not target.exists()
+
+
+def test_a_socket_directory_another_user_owns_is_refused(short_dir):
+    """That user could replace the socket with a listener of his own, and migd keeps its
+    partial-restore marks beside it."""
+    theirs = short_dir / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, OTHER_UID, OTHER_UID)
+    sock = theirs / "qmp.sock"
+    result = subprocess.run(
+        [sys.executable, "-m", "migd", "serve", "--socket", str(sock)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert (
+        f"Cannot listen on '{sock}': its directory '{theirs}' belongs to uid {OTHER_UID}, "
+        "who could replace the socket"
+    ) in result.stderr
+    assert not sock.exists()

@@ -393,10 +393,30 @@ class Server:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def check_socket_directory(path: str, parent: str) -> None:
+    """Refuse a socket directory another local user controls: they could replace the
+    socket with their own listener (clients would hand it their fds), and migd keeps its
+    state (partial-restore marks) next to it. Sticky directories such as /tmp are fine:
+    there no one else can remove or rename migd's entries."""
+    st = os.stat(parent)
+    if st.st_uid not in (0, os.geteuid()):
+        raise MigdError(
+            f"Cannot listen on '{path}': its directory '{parent}' belongs to uid {st.st_uid}, "
+            "who could replace the socket"
+        )
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+        raise MigdError(
+            f"Cannot listen on '{path}': its directory '{parent}' is writable by group or "
+            f"others without the sticky bit (mode {stat.S_IMODE(st.st_mode):04o}): another "
+            "user could replace the socket"
+        )
+
+
 def bind_unix_socket(path: str, mode: int) -> socket.socket:
     """Create the listening socket, replacing a stale one and refusing a live one."""
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, mode=0o755, exist_ok=True)
+    check_socket_directory(path, parent)
     if len(os.fsencode(path)) > 107:
         raise MigdError(f"Socket path '{path}' is longer than 107 bytes")
     try:

@@ -21,6 +21,7 @@ import contextlib
 import errno
 import logging
 import os
+import stat
 import time
 from collections.abc import Iterable
 
@@ -54,8 +55,31 @@ class PartialMarks:
     def _sidecar(self, fd: int) -> str | None:
         if self.sidecar_dir is None:
             return None
+        self._check_dir(self.sidecar_dir)
         st = os.fstat(fd)
         return os.path.join(self.sidecar_dir, f"{st.st_dev}-{st.st_ino}")
+
+    @staticmethod
+    def _check_dir(directory: str) -> None:
+        """The marks' directory, where it exists, must be migd's own and writable by no
+        one else: another user who could write there could forge or delete marks, or
+        plant a link where migd writes one (root would write through it)."""
+        try:
+            st = os.lstat(directory)
+        except FileNotFoundError:
+            return
+        problem = None
+        if not stat.S_ISDIR(st.st_mode):
+            problem = "is not a directory"
+        elif st.st_uid != os.geteuid():
+            problem = f"is owned by uid {st.st_uid}, not migd's ({os.geteuid()})"
+        elif st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            problem = f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
+        if problem is not None:
+            raise MigrationError(
+                f"The partial-restore marks' directory '{directory}' {problem}: migd keeps "
+                "marks only in a directory of its own"
+            )
 
     def _write_sidecar(self, fd: int, value: bytes, backend: MemoryBackend) -> None:
         path = self._sidecar(fd)
@@ -65,8 +89,12 @@ class PartialMarks:
             log.warning("no partial mark on '%s': no xattrs and no state dir", backend.mem_path)
             return
         os.makedirs(self.sidecar_dir or "", mode=0o700, exist_ok=True)
+        self._check_dir(self.sidecar_dir or "")  # as it is now, made or found
         tmp = f"{path}.tmp"
-        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)  # left by a crash: O_EXCL below opens only a new file
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        out = os.open(tmp, flags, 0o600)
         try:
             os.write(out, value + b"\n" + (backend.mem_path or "").encode() + b"\n")
             os.fsync(out)

@@ -7,11 +7,17 @@ inside one of them, and the open itself cannot be redirected by a symlink swappe
 after the check: the parent directory is opened first and verified through its fd, and
 the final component is opened relative to it with O_NOFOLLOW.
 
-Whatever the policy, `open_regular` opens a named file without blocking (O_NONBLOCK: a
-FIFO would block open() until its other end opens), refuses anything but a regular file,
-creates a missing file with O_EXCL and mode 0600, and uses an existing one only if no
-other local user could have planted it or could still change it: owned by migd's uid or
-the client's, not writable by group or others, one link. fd-passed files (/dev/fdset/N)
+Whatever the policy, `open_regular` first walks the name (`resolve_trusted`): it follows
+a symbolic link only if migd's uid or the client's owns it, and goes only through
+directories no other local user can change (owned by one of those uids, and writable by
+group or others only with the sticky bit, as /tmp and /dev/shm), so that no other user
+can redirect the name, and what it names is known before it is opened: anything but a
+regular file is refused unopened (a device's open() alone can act). It then opens the
+resolved name with O_NOFOLLOW and without blocking (O_NONBLOCK: a FIFO swapped in would
+block open() until its other end opens), refuses anything but a regular file, creates a
+missing file with O_EXCL and mode 0600, and uses an existing one only if no other local
+user could have planted it or could still change it: owned by migd's uid or the
+client's, not writable by group or others, one link. fd-passed files (/dev/fdset/N)
 never come here: the client already holds them.
 """
 
@@ -164,6 +170,83 @@ def check_trusted(path: str, st: os.stat_result, owners: Collection[int]) -> Non
         )
 
 
+MAX_LINKS = 40  # symbolic links followed in one name, as the kernel's ELOOP limit
+
+
+def _who(owners: Collection[int]) -> str:
+    return " or ".join(str(uid) for uid in sorted(owners))
+
+
+def _check_directory(
+    path: str, directory: str, st: os.stat_result, owners: Collection[int]
+) -> None:
+    """A directory on the way to a file: no other local user may be able to change its
+    entries (swap the file for a link, between migd's checks and its open)."""
+    if st.st_uid not in owners:
+        raise FileRefused(
+            f"'{path}' lies in '{directory}', owned by uid {st.st_uid}: migd opens files only "
+            f"through directories of migd's or the client's uid ({_who(owners)})"
+        )
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+        raise FileRefused(
+            f"'{path}' lies in '{directory}', writable by group or others without the sticky "
+            f"bit (mode {stat.S_IMODE(st.st_mode):04o}): another user could swap the file"
+        )
+
+
+def resolve_trusted(path: str, owners: Collection[int]) -> tuple[str, os.stat_result | None]:
+    """The name `path` resolves to, with no symbolic link left in it, and what is there
+    (lstat; None: nothing, or a directory on the way is missing: the open says which).
+
+    Every symbolic link on the way must belong to migd's or the client's uid: another
+    user's link would make root write guest RAM into (or map as RAM) a file of root's
+    that user cannot touch himself. Every directory on the way must be one no other user
+    can change (_check_directory), so that the name still resolves the same when it is
+    opened; a link swapped in at the last component meanwhile fails the O_NOFOLLOW open.
+    """
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    parts.reverse()  # a stack: the next component last
+    here = "/" if path.startswith("/") else os.getcwd()
+    links = 0
+    while parts:
+        name = parts.pop()
+        if name == "..":
+            here = os.path.dirname(here) or "/"
+            continue
+        there = os.path.join(here, name)
+        try:
+            st = os.lstat(there)
+        except OSError:
+            # Missing (a new file, or a directory on the way: the open reports it).
+            return os.path.join(there, *reversed(parts)), None
+        if stat.S_ISLNK(st.st_mode):
+            links += 1
+            if links > MAX_LINKS:
+                raise FileRefused(f"'{path}': too many levels of symbolic links")
+            if st.st_uid not in owners:
+                where = "is" if there == os.path.abspath(path) else f"goes through '{there}',"
+                raise FileRefused(
+                    f"'{path}' {where} a symbolic link owned by uid {st.st_uid}: migd "
+                    f"follows only links of migd's or the client's uid ({_who(owners)})"
+                )
+            target = os.readlink(there)
+            if target.startswith("/"):
+                here = "/"
+            parts.extend(reversed([p for p in target.split("/") if p not in ("", ".")]))
+            continue
+        if parts:
+            if not stat.S_ISDIR(st.st_mode):
+                return os.path.join(there, *reversed(parts)), None  # ENOTDIR at the open
+            _check_directory(path, there, st, owners)
+        elif stat.S_ISDIR(st.st_mode):
+            return there, st
+        else:
+            _check_directory(path, here, os.stat(here), owners)
+            return there, st
+        here = there
+    return here, os.stat(here)
+
+
 def _unlink_if_same(path: str, st: os.stat_result) -> None:
     """Remove a file we created, unless the name meanwhile points elsewhere."""
     with contextlib.suppress(OSError):
@@ -187,19 +270,31 @@ def open_regular(
     is the caller's to word; rule violations raise FileRefused naming the file.
     """
     refuse_directory_name(path)
+    real, found = resolve_trusted(path, owners)
+    if found is not None and not (stat.S_ISREG(found.st_mode) or stat.S_ISDIR(found.st_mode)):
+        # Refused unopened: a device's open() alone can act (a directory's open fails
+        # with EISDIR, which the callers word as QEMU does).
+        raise not_regular(path, found.st_mode)
+    policy = getattr(open_file, "__self__", None)
+    if isinstance(policy, PathPolicy) and policy.restricted:
+        real = path  # allowed-dirs opens no link at all: PathPolicy.open refuses it there
     fd, created = None, False
     if create:
         # O_EXCL never opens what exists (a FIFO, a file planted by someone else): if it
         # succeeds, the file is new and ours, created with mode 0600.
         with contextlib.suppress(FileExistsError):
-            fd = open_file(path, flags | os.O_CREAT | os.O_EXCL | os.O_NONBLOCK, 0o600)
+            fd = open_file(real, flags | os.O_CREAT | os.O_EXCL | os.O_NONBLOCK, 0o600)
             created = True
     if fd is None:
         try:
-            fd = open_file(path, flags | os.O_NONBLOCK, 0o600)
+            fd = open_file(real, flags | os.O_NONBLOCK | os.O_NOFOLLOW, 0o600)
         except OSError as exc:
             if exc.errno == errno.ENXIO:  # a FIFO with no reader, a socket, a device
-                raise not_regular(path, _mode_of(path)) from None
+                raise not_regular(path, _mode_of(real)) from None
+            if exc.errno == errno.ELOOP:  # a link put there since resolve_trusted
+                raise FileRefused(
+                    f"'{path}' changed into a symbolic link while migd opened it"
+                ) from None
             raise
     st = None
     try:
@@ -210,7 +305,7 @@ def open_regular(
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
     except BaseException:
         if created and st is not None:
-            _unlink_if_same(path, st)
+            _unlink_if_same(real, st)
         os.close(fd)
         raise
     return fd, created
