@@ -534,3 +534,36 @@ async def test_a_command_takes_one_fd_of_a_batch_and_the_extras_are_closed(migd_
         await asyncio.to_thread(client.execute, "remove-fd", {"fdset-id": 3})
     finally:
         client.close()
+
+
+async def test_an_opaque_note_over_the_bound_is_refused_and_its_fd_closed(qmp, short_dir):
+    """add-fd's note is kept as long as the fd and sent back by every query-fdsets:
+    unbounded, a few clients made it hundreds of MiB, encoded on the event loop."""
+    from migd.api.fds import MAX_OPAQUE_CHARS
+
+    path = short_dir / "f"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        await _add_fd(qmp, fd, opaque="x" * MAX_OPAQUE_CHARS)  # the most it takes
+        before = _targets(path)
+        text = await qmp_error_with_fd(qmp, fd, "x" * (MAX_OPAQUE_CHARS + 1))
+    finally:
+        os.close(fd)
+    assert text == (
+        f"Parameter 'opaque' is {MAX_OPAQUE_CHARS + 1} characters long: at most "
+        f"{MAX_OPAQUE_CHARS}"
+    )
+    assert _targets(path) == before - 1  # this test's own fd closed; migd kept no new one
+    [fdset] = await qmp.execute("query-fdsets")
+    assert len(fdset["fds"]) == 1
+
+
+async def qmp_error_with_fd(client, fd: int, opaque: str) -> str:
+    from qemu.qmp import ExecuteError
+
+    client.send_fd_scm(fd)
+    try:
+        await client.execute("add-fd", {"opaque": opaque})
+    except ExecuteError as exc:
+        return exc.error.error.desc
+    raise AssertionError("add-fd accepted the note")

@@ -520,3 +520,39 @@ def test_close_all_closes_file_backends_and_their_fds(fsdir: Path) -> None:
     assert open_fds() > before
     reg.close_all()
     assert open_fds() == before and len(reg) == 0
+
+
+async def test_two_object_adds_of_one_id_at_once_leave_one_file(migd_inproc, shm):
+    """The id is held while the first one makes its backend off the event loop: the
+    second is refused before it creates a file (it used to create one, be refused at the
+    end, and leave it behind)."""
+    import asyncio
+
+    from qemu.qmp import ExecuteError
+
+    a, b = await migd_inproc.client("a"), await migd_inproc.client("b")
+    try:
+        for round in range(10):
+            paths = [shm / f"r{round}-a", shm / f"r{round}-b"]
+            results = await asyncio.gather(
+                *(
+                    client.execute(
+                        "object-add",
+                        {
+                            "qom-type": "memory-backend-file",
+                            "id": f"vm{round}",
+                            "size": 1 << 20,
+                            "mem-path": str(path),
+                        },
+                    )
+                    for client, path in zip((a, b), paths, strict=True)
+                ),
+                return_exceptions=True,
+            )
+            errors = [r for r in results if isinstance(r, ExecuteError)]
+            assert len(errors) == 1, results
+            assert errors[0].error.error.desc == f"Memory backend 'vm{round}' already exists"
+            assert sum(path.exists() for path in paths) == 1
+    finally:
+        await a.disconnect()
+        await b.disconnect()

@@ -8,6 +8,7 @@ are generous bounds on "at all", never speed assertions.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import resource
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from migd.api.fds import MAX_OPAQUE_CHARS
 from migd.qmp.wire import MAX_MESSAGE_BYTES, MAX_TOKENS
 
 from .conftest import START_TIMEOUT, DaemonProcess, RawClient, start_daemon, wait_for_socket
@@ -246,14 +248,17 @@ def _send_from_another_process(
 
 
 def _add_fdset_with_opaque(client: RawClient, path: Path, opaque_bytes: int) -> None:
-    """An fdset whose query-fdsets listing is about opaque_bytes long."""
+    """An fdset whose query-fdsets listing is about opaque_bytes long: fds with notes of
+    the most add-fd takes (MAX_OPAQUE_CHARS), as many as it needs."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        socket.send_fds(client.sock, [b" "], [fd])
+        for _ in range(max(1, opaque_bytes // MAX_OPAQUE_CHARS)):
+            socket.send_fds(client.sock, [b" "], [fd])
+            note = "x" * min(opaque_bytes, MAX_OPAQUE_CHARS)
+            reply = client.execute("add-fd", {"fdset-id": 1, "opaque": note})
+            assert "return" in reply, reply
     finally:
         os.close(fd)
-    reply = client.execute("add-fd", {"fdset-id": 1, "opaque": "x" * opaque_bytes})
-    assert "return" in reply, reply
 
 
 def _read_until_closed(sock: socket.socket, limit: int) -> int:
@@ -271,25 +276,46 @@ def _read_until_closed(sock: socket.socket, limit: int) -> int:
         assert total <= limit, f"migd kept sending past {limit} bytes instead of dropping"
 
 
-def test_a_client_that_never_reads_its_replies_is_dropped_and_its_memory_returns(migd, short_dir):
+def test_a_client_that_never_reads_its_replies_is_paused_within_a_reply_of_the_bound(
+    migd, short_dir
+):
     keeper = _negotiated(migd.socket_path)
-    _add_fdset_with_opaque(keeper, short_dir / "f", 900_000)
+    _add_fdset_with_opaque(keeper, short_dir / "f", 300_000)
     baseline = _status(migd.pid, "VmRSS")
     _reset_peak_rss(migd.pid)
 
-    # 300 query-fdsets (8 KiB of requests) ask for 270 MB of replies, never read.
+    # 300 query-fdsets in one write (8 KiB) ask for 90 MB of replies, never read: migd
+    # handles them only while less than REPLY_PAUSE_BYTES of its replies are unsent,
+    # checked before each request (it was checked between reads, and one read of them
+    # queued 15 MiB).
     hog = _negotiated(migd.socket_path)
     hog.send_raw(b'{"execute": "query-fdsets"}' * 300)
-    # migd drops it once its unread replies pass the bound (16 MiB), well before 270 MB.
-    migd.log.wait_for(b"dropped")
-    _read_until_closed(hog.sock, 64 * MiB)
-    hog.close()
-    peak = _status(migd.pid, "VmHWM") - baseline
-    assert peak < 64 * MiB, f"RSS grew by {peak // MiB} MiB for one client"
-    _wait_until(lambda: _status(migd.pid, "VmRSS") < baseline + 32 * MiB, what="memory given back")
-    # The daemon serves as before.
+    migd.log.wait_for(b"reading paused")
+    # The daemon serves others meanwhile.
     assert "return" in keeper.execute("query-fdsets")
+    peak = _status(migd.pid, "VmHWM") - baseline
+    assert peak < 24 * MiB, f"RSS grew by {peak // MiB} MiB for one client"
+    hog.close()
     keeper.close()
+
+
+async def test_a_client_whose_unread_events_pass_the_bound_is_dropped(migd_inproc):
+    """Events are sent whether or not a client reads: one that leaves more than
+    REPLY_LIMIT_BYTES unread is dropped, and what it left unread is freed."""
+    from migd.qmp.server import REPLY_LIMIT_BYTES
+
+    # In threads: the daemon runs on this test's event loop.
+    client = await asyncio.to_thread(RawClient, migd_inproc.socket_path)
+    assert "return" in await asyncio.to_thread(client.execute, "qmp_capabilities")
+    server = migd_inproc.daemon.server
+    [session] = [s for s in server.sessions if s.negotiated]
+    pad = "x" * MiB
+    for _ in range(2 * REPLY_LIMIT_BYTES // MiB):
+        server.broadcast_event("MIGD_TEST_PAD", {"pad": pad})
+        await asyncio.sleep(0)
+    assert session._unsent.dropped
+    assert session._out.qsize() <= 1  # only the end marker is left
+    client.close()
 
 
 def test_a_client_that_streams_requests_without_reading_is_paused_not_dropped(migd, short_dir):
@@ -482,3 +508,32 @@ def test_control_characters_in_a_file_name_cannot_write_fake_log_lines(migd, sho
     assert not any(line.startswith(FAKE_LINE[:24]) for line in lines)
     assert not any(ch in log for ch in (b"\r", b"\x1b", b"\x7f", "\x9b".encode()))
     assert b"save\\n2026-01-01" in log  # the name is logged, escaped
+
+
+async def test_connections_over_the_cap_are_closed_and_the_connected_ones_served(
+    migd_inproc, monkeypatch
+):
+    """A flood of idle connections took every fd, so that jobs failed with "Too many open
+    files": past MAX_SESSIONS, a connection is closed at once."""
+    from migd.qmp import server
+
+    monkeypatch.setattr(server, "MAX_SESSIONS", 3)
+    # In threads: the daemon runs on this test's event loop.
+    clients = [await asyncio.to_thread(RawClient, migd_inproc.socket_path) for _ in range(3)]
+    with pytest.raises(ConnectionError):
+        await asyncio.to_thread(RawClient, migd_inproc.socket_path)  # EOF, no greeting
+    for client in clients:
+        assert "return" in await asyncio.to_thread(client.execute, "qmp_capabilities")
+    clients.pop().close()
+    await asyncio.sleep(0)  # let the session end
+    deadline = time.monotonic() + DEADLINE
+    while True:  # the freed place is taken by the next client
+        try:
+            client = await asyncio.to_thread(RawClient, migd_inproc.socket_path)
+            break
+        except ConnectionError:
+            assert time.monotonic() < deadline, "no place freed"
+            await asyncio.sleep(0.01)
+    assert "return" in await asyncio.to_thread(client.execute, "qmp_capabilities")
+    for c in (*clients, client):
+        c.close()

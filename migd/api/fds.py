@@ -6,6 +6,9 @@ takes it; the store owns it from then on.
 
 from __future__ import annotations
 
+import os
+
+from ..errors import InvalidRequest
 from ..qapi import Int64
 from ..qmp.dispatch import command
 from ..qmp.validation import Empty, QapiModel
@@ -39,6 +42,10 @@ async def closefd(ctx: Context, args: ClosefdArgs) -> Empty:
     return Empty()
 
 
+# add-fd's note on an fd (libvirt's are names such as "libvirt-1-storage").
+MAX_OPAQUE_CHARS = 1024
+
+
 class AddFdArgs(QapiModel):
     fdset_id: Int64 | None = None
     opaque: str | None = None
@@ -60,6 +67,14 @@ class AddfdInfo(QapiModel):
 )
 async def add_fd(ctx: Context, args: AddFdArgs) -> AddfdInfo:
     fd = ctx.session.take_fd()
+    if args.opaque is not None and len(args.opaque) > MAX_OPAQUE_CHARS:
+        # Kept as long as the fd and sent back by every query-fdsets: unbounded, a few
+        # clients made it hundreds of MiB, encoded on the event loop for seconds.
+        os.close(fd)
+        raise InvalidRequest(
+            f"Parameter 'opaque' is {len(args.opaque)} characters long: at most "
+            f"{MAX_OPAQUE_CHARS}"
+        )
     fdset_id, number = ctx.services.fdsets.add_fd(fd, args.fdset_id, args.opaque)
     return AddfdInfo(fdset_id=fdset_id, fd=number)
 

@@ -58,46 +58,47 @@ class ObjectAddArgs(QapiModel):
 async def object_add(ctx: Context, args: ObjectAddArgs) -> Empty:
     registry = ctx.services.memory
     check_size(args.qom_type, args.size)
-    # Before anything is created: a refused object-add must leave no file behind.
-    registry.check_new(args.id, args.ramblock_name or args.id)
-    fd = None
     if args.qom_type is QomType.memory_backend_file:
         if args.mem_path is None:
             raise InvalidRequest("Parameter 'mem-path' is missing")
-        # A VMM's memfd or file passed by add-fd: map a read-write dup the backend owns.
-        if is_fdset_path(args.mem_path):
-            fd = ctx.services.fdsets.dup_from_fdset(args.mem_path, os.O_RDWR)
     else:
         if args.mem_path is not None:
             raise InvalidRequest("Parameter 'mem-path' is unexpected")
         if args.share:
             raise InvalidRequest("Parameter 'share' is unexpected: memory-backend-ram is private")
-    engine = ctx.services.engine
+    # Before anything is created, and held until the backend is added: a refused
+    # object-add must leave no file behind.
+    with registry.reserving(args.id, args.ramblock_name or args.id):
+        fd = None
+        # A VMM's memfd or file passed by add-fd: map a read-write dup the backend owns.
+        if args.mem_path is not None and is_fdset_path(args.mem_path):
+            fd = ctx.services.fdsets.dup_from_fdset(args.mem_path, os.O_RDWR)
+        engine = ctx.services.engine
 
-    def refuse_file(identity: tuple[int, int]) -> None:
-        # Before the file is extended or mapped; again below, on the loop, where no
-        # other request can start a job or add a backend between the check and the add.
-        registry.refuse_shared_file(identity, args.mem_path or args.id)
-        engine.refuse_job_file(identity, args.mem_path or args.id)
-
-    backend = await asyncio.to_thread(
-        create_backend,
-        args,
-        ctx.services.paths,
-        engine.partial,
-        owners=trusted_owners(ctx.session.peer_uid),
-        fd=fd,
-        close_fd=ctx.services.fdsets.close_dup,
-        refuse_file=refuse_file,
-    )
-    try:
-        identity = backend.file_identity()
-        if identity is not None:
+        def refuse_file(identity: tuple[int, int]) -> None:
+            # Before the file is extended or mapped; again below, on the loop, where no
+            # other request can start a job or add a backend between the check and the add.
+            registry.refuse_shared_file(identity, args.mem_path or args.id)
             engine.refuse_job_file(identity, args.mem_path or args.id)
-        registry.add(backend)
-    except BaseException:
-        backend.close()
-        raise
+
+        backend = await asyncio.to_thread(
+            create_backend,
+            args,
+            ctx.services.paths,
+            engine.partial,
+            owners=trusted_owners(ctx.session.peer_uid),
+            fd=fd,
+            close_fd=ctx.services.fdsets.close_dup,
+            refuse_file=refuse_file,
+        )
+        try:
+            identity = backend.file_identity()
+            if identity is not None:
+                engine.refuse_job_file(identity, args.mem_path or args.id)
+            registry.add(backend, reserved=True)
+        except BaseException:
+            backend.close()
+            raise
     return Empty()
 
 

@@ -544,20 +544,40 @@ class MemoryRegistry:
 
     def __init__(self) -> None:
         self._backends: dict[str, MemoryBackend] = {}
+        self._reserved: dict[str, str] = {}  # id -> block name, of object-adds under way
 
-    def check_new(self, id: str, block_name: str) -> None:
-        """Refuse an id or block name already taken: callers check before creating files."""
-        if id in self._backends:
+    def check_new(self, id: str, block_name: str, *, reserved: bool = False) -> None:
+        """Refuse an id or block name already taken, or reserved by an object-add still
+        making its backend (`reserved`: the caller holds that reservation itself)."""
+        if id in self._backends or (id in self._reserved and not reserved):
             raise BackendError(f"Memory backend '{id}' already exists")
         other = self.by_block_name(block_name)
         if other is not None:
             raise BackendError(
                 f"RAM block name '{block_name}' is already used by memory backend '{other.id}'"
             )
+        for other_id, name in self._reserved.items():
+            if name == block_name and not (reserved and other_id == id):
+                raise BackendError(
+                    f"RAM block name '{block_name}' is already used by memory backend "
+                    f"'{other_id}'"
+                )
 
-    def add(self, backend: MemoryBackend) -> None:
+    @contextlib.contextmanager
+    def reserving(self, id: str, block_name: str) -> Iterator[None]:
+        """Hold `id` and `block_name` while a backend is made off the event loop: a second
+        object-add of the same id meanwhile is refused before it creates a file (it used
+        to create one, be refused at add(), and leave the file behind)."""
+        self.check_new(id, block_name)
+        self._reserved[id] = block_name
+        try:
+            yield
+        finally:
+            del self._reserved[id]
+
+    def add(self, backend: MemoryBackend, *, reserved: bool = False) -> None:
         """Register backend; on refusal the caller still owns (and closes) it."""
-        self.check_new(backend.id, backend.block_name)
+        self.check_new(backend.id, backend.block_name, reserved=reserved)
         identity = backend.file_identity()
         if identity is not None:
             self.refuse_shared_file(identity, backend.mem_path or backend.id)
