@@ -61,7 +61,8 @@ class AddfdInfo(QapiModel):
     AddFdArgs,
     AddfdInfo,
     "Add the fd sent with this command (SCM_RIGHTS) to fdset 'fdset-id' (created if "
-    "needed; default: the lowest free id), with an optional 'opaque' note. A path "
+    "needed; default: the lowest free id), with an optional 'opaque' note (at most 1024 "
+    "characters). A path "
     "'/dev/fdset/N' then opens as a dup of the newest fd of set N whose access mode and "
     "O_DIRECT flag match the open. Returns the set's id and migd's number for the fd.",
 )
