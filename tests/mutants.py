@@ -218,8 +218,8 @@ MUTANTS = [
     Mutant(
         "ownership-check-removed",
         "migd/state/paths.py",
-        "    if st.st_uid not in owners:",
-        "    if False:",
+        "    if st.st_uid not in owners:\n        who = ",
+        "    if False:\n        who = ",
         ("tests/test_file_ownership.py",),
     ),
     Mutant(
