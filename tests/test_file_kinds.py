@@ -189,3 +189,23 @@ async def test_a_fifo_or_device_is_refused_without_being_opened(qmp, shm, short_
             assert not watch.opened(), f"migd opened {path}"
         finally:
             watch.close()
+
+
+async def test_a_file_of_a_kernel_pseudo_filesystem_is_refused(qmp, shm):
+    """/proc and /sys files are regular files to stat(): as root, a save into one would
+    write guest RAM into a kernel setting."""
+    fill_random(shm / "ram0", MiB)
+    await add_file_backend(qmp, "ram0", shm / "ram0", MiB)
+    await enable_mapped_ram(qmp)
+    thp = "/sys/kernel/mm/transparent_hugepage/enabled"
+    pseudo = [("/proc/self/status", "proc"), (thp, "sysfs")]
+    for path, fs in pseudo:
+        if not os.path.exists(path):
+            continue
+        expected = (
+            f"'{path}' is on {fs}, a kernel pseudo-filesystem: not a file migd saves to, "
+            "restores from or maps"
+        )
+        assert await qmp_error(qmp, "migrate-incoming", {"uri": f"file:{path}"}) == expected
+        arguments = {"qom-type": "memory-backend-file", "id": "m", "size": MiB, "mem-path": path}
+        assert await qmp_error(qmp, "object-add", arguments) == expected

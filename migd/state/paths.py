@@ -24,6 +24,7 @@ never come here: the client already holds them.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import os
@@ -170,6 +171,39 @@ def check_trusted(path: str, st: os.stat_result, owners: Collection[int]) -> Non
         )
 
 
+# Kernel interfaces that look like regular files (f_type of statfs): writing guest RAM
+# into /proc/sys/... or /sys/... as root would change the kernel's settings.
+_PSEUDO_FILESYSTEMS = {
+    0x9FA0: "proc",
+    0x62656572: "sysfs",
+    0x64626720: "debugfs",
+    0x74726163: "tracefs",
+    0x73636673: "securityfs",
+    0x27E0EB: "cgroup",
+    0x63677270: "cgroup2",
+    0xCAFE4A11: "bpf",
+    0x62656570: "configfs",
+    0xDE5E81E4: "efivarfs",
+    0x6E736673: "nsfs",
+}
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def refuse_pseudo_filesystem(path: str, real: str) -> None:
+    """Refuse a file of a kernel pseudo-filesystem (proc, sysfs, ...): a regular file to
+    stat(), a kernel setting or interface to write."""
+    buf = ctypes.create_string_buffer(256)  # struct statfs: f_type is its first field
+    if _libc.statfs(os.fsencode(real), buf) != 0:
+        return  # the open reports what is wrong with the name
+    f_type = ctypes.c_ulong.from_buffer(buf).value & 0xFFFFFFFF
+    name = _PSEUDO_FILESYSTEMS.get(f_type)
+    if name is not None:
+        raise FileRefused(
+            f"'{path}' is on {name}, a kernel pseudo-filesystem: not a file migd saves to, "
+            "restores from or maps"
+        )
+
+
 MAX_LINKS = 40  # symbolic links followed in one name, as the kernel's ELOOP limit
 
 
@@ -275,6 +309,8 @@ def open_regular(
         # Refused unopened: a device's open() alone can act (a directory's open fails
         # with EISDIR, which the callers word as QEMU does).
         raise not_regular(path, found.st_mode)
+    if found is not None:
+        refuse_pseudo_filesystem(path, real)
     policy = getattr(open_file, "__self__", None)
     if isinstance(policy, PathPolicy) and policy.restricted:
         real = path  # allowed-dirs opens no link at all: PathPolicy.open refuses it there
