@@ -88,6 +88,16 @@ def test_bad_json_gets_an_error_and_the_connection_survives(raw):
         (b'{"execute": "query-version", "id": NaN}', "stray 'N'"),
         (b'{"execute": "query-version", "id": -Infinity}', "stray '-I'"),
         (b'{"execute": "query-version", "id": 1e999}', "number '1e999' is out of range"),
+        # Beyond a double as an integer: Python's own words (and its 4300-digit limit)
+        # used to come out.
+        (
+            b'{"execute": "query-version", "id": ' + b"9" * 4301 + b"}",
+            "number '" + "9" * 24 + "...' is out of range",
+        ),
+        (
+            b'{"execute": "query-version", "id": -' + b"9" * 310 + b"}",
+            "number '-" + "9" * 23 + "...' is out of range",
+        ),
     ],
 )
 def test_numbers_that_are_not_json_are_refused_so_no_reply_carries_them(raw, text, reason):

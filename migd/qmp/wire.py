@@ -232,6 +232,18 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def _bounded_int(text: str) -> int:
+    # Python refuses to convert more than 4300 digits, in words of its own; such a number
+    # is beyond a double too (as QEMU reads an integer that fits no 64-bit type): the
+    # same refusal as 1e999. Short of that, the command's schema says what it takes.
+    if len(text.lstrip("-")) > _MAX_DOUBLE_DIGITS:
+        raise _NotJson(f"number '{text[:24]}...' is out of range")
+    return int(text)
+
+
+_MAX_DOUBLE_DIGITS = 309  # digits of the largest finite double (1.8e308)
+
+
 def _innermost_container(source: str, pos: int) -> str:
     """'{' or '[': the container open at pos (strings skipped), for QEMU's 'in dict/list'."""
     stack: list[str] = []
@@ -318,6 +330,7 @@ def decode_request(text: bytes) -> Request:
             object_pairs_hook=_object_without_duplicates,
             parse_constant=_refuse_constant,
             parse_float=_finite_float,
+            parse_int=_bounded_int,
         )
     except _DuplicateKey:
         raise InvalidRequest("JSON parse error, duplicate key") from None
