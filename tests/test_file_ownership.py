@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -366,3 +367,13 @@ def test_a_socket_directory_another_user_owns_is_refused(short_dir):
         "who could replace the socket"
     ) in result.stderr
     assert not sock.exists()
+
+
+async def test_an_existing_save_file_readable_by_others_is_made_private(ready, short_dir):
+    """A file of migd's (or the client's) uid is accepted, but guest RAM saved into it at
+    0644 would be any local user's to read: it loses group and other bits first."""
+    target = short_dir / "vm.sav"
+    target.write_bytes(b"old")
+    target.chmod(0o644)
+    assert (await save(ready, target))["status"] == "completed"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600

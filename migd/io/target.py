@@ -16,8 +16,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import logging
 import os
 import re
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -32,6 +34,8 @@ from ..state.paths import (
     remove_created,
     trusted_owners,
 )
+
+log = logging.getLogger(__name__)
 
 _OTHER_TRANSPORTS = ("unix", "tcp", "fd", "exec", "rdma", "vsock")
 _OFFSET = re.compile(r"(0[xX][0-9a-fA-F]+|[0-9]+)")
@@ -87,6 +91,11 @@ class Target(Protocol):
 
     def close_channels(self) -> None:
         """Close the channel fds (the main fd stays open)."""
+        ...
+
+    def keep_private(self) -> None:
+        """Before a save writes: an existing named file readable or writable by group or
+        others loses those bits (guest RAM goes into it)."""
         ...
 
     def close(self) -> None:
@@ -192,6 +201,19 @@ class FileTarget:
             raise
         self._channel_fds = fds
         return list(fds)
+
+    def keep_private(self) -> None:
+        """An existing file the client named (it may be its own, 0644) would let any local
+        user read the guest RAM saved into it: it becomes 0600 (0700 with x bits), as the
+        files migd creates. A passed fd is the client's to protect."""
+        fd = self._main_fd
+        if fd is None or self._created or is_fdset_path(self.path):
+            return
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+        if mode & 0o077:
+            os.fchmod(fd, mode & ~0o077)
+            log.info("'%s': mode %04o -> %04o: a save file holds guest RAM",
+                     self.path, mode, mode & ~0o077)  # fmt: skip
 
     def close_channels(self) -> None:
         channel_fds, self._channel_fds = self._channel_fds, []

@@ -675,6 +675,7 @@ class MigrationEngine:
         # without it) must fail before write_head truncates what the file held.
         fds = await self._open_channels(job, main_fd)
         try:
+            await asyncio.to_thread(job.target.keep_private)
             if previous is None:
                 await asyncio.to_thread(save.write_head, job, layout, main_fd)
             else:
