@@ -259,13 +259,6 @@ MUTANTS = [
         ("tests/test_file_ownership.py",),
     ),
     Mutant(
-        "symlink-followed-inside-allowed-dirs",
-        "migd/state/paths.py",
-        "flags | os.O_CLOEXEC | os.O_NOFOLLOW, mode, dir_fd=dir_fd",
-        "flags | os.O_CLOEXEC, mode, dir_fd=dir_fd",
-        ("tests/test_path_policy.py",),
-    ),
-    Mutant(
         "held-directory-not-rechecked",
         "migd/state/paths.py",
         "            if not self._allowed(os.path.join(held, name)):",
