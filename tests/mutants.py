@@ -572,6 +572,14 @@ MUTANTS = [
         ("tests/test_staging_pool.py::"
          "test_restores_reuse_the_buffers_and_an_idle_daemon_lets_them_go",),
     ),
+    Mutant(
+        "migrate-launches-on-backends-deleted-meanwhile",
+        "migd/migration/engine.py",
+        "            _refuse_changed_backends(candidates, admit())\n",
+        "            admit()\n",
+        ("tests/test_file_identity.py::"
+         "test_a_backend_deleted_while_a_migration_starts_makes_it_refused",),
+    ),
 ]  # fmt: skip
 
 

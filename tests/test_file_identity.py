@@ -382,3 +382,71 @@ async def test_object_add_refuses_a_second_backend_on_one_file(qmp, shm, alias):
     assert text == expected + ": two backends cannot map one file"
     assert [b["id"] for b in await qmp.execute("query-memdev")] == ["m0"]
     assert (shm / "m0").read_bytes() == data
+
+
+# --- a backend deleted while migrate / migrate-incoming starts (red-team, session 13)
+
+
+@pytest.mark.parametrize("command", ["migrate", "migrate-incoming"])
+async def test_a_backend_deleted_while_a_migration_starts_makes_it_refused(
+    migd_inproc, shm, short_dir, monkeypatch, command
+):
+    """migrate and migrate-incoming take every backend, resolved before they open and read
+    their file in threads: an object-del meanwhile left a closed backend in the job, which
+    answered {} and then failed with "Memory backend 'm1' is closed"."""
+    from migd.io import target as target_module
+    from migd.migration.mapped_ram import restore as restore_module
+
+    a, b = await migd_inproc.client("a"), await migd_inproc.client("b")
+    try:
+        for name, seed in (("m0", 1), ("m1", 2)):
+            fill_random(shm / name, MiB, seed=seed)
+            await add_file_backend(a, name, shm / name, MiB)
+        await enable_mapped_ram(a)
+        image = short_dir / "f.sav"
+        if command == "migrate-incoming":
+            assert (await save(a, image))["status"] == "completed"
+        before = _digest(image) if image.exists() else None
+        held, go_on = threading.Event(), threading.Event()
+
+        def hold(function: Any) -> Any:
+            def held_function(*args: Any, **kwargs: Any) -> Any:
+                result = function(*args, **kwargs)
+                held.set()
+                assert go_on.wait(30)
+                return result
+
+            return held_function
+
+        if command == "migrate":
+            monkeypatch.setattr(
+                target_module.FileTarget,
+                "open_main",
+                hold(target_module.FileTarget.open_main),
+            )
+        else:
+            monkeypatch.setattr(restore_module, "parse", hold(restore_module.parse))
+        starting = asyncio.ensure_future(a.execute(command, {"uri": f"file:{image}"}))
+        await poll_until(lambda: asyncio.sleep(0, held.is_set()), bool, f"{command} held")
+        assert await b.execute("object-del", {"id": "m1"}) == {}
+        go_on.set()
+        with pytest.raises(ExecuteError) as refused:
+            await starting
+        assert refused.value.error.error.desc == (
+            "The memory backends changed while the migration started (from 'm0', 'm1' to "
+            "'m0': object-add or object-del by another client); nothing was written"
+        )
+        status = await a.execute("query-migrate")
+        assert status.get("status") in (None, "completed")  # the save of setup, or none
+        if before is None:
+            assert not image.exists()  # the refused save removed the file it created
+        else:
+            assert _digest(image) == before
+        monkeypatch.undo()
+        # The daemon goes on: the same command now runs on the backend left.
+        if command == "migrate":
+            assert (await save(a, image))["status"] == "completed"
+    finally:
+        go_on.set()
+        await a.disconnect()
+        await b.disconnect()

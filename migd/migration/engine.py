@@ -63,6 +63,25 @@ SAMPLE_PERIOD = 0.1  # seconds between throughput samples (QEMU's BUFFER_DELAY)
 STOP_TIMEOUT = 1.5  # seconds a shutdown waits for a cancelled job (SIGTERM ends in < 2 s)
 
 
+def _refuse_changed_backends(
+    resolved: Sequence[MemoryBackend], now: Sequence[MemoryBackend]
+) -> None:
+    """The backends a start resolved before its awaits must be the ones it launches on.
+
+    Without named backends (migrate, migrate-incoming) the job takes every backend the
+    daemon has: an object-del meanwhile would leave a closed backend in the job (which
+    then failed with "is closed" after the command had answered {}), an object-add one
+    the job silently missed. Refused before anything is written; the client may retry.
+    """
+    if [id(b) for b in resolved] != [id(b) for b in now]:
+        before = ", ".join(f"'{b.id}'" for b in resolved) or "none"
+        after = ", ".join(f"'{b.id}'" for b in now) or "none"
+        raise MigrationError(
+            f"The memory backends changed while the migration started (from {before} to "
+            f"{after}: object-add or object-del by another client); nothing was written"
+        )
+
+
 class MigrationEngine:
     """Owns capabilities, parameters and the jobs: at most one migration (migrate,
     migrate-incoming; query-migrate's) and any number of memory jobs (memory-save,
@@ -327,9 +346,9 @@ class MigrationEngine:
             )
             if updates:
                 previous = await asyncio.to_thread(update.read_previous, job, layout, main_fd)
-            # Another request may have started a job (or added a backend) meanwhile: both
-            # checks again, with no await between them and the job's launch.
-            admit()
+            # Another request may have started a job (or added or deleted a backend)
+            # meanwhile: both checks again, with no await between them and the job's launch.
+            _refuse_changed_backends(backends, admit())
             self._refuse_file_conflicts(
                 main_fd, target.path, "save", "a save to it would overwrite that memory"
             )
@@ -387,9 +406,9 @@ class MigrationEngine:
             if verify != "off":
                 table = await asyncio.to_thread(restore.read_checksums, main_fd, target, parsed)
             # Another request may have started a job (a save to this very file: it would
-            # write what this restore reads) or added a backend meanwhile: every check
-            # again, with no await between them and the job's launch.
-            admit()
+            # write what this restore reads) or added or deleted a backend meanwhile: every
+            # check again, with no await between them and the job's launch.
+            _refuse_changed_backends(candidates, admit())
             self._check_backends_free([b for _, b in matched])
             self._refuse_file_conflicts(
                 main_fd,
