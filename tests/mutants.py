@@ -580,6 +580,22 @@ MUTANTS = [
         ("tests/test_file_identity.py::"
          "test_a_backend_deleted_while_a_migration_starts_makes_it_refused",),
     ),
+    Mutant(
+        "buffered-save-hashes-memory-not-its-file",
+        "migd/migration/engine.py",
+        "                            job.checksums.set_file(read_fd)\n",
+        "                            pass\n",
+        ("tests/test_checksums_changing_memory.py::"
+         "test_a_buffered_save_records_the_checksums_of_what_its_file_holds",),
+    ),
+    Mutant(
+        "restore-mismatch-never-read-back-from-the-file",
+        "migd/migration/engine.py",
+        "                job.checksums.set_file(main_fd)  # to tell a changed memory from a bad file\n",
+        "                pass\n",
+        ("tests/test_checksums_changing_memory.py::"
+         "test_a_restore_whose_memory_changes_under_it_blames_the_memory_not_the_file",),
+    ),
 ]  # fmt: skip
 
 

@@ -104,6 +104,12 @@ def memory_source(block: BlockIO, reader: MemoryReader) -> PageSource:
     return lambda page, count: reader.copy(base + page * PAGE_SIZE, count)
 
 
+def file_source(block: BlockIO, fd: int, reader: MemoryReader) -> PageSource:
+    """A PageSource over a block's pages as the job's file holds them (their slots start
+    at block.pages_offset), read through a buffered fd."""
+    return lambda page, count: reader.pread(fd, block.pages_offset + page * PAGE_SIZE, count)
+
+
 def hash_memory(
     blocks: Sequence[BlockIO], threads: int, cancel: threading.Event
 ) -> list[bytearray]:
@@ -173,6 +179,11 @@ class UnitChecksums:
         self.blocks = blocks
         self.path = path
         self.expected = expected
+        # A buffered fd of the job's own file (set_file), or None. A save hashes the units
+        # its channels report from it, so that the table describes what the file holds
+        # even where memory changed after its pages were written; a restore reads a
+        # mismatching unit back from it, to say whether the file or the memory is to blame.
+        self.file_fd: int | None = None
         self.digests = [bytearray(unit_count(b.pages) * DIGEST_BYTES) for b in blocks]
         if digests is not None:  # known already (UnitChecksums.recorded): nothing to hash
             self.digests = list(digests)
@@ -210,6 +221,12 @@ class UnitChecksums:
         """A save's checksums known already (an update hashed them before it wrote,
         a live save read them back): nothing left to hash."""
         return cls(blocks, path, None, [], digests)
+
+    def set_file(self, fd: int) -> None:
+        """The job's file through a buffered fd (see file_fd). For a save, only where its
+        pages go through the page cache: there the read back costs what reading the
+        memory does; after O_DIRECT writes it would be a second read of the disk."""
+        self.file_fd = fd
 
     def release(self) -> None:
         """Drop the views of the backends' memory once the transfer is over: the job
@@ -288,20 +305,69 @@ class UnitChecksums:
                 block = self.blocks[block_index]
                 start = unit * UNIT_PAGES
                 stop = min(start + UNIT_PAGES, block.pages)
+                saving = self.expected is None
+                from_file = saving and self.file_fd is not None
+                source = (
+                    file_source(block, self.file_fd, reader)
+                    if from_file and self.file_fd is not None
+                    else memory_source(block, reader)
+                )
                 try:
-                    got = unit_digest(
-                        block.present[start:stop], start, memory_source(block, reader)
-                    )
+                    got = unit_digest(block.present[start:stop], start, source)
                 except MemoryFault as fault:
+                    if from_file:  # the save file itself read short: cut under the save
+                        raise MigrationError(
+                            f"Could not read '{self.path}' back for its checksums: it is "
+                            "shorter than the pages just written to it (cut by another "
+                            "process?)"
+                        ) from None
                     # The backend's account (its file shrank), as the channels give it:
                     # the job's error must not depend on which thread met the fault.
                     explain = block.explain_fault
-                    direction = "save" if self.expected is None else "restore"
+                    direction = "save" if saving else "restore"
                     raise (explain(direction) if explain is not None else None) or fault from None
+                except OSError as exc:
+                    if not from_file:
+                        raise
+                    raise MigrationError(
+                        f"Could not read '{self.path}' back for its checksums: {exc.strerror}"
+                    ) from None
+                if not saving and not self._matches(block_index, unit, got):
+                    self._blame_memory_or_file(block_index, block, unit, reader)
                 self._record(block_index, block, unit, got)
         except BaseException:
             cancel.set()
             raise
+
+    def _matches(self, block_index: int, unit: int, got: bytes) -> bool:
+        want = self.expected[block_index] if self.expected is not None else None
+        at = unit * DIGEST_BYTES
+        return want is None or want[at : at + DIGEST_BYTES] == got
+
+    def _blame_memory_or_file(
+        self, block_index: int, block: BlockIO, unit: int, reader: MemoryReader
+    ) -> None:
+        """A restored unit read back from memory does not match: raise the cause. The unit
+        is read again from the file: if the file's bytes match, the file is intact and
+        the memory changed after the pages landed (another process wrote or punched the
+        memory file); saying "the file is corrupt" then could get a good save deleted."""
+        if self.file_fd is None:
+            return  # _record says the file is corrupt, as before
+        start = unit * UNIT_PAGES
+        stop = min(start + UNIT_PAGES, block.pages)
+        try:
+            in_file = unit_digest(
+                block.present[start:stop], start, file_source(block, self.file_fd, reader)
+            )
+        except (MemoryFault, OSError):
+            return  # the file cannot even be read back: it is the file
+        if self._matches(block_index, unit, in_file):
+            raise MigrationError(
+                f"The memory of ramblock '{block.name}' changed during the restore: the "
+                f"{(stop - start) * PAGE_SIZE} bytes from byte {start * PAGE_SIZE:#x} no longer "
+                f"hold what '{self.path}' holds there, which matches its checksum (another "
+                "process wrote to or punched the memory file?); the file is intact"
+            )
 
     def _record(self, block_index: int, block: BlockIO, unit: int, got: bytes) -> None:
         """A save keeps a unit's digest; a restore compares it with the file's."""

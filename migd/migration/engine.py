@@ -63,6 +63,17 @@ SAMPLE_PERIOD = 0.1  # seconds between throughput samples (QEMU's BUFFER_DELAY)
 STOP_TIMEOUT = 1.5  # seconds a shutdown waits for a cancelled job (SIGTERM ends in < 2 s)
 
 
+def _reopen_for_reading(fd: int) -> int | None:
+    """The file of a save's (write-only) main fd opened again for reading, or None where
+    it cannot be (then the checksums are read from memory, as before)."""
+    try:
+        # The magic link reopens this very file, whatever its name is now.
+        return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        log.warning("save: cannot read its file back for the checksums: %s", exc.strerror)
+        return None
+
+
 def _refuse_changed_backends(
     resolved: Sequence[MemoryBackend], now: Sequence[MemoryBackend]
 ) -> None:
@@ -693,6 +704,7 @@ class MigrationEngine:
         # The channels first: a save that cannot open them (O_DIRECT on a filesystem
         # without it) must fail before write_head truncates what the file held.
         fds = await self._open_channels(job, main_fd)
+        read_fd: int | None = None
         try:
             await asyncio.to_thread(job.target.keep_private)
             if previous is None:
@@ -707,6 +719,13 @@ class MigrationEngine:
                 )
                 if checksums and not live:
                     job.checksums = UnitChecksums(blocks, job.target.path, None, runs)
+                    if not job.settings.direct_io:
+                        # Buffered: the pages just written are in the page cache, and
+                        # hashing them there records what the file holds, even where
+                        # memory changes after its pages went out (docs/checksums.md).
+                        read_fd = await asyncio.to_thread(_reopen_for_reading, main_fd)
+                        if read_fd is not None:
+                            job.checksums.set_file(read_fd)
             else:
                 blocks = plan.save_blocks(job, layout, previous.bitmaps)
             check_cancel(job)
@@ -721,6 +740,8 @@ class MigrationEngine:
             await asyncio.to_thread(save.finish_save, job, layout, blocks, fds, main_fd)
         finally:
             job.target.close_channels()
+            if read_fd is not None:
+                os.close(read_fd)
 
     async def _changed_runs(
         self, job: Job, blocks: Sequence[BlockIO], previous: update.Previous
@@ -782,6 +803,7 @@ class MigrationEngine:
             if table is not None:
                 expected = restore.expected_digests(parsed, table, matched)
                 job.checksums = UnitChecksums(blocks, path, expected, runs)
+                job.checksums.set_file(main_fd)  # to tell a changed memory from a bad file
                 if job.verify_before_write:
                     # On failure `_run` releases job.checksums, as for every job end.
                     await self._verify_file(job, parsed, table, main_fd, fds)
