@@ -591,10 +591,34 @@ MUTANTS = [
     Mutant(
         "restore-mismatch-never-read-back-from-the-file",
         "migd/migration/engine.py",
-        "                job.checksums.set_file(main_fd)  # to tell a changed memory from a bad file\n",
+        "                job.checksums.set_file(main_fd)  # tells changed memory from a bad file\n",
         "                pass\n",
         ("tests/test_checksums_changing_memory.py::"
          "test_a_restore_whose_memory_changes_under_it_blames_the_memory_not_the_file",),
+    ),
+    Mutant(
+        "vm-trusts-a-mem-path-its-qemu-does-not-map",
+        "migd/tools/qemu_peer.py",
+        "        if not _maps_shared_writable(pid, st):\n",
+        "        if False:\n",
+        ("tests/test_vm_hostile_qemu.py::"
+         "test_a_qemu_naming_a_file_it_does_not_map_is_refused_before_the_guest_stops",),
+    ),
+    Mutant(
+        "vm-header-size-found-after-the-downtime",
+        "migd/tools/vm.py",
+        "        vm_image.encode(trial)\n",
+        "        pass\n",
+        ("tests/test_vm_hostile_qemu.py::"
+         "test_names_too_long_for_the_header_are_refused_before_the_guest_stops",),
+    ),
+    Mutant(
+        "vm-device-state-magic-not-checked",
+        "migd/tools/vm.py",
+        "    if os.pread(source, len(QEMU_STREAM_MAGIC), 0) != QEMU_STREAM_MAGIC:\n",
+        "    if False:\n",
+        ("tests/test_vm_hostile_qemu.py::"
+         "test_a_device_state_that_is_not_a_qemu_stream_fails_the_save_and_the_guest_runs_again",),
     ),
 ]  # fmt: skip
 

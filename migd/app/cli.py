@@ -181,6 +181,13 @@ def _channels(text: str) -> int:
     return value
 
 
+def _positive_seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 86400:  # NaN fails too
+        raise ValueError(f"{text} is not a number of seconds between 0 and 86400")
+    return value
+
+
 VERIFY_THREADS = 4  # `migd verify`: one O_DIRECT fd per thread keeps a disk busy
 
 
@@ -354,6 +361,14 @@ def _add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
             "--json",
             action="store_true",
             help="print the summary as one JSON object (timings in seconds, downtime included)",
+        )
+        p.add_argument(
+            "--qemu-timeout",
+            type=_type(_positive_seconds),
+            default=60.0,
+            metavar="SECONDS",
+            help="how long QEMU may take to answer one command before the command fails "
+            "(and a stopped guest is resumed); default 60",
         )
         if name == "save":
             after = p.add_mutually_exclusive_group()
@@ -741,6 +756,7 @@ def cmd_vm(args: argparse.Namespace) -> int:
         direct_io=False if args.no_direct_io else None,
         quiet=args.quiet,
         json=args.json,
+        qemu_timeout=args.qemu_timeout,
     )
     if args.vm_command == "save":
         opts.after = "resume" if args.resume else "quit" if args.quit else "pause"

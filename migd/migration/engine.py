@@ -803,7 +803,7 @@ class MigrationEngine:
             if table is not None:
                 expected = restore.expected_digests(parsed, table, matched)
                 job.checksums = UnitChecksums(blocks, path, expected, runs)
-                job.checksums.set_file(main_fd)  # to tell a changed memory from a bad file
+                job.checksums.set_file(main_fd)  # tells changed memory from a bad file
                 if job.verify_before_write:
                     # On failure `_run` releases job.checksums, as for every job end.
                     await self._verify_file(job, parsed, table, main_fd, fds)

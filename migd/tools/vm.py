@@ -28,11 +28,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import dataclasses
 import datetime
 import hashlib
 import os
 import time
 import uuid
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
@@ -52,11 +55,23 @@ from .client import (
     probe_direct_io,
 )
 from .inspect import InspectError, SaveInfo, inspect_file, open_regular
+from .qemu_peer import backend_id, expect, member, open_guest_ram, peer_pid
 
 # States a guest may be saved from: it is stopped first if running. Others (inmigrate,
 # shutdown, guest-panicked, internal-error, ...) hold no guest worth resuming.
 SAVABLE_STATES = frozenset({"running", "paused", "postmigrate", "prelaunch", "suspended"})
 QEMU_POLL = 0.002  # seconds between query-migrate polls of QEMU's short device-state part
+# Seconds QEMU has to answer one command (--qemu-timeout): a QEMU that stops answering, or
+# a socket whose server never greets, must not hold the guest stopped forever.
+QEMU_TIMEOUT = 60.0
+# Seconds QEMU's own part (device state out or in) may take: a few MiB, well under a second
+# here; a QEMU stuck in `active` must end in an error, not a client waiting for ever.
+QEMU_MIGRATION_TIMEOUT = 600.0
+CLEANUP_TIMEOUT = 5.0  # for the commands that undo a failed save (cont, settings)
+# QEMU's device state (its x-ignore-shared stream: CPU and device state, ROMs, video RAM)
+# is a few MiB; anything near this is not a device state worth copying during the downtime.
+MAX_DEVICE_STATE = 1 << 30
+QEMU_STREAM_MAGIC = b"QEVM"  # QEMU_VM_FILE_MAGIC: the first bytes of every QEMU stream
 JOB_POLL = 0.1  # progress polls of migd's job; its end comes as an event, at once
 
 
@@ -109,6 +124,7 @@ class VmOptions:
     after: str = "pause"  # save: pause | resume | quit
     live: bool = False  # save: copy the RAM while the guest runs, then only what changed
     paused: bool = False  # restore: leave the guest paused
+    qemu_timeout: float = QEMU_TIMEOUT  # seconds for each QEMU command to answer
     json: bool = False  # print the summary as JSON
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -116,44 +132,148 @@ class VmOptions:
 # --- QEMU ------------------------------------------------------------------------------------
 
 
-async def connect_qemu(path: str) -> Any:
+@dataclass
+class _Limits:
+    """How long QEMU may take to answer, and the Ctrl-C / SIGTERM that ends any wait."""
+
+    timeout: float = QEMU_TIMEOUT
+    interrupt: asyncio.Event | None = None
+
+
+_LIMITS: contextvars.ContextVar[_Limits] = contextvars.ContextVar("migd_vm_limits")
+# QEMU connections that left a command unanswered past its timeout.
+_SILENT: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+@contextlib.contextmanager
+def _interruptible(timeout: float) -> Any:
+    """SIGINT/SIGTERM caught (client._Interrupt) for the whole block, and every QEMU
+    command and wait in it ended by them, or by `timeout` seconds without an answer."""
+    with _Interrupt() as interrupt:
+        token = _LIMITS.set(_Limits(timeout, interrupt.event))
+        try:
+            yield interrupt
+        finally:
+            _LIMITS.reset(token)
+
+
+def _interrupted() -> bool:
+    limits = _LIMITS.get(None)
+    return limits is not None and limits.interrupt is not None and limits.interrupt.is_set()
+
+
+async def connect_qemu(path: str, timeout: float = QEMU_TIMEOUT) -> Any:
     failure = f"cannot connect to QEMU's QMP socket {path}"
-    return await connect(path, name="migd-vm", failure=failure)
-
-
-async def qemu_execute(qemu: Any, command: str, arguments: Mapping[str, Any] | None = None) -> Any:
     try:
-        return await _execute(qemu, command, arguments)
-    except ClientError as exc:
-        raise ClientError(
-            f"QEMU: {exc}".replace("lost the connection to migd", "lost QEMU")
+        return await asyncio.wait_for(connect(path, name="migd-vm", failure=failure), timeout)
+    except TimeoutError:
+        raise UsageError(
+            f"{failure}: no QMP greeting within {timeout:g} s (a QMP socket serves one client "
+            "at a time: is another connected?)"
         ) from None
+
+
+async def qemu_execute(
+    qemu: Any,
+    command: str,
+    arguments: Mapping[str, Any] | None = None,
+    *,
+    cleanup: bool = False,
+) -> Any:
+    """One QEMU command. It ends in ClientError if QEMU does not answer in time
+    (--qemu-timeout) or, unless `cleanup` (undoing a failed save must still happen, with a
+    short limit), on Ctrl-C or SIGTERM."""
+    limits = _LIMITS.get(_Limits())
+    timeout = min(limits.timeout, CLEANUP_TIMEOUT) if cleanup else limits.timeout
+    interrupt = None if cleanup else limits.interrupt
+    if interrupt is not None and interrupt.is_set():
+        raise ClientError(f"QEMU: {command}: not sent, interrupted (Ctrl-C or SIGTERM)")
+    if qemu in _SILENT:
+        # One command went unanswered: the next would wait as long for nothing.
+        raise ClientError(f"QEMU: {command}: not sent, QEMU has stopped answering")
+    call = asyncio.ensure_future(_execute(qemu, command, arguments))
+    waits: set[asyncio.Future[Any]] = {call}
+    if interrupt is not None:
+        waits.add(asyncio.ensure_future(interrupt.wait()))
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for future in waits:
+            if not future.done():
+                future.cancel()
+    if call.done() and not call.cancelled():
+        try:
+            return call.result()
+        except ClientError as exc:
+            raise ClientError(
+                f"QEMU: {exc}".replace("lost the connection to migd", "lost QEMU")
+            ) from None
+    if interrupt is not None and interrupt.is_set():
+        raise ClientError(f"QEMU: {command}: interrupted (Ctrl-C or SIGTERM)")
+    _SILENT.add(qemu)
+    raise ClientError(f"QEMU did not answer '{command}' within {timeout:g} s")
 
 
 async def guest_backends(qemu: Any) -> list[GuestBackend]:
     out = []
-    for memdev in await qemu_execute(qemu, "query-memdev"):
-        id = memdev["id"]
+    memdevs = expect(await qemu_execute(qemu, "query-memdev"), list, "reply to query-memdev")
+    for memdev in memdevs:
+        id = backend_id(member(memdev, "id", str, "query-memdev"))
+        size = member(memdev, "size", int, "query-memdev")
+        share = member(memdev, "share", bool, "query-memdev")
+        if size <= 0:
+            raise ClientError(f"QEMU says memory backend '{id}' has {size} bytes")
         path = f"/objects/{id}"
-        qom_type = await qemu_execute(qemu, "qom-get", {"path": path, "property": "type"})
+        qom_type = expect(
+            await qemu_execute(qemu, "qom-get", {"path": path, "property": "type"}),
+            str,
+            f"type of {path} (qom-get)",
+        )
         mem_path = None
         if qom_type == "memory-backend-file":
-            mem_path = await qemu_execute(qemu, "qom-get", {"path": path, "property": "mem-path"})
-        out.append(GuestBackend(id, memdev["size"], qom_type, bool(memdev["share"]), mem_path))
+            mem_path = expect(
+                await qemu_execute(qemu, "qom-get", {"path": path, "property": "mem-path"}),
+                str,
+                f"mem-path of {path} (qom-get)",
+            )
+        out.append(GuestBackend(id, size, qom_type, share, mem_path))
     if not out:
         raise ClientError("QEMU has no memory backends (query-memdev is empty)")
+    if len({b.id for b in out}) != len(out):
+        raise ClientError("QEMU's query-memdev lists a memory backend twice")
     return out
 
 
 async def qemu_identity(qemu: Any) -> tuple[str, str]:
     """(QEMU's version, the machine type) as the image header records them."""
-    v = (await qemu_execute(qemu, "query-version"))["qemu"]
-    machine = await qemu_execute(qemu, "qom-get", {"path": "/machine", "property": "type"})
-    return f"{v['major']}.{v['minor']}.{v['micro']}", str(machine)
+    v = member(await qemu_execute(qemu, "query-version"), "qemu", dict, "query-version")
+    parts = [member(v, key, int, "query-version") for key in ("major", "minor", "micro")]
+    machine = expect(
+        await qemu_execute(qemu, "qom-get", {"path": "/machine", "property": "type"}),
+        str,
+        "machine type (qom-get /machine type)",
+    )
+    return ".".join(map(str, parts)), machine
 
 
 async def run_state(qemu: Any) -> str:
-    return str((await qemu_execute(qemu, "query-status"))["status"])
+    return member(await qemu_execute(qemu, "query-status"), "status", str, "query-status")
+
+
+def open_backend_files(qemu: Any, backends: Sequence[GuestBackend]) -> dict[str, int]:
+    """Each backend's RAM file, opened read-write once the QEMU at the other end of the
+    socket is seen to map it (tools/qemu_peer.py); {backend id: fd}."""
+    pid = peer_pid(qemu)
+    fds: dict[str, int] = {}
+    try:
+        for b in backends:
+            assert b.mem_path is not None  # GuestBackend.problem() refused the others
+            fds[b.id] = open_guest_ram(pid, b.mem_path, b.id)
+    except BaseException:
+        for fd in fds.values():
+            os.close(fd)
+        raise
+    return fds
 
 
 class QemuMigration:
@@ -170,10 +290,13 @@ class QemuMigration:
         self.fdset: int | None = None
 
     async def set_up(self, incoming: bool) -> None:
-        caps = await qemu_execute(self.qemu, "query-migrate-capabilities")
-        self.saved_caps = {
-            c["capability"]: c["state"] for c in caps if c["capability"] in self.CAPS
-        }
+        command = "query-migrate-capabilities"
+        caps = expect(await qemu_execute(self.qemu, command), list, f"reply to {command}")
+        self.saved_caps = {}
+        for cap in caps:
+            name = member(cap, "capability", str, command)
+            if name in self.CAPS:
+                self.saved_caps[name] = member(cap, "state", bool, command)
         changes = [
             {"capability": name, "state": state}
             for name, state in self.CAPS.items()
@@ -182,8 +305,10 @@ class QemuMigration:
         if changes:
             await qemu_execute(self.qemu, "migrate-set-capabilities", {"capabilities": changes})
         if not incoming:
-            params = await qemu_execute(self.qemu, "query-migrate-parameters")
-            self.saved_bandwidth = params.get("max-bandwidth")
+            command = "query-migrate-parameters"
+            params = expect(await qemu_execute(self.qemu, command), dict, f"reply to {command}")
+            if "max-bandwidth" in params:
+                self.saved_bandwidth = member(params, "max-bandwidth", int, command)
             await qemu_execute(self.qemu, "migrate-set-parameters", {"max-bandwidth": 0})
 
     def pass_fd(self, fd: int) -> None:
@@ -193,60 +318,90 @@ class QemuMigration:
         """The image as /dev/fdset/N for a file: URI (QEMU dups the fd it is sent)."""
         self.pass_fd(fd)
         reply = await qemu_execute(self.qemu, "add-fd", {"opaque": opaque})
-        self.fdset = int(reply["fdset-id"])
+        self.fdset = member(reply, "fdset-id", int, "add-fd")
         return f"/dev/fdset/{self.fdset}"
 
     async def restore(self) -> None:
         """Put QEMU's settings back and drop the fd; best effort (the VM may be gone)."""
         with contextlib.suppress(ClientError):
             if self.fdset is not None:
-                await qemu_execute(self.qemu, "remove-fd", {"fdset-id": self.fdset})
-                self.fdset = None
+                fdset, self.fdset = self.fdset, None
+                await qemu_execute(self.qemu, "remove-fd", {"fdset-id": fdset}, cleanup=True)
             back = [
                 {"capability": name, "state": state}
                 for name, state in self.saved_caps.items()
                 if state != self.CAPS[name]
             ]
             if back:
-                await qemu_execute(self.qemu, "migrate-set-capabilities", {"capabilities": back})
+                await qemu_execute(
+                    self.qemu, "migrate-set-capabilities", {"capabilities": back}, cleanup=True
+                )
             if self.saved_bandwidth is not None:
                 await qemu_execute(
-                    self.qemu, "migrate-set-parameters", {"max-bandwidth": self.saved_bandwidth}
+                    self.qemu,
+                    "migrate-set-parameters",
+                    {"max-bandwidth": self.saved_bandwidth},
+                    cleanup=True,
                 )
 
 
-async def wait_qemu_migration(qemu: Any, what: str) -> dict[str, Any]:
+async def wait_qemu_migration(
+    qemu: Any, what: str, limit: float = QEMU_MIGRATION_TIMEOUT
+) -> dict[str, Any]:
+    """Until QEMU's migration ends; ClientError if it fails, takes over `limit` seconds or
+    is interrupted (then QEMU is asked to cancel it)."""
+    deadline = time.monotonic() + limit
     while True:
-        info = await qemu_execute(qemu, "query-migrate")
+        info = expect(await qemu_execute(qemu, "query-migrate"), dict, "reply to query-migrate")
         status = info.get("status")
         if status == "completed":
             return dict(info)
         if status in ("failed", "cancelled"):
-            raise ClientError(f"QEMU {what} {status}: {info.get('error-desc', 'no reason given')}")
+            reason = info.get("error-desc", "no reason given")
+            raise ClientError(f"QEMU {what} {status}: {reason}")
+        late = time.monotonic() > deadline
+        if late or _interrupted():
+            with contextlib.suppress(ClientError):
+                await qemu_execute(qemu, "migrate_cancel", cleanup=True)
+            if late:
+                raise ClientError(
+                    f"QEMU's {what} did not end within {limit:g} s (status {status!r}): "
+                    "cancelled"
+                )
+            raise ClientError(f"QEMU's {what} interrupted (Ctrl-C or SIGTERM): cancelled")
         await asyncio.sleep(QEMU_POLL)
 
 
 # --- migd ------------------------------------------------------------------------------------
 
 
-async def add_migd_backends(migd: Any, backends: Sequence[tuple[str, str, int, str]]) -> list[str]:
-    """object-add each (migd id, block name, size, mem-path); the ids added."""
+async def add_migd_backends(
+    migd: Any, backends: Sequence[tuple[str, str, int, int]], fdsets: list[int]
+) -> list[str]:
+    """object-add each (migd id, block name, size, fd of the RAM file): the fd goes to
+    migd as an fd set (its id appended to `fdsets`, for drop_migd_fdset), and the backend
+    maps /dev/fdset/N, so that migd maps the very file checked here (qemu_peer.py), never
+    a name again. The ids added."""
     added = []
     try:
-        for backend_id, block, size, mem_path in backends:
+        for id, block, size, fd in backends:
+            migd.send_fd_scm(fd)
+            reply = await _execute(migd, "add-fd", {"opaque": f"migd vm: RAM of {block}"})
+            fdset = int(reply["fdset-id"])
+            fdsets.append(fdset)
             await _execute(
                 migd,
                 "object-add",
                 {
                     "qom-type": "memory-backend-file",
-                    "id": backend_id,
+                    "id": id,
                     "size": size,
-                    "mem-path": mem_path,
+                    "mem-path": f"/dev/fdset/{fdset}",
                     "share": True,
                     "ramblock-name": block,
                 },
             )
-            added.append(backend_id)
+            added.append(id)
     except BaseException:
         await del_migd_backends(migd, added)
         raise
@@ -254,9 +409,9 @@ async def add_migd_backends(migd: Any, backends: Sequence[tuple[str, str, int, s
 
 
 async def del_migd_backends(migd: Any, ids: Sequence[str]) -> None:
-    for backend_id in ids:
+    for id in ids:
         with contextlib.suppress(ClientError):
-            await _execute(migd, "object-del", {"id": backend_id})
+            await _execute(migd, "object-del", {"id": id})
 
 
 async def pass_image_to_migd(
@@ -396,14 +551,19 @@ def _sync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _check_backends(backends: Sequence[GuestBackend], image: str) -> None:
+def _check_backends(backends: Sequence[GuestBackend]) -> None:
     problems = [p for b in backends if (p := b.problem()) is not None]
     if problems:
         raise ClientError("cannot save this VM's RAM with migd:\n  " + "\n  ".join(problems))
+
+
+def _check_not_ram(
+    backends: Sequence[GuestBackend], ram_fds: Mapping[str, int], image: str
+) -> None:
     with contextlib.suppress(OSError):
         target = os.stat(image)
         for b in backends:
-            st = os.stat(str(b.mem_path))
+            st = os.fstat(ram_fds[b.id])
             if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
                 raise ClientError(
                     f"{image} is the memory file of backend '{b.id}': the image would "
@@ -432,6 +592,16 @@ def _copy_device_state(source: int, image_fd: int) -> vm_image.DevicePart:
     length = os.fstat(source).st_size
     if length <= 0:
         raise ClientError("QEMU wrote no device state")
+    if length > MAX_DEVICE_STATE:
+        raise ClientError(
+            f"QEMU's device state is {human_bytes(length)}, more than a device state holds "
+            f"({human_bytes(MAX_DEVICE_STATE)} at most): not copied into the image"
+        )
+    if os.pread(source, len(QEMU_STREAM_MAGIC), 0) != QEMU_STREAM_MAGIC:
+        raise ClientError(
+            "what QEMU wrote as its device state does not start as a QEMU migration stream "
+            f"does ({QEMU_STREAM_MAGIC!r})"
+        )
     hasher = hashlib.sha256()
     at = 0
     while at < length:
@@ -460,127 +630,178 @@ def _ram_part_info(path: str, fd: int, offset: int) -> SaveInfo:
 
 
 async def run_vm_save(opts: VmOptions, out: TextIO, err: TextIO) -> int:
-    qemu = await connect_qemu(opts.qmp)
+    qemu = await connect_qemu(opts.qmp, opts.qemu_timeout)
     try:
-        return await _save(qemu, opts, out, err)
+        # SIGINT/SIGTERM end the wait at hand, and the cleanup after it is not cut short
+        # (a killed client left the guest stopped and its temporary file behind).
+        with _interruptible(opts.qemu_timeout) as interrupt:
+            return await _save(qemu, opts, out, err, interrupt)
     finally:
         await _disconnect(qemu)  # also after a failure (an in-process caller goes on)
 
 
-async def _save(qemu: Any, opts: VmOptions, out: TextIO, err: TextIO) -> int:
+def _image_header(
+    image_id: str,
+    qemu_version: str,
+    machine: str,
+    device: vm_image.DevicePart,
+    ram: vm_image.RamPart,
+    backends: Sequence[GuestBackend],
+    blocks: Mapping[str, str],
+) -> vm_image.ImageHeader:
+    return vm_image.ImageHeader(
+        image_id=image_id,
+        created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        migd_version=__version__,
+        qemu_version=qemu_version,
+        machine=machine,
+        device=device,
+        ram=ram,
+        backends=[
+            vm_image.BackendEntry(b.id, blocks[b.id], b.size, str(b.mem_path)) for b in backends
+        ],
+    )
+
+
+def _check_header_fits(header: vm_image.ImageHeader) -> None:
+    """Before the guest stops: the header with this VM's names and the largest values
+    its parts can take must fit its area (a 70,000-character machine type did not, and
+    was found only after the whole downtime)."""
+    trial = dataclasses.replace(
+        header,
+        device=vm_image.DevicePart(1 << 62, 1 << 62, "0" * 64),
+        ram=vm_image.RamPart(1 << 62, 1 << 62, "0" * 32, "0" * 32),
+    )
+    try:
+        vm_image.encode(trial)
+    except ValueError as exc:
+        raise ClientError(f"this VM's names do not fit an image header: {exc}") from None
+
+
+async def _save(
+    qemu: Any, opts: VmOptions, out: TextIO, err: TextIO, interrupt: _Interrupt
+) -> int:
     image = os.path.abspath(opts.image)
     image_id = uuid.uuid4().hex
     tag = image_id[:8]
     migd = None
     tmp, fd, device_fd = None, -1, -1
+    ram_fds: dict[str, int] = {}
     migd_ids: list[str] = []
+    migd_fdsets: list[int] = []
     migd_fdset: int | None = None
     settings = QemuMigration(qemu)
     was_running, stopped, done = False, False, False
     t = opts.timings
     try:
-        with _Interrupt() as interrupt:
-            state = await run_state(qemu)
-            if state not in SAVABLE_STATES:
-                raise ClientError(f"the VM is in state '{state}': nothing to save")
-            backends = await guest_backends(qemu)
-            _check_backends(backends, image)
-            qemu_version, machine = await qemu_identity(qemu)
-            migd = await connect(opts.socket)
-            tmp, fd = _temporary_image(image)
-            direct_io = opts.direct_io
-            if direct_io is None:
-                direct_io = probe_direct_io(tmp, for_write=True)
-            blocks = {b.id: f"vm-{tag}/{b.id}" for b in backends}
-            migd_ids = await add_migd_backends(
-                migd,
-                [(f"vm-{tag}-{b.id}", blocks[b.id], b.size, str(b.mem_path)) for b in backends],
-            )
-            # A live save's passes read the file too; its fallback to a whole save writes.
-            accesses = [os.O_RDWR, os.O_WRONLY] if opts.live else [os.O_WRONLY]
-            migd_fdset = await pass_image_to_migd(migd, fd, accesses, direct_io, "migd vm save")
-            await settings.set_up(incoming=False)
-            # QEMU writes its part into memory first (it truncates the file it is given,
-            # which would cut off a RAM part written before it); it is copied in after.
-            device_fd = os.memfd_create("migd-vm-device-state", os.MFD_CLOEXEC)
-            # QEMU opens the fdset's fd write-only: it looks for one with those flags.
-            qemu_fd = os.open(f"/proc/self/fd/{device_fd}", os.O_WRONLY | os.O_CLOEXEC)
-            try:
-                uri_path = await settings.add_fd(qemu_fd, "migd vm save")
-            finally:
-                os.close(qemu_fd)
-            was_running = state == "running"
-            ram_uri = f"file:/dev/fdset/{migd_fdset},offset="
-            ram_job_id = f"vm-save-{tag}"
-            live = opts.live and was_running  # a paused guest changes nothing: one pass
-            if live:
-                # The first pass runs with the guest: its RAM, then what the file holds.
-                t["precopy"] = time.monotonic()
-                await ram_job(migd, interrupt, opts, "save", f"{ram_job_id}-live", migd_ids,
-                              f"{ram_uri}{vm_image.LIVE_RAM_OFFSET}", direct_io, err,
-                              {"x-live": True})  # fmt: skip
-            if interrupt.event.is_set():
-                raise ClientError("interrupted before the VM was stopped")
+        state = await run_state(qemu)
+        if state not in SAVABLE_STATES:
+            raise ClientError(f"the VM is in state '{state}': nothing to save")
+        backends = await guest_backends(qemu)
+        _check_backends(backends)
+        ram_fds = open_backend_files(qemu, backends)
+        _check_not_ram(backends, ram_fds, image)
+        qemu_version, machine = await qemu_identity(qemu)
+        blocks = {b.id: f"vm-{tag}/{b.id}" for b in backends}
+        trial = vm_image.DevicePart(0, 0, ""), vm_image.RamPart(0, 0, "", None)
+        _check_header_fits(
+            _image_header(image_id, qemu_version, machine, *trial, backends, blocks)
+        )
+        migd = await connect(opts.socket)
+        tmp, fd = _temporary_image(image)
+        direct_io = opts.direct_io
+        if direct_io is None:
+            direct_io = probe_direct_io(tmp, for_write=True)
+        migd_ids = await add_migd_backends(
+            migd,
+            [(f"vm-{tag}-{b.id}", blocks[b.id], b.size, ram_fds[b.id]) for b in backends],
+            migd_fdsets,
+        )
+        # A live save's passes read the file too; its fallback to a whole save writes.
+        accesses = [os.O_RDWR, os.O_WRONLY] if opts.live else [os.O_WRONLY]
+        migd_fdset = await pass_image_to_migd(migd, fd, accesses, direct_io, "migd vm save")
+        await settings.set_up(incoming=False)
+        # QEMU writes its part into memory first (it truncates the file it is given,
+        # which would cut off a RAM part written before it); it is copied in after.
+        device_fd = os.memfd_create("migd-vm-device-state", os.MFD_CLOEXEC)
+        # QEMU opens the fdset's fd write-only: it looks for one with those flags.
+        qemu_fd = os.open(f"/proc/self/fd/{device_fd}", os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            uri_path = await settings.add_fd(qemu_fd, "migd vm save")
+        finally:
+            os.close(qemu_fd)
+        was_running = state == "running"
+        ram_uri = f"file:/dev/fdset/{migd_fdset},offset="
+        ram_job_id = f"vm-save-{tag}"
+        live = opts.live and was_running  # a paused guest changes nothing: one pass
+        if live:
+            # The first pass runs with the guest: its RAM, then what the file holds.
+            t["precopy"] = time.monotonic()
+            await ram_job(migd, interrupt, opts, "save", f"{ram_job_id}-live", migd_ids,
+                          f"{ram_uri}{vm_image.LIVE_RAM_OFFSET}", direct_io, err,
+                          {"x-live": True})  # fmt: skip
+        if interrupt.event.is_set():
+            raise ClientError("interrupted before the VM was stopped")
 
-            # The guest stops: from here on its downtime counts.
-            t["start"] = time.monotonic()
-            if was_running:
-                await qemu_execute(qemu, "stop")
-                stopped = True
-            await qemu_execute(qemu, "migrate", {"uri": f"file:{uri_path}"})
-            await wait_qemu_migration(qemu, "device-state save")
-            t["device"] = time.monotonic()
-            device = _copy_device_state(device_fd, fd)
-            os.close(device_fd)
-            device_fd = -1
-            ram_at = vm_image.ram_offset(device.offset + device.length)
-            update = live and ram_at <= vm_image.LIVE_RAM_OFFSET
-            if live and not update:
-                print(
-                    f"the device state ({human_bytes(device.length)}) does not fit before "
-                    "the RAM saved while the guest ran: the RAM is saved whole",
-                    file=err,
-                    flush=True,
-                )
-            if update:
-                ram_at = vm_image.LIVE_RAM_OFFSET
-            await ram_job(migd, interrupt, opts, "save", ram_job_id, migd_ids,
-                          f"{ram_uri}{ram_at}", direct_io, err,
-                          {"x-update": True} if update else None)  # fmt: skip
-            t["ram"] = time.monotonic()
-            ram = _ram_part_info(tmp, fd, ram_at)
-            size = os.fstat(fd).st_size
-            header = vm_image.ImageHeader(
-                image_id=image_id,
-                created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                migd_version=__version__,
-                qemu_version=qemu_version,
-                machine=machine,
-                device=device,
-                ram=vm_image.RamPart(
-                    ram_at,
-                    size - ram_at,
-                    ram.save_id or "",
-                    ram.checksums.table_digest if ram.checksums is not None else None,
-                ),
-                backends=[
-                    vm_image.BackendEntry(b.id, blocks[b.id], b.size, str(b.mem_path))
-                    for b in backends
-                ],
+        # The guest stops: from here on its downtime counts.
+        t["start"] = time.monotonic()
+        if was_running:
+            # Set first: a stop that QEMU carried out but did not answer in time
+            # must still be undone (cont) by the failure path.
+            stopped = True
+            await qemu_execute(qemu, "stop")
+        await qemu_execute(qemu, "migrate", {"uri": f"file:{uri_path}"})
+        await wait_qemu_migration(qemu, "device-state save")
+        t["device"] = time.monotonic()
+        device = _copy_device_state(device_fd, fd)
+        os.close(device_fd)
+        device_fd = -1
+        ram_at = vm_image.ram_offset(device.offset + device.length)
+        update = live and ram_at <= vm_image.LIVE_RAM_OFFSET
+        if live and not update:
+            print(
+                f"the device state ({human_bytes(device.length)}) does not fit before "
+                "the RAM saved while the guest ran: the RAM is saved whole",
+                file=err,
+                flush=True,
             )
-            # Both parts durable before the header that makes the file an image.
-            os.fsync(fd)
-            os.pwrite(fd, vm_image.encode(header), 0)
-            os.fsync(fd)
-            _check_still_named(tmp, fd)
-            os.rename(tmp, image)
-            tmp = None
-            _sync_dir(image)
-            t["durable"] = time.monotonic()
-            done = True
+        if update:
+            ram_at = vm_image.LIVE_RAM_OFFSET
+        await ram_job(migd, interrupt, opts, "save", ram_job_id, migd_ids,
+                      f"{ram_uri}{ram_at}", direct_io, err,
+                      {"x-update": True} if update else None)  # fmt: skip
+        t["ram"] = time.monotonic()
+        ram = _ram_part_info(tmp, fd, ram_at)
+        size = os.fstat(fd).st_size
+        header = _image_header(
+            image_id,
+            qemu_version,
+            machine,
+            device,
+            vm_image.RamPart(
+                ram_at,
+                size - ram_at,
+                ram.save_id or "",
+                ram.checksums.table_digest if ram.checksums is not None else None,
+            ),
+            backends,
+            blocks,
+        )
+        # Both parts durable before the header that makes the file an image.
+        os.fsync(fd)
+        os.pwrite(fd, vm_image.encode(header), 0)
+        os.fsync(fd)
+        _check_still_named(tmp, fd)
+        os.rename(tmp, image)
+        tmp = None
+        _sync_dir(image)
+        t["durable"] = time.monotonic()
+        done = True
     except OSError as exc:
         raise ClientError(f"{image}: {exc.strerror or exc}") from None
     finally:
+        for ram_fd in ram_fds.values():
+            os.close(ram_fd)
         if device_fd >= 0:
             os.close(device_fd)
         if tmp is not None:
@@ -590,18 +811,24 @@ async def _save(qemu: Any, opts: VmOptions, out: TextIO, err: TextIO) -> int:
         if migd is not None:
             await drop_migd_fdset(migd, migd_fdset)
             await del_migd_backends(migd, migd_ids)
+            for fdset in migd_fdsets:
+                await drop_migd_fdset(migd, fdset)
             await _disconnect(migd)
         if not (done and opts.after == "quit"):
             await settings.restore()
         if not done and stopped and was_running:
-            with contextlib.suppress(ClientError):
-                await qemu_execute(qemu, "cont")
-                print("the save failed: the VM runs again", file=err, flush=True)
+            await _resume_after_failure(qemu, err)
+    resumed = True
     if opts.after == "resume":
-        await qemu_execute(qemu, "cont")
+        try:
+            await qemu_execute(qemu, "cont", cleanup=True)
+        except ClientError as exc:
+            resumed = False
+            print(f"the image is saved, but the VM could not be resumed ({exc}): it is paused",
+                  file=err, flush=True)  # fmt: skip
     elif opts.after == "quit":
         with contextlib.suppress(ClientError):  # QEMU closes the socket as it goes
-            await qemu_execute(qemu, "quit")
+            await qemu_execute(qemu, "quit", cleanup=True)
     if opts.json:
         passes = {"live_pass": t["start"] - t["precopy"]} if "precopy" in t else {}
         _print_json(
@@ -609,8 +836,21 @@ async def _save(qemu: Any, opts: VmOptions, out: TextIO, err: TextIO) -> int:
             ram=t["ram"] - t["device"], downtime=t["durable"] - t["start"],
         )  # fmt: skip
     else:
-        _print_save_summary(image, header, t, opts.after, out)
-    return 0
+        after = opts.after if resumed else "pause"
+        _print_save_summary(image, header, t, after, out)
+    return 0 if resumed else 1
+
+
+async def _resume_after_failure(qemu: Any, err: TextIO) -> None:
+    """A save that stopped a running guest failed: run it again, and say what came of it;
+    a guest left paused must never go unmentioned."""
+    try:
+        await qemu_execute(qemu, "cont", cleanup=True)
+    except ClientError as exc:
+        print(f"the save failed, and the VM could not be resumed ({exc}): it is paused",
+              file=err, flush=True)  # fmt: skip
+    else:
+        print("the save failed: the VM runs again", file=err, flush=True)
 
 
 def _print_json(
@@ -721,6 +961,12 @@ def match_guest(
 
 
 async def run_vm_restore(opts: VmOptions, out: TextIO, err: TextIO) -> int:
+    # SIGINT/SIGTERM end the wait at hand, and the cleanup after it is not cut short.
+    with _interruptible(opts.qemu_timeout) as interrupt:
+        return await _restore(opts, out, err, interrupt)
+
+
+async def _restore(opts: VmOptions, out: TextIO, err: TextIO, interrupt: _Interrupt) -> int:
     # The guest is down all along: its downtime counts from here, checks included.
     t = opts.timings
     t["start"] = time.monotonic()
@@ -733,11 +979,13 @@ async def run_vm_restore(opts: VmOptions, out: TextIO, err: TextIO) -> int:
         raise ClientError(f"cannot restore from {image}: {exc}") from None
     qemu = migd = None
     settings: QemuMigration | None = None
+    ram_fds: dict[str, int] = {}
     migd_ids: list[str] = []
+    migd_fdsets: list[int] = []
     migd_fdset: int | None = None
     try:
         header = check_image(image, fd)
-        qemu = await connect_qemu(opts.qmp)
+        qemu = await connect_qemu(opts.qmp, opts.qemu_timeout)
         settings = QemuMigration(qemu)
         state = await run_state(qemu)
         if state != "inmigrate":
@@ -747,48 +995,52 @@ async def run_vm_restore(opts: VmOptions, out: TextIO, err: TextIO) -> int:
         _, machine = await qemu_identity(qemu)
         backends = await guest_backends(qemu)
         match_guest(header, machine, backends)
-        paths = {b.id: str(b.mem_path) for b in backends}
+        ram_fds = open_backend_files(qemu, backends)
         migd = await connect(opts.socket)
         direct_io = opts.direct_io
         if direct_io is None:
             direct_io = probe_direct_io(f"/proc/self/fd/{fd}", for_write=False)
         tag = f"{header.image_id[:8]}-{os.getpid()}"
-        with _Interrupt() as interrupt:
-            t["checked"] = time.monotonic()
-            migd_ids = await add_migd_backends(
-                migd,
-                [(f"vm-{tag}-{e.id}", e.block, e.size, paths[e.id]) for e in header.backends],
-            )
-            # Incoming QEMU starts the guest when its part is loaded unless stopped first.
-            await qemu_execute(qemu, "stop")
-            await settings.set_up(incoming=True)
-            uri_path = await settings.add_fd(fd, "migd vm restore")
-            migd_fdset = await pass_image_to_migd(
-                migd, fd, [os.O_RDONLY], direct_io, "migd vm restore"
-            )
-            await ram_job(migd, interrupt, opts, "restore", f"vm-restore-{tag}", migd_ids,
-                          f"file:/dev/fdset/{migd_fdset},offset={header.ram.offset}",
-                          direct_io, err)  # fmt: skip
-            t["ram"] = time.monotonic()
-            await qemu_execute(
-                qemu,
-                "migrate-incoming",
-                {"uri": f"file:{uri_path},offset={header.device.offset}", "exit-on-error": False},
-            )
-            await wait_qemu_migration(qemu, "device-state load")
-            t["device"] = time.monotonic()
-            if not opts.paused:
-                await qemu_execute(qemu, "cont")
-            t["running"] = time.monotonic()
-            # QEMU's settings and migd's mappings are undone once the guest runs
-            # (unmapping GiBs takes tens of ms), and also after a failure.
+        t["checked"] = time.monotonic()
+        migd_ids = await add_migd_backends(
+            migd,
+            [(f"vm-{tag}-{e.id}", e.block, e.size, ram_fds[e.id]) for e in header.backends],
+            migd_fdsets,
+        )
+        # Incoming QEMU starts the guest when its part is loaded unless stopped first.
+        await qemu_execute(qemu, "stop")
+        await settings.set_up(incoming=True)
+        uri_path = await settings.add_fd(fd, "migd vm restore")
+        migd_fdset = await pass_image_to_migd(
+            migd, fd, [os.O_RDONLY], direct_io, "migd vm restore"
+        )
+        await ram_job(migd, interrupt, opts, "restore", f"vm-restore-{tag}", migd_ids,
+                      f"file:/dev/fdset/{migd_fdset},offset={header.ram.offset}",
+                      direct_io, err)  # fmt: skip
+        t["ram"] = time.monotonic()
+        await qemu_execute(
+            qemu,
+            "migrate-incoming",
+            {"uri": f"file:{uri_path},offset={header.device.offset}", "exit-on-error": False},
+        )
+        await wait_qemu_migration(qemu, "device-state load")
+        t["device"] = time.monotonic()
+        if not opts.paused:
+            await qemu_execute(qemu, "cont")
+        t["running"] = time.monotonic()
+        # QEMU's settings and migd's mappings are undone once the guest runs
+        # (unmapping GiBs takes tens of ms), and also after a failure.
     finally:
         os.close(fd)
+        for ram_fd in ram_fds.values():
+            os.close(ram_fd)
         if qemu is not None and settings is not None:
             await settings.restore()
         if migd is not None:
             await drop_migd_fdset(migd, migd_fdset)
             await del_migd_backends(migd, migd_ids)
+            for fdset in migd_fdsets:
+                await drop_migd_fdset(migd, fdset)
             await _disconnect(migd)
         if qemu is not None:
             await _disconnect(qemu)

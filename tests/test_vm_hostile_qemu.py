@@ -1,0 +1,264 @@
+"""`migd vm save` / `restore` against a QEMU that lies, breaks or stops answering.
+
+`migd vm` runs as root on the word of whatever serves the QMP socket it is given
+(tests/fake_qemu.py plays that part here, no QEMU needed). Red-team, session 13: a fake
+QEMU that named a root-only file as its RAM had root's migd save that file into the image
+and a restore overwrite it; a silent QEMU hung the client for ever, deaf to SIGINT and
+SIGTERM, with the guest stopped; malformed replies gave tracebacks, a numeric backend
+id replaced a good image with an unusable one, and a guest left paused went unmentioned.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import DaemonProcess, fill_random
+
+MiB = 1 << 20
+SIZE = 8 * MiB
+FAKE = Path(__file__).with_name("fake_qemu.py")
+
+
+class Fake:
+    """A fake QEMU process and the log of the commands it received."""
+
+    def __init__(self, directory: Path, name: str, config: dict[str, Any]) -> None:
+        self.sock = directory / f"{name}.qmp"
+        self.log = directory / f"{name}.log"
+        self.log.touch()
+        (directory / f"{name}.json").write_text(json.dumps(config))
+        self.proc = subprocess.Popen(
+            [sys.executable, str(FAKE), str(self.sock), str(directory / f"{name}.json"),
+             str(self.log)]
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while not self.sock.exists():  # renamed into place once it listens
+            assert self.proc.poll() is None, "the fake QEMU died"
+            assert time.monotonic() < deadline, "the fake QEMU never listened"
+            time.sleep(0.01)
+
+    def commands(self) -> list[str]:
+        return [line[3:] for line in self.log.read_text().splitlines() if line.startswith("<- ")]
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture
+def fakes(short_dir: Path) -> Any:
+    started: list[Fake] = []
+
+    def start(config: dict[str, Any], name: str = "qemu") -> Fake:
+        fake = Fake(short_dir, name, config)
+        started.append(fake)
+        return fake
+
+    yield start
+    for fake in started:
+        fake.close()
+
+
+def vm(daemon: DaemonProcess, fake: Fake, *args: str, **popen: Any) -> Any:
+    cmd = [sys.executable, "-m", "migd", "vm", args[0], "--qmp", str(fake.sock),
+           "--socket", str(daemon.socket_path), "-q", *args[1:]]  # fmt: skip
+    if popen:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def memdev(path: Path, id: str = "ram0", size: int = SIZE) -> dict[str, Any]:
+    return {"id": id, "size": size, "share": True, "mem-path": str(path)}
+
+
+def daemon_backends(daemon: DaemonProcess) -> list[Any]:
+    out = subprocess.run(
+        [sys.executable, "-m", "migd", "call", "--socket", str(daemon.socket_path),
+         "query-memdev", "{}"],
+        capture_output=True, text=True, timeout=30, check=True,
+    ).stdout  # fmt: skip
+    return list(json.loads(out))
+
+
+def leftovers(directory: Path) -> list[str]:
+    return [p.name for p in directory.iterdir() if p.name.endswith(".migd-vm-tmp")]
+
+
+def test_the_fake_is_a_qemu_migd_vm_saves(daemon, fakes, short_dir, shm):
+    """The baseline the refusals below are measured against: the fake maps its RAM file
+    as QEMU does, and the save works."""
+    fill_random(shm / "ram", SIZE)
+    fake = fakes({"memdevs": [memdev(shm / "ram")]})
+    result = vm(daemon, fake, "save", str(short_dir / "vm.img"))
+    assert result.returncode == 0, result.stderr
+    assert "stop" in fake.commands()
+    assert (short_dir / "vm.img").exists()
+
+
+def test_a_qemu_naming_a_file_it_does_not_map_is_refused_before_the_guest_stops(
+    daemon, fakes, short_dir, shm
+):
+    secret = short_dir / "secret"
+    secret.write_bytes(b"TOPSECRET".ljust(SIZE, b"\0"))
+    secret.chmod(0o600)
+    image = short_dir / "vm.img"
+    image.write_bytes(b"the old image")
+    fake = fakes({"memdevs": [memdev(secret)], "map_memdevs": False})
+    result = vm(daemon, fake, "save", str(image))
+    assert result.returncode == 1
+    assert (
+        f"memory backend 'ram0': QEMU (pid {fake.proc.pid}, the QMP socket's peer) does not map "
+        f"'{secret}'"
+    ) in result.stderr
+    assert "stop" not in fake.commands()
+    assert image.read_bytes() == b"the old image"
+    assert daemon_backends(daemon) == [] and leftovers(short_dir) == []
+
+
+def test_a_restore_into_a_file_the_qemu_does_not_map_is_refused_and_changes_nothing(
+    daemon, fakes, short_dir, shm
+):
+    fill_random(shm / "ram", SIZE)
+    saver = fakes({"memdevs": [memdev(shm / "ram")]}, name="a")
+    image = short_dir / "vm.img"
+    assert vm(daemon, saver, "save", str(image)).returncode == 0
+    victim = short_dir / "victim"
+    victim.write_bytes(b"keep me".ljust(SIZE, b"\0"))
+    fake = fakes({"memdevs": [memdev(victim)], "map_memdevs": False, "state": "inmigrate"},
+                 name="b")  # fmt: skip
+    result = vm(daemon, fake, "restore", str(image))
+    assert result.returncode == 1
+    assert "does not map" in result.stderr
+    assert victim.read_bytes().startswith(b"keep me")
+    assert "stop" not in fake.commands()
+
+
+def test_a_silent_qemu_ends_in_an_error_within_the_timeout_and_says_the_guest_is_paused(
+    daemon, fakes, short_dir, shm
+):
+    fill_random(shm / "ram", SIZE)
+    fake = fakes({"memdevs": [memdev(shm / "ram")], "overrides": {"query-migrate": {"hang": True}}})
+    result = vm(daemon, fake, "save", "--qemu-timeout", "1", str(short_dir / "vm.img"))
+    assert result.returncode == 1
+    assert "QEMU did not answer 'query-migrate' within 1 s" in result.stderr
+    # The hung QEMU cannot take the cont either: the client says so, never silently.
+    assert "the VM could not be resumed" in result.stderr and "it is paused" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert daemon_backends(daemon) == [] and leftovers(short_dir) == []
+    assert not (short_dir / "vm.img").exists()
+
+
+def test_sigterm_ends_a_save_waiting_on_a_silent_qemu_and_it_cleans_up(
+    daemon, fakes, short_dir, shm
+):
+    fill_random(shm / "ram", SIZE)
+    fake = fakes({"memdevs": [memdev(shm / "ram")], "overrides": {"query-migrate": {"hang": True}}})
+    client = vm(daemon, fake, "save", str(short_dir / "vm.img"), popen=True)
+    deadline = time.monotonic() + 60
+    while "hanging on query-migrate" not in fake.log.read_text():
+        assert client.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    client.send_signal(signal.SIGTERM)
+    _, err = client.communicate(timeout=30)  # the default timeout is 60 s: this is the signal
+    assert client.returncode == 1, err
+    assert "interrupted (Ctrl-C or SIGTERM)" in err
+    assert "it is paused" in err
+    assert daemon_backends(daemon) == [] and leftovers(short_dir) == []
+
+
+@pytest.mark.parametrize(
+    ("override", "error"),
+    [
+        ({"query-status": {"return": {}}}, "QEMU's reply to query-status has no 'status'"),
+        ({"query-memdev": {"return": [{"id": 5, "size": SIZE, "share": True}]}},
+         "QEMU's 'id' in its reply to query-memdev is 5, not the str QEMU sends"),
+        ({"query-memdev": {"return": [{"id": "a/../b", "size": SIZE, "share": True}]}},
+         "QEMU's memory backend id 'a/../b' is not an id QEMU accepts"),
+        ({"query-memdev": {"return": {"id": "ram0"}}},
+         "QEMU's reply to query-memdev is {'id': 'ram0'}, not the list QEMU sends"),
+        ({"query-version": {"return": {"qemu": "10.0"}}},
+         "QEMU's 'qemu' in its reply to query-version is '10.0', not the dict QEMU sends"),
+        ({"qom-get": {"return": ["/dev/shm/x"]}}, "not the str QEMU sends"),
+    ],
+    ids=["no-status", "numeric-id", "path-id", "memdev-not-list", "version-str", "qom-list"],
+)  # fmt: skip
+def test_a_malformed_reply_is_a_clear_error_before_the_guest_stops_and_keeps_the_image(
+    daemon, fakes, short_dir, shm, override, error
+):
+    fill_random(shm / "ram", SIZE)
+    image = short_dir / "vm.img"
+    image.write_bytes(b"the old image")
+    fake = fakes({"memdevs": [memdev(shm / "ram")], "overrides": override})
+    result = vm(daemon, fake, "save", str(image))
+    assert result.returncode == 1
+    assert error in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "stop" not in fake.commands()
+    assert image.read_bytes() == b"the old image"
+
+
+def test_names_too_long_for_the_header_are_refused_before_the_guest_stops(
+    daemon, fakes, short_dir, shm
+):
+    fill_random(shm / "ram", SIZE)
+    fake = fakes({"memdevs": [memdev(shm / "ram")], "machine": "m" * 70000})
+    result = vm(daemon, fake, "save", str(short_dir / "vm.img"))
+    assert result.returncode == 1
+    assert "this VM's names do not fit an image header" in result.stderr
+    assert "stop" not in fake.commands()
+
+
+def test_a_device_state_that_is_not_a_qemu_stream_fails_the_save_and_the_guest_runs_again(
+    daemon, fakes, short_dir, shm
+):
+    fill_random(shm / "ram", SIZE)
+    image = short_dir / "vm.img"
+    image.write_bytes(b"the old image")
+    fake = fakes({"memdevs": [memdev(shm / "ram")], "device_magic": "\0\0\0\0"})
+    result = vm(daemon, fake, "save", str(image))
+    assert result.returncode == 1
+    assert "does not start as a QEMU migration stream does (b'QEVM')" in result.stderr
+    assert "the save failed: the VM runs again" in result.stderr
+    assert "cont" in fake.commands()
+    assert image.read_bytes() == b"the old image"
+
+
+def test_a_cont_that_fails_after_a_failed_save_is_said(daemon, fakes, short_dir, shm):
+    fill_random(shm / "ram", SIZE)
+    failing = {"migrate": {"error": "no space"}, "cont": {"error": "nope"}}
+    fake = fakes({"memdevs": [memdev(shm / "ram")], "overrides": failing})
+    result = vm(daemon, fake, "save", str(short_dir / "vm.img"))
+    assert result.returncode == 1
+    assert "the save failed, and the VM could not be resumed (QEMU: cont: nope): it is paused" in (
+        result.stderr
+    )
+
+
+def test_resume_that_fails_after_a_good_save_says_the_image_is_saved_and_the_guest_paused(
+    daemon, fakes, short_dir, shm
+):
+    fill_random(shm / "ram", SIZE)
+    fake = fakes({"memdevs": [memdev(shm / "ram")], "overrides": {"cont": {"error": "nope"}}})
+    result = vm(daemon, fake, "save", "--resume", str(short_dir / "vm.img"))
+    assert result.returncode == 1
+    assert "vm save completed" in result.stdout and "the VM is paused" in result.stdout
+    assert "the image is saved, but the VM could not be resumed" in result.stderr
+    assert (short_dir / "vm.img").exists()
+
+
+def test_qemu_timeout_must_be_a_positive_number_of_seconds(daemon, fakes, short_dir, shm):
+    fill_random(shm / "ram", SIZE)
+    fake = fakes({"memdevs": [memdev(shm / "ram")]})
+    result = vm(daemon, fake, "save", "--qemu-timeout", "0", str(short_dir / "vm.img"))
+    assert result.returncode == 2
+    assert "is not a number of seconds between 0 and 86400" in result.stderr
+    assert fake.commands() == []
+
