@@ -620,6 +620,30 @@ MUTANTS = [
         ("tests/test_vm_hostile_qemu.py::"
          "test_a_device_state_that_is_not_a_qemu_stream_fails_the_save_and_the_guest_runs_again",),
     ),
+    Mutant(
+        "vmdescription-without-migd-object-read-as-qemus",
+        "migd/migration/mapped_ram/format.py",
+        "    if \"migd\" not in desc:\n",
+        "    if False:\n",
+        ("tests/test_format.py::"
+         "test_a_vmdescription_right_after_the_ram_end_without_migd_object_is_refused",),
+    ),
+    Mutant(
+        "migd-object-unknown-keys-ignored",
+        "migd/migration/mapped_ram/format.py",
+        "        unknown = sorted(set(migd) - _MIGD_KEYS)\n",
+        "        unknown = []\n",
+        ("tests/test_format.py::"
+         "test_a_migd_object_with_a_flipped_key_or_a_bad_save_id_is_refused",),
+    ),
+    Mutant(
+        "inspect-does-not-check-bitmaps",
+        "migd/tools/inspect.py",
+        "                    format.read_bitmap(reader, b)\n",
+        "                    pass\n",
+        ("tests/test_inspect.py::"
+         "test_a_corrupt_bitmap_is_reported_as_restore_would_refuse_it",),
+    ),
 ]  # fmt: skip
 
 

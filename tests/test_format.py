@@ -7,6 +7,7 @@ import os
 import struct
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -360,7 +361,7 @@ def test_round_trip_is_incomplete_before_the_end_section_and_complete_after() ->
     layout = plan_save([("pc.ram", 4 * MiB), ("ram1", 64 * KiB)], offset=0x11921)
     before = saved(layout, end=False).parse(0x11921)
     assert before.complete is False
-    after = saved(layout, vmdesc={"devices": []}).parse(0x11921)
+    after = saved(layout).parse(0x11921)
     assert after == ParsedStream(
         machine="none",
         capabilities=("mapped-ram",),
@@ -428,10 +429,11 @@ def test_qemu_stream_with_part_sections_switchover_and_devices_is_complete() -> 
         ("/rom@etc/acpi/tables", PAGE_SIZE),
     ]
     # It stops at the RAM end section: of the device section after it, only the record
-    # type is read (to see whether a migd vmdescription follows: it does not).
+    # type and the byte after it are read (to see whether a migd vmdescription follows,
+    # behind EOF or a flipped EOF byte: it does not).
     (tail_at,) = [at for at, data in f.pieces if data == qemu_tail(2)]
     ram_end = tail_at + len(part(2) * 2 + SWITCHOVER + end(2))
-    assert max(off + n for off, n in f.reads) == ram_end + 1
+    assert max(off + n for off, n in f.reads) == ram_end + 2
 
 
 def test_qemu_stream_reads_pages_offset_from_the_header_not_recomputed() -> None:
@@ -816,9 +818,65 @@ def test_qemu_files_have_no_check_and_a_bitmap_is_taken_as_it_is() -> None:
         assert read_bitmap(f.read_at, block).sum() == 0
 
 
-def test_a_vmdescription_without_migd_key_is_qemus_and_not_checked() -> None:
+def test_a_vmdescription_right_after_the_ram_end_without_migd_object_is_refused() -> None:
+    """Only migd writes a vmdescription right after the RAM end section (QEMU writes its
+    device sections there), always with its object: one without it is a migd file whose
+    "migd" key was flipped, which read as QEMU's would go unchecked (red-team, session
+    13)."""
     f = migd_file(BITS, {"page_size": 4096, "devices": []})
-    assert all(b.bitmap_check is None for b in f.parse().blocks)
+    with pytest.raises(FormatError, match="has no 'migd' object: the file is corrupt"):
+        f.parse()
+
+
+def _flip_byte(f: SparseFile, at: int, value: int) -> None:
+    f.write(at, bytes([value]))
+
+
+@pytest.mark.parametrize(
+    ("where", "value", "error"),
+    [
+        (0, 0x01, "the byte after the RAM end section is 0x01, not EOF, before migd's"),
+        (0, 0x04, "the byte after the RAM end section is 0x04, not EOF, before migd's"),
+        (1, 0x07, "followed by EOF and then 0x07, which does not start a vmdescription"),
+        (1, 0x00, "followed by EOF and then 0x00, which does not start a vmdescription"),
+    ],
+)
+def test_a_flipped_eof_or_vmdescription_byte_does_not_make_a_migd_file_qemus(
+    where: int, value: int, error: str
+) -> None:
+    layout = plan_save([("a", 10 * PAGE_SIZE), ("b", 3 * PAGE_SIZE)])
+    f = migd_file(BITS)
+    eof_at = layout.end_offset + len(layout.encode_end(None)) - 1
+    _flip_byte(f, eof_at + where, value)
+    with pytest.raises(FormatError, match=error):
+        f.parse()
+
+
+@pytest.mark.parametrize(
+    ("migd", "error"),
+    [
+        ({"chucksums": {}}, r"unknown keys \['chucksums'\]"),
+        ({"save-id": "\u001b[31m" + "0" * 27}, "save-id is not a save id"),
+        ({"save-id": 5}, "save-id is not a save id"),
+        ({"save-id": "0" * 31}, "save-id is not a save id"),
+    ],
+)
+def test_a_migd_object_with_a_flipped_key_or_a_bad_save_id_is_refused(
+    migd: dict[str, Any], error: str
+) -> None:
+    desc = {"migd": {"blocks": [], **migd}}
+    f = migd_file(BITS, desc)
+    with pytest.raises(FormatError, match=error):
+        f.parse()
+
+
+def test_a_vmdescription_nested_thousands_deep_is_a_format_error_not_a_crash() -> None:
+    layout = plan_save([("a", 10 * PAGE_SIZE)])
+    deep = b"[" * 5000 + b"]" * 5000
+    f = saved(layout)
+    f.write(layout.end_offset + len(layout.encode_end(None)), b"\x06" + be32(len(deep)) + deep)
+    with pytest.raises(FormatError, match="nested too deeply"):
+        f.parse()
 
 
 BAD_DESCRIPTIONS = [

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -296,3 +297,61 @@ def test_a_corrupt_checksum_table_is_reported_as_a_problem_not_a_crash(saved):
     os.truncate(path, end - 1)  # a table cut short: the same, with read_table's words
     info = inspect_file(path)
     assert info.checksums is not None and "cut short" in str(info.checksums.problem)
+
+
+# --- red-team, session 13 --------------------------------------------------------------------
+
+
+def test_a_corrupt_bitmap_is_reported_as_restore_would_refuse_it(saved):
+    """inspect read the bitmaps only to count pages: a flipped bit, which every restore
+    refuses ("bitmap of ramblock ... is corrupt"), was shown as a complete file."""
+    path, _ = saved
+    block = parse_save(path).blocks[0]
+    with open(path, "r+b") as f:
+        f.seek(block.bitmap_offset + 10)
+        byte = f.read(1)[0]
+        f.seek(block.bitmap_offset + 10)
+        f.write(bytes([byte ^ 0x04]))
+    result = migd("inspect", path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "status:  CORRUPT (bitmap of ramblock ram0 is corrupt" in result.stdout
+    assert "migd restore refuses this file" in result.stdout
+    result = migd("inspect", path, "--json")
+    assert result.returncode == 1
+    assert "bitmap of ramblock ram0 is corrupt" in json.loads(result.stdout)["bitmap_problem"]
+
+
+def test_strings_from_the_file_are_shown_escaped_never_sent_raw_to_the_terminal(saved):
+    """A machine type is the file's to say: an escape sequence in it is printed as text."""
+    path, _ = saved
+    data = bytearray(path.read_bytes())
+    at = data.index(b"\x04none")  # the configuration section's machine name, str8
+    data[at + 1 : at + 5] = b"\x1b[1m"
+    path.write_bytes(bytes(data))
+    result = migd("inspect", path)
+    assert result.returncode == 0, result.stderr
+    assert "machine:       \\x1b[1m" in result.stdout
+    assert "\x1b" not in result.stdout
+
+
+def test_a_restore_of_a_file_without_checksums_says_it_was_not_verified(daemon, shm, short_dir):
+    (shm / "m").write_bytes(os.urandom(MiB))
+    client = RawClient(daemon.socket_path).negotiate()
+    reply = client.execute(
+        "object-add",
+        {"qom-type": "memory-backend-file", "id": "m", "size": MiB, "mem-path": str(shm / "m"),
+         "share": True},
+    )  # fmt: skip
+    assert reply == {"return": {}}, reply
+    path = short_dir / "plain.sav"
+    caps = [{"capability": "mapped-ram", "state": True}]
+    assert client.execute("migrate-set-capabilities", {"capabilities": caps}) == {"return": {}}
+    reply = client.execute("migrate", {"uri": f"file:{path}", "checksums": False})
+    assert reply == {"return": {}}, reply
+    deadline = time.monotonic() + 60
+    while client.execute("query-migrate")["return"].get("status") != "completed":
+        assert time.monotonic() < deadline, "the save did not complete"
+    client.close()
+    result = migd("restore", path, "--socket", daemon.socket_path)
+    assert result.returncode == 0, result.stderr
+    assert "not verified: the file has no checksums" in result.stdout

@@ -262,3 +262,68 @@ def test_qemu_timeout_must_be_a_positive_number_of_seconds(daemon, fakes, short_
     assert "is not a number of seconds between 0 and 86400" in result.stderr
     assert fake.commands() == []
 
+
+
+# --- damaged images (red-team, session 13) ----------------------------------------------------
+
+
+def _saved_image(daemon: DaemonProcess, fakes: Any, short_dir: Path, shm: Path) -> Path:
+    fill_random(shm / "ram", SIZE)
+    fake = fakes({"memdevs": [memdev(shm / "ram")]}, name="saver")
+    image = short_dir / "vm.img"
+    assert vm(daemon, fake, "save", str(image)).returncode == 0
+    return image
+
+
+def _inspect(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "migd", "inspect", str(path)],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+
+
+def test_an_image_whose_ram_bitmap_is_corrupt_is_damaged_for_inspect_and_refused_by_restore(
+    daemon, fakes, short_dir, shm
+):
+    """inspect said "migd vm restore accepts it" of an image the restore then refused."""
+    from migd.tools import vm_image
+
+    from .conftest import parse_save
+
+    image = _saved_image(daemon, fakes, short_dir, shm)
+    with open(image, "rb") as f:
+        header = vm_image.read_header(f.fileno(), str(image))
+    block = parse_save(image, header.ram.offset).blocks[0]
+    with open(image, "r+b") as f:
+        f.seek(block.bitmap_offset + 10)
+        byte = f.read(1)[0]
+        f.seek(block.bitmap_offset + 10)
+        f.write(bytes([byte ^ 0x04]))
+    result = _inspect(image)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "DAMAGED" in result.stdout
+    assert "the RAM part: bitmap of ramblock" in result.stdout + result.stderr
+    fill_random(shm / "ram", SIZE, seed=9)
+    before = (shm / "ram").read_bytes()
+    fake = fakes({"memdevs": [memdev(shm / "ram")], "state": "inmigrate"}, name="incoming")
+    restored = vm(daemon, fake, "restore", str(image))
+    assert restored.returncode == 1
+    assert "the RAM part: bitmap of ramblock" in restored.stderr
+    assert "stop" not in fake.commands()
+    assert (shm / "ram").read_bytes() == before
+
+
+def test_an_image_header_nested_thousands_deep_is_an_error_not_a_traceback(
+    daemon, fakes, short_dir, shm
+):
+    import hashlib
+
+    from migd.tools import vm_image
+
+    image = _saved_image(daemon, fakes, short_dir, shm)
+    body = b"[" * 5000 + b"]" * 5000
+    head = vm_image._FIXED.pack(vm_image.MAGIC, vm_image.VERSION, len(body)) + body
+    with open(image, "r+b") as f:
+        f.write(head + hashlib.sha256(head).digest())  # a valid digest: only the JSON is bad
+    result = _inspect(image)
+    assert result.returncode == 1
+    assert "the image header is malformed (nested too deeply)" in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr

@@ -395,6 +395,16 @@ def _add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
     call.add_argument("arguments", metavar="JSON", nargs="?", default="{}")
 
 
+def _shown(value: object) -> str:
+    """A string read from a file, fit for a terminal: every character that is not
+    printable (escape sequences, lone surrogates, newlines) as its Python escape. A file's
+    machine type or save id could otherwise drive the terminal, or crash the print."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _print_inspect(info: object) -> None:
     from ..tools.client import human_bytes
     from ..tools.inspect import SaveInfo
@@ -404,8 +414,8 @@ def _print_inspect(info: object) -> None:
     print(f"{info.path}: {state} mapped-ram save")
     if not info.complete:
         print(f"  INCOMPLETE: {info.problem}")
-    print(f"  machine:       {info.machine}")
-    print(f"  capabilities:  {', '.join(info.capabilities) or '-'}")
+    print(f"  machine:       {_shown(info.machine)}")
+    print(f"  capabilities:  {_shown(', '.join(info.capabilities)) or '-'}")
     print(f"  stream offset: {info.offset}")
     print(
         f"  file size:     {human_bytes(info.file_size)} ({info.file_size} bytes), "
@@ -416,7 +426,7 @@ def _print_inspect(info: object) -> None:
     for b in info.blocks:
         region = f"{b.bitmap_offset:#x}..{b.end:#x} (pages at {b.pages_offset:#x})"
         rows.append(
-            (b.name, human_bytes(b.size), str(b.pages), str(b.present_pages),
+            (_shown(b.name), human_bytes(b.size), str(b.pages), str(b.present_pages),
              str(b.zero_pages), region)
         )  # fmt: skip
     pages = sum(b.pages for b in info.blocks)
@@ -439,6 +449,8 @@ def _print_inspect(info: object) -> None:
     sums = info.checksums
     if not info.complete:
         print(f"  status:  INCOMPLETE ({info.problem}); migd restore refuses this file")
+    elif info.bitmap_problem is not None:
+        print(f"  status:  CORRUPT ({info.bitmap_problem}); migd restore refuses this file")
     elif sums is not None and sums.problem is not None:
         print(
             "  status:  CORRUPT checksum table; migd restore refuses this file unless "
@@ -451,7 +463,7 @@ def _print_inspect(info: object) -> None:
 def _print_identity(info: Any) -> None:
     """The save id and the checksum table: what ties the file to the save that wrote it."""
     sums = info.checksums
-    print(f"  save id:       {info.save_id or '-'}")
+    print(f"  save id:       {_shown(info.save_id or '-')}")
     if not info.complete:
         print("  checksums:     not read (the file is incomplete)")
     elif sums is None:
@@ -496,6 +508,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         if args.json:
             print(f"migd inspect: {args.file}: incomplete: {info.problem}", file=sys.stderr)
         return EXIT_FAILED
+    if info.bitmap_problem is not None:
+        if args.json:
+            print(f"migd inspect: {args.file}: {info.bitmap_problem}", file=sys.stderr)
+        return EXIT_FAILED
     if info.checksums is not None and info.checksums.problem is not None:
         if args.json:
             print(f"migd inspect: {args.file}: {info.checksums.problem}", file=sys.stderr)
@@ -517,20 +533,23 @@ def _print_vm_image(image: dict[str, Any], as_json: bool) -> int:
     else:
         dev, ram, qemu = header["device-state"], header["ram"], header["qemu"]
         print(f"{path}: migd VM image{' (DAMAGED)' if problems else ''}")
-        print(f"  image id:      {header['image-id']}")
-        print(f"  created:       {header['created']} by migd {header['migd-version']}")
-        print(f"  QEMU:          {qemu['version']}, machine {qemu['machine']}")
+        print(f"  image id:      {_shown(header['image-id'])}")
+        print(
+            f"  created:       {_shown(header['created'])} by migd "
+            f"{_shown(header['migd-version'])}"
+        )
+        print(f"  QEMU:          {_shown(qemu['version'])}, machine {_shown(qemu['machine'])}")
         print(
             f"  device state:  {human_bytes(dev['length'])} at {dev['offset']:#x} "
             f"(QEMU's stream, x-ignore-shared), sha256 {dev['sha256'][:16]}..."
         )
         print(
             f"  RAM:           {human_bytes(ram['length'])} at {ram['offset']:#x} "
-            f"(migd's mapped-ram save {ram['save-id']})"
+            f"(migd's mapped-ram save {_shown(ram['save-id'])})"
         )
         rows = [("BACKEND", "SIZE", "BLOCK", "SAVED FROM")]
-        rows += [(b["id"], human_bytes(b["size"]), b["block"], b["mem-path"])
-                 for b in header["backends"]]  # fmt: skip
+        rows += [(_shown(b["id"]), human_bytes(b["size"]), _shown(b["block"]),
+                  _shown(b["mem-path"])) for b in header["backends"]]  # fmt: skip
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         print()
         for row in rows:
@@ -544,7 +563,7 @@ def _print_vm_image(image: dict[str, Any], as_json: bool) -> int:
                 f"{'none' if part['checksums'] is None else part['checksums']['algorithm']}"
             )
     for problem in problems:
-        print(f"migd inspect: {path}: {problem}", file=sys.stderr)
+        print(f"migd inspect: {path}: {_shown(problem)}", file=sys.stderr)
     if not as_json and header is not None and not problems:
         print("  status:   complete (migd vm restore accepts it)")
     return EXIT_FAILED if problems else EXIT_OK
@@ -577,7 +596,7 @@ def _print_verify(report: object) -> None:
         f"  read:      {human_bytes(r.bytes_read)} ({r.bytes_read} bytes) in "
         f"{r.seconds:.2f} s, {r.gib_per_s:.2f} GiB/s ({how})"
     )
-    print(f"  save id:   {r.save_id}")
+    print(f"  save id:   {_shown(r.save_id)}")
     print(f"  table:     xxh3-128 {r.table_digest} (the checksum of the checksums)")
 
 

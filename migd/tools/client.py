@@ -545,6 +545,12 @@ async def run_migration(
     status = info.get("status")
     if status == "completed":
         print(summary_line(direction, opts.file, info), file=out, flush=True)
+        checks = info.get("x-checksums") or {}
+        if direction == "restore" and checks.get("state") == "unverified":
+            # Said where it is seen, not only in query-migrate: a file that lost its
+            # checksums (or never had them) restores with nothing checked.
+            print(f"not verified: {checks.get('note', 'the file has no checksums')}",
+                  file=out, flush=True)  # fmt: skip
         if backend is not None:
             print(_backend_line(backend), file=out, flush=True)
         skipped = info.get("x-skipped-blocks")

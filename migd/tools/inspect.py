@@ -91,6 +91,9 @@ class SaveInfo:
     blocks: list[BlockInfo] = field(default_factory=list)
     save_id: str | None = None  # migd's random id of the save (None in QEMU's files)
     checksums: ChecksumInfo | None = None  # None: the file has no checksums
+    # A block's bitmap disagrees with the file's description (its count or SHA-256): a
+    # restore refuses the file ("bitmap of ramblock B is corrupt"); None: all agree.
+    bitmap_problem: str | None = None
 
     @property
     def present_pages(self) -> int:
@@ -214,8 +217,16 @@ def inspect_file(path: str | os.PathLike[str], offset: int = 0) -> SaveInfo:
                 ) from None
             truncated, complete = True, False
         blocks = []
+        bitmap_problem = None
         for b in layouts:
             present = _count_present(reader, b)
+            if complete and b.bitmap_check is not None and bitmap_problem is None:
+                # As a restore reads it: checked against the description's count and
+                # digest, so that inspect never calls good a file restore refuses.
+                try:
+                    format.read_bitmap(reader, b)
+                except FormatError as exc:
+                    bitmap_problem = exc.desc
             blocks.append(
                 BlockInfo(
                     b.name,
@@ -259,4 +270,5 @@ def inspect_file(path: str | os.PathLike[str], offset: int = 0) -> SaveInfo:
         blocks=blocks,
         save_id=save_id,
         checksums=checksums,
+        bitmap_problem=bitmap_problem,
     )

@@ -624,8 +624,13 @@ def _ram_part_info(path: str, fd: int, offset: int) -> SaveInfo:
         info = inspect_file(f"/proc/self/fd/{fd}", offset)
     except (InspectError, OSError) as exc:
         raise ClientError(f"{path}: the RAM part at {offset:#x} cannot be read: {exc}") from None
-    if not info.complete or info.save_id is None:
+    if not info.complete:
         raise ClientError(f"{path}: the RAM part at {offset:#x} is incomplete: {info.problem}")
+    if info.save_id is None:
+        raise ClientError(
+            f"{path}: the RAM part at {offset:#x} has no save id (its vmdescription is "
+            "missing or unreadable): it cannot be tied to the image header"
+        )
     return info
 
 
@@ -916,6 +921,8 @@ def check_image(image: str, fd: int) -> vm_image.ImageHeader:
             f"'{image}': its RAM part is save {ram.save_id}, the header names save "
             f"{header.ram.save_id}: the parts do not belong together"
         )
+    if ram.bitmap_problem is not None:
+        raise ClientError(f"'{image}': the RAM part: {ram.bitmap_problem}")
     digest = ram.checksums.table_digest if ram.checksums is not None else None
     if ram.checksums is not None and ram.checksums.problem is not None:
         raise ClientError(f"'{image}': the RAM part's checksum table: {ram.checksums.problem}")
@@ -1092,6 +1099,10 @@ def describe(path: str) -> dict[str, Any] | None:
     else:
         if not ram["complete"]:
             problems.append(f"the RAM part is incomplete: {ram['problem']}")
+        elif ram["bitmap_problem"] is not None:
+            problems.append(f"the RAM part: {ram['bitmap_problem']}")
+        elif ram["checksums"] is not None and ram["checksums"]["problem"] is not None:
+            problems.append(f"the RAM part's checksum table: {ram['checksums']['problem']}")
         elif ram["save_id"] != header.ram.save_id:
             problems.append("the RAM part is another save than the header names")
     return {

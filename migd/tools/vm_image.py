@@ -180,6 +180,8 @@ def decode(data: bytes, path: str) -> ImageHeader:
         return ImageHeader.from_json(json.loads(data[_FIXED.size : end]))
     except (ValueError, KeyError, TypeError) as exc:
         raise ImageError(f"'{path}': the image header is malformed ({exc})") from None
+    except RecursionError:  # valid JSON nested thousands deep (its digest made to match)
+        raise ImageError(f"'{path}': the image header is malformed (nested too deeply)") from None
 
 
 def read_header(fd: int, path: str) -> ImageHeader:

@@ -532,13 +532,28 @@ def _find_ram_end(cur: _Cursor, section_id: int) -> bool:
 def _read_vmdescription(cur: _Cursor) -> dict[str, Any] | None:
     """The JSON after `EOF` when it follows the RAM end section at once (migd's layout).
 
-    QEMU's files have device sections there, which are not self-describing: None.
+    QEMU's files have device sections there, which are not self-describing: None. A flip
+    of one of the two bytes between the end section and migd's vmdescription must not
+    make a migd file read as QEMU's, unchecked (red-team, session 13): EOF followed by
+    anything but a vmdescription is corrupt (QEMU writes device sections before EOF), and
+    so is a vmdescription with migd's object behind a byte that is not EOF.
     """
     try:
-        if cur.u8() != VM_EOF or cur.u8() != VM_VMDESCRIPTION:
-            return None
+        first, second = cur.u8(), cur.u8()
     except FormatError:
-        return None  # nothing after the end section: a file without description
+        return None  # nothing (or EOF alone) after the end section: no description
+    if first != VM_EOF:
+        if second == VM_VMDESCRIPTION and _migd_description_follows(cur):
+            raise FormatError(
+                f"the byte after the RAM end section is {first:#04x}, not EOF, before migd's "
+                "vmdescription: the file is corrupt"
+            )
+        return None
+    if second != VM_VMDESCRIPTION:
+        raise FormatError(
+            f"the RAM end section is followed by EOF and then {second:#04x}, which does not "
+            "start a vmdescription: the file is corrupt"
+        )
     size = cur.be32()
     if size > _MAX_VMDESCRIPTION:
         raise FormatError(f"vmdescription too long ({size} bytes)")
@@ -550,18 +565,48 @@ def _read_vmdescription(cur: _Cursor) -> dict[str, Any] | None:
         desc = json.loads(raw)
     except (UnicodeDecodeError, ValueError):
         raise FormatError("the vmdescription after EOF is not valid JSON") from None
+    except RecursionError:  # valid JSON nested thousands deep: no vmdescription is
+        raise FormatError("the vmdescription after EOF is nested too deeply") from None
     if not isinstance(desc, dict):
         raise FormatError("the vmdescription after EOF is not a JSON object")
+    if "migd" not in desc:
+        # Right after the RAM end section only migd writes a vmdescription, and always
+        # with its object: without it (a flipped key), nothing would be checked.
+        raise FormatError(
+            "the vmdescription right after the RAM end section has no 'migd' object: "
+            "the file is corrupt"
+        )
     return desc
+
+
+def _migd_description_follows(cur: _Cursor) -> bool:
+    """Whether a vmdescription with migd's object follows (its be32 length first)."""
+    try:
+        size = cur.be32()
+        if size > _MAX_VMDESCRIPTION:
+            return False
+        desc = json.loads(cur.take(size))
+    except (FormatError, ValueError, RecursionError):
+        return False
+    return isinstance(desc, dict) and "migd" in desc
 
 
 def _is_count(value: Any, top: int) -> TypeGuard[int]:
     return type(value) is int and 0 <= value <= top  # JSON true is not a count
 
 
+def _is_hex(text: str) -> bool:
+    return all(c in "0123456789abcdef" for c in text)
+
+
 def _is_digest(value: Any) -> bool:
-    hexdigits = "0123456789abcdef"
-    return isinstance(value, str) and len(value) == 64 and all(c in hexdigits for c in value)
+    return isinstance(value, str) and len(value) == 64 and _is_hex(value)
+
+
+# Every key a migd version has written in its vmdescription object (mapped_ram/save.py).
+_MIGD_KEYS = frozenset(
+    {"version", "time", "blocks", "normal-pages", "zero-pages", "save-id", "checksums"}
+)
 
 
 def _migd_checks(desc: dict[str, Any], blocks: tuple[BlockLayout, ...]) -> tuple[BlockLayout, ...]:
@@ -575,6 +620,19 @@ def _migd_checks(desc: dict[str, Any], blocks: tuple[BlockLayout, ...]) -> tuple
         "missing or do not match the file's blocks: the file is corrupt"
     )
     migd = desc["migd"]
+    if isinstance(migd, dict):
+        unknown = sorted(set(migd) - _MIGD_KEYS)
+        if unknown:
+            # A flipped key ("chucksums") would switch the checks off unseen.
+            raise FormatError(
+                f"the vmdescription's migd object has unknown keys {unknown}: the file is "
+                "corrupt (or written by a newer migd)"
+            )
+        save_id = migd.get("save-id")
+        if save_id is not None and not (
+            isinstance(save_id, str) and len(save_id) == 32 and _is_hex(save_id)
+        ):
+            raise FormatError("the vmdescription's save-id is not a save id: the file is corrupt")
     entries = migd.get("blocks") if isinstance(migd, dict) else None
     if not isinstance(entries, list) or len(entries) != len(blocks):
         raise bad
