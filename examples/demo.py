@@ -166,4 +166,7 @@ async def main() -> int:
 
 
 if __name__ == "__main__":
+    # Memory files hold guest RAM: created private (0600), as migd wants them before it
+    # restores into them (a file others may read is refused).
+    os.umask(0o077)
     sys.exit(asyncio.run(main()))

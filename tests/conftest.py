@@ -20,6 +20,10 @@ import pytest
 START_TIMEOUT = 15.0
 # An illegal job status change raises in every daemon the tests run (in-process or not).
 os.environ["MIGD_STRICT_STATUS"] = "1"
+# Files the tests create hold "guest RAM" that migd refuses to restore into, or save
+# into, while others may read them (a mem-path or save file at 0644): tests create theirs
+# as a careful operator would. A test that needs a readable file says so with chmod.
+os.umask(0o077)
 T = TypeVar("T")
 
 

@@ -624,6 +624,38 @@ MUTANTS = [
         ("tests/test_inspect.py::"
          "test_a_corrupt_bitmap_is_reported_as_restore_would_refuse_it",),
     ),
+    Mutant(
+        "save-into-a-file-others-may-read",
+        "migd/migration/engine.py",
+        "            target.refuse_shared()\n",
+        "",
+        ("tests/test_file_ownership.py::"
+         "test_an_existing_save_file_readable_by_others_is_refused",),
+    ),
+    Mutant(
+        "restore-into-memory-others-may-read",
+        "migd/migration/engine.py",
+        "                _refuse_readable_memory(backend)\n",
+        "                pass\n",
+        ("tests/test_restore_private_memory.py::"
+         "test_a_restore_into_a_memory_file_others_may_read_is_refused",),
+    ),
+    Mutant(
+        "socket-path-links-and-ancestors-unchecked",
+        "migd/qmp/server.py",
+        "        real, _ = resolve_trusted(path, {0, os.geteuid()})\n",
+        "        real = os.path.realpath(path)\n",
+        ("tests/test_file_ownership.py::"
+         "test_a_socket_path_through_another_users_link_or_directory_is_refused",),
+    ),
+    Mutant(
+        "client-trusts-any-socket-server",
+        "migd/tools/client.py",
+        "    if uid not in (0, os.geteuid()):\n",
+        "    if False:\n",
+        ("tests/test_file_ownership.py::"
+         "test_the_client_refuses_a_socket_served_by_another_user",),
+    ),
 ]  # fmt: skip
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -362,18 +363,122 @@ def test_a_socket_directory_another_user_owns_is_refused(short_dir):
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode != 0
-    assert (
-        f"Cannot listen on '{sock}': its directory '{theirs}' belongs to uid {OTHER_UID}, "
-        "who could replace the socket"
-    ) in result.stderr
+    assert f"Cannot listen on '{sock}': '{sock}' lies in '{theirs}', owned by uid {OTHER_UID}" in (
+        result.stderr
+    )
     assert not sock.exists()
 
 
-async def test_an_existing_save_file_readable_by_others_is_made_private(ready, short_dir):
-    """A file of migd's (or the client's) uid is accepted, but guest RAM saved into it at
-    0644 would be any local user's to read: it loses group and other bits first."""
+def _serve(sock: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "migd", "serve", "--socket", str(sock)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def test_a_socket_path_through_another_users_link_or_directory_is_refused(short_dir):
+    """Red-team, session 13: only the last directory was checked, through its links. A
+    link of another user's in a sticky directory (the README's /tmp/migd/qmp.sock
+    pattern), or a directory of theirs higher up, let them swap the socket's directory
+    for their own after migd started: root's `migd vm save` then handed their listener
+    the guest's RAM file, read-write."""
+    sticky = short_dir / "tmp"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    ours = short_dir / "ours"
+    ours.mkdir(mode=0o755)
+    link = sticky / "migd"
+    link.symlink_to(ours)
+    os.lchown(link, OTHER_UID, OTHER_UID)
+    result = _serve(link / "qmp.sock")
+    assert result.returncode != 0
+    assert f"'{link / 'qmp.sock'}' goes through '{link}', a symbolic link owned by uid " in (
+        result.stderr
+    )
+    assert not (ours / "qmp.sock").exists()
+    theirs = short_dir / "theirs"
+    theirs.mkdir()
+    (theirs / "run").mkdir(mode=0o755)
+    os.chown(theirs, OTHER_UID, OTHER_UID)  # a directory of theirs above root's
+    result = _serve(theirs / "run" / "qmp.sock")
+    assert result.returncode != 0
+    assert f"lies in '{theirs}', owned by uid {OTHER_UID}" in result.stderr
+
+
+def test_a_socket_directly_in_a_sticky_shared_directory_is_refused(short_dir):
+    """Others cannot rename migd's socket there, but they can squat the names migd keeps
+    beside it (partial-restores/: every ramfs backend was then refused)."""
+    shared = short_dir / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    result = _serve(shared / "qmp.sock")
+    assert result.returncode != 0
+    assert (
+        f"its directory '{shared}' is writable by group or others (mode 1777): another user "
+        "could replace the socket or squat the names migd keeps beside it"
+    ) in result.stderr
+
+
+def test_the_client_refuses_a_socket_served_by_another_user(short_dir):
+    """A listener of another user's in migd's place would be handed the memory fds the
+    client passes: the client checks who serves the socket before it sends anything."""
+    short_dir.chmod(0o755)  # mkdtemp's 0700: the other user must reach its directory
+    shared = short_dir / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    sock, config, log = shared / "impostor.sock", shared / "cfg.json", shared / "log"
+    config.write_text("{}")
+    config.chmod(0o644)
+    fake = shared / "fake_qemu.py"  # a copy the other user can read, wherever the tree is
+    shutil.copyfile(Path(__file__).with_name("fake_qemu.py"), fake)
+    fake.chmod(0o644)
+    impostor = subprocess.Popen(
+        ["setpriv", f"--reuid={OTHER_UID}", f"--regid={OTHER_UID}", "--clear-groups",
+         sys.executable, str(fake), str(sock), str(config), str(log)]
+    )  # fmt: skip
+    try:
+        poll_until_exists(sock, impostor)
+        result = subprocess.run(
+            [sys.executable, "-m", "migd", "status", "--socket", str(sock)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 2
+        served = f"{sock} is served by uid {OTHER_UID} (pid {impostor.pid}), neither root nor you"
+        assert served in result.stderr
+        # Only the negotiation qemu.qmp does as it connects: no command, no fd.
+        assert log.read_text().splitlines() == ["<- qmp_capabilities"]
+    finally:
+        impostor.kill()
+        impostor.wait()
+
+
+def poll_until_exists(path: Path, proc: subprocess.Popen[bytes]) -> None:
+    import time
+
+    deadline = time.monotonic() + 30
+    while not path.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the listener never came"
+        time.sleep(0.01)
+
+
+async def test_an_existing_save_file_readable_by_others_is_refused(ready, short_dir):
+    """A file of migd's (or the client's) uid, but guest RAM saved into it at 0644 would
+    be any local user's to read, and a chmod first (what migd did until session 13) does
+    not stop a reader that opened the file before: one held it open and read the save."""
     target = short_dir / "vm.sav"
     target.write_bytes(b"old")
     target.chmod(0o644)
+    reader = open(target, "rb")  # noqa: SIM115 (another user's fd, opened while readable)
+    try:
+        text = await qmp_error(ready, "migrate", {"uri": f"file:{target}"})
+        assert text == (
+            f"'{target}' may be read or written by group or others (mode 0644): a save would "
+            "put guest RAM where they can read it, and a chmod would not stop a reader that "
+            "opened it before; remove the file (migd creates it 0600) or save to another name"
+        )
+        assert reader.read() == b"old" and target.read_bytes() == b"old"
+    finally:
+        reader.close()
+    target.unlink()
     assert (await save(ready, target))["status"] == "completed"
     assert stat.S_IMODE(target.stat().st_mode) == 0o600

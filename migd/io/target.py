@@ -93,9 +93,9 @@ class Target(Protocol):
         """Close the channel fds (the main fd stays open)."""
         ...
 
-    def keep_private(self) -> None:
-        """Before a save writes: an existing named file readable or writable by group or
-        others loses those bits (guest RAM goes into it)."""
+    def refuse_shared(self) -> None:
+        """Before a save starts: refuse an existing named file that group or others may
+        read or write (guest RAM would go into it)."""
         ...
 
     def close(self) -> None:
@@ -202,18 +202,24 @@ class FileTarget:
         self._channel_fds = fds
         return list(fds)
 
-    def keep_private(self) -> None:
-        """An existing file the client named (it may be its own, 0644) would let any local
-        user read the guest RAM saved into it: it becomes 0600 (0700 with x bits), as the
-        files migd creates. A passed fd is the client's to protect."""
+    def refuse_shared(self) -> None:
+        """An existing file the client named that others may read (it may be its own,
+        0644) would hand them the guest RAM saved into it. Making it 0600 first is not
+        enough: an fd opened before the chmod keeps reading (red-team, session 13: a
+        `nobody` holding the old file open read the whole save). So it is refused, and
+        the client removes it (migd then creates the file 0600, O_EXCL) or passes an fd.
+        A passed fd is the client's to protect."""
         fd = self._main_fd
         if fd is None or self._created or is_fdset_path(self.path):
             return
         mode = stat.S_IMODE(os.fstat(fd).st_mode)
         if mode & 0o077:
-            os.fchmod(fd, mode & ~0o077)
-            log.info("'%s': mode %04o -> %04o: a save file holds guest RAM",
-                     self.path, mode, mode & ~0o077)  # fmt: skip
+            raise MigrationError(
+                f"'{self.path}' may be read or written by group or others (mode {mode:04o}): "
+                "a save would put guest RAM where they can read it, and a chmod would not "
+                "stop a reader that opened it before; remove the file (migd creates it "
+                "0600) or save to another name"
+            )
 
     def close_channels(self) -> None:
         channel_fds, self._channel_fds = self._channel_fds, []

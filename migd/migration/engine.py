@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import os
 import re
+import stat
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -28,6 +29,7 @@ from ..io.share import DEFAULT_SLOTS, DiskShare
 from ..io.target import Openers, Target, close_quietly, open_channel_fd
 from ..io.throttle import Throttle
 from ..pages import PAGE_SIZE
+from ..state.fdsets import is_fdset_path
 from ..state.memory import MemoryBackend, MemoryRegistry
 from ..state.partial import PartialMarks
 from ..state.paths import ChannelOpener, FileOpener, plain_open
@@ -61,6 +63,24 @@ MAX_JOBS = 256  # QEMU's text (job-qmp.c find_job_locked)
 _JOB_ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
 SAMPLE_PERIOD = 0.1  # seconds between throughput samples (QEMU's BUFFER_DELAY)
 STOP_TIMEOUT = 1.5  # seconds a shutdown waits for a cancelled job (SIGTERM ends in < 2 s)
+
+
+def _refuse_readable_memory(backend: MemoryBackend) -> None:
+    """A restore puts guest RAM into each backend's memory file: a file named by path that
+    group or others may read would hand it to them (red-team, session 13: a mem-path
+    created under umask 022 was read by `nobody` after the restore). A passed fd, and
+    anonymous or private memory, are not files others can open by name."""
+    fd, path = backend.fd, backend.mem_path
+    if fd is None or not backend.share or path is None or is_fdset_path(path):
+        return
+    mode = stat.S_IMODE(os.fstat(fd).st_mode)
+    if mode & 0o044:
+        raise MigrationError(
+            f"Memory backend '{backend.id}' file '{path}' may be read by group or others "
+            f"(mode {mode:04o}): a restore would put guest RAM where they can read it; "
+            "chmod go-rw it (QEMU creates mem-path files 0644 under umask 022) or pass the "
+            "file as an fd"
+        )
 
 
 def _reopen_for_reading(fd: int) -> int | None:
@@ -352,6 +372,7 @@ class MigrationEngine:
         main_fd = await asyncio.to_thread(target.open_main, self.openers, direction, peer_uid)
         previous: update.Previous | None = None
         try:
+            target.refuse_shared()
             identity = self._refuse_file_conflicts(
                 main_fd, target.path, "save", "a save to it would overwrite that memory"
             )
@@ -413,6 +434,8 @@ class MigrationEngine:
                 restore.parse, main_fd, target, job_id is not None or self.caps.mapped_ram
             )
             matched, skipped = plan.match_blocks(candidates, parsed, target, skip_unmatched)
+            for _, backend in matched:
+                _refuse_readable_memory(backend)
             table = None
             if verify != "off":
                 table = await asyncio.to_thread(restore.read_checksums, main_fd, target, parsed)
@@ -706,7 +729,6 @@ class MigrationEngine:
         fds = await self._open_channels(job, main_fd)
         read_fd: int | None = None
         try:
-            await asyncio.to_thread(job.target.keep_private)
             if previous is None:
                 await asyncio.to_thread(save.write_head, job, layout, main_fd)
             else:

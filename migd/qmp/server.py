@@ -34,6 +34,7 @@ from typing import Any
 
 from ..errors import FdError, InvalidRequest, MigdError
 from ..state.fdsets import check_room_for_passed_fds
+from ..state.paths import FileRefused, resolve_trusted
 from .wire import (
     MessageSplitter,
     Refused,
@@ -417,27 +418,44 @@ class Server:
 
 
 def check_socket_directory(path: str, parent: str) -> None:
-    """Refuse a socket directory another local user controls: they could replace the
-    socket with their own listener (clients would hand it their fds), and migd keeps its
-    state (partial-restore marks) next to it. Sticky directories such as /tmp are fine:
-    there no one else can remove or rename migd's entries."""
-    st = os.stat(parent)
+    """Refuse a socket path another local user controls: they could replace the socket
+    with their own listener (clients would hand it the memory fds they pass, read-write),
+    and migd keeps its state (partial-restore marks) next to it.
+
+    Every directory on the way must belong to root or migd's uid and be one no other
+    user can change, and every symbolic link on the way must be root's or migd's
+    (state/paths.py resolve_trusted, as for the files migd opens by name): a link of
+    another user's in /tmp, or a directory of theirs higher up, let them swap the socket's
+    directory after migd started (red-team, session 13). The socket's own directory may
+    not be writable by others at all, sticky or not: there they could squat the names migd
+    creates beside the socket (partial-restores/)."""
+    try:
+        real, _ = resolve_trusted(path, {0, os.geteuid()})
+    except FileRefused as exc:
+        raise MigdError(f"Cannot listen on '{path}': {exc}") from None
+    directory = os.path.dirname(real)
+    try:
+        st = os.stat(directory)
+    except FileNotFoundError:
+        return  # not made yet (bind_unix_socket checks again once it is)
     if st.st_uid not in (0, os.geteuid()):
         raise MigdError(
-            f"Cannot listen on '{path}': its directory '{parent}' belongs to uid {st.st_uid}, "
-            "who could replace the socket"
+            f"Cannot listen on '{path}': its directory '{directory}' belongs to uid "
+            f"{st.st_uid}, who could replace the socket"
         )
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise MigdError(
-            f"Cannot listen on '{path}': its directory '{parent}' is writable by group or "
-            f"others without the sticky bit (mode {stat.S_IMODE(st.st_mode):04o}): another "
-            "user could replace the socket"
+            f"Cannot listen on '{path}': its directory '{directory}' is writable by group or "
+            f"others (mode {stat.S_IMODE(st.st_mode):04o}): another user could replace the "
+            "socket or squat the names migd keeps beside it; give the socket a directory of "
+            "its own (as /run/migd)"
         )
 
 
 def bind_unix_socket(path: str, mode: int) -> socket.socket:
     """Create the listening socket, replacing a stale one and refusing a live one."""
     parent = os.path.dirname(os.path.abspath(path))
+    check_socket_directory(path, parent)  # before anything is created on the way
     os.makedirs(parent, mode=0o755, exist_ok=True)
     check_socket_directory(path, parent)
     if len(os.fsencode(path)) > 107:

@@ -13,6 +13,8 @@ import errno
 import mmap
 import os
 import signal
+import socket
+import struct
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -73,9 +75,40 @@ def _error_text(exc: BaseException) -> str:
 # --- connection ---------------------------------------------------------------------------
 
 
-async def connect(socket_path: str, name: str = "migd-cli", failure: str | None = None) -> Any:
+def peer_credentials(client: Any) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a QMPClient's UNIX socket, as
+    the kernel saw it when that process listened (SO_PEERCRED)."""
+    writer = getattr(client, "_writer", None)  # as QMPClient.send_fd_scm finds its socket
+    sock = writer.transport.get_extra_info("socket") if writer is not None else None
+    if sock is None or sock.family != socket.AF_UNIX:
+        raise ClientError("the QMP connection is not a UNIX socket: cannot tell who serves it")
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", creds)
+    return int(pid), int(uid), int(gid)
+
+
+def check_migd_server(client: Any, socket_path: str) -> None:
+    """migd's socket must be served by root or by this user: a listener of another local
+    user's (a socket directory they swapped) would be handed the memory fds the client
+    passes, read-write (red-team, session 13)."""
+    pid, uid, _ = peer_credentials(client)
+    if uid not in (0, os.geteuid()):
+        raise UsageError(
+            f"{socket_path} is served by uid {uid} (pid {pid}), neither root nor you: not "
+            "a migd this client trusts with memory; nothing was sent to it"
+        )
+
+
+async def connect(
+    socket_path: str,
+    name: str = "migd-cli",
+    failure: str | None = None,
+    *,
+    check_server: bool = True,
+) -> Any:
     """A negotiated QMPClient, or UsageError naming the socket and how to start migd
-    (`failure`: the text for another server, e.g. a VM's QEMU)."""
+    (`failure`: the text for another server, e.g. a VM's QEMU, which `check_server`
+    False lets run as any user; migd's must be root's or this user's)."""
     try:
         from qemu.qmp import QMPClient
     except ImportError:
@@ -94,6 +127,12 @@ async def connect(socket_path: str, name: str = "migd-cli", failure: str | None 
             f"cannot connect to migd at {socket_path}: {reason}\n"
             f"is the daemon running? start it with: migd serve --socket {socket_path}"
         ) from None
+    if check_server:
+        try:
+            check_migd_server(client, socket_path)
+        except BaseException:
+            await _disconnect(client)
+            raise
     return client
 
 

@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import stat
-import struct
 from typing import Any, TypeVar
 
-from .client import ClientError
+from .client import ClientError, peer_credentials
 
 _T = TypeVar("_T")
 # QEMU's id_wellformed(): a letter, then letters, digits, '-', '.', '_'.
@@ -64,15 +62,10 @@ def backend_id(value: object) -> str:
 
 def peer_pid(qemu: Any) -> int:
     """The pid of the process at the other end of a QMPClient's UNIX socket."""
-    writer = getattr(qemu, "_writer", None)  # as QMPClient.send_fd_scm finds its socket
-    sock = writer.transport.get_extra_info("socket") if writer is not None else None
-    if sock is None or sock.family != socket.AF_UNIX:
-        raise ClientError("QEMU's QMP connection is not a UNIX socket: cannot tell its pid")
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, _uid, _gid = struct.unpack("3i", creds)
+    pid, _, _ = peer_credentials(qemu)
     if pid <= 0:
         raise ClientError("QEMU's QMP socket gives no peer pid")
-    return int(pid)
+    return pid
 
 
 def _maps_shared_writable(pid: int, st: os.stat_result) -> bool:

@@ -165,7 +165,9 @@ def _interrupted() -> bool:
 async def connect_qemu(path: str, timeout: float = QEMU_TIMEOUT) -> Any:
     failure = f"cannot connect to QEMU's QMP socket {path}"
     try:
-        return await asyncio.wait_for(connect(path, name="migd-vm", failure=failure), timeout)
+        return await asyncio.wait_for(
+            connect(path, name="migd-vm", failure=failure, check_server=False), timeout
+        )
     except TimeoutError:
         raise UsageError(
             f"{failure}: no QMP greeting within {timeout:g} s (a QMP socket serves one client "
