@@ -165,12 +165,16 @@ class Daemon:
     def _log_path_policy(self) -> None:
         paths = self.services.paths
         if paths.restricted:
-            log.info("files and mem-paths are confined to %s", ", ".join(paths.allowed))
-        elif self.config.socket_mode & 0o066:
+            log.info("files and mem-paths named by path are confined to %s",
+                     ", ".join(paths.allowed))  # fmt: skip
+        if self.config.socket_mode & 0o066:
+            # Access to the socket is control of every backend: allowed-dirs limits the
+            # names clients give, not the fds they pass nor what they do to backends.
             log.warning(
-                "socket mode %04o lets other users control migd, and no allowed-dirs are "
-                "configured: they can make migd open any file it can open",
+                "socket mode %04o lets other users control migd: they can save any backend "
+                "into fds they pass, restore into it, or delete it%s",
                 self.config.socket_mode,
+                "" if paths.restricted else ", and make migd open any file it can open",
             )
 
     async def _apply_config(self) -> None:
