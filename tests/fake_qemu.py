@@ -92,6 +92,8 @@ class FakeQemu:
             for fd in self.fdsets.pop(args["fdset-id"], []):
                 os.close(fd)
             return {}
+        if command == "stop" and self.status == "inmigrate":
+            return {}  # as QEMU: an incoming VM stays inmigrate, only not autostarted
         if command in ("stop", "cont"):
             self.status = "paused" if command == "stop" else "running"
             return {}
@@ -101,6 +103,9 @@ class FakeQemu:
             magic = self.config.get("device_magic", "QEVM").encode()
             os.write(self.fdsets[fdset][-1], (magic + bytes(size))[:size])
             self.migration = "completed"
+            return {}
+        if command == "migrate-incoming":  # loads nothing: the device state is not read
+            self.migration, self.status = "completed", "paused"
             return {}
         if command == "query-migrate":
             return {"status": self.migration}

@@ -656,6 +656,14 @@ MUTANTS = [
         ("tests/test_file_ownership.py::"
          "test_the_client_refuses_a_socket_served_by_another_user",),
     ),
+    Mutant(
+        "vm-peer-pid-trusted-after-its-listener-exited",
+        "migd/tools/qemu_peer.py",
+        "                        return int(line.split()[1]) == self.pid\n",
+        "                        return True\n",
+        ("tests/test_vm_hostile_qemu.py::"
+         "test_a_socket_whose_listener_exited_is_not_taken_for_any_process_with_its_pid",),
+    ),
 ]  # fmt: skip
 
 

@@ -327,3 +327,94 @@ def test_an_image_header_nested_thousands_deep_is_an_error_not_a_traceback(
     assert result.returncode == 1
     assert "the image header is malformed (nested too deeply)" in result.stdout + result.stderr
     assert "Traceback" not in result.stderr
+
+
+# --- the QMP socket's peer (red-team, session 13, second round) --------------------------------
+
+
+class _Conn:
+    """What Peer reads of a QMPClient: its stream writer's socket."""
+
+    def __init__(self, sock: Any) -> None:
+        class Transport:
+            def get_extra_info(self, name: str) -> Any:
+                return sock
+
+        class Writer:
+            transport = Transport()
+
+        self._writer = Writer()
+
+
+def test_a_socket_whose_listener_exited_is_not_taken_for_any_process_with_its_pid(short_dir):
+    """SO_PEERCRED keeps the pid of the process that listened after it exited: a listener
+    of `nobody`'s forked a server and exited, and once a root QEMU got that pid number,
+    that QEMU's maps vouched for its root-only RAM file. The peer is pinned by a pidfd."""
+    import socket as socket_module
+
+    from migd.tools.qemu_peer import Peer
+
+    path = short_dir / "listener.sock"
+    code = (
+        "import socket, sys, time\n"
+        "s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(1)\n"
+        "print('ready', flush=True); sys.stdin.readline()\n"
+    )
+    listener = subprocess.Popen(
+        [sys.executable, "-c", code, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert listener.stdout is not None and listener.stdin is not None
+    assert listener.stdout.readline() == "ready\n"
+    client = socket_module.socket(socket_module.AF_UNIX)
+    client.connect(str(path))
+    try:
+        alive = Peer(_Conn(client))
+        assert alive.pid == listener.pid and alive.alive()
+        pidfds = alive.pidfd is not None  # SO_PEERPIDFD: Linux 6.5
+        alive.close()
+        listener.stdin.write("\n")
+        listener.stdin.flush()
+        listener.wait(30)  # exited and reaped: its pid may be anyone's now
+        gone = Peer(_Conn(client))
+        assert gone.pid == listener.pid  # what SO_PEERCRED still says
+        assert not gone.alive()
+        # Told by the kernel (a pidfd of the exited listener, or ESRCH), not by /proc/PID,
+        # which a process that got the pid number since would fill again.
+        assert gone.exited or gone.pidfd is not None or not pidfds
+        gone.close()
+    finally:
+        client.close()
+        if listener.poll() is None:
+            listener.kill()
+            listener.wait()
+
+
+def test_a_restore_that_failed_half_way_is_retried_with_accept_partial(
+    daemon, fakes, short_dir, shm
+):
+    """A failed restore leaves the RAM file marked partial, and `migd vm restore` could
+    not say it accepts that: every retry was refused (red-team, session 13)."""
+    from migd.tools import vm_image
+
+    from .conftest import parse_save
+
+    image = _saved_image(daemon, fakes, short_dir, shm)
+    good = image.read_bytes()
+    with open(image, "rb") as f:
+        header = vm_image.read_header(f.fileno(), str(image))
+    block = parse_save(image, header.ram.offset).blocks[0]
+    bad = bytearray(good)
+    bad[block.pages_offset + 5 * MiB] ^= 0xFF  # a page of the RAM part's sixth MiB
+    (short_dir / "bad.img").write_bytes(bytes(bad))
+    fake = fakes({"memdevs": [memdev(shm / "ram")], "state": "inmigrate"}, name="incoming")
+    failed = vm(daemon, fake, "restore", str(short_dir / "bad.img"))
+    assert failed.returncode == 1 and "checksum mismatch" in failed.stderr
+    again = vm(daemon, fake, "restore", str(image))
+    assert again.returncode == 1
+    assert "`migd vm restore --accept-partial` restores into it anyway" in again.stderr
+    accepted = vm(daemon, fake, "restore", "--accept-partial", "--paused", str(image))
+    assert accepted.returncode == 0, accepted.stderr
+    assert daemon_backends(daemon) == []

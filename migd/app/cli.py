@@ -388,6 +388,12 @@ def _add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
             p.add_argument(
                 "--paused", action="store_true", help="leave the guest paused, ready for 'cont'"
             )
+            p.add_argument(
+                "--accept-partial",
+                action="store_true",
+                help="restore into RAM files an interrupted or failed restore left partial "
+                "(migd refuses them otherwise: their content is a mix)",
+            )
 
     call = sub.add_parser("call", help="run any QMP command and print its JSON result")
     call.add_argument("--socket", default=None, help=socket_help)
@@ -782,6 +788,7 @@ def cmd_vm(args: argparse.Namespace) -> int:
         opts.live = args.live
         return _run_client("vm save", run_vm_save(opts, sys.stdout, sys.stderr))
     opts.paused = args.paused
+    opts.accept_partial = args.accept_partial
     return _run_client("vm restore", run_vm_restore(opts, sys.stdout, sys.stderr))
 
 

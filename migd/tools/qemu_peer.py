@@ -17,8 +17,10 @@ so that a malformed reply is a clear error, never a traceback.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import socket
 import stat
 from typing import Any, TypeVar
 
@@ -60,12 +62,57 @@ def backend_id(value: object) -> str:
     return text
 
 
-def peer_pid(qemu: Any) -> int:
-    """The pid of the process at the other end of a QMPClient's UNIX socket."""
-    pid, _, _ = peer_credentials(qemu)
-    if pid <= 0:
-        raise ClientError("QEMU's QMP socket gives no peer pid")
-    return pid
+_SO_PEERPIDFD = 77  # Linux 6.5: a pidfd of the peer; not in Python 3.11's socket module
+
+
+class Peer:
+    """The process that made QEMU's QMP socket: its pid (SO_PEERCRED) and, where the
+    kernel gives one, a pidfd of that very process (SO_PEERPIDFD).
+
+    SO_PEERCRED keeps the pid of the process that called listen(), even after it exited:
+    a listener of `nobody`'s could fork a server and exit, and once a root QEMU got that
+    pid number, its maps made the check pass (red-team, session 13). The pidfd stays
+    bound to the process it was made for: `alive()` is true only while that process is
+    the one the pid names, so a check that reads /proc/PID/maps and then finds it alive
+    read the maps of the listener itself."""
+
+    def __init__(self, qemu: Any) -> None:
+        pid, _, _ = peer_credentials(qemu)
+        if pid <= 0:
+            raise ClientError("QEMU's QMP socket gives no peer pid")
+        self.pid = pid
+        self.pidfd: int | None = None
+        writer = getattr(qemu, "_writer", None)
+        sock: Any = writer.transport.get_extra_info("socket") if writer is not None else None
+        self.exited = False
+        try:
+            self.pidfd = int(sock.getsockopt(socket.SOL_SOCKET, _SO_PEERPIDFD))
+        except OSError as exc:
+            # ESRCH: the process that made the socket is gone (its pid may be another's
+            # by now); else a kernel before 6.5: the pid alone (docs/vm-image.md).
+            self.exited = exc.errno == errno.ESRCH
+        except AttributeError:
+            pass
+
+    def alive(self) -> bool:
+        """Whether the process that made the socket still runs under that pid."""
+        if self.exited:
+            return False
+        if self.pidfd is None:
+            return os.path.exists(f"/proc/{self.pid}")
+        try:
+            with open(f"/proc/self/fdinfo/{self.pidfd}") as info:
+                for line in info:
+                    if line.startswith("Pid:"):
+                        return int(line.split()[1]) == self.pid
+        except (OSError, ValueError):
+            return False
+        return False
+
+    def close(self) -> None:
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
 
 
 def _maps_shared_writable(pid: int, st: os.stat_result) -> bool:
@@ -90,34 +137,36 @@ def _maps_shared_writable(pid: int, st: os.stat_result) -> bool:
     return False
 
 
-def open_guest_ram(pid: int, path: str, backend: str) -> int:
-    """A read-write fd of `path`, the file QEMU (`pid`) says backs `backend`, once it is
+def open_guest_ram(peer: Peer, path: str, backend: str) -> int:
+    """A read-write fd of `path`, the file QEMU (`peer`) says backs `backend`, once it is
     checked to be a regular file that process maps shared and writable; ClientError
-    otherwise. Never opens a FIFO or a device (stat first, then O_NONBLOCK, fstat)."""
+    otherwise. The name is opened once, O_PATH (which opens no device: a name swapped for
+    a link to /dev/watchdog between a stat and an open armed it as root), and everything
+    is checked on that fd, which is then reopened read-write through /proc/self/fd."""
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            raise ClientError(
-                f"memory backend '{backend}': its file {path!r} is not a regular file"
-            )
-        fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+        path_fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
     except OSError as exc:
         raise ClientError(
             f"memory backend '{backend}': cannot open its file {path!r}: {exc.strerror}"
         ) from None
     try:
-        st = os.fstat(fd)
+        st = os.fstat(path_fd)
         if not stat.S_ISREG(st.st_mode):
             raise ClientError(
                 f"memory backend '{backend}': its file {path!r} is not a regular file"
             )
-        if not _maps_shared_writable(pid, st):
+        if not (_maps_shared_writable(peer.pid, st) and peer.alive()):
             raise ClientError(
-                f"memory backend '{backend}': QEMU (pid {pid}, the QMP socket's peer) does "
-                f"not map {path!r}: migd opens only the RAM files the QEMU it talks to "
-                "really uses (is the socket QEMU's own, and the backend share=on?)"
+                f"memory backend '{backend}': QEMU (pid {peer.pid}, the QMP socket's peer) "
+                f"does not map {path!r}: migd opens only the RAM files the QEMU it talks to "
+                "really uses (is the socket QEMU's own, the backend share=on, and the "
+                "process that made the socket still running?)"
             )
-        os.set_blocking(fd, True)
-        return fd
-    except BaseException:
-        os.close(fd)
-        raise
+        try:
+            return os.open(f"/proc/self/fd/{path_fd}", os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            raise ClientError(
+                f"memory backend '{backend}': cannot open its file {path!r}: {exc.strerror}"
+            ) from None
+    finally:
+        os.close(path_fd)

@@ -55,7 +55,7 @@ from .client import (
     probe_direct_io,
 )
 from .inspect import InspectError, SaveInfo, inspect_file, open_regular
-from .qemu_peer import backend_id, expect, member, open_guest_ram, peer_pid
+from .qemu_peer import Peer, backend_id, expect, member, open_guest_ram
 
 # States a guest may be saved from: it is stopped first if running. Others (inmigrate,
 # shutdown, guest-panicked, internal-error, ...) hold no guest worth resuming.
@@ -124,6 +124,7 @@ class VmOptions:
     after: str = "pause"  # save: pause | resume | quit
     live: bool = False  # save: copy the RAM while the guest runs, then only what changed
     paused: bool = False  # restore: leave the guest paused
+    accept_partial: bool = False  # restore: into RAM files an earlier restore left partial
     qemu_timeout: float = QEMU_TIMEOUT  # seconds for each QEMU command to answer
     json: bool = False  # print the summary as JSON
     timings: dict[str, float] = field(default_factory=dict)
@@ -181,13 +182,14 @@ async def qemu_execute(
     arguments: Mapping[str, Any] | None = None,
     *,
     cleanup: bool = False,
+    interruptible: bool = True,
 ) -> Any:
     """One QEMU command. It ends in ClientError if QEMU does not answer in time
     (--qemu-timeout) or, unless `cleanup` (undoing a failed save must still happen, with a
     short limit), on Ctrl-C or SIGTERM."""
     limits = _LIMITS.get(_Limits())
     timeout = min(limits.timeout, CLEANUP_TIMEOUT) if cleanup else limits.timeout
-    interrupt = None if cleanup else limits.interrupt
+    interrupt = None if cleanup or not interruptible else limits.interrupt
     if interrupt is not None and interrupt.is_set():
         raise ClientError(f"QEMU: {command}: not sent, interrupted (Ctrl-C or SIGTERM)")
     if qemu in _SILENT:
@@ -265,16 +267,18 @@ async def run_state(qemu: Any) -> str:
 def open_backend_files(qemu: Any, backends: Sequence[GuestBackend]) -> dict[str, int]:
     """Each backend's RAM file, opened read-write once the QEMU at the other end of the
     socket is seen to map it (tools/qemu_peer.py); {backend id: fd}."""
-    pid = peer_pid(qemu)
+    peer = Peer(qemu)
     fds: dict[str, int] = {}
     try:
         for b in backends:
             assert b.mem_path is not None  # GuestBackend.problem() refused the others
-            fds[b.id] = open_guest_ram(pid, b.mem_path, b.id)
+            fds[b.id] = open_guest_ram(peer, b.mem_path, b.id)
     except BaseException:
         for fd in fds.values():
             os.close(fd)
         raise
+    finally:
+        peer.close()
     return fds
 
 
@@ -378,7 +382,10 @@ async def wait_qemu_migration(
 
 
 async def add_migd_backends(
-    migd: Any, backends: Sequence[tuple[str, str, int, int]], fdsets: list[int]
+    migd: Any,
+    backends: Sequence[tuple[str, str, int, int]],
+    fdsets: list[int],
+    accept_partial: bool = False,
 ) -> list[str]:
     """object-add each (migd id, block name, size, fd of the RAM file): the fd goes to
     migd as an fd set (its id appended to `fdsets`, for drop_migd_fdset), and the backend
@@ -401,6 +408,7 @@ async def add_migd_backends(
                     "mem-path": f"/dev/fdset/{fdset}",
                     "share": True,
                     "ramblock-name": block,
+                    **({"x-accept-partial": True} if accept_partial else {}),
                 },
             )
             added.append(id)
@@ -482,7 +490,9 @@ async def run_migd_job(
             if interrupt.event.is_set() and not cancelled:
                 cancelled = True
                 progress.close()
-                await _execute(migd, "job-cancel", {"id": job_id})
+                # Refused when the job ended meanwhile: its end is what counts then.
+                with contextlib.suppress(ClientError):
+                    await _execute(migd, "job-cancel", {"id": job_id})
             waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(listener.get())]
             if not cancelled:
                 waits.append(asyncio.ensure_future(interrupt.event.wait()))
@@ -491,8 +501,9 @@ async def run_migd_job(
                 task.cancel()
     finally:
         migd.remove_listener(listener)
-    with contextlib.suppress(ClientError):
-        await _execute(migd, "job-dismiss", {"id": job_id})
+        # Whatever ended the wait: a concluded job left listed would stay for ever.
+        with contextlib.suppress(ClientError):
+            await _execute(migd, "job-dismiss", {"id": job_id})
     if job.get("error") is not None:
         raise ClientError(f"migd {command} failed: {job['error']}")
     if cancelled:
@@ -1011,11 +1022,20 @@ async def _restore(opts: VmOptions, out: TextIO, err: TextIO, interrupt: _Interr
             direct_io = probe_direct_io(f"/proc/self/fd/{fd}", for_write=False)
         tag = f"{header.image_id[:8]}-{os.getpid()}"
         t["checked"] = time.monotonic()
-        migd_ids = await add_migd_backends(
-            migd,
-            [(f"vm-{tag}-{e.id}", e.block, e.size, ram_fds[e.id]) for e in header.backends],
-            migd_fdsets,
-        )
+        try:
+            migd_ids = await add_migd_backends(
+                migd,
+                [(f"vm-{tag}-{e.id}", e.block, e.size, ram_fds[e.id]) for e in header.backends],
+                migd_fdsets,
+                opts.accept_partial,
+            )
+        except ClientError as exc:
+            if "left partial" not in str(exc):
+                raise
+            raise ClientError(
+                f"{exc}\n(this QEMU's RAM file holds a partial restore; "
+                "`migd vm restore --accept-partial` restores into it anyway)"
+            ) from None
         # Incoming QEMU starts the guest when its part is loaded unless stopped first.
         await qemu_execute(qemu, "stop")
         await settings.set_up(incoming=True)
@@ -1035,7 +1055,9 @@ async def _restore(opts: VmOptions, out: TextIO, err: TextIO, interrupt: _Interr
         await wait_qemu_migration(qemu, "device-state load")
         t["device"] = time.monotonic()
         if not opts.paused:
-            await qemu_execute(qemu, "cont")
+            # Not ended by Ctrl-C: a cont QEMU carried out but answered late would be
+            # reported as a failed restore of a guest that runs.
+            await qemu_execute(qemu, "cont", interruptible=False)
         t["running"] = time.monotonic()
         # QEMU's settings and migd's mappings are undone once the guest runs
         # (unmapping GiBs takes tens of ms), and also after a failure.
