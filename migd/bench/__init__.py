@@ -301,6 +301,9 @@ def run_vm(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Runs the suite for parsed arguments (`migd bench` or the script); the exit code."""
+    # The memory files the bench makes hold "guest RAM": private, as migd wants a file
+    # before it restores into it (one others may read is refused), whatever the umask.
+    os.umask(0o077)
     if getattr(args, "concurrency", False):
         return run_concurrency(args)
     if getattr(args, "vm", False):
