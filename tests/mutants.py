@@ -579,7 +579,7 @@ MUTANTS = [
     Mutant(
         "vm-trusts-a-mem-path-its-qemu-does-not-map",
         "migd/tools/qemu_peer.py",
-        "        if not _maps_shared_writable(pid, st):\n",
+        "        if not (_maps_shared_writable(peer.pid, st) and peer.alive()):\n",
         "        if False:\n",
         ("tests/test_vm_hostile_qemu.py::"
          "test_a_qemu_naming_a_file_it_does_not_map_is_refused_before_the_guest_stops",),
