@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
+from typing import Any
 
 from .conftest import (
     add_file_backend,
@@ -24,12 +26,18 @@ MiB = 1 << 20
 SIZE = 4 * MiB
 
 
-async def test_a_restore_into_a_memory_file_others_may_read_is_refused(qmp, shm, short_dir):
-    fill_random(shm / "m0", SIZE, seed=1)
+async def _saved(qmp: Any, shm: Path, short_dir: Path, seed: int) -> Path:
+    """A save of backend m0 (shm/m0, random data): the save file."""
+    fill_random(shm / "m0", SIZE, seed=seed)
     await add_file_backend(qmp, "m0", shm / "m0", SIZE)
     await enable_mapped_ram(qmp)
     image = short_dir / "f.sav"
     assert (await save(qmp, image))["status"] == "completed"
+    return image
+
+
+async def test_a_restore_into_a_memory_file_others_may_read_is_refused(qmp, shm, short_dir):
+    image = await _saved(qmp, shm, short_dir, seed=1)
     saved = hashlib.sha256((shm / "m0").read_bytes()).hexdigest()
     fill_random(shm / "m0", SIZE, seed=2)
     before = (shm / "m0").read_bytes()
@@ -47,11 +55,7 @@ async def test_a_restore_into_a_memory_file_others_may_read_is_refused(qmp, shm,
 
 
 async def test_a_memory_file_passed_as_an_fd_is_the_clients_to_protect(qmp, shm, short_dir):
-    fill_random(shm / "m0", SIZE, seed=3)
-    await add_file_backend(qmp, "m0", shm / "m0", SIZE)
-    await enable_mapped_ram(qmp)
-    image = short_dir / "f.sav"
-    assert (await save(qmp, image))["status"] == "completed"
+    image = await _saved(qmp, shm, short_dir, seed=3)
     await qmp.execute("object-del", {"id": "m0"})
     (shm / "m1").write_bytes(bytes(SIZE))
     (shm / "m1").chmod(0o644)

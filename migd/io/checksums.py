@@ -306,10 +306,11 @@ class UnitChecksums:
                 start = unit * UNIT_PAGES
                 stop = min(start + UNIT_PAGES, block.pages)
                 saving = self.expected is None
-                from_file = saving and self.file_fd is not None
+                file_fd = self.file_fd if saving else None  # a restore reads back memory
+                from_file = file_fd is not None
                 source = (
-                    file_source(block, self.file_fd, reader)
-                    if from_file and self.file_fd is not None
+                    file_source(block, file_fd, reader)
+                    if file_fd is not None
                     else memory_source(block, reader)
                 )
                 try:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
-import logging
 import os
 import re
 import stat
@@ -34,8 +33,6 @@ from ..state.paths import (
     remove_created,
     trusted_owners,
 )
-
-log = logging.getLogger(__name__)
 
 _OTHER_TRANSPORTS = ("unix", "tcp", "fd", "exec", "rdma", "vsock")
 _OFFSET = re.compile(r"(0[xX][0-9a-fA-F]+|[0-9]+)")

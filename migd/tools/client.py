@@ -75,13 +75,19 @@ def _error_text(exc: BaseException) -> str:
 # --- connection ---------------------------------------------------------------------------
 
 
-def peer_credentials(client: Any) -> tuple[int, int, int]:
-    """(pid, uid, gid) of the process at the other end of a QMPClient's UNIX socket, as
-    the kernel saw it when that process listened (SO_PEERCRED)."""
-    writer = getattr(client, "_writer", None)  # as QMPClient.send_fd_scm finds its socket
+def unix_socket(client: Any) -> socket.socket:
+    """A connected QMPClient's UNIX socket, found as QMPClient.send_fd_scm finds it."""
+    writer = getattr(client, "_writer", None)
     sock = writer.transport.get_extra_info("socket") if writer is not None else None
     if sock is None or sock.family != socket.AF_UNIX:
         raise ClientError("the QMP connection is not a UNIX socket: cannot tell who serves it")
+    return sock
+
+
+def peer_credentials(client: Any) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a QMPClient's UNIX socket, as
+    the kernel saw it when that process listened (SO_PEERCRED)."""
+    sock = unix_socket(client)
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", creds)
     return int(pid), int(uid), int(gid)

@@ -24,7 +24,7 @@ import socket
 import stat
 from typing import Any, TypeVar
 
-from .client import ClientError, peer_credentials
+from .client import ClientError, peer_credentials, unix_socket
 
 _T = TypeVar("_T")
 # QEMU's id_wellformed(): a letter, then letters, digits, '-', '.', '_'.
@@ -82,17 +82,13 @@ class Peer:
             raise ClientError("QEMU's QMP socket gives no peer pid")
         self.pid = pid
         self.pidfd: int | None = None
-        writer = getattr(qemu, "_writer", None)
-        sock: Any = writer.transport.get_extra_info("socket") if writer is not None else None
         self.exited = False
         try:
-            self.pidfd = int(sock.getsockopt(socket.SOL_SOCKET, _SO_PEERPIDFD))
+            self.pidfd = unix_socket(qemu).getsockopt(socket.SOL_SOCKET, _SO_PEERPIDFD)
         except OSError as exc:
             # ESRCH: the process that made the socket is gone (its pid may be another's
             # by now); else a kernel before 6.5: the pid alone (docs/vm-image.md).
             self.exited = exc.errno == errno.ESRCH
-        except AttributeError:
-            pass
 
     def alive(self) -> bool:
         """Whether the process that made the socket still runs under that pid."""
