@@ -667,6 +667,14 @@ MUTANTS = [
         ("tests/test_vm_hostile_qemu.py::"
          "test_a_socket_whose_listener_exited_is_not_taken_for_any_process_with_its_pid",),
     ),
+    Mutant(
+        "passed-save-file-named-by-its-fdset-number",
+        "migd/io/target.py",
+        "        self._name = file_name(self.path, fd)\n",
+        "        self._name = self.path\n",
+        ("tests/test_vm_hostile_qemu.py::"
+         "test_a_restore_that_failed_half_way_is_retried_with_accept_partial",),
+    ),
 ]  # fmt: skip
 
 

@@ -567,3 +567,23 @@ async def qmp_error_with_fd(client, fd: int, opaque: str) -> str:
     except ExecuteError as exc:
         return exc.error.error.desc
     raise AssertionError("add-fd accepted the note")
+
+
+def test_messages_name_a_passed_fds_file_by_its_real_name(tmp_path):
+    """An fdset path means nothing to a person reading an error, and nothing at all once
+    the set is removed (a partial-restore mark outlives it): messages use the name the
+    kernel knows the fd's file by, and keep /dev/fdset/N where the fd has none."""
+    from migd.state.fdsets import file_name
+
+    path = tmp_path / "save.img"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    read_end, write_end = os.pipe()
+    try:
+        assert file_name("/dev/fdset/4", fd) == str(path)
+        assert file_name(str(path), fd) == str(path)  # a named file keeps its name
+        os.unlink(path)
+        assert file_name("/dev/fdset/4", fd) == f"{path} (deleted)"
+        assert file_name("/dev/fdset/4", read_end) == "/dev/fdset/4"  # pipe:[N]
+    finally:
+        for each in (fd, read_end, write_end):
+            os.close(each)

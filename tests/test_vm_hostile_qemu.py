@@ -412,9 +412,14 @@ def test_a_restore_that_failed_half_way_is_retried_with_accept_partial(
     fake = fakes({"memdevs": [memdev(shm / "ram")], "state": "inmigrate"}, name="incoming")
     failed = vm(daemon, fake, "restore", str(short_dir / "bad.img"))
     assert failed.returncode == 1 and "checksum mismatch" in failed.stderr
+    # The files are passed to migd as fds: the errors name them, not /dev/fdset/N.
+    assert f"'{short_dir / 'bad.img'}'" in failed.stderr
+    assert "/dev/fdset/" not in failed.stderr
     again = vm(daemon, fake, "restore", str(image))
     assert again.returncode == 1
     assert "`migd vm restore --accept-partial` restores into it anyway" in again.stderr
+    assert f"Memory file '{shm / 'ram'}' was left partial" in again.stderr
+    assert f"restore of '{short_dir / 'bad.img'}' started" in again.stderr
     accepted = vm(daemon, fake, "restore", "--accept-partial", "--paused", str(image))
     assert accepted.returncode == 0, accepted.stderr
     assert daemon_backends(daemon) == []

@@ -15,7 +15,7 @@ from ..pages import PAGE_SIZE
 from ..qapi import Uint64
 from ..qmp.dispatch import command
 from ..qmp.validation import Empty, QapiModel
-from ..state.fdsets import is_fdset_path
+from ..state.fdsets import file_name, is_fdset_path
 from ..state.memory import MemoryBackend, create_file_backend, create_ram_backend
 from ..state.partial import PartialMarks
 from ..state.paths import PathPolicy, trusted_owners
@@ -76,12 +76,15 @@ async def object_add(ctx: Context, args: ObjectAddArgs) -> Empty:
         if args.mem_path is not None and is_fdset_path(args.mem_path):
             fd = ctx.services.fdsets.dup_from_fdset(args.mem_path, os.O_RDWR)
         engine = ctx.services.engine
+        # Messages name a passed fd's file by its real name (state/fdsets.file_name).
+        name = file_name(args.mem_path, fd) if args.mem_path and fd is not None else None
+        name = name or args.mem_path or args.id
 
         def refuse_file(identity: tuple[int, int]) -> None:
             # Before the file is extended or mapped; again below, on the loop, where no
             # other request can start a job or add a backend between the check and the add.
-            registry.refuse_shared_file(identity, args.mem_path or args.id)
-            engine.refuse_job_file(identity, args.mem_path or args.id)
+            registry.refuse_shared_file(identity, name)
+            engine.refuse_job_file(identity, name)
 
         backend = await asyncio.to_thread(
             create_backend,
@@ -96,7 +99,7 @@ async def object_add(ctx: Context, args: ObjectAddArgs) -> Empty:
         try:
             identity = backend.file_identity()
             if identity is not None:
-                engine.refuse_job_file(identity, args.mem_path or args.id)
+                engine.refuse_job_file(identity, name)
             registry.add(backend, reserved=True)
         except BaseException:
             backend.close()

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..errors import ChannelError, MigrationError
-from ..state.fdsets import is_fdset_path
+from ..state.fdsets import file_name, is_fdset_path
 from ..state.paths import (
     ChannelOpener,
     FileOpener,
@@ -72,8 +72,13 @@ class Target(Protocol):
     """One job's end of the stream. Its open and close methods block: call them off the
     event loop. A target serves one job: open_main first, close (or discard) last."""
 
-    path: str  # names the stream in every error text and log line
+    path: str  # the address the client gave (query-migrate, the job's x-file)
     offset: int  # where the stream starts in it
+
+    @property
+    def name(self) -> str:
+        """The file as every error text, log line and partial-restore mark names it."""
+        ...
 
     def open_main(self, openers: Openers, direction: str, peer_uid: int | None) -> int:
         """The main fd: "save" opens for writing (creating what is missing), "live" for
@@ -124,10 +129,17 @@ class FileTarget:
     _flags: int = field(default=0, init=False, repr=False, compare=False)
     _main_fd: int | None = field(default=None, init=False, repr=False, compare=False)
     _created: bool = field(default=False, init=False, repr=False, compare=False)
+    _name: str | None = field(default=None, init=False, repr=False, compare=False)
     _channel_fds: list[int] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __str__(self) -> str:
         return f"file:{self.path},offset={self.offset}" if self.offset else f"file:{self.path}"
+
+    @property
+    def name(self) -> str:
+        """The file as messages and partial-restore marks name it: the path, or for a
+        passed fd (/dev/fdset/N) the name of the file it is (state/fdsets.file_name)."""
+        return self._name or self.path
 
     @classmethod
     def parse(cls, rest: str) -> FileTarget:
@@ -166,6 +178,7 @@ class FileTarget:
             except OSError as exc:
                 raise _open_error(self.path, exc) from None
         self._openers, self._flags, self._main_fd, self._created = openers, flags, fd, created
+        self._name = file_name(self.path, fd)
         return fd
 
     def open_channels(self, count: int, direct: bool) -> list[int]:
@@ -189,7 +202,7 @@ class FileTarget:
                 st = os.fstat(fd)
                 if (st.st_dev, st.st_ino) != (main.st_dev, main.st_ino):
                     raise ChannelError(
-                        f"'{path}': a channel's fd is not the file the migration opened "
+                        f"'{self.name}': a channel's fd is not the file the migration opened "
                         "(the fdset holds fds of different files)"
                     )
         except BaseException:

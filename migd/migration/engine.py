@@ -374,7 +374,7 @@ class MigrationEngine:
         try:
             target.refuse_shared()
             identity = self._refuse_file_conflicts(
-                main_fd, target.path, "save", "a save to it would overwrite that memory"
+                main_fd, target.name, "save", "a save to it would overwrite that memory"
             )
             if updates:
                 previous = await asyncio.to_thread(update.read_previous, job, layout, main_fd)
@@ -382,7 +382,7 @@ class MigrationEngine:
             # meanwhile: both checks again, with no await between them and the job's launch.
             _refuse_changed_backends(backends, admit())
             self._refuse_file_conflicts(
-                main_fd, target.path, "save", "a save to it would overwrite that memory"
+                main_fd, target.name, "save", "a save to it would overwrite that memory"
             )
         except BaseException:
             target.discard()
@@ -426,7 +426,7 @@ class MigrationEngine:
         try:
             identity = self._refuse_file_conflicts(
                 main_fd,
-                target.path,
+                target.name,
                 "restore",
                 "a restore would overwrite the save while reading it",
             )
@@ -446,7 +446,7 @@ class MigrationEngine:
             self._check_backends_free([b for _, b in matched])
             self._refuse_file_conflicts(
                 main_fd,
-                target.path,
+                target.name,
                 "restore",
                 "a restore would overwrite the save while reading it",
             )
@@ -486,9 +486,11 @@ class MigrationEngine:
         identity = (st.st_dev, st.st_ino)
         for backend in self.memory:
             if backend.file_identity() == identity:
+                named = backend.file_name if backend.file_name not in (None, path) else None
                 raise MigrationError(
-                    f"'{path}' is the memory file of memory backend '{backend.id}' "
-                    f"('{backend.mem_path}'): {consequence}"
+                    f"'{path}' is the memory file of memory backend '{backend.id}'"
+                    + (f" ('{named}')" if named else "")
+                    + f": {consequence}"
                 )
         for job in self.jobs.values():
             if (
@@ -498,7 +500,7 @@ class MigrationEngine:
             ):
                 raise MigrationError(
                     f"'{path}' is the file of job '{job.id}' ({job.direction} of "
-                    f"'{job.target.path}'): two jobs cannot use one file while either writes it"
+                    f"'{job.target.name}'): two jobs cannot use one file while either writes it"
                 )
         return identity
 
@@ -509,7 +511,7 @@ class MigrationEngine:
             if job.active and job.file_identity == identity:
                 raise MigrationError(
                     f"'{path}' is the file of job '{job.id}' ({job.direction} of "
-                    f"'{job.target.path}'): it cannot be a memory backend's file too"
+                    f"'{job.target.name}'): it cannot be a memory backend's file too"
                 )
 
     def _launch(self, job: Job, body: Any) -> None:
@@ -646,7 +648,7 @@ class MigrationEngine:
         files = restore.file_blocks(parsed, table, present)
         job.file_check = FileProgress(files)
         await asyncio.to_thread(
-            verify_file, fds, job.target.path, files, job.cancel, job.file_check
+            verify_file, fds, job.target.name, files, job.cancel, job.file_check
         )
         check_cancel(job)
 
@@ -673,7 +675,7 @@ class MigrationEngine:
         direction = job.direction
         transfer = Transfer(
             direction,
-            job.target.path,
+            job.target.name,
             fds,
             blocks,
             runs,
@@ -710,7 +712,7 @@ class MigrationEngine:
         if sums is not None and sums.units_done != sums.units_total:
             # Never record zeros as checksums, nor call unchecked pages verified.
             raise MigrationError(
-                f"'{job.target.path}': internal error: {sums.units_total - sums.units_done} "
+                f"'{job.target.name}': internal error: {sums.units_total - sums.units_done} "
                 f"of {sums.units_total} checksum units were not "
                 f"{'hashed' if direction == 'save' else 'checked'}"
             )
@@ -740,7 +742,7 @@ class MigrationEngine:
                     plan.plan_save_runs, job, layout, job.settings.detect_zero
                 )
                 if checksums and not live:
-                    job.checksums = UnitChecksums(blocks, job.target.path, None, runs)
+                    job.checksums = UnitChecksums(blocks, job.target.name, None, runs)
                     if not job.settings.direct_io:
                         # Buffered: the pages just written are in the page cache, and
                         # hashing them there records what the file holds, even where
@@ -774,7 +776,7 @@ class MigrationEngine:
         digests = await asyncio.to_thread(hash_memory, blocks, self.hash_threads, job.cancel)
         check_cancel(job)
         changed = update.changed_units(blocks, digests, previous.digests)
-        job.checksums = UnitChecksums.recorded(blocks, job.target.path, digests)
+        job.checksums = UnitChecksums.recorded(blocks, job.target.name, digests)
         return plan.plan_update_runs(job, blocks, changed)
 
     async def _checksums_of_file(
@@ -786,9 +788,9 @@ class MigrationEngine:
         an update would take the stale page for current)."""
         files = [FileBlock(b.name, b.pages_offset, b.pages, b.present, b"") for b in blocks]
         digests = [bytearray(unit_count(b.pages) * DIGEST_BYTES) for b in blocks]
-        await asyncio.to_thread(verify_file, fds, job.target.path, files, job.cancel, None, digests)
+        await asyncio.to_thread(verify_file, fds, job.target.name, files, job.cancel, None, digests)
         check_cancel(job)
-        job.checksums = UnitChecksums.recorded(blocks, job.target.path, digests)
+        job.checksums = UnitChecksums.recorded(blocks, job.target.name, digests)
 
     async def _restore(
         self,
@@ -798,7 +800,7 @@ class MigrationEngine:
         main_fd: int,
         table: checksum_table.ChecksumTable | None,
     ) -> None:
-        path = job.target.path
+        path = job.target.name
 
         # Every check is done before the first byte of any backend changes.
         bitmaps = await asyncio.to_thread(

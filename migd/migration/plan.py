@@ -60,11 +60,11 @@ def match_blocks(
         if backend.size != layout.length:
             raise MigrationError(
                 f"Length mismatch: block '{layout.name}' is {layout.length} bytes in "
-                f"'{target.path}' but memory backend '{backend.id}' has {backend.size} bytes"
+                f"'{target.name}' but memory backend '{backend.id}' has {backend.size} bytes"
             )
         matched.append((layout, backend))
     if not matched:
-        raise MigrationError(f"'{target.path}': no block in the file has a memory backend")
+        raise MigrationError(f"'{target.name}': no block in the file has a memory backend")
     return matched, skipped
 
 

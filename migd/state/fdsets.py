@@ -94,6 +94,21 @@ def is_fdset_path(path: str) -> bool:
     return path.startswith(FDSET_PREFIX)
 
 
+def file_name(path: str, fd: int) -> str:
+    """How messages name the file `path` opened as `fd`: a passed fd (/dev/fdset/N) by
+    the name the kernel knows its file by (/proc/self/fd), so that an error or a
+    partial-restore mark names the file a person can find, not a set number that is gone
+    once the client removes it; "/dev/fdset/N" itself where the fd has no path name
+    (a pipe, an anonymous inode)."""
+    if not is_fdset_path(path):
+        return path
+    try:
+        name = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return path
+    return name if name.startswith("/") else path
+
+
 def parse_fdset_id(path: str) -> int:
     """The N of "/dev/fdset/N"; qemu_parse_fd's rules (decimal, 0..INT_MAX)."""
     text = path[len(FDSET_PREFIX) :]

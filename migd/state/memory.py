@@ -13,6 +13,7 @@ from collections.abc import Callable, Collection, Iterator
 
 from ..errors import BackendError
 from ..pages import PAGE_SIZE
+from .fdsets import file_name
 from .paths import FileOpener, open_regular, plain_open, trusted_owners
 
 MAX_SIZE = (1 << 62) - PAGE_SIZE  # leaves room in a 64-bit file for the save's metadata
@@ -132,7 +133,9 @@ class MemoryBackend:
         self.block_name = block_name
         self.size = size
         self.qom_type = qom_type
-        self.mem_path = mem_path
+        self.mem_path = mem_path  # as the client gave it (query-memdev, qom-get answer it)
+        # What messages and partial-restore marks call the file (fdsets: its real name).
+        self.file_name = file_name(mem_path, fd) if mem_path and fd is not None else mem_path
         self.share = share
         self.in_use = 0
         self._mm: mmap.mmap | None = mm
@@ -188,7 +191,7 @@ class MemoryBackend:
         assert fd is not None
         if os.fstat(fd).st_size < offset + len(data):
             raise self.shrink_error("restore") or BackendError(
-                f"Memory backend '{self.id}' file '{self.mem_path}' is shorter than "
+                f"Memory backend '{self.id}' file '{self.file_name}' is shorter than "
                 f"{offset + len(data)} bytes"
             )
         while data:
@@ -200,7 +203,7 @@ class MemoryBackend:
                 if exc.errno in _ALLOCATION_ERRNOS:
                     raise self._allocation_error(exc.errno) from None
                 raise BackendError(
-                    f"Could not write memory backend '{self.id}' file '{self.mem_path}': "
+                    f"Could not write memory backend '{self.id}' file '{self.file_name}': "
                     f"{exc.strerror}"
                 ) from None
             data, offset = data[done:], offset + done
@@ -223,7 +226,7 @@ class MemoryBackend:
             raise OSError(code, os.strerror(code))
 
     def _allocation_error(self, code: int) -> BackendError:
-        where = f" in '{self.mem_path}'" if self.mem_path else ""
+        where = f" in '{self.file_name}'" if self.file_name else ""
         return BackendError(
             f"Could not allocate memory for memory backend '{self.id}'{where}: "
             f"{os.strerror(errno.ENOSPC if code == errno.EFAULT else code)}"
@@ -242,7 +245,7 @@ class MemoryBackend:
         if now >= self.size:
             return None
         return BackendError(
-            f"Memory backend '{self.id}' file '{self.mem_path}' shrank from {self.size} "
+            f"Memory backend '{self.id}' file '{self.file_name}' shrank from {self.size} "
             f"to {now} bytes during the {during}"
         )
 
@@ -580,7 +583,7 @@ class MemoryRegistry:
         self.check_new(backend.id, backend.block_name, reserved=reserved)
         identity = backend.file_identity()
         if identity is not None:
-            self.refuse_shared_file(identity, backend.mem_path or backend.id)
+            self.refuse_shared_file(identity, backend.file_name or backend.id)
         self._backends[backend.id] = backend
 
     def refuse_shared_file(self, identity: tuple[int, int], path: str) -> None:
@@ -589,7 +592,7 @@ class MemoryRegistry:
         and the checks of one would blame the save file for the other's bytes."""
         for other in self._backends.values():
             if other.file_identity() == identity:
-                named = other.mem_path if other.mem_path not in (None, path) else None
+                named = other.file_name if other.file_name not in (None, path) else None
                 raise BackendError(
                     f"'{path}' is already the memory file of memory backend '{other.id}'"
                     + (f" ('{named}')" if named else "")

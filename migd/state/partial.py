@@ -86,7 +86,7 @@ class PartialMarks:
         if path is None:
             # Without a state directory (migd used as a library) there is nowhere to
             # keep the mark: the restore goes on, as it did before marks existed.
-            log.warning("no partial mark on '%s': no xattrs and no state dir", backend.mem_path)
+            log.warning("no partial mark on '%s': no xattrs and no state dir", backend.file_name)
             return
         os.makedirs(self.sidecar_dir or "", mode=0o700, exist_ok=True)
         self._check_dir(self.sidecar_dir or "")  # as it is now, made or found
@@ -96,7 +96,7 @@ class PartialMarks:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         out = os.open(tmp, flags, 0o600)
         try:
-            os.write(out, value + b"\n" + (backend.mem_path or "").encode() + b"\n")
+            os.write(out, value + b"\n" + (backend.file_name or "").encode() + b"\n")
             os.fsync(out)
         finally:
             os.close(out)
@@ -124,7 +124,7 @@ class PartialMarks:
                 os.fsync(fd)  # an xattr is inode metadata: fdatasync need not write it
         except OSError as exc:
             raise MigrationError(
-                f"Could not mark memory backend '{backend.id}' file '{backend.mem_path}' "
+                f"Could not mark memory backend '{backend.id}' file '{backend.file_name}' "
                 f"as being restored: {exc.strerror}"
             ) from None
 
@@ -179,11 +179,11 @@ class PartialMarks:
             return
         if accept:
             log.warning(
-                "memory file '%s' accepted with a partial restore: %s", backend.mem_path, mark
+                "memory file '%s' accepted with a partial restore: %s", backend.file_name, mark
             )
             return
         raise BackendError(
-            f"Memory file '{backend.mem_path}' was left partial by an interrupted {mark}: it "
+            f"Memory file '{backend.file_name}' was left partial by an interrupted {mark}: it "
             "holds a mix of old and restored pages. Restore into it again with "
             "'x-accept-partial': true, or pass that to use it as it is"
         )

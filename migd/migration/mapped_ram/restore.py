@@ -29,16 +29,16 @@ def parse(fd: int, target: Target, require_mapped_ram: bool) -> format.ParsedStr
     size = os.fstat(fd).st_size
     try:
         parsed = format.parse_stream(
-            lambda at, n: pread_all(fd, at, n, target.path),
+            lambda at, n: pread_all(fd, at, n, target.name),
             target.offset,
             size,
             require_mapped_ram=require_mapped_ram,
         )
     except format.FormatError as exc:
-        raise MigrationError(f"'{target.path}': {exc.desc}") from None
+        raise MigrationError(f"'{target.name}': {exc.desc}") from None
     if not parsed.complete:
         raise MigrationError(
-            f"'{target.path}': save file is incomplete (no RAM end section: the save "
+            f"'{target.name}': save file is incomplete (no RAM end section: the save "
             "was interrupted or the file is truncated)"
         )
     return parsed
@@ -47,7 +47,7 @@ def parse(fd: int, target: Target, require_mapped_ram: bool) -> format.ParsedStr
 def read_bitmaps(
     job: Job, layouts: Sequence[format.BlockLayout], main_fd: int
 ) -> list[np.ndarray]:
-    path = job.target.path
+    path = job.target.name
     out = []
     for layout in layouts:
         try:
@@ -65,10 +65,10 @@ def read_checksums(
     """The file's checksum table, checked (None for a file without one)."""
     try:
         return checksum_table.read_table(
-            lambda at, n: pread_all(fd, at, n, target.path), parsed, os.fstat(fd).st_size
+            lambda at, n: pread_all(fd, at, n, target.name), parsed, os.fstat(fd).st_size
         )
     except FormatError as exc:
-        raise MigrationError(f"'{target.path}': {exc.desc}") from None
+        raise MigrationError(f"'{target.name}': {exc.desc}") from None
 
 
 def save_id(parsed: format.ParsedStream) -> str | None:

@@ -38,7 +38,7 @@ def truncate(fd: int, at: int, path: str) -> None:
 
 def write_head(job: Job, layout: format.SaveLayout, main_fd: int) -> None:
     """Cut the file at the stream's offset and write the head (everything up to the pages)."""
-    path = job.target.path
+    path = job.target.name
     truncate(main_fd, layout.offset, path)
     for at, data in layout.head_writes:
         pwrite_all(main_fd, data, at, path)
@@ -58,7 +58,7 @@ def finish_save(
     bitmaps before writing it means a power cut can never leave a "complete" file
     whose bitmaps are still zeros (a restore of it would give all-zero memory).
     """
-    path = job.target.path
+    path = job.target.name
     for fd in fds:
         fdatasync(fd, path)
     check_cancel(job)

@@ -37,7 +37,7 @@ class Previous:
 def read_previous(job: Job, layout: format.SaveLayout, fd: int) -> Previous:
     """The save already in the file, which must be laid out exactly as `layout`."""
     target: Target = job.target
-    path = target.path
+    path = target.name
     not_it = (
         f"'{path}' does not hold a complete migd save of these backends at offset {target.offset}"
     )
@@ -72,5 +72,5 @@ def invalidate_end(job: Job, layout: format.SaveLayout, fd: int) -> None:
     """Before the first page is rewritten: the earlier save's end section is cut, so that
     an update that fails or is cut off by a crash leaves a file that reads as incomplete,
     as an interrupted save does, never as complete with some units changed."""
-    save.pwrite_all(fd, b"\0", layout.end_offset, job.target.path)
-    save.fdatasync(fd, job.target.path)
+    save.pwrite_all(fd, b"\0", layout.end_offset, job.target.name)
+    save.fdatasync(fd, job.target.name)
