@@ -215,6 +215,38 @@ def test_direct_io_probe_says_yes_on_a_disk_filesystem_and_leaves_nothing(short_
     assert probe_direct_io(str(short_dir / "y.img"), for_write=False) is True
 
 
+def test_the_direct_io_probe_never_writes_through_a_link_swapped_in(short_dir, monkeypatch):
+    """The save's probe created its scratch file, closed it and opened the name again with
+    O_DIRECT: another user who swapped a link in between (any directory they may write)
+    had 4 KiB of zeros written over any file root could write (red-team, session 14)."""
+    victim = short_dir / "victim"
+    victim.write_bytes(b"x" * 8192)
+    real_open = os.open
+    swapped = []
+
+    def open_then_swap(path, flags, *args, **kwargs):
+        fd = real_open(path, flags, *args, **kwargs)
+        if isinstance(path, str) and ".migd-direct-io-probe-" in path and flags & os.O_CREAT:
+            os.unlink(path)  # the attacker's move, as soon as the probe exists
+            os.symlink(victim, path)
+            swapped.append(path)
+        return fd
+
+    monkeypatch.setattr(os, "open", open_then_swap)
+    probe_direct_io(str(short_dir / "x.img"), for_write=True)
+    monkeypatch.undo()
+    assert swapped and victim.read_bytes() == b"x" * 8192
+    assert os.path.islink(swapped[0])  # not the probe's to remove: it is not its file
+
+
+def test_the_read_probe_opens_no_device(short_dir):
+    """A restore's probe reads the file named: a device there is not opened at all
+    (its open alone may act); the daemon then words the refusal."""
+    assert probe_direct_io("/dev/null", for_write=False) is False
+    os.mkfifo(short_dir / "fifo")
+    assert probe_direct_io(str(short_dir / "fifo"), for_write=False) is False
+
+
 # --- status / call --------------------------------------------------------------------
 
 

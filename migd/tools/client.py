@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import mmap
 import os
 import signal
 import socket
+import stat
 import struct
 import sys
 import time
@@ -246,25 +248,44 @@ def probe_direct_io(path: str, for_write: bool) -> bool:
         return False
     try:
         if not for_write:
-            # O_NONBLOCK: a FIFO must not block the probe (its read then fails: False).
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | o_direct)
+            # The name pinned (O_PATH) and checked before anything opens it: a device
+            # swapped in would act on open() alone. O_NONBLOCK: never wait on anything.
+            pinned = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            try:
+                if not stat.S_ISREG(os.fstat(pinned).st_mode):
+                    return False  # the daemon words the refusal
+                fd = os.open(
+                    f"/proc/self/fd/{pinned}", os.O_RDONLY | os.O_NONBLOCK | o_direct | os.O_CLOEXEC
+                )
+            finally:
+                os.close(pinned)
             try:
                 return _odirect_io(fd, write=False)
             finally:
                 os.close(fd)
         directory = os.path.dirname(os.path.abspath(path))
         probe = os.path.join(directory, f".migd-direct-io-probe-{os.getpid()}")
-        # Created first without O_DIRECT: some filesystems create the file, then refuse.
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        # Opened once, new (O_EXCL, no link followed), and O_DIRECT added to that very fd:
+        # opening the name again let another user swap a link in between and have the
+        # probe's 4 KiB of zeros written over any file (red-team, session 14).
+        fd = os.open(
+            probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
         try:
-            fd = os.open(probe, os.O_WRONLY | o_direct)
             try:
-                return _odirect_io(fd, write=True)
-            finally:
-                os.close(fd)
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | o_direct)
+            except OSError as exc:
+                if exc.errno == errno.EINVAL:  # the filesystem refuses O_DIRECT
+                    return False
+                raise
+            return _odirect_io(fd, write=True)
         finally:
+            created = os.fstat(fd)
+            os.close(fd)
             with contextlib.suppress(OSError):
-                os.unlink(probe)
+                now = os.lstat(probe)
+                if (now.st_dev, now.st_ino) == (created.st_dev, created.st_ino):
+                    os.unlink(probe)
     except OSError:
         return False
 
