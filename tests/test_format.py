@@ -87,8 +87,15 @@ def saved(layout: SaveLayout, *, end: bool = True, vmdesc: dict | None = None) -
     for at, data in layout.head_writes:
         f.write(at, data)
     if end:
-        f.write(layout.end_offset, layout.encode_end(vmdesc))
+        tail = qemu_shaped_end(layout) if vmdesc is None else layout.encode_end(vmdesc)
+        f.write(layout.end_offset, tail)
     return f
+
+
+def qemu_shaped_end(layout: SaveLayout) -> bytes:
+    """The RAM end section as QEMU's files go on after it: device sections, then EOF. (A
+    file that ends at EOF right after it is a migd save cut short: refused.)"""
+    return layout.encode_end(None)[:-1] + DEVICE_GARBAGE + b"\x00"
 
 
 # ---- QEMU-like streams, built independently of migd.format ------------------------
@@ -394,7 +401,7 @@ def test_round_trip_through_a_sparse_temp_file_keeps_the_bytes_before_offset(
 
         assert parse_stream(read_at, offset, os.fstat(fd).st_size).complete is False
         os.pwrite(fd, encode_bitmap(present, big.bitmap_size), big.bitmap_offset)
-        os.pwrite(fd, layout.encode_end(None), layout.end_offset)
+        os.pwrite(fd, qemu_shaped_end(layout), layout.end_offset)
         parsed = parse_stream(read_at, offset, os.fstat(fd).st_size)
         assert parsed.complete and parsed.blocks == layout.blocks
         assert os.pread(fd, offset, 0) == prefix
@@ -873,8 +880,8 @@ def test_a_migd_object_with_a_flipped_key_or_a_bad_save_id_is_refused(
 def test_a_vmdescription_nested_thousands_deep_is_a_format_error_not_a_crash() -> None:
     layout = plan_save([("a", 10 * PAGE_SIZE)])
     deep = b"[" * 5000 + b"]" * 5000
-    f = saved(layout)
-    f.write(layout.end_offset + len(layout.encode_end(None)), b"\x06" + be32(len(deep)) + deep)
+    f = saved(layout, end=False)
+    f.write(layout.end_offset, layout.encode_end(None) + b"\x06" + be32(len(deep)) + deep)
     with pytest.raises(FormatError, match="nested too deeply"):
         f.parse()
 
@@ -984,3 +991,15 @@ def test_any_valid_plan_parses_back_to_the_same_layout(sizes: list[int], offset:
     for b in layout.blocks:
         assert b.pages_offset % MAPPED_RAM_ALIGN == 0 and b.bitmap_offset == b.header_offset + 28
     assert isinstance(layout.blocks[0], BlockLayout)
+
+
+@pytest.mark.parametrize("keep", [0, 1], ids=["before-eof", "after-eof"])
+def test_a_migd_save_cut_at_its_ram_end_is_incomplete_not_qemus(keep: int) -> None:
+    """Cut right before or after the EOF byte, a migd save lost its description and with
+    it its checksums: it was read as QEMU's file, unchecked, and a flipped page was
+    restored as `completed` (red-team, session 14)."""
+    layout = plan_save([("a", 10 * PAGE_SIZE), ("b", 3 * PAGE_SIZE)])
+    f = migd_file(BITS)
+    f.size = layout.end_offset + len(layout.encode_end(None)) - 1 + keep
+    with pytest.raises(FormatError, match="save file is incomplete: it ends at its RAM end"):
+        f.parse()

@@ -155,6 +155,20 @@ def test_a_file_cut_short_in_a_block_region_is_incomplete_and_still_lists_its_bl
     assert "incomplete" in result.stderr
 
 
+def test_a_tiny_file_cut_short_that_claims_huge_blocks_is_inspected_at_once(short_dir):
+    """A 4 KiB file whose block claims 2^58 bytes: inspect walked the 8 TiB bitmap the
+    claim implies, zeros padded past the file's end, for hours (red-team, session 14)."""
+    layout = format.plan_save([("ram0", 1 << 58)])
+    at, head = layout.head_writes[0]
+    path = short_dir / "huge.sav"
+    path.write_bytes(bytes(at) + head + bytes(4096 - at - len(head)))
+    result = migd("inspect", str(path), "--json", timeout=60)  # hours before
+    assert result.returncode == 1, result.stderr
+    info = json.loads(result.stdout)
+    assert info["truncated"] is True and [b["name"] for b in info["blocks"]] == ["ram0"]
+    assert info["blocks"][0]["size"] == 1 << 58 and info["blocks"][0]["present_pages"] == 0
+
+
 def test_a_file_cut_inside_its_head_is_one_error_line_saying_incomplete(saved):
     path, _ = saved
     os.truncate(path, 10)

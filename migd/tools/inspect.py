@@ -134,8 +134,12 @@ class _Reader:
 def _count_present(reader: _Reader, block: format.BlockLayout) -> int:
     present = 0
     pages_per_chunk = _BITMAP_CHUNK * 8
-    for first in range(0, block.pages, pages_per_chunk):
-        pages = min(pages_per_chunk, block.pages - first)
+    # Only the bitmap bytes the file holds: past its end (a file cut short, read padded)
+    # every bit is zero, and a 4 KiB file claiming 2^58 bytes of RAM had its 8 TiB of
+    # padding walked for hours (red-team, session 14).
+    last = min(block.pages, max(0, reader.size - block.bitmap_offset) * 8)
+    for first in range(0, last, pages_per_chunk):
+        pages = min(pages_per_chunk, last - first)
         data = reader(block.bitmap_offset + first // 8, -(-pages // 8))
         present += int(np.count_nonzero(format.decode_bitmap(data, pages)))
     return present

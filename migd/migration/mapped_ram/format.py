@@ -541,7 +541,15 @@ def _read_vmdescription(cur: _Cursor) -> dict[str, Any] | None:
     try:
         first, second = cur.u8(), cur.u8()
     except FormatError:
-        return None  # nothing (or EOF alone) after the end section: no description
+        # Every save has more after its RAM end section: QEMU's device sections and EOF,
+        # migd's EOF and vmdescription (every migd version wrote one). A file that ends
+        # there lost its end, and with it a migd save's checksums: read as QEMU's, it was
+        # restored unchecked, a flipped page and all (red-team, session 14).
+        raise FormatError(
+            "save file is incomplete: it ends at its RAM end section (or the EOF byte after "
+            "it), where every save goes on (migd's with its description, QEMU's with device "
+            "sections): the file is truncated"
+        ) from None
     if first != VM_EOF:
         if second == VM_VMDESCRIPTION and _migd_description_follows(cur):
             raise FormatError(
