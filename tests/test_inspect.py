@@ -169,6 +169,27 @@ def test_a_tiny_file_cut_short_that_claims_huge_blocks_is_inspected_at_once(shor
     assert info["blocks"][0]["size"] == 1 << 58 and info["blocks"][0]["present_pages"] == 0
 
 
+def test_escape_sequences_from_a_file_never_reach_the_terminal(short_dir):
+    """A block name read from a file went raw into error texts that inspect, verify and
+    restore print: an ESC in it drove the terminal (red-team, session 14). Everything
+    the CLI prints is escaped now, whichever message carries it."""
+    layout = format.plan_save([("\x1b[2Jram\x9b", 4 * 4096)])
+    head = bytearray(layout.end_offset)
+    for at, data in layout.head_writes:
+        head[at : at + len(data)] = data
+    header_at = layout.blocks[0].header_offset
+    head[header_at + 4 : header_at + 12] = (8192).to_bytes(8, "big")  # its page size
+    path = short_dir / "esc.sav"
+    path.write_bytes(bytes(head))
+    for command in ("inspect", "verify"):
+        result = migd(command, str(path))
+        assert result.returncode != 0
+        assert "has page size 8192" in result.stderr, result.stderr
+        assert "\\x1b[2Jram\\x9b" in result.stderr  # shown as its escape
+        assert "\x1b" not in result.stderr + result.stdout
+        assert "\x9b" not in result.stderr + result.stdout
+
+
 def test_a_file_cut_inside_its_head_is_one_error_line_saying_incomplete(saved):
     path, _ = saved
     os.truncate(path, 10)

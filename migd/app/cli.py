@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from .. import __version__
 from ..errors import ConfigError, MigdError
 from ..migration.settings import CHANNELS_MAX, CHANNELS_MIN, channels_in_range
+from ..tools.terminal import safe_output, shown
 from .config import DEFAULT_CONFIG_PATH, default_socket_path, load_config
 
 T = TypeVar("T")
@@ -401,16 +402,6 @@ def _add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
     call.add_argument("arguments", metavar="JSON", nargs="?", default="{}")
 
 
-def _shown(value: object) -> str:
-    """A string read from a file, fit for a terminal: every character that is not
-    printable (escape sequences, lone surrogates, newlines) as its Python escape. A file's
-    machine type or save id could otherwise drive the terminal, or crash the print."""
-    text = str(value)
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
 def _print_inspect(info: object) -> None:
     from ..tools.client import human_bytes
     from ..tools.inspect import SaveInfo
@@ -420,8 +411,8 @@ def _print_inspect(info: object) -> None:
     print(f"{info.path}: {state} mapped-ram save")
     if not info.complete:
         print(f"  INCOMPLETE: {info.problem}")
-    print(f"  machine:       {_shown(info.machine)}")
-    print(f"  capabilities:  {_shown(', '.join(info.capabilities)) or '-'}")
+    print(f"  machine:       {shown(info.machine)}")
+    print(f"  capabilities:  {shown(', '.join(info.capabilities)) or '-'}")
     print(f"  stream offset: {info.offset}")
     print(
         f"  file size:     {human_bytes(info.file_size)} ({info.file_size} bytes), "
@@ -432,7 +423,7 @@ def _print_inspect(info: object) -> None:
     for b in info.blocks:
         region = f"{b.bitmap_offset:#x}..{b.end:#x} (pages at {b.pages_offset:#x})"
         rows.append(
-            (_shown(b.name), human_bytes(b.size), str(b.pages), str(b.present_pages),
+            (shown(b.name), human_bytes(b.size), str(b.pages), str(b.present_pages),
              str(b.zero_pages), region)
         )  # fmt: skip
     pages = sum(b.pages for b in info.blocks)
@@ -469,7 +460,7 @@ def _print_inspect(info: object) -> None:
 def _print_identity(info: Any) -> None:
     """The save id and the checksum table: what ties the file to the save that wrote it."""
     sums = info.checksums
-    print(f"  save id:       {_shown(info.save_id or '-')}")
+    print(f"  save id:       {shown(info.save_id or '-')}")
     if not info.complete:
         print("  checksums:     not read (the file is incomplete)")
     elif sums is None:
@@ -539,23 +530,23 @@ def _print_vm_image(image: dict[str, Any], as_json: bool) -> int:
     else:
         dev, ram, qemu = header["device-state"], header["ram"], header["qemu"]
         print(f"{path}: migd VM image{' (DAMAGED)' if problems else ''}")
-        print(f"  image id:      {_shown(header['image-id'])}")
+        print(f"  image id:      {shown(header['image-id'])}")
         print(
-            f"  created:       {_shown(header['created'])} by migd "
-            f"{_shown(header['migd-version'])}"
+            f"  created:       {shown(header['created'])} by migd "
+            f"{shown(header['migd-version'])}"
         )
-        print(f"  QEMU:          {_shown(qemu['version'])}, machine {_shown(qemu['machine'])}")
+        print(f"  QEMU:          {shown(qemu['version'])}, machine {shown(qemu['machine'])}")
         print(
             f"  device state:  {human_bytes(dev['length'])} at {dev['offset']:#x} "
             f"(QEMU's stream, x-ignore-shared), sha256 {dev['sha256'][:16]}..."
         )
         print(
             f"  RAM:           {human_bytes(ram['length'])} at {ram['offset']:#x} "
-            f"(migd's mapped-ram save {_shown(ram['save-id'])})"
+            f"(migd's mapped-ram save {shown(ram['save-id'])})"
         )
         rows = [("BACKEND", "SIZE", "BLOCK", "SAVED FROM")]
-        rows += [(_shown(b["id"]), human_bytes(b["size"]), _shown(b["block"]),
-                  _shown(b["mem-path"])) for b in header["backends"]]  # fmt: skip
+        rows += [(shown(b["id"]), human_bytes(b["size"]), shown(b["block"]),
+                  shown(b["mem-path"])) for b in header["backends"]]  # fmt: skip
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         print()
         for row in rows:
@@ -569,7 +560,7 @@ def _print_vm_image(image: dict[str, Any], as_json: bool) -> int:
                 f"{'none' if part['checksums'] is None else part['checksums']['algorithm']}"
             )
     for problem in problems:
-        print(f"migd inspect: {path}: {_shown(problem)}", file=sys.stderr)
+        print(f"migd inspect: {path}: {shown(problem)}", file=sys.stderr)
     if not as_json and header is not None and not problems:
         print("  status:   complete (migd vm restore accepts it)")
     return EXIT_FAILED if problems else EXIT_OK
@@ -602,7 +593,7 @@ def _print_verify(report: object) -> None:
         f"  read:      {human_bytes(r.bytes_read)} ({r.bytes_read} bytes) in "
         f"{r.seconds:.2f} s, {r.gib_per_s:.2f} GiB/s ({how})"
     )
-    print(f"  save id:   {_shown(r.save_id)}")
+    print(f"  save id:   {shown(r.save_id)}")
     print(f"  table:     xxh3-128 {r.table_digest} (the checksum of the checksums)")
 
 
@@ -811,6 +802,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    handlers = {"serve": cmd_serve, "schema": cmd_schema, "bench": cmd_bench, **CLIENT_HANDLERS}
-    return handlers[args.command](args)
+    # Everything printed, the daemon's log lines included, is free of control sequences.
+    with safe_output():
+        args = build_parser().parse_args(argv)
+        handlers = {
+            "serve": cmd_serve, "schema": cmd_schema, "bench": cmd_bench, **CLIENT_HANDLERS
+        }  # fmt: skip
+        return handlers[args.command](args)

@@ -1,0 +1,71 @@
+"""Text fit for a terminal: what migd prints never carries a control sequence.
+
+Error texts and fields can hold strings from a file (a block name, a machine type) or
+from the daemon (a job's error-desc naming a file a client chose): printed raw, an ESC
+in one could clear the screen, rewrite earlier lines or set the window title (red-team,
+sessions 13 and 14). Escaping at each print missed some, so the CLI's own stdout and
+stderr escape every control character but tab, newline and carriage return (tqdm's bar
+redraws with \\r) as its Python escape, and lone surrogates (from undecodable bytes,
+which would make the print itself fail) likewise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from typing import Any, TextIO, cast
+
+_KEPT = {"\t", "\n", "\r"}
+_ESCAPES: dict[int, str] = {
+    code: f"\\x{code:02x}"
+    for code in [*range(0x20), 0x7F, *range(0x80, 0xA0)]
+    if chr(code) not in _KEPT
+}
+_ESCAPES.update({code: f"\\u{code:04x}" for code in range(0xD800, 0xE000)})
+
+
+def safe_text(text: str) -> str:
+    """`text` with control characters (but tab, newline, CR) and lone surrogates escaped."""
+    return text.translate(_ESCAPES)
+
+
+def shown(value: object) -> str:
+    """A single-line field from a file: every character that is not printable, newlines
+    too, as its Python escape."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+class SafeStream:
+    """A text stream that writes `safe_text` of everything to the stream it wraps."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.wrapped = stream
+
+    def write(self, text: str) -> int:
+        self.wrapped.write(safe_text(text))
+        return len(text)
+
+    def writelines(self, lines: Iterator[str]) -> None:
+        for line in lines:
+            self.write(line)
+
+    def __getattr__(self, name: str) -> Any:  # flush, isatty, fileno, encoding, ...
+        return getattr(self.wrapped, name)
+
+
+@contextlib.contextmanager
+def safe_output() -> Iterator[None]:
+    """sys.stdout and sys.stderr as SafeStreams for the duration (the CLI's whole run)."""
+    saved = sys.stdout, sys.stderr
+    if not isinstance(sys.stdout, SafeStream):
+        sys.stdout = cast(TextIO, SafeStream(sys.stdout))
+    if not isinstance(sys.stderr, SafeStream):
+        sys.stderr = cast(TextIO, SafeStream(sys.stderr))
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = saved
