@@ -675,6 +675,33 @@ MUTANTS = [
         ("tests/test_vm_hostile_qemu.py::"
          "test_a_restore_that_failed_half_way_is_retried_with_accept_partial",),
     ),
+    Mutant(
+        "client-dies-on-sighup-leaving-its-backend",
+        "migd/tools/client.py",
+        "for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):",
+        "for sig in (signal.SIGINT, signal.SIGTERM):",
+        ("tests/test_cli_client.py::"
+         "test_ctrl_c_during_a_save_cancels_it_and_exits_1",),
+    ),
+    Mutant(
+        "save-probe-reopens-its-scratch-file-by-name",
+        "migd/tools/client.py",
+        "                fcntl.fcntl(fd, fcntl.F_SETFL, "
+        "fcntl.fcntl(fd, fcntl.F_GETFL) | o_direct)\n",
+        "                os.close(fd)\n"
+        "                fd = os.open(probe, os.O_WRONLY | o_direct)\n",
+        ("tests/test_cli_client.py::"
+         "test_the_direct_io_probe_never_writes_through_a_link_swapped_in",),
+    ),
+    Mutant(
+        "save-cut-at-its-ram-end-read-as-qemus",
+        "migd/migration/mapped_ram/format.py",
+        "a flipped page and all (red-team, session 14).\n        raise FormatError(",
+        "a flipped page and all (red-team, session 14).\n"
+        "        return None\n        raise FormatError(",
+        ("tests/test_format.py::"
+         "test_a_migd_save_cut_at_its_ram_end_is_incomplete_not_qemus",),
+    ),
 ]  # fmt: skip
 
 

@@ -170,26 +170,38 @@ def test_restore_of_an_incomplete_file_exits_1_and_says_so(daemon, shm, short_di
     assert "save file is incomplete" in result.stderr
 
 
-def test_ctrl_c_during_a_save_cancels_it_and_exits_1(daemon, shm, short_dir):
+@pytest.mark.parametrize("hang_up", [False, True], ids=["ctrl-c", "terminal-gone"])
+def test_ctrl_c_during_a_save_cancels_it_and_exits_1(daemon, shm, short_dir, hang_up):
+    """Ctrl-C, and a terminal or ssh session that goes away (SIGHUP, then EIO on every
+    write to it): the save is cancelled and its backend removed. On SIGHUP the client
+    died at once, leaving both in the daemon (red-team, session 14)."""
     fill_random(shm / "src", 64 * MiB)
+    master, terminal = os.openpty()
     proc = subprocess.Popen(
         [sys.executable, "-m", "migd", "save", str(short_dir / "c.img"), "--socket",
          str(daemon.socket_path), "--mem-path", str(shm / "src"), "--max-bandwidth", "16M"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=terminal if hang_up else subprocess.PIPE, text=True,
     )  # fmt: skip
+    os.close(terminal)
     try:
         deadline = time.monotonic() + 20
         while query_migrate(daemon.socket_path).get("status") != "active":
             assert time.monotonic() < deadline and proc.poll() is None
             time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
+        if hang_up:
+            os.close(master)  # the terminal is gone: writes to it fail with EIO
+            master = -1
+        proc.send_signal(signal.SIGHUP if hang_up else signal.SIGINT)
         _, err = proc.communicate(timeout=30)
     finally:
+        if master >= 0:
+            os.close(master)
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     assert proc.returncode == 1, err
-    assert "cancelling the save" in err and "save cancelled" in err
+    if not hang_up:
+        assert "cancelling the save" in err and "save cancelled" in err
     assert query_migrate(daemon.socket_path)["status"] == "cancelled"
     assert memdevs(daemon.socket_path) == []
     assert migd("inspect", short_dir / "c.img").returncode == 1  # never taken for complete

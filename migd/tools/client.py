@@ -484,7 +484,10 @@ async def _check_backends(client: Any, direction: str, wanted: list[str], job: b
 
 
 class _Interrupt:
-    """SIGINT/SIGTERM during a migration: ask for migrate_cancel, don't die mid-way."""
+    """SIGINT/SIGTERM/SIGHUP during a migration: ask for migrate_cancel, don't die
+    mid-way. SIGHUP too: a client whose terminal or ssh session went away died at once,
+    leaving its backend and job in the daemon for the next run to trip over (red-team,
+    session 14)."""
 
     def __init__(self) -> None:
         self.event = asyncio.Event()
@@ -497,7 +500,7 @@ class _Interrupt:
         self.event.set()
 
     def __enter__(self) -> _Interrupt:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 self._loop.add_signal_handler(sig, self._fire)
                 self._installed.append(sig)
@@ -585,7 +588,17 @@ async def run_migration(
     try:
         with _Interrupt() as interrupt:
             if backend is not None:
-                await _execute(client, "object-add", backend)
+                try:
+                    await _execute(client, "object-add", backend)
+                except ClientError as exc:
+                    if "already exists" not in str(exc):
+                        raise
+                    # Most likely left by an earlier run killed before it could clean up.
+                    raise ClientError(
+                        f"{exc} (left by an earlier run that was killed? `migd call "
+                        f"object-del '{{\"id\": \"{backend['id']}\"}}'` removes it, or give "
+                        "another --id)"
+                    ) from None
                 added = True
             wanted = list(opts.backends) + ([backend["id"]] if backend else [])
             if wanted:

@@ -12,8 +12,9 @@ which would make the print itself fail) likewise.
 from __future__ import annotations
 
 import contextlib
+import errno
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, TextIO, cast
 
 _KEPT = {"\t", "\n", "\r"}
@@ -39,6 +40,16 @@ def shown(value: object) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+def _unless_gone(action: Callable[[], object]) -> None:
+    """A terminal that hung up (EIO) or a reader gone (EPIPE) must not stop a client
+    cleaning up after SIGHUP: what it says is lost, what it undoes is not."""
+    try:
+        action()
+    except OSError as exc:
+        if exc.errno not in (errno.EIO, errno.EPIPE):
+            raise
+
+
 class SafeStream:
     """A text stream that writes `safe_text` of everything to the stream it wraps."""
 
@@ -46,14 +57,17 @@ class SafeStream:
         self.wrapped = stream
 
     def write(self, text: str) -> int:
-        self.wrapped.write(safe_text(text))
+        _unless_gone(lambda: self.wrapped.write(safe_text(text)))
         return len(text)
+
+    def flush(self) -> None:
+        _unless_gone(self.wrapped.flush)
 
     def writelines(self, lines: Iterator[str]) -> None:
         for line in lines:
             self.write(line)
 
-    def __getattr__(self, name: str) -> Any:  # flush, isatty, fileno, encoding, ...
+    def __getattr__(self, name: str) -> Any:  # isatty, fileno, encoding, ...
         return getattr(self.wrapped, name)
 
 
