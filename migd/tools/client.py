@@ -26,6 +26,7 @@ from typing import Any, TextIO
 from ..errors import MigrationError
 from ..io.target import parse_offset as parse_uri_offset
 from ..units import size_bytes
+from .terminal import write_control
 
 FINAL_STATES = ("completed", "failed", "cancelled")
 POLL_PERIOD = 0.1
@@ -822,7 +823,10 @@ async def run_jobs(socket_path: str, out: TextIO, watch: bool, as_json: bool) ->
                     text = json.dumps(jobs)
                 else:
                     text = "\n".join([f"migd jobs at {socket_path}, {stamp}", *format_jobs(jobs)])
-                    text = CLEAR_SCREEN + text if tty else text + "\n"
+                    if tty:
+                        write_control(out, CLEAR_SCREEN)
+                    else:
+                        text += "\n"
                 print(text, file=out, flush=True)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(interrupt.event.wait(), WATCH_PERIOD)

@@ -71,6 +71,13 @@ class SafeStream:
         return getattr(self.wrapped, name)
 
 
+def write_control(stream: TextIO, sequence: str) -> None:
+    """A control sequence migd means to send (`migd jobs --watch` clears the screen),
+    past the escaping of a SafeStream."""
+    target = stream.wrapped if isinstance(stream, SafeStream) else stream
+    _unless_gone(lambda: target.write(sequence))
+
+
 @contextlib.contextmanager
 def safe_output() -> Iterator[None]:
     """sys.stdout and sys.stderr as SafeStreams for the duration (the CLI's whole run)."""
