@@ -434,3 +434,47 @@ def test_save_with_mem_path_names_the_block_ram0_so_a_qmp_restore_into_ram0_work
 def test_the_save_help_documents_the_default_backend_id():
     result = migd("save", "--help")
     assert "default ram0" in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize("silent_after", ["greeting", "capabilities"])
+def test_a_server_that_goes_silent_is_given_up_on(short_dir, monkeypatch, capsys, silent_after):
+    """A server that greets and then never answers (hung, or not migd) held `migd status`,
+    `jobs`, `save` and `call` for ever (red-team, session 14): each answer has a limit."""
+    import socket as socket_module
+    import threading
+
+    from migd.app.cli import main
+    from migd.tools import client as client_module
+
+    path = short_dir / "silent.sock"
+    server = socket_module.socket(socket_module.AF_UNIX)
+    server.bind(str(path))
+    server.listen()
+    stop = threading.Event()
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.sendall(b'{"QMP": {"version": {"qemu": {"micro": 0, "minor": 0, "major": 10},'
+                         b' "package": ""}, "capabilities": []}}\r\n')  # fmt: skip
+            request = conn.recv(65536)  # qmp_capabilities (sent with no newline)
+            if silent_after == "capabilities" and request:
+                reply = {"return": {}}
+                if "id" in json.loads(request):
+                    reply["id"] = json.loads(request)["id"]
+                conn.sendall(json.dumps(reply).encode() + b"\r\n")
+            stop.wait(30)  # silent, the connection open, until the test ends
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    monkeypatch.setattr(client_module, "ANSWER_TIMEOUT", 0.5)
+    try:
+        code = main(["status", "--socket", str(path)])
+    finally:
+        stop.set()
+        thread.join(10)
+        server.close()
+    err = capsys.readouterr().err
+    assert code in (1, 2) and "within 0.5 s" in err, err
+    expected = "does not speak QMP" if silent_after == "greeting" else "migd did not answer"
+    assert expected in err, err

@@ -29,6 +29,10 @@ from ..units import size_bytes
 from .terminal import write_control
 
 FINAL_STATES = ("completed", "failed", "cancelled")
+# How long migd may take to greet or to answer one command. Its commands answer at once
+# (long work runs as jobs, followed by polls), so only a hung or impostor server takes
+# this long: the client then says so and ends, where it used to wait for ever.
+ANSWER_TIMEOUT = 60.0
 POLL_PERIOD = 0.1
 LINE_PERIOD = 1.0  # plain progress lines: at most one a second
 CANCEL_TIMEOUT = 60.0
@@ -126,7 +130,13 @@ async def connect(
         ) from None
     client = QMPClient(name)
     try:
-        await client.connect(socket_path)
+        await asyncio.wait_for(client.connect(socket_path), ANSWER_TIMEOUT)
+    except TimeoutError:
+        await _disconnect(client)
+        raise UsageError(
+            f"{failure or f'migd at {socket_path}'}: no answer within {ANSWER_TIMEOUT:g} s "
+            "(the server accepts connections but does not speak QMP)"
+        ) from None
     except Exception as exc:
         cause = getattr(exc, "exc", exc)
         reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause)
@@ -150,7 +160,14 @@ async def _execute(client: Any, command: str, arguments: Mapping[str, Any] | Non
     from qemu.qmp import ExecuteError, QMPError
 
     try:
-        return await client.execute(command, dict(arguments) if arguments is not None else None)
+        return await asyncio.wait_for(
+            client.execute(command, dict(arguments) if arguments is not None else None),
+            ANSWER_TIMEOUT,
+        )
+    except TimeoutError:
+        raise ClientError(
+            f"{command}: migd did not answer within {ANSWER_TIMEOUT:g} s (is it hung?)"
+        ) from None
     except ExecuteError as exc:
         raise ClientError(f"{command}: {exc.error.error.desc}") from exc
     except (QMPError, OSError, EOFError) as exc:
@@ -171,7 +188,11 @@ async def run_call(socket_path: str, command: str, arguments: dict[str, Any]) ->
 
     client = await connect(socket_path)
     try:
-        return await client.execute(command, arguments)
+        return await asyncio.wait_for(client.execute(command, arguments), ANSWER_TIMEOUT)
+    except TimeoutError:
+        raise ClientError(
+            f"{command}: migd did not answer within {ANSWER_TIMEOUT:g} s (is it hung?)"
+        ) from None
     except ExecuteError:
         raise
     except (QMPError, OSError, EOFError) as exc:
