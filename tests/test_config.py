@@ -143,6 +143,17 @@ def test_a_bad_config_file_is_one_error_line_naming_the_key_with_exit_code_2_and
         ("missing", "cannot read: No such file or directory"),
         ("directory", "cannot read: Is a directory"),
         ("binary", "not UTF-8 text"),
+        # Red-team, session 14: a FIFO blocked the start for ever, a file others may
+        # write was read as root's configuration, deep nesting was a traceback.
+        ("fifo", "not a regular file (it is a FIFO)"),
+        ("writable-by-others", "refused: owned by uid 0 with mode 0666; migd reads a "
+         "configuration only if root or its own user owns it and no one else may write it"),
+        ("another-users", "refused: owned by uid 65534 with mode 0600; migd reads a "
+         "configuration only if root or its own user owns it and no one else may write it"),
+        ("in-a-directory-others-may-change", "refused: '{conf}' lies in '{dir}', writable "
+         "by group or others without the sticky bit (mode 0777): another user could swap "
+         "the file"),
+        ("nested-too-deeply", "invalid TOML: nested too deeply"),
     ],
 )
 def test_an_unreadable_config_file_is_a_usage_error_before_any_socket(short_dir, setup, words):
@@ -151,6 +162,22 @@ def test_an_unreadable_config_file_is_a_usage_error_before_any_socket(short_dir,
         conf.mkdir()
     elif setup == "binary":
         conf.write_bytes(b'socket = "\xff\xfe"\n')
+    elif setup == "fifo":
+        os.mkfifo(conf)
+    elif setup == "writable-by-others":
+        conf.write_text('log-level = "info"\n')
+        conf.chmod(0o666)
+    elif setup == "another-users":
+        conf.write_text('socket-mode = 0o666\n')
+        os.chown(conf, 65534, 65534)
+    elif setup == "in-a-directory-others-may-change":
+        (short_dir / "open").mkdir()
+        (short_dir / "open").chmod(0o777)
+        conf = short_dir / "open" / "migd.toml"
+        conf.write_text('log-level = "info"\n')
+        words = words.format(conf=conf, dir=conf.parent)
+    elif setup == "nested-too-deeply":
+        conf.write_text("x = " + "[" * 5000 + "]" * 5000 + "\n")
     sock = short_dir / "run" / "qmp.sock"
     result = run_serve("--config", str(conf), "--socket", str(sock))
     assert assert_config_error(result, f"migd: {conf}: ") == f"migd: {conf}: {words}"

@@ -214,11 +214,50 @@ def test_a_file_of_the_clients_own_uid_is_accepted_and_anothers_is_not(open_daem
         reply = client.execute("object-add", {**add, "id": "b", "mem-path": str(theirs)})
         assert reply["error"]["desc"] == (
             f"'{theirs}' is owned by uid 1234: migd uses an existing file only if it "
-            f"belongs to migd's or the client's uid (0 or {OTHER_UID})"
+            f"belongs to the client's uid ({OTHER_UID}); files of migd's uid serve only its "
+            "own and root's clients (they may be another VM's)"
         )
     finally:
         client.close()
     assert theirs.stat().st_size == 0
+
+
+def test_a_client_of_another_uid_cannot_reach_another_instances_memory(open_daemon, shm):
+    """Every migd instance runs as root, so every memory file one creates is root's: a
+    client another VM's instance let in named such a file (another VM's RAM in
+    /dev/shm) and saved its guest RAM into a file of its own (red-team, session 14). A
+    client of another uid now uses only its own files; the ones migd creates for it are
+    given to it, so it can use them again."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to connect as another uid")
+    other_vm = shm / "other-vm-ram"
+    fill_random(other_vm, MiB)  # root's, 0600: what another instance's backend leaves
+    before = other_vm.read_bytes()
+    add = {"qom-type": "memory-backend-file", "size": MiB}
+    client = _connect_as(OTHER_UID, open_daemon.socket_path)
+    try:
+        reply = client.execute("object-add", {**add, "id": "a", "mem-path": str(other_vm)})
+        assert "is owned by uid 0" in reply["error"]["desc"], reply
+        assert "they may be another VM's" in reply["error"]["desc"]
+        # A file migd makes for this client is the client's, and may be used again.
+        mine = shm / "made-for-nobody"
+        assert client.execute("object-add", {**add, "id": "b", "mem-path": str(mine)}) == {
+            "return": {}
+        }
+        assert mine.stat().st_uid == OTHER_UID and stat.S_IMODE(mine.stat().st_mode) == 0o600
+        assert client.execute("object-del", {"id": "b"}) == {"return": {}}
+        assert client.execute("object-add", {**add, "id": "b", "mem-path": str(mine)}) == {
+            "return": {}
+        }
+    finally:
+        client.close()
+    assert other_vm.read_bytes() == before
+    root_client = _connect_as(0, open_daemon.socket_path)
+    try:  # root's clients keep using migd's files, as before
+        reply = root_client.execute("object-add", {**add, "id": "c", "mem-path": str(other_vm)})
+        assert reply == {"return": {}}, reply
+    finally:
+        root_client.close()
 
 
 # -- item 16: a trailing slash names a directory -------------------------------------------

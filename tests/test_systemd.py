@@ -14,12 +14,13 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from migd.app.config import load_config
 
-from .conftest import RawClient, fill_random, wait_for_socket
+from .conftest import RawClient, fill_random, start_daemon, wait_for_socket
 
 UNITS = Path(__file__).resolve().parent.parent / "systemd"
 MIGD_SCRIPT = Path(sys.executable).parent / "migd"
@@ -446,3 +447,89 @@ def test_an_instance_without_its_configuration_exits_2_naming_the_file(short_dir
     assert result.returncode == 2  # RestartPreventExitStatus=2: systemd does not retry
     assert f"{confdir}/nothere.toml: cannot read" in result.stderr, result.stderr
     assert not rundir.exists()  # no socket made before the configuration was read
+
+
+def _serve_with_fd3(
+    fd3: int | None, listen_fds: str, short_dir: Path
+) -> subprocess.CompletedProcess[str]:
+    """migd serve as systemd starts it: fd 3 passed, LISTEN_PID its own pid."""
+
+    def put_at_3() -> None:
+        if fd3 is not None:
+            os.dup2(fd3, 3)
+
+    return subprocess.run(
+        ["sh", "-c", 'LISTEN_PID=$$ LISTEN_FDS="$0" exec "$@"', listen_fds, *SERVE,
+         "--socket", str(short_dir / "own.sock")],
+        preexec_fn=put_at_3, pass_fds=(3,), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["tcp", "unix-datagram", "not-listening", "regular-file",
+                                  "two-sockets", "not-a-number"])  # fmt: skip
+def test_a_passed_socket_that_is_not_a_listening_unix_stream_is_refused(short_dir, kind):
+    """A TCP socket (a wrong ListenStream= in a drop-in) was served: root's QMP on the
+    network; a datagram socket left a migd that served no one; a file or LISTEN_FDS=abc
+    gave a traceback (red-team, session 14). Each is one line and exit 2 now, before
+    anything is served or created."""
+    made: list[Any] = []
+    listen_fds = "1"
+    if kind == "tcp":
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        made.append(sock)
+    elif kind == "unix-datagram":
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(str(short_dir / "dgram.sock"))
+        made.append(sock)
+    elif kind == "not-listening":
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(str(short_dir / "idle.sock"))
+        made.append(sock)
+    elif kind == "two-sockets":
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(str(short_dir / "one.sock"))
+        sock.listen()
+        made.append(sock)
+        listen_fds = "2"
+    elif kind == "not-a-number":
+        listen_fds = "abc"
+    if kind == "regular-file":
+        fd = os.open(short_dir / "file", os.O_RDWR | os.O_CREAT, 0o600)
+    else:
+        fd = made[0].fileno() if made else None
+    try:
+        result = _serve_with_fd3(fd, listen_fds, short_dir)
+    finally:
+        for sock in made:
+            sock.close()
+        if kind == "regular-file":
+            os.close(fd)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    expected = {
+        "tcp": "is AF_INET SOCK_STREAM", "unix-datagram": "is AF_UNIX SOCK_DGRAM",
+        "not-listening": "not listening", "regular-file": "is not a socket",
+        "two-sockets": "passed 2 sockets", "not-a-number": "LISTEN_FDS='abc'",
+    }[kind]  # fmt: skip
+    assert expected in result.stderr, result.stderr
+    assert "serving QMP" not in result.stderr
+    assert not (short_dir / "own.sock").exists()
+
+
+def test_sighup_is_logged_and_ignored_not_fatal(short_dir):
+    """SIGHUP (a reload request, or the terminal migd was started from closing) killed
+    migd mid-job with its socket left behind (red-team, session 14)."""
+    d = start_daemon(short_dir / "qmp.sock")
+    try:
+        d.proc.send_signal(signal.SIGHUP)
+        client = RawClient(d.socket_path).negotiate()  # still serving, on the same socket
+        assert "qemu" in client.execute("query-version")["return"]
+        client.close()
+        assert d.proc.poll() is None
+    finally:
+        d.stop()
+    err = d.proc.stderr.read().decode() if d.proc.stderr else ""
+    assert "SIGHUP ignored" in err
+    assert not (short_dir / "qmp.sock").exists()

@@ -137,6 +137,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _setup_logging(config.log_level)
     try:
         _run_loop(Daemon(config).run())
+    except ConfigError as exc:  # the setup systemd gave (the passed socket): no retry helps
+        logging.getLogger("migd").error("%s", exc.desc)
+        return EXIT_USAGE
     except MigdError as exc:
         logging.getLogger("migd").error("%s", exc.desc)
         return EXIT_FAILED

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import enum
 import os
+import stat
 import tomllib
 import typing
 from typing import Annotated, Any, Literal
@@ -39,6 +40,7 @@ from ..pages import PAGE_SIZE
 from ..qapi import QAPI_INT_ERROR, QapiInt, Size
 from ..qmp.validation import QapiModel, qapi_name
 from ..state.memory import ID_RE
+from ..state.paths import FileRefused, kind_of, resolve_trusted
 from ..units import size_bytes
 
 DEFAULT_CONFIG_PATH = "/etc/migd/migd.toml"
@@ -277,16 +279,60 @@ def load_config(path: str | None = None, **overrides: Any) -> Config:
     return config.model_copy(update=overrides) if overrides else config
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a configuration is a few KiB; /dev/zero is not one
+
+
+def _read_trusted(path: str) -> bytes:
+    """The configuration's bytes, if it is a file only root or migd's user can change.
+
+    Whoever can write it decides what root's migd listens on, who may connect and which
+    files it opens (red-team, session 14: a file of `nobody`'s in a 0777 directory set
+    socket-mode 0666 and no allowed-dirs, silently). So, as sshd's StrictModes: the file
+    and every directory on the way must belong to root or migd's uid and be writable by
+    no one else (a sticky directory aside); it must be a regular file (a FIFO blocked
+    the start for ever), opened without blocking, and no larger than MAX_CONFIG_BYTES.
+    """
+    trusted = {0, os.geteuid()}
+    try:
+        _, found = resolve_trusted(os.path.abspath(path), trusted)
+    except FileRefused as exc:
+        raise ConfigError(f"{path}: refused: {exc.desc}") from None
+    if found is not None and stat.S_ISDIR(found.st_mode):
+        raise ConfigError(f"{path}: cannot read: Is a directory")
+    if found is not None and not stat.S_ISREG(found.st_mode):
+        raise ConfigError(f"{path}: not a regular file (it is {kind_of(found.st_mode)})")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{path}: not a regular file (it is {kind_of(st.st_mode)})")
+        if st.st_uid not in trusted or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise ConfigError(
+                f"{path}: refused: owned by uid {st.st_uid} with mode "
+                f"{stat.S_IMODE(st.st_mode):04o}; migd reads a configuration only if root or "
+                "its own user owns it and no one else may write it"
+            )
+        if st.st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {st.st_size} bytes: too large for a configuration")
+        data = os.read(fd, MAX_CONFIG_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: too large for a configuration")
+    return data
+
+
 def _parse(path: str) -> Config:
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
+        data = tomllib.loads(_read_trusted(path).decode())
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid TOML: nested too deeply") from None
     try:
         return Config.model_validate(data, by_alias=True, by_name=False)
     except ValidationError as exc:

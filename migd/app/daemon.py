@@ -33,7 +33,7 @@ import sdnotify
 from .. import __version__
 from ..api.commands import Context, dispatch
 from ..api.memory import create_backend
-from ..errors import MigdError
+from ..errors import ConfigError, MigdError
 from ..io.target import open_channel_fd
 from ..io.threads import WORKERS
 from ..migration.engine import MigrationEngine
@@ -58,14 +58,43 @@ def inherited_listener() -> socket.socket | None:
     """The socket systemd passed us (LISTEN_FDS/LISTEN_PID), if any."""
     if os.environ.get("LISTEN_PID") != str(os.getpid()):
         return None
-    count = int(os.environ.get("LISTEN_FDS", "0") or 0)
+    raw = os.environ.get("LISTEN_FDS", "0") or "0"
+    if not raw.isdigit():
+        raise ConfigError(f"LISTEN_FDS={raw!r} is not a number of passed sockets")
+    count = int(raw)
     if count < 1:
         return None
     for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         os.environ.pop(name, None)  # children must not think the socket is theirs
-    sock = socket.socket(fileno=SD_LISTEN_FDS_START)
+    if count > 1:
+        raise ConfigError(
+            f"systemd passed {count} sockets: migd serves one QMP socket (one ListenStream=)"
+        )
+    try:
+        sock = socket.socket(fileno=SD_LISTEN_FDS_START)
+    except OSError as exc:
+        raise ConfigError(
+            f"the fd systemd passed ({SD_LISTEN_FDS_START}) is not a socket: {exc.strerror}"
+        ) from None
+    check_listener(sock)
     os.set_inheritable(sock.fileno(), False)
     return sock
+
+
+def check_listener(sock: socket.socket) -> None:
+    """A passed socket must be a listening UNIX stream socket. A TCP one (a wrong
+    ListenStream= in a drop-in) served root's QMP to the network, which the unit's
+    address-family and IP filters do not stop for passed sockets; a datagram one killed
+    the accept loop at the first datagram, leaving a migd that serves no one (red-team,
+    session 14)."""
+    listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM or not listening:
+        kind = f"{sock.family.name} {sock.type.name}" + ("" if listening else ", not listening")
+        sock.detach()  # systemd's fd: left as it is
+        raise ConfigError(
+            f"the socket systemd passed is {kind}: migd serves QMP only on a listening UNIX "
+            "stream socket (ListenStream=/run/migd/....sock)"
+        )
 
 
 def raise_open_file_limit() -> int:
@@ -131,6 +160,12 @@ class Daemon:
         # the default action would kill migd without its shutdown (socket left behind).
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
+        # SIGHUP asks a daemon to reload, and reaches one started from a terminal that
+        # closes: its default action killed migd mid-job, socket left behind. migd has
+        # nothing to reload; it says so and goes on.
+        loop.add_signal_handler(
+            signal.SIGHUP, log.warning, "SIGHUP ignored: migd has no configuration to reload"
+        )
         raise_open_file_limit()
         # The job threads exist before the first client: made when the first job starts,
         # they kept the event loop from answering for some 20 ms (thread stacks are mapped

@@ -27,11 +27,14 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import logging
 import os
 import stat
 from collections.abc import Callable, Collection, Sequence
 
 from ..errors import MigdError
+
+log = logging.getLogger(__name__)
 
 FileOpener = Callable[[str, int, int], int]
 """open(path, flags, mode) -> fd, raising OSError like os.open."""
@@ -120,8 +123,19 @@ _KINDS = {
 
 
 def trusted_owners(peer_uid: int | None = None) -> frozenset[int]:
-    """The uids that may own an existing file migd uses: its own, and the client's."""
-    return frozenset({os.geteuid()} | ({peer_uid} if peer_uid is not None else set()))
+    """The uids that may own an existing file migd uses for a client.
+
+    For root, migd's own uid or no client (the configuration): migd's uid and the
+    client's. For a client of any other uid: that uid alone. Files of migd's own uid are
+    every instance's (every migd runs as root): a client another VM's instance let in
+    could name that VM's memory file in /dev/shm and save its guest RAM into a file of
+    its own (red-team, session 14). So the files migd creates for such a client are
+    given to it (open_regular), and are its own to use again.
+    """
+    own = os.geteuid()
+    if peer_uid is None or peer_uid in (0, own):
+        return frozenset({own} | ({peer_uid} if peer_uid is not None else set()))
+    return frozenset({peer_uid})
 
 
 def refuse_directory_name(path: str) -> None:
@@ -154,10 +168,18 @@ def check_trusted(path: str, st: os.stat_result, owners: Collection[int]) -> Non
     through an allowed directory, a file of someone else's outside it.
     """
     if st.st_uid not in owners:
-        who = " or ".join(str(uid) for uid in sorted(owners))
+        if os.geteuid() in owners:
+            who = " or ".join(str(uid) for uid in sorted(owners))
+            rule = f"belongs to migd's or the client's uid ({who})"
+        else:
+            (uid,) = owners
+            rule = (
+                f"belongs to the client's uid ({uid}); files of migd's uid serve only its "
+                "own and root's clients (they may be another VM's)"
+            )
         raise FileRefused(
             f"'{path}' is owned by uid {st.st_uid}: migd uses an existing file only if it "
-            f"belongs to migd's or the client's uid ({who})"
+            + rule
         )
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise FileRefused(
@@ -238,6 +260,10 @@ def resolve_trusted(path: str, owners: Collection[int]) -> tuple[str, os.stat_re
     can change (_check_directory), so that the name still resolves the same when it is
     opened; a link swapped in at the last component meanwhile fails the O_NOFOLLOW open.
     """
+    # Links and directories of root's or migd's own may lead the way for any client (root
+    # could change anything anyway); only the file itself must be the client's
+    # (trusted_owners: a file of migd's uid may be another VM's memory).
+    owners = frozenset(owners) | {0, os.geteuid()}
     parts = [p for p in path.split("/") if p not in ("", ".")]
     parts.reverse()  # a stack: the next component last
     here = "/" if path.startswith("/") else os.getcwd()
@@ -336,7 +362,9 @@ def open_regular(
     try:
         st = os.fstat(fd)
         check_regular(path, st)
-        if not created:
+        if created:
+            _give_to_client(path, fd, owners)
+        else:
             check_trusted(path, st, owners)
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
     except BaseException:
@@ -345,6 +373,18 @@ def open_regular(
         os.close(fd)
         raise
     return fd, created
+
+
+def _give_to_client(path: str, fd: int, owners: Collection[int]) -> None:
+    """A new file made for a client of another uid is that client's (trusted_owners):
+    theirs to use again, and never taken for a file of migd's own."""
+    if len(owners) != 1 or os.geteuid() in owners:
+        return
+    (uid,) = owners
+    try:
+        os.fchown(fd, uid, -1)
+    except OSError as exc:  # a migd that is not root: the file stays its own
+        log.warning("could not give '%s' to uid %d: %s", path, uid, exc.strerror)
 
 
 def _mode_of(path: str) -> int | None:
