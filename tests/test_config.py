@@ -38,6 +38,18 @@ BAD_CONFIGS = [
         "capabilities.xbzrle",
         "migd does not implement the 'xbzrle' capability",
     ),
+    # Red-team, session 14: tracebacks, a relative socket bound in systemd's cwd (/), and
+    # a long one whose directories were made before the start was refused.
+    ('socket = "rel.sock"', "socket", "must be an absolute path, not 'rel.sock'"),
+    ('socket = "/tmp/a\\u0000b.sock"', "socket", "must not hold a NUL byte"),
+    ('socket = "/tmp/' + "d/" * 60 + 'q.sock"', "socket", "is longer than 107 bytes"),
+    ('allowed-dirs = ["/tmp/a\\u0000"]', "allowed-dirs[0]", "must not hold a NUL byte"),
+    (
+        '[[memory-backend]]\nqom-type = "memory-backend-file"\nid = "m"\nsize = 4096\n'
+        'mem-path = "/dev/shm/a\\u0000"',
+        "memory-backend[0].mem-path",
+        "must not hold a NUL byte",
+    ),
     (
         "[capabilities]\nmapped-ram = true\npostcopy-ram = true",
         "capabilities",
@@ -393,3 +405,14 @@ def test_sizes_accept_bytes_and_binary_suffixes(tmp_path):
     )
     got = [b.size for b in load_config(str(conf)).memory_backends]
     assert got == [8192, 64 << 10, 512 << 20, 2 << 30, 1 << 30, 1 << 40]
+
+
+def test_a_socket_path_too_long_is_refused_before_any_directory_is_made(short_dir):
+    """`--socket` (as an instance's unit passes it) longer than a UNIX socket path holds:
+    the start failed with exit 1, so systemd retried it, and left the directories it had
+    made on the way (red-team, session 14)."""
+    sock = short_dir / "new" / ("x" * 120) / "qmp.sock"
+    result = run_serve("--socket", str(sock))
+    assert result.returncode == 2, result.stderr
+    assert "is longer than 107 bytes" in result.stderr
+    assert not (short_dir / "new").exists()

@@ -69,6 +69,8 @@ class Section(QapiModel):
 
 
 def _absolute(value: str) -> str:
+    if "\0" in value:
+        raise ValueError("must not hold a NUL byte")
     if not os.path.isabs(value):
         raise ValueError(f"must be an absolute path, not '{value}'")
     return os.path.normpath(value)
@@ -201,6 +203,12 @@ class Config(Section):
     def _socket(cls, value: str) -> str:
         if not value:
             raise ValueError("must not be empty")
+        if "\0" in value:
+            raise ValueError("must not hold a NUL byte")
+        if not os.path.isabs(value):  # under systemd the working directory is /
+            raise ValueError(f"must be an absolute path, not '{value}'")
+        if len(os.fsencode(value)) > 107:
+            raise ValueError("is longer than 107 bytes (a UNIX socket path holds at most 107)")
         return value
 
     @field_validator("socket_mode", mode="before")
@@ -220,6 +228,8 @@ class Config(Section):
     @classmethod
     def _dirs(cls, value: list[str]) -> list[str]:
         for i, path in enumerate(value):
+            if "\0" in path:
+                raise KeyedError(f"[{i}]", "must not hold a NUL byte")
             if not os.path.isabs(path):
                 raise KeyedError(f"[{i}]", f"must be an absolute path, not '{path}'")
         return [os.path.normpath(p) for p in value]

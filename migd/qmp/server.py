@@ -32,7 +32,7 @@ import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ..errors import FdError, InvalidRequest, MigdError
+from ..errors import ConfigError, FdError, InvalidRequest, MigdError
 from ..state.fdsets import check_room_for_passed_fds
 from ..state.paths import FileRefused, resolve_trusted
 from .wire import (
@@ -450,12 +450,16 @@ def check_socket_directory(path: str) -> None:
 
 def bind_unix_socket(path: str, mode: int) -> socket.socket:
     """Create the listening socket, replacing a stale one and refusing a live one."""
+    # Before anything is created on the way (a refused start left the directories), and
+    # as a configuration error (exit 2: no restart makes the name fit).
+    if "\0" in path:
+        raise ConfigError(f"Socket path {path!r} holds a NUL byte")
+    if len(os.fsencode(path)) > 107:
+        raise ConfigError(f"Socket path '{path}' is longer than 107 bytes")
     parent = os.path.dirname(os.path.abspath(path))
-    check_socket_directory(path)  # before anything is created on the way
+    check_socket_directory(path)
     os.makedirs(parent, mode=0o755, exist_ok=True)
     check_socket_directory(path)
-    if len(os.fsencode(path)) > 107:
-        raise MigdError(f"Socket path '{path}' is longer than 107 bytes")
     try:
         st = os.lstat(path)
     except FileNotFoundError:
