@@ -90,6 +90,9 @@ def caps_of(*caps: tuple[str, bool]) -> bytes:
 REPLY = 2  # the reply to the message after CAPS
 ERROR = (REPLY, "error", "desc")
 # Every message gets exactly one reply read. Paths index [greeting, reply 1, reply 2, ...].
+MAIN_FILE = {"channel-type": "main",
+             "addr": {"transport": "file", "filename": "/nonexistent/x", "offset": 0}}  # fmt: skip
+
 ROWS: list[Row] = [
     # -- greeting and negotiation
     differs("greeting", [], f"{INTENDED}: migd offers no out-of-band execution",
@@ -214,6 +217,13 @@ ROWS: list[Row] = [
     same("a nested member of the wrong type", CAPS, msg("migrate-set-capabilities",
          {"capabilities": [{"capability": "multifd", "state": 1}]})),
     same("unknown capability name", CAPS, caps_of(("nope", True))),
+    # -- migrate's uri and channels (conformance review, session 14)
+    same("migrate with uri null", CAPS, msg("migrate", {"uri": None})),
+    same("migrate with channels null", CAPS, msg("migrate", {"channels": None})),
+    same("migrate with an empty channel list", CAPS, msg("migrate", {"channels": []})),
+    same("migrate with two main channels", CAPS, msg("migrate", {"channels": [MAIN_FILE] * 2})),
+    same("migrate with a uri and an empty channel list", CAPS,
+         msg("migrate", {"uri": "gopher:x", "channels": []})),
 ]  # fmt: skip
 
 

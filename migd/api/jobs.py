@@ -80,7 +80,7 @@ _COMMON = (
 )
 async def memory_save(ctx: Context, args: MemorySaveArgs) -> Empty:
     await ctx.services.engine.start_save(
-        args.target(),
+        args.target(outgoing=True),
         ctx.session.peer_uid,
         args.checksums,
         job_id=args.job_id,

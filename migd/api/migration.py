@@ -7,7 +7,8 @@ import enum
 import typing
 from typing import Annotated, Any
 
-from pydantic import ConfigDict, Field, Strict, create_model
+from pydantic import ConfigDict, Field, Strict, ValidationInfo, create_model, field_validator
+from pydantic_core import PydanticCustomError
 
 from ..errors import MigrationError
 from ..io.target import FileTarget, NotSeekable, Target, parse_uri
@@ -142,17 +143,32 @@ class MigrationChannel(QapiModel):
     addr: MigrationAddress
 
 
-def resolve_target(uri: str | None, channels: list[MigrationChannel] | None) -> Target:
-    """QEMU's rules for `uri` versus `channels`, down to one file target."""
+def resolve_target(
+    uri: str | None, channels: list[MigrationChannel] | None, outgoing: bool = False
+) -> Target:
+    """QEMU 10's rules for `uri` versus `channels`, down to one file target: migrate's
+    (qmp_migrate: one entry of each channel type, a 'cpr' one unused outside cpr-transfer
+    mode) or migrate-incoming's (exactly one entry). An empty list is no list, as QAPI
+    reads it."""
+    if not channels:
+        channels = None
     if (uri is None) == (channels is None):
         raise MigrationError("need either 'uri' or 'channels' argument")
     if uri is not None:
         return parse_uri(uri)
     assert channels is not None
-    if len(channels) != 1:
+    if outgoing:
+        seen: set[ChannelType] = set()
+        for entry in channels:
+            if entry.channel_type in seen:
+                raise MigrationError(
+                    f"Channel list has more than one {entry.channel_type.value} entry"
+                )
+            seen.add(entry.channel_type)
+    elif len(channels) != 1:
         raise MigrationError("Channel list must have only one entry, for type 'main'")
-    channel = channels[0]
-    if channel.channel_type is not ChannelType.main:
+    channel = next((c for c in channels if c.channel_type is ChannelType.main), None)
+    if channel is None:
         raise MigrationError("Channel list has no main entry")
     addr = channel.addr
     if addr.transport is not Transport.file:
@@ -173,8 +189,17 @@ class TargetArgs(QapiModel):
     uri: str | None = None
     channels: list[MigrationChannel] | None = None
 
-    def target(self) -> Target:
-        return resolve_target(self.uri, self.channels)
+    @field_validator("uri", "channels", mode="before")
+    @classmethod
+    def _null_is_a_wrong_type(cls, value: Any, info: ValidationInfo) -> Any:
+        """QEMU's visitor: a member sent as null has the wrong type; absent is fine."""
+        if value is None:
+            raise PydanticCustomError("string_type" if info.field_name == "uri" else "list_type",
+                                      "null")  # fmt: skip
+        return value
+
+    def target(self, outgoing: bool = False) -> Target:
+        return resolve_target(self.uri, self.channels, outgoing)
 
 
 class MigrateArgs(TargetArgs):
@@ -200,7 +225,7 @@ class MigrateArgs(TargetArgs):
     "restore and 'migd verify' can prove the pages (docs/checksums.md).",
 )
 async def migrate(ctx: Context, args: MigrateArgs) -> Empty:
-    target = args.target()
+    target = args.target(outgoing=True)
     if args.resume:
         raise MigrationError("migd has no postcopy: 'resume' cannot be used")
     await ctx.services.engine.start_save(target, ctx.session.peer_uid, args.checksums)
