@@ -218,8 +218,8 @@ MUTANTS = [
     Mutant(
         "ownership-check-removed",
         "migd/state/paths.py",
-        "    if st.st_uid not in owners:\n        who = ",
-        "    if False:\n        who = ",
+        "    if st.st_uid not in owners:\n        if os.geteuid() in owners:",
+        "    if False:\n        if os.geteuid() in owners:",
         ("tests/test_file_ownership.py",),
     ),
     Mutant(
@@ -320,8 +320,8 @@ MUTANTS = [
     Mutant(
         "sessions-not-capped",
         "migd/qmp/server.py",
-        "            if len(self.sessions) >= MAX_SESSIONS:",
-        "            if False:",
+        "            if len(self.sessions) >= MAX_SESSIONS - (",
+        "            if False and len(self.sessions) >= MAX_SESSIONS - (",
         ("tests/test_serving.py::test_connections_over_the_cap_are_closed_and_the_connected_ones_served",),
     ),
     Mutant(
@@ -701,6 +701,22 @@ MUTANTS = [
         "        return None\n        raise FormatError(",
         ("tests/test_format.py::"
          "test_a_migd_save_cut_at_its_ram_end_is_incomplete_not_qemus",),
+    ),
+    Mutant(
+        "sessions-reserve-open-to-any-uid",
+        "migd/qmp/server.py",
+        "                0 if uid in (0, os.geteuid()) else ROOT_RESERVED_SESSIONS\n",
+        "                0\n",
+        ("tests/test_serving.py::"
+         "test_the_last_sessions_are_kept_for_root_and_migds_own_clients",),
+    ),
+    Mutant(
+        "files-of-migds-uid-trusted-for-any-client",
+        "migd/state/paths.py",
+        "    if peer_uid is None or peer_uid in (0, own):\n",
+        "    if True:\n",
+        ("tests/test_file_ownership.py::"
+         "test_a_client_of_another_uid_cannot_reach_another_instances_memory",),
     ),
 ]  # fmt: skip
 

@@ -537,3 +537,40 @@ async def test_connections_over_the_cap_are_closed_and_the_connected_ones_served
     assert "return" in await asyncio.to_thread(client.execute, "qmp_capabilities")
     for c in (*clients, client):
         c.close()
+
+
+def test_the_last_sessions_are_kept_for_root_and_migds_own_clients(short_dir):
+    """A client of another uid holding every session (1000 idle connections) locked every
+    management client out for as long as it liked (red-team, session 14): the last
+    ROOT_RESERVED_SESSIONS are root's and migd's own uid's."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to connect as another uid")
+    short_dir.chmod(0o711)
+    path = short_dir / "qmp.sock"
+    code = (
+        "import sys; import migd.qmp.server as s; s.MAX_SESSIONS = 4; "
+        "s.ROOT_RESERVED_SESSIONS = 2; from migd.app.cli import main; "
+        f"sys.exit(main(['serve', '--socket', {str(path)!r}, '--socket-mode', '0666']))"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)  # fmt: skip
+    daemon = DaemonProcess(path, proc)
+    clients: list[RawClient] = []
+    try:
+        wait_for_socket(path, proc, START_TIMEOUT)
+        os.seteuid(65534)  # SO_PEERCRED records the uid at connect
+        try:
+            clients += [RawClient(path).negotiate() for _ in range(2)]
+            with pytest.raises(ConnectionError):
+                RawClient(path)  # the third of nobody's: into the reserve, closed at once
+        finally:
+            os.seteuid(0)
+        clients += [RawClient(path).negotiate() for _ in range(2)]  # root's, in the reserve
+        for client in clients:
+            assert "return" in client.execute("query-version")
+    finally:
+        for client in clients:
+            client.close()
+        daemon.stop()
+        if proc.stderr:
+            proc.stderr.close()

@@ -52,6 +52,10 @@ FEED_BYTES = 4096  # framed between two yields to the event loop
 # Clients served at once; a connection over it is closed at once. Each costs an fd and
 # memory: a flood of idle ones took every fd, so that jobs failed to open their files.
 MAX_SESSIONS = 1000
+# ... of which the last ones only root's and migd's own uid may take: a client of another
+# uid holding 1000 idle connections locked every management client out for as long as it
+# liked (red-team, session 14).
+ROOT_RESERVED_SESSIONS = 16
 MAX_FDS_PER_MESSAGE = 16  # QEMU's TCP_MAX_FDS
 # Stop reading a client's requests while this much of its replies is unsent...
 REPLY_PAUSE_BYTES = 1 << 20
@@ -354,8 +358,17 @@ class Server:
                     log.error("cannot accept a client: %s", exc)
                     await asyncio.sleep(0.1)  # back off: the limit may clear
                     continue
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR):
+                    log.warning("a connection could not be accepted: %s", exc.strerror)
+                    continue  # that client's trouble, not the listener's
                 raise
-            if len(self.sessions) >= MAX_SESSIONS:
+            try:
+                pid, uid, gid = _peer_credentials(sock)
+            except OSError:
+                pid = uid = gid = -1
+            if len(self.sessions) >= MAX_SESSIONS - (
+                0 if uid in (0, os.geteuid()) else ROOT_RESERVED_SESSIONS
+            ):
                 sock.close()
                 self._refused += 1
                 if self._refused in (1, 10, 100) or self._refused % 1000 == 0:
@@ -368,11 +381,7 @@ class Server:
                 continue
             sock.setblocking(False)
             self._count += 1
-            try:
-                pid, uid, gid = _peer_credentials(sock)
-                log.info("client %d connected: pid=%d uid=%d gid=%d", self._count, pid, uid, gid)
-            except OSError:
-                log.info("client %d connected", self._count)
+            log.info("client %d connected: pid=%d uid=%d gid=%d", self._count, pid, uid, gid)
             session = Session(self, sock, self._count)
             # In the set before its task runs: close_sessions() must find it.
             self.sessions.add(session)
