@@ -153,7 +153,7 @@ def test_save_into_a_missing_directory_exits_1_with_the_daemons_error(daemon, sh
     target = short_dir / "no-such-dir" / "save.img"
     result = migd("save", target, "--socket", daemon.socket_path, "--mem-path", shm / "src")
     assert result.returncode == 1
-    assert f"Could not open '{target}': No such file or directory" in result.stderr
+    assert f"Could not create '{target}': No such file or directory" in result.stderr
     assert memdevs(daemon.socket_path) == []
 
 

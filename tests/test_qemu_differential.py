@@ -222,6 +222,10 @@ ROWS: list[Row] = [
     same("migrate with channels null", CAPS, msg("migrate", {"channels": None})),
     same("migrate with an empty channel list", CAPS, msg("migrate", {"channels": []})),
     same("migrate with two main channels", CAPS, msg("migrate", {"channels": [MAIN_FILE] * 2})),
+    same("migrate into a directory", CAPS, caps_of(("mapped-ram", True)),
+         msg("migrate", {"uri": "file:/tmp"})),
+    same("migrate into a missing directory", CAPS, caps_of(("mapped-ram", True)),
+         msg("migrate", {"uri": "file:/nonexistent/dir/x"})),
     same("migrate with a uri and an empty channel list", CAPS,
          msg("migrate", {"uri": "gopher:x", "channels": []})),
 ]  # fmt: skip

@@ -91,19 +91,19 @@ async def test_save_without_memory_backends_is_refused(qmp, short_dir):
 
 async def test_target_that_is_a_directory_is_refused(ready, short_dir):
     text = await qmp_error(ready, "migrate", {"uri": f"file:{short_dir}"})
-    assert text == f"Could not open '{short_dir}': Is a directory"
+    assert text == f"Could not create '{short_dir}': Is a directory"
 
 
 async def test_target_that_cannot_be_created_is_refused(ready, short_dir):
     target = short_dir / "missing" / "save.img"
     text = await qmp_error(ready, "migrate", {"uri": f"file:{target}"})
-    assert text == f"Could not open '{target}': No such file or directory"
+    assert text == f"Could not create '{target}': No such file or directory"
 
 
 async def test_target_on_a_read_only_filesystem_is_refused(ready, readonly_dir):
     target = readonly_dir / "save.img"
     text = await qmp_error(ready, "migrate", {"uri": f"file:{target}"})
-    assert text == f"Could not open '{target}': Read-only file system"
+    assert text == f"Could not create '{target}': Read-only file system"
 
 
 @pytest.mark.parametrize(

@@ -38,8 +38,10 @@ _OTHER_TRANSPORTS = ("unix", "tcp", "fd", "exec", "rdma", "vsock")
 _OFFSET = re.compile(r"(0[xX][0-9a-fA-F]+|[0-9]+)")
 
 
-def _open_error(path: str, exc: OSError) -> ChannelError:
-    return ChannelError(f"Could not open '{path}': {os.strerror(exc.errno or errno.EIO)}")
+def _open_error(path: str, exc: OSError, verb: str = "open") -> ChannelError:
+    """QEMU's texts: qemu_create's "Could not create" for a save's file (O_CREAT),
+    qemu_open's "Could not open" for a restore's and for a channel's second open."""
+    return ChannelError(f"Could not {verb} '{path}': {os.strerror(exc.errno or errno.EIO)}")
 
 
 def open_channel_fd(path: str, flags: int, direct: bool, open_file: FileOpener = plain_open) -> int:
@@ -176,7 +178,7 @@ class FileTarget:
                     open_file=openers.named,
                 )
             except OSError as exc:
-                raise _open_error(self.path, exc) from None
+                raise _open_error(self.path, exc, "create" if create else "open") from None
         self._openers, self._flags, self._main_fd, self._created = openers, flags, fd, created
         self._name = file_name(self.path, fd)
         return fd
