@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -165,7 +166,54 @@ def test_bench_usage_errors() -> None:
     proc = run_bench(["--channels", "1", "--buffered-channels", "2"])
     assert proc.returncode == 2 and "subset" in proc.stderr
     proc = run_bench(["--size-gib", "0.01", "--runs", "1"])
-    assert proc.returncode == 1 and "at least" in proc.stderr
+    assert proc.returncode == 2 and "argument --size-gib: '0.01'" in proc.stderr
+
+
+# Each bad number is refused as it is parsed: exit 2 and argparse's one line naming the
+# option and the value, before the suite, --concurrency or --vm makes anything.
+BAD_NUMBERS = [
+    (["--size-gib", "nan"], "--size-gib", "nan"),
+    (["--size-gib", "inf"], "--size-gib", "inf"),
+    (["--size-gib", "1e400"], "--size-gib", "1e400"),  # float() makes it inf
+    (["--size-gib", "-1"], "--size-gib", "-1"),
+    (["--size-gib", "2000"], "--size-gib", "2000"),
+    (["--size-gib", "x"], "--size-gib", "x"),
+    (["--runs", "0"], "--runs", "0"),
+    (["--runs", "1.5"], "--runs", "1.5"),
+    (["--concurrency", "--jobs", "-3"], "--jobs", "-3"),
+    (["--concurrency", "--job-size-mib", "nan"], "--job-size-mib", "nan"),
+    (["--concurrency", "--job-channels", "256"], "--job-channels", "256"),
+    (["--vm", "--vm-sizes-gib", "1,nan"], "--vm-sizes-gib", "nan"),
+    (["--vm", "--vm-sizes-gib", "0.001"], "--vm-sizes-gib", "0.001"),
+    (["--vm", "--vm-sizes-gib", "x"], "--vm-sizes-gib", "x"),
+]
+
+
+@pytest.mark.parametrize(("argv", "option", "value"), BAD_NUMBERS)
+def test_bench_refuses_bad_numbers_before_anything(
+    tmp_path: Path, argv: list[str], option: str, value: str
+) -> None:
+    memory = tmp_path / "memory"
+    memory.mkdir()
+    proc = run_bench([*argv, "--dir", str(tmp_path), "--memory-dir", str(memory), "--no-qemu"])
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"migd bench: error: argument {option}: '{value}'" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["memory"]
+    assert list(memory.iterdir()) == []
+
+
+@pytest.mark.parametrize("option", ["--dir", "--memory-dir"])
+def test_bench_refuses_a_missing_directory(tmp_path: Path, option: str) -> None:
+    missing = tmp_path / "missing"
+    proc = run_bench(["--size-gib", "0.0625", "--runs", "1", "--no-qemu", option, str(missing)])
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"migd bench: error: {option} '{missing}': no such directory" in proc.stderr
+    assert "Traceback" not in proc.stderr and not missing.exists()
+    a_file = tmp_path / "file"
+    a_file.write_bytes(b"")
+    proc = run_bench(["--vm", option, str(a_file)])
+    assert proc.returncode == 2 and f"{option} '{a_file}': not a directory" in proc.stderr
 
 
 @pytest.mark.timeout(300)
@@ -256,7 +304,7 @@ def test_bench_vm_section(disk: Path) -> None:
         for cell in (row[3], row[6]):  # ratios
             assert float(cell.split("x")[0]) > 0
     assert list(disk.iterdir()) == []
-    assert run_bench(["--vm", "--vm-sizes-gib", "x"]).returncode == 1
+    assert run_bench(["--vm", "--vm-sizes-gib", "x"]).returncode == 2
 
 
 def _fast_disk_leftovers() -> list[str]:
@@ -286,3 +334,96 @@ def test_bench_fast_disk_runs_on_a_loop_over_tmpfs_and_leaves_nothing() -> None:
     assert save["cpu_user_seconds"][0] + save["cpu_system_seconds"][0] > 0
     assert _fast_disk_leftovers() == before
     assert "fast disk: ext4 on /dev/loop" in proc.stderr
+
+
+FAST_DISK_TOOLS = ("losetup", "mkfs.ext4", "mount", "umount")
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None,
+    reason="--fast-disk needs root (loop devices); a private /dev/shm needs unshare",
+)
+@pytest.mark.parametrize("size", ["-1", "nan", "0.01"])
+def test_bench_fast_disk_checks_the_size_before_it_builds_anything(
+    tmp_path: Path, size: str
+) -> None:
+    """A bad --size-gib is refused before the /dev/shm file, the loop device, the mkfs and
+    the mount (--fast-disk ignores --dir, so a missing one is no error either). The bench
+    runs with a /dev/shm of its own (a tmpfs in a mount namespace) and with the real
+    tools behind wrappers that log each call: other sessions on this machine may build
+    fast disks at the same time, so `losetup -a` and the real /dev/shm cannot tell."""
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    calls = tmp_path / "calls"
+    for tool in FAST_DISK_TOOLS:
+        wrapper = tools / tool
+        wrapper.write_text(f'#!/bin/sh\necho "{tool} $*" >> {calls}\n'
+                           f'exec {shutil.which(tool)} "$@"\n')  # fmt: skip
+        wrapper.chmod(0o755)
+    code = "import sys; from migd.app.cli import main; sys.exit(main(sys.argv[1:]))"
+    script = (
+        'mount -t tmpfs -o size=64m migd-test-shm /dev/shm || exit 99; "$@"; code=$?; '
+        "ls -A /dev/shm; exit $code"
+    )
+    proc = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
+         "env", f"PATH={tools}:{os.environ['PATH']}", sys.executable, "-c", code, "bench",
+         "--fast-disk", "--size-gib", size, "--dir", "/nonexistent", "--no-qemu"],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"migd bench: error: argument --size-gib: '{size}'" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and "fast disk" not in proc.stderr
+    assert proc.stdout == "", "files left in /dev/shm: " + proc.stdout
+    assert not calls.exists(), calls.read_text()
+    # the set-up is what the bench sees: the wrappers come first in its PATH, and with a
+    # valid size it gets as far as FastDisk, which finds the private /dev/shm too small
+    # for its backing file (checked before the file is made)
+    assert shutil.which("losetup", path=f"{tools}:{os.environ['PATH']}") == str(
+        tools / "losetup"
+    )
+    proc = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
+         "env", f"PATH={tools}:{os.environ['PATH']}", sys.executable, "-c", code, "bench",
+         "--fast-disk", "--size-gib", "0.0625", "--no-qemu"],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "in /dev/shm, which has 64 MiB free" in proc.stderr, proc.stderr[-3000:]
+    assert proc.stdout == "" and not calls.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="loop devices need root")
+def test_fast_disk_close_detaches_a_device_it_never_learnt_the_name_of() -> None:
+    """A signal during `losetup --find --show` can land after the attach but before
+    FastDisk knows the device: close() finds it by the backing file and detaches it."""
+    from migd.bench.fastdisk import FastDisk
+
+    fd, name = tempfile.mkstemp(prefix="migd-fastdisk-test-", dir="/dev/shm")
+    os.ftruncate(fd, 1 << 20)
+    os.close(fd)
+    backing = Path(name)
+    disk = FastDisk(1 << 20)
+    disk.backing = backing  # the state open() is in once the file is written
+    attached = ""
+    try:
+        attached = subprocess.run(
+            ["losetup", "--find", "--show", name], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        assert attached.startswith("/dev/loop") and disk.device is None
+        assert FastDisk.attached(backing) == [attached]
+        disk.close()
+        assert not backing.exists()
+        # by the device's name: `losetup -j` no longer finds a deleted backing file
+        assert name not in _backing_file(attached)
+    finally:
+        if attached and name in _backing_file(attached):  # close() left it: ours
+            subprocess.run(["losetup", "-d", attached], check=False)
+        backing.unlink(missing_ok=True)
+
+
+def _backing_file(device: str) -> str:
+    """The file behind a loop device ("" if it is detached)."""
+    return subprocess.run(
+        ["losetup", "-n", "-O", "BACK-FILE", device], capture_output=True, text=True
+    ).stdout.strip()

@@ -82,7 +82,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from .common import DEFAULT_QEMU, BenchError, log
+from .common import (
+    CHANNELS_MAX,
+    DEFAULT_QEMU,
+    JOB_MIB_MAX,
+    JOBS_MAX,
+    RUNS_MAX,
+    SIZE_GIB_MAX,
+    SIZE_GIB_MIN,
+    VM_GIB_MAX,
+    VM_GIB_MIN,
+    BenchError,
+    float_in,
+    floats_in,
+    int_in,
+    log,
+)
 from .fastdisk import FastDisk
 from .processes import Cleanup
 from .suite import Bench
@@ -101,17 +116,17 @@ def _counts(text: str) -> list[int]:
         values = sorted({int(c) for c in text.split(",") if c.strip()})
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{text}' is not a list like 1,2,4,8") from None
-    if any(not 1 <= v <= 255 for v in values):
-        raise argparse.ArgumentTypeError(f"'{text}': channel counts are 1..255")
+    if any(not 1 <= v <= CHANNELS_MAX for v in values):
+        raise argparse.ArgumentTypeError(f"'{text}': channel counts are 1..{CHANNELS_MAX}")
     return values
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--size-gib",
-        type=float,
+        type=float_in(SIZE_GIB_MIN, SIZE_GIB_MAX),
         default=4.0,
-        help="bytes per operation in GiB (default 4; at least 0.0625)",
+        help=f"bytes per operation in GiB (default 4; {SIZE_GIB_MIN:g} to {SIZE_GIB_MAX:g})",
     )
     p.add_argument(
         "--dir",
@@ -140,7 +155,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="channel counts of QEMU's saves and restores (default: --channels)",
     )
     p.add_argument(
-        "--runs", type=int, default=3, help="rounds; each figure is the median (default 3)"
+        "--runs",
+        type=int_in(1, RUNS_MAX),
+        default=3,
+        help="rounds; each figure is the median (default 3)",
     )
     p.add_argument(
         "--out", default=None, metavar="DIR", help="write bench.md, bench.json and bench.png there"
@@ -168,16 +186,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "after another in the same daemon and against as many QEMU processes saving at "
         "once (docs/jobs.md)",
     )
-    p.add_argument("--jobs", type=int, default=8, help="--concurrency: jobs (default 8)")
+    p.add_argument(
+        "--jobs", type=int_in(1, JOBS_MAX), default=8, help="--concurrency: jobs (default 8)"
+    )
     p.add_argument(
         "--job-size-mib",
-        type=int,
+        type=int_in(1, JOB_MIB_MAX),
         default=512,
         help="--concurrency: MiB of memory per job (default 512)",
     )
     p.add_argument(
         "--job-channels",
-        type=int,
+        type=int_in(1, CHANNELS_MAX),
         default=2,
         help="--concurrency: multifd channels per job (default 2)",
     )
@@ -204,7 +224,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--vm-sizes-gib",
-        default="1,2",
+        type=floats_in(VM_GIB_MIN, VM_GIB_MAX),
+        default=[1.0, 2.0],
         metavar="LIST",
         help="--vm: guest RAM sizes in GiB (default 1,2)",
     )
@@ -237,16 +258,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _check_directory(option: str, path: str, writable: bool = True) -> str | None:
+    if not os.path.isdir(path):
+        what = "not a directory" if os.path.exists(path) else "no such directory"
+        return f"{option} {path!r}: {what}"
+    if writable and not os.access(path, os.W_OK | os.X_OK):
+        return f"{option} {path!r}: not writable"
+    return None
+
+
 def check_arguments(args: argparse.Namespace) -> str | None:
-    """Fills in the defaults that depend on --channels; the usage error, if any."""
-    if not args.channels or args.runs < 1:
-        return "--channels and --runs must be positive"
+    """Fills in the defaults that depend on --channels; the usage error, if any.
+
+    The numbers were checked as they were parsed (their `type=`); this checks what depends
+    on more than one option, and the directories, before anything is created."""
+    if not args.channels:
+        return "--channels 'none': at least one channel count is needed"
     if args.buffered_channels is None:
         args.buffered_channels = list(args.channels)
     if args.qemu_channels is None:
         args.qemu_channels = list(args.channels)
     if not set(args.buffered_channels) <= set(args.channels):
         return "--buffered-channels must be a subset of --channels"
+    directories = [("--memory-dir", args.memory_dir, True)]
+    if not getattr(args, "fast_disk", False):  # --fast-disk ignores --dir
+        directories.append(("--dir", args.dir, True))
+    if getattr(args, "guest", None):
+        directories.append(("--guest", args.guest, False))  # only read
+    for option, path, writable in directories:
+        error = _check_directory(option, path, writable)
+        if error:
+            return error
     return None
 
 
@@ -260,10 +302,6 @@ def run_concurrency(args: argparse.Namespace) -> int:
 
     from . import concurrency
 
-    if min(args.jobs, args.job_size_mib, args.job_channels) < 1:
-        print("migd bench: error: --jobs, --job-size-mib and --job-channels must be positive",
-              file=sys.stderr)  # fmt: skip
-        return 2
     argv = [
         "--jobs", str(args.jobs), "--size-mib", str(args.job_size_mib),
         "--channels", str(args.job_channels), "--dir", args.dir, "--rounds", str(args.runs),
@@ -283,7 +321,7 @@ def run_vm(args: argparse.Namespace) -> int:
     from . import vm
 
     argv = [
-        "--sizes-gib", args.vm_sizes_gib, "--runs", str(args.runs),
+        "--sizes-gib", ",".join(map(repr, args.vm_sizes_gib)), "--runs", str(args.runs),
         "--channels", str(max(args.channels)), "--dir", args.dir, "--qemu", args.qemu,
         "--fill", args.vm_fill, "--restore-into", args.vm_restore_into,
         "--memory-dir", args.memory_dir,
@@ -304,14 +342,14 @@ def run(args: argparse.Namespace) -> int:
     # The memory files the bench makes hold "guest RAM": private, as migd wants a file
     # before it restores into it (one others may read is refused), whatever the umask.
     os.umask(0o077)
+    error = check_arguments(args)  # before anything is created (a loop device, a file)
+    if error:
+        print(f"migd bench: error: {error}", file=sys.stderr)
+        return 2
     if getattr(args, "concurrency", False):
         return run_concurrency(args)
     if getattr(args, "vm", False):
         return run_vm(args)
-    error = check_arguments(args)
-    if error:
-        print(f"migd bench: error: {error}", file=sys.stderr)
-        return 2
     old = {s: signal.signal(s, _terminate) for s in (signal.SIGTERM, signal.SIGHUP)}
     cleanup = Cleanup()
     bench: Bench | None = None

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from ..pages import PAGE_SIZE
@@ -42,3 +44,62 @@ def log(msg: str) -> None:
 
 
 DEFAULT_QEMU = "qemu-system-x86_64"
+
+
+# --- the command lines' numbers: checked as they are parsed, before anything is made ---
+
+
+def _bounded(text: str, value: float, low: float, high: float) -> None:
+    # written so that NaN fails too (every comparison with NaN is false)
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range: {low:g} to {high:g}")
+
+
+def int_in(low: int, high: int) -> Callable[[str], int]:
+    """An argparse `type=`: an integer from low to high; argparse names the option."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        _bounded(text, value, low, high)
+        return value
+
+    return parse
+
+
+def float_in(low: float, high: float) -> Callable[[str], float]:
+    """An argparse `type=`: a finite number from low to high (never NaN or infinite)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        _bounded(text, value, low, high)
+        return value
+
+    return parse
+
+
+def floats_in(low: float, high: float) -> Callable[[str], list[float]]:
+    """An argparse `type=`: a comma-separated list like 1,2 of numbers from low to high."""
+    one = float_in(low, high)
+
+    def parse(text: str) -> list[float]:
+        items = [item.strip() for item in text.split(",")]
+        if not all(items):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a list like 1,2")
+        return [one(item) for item in items]
+
+    return parse
+
+
+# bounds of `migd bench`'s numbers (its own and those of its --vm and --concurrency parts)
+SIZE_GIB_MIN, SIZE_GIB_MAX = 1 / 16, 1024.0  # the suite's bytes per operation
+VM_GIB_MIN, VM_GIB_MAX = 1 / 64, 1024.0  # a guest's RAM (16 MiB: QEMU's firmware fits)
+RUNS_MAX = 1000
+JOBS_MAX = 1024
+JOB_MIB_MAX = 1 << 20  # 1 TiB
+CHANNELS_MAX = 255

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from qemu.qmp import QMPClient
 
+from .common import CHANNELS_MAX, JOB_MIB_MAX, JOBS_MAX, RUNS_MAX, int_in
 from .disk import drop_caches
 from .processes import connect_qmp, rss_anon, start_migd
 from .results import percentile_ms
@@ -217,14 +218,19 @@ def report(phases: list[Phase], qemu: float | None, size: int, args: argparse.Na
 
 async def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--jobs", type=int, default=8)
-    parser.add_argument("--size-mib", type=int, default=512)
-    parser.add_argument("--channels", type=int, default=2)
+    parser.add_argument("--jobs", type=int_in(1, JOBS_MAX), default=8)
+    parser.add_argument("--size-mib", type=int_in(1, JOB_MIB_MAX), default=512)
+    parser.add_argument("--channels", type=int_in(1, CHANNELS_MAX), default=2)
     parser.add_argument("--dir", default="/tmp", help="where the save files go")
-    parser.add_argument("--slots", type=int, default=0, help="MIGD_IO_SLOTS for the daemon")
+    parser.add_argument(
+        "--slots", type=int_in(0, JOBS_MAX), default=0, help="MIGD_IO_SLOTS for the daemon"
+    )
     parser.add_argument("--no-qemu", action="store_true")
     parser.add_argument(
-        "--rounds", type=int, default=1, help="serial and concurrent phases, mirrored order"
+        "--rounds",
+        type=int_in(1, RUNS_MAX),
+        default=1,
+        help="serial and concurrent phases, mirrored order",
     )
     args = parser.parse_args(argv)
     size = args.size_mib * MiB

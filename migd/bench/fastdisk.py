@@ -7,7 +7,9 @@ is a memory copy. The backing file is written through first, so that its pages e
 direct I/O onto it (`losetup --direct-io=on`: no second page cache above tmpfs), and
 mkfs runs with `-E nodiscard` (a discard would punch the pages out again) and initialises
 its inode tables at once (no lazy init writing behind the measurements). Needs root.
-Everything is torn down at the end, also on error or a signal (the bench's Cleanup).
+Everything is torn down at the end, also on error or a signal (the bench's Cleanup); a
+signal that lands while `losetup` attaches leaves a device whose name was never read, so
+teardown then finds it by its backing file (`losetup -j`).
 """
 
 from __future__ import annotations
@@ -73,17 +75,41 @@ class FastDisk:
             with contextlib.suppress(OSError):
                 self.mount.rmdir()
             self.mount = None
+        # Not known if a signal cut `losetup --find --show` short after it attached one:
+        # then whatever is attached to our backing file (a name of our own, mkstemp's).
         if self.device is not None:
+            devices = [self.device]
+        elif self.backing is not None:
+            devices = self.attached(self.backing)
+        else:
+            devices = []
+        for device in devices:
             with contextlib.suppress(BenchError):
-                self._run(["losetup", "-d", self.device])
-            self.device = None
+                self._run(["losetup", "-d", device])
+        self.device = None
         if self.backing is not None:
             self.backing.unlink(missing_ok=True)
             self.backing = None
 
+    @classmethod
+    def attached(cls, backing: Path) -> list[str]:
+        """The loop devices backed by this file (`losetup -j`: "/dev/loop3: []: (FILE)")."""
+        with contextlib.suppress(BenchError):
+            out = cls._run(["losetup", "-j", str(backing)])
+            return [line.split(":", 1)[0] for line in out.splitlines() if line.strip()]
+        return []
+
     @staticmethod
     def _run(argv: list[str]) -> str:
-        result = subprocess.run(argv, capture_output=True, text=True, check=False)
-        if result.returncode != 0:
-            raise BenchError(f"{' '.join(argv)}: {result.stderr.strip() or result.returncode}")
-        return result.stdout
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            stdout, stderr = proc.communicate()
+        except BaseException:
+            # A signal (Ctrl-C, the bench's SIGTERM): the tool may still finish its step
+            # (attach, mount) before it dies, so wait for it; close() then undoes the step.
+            proc.kill()
+            proc.wait()
+            raise
+        if proc.returncode != 0:
+            raise BenchError(f"{' '.join(argv)}: {stderr.strip() or proc.returncode}")
+        return stdout

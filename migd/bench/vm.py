@@ -47,7 +47,16 @@ from typing import Any
 
 from qemu.qmp import QMPClient
 
-from .common import BenchError, log
+from .common import (
+    CHANNELS_MAX,
+    RUNS_MAX,
+    VM_GIB_MAX,
+    VM_GIB_MIN,
+    BenchError,
+    floats_in,
+    int_in,
+    log,
+)
 from .disk import drop_caches, python_disk
 from .fill import fill_memory, same_contents
 from .processes import connect_qmp, start_migd
@@ -295,9 +304,9 @@ def report(rows: list[Row], args: argparse.Namespace) -> str:
 
 async def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--sizes-gib", default="1,2")
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--channels", type=int, default=4)
+    parser.add_argument("--sizes-gib", type=floats_in(VM_GIB_MIN, VM_GIB_MAX), default=[1.0, 2.0])
+    parser.add_argument("--runs", type=int_in(1, RUNS_MAX), default=3)
+    parser.add_argument("--channels", type=int_in(1, CHANNELS_MAX), default=4)
     parser.add_argument("--dir", default="/tmp", help="where the images go")
     parser.add_argument("--guest", default=None, help="a make-guest.sh directory")
     parser.add_argument(
@@ -319,12 +328,8 @@ async def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--qemu", default="qemu-system-x86_64")
     args = parser.parse_args(argv)
-    try:
-        sizes = [int(float(s) * GiB) // (1 << 20) * (1 << 20) for s in args.sizes_gib.split(",")]
-    except ValueError:
-        raise BenchError(f"--vm-sizes-gib {args.sizes_gib!r}: not a list like 1,2") from None
-    if not sizes or min(sizes) < 16 << 20 or args.runs < 1:
-        raise BenchError("guest sizes must be at least 16 MiB and --runs positive")
+    # whole MiB (QEMU's -m); at least 16 MiB, as --sizes-gib's type checked
+    sizes = [int(s * GiB) // (1 << 20) * (1 << 20) for s in args.sizes_gib]
     rows = [Row(size) for size in sizes]
     with (
         tempfile.TemporaryDirectory(prefix="migd-vm-", dir=args.memory_dir) as shm,
