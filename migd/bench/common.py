@@ -7,6 +7,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from ..pages import PAGE_SIZE
 
@@ -48,6 +49,8 @@ DEFAULT_QEMU = "qemu-system-x86_64"
 
 # --- the command lines' numbers: checked as they are parsed, before anything is made ---
 
+_N = TypeVar("_N", int, float)
+
 
 def _bounded(text: str, value: float, low: float, high: float) -> None:
     # written so that NaN fails too (every comparison with NaN is false)
@@ -55,32 +58,28 @@ def _bounded(text: str, value: float, low: float, high: float) -> None:
         raise argparse.ArgumentTypeError(f"{text!r} is out of range: {low:g} to {high:g}")
 
 
-def int_in(low: int, high: int) -> Callable[[str], int]:
-    """An argparse `type=`: an integer from low to high; argparse names the option."""
-
-    def parse(text: str) -> int:
+def _number_in(
+    convert: Callable[[str], _N], noun: str, low: float, high: float
+) -> Callable[[str], _N]:
+    def parse(text: str) -> _N:
         try:
-            value = int(text)
+            value = convert(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
         _bounded(text, value, low, high)
         return value
 
     return parse
+
+
+def int_in(low: int, high: int) -> Callable[[str], int]:
+    """An argparse `type=`: an integer from low to high; argparse names the option."""
+    return _number_in(int, "an integer", low, high)
 
 
 def float_in(low: float, high: float) -> Callable[[str], float]:
     """An argparse `type=`: a finite number from low to high (never NaN or infinite)."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        _bounded(text, value, low, high)
-        return value
-
-    return parse
+    return _number_in(float, "a number", low, high)
 
 
 def floats_in(low: float, high: float) -> Callable[[str], list[float]]:
