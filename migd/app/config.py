@@ -40,7 +40,7 @@ from ..pages import PAGE_SIZE
 from ..qapi import QAPI_INT_ERROR, QapiInt, Size
 from ..qmp.validation import QapiModel, qapi_name
 from ..state.memory import ID_RE
-from ..state.paths import FileRefused, kind_of, resolve_trusted
+from ..state.paths import MAX_SOCKET_PATH_BYTES, FileRefused, kind_of, resolve_trusted
 from ..units import size_bytes
 
 DEFAULT_CONFIG_PATH = "/etc/migd/migd.toml"
@@ -207,8 +207,11 @@ class Config(Section):
             raise ValueError("must not hold a NUL byte")
         if not os.path.isabs(value):  # under systemd the working directory is /
             raise ValueError(f"must be an absolute path, not '{value}'")
-        if len(os.fsencode(value)) > 107:
-            raise ValueError("is longer than 107 bytes (a UNIX socket path holds at most 107)")
+        if len(os.fsencode(value)) > MAX_SOCKET_PATH_BYTES:
+            raise ValueError(
+                f"is longer than {MAX_SOCKET_PATH_BYTES} bytes (a UNIX socket path holds at "
+                f"most {MAX_SOCKET_PATH_BYTES})"
+            )
         return value
 
     @field_validator("socket_mode", mode="before")

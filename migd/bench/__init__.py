@@ -82,8 +82,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
+from ..migration.settings import CHANNELS_MAX
 from .common import (
-    CHANNELS_MAX,
     DEFAULT_QEMU,
     JOB_MIB_MAX,
     JOBS_MAX,

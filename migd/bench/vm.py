@@ -47,8 +47,8 @@ from typing import Any
 
 from qemu.qmp import QMPClient
 
+from ..migration.settings import CHANNELS_MAX
 from .common import (
-    CHANNELS_MAX,
     RUNS_MAX,
     VM_GIB_MAX,
     VM_GIB_MIN,

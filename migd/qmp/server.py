@@ -34,7 +34,7 @@ from typing import Any
 
 from ..errors import ConfigError, FdError, InvalidRequest, MigdError
 from ..state.fdsets import check_room_for_passed_fds
-from ..state.paths import FileRefused, resolve_trusted
+from ..state.paths import MAX_SOCKET_PATH_BYTES, FileRefused, resolve_trusted
 from .wire import (
     MessageSplitter,
     Refused,
@@ -463,8 +463,8 @@ def bind_unix_socket(path: str, mode: int) -> socket.socket:
     # as a configuration error (exit 2: no restart makes the name fit).
     if "\0" in path:
         raise ConfigError(f"Socket path {path!r} holds a NUL byte")
-    if len(os.fsencode(path)) > 107:
-        raise ConfigError(f"Socket path '{path}' is longer than 107 bytes")
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH_BYTES:
+        raise ConfigError(f"Socket path '{path}' is longer than {MAX_SOCKET_PATH_BYTES} bytes")
     parent = os.path.dirname(os.path.abspath(path))
     check_socket_directory(path)
     os.makedirs(parent, mode=0o755, exist_ok=True)

@@ -36,6 +36,8 @@ from ..errors import MigdError
 
 log = logging.getLogger(__name__)
 
+MAX_SOCKET_PATH_BYTES = 107  # a UNIX socket's sun_path: 108 bytes, the last one its NUL
+
 FileOpener = Callable[[str, int, int], int]
 """open(path, flags, mode) -> fd, raising OSError like os.open."""
 

@@ -155,19 +155,24 @@ async def connect(
     return client
 
 
+async def _answer(command: str, reply: Awaitable[Any]) -> Any:
+    """`reply`, or ClientError once migd has taken ANSWER_TIMEOUT to give it."""
+    try:
+        return await asyncio.wait_for(reply, ANSWER_TIMEOUT)
+    except TimeoutError:
+        raise ClientError(
+            f"{command}: migd did not answer within {ANSWER_TIMEOUT:g} s (is it hung?)"
+        ) from None
+
+
 async def _execute(client: Any, command: str, arguments: Mapping[str, Any] | None = None) -> Any:
     """Run one command; a daemon error becomes ClientError 'command: CLASS: desc'."""
     from qemu.qmp import ExecuteError, QMPError
 
     try:
-        return await asyncio.wait_for(
-            client.execute(command, dict(arguments) if arguments is not None else None),
-            ANSWER_TIMEOUT,
+        return await _answer(
+            command, client.execute(command, dict(arguments) if arguments is not None else None)
         )
-    except TimeoutError:
-        raise ClientError(
-            f"{command}: migd did not answer within {ANSWER_TIMEOUT:g} s (is it hung?)"
-        ) from None
     except ExecuteError as exc:
         raise ClientError(f"{command}: {exc.error.error.desc}") from exc
     except (QMPError, OSError, EOFError) as exc:
@@ -188,11 +193,7 @@ async def run_call(socket_path: str, command: str, arguments: dict[str, Any]) ->
 
     client = await connect(socket_path)
     try:
-        return await asyncio.wait_for(client.execute(command, arguments), ANSWER_TIMEOUT)
-    except TimeoutError:
-        raise ClientError(
-            f"{command}: migd did not answer within {ANSWER_TIMEOUT:g} s (is it hung?)"
-        ) from None
+        return await _answer(command, client.execute(command, arguments))
     except ExecuteError:
         raise
     except (QMPError, OSError, EOFError) as exc:
