@@ -23,7 +23,6 @@ import array
 import asyncio
 import contextlib
 import errno
-import functools
 import logging
 import os
 import socket
@@ -80,10 +79,15 @@ def _peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
 class Session:
     """One client connection."""
 
-    def __init__(self, server: Server, sock: socket.socket, number: int) -> None:
+    def __init__(
+        self, server: Server, sock: socket.socket, number: int, peer_uid: int | None
+    ) -> None:
         self.server = server
         self.sock = sock
         self.number = number
+        # The client's uid (SO_PEERCRED, read once at accept): it may own the existing
+        # files it names.
+        self.peer_uid = peer_uid
         self.negotiated = False
         self.pending_fds: list[int] = []
         self._fd_taken = False
@@ -92,14 +96,6 @@ class Session:
         self._unsent = _UnsentBytes()
         self._fds_refused: FdError | None = None
         self._closing = False
-
-    @functools.cached_property
-    def peer_uid(self) -> int | None:
-        """The client's uid (SO_PEERCRED): it may own the existing files it names."""
-        try:
-            return _peer_credentials(self.sock)[1]
-        except OSError:
-            return None
 
     # -- fds -------------------------------------------------------------------------
 
@@ -382,7 +378,7 @@ class Server:
             sock.setblocking(False)
             self._count += 1
             log.info("client %d connected: pid=%d uid=%d gid=%d", self._count, pid, uid, gid)
-            session = Session(self, sock, self._count)
+            session = Session(self, sock, self._count, uid if uid >= 0 else None)
             # In the set before its task runs: close_sessions() must find it.
             self.sessions.add(session)
             task = asyncio.create_task(self._serve(session))
