@@ -318,6 +318,27 @@ MUTANTS = [
         ("tests/test_serving.py::test_a_client_whose_unread_events_pass_the_bound_is_dropped",),
     ),
     Mutant(
+        "daemon-reply-bound-removed",
+        "migd/qmp/server.py",
+        "        while self.unsent.count > DAEMON_REPLY_LIMIT_BYTES:",
+        "        while False:",
+        ("tests/test_serving.py::test_silent_clients_together_cost_a_bounded_amount_and_readers_are_kept",),
+    ),
+    Mutant(
+        "unsent-bytes-of-an-ended-session-still-counted",
+        "migd/qmp/server.py",
+        "                self._unsent.drop()  # whatever the writer had not sent counts no more",
+        "                pass",
+        ("tests/test_serving.py::test_silent_clients_together_cost_a_bounded_amount_and_readers_are_kept",),
+    ),
+    Mutant(
+        "fd-room-counted-for-every-passed-fd",
+        "migd/state/fdsets.py",
+        "    if table is not None and table <= allowed:",
+        "    if False:",
+        ("tests/test_fd_passing.py::test_the_room_for_passed_fds_is_counted_only_when_the_fd_table_could_be_full",),
+    ),
+    Mutant(
         "sessions-not-capped",
         "migd/qmp/server.py",
         "            if len(self.sessions) >= MAX_SESSIONS - (",

@@ -609,3 +609,33 @@ def test_removing_a_large_fdset_is_one_pass_not_a_comparison_of_every_pair(monke
     store.remove_fd(5)  # the rest
     assert comparisons == []
     assert store.query() == []  # (that removed fds are closed: the open_fds tests above)
+
+
+def test_the_room_for_passed_fds_is_counted_only_when_the_fd_table_could_be_full(monkeypatch):
+    """Each passed fd checked the room for it by listing /proc/self/fd: O(fds open) per
+    fd, which slowed the event loop for every client once thousands were stored (red-team,
+    session 14). The fd table's size bounds the open fds, so they are counted only once
+    that size passes what passed fds may use; the refusal itself is unchanged."""
+    import resource
+
+    from migd.errors import FdError
+    from migd.state import fdsets
+
+    table = fdsets._fd_table_size()
+    assert table is not None and table > len(os.listdir("/proc/self/fd")) - 2
+    listings = []
+    counted = fdsets._open_fd_count
+    monkeypatch.setattr(fdsets, "_open_fd_count", lambda: listings.append(1) or counted())
+
+    # A limit whose reserve leaves room for the whole table: nothing to count.
+    roomy = 2 * (table + fdsets.FD_RESERVE)
+    monkeypatch.setattr(resource, "getrlimit", lambda kind: (roomy, roomy))
+    fdsets.check_room_for_passed_fds()
+    assert listings == []
+
+    # A limit the open fds pass: counted, and refused.
+    tight = 2 * max(8, len(os.listdir("/proc/self/fd")) // 2)
+    monkeypatch.setattr(resource, "getrlimit", lambda kind: (tight, tight))
+    with pytest.raises(FdError, match="Too many file descriptors"):
+        fdsets.check_room_for_passed_fds()
+    assert listings == [1]

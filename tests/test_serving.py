@@ -318,6 +318,60 @@ async def test_a_client_whose_unread_events_pass_the_bound_is_dropped(migd_inpro
     client.close()
 
 
+async def _drained(session, deadline: float) -> None:
+    """Wait until a reading client has been sent everything queued for it."""
+    while session.unsent_bytes:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"client {session.number} did not read its events")
+        await asyncio.sleep(0.01)
+
+
+async def test_silent_clients_together_cost_a_bounded_amount_and_readers_are_kept(migd_inproc):
+    """Many clients that never read, each under REPLY_LIMIT_BYTES, do not add up without
+    bound: while all sessions' unsent bytes pass DAEMON_REPLY_LIMIT_BYTES the biggest
+    holders are dropped; a client that reads stays, and nothing is counted once a
+    client is gone (a leak in the total would drop or spare the wrong clients later)."""
+    from migd.qmp.server import DAEMON_REPLY_LIMIT_BYTES, REPLY_LIMIT_BYTES, REPLY_PAUSE_BYTES
+
+    server = migd_inproc.daemon.server
+    reader = await migd_inproc.client("reader")  # qemu.qmp reads every event as it comes
+    [reading] = [s for s in server.sessions if s.negotiated]
+    silent_count = DAEMON_REPLY_LIMIT_BYTES // (REPLY_LIMIT_BYTES - 4 * MiB) + 2
+    silent = []
+    for _ in range(silent_count):  # in threads: the daemon runs on this loop
+        client = await asyncio.to_thread(RawClient, migd_inproc.socket_path)
+        assert "return" in await asyncio.to_thread(client.execute, "qmp_capabilities")
+        silent.append(client)
+    sessions = [s for s in server.sessions if s.negotiated and s is not reading]
+    assert len(sessions) == silent_count
+
+    pad = "x" * MiB
+    deadline = time.monotonic() + 60
+    # Each silent client ends under the per-client bound: only the daemon's bound drops.
+    for _ in range(REPLY_LIMIT_BYTES // MiB - 4):
+        server.broadcast_event("MIGD_TEST_PAD", {"pad": pad})
+        assert server.unsent.count <= DAEMON_REPLY_LIMIT_BYTES
+        await _drained(reading, deadline)
+    dropped = [s for s in sessions if s._unsent.dropped]
+    assert dropped, "no client dropped: all clients together passed the daemon's bound"
+    assert len(dropped) < silent_count, "every silent client dropped: the bound is the sum"
+    assert not reading._unsent.dropped
+    assert all(s.unsent_bytes > REPLY_PAUSE_BYTES for s in sessions if s not in dropped)
+    assert await reader.execute("query-version")
+
+    # Clients that say goodbye (EOF) and still read nothing: their sessions end once the
+    # flush grace passes, with bytes unsent, which must then count no more.
+    for client in silent:
+        client.sock.shutdown(socket.SHUT_WR)
+    await reader.disconnect()
+    while server.sessions:
+        assert time.monotonic() < deadline, "sessions did not end"
+        await asyncio.sleep(0.01)
+    assert server.unsent.count == 0
+    for client in silent:
+        client.close()
+
+
 def test_a_client_that_streams_requests_without_reading_is_paused_not_dropped(migd, short_dir):
     keeper = _negotiated(migd.socket_path)
     _add_fdset_with_opaque(keeper, short_dir / "f", 1000)

@@ -9,6 +9,9 @@ streaming requests without pause cannot starve other clients, running jobs or SI
 It reads no more requests while more than REPLY_PAUSE_BYTES of its replies are unsent
 (the client is not reading them), and a client whose unsent replies and events pass
 REPLY_LIMIT_BYTES is dropped: a client that never reads costs a bounded amount of memory.
+So do many: while all sessions' unsent bytes pass DAEMON_REPLY_LIMIT_BYTES, the session
+with the most is dropped, if it has more than REPLY_PAUSE_BYTES (a client reading its
+replies drains below that; one that is not, holding many MiB, is the one to go).
 
 Stopping is in two steps, as uvicorn's: `stop_accepting` closes the listener (a connect
 is refused from then on), `close_sessions` ends every session. A closing session reads
@@ -60,6 +63,11 @@ MAX_FDS_PER_MESSAGE = 16  # QEMU's TCP_MAX_FDS
 REPLY_PAUSE_BYTES = 1 << 20
 # ... and drop it when its unsent replies and events pass this (one message may go over).
 REPLY_LIMIT_BYTES = 16 << 20
+# ... and, across all sessions, drop the ones holding the most past this: a thousand
+# silent clients each asking once for a 20 MB query-fdsets (or left with 16 MiB of events)
+# held about 24 MiB each, as much memory as the machine had (red-team, session 14). Then
+# a client costs at most REPLY_PAUSE_BYTES and the daemon this much beyond.
+DAEMON_REPLY_LIMIT_BYTES = 64 << 20
 # Seconds a closing session's writer gets to send what is queued for its client.
 FLUSH_SECONDS = 2.0
 
@@ -93,7 +101,7 @@ class Session:
         self._fd_taken = False
         self._out: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
-        self._unsent = _UnsentBytes()
+        self._unsent = _UnsentBytes(server.unsent)
         self._fds_refused: FdError | None = None
         self._closing = False
 
@@ -127,7 +135,7 @@ class Session:
 
     # -- I/O -------------------------------------------------------------------------
 
-    def send(self, msg: dict[str, Any]) -> None:
+    def send(self, msg: dict[str, Any], check_daemon_budget: bool = True) -> None:
         if self._unsent.dropped:
             return
         if self._unsent.count > REPLY_LIMIT_BYTES:
@@ -136,13 +144,19 @@ class Session:
         data = encode(msg)
         self._unsent.add(len(data))
         self._out.put_nowait(data)
+        if check_daemon_budget:
+            self.server.enforce_reply_budget()
 
-    def _drop(self) -> None:
+    @property
+    def unsent_bytes(self) -> int:
+        return self._unsent.count
+
+    def _drop(self, why: str | None = None) -> None:
         """End a client that does not read what it asked for, freeing what it left unread."""
         log.warning(
-            "client %d dropped: more than %d bytes of replies and events left unread",
+            "client %d dropped: %s",
             self.number,
-            REPLY_LIMIT_BYTES,
+            why or f"more than {REPLY_LIMIT_BYTES} bytes of replies and events left unread",
         )
         self._unsent.drop()
         while not self._out.empty():
@@ -254,6 +268,7 @@ class Session:
             finally:  # also when the server cancels this task meanwhile
                 writer.cancel()
                 self.sock.close()
+                self._unsent.drop()  # whatever the writer had not sent counts no more
 
     async def _pause_while_replies_unread(self) -> None:
         """Backpressure: a client that does not read its replies is not read either."""
@@ -293,24 +308,41 @@ class Session:
                 self._close_pending_fds()
 
 
-class _UnsentBytes:
-    """How many bytes of a session's replies and events are queued or being sent."""
+class _DaemonUnsent:
+    """All sessions' unsent bytes together."""
 
     def __init__(self) -> None:
         self.count = 0
+
+
+class _UnsentBytes:
+    """How many bytes of a session's replies and events are queued or being sent, kept
+    in the daemon's total too."""
+
+    def __init__(self, total: _DaemonUnsent) -> None:
+        self.count = 0
         self.dropped = False
+        self._total = total
         self._waiting = True
         self._changed = asyncio.Event()
 
     def add(self, n: int) -> None:
+        if self.dropped:
+            return
         self.count += n
+        self._total.count += n
 
     def sent(self, n: int) -> None:
+        if self.dropped:  # the rest of a message being sent when the client was dropped
+            return
         self.count -= n
+        self._total.count -= n
         self._changed.set()
 
     def drop(self) -> None:
+        """Count nothing more for this session (dropped, gone or closed)."""
         self.dropped = True
+        self._total.count -= self.count
         self.count = 0
         self._changed.set()
 
@@ -339,6 +371,7 @@ class Server:
         self._accepting: asyncio.Task[None] | None = None
         self._count = 0
         self._refused = 0  # connections closed at once: MAX_SESSIONS were connected
+        self.unsent = _DaemonUnsent()
 
     def start(self) -> None:
         self.listener.setblocking(False)
@@ -392,11 +425,24 @@ class Server:
             self.sessions.discard(session)
             log.info("client %d disconnected", session.number)
 
+    def enforce_reply_budget(self) -> None:
+        """Drop the sessions holding the most unsent bytes while all of them together
+        pass DAEMON_REPLY_LIMIT_BYTES; never one holding REPLY_PAUSE_BYTES or less."""
+        while self.unsent.count > DAEMON_REPLY_LIMIT_BYTES:
+            biggest = max(self.sessions, key=lambda s: s.unsent_bytes, default=None)
+            if biggest is None or biggest.unsent_bytes <= REPLY_PAUSE_BYTES:
+                return
+            biggest._drop(
+                f"{biggest.unsent_bytes} bytes of replies and events left unread while "
+                f"all clients' unread ones passed {DAEMON_REPLY_LIMIT_BYTES} bytes"
+            )
+
     def broadcast_event(self, name: str, data: dict[str, Any] | None = None) -> None:
         msg = event_message(name, data)
         for session in list(self.sessions):
             if session.negotiated:
-                session.send(msg)
+                session.send(msg, check_daemon_budget=False)
+        self.enforce_reply_budget()  # once, not once per session
 
     async def stop_accepting(self) -> None:
         """Accept no more clients and close the listener: a connect is refused from now
