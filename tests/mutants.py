@@ -325,6 +325,13 @@ MUTANTS = [
         ("tests/test_serving.py::test_silent_clients_together_cost_a_bounded_amount_and_readers_are_kept",),
     ),
     Mutant(
+        "management-dropped-for-others-unread-replies",
+        "migd/qmp/server.py",
+        "            others = (s for s in self.sessions if not _is_management(s.peer_uid))",
+        "            others = (s for s in self.sessions)",
+        ("tests/test_serving.py::test_silent_clients_together_cost_a_bounded_amount_and_readers_are_kept",),
+    ),
+    Mutant(
         "unsent-bytes-of-an-ended-session-still-counted",
         "migd/qmp/server.py",
         "                self._unsent.drop()  # whatever the writer had not sent counts no more",

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from migd.api.fds import MAX_OPAQUE_CHARS
-from migd.qmp.wire import MAX_MESSAGE_BYTES, MAX_TOKENS
+from migd.qmp.wire import MAX_MESSAGE_BYTES, MAX_TOKENS, event_message
 
 from .conftest import START_TIMEOUT, DaemonProcess, RawClient, start_daemon, wait_for_socket
 
@@ -326,50 +326,76 @@ async def _drained(session, deadline: float) -> None:
         await asyncio.sleep(0.01)
 
 
-async def test_silent_clients_together_cost_a_bounded_amount_and_readers_are_kept(migd_inproc):
+async def test_silent_clients_together_cost_a_bounded_amount_and_readers_are_kept(short_dir):
     """Many clients that never read, each under REPLY_LIMIT_BYTES, do not add up without
     bound: while all sessions' unsent bytes pass DAEMON_REPLY_LIMIT_BYTES the biggest
-    holders are dropped; a client that reads stays, and nothing is counted once a
-    client is gone (a leak in the total would drop or spare the wrong clients later)."""
+    holders of another uid are dropped; a client that reads stays, root's silent one
+    too (management is never dropped for what others left unread), and nothing is
+    counted once a client is gone (a leak in the total would drop the wrong clients)."""
     from migd.qmp.server import DAEMON_REPLY_LIMIT_BYTES, REPLY_LIMIT_BYTES, REPLY_PAUSE_BYTES
 
-    server = migd_inproc.daemon.server
-    reader = await migd_inproc.client("reader")  # qemu.qmp reads every event as it comes
+    from .conftest import InProcessDaemon
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to connect as another uid")
+    short_dir.chmod(0o711)
+    migd = InProcessDaemon(short_dir / "qmp.sock", socket_mode=0o666)
+    await migd.start()
+    server = migd.daemon.server
+    reader = await migd.client("reader")  # qemu.qmp reads every event as it comes
     [reading] = [s for s in server.sessions if s.negotiated]
-    silent_count = DAEMON_REPLY_LIMIT_BYTES // (REPLY_LIMIT_BYTES - 4 * MiB) + 2
+    held = REPLY_LIMIT_BYTES - 4 * MiB  # per silent client: under its own bound
+    silent_count = DAEMON_REPLY_LIMIT_BYTES // held + 3
     silent = []
-    for _ in range(silent_count):  # in threads: the daemon runs on this loop
-        client = await asyncio.to_thread(RawClient, migd_inproc.socket_path)
-        assert "return" in await asyncio.to_thread(client.execute, "qmp_capabilities")
-        silent.append(client)
-    sessions = [s for s in server.sessions if s.negotiated and s is not reading]
-    assert len(sessions) == silent_count
+    roots_silent = None
+    try:
+        # In threads (the daemon runs on this loop); as nobody, the uid SO_PEERCRED records.
+        os.seteuid(65534)
+        try:
+            for _ in range(silent_count):
+                silent.append(await asyncio.to_thread(RawClient, migd.socket_path))
+        finally:
+            os.seteuid(0)
+        roots_silent = await asyncio.to_thread(RawClient, migd.socket_path)
+        for client in [*silent, roots_silent]:
+            assert "return" in await asyncio.to_thread(client.execute, "qmp_capabilities")
+        sessions = [s for s in server.sessions if s.peer_uid == 65534]
+        [root_session] = [s for s in server.sessions if s.negotiated and s.peer_uid == 0
+                          and s is not reading]  # fmt: skip
+        assert len(sessions) == silent_count
 
-    pad = "x" * MiB
-    deadline = time.monotonic() + 60
-    # Each silent client ends under the per-client bound: only the daemon's bound drops.
-    for _ in range(REPLY_LIMIT_BYTES // MiB - 4):
-        server.broadcast_event("MIGD_TEST_PAD", {"pad": pad})
-        assert server.unsent.count <= DAEMON_REPLY_LIMIT_BYTES
-        await _drained(reading, deadline)
-    dropped = [s for s in sessions if s._unsent.dropped]
-    assert dropped, "no client dropped: all clients together passed the daemon's bound"
-    assert len(dropped) < silent_count, "every silent client dropped: the bound is the sum"
-    assert not reading._unsent.dropped
-    assert all(s.unsent_bytes > REPLY_PAUSE_BYTES for s in sessions if s not in dropped)
-    assert await reader.execute("query-version")
+        pad = "x" * MiB
+        for _ in range(3):  # root's silent client holds the most: still not the one to go
+            root_session.send(event_message("MIGD_TEST_PAD", {"pad": pad}))
+        deadline = time.monotonic() + 60
+        for _ in range(held // MiB):
+            server.broadcast_event("MIGD_TEST_PAD", {"pad": pad})
+            assert server.unsent.count <= DAEMON_REPLY_LIMIT_BYTES
+            await _drained(reading, deadline)
+        dropped = [s for s in sessions if s._unsent.dropped]
+        assert dropped, "no client dropped: all clients together passed the daemon's bound"
+        assert len(dropped) < silent_count, "every silent client dropped: the bound is the sum"
+        assert all(s.unsent_bytes > REPLY_PAUSE_BYTES for s in sessions if s not in dropped)
+        assert not reading._unsent.dropped
+        assert not root_session._unsent.dropped
+        assert root_session.unsent_bytes > REPLY_PAUSE_BYTES
+        assert await reader.execute("query-version")
 
-    # Clients that say goodbye (EOF) and still read nothing: their sessions end once the
-    # flush grace passes, with bytes unsent, which must then count no more.
-    for client in silent:
-        client.sock.shutdown(socket.SHUT_WR)
-    await reader.disconnect()
-    while server.sessions:
-        assert time.monotonic() < deadline, "sessions did not end"
-        await asyncio.sleep(0.01)
-    assert server.unsent.count == 0
-    for client in silent:
-        client.close()
+        # Clients that say goodbye (EOF) and still read nothing: their sessions end once
+        # the flush grace passes, with bytes unsent, which must then count no more.
+        for client in [*silent, roots_silent]:
+            client.sock.shutdown(socket.SHUT_WR)
+        await reader.disconnect()
+        while server.sessions:
+            assert time.monotonic() < deadline, "sessions did not end"
+            await asyncio.sleep(0.01)
+        assert server.unsent.count == 0
+    finally:
+        for client in silent:
+            client.close()
+        if roots_silent is not None:
+            roots_silent.close()
+        await migd.stop()
 
 
 def test_a_client_that_streams_requests_without_reading_is_paused_not_dropped(migd, short_dir):

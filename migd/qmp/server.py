@@ -10,8 +10,10 @@ It reads no more requests while more than REPLY_PAUSE_BYTES of its replies are u
 (the client is not reading them), and a client whose unsent replies and events pass
 REPLY_LIMIT_BYTES is dropped: a client that never reads costs a bounded amount of memory.
 So do many: while all sessions' unsent bytes pass DAEMON_REPLY_LIMIT_BYTES, the session
-with the most is dropped, if it has more than REPLY_PAUSE_BYTES (a client reading its
-replies drains below that; one that is not, holding many MiB, is the one to go).
+of another uid than root's or migd's with the most is dropped, if it has more than
+REPLY_PAUSE_BYTES (a client reading its replies drains below that; one that is not,
+holding many MiB, is the one to go). Root's and migd's own clients, the management, are
+never dropped for what others left unread: only their own bound applies to them.
 
 Stopping is in two steps, as uvicorn's: `stop_accepting` closes the listener (a connect
 is refused from then on), `close_sessions` ends every session. A closing session reads
@@ -308,6 +310,11 @@ class Session:
                 self._close_pending_fds()
 
 
+def _is_management(uid: int | None) -> bool:
+    """A client of root's or migd's own uid: the ones the reserves are kept for."""
+    return uid in (0, os.geteuid())
+
+
 class _DaemonUnsent:
     """All sessions' unsent bytes together."""
 
@@ -396,7 +403,7 @@ class Server:
             except OSError:
                 pid = uid = gid = -1
             if len(self.sessions) >= MAX_SESSIONS - (
-                0 if uid in (0, os.geteuid()) else ROOT_RESERVED_SESSIONS
+                0 if _is_management(uid) else ROOT_RESERVED_SESSIONS
             ):
                 sock.close()
                 self._refused += 1
@@ -427,9 +434,12 @@ class Server:
 
     def enforce_reply_budget(self) -> None:
         """Drop the sessions holding the most unsent bytes while all of them together
-        pass DAEMON_REPLY_LIMIT_BYTES; never one holding REPLY_PAUSE_BYTES or less."""
+        pass DAEMON_REPLY_LIMIT_BYTES; never one holding REPLY_PAUSE_BYTES or less, nor
+        one of root's or migd's own uid (else clients of another uid, each holding just
+        under REPLY_PAUSE_BYTES, could have management's large replies dropped)."""
         while self.unsent.count > DAEMON_REPLY_LIMIT_BYTES:
-            biggest = max(self.sessions, key=lambda s: s.unsent_bytes, default=None)
+            others = (s for s in self.sessions if not _is_management(s.peer_uid))
+            biggest = max(others, key=lambda s: s.unsent_bytes, default=None)
             if biggest is None or biggest.unsent_bytes <= REPLY_PAUSE_BYTES:
                 return
             biggest._drop(
