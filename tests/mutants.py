@@ -733,7 +733,7 @@ MUTANTS = [
     Mutant(
         "sessions-reserve-open-to-any-uid",
         "migd/qmp/server.py",
-        "                0 if uid in (0, os.geteuid()) else ROOT_RESERVED_SESSIONS\n",
+        "                0 if _is_management(uid) else ROOT_RESERVED_SESSIONS\n",
         "                0\n",
         ("tests/test_serving.py::"
          "test_the_last_sessions_are_kept_for_root_and_migds_own_clients",),
