@@ -309,6 +309,22 @@ MUTANTS = [
         "await asyncio.sleep(0)",
         ("tests/test_partial_restore.py",),
     ),
+    Mutant(
+        "refused-creator-removes-a-file-another-job-uses",
+        "migd/state/paths.py",
+        "        if _open_elsewhere(st, own_fds):",
+        "        if False:",
+        ("tests/test_file_identity.py::"
+         "test_a_save_refused_after_creating_its_file_leaves_it_to_the_job_that_opened_it",),
+    ),
+    Mutant(
+        "opened-file-not-checked-still-named",
+        "migd/state/paths.py",
+        "            _check_still_named(path, real, st)",
+        "            pass",
+        ("tests/test_file_identity.py::"
+         "test_a_file_removed_by_its_creator_just_after_the_open_is_refused",),
+    ),
     # --- the QMP server ---------------------------------------------------------------
     Mutant(
         "reply-queue-bound-removed",

@@ -339,6 +339,83 @@ async def test_a_save_admitted_while_a_restore_of_its_file_starts_makes_the_rest
         await b.disconnect()
 
 
+async def test_a_save_refused_after_creating_its_file_leaves_it_to_the_job_that_opened_it(
+    migd_inproc, shm, short_dir, monkeypatch
+):
+    """Two saves name one new file: A creates it, B opens it (it exists now) and starts
+    first, A is then refused (B's file). A's cleanup removed "its" new file, and B
+    completed into a file with no name (red-team, session 15: 7 in 300 tries). The file
+    stays while another request has it open, and B's save is whole in it."""
+    from migd.io import target as target_module
+
+    a, b = await migd_inproc.client("a"), await migd_inproc.client("b")
+    try:
+        fill_random(shm / "m0", MiB, seed=1)
+        fill_random(shm / "m1", MiB, seed=2)
+        await add_file_backend(a, "m0", shm / "m0", MiB)
+        await add_file_backend(a, "m1", shm / "m1", MiB)
+        image = short_dir / "f.sav"
+        created, go_on = threading.Event(), threading.Event()
+        open_main = target_module.FileTarget.open_main
+
+        def held_open_main(self: Any, *args: Any) -> int:
+            fd = open_main(self, *args)
+            if not created.is_set():  # the first save (A) waits, its new file open
+                assert self._created
+                created.set()
+                assert go_on.wait(30)
+            return fd
+
+        monkeypatch.setattr(target_module.FileTarget, "open_main", held_open_main)
+        first = asyncio.ensure_future(
+            a.execute("memory-save", {"job-id": "A", "uri": f"file:{image}", "backends": ["m0"]})
+        )
+        await poll_until(lambda: asyncio.sleep(0, created.is_set()), bool, "A created the file")
+        # B opens the file A created, and starts (throttled: still running when A checks).
+        args = {"job-id": "B", "uri": f"file:{image}", "backends": ["m1"], "max-bandwidth": 262144}
+        assert await b.execute("memory-save", args) == {}
+        go_on.set()
+        with pytest.raises(ExecuteError) as refused:
+            await first
+        assert "is the file of job 'B'" in refused.value.error.error.desc
+        assert image.exists(), "the refused save removed the running job's file"
+        jobs = await poll_until(
+            lambda: b.execute("query-jobs"),
+            lambda jobs: any(j["id"] == "B" and j["status"] == "concluded" for j in jobs),
+            "job B concluded",
+        )
+        [job] = [j for j in jobs if j["id"] == "B"]
+        assert "error" not in job, job
+        saved = parse_save(image)
+        assert saved.complete
+        [block] = saved.blocks
+        assert read_pages(image, block) == (shm / "m1").read_bytes()
+    finally:
+        go_on.set()
+        await a.disconnect()
+        await b.disconnect()
+
+
+def test_a_file_removed_by_its_creator_just_after_the_open_is_refused(tmp_path, monkeypatch):
+    """The other half of the race above: a request that opened an existing file which
+    its creator, refused, removed right after this open's checks (one link then) must not
+    go on with a file that has no name."""
+    from migd.state import paths
+
+    name = tmp_path / "f.sav"
+    name.write_bytes(b"")
+    name.chmod(0o600)
+    check_trusted = paths.check_trusted
+
+    def checked_then_removed(path: str, st: os.stat_result, owners: Any) -> None:
+        check_trusted(path, st, owners)
+        os.unlink(path)  # the creator's cleanup, just after this request's checks
+
+    monkeypatch.setattr(paths, "check_trusted", checked_then_removed)
+    with pytest.raises(paths.FileRefused, match="was removed or replaced while migd opened it"):
+        paths.open_regular(str(name), os.O_WRONLY, create=False, owners={0})
+
+
 async def test_object_add_refuses_the_file_of_a_running_job(qmp, shm, short_dir):
     fill_random(shm / "m0", 8 * MiB)
     await add_file_backend(qmp, "m0", shm / "m0", 8 * MiB)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Collection, Iterator
 from ..errors import BackendError
 from ..pages import PAGE_SIZE
 from .fdsets import file_name
-from .paths import FileOpener, open_regular, plain_open, trusted_owners
+from .paths import FileOpener, open_regular, plain_open, remove_created, trusted_owners
 
 MAX_SIZE = (1 << 62) - PAGE_SIZE  # leaves room in a 64-bit file for the save's metadata
 
@@ -501,11 +501,7 @@ def create_file_backend(
         )
     except BaseException as e:
         if created:
-            try:
-                if os.stat(mem_path).st_ino == os.fstat(fd).st_ino:
-                    os.unlink(mem_path)
-            except OSError:
-                pass
+            remove_created(mem_path, fd)  # unless another request has opened it since
         elif st is not None and st.st_size == 0 and step in ("extend", "map"):
             _restore_empty(fd, st)
         close_fd(fd)

@@ -30,6 +30,7 @@ import fcntl
 import logging
 import os
 import stat
+import threading
 from collections.abc import Callable, Collection, Sequence
 
 from ..errors import MigdError
@@ -309,12 +310,60 @@ def resolve_trusted(path: str, owners: Collection[int]) -> tuple[str, os.stat_re
     return here, os.stat(here)
 
 
-def _unlink_if_same(path: str, st: os.stat_result) -> None:
-    """Remove a file we created, unless the name meanwhile points elsewhere."""
-    with contextlib.suppress(OSError):
+# Orders a creator's "is anyone else using the file I made? then remove it" against
+# another request's "is the file I opened still there by its name?": without it, two
+# requests naming one new file could end with the one that used it reporting success on
+# a file the other, refused, had removed (red-team, session 15: a `completed` save with
+# no file, an added backend whose file was gone).
+_UNLINK_LOCK = threading.Lock()
+
+
+def _open_elsewhere(st: os.stat_result, own_fds: Collection[int]) -> bool:
+    """Does an fd of migd's other than `own_fds` have this file open (another request's
+    job or backend, or a passed fd)? One fstat per open fd: only when a refused request
+    removes the file it created."""
+    identity = (st.st_dev, st.st_ino)
+    with os.scandir("/proc/self/fd") as entries:
+        fds = [int(entry.name) for entry in entries]
+    for fd in fds:
+        if fd in own_fds:
+            continue
+        try:
+            other = os.fstat(fd)
+        except OSError:  # closed meanwhile, or the listing's own fd
+            continue
+        if (other.st_dev, other.st_ino) == identity:
+            return True
+    return False
+
+
+def _unlink_if_same(path: str, st: os.stat_result, own_fds: Collection[int] = ()) -> None:
+    """Remove a file we created, unless the name meanwhile points elsewhere or another
+    request of migd's opened it meanwhile (it is that request's file now)."""
+    with _UNLINK_LOCK, contextlib.suppress(OSError):
         now = os.stat(path, follow_symlinks=False)
-        if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
-            os.unlink(path)
+        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+            return
+        if _open_elsewhere(st, own_fds):
+            log.info("'%s' is left in place: another request of migd's uses it", path)
+            return
+        os.unlink(path)
+
+
+def _check_still_named(path: str, opened: str, st: os.stat_result) -> None:
+    """An existing file just opened must still be the file its name gives: another
+    request that created it may have removed it, refused, in the meantime (the check
+    under the same lock as that removal, so one of the two sees the other)."""
+    with _UNLINK_LOCK:
+        try:
+            now = os.stat(opened, follow_symlinks=False)
+        except OSError:
+            now = None
+    if now is None or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+        raise FileRefused(
+            f"'{path}' was removed or replaced while migd opened it (another request that "
+            "created it was refused): try again"
+        )
 
 
 def open_regular(
@@ -368,10 +417,11 @@ def open_regular(
             _give_to_client(path, fd, owners)
         else:
             check_trusted(path, st, owners)
+            _check_still_named(path, real, st)
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
     except BaseException:
         if created and st is not None:
-            _unlink_if_same(real, st)
+            _unlink_if_same(real, st, (fd,))
         os.close(fd)
         raise
     return fd, created
@@ -398,6 +448,7 @@ def _mode_of(path: str) -> int | None:
 
 
 def remove_created(path: str, fd: int) -> None:
-    """Undo the creation of a file by open_regular when the job is refused after all."""
+    """Undo the creation of a file by open_regular when the job or backend is refused
+    after all (`fd`, its open fd: the only one that may have it open)."""
     with contextlib.suppress(OSError):
-        _unlink_if_same(path, os.fstat(fd))
+        _unlink_if_same(path, os.fstat(fd), (fd,))
