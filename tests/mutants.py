@@ -325,6 +325,13 @@ MUTANTS = [
         ("tests/test_file_identity.py::"
          "test_a_file_removed_by_its_creator_just_after_the_open_is_refused",),
     ),
+    Mutant(
+        "idle-time-earns-a-burst-over-the-cap",
+        "migd/io/throttle.py",
+        "            if self._start + self._granted / self._rate < earliest:",
+        "            if False:",
+        ("tests/test_jobs.py::test_time_without_io_earns_no_burst_over_a_cap",),
+    ),
     # --- the QMP server ---------------------------------------------------------------
     Mutant(
         "reply-queue-bound-removed",

@@ -224,6 +224,32 @@ def test_a_daemon_wide_cap_counts_every_jobs_bytes() -> None:
     assert daemon._granted == 2  # both jobs' bytes count against the daemon's cap
 
 
+def test_time_without_io_earns_no_burst_over_a_cap(monkeypatch) -> None:
+    """The daemon's cap lives as long as the daemon: counted from its start, 8 s of idling
+    at 16 MiB/s let the next saves send 128 MiB at full speed (red-team, session 15: 0.16 s
+    for 64 MiB). On a clock the test moves: after an idle minute, 10 MiB at 1 MiB/s still
+    wait about 10 s."""
+    from migd.io import throttle as throttle_module
+
+    now = [1000.0]
+    monkeypatch.setattr(throttle_module.time, "monotonic", lambda: now[0])
+
+    class Clock(threading.Event):
+        def wait(self, timeout: float | None = None) -> bool:  # waiting moves the clock
+            now[0] += timeout or 0.0
+            return False
+
+    daemon = Throttle(0)
+    daemon.set_rate(MiB)
+    job = Throttle(0, parent=daemon)
+    now[0] += 60.0  # idle
+    started = now[0]
+    for _ in range(10):
+        job.wait(MiB, Clock())
+    waited = now[0] - started
+    assert 10.0 - 2 * Throttle.CREDIT_SECONDS <= waited <= 10.0 + Throttle.POLL, waited
+
+
 def test_sigterm_with_several_jobs_running_exits_quickly_and_leaves_no_complete_file(
     short_dir,
 ):

@@ -14,6 +14,11 @@ class Throttle:
     """
 
     POLL = 0.05
+    # Time not used to send earns at most this much credit: a cap is a rate, not a budget.
+    # The daemon's cap lives as long as the daemon, and counting from its start, an idle
+    # daemon (8 s at 16 MiB/s) let the next jobs send 128 MiB at full speed (red-team,
+    # session 15); a channel held up by a slow disk likewise earned a burst over the cap.
+    CREDIT_SECONDS = 0.1
 
     def __init__(self, rate: int, parent: Throttle | None = None) -> None:
         self.parent = parent  # a cap shared with other jobs (the daemon's), waited for too
@@ -45,6 +50,9 @@ class Throttle:
         with self._lock:
             if self._rate <= 0:
                 return
+            earliest = time.monotonic() - self.CREDIT_SECONDS
+            if self._start + self._granted / self._rate < earliest:
+                self._start, self._granted = earliest, 0
             self._granted += nbytes
         while True:
             with self._lock:
