@@ -332,6 +332,29 @@ MUTANTS = [
         "            if False:",
         ("tests/test_jobs.py::test_time_without_io_earns_no_burst_over_a_cap",),
     ),
+    Mutant(
+        "accepted-cancel-then-completed",
+        "migd/migration/engine.py",
+        "            await body\n            if job.cancel.is_set():",
+        "            await body\n            if False:",
+        ("tests/test_job_status.py::test_a_cancel_accepted_while_a_save_finishes_ends_it_cancelled",),
+    ),
+    Mutant(
+        "partial-backend-saved-as-whole",
+        "migd/migration/engine.py",
+        "        await asyncio.to_thread(self.partial.check_save, backends)",
+        "        await asyncio.sleep(0)",
+        ("tests/test_partial_restore.py::"
+         "test_a_backend_a_cancelled_restore_left_partial_is_not_saved_as_whole",),
+    ),
+    Mutant(
+        "restore-during-a-save-start-unseen",
+        "migd/migration/engine.py",
+        "                if backend.restores_begun != begun:",
+        "                if False:",
+        ("tests/test_job_status.py::"
+         "test_a_save_whose_backend_was_restored_into_while_it_started_is_refused",),
+    ),
     # --- the QMP server ---------------------------------------------------------------
     Mutant(
         "reply-queue-bound-removed",

@@ -120,3 +120,94 @@ async def test_a_cancel_while_the_channels_open_ends_cancelled_and_never_active(
     assert calls >= 2
     assert events == ["setup", "cancelling", "cancelled"]
     assert engine.job.error_desc is None or "no memory backend was changed" in engine.job.error_desc
+
+
+async def test_a_cancel_accepted_while_a_save_finishes_ends_it_cancelled(short_dir, monkeypatch):
+    """job-cancel answered (`cancelling`, JOB `aborting`) while the save wrote its bitmaps
+    and end section after its last cancel check: the job went on to `completed`, an order
+    QEMU never gives (red-team, session 15). A cancel accepted is a cancel, as in QEMU."""
+    from migd.migration.mapped_ram import format
+
+    events: list[str] = []
+    engine = _engine(events)
+    loop = asyncio.get_running_loop()
+    bitmap_digest = format.bitmap_digest
+
+    def cancelled_while_finishing(data: bytes) -> str:
+        # After finish_save's last cancel check: its bitmaps are being written.
+        asyncio.run_coroutine_threadsafe(engine.cancel(), loop).result(timeout=30)
+        return bitmap_digest(data)
+
+    monkeypatch.setattr(format, "bitmap_digest", cancelled_while_finishing)
+    await engine.start_save(FileTarget(str(short_dir / "a.img")))
+    assert engine.job is not None and engine.job.task is not None
+    await engine.job.task
+    assert events == ["setup", "active", "cancelling", "cancelled"]
+
+
+async def test_a_cancel_accepted_as_a_restore_ends_says_its_memory_is_whole(
+    short_dir, monkeypatch
+):
+    """The same for a restore, whose cancel came while its partial marks were being
+    cleared (every page landed): cancelled, saying the backends hold the restored data."""
+    events: list[str] = []
+    image = short_dir / "s.img"
+    engine = _engine(events)
+    await engine.start_save(FileTarget(str(image)))
+    assert engine.job is not None and engine.job.task is not None
+    await engine.job.task
+    events.clear()
+    loop = asyncio.get_running_loop()
+    clear_all = engine.partial.clear_all
+
+    def cancelled_while_clearing(*args: object) -> None:
+        asyncio.run_coroutine_threadsafe(engine.cancel(), loop).result(timeout=30)
+        clear_all(*args)
+
+    monkeypatch.setattr(engine.partial, "clear_all", cancelled_while_clearing)
+    await engine.start_restore(FileTarget(str(image)), skip_unmatched=False)
+    assert engine.job is not None and engine.job.task is not None
+    await engine.job.task
+    assert events == ["setup", "active", "cancelling", "cancelled"]
+    assert engine.job.error_desc == (
+        "Restore cancelled after its last page had landed; memory backends 'ram0' hold "
+        "the whole restored data"
+    )
+
+
+async def test_a_save_whose_backend_was_restored_into_while_it_started_is_refused(
+    short_dir, monkeypatch
+):
+    """A save reads the backends' partial marks in a thread; a restore into one of them
+    that starts and ends (cancelled: partial) meanwhile would leave it saving a mix of
+    pages its check never saw. The save is refused and leaves no file."""
+    import threading
+
+    image, other = short_dir / "s.img", short_dir / "t.img"
+    engine = _engine([])
+    await engine.start_save(FileTarget(str(image)))
+    assert engine.job is not None and engine.job.task is not None
+    await engine.job.task
+    checking, go_on = threading.Event(), threading.Event()
+    check_save = engine.partial.check_save
+
+    def held_check(*args: object) -> None:
+        check_save(*args)
+        checking.set()
+        assert go_on.wait(30)
+
+    monkeypatch.setattr(engine.partial, "check_save", held_check)
+    saving = asyncio.ensure_future(engine.start_save(FileTarget(str(other))))
+    while not checking.is_set():
+        await asyncio.sleep(0.01)
+    engine.set_parameters({"max_bandwidth": 4 * MiB})
+    await engine.start_restore(FileTarget(str(image)), skip_unmatched=False)
+    restoring = engine.job
+    assert restoring is not None and restoring.task is not None
+    await engine.cancel()
+    await restoring.task
+    assert restoring.status is MigrationStatus.cancelled
+    go_on.set()
+    with pytest.raises(Exception, match="'ram0' was restored into while this save started"):
+        await saving
+    assert not other.exists()

@@ -179,3 +179,54 @@ def test_a_configured_backend_on_a_partial_file_stops_the_start_unless_accepted(
     finally:
         daemon.stop()
     assert _mark(mem) is not None  # accepted as it is: the file is still partial
+
+
+def test_a_backend_a_cancelled_restore_left_partial_is_not_saved_as_whole(
+    short_dir: Path, shm: Path
+):
+    """A restore cancelled a third of the way leaves old and restored pages mixed: a save
+    of that backend completed and `migd verify` passed it, a clean-looking file of memory
+    no one had (red-team, session 15). Refused now, naming the interrupted restore, and
+    nothing is written; a file the client accepted as it is (x-accept-partial) may be
+    saved, and so may one a restore then completed into."""
+    sock, save = short_dir / "qmp.sock", short_dir / "save.img"
+    mem = shm / f"migd-partial-save-{os.getpid()}"
+    fill_random(mem, SIZE, seed=21)
+    daemon = start_daemon(sock)
+    try:
+        client = RawClient(sock).negotiate()
+        _setup(client, mem)
+        saved = _saved_then_changed(client, mem, save)
+        _start_slow_restore(client, save)
+        client.ok("migrate_cancel")
+        assert client.wait_final()["status"] == "cancelled"
+        client.ok("migrate-set-parameters", {"max-bandwidth": 0})
+
+        again = short_dir / "again.img"
+        for command, arguments in [
+            ("migrate", {"uri": f"file:{again}"}),
+            ("memory-save", {"job-id": "s", "uri": f"file:{again}", "backends": ["ram0"]}),
+        ]:
+            desc = client.execute(command, arguments)["error"]["desc"]
+            assert desc.startswith("Memory backend 'ram0' holds partial data"), desc
+            assert f"interrupted restore of '{save}'" in desc
+            assert not again.exists()
+
+        # Accepted as it is when added: the client's choice, and then saved.
+        client.ok("object-del", {"id": "ram0"})
+        add = {"qom-type": "memory-backend-file", "id": "ram0", "size": SIZE, "mem-path": str(mem)}
+        client.ok("object-add", {**add, "x-accept-partial": True})
+        client.ok("migrate", {"uri": f"file:{again}"})
+        assert client.wait_final()["status"] == "completed"
+        again.unlink()
+
+        # A completed restore clears the mark: saved like any backend.
+        client.ok("migrate-incoming", {"uri": f"file:{save}"})
+        assert client.wait_final()["status"] == "completed"
+        assert mem.read_bytes() == saved
+        client.ok("migrate", {"uri": f"file:{again}"})
+        assert client.wait_final()["status"] == "completed"
+        client.close()
+    finally:
+        daemon.stop()
+        mem.unlink(missing_ok=True)

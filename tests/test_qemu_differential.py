@@ -261,8 +261,10 @@ def _drop(replies: list[Any], path: tuple[Any, ...]) -> None:
 
 
 def _run(path: Path, messages: list[bytes]) -> list[Any]:
-    """[greeting, one reply per message] on a new connection."""
-    client = RawClient(path, timeout=60)
+    """[greeting, one reply per message] on a new connection. The timeout is a bound on
+    "at all": QEMU's monitor reads a socket one byte per main-loop turn, and took over 60 s
+    to take the 9 MiB row's message on a loaded machine."""
+    client = RawClient(path, timeout=300)
     try:
         replies: list[Any] = [client.greeting]
         for message in messages:

@@ -364,6 +364,9 @@ class MigrationEngine:
             )
         if live and updates:
             raise MigrationError("'x-live' and 'x-update' are the two passes: give one")
+        # Reads the backends' marks (xattrs, or files in the state directory): a thread.
+        restores_begun = [b.restores_begun for b in backends]
+        await asyncio.to_thread(self.partial.check_save, backends)
         layout = format.plan_save([(b.block_name, b.size) for b in backends], target.offset)
         job = Job("save", target, backends, sum(b.size for b in backends))
         job.updates = updates
@@ -384,6 +387,12 @@ class MigrationEngine:
             self._refuse_file_conflicts(
                 main_fd, target.name, "save", "a save to it would overwrite that memory"
             )
+            for backend, begun in zip(backends, restores_begun, strict=True):
+                if backend.restores_begun != begun:  # it may have ended partial since
+                    raise MigrationError(
+                        f"Memory backend '{backend.id}' was restored into while this save "
+                        "started: try again"
+                    )
         except BaseException:
             target.discard()
             raise
@@ -517,6 +526,8 @@ class MigrationEngine:
     def _launch(self, job: Job, body: Any) -> None:
         for b in job.backends:
             b.in_use += 1
+            if job.direction == "restore":
+                b.restores_begun += 1
         if job.migration:
             self.job = job
         self.jobs[job.id] = job
@@ -527,7 +538,19 @@ class MigrationEngine:
         sampler = asyncio.create_task(self._sample(job))
         try:
             await body
-            self._set_status(job, MigrationStatus.completed)
+            if job.cancel.is_set():
+                # job-cancel was accepted (`cancelling`, JOB `aborting`) while the last
+                # step ran to its end: the job ends cancelled, as QEMU's migration does,
+                # never `completed` after an accepted cancel.
+                if job.direction == "restore":
+                    names = ", ".join(f"'{b.id}'" for b in job.backends)
+                    job.error_desc = (
+                        "Restore cancelled after its last page had landed; memory "
+                        f"backends {names} hold the whole restored data"
+                    )
+                self._set_status(job, MigrationStatus.cancelled)
+            else:
+                self._set_status(job, MigrationStatus.completed)
         except JobCancelled:
             if job.direction == "restore":
                 job.error_desc = self._partial_note(job, "Restore cancelled")
@@ -842,4 +865,7 @@ class MigrationEngine:
             job.sync_count = 1
         finally:
             job.target.close_channels()
+        # A cancel that came while the last pages landed ends the job cancelled (_run):
+        # then the marks stay, as for any cancelled restore.
+        check_cancel(job)
         await asyncio.to_thread(self.partial.clear_all, job.backends)

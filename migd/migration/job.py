@@ -81,12 +81,14 @@ class JobSettings:
 
 _S = MigrationStatus
 # The status changes a job may make; anything else is a bug in the engine. A cancel that
-# comes after the last check still lets the job complete (or fail), as in QEMU.
+# comes after the last check ends the job cancelled once that step has run (or failed),
+# as in QEMU, whose completion changes the state to COMPLETED only from ACTIVE (a
+# compare-and-swap in migrate_set_state), never from CANCELLING.
 TRANSITIONS: dict[MigrationStatus, frozenset[MigrationStatus]] = {
     _S.none: frozenset({_S.setup}),
     _S.setup: frozenset({_S.active, _S.failed, _S.cancelling}),
     _S.active: frozenset({_S.completed, _S.failed, _S.cancelling}),
-    _S.cancelling: frozenset({_S.cancelled, _S.failed, _S.completed}),
+    _S.cancelling: frozenset({_S.cancelled, _S.failed}),
     _S.completed: frozenset(),
     _S.failed: frozenset(),
     _S.cancelled: frozenset(),

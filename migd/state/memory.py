@@ -138,6 +138,10 @@ class MemoryBackend:
         self.file_name = file_name(mem_path, fd) if mem_path and fd is not None else mem_path
         self.share = share
         self.in_use = 0
+        # Its file carries a partial-restore mark the client accepted (x-accept-partial):
+        # saves of it are allowed (state/partial.py).
+        self.partial_accepted = False
+        self.restores_begun = 0  # restore jobs launched into it: a save's checks see one
         self._mm: mmap.mmap | None = mm
         self._mv: memoryview | None = memoryview(mm)
         self._fd = fd

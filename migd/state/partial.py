@@ -113,6 +113,7 @@ class PartialMarks:
         if fd is None:
             return
         raw = value.encode(errors="backslashreplace")[:_MAX_MARK]
+        backend.partial_accepted = False  # a new mix of pages: nobody accepted this one
         try:
             try:
                 os.setxattr(fd, XATTR, raw)
@@ -172,6 +173,23 @@ class PartialMarks:
             if self.needs_mark(backend):
                 self.clear(backend)
 
+    def check_save(self, backends: Iterable[MemoryBackend]) -> None:
+        """A save: refuse a backend whose file a restore left partial (cancelled, failed,
+        killed), unless the client accepted that file as it is when adding it. Saved, the
+        mix of old and restored pages would be a whole, verified save of it (red-team,
+        session 15: a cancelled restore's backend saved `completed`, verify passed)."""
+        for backend in backends:
+            if not self.needs_mark(backend) or backend.partial_accepted:
+                continue
+            mark = self.read(backend)
+            if mark is not None:
+                raise MigrationError(
+                    f"Memory backend '{backend.id}' holds partial data: its file "
+                    f"'{backend.file_name}' was left so by an interrupted {mark}. A save would "
+                    "keep that mix of old and restored pages as if it were whole; restore "
+                    "into it again first"
+                )
+
     def check_add(self, backend: MemoryBackend, accept: bool) -> None:
         """object-add: refuse a file an interrupted restore left partial, unless accepted."""
         mark = self.read(backend)
@@ -181,6 +199,7 @@ class PartialMarks:
             log.warning(
                 "memory file '%s' accepted with a partial restore: %s", backend.file_name, mark
             )
+            backend.partial_accepted = True
             return
         raise BackendError(
             f"Memory file '{backend.file_name}' was left partial by an interrupted {mark}: it "
