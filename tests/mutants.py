@@ -318,9 +318,9 @@ MUTANTS = [
          "test_a_save_refused_after_creating_its_file_leaves_it_to_the_job_that_opened_it",),
     ),
     Mutant(
-        "opened-file-not-checked-still-named",
+        "opened-file-not-checked-still-there",
         "migd/state/paths.py",
-        "            _check_still_named(path, real, st)",
+        "            _check_not_removed(path, fd)",
         "            pass",
         ("tests/test_file_identity.py::"
          "test_a_file_removed_by_its_creator_just_after_the_open_is_refused",),

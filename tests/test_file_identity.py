@@ -412,7 +412,7 @@ def test_a_file_removed_by_its_creator_just_after_the_open_is_refused(tmp_path, 
         os.unlink(path)  # the creator's cleanup, just after this request's checks
 
     monkeypatch.setattr(paths, "check_trusted", checked_then_removed)
-    with pytest.raises(paths.FileRefused, match="was removed or replaced while migd opened it"):
+    with pytest.raises(paths.FileRefused, match="was removed while migd opened it"):
         paths.open_regular(str(name), os.O_WRONLY, create=False, owners={0})
 
 

@@ -350,19 +350,16 @@ def _unlink_if_same(path: str, st: os.stat_result, own_fds: Collection[int] = ()
         os.unlink(path)
 
 
-def _check_still_named(path: str, opened: str, st: os.stat_result) -> None:
-    """An existing file just opened must still be the file its name gives: another
-    request that created it may have removed it, refused, in the meantime (the check
-    under the same lock as that removal, so one of the two sees the other)."""
+def _check_not_removed(path: str, fd: int) -> None:
+    """An existing file just opened must not have been removed since by the request that
+    created it, refused in the meantime (checked under the lock of that removal, so one
+    of the two sees the other). A file renamed meanwhile still exists: it is used."""
     with _UNLINK_LOCK:
-        try:
-            now = os.stat(opened, follow_symlinks=False)
-        except OSError:
-            now = None
-    if now is None or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+        links = os.fstat(fd).st_nlink
+    if links == 0:
         raise FileRefused(
-            f"'{path}' was removed or replaced while migd opened it (another request that "
-            "created it was refused): try again"
+            f"'{path}' was removed while migd opened it (another request that created it "
+            "was refused): try again"
         )
 
 
@@ -417,7 +414,7 @@ def open_regular(
             _give_to_client(path, fd, owners)
         else:
             check_trusted(path, st, owners)
-            _check_still_named(path, real, st)
+            _check_not_removed(path, fd)
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
     except BaseException:
         if created and st is not None:
