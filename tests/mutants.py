@@ -792,6 +792,14 @@ MUTANTS = [
         ("tests/test_file_ownership.py::"
          "test_a_client_of_another_uid_cannot_reach_another_instances_memory",),
     ),
+    Mutant(
+        "group-writable-directory-trusted-on-the-way",
+        "migd/state/paths.py",
+        "    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:",
+        "    if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:",
+        ("tests/test_file_ownership.py::"
+         "test_a_directory_another_user_can_change_is_refused",),
+    ),
 ]  # fmt: skip
 
 

@@ -366,10 +366,18 @@ async def test_a_link_of_migds_own_uid_is_followed(ready, short_dir, public):
     assert real.stat().st_size > MiB and link.is_symlink()
 
 
-@pytest.mark.parametrize("how", ["owned by another user", "writable by others, not sticky"])
+@pytest.mark.parametrize(
+    "how",
+    [
+        "owned by another user",
+        "writable by others, not sticky",
+        "writable by its group, not sticky",
+    ],
+)
 async def test_a_directory_another_user_can_change_is_refused(ready, short_dir, how):
     """Its owner (or anyone, without the sticky bit) could swap the file for a link
-    between migd's checks and its open."""
+    between migd's checks and its open. A directory of root's that another group may
+    write (0770, group nobody) is as open to that group's members as 0777 is to all."""
     theirs = short_dir / "theirs"
     theirs.mkdir()
     if how == "owned by another user":
@@ -379,10 +387,12 @@ async def test_a_directory_another_user_can_change_is_refused(ready, short_dir, 
             f"or the client's uid ({os.geteuid()})"
         )
     else:
-        theirs.chmod(0o777)
+        mode = 0o777 if how == "writable by others, not sticky" else 0o770
+        os.chown(theirs, -1, OTHER_UID)
+        theirs.chmod(mode)
         problem = (
-            "writable by group or others without the sticky bit (mode 0777): another user "
-            "could swap the file"
+            f"writable by group or others without the sticky bit (mode {mode:04o}): another "
+            "user could swap the file"
         )
     target = theirs / "vm.sav"
     text = await qmp_error(ready, "migrate", {"uri": f"file:{target}"})
