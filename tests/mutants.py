@@ -800,6 +800,14 @@ MUTANTS = [
         ("tests/test_file_ownership.py::"
          "test_a_directory_another_user_can_change_is_refused",),
     ),
+    Mutant(
+        "open-follows-a-link-swapped-in-after-the-walk",
+        "migd/state/paths.py",
+        "fd = open_file(real, flags | os.O_NONBLOCK | os.O_NOFOLLOW, 0o600)",
+        "fd = open_file(real, flags | os.O_NONBLOCK, 0o600)",
+        ("tests/test_file_ownership.py::"
+         "test_a_link_swapped_in_after_the_walk_is_not_followed",),
+    ),
 ]  # fmt: skip
 
 

@@ -366,6 +366,35 @@ async def test_a_link_of_migds_own_uid_is_followed(ready, short_dir, public):
     assert real.stat().st_size > MiB and link.is_symlink()
 
 
+async def test_a_link_swapped_in_after_the_walk_is_not_followed(
+    ready, short_dir, monkeypatch
+):
+    """The walk checks every link on the way, but whoever owns the directory (a client's
+    own, for a client of its uid) can still put a link at the last component before the
+    open: the open itself must not follow it (O_NOFOLLOW), or root opens whatever the link
+    names (a device, whose open alone can act, or a file of root's)."""
+    from migd.state import paths
+
+    victim = short_dir / "victim.sav"
+    victim.write_bytes(b"root's own file\n")
+    victim.chmod(0o600)
+    target = short_dir / "vm.sav"
+    walk = paths.resolve_trusted
+
+    def walk_then_swap(path: str, owners: Any) -> Any:
+        found = walk(path, owners)
+        if path == str(target):
+            target.symlink_to(victim)  # after the walk, before the open
+        return found
+
+    monkeypatch.setattr(paths, "resolve_trusted", walk_then_swap)
+    before = _state(victim)
+    text = await qmp_error(ready, "migrate", {"uri": f"file:{target}"})
+    assert text == f"'{target}' changed into a symbolic link while migd opened it"
+    assert _state(victim) == before and target.is_symlink()
+    assert await ready.execute("query-migrate") == {}
+
+
 @pytest.mark.parametrize(
     "how",
     [
