@@ -808,6 +808,14 @@ MUTANTS = [
         ("tests/test_file_ownership.py::"
          "test_a_link_swapped_in_after_the_walk_is_not_followed",),
     ),
+    Mutant(
+        "group-readable-save-file-accepted",
+        "migd/io/target.py",
+        "        if mode & 0o077:\n",
+        "        if mode & 0o007:\n",
+        ("tests/test_file_ownership.py::"
+         "test_an_existing_save_file_readable_by_others_is_refused",),
+    ),
 ]  # fmt: skip
 
 

@@ -539,20 +539,23 @@ def poll_until_exists(path: Path, proc: subprocess.Popen[bytes]) -> None:
         time.sleep(0.01)
 
 
-async def test_an_existing_save_file_readable_by_others_is_refused(ready, short_dir):
+@pytest.mark.parametrize("mode", [0o644, 0o640], ids=["by-others", "by-its-group"])
+async def test_an_existing_save_file_readable_by_others_is_refused(ready, short_dir, mode):
     """A file of migd's (or the client's) uid, but guest RAM saved into it at 0644 would
     be any local user's to read, and a chmod first (what migd did until session 13) does
-    not stop a reader that opened the file before: one held it open and read the save."""
+    not stop a reader that opened the file before: one held it open and read the save.
+    At 0640 it would be every member of the file's group's to read: refused as well."""
     target = short_dir / "vm.sav"
     target.write_bytes(b"old")
-    target.chmod(0o644)
+    target.chmod(mode)
     reader = open(target, "rb")  # noqa: SIM115 (another user's fd, opened while readable)
     try:
         text = await qmp_error(ready, "migrate", {"uri": f"file:{target}"})
         assert text == (
-            f"'{target}' may be read or written by group or others (mode 0644): a save would "
-            "put guest RAM where they can read it, and a chmod would not stop a reader that "
-            "opened it before; remove the file (migd creates it 0600) or save to another name"
+            f"'{target}' may be read or written by group or others (mode {mode:04o}): a save "
+            "would put guest RAM where they can read it, and a chmod would not stop a reader "
+            "that opened it before; remove the file (migd creates it 0600) or save to another "
+            "name"
         )
         assert reader.read() == b"old" and target.read_bytes() == b"old"
     finally:
