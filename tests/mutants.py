@@ -816,6 +816,14 @@ MUTANTS = [
         ("tests/test_file_ownership.py::"
          "test_an_existing_save_file_readable_by_others_is_refused",),
     ),
+    Mutant(
+        "restore-into-a-group-readable-memory-file",
+        "migd/migration/engine.py",
+        "    if mode & 0o044:\n",
+        "    if mode & 0o004:\n",
+        ("tests/test_restore_private_memory.py::"
+         "test_a_restore_into_a_memory_file_others_may_read_is_refused",),
+    ),
 ]  # fmt: skip
 
 
