@@ -824,6 +824,14 @@ MUTANTS = [
         ("tests/test_restore_private_memory.py::"
          "test_a_restore_into_a_memory_file_others_may_read_is_refused",),
     ),
+    Mutant(
+        "socket-directory-writable-by-its-group-accepted",
+        "migd/qmp/server.py",
+        "    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):\n        raise MigdError(",
+        "    if st.st_mode & stat.S_IWOTH:\n        raise MigdError(",
+        ("tests/test_file_ownership.py::"
+         "test_a_socket_directory_its_group_may_write_is_refused_sticky_or_not",),
+    ),
 ]  # fmt: skip
 
 

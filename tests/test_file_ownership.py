@@ -497,6 +497,24 @@ def test_a_socket_directly_in_a_sticky_shared_directory_is_refused(short_dir):
     ) in result.stderr
 
 
+def test_a_socket_directory_its_group_may_write_is_refused_sticky_or_not(short_dir):
+    """A directory of root's that another group may write (1770, group nobody) is as open
+    to that group's members as 1777 is to everyone: they could squat the names migd keeps
+    beside the socket. The walk lets a sticky directory pass on the way; the socket's own
+    directory must be writable by its owner alone."""
+    shared = short_dir / "shared"
+    shared.mkdir()
+    os.chown(shared, -1, OTHER_UID)
+    shared.chmod(0o1770)
+    with pytest.raises(RuntimeError) as refused:  # start_daemon: migd exited, or it listens
+        start_daemon(shared / "qmp.sock").stop()
+    assert (
+        f"its directory '{shared}' is writable by group or others (mode 1770): another user "
+        "could replace the socket or squat the names migd keeps beside it"
+    ) in str(refused.value)
+    assert not (shared / "qmp.sock").exists()
+
+
 def test_the_client_refuses_a_socket_served_by_another_user(short_dir):
     """A listener of another user's in migd's place would be handed the memory fds the
     client passes: the client checks who serves the socket before it sends anything."""
