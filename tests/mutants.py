@@ -832,6 +832,14 @@ MUTANTS = [
         ("tests/test_file_ownership.py::"
          "test_a_socket_directory_its_group_may_write_is_refused_sticky_or_not",),
     ),
+    Mutant(
+        "fdset-dup-keeps-the-passed-fds-o-append",
+        "migd/state/fdsets.py",
+        "            fcntl.fcntl(dup, fcntl.F_SETFL, flags)\n",
+        "",
+        ("tests/test_fd_passing.py::"
+         "test_a_save_through_an_o_append_fd_keeps_the_layout",),
+    ),
 ]  # fmt: skip
 
 
