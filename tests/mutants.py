@@ -840,6 +840,14 @@ MUTANTS = [
         ("tests/test_fd_passing.py::"
          "test_a_save_through_an_o_append_fd_keeps_the_layout",),
     ),
+    Mutant(
+        "fdset-dups-inherited-across-exec",
+        "migd/state/fdsets.py",
+        "fcntl.fcntl(chosen, fcntl.F_DUPFD_CLOEXEC, 0)",
+        "fcntl.fcntl(chosen, fcntl.F_DUPFD, 0)",
+        ("tests/test_fd_passing.py::"
+         "test_the_dups_an_fdset_hands_out_are_close_on_exec",),
+    ),
 ]  # fmt: skip
 
 

@@ -664,3 +664,25 @@ def test_the_room_for_passed_fds_is_counted_only_when_the_fd_table_could_be_full
     with pytest.raises(FdError, match="Too many file descriptors"):
         fdsets.check_room_for_passed_fds()
     assert listings == [1]
+
+
+def test_the_dups_an_fdset_hands_out_are_close_on_exec(tmp_path):
+    """Every fd migd opens is close-on-exec (plain_open), and so is every dup of a passed
+    fd, whatever that fd's own flag (QEMU dups with F_DUPFD_CLOEXEC too): the dups are a
+    guest's RAM file and save file, read-write, and any program started while a job or
+    backend holds one (by a process that uses migd as a library) would inherit it."""
+    import fcntl
+
+    from migd.state.fdsets import FdStore
+
+    store = FdStore(lambda path, flags, direct: -1)
+    passed = os.open(tmp_path / "ram", os.O_RDWR | os.O_CREAT, 0o600)  # inheritable
+    os.set_inheritable(passed, True)
+    store.add_fd(passed, 3, None)
+    dup = store.open_path("/dev/fdset/3", os.O_RDWR, False)
+    try:
+        assert dup != passed and os.path.samestat(os.fstat(dup), os.fstat(passed))
+        assert fcntl.fcntl(dup, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+    finally:
+        store.close_dup(dup)
+        store.close_all()
