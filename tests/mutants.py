@@ -848,6 +848,14 @@ MUTANTS = [
         ("tests/test_fd_passing.py::"
          "test_the_dups_an_fdset_hands_out_are_close_on_exec",),
     ),
+    Mutant(
+        "partial-mark-not-fsynced",
+        "migd/state/partial.py",
+        "                os.fsync(fd)  # an xattr is inode metadata",
+        "                pass  # an xattr is inode metadata",
+        ("tests/test_durability.py::"
+         "test_the_partial_mark_is_fsynced_before_a_restore_changes_memory",),
+    ),
 ]  # fmt: skip
 
 
