@@ -792,6 +792,70 @@ MUTANTS = [
         ("tests/test_file_ownership.py::"
          "test_a_client_of_another_uid_cannot_reach_another_instances_memory",),
     ),
+    Mutant(
+        "group-writable-directory-trusted-on-the-way",
+        "migd/state/paths.py",
+        "    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:",
+        "    if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:",
+        ("tests/test_file_ownership.py::"
+         "test_a_directory_another_user_can_change_is_refused",),
+    ),
+    Mutant(
+        "open-follows-a-link-swapped-in-after-the-walk",
+        "migd/state/paths.py",
+        "fd = open_file(real, flags | os.O_NONBLOCK | os.O_NOFOLLOW, 0o600)",
+        "fd = open_file(real, flags | os.O_NONBLOCK, 0o600)",
+        ("tests/test_file_ownership.py::"
+         "test_a_link_swapped_in_after_the_walk_is_not_followed",),
+    ),
+    Mutant(
+        "group-readable-save-file-accepted",
+        "migd/io/target.py",
+        "        if mode & 0o077:\n",
+        "        if mode & 0o007:\n",
+        ("tests/test_file_ownership.py::"
+         "test_an_existing_save_file_readable_by_others_is_refused",),
+    ),
+    Mutant(
+        "restore-into-a-group-readable-memory-file",
+        "migd/migration/engine.py",
+        "    if mode & 0o044:\n",
+        "    if mode & 0o004:\n",
+        ("tests/test_restore_private_memory.py::"
+         "test_a_restore_into_a_memory_file_others_may_read_is_refused",),
+    ),
+    Mutant(
+        "socket-directory-writable-by-its-group-accepted",
+        "migd/qmp/server.py",
+        "    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):\n        raise MigdError(",
+        "    if st.st_mode & stat.S_IWOTH:\n        raise MigdError(",
+        ("tests/test_file_ownership.py::"
+         "test_a_socket_directory_its_group_may_write_is_refused_sticky_or_not",),
+    ),
+    Mutant(
+        "fdset-dup-keeps-the-passed-fds-o-append",
+        "migd/state/fdsets.py",
+        "            fcntl.fcntl(dup, fcntl.F_SETFL, flags)\n",
+        "",
+        ("tests/test_fd_passing.py::"
+         "test_a_save_through_an_o_append_fd_keeps_the_layout",),
+    ),
+    Mutant(
+        "fdset-dups-inherited-across-exec",
+        "migd/state/fdsets.py",
+        "fcntl.fcntl(chosen, fcntl.F_DUPFD_CLOEXEC, 0)",
+        "fcntl.fcntl(chosen, fcntl.F_DUPFD, 0)",
+        ("tests/test_fd_passing.py::"
+         "test_the_dups_an_fdset_hands_out_are_close_on_exec",),
+    ),
+    Mutant(
+        "partial-mark-not-fsynced",
+        "migd/state/partial.py",
+        "                os.fsync(fd)  # an xattr is inode metadata",
+        "                pass  # an xattr is inode metadata",
+        ("tests/test_durability.py::"
+         "test_the_partial_mark_is_fsynced_before_a_restore_changes_memory",),
+    ),
 ]  # fmt: skip
 
 

@@ -299,6 +299,31 @@ async def test_one_fd_serves_every_open_without_direct_io(qmp, shm, short_dir):
     assert (shm / "src").read_bytes() == data
 
 
+@pytest.mark.parametrize("direct_io", [False, True], ids=["buffered", "direct-io"])
+async def test_a_save_through_an_o_append_fd_keeps_the_layout(qmp, shm, short_dir, direct_io):
+    """A management app may open the save file O_APPEND (as for a log). On Linux a
+    positional write to an O_APPEND description lands at the end of the file whatever its
+    offset, so every page would be written in the wrong place: the dup of a passed fd gets
+    the open's flags (QEMU's qemu_dup_flags clears O_APPEND), and the save restores."""
+    size = 4 * MiB
+    data = _memory(size, seed=9)
+    (shm / "src").write_bytes(data)
+    await add_file_backend(qmp, "ram0", shm / "src", size)
+    await enable_mapped_ram(qmp, channels=2, direct_io=direct_io)
+    target = short_dir / "vm.sav"
+    target.touch()
+    appending = [os.O_WRONLY | os.O_APPEND]
+    if direct_io:
+        appending.append(os.O_WRONLY | os.O_APPEND | os.O_DIRECT)
+    await _fdset_of(qmp, 0, target, *appending)
+    assert (await save(qmp, "/dev/fdset/0"))["status"] == "completed"
+    await qmp.execute("remove-fd", {"fdset-id": 0})
+    assert read_pages(target, parse_save(target).blocks[0]) == data
+    (shm / "src").write_bytes(bytes(size))
+    assert (await restore(qmp, target))["status"] == "completed"
+    assert (shm / "src").read_bytes() == data
+
+
 @pytest.mark.parametrize(
     ("flag_sets", "failing_flags"),
     [
@@ -639,3 +664,25 @@ def test_the_room_for_passed_fds_is_counted_only_when_the_fd_table_could_be_full
     with pytest.raises(FdError, match="Too many file descriptors"):
         fdsets.check_room_for_passed_fds()
     assert listings == [1]
+
+
+def test_the_dups_an_fdset_hands_out_are_close_on_exec(tmp_path):
+    """Every fd migd opens is close-on-exec (plain_open), and so is every dup of a passed
+    fd, whatever that fd's own flag (QEMU dups with F_DUPFD_CLOEXEC too): the dups are a
+    guest's RAM file and save file, read-write, and any program started while a job or
+    backend holds one (by a process that uses migd as a library) would inherit it."""
+    import fcntl
+
+    from migd.state.fdsets import FdStore
+
+    store = FdStore(lambda path, flags, direct: -1)
+    passed = os.open(tmp_path / "ram", os.O_RDWR | os.O_CREAT, 0o600)  # inheritable
+    os.set_inheritable(passed, True)
+    store.add_fd(passed, 3, None)
+    dup = store.open_path("/dev/fdset/3", os.O_RDWR, False)
+    try:
+        assert dup != passed and os.path.samestat(os.fstat(dup), os.fstat(passed))
+        assert fcntl.fcntl(dup, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+    finally:
+        store.close_dup(dup)
+        store.close_all()

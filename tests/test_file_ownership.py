@@ -366,10 +366,47 @@ async def test_a_link_of_migds_own_uid_is_followed(ready, short_dir, public):
     assert real.stat().st_size > MiB and link.is_symlink()
 
 
-@pytest.mark.parametrize("how", ["owned by another user", "writable by others, not sticky"])
+async def test_a_link_swapped_in_after_the_walk_is_not_followed(
+    ready, short_dir, monkeypatch
+):
+    """The walk checks every link on the way, but whoever owns the directory (a client's
+    own, for a client of its uid) can still put a link at the last component before the
+    open: the open itself must not follow it (O_NOFOLLOW), or root opens whatever the link
+    names (a device, whose open alone can act, or a file of root's)."""
+    from migd.state import paths
+
+    victim = short_dir / "victim.sav"
+    victim.write_bytes(b"root's own file\n")
+    victim.chmod(0o600)
+    target = short_dir / "vm.sav"
+    walk = paths.resolve_trusted
+
+    def walk_then_swap(path: str, owners: Any) -> Any:
+        found = walk(path, owners)
+        if path == str(target):
+            target.symlink_to(victim)  # after the walk, before the open
+        return found
+
+    monkeypatch.setattr(paths, "resolve_trusted", walk_then_swap)
+    before = _state(victim)
+    text = await qmp_error(ready, "migrate", {"uri": f"file:{target}"})
+    assert text == f"'{target}' changed into a symbolic link while migd opened it"
+    assert _state(victim) == before and target.is_symlink()
+    assert await ready.execute("query-migrate") == {}
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        "owned by another user",
+        "writable by others, not sticky",
+        "writable by its group, not sticky",
+    ],
+)
 async def test_a_directory_another_user_can_change_is_refused(ready, short_dir, how):
     """Its owner (or anyone, without the sticky bit) could swap the file for a link
-    between migd's checks and its open."""
+    between migd's checks and its open. A directory of root's that another group may
+    write (0770, group nobody) is as open to that group's members as 0777 is to all."""
     theirs = short_dir / "theirs"
     theirs.mkdir()
     if how == "owned by another user":
@@ -379,10 +416,12 @@ async def test_a_directory_another_user_can_change_is_refused(ready, short_dir, 
             f"or the client's uid ({os.geteuid()})"
         )
     else:
-        theirs.chmod(0o777)
+        mode = 0o777 if how == "writable by others, not sticky" else 0o770
+        os.chown(theirs, -1, OTHER_UID)
+        theirs.chmod(mode)
         problem = (
-            "writable by group or others without the sticky bit (mode 0777): another user "
-            "could swap the file"
+            f"writable by group or others without the sticky bit (mode {mode:04o}): another "
+            "user could swap the file"
         )
     target = theirs / "vm.sav"
     text = await qmp_error(ready, "migrate", {"uri": f"file:{target}"})
@@ -458,6 +497,24 @@ def test_a_socket_directly_in_a_sticky_shared_directory_is_refused(short_dir):
     ) in result.stderr
 
 
+def test_a_socket_directory_its_group_may_write_is_refused_sticky_or_not(short_dir):
+    """A directory of root's that another group may write (1770, group nobody) is as open
+    to that group's members as 1777 is to everyone: they could squat the names migd keeps
+    beside the socket. The walk lets a sticky directory pass on the way; the socket's own
+    directory must be writable by its owner alone."""
+    shared = short_dir / "shared"
+    shared.mkdir()
+    os.chown(shared, -1, OTHER_UID)
+    shared.chmod(0o1770)
+    with pytest.raises(RuntimeError) as refused:  # start_daemon: migd exited, or it listens
+        start_daemon(shared / "qmp.sock").stop()
+    assert (
+        f"its directory '{shared}' is writable by group or others (mode 1770): another user "
+        "could replace the socket or squat the names migd keeps beside it"
+    ) in str(refused.value)
+    assert not (shared / "qmp.sock").exists()
+
+
 def test_the_client_refuses_a_socket_served_by_another_user(short_dir):
     """A listener of another user's in migd's place would be handed the memory fds the
     client passes: the client checks who serves the socket before it sends anything."""
@@ -500,20 +557,23 @@ def poll_until_exists(path: Path, proc: subprocess.Popen[bytes]) -> None:
         time.sleep(0.01)
 
 
-async def test_an_existing_save_file_readable_by_others_is_refused(ready, short_dir):
+@pytest.mark.parametrize("mode", [0o644, 0o640], ids=["by-others", "by-its-group"])
+async def test_an_existing_save_file_readable_by_others_is_refused(ready, short_dir, mode):
     """A file of migd's (or the client's) uid, but guest RAM saved into it at 0644 would
     be any local user's to read, and a chmod first (what migd did until session 13) does
-    not stop a reader that opened the file before: one held it open and read the save."""
+    not stop a reader that opened the file before: one held it open and read the save.
+    At 0640 it would be every member of the file's group's to read: refused as well."""
     target = short_dir / "vm.sav"
     target.write_bytes(b"old")
-    target.chmod(0o644)
+    target.chmod(mode)
     reader = open(target, "rb")  # noqa: SIM115 (another user's fd, opened while readable)
     try:
         text = await qmp_error(ready, "migrate", {"uri": f"file:{target}"})
         assert text == (
-            f"'{target}' may be read or written by group or others (mode 0644): a save would "
-            "put guest RAM where they can read it, and a chmod would not stop a reader that "
-            "opened it before; remove the file (migd creates it 0600) or save to another name"
+            f"'{target}' may be read or written by group or others (mode {mode:04o}): a save "
+            "would put guest RAM where they can read it, and a chmod would not stop a reader "
+            "that opened it before; remove the file (migd creates it 0600) or save to another "
+            "name"
         )
         assert reader.read() == b"old" and target.read_bytes() == b"old"
     finally:

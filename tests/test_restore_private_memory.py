@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from .conftest import (
     add_file_backend,
     enable_mapped_ram,
@@ -36,17 +38,22 @@ async def _saved(qmp: Any, shm: Path, short_dir: Path, seed: int) -> Path:
     return image
 
 
-async def test_a_restore_into_a_memory_file_others_may_read_is_refused(qmp, shm, short_dir):
+@pytest.mark.parametrize("mode", [0o644, 0o640], ids=["by-others", "by-its-group"])
+async def test_a_restore_into_a_memory_file_others_may_read_is_refused(
+    qmp, shm, short_dir, mode
+):
+    """0644 hands the guest RAM to every local user, 0640 to every member of the file's
+    group: both are refused before any byte of the memory changes."""
     image = await _saved(qmp, shm, short_dir, seed=1)
     saved = hashlib.sha256((shm / "m0").read_bytes()).hexdigest()
     fill_random(shm / "m0", SIZE, seed=2)
     before = (shm / "m0").read_bytes()
-    (shm / "m0").chmod(0o644)
+    (shm / "m0").chmod(mode)
     text = await qmp_error(qmp, "migrate-incoming", {"uri": f"file:{image}"})
     assert text == (
-        f"Memory backend 'm0' file '{shm / 'm0'}' may be read by group or others (mode 0644): "
-        "a restore would put guest RAM where they can read it; chmod go-rw it (QEMU creates "
-        "mem-path files 0644 under umask 022) or pass the file as an fd"
+        f"Memory backend 'm0' file '{shm / 'm0'}' may be read by group or others "
+        f"(mode {mode:04o}): a restore would put guest RAM where they can read it; chmod "
+        "go-rw it (QEMU creates mem-path files 0644 under umask 022) or pass the file as an fd"
     )
     assert (shm / "m0").read_bytes() == before
     (shm / "m0").chmod(0o600)
