@@ -792,6 +792,22 @@ MUTANTS = [
         ("tests/test_file_ownership.py::"
          "test_a_client_of_another_uid_cannot_reach_another_instances_memory",),
     ),
+    Mutant(
+        "job-multifd-channels-zero-accepted",
+        "migd/api/jobs.py",
+        "        if self.multifd_channels == 0:",
+        "        if self.multifd_channels is None and False:",
+        ("tests/test_jobs.py::"
+         "test_a_job_with_zero_multifd_channels_is_refused_with_qemus_text",),
+    ),
+    Mutant(
+        "io-slot-kept-by-a-call-that-raises",
+        "migd/io/share.py",
+        "        try:\n            yield got\n        finally:\n            if got:\n"
+        "                self._release(job)\n",
+        "        yield got\n        if got:\n            self._release(job)\n",
+        ("tests/test_jobs.py::test_an_io_call_that_raises_gives_its_slot_back",),
+    ),
 ]  # fmt: skip
 
 
