@@ -808,6 +808,14 @@ MUTANTS = [
         "        yield got\n        if got:\n            self._release(job)\n",
         ("tests/test_jobs.py::test_an_io_call_that_raises_gives_its_slot_back",),
     ),
+    Mutant(
+        "stray-closing-brace-stalls-the-session",
+        "migd/qmp/wire.py",
+        "                if self._depth <= 0:\n",
+        "                if self._depth == 0:\n",
+        ("tests/test_qmp_wire.py::"
+         "test_a_stray_closing_brace_is_answered_and_the_next_requests_are_read",),
+    ),
 ]  # fmt: skip
 
 
