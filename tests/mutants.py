@@ -816,6 +816,22 @@ MUTANTS = [
         ("tests/test_qmp_wire.py::"
          "test_a_stray_closing_brace_is_answered_and_the_next_requests_are_read",),
     ),
+    Mutant(
+        "vm-image-table-digest-unchecked",
+        "migd/tools/vm.py",
+        "    if digest != header.ram.table_digest:\n",
+        "    if False:\n",
+        ("tests/test_vm_hostile_qemu.py::"
+         "test_a_ram_part_whose_checksum_table_is_not_the_one_saved_is_refused_before_writing",),
+    ),
+    Mutant(
+        "vm-image-overlapping-parts-accepted",
+        "migd/tools/vm_image.py",
+        "        if header.device.offset + header.device.length > header.ram.offset:\n",
+        "        if False:\n",
+        ("tests/test_vm_hostile_qemu.py::"
+         "test_an_image_header_whose_device_state_overlaps_the_ram_part_is_malformed",),
+    ),
 ]  # fmt: skip
 
 
