@@ -832,6 +832,14 @@ MUTANTS = [
         ("tests/test_vm_hostile_qemu.py::"
          "test_an_image_header_whose_device_state_overlaps_the_ram_part_is_malformed",),
     ),
+    Mutant(
+        "restore-into-a-backend-a-save-reads",
+        "migd/migration/engine.py",
+        "            self._check_backends_free([b for _, b in matched])\n",
+        "",
+        ("tests/test_jobs.py::"
+         "test_a_restore_into_a_backend_a_running_save_reads_is_refused_naming_the_job",),
+    ),
 ]  # fmt: skip
 
 

@@ -399,3 +399,28 @@ def test_an_io_call_that_raises_gives_its_slot_back() -> None:
     give_up.set()
     t.join(10)
     assert granted == [True] and share.in_flight == {"B": 1}
+
+
+async def test_a_restore_into_a_backend_a_running_save_reads_is_refused_naming_the_job(
+    qmp, shm, short_dir
+):
+    """A restore into a backend that a running save reads changes the memory under the
+    save: the save would be marked completed with pages of both. The restore is refused
+    naming the save (checked again at its launch, after the file is parsed), and the
+    save goes on."""
+    data = await _backends(qmp, shm, 1, size=16 * MiB)
+    await qmp.execute("memory-save", {"job-id": "first", "uri": f"file:{short_dir}/a.sav"})
+    assert "error" not in (await wait_concluded(qmp, "first"))["first"]
+    await qmp.execute(
+        "memory-save",
+        {"job-id": "slow", "backends": ["vm0"], "uri": f"file:{short_dir}/slow.sav",
+         "max-bandwidth": MiB},
+    )  # fmt: skip
+    args = {"job-id": "r", "backends": ["vm0"], "uri": f"file:{short_dir}/a.sav"}
+    desc = await qmp_error(qmp, "memory-restore", args)
+    assert desc == "Memory backend 'vm0' is in use by job 'slow'"
+    jobs = await _jobs(qmp)
+    assert sorted(jobs) == ["first", "slow"] and jobs["slow"]["status"] == "running", jobs
+    await qmp.execute("job-cancel", {"id": "slow"})
+    await wait_concluded(qmp, "slow")
+    assert (shm / "vm0").read_bytes() == data["vm0"]
