@@ -840,6 +840,13 @@ MUTANTS = [
         ("tests/test_jobs.py::"
          "test_a_restore_into_a_backend_a_running_save_reads_is_refused_naming_the_job",),
     ),
+    Mutant(
+        "room-check-counts-one-backend-per-filesystem",
+        "migd/migration/plan.py",
+        "by_device[dev] = (total + needed, have + allocated, [*names, backend.id])",
+        "by_device[dev] = (needed, have + allocated, [*names, backend.id])",
+        ("tests/test_restore.py::test_backends_sharing_a_filesystem_must_fit_in_it_together",),
+    ),
 ]  # fmt: skip
 
 
