@@ -847,6 +847,14 @@ MUTANTS = [
         "by_device[dev] = (needed, have + allocated, [*names, backend.id])",
         ("tests/test_restore.py::test_backends_sharing_a_filesystem_must_fit_in_it_together",),
     ),
+    Mutant(
+        "staged-unit-hashing-counts-from-the-unit-a-run-begins-in",
+        "migd/io/checksums.py",
+        "            unit = -(-first_page // UNIT_PAGES)\n",
+        "            unit = first_page // UNIT_PAGES\n",
+        ("tests/test_save_staging.py::"
+         "test_a_memory_file_whose_data_starts_pages_in_saves_staged_and_restores_verified",),
+    ),
 ]  # fmt: skip
 
 
