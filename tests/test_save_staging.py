@@ -260,10 +260,11 @@ async def test_a_memory_file_whose_data_starts_pages_in_saves_staged_and_restore
     migd_inproc, qmp, shm, short_dir
 ):
     """A staged run starts where the memory file's data starts (SEEK_DATA), here 3 pages
-    in, after holes. The buffer then holds no unit from its start: only the units it
-    covers whole from their first page may be hashed from it. Counting from the unit the
-    run begins in hashed unit 0 from bytes before the buffer, and the restore of a good
-    save failed with "checksum mismatch ... the file is corrupt"."""
+    in, after holes, and the 4 MiB buffers are cut from there: none starts on a unit's
+    first page. Only the units a buffer covers whole may be hashed from it. Counting from
+    the unit a buffer begins in hashed that unit from the wrong bytes (unit 4, of the
+    buffer from page 1027), and the restore of a good save failed with "checksum mismatch
+    ... the file is corrupt"."""
     set_staging(migd_inproc, True)
     path = shm / "ram0"
     rest = np.random.default_rng(7).bytes(SIZE - 3 * PAGE_SIZE)
