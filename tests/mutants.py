@@ -856,6 +856,69 @@ MUTANTS = [
         ("tests/test_durability.py::"
          "test_the_partial_mark_is_fsynced_before_a_restore_changes_memory",),
     ),
+    Mutant(
+        "job-multifd-channels-zero-accepted",
+        "migd/api/jobs.py",
+        "        if self.multifd_channels == 0:",
+        "        if self.multifd_channels is None and False:",
+        ("tests/test_jobs.py::"
+         "test_a_job_with_zero_multifd_channels_is_refused_with_qemus_text",),
+    ),
+    Mutant(
+        "io-slot-kept-by-a-call-that-raises",
+        "migd/io/share.py",
+        "        try:\n            yield got\n        finally:\n            if got:\n"
+        "                self._release(job)\n",
+        "        yield got\n        if got:\n            self._release(job)\n",
+        ("tests/test_jobs.py::test_an_io_call_that_raises_gives_its_slot_back",),
+    ),
+    Mutant(
+        "stray-closing-brace-stalls-the-session",
+        "migd/qmp/wire.py",
+        "                if self._depth <= 0:\n",
+        "                if self._depth == 0:\n",
+        ("tests/test_qmp_wire.py::"
+         "test_a_stray_closing_brace_is_answered_and_the_next_requests_are_read",),
+    ),
+    Mutant(
+        "vm-image-table-digest-unchecked",
+        "migd/tools/vm.py",
+        "    if digest != header.ram.table_digest:\n",
+        "    if False:\n",
+        ("tests/test_vm_hostile_qemu.py::"
+         "test_a_ram_part_whose_checksum_table_is_not_the_one_saved_is_refused_before_writing",),
+    ),
+    Mutant(
+        "vm-image-overlapping-parts-accepted",
+        "migd/tools/vm_image.py",
+        "        if header.device.offset + header.device.length > header.ram.offset:\n",
+        "        if False:\n",
+        ("tests/test_vm_hostile_qemu.py::"
+         "test_an_image_header_whose_device_state_overlaps_the_ram_part_is_malformed",),
+    ),
+    Mutant(
+        "restore-into-a-backend-a-save-reads",
+        "migd/migration/engine.py",
+        "            self._check_backends_free([b for _, b in matched])\n",
+        "",
+        ("tests/test_jobs.py::"
+         "test_a_restore_into_a_backend_a_running_save_reads_is_refused_naming_the_job",),
+    ),
+    Mutant(
+        "room-check-counts-one-backend-per-filesystem",
+        "migd/migration/plan.py",
+        "by_device[dev] = (total + needed, have + allocated, [*names, backend.id])",
+        "by_device[dev] = (needed, have + allocated, [*names, backend.id])",
+        ("tests/test_restore.py::test_backends_sharing_a_filesystem_must_fit_in_it_together",),
+    ),
+    Mutant(
+        "staged-unit-hashing-counts-from-the-unit-a-run-begins-in",
+        "migd/io/checksums.py",
+        "            unit = -(-first_page // UNIT_PAGES)\n",
+        "            unit = first_page // UNIT_PAGES\n",
+        ("tests/test_save_staging.py::"
+         "test_a_memory_file_whose_data_starts_pages_in_saves_staged_and_restores_verified",),
+    ),
 ]  # fmt: skip
 
 

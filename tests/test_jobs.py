@@ -358,3 +358,69 @@ async def test_jobs_left_undismissed_are_bounded(qmp, shm, short_dir, monkeypatc
     await qmp.execute("job-dismiss", {"id": "j0"})
     await qmp.execute("memory-save", {"job-id": "j2", "uri": f"file:{short_dir}/2.sav"})
     assert "error" not in (await wait_concluded(qmp, "j2"))["j2"]
+
+
+async def test_a_job_with_zero_multifd_channels_is_refused_with_qemus_text(qmp, shm, short_dir):
+    """memory-save and memory-restore take 'multifd-channels' per job; 0 is refused as QEMU
+    refuses it for migrate-set-parameters. Unchecked, a save with no channel and no
+    checksums concluded with no error, its file holding not one page, and a restore with
+    none would have restored nothing. Nothing refused leaves a file or a job behind."""
+    await _backends(qmp, shm, 1)
+    text = "Parameter 'multifd_channels' expects a value between 1 and 255"
+    args = {"job-id": "z", "uri": f"file:{short_dir}/z.sav", "multifd-channels": 0}
+    assert await qmp_error(qmp, "memory-save", {**args, "checksums": False}) == text
+    assert not (short_dir / "z.sav").exists()
+    await qmp.execute("memory-save", {"job-id": "s", "uri": f"file:{short_dir}/s.sav"})
+    assert "error" not in (await wait_concluded(qmp, "s"))["s"]
+    restore = {**args, "uri": f"file:{short_dir}/s.sav"}
+    assert await qmp_error(qmp, "memory-restore", restore) == text
+    assert [j["id"] for j in await qmp.execute("query-jobs")] == ["s"]
+
+
+def test_an_io_call_that_raises_gives_its_slot_back() -> None:
+    """io/share.py: a channel's pwritev/preadv runs inside share.slot(); one that raises
+    (ENOSPC, EIO) must still release its slot, or each failed call keeps one of the
+    daemon's 16 and after 16 failures every job of the daemon waits forever."""
+    share = DiskShare(slots=1)
+    never = threading.Event()
+    for _ in range(3):  # more failures than slots
+        try:
+            with share.slot("A", never) as got:
+                assert got
+                raise OSError(28, "No space left on device")
+        except OSError:
+            pass
+        assert share.in_flight == {}
+    granted: list[bool] = []
+    give_up = threading.Event()  # ends the wait of a call that would wait forever
+    t = threading.Thread(target=lambda: granted.append(share._acquire("B", give_up)))
+    t.start()
+    t.join(10)
+    give_up.set()
+    t.join(10)
+    assert granted == [True] and share.in_flight == {"B": 1}
+
+
+async def test_a_restore_into_a_backend_a_running_save_reads_is_refused_naming_the_job(
+    qmp, shm, short_dir
+):
+    """A restore into a backend that a running save reads changes the memory under the
+    save: the save would be marked completed with pages of both. The restore is refused
+    naming the save (checked again at its launch, after the file is parsed), and the
+    save goes on."""
+    data = await _backends(qmp, shm, 1, size=16 * MiB)
+    await qmp.execute("memory-save", {"job-id": "first", "uri": f"file:{short_dir}/a.sav"})
+    assert "error" not in (await wait_concluded(qmp, "first"))["first"]
+    await qmp.execute(
+        "memory-save",
+        {"job-id": "slow", "backends": ["vm0"], "uri": f"file:{short_dir}/slow.sav",
+         "max-bandwidth": MiB},
+    )  # fmt: skip
+    args = {"job-id": "r", "backends": ["vm0"], "uri": f"file:{short_dir}/a.sav"}
+    desc = await qmp_error(qmp, "memory-restore", args)
+    assert desc == "Memory backend 'vm0' is in use by job 'slow'"
+    jobs = await _jobs(qmp)
+    assert sorted(jobs) == ["first", "slow"] and jobs["slow"]["status"] == "running", jobs
+    await qmp.execute("job-cancel", {"id": "slow"})
+    await wait_concluded(qmp, "slow")
+    assert (shm / "vm0").read_bytes() == data["vm0"]

@@ -82,6 +82,22 @@ def test_bad_json_gets_an_error_and_the_connection_survives(raw):
     assert "return" in raw.execute("query-version")
 
 
+def test_a_stray_closing_brace_is_answered_and_the_next_requests_are_read(raw):
+    """A `}` or `]` with nothing open is a message of its own: QEMU answers it with a parse
+    error (tests/test_qemu_differential.py, "a stray closing brace") and reads on. Counted
+    as depth -1 instead, it ended nothing: the session stalled, every later request
+    unanswered. Both stray bytes go in one write with the requests after them, no
+    newline to end them."""
+    expecting = {"error": {"class": "GenericError", "desc": "JSON parse error, expecting value"}}
+    raw.send_raw(b'}{"execute": "qmp_capabilities", "id": 1}')
+    assert raw.recv() == expecting
+    assert raw.recv() == {"return": {}, "id": 1}
+    raw.send_raw(b']{"execute": "query-version", "id": 2}')
+    assert raw.recv() == expecting
+    reply = raw.recv()
+    assert reply["id"] == 2 and "return" in reply
+
+
 @pytest.mark.parametrize(
     ("text", "reason"),
     [

@@ -251,6 +251,36 @@ async def test_restore_into_a_filesystem_too_small_fails_before_changing_memory(
     assert migd_threads() == []
 
 
+async def test_backends_sharing_a_filesystem_must_fit_in_it_together(
+    qmp, shm, short_dir, small_tmpfs
+):
+    """The room check sums what every backend on one filesystem needs: two backends on the
+    8 MiB tmpfs, 5 MiB of pages each, fit one by one but not together. Counted one at a
+    time, the restore started and failed half-way with ENOSPC, both backends partial;
+    refused as a whole, it names both and changes neither."""
+    for i, id in enumerate(("a", "b")):
+        fill_random(shm / id, 5 * MiB, seed=i + 1)
+        os.truncate(shm / id, 8 * MiB)  # 5 MiB of data, then 3 MiB of zero pages
+        await add_file_backend(qmp, id, shm / id, 8 * MiB)
+    await enable_mapped_ram(qmp)
+    assert (await save(qmp, short_dir / "save.img"))["status"] == "completed"
+    for id in ("a", "b"):
+        await qmp.execute("object-del", {"id": id})
+        (small_tmpfs / id).touch()
+        os.truncate(small_tmpfs / id, 8 * MiB)  # sparse: every page needs room
+        await add_file_backend(qmp, id, small_tmpfs / id, 8 * MiB)
+    info = await restore(qmp, short_dir / "save.img")
+    assert info["status"] == "failed"
+    assert info["error-desc"] == (
+        f"Could not restore '{short_dir}/save.img': memory backends 'a', 'b' need "
+        f"{10 * MiB} bytes, but their filesystem has room for {8 * MiB}; no memory backend "
+        "was changed"
+    )
+    for id in ("a", "b"):
+        assert os.stat(small_tmpfs / id).st_blocks == 0  # not a page written
+    assert migd_threads() == []
+
+
 async def test_memory_that_runs_out_during_a_restore_is_reported_as_such(
     qmp, shm, short_dir, small_tmpfs, monkeypatch
 ):

@@ -254,3 +254,30 @@ def test_pages_lost_from_a_file_written_through_are_found_after_the_restore(shm)
         check_sizes([block], "restore")
     finally:
         os.close(fd)
+
+
+async def test_a_memory_file_whose_data_starts_pages_in_saves_staged_and_restores_verified(
+    migd_inproc, qmp, shm, short_dir
+):
+    """A staged run starts where the memory file's data starts (SEEK_DATA), here 3 pages
+    in, after holes, and the 4 MiB buffers are cut from there: none starts on a unit's
+    first page. Only the units a buffer covers whole may be hashed from it. Counting from
+    the unit a buffer begins in hashed that unit from the wrong bytes (unit 4, of the
+    buffer from page 1027), and the restore of a good save failed with "checksum mismatch
+    ... the file is corrupt"."""
+    set_staging(migd_inproc, True)
+    path = shm / "ram0"
+    rest = np.random.default_rng(7).bytes(SIZE - 3 * PAGE_SIZE)
+    with open(path, "wb") as f:
+        f.truncate(SIZE)
+        os.pwrite(f.fileno(), rest, 3 * PAGE_SIZE)  # pages 0-2 stay holes
+    data = bytes(3 * PAGE_SIZE) + rest
+    await add_file_backend(qmp, "ram0", path, SIZE, share=True)
+    await enable_mapped_ram(qmp, channels=2, direct_io=True)
+    info = await save(qmp, short_dir / "save.img")
+    assert info["status"] == "completed", info
+    assert mapped_rss(path) == 0  # saved through the staging buffers, not the mapping
+    path.write_bytes(b"\xee" * SIZE)
+    info = await restore(qmp, short_dir / "save.img")
+    assert info["status"] == "completed", info
+    assert path.read_bytes() == data

@@ -329,6 +329,77 @@ def test_an_image_header_nested_thousands_deep_is_an_error_not_a_traceback(
     assert "Traceback" not in result.stderr
 
 
+def test_a_ram_part_whose_checksum_table_is_not_the_one_saved_is_refused_before_writing(
+    daemon, fakes, short_dir, shm
+):
+    """The header ties the RAM part's checksum table in by its digest. Here one page of the
+    RAM part is changed and the table made to agree (the unit's checksum, the table's
+    digest in the vmdescription): the RAM part alone is a valid save whose restore would
+    verify, same save id, same bitmap. Only the header's table digest tells that it is not
+    what was saved; unchecked, the changed page was restored into the guest."""
+    import xxhash
+
+    from migd.io.checksums import UNIT_BYTES
+    from migd.tools import vm_image
+    from migd.tools.inspect import inspect_file
+
+    from .conftest import parse_save
+
+    image = _saved_image(daemon, fakes, short_dir, shm)
+    with open(image, "rb") as f:
+        header = vm_image.read_header(f.fileno(), str(image))
+    info = inspect_file(image, header.ram.offset)
+    table = info.checksums
+    assert table is not None and table.table_digest == header.ram.table_digest
+    block = parse_save(image, header.ram.offset).blocks[0]
+    data = bytearray(image.read_bytes())
+    data[block.pages_offset + 100] ^= 0x01  # a page of the first unit (all pages present)
+    unit = bytes(data[block.pages_offset : block.pages_offset + UNIT_BYTES])
+    at = table.table_offset  # the first block's first unit
+    data[at : at + 16] = xxhash.xxh3_128_digest(unit)
+    new_digest = xxhash.xxh3_128_hexdigest(bytes(data[at : at + table.table_bytes]))
+    old = table.table_digest.encode()
+    ram = bytes(data[header.ram.offset :])
+    assert ram.count(old) == 1  # the vmdescription's entry; the header's is before the part
+    data[header.ram.offset :] = ram.replace(old, new_digest.encode())
+    image.write_bytes(bytes(data))
+    tampered = inspect_file(image, header.ram.offset)  # the RAM part alone: a valid save
+    assert tampered.complete and tampered.checksums is not None
+    assert tampered.checksums.problem is None
+    assert tampered.checksums.table_digest == new_digest != header.ram.table_digest
+    fill_random(shm / "ram", SIZE, seed=9)
+    before = (shm / "ram").read_bytes()
+    fake = fakes({"memdevs": [memdev(shm / "ram")], "state": "inmigrate"}, name="incoming")
+    restored = vm(daemon, fake, "restore", str(image))
+    assert restored.returncode == 1, restored.stderr
+    assert f"'{image}': the RAM part's checksum table is not the one saved" in restored.stderr
+    assert (shm / "ram").read_bytes() == before
+
+
+def test_an_image_header_whose_device_state_overlaps_the_ram_part_is_malformed() -> None:
+    """A header is checked whole before its parts are read: a device state that runs into
+    the RAM part (its digest then covers RAM pages, and QEMU would be handed them as device
+    state) is refused as malformed, as a header digest cannot tell: it matches whatever
+    the body says. One byte less is a header like any other."""
+    from migd.tools import vm_image
+
+    ram_offset = 4 * MiB
+    header = vm_image.ImageHeader(
+        image_id="i", created="c", qemu_version="10.0.0", machine="pc-q35-10.0",
+        device=vm_image.DevicePart(vm_image.HEADER_AREA, 0, "0" * 64),
+        ram=vm_image.RamPart(ram_offset, 8 * MiB, "1" * 32, "2" * 32),
+        backends=[vm_image.BackendEntry("ram0", "ram0", 8 * MiB, "/dev/shm/ram")],
+    )  # fmt: skip
+    header.device.length = ram_offset - vm_image.HEADER_AREA  # ends where the RAM starts
+    assert vm_image.decode(vm_image.encode(header), "vm.img") == header
+    header.device.length += 1
+    with pytest.raises(vm_image.ImageError) as info:
+        vm_image.decode(vm_image.encode(header), "vm.img")
+    assert str(info.value) == (
+        "'vm.img': the image header is malformed (the device state overlaps the RAM part)"
+    )
+
+
 # --- the QMP socket's peer (red-team, session 13, second round) --------------------------------
 
 
