@@ -281,6 +281,16 @@ async def _memory_job(qmp, command: str, job: str, uri: str, **extra: Any) -> di
     return next(j for j in jobs if j["id"] == job)
 
 
+async def _two_clients_two_backends(migd_inproc: Any, shm: Path) -> tuple[Any, Any]:
+    """Clients a and b of one daemon, with 1 MiB backends m0 and m1 of different data."""
+    a, b = await migd_inproc.client("a"), await migd_inproc.client("b")
+    fill_random(shm / "m0", MiB, seed=1)
+    fill_random(shm / "m1", MiB, seed=2)
+    await add_file_backend(a, "m0", shm / "m0", MiB)
+    await add_file_backend(a, "m1", shm / "m1", MiB)
+    return a, b
+
+
 async def test_a_save_admitted_while_a_restore_of_its_file_starts_makes_the_restore_refused(
     migd_inproc, shm, short_dir, monkeypatch
 ):
@@ -289,12 +299,8 @@ async def test_a_save_admitted_while_a_restore_of_its_file_starts_makes_the_rest
     restore refused, not let it read the save's bytes and complete."""
     from migd.migration.mapped_ram import restore as restore_module
 
-    a, b = await migd_inproc.client("a"), await migd_inproc.client("b")
+    a, b = await _two_clients_two_backends(migd_inproc, shm)
     try:
-        fill_random(shm / "m0", MiB, seed=1)
-        fill_random(shm / "m1", MiB, seed=2)
-        await add_file_backend(a, "m0", shm / "m0", MiB)
-        await add_file_backend(a, "m1", shm / "m1", MiB)
         image = short_dir / "f.sav"
         assert "error" not in await _memory_job(
             a, "memory-save", "s0", f"file:{image}", backends=["m0"]
@@ -348,12 +354,8 @@ async def test_a_save_refused_after_creating_its_file_leaves_it_to_the_job_that_
     stays while another request has it open, and B's save is whole in it."""
     from migd.io import target as target_module
 
-    a, b = await migd_inproc.client("a"), await migd_inproc.client("b")
+    a, b = await _two_clients_two_backends(migd_inproc, shm)
     try:
-        fill_random(shm / "m0", MiB, seed=1)
-        fill_random(shm / "m1", MiB, seed=2)
-        await add_file_backend(a, "m0", shm / "m0", MiB)
-        await add_file_backend(a, "m1", shm / "m1", MiB)
         image = short_dir / "f.sav"
         created, go_on = threading.Event(), threading.Event()
         open_main = target_module.FileTarget.open_main

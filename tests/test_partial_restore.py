@@ -61,6 +61,15 @@ def _start_slow_restore(client: RawClient, save: Path) -> None:
     client.poll_migrate(_midway)
 
 
+def _restore_under_way(client: RawClient, mem: Path, save: Path) -> bytes:
+    """A backend on `mem`, saved to `save`, changed, and a slow restore of it under way
+    (its mark set); returns the saved memory."""
+    _setup(client, mem)
+    saved = _saved_then_changed(client, mem, save)
+    _start_slow_restore(client, save)
+    return saved
+
+
 def _mark(mem: Path) -> str | None:
     try:
         return os.getxattr(mem, XATTR).decode()
@@ -74,9 +83,7 @@ def test_a_restore_killed_midway_leaves_a_mark_that_object_add_reports(short_dir
     daemon = start_daemon(sock)
     try:
         client = RawClient(sock).negotiate()
-        _setup(client, mem)
-        saved = _saved_then_changed(client, mem, save)
-        _start_slow_restore(client, save)
+        saved = _restore_under_way(client, mem, save)
         daemon.stop(signal.SIGKILL)
         client.close()
     finally:
@@ -119,9 +126,7 @@ def test_on_ramfs_a_cancelled_restore_leaves_a_sidecar_mark(short_dir: Path, ram
     daemon = start_daemon(sock)
     try:
         client = RawClient(sock).negotiate()
-        _setup(client, mem)
-        saved = _saved_then_changed(client, mem, save)
-        _start_slow_restore(client, save)
+        saved = _restore_under_way(client, mem, save)
         assert len(list(sidecars.iterdir())) == 1
         client.ok("migrate_cancel")
         info = client.wait_final()
@@ -195,9 +200,7 @@ def test_a_backend_a_cancelled_restore_left_partial_is_not_saved_as_whole(
     daemon = start_daemon(sock)
     try:
         client = RawClient(sock).negotiate()
-        _setup(client, mem)
-        saved = _saved_then_changed(client, mem, save)
-        _start_slow_restore(client, save)
+        saved = _restore_under_way(client, mem, save)
         client.ok("migrate_cancel")
         assert client.wait_final()["status"] == "cancelled"
         client.ok("migrate-set-parameters", {"max-bandwidth": 0})
