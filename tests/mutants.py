@@ -310,18 +310,42 @@ MUTANTS = [
         ("tests/test_partial_restore.py",),
     ),
     Mutant(
+        "created-file-not-claimed",
+        "migd/state/paths.py",
+        "            _claim(fd, fcntl.F_WRLCK)\n        st = os.fstat(fd)",
+        "            pass\n        st = os.fstat(fd)",
+        ("tests/test_file_identity.py::"
+         "test_a_file_another_request_is_creating_is_refused_until_that_one_started",),
+    ),
+    Mutant(
+        "a-file-being-created-opened-by-another-request",
+        "migd/state/paths.py",
+        "    if _claim(fd, fcntl.F_RDLCK) is False:",
+        "    if False:",
+        ("tests/test_file_identity.py::"
+         "test_a_file_another_request_is_creating_is_refused_until_that_one_started",),
+    ),
+    Mutant(
+        "created-file-claim-never-settled",
+        "migd/io/target.py",
+        "            settle_claim(self._main_fd)",
+        "            pass",
+        ("tests/test_file_identity.py::"
+         "test_a_file_another_request_is_creating_is_refused_until_that_one_started",),
+    ),
+    Mutant(
         "refused-creator-removes-a-file-another-job-uses",
         "migd/state/paths.py",
-        "        if _open_elsewhere(st, own_fds):",
-        "        if False:",
+        "    if not _claim(fd, fcntl.F_WRLCK):\n        log.info",
+        "    if False:\n        log.info",
         ("tests/test_file_identity.py::"
          "test_a_save_refused_after_creating_its_file_leaves_it_to_the_job_that_opened_it",),
     ),
     Mutant(
         "opened-file-not-checked-still-there",
         "migd/state/paths.py",
-        "            _check_not_removed(path, fd)",
-        "            pass",
+        "    if os.fstat(fd).st_nlink == 0:",
+        "    if False:",
         ("tests/test_file_identity.py::"
          "test_a_file_removed_by_its_creator_just_after_the_open_is_refused",),
     ),

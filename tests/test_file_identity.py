@@ -345,13 +345,28 @@ async def test_a_save_admitted_while_a_restore_of_its_file_starts_makes_the_rest
         await b.disconnect()
 
 
-async def test_a_save_refused_after_creating_its_file_leaves_it_to_the_job_that_opened_it(
+async def _concluded(client: Any, job_id: str) -> dict[str, Any]:
+    jobs = await poll_until(
+        lambda: client.execute("query-jobs"),
+        lambda jobs: any(j["id"] == job_id and j["status"] == "concluded" for j in jobs),
+        f"job {job_id} concluded",
+    )
+    return next(j for j in jobs if j["id"] == job_id)
+
+
+def _holds_whole_save_of(image: Path, memory: Path) -> bool:
+    saved = parse_save(image)
+    [block] = saved.blocks
+    return bool(saved.complete) and read_pages(image, block) == memory.read_bytes()
+
+
+async def test_a_file_another_request_is_creating_is_refused_until_that_one_started(
     migd_inproc, shm, short_dir, monkeypatch
 ):
-    """Two saves name one new file: A creates it, B opens it (it exists now) and starts
-    first, A is then refused (B's file). A's cleanup removed "its" new file, and B
-    completed into a file with no name (red-team, session 15: 7 in 300 tries). The file
-    stays while another request has it open, and B's save is whole in it."""
+    """Two saves name one new file: while the one that created it may still be refused
+    (and remove it), the other is refused ("try again"), and the first completes. (Before:
+    the other opened the file and started, the creator was refused and removed the file,
+    and the other completed into a file with no name; red-team, session 15.)"""
     from migd.io import target as target_module
 
     a, b = await _two_clients_two_backends(migd_inproc, shm)
@@ -369,6 +384,53 @@ async def test_a_save_refused_after_creating_its_file_leaves_it_to_the_job_that_
             return fd
 
         monkeypatch.setattr(target_module.FileTarget, "open_main", held_open_main)
+        # Throttled: A still runs when B tries again.
+        args = {"job-id": "A", "uri": f"file:{image}", "backends": ["m0"], "max-bandwidth": 262144}
+        first = asyncio.ensure_future(a.execute("memory-save", args))
+        await poll_until(lambda: asyncio.sleep(0, created.is_set()), bool, "A created the file")
+        other = {"job-id": "B", "uri": f"file:{image}", "backends": ["m1"]}
+        with pytest.raises(ExecuteError) as refused:
+            await b.execute("memory-save", other)
+        assert "is being created by another request of migd's" in refused.value.error.error.desc
+        go_on.set()
+        assert await first == {}
+        # Started, the file is A's job's like any other: the engine's checks apply.
+        with pytest.raises(ExecuteError) as refused:
+            await b.execute("memory-save", other)
+        assert "is the file of job 'A'" in refused.value.error.error.desc
+        await a.execute("job-cancel", {"id": "A"})
+        await _concluded(a, "A")
+        assert await b.execute("memory-save", {**other, "job-id": "C"}) == {}
+        assert "error" not in await _concluded(b, "C")
+        assert _holds_whole_save_of(image, shm / "m1")
+    finally:
+        go_on.set()
+        await a.disconnect()
+        await b.disconnect()
+
+
+async def test_a_save_refused_after_creating_its_file_leaves_it_to_the_job_that_opened_it(
+    migd_inproc, shm, short_dir, monkeypatch
+):
+    """The other order: B opens the new file between A's create and A's claim on it, and
+    starts; A, refused (B's file), must not remove it: B's save is whole in it."""
+    import fcntl
+
+    from migd.state import paths
+
+    a, b = await _two_clients_two_backends(migd_inproc, shm)
+    try:
+        image = short_dir / "f.sav"
+        created, go_on = threading.Event(), threading.Event()
+        claim = paths._claim
+
+        def held_claim(fd: int, kind: int) -> bool | None:
+            if kind == fcntl.F_WRLCK and not created.is_set():  # A, right after its create
+                created.set()
+                assert go_on.wait(30)
+            return claim(fd, kind)
+
+        monkeypatch.setattr(paths, "_claim", held_claim)
         first = asyncio.ensure_future(
             a.execute("memory-save", {"job-id": "A", "uri": f"file:{image}", "backends": ["m0"]})
         )
@@ -381,17 +443,8 @@ async def test_a_save_refused_after_creating_its_file_leaves_it_to_the_job_that_
             await first
         assert "is the file of job 'B'" in refused.value.error.error.desc
         assert image.exists(), "the refused save removed the running job's file"
-        jobs = await poll_until(
-            lambda: b.execute("query-jobs"),
-            lambda jobs: any(j["id"] == "B" and j["status"] == "concluded" for j in jobs),
-            "job B concluded",
-        )
-        [job] = [j for j in jobs if j["id"] == "B"]
-        assert "error" not in job, job
-        saved = parse_save(image)
-        assert saved.complete
-        [block] = saved.blocks
-        assert read_pages(image, block) == (shm / "m1").read_bytes()
+        assert "error" not in await _concluded(b, "B")
+        assert _holds_whole_save_of(image, shm / "m1")
     finally:
         go_on.set()
         await a.disconnect()

@@ -31,6 +31,7 @@ from ..state.paths import (
     open_regular,
     plain_open,
     remove_created,
+    settle_claim,
     trusted_owners,
 )
 
@@ -110,6 +111,11 @@ class Target(Protocol):
         """A start refused after the main fd opened: remove what open_main created, close."""
         ...
 
+    def settle(self) -> None:
+        """The job launched: a file open_main created is no longer one it may remove
+        (state/paths.settle_claim), and other requests may open it."""
+        ...
+
 
 def _reopener(main_fd: int) -> FileOpener:
     """An open_file that reopens the main fd's file, whatever its name is now."""
@@ -172,7 +178,10 @@ class FileTarget:
             try:
                 fd, created = open_regular(
                     self.path,
-                    flags,
+                    # Read-write even for a save: the claim on the file that tells other
+                    # requests it is in use (paths.open_regular) is a read lock, which
+                    # needs an fd open for reading. The channels still open write-only.
+                    os.O_RDWR if flags == os.O_WRONLY else flags,
                     create=create,
                     owners=trusted_owners(peer_uid),
                     open_file=openers.named,
@@ -248,6 +257,10 @@ class FileTarget:
         if self._created and self._main_fd is not None:
             remove_created(self.path, self._main_fd)
         self.close()
+
+    def settle(self) -> None:
+        if self._created and self._main_fd is not None:
+            settle_claim(self._main_fd)
 
 
 class NotSeekable(MigrationError):

@@ -401,6 +401,7 @@ class MigrationEngine:
         job.expected_downtime = self.params.downtime_limit
         job.save_id = uuid.uuid4().hex
         self._launch(job, self._save(job, layout, main_fd, checksums, live, previous))
+        target.settle()
 
     async def start_restore(
         self,

@@ -14,7 +14,14 @@ from collections.abc import Callable, Collection, Iterator
 from ..errors import BackendError
 from ..pages import PAGE_SIZE
 from .fdsets import file_name
-from .paths import FileOpener, open_regular, plain_open, remove_created, trusted_owners
+from .paths import (
+    FileOpener,
+    open_regular,
+    plain_open,
+    remove_created,
+    settle_claim,
+    trusted_owners,
+)
 
 MAX_SIZE = (1 << 62) - PAGE_SIZE  # leaves room in a 64-bit file for the save's metadata
 
@@ -142,6 +149,9 @@ class MemoryBackend:
         # saves of it are allowed (state/partial.py).
         self.partial_accepted = False
         self.restores_begun = 0  # restore jobs launched into it: a save's checks see one
+        # Its file was created for it (object-add): the claim of paths.open_regular is
+        # settled once the backend is registered.
+        self.created_file = False
         self._mm: mmap.mmap | None = mm
         self._mv: memoryview | None = memoryview(mm)
         self._fd = fd
@@ -512,9 +522,11 @@ def create_file_backend(
         if isinstance(e, OSError):
             raise BackendError(f"Could not {step} '{mem_path}': {e.strerror}") from None
         raise
-    return MemoryBackend(
+    backend = MemoryBackend(
         id, size, "memory-backend-file", mm, fd, mem_path, share, block_name, close_fd
     )
+    backend.created_file = created
+    return backend
 
 
 def _restore_empty(fd: int, st: os.stat_result) -> None:
@@ -585,6 +597,8 @@ class MemoryRegistry:
         if identity is not None:
             self.refuse_shared_file(identity, backend.file_name or backend.id)
         self._backends[backend.id] = backend
+        if backend.created_file and backend.fd is not None:
+            settle_claim(backend.fd)  # added: no longer a file a refusal may remove
 
     def refuse_shared_file(self, identity: tuple[int, int], path: str) -> None:
         """Refuse a second backend on a backend's file (same device and inode, whatever

@@ -30,7 +30,7 @@ import fcntl
 import logging
 import os
 import stat
-import threading
+import struct
 from collections.abc import Callable, Collection, Sequence
 
 from ..errors import MigdError
@@ -310,53 +310,57 @@ def resolve_trusted(path: str, owners: Collection[int]) -> tuple[str, os.stat_re
     return here, os.stat(here)
 
 
-# Orders a creator's "is anyone else using the file I made? then remove it" against
-# another request's "is the file I opened still there by its name?": without it, two
-# requests naming one new file could end with the one that used it reporting success on
-# a file the other, refused, had removed (red-team, session 15: a `completed` save with
-# no file, an added backend whose file was gone).
-_UNLINK_LOCK = threading.Lock()
+# Which request may remove a file it created, when it is refused after all. Two
+# requests naming one new file: A creates it, B opens it (it exists now) and starts, A is
+# refused and removes "its" file: B then completed into a file with no name (red-team,
+# session 15). So each request takes an open-file-description lock on one byte far past
+# any data, which no other program locks: the creator a write lock, held until its job or
+# backend is in place (then `settle_claim` makes it a read lock) or it removed the file;
+# every request that opens an existing file a read lock, held while it has the file open.
+# B cannot get its lock while A may still remove the file, and is refused; A cannot get
+# its lock if B already has one, and then leaves the file to B. The kernel drops a lock
+# with the last fd of its open: nothing to clean up, and nothing to wait for or scan.
+_CLAIM_BYTE = 1 << 62
+_FLOCK = "hhqqi4x"  # struct flock: type, whence, start, len, pid (x86-64 and aarch64)
 
 
-def _open_elsewhere(st: os.stat_result, own_fds: Collection[int]) -> bool:
-    """Does an fd of migd's other than `own_fds` have this file open (another request's
-    job or backend, or a passed fd)? One fstat per open fd: only when a refused request
-    removes the file it created."""
-    identity = (st.st_dev, st.st_ino)
-    with os.scandir("/proc/self/fd") as entries:
-        fds = [int(entry.name) for entry in entries]
-    for fd in fds:
-        if fd in own_fds:
-            continue
-        try:
-            other = os.fstat(fd)
-        except OSError:  # closed meanwhile, or the listing's own fd
-            continue
-        if (other.st_dev, other.st_ino) == identity:
-            return True
-    return False
+def _claim(fd: int, kind: int) -> bool | None:
+    """Take (or change to) the claim lock `kind` (fcntl.F_WRLCK / F_RDLCK) on `fd` ->
+    True, False if another request holds a conflicting one, None where the filesystem
+    has no such locks (then nothing is known, and a created file is never removed)."""
+    request = struct.pack(_FLOCK, kind, os.SEEK_SET, _CLAIM_BYTE, 1, 0)
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, request)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        return None
+    return True
 
 
-def _unlink_if_same(path: str, st: os.stat_result, own_fds: Collection[int] = ()) -> None:
-    """Remove a file we created, unless the name meanwhile points elsewhere or another
-    request of migd's opened it meanwhile (it is that request's file now)."""
-    with _UNLINK_LOCK, contextlib.suppress(OSError):
+def settle_claim(fd: int) -> None:
+    """A created file's request is in place (its job launched, its backend added): other
+    requests may open the file from now on (the engine's checks then apply)."""
+    _claim(fd, fcntl.F_RDLCK)
+
+
+def _unlink_if_same(path: str, st: os.stat_result) -> None:
+    """Remove a file we created, unless the name meanwhile points elsewhere."""
+    with contextlib.suppress(OSError):
         now = os.stat(path, follow_symlinks=False)
-        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
-            return
-        if _open_elsewhere(st, own_fds):
-            log.info("'%s' is left in place: another request of migd's uses it", path)
-            return
-        os.unlink(path)
+        if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+            os.unlink(path)
 
 
-def _check_not_removed(path: str, fd: int) -> None:
-    """An existing file just opened must not have been removed since by the request that
-    created it, refused in the meantime (checked under the lock of that removal, so one
-    of the two sees the other). A file renamed meanwhile still exists: it is used."""
-    with _UNLINK_LOCK:
-        links = os.fstat(fd).st_nlink
-    if links == 0:
+def _check_claimable(path: str, fd: int) -> None:
+    """An existing file just opened: refused while the request that created it may still
+    remove it, or once it has (no link left)."""
+    if _claim(fd, fcntl.F_RDLCK) is False:
+        raise FileRefused(
+            f"'{path}' is being created by another request of migd's, which may still "
+            "remove it: try again"
+        )
+    if os.fstat(fd).st_nlink == 0:
         raise FileRefused(
             f"'{path}' was removed while migd opened it (another request that created it "
             "was refused): try again"
@@ -408,17 +412,21 @@ def open_regular(
             raise
     st = None
     try:
+        if created:
+            # Fails only if another request opened the new file before this lock: then
+            # it is not this request's alone to remove (remove_created asks again).
+            _claim(fd, fcntl.F_WRLCK)
         st = os.fstat(fd)
         check_regular(path, st)
         if created:
             _give_to_client(path, fd, owners)
         else:
             check_trusted(path, st, owners)
-            _check_not_removed(path, fd)
+            _check_claimable(path, fd)
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
     except BaseException:
-        if created and st is not None:
-            _unlink_if_same(real, st, (fd,))
+        if created and st is not None and _claim(fd, fcntl.F_WRLCK):
+            _unlink_if_same(real, st)
         os.close(fd)
         raise
     return fd, created
@@ -446,6 +454,10 @@ def _mode_of(path: str) -> int | None:
 
 def remove_created(path: str, fd: int) -> None:
     """Undo the creation of a file by open_regular when the job or backend is refused
-    after all (`fd`, its open fd: the only one that may have it open)."""
+    after all: only while `fd` holds (or can take) the claim's write lock, i.e. no other
+    request has the file open (it is that request's file then, and stays)."""
+    if not _claim(fd, fcntl.F_WRLCK):
+        log.info("'%s' is left in place: another request of migd's uses it", path)
+        return
     with contextlib.suppress(OSError):
-        _unlink_if_same(path, os.fstat(fd), (fd,))
+        _unlink_if_same(path, os.fstat(fd))
