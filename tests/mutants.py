@@ -350,6 +350,14 @@ MUTANTS = [
          "test_a_file_removed_by_its_creator_just_after_the_open_is_refused",),
     ),
     Mutant(
+        "memory-with-no-file-saved-half-restored",
+        "migd/state/partial.py",
+        "            backend.partial_restore = value\n",
+        "            pass\n",
+        ("tests/test_partial_restore.py::"
+         "test_memory_with_no_file_to_mark_is_not_saved_half_restored_either",),
+    ),
+    Mutant(
         "idle-time-earns-a-burst-over-the-cap",
         "migd/io/throttle.py",
         "            if self._start + self._granted / self._rate < earliest:",
@@ -397,9 +405,17 @@ MUTANTS = [
     Mutant(
         "management-dropped-for-others-unread-replies",
         "migd/qmp/server.py",
-        "            others = (s for s in self.sessions if not _is_management(s.peer_uid))",
-        "            others = (s for s in self.sessions)",
+        "                s for s in self.sessions if not _is_management(s.peer_uid) and s.stalled(now)",
+        "                s for s in self.sessions if s.stalled(now)",
         ("tests/test_serving.py::test_silent_clients_together_cost_a_bounded_amount_and_readers_are_kept",),
+    ),
+    Mutant(
+        "reading-client-dropped-for-others-unread-replies",
+        "migd/qmp/server.py",
+        "if not _is_management(s.peer_uid) and s.stalled(now)",
+        "if not _is_management(s.peer_uid)",
+        ("tests/test_serving.py::"
+         "test_a_client_of_another_uid_reading_a_large_reply_is_not_dropped_for_others",),
     ),
     Mutant(
         "unsent-bytes-of-an-ended-session-still-counted",

@@ -233,3 +233,45 @@ def test_a_backend_a_cancelled_restore_left_partial_is_not_saved_as_whole(
     finally:
         daemon.stop()
         mem.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("kind", ["memory-backend-ram", "share=false"])
+def test_memory_with_no_file_to_mark_is_not_saved_half_restored_either(
+    short_dir: Path, shm: Path, kind: str
+):
+    """Memory a restore writes with no file of its own to carry the mark (anonymous RAM,
+    a private mapping of a file): a save after a cancelled restore completed with the mix
+    (review, session 15). The daemon keeps the mark for it; a completed restore clears it."""
+    sock, save, again = short_dir / "qmp.sock", short_dir / "save.img", short_dir / "again.img"
+    mem, private = shm / f"migd-nomark-{os.getpid()}", shm / f"migd-nomark-p-{os.getpid()}"
+    fill_random(mem, SIZE, seed=3)
+    daemon = start_daemon(sock)
+    try:
+        client = RawClient(sock).negotiate()
+        _setup(client, mem)
+        client.ok("migrate", {"uri": f"file:{save}"})
+        assert client.wait_final()["status"] == "completed"
+        client.ok("object-del", {"id": "ram0"})
+        add: dict[str, Any] = {"qom-type": "memory-backend-ram", "id": "ram0", "size": SIZE}
+        if kind == "share=false":
+            fill_random(private, SIZE, seed=4)
+            add = {**add, "qom-type": "memory-backend-file", "mem-path": str(private),
+                   "share": False}  # fmt: skip
+        client.ok("object-add", add)
+        _start_slow_restore(client, save)
+        client.ok("migrate_cancel")
+        assert client.wait_final()["status"] == "cancelled"
+        client.ok("migrate-set-parameters", {"max-bandwidth": 0})
+
+        desc = client.execute("migrate", {"uri": f"file:{again}"})["error"]["desc"]
+        assert desc.startswith("Memory backend 'ram0' holds partial data"), desc
+        assert not again.exists()
+        client.ok("migrate-incoming", {"uri": f"file:{save}"})
+        assert client.wait_final()["status"] == "completed"
+        client.ok("migrate", {"uri": f"file:{again}"})
+        assert client.wait_final()["status"] == "completed"
+        client.close()
+    finally:
+        daemon.stop()
+        mem.unlink(missing_ok=True)
+        private.unlink(missing_ok=True)

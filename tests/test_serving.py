@@ -326,18 +326,24 @@ async def _drained(session, deadline: float) -> None:
         await asyncio.sleep(0.01)
 
 
-async def test_silent_clients_together_cost_a_bounded_amount_and_readers_are_kept(short_dir):
+async def test_silent_clients_together_cost_a_bounded_amount_and_readers_are_kept(
+    short_dir, monkeypatch
+):
     """Many clients that never read, each under REPLY_LIMIT_BYTES, do not add up without
     bound: while all sessions' unsent bytes pass DAEMON_REPLY_LIMIT_BYTES the biggest
     holders of another uid are dropped; a client that reads stays, root's silent one
     too (management is never dropped for what others left unread), and nothing is
     counted once a client is gone (a leak in the total would drop the wrong clients)."""
+    from migd.qmp import server as server_module
     from migd.qmp.server import DAEMON_REPLY_LIMIT_BYTES, REPLY_LIMIT_BYTES, REPLY_PAUSE_BYTES
 
     from .conftest import InProcessDaemon
 
     if os.geteuid() != 0:
         pytest.skip("needs root to connect as another uid")
+    # A silent client is one that took no bytes for STALL_SECONDS; here at once (the
+    # broadcasts below take less than that; the next test keeps the real bound).
+    monkeypatch.setattr(server_module, "STALL_SECONDS", 0.0)
     short_dir.chmod(0o711)
     migd = InProcessDaemon(short_dir / "qmp.sock", socket_mode=0o666)
     await migd.start()
@@ -395,6 +401,47 @@ async def test_silent_clients_together_cost_a_bounded_amount_and_readers_are_kep
             client.close()
         if roots_silent is not None:
             roots_silent.close()
+        await migd.stop()
+
+
+async def test_a_client_of_another_uid_reading_a_large_reply_is_not_dropped_for_others(
+    short_dir, monkeypatch
+):
+    """A client that reads holds more than REPLY_PAUSE_BYTES while it reads a large reply
+    (query-fdsets of many fds): it was dropped when silent clients had the daemon over its
+    bound (review, session 15). Only a client that took no bytes for STALL_SECONDS is."""
+    from migd.qmp import server as server_module
+    from migd.qmp.server import REPLY_PAUSE_BYTES
+
+    from .conftest import InProcessDaemon
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to connect as another uid")
+    monkeypatch.setattr(server_module, "DAEMON_REPLY_LIMIT_BYTES", 2 * MiB)
+    short_dir.chmod(0o711)
+    migd = InProcessDaemon(short_dir / "qmp.sock", socket_mode=0o666)
+    await migd.start()
+    server = migd.daemon.server
+    silent = None
+    try:
+        silent = await asyncio.to_thread(RawClient, migd.socket_path)  # root's: never dropped
+        assert "return" in await asyncio.to_thread(silent.execute, "qmp_capabilities")
+        [held] = [s for s in server.sessions if s.negotiated]
+        for _ in range(3):  # the daemon over its (lowered) bound, by a client never dropped
+            held.send(event_message("MIGD_TEST_PAD", {"pad": "x" * MiB}))
+        os.seteuid(65534)
+        try:
+            reader = await migd.client("reader")  # qemu.qmp: reads everything as it comes
+        finally:
+            os.seteuid(0)
+        [reading] = [s for s in server.sessions if s.peer_uid == 65534]
+        server.broadcast_event("MIGD_TEST_PAD", {"pad": "y" * (REPLY_PAUSE_BYTES + MiB // 2)})
+        assert not reading._unsent.dropped
+        assert await reader.execute("query-version")
+        await reader.disconnect()
+    finally:
+        if silent is not None:
+            silent.close()
         await migd.stop()
 
 

@@ -18,7 +18,9 @@ class Throttle:
     # The daemon's cap lives as long as the daemon, and counting from its start, an idle
     # daemon (8 s at 16 MiB/s) let the next jobs send 128 MiB at full speed (red-team,
     # session 15); a channel held up by a slow disk likewise earned a burst over the cap.
-    CREDIT_SECONDS = 0.1
+    # A second's worth: less left parallel channels whose calls take long (remote
+    # storage, 0.3-0.45 s each) waiting for no reason, under the cap.
+    CREDIT_SECONDS = 1.0
 
     def __init__(self, rate: int, parent: Throttle | None = None) -> None:
         self.parent = parent  # a cap shared with other jobs (the daemon's), waited for too

@@ -11,9 +11,10 @@ It reads no more requests while more than REPLY_PAUSE_BYTES of its replies are u
 REPLY_LIMIT_BYTES is dropped: a client that never reads costs a bounded amount of memory.
 So do many: while all sessions' unsent bytes pass DAEMON_REPLY_LIMIT_BYTES, the session
 of another uid than root's or migd's with the most is dropped, if it has more than
-REPLY_PAUSE_BYTES (a client reading its replies drains below that; one that is not,
-holding many MiB, is the one to go). Root's and migd's own clients, the management, are
-never dropped for what others left unread: only their own bound applies to them.
+REPLY_PAUSE_BYTES and took none of them for STALL_SECONDS (a client reading a large
+reply takes bytes all along; one that does not read, holding many MiB, is the one to go).
+Root's and migd's own clients, the management, are never dropped for what others left
+unread: only their own bound applies to them.
 
 Stopping is in two steps, as uvicorn's: `stop_accepting` closes the listener (a connect
 is refused from then on), `close_sessions` ends every session. A closing session reads
@@ -33,6 +34,7 @@ import os
 import socket
 import stat
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -70,6 +72,10 @@ REPLY_LIMIT_BYTES = 16 << 20
 # held about 24 MiB each, as much memory as the machine had (red-team, session 14). Then
 # a client costs at most REPLY_PAUSE_BYTES and the daemon this much beyond.
 DAEMON_REPLY_LIMIT_BYTES = 64 << 20
+# ... but only a client that took none of its bytes for this long: one reading a reply of
+# a few MiB (a query-fdsets of many fds) holds more than REPLY_PAUSE_BYTES while it
+# reads, and was dropped for what silent clients held (review, session 15).
+STALL_SECONDS = 1.0
 # Seconds a closing session's writer gets to send what is queued for its client.
 FLUSH_SECONDS = 2.0
 
@@ -152,6 +158,10 @@ class Session:
     @property
     def unsent_bytes(self) -> int:
         return self._unsent.count
+
+    def stalled(self, now: float) -> bool:
+        """Bytes are waiting and the client took none of them for STALL_SECONDS."""
+        return self._unsent.count > 0 and now - self._unsent.progress >= STALL_SECONDS
 
     def _drop(self, why: str | None = None) -> None:
         """End a client that does not read what it asked for, freeing what it left unread."""
@@ -329,6 +339,7 @@ class _UnsentBytes:
     def __init__(self, total: _DaemonUnsent) -> None:
         self.count = 0
         self.dropped = False
+        self.progress = time.monotonic()  # when the client last took bytes, or had none
         self._total = total
         self._waiting = True
         self._changed = asyncio.Event()
@@ -336,6 +347,8 @@ class _UnsentBytes:
     def add(self, n: int) -> None:
         if self.dropped:
             return
+        if self.count == 0:
+            self.progress = time.monotonic()  # nothing was waiting: the clock starts now
         self.count += n
         self._total.count += n
 
@@ -344,6 +357,7 @@ class _UnsentBytes:
             return
         self.count -= n
         self._total.count -= n
+        self.progress = time.monotonic()
         self._changed.set()
 
     def drop(self) -> None:
@@ -437,8 +451,11 @@ class Server:
         pass DAEMON_REPLY_LIMIT_BYTES; never one holding REPLY_PAUSE_BYTES or less, nor
         one of root's or migd's own uid (else clients of another uid, each holding just
         under REPLY_PAUSE_BYTES, could have management's large replies dropped)."""
+        now = time.monotonic()
         while self.unsent.count > DAEMON_REPLY_LIMIT_BYTES:
-            others = (s for s in self.sessions if not _is_management(s.peer_uid))
+            others = (
+                s for s in self.sessions if not _is_management(s.peer_uid) and s.stalled(now)
+            )
             biggest = max(others, key=lambda s: s.unsent_bytes, default=None)
             if biggest is None or biggest.unsent_bytes <= REPLY_PAUSE_BYTES:
                 return

@@ -149,6 +149,9 @@ class MemoryBackend:
         # saves of it are allowed (state/partial.py).
         self.partial_accepted = False
         self.restores_begun = 0  # restore jobs launched into it: a save's checks see one
+        # What a restore that has not completed left in it (state/partial.py), for memory
+        # with no file of its own to carry the mark.
+        self.partial_restore: str | None = None
         # Its file was created for it (object-add): the claim of paths.open_regular is
         # settled once the backend is registered.
         self.created_file = False

@@ -165,6 +165,7 @@ class PartialMarks:
     def set_all(self, backends: Iterable[MemoryBackend], save_path: str) -> None:
         value = describe(save_path)
         for backend in backends:
+            backend.partial_restore = value
             if self.needs_mark(backend):
                 self.set(backend, value)
 
@@ -172,6 +173,7 @@ class PartialMarks:
         for backend in backends:
             if self.needs_mark(backend):
                 self.clear(backend)
+            backend.partial_restore = None
 
     def check_save(self, backends: Iterable[MemoryBackend]) -> None:
         """A save: refuse a backend whose file a restore left partial (cancelled, failed,
@@ -179,9 +181,11 @@ class PartialMarks:
         mix of old and restored pages would be a whole, verified save of it (red-team,
         session 15: a cancelled restore's backend saved `completed`, verify passed)."""
         for backend in backends:
-            if not self.needs_mark(backend) or backend.partial_accepted:
+            if backend.partial_accepted:
                 continue
-            mark = self.read(backend)
+            # Memory with no file of its own to mark (memory-backend-ram, share=false)
+            # carries its mark in the daemon only: it does not outlive the daemon anyway.
+            mark = self.read(backend) if self.needs_mark(backend) else backend.partial_restore
             if mark is not None:
                 raise MigrationError(
                     f"Memory backend '{backend.id}' holds partial data: its file "
