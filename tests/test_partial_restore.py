@@ -70,6 +70,14 @@ def _restore_under_way(client: RawClient, mem: Path, save: Path) -> bytes:
     return saved
 
 
+def _restore_then_save(client: RawClient, save: Path, again: Path) -> None:
+    """A restore of `save` that completes (clearing any mark), then a save to `again`."""
+    client.ok("migrate-incoming", {"uri": f"file:{save}"})
+    assert client.wait_final()["status"] == "completed"
+    client.ok("migrate", {"uri": f"file:{again}"})
+    assert client.wait_final()["status"] == "completed"
+
+
 def _mark(mem: Path) -> str | None:
     try:
         return os.getxattr(mem, XATTR).decode()
@@ -224,11 +232,8 @@ def test_a_backend_a_cancelled_restore_left_partial_is_not_saved_as_whole(
         again.unlink()
 
         # A completed restore clears the mark: saved like any backend.
-        client.ok("migrate-incoming", {"uri": f"file:{save}"})
-        assert client.wait_final()["status"] == "completed"
+        _restore_then_save(client, save, again)
         assert mem.read_bytes() == saved
-        client.ok("migrate", {"uri": f"file:{again}"})
-        assert client.wait_final()["status"] == "completed"
         client.close()
     finally:
         daemon.stop()
@@ -266,10 +271,7 @@ def test_memory_with_no_file_to_mark_is_not_saved_half_restored_either(
         desc = client.execute("migrate", {"uri": f"file:{again}"})["error"]["desc"]
         assert desc.startswith("Memory backend 'ram0' holds partial data"), desc
         assert not again.exists()
-        client.ok("migrate-incoming", {"uri": f"file:{save}"})
-        assert client.wait_final()["status"] == "completed"
-        client.ok("migrate", {"uri": f"file:{again}"})
-        assert client.wait_final()["status"] == "completed"
+        _restore_then_save(client, save, again)
         client.close()
     finally:
         daemon.stop()
