@@ -269,7 +269,9 @@ def test_memory_with_no_file_to_mark_is_not_saved_half_restored_either(
         client.ok("migrate-set-parameters", {"max-bandwidth": 0})
 
         desc = client.execute("migrate", {"uri": f"file:{again}"})["error"]["desc"]
-        assert desc.startswith("Memory backend 'ram0' holds partial data"), desc
+        assert desc.startswith(
+            f"Memory backend 'ram0' holds partial data, from an interrupted restore of '{save}'"
+        ), desc
         assert not again.exists()
         _restore_then_save(client, save, again)
         client.close()

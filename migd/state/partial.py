@@ -185,13 +185,14 @@ class PartialMarks:
                 continue
             # Memory with no file of its own to mark (memory-backend-ram, share=false)
             # carries its mark in the daemon only: it does not outlive the daemon anyway.
-            mark = self.read(backend) if self.needs_mark(backend) else backend.partial_restore
+            marked = self.needs_mark(backend)
+            mark = self.read(backend) if marked else backend.partial_restore
             if mark is not None:
+                where = f": its file '{backend.file_name}' was left so by" if marked else ", from"
                 raise MigrationError(
-                    f"Memory backend '{backend.id}' holds partial data: its file "
-                    f"'{backend.file_name}' was left so by an interrupted {mark}. A save would "
-                    "keep that mix of old and restored pages as if it were whole; restore "
-                    "into it again first"
+                    f"Memory backend '{backend.id}' holds partial data{where} an interrupted "
+                    f"{mark}. A save would keep that mix of old and restored pages as if it "
+                    "were whole; restore into it again first"
                 )
 
     def check_add(self, backend: MemoryBackend, accept: bool) -> None:
