@@ -405,15 +405,15 @@ MUTANTS = [
     Mutant(
         "management-dropped-for-others-unread-replies",
         "migd/qmp/server.py",
-        "s for s in self.sessions if not _is_management(s.peer_uid) and",
+        "s for s in self.sessions if not is_root_or_migd(s.peer_uid) and",
         "s for s in self.sessions if True and",
         ("tests/test_serving.py::test_silent_clients_together_cost_a_bounded_amount_and_readers_are_kept",),
     ),
     Mutant(
         "reading-client-dropped-for-others-unread-replies",
         "migd/qmp/server.py",
-        "if not _is_management(s.peer_uid) and s.stalled(now)",
-        "if not _is_management(s.peer_uid)",
+        "if not is_root_or_migd(s.peer_uid) and s.stalled(now)",
+        "if not is_root_or_migd(s.peer_uid)",
         ("tests/test_serving.py::"
          "test_a_client_of_another_uid_reading_a_large_reply_is_not_dropped_for_others",),
     ),
@@ -819,7 +819,7 @@ MUTANTS = [
     Mutant(
         "sessions-reserve-open-to-any-uid",
         "migd/qmp/server.py",
-        "                0 if _is_management(uid) else ROOT_RESERVED_SESSIONS\n",
+        "                0 if is_root_or_migd(uid) else ROOT_RESERVED_SESSIONS\n",
         "                0\n",
         ("tests/test_serving.py::"
          "test_the_last_sessions_are_kept_for_root_and_migds_own_clients",),
@@ -827,7 +827,7 @@ MUTANTS = [
     Mutant(
         "files-of-migds-uid-trusted-for-any-client",
         "migd/state/paths.py",
-        "    if peer_uid is None or peer_uid in (0, own):\n",
+        "    if peer_uid is None or is_root_or_migd(peer_uid):\n",
         "    if True:\n",
         ("tests/test_file_ownership.py::"
          "test_a_client_of_another_uid_cannot_reach_another_instances_memory",),

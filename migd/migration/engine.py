@@ -365,6 +365,8 @@ class MigrationEngine:
         if live and updates:
             raise MigrationError("'x-live' and 'x-update' are the two passes: give one")
         # Reads the backends' marks (xattrs, or files in the state directory): a thread.
+        # The file's mark, not only the daemon's `partial_restore`: an xattr left by
+        # another instance's interrupted restore of the same file is seen there alone.
         restores_begun = [b.restores_begun for b in backends]
         await asyncio.to_thread(self.partial.check_save, backends)
         layout = format.plan_save([(b.block_name, b.size) for b in backends], target.offset)

@@ -40,7 +40,12 @@ from typing import Any
 
 from ..errors import ConfigError, FdError, InvalidRequest, MigdError
 from ..state.fdsets import check_room_for_passed_fds
-from ..state.paths import MAX_SOCKET_PATH_BYTES, FileRefused, resolve_trusted
+from ..state.paths import (
+    MAX_SOCKET_PATH_BYTES,
+    FileRefused,
+    is_root_or_migd,
+    resolve_trusted,
+)
 from .wire import (
     MessageSplitter,
     Refused,
@@ -320,11 +325,6 @@ class Session:
                 self._close_pending_fds()
 
 
-def _is_management(uid: int | None) -> bool:
-    """A client of root's or migd's own uid: the ones the reserves are kept for."""
-    return uid in (0, os.geteuid())
-
-
 class _DaemonUnsent:
     """All sessions' unsent bytes together."""
 
@@ -417,7 +417,7 @@ class Server:
             except OSError:
                 pid = uid = gid = -1
             if len(self.sessions) >= MAX_SESSIONS - (
-                0 if _is_management(uid) else ROOT_RESERVED_SESSIONS
+                0 if is_root_or_migd(uid) else ROOT_RESERVED_SESSIONS
             ):
                 sock.close()
                 self._refused += 1
@@ -454,7 +454,7 @@ class Server:
         now = time.monotonic()
         while self.unsent.count > DAEMON_REPLY_LIMIT_BYTES:
             others = (
-                s for s in self.sessions if not _is_management(s.peer_uid) and s.stalled(now)
+                s for s in self.sessions if not is_root_or_migd(s.peer_uid) and s.stalled(now)
             )
             biggest = max(others, key=lambda s: s.unsent_bytes, default=None)
             if biggest is None or biggest.unsent_bytes <= REPLY_PAUSE_BYTES:

@@ -136,9 +136,15 @@ def trusted_owners(peer_uid: int | None = None) -> frozenset[int]:
     given to it (open_regular), and are its own to use again.
     """
     own = os.geteuid()
-    if peer_uid is None or peer_uid in (0, own):
+    if peer_uid is None or is_root_or_migd(peer_uid):
         return frozenset({own} | ({peer_uid} if peer_uid is not None else set()))
     return frozenset({peer_uid})
+
+
+def is_root_or_migd(uid: int | None) -> bool:
+    """A uid that is root's or migd's own: its clients are the management's (the QMP
+    server keeps reserves for them), its files every instance's (trusted_owners)."""
+    return uid in (0, os.geteuid())
 
 
 def refuse_directory_name(path: str) -> None:
@@ -410,7 +416,6 @@ def open_regular(
                     f"'{path}' changed into a symbolic link while migd opened it"
                 ) from None
             raise
-    st = None
     try:
         if created:
             # Fails only if another request opened the new file before this lock: then
@@ -425,8 +430,8 @@ def open_regular(
             _check_claimable(path, fd)
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
     except BaseException:
-        if created and st is not None and _claim(fd, fcntl.F_WRLCK):
-            _unlink_if_same(real, st)
+        if created:
+            remove_created(real, fd)
         os.close(fd)
         raise
     return fd, created
