@@ -959,6 +959,15 @@ MUTANTS = [
         ("tests/test_save_staging.py::"
          "test_a_memory_file_whose_data_starts_pages_in_saves_staged_and_restores_verified",),
     ),
+    Mutant(
+        "silent-clients-under-the-pause-bound-never-dropped",
+        "migd/qmp/server.py",
+        "            if biggest is None:\n                return\n",
+        "            if biggest is None or biggest.unsent_bytes <= REPLY_PAUSE_BYTES:\n"
+        "                return\n",
+        ("tests/test_serving.py::"
+         "test_many_silent_clients_each_under_the_pause_bound_are_bounded_together",),
+    ),
 ]  # fmt: skip
 
 

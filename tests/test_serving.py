@@ -318,6 +318,59 @@ async def test_a_client_whose_unread_events_pass_the_bound_is_dropped(migd_inpro
     client.close()
 
 
+async def test_many_silent_clients_each_under_the_pause_bound_are_bounded_together(
+    short_dir, monkeypatch
+):
+    """Clients of another uid that read nothing, each holding less than
+    REPLY_PAUSE_BYTES, are dropped too while all unsent bytes pass the daemon's bound:
+    only those over it were, so a thousand of them each just under it held about 1 GiB
+    (session 15's note). The bound is lowered here so that a dozen clients show it."""
+    from migd.qmp import server as server_module
+    from migd.qmp.server import REPLY_PAUSE_BYTES
+
+    from .conftest import InProcessDaemon
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to connect as another uid")
+    limit = 4 * MiB
+    monkeypatch.setattr(server_module, "DAEMON_REPLY_LIMIT_BYTES", limit)
+    monkeypatch.setattr(server_module, "STALL_SECONDS", 0.0)  # silent from the start
+    short_dir.chmod(0o711)
+    migd = InProcessDaemon(short_dir / "qmp.sock", socket_mode=0o666)
+    await migd.start()
+    server = migd.daemon.server
+    silent = []
+    try:
+        reader = await migd.client("reader")  # root's, reads every event as it comes
+        [reading] = [s for s in server.sessions if s.negotiated]
+        os.seteuid(65534)
+        try:
+            for _ in range(12):
+                silent.append(await asyncio.to_thread(RawClient, migd.socket_path))
+        finally:
+            os.seteuid(0)
+        for client in silent:
+            assert "return" in await asyncio.to_thread(client.execute, "qmp_capabilities")
+        sessions = [s for s in server.sessions if s.peer_uid == 65534]
+        assert len(sessions) == len(silent)
+        pad = "x" * (64 * 1024)
+        deadline = time.monotonic() + 60
+        for _ in range((REPLY_PAUSE_BYTES - 128 * 1024) // len(pad)):
+            server.broadcast_event("MIGD_TEST_PAD", {"pad": pad})
+            assert server.unsent.count <= limit
+            await _drained(reading, deadline)
+        kept = [s for s in sessions if not s._unsent.dropped]
+        assert len(kept) < len(sessions), "no client dropped: together they passed the bound"
+        assert all(s.unsent_bytes < REPLY_PAUSE_BYTES for s in sessions)  # each under it
+        assert not reading._unsent.dropped
+        assert await reader.execute("query-version")
+        await reader.disconnect()
+    finally:
+        for client in silent:
+            client.close()
+        await migd.stop()
+
+
 async def _drained(session, deadline: float) -> None:
     """Wait until a reading client has been sent everything queued for it."""
     while session.unsent_bytes:

@@ -10,9 +10,9 @@ It reads no more requests while more than REPLY_PAUSE_BYTES of its replies are u
 (the client is not reading them), and a client whose unsent replies and events pass
 REPLY_LIMIT_BYTES is dropped: a client that never reads costs a bounded amount of memory.
 So do many: while all sessions' unsent bytes pass DAEMON_REPLY_LIMIT_BYTES, the session
-of another uid than root's or migd's with the most is dropped, if it has more than
-REPLY_PAUSE_BYTES and took none of them for STALL_SECONDS (a client reading a large
-reply takes bytes all along; one that does not read, holding many MiB, is the one to go).
+of another uid than root's or migd's with the most is dropped, if it took none of them
+for STALL_SECONDS (a client reading a large reply takes bytes all along; one that does
+not read is the one to go, the one holding the most first).
 Root's and migd's own clients, the management, are never dropped for what others left
 unread: only their own bound applies to them.
 
@@ -75,7 +75,7 @@ REPLY_LIMIT_BYTES = 16 << 20
 # ... and, across all sessions, drop the ones holding the most past this: a thousand
 # silent clients each asking once for a 20 MB query-fdsets (or left with 16 MiB of events)
 # held about 24 MiB each, as much memory as the machine had (red-team, session 14). Then
-# a client costs at most REPLY_PAUSE_BYTES and the daemon this much beyond.
+# the clients that read nothing cost the daemon at most this much together.
 DAEMON_REPLY_LIMIT_BYTES = 64 << 20
 # ... but only a client that took none of its bytes for this long: one reading a reply of
 # a few MiB (a query-fdsets of many fds) holds more than REPLY_PAUSE_BYTES while it
@@ -448,16 +448,20 @@ class Server:
 
     def enforce_reply_budget(self) -> None:
         """Drop the sessions holding the most unsent bytes while all of them together
-        pass DAEMON_REPLY_LIMIT_BYTES; never one holding REPLY_PAUSE_BYTES or less, nor
-        one of root's or migd's own uid (else clients of another uid, each holding just
-        under REPLY_PAUSE_BYTES, could have management's large replies dropped)."""
+        pass DAEMON_REPLY_LIMIT_BYTES: sessions of another uid than root's or migd's
+        (else clients of another uid, each holding a little, could have management's
+        large replies dropped) that took none of their bytes for STALL_SECONDS, whatever
+        they hold. Bytes are unsent here only once the kernel's socket buffer is full, so
+        such a client left a buffer's worth unread for a second: a thousand of them each
+        holding just under REPLY_PAUSE_BYTES, never dropped before, held about 1 GiB
+        (session 15's note)."""
         now = time.monotonic()
         while self.unsent.count > DAEMON_REPLY_LIMIT_BYTES:
             others = (
                 s for s in self.sessions if not is_root_or_migd(s.peer_uid) and s.stalled(now)
             )
             biggest = max(others, key=lambda s: s.unsent_bytes, default=None)
-            if biggest is None or biggest.unsent_bytes <= REPLY_PAUSE_BYTES:
+            if biggest is None:
                 return
             biggest._drop(
                 f"{biggest.unsent_bytes} bytes of replies and events left unread while "
