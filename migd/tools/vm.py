@@ -709,6 +709,7 @@ async def _save(
     migd_fdsets: list[int] = []
     migd_fdset: int | None = None
     settings = QemuMigration(qemu)
+    resumes: Any = None  # QEMU's RESUME events from the stop on (_watch_resumes)
     was_running, stopped, done = False, False, False
     t = opts.timings
     try:
@@ -761,6 +762,9 @@ async def _save(
         if interrupt.event.is_set():
             raise ClientError("interrupted before the VM was stopped")
 
+        # A cont by another client of this QEMU from here on would let the guest write
+        # RAM that migd copies after QEMU wrote the device state: watched until the end.
+        resumes = _watch_resumes(qemu)
         # The guest stops: from here on its downtime counts.
         t["start"] = time.monotonic()
         if was_running:
@@ -788,6 +792,7 @@ async def _save(
         await ram_job(migd, interrupt, opts, "save", ram_job_id, migd_ids,
                       f"{ram_uri}{ram_at}", direct_io, err,
                       {"x-update": True} if update else None)  # fmt: skip
+        await _check_still_stopped(qemu, resumes)
         t["ram"] = time.monotonic()
         ram = _ram_part_info(tmp, fd, ram_at)
         size = os.fstat(fd).st_size
@@ -818,6 +823,8 @@ async def _save(
     except OSError as exc:
         raise ClientError(f"{image}: {exc.strerror or exc}") from None
     finally:
+        if resumes is not None:
+            qemu.remove_listener(resumes)
         for ram_fd in ram_fds.values():
             os.close(ram_fd)
         if device_fd >= 0:
@@ -857,6 +864,29 @@ async def _save(
         after = opts.after if resumed else "pause"
         _print_save_summary(image, header, t, after, out)
     return 0 if resumed else 1
+
+
+def _watch_resumes(qemu: Any) -> Any:
+    """A listener of QEMU's RESUME events on this connection (QEMU sends every event to
+    every monitor): a `cont` of another client of this QEMU shows here."""
+    from qemu.qmp import EventListener
+
+    listener = EventListener("RESUME")
+    qemu.register_listener(listener)
+    return listener
+
+
+async def _check_still_stopped(qemu: Any, resumes: Any) -> None:
+    """After migd's RAM part: the guest must not have run since the stop, or the RAM
+    copied after QEMU's device state would not match it (torn). QEMU answers after the
+    events it sent before, so a RESUME before this query-status is in `resumes` by now."""
+    state = await run_state(qemu)
+    if state == "running" or not resumes.empty():
+        raise ClientError(
+            "the VM was resumed during the save (a cont by another client of this QEMU?): "
+            "its RAM was copied while it ran, and would not match its device state; "
+            "the image is not written"
+        )
 
 
 async def _resume_after_failure(qemu: Any, err: TextIO) -> None:

@@ -1,0 +1,56 @@
+"""`migd vm save` / `vm restore` red-team, session 15: another QMP client of the same
+QEMU, a QEMU whose device state fails to load after the RAM landed, an image with bytes
+appended (docs/vm-image.md). Real QEMU processes, a real migd daemon."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from migd.tools import vm
+from migd.tools.client import ClientError
+
+from .conftest import DaemonProcess, fill_random
+from .qemu_vm import QemuVM, requires_qemu
+from .test_vm import INCOMING, SIZE, _options, qemu_args, status, vm_cli
+
+pytestmark = requires_qemu
+
+
+@pytest.fixture
+def setup(short_dir: Path, shm: Path, daemon: DaemonProcess) -> dict[str, Path]:
+    return {"dir": short_dir, "ram": shm / "guest-ram", "image": short_dir / "vm.img"}
+
+
+async def test_a_guest_another_client_resumes_during_the_save_gives_no_image(
+    daemon: DaemonProcess, setup: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """QEMU's monitor is not migd's alone (libvirt, a second -qmp, another `vm save
+    --resume` finishing): a `cont` from elsewhere after the stop lets the guest write
+    its RAM while migd copies it. The image would hold RAM torn against the device state
+    QEMU wrote before; the save must fail, the old image kept."""
+    ram, d, image = setup["ram"], setup["dir"], setup["image"]
+    image.write_bytes(b"the previous image")
+    fill_random(ram, SIZE, seed=31)
+    original = vm.ram_job
+
+    async with QemuVM(qemu_args(ram, d / "a-cli.sock"), d, name="a") as qemu:
+
+        async def resumed_then_ram(*args: Any, **kwargs: Any) -> None:
+            await qemu.cmd("cont")  # another client of this QEMU
+            with open(ram, "r+b") as f:  # what the running guest then writes
+                f.seek(SIZE // 2)
+                f.write(b"written by the guest after the stop")
+            await original(*args, **kwargs)
+
+        monkeypatch.setattr(vm, "ram_job", resumed_then_ram)
+        err = io.StringIO()
+        with pytest.raises(ClientError, match="resumed during the save"):
+            await vm.run_vm_save(_options(daemon, d / "a-cli.sock", image), io.StringIO(), err)
+        assert await status(qemu) == "running"
+    assert image.read_bytes() == b"the previous image"
+    assert not list(d.glob(".*migd-vm-tmp"))
+
