@@ -54,3 +54,27 @@ async def test_a_guest_another_client_resumes_during_the_save_gives_no_image(
     assert image.read_bytes() == b"the previous image"
     assert not list(d.glob(".*migd-vm-tmp"))
 
+
+async def test_a_device_state_qemu_fails_to_load_after_the_ram_landed_leaves_it_stopped(
+    daemon: DaemonProcess, setup: dict[str, Path]
+) -> None:
+    """The image's RAM is restored, then QEMU refuses its device state (a device the
+    saved VM had and this QEMU lacks): the restore fails naming QEMU's reason, and the
+    guest is not started on RAM without its CPU and device state."""
+    ram, d, image = setup["ram"], setup["dir"], setup["image"]
+    fill_random(ram, SIZE, seed=32)
+    extra = ("-device", "i6300esb")
+    async with QemuVM(qemu_args(ram, d / "a-cli.sock", extra=extra), d, name="a"):
+        vm_cli(daemon, d / "a-cli.sock", "save", "--quit", str(image))
+        saved = ram.read_bytes()
+    fill_random(ram, SIZE, seed=33)
+    async with QemuVM(qemu_args(ram, d / "b-cli.sock", extra=INCOMING), d, name="b") as qemu:
+        result = vm_cli(daemon, d / "b-cli.sock", "restore", str(image), check=False)
+        assert result.returncode == 1
+        # The image, QEMU's reason, and what state that leaves: QEMU's own text alone
+        # ("load of migration failed: Invalid argument") named neither.
+        assert f"QEMU could not load the device state of '{image}'" in result.stderr
+        assert "Invalid argument" in result.stderr
+        assert "the VM was not started" in result.stderr, result.stderr
+        assert await status(qemu) == "inmigrate"
+        assert ram.read_bytes() == saved  # the RAM part landed whole, checked

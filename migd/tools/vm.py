@@ -1010,6 +1010,21 @@ def match_guest(
         )
 
 
+async def _load_device_state(qemu: Any, image: str, uri: str) -> None:
+    """QEMU loads its part, after the RAM. Its own error ("load of migration failed:
+    Invalid argument") names neither the image nor what the failure leaves; the detail
+    ("Unknown savevm section ...") is only in QEMU's output."""
+    try:
+        await qemu_execute(qemu, "migrate-incoming", {"uri": uri, "exit-on-error": False})
+        await wait_qemu_migration(qemu, "device-state load")
+    except ClientError as exc:
+        raise ClientError(
+            f"QEMU could not load the device state of '{image}' ({exc}); QEMU's own output "
+            "says why (often a device the saved VM had that this QEMU lacks): the RAM is "
+            "restored, the VM was not started"
+        ) from None
+
+
 async def run_vm_restore(opts: VmOptions, out: TextIO, err: TextIO) -> int:
     # SIGINT/SIGTERM end the wait at hand, and the cleanup after it is not cut short.
     with _interruptible(opts.qemu_timeout) as interrupt:
@@ -1077,12 +1092,7 @@ async def _restore(opts: VmOptions, out: TextIO, err: TextIO, interrupt: _Interr
                       f"file:/dev/fdset/{migd_fdset},offset={header.ram.offset}",
                       direct_io, err)  # fmt: skip
         t["ram"] = time.monotonic()
-        await qemu_execute(
-            qemu,
-            "migrate-incoming",
-            {"uri": f"file:{uri_path},offset={header.device.offset}", "exit-on-error": False},
-        )
-        await wait_qemu_migration(qemu, "device-state load")
+        await _load_device_state(qemu, image, f"file:{uri_path},offset={header.device.offset}")
         t["device"] = time.monotonic()
         if not opts.paused:
             # Not ended by Ctrl-C: a cont QEMU carried out but answered late would be
