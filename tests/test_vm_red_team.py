@@ -5,6 +5,8 @@ appended (docs/vm-image.md). Real QEMU processes, a real migd daemon."""
 from __future__ import annotations
 
 import io
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ from migd.tools.client import ClientError
 
 from .conftest import DaemonProcess, fill_random
 from .qemu_vm import QemuVM, requires_qemu
-from .test_vm import INCOMING, SIZE, _options, qemu_args, status, vm_cli
+from .test_vm import INCOMING, SIZE, _options, ignore_shared, qemu_args, status, vm_cli
 
 pytestmark = requires_qemu
 
@@ -78,3 +80,37 @@ async def test_a_device_state_qemu_fails_to_load_after_the_ram_landed_leaves_it_
         assert "the VM was not started" in result.stderr, result.stderr
         assert await status(qemu) == "inmigrate"
         assert ram.read_bytes() == saved  # the RAM part landed whole, checked
+
+
+async def test_ctrl_c_while_qemu_writes_its_part_cancels_it_and_puts_the_settings_back(
+    daemon: DaemonProcess, setup: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C while QEMU writes the device state (256 MiB of video RAM: long enough to be
+    caught in it). The interrupt ended the query-migrate in flight, so the migrate_cancel
+    after it was never sent: QEMU's migration ran on under a guest said to "run again"
+    (and would stop it when it completed), and QEMU, mid-migration, refused the settings
+    put back: x-ignore-shared stayed on for the guest's next live migration."""
+    ram, d, image = setup["ram"], setup["dir"], setup["image"]
+    fill_random(ram, SIZE, seed=34)
+    original = vm.wait_qemu_migration
+
+    async def ctrl_c_then_wait(qemu: Any, what: str, *args: Any) -> Any:
+        os.kill(os.getpid(), signal.SIGINT)  # taken by the save's own handler
+        return await original(qemu, what, *args)
+
+    monkeypatch.setattr(vm, "wait_qemu_migration", ctrl_c_then_wait)
+    extra = ("-device", "VGA,vgamem_mb=256")
+    async with QemuVM(qemu_args(ram, d / "a-cli.sock", extra=extra), d, name="a") as qemu:
+        await qemu.cmd("migrate-set-parameters", {"max-bandwidth": 12345678})
+        err = io.StringIO()
+        with pytest.raises(ClientError, match=r"interrupted \(Ctrl-C or SIGTERM\)"):
+            await vm.run_vm_save(_options(daemon, d / "a-cli.sock", image), io.StringIO(), err)
+        assert "the VM runs again" in err.getvalue()
+        info = await qemu.wait_migration()
+        # Cancelled (here in 6 of 6 runs), or completed just before the cancel came.
+        assert info["status"] in ("cancelled", "completed"), info
+        assert await status(qemu) == "running"  # also now that QEMU's migration ended
+        assert not await ignore_shared(qemu)
+        params = await qemu.cmd("query-migrate-parameters")
+        assert params["max-bandwidth"] == 12345678
+    assert not image.exists() and not list(d.glob(".*migd-vm-tmp"))

@@ -72,6 +72,7 @@ CLEANUP_TIMEOUT = 5.0  # for the commands that undo a failed save (cont, setting
 # is a few MiB; anything near this is not a device state worth copying during the downtime.
 MAX_DEVICE_STATE = 1 << 30
 QEMU_STREAM_MAGIC = b"QEVM"  # QEMU_VM_FILE_MAGIC: the first bytes of every QEMU stream
+_QEMU_ENDED = ("completed", "failed", "cancelled")  # QEMU's final migration states
 JOB_POLL = 0.1  # progress polls of migd's job; its end comes as an event, at once
 
 
@@ -329,20 +330,23 @@ class QemuMigration:
 
     async def restore(self) -> None:
         """Put QEMU's settings back and drop the fd; best effort (the VM may be gone)."""
-        with contextlib.suppress(ClientError):
-            if self.fdset is not None:
-                fdset, self.fdset = self.fdset, None
+        # Each on its own: a refused remove-fd must not leave x-ignore-shared on.
+        if self.fdset is not None:
+            fdset, self.fdset = self.fdset, None
+            with contextlib.suppress(ClientError):
                 await qemu_execute(self.qemu, "remove-fd", {"fdset-id": fdset}, cleanup=True)
-            back = [
-                {"capability": name, "state": state}
-                for name, state in self.saved_caps.items()
-                if state != self.CAPS[name]
-            ]
-            if back:
+        back = [
+            {"capability": name, "state": state}
+            for name, state in self.saved_caps.items()
+            if state != self.CAPS[name]
+        ]
+        if back:
+            with contextlib.suppress(ClientError):
                 await qemu_execute(
                     self.qemu, "migrate-set-capabilities", {"capabilities": back}, cleanup=True
                 )
-            if self.saved_bandwidth is not None:
+        if self.saved_bandwidth is not None:
+            with contextlib.suppress(ClientError):
                 await qemu_execute(
                     self.qemu,
                     "migrate-set-parameters",
@@ -358,24 +362,43 @@ async def wait_qemu_migration(
     is interrupted (then QEMU is asked to cancel it)."""
     deadline = time.monotonic() + limit
     while True:
-        info = expect(await qemu_execute(qemu, "query-migrate"), dict, "reply to query-migrate")
+        if _interrupted():
+            await _cancel_qemu_migration(qemu)
+            raise ClientError(f"QEMU's {what} interrupted (Ctrl-C or SIGTERM): cancelled")
+        try:
+            info = expect(await qemu_execute(qemu, "query-migrate"), dict, "reply to query-migrate")
+        except ClientError:
+            # A Ctrl-C ends this query too: it must still reach migrate_cancel above (it
+            # did not, and QEMU's migration ran on under a guest said to run again).
+            if _interrupted() and qemu not in _SILENT:
+                continue
+            raise
         status = info.get("status")
         if status == "completed":
             return dict(info)
         if status in ("failed", "cancelled"):
             reason = info.get("error-desc", "no reason given")
             raise ClientError(f"QEMU {what} {status}: {reason}")
-        late = time.monotonic() > deadline
-        if late or _interrupted():
-            with contextlib.suppress(ClientError):
-                await qemu_execute(qemu, "migrate_cancel", cleanup=True)
-            if late:
-                raise ClientError(
-                    f"QEMU's {what} did not end within {limit:g} s (status {status!r}): "
-                    "cancelled"
-                )
-            raise ClientError(f"QEMU's {what} interrupted (Ctrl-C or SIGTERM): cancelled")
+        if time.monotonic() > deadline:
+            await _cancel_qemu_migration(qemu)
+            raise ClientError(
+                f"QEMU's {what} did not end within {limit:g} s (status {status!r}): cancelled"
+            )
         await asyncio.sleep(QEMU_POLL)
+
+
+async def _cancel_qemu_migration(qemu: Any) -> None:
+    """migrate_cancel, then wait (CLEANUP_TIMEOUT at most) until the migration has
+    ended: while it is `cancelling` QEMU refuses the settings put back after it, and one
+    left running stops the guest when it completes, after a `cont`. Best effort."""
+    deadline = time.monotonic() + CLEANUP_TIMEOUT
+    with contextlib.suppress(ClientError):
+        await qemu_execute(qemu, "migrate_cancel", cleanup=True)
+        while time.monotonic() < deadline:
+            info = await qemu_execute(qemu, "query-migrate", cleanup=True)
+            if not isinstance(info, dict) or info.get("status") in _QEMU_ENDED:
+                return
+            await asyncio.sleep(QEMU_POLL)
 
 
 # --- migd ------------------------------------------------------------------------------------
