@@ -114,3 +114,44 @@ async def test_ctrl_c_while_qemu_writes_its_part_cancels_it_and_puts_the_setting
         params = await qemu.cmd("query-migrate-parameters")
         assert params["max-bandwidth"] == 12345678
     assert not image.exists() and not list(d.glob(".*migd-vm-tmp"))
+
+
+@pytest.mark.parametrize("planted", ["owner", "mode", "hard link", "link"])
+async def test_an_image_another_user_could_have_planted_is_refused_by_vm_restore(
+    daemon: DaemonProcess, setup: dict[str, Path], planted: str
+) -> None:
+    """`migd restore` refuses a save file another local user owns or can write, a second
+    hard link, a link of theirs (README, Trust model): the file's RAM and, here, QEMU's
+    device state would be theirs to choose. `migd vm restore` opens IMAGE itself, as root,
+    and passed migd an fd, so none of that was checked: a VM image planted in /tmp by
+    `nobody` was restored into the guest."""
+    ram, d, image = setup["ram"], setup["dir"], setup["image"]
+    fill_random(ram, SIZE, seed=35)
+    async with QemuVM(qemu_args(ram, d / "a-cli.sock"), d, name="a"):
+        vm_cli(daemon, d / "a-cli.sock", "save", "--quit", str(image))
+    named = image
+    if planted == "owner":
+        os.chown(image, 65534, 65534)
+        text = "is owned by uid 65534"
+    elif planted == "mode":
+        image.chmod(0o666)
+        text = "is writable by group or others"
+    elif planted == "hard link":
+        os.link(image, d / "second-name")
+        text = "has 2 hard links"
+    else:  # nobody's link, in a sticky directory all may write (as /tmp), to root's image
+        shared = d / "shared"
+        shared.mkdir()
+        shared.chmod(0o1777)
+        named = shared / "vm.img"
+        named.symlink_to(image)
+        os.chown(named, 65534, 65534, follow_symlinks=False)
+        text = "is a symbolic link owned by uid 65534"
+    fill_random(ram, SIZE, seed=36)
+    before = ram.read_bytes()
+    async with QemuVM(qemu_args(ram, d / "b-cli.sock", extra=INCOMING), d, name="b") as qemu:
+        result = vm_cli(daemon, d / "b-cli.sock", "restore", str(named), check=False)
+        assert result.returncode == 1
+        assert f"'{named}' {text}" in result.stderr, result.stderr
+        assert ram.read_bytes() == before
+        assert await status(qemu) == "inmigrate"

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from .. import __version__
+from ..state import paths
 from . import vm_image
 from .client import (
     ClientError,
@@ -1054,17 +1055,29 @@ async def run_vm_restore(opts: VmOptions, out: TextIO, err: TextIO) -> int:
         return await _restore(opts, out, err, interrupt)
 
 
+def _open_image(image: str) -> int:
+    """IMAGE, read-only, under the rules migd applies to a restore file named by path
+    (state/paths.py; README, Trust model): a regular file, not another local user's, not
+    writable by others, one link, no link of theirs on the way. migd does not check the fd
+    the CLI passes it (the client holds it already), so the CLI, often root, must: an image
+    planted in /tmp by `nobody` was restored, its RAM and QEMU's device state theirs."""
+    try:
+        fd, _ = paths.open_regular(
+            image, os.O_RDONLY | os.O_CLOEXEC, create=False, owners=paths.trusted_owners()
+        )
+    except paths.FileRefused as exc:  # its text names the file
+        raise ClientError(f"cannot restore: {exc}") from None
+    except OSError as exc:
+        raise ClientError(f"cannot open {image}: {exc.strerror}") from None
+    return fd
+
+
 async def _restore(opts: VmOptions, out: TextIO, err: TextIO, interrupt: _Interrupt) -> int:
     # The guest is down all along: its downtime counts from here, checks included.
     t = opts.timings
     t["start"] = time.monotonic()
     image = os.path.abspath(opts.image)
-    try:
-        fd = open_regular(image)
-    except OSError as exc:
-        raise ClientError(f"cannot open {image}: {exc.strerror}") from None
-    except InspectError as exc:
-        raise ClientError(f"cannot restore from {image}: {exc}") from None
+    fd = _open_image(image)
     qemu = migd = None
     settings: QemuMigration | None = None
     ram_fds: dict[str, int] = {}
