@@ -7,12 +7,14 @@ from __future__ import annotations
 import io
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from migd.tools import vm
+from migd.tools import vm, vm_image
 from migd.tools.client import ClientError
 
 from .conftest import DaemonProcess, fill_random
@@ -155,3 +157,26 @@ async def test_an_image_another_user_could_have_planted_is_refused_by_vm_restore
         assert f"'{named}' {text}" in result.stderr, result.stderr
         assert ram.read_bytes() == before
         assert await status(qemu) == "inmigrate"
+
+
+@pytest.mark.parametrize("flags", [(), ("--live",), ("--live", "first pass only")])
+async def test_inspect_of_a_save_killed_before_its_header_says_the_save_did_not_finish(
+    daemon: DaemonProcess, setup: dict[str, Path], flags: tuple[str, ...]
+) -> None:
+    """A `vm save` killed before its header leaves its temporary file: both parts (or
+    a live save's first RAM pass alone), and zeros where the header goes. `vm restore`
+    says the save did not finish; `migd inspect` said only "not a QEMU/migd save file
+    (no QEVM magic at offset 0)"."""
+    cut = vm_image.LIVE_RAM_OFFSET if "first pass only" in flags else vm_image.HEADER_AREA
+    flags = tuple(f for f in flags if f.startswith("--"))
+    ram, d, image = setup["ram"], setup["dir"], setup["image"]
+    fill_random(ram, SIZE, seed=37)
+    async with QemuVM(qemu_args(ram, d / "a-cli.sock"), d, name="a"):
+        vm_cli(daemon, d / "a-cli.sock", "save", "--quit", *flags, str(image))
+    with open(image, "r+b") as f:
+        f.write(bytes(cut))
+    result = subprocess.run([sys.executable, "-m", "migd", "inspect", str(image)],
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 1
+    assert "migd VM image, UNUSABLE" in result.stdout, result
+    assert "no image header: the save that wrote it did not finish" in result.stderr

@@ -1179,7 +1179,7 @@ def describe(path: str) -> dict[str, Any] | None:
     (a plain save file)."""
     fd = open_regular(path)
     try:
-        if not vm_image.is_image(fd):
+        if not (vm_image.is_image(fd) or vm_image.is_unfinished(fd)):
             return None
         try:
             header = vm_image.read_header(fd, path)
