@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 
 from migd.tools import vm, vm_image
-from migd.tools.client import ClientError
+from migd.tools.client import ClientError, _disconnect, _execute, connect
 
-from .conftest import DaemonProcess, fill_random
+from .conftest import DaemonProcess, fill_random, poll_until
 from .qemu_vm import QemuVM, requires_qemu
-from .test_vm import INCOMING, SIZE, _options, ignore_shared, qemu_args, status, vm_cli
+from .test_vm import INCOMING, SIZE, MiB, _options, ignore_shared, qemu_args, status, vm_cli
 
 pytestmark = requires_qemu
 
@@ -180,3 +180,35 @@ async def test_inspect_of_a_save_killed_before_its_header_says_the_save_did_not_
     assert result.returncode == 1
     assert "migd VM image, UNUSABLE" in result.stdout, result
     assert "no image header: the save that wrote it did not finish" in result.stderr
+
+
+@pytest.mark.parametrize("during", ["live pass", "ram part"])
+async def test_a_killed_vm_save_leaves_qemu_without_x_ignore_shared(
+    daemon: DaemonProcess, setup: dict[str, Path], during: str
+) -> None:
+    """SIGKILL of `vm save` (OOM killer, a killed ssh session's process group) cannot be
+    cleaned up after. QEMU's settings for its part were set before the live pass and put
+    back only at the very end: a guest whose save was killed while it ran kept
+    x-ignore-shared, and its next live migration (libvirt's, to another host) would leave
+    its RAM behind. They are now set just before the stop and put back as soon as QEMU's
+    part is written: milliseconds of the downtime, not the whole RAM copy."""
+    ram, d, image = setup["ram"], setup["dir"], setup["image"]
+    size = 256 * MiB
+    fill_random(ram, size, seed=38)
+    flags = ("--live",) if during == "live pass" else ()
+    migd = await connect(str(daemon.socket_path))
+    try:
+        async with QemuVM(qemu_args(ram, d / "a-cli.sock", size), d, name="a") as qemu:
+            cmd = [sys.executable, "-m", "migd", "vm", "save", "--qmp", str(d / "a-cli.sock"),
+                   "--socket", str(daemon.socket_path), "-q", *flags, str(image)]  # fmt: skip
+            cli = subprocess.Popen(cmd, stderr=subprocess.PIPE)
+            try:
+                jobs = await poll_until(lambda: _execute(migd, "query-jobs"), bool, "migd's job")
+            finally:
+                cli.kill()
+                cli.communicate()
+            assert jobs[0]["id"].endswith("-live") == (during == "live pass")
+            assert await status(qemu) == ("running" if during == "live pass" else "postmigrate")
+            assert not await ignore_shared(qemu)
+    finally:
+        await _disconnect(migd)

@@ -354,6 +354,9 @@ class QemuMigration:
                     {"max-bandwidth": self.saved_bandwidth},
                     cleanup=True,
                 )
+        # Put back once: a save does so as soon as QEMU's part is written, and its
+        # cleanup must not set them again.
+        self.saved_caps, self.saved_bandwidth = {}, None
 
 
 async def wait_qemu_migration(
@@ -763,16 +766,6 @@ async def _save(
         # A live save's passes read the file too; its fallback to a whole save writes.
         accesses = [os.O_RDWR, os.O_WRONLY] if opts.live else [os.O_WRONLY]
         migd_fdset = await pass_image_to_migd(migd, fd, accesses, direct_io, "migd vm save")
-        await settings.set_up(incoming=False)
-        # QEMU writes its part into memory first (it truncates the file it is given,
-        # which would cut off a RAM part written before it); it is copied in after.
-        device_fd = os.memfd_create("migd-vm-device-state", os.MFD_CLOEXEC)
-        # QEMU opens the fdset's fd write-only: it looks for one with those flags.
-        qemu_fd = os.open(f"/proc/self/fd/{device_fd}", os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            uri_path = await settings.add_fd(qemu_fd, "migd vm save")
-        finally:
-            os.close(qemu_fd)
         was_running = state == "running"
         ram_uri = f"file:/dev/fdset/{migd_fdset},offset="
         ram_job_id = f"vm-save-{tag}"
@@ -785,6 +778,19 @@ async def _save(
                           {"x-live": True})  # fmt: skip
         if interrupt.event.is_set():
             raise ClientError("interrupted before the VM was stopped")
+        # QEMU's settings for its part, for as short a time as can be: a killed save
+        # (SIGKILL: nothing puts them back) left x-ignore-shared on a guest that ran on
+        # through the live pass, for its next live migration to leave its RAM behind.
+        await settings.set_up(incoming=False)
+        # QEMU writes its part into memory first (it truncates the file it is given,
+        # which would cut off a RAM part written before it); it is copied in after.
+        device_fd = os.memfd_create("migd-vm-device-state", os.MFD_CLOEXEC)
+        # QEMU opens the fdset's fd write-only: it looks for one with those flags.
+        qemu_fd = os.open(f"/proc/self/fd/{device_fd}", os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            uri_path = await settings.add_fd(qemu_fd, "migd vm save")
+        finally:
+            os.close(qemu_fd)
 
         # A cont by another client of this QEMU from here on would let the guest write
         # RAM that migd copies after QEMU wrote the device state: watched until the end.
@@ -799,6 +805,7 @@ async def _save(
         await qemu_execute(qemu, "migrate", {"uri": f"file:{uri_path}"})
         await wait_qemu_migration(qemu, "device-state save")
         t["device"] = time.monotonic()
+        await settings.restore()  # QEMU's part is written: nothing else needs them
         device = _copy_device_state(device_fd, fd)
         os.close(device_fd)
         device_fd = -1
