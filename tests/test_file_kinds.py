@@ -122,7 +122,7 @@ async def test_a_directory_as_restore_source_is_refused(qmp, shm, short_dir):
     [
         (["inspect"], "migd inspect: {fifo}: not a regular file (it is a FIFO)"),
         (["vm", "restore", "--qmp", "{dir}/nobody.sock"],
-         "cannot restore from {fifo}: not a regular file (it is a FIFO)"),
+         "cannot restore: '{fifo}' is not a regular file (it is a FIFO)"),
         (["restore", "--socket", "{socket}"],
          "migrate-incoming: '{fifo}' is not a regular file (it is a FIFO)"),
     ],

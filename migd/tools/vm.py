@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from .. import __version__
+from ..state import paths
 from . import vm_image
 from .client import (
     ClientError,
@@ -72,6 +73,7 @@ CLEANUP_TIMEOUT = 5.0  # for the commands that undo a failed save (cont, setting
 # is a few MiB; anything near this is not a device state worth copying during the downtime.
 MAX_DEVICE_STATE = 1 << 30
 QEMU_STREAM_MAGIC = b"QEVM"  # QEMU_VM_FILE_MAGIC: the first bytes of every QEMU stream
+_QEMU_ENDED = ("completed", "failed", "cancelled")  # QEMU's final migration states
 JOB_POLL = 0.1  # progress polls of migd's job; its end comes as an event, at once
 
 
@@ -329,26 +331,32 @@ class QemuMigration:
 
     async def restore(self) -> None:
         """Put QEMU's settings back and drop the fd; best effort (the VM may be gone)."""
-        with contextlib.suppress(ClientError):
-            if self.fdset is not None:
-                fdset, self.fdset = self.fdset, None
+        # Each on its own: a refused remove-fd must not leave x-ignore-shared on.
+        if self.fdset is not None:
+            fdset, self.fdset = self.fdset, None
+            with contextlib.suppress(ClientError):
                 await qemu_execute(self.qemu, "remove-fd", {"fdset-id": fdset}, cleanup=True)
-            back = [
-                {"capability": name, "state": state}
-                for name, state in self.saved_caps.items()
-                if state != self.CAPS[name]
-            ]
-            if back:
+        back = [
+            {"capability": name, "state": state}
+            for name, state in self.saved_caps.items()
+            if state != self.CAPS[name]
+        ]
+        if back:
+            with contextlib.suppress(ClientError):
                 await qemu_execute(
                     self.qemu, "migrate-set-capabilities", {"capabilities": back}, cleanup=True
                 )
-            if self.saved_bandwidth is not None:
+        if self.saved_bandwidth is not None:
+            with contextlib.suppress(ClientError):
                 await qemu_execute(
                     self.qemu,
                     "migrate-set-parameters",
                     {"max-bandwidth": self.saved_bandwidth},
                     cleanup=True,
                 )
+        # Put back once: a save does so as soon as QEMU's part is written, and its
+        # cleanup must not set them again.
+        self.saved_caps, self.saved_bandwidth = {}, None
 
 
 async def wait_qemu_migration(
@@ -358,24 +366,43 @@ async def wait_qemu_migration(
     is interrupted (then QEMU is asked to cancel it)."""
     deadline = time.monotonic() + limit
     while True:
-        info = expect(await qemu_execute(qemu, "query-migrate"), dict, "reply to query-migrate")
+        if _interrupted():
+            await _cancel_qemu_migration(qemu)
+            raise ClientError(f"QEMU's {what} interrupted (Ctrl-C or SIGTERM): cancelled")
+        try:
+            info = expect(await qemu_execute(qemu, "query-migrate"), dict, "reply to query-migrate")
+        except ClientError:
+            # A Ctrl-C ends this query too: it must still reach migrate_cancel above (it
+            # did not, and QEMU's migration ran on under a guest said to run again).
+            if _interrupted() and qemu not in _SILENT:
+                continue
+            raise
         status = info.get("status")
         if status == "completed":
             return dict(info)
         if status in ("failed", "cancelled"):
             reason = info.get("error-desc", "no reason given")
             raise ClientError(f"QEMU {what} {status}: {reason}")
-        late = time.monotonic() > deadline
-        if late or _interrupted():
-            with contextlib.suppress(ClientError):
-                await qemu_execute(qemu, "migrate_cancel", cleanup=True)
-            if late:
-                raise ClientError(
-                    f"QEMU's {what} did not end within {limit:g} s (status {status!r}): "
-                    "cancelled"
-                )
-            raise ClientError(f"QEMU's {what} interrupted (Ctrl-C or SIGTERM): cancelled")
+        if time.monotonic() > deadline:
+            await _cancel_qemu_migration(qemu)
+            raise ClientError(
+                f"QEMU's {what} did not end within {limit:g} s (status {status!r}): cancelled"
+            )
         await asyncio.sleep(QEMU_POLL)
+
+
+async def _cancel_qemu_migration(qemu: Any) -> None:
+    """migrate_cancel, then wait (CLEANUP_TIMEOUT at most) until the migration has
+    ended: while it is `cancelling` QEMU refuses the settings put back after it, and one
+    left running stops the guest when it completes, after a `cont`. Best effort."""
+    deadline = time.monotonic() + CLEANUP_TIMEOUT
+    with contextlib.suppress(ClientError):
+        await qemu_execute(qemu, "migrate_cancel", cleanup=True)
+        while time.monotonic() < deadline:
+            info = await qemu_execute(qemu, "query-migrate", cleanup=True)
+            if not isinstance(info, dict) or info.get("status") in _QEMU_ENDED:
+                return
+            await asyncio.sleep(QEMU_POLL)
 
 
 # --- migd ------------------------------------------------------------------------------------
@@ -709,6 +736,7 @@ async def _save(
     migd_fdsets: list[int] = []
     migd_fdset: int | None = None
     settings = QemuMigration(qemu)
+    resumes: Any = None  # QEMU's RESUME events from the stop on (_watch_resumes)
     was_running, stopped, done = False, False, False
     t = opts.timings
     try:
@@ -738,16 +766,6 @@ async def _save(
         # A live save's passes read the file too; its fallback to a whole save writes.
         accesses = [os.O_RDWR, os.O_WRONLY] if opts.live else [os.O_WRONLY]
         migd_fdset = await pass_image_to_migd(migd, fd, accesses, direct_io, "migd vm save")
-        await settings.set_up(incoming=False)
-        # QEMU writes its part into memory first (it truncates the file it is given,
-        # which would cut off a RAM part written before it); it is copied in after.
-        device_fd = os.memfd_create("migd-vm-device-state", os.MFD_CLOEXEC)
-        # QEMU opens the fdset's fd write-only: it looks for one with those flags.
-        qemu_fd = os.open(f"/proc/self/fd/{device_fd}", os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            uri_path = await settings.add_fd(qemu_fd, "migd vm save")
-        finally:
-            os.close(qemu_fd)
         was_running = state == "running"
         ram_uri = f"file:/dev/fdset/{migd_fdset},offset="
         ram_job_id = f"vm-save-{tag}"
@@ -760,7 +778,23 @@ async def _save(
                           {"x-live": True})  # fmt: skip
         if interrupt.event.is_set():
             raise ClientError("interrupted before the VM was stopped")
+        # QEMU's settings for its part, for as short a time as can be: a killed save
+        # (SIGKILL: nothing puts them back) left x-ignore-shared on a guest that ran on
+        # through the live pass, for its next live migration to leave its RAM behind.
+        await settings.set_up(incoming=False)
+        # QEMU writes its part into memory first (it truncates the file it is given,
+        # which would cut off a RAM part written before it); it is copied in after.
+        device_fd = os.memfd_create("migd-vm-device-state", os.MFD_CLOEXEC)
+        # QEMU opens the fdset's fd write-only: it looks for one with those flags.
+        qemu_fd = os.open(f"/proc/self/fd/{device_fd}", os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            uri_path = await settings.add_fd(qemu_fd, "migd vm save")
+        finally:
+            os.close(qemu_fd)
 
+        # A cont by another client of this QEMU from here on would let the guest write
+        # RAM that migd copies after QEMU wrote the device state: watched until the end.
+        resumes = _watch_resumes(qemu)
         # The guest stops: from here on its downtime counts.
         t["start"] = time.monotonic()
         if was_running:
@@ -771,6 +805,7 @@ async def _save(
         await qemu_execute(qemu, "migrate", {"uri": f"file:{uri_path}"})
         await wait_qemu_migration(qemu, "device-state save")
         t["device"] = time.monotonic()
+        await settings.restore()  # QEMU's part is written: nothing else needs them
         device = _copy_device_state(device_fd, fd)
         os.close(device_fd)
         device_fd = -1
@@ -788,6 +823,7 @@ async def _save(
         await ram_job(migd, interrupt, opts, "save", ram_job_id, migd_ids,
                       f"{ram_uri}{ram_at}", direct_io, err,
                       {"x-update": True} if update else None)  # fmt: skip
+        await _check_still_stopped(qemu, resumes)
         t["ram"] = time.monotonic()
         ram = _ram_part_info(tmp, fd, ram_at)
         size = os.fstat(fd).st_size
@@ -818,6 +854,8 @@ async def _save(
     except OSError as exc:
         raise ClientError(f"{image}: {exc.strerror or exc}") from None
     finally:
+        if resumes is not None:
+            qemu.remove_listener(resumes)
         for ram_fd in ram_fds.values():
             os.close(ram_fd)
         if device_fd >= 0:
@@ -857,6 +895,29 @@ async def _save(
         after = opts.after if resumed else "pause"
         _print_save_summary(image, header, t, after, out)
     return 0 if resumed else 1
+
+
+def _watch_resumes(qemu: Any) -> Any:
+    """A listener of QEMU's RESUME events on this connection (QEMU sends every event to
+    every monitor): a `cont` of another client of this QEMU shows here."""
+    from qemu.qmp import EventListener
+
+    listener = EventListener("RESUME")
+    qemu.register_listener(listener)
+    return listener
+
+
+async def _check_still_stopped(qemu: Any, resumes: Any) -> None:
+    """After migd's RAM part: the guest must not have run since the stop, or the RAM
+    copied after QEMU's device state would not match it (torn). QEMU answers after the
+    events it sent before, so a RESUME before this query-status is in `resumes` by now."""
+    state = await run_state(qemu)
+    if state == "running" or not resumes.empty():
+        raise ClientError(
+            "the VM was resumed during the save (a cont by another client of this QEMU?): "
+            "its RAM was copied while it ran, and would not match its device state; "
+            "the image is not written"
+        )
 
 
 async def _resume_after_failure(qemu: Any, err: TextIO) -> None:
@@ -980,10 +1041,42 @@ def match_guest(
         )
 
 
+async def _load_device_state(qemu: Any, image: str, uri: str) -> None:
+    """QEMU loads its part, after the RAM. Its own error ("load of migration failed:
+    Invalid argument") names neither the image nor what the failure leaves; the detail
+    ("Unknown savevm section ...") is only in QEMU's output."""
+    try:
+        await qemu_execute(qemu, "migrate-incoming", {"uri": uri, "exit-on-error": False})
+        await wait_qemu_migration(qemu, "device-state load")
+    except ClientError as exc:
+        raise ClientError(
+            f"QEMU could not load the device state of '{image}' ({exc}); QEMU's own output "
+            "says why (often a device the saved VM had that this QEMU lacks): the RAM is "
+            "restored, the VM was not started"
+        ) from None
+
+
 async def run_vm_restore(opts: VmOptions, out: TextIO, err: TextIO) -> int:
     # SIGINT/SIGTERM end the wait at hand, and the cleanup after it is not cut short.
     with _interruptible(opts.qemu_timeout) as interrupt:
         return await _restore(opts, out, err, interrupt)
+
+
+def _open_image(image: str) -> int:
+    """IMAGE, read-only, under the rules migd applies to a restore file named by path
+    (state/paths.py; README, Trust model): a regular file, not another local user's, not
+    writable by others, one link, no link of theirs on the way. migd does not check the fd
+    the CLI passes it (the client holds it already), so the CLI, often root, must: an image
+    planted in /tmp by `nobody` was restored, its RAM and QEMU's device state theirs."""
+    try:
+        fd, _ = paths.open_regular(
+            image, os.O_RDONLY | os.O_CLOEXEC, create=False, owners=paths.trusted_owners()
+        )
+    except paths.FileRefused as exc:  # its text names the file
+        raise ClientError(f"cannot restore: {exc}") from None
+    except OSError as exc:
+        raise ClientError(f"cannot open {image}: {exc.strerror}") from None
+    return fd
 
 
 async def _restore(opts: VmOptions, out: TextIO, err: TextIO, interrupt: _Interrupt) -> int:
@@ -991,12 +1084,7 @@ async def _restore(opts: VmOptions, out: TextIO, err: TextIO, interrupt: _Interr
     t = opts.timings
     t["start"] = time.monotonic()
     image = os.path.abspath(opts.image)
-    try:
-        fd = open_regular(image)
-    except OSError as exc:
-        raise ClientError(f"cannot open {image}: {exc.strerror}") from None
-    except InspectError as exc:
-        raise ClientError(f"cannot restore from {image}: {exc}") from None
+    fd = _open_image(image)
     qemu = migd = None
     settings: QemuMigration | None = None
     ram_fds: dict[str, int] = {}
@@ -1047,12 +1135,7 @@ async def _restore(opts: VmOptions, out: TextIO, err: TextIO, interrupt: _Interr
                       f"file:/dev/fdset/{migd_fdset},offset={header.ram.offset}",
                       direct_io, err)  # fmt: skip
         t["ram"] = time.monotonic()
-        await qemu_execute(
-            qemu,
-            "migrate-incoming",
-            {"uri": f"file:{uri_path},offset={header.device.offset}", "exit-on-error": False},
-        )
-        await wait_qemu_migration(qemu, "device-state load")
+        await _load_device_state(qemu, image, f"file:{uri_path},offset={header.device.offset}")
         t["device"] = time.monotonic()
         if not opts.paused:
             # Not ended by Ctrl-C: a cont QEMU carried out but answered late would be
@@ -1103,7 +1186,7 @@ def describe(path: str) -> dict[str, Any] | None:
     (a plain save file)."""
     fd = open_regular(path)
     try:
-        if not vm_image.is_image(fd):
+        if not (vm_image.is_image(fd) or vm_image.is_unfinished(fd)):
             return None
         try:
             header = vm_image.read_header(fd, path)

@@ -31,6 +31,7 @@ RAM_ALIGN = 1 << 20  # the RAM part's offset: its pages stay 1 MiB aligned for O
 LIVE_RAM_OFFSET = 64 << 20
 _FIXED = struct.Struct(">8sII")  # magic, version, length of the JSON body
 DIGEST_BYTES = 32  # SHA-256 of the fixed part and the body, right after the body
+_PART_MAGIC = b"QEVM"  # how both parts start: QEMU's stream, and migd's mapped-ram save
 
 
 class ImageError(Exception):
@@ -155,6 +156,18 @@ def encode(header: ImageHeader) -> bytes:
 def is_image(fd: int) -> bool:
     """Whether the file starts with the image magic (intact or not)."""
     return os.pread(fd, len(MAGIC), 0) == MAGIC
+
+
+def is_unfinished(fd: int) -> bool:
+    """Whether the file is what a `vm save` that did not finish leaves: zeros where the
+    header goes (it is written last) and a part after them (QEMU's stream, or the RAM
+    part a live save writes first)."""
+    if os.pread(fd, len(MAGIC), 0) != bytes(len(MAGIC)):
+        return False
+    return any(
+        os.pread(fd, len(_PART_MAGIC), at) == _PART_MAGIC
+        for at in (HEADER_AREA, LIVE_RAM_OFFSET)
+    )
 
 
 def decode(data: bytes, path: str) -> ImageHeader:
