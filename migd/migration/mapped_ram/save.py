@@ -150,3 +150,4 @@ def _write_end(
     if job.updates:  # the end it replaces may have been longer; the table ends the file
         truncate(main_fd, layout.end_offset + len(end), path)
     fdatasync(main_fd, path)
+    job.target.sync_name()  # a new file's name durable too, before `completed`
