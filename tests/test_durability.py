@@ -385,3 +385,41 @@ def test_the_partial_mark_is_fsynced_before_a_restore_changes_memory(
         f"{changes[0].name} changed the memory before the mark was fsynced"
     )
     assert all(c.start > syncs[0].end for c in channel_reads), "pages read before the mark"
+
+
+def test_a_save_to_a_new_file_syncs_its_directory_before_completed(traced_daemon, shm, short_dir):
+    """fdatasync makes a file's data durable, not its name: POSIX asks for an fsync of the
+    directory too. A save that created its file and said `completed` before that could be
+    gone after a power cut, name and all (before: the directory was never synced)."""
+    sock, finish = traced_daemon
+    fill_random(shm / "ram0", 4 * MiB, seed=9)
+    (short_dir / "saves").mkdir()
+    target = short_dir / "saves" / "new.img"
+    client = RawClient(sock).negotiate()
+    try:
+        add = {"qom-type": "memory-backend-file", "id": "ram0", "size": 4 * MiB}
+        assert "return" in client.execute("object-add", {**add, "mem-path": str(shm / "ram0")})
+        caps = [{"capability": c, "state": True} for c in ("mapped-ram", "multifd", "events")]
+        assert "return" in client.execute("migrate-set-capabilities", {"capabilities": caps})
+        assert "return" in client.execute("migrate", {"uri": f"file:{target}"})
+        deadline = time.monotonic() + 60
+        while (status := client.execute("query-migrate")["return"]["status"]) != "completed":
+            assert status in ("setup", "active"), status
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        client.close()
+    calls = parse_strace(finish())
+
+    final_sync = [c for c in calls if c.what == str(target) and c.name == "fdatasync"][-1]
+    dir_syncs = [
+        c for c in calls
+        if c.name in ("fsync", "fdatasync") and c.what == str(target.parent) and c.result == 0
+    ]  # fmt: skip
+    said = [
+        c for c in calls
+        if c.what.startswith("socket:") and c.name in ("sendto", "sendmsg", "write")
+        and "completed" in c.args
+    ]  # fmt: skip
+    assert dir_syncs, "the new save file's directory was never synced"
+    assert said and final_sync.end < said[0].start and dir_syncs[0].end < said[0].start

@@ -116,6 +116,10 @@ class Target(Protocol):
         (state/paths.settle_claim), and other requests may open it."""
         ...
 
+    def sync_name(self) -> None:
+        """A file open_main created: make its name durable (its directory synced)."""
+        ...
+
 
 def _reopener(main_fd: int) -> FileOpener:
     """An open_file that reopens the main fd's file, whatever its name is now."""
@@ -261,6 +265,27 @@ class FileTarget:
     def settle(self) -> None:
         if self._created and self._main_fd is not None:
             settle_claim(self._main_fd)
+
+    def sync_name(self) -> None:
+        """fdatasync makes a file's data durable, not the directory entry that names it
+        (POSIX: fsync the directory). A save that created its file syncs its directory
+        before it says `completed`, or a power cut could lose the whole save, name and
+        all (red-team, session 16). A passed fd's file, or one that existed, is named
+        already."""
+        if not self._created or is_fdset_path(self.path):
+            return
+        parent = os.path.dirname(os.path.abspath(self.path))
+        try:
+            dir_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            raise ChannelError(
+                f"Could not sync the directory of '{self.path}': "
+                f"{os.strerror(exc.errno or errno.EIO)}"
+            ) from None
 
 
 class NotSeekable(MigrationError):

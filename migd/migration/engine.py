@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import os
 import re
@@ -19,7 +20,7 @@ import stat
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import MigdError, MigrationError
 from ..io.checksums import DIGEST_BYTES, ChecksumMismatch, UnitChecksums, hash_memory, unit_count
@@ -81,6 +82,41 @@ def _refuse_readable_memory(backend: MemoryBackend) -> None:
             "chmod go-rw it (QEMU creates mem-path files 0644 under umask 022) or pass the "
             "file as an fd"
         )
+
+
+_T = TypeVar("_T")
+
+
+async def job_thread(func: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
+    """asyncio.to_thread for a job's own steps, except that a job task cancelled while the
+    thread runs waits for it to return before the cancel goes on. The loop cancels a job's
+    task at its end (a stop that gave up waiting after STOP_TIMEOUT), and `_run`'s finally
+    then closes the job's fds: with the thread still in, say, finish_save, it wrote the end
+    section of a stopped save through fds closed under it, leaving a complete file, and a
+    closed fd's number may by then be another file's (red-team, session 16). The thread
+    sees the job's cancel event, which every stop sets first.
+
+    A plain executor future, not a task: the loop's end cancels every task, and a cancelled
+    to_thread task counts as done while its thread still runs."""
+    future = asyncio.get_running_loop().run_in_executor(
+        None, functools.partial(func, *args, **kwargs)
+    )
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        while not future.done():
+            try:
+                await asyncio.shield(future)
+            except asyncio.CancelledError:
+                continue  # cancelled again: the thread is still the one to wait for
+            except BaseException:
+                break  # its error: the cancel is what this task ends with
+        raise
+    finally:
+        # The future holds the thread's error, whose traceback holds this frame: a cycle
+        # that kept the error's frames, and with them views of the backends' memory, until
+        # a GC pass (object-del could not unmap at once; test_faults).
+        del future
 
 
 def _reopen_for_reading(fd: int) -> int | None:
@@ -669,13 +705,11 @@ class MigrationEngine:
         # The blocks it restores have their bitmaps read; those it skips, not yet.
         present = {b.name: b.present for b in job.checksums.blocks}
         others = [layout for layout in parsed.blocks if layout.name not in present]
-        bitmaps = await asyncio.to_thread(restore.read_bitmaps, job, others, main_fd)
+        bitmaps = await job_thread(restore.read_bitmaps, job, others, main_fd)
         present.update((layout.name, bm) for layout, bm in zip(others, bitmaps, strict=True))
         files = restore.file_blocks(parsed, table, present)
         job.file_check = FileProgress(files)
-        await asyncio.to_thread(
-            verify_file, fds, job.target.name, files, job.cancel, job.file_check
-        )
+        await job_thread(verify_file, fds, job.target.name, files, job.cancel, job.file_check)
         check_cancel(job)
 
     # -- the two directions --------------------------------------------------------------
@@ -685,7 +719,7 @@ class MigrationEngine:
         if not job.settings.multifd:
             return [main_fd]
         count, direct = job.settings.channels, job.settings.direct_io
-        return await asyncio.to_thread(job.target.open_channels, count, direct)
+        return await job_thread(job.target.open_channels, count, direct)
 
     async def _move_pages(
         self,
@@ -733,7 +767,7 @@ class MigrationEngine:
         check_cancel(job)
         # A thread: a restore through the memory file walks every page of it here
         # (check_stored: tens of ms per GiB, which the event loop would stop for).
-        await asyncio.to_thread(check_sizes, blocks, direction)
+        await job_thread(check_sizes, blocks, direction)
         sums = job.checksums
         if sums is not None and sums.units_done != sums.units_total:
             # Never record zeros as checksums, nor call unchecked pages verified.
@@ -758,13 +792,13 @@ class MigrationEngine:
         read_fd: int | None = None
         try:
             if previous is None:
-                await asyncio.to_thread(save.write_head, job, layout, main_fd)
+                await job_thread(save.write_head, job, layout, main_fd)
             else:
-                await asyncio.to_thread(update.invalidate_end, job, layout, main_fd)
+                await job_thread(update.invalidate_end, job, layout, main_fd)
             check_cancel(job)
             if previous is None:
                 # SEEK_DATA walks and run splitting take tens of ms on large memory.
-                blocks, runs = await asyncio.to_thread(
+                blocks, runs = await job_thread(
                     plan.plan_save_runs, job, layout, job.settings.detect_zero
                 )
                 if checksums and not live:
@@ -773,7 +807,7 @@ class MigrationEngine:
                         # Buffered: the pages just written are in the page cache, and
                         # hashing them there records what the file holds, even where
                         # memory changes after its pages went out (docs/checksums.md).
-                        read_fd = await asyncio.to_thread(_reopen_for_reading, main_fd)
+                        read_fd = await job_thread(_reopen_for_reading, main_fd)
                         if read_fd is not None:
                             job.checksums.set_file(read_fd)
             else:
@@ -787,7 +821,11 @@ class MigrationEngine:
             if live and checksums:
                 await self._checksums_of_file(job, blocks, fds)
             self._pass(job, 2)
-            await asyncio.to_thread(save.finish_save, job, layout, blocks, fds, main_fd)
+            await job_thread(save.finish_save, job, layout, blocks, fds, main_fd)
+            if job.cancel.is_set():
+                # Answered after finish_save's own last look: _run ends the job
+                # cancelled, so its file must not read as a complete save either.
+                await job_thread(save.withdraw_end, job, layout, main_fd)
         finally:
             job.target.close_channels()
             if read_fd is not None:
@@ -799,7 +837,7 @@ class MigrationEngine:
         """An update: every unit of memory hashed; those that differ from the earlier
         save's checksum (what the file holds) are the runs to save again, and the new
         checksums are the save's."""
-        digests = await asyncio.to_thread(hash_memory, blocks, self.hash_threads, job.cancel)
+        digests = await job_thread(hash_memory, blocks, self.hash_threads, job.cancel)
         check_cancel(job)
         changed = update.changed_units(blocks, digests, previous.digests)
         job.checksums = UnitChecksums.recorded(blocks, job.target.name, digests)
@@ -814,7 +852,7 @@ class MigrationEngine:
         an update would take the stale page for current)."""
         files = [FileBlock(b.name, b.pages_offset, b.pages, b.present, b"") for b in blocks]
         digests = [bytearray(unit_count(b.pages) * DIGEST_BYTES) for b in blocks]
-        await asyncio.to_thread(verify_file, fds, job.target.name, files, job.cancel, None, digests)
+        await job_thread(verify_file, fds, job.target.name, files, job.cancel, None, digests)
         check_cancel(job)
         job.checksums = UnitChecksums.recorded(blocks, job.target.name, digests)
 
@@ -829,7 +867,7 @@ class MigrationEngine:
         path = job.target.name
 
         # Every check is done before the first byte of any backend changes.
-        bitmaps = await asyncio.to_thread(
+        bitmaps = await job_thread(
             restore.read_bitmaps, job, [layout for layout, _ in matched], main_fd
         )
         plan.check_room(
@@ -843,7 +881,7 @@ class MigrationEngine:
         fds = await self._open_channels(job, main_fd)
         try:
             # A thread, as for a save: the memory files' SEEK_DATA walks and run splitting.
-            blocks, runs = await asyncio.to_thread(
+            blocks, runs = await job_thread(
                 plan.plan_restore_runs,
                 matched,
                 bitmaps,
@@ -858,7 +896,7 @@ class MigrationEngine:
                     # On failure `_run` releases job.checksums, as for every job end.
                     await self._verify_file(job, parsed, table, main_fd, fds)
             # Durable before the first page changes; only a completed restore removes it.
-            await asyncio.to_thread(self.partial.set_all, job.backends, path)
+            await job_thread(self.partial.set_all, job.backends, path)
             job.memory_touched = True
             # The main fd is the file itself (no reopen, so no identity to check), buffered,
             # and otherwise idle now: positional reads from the channels share nothing.
@@ -871,4 +909,4 @@ class MigrationEngine:
         # A cancel that came while the last pages landed ends the job cancelled (_run):
         # then the marks stay, as for any cancelled restore.
         check_cancel(job)
-        await asyncio.to_thread(self.partial.clear_all, job.backends)
+        await job_thread(self.partial.clear_all, job.backends)

@@ -3,6 +3,7 @@ after them the bitmaps, the end section and the syncs, in the order format.md gi
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Sequence
@@ -15,6 +16,8 @@ from ...io.engine import BlockIO
 from ...io.threads import write_fully
 from ..job import Job, check_cancel
 from . import checksum_table, format
+
+log = logging.getLogger(__name__)
 
 
 def pwrite_all(fd: int, data: bytes, offset: int, path: str) -> None:
@@ -46,6 +49,49 @@ def write_head(job: Job, layout: format.SaveLayout, main_fd: int) -> None:
 
 
 def finish_save(
+    job: Job,
+    layout: format.SaveLayout,
+    blocks: Sequence[BlockIO],
+    fds: Sequence[int],
+    main_fd: int,
+) -> None:
+    """The save's last step (_write_end); a save that does not end `completed` after all
+    (this step failed, or a cancel came while it ran) takes its end section back, so that
+    its file reads as incomplete, as every interrupted save's does. Before, the file of a
+    save reported `failed` (EIO on the final sync, ENOSPC in the checksum table) or
+    `cancelled` read as complete: `migd inspect` exit 0 (red-team, session 16)."""
+    try:
+        _write_end(job, layout, blocks, fds, main_fd)
+    except BaseException:
+        withdraw_end(job, layout, main_fd)
+        raise
+    # A cancel answered while the end was written ends the job cancelled (engine._run):
+    # its file must not read as a save. One answered after this check is the caller's.
+    if job.cancel.is_set():
+        withdraw_end(job, layout, main_fd)
+        check_cancel(job)
+
+
+def withdraw_end(job: Job, layout: format.SaveLayout, main_fd: int) -> None:
+    """Best effort: cut the file where the end section starts (what a save interrupted
+    before its end leaves). The job's own error is the one reported; this one is logged."""
+    path = job.target.name
+    try:
+        if os.fstat(main_fd).st_size <= layout.end_offset:
+            return  # the end section was never written
+        try:
+            os.ftruncate(main_fd, layout.end_offset)
+        except OSError:
+            # A filesystem that refuses the truncate may still take one byte: the end
+            # section's first byte zeroed reads as no end section.
+            os.pwrite(main_fd, b"\0", layout.end_offset)
+        os.fdatasync(main_fd)
+    except OSError as exc:
+        log.error("'%s': could not take back the end section of a save that did not "
+                  "complete: %s", path, exc.strerror)  # fmt: skip
+
+
+def _write_end(
     job: Job,
     layout: format.SaveLayout,
     blocks: Sequence[BlockIO],
@@ -104,3 +150,4 @@ def finish_save(
     if job.updates:  # the end it replaces may have been longer; the table ends the file
         truncate(main_fd, layout.end_offset + len(end), path)
     fdatasync(main_fd, path)
+    job.target.sync_name()  # a new file's name durable too, before `completed`
