@@ -158,6 +158,10 @@ class MemoryBackend:
         self._mm: mmap.mmap | None = mm
         self._mv: memoryview | None = memoryview(mm)
         self._fd = fd
+        # Read once: an fd's file never changes, and object-add compares it from a worker
+        # thread, where an fstat of a backend another client deletes meanwhile could hit
+        # a closed fd (or its number reused for another file).
+        self._identity = _identity_of(fd)
         self._close_fd = close_fd  # a dup of a passed fdset is closed through the FdStore
         self._huge_pages: bool | None = None  # huge_pages, found out at first use
         anchor = ctypes.c_char.from_buffer(mm)
@@ -168,11 +172,8 @@ class MemoryBackend:
         return f"<MemoryBackend {self.id!r} {self.qom_type} size={self.size}>"
 
     def file_identity(self) -> tuple[int, int] | None:
-        """(st_dev, st_ino) of the mapped file; None for anonymous memory."""
-        if self._fd is None:
-            return None
-        st = os.fstat(self._fd)
-        return st.st_dev, st.st_ino
+        """(st_dev, st_ino) of the mapped file; None for anonymous memory or once closed."""
+        return None if self._fd is None else self._identity
 
     @property
     def fd(self) -> int | None:
@@ -423,6 +424,14 @@ class MemoryBackend:
             self._fd = None
 
 
+def _identity_of(fd: int | None) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of fd's file; None without an fd."""
+    if fd is None:
+        return None
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
 def _validate(id: str, size: int, ramblock_name: str | None) -> str:
     if not isinstance(id, str) or not ID_RE.fullmatch(id):
         raise BackendError("Parameter 'id' expects an identifier")
@@ -606,8 +615,13 @@ class MemoryRegistry:
     def refuse_shared_file(self, identity: tuple[int, int], path: str) -> None:
         """Refuse a second backend on a backend's file (same device and inode, whatever
         the name): a restore into both would write each block's pages over the other's,
-        and the checks of one would blame the save file for the other's bytes."""
-        for other in self._backends.values():
+        and the checks of one would blame the save file for the other's bytes.
+
+        object-add calls this from a worker thread too, while other clients' commands
+        change the backends on the event loop: it walks a copy (list() of a dict is one
+        step for the GIL), never the dict itself ("dictionary changed size during
+        iteration", red-team rt-proto)."""
+        for other in list(self._backends.values()):
             if other.file_identity() == identity:
                 named = other.file_name if other.file_name not in (None, path) else None
                 raise BackendError(
