@@ -420,8 +420,11 @@ class MemoryBackend:
                 self._mm.close()
             self._mm = None
         if self._fd is not None:
-            self._close_fd(self._fd)
-            self._fd = None
+            # Forgotten before it is closed: a worker thread that read the fd (a save's
+            # start reading its marks) then sees the backend closed whenever its fd may
+            # already be closed, or its number taken by another file.
+            fd, self._fd = self._fd, None
+            self._close_fd(fd)
 
 
 def _identity_of(fd: int | None) -> tuple[int, int] | None:
