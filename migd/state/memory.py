@@ -635,11 +635,16 @@ class MemoryRegistry:
 
     def remove(self, id: str) -> None:
         """Unregister and close a backend no migration is using."""
+        self.take(id).close()
+
+    def take(self, id: str) -> MemoryBackend:
+        """Unregister a backend no migration is using; the caller closes it (object-del
+        does so off the event loop: unmapping populated memory takes 20-25 ms per GiB)."""
         backend = self.get(id)
         if backend.in_use > 0:
             raise BackendError(f"Memory backend '{id}' is in use by a migration")
         del self._backends[id]
-        backend.close()
+        return backend
 
     def get(self, id: str) -> MemoryBackend:
         try:
