@@ -4,6 +4,7 @@ another's runs (red-team of the protocol and multi-client side, branch rt-proto)
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from migd.state import fdsets
 from migd.state.memory import MemoryBackend
 
 from .conftest import START_TIMEOUT, DaemonProcess, RawClient, wait_for_socket
@@ -188,4 +190,55 @@ async def test_another_client_is_answered_while_object_del_unmaps_a_backend(
     assert woke == [True], "no other client was answered while object-del unmapped"
     assert await other.execute("query-memdev") == []
     await deleter.disconnect()
+    await other.disconnect()
+
+
+@pytest.mark.parametrize("command", ["remove-fd", "closefd", "getfd"])
+async def test_another_client_is_answered_while_a_passed_fd_is_closed(
+    migd_inproc, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    """remove-fd, closefd and getfd (replacing a namesake) closed the stored fd on the
+    event loop; when it is the last reference to a memfd, the close frees its memory:
+    105 ms for 2 GiB, 400 ms for 8 GiB measured, in which no other client was answered
+    (red-team, rt-proto). Here the close waits, as such a close does, until another
+    client has been answered, or 5 s."""
+    closing = threading.Event()
+    answered = threading.Event()
+    woke: list[bool] = []
+    real_close = fdsets._close
+    slow: set[int] = set()
+
+    def slow_close(fd: int) -> None:
+        if fd in slow:
+            closing.set()
+            woke.append(answered.wait(5))
+        real_close(fd)
+
+    monkeypatch.setattr(fdsets, "_close", slow_close)
+    owner = await migd_inproc.client("owner")
+    other = await migd_inproc.client("other")
+    memfd = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
+    try:
+        owner.send_fd_scm(memfd)
+        if command == "remove-fd":
+            added = await owner.execute("add-fd", {"fdset-id": 7})
+            slow.add(added["fd"])
+            closing_it = owner.execute("remove-fd", {"fdset-id": 7})
+        else:
+            await owner.execute("getfd", {"fdname": "ram"})
+            slow.add(migd_inproc.daemon.services.fdsets._named["ram"])
+            if command == "closefd":
+                closing_it = owner.execute("closefd", {"fdname": "ram"})
+            else:
+                owner.send_fd_scm(memfd)
+                closing_it = owner.execute("getfd", {"fdname": "ram"})
+    finally:
+        os.close(memfd)  # the daemon's is the last reference
+    pending = asyncio.create_task(closing_it)
+    assert await asyncio.to_thread(closing.wait, 5)
+    await asyncio.wait_for(other.execute("query-version"), 5)
+    answered.set()
+    assert await pending == {}
+    assert woke == [True], f"no other client was answered while {command} closed the fd"
+    await owner.disconnect()
     await other.disconnect()
