@@ -4,6 +4,8 @@ another's runs (red-team of the protocol and multi-client side, branch rt-proto)
 from __future__ import annotations
 
 import asyncio
+import errno
+import fcntl
 import os
 import re
 import subprocess
@@ -15,10 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from migd.errors import BackendError
 from migd.state import fdsets
-from migd.state.memory import MemoryBackend
+from migd.state.memory import MemoryBackend, create_file_backend
 
-from .conftest import START_TIMEOUT, DaemonProcess, RawClient, wait_for_socket
+from .conftest import START_TIMEOUT, DaemonProcess, RawClient, poll_until, wait_for_socket
 
 PAGE = 4096
 
@@ -242,3 +245,79 @@ async def test_another_client_is_answered_while_a_passed_fd_is_closed(
     assert woke == [True], f"no other client was answered while {command} closed the fd"
     await owner.disconnect()
     await other.disconnect()
+
+
+async def _concluded(client, job_id: str) -> dict:
+    """Poll query-jobs until the job is concluded; dismiss it and return its entry."""
+
+    async def job() -> dict:
+        return next(j for j in await client.execute("query-jobs") if j["id"] == job_id)
+
+    info = await poll_until(job, lambda j: j["status"] == "concluded", f"job {job_id}")
+    await client.execute("job-dismiss", {"id": job_id})
+    return info
+
+
+async def test_a_restore_into_a_passed_memfd_lands_though_its_holder_set_o_append(
+    qmp, short_dir: Path
+) -> None:
+    """A passed fd shares its open file description with whoever passed it (and with a
+    VMM given the same memfd); migd clears O_APPEND when it takes a dup, but a holder may
+    set it again later. A staged restore (direct-io into memory on 4 KiB pages) pwrites
+    into the memory file, and Linux's pwrite on an O_APPEND description appends: the
+    restore ended 'completed', the memory as it was before, the file grown by the restored
+    bytes (red-team, rt-proto). The restored bytes must land in the memory."""
+    size = 8 << 20
+    memfd = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(memfd, size)
+        data = os.urandom(size)
+        os.pwrite(memfd, data, 0)
+        qmp.send_fd_scm(memfd)
+        await qmp.execute("add-fd", {"fdset-id": 5})
+        spec = {"qom-type": "memory-backend-file", "id": "m", "size": size}
+        await qmp.execute("object-add", {**spec, "mem-path": "/dev/fdset/5"})
+        uri = f"file:{short_dir / 'm.sav'}"
+        job = {"backends": ["m"], "uri": uri, "direct-io": True}
+        await qmp.execute("memory-save", {"job-id": "save", **job})
+        assert (await _concluded(qmp, "save")).get("error") is None
+        os.pwrite(memfd, b"\xaa" * size, 0)  # the guest ran on
+        flags = fcntl.fcntl(memfd, fcntl.F_GETFL)
+        fcntl.fcntl(memfd, fcntl.F_SETFL, flags | os.O_APPEND)  # the holder's own business
+        await qmp.execute("memory-restore", {"job-id": "restore", **job})
+        restored = await _concluded(qmp, "restore")
+        assert restored["x-migration-status"] == "completed", restored
+        assert os.fstat(memfd).st_size == size
+        assert os.pread(memfd, size, 0) == data
+        await qmp.execute("object-del", {"id": "m"})
+        await qmp.execute("remove-fd", {"fdset-id": 5})
+    finally:
+        os.close(memfd)
+
+
+def test_before_rwf_noappend_a_memory_file_open_for_appending_is_refused_naming_it(
+    monkeypatch: pytest.MonkeyPatch, shm: Path
+) -> None:
+    """Kernels before 6.9 refuse RWF_NOAPPEND (EOPNOTSUPP): there a staged restore's write
+    into a memory file whose description has O_APPEND fails naming O_APPEND, instead of
+    appending."""
+    real_pwritev = os.pwritev
+
+    def old_kernel(fd: int, buffers: list, offset: int, flags: int = 0) -> int:
+        if flags:
+            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+        return real_pwritev(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "pwritev", old_kernel)
+    path = shm / "ram"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    backend = create_file_backend("m", 2 * PAGE, str(path), fd=fd)
+    try:
+        backend.write_at(memoryview(b"\x01" * PAGE), PAGE)  # no O_APPEND: written
+        assert path.read_bytes() == bytes(PAGE) + b"\x01" * PAGE
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
+        with pytest.raises(BackendError, match=r"is open for appending \(O_APPEND"):
+            backend.write_at(memoryview(b"\x02" * PAGE), 0)
+        assert path.stat().st_size == 2 * PAGE
+    finally:
+        backend.close()

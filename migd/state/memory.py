@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import mmap
 import os
 import re
@@ -30,6 +31,7 @@ _FALLOC_FL_PUNCH_HOLE = 2
 _MADV_POPULATE_READ = 22  # Linux 5.14; neither is exported by the 3.11 mmap module
 _MADV_POPULATE_WRITE = 23
 _HUGETLBFS_MAGIC = 0x958458F6
+_RWF_NOAPPEND = 0x20  # Linux 6.9 (uapi/linux/fs.h); not exported by the os module
 _ZERO_STEP = 4 << 20  # bytes of zeros per read of /dev/zero
 ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9._-]*")  # QEMU's id_wellformed()
 
@@ -214,7 +216,7 @@ class MemoryBackend:
             )
         while data:
             try:
-                done = os.pwrite(fd, data, offset)
+                done = self._pwrite(fd, data, offset)
             except InterruptedError:
                 continue
             except OSError as exc:
@@ -225,6 +227,27 @@ class MemoryBackend:
                     f"{exc.strerror}"
                 ) from None
             data, offset = data[done:], offset + done
+
+    def _pwrite(self, fd: int, data: memoryview, offset: int) -> int:
+        """pwrite at `offset` even if the file's open description has O_APPEND: a passed
+        fd's description is shared with whoever passed it (the client, the VMM), and any of
+        them may set O_APPEND after migd cleared it (fdsets.dup_from_fdset). Linux's pwrite
+        then appends whatever the offset: a restore 'completed', its checksums verified in
+        the staging buffer, with the memory as it was and the restored bytes past the file's
+        end (red-team, rt-proto). RWF_NOAPPEND (Linux 6.9) writes at the offset anyway;
+        older kernels refuse it, and then O_APPEND is refused naming the cause."""
+        try:
+            return os.pwritev(fd, [data], offset, _RWF_NOAPPEND)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND:
+            raise BackendError(
+                f"Memory backend '{self.id}' file '{self.file_name}' is open for appending "
+                "(O_APPEND, set by another holder of its passed fd): a restore's writes would "
+                "land at its end, not in its memory"
+            )
+        return os.pwrite(fd, data, offset)
 
     def _check(self, offset: int, length: int) -> memoryview:
         if self._mv is None:
