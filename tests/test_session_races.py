@@ -21,7 +21,14 @@ from migd.errors import BackendError
 from migd.state import fdsets
 from migd.state.memory import MemoryBackend, create_file_backend
 
-from .conftest import START_TIMEOUT, DaemonProcess, RawClient, poll_until, wait_for_socket
+from .conftest import (
+    START_TIMEOUT,
+    DaemonProcess,
+    RawClient,
+    is_complete_save,
+    poll_until,
+    wait_for_socket,
+)
 
 PAGE = 4096
 
@@ -321,3 +328,41 @@ def test_before_rwf_noappend_a_memory_file_open_for_appending_is_refused_naming_
         assert path.stat().st_size == 2 * PAGE
     finally:
         backend.close()
+
+
+async def test_a_save_through_a_passed_fd_never_completes_with_a_broken_file_under_o_append(
+    qmp, shm: Path, short_dir: Path
+) -> None:
+    """The save's side of the shared description: the client set O_APPEND on the fd it
+    passed while the save ran, and the save ended 'completed' with its pages appended past
+    its layout (118 MB for 64 MiB of memory), a file every reader refuses as incomplete
+    (red-team, rt-proto). Its pages must land at their offsets; its metadata, written
+    with plain pwrite, is refused under O_APPEND: the save fails naming it, or completes
+    with a whole file."""
+    size = 8 << 20
+    memory = shm / "ram"
+    memory.write_bytes(os.urandom(size))
+    spec = {"qom-type": "memory-backend-file", "id": "m", "size": size, "mem-path": str(memory)}
+    await qmp.execute("object-add", spec)
+    path = short_dir / "m.sav"
+    passed = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        qmp.send_fd_scm(passed)
+        await qmp.execute("add-fd", {"fdset-id": 6})
+        job = {"backends": ["m"], "uri": "file:/dev/fdset/6", "multifd-channels": 1}
+        await qmp.execute("memory-save", {"job-id": "save", "max-bandwidth": 4 << 20, **job})
+
+        async def progress() -> dict:
+            return next(j for j in await qmp.execute("query-jobs") if j["id"] == "save")
+
+        await poll_until(progress, lambda j: j["current-progress"] > 0, "save under way")
+        flags = fcntl.fcntl(passed, fcntl.F_GETFL)
+        fcntl.fcntl(passed, fcntl.F_SETFL, flags | os.O_APPEND)
+        saved = await _concluded(qmp, "save")
+    finally:
+        os.close(passed)
+    if saved["x-migration-status"] == "completed":
+        assert is_complete_save(path), f"'completed', but {path} is no complete save"
+    else:
+        assert "O_APPEND" in saved["error"], saved
+    await qmp.execute("remove-fd", {"fdset-id": 6})

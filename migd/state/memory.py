@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import fcntl
 import mmap
 import os
 import re
@@ -14,7 +13,7 @@ from collections.abc import Callable, Collection, Iterator
 
 from ..errors import BackendError
 from ..pages import PAGE_SIZE
-from .fdsets import file_name
+from .fdsets import AppendingFd, file_name, pwrite_at
 from .paths import (
     FileOpener,
     open_regular,
@@ -31,7 +30,6 @@ _FALLOC_FL_PUNCH_HOLE = 2
 _MADV_POPULATE_READ = 22  # Linux 5.14; neither is exported by the 3.11 mmap module
 _MADV_POPULATE_WRITE = 23
 _HUGETLBFS_MAGIC = 0x958458F6
-_RWF_NOAPPEND = 0x20  # Linux 6.9 (uapi/linux/fs.h); not exported by the os module
 _ZERO_STEP = 4 << 20  # bytes of zeros per read of /dev/zero
 ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9._-]*")  # QEMU's id_wellformed()
 
@@ -216,9 +214,15 @@ class MemoryBackend:
             )
         while data:
             try:
-                done = self._pwrite(fd, data, offset)
+                # At the offset even if a holder of a passed fd set O_APPEND (a restore
+                # 'completed' with its bytes appended and the memory unchanged).
+                done = pwrite_at(fd, data, offset)
             except InterruptedError:
                 continue
+            except AppendingFd as exc:
+                raise BackendError(
+                    f"Memory backend '{self.id}' file '{self.file_name}': {exc.desc}"
+                ) from None
             except OSError as exc:
                 if exc.errno in _ALLOCATION_ERRNOS:
                     raise self._allocation_error(exc.errno) from None
@@ -227,27 +231,6 @@ class MemoryBackend:
                     f"{exc.strerror}"
                 ) from None
             data, offset = data[done:], offset + done
-
-    def _pwrite(self, fd: int, data: memoryview, offset: int) -> int:
-        """pwrite at `offset` even if the file's open description has O_APPEND: a passed
-        fd's description is shared with whoever passed it (the client, the VMM), and any of
-        them may set O_APPEND after migd cleared it (fdsets.dup_from_fdset). Linux's pwrite
-        then appends whatever the offset: a restore 'completed', its checksums verified in
-        the staging buffer, with the memory as it was and the restored bytes past the file's
-        end (red-team, rt-proto). RWF_NOAPPEND (Linux 6.9) writes at the offset anyway;
-        older kernels refuse it, and then O_APPEND is refused naming the cause."""
-        try:
-            return os.pwritev(fd, [data], offset, _RWF_NOAPPEND)
-        except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                raise
-        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND:
-            raise BackendError(
-                f"Memory backend '{self.id}' file '{self.file_name}' is open for appending "
-                "(O_APPEND, set by another holder of its passed fd): a restore's writes would "
-                "land at its end, not in its memory"
-            )
-        return os.pwrite(fd, data, offset)
 
     def _check(self, offset: int, length: int) -> memoryview:
         if self._mv is None:
