@@ -366,3 +366,51 @@ async def test_a_save_through_a_passed_fd_never_completes_with_a_broken_file_und
     else:
         assert "O_APPEND" in saved["error"], saved
     await qmp.execute("remove-fd", {"fdset-id": 6})
+
+
+def test_two_object_adds_extending_one_empty_file_at_once_never_cut_the_added_one(
+    logged_daemon: tuple[DaemonProcess, Path], shm: Path
+) -> None:
+    """Two clients name one existing empty file at once, with other ids: one of 8 MiB,
+    one of a size that cannot be mapped. Both saw the file empty and extended it; the
+    refused one then cut it back to empty under the other's mapping: 25 of 300 rounds
+    answered the 8 MiB object-add {} with its file at 0 bytes (each save of it then
+    fails), and some answered "Internal error: ValueError: mmap length is greater than
+    file size" (red-team, rt-proto). A backend that was added keeps its file's size."""
+    daemon, log = logged_daemon
+    clients = {name: RawClient(daemon.socket_path).negotiate() for name in ("a", "b")}
+    sizes = {"a": 8 << 20, "b": (1 << 62) - PAGE}  # b: refused, "Cannot allocate memory"
+    wrong: Counter[str] = Counter()
+    for n in range(300):
+        path = shm / f"f{n}"
+        path.touch(mode=0o600)
+        start = threading.Barrier(2)
+        replies: dict[str, dict] = {}
+
+        def add(
+            name: str,
+            path: Path = path,
+            start: threading.Barrier = start,
+            replies: dict[str, dict] = replies,
+        ) -> None:
+            spec = {"qom-type": "memory-backend-file", "id": name, "size": sizes[name]}
+            start.wait()
+            replies[name] = clients[name].execute("object-add", {**spec, "mem-path": str(path)})
+
+        threads = [threading.Thread(target=add, args=(name,)) for name in clients]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for name, reply in replies.items():
+            if "Internal error" in reply.get("error", {}).get("desc", ""):
+                wrong[reply["error"]["desc"]] += 1
+            elif "return" in reply:
+                if name == "a" and path.stat().st_size != sizes["a"]:
+                    wrong[f"added, its file then {path.stat().st_size} bytes"] += 1
+                clients[name].ok("object-del", {"id": name})
+        path.unlink()
+    for client in clients.values():
+        client.close()
+    assert not wrong, wrong
+    assert "Traceback" not in log.read_text()

@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import mmap
 import os
 import re
 import stat
+import struct
 from collections.abc import Callable, Collection, Iterator
 
 from ..errors import BackendError
@@ -504,6 +506,7 @@ def create_file_backend(
             ) from None
     step = "use"
     st: os.stat_result | None = None
+    extending = False
     try:
         st = os.fstat(fd)
         if stat.S_ISDIR(st.st_mode):
@@ -512,6 +515,13 @@ def create_file_backend(
             raise BackendError(f"Could not use '{mem_path}': not a regular file")
         if refuse_file is not None:
             refuse_file((st.st_dev, st.st_ino))
+        # Two requests may set up one existing empty file at once (no claim covers a file
+        # neither created): one extended it and, refused after all, cut it back to empty
+        # under the mapping of the other, which had seen it extended or empty (red-team,
+        # rt-proto: 25 of 300 rounds answered {} to an object-add whose file was then 0
+        # bytes). Its size is read, and it is extended and mapped, under a lock of migd's.
+        extending = _lock_extending(fd, mem_path)
+        st = os.fstat(fd)
         if 0 < st.st_size < size:
             raise BackendError(
                 f"{id} backing store size 0x{st.st_size:x} is too small for 'size' option "
@@ -528,26 +538,65 @@ def create_file_backend(
         if st.st_size == 0:
             os.ftruncate(fd, size)
         step = "map"
-        mm = mmap.mmap(
-            fd,
-            size,
-            flags=mmap.MAP_SHARED if share else mmap.MAP_PRIVATE,
-            prot=mmap.PROT_READ | mmap.PROT_WRITE,
-        )
+        try:
+            mm = mmap.mmap(
+                fd,
+                size,
+                flags=mmap.MAP_SHARED if share else mmap.MAP_PRIVATE,
+                prot=mmap.PROT_READ | mmap.PROT_WRITE,
+            )
+        except ValueError:  # Python's own check: another process cut the file meanwhile
+            raise BackendError(
+                f"Could not map '{mem_path}': it is now {os.fstat(fd).st_size} bytes, "
+                f"shorter than 'size' {size} (cut by another process meanwhile)"
+            ) from None
     except BaseException as e:
         if created:
             remove_created(mem_path, fd)  # unless another request has opened it since
         elif st is not None and st.st_size == 0 and step in ("extend", "map"):
             _restore_empty(fd, st)
+        if extending:
+            _unlock_extending(fd)
         close_fd(fd)
         if isinstance(e, OSError):
             raise BackendError(f"Could not {step} '{mem_path}': {e.strerror}") from None
         raise
+    if extending:
+        _unlock_extending(fd)
     backend = MemoryBackend(
         id, size, "memory-backend-file", mm, fd, mem_path, share, block_name, close_fd
     )
     backend.created_file = created
     return backend
+
+
+# One byte past paths.py's claim byte (1 << 62): far past any data, locked only by migd.
+_EXTEND_BYTE = (1 << 62) + 1
+_FLOCK = "hhqqi4x"  # struct flock: type, whence, start, len, pid (x86-64 and aarch64)
+
+
+def _lock_extending(fd: int, mem_path: str) -> bool:
+    """Hold migd's lock for sizing a memory file: reading its size, extending it if empty,
+    mapping it (an open-file-description lock, so that it also excludes another request
+    of this process) -> True if taken, False where the filesystem has no such locks.
+    Refused, not waited for, while another request holds it: it holds it only for those
+    steps, and no other program may keep an object-add waiting."""
+    request = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, _EXTEND_BYTE, 1, 0)
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, request)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            raise BackendError(
+                f"'{mem_path}' is being set up as memory by another request of migd's: try again"
+            ) from None
+        return False
+    return True
+
+
+def _unlock_extending(fd: int) -> None:
+    request = struct.pack(_FLOCK, fcntl.F_UNLCK, os.SEEK_SET, _EXTEND_BYTE, 1, 0)
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, request)
 
 
 def _restore_empty(fd: int, st: os.stat_result) -> None:
