@@ -3,11 +3,14 @@ another's runs (red-team of the protocol and multi-client side, branch rt-proto)
 
 from __future__ import annotations
 
+import array
 import asyncio
 import errno
 import fcntl
+import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from migd.errors import BackendError
+from migd.qmp.wire import decode_request
 from migd.state import fdsets
 from migd.state.memory import MemoryBackend, create_file_backend
 
@@ -414,3 +418,34 @@ def test_two_object_adds_extending_one_empty_file_at_once_never_cut_the_added_on
         client.close()
     assert not wrong, wrong
     assert "Traceback" not in log.read_text()
+
+
+def test_a_reply_naming_a_file_whose_name_is_not_utf8_is_json_qemu_reads(
+    daemon: DaemonProcess, short_dir: Path
+) -> None:
+    """Errors name a passed fd's file by the name the kernel gives (os.readlink), which
+    keeps a byte that is not UTF-8 as a lone surrogate: the reply carried an escape like
+    \\udcff, which QEMU's JSON parser and migd's own refuse ("\\udcff is not a valid
+    Unicode character") (red-team, rt-proto). As QEMU's writer does, such a byte is
+    U+FFFD on the wire."""
+    name = os.fsencode(short_dir) + b"/ram-\xff"
+    fd = os.open(name, os.O_RDONLY | os.O_CREAT, 0o600)
+    client = RawClient(daemon.socket_path).negotiate()
+    try:
+        client.sock.sendmsg(
+            [b'{"execute": "add-fd", "arguments": {"fdset-id": 3}}'],
+            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))],
+        )
+        assert client.recv_reply()["return"]["fdset-id"] == 3
+        client.send(
+            {"execute": "memory-restore", "arguments": {"job-id": "r", "uri": "file:/dev/fdset/3"}}
+        )
+        while b"\r\n" not in client._buf:
+            client._buf += client.sock.recv(65536)
+        line, client._buf = client._buf.split(b"\r\n", 1)
+        decode_request(b'{"execute": "x", "id": ' + line + b"}")  # raises on a lone surrogate
+        desc = json.loads(line)["error"]["desc"]
+        assert desc == f"'{short_dir}/ram-\ufffd': the file is empty: not a save file"
+    finally:
+        os.close(fd)
+        client.close()
