@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from migd.errors import BackendError
+from migd.qmp import server
 from migd.qmp.wire import decode_request
 from migd.state import fdsets
 from migd.state.memory import MemoryBackend, create_file_backend
@@ -449,3 +450,41 @@ def test_a_reply_naming_a_file_whose_name_is_not_utf8_is_json_qemu_reads(
     finally:
         os.close(fd)
         client.close()
+
+
+async def test_another_client_is_answered_while_a_clients_unused_fds_are_closed(
+    migd_inproc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fds a client passed and left unused (a new batch replaces them, or a command took
+    one fd of a batch) were closed on the event loop: for the last reference to a memfd,
+    50 ms per GiB, in which no other client was answered (red-team, rt-proto). Here the
+    close waits, as such a close does, until another client has been answered, or 5 s."""
+    closing = threading.Event()
+    answered = threading.Event()
+    woke: list[bool] = []
+    real_close_fds = getattr(server, "close_fds", None)
+
+    def slow_close_fds(fds: list[int]) -> None:
+        closing.set()
+        woke.append(answered.wait(5))
+        real_close_fds(fds)
+
+    monkeypatch.setattr(server, "close_fds", slow_close_fds, raising=False)
+    passer = await migd_inproc.client("passer")
+    other = await migd_inproc.client("other")
+    memfd = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
+    try:
+        passer.send_fd_scm(memfd)  # a batch no command takes
+        passer.send_fd_scm(memfd)  # the next batch replaces it: the first one is closed
+        replaced = asyncio.create_task(passer.execute("add-fd", {"fdset-id": 9}))
+        assert await asyncio.to_thread(closing.wait, 5)
+        await asyncio.wait_for(other.execute("query-version"), 5)
+        answered.set()
+        assert (await replaced)["fdset-id"] == 9
+        assert woke[0] is True, "no other client was answered while unused fds were closed"
+        await passer.execute("remove-fd", {"fdset-id": 9})
+    finally:
+        os.close(memfd)
+        answered.set()
+    await passer.disconnect()
+    await other.disconnect()
