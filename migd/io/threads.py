@@ -39,6 +39,7 @@ from typing import Any
 
 from ..errors import ChannelError, MemoryFault, MigdError
 from ..pages import CHUNK_PAGES, PAGE_SIZE, READ_CHUNK_PAGES
+from ..state.fdsets import AppendingFd, pwrite_at
 from .engine import BlockIO, Counters, PageRun, Transfer, UnitSink
 from .residency import PageCacheProbe
 from .share import DiskShare
@@ -71,9 +72,13 @@ def write_fully(
     """
     while data:
         try:
-            done = os.pwritev(fd, [data], offset) if vectored else os.pwrite(fd, data, offset)
+            # At the offset even if a holder of a passed fd set O_APPEND (state/fdsets.py
+            # pwrite_at): a save 'completed' with its pages appended past its layout.
+            done = pwrite_at(fd, data, offset, vectored=vectored)
         except InterruptedError:
             continue
+        except AppendingFd as exc:
+            raise ChannelError(f"Could not write '{path}': {exc.desc}") from None
         except OSError as exc:
             raise _describe(exc, "write", path) from None
         if done == 0:

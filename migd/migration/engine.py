@@ -554,8 +554,10 @@ class MigrationEngine:
 
     def refuse_job_file(self, identity: tuple[int, int], path: str) -> None:
         """object-add: refuse a memory file that is the file of a running job (a restore
-        into the new backend would overwrite the save the job reads or writes)."""
-        for job in self.jobs.values():
+        into the new backend would overwrite the save the job reads or writes).
+        Called from object-add's worker thread too: it walks a copy of the jobs, which
+        other clients' commands change on the event loop meanwhile."""
+        for job in list(self.jobs.values()):
             if job.active and job.file_identity == identity:
                 raise MigrationError(
                     f"'{path}' is the file of job '{job.id}' ({job.direction} of "

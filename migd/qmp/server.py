@@ -128,23 +128,26 @@ class Session:
         self._fd_taken = True
         return self.pending_fds.pop(0)
 
-    def _replace_pending_fds(self, fds: list[int]) -> None:
+    async def _replace_pending_fds(self, fds: list[int]) -> None:
         # As QEMU's chardev: a new batch of fds drops whatever the last batch left unused.
-        self._close_pending_fds()
+        unused = self._take_pending_fds()
         self.pending_fds = fds
         self._fds_refused = None
         try:
             check_room_for_passed_fds()
         except FdError as exc:
             # Over the cap: close the batch now; the command meant to take it says why.
-            self._close_pending_fds()
+            unused += self._take_pending_fds()
             self._fds_refused = exc
+        await _close_off_loop(unused)
+
+    def _take_pending_fds(self) -> list[int]:
+        fds, self.pending_fds = self.pending_fds, []
+        return fds
 
     def _close_pending_fds(self) -> None:
-        for fd in self.pending_fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self.pending_fds = []
+        """At disconnect, on the loop: a finally that awaited could be cancelled midway."""
+        close_fds(self._take_pending_fds())
 
     # -- I/O -------------------------------------------------------------------------
 
@@ -261,7 +264,7 @@ class Session:
                 await self._pause_while_replies_unread()
                 data, fds = await self._recv()
                 if fds:
-                    self._replace_pending_fds(fds)
+                    await self._replace_pending_fds(fds)
                 if not data or self._closing:
                     break  # a read that raced with close() is not handled
                 # Framed a slice at a time, yielding after each: the splitter's cost is
@@ -322,7 +325,22 @@ class Session:
         finally:
             if self._fd_taken:
                 # As QEMU: a command consumes one fd of a batch and the extras are closed.
-                self._close_pending_fds()
+                await _close_off_loop(self._take_pending_fds())
+
+
+def close_fds(fds: list[int]) -> None:
+    """Close passed fds a client left unused (blocking: see _close_off_loop)."""
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+async def _close_off_loop(fds: list[int]) -> None:
+    """Close fds in a worker thread: the close of the last reference to a memfd frees its
+    memory, 50 ms per GiB, in which no other client would be answered (red-team,
+    rt-proto); the caller goes on once they are closed."""
+    if fds:
+        await asyncio.to_thread(close_fds, fds)
 
 
 class _DaemonUnsent:

@@ -403,6 +403,24 @@ def greeting(major: int, minor: int, micro: int, package: str) -> dict[str, Any]
     return {"QMP": {"version": version, "capabilities": []}}
 
 
+def _without_lone_surrogates(value: Any) -> Any:
+    """A copy of a JSON value whose strings have each lone surrogate replaced by U+FFFD.
+    A file's name as the kernel gives it (os.readlink of a passed fd, in an error text)
+    keeps each byte that is not UTF-8 as a lone surrogate, which json.dumps writes as an
+    escape like \\udcff: JSON that QEMU's parser, and migd's own (decode_request),
+    refuse (red-team, rt-proto). QEMU's JSON writer puts U+FFFD for such bytes."""
+    if isinstance(value, str):
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, dict):
+        return {_without_lone_surrogates(k): _without_lone_surrogates(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_lone_surrogates(item) for item in value]
+    return value
+
+
 def encode(msg: dict[str, Any]) -> bytes:
     # allow_nan=False: a reply is JSON or an error here, never NaN or Infinity on the wire.
-    return json.dumps(msg, separators=(", ", ": "), allow_nan=False).encode() + b"\r\n"
+    text = json.dumps(msg, separators=(", ", ": "), allow_nan=False)
+    if "\\ud" in text:  # a surrogate, maybe lone (a pair is a character beyond U+FFFF)
+        text = json.dumps(_without_lone_surrogates(msg), separators=(", ", ": "), allow_nan=False)
+    return text.encode() + b"\r\n"

@@ -18,6 +18,7 @@ files". A passed fd over the cap is closed and the command fails with a clear er
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import re
@@ -126,6 +127,39 @@ def file_name(path: str, fd: int) -> str:
     except OSError:
         return path
     return name if name.startswith("/") else path
+
+
+# pwritev2's flag that writes at the offset even where the open file description has
+# O_APPEND (Linux 6.9, uapi/linux/fs.h); the os module does not export it.
+RWF_NOAPPEND = 0x20
+
+
+class AppendingFd(FdError):
+    """A positional write refused: the fd's description has O_APPEND."""
+
+
+def pwrite_at(fd: int, data: memoryview, offset: int, *, vectored: bool = True) -> int:
+    """One positional write of `data` at `offset` -> bytes written, even where the fd's
+    open file description has O_APPEND, with which Linux's pwrite appends whatever the
+    offset. A passed fd's description is shared with whoever passed it (the client, a VMM
+    given the same memfd): migd clears O_APPEND when it takes a dup (dup_from_fdset), but
+    any holder may set it again later, and a save then 'completed' with its pages appended
+    past the layout, a restore with the memory unchanged (red-team, rt-proto).
+    pwritev2(RWF_NOAPPEND) writes at the offset anyway; a kernel that refuses the flag, or
+    `vectored=False` (metadata goes through plain pwrite, so that a trace tells it from
+    page data), has O_APPEND refused instead: AppendingFd."""
+    if vectored:
+        try:
+            return os.pwritev(fd, [data], offset, RWF_NOAPPEND)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+    if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND:
+        raise AppendingFd(
+            "it is open for appending (O_APPEND, set by another holder of its passed fd): "
+            "a positional write would land at its end"
+        )
+    return os.pwritev(fd, [data], offset) if vectored else os.pwrite(fd, data, offset)
 
 
 def parse_fdset_id(path: str) -> int:

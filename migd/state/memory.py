@@ -5,15 +5,17 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import mmap
 import os
 import re
 import stat
+import struct
 from collections.abc import Callable, Collection, Iterator
 
 from ..errors import BackendError
 from ..pages import PAGE_SIZE
-from .fdsets import file_name
+from .fdsets import AppendingFd, file_name, pwrite_at
 from .paths import (
     FileOpener,
     open_regular,
@@ -158,6 +160,10 @@ class MemoryBackend:
         self._mm: mmap.mmap | None = mm
         self._mv: memoryview | None = memoryview(mm)
         self._fd = fd
+        # Read once: an fd's file never changes, and object-add compares it from a worker
+        # thread, where an fstat of a backend another client deletes meanwhile could hit
+        # a closed fd (or its number reused for another file).
+        self._identity = _identity_of(fd)
         self._close_fd = close_fd  # a dup of a passed fdset is closed through the FdStore
         self._huge_pages: bool | None = None  # huge_pages, found out at first use
         anchor = ctypes.c_char.from_buffer(mm)
@@ -168,11 +174,8 @@ class MemoryBackend:
         return f"<MemoryBackend {self.id!r} {self.qom_type} size={self.size}>"
 
     def file_identity(self) -> tuple[int, int] | None:
-        """(st_dev, st_ino) of the mapped file; None for anonymous memory."""
-        if self._fd is None:
-            return None
-        st = os.fstat(self._fd)
-        return st.st_dev, st.st_ino
+        """(st_dev, st_ino) of the mapped file; None for anonymous memory or once closed."""
+        return None if self._fd is None else self._identity
 
     @property
     def fd(self) -> int | None:
@@ -213,9 +216,15 @@ class MemoryBackend:
             )
         while data:
             try:
-                done = os.pwrite(fd, data, offset)
+                # At the offset even if a holder of a passed fd set O_APPEND (a restore
+                # 'completed' with its bytes appended and the memory unchanged).
+                done = pwrite_at(fd, data, offset)
             except InterruptedError:
                 continue
+            except AppendingFd as exc:
+                raise BackendError(
+                    f"Memory backend '{self.id}' file '{self.file_name}': {exc.desc}"
+                ) from None
             except OSError as exc:
                 if exc.errno in _ALLOCATION_ERRNOS:
                     raise self._allocation_error(exc.errno) from None
@@ -419,8 +428,19 @@ class MemoryBackend:
                 self._mm.close()
             self._mm = None
         if self._fd is not None:
-            self._close_fd(self._fd)
-            self._fd = None
+            # Forgotten before it is closed: a worker thread that read the fd (a save's
+            # start reading its marks) then sees the backend closed whenever its fd may
+            # already be closed, or its number taken by another file.
+            fd, self._fd = self._fd, None
+            self._close_fd(fd)
+
+
+def _identity_of(fd: int | None) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of fd's file; None without an fd."""
+    if fd is None:
+        return None
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
 
 
 def _validate(id: str, size: int, ramblock_name: str | None) -> str:
@@ -486,6 +506,7 @@ def create_file_backend(
             ) from None
     step = "use"
     st: os.stat_result | None = None
+    extending = False
     try:
         st = os.fstat(fd)
         if stat.S_ISDIR(st.st_mode):
@@ -494,6 +515,13 @@ def create_file_backend(
             raise BackendError(f"Could not use '{mem_path}': not a regular file")
         if refuse_file is not None:
             refuse_file((st.st_dev, st.st_ino))
+        # Two requests may set up one existing empty file at once (no claim covers a file
+        # neither created): one extended it and, refused after all, cut it back to empty
+        # under the mapping of the other, which had seen it extended or empty (red-team,
+        # rt-proto: 25 of 300 rounds answered {} to an object-add whose file was then 0
+        # bytes). Its size is read, and it is extended and mapped, under a lock of migd's.
+        extending = _lock_extending(fd, mem_path)
+        st = os.fstat(fd)
         if 0 < st.st_size < size:
             raise BackendError(
                 f"{id} backing store size 0x{st.st_size:x} is too small for 'size' option "
@@ -510,26 +538,65 @@ def create_file_backend(
         if st.st_size == 0:
             os.ftruncate(fd, size)
         step = "map"
-        mm = mmap.mmap(
-            fd,
-            size,
-            flags=mmap.MAP_SHARED if share else mmap.MAP_PRIVATE,
-            prot=mmap.PROT_READ | mmap.PROT_WRITE,
-        )
+        try:
+            mm = mmap.mmap(
+                fd,
+                size,
+                flags=mmap.MAP_SHARED if share else mmap.MAP_PRIVATE,
+                prot=mmap.PROT_READ | mmap.PROT_WRITE,
+            )
+        except ValueError:  # Python's own check: another process cut the file meanwhile
+            raise BackendError(
+                f"Could not map '{mem_path}': it is now {os.fstat(fd).st_size} bytes, "
+                f"shorter than 'size' {size} (cut by another process meanwhile)"
+            ) from None
     except BaseException as e:
         if created:
             remove_created(mem_path, fd)  # unless another request has opened it since
         elif st is not None and st.st_size == 0 and step in ("extend", "map"):
             _restore_empty(fd, st)
+        if extending:
+            _unlock_extending(fd)
         close_fd(fd)
         if isinstance(e, OSError):
             raise BackendError(f"Could not {step} '{mem_path}': {e.strerror}") from None
         raise
+    if extending:
+        _unlock_extending(fd)
     backend = MemoryBackend(
         id, size, "memory-backend-file", mm, fd, mem_path, share, block_name, close_fd
     )
     backend.created_file = created
     return backend
+
+
+# One byte past paths.py's claim byte (1 << 62): far past any data, locked only by migd.
+_EXTEND_BYTE = (1 << 62) + 1
+_FLOCK = "hhqqi4x"  # struct flock: type, whence, start, len, pid (x86-64 and aarch64)
+
+
+def _lock_extending(fd: int, mem_path: str) -> bool:
+    """Hold migd's lock for sizing a memory file: reading its size, extending it if empty,
+    mapping it (an open-file-description lock, so that it also excludes another request
+    of this process) -> True if taken, False where the filesystem has no such locks.
+    Refused, not waited for, while another request holds it: it holds it only for those
+    steps, and no other program may keep an object-add waiting."""
+    request = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, _EXTEND_BYTE, 1, 0)
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, request)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            raise BackendError(
+                f"'{mem_path}' is being set up as memory by another request of migd's: try again"
+            ) from None
+        return False
+    return True
+
+
+def _unlock_extending(fd: int) -> None:
+    request = struct.pack(_FLOCK, fcntl.F_UNLCK, os.SEEK_SET, _EXTEND_BYTE, 1, 0)
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, request)
 
 
 def _restore_empty(fd: int, st: os.stat_result) -> None:
@@ -606,8 +673,13 @@ class MemoryRegistry:
     def refuse_shared_file(self, identity: tuple[int, int], path: str) -> None:
         """Refuse a second backend on a backend's file (same device and inode, whatever
         the name): a restore into both would write each block's pages over the other's,
-        and the checks of one would blame the save file for the other's bytes."""
-        for other in self._backends.values():
+        and the checks of one would blame the save file for the other's bytes.
+
+        object-add calls this from a worker thread too, while other clients' commands
+        change the backends on the event loop: it walks a copy (list() of a dict is one
+        step for the GIL), never the dict itself ("dictionary changed size during
+        iteration", red-team rt-proto)."""
+        for other in list(self._backends.values()):
             if other.file_identity() == identity:
                 named = other.file_name if other.file_name not in (None, path) else None
                 raise BackendError(
@@ -618,11 +690,16 @@ class MemoryRegistry:
 
     def remove(self, id: str) -> None:
         """Unregister and close a backend no migration is using."""
+        self.take(id).close()
+
+    def take(self, id: str) -> MemoryBackend:
+        """Unregister a backend no migration is using; the caller closes it (object-del
+        does so off the event loop: unmapping populated memory takes 20-25 ms per GiB)."""
         backend = self.get(id)
         if backend.in_use > 0:
             raise BackendError(f"Memory backend '{id}' is in use by a migration")
         del self._backends[id]
-        backend.close()
+        return backend
 
     def get(self, id: str) -> MemoryBackend:
         try:

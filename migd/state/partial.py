@@ -186,7 +186,22 @@ class PartialMarks:
             # Memory with no file of its own to mark (memory-backend-ram, share=false)
             # carries its mark in the daemon only: it does not outlive the daemon anyway.
             marked = self.needs_mark(backend)
-            mark = self.read(backend) if marked else backend.partial_restore
+            try:
+                mark = self.read(backend) if marked else backend.partial_restore
+            except OSError as exc:
+                if backend.fd is None:
+                    continue  # closed meanwhile: below
+                raise MigrationError(
+                    f"Could not read the partial-restore mark of memory backend "
+                    f"'{backend.id}' file '{backend.file_name}': {exc.strerror}"
+                ) from None
+            if marked and backend.fd is None:
+                # Deleted by another client while this ran in a worker thread (object-del
+                # on the event loop): the fd read may have been closed, or reused for
+                # another file. The save's start finds the backend gone and refuses,
+                # naming that (engine._refuse_changed_backends); before, "Internal
+                # error: OSError: Bad file descriptor" (red-team, rt-proto).
+                continue
             if mark is not None:
                 where = f": its file '{backend.file_name}' was left so by" if marked else ", from"
                 raise MigrationError(
