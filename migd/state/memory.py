@@ -10,14 +10,15 @@ import mmap
 import os
 import re
 import stat
-import struct
 from collections.abc import Callable, Collection, Iterator
 
 from ..errors import BackendError
 from ..pages import PAGE_SIZE
 from .fdsets import AppendingFd, file_name, pwrite_at
 from .paths import (
+    EXTEND_BYTE,
     FileOpener,
+    ofd_lock,
     open_regular,
     plain_open,
     remove_created,
@@ -570,33 +571,22 @@ def create_file_backend(
     return backend
 
 
-# One byte past paths.py's claim byte (1 << 62): far past any data, locked only by migd.
-_EXTEND_BYTE = (1 << 62) + 1
-_FLOCK = "hhqqi4x"  # struct flock: type, whence, start, len, pid (x86-64 and aarch64)
-
-
 def _lock_extending(fd: int, mem_path: str) -> bool:
     """Hold migd's lock for sizing a memory file: reading its size, extending it if empty,
     mapping it (an open-file-description lock, so that it also excludes another request
     of this process) -> True if taken, False where the filesystem has no such locks.
     Refused, not waited for, while another request holds it: it holds it only for those
     steps, and no other program may keep an object-add waiting."""
-    request = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, _EXTEND_BYTE, 1, 0)
-    try:
-        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, request)
-    except OSError as exc:
-        if exc.errno in (errno.EAGAIN, errno.EACCES):
-            raise BackendError(
-                f"'{mem_path}' is being set up as memory by another request of migd's: try again"
-            ) from None
-        return False
-    return True
+    taken = ofd_lock(fd, fcntl.F_WRLCK, EXTEND_BYTE)
+    if taken is False:
+        raise BackendError(
+            f"'{mem_path}' is being set up as memory by another request of migd's: try again"
+        )
+    return bool(taken)
 
 
 def _unlock_extending(fd: int) -> None:
-    request = struct.pack(_FLOCK, fcntl.F_UNLCK, os.SEEK_SET, _EXTEND_BYTE, 1, 0)
-    with contextlib.suppress(OSError):
-        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, request)
+    ofd_lock(fd, fcntl.F_UNLCK, EXTEND_BYTE)
 
 
 def _restore_empty(fd: int, st: os.stat_result) -> None:

@@ -327,14 +327,17 @@ def resolve_trusted(path: str, owners: Collection[int]) -> tuple[str, os.stat_re
 # its lock if B already has one, and then leaves the file to B. The kernel drops a lock
 # with the last fd of its open: nothing to clean up, and nothing to wait for or scan.
 _CLAIM_BYTE = 1 << 62
+EXTEND_BYTE = _CLAIM_BYTE + 1  # state/memory.py's lock for sizing a memory file
 _FLOCK = "hhqqi4x"  # struct flock: type, whence, start, len, pid (x86-64 and aarch64)
 
 
-def _claim(fd: int, kind: int) -> bool | None:
-    """Take (or change to) the claim lock `kind` (fcntl.F_WRLCK / F_RDLCK) on `fd` ->
-    True, False if another request holds a conflicting one, None where the filesystem
-    has no such locks (then nothing is known, and a created file is never removed)."""
-    request = struct.pack(_FLOCK, kind, os.SEEK_SET, _CLAIM_BYTE, 1, 0)
+def ofd_lock(fd: int, kind: int, byte: int) -> bool | None:
+    """Take, change or drop (fcntl.F_WRLCK / F_RDLCK / F_UNLCK) an open-file-description
+    lock on one `byte` of fd's file, never waiting -> True, False if another open file
+    description holds a conflicting one (another request of this process too: OFD locks,
+    unlike POSIX ones, are not shared by a process's fds), None where the filesystem has
+    no such locks."""
+    request = struct.pack(_FLOCK, kind, os.SEEK_SET, byte, 1, 0)
     try:
         fcntl.fcntl(fd, fcntl.F_OFD_SETLK, request)
     except OSError as exc:
@@ -342,6 +345,13 @@ def _claim(fd: int, kind: int) -> bool | None:
             return False
         return None
     return True
+
+
+def _claim(fd: int, kind: int) -> bool | None:
+    """Take (or change to) the claim lock `kind` (fcntl.F_WRLCK / F_RDLCK) on `fd` ->
+    True, False if another request holds a conflicting one, None where the filesystem
+    has no such locks (then nothing is known, and a created file is never removed)."""
+    return ofd_lock(fd, kind, _CLAIM_BYTE)
 
 
 def settle_claim(fd: int) -> None:
