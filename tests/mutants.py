@@ -305,7 +305,7 @@ MUTANTS = [
     Mutant(
         "partial-restore-not-marked",
         "migd/migration/engine.py",
-        "await asyncio.to_thread(self.partial.set_all, job.backends, path)",
+        "await job_thread(self.partial.set_all, job.backends, path)",
         "await asyncio.sleep(0)",
         ("tests/test_partial_restore.py",),
     ),
@@ -967,6 +967,142 @@ MUTANTS = [
         "                return\n",
         ("tests/test_serving.py::"
          "test_many_silent_clients_each_under_the_pause_bound_are_bounded_together",),
+    ),
+    Mutant(
+        "backends-walked-while-other-clients-change-them",
+        "migd/state/memory.py",
+        "        for other in list(self._backends.values()):",
+        "        for other in self._backends.values():",
+        ("tests/test_session_races.py::"
+         "test_object_adds_of_two_clients_at_once_never_fail_with_an_internal_error",),
+    ),
+    Mutant(
+        "save-start-reads-the-mark-of-a-deleted-backend",
+        "migd/state/partial.py",
+        "            if marked and backend.fd is None:",
+        "            if False:",
+        ("tests/test_session_races.py::"
+         "test_a_save_started_while_another_client_deletes_its_backend_is_refused_cleanly",),
+    ),
+    Mutant(
+        "object-del-unmaps-on-the-event-loop",
+        "migd/api/memory.py",
+        "    await asyncio.to_thread(backend.close)",
+        "    backend.close()",
+        ("tests/test_session_races.py::"
+         "test_another_client_is_answered_while_object_del_unmaps_a_backend",),
+    ),
+    Mutant(
+        "remove-fd-closes-on-the-event-loop",
+        "migd/api/fds.py",
+        "    await asyncio.to_thread(ctx.services.fdsets.remove_fd, args.fdset_id, args.fd)",
+        "    ctx.services.fdsets.remove_fd(args.fdset_id, args.fd)",
+        ("tests/test_session_races.py::"
+         "test_another_client_is_answered_while_a_passed_fd_is_closed",),
+    ),
+    Mutant(
+        "unused-passed-fds-closed-on-the-event-loop",
+        "migd/qmp/server.py",
+        "        await _close_off_loop(unused)",
+        "        close_fds(unused)",
+        ("tests/test_session_races.py::"
+         "test_another_client_is_answered_while_a_clients_unused_fds_are_closed",),
+    ),
+    Mutant(
+        "page-writes-append-under-o-append",
+        "migd/state/fdsets.py",
+        "            return os.pwritev(fd, [data], offset, RWF_NOAPPEND)",
+        "            return os.pwritev(fd, [data], offset)",
+        ("tests/test_session_races.py::"
+         "test_a_restore_into_a_passed_memfd_lands_though_its_holder_set_o_append",),
+    ),
+    Mutant(
+        "memory-file-sized-without-the-lock",
+        "migd/state/memory.py",
+        "        extending = _lock_extending(fd, mem_path)",
+        "        extending = False",
+        ("tests/test_session_races.py::"
+         "test_two_object_adds_extending_one_empty_file_at_once_never_cut_the_added_one",),
+    ),
+    Mutant(
+        "lone-surrogates-written-as-escapes",
+        "migd/qmp/wire.py",
+        '    if "\\\\ud" in text:',
+        "    if False:",
+        ("tests/test_session_races.py::"
+         "test_a_reply_naming_a_file_whose_name_is_not_utf8_is_json_qemu_reads",),
+    ),
+    Mutant(
+        "failed-save-keeps-its-end-section",
+        "migd/migration/mapped_ram/save.py",
+        "    except BaseException:\n        withdraw_end(job, layout, main_fd)\n        raise",
+        "    except BaseException:\n        raise",
+        ("tests/test_crash_consistency.py::"
+         "test_a_save_whose_final_sync_fails_leaves_no_complete_file",),
+    ),
+    Mutant(
+        "save-cancelled-during-its-end-keeps-it",
+        "migd/migration/mapped_ram/save.py",
+        "    if job.cancel.is_set():\n        withdraw_end(job, layout, main_fd)",
+        "    if False:\n        withdraw_end(job, layout, main_fd)",
+        ("tests/test_crash_consistency.py::"
+         "test_a_save_cancelled_while_it_writes_its_end_leaves_no_complete_file",),
+    ),
+    Mutant(
+        "cancelled-job-task-does-not-wait-for-its-thread",
+        "migd/migration/engine.py",
+        "        while not future.done():\n",
+        "        while False:\n",
+        ("tests/test_crash_consistency.py::"
+         "test_sigterm_while_a_save_writes_its_end_leaves_no_complete_file",),
+    ),
+    Mutant(
+        "new-save-file-directory-not-synced",
+        "migd/migration/mapped_ram/save.py",
+        "    job.target.sync_name()  # a new",
+        "    pass  # a new",
+        ("tests/test_durability.py::"
+         "test_a_save_to_a_new_file_syncs_its_directory_before_completed",),
+    ),
+    Mutant(
+        "vm-save-misses-a-resume-by-another-client",
+        "migd/tools/vm.py",
+        "        await _check_still_stopped(qemu, resumes)",
+        "        pass",
+        ("tests/test_vm_red_team.py::"
+         "test_a_guest_another_client_resumes_during_the_save_gives_no_image",),
+    ),
+    Mutant(
+        "vm-save-ctrl-c-skips-qemus-cancel",
+        "migd/tools/vm.py",
+        "            if _interrupted() and qemu not in _SILENT:",
+        "            if False:",
+        ("tests/test_vm_red_team.py::"
+         "test_ctrl_c_while_qemu_writes_its_part_cancels_it_and_puts_the_settings_back",),
+    ),
+    Mutant(
+        "vm-save-keeps-qemus-settings-until-the-end",
+        "migd/tools/vm.py",
+        "        await settings.restore()  # QEMU's part is written",
+        "        pass  # QEMU's part is written",
+        ("tests/test_vm_red_team.py::"
+         "test_a_killed_vm_save_leaves_qemu_without_x_ignore_shared",),
+    ),
+    Mutant(
+        "vm-restore-opens-any-image",
+        "migd/tools/vm.py",
+        "    fd = _open_image(image)",
+        "    fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)",
+        ("tests/test_vm_red_team.py::"
+         "test_an_image_another_user_could_have_planted_is_refused_by_vm_restore",),
+    ),
+    Mutant(
+        "inspect-takes-an-unfinished-vm-save-for-foreign",
+        "migd/tools/vm.py",
+        "is_image(fd) or vm_image.is_unfinished(fd)):",
+        "is_image(fd)):",
+        ("tests/test_vm_red_team.py::"
+         "test_inspect_of_a_save_killed_before_its_header_says_the_save_did_not_finish",),
     ),
 ]  # fmt: skip
 
