@@ -1,5 +1,5 @@
 """Several clients at once against one daemon: what one session's command does while
-another's runs (red-team of the protocol and multi-client side, branch rt-proto)."""
+another's runs (red-team of the protocol and multi-client side, session 16)."""
 
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ def test_object_adds_of_two_clients_at_once_never_fail_with_an_internal_error(
     walked the daemon's dict of backends (fstat of each, which lets the event loop run)
     while another client's object-add or object-del changed it: "Internal error:
     RuntimeError: dictionary changed size during iteration" and a traceback in the log,
-    for about one object-add in ten with 100 backends (red-team, rt-proto). Two clients
+    for about one object-add in ten with 100 backends (red-team, session 16). Two clients
     each adding and deleting a backend of its own file must both always succeed."""
     daemon, log = logged_daemon
     setup = RawClient(daemon.socket_path).negotiate()
@@ -154,7 +154,7 @@ def test_a_save_started_while_another_client_deletes_its_backend_is_refused_clea
     """A save reads its backends' partial-restore marks in a worker thread, through their
     fds; another client's object-del closed a backend's fd meanwhile: "Internal error:
     OSError: [Errno 9] Bad file descriptor" and a traceback, for about one save in twenty
-    (red-team, rt-proto), or a read of whatever file took the fd's number. The save must
+    (red-team, session 16), or a read of whatever file took the fd's number. The save must
     be refused as a save whose backend went ("not found", "changed"), or run."""
     daemon, log = logged_daemon
     saves = short_dir / "saves"
@@ -179,7 +179,7 @@ async def test_another_client_is_answered_while_object_del_unmaps_a_backend(
     """object-del unmapped the backend on the event loop: a populated mapping takes
     20-25 ms per GiB to unmap (2 GiB: 44-51 ms measured, a memory-backend-ram restored
     into or a saved memory file; a 64 GiB guest over a second), and no other client was
-    answered meanwhile (red-team, rt-proto). Here the unmap waits, as a long munmap does,
+    answered meanwhile (red-team, session 16). Here the unmap waits, as a long munmap does,
     until another client has been answered, or 5 s."""
     unmapping = threading.Event()
     answered = threading.Event()
@@ -215,7 +215,7 @@ async def test_another_client_is_answered_while_a_passed_fd_is_closed(
     """remove-fd, closefd and getfd (replacing a namesake) closed the stored fd on the
     event loop; when it is the last reference to a memfd, the close frees its memory:
     105 ms for 2 GiB, 400 ms for 8 GiB measured, in which no other client was answered
-    (red-team, rt-proto). Here the close waits, as such a close does, until another
+    (red-team, session 16). Here the close waits, as such a close does, until another
     client has been answered, or 5 s."""
     closing = threading.Event()
     answered = threading.Event()
@@ -278,7 +278,7 @@ async def test_a_restore_into_a_passed_memfd_lands_though_its_holder_set_o_appen
     set it again later. A staged restore (direct-io into memory on 4 KiB pages) pwrites
     into the memory file, and Linux's pwrite on an O_APPEND description appends: the
     restore ended 'completed', the memory as it was before, the file grown by the restored
-    bytes (red-team, rt-proto). The restored bytes must land in the memory."""
+    bytes (red-team, session 16). The restored bytes must land in the memory."""
     size = 8 << 20
     memfd = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
     try:
@@ -341,7 +341,7 @@ async def test_a_save_through_a_passed_fd_never_completes_with_a_broken_file_und
     """The save's side of the shared description: the client set O_APPEND on the fd it
     passed while the save ran, and the save ended 'completed' with its pages appended past
     its layout (118 MB for 64 MiB of memory), a file every reader refuses as incomplete
-    (red-team, rt-proto). Its pages must land at their offsets; its metadata, written
+    (red-team, session 16). Its pages must land at their offsets; its metadata, written
     with plain pwrite, is refused under O_APPEND: the save fails naming it, or completes
     with a whole file."""
     size = 8 << 20
@@ -381,7 +381,7 @@ def test_two_object_adds_extending_one_empty_file_at_once_never_cut_the_added_on
     refused one then cut it back to empty under the other's mapping: 25 of 300 rounds
     answered the 8 MiB object-add {} with its file at 0 bytes (each save of it then
     fails), and some answered "Internal error: ValueError: mmap length is greater than
-    file size" (red-team, rt-proto). A backend that was added keeps its file's size."""
+    file size" (red-team, session 16). A backend that was added keeps its file's size."""
     daemon, log = logged_daemon
     clients = {name: RawClient(daemon.socket_path).negotiate() for name in ("a", "b")}
     sizes = {"a": 8 << 20, "b": (1 << 62) - PAGE}  # b: refused, "Cannot allocate memory"
@@ -427,7 +427,7 @@ def test_a_reply_naming_a_file_whose_name_is_not_utf8_is_json_qemu_reads(
     """Errors name a passed fd's file by the name the kernel gives (os.readlink), which
     keeps a byte that is not UTF-8 as a lone surrogate: the reply carried an escape like
     \\udcff, which QEMU's JSON parser and migd's own refuse ("\\udcff is not a valid
-    Unicode character") (red-team, rt-proto). As QEMU's writer does, such a byte is
+    Unicode character") (red-team, session 16). As QEMU's writer does, such a byte is
     U+FFFD on the wire."""
     name = os.fsencode(short_dir) + b"/ram-\xff"
     fd = os.open(name, os.O_RDONLY | os.O_CREAT, 0o600)
@@ -457,7 +457,7 @@ async def test_another_client_is_answered_while_a_clients_unused_fds_are_closed(
 ) -> None:
     """fds a client passed and left unused (a new batch replaces them, or a command took
     one fd of a batch) were closed on the event loop: for the last reference to a memfd,
-    50 ms per GiB, in which no other client was answered (red-team, rt-proto). Here the
+    50 ms per GiB, in which no other client was answered (red-team, session 16). Here the
     close waits, as such a close does, until another client has been answered, or 5 s."""
     closing = threading.Event()
     answered = threading.Event()

@@ -1,4 +1,4 @@
-"""`migd vm save` / `vm restore` red-team, session 15: another QMP client of the same
+"""`migd vm save` / `vm restore` red-team, session 16: another QMP client of the same
 QEMU, a QEMU whose device state fails to load after the RAM landed, an image with bytes
 appended (docs/vm-image.md). Real QEMU processes, a real migd daemon."""
 

@@ -6,7 +6,7 @@ takes it; the store owns it from then on.
 The commands that close stored fds (getfd replacing a namesake, closefd, remove-fd) run
 the store's call in a worker thread: the close of the last reference to a memfd frees
 its memory, 50 ms per GiB (8 GiB: 400 ms), in which no other client was answered
-(red-team, rt-proto). The reply still comes once the fds are closed.
+(red-team, session 16). The reply still comes once the fds are closed.
 """
 
 from __future__ import annotations

@@ -174,7 +174,7 @@ async def object_del(ctx: Context, args: ObjectDelArgs) -> Empty:
     backend = ctx.services.memory.take(args.id)
     # munmap of a populated mapping frees its page tables (and a memory-backend-ram's
     # pages): 44-51 ms for 2 GiB, in which no other client was answered (red-team,
-    # rt-proto). Gone from the registry at once; the reply waits for the close, so
+    # session 16). Gone from the registry at once; the reply waits for the close, so
     # that the client's next command finds the file and any fdset dup released.
     await asyncio.to_thread(backend.close)
     return Empty()

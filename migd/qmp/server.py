@@ -338,7 +338,7 @@ def close_fds(fds: list[int]) -> None:
 async def _close_off_loop(fds: list[int]) -> None:
     """Close fds in a worker thread: the close of the last reference to a memfd frees its
     memory, 50 ms per GiB, in which no other client would be answered (red-team,
-    rt-proto); the caller goes on once they are closed."""
+    session 16); the caller goes on once they are closed."""
     if fds:
         await asyncio.to_thread(close_fds, fds)
 

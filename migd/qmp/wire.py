@@ -408,7 +408,7 @@ def _without_lone_surrogates(value: Any) -> Any:
     A file's name as the kernel gives it (os.readlink of a passed fd, in an error text)
     keeps each byte that is not UTF-8 as a lone surrogate, which json.dumps writes as an
     escape like \\udcff: JSON that QEMU's parser, and migd's own (decode_request),
-    refuse (red-team, rt-proto). QEMU's JSON writer puts U+FFFD for such bytes."""
+    refuse (red-team, session 16). QEMU's JSON writer puts U+FFFD for such bytes."""
     if isinstance(value, str):
         return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
     if isinstance(value, dict):

@@ -144,7 +144,7 @@ def pwrite_at(fd: int, data: memoryview, offset: int, *, vectored: bool = True) 
     offset. A passed fd's description is shared with whoever passed it (the client, a VMM
     given the same memfd): migd clears O_APPEND when it takes a dup (dup_from_fdset), but
     any holder may set it again later, and a save then 'completed' with its pages appended
-    past the layout, a restore with the memory unchanged (red-team, rt-proto).
+    past the layout, a restore with the memory unchanged (red-team, session 16).
     pwritev2(RWF_NOAPPEND) writes at the offset anyway; a kernel that refuses the flag, or
     `vectored=False` (metadata goes through plain pwrite, so that a trace tells it from
     page data), has O_APPEND refused instead: AppendingFd."""

@@ -519,7 +519,7 @@ def create_file_backend(
         # Two requests may set up one existing empty file at once (no claim covers a file
         # neither created): one extended it and, refused after all, cut it back to empty
         # under the mapping of the other, which had seen it extended or empty (red-team,
-        # rt-proto: 25 of 300 rounds answered {} to an object-add whose file was then 0
+        # session 16: 25 of 300 rounds answered {} to an object-add whose file was then 0
         # bytes). Its size is read, and it is extended and mapped, under a lock of migd's.
         extending = _lock_extending(fd, mem_path)
         st = os.fstat(fd)
@@ -668,7 +668,7 @@ class MemoryRegistry:
         object-add calls this from a worker thread too, while other clients' commands
         change the backends on the event loop: it walks a copy (list() of a dict is one
         step for the GIL), never the dict itself ("dictionary changed size during
-        iteration", red-team rt-proto)."""
+        iteration", red-team, session 16)."""
         for other in list(self._backends.values()):
             if other.file_identity() == identity:
                 named = other.file_name if other.file_name not in (None, path) else None

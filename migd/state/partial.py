@@ -200,7 +200,7 @@ class PartialMarks:
                 # on the event loop): the fd read may have been closed, or reused for
                 # another file. The save's start finds the backend gone and refuses,
                 # naming that (engine._refuse_changed_backends); before, "Internal
-                # error: OSError: Bad file descriptor" (red-team, rt-proto).
+                # error: OSError: Bad file descriptor" (red-team, session 16).
                 continue
             if mark is not None:
                 where = f": its file '{backend.file_name}' was left so by" if marked else ", from"
