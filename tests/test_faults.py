@@ -663,3 +663,66 @@ def test_sigkill_mid_save_leaves_a_file_that_is_inspected_and_refused_as_incompl
             second.proc.stderr.close()
     with contextlib.suppress(FileNotFoundError):
         os.unlink(short_dir / "a.sock")
+
+
+class HangFS(FaultFS):
+    """FaultFS whose LOOKUP of a name starting with "hung" waits until `release`, as a
+    dead NFS server or a stopped FUSE daemon does: every later request on the filesystem
+    waits behind it (the server is one thread)."""
+
+    def __init__(self, backing: Path, mountpoint: Path) -> None:
+        super().__init__(backing, mountpoint)
+        self.release = threading.Event()
+
+    def _handle(self, op: int, node: int, body: memoryview) -> bytes:
+        if op == F_LOOKUP and bytes(body).startswith(b"hung"):
+            self.release.wait(60)  # bounded: a failing test must not hang the mount
+        return super()._handle(op, node, body)
+
+
+def _threads_waiting_on_fuse(pid: int) -> int:
+    count = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            wchan = (task / "wchan").read_text()
+            count += "fuse" in wchan or "request_wait_answer" in wchan
+    return count
+
+
+def test_requests_stuck_on_a_dead_filesystem_do_not_hold_other_clients(short_dir, shm):
+    """A dozen object-adds whose mem-paths are on a filesystem that no longer answers each
+    hold a worker thread; another client's object-add and object-del are still answered
+    (before: asyncio's default executor had 6 threads on two CPUs, and six such requests
+    held every other client's commands that use one)."""
+    fs_iter = mounted_fuse(short_dir, "dead", HangFS)
+    fs = next(fs_iter)
+    daemon = start_daemon(short_dir / "qmp.sock")
+    stuck: list[RawClient] = []
+    try:
+        for i in range(12):
+            client = RawClient(daemon.socket_path, timeout=90).negotiate()
+            client.send({"execute": "object-add", "arguments": {
+                "qom-type": "memory-backend-file", "id": f"stuck{i}", "size": 1 << 20,
+                "mem-path": str(fs.mountpoint / f"hung{i}"), "share": True}})  # fmt: skip
+            stuck.append(client)
+        deadline = time.monotonic() + 30
+        while _threads_waiting_on_fuse(daemon.pid) < len(stuck):
+            assert time.monotonic() < deadline, "the requests did not reach the filesystem"
+            time.sleep(0.01)
+
+        other = RawClient(daemon.socket_path, timeout=30).negotiate()
+        (shm / "ram").write_bytes(b"")
+        assert "return" in other.execute("object-add", {
+            "qom-type": "memory-backend-file", "id": "ram", "size": 1 << 20,
+            "mem-path": str(shm / "ram"), "share": True})  # fmt: skip
+        assert "return" in other.execute("object-del", {"id": "ram"})
+        other.close()
+    finally:
+        fs.release.set()
+        for client in stuck:
+            with contextlib.suppress(OSError):
+                client.recv_reply()
+            client.close()
+        daemon.stop()
+        with contextlib.suppress(StopIteration):
+            next(fs_iter)

@@ -148,6 +148,43 @@ def _save_repeatedly(socket_path: Path, where: Path, rounds: int, errors: Counte
         client.close()
 
 
+async def test_an_object_add_whose_check_another_client_overtakes_sees_a_copy(
+    migd_inproc, shm: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race above made certain: object-add compares its file with every backend in a
+    worker thread; here that walk stops at its first backend until another client's
+    object-add has changed the registry, which the walk must not see ("dictionary
+    changed size during iteration" before)."""
+    entered, proceed = threading.Event(), threading.Event()
+    real_identity = MemoryBackend.file_identity
+    held: list[bool] = []
+
+    def held_identity(self: MemoryBackend) -> tuple[int, int] | None:
+        if threading.current_thread() is not threading.main_thread() and not held:
+            held.append(True)
+            entered.set()
+            proceed.wait(5)
+        return real_identity(self)
+
+    first, second = await migd_inproc.client("first"), await migd_inproc.client("second")
+    for name in ("a", "b", "c", "d"):
+        (shm / name).write_bytes(b"")
+    spec = {"qom-type": "memory-backend-file", "size": PAGE, "share": True}
+    await first.execute("object-add", {**spec, "id": "a", "mem-path": str(shm / "a")})
+    monkeypatch.setattr(MemoryBackend, "file_identity", held_identity)
+    adding = asyncio.create_task(
+        first.execute("object-add", {**spec, "id": "b", "mem-path": str(shm / "b")})
+    )
+    assert await asyncio.to_thread(entered.wait, 5)
+    await second.execute("object-add", {**spec, "id": "c", "mem-path": str(shm / "c")})
+    proceed.set()
+    assert await adding == {}
+    ids = sorted(m["id"] for m in await second.execute("query-memdev"))
+    assert ids == ["a", "b", "c"]
+    await first.disconnect()
+    await second.disconnect()
+
+
 def test_a_save_started_while_another_client_deletes_its_backend_is_refused_cleanly(
     logged_daemon: tuple[DaemonProcess, Path], shm: Path, short_dir: Path
 ) -> None:

@@ -26,6 +26,7 @@ import os
 import resource
 import signal
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import sdnotify
@@ -52,6 +53,8 @@ log = logging.getLogger(__name__)
 SD_LISTEN_FDS_START = 3
 # Seconds a request being handled at shutdown gets to finish and reply (step 2 above).
 SESSION_GRACE = 0.25
+# Threads of the event loop's default executor (asyncio.to_thread): see run().
+DEFAULT_EXECUTOR_THREADS = 64
 
 
 def inherited_listener() -> socket.socket | None:
@@ -171,6 +174,13 @@ class Daemon:
         # they kept the event loop from answering for some 20 ms (thread stacks are mapped
         # under the mm lock that running jobs' populators hold).
         WORKERS.warm()
+        # The commands' and jobs' own blocking steps (opens, closes, unmaps, syncs) run in
+        # the loop's default executor: min(32, CPUs + 4) threads, 6 on two CPUs. Six of
+        # them stuck on a dead filesystem (an NFS or FUSE mount one VM's memory file is on)
+        # held every other client's object-add, object-del, closefd and job step.
+        loop.set_default_executor(
+            ThreadPoolExecutor(max_workers=DEFAULT_EXECUTOR_THREADS, thread_name_prefix="asyncio")
+        )
         try:
             await self._apply_config()
             listener = inherited_listener()

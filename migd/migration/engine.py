@@ -825,8 +825,8 @@ class MigrationEngine:
             self._pass(job, 2)
             await job_thread(save.finish_save, job, layout, blocks, fds, main_fd)
             if job.cancel.is_set():
-                # Answered after finish_save's own last look: _run ends the job
-                # cancelled, so its file must not read as a complete save either.
+                # Answered after finish_save's own last look, while its thread returned:
+                # _run ends the job cancelled, so its file must not read as a save.
                 await job_thread(save.withdraw_end, job, layout, main_fd)
         finally:
             job.target.close_channels()

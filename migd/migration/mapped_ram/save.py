@@ -66,7 +66,8 @@ def finish_save(
         withdraw_end(job, layout, main_fd)
         raise
     # A cancel answered while the end was written ends the job cancelled (engine._run):
-    # its file must not read as a save. One answered after this check is the caller's.
+    # its file must not read as a save. Looked at here too, not only by the caller: a
+    # stop that gave up waiting cancels the caller's task, which then never looks.
     if job.cancel.is_set():
         withdraw_end(job, layout, main_fd)
         check_cancel(job)
