@@ -220,6 +220,11 @@ class FdStore:
             self._sets.setdefault(fdset_id, []).insert(0, FdsetFd(fd, opaque))
         return fdset_id, fd
 
+    def has_set(self, fdset_id: int) -> bool:
+        """A set of that id is listed (with fds, or with none but open dups)."""
+        with self._lock:
+            return fdset_id in self._sets
+
     def remove_fd(self, fdset_id: int, fd: int | None = None) -> None:
         """Close one fd of a set, or all of them; an empty set disappears."""
         with self._lock:
