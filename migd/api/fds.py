@@ -83,11 +83,8 @@ async def add_fd(ctx: Context, args: AddFdArgs) -> AddfdInfo:
             f"Parameter 'opaque' is {len(args.opaque)} characters long: at most "
             f"{MAX_OPAQUE_CHARS}"
         )
-    # Asked before the add, with no await between: a scoped session removes at its end
-    # the sets it created, and only its own fds from another's.
-    new_set = args.fdset_id is None or not ctx.services.fdsets.has_set(args.fdset_id)
     fdset_id, number = ctx.services.fdsets.add_fd(fd, args.fdset_id, args.opaque)
-    record_fd(ctx, fdset_id, number, new_set)
+    record_fd(ctx, fdset_id, number)
     return AddfdInfo(fdset_id=fdset_id, fd=number)
 
 

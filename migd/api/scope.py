@@ -10,8 +10,9 @@ its connection ends, however it ends, `release` runs as a background task of the
 1. its jobs still running are cancelled (as job-cancel) and, once ended, dismissed;
 2. its backends are deleted (as object-del), except one another session's job uses
    (left, logged);
-3. its fd sets are removed (as remove-fd of the whole set; a set it only added fds to
-   loses those fds).
+3. the fds it added are removed (as remove-fd): a set it made holds only those unless
+   another session added to it, and then goes as remove-fd of the whole set takes it
+   (at once, or once its last dup is closed); another session's fds stay.
 
 What the client already deleted itself is skipped; nothing it does fails the rest.
 """
@@ -28,7 +29,7 @@ from ..migration.engine import MigrationEngine
 from ..migration.job import Job, JobStatus
 from ..qmp.dispatch import Session, command
 from ..qmp.validation import Empty
-from ..state.fdsets import FdStore
+from ..state.fdsets import FdsetFd, FdStore
 from ..state.memory import MemoryBackend, MemoryRegistry
 from .context import Context, Services
 
@@ -43,11 +44,10 @@ class SessionScope:
     session: int  # the session's number, for the log
     jobs: list[Job] = field(default_factory=list)
     backends: list[MemoryBackend] = field(default_factory=list)
-    fdsets: set[int] = field(default_factory=set)  # sets this session created
-    fds: list[tuple[int, int]] = field(default_factory=list)  # (set, fd) added to others'
+    fds: dict[int, list[FdsetFd]] = field(default_factory=dict)  # set id -> its entries
 
     def __bool__(self) -> bool:
-        return bool(self.jobs or self.backends or self.fdsets or self.fds)
+        return bool(self.jobs or self.backends or self.fds)
 
 
 def scope_of(session: Session) -> SessionScope | None:
@@ -87,14 +87,11 @@ def record_backend(ctx: Context, backend: MemoryBackend) -> None:
         scope.backends.append(backend)
 
 
-def record_fd(ctx: Context, fdset_id: int, fd: int, new_set: bool) -> None:
+def record_fd(ctx: Context, fdset_id: int, fd: int) -> None:
     scope = scope_of(ctx.session)
-    if scope is None:
-        return
-    if new_set:
-        scope.fdsets.add(fdset_id)
-    elif fdset_id not in scope.fdsets:
-        scope.fds.append((fdset_id, fd))
+    entry = None if scope is None else ctx.services.fdsets.entry(fdset_id, fd)
+    if scope is not None and entry is not None:
+        scope.fds.setdefault(fdset_id, []).append(entry)
 
 
 # -- release (at the end of the session) -------------------------------------------------
@@ -157,16 +154,11 @@ async def _delete_backends(
 
 
 async def _remove_fds(scope: SessionScope, fdsets: FdStore) -> None:
-    listed = dict(fdsets.query())
-    removals: list[tuple[int, int | None]] = [(s, None) for s in sorted(scope.fdsets)]
-    removals += [(s, fd) for s, fd in scope.fds if s not in scope.fdsets]
-    for fdset_id, fd in removals:
-        present = listed.get(fdset_id)
-        if not present or (fd is not None and all(f.fd != fd for f in present)):
-            continue  # removed already
-        log.info("client %d gone: removing its fd set %d", scope.session, fdset_id)
-        try:
-            # Off the loop, as remove-fd: the last close of a memfd frees its memory.
-            await asyncio.to_thread(fdsets.remove_fd, fdset_id, fd)
-        except MigdError as exc:
-            log.info("client %d: fd set %d: %s", scope.session, fdset_id, exc)
+    for fdset_id, entries in sorted(scope.fds.items()):
+        # Off the loop, as remove-fd: the last close of a memfd frees its memory. By
+        # identity: what the client removed itself (its number maybe reused since) is
+        # not there any more.
+        removed = await asyncio.to_thread(fdsets.remove_entries, fdset_id, entries)
+        if removed:
+            log.info("client %d gone: removed its %d fd(s) of fd set %d",
+                     scope.session, removed, fdset_id)  # fmt: skip
