@@ -5,7 +5,7 @@ Adding a command module means adding it to the import line below (the table entr
 from __future__ import annotations
 
 from ..qmp.dispatch import COMMANDS, Command, Context, dispatch
-from . import control, fds, introspection, jobs, memory, migration
+from . import control, fds, introspection, jobs, memory, migration, scope
 
 __all__ = [
     "COMMANDS",
@@ -18,4 +18,5 @@ __all__ = [
     "jobs",
     "memory",
     "migration",
+    "scope",
 ]

@@ -19,6 +19,7 @@ from ..qapi import Int64
 from ..qmp.dispatch import command
 from ..qmp.validation import Empty, QapiModel
 from .context import Context
+from .scope import record_fd
 
 
 class GetfdArgs(QapiModel):
@@ -83,6 +84,7 @@ async def add_fd(ctx: Context, args: AddFdArgs) -> AddfdInfo:
             f"{MAX_OPAQUE_CHARS}"
         )
     fdset_id, number = ctx.services.fdsets.add_fd(fd, args.fdset_id, args.opaque)
+    record_fd(ctx, fdset_id, number)
     return AddfdInfo(fdset_id=fdset_id, fd=number)
 
 

@@ -22,6 +22,7 @@ from ..qmp.dispatch import command, event
 from ..qmp.validation import Empty, QapiModel
 from .context import Context
 from .migration import READ_CACHED_TEXT, ReadCached, TargetArgs, VerifyMode
+from .scope import record_job
 
 
 class MemoryJobArgs(TargetArgs):
@@ -79,7 +80,7 @@ _COMMON = (
     "(fdset: read-write fds).",
 )
 async def memory_save(ctx: Context, args: MemorySaveArgs) -> Empty:
-    await ctx.services.engine.start_save(
+    job = await ctx.services.engine.start_save(
         args.target(outgoing=True),
         ctx.session.peer_uid,
         args.checksums,
@@ -90,6 +91,7 @@ async def memory_save(ctx: Context, args: MemorySaveArgs) -> Empty:
         live=args.x_live,
         updates=args.x_update,
     )
+    record_job(ctx, job)
     return Empty()
 
 
@@ -109,7 +111,7 @@ class MemoryRestoreArgs(MemoryJobArgs):
     f"block list are checked before it returns. {READ_CACHED_TEXT}",
 )
 async def memory_restore(ctx: Context, args: MemoryRestoreArgs) -> Empty:
-    await ctx.services.engine.start_restore(
+    job = await ctx.services.engine.start_restore(
         args.target(),
         args.skip_unmatched_blocks,
         ctx.session.peer_uid,
@@ -120,6 +122,7 @@ async def memory_restore(ctx: Context, args: MemoryRestoreArgs) -> Empty:
         auto_dismiss=args.auto_dismiss,
         read_cached=args.x_read_cached == ReadCached.auto,
     )
+    record_job(ctx, job)
     return Empty()
 
 

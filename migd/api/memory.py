@@ -20,6 +20,7 @@ from ..state.memory import MemoryBackend, create_file_backend, create_ram_backen
 from ..state.partial import PartialMarks
 from ..state.paths import PathPolicy, trusted_owners
 from .context import Context
+from .scope import record_backend
 
 
 class QomType(enum.StrEnum):
@@ -104,6 +105,7 @@ async def object_add(ctx: Context, args: ObjectAddArgs) -> Empty:
         except BaseException:
             backend.close()
             raise
+        record_backend(ctx, backend)
     return Empty()
 
 

@@ -18,6 +18,7 @@ from ..qapi import Uint64
 from ..qmp.dispatch import command, event
 from ..qmp.validation import Empty, QapiModel
 from .context import Context
+from .scope import record_job
 
 
 class CapabilityState(QapiModel):
@@ -228,7 +229,8 @@ async def migrate(ctx: Context, args: MigrateArgs) -> Empty:
     target = args.target(outgoing=True)
     if args.resume:
         raise MigrationError("migd has no postcopy: 'resume' cannot be used")
-    await ctx.services.engine.start_save(target, ctx.session.peer_uid, args.checksums)
+    job = await ctx.services.engine.start_save(target, ctx.session.peer_uid, args.checksums)
+    record_job(ctx, job)
     return Empty()
 
 
@@ -278,13 +280,14 @@ class MigrateIncomingArgs(TargetArgs):
 )
 async def migrate_incoming(ctx: Context, args: MigrateIncomingArgs) -> Empty:
     target = args.target()
-    await ctx.services.engine.start_restore(
+    job = await ctx.services.engine.start_restore(
         target,
         args.skip_unmatched_blocks,
         ctx.session.peer_uid,
         args.verify.value,
         read_cached=args.x_read_cached == ReadCached.auto,
     )
+    record_job(ctx, job)
     return Empty()
 
 

@@ -34,6 +34,7 @@ import sdnotify
 from .. import __version__
 from ..api.commands import Context, dispatch
 from ..api.memory import create_backend
+from ..api.scope import release, scope_of
 from ..errors import ConfigError, MigdError
 from ..io.target import open_channel_fd
 from ..io.threads import WORKERS
@@ -140,6 +141,9 @@ class Daemon:
         self._stop: asyncio.Event | None = None
         self._notifier = sdnotify.SystemdNotifier()
         self._own_socket: tuple[int, int] | None = None  # (st_dev, st_ino) of the file we bound
+        # Releases of ended scoped sessions still running (held: the loop keeps only weak
+        # references to tasks).
+        self._releases: set[asyncio.Task[None]] = set()
 
     def notify(self, state: str) -> None:
         if os.environ.get("NOTIFY_SOCKET"):
@@ -155,6 +159,17 @@ class Daemon:
 
     async def _dispatch(self, session: Session, req: Request) -> dict[str, Any]:
         return await dispatch(Context(session=session, services=self.services), req)
+
+    def _session_ended(self, session: Session) -> None:
+        """The server's session-end hook: a scoped session's jobs, backends and fd sets
+        are released in a task of their own, so that neither the loop nor the other
+        clients wait for its jobs to stop. Not at shutdown: step 3 ends them all."""
+        scope = scope_of(session)
+        if not scope or (self._stop is not None and self._stop.is_set()):
+            return
+        task = asyncio.create_task(release(scope, self.services))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -195,7 +210,10 @@ class Daemon:
             raise
         major, minor, micro = version_numbers()
         self.server = Server(
-            listener, greeting(major, minor, micro, f"migd {__version__}"), self._dispatch
+            listener,
+            greeting(major, minor, micro, f"migd {__version__}"),
+            self._dispatch,
+            self._session_ended,
         )
         self.server.start()
         log.info("migd %s serving QMP on %s", __version__, where)
@@ -251,6 +269,10 @@ class Daemon:
         log.info("shutting down: no longer accepting clients")
         await self.server.close_sessions(SESSION_GRACE)
         log.info("shutting down: client sessions closed; stopping the job and the services")
+        # A release under way would race step 3 for the same jobs and backends.
+        for task in list(self._releases):
+            task.cancel()
+        await asyncio.gather(*self._releases, return_exceptions=True)
         await self.services.close()
         if self._own_socket is not None:
             remove_socket_file(self.config.socket_path, self._own_socket)

@@ -370,7 +370,7 @@ class MigrationEngine:
         auto_dismiss: bool = False,
         live: bool = False,
         updates: bool = False,
-    ) -> None:
+    ) -> Job:
         """Checks, open the main fd (off the loop), then run the save in the background;
         `checksums`: record unit checksums (docs/checksums.md).
 
@@ -440,6 +440,7 @@ class MigrationEngine:
         job.save_id = uuid.uuid4().hex
         self._launch(job, self._save(job, layout, main_fd, checksums, live, previous))
         target.settle()
+        return job  # the caller may tie it to its session (api/scope.py)
 
     async def start_restore(
         self,
@@ -453,7 +454,7 @@ class MigrationEngine:
         job_settings: JobSettings | None = None,
         auto_dismiss: bool = False,
         read_cached: bool = True,
-    ) -> None:
+    ) -> Job:
         """Open and validate the file's head and blocks, then restore in the background.
 
         `verify`: "on" checks each unit against the file's checksums as it lands, "off"
@@ -514,6 +515,7 @@ class MigrationEngine:
             job.unverified = "the file has no checksums (saved by QEMU or an older migd)"
         job.verify_before_write = verify == "before-write" and table is not None
         self._launch(job, self._restore(job, parsed, matched, main_fd, table))
+        return job
 
     @staticmethod
     def _identify(

@@ -26,6 +26,8 @@ class Session(Protocol):
     """What a handler may ask of the connection that sent the command."""
 
     negotiated: bool
+    # What the api layer ties to the connection (x-migd-session-scope), None until then.
+    scope: Any
 
     @property
     def peer_uid(self) -> int | None:

@@ -85,6 +85,10 @@ STALL_SECONDS = 1.0
 FLUSH_SECONDS = 2.0
 
 Dispatch = Callable[["Session", Request], Awaitable[dict[str, Any]]]
+# Called once a session has ended, however it ended (EOF, reset, dropped, closed): the
+# daemon hands in what the layers above need to do then (api/scope.py), so that this
+# layer knows nothing of them. It must return at once: it runs in the session's task.
+SessionEnded = Callable[["Session"], None]
 
 
 class SocketInUse(MigdError):
@@ -117,6 +121,9 @@ class Session:
         self._unsent = _UnsentBytes(server.unsent)
         self._fds_refused: FdError | None = None
         self._closing = False
+        # What the api layer ties to this connection (x-migd-session-scope): carried here
+        # for it, never looked into by this layer.
+        self.scope: Any = None
 
     # -- fds -------------------------------------------------------------------------
 
@@ -401,10 +408,17 @@ class _UnsentBytes:
 class Server:
     """Accepts clients on a listening UNIX socket and broadcasts events to them."""
 
-    def __init__(self, listener: socket.socket, greeting: dict[str, Any], dispatch: Dispatch):
+    def __init__(
+        self,
+        listener: socket.socket,
+        greeting: dict[str, Any],
+        dispatch: Dispatch,
+        session_ended: SessionEnded | None = None,
+    ):
         self.listener = listener
         self.greeting = greeting
         self._dispatch = dispatch
+        self._session_ended = session_ended
         self.sessions: set[Session] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._accepting: asyncio.Task[None] | None = None
@@ -463,6 +477,16 @@ class Server:
         finally:
             self.sessions.discard(session)
             log.info("client %d disconnected", session.number)
+            self._end(session)
+
+    def _end(self, session: Session) -> None:
+        """The session-end hook, which must not take the server's bookkeeping with it."""
+        if self._session_ended is None:
+            return
+        try:
+            self._session_ended(session)
+        except Exception:
+            log.exception("client %d: the session-end hook failed", session.number)
 
     def enforce_reply_budget(self) -> None:
         """Drop the sessions holding the most unsent bytes while all of them together

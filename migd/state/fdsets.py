@@ -25,6 +25,7 @@ import re
 import resource
 import string
 import threading
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from ..errors import FdError
@@ -219,6 +220,28 @@ class FdStore:
                 raise FdError("Parameter 'fdset-id' expects a non-negative value")
             self._sets.setdefault(fdset_id, []).insert(0, FdsetFd(fd, opaque))
         return fdset_id, fd
+
+    def entry(self, fdset_id: int, fd: int) -> FdsetFd | None:
+        """The set's entry for fd, as add_fd just made it: what remove_entries takes."""
+        with self._lock:
+            return next((e for e in self._sets.get(fdset_id, []) if e.fd == fd), None)
+
+    def remove_entries(self, fdset_id: int, entries: Collection[FdsetFd]) -> int:
+        """Close those of `entries` (by identity: the client may have removed one and
+        the kernel given its number to another's fd since) still in the set, as remove-fd
+        does; -> how many were."""
+        wanted = {id(e) for e in entries}
+        with self._lock:
+            gone: list[FdsetFd] = []
+            kept: list[FdsetFd] = []
+            for each in self._sets.get(fdset_id, []):
+                (gone if id(each) in wanted else kept).append(each)
+            if gone:
+                self._sets[fdset_id] = kept
+                self._forget_if_unused(fdset_id)
+        for f in gone:
+            _close(f.fd)
+        return len(gone)
 
     def remove_fd(self, fdset_id: int, fd: int | None = None) -> None:
         """Close one fd of a set, or all of them; an empty set disappears."""

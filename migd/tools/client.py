@@ -118,10 +118,13 @@ async def connect(
     failure: str | None = None,
     *,
     check_server: bool = True,
+    scoped: bool = False,
 ) -> Any:
     """A negotiated QMPClient, or UsageError naming the socket and how to start migd
     (`failure`: the text for another server, e.g. a VM's QEMU, which `check_server`
-    False lets run as any user; migd's must be root's or this user's)."""
+    False lets run as any user; migd's must be root's or this user's). `scoped`: migd
+    releases what this connection creates when it ends (x-migd-session-scope), so that
+    a client killed midway leaves nothing behind."""
     try:
         from qemu.qmp import QMPClient
     except ImportError:
@@ -149,6 +152,12 @@ async def connect(
     if check_server:
         try:
             check_migd_server(client, socket_path)
+        except BaseException:
+            await _disconnect(client)
+            raise
+    if scoped:
+        try:
+            await _execute(client, "x-migd-session-scope")
         except BaseException:
             await _disconnect(client)
             raise
@@ -606,7 +615,9 @@ async def run_migration(
     if direct_io is None:
         direct_io = probe_direct_io(opts.file, for_write=direction == "save")
 
-    client = await connect(socket_path)
+    # Scoped: killed midway, its backend, migration or job goes with its connection (its
+    # own cleanup below and on SIGINT/SIGTERM does the same when it can run).
+    client = await connect(socket_path, scoped=True)
     added = False
     try:
         with _Interrupt() as interrupt:

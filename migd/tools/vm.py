@@ -753,7 +753,9 @@ async def _save(
         _check_header_fits(
             _image_header(image_id, qemu_version, machine, *trial, backends, blocks)
         )
-        migd = await connect(opts.socket)
+        # Scoped before any object-add or add-fd: if this process is killed, migd cancels
+        # its job and drops its backends (the guest's RAM mapped) and fd sets.
+        migd = await connect(opts.socket, scoped=True)
         tmp, fd = _temporary_image(image)
         direct_io = opts.direct_io
         if direct_io is None:
@@ -1104,7 +1106,9 @@ async def _restore(opts: VmOptions, out: TextIO, err: TextIO, interrupt: _Interr
         backends = await guest_backends(qemu)
         match_guest(header, machine, backends)
         ram_fds = open_backend_files(qemu, backends)
-        migd = await connect(opts.socket)
+        # Scoped before any object-add or add-fd: if this process is killed, migd cancels
+        # its job and drops its backends (the guest's RAM mapped) and fd sets.
+        migd = await connect(opts.socket, scoped=True)
         direct_io = opts.direct_io
         if direct_io is None:
             direct_io = probe_direct_io(f"/proc/self/fd/{fd}", for_write=False)
