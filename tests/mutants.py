@@ -1096,6 +1096,46 @@ MUTANTS = [
         ("tests/test_faults.py::"
          "test_requests_stuck_on_a_dead_filesystem_do_not_hold_other_clients",),
     ),
+    Mutant(
+        "scoped-session-not-released",
+        "migd/app/daemon.py",
+        "        if not scope or (self._stop is not None and self._stop.is_set()):",
+        "        if True:",
+        ("tests/test_session_scope.py::"
+         "test_a_scoped_session_s_backend_fdset_and_running_job_go_with_its_connection",),
+    ),
+    Mutant(
+        "scoped-session-job-not-cancelled",
+        "migd/api/scope.py",
+        "                engine.cancel_job(job.id)",
+        "                pass",
+        ("tests/test_session_scope.py::"
+         "test_a_scoped_session_s_backend_fdset_and_running_job_go_with_its_connection",),
+    ),
+    Mutant(
+        "scope-deletes-a-backend-another-job-uses",
+        "migd/api/scope.py",
+        "        if owner is not None:",
+        "        if False:",
+        ("tests/test_session_scope.py::"
+         "test_a_backend_another_session_s_job_uses_is_left",),
+    ),
+    Mutant(
+        "scope-deletes-by-name",
+        "migd/api/scope.py",
+        "        if not any(b is backend for b in memory):",
+        "        if not any(b.id == backend.id for b in memory):",
+        ("tests/test_session_scope.py::"
+         "test_what_the_client_deleted_itself_or_another_session_reused_is_left",),
+    ),
+    Mutant(
+        "vm-save-not-scoped",
+        "migd/tools/vm.py",
+        "        migd = await connect(opts.socket, scoped=True)\n        tmp, fd",
+        "        migd = await connect(opts.socket)\n        tmp, fd",
+        ("tests/test_vm_red_team.py::"
+         "test_a_killed_vm_save_leaves_nothing_of_it_in_migd",),
+    ),
 ]  # fmt: skip
 
 
