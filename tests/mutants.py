@@ -1136,6 +1136,14 @@ MUTANTS = [
         ("tests/test_vm_red_team.py::"
          "test_a_killed_vm_save_leaves_nothing_of_it_in_migd",),
     ),
+    Mutant(
+        "passed-pipe-taken-for-a-file",
+        "migd/io/target.py",
+        "            _refuse_stream(self.path, fd, openers)\n",
+        "            pass\n",
+        ("tests/test_fd_passing.py::"
+         "test_a_pipe_passed_as_the_file_is_refused_at_once_naming_it",),
+    ),
 ]  # fmt: skip
 
 

@@ -686,3 +686,27 @@ def test_the_dups_an_fdset_hands_out_are_close_on_exec(tmp_path):
     finally:
         store.close_dup(dup)
         store.close_all()
+
+
+@pytest.mark.parametrize("command", ["migrate", "migrate-incoming"])
+async def test_a_pipe_passed_as_the_file_is_refused_at_once_naming_it(qmp, shm, command):
+    """A mapped-ram file puts every page at its own offset, which a pipe does not have:
+    refused before anything starts, saying what it is (before, a save through a pipe was
+    accepted and failed later with "Could not truncate ... Invalid argument")."""
+    size = 1 * MiB
+    fill_random(shm / "src", size)
+    await add_file_backend(qmp, "ram0", shm / "src", size)
+    await enable_mapped_ram(qmp, channels=1, direct_io=False)
+    read_end, write_end = os.pipe()
+    ours = write_end if command == "migrate" else read_end
+    try:
+        await _add_fd(qmp, ours, **{"fdset-id": 3})
+        baseline = open_fds()
+        desc = await qmp_error(qmp, command, {"uri": "file:/dev/fdset/3"})
+        assert desc == "'/dev/fdset/3' is not a regular file (it is a FIFO)"
+        assert open_fds() == baseline  # the dup is closed, the set keeps its fd
+        assert [s["fdset-id"] for s in await qmp.execute("query-fdsets")] == [3]
+        assert (await qmp.execute("query-migrate")).get("status") in (None, "none")
+    finally:
+        os.close(read_end)
+        os.close(write_end)

@@ -28,6 +28,7 @@ from ..state.fdsets import file_name, is_fdset_path
 from ..state.paths import (
     ChannelOpener,
     FileOpener,
+    not_regular,
     open_regular,
     plain_open,
     remove_created,
@@ -121,6 +122,16 @@ class Target(Protocol):
         ...
 
 
+def _refuse_stream(path: str, fd: int, openers: Openers) -> None:
+    """A passed pipe or socket has no offsets: a mapped-ram file puts every page at its
+    own. Refused at once, naming it (a save through a pipe failed only later, with "Could
+    not truncate ... Invalid argument"; red-team, session 16)."""
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+        openers.close(fd)
+        raise not_regular(path, mode)
+
+
 def _reopener(main_fd: int) -> FileOpener:
     """An open_file that reopens the main fd's file, whatever its name is now."""
 
@@ -178,6 +189,7 @@ class FileTarget:
             # O_CREAT only for QEMU's matching-flags text: a set's fds are never created.
             fd = openers.fdset(self.path, flags | (os.O_CREAT if create else 0), False)
             created = False
+            _refuse_stream(self.path, fd, openers)
         else:
             try:
                 fd, created = open_regular(
