@@ -1144,6 +1144,14 @@ MUTANTS = [
         ("tests/test_fd_passing.py::"
          "test_a_pipe_passed_as_the_file_is_refused_at_once_naming_it",),
     ),
+    Mutant(
+        "gone-clients-fds-closed-on-the-event-loop",
+        "migd/qmp/server.py",
+        "            self.server.close_later(fds)\n",
+        "            close_fds(fds)\n",
+        ("tests/test_session_races.py::"
+         "test_another_client_is_answered_while_a_gone_clients_unused_fds_are_closed",),
+    ),
 ]  # fmt: skip
 
 

@@ -31,6 +31,7 @@ from .conftest import (
     DaemonProcess,
     RawClient,
     is_complete_save,
+    open_fds,
     poll_until,
     wait_for_socket,
 )
@@ -525,3 +526,41 @@ async def test_another_client_is_answered_while_a_clients_unused_fds_are_closed(
         answered.set()
     await passer.disconnect()
     await other.disconnect()
+
+
+async def test_another_client_is_answered_while_a_gone_clients_unused_fds_are_closed(
+    migd_inproc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same at disconnect: fds a client passed and no command took were closed on the
+    event loop when its connection ended (50 ms per GiB of a memfd's last reference).
+    They are closed in a worker thread now, and the daemon's stop waits for that."""
+    closing, answered, closed = threading.Event(), threading.Event(), threading.Event()
+    woke: list[bool] = []
+    real_close_fds = server.close_fds
+
+    def slow_close_fds(fds: list[int]) -> None:
+        closing.set()
+        woke.append(answered.wait(5))
+        real_close_fds(fds)
+        closed.set()
+
+    monkeypatch.setattr(server, "close_fds", slow_close_fds)
+    passer = await migd_inproc.client("passer")
+    other = await migd_inproc.client("other")
+    memfd = os.memfd_create("gone-guest-ram", os.MFD_CLOEXEC)
+    try:
+        passer.send_fd_scm(memfd)  # a batch no command takes, then the client goes
+        await passer.execute("query-version")
+        await passer.disconnect()
+    finally:
+        os.close(memfd)
+    try:
+        assert await asyncio.to_thread(closing.wait, 5)
+        await asyncio.wait_for(other.execute("query-version"), 5)
+    finally:
+        answered.set()
+    assert await asyncio.to_thread(closed.wait, 5)
+    assert woke == [True], "no other client was answered while the gone client's fds closed"
+    await other.disconnect()
+    await migd_inproc.stop()  # waits for the close: no fd of the memfd is left
+    assert not [entry for entry in open_fds() if "gone-guest-ram" in entry]
