@@ -369,7 +369,8 @@ MUTANTS = [
         "migd/migration/engine.py",
         "            await body\n            if job.cancel.is_set():",
         "            await body\n            if False:",
-        ("tests/test_job_status.py::test_a_cancel_accepted_while_a_save_finishes_ends_it_cancelled",),
+        ("tests/test_job_status.py::"
+         "test_a_cancel_accepted_as_a_restore_ends_says_its_memory_is_whole",),
     ),
     Mutant(
         "partial-backend-saved-as-whole",
@@ -405,15 +406,15 @@ MUTANTS = [
     Mutant(
         "management-dropped-for-others-unread-replies",
         "migd/qmp/server.py",
-        "s for s in self.sessions if not is_root_or_migd(s.peer_uid) and",
-        "s for s in self.sessions if True and",
+        "if s.unsent_bytes > 0 and not is_root_or_migd(s.peer_uid) and s.stalled(now)",
+        "if s.unsent_bytes > 0 and True and s.stalled(now)",
         ("tests/test_serving.py::test_silent_clients_together_cost_a_bounded_amount_and_readers_are_kept",),
     ),
     Mutant(
         "reading-client-dropped-for-others-unread-replies",
         "migd/qmp/server.py",
-        "if not is_root_or_migd(s.peer_uid) and s.stalled(now)",
-        "if not is_root_or_migd(s.peer_uid)",
+        "and not is_root_or_migd(s.peer_uid) and s.stalled(now)",
+        "and not is_root_or_migd(s.peer_uid)",
         ("tests/test_serving.py::"
          "test_a_client_of_another_uid_reading_a_large_reply_is_not_dropped_for_others",),
     ),
@@ -582,7 +583,8 @@ MUTANTS = [
         "migd/tools/vm.py",
         '        if not (done and opts.after == "quit"):\n            await settings.restore()',
         "        if False:\n            await settings.restore()",
-        (V + "test_save_stops_a_running_vm_and_resume_lets_it_run_with_its_settings_back",),
+        ("tests/test_vm_red_team.py::"
+         "test_ctrl_c_while_qemu_writes_its_part_cancels_it_and_puts_the_settings_back",),
     ),
     Mutant(
         "vm-failed-save-leaves-the-guest-stopped",

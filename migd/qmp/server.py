@@ -507,8 +507,11 @@ class Server:
         (session 15's note)."""
         now = time.monotonic()
         while self.unsent.count > DAEMON_REPLY_LIMIT_BYTES:
+            # Each holding something: a drop must free bytes, or this loop would not end.
             others = (
-                s for s in self.sessions if not is_root_or_migd(s.peer_uid) and s.stalled(now)
+                s
+                for s in self.sessions
+                if s.unsent_bytes > 0 and not is_root_or_migd(s.peer_uid) and s.stalled(now)
             )
             biggest = max(others, key=lambda s: s.unsent_bytes, default=None)
             if biggest is None:
