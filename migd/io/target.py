@@ -33,6 +33,7 @@ from ..state.paths import (
     plain_open,
     remove_created,
     settle_claim,
+    sync_directory_of,
     trusted_owners,
 )
 
@@ -286,13 +287,8 @@ class FileTarget:
         already."""
         if not self._created or is_fdset_path(self.path):
             return
-        parent = os.path.dirname(os.path.abspath(self.path))
         try:
-            dir_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            sync_directory_of(self.path)
         except OSError as exc:
             raise ChannelError(
                 f"Could not sync the directory of '{self.path}': "

@@ -25,7 +25,7 @@ import re
 import resource
 import string
 import threading
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from ..errors import FdError
@@ -231,20 +231,16 @@ class FdStore:
         the kernel given its number to another's fd since) still in the set, as remove-fd
         does; -> how many were."""
         wanted = {id(e) for e in entries}
-        with self._lock:
-            gone: list[FdsetFd] = []
-            kept: list[FdsetFd] = []
-            for each in self._sets.get(fdset_id, []):
-                (gone if id(each) in wanted else kept).append(each)
-            if gone:
-                self._sets[fdset_id] = kept
-                self._forget_if_unused(fdset_id)
-        for f in gone:
-            _close(f.fd)
-        return len(gone)
+        return len(self._remove(fdset_id, lambda each: id(each) in wanted))
 
     def remove_fd(self, fdset_id: int, fd: int | None = None) -> None:
         """Close one fd of a set, or all of them; an empty set disappears."""
+        if not self._remove(fdset_id, lambda each: fd is None or each.fd == fd):
+            where = f"fdset-id:{fdset_id}" + ("" if fd is None else f", fd:{fd}")
+            raise FdError(f"File descriptor named '{where}' not found")
+
+    def _remove(self, fdset_id: int, goes: Callable[[FdsetFd], bool]) -> list[FdsetFd]:
+        """Take the set's entries `goes` picks out of it and close their fds -> them."""
         with self._lock:
             gone: list[FdsetFd] = []
             kept: list[FdsetFd] = []
@@ -252,15 +248,13 @@ class FdStore:
                 # One pass: `f not in gone` compared every fd with every other (dataclass
                 # __eq__), and a set of 19,000 fds froze the daemon for 100 s (red-team,
                 # session 14).
-                (gone if fd is None or each.fd == fd else kept).append(each)
+                (gone if goes(each) else kept).append(each)
             if gone:
                 self._sets[fdset_id] = kept
                 self._forget_if_unused(fdset_id)
-        if not gone:
-            where = f"fdset-id:{fdset_id}" + ("" if fd is None else f", fd:{fd}")
-            raise FdError(f"File descriptor named '{where}' not found")
         for f in gone:
             _close(f.fd)
+        return gone
 
     def _forget_if_unused(self, fdset_id: int) -> None:
         """monitor_fdset_cleanup: a set with no fds and no open dups is gone (lock held)."""

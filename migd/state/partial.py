@@ -27,6 +27,7 @@ from collections.abc import Iterable
 
 from ..errors import BackendError, MigrationError
 from .memory import MemoryBackend
+from .paths import sync_directory_of
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +102,7 @@ class PartialMarks:
         finally:
             os.close(out)
         os.rename(tmp, path)
-        dir_fd = os.open(self.sidecar_dir or "", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        sync_directory_of(path)
 
     def set(self, backend: MemoryBackend, value: str) -> None:
         """Mark `backend`'s file, durably, before a restore changes it."""

@@ -147,6 +147,17 @@ def is_root_or_migd(uid: int | None) -> bool:
     return uid in (0, os.geteuid())
 
 
+def sync_directory_of(path: str) -> None:
+    """fsync the directory that holds `path`: a new or renamed name is durable only once
+    its directory is (fdatasync of the file keeps its data, not its name)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    dir_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 def refuse_directory_name(path: str) -> None:
     """`DIR/new/` names a directory: opening it with O_CREAT (or after abspath) would make
     a file `new`, which is not what the name says."""

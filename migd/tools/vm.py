@@ -583,14 +583,6 @@ def _temporary_image(image: str) -> tuple[str, int]:
     return tmp, fd
 
 
-def _sync_dir(path: str) -> None:
-    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _check_backends(backends: Sequence[GuestBackend]) -> None:
     problems = [p for b in backends if (p := b.problem()) is not None]
     if problems:
@@ -850,7 +842,7 @@ async def _save(
         _check_still_named(tmp, fd)
         os.rename(tmp, image)
         tmp = None
-        _sync_dir(image)
+        paths.sync_directory_of(image)
         t["durable"] = time.monotonic()
         done = True
     except OSError as exc:
