@@ -69,6 +69,9 @@ QEMU_TIMEOUT = 60.0
 # here; a QEMU stuck in `active` must end in an error, not a client waiting for ever.
 QEMU_MIGRATION_TIMEOUT = 600.0
 CLEANUP_TIMEOUT = 5.0  # for the commands that undo a failed save (cont, settings)
+# query-migrate statuses that leave an incoming QEMU free to load: none yet, or a load
+# that ended without loading (a restore tried before).
+_QEMU_NOT_LOADING = (None, "none", "failed", "cancelled")
 # QEMU's device state (its x-ignore-shared stream: CPU and device state, ROMs, video RAM)
 # is a few MiB; anything near this is not a device state worth copying during the downtime.
 MAX_DEVICE_STATE = 1 << 30
@@ -290,9 +293,13 @@ class QemuMigration:
     must not keep x-ignore-shared for its next live migration."""
 
     CAPS = {"x-ignore-shared": True, "mapped-ram": False, "multifd": False}
+    # A restore also turns QEMU's MIGRATION events on: a migrate-incoming another client
+    # of this QEMU starts during the restore then shows in its watch (_watch).
+    INCOMING_CAPS = {**CAPS, "events": True}
 
     def __init__(self, qemu: Any) -> None:
         self.qemu = qemu
+        self.wanted = self.CAPS
         self.saved_caps: dict[str, bool] = {}
         self.saved_bandwidth: int | None = None
         self.fdset: int | None = None
@@ -300,14 +307,15 @@ class QemuMigration:
     async def set_up(self, incoming: bool) -> None:
         command = "query-migrate-capabilities"
         caps = expect(await qemu_execute(self.qemu, command), list, f"reply to {command}")
+        self.wanted = self.INCOMING_CAPS if incoming else self.CAPS
         self.saved_caps = {}
         for cap in caps:
             name = member(cap, "capability", str, command)
-            if name in self.CAPS:
+            if name in self.wanted:
                 self.saved_caps[name] = member(cap, "state", bool, command)
         changes = [
             {"capability": name, "state": state}
-            for name, state in self.CAPS.items()
+            for name, state in self.wanted.items()
             if self.saved_caps.get(name, False) != state
         ]
         if changes:
@@ -339,7 +347,7 @@ class QemuMigration:
         back = [
             {"capability": name, "state": state}
             for name, state in self.saved_caps.items()
-            if state != self.CAPS[name]
+            if state != self.wanted[name]
         ]
         if back:
             with contextlib.suppress(ClientError):
@@ -715,9 +723,7 @@ def _check_header_fits(header: vm_image.ImageHeader) -> None:
         raise ClientError(f"this VM's names do not fit an image header: {exc}") from None
 
 
-async def _save(
-    qemu: Any, opts: VmOptions, out: TextIO, err: TextIO, interrupt: _Interrupt
-) -> int:
+async def _save(qemu: Any, opts: VmOptions, out: TextIO, err: TextIO, interrupt: _Interrupt) -> int:
     image = os.path.abspath(opts.image)
     image_id = uuid.uuid4().hex
     tag = image_id[:8]
@@ -728,7 +734,7 @@ async def _save(
     migd_fdsets: list[int] = []
     migd_fdset: int | None = None
     settings = QemuMigration(qemu)
-    resumes: Any = None  # QEMU's RESUME events from the stop on (_watch_resumes)
+    resumes: Any = None  # QEMU's RESUME events from the stop on (_watch)
     was_running, stopped, done = False, False, False
     t = opts.timings
     try:
@@ -742,9 +748,7 @@ async def _save(
         qemu_version, machine = await qemu_identity(qemu)
         blocks = {b.id: f"vm-{tag}/{b.id}" for b in backends}
         trial = vm_image.DevicePart(0, 0, ""), vm_image.RamPart(0, 0, "", None)
-        _check_header_fits(
-            _image_header(image_id, qemu_version, machine, *trial, backends, blocks)
-        )
+        _check_header_fits(_image_header(image_id, qemu_version, machine, *trial, backends, blocks))
         # Scoped before any object-add or add-fd: if this process is killed, migd cancels
         # its job and drops its backends (the guest's RAM mapped) and fd sets.
         migd = await connect(opts.socket, scoped=True)
@@ -788,7 +792,7 @@ async def _save(
 
         # A cont by another client of this QEMU from here on would let the guest write
         # RAM that migd copies after QEMU wrote the device state: watched until the end.
-        resumes = _watch_resumes(qemu)
+        resumes = _watch(qemu, "RESUME")
         # The guest stops: from here on its downtime counts.
         t["start"] = time.monotonic()
         if was_running:
@@ -891,14 +895,21 @@ async def _save(
     return 0 if resumed else 1
 
 
-def _watch_resumes(qemu: Any) -> Any:
-    """A listener of QEMU's RESUME events on this connection (QEMU sends every event to
-    every monitor): a `cont` of another client of this QEMU shows here."""
+def _watch(qemu: Any, *names: str) -> Any:
+    """A listener of QEMU's events `names` on this connection (QEMU sends every event to
+    every monitor): what another client of this QEMU does shows here (RESUME: a `cont`;
+    MIGRATION, with the `events` capability on: a `migrate-incoming`; SHUTDOWN: a `quit`).
+    QEMU answers a command after the events it sent before, so an event from before a
+    reply is in the listener once the reply is."""
     from qemu.qmp import EventListener
 
-    listener = EventListener("RESUME")
+    listener = EventListener(list(names))
     qemu.register_listener(listener)
     return listener
+
+
+def _seen(listener: Any, name: str) -> bool:
+    return any(event.get("event") == name for event in listener.history)
 
 
 async def _check_still_stopped(qemu: Any, resumes: Any) -> None:
@@ -1050,6 +1061,34 @@ async def _load_device_state(qemu: Any, image: str, uri: str) -> None:
         ) from None
 
 
+async def _check_before_load(qemu: Any, watch: Any) -> None:
+    """Just before QEMU loads its part: no other client of this QEMU has quit it or
+    started an incoming migration since the restore began (its device state would be
+    another VM's, over this image's RAM, and migd's own migrate-incoming was refused as
+    if the image did not load)."""
+    try:
+        state = await run_state(qemu)
+        info = expect(await qemu_execute(qemu, "query-migrate"), dict, "reply to query-migrate")
+    except ClientError as exc:
+        if _seen(watch, "SHUTDOWN") or "lost QEMU" in str(exc):
+            raise ClientError(
+                "QEMU quit during the restore (a `quit` by another client of this QEMU?): "
+                "the RAM landed in its file, but there is no VM to load the device state into"
+            ) from None
+        raise
+    status = info.get("status")
+    if _seen(watch, "MIGRATION") or status not in _QEMU_NOT_LOADING or state != "inmigrate":
+        # A stream saved from a running guest starts it once loaded: said, if so.
+        left = "it RUNS: stop or quit it" if state == "running" else "it was not started"
+        raise ClientError(
+            "another incoming migration was started in this QEMU during the restore (a "
+            f"`migrate-incoming` by another client of it; QEMU's migration is "
+            f"{status or 'none'}, the VM {state}): the image's RAM landed, but QEMU's CPU "
+            f"and device state are not the image's; {left}; quit this QEMU and restore "
+            "into a new one"
+        )
+
+
 async def run_vm_restore(opts: VmOptions, out: TextIO, err: TextIO) -> int:
     # SIGINT/SIGTERM end the wait at hand, and the cleanup after it is not cut short.
     with _interruptible(opts.qemu_timeout) as interrupt:
@@ -1079,7 +1118,7 @@ async def _restore(opts: VmOptions, out: TextIO, err: TextIO, interrupt: _Interr
     t["start"] = time.monotonic()
     image = os.path.abspath(opts.image)
     fd = _open_image(image)
-    qemu = migd = None
+    qemu = migd = watch = None
     settings: QemuMigration | None = None
     ram_fds: dict[str, int] = {}
     migd_ids: list[str] = []
@@ -1088,12 +1127,17 @@ async def _restore(opts: VmOptions, out: TextIO, err: TextIO, interrupt: _Interr
     try:
         header = check_image(image, fd)
         qemu = await connect_qemu(opts.qmp, opts.qemu_timeout)
+        # What other clients of this QEMU do during the restore (QEMU 10 serves several
+        # monitors): watched from here on, checked before QEMU's part loads and after.
+        watch = _watch(qemu, "RESUME", "MIGRATION", "SHUTDOWN")
         settings = QemuMigration(qemu)
         state = await run_state(qemu)
         if state != "inmigrate":
             raise ClientError(
                 f"the VM is in state '{state}': restore needs a QEMU started with -incoming defer"
             )
+        # Set now, not at the load: the MIGRATION events are on for the whole restore.
+        await settings.set_up(incoming=True)
         _, machine = await qemu_identity(qemu)
         backends = await guest_backends(qemu)
         match_guest(header, machine, backends)
@@ -1122,15 +1166,13 @@ async def _restore(opts: VmOptions, out: TextIO, err: TextIO, interrupt: _Interr
             ) from None
         # Incoming QEMU starts the guest when its part is loaded unless stopped first.
         await qemu_execute(qemu, "stop")
-        await settings.set_up(incoming=True)
         uri_path = await settings.add_fd(fd, "migd vm restore")
-        migd_fdset = await pass_image_to_migd(
-            migd, fd, [os.O_RDONLY], direct_io, "migd vm restore"
-        )
+        migd_fdset = await pass_image_to_migd(migd, fd, [os.O_RDONLY], direct_io, "migd vm restore")
         await ram_job(migd, interrupt, opts, "restore", f"vm-restore-{tag}", migd_ids,
                       f"file:/dev/fdset/{migd_fdset},offset={header.ram.offset}",
                       direct_io, err)  # fmt: skip
         t["ram"] = time.monotonic()
+        await _check_before_load(qemu, watch)
         await _load_device_state(qemu, image, f"file:{uri_path},offset={header.device.offset}")
         t["device"] = time.monotonic()
         if not opts.paused:
@@ -1141,6 +1183,8 @@ async def _restore(opts: VmOptions, out: TextIO, err: TextIO, interrupt: _Interr
         # QEMU's settings and migd's mappings are undone once the guest runs
         # (unmapping GiBs takes tens of ms), and also after a failure.
     finally:
+        if qemu is not None and watch is not None:
+            qemu.remove_listener(watch)
         os.close(fd)
         for ram_fd in ram_fds.values():
             os.close(ram_fd)
