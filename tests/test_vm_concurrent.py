@@ -6,17 +6,20 @@ Real QEMU processes, a real migd daemon."""
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from migd.tools import vm, vm_image
-from migd.tools.client import ClientError
+from migd.tools.client import ClientError, _disconnect, _execute, connect
 
-from .conftest import DaemonProcess, fill_random
+from .conftest import DaemonProcess, fill_random, poll_until, start_daemon
 from .qemu_vm import QemuVM, requires_qemu
-from .test_vm import INCOMING, SIZE, _options, qemu_args, status, vm_cli
+from .test_vm import INCOMING, SIZE, MiB, _options, ignore_shared, qemu_args, status, vm_cli
 
 pytestmark = requires_qemu
 
@@ -112,3 +115,116 @@ async def test_a_quit_by_another_client_during_a_restore_is_named(
         with pytest.raises(ClientError, match="QEMU quit during the restore"):
             await vm.run_vm_restore(_options(daemon, d / "b-cli.sock", image),
                                     io.StringIO(), io.StringIO())  # fmt: skip
+
+
+def _save_cmd(daemon: DaemonProcess, sock: Path, image: Path, *flags: str) -> list[str]:
+    return [sys.executable, "-m", "migd", "vm", "save", "--qmp", str(sock),
+            "--socket", str(daemon.socket_path), "-q", *flags, str(image)]  # fmt: skip
+
+
+def _second_while_first_holds(
+    monkeypatch: pytest.MonkeyPatch, cmd: list[str], during: str
+) -> list[subprocess.CompletedProcess[str]]:
+    """`cmd` run once, from the first command's `during` (vm.ram_job: its RAM part;
+    vm.wait_qemu_migration: QEMU's part, QEMU's settings changed then)."""
+    original = getattr(vm, during)
+    seconds: list[subprocess.CompletedProcess[str]] = []
+
+    async def second_then(*args: Any, **kwargs: Any) -> Any:
+        if not seconds:
+            seconds.append(subprocess.run(cmd, capture_output=True, text=True, timeout=120))
+        return await original(*args, **kwargs)
+
+    monkeypatch.setattr(vm, during, second_then)
+    return seconds
+
+
+def _refused(seconds: list[subprocess.CompletedProcess[str]]) -> None:
+    assert len(seconds) == 1 and seconds[0].returncode == 1, seconds
+    text = f"another migd vm save or vm restore of this VM is running (pid {os.getpid()})"
+    assert text in seconds[0].stderr, seconds[0].stderr
+
+
+async def test_a_second_vm_save_of_the_same_vm_through_another_socket_fails_fast(
+    daemon: DaemonProcess, setup: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two `vm save`s of one VM through two QMP sockets and two migd instances
+    (docs/instances.md) ran interleaved: the second, started during the first's live
+    pass, saved and left the guest paused as asked; the first then found QEMU in
+    postmigrate, failed, and its cleanup ran the guest again: the second's "the VM is
+    paused" was false (and each puts back the QEMU settings it found, the other's
+    x-ignore-shared included). The second now fails at once, naming the first's pid,
+    before it changes anything; the first goes on, its image restores byte-exact."""
+    ram, d, image = setup["ram"], setup["dir"], setup["image"]
+    fill_random(ram, SIZE, seed=46)
+    second = ("-qmp", f"unix:{d / 'c-cli.sock'},server=on,wait=off")
+    other_migd = start_daemon(d / "m2.sock")
+    try:
+        cmd = _save_cmd(other_migd, d / "c-cli.sock", d / "second.img")
+        seconds = _second_while_first_holds(monkeypatch, cmd, "ram_job")
+        async with QemuVM(qemu_args(ram, d / "a-cli.sock", extra=second), d, name="a") as qemu:
+            opts = _options(daemon, d / "a-cli.sock", image)
+            opts.live = True  # the second runs from the first's live pass
+            await vm.run_vm_save(opts, io.StringIO(), io.StringIO())
+            saved = ram.read_bytes()
+            assert not await ignore_shared(qemu)
+            assert await status(qemu) == "postmigrate"
+    finally:
+        other_migd.stop()
+    _refused(seconds)
+    assert not (d / "second.img").exists()
+    monkeypatch.undo()
+    fill_random(ram, SIZE, seed=47)
+    async with QemuVM(qemu_args(ram, d / "b-cli.sock", extra=INCOMING), d, name="b") as qemu:
+        vm_cli(daemon, d / "b-cli.sock", "restore", "--paused", str(image))
+        assert ram.read_bytes() == saved
+        assert await status(qemu) == "paused"
+
+
+async def test_a_second_vm_restore_into_the_same_qemu_fails_fast(
+    daemon: DaemonProcess, setup: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two `vm restore`s into one QEMU through two QMP sockets: the second fails at
+    once, before it writes any RAM; the first restores its image byte-exact."""
+    ram, d, image = setup["ram"], setup["dir"], setup["image"]
+    other = d / "other.img"
+    await _saved(daemon, setup, other, seed=49)
+    saved = await _saved(daemon, setup, image, seed=50)
+    fill_random(ram, SIZE, seed=51)
+    cmd = _save_cmd(daemon, d / "c-cli.sock", other)
+    cmd[4] = "restore"
+    seconds = _second_while_first_holds(monkeypatch, cmd, "ram_job")
+    extra = (*INCOMING, "-qmp", f"unix:{d / 'c-cli.sock'},server=on,wait=off")
+    async with QemuVM(qemu_args(ram, d / "b-cli.sock", extra=extra), d, name="b") as qemu:
+        opts = _options(daemon, d / "b-cli.sock", image)
+        opts.paused = True
+        await vm.run_vm_restore(opts, io.StringIO(), io.StringIO())
+        assert ram.read_bytes() == saved
+        assert await status(qemu) == "paused"
+        assert not await ignore_shared(qemu)
+    _refused(seconds)
+
+
+async def test_a_killed_vm_save_does_not_block_the_next_one(
+    daemon: DaemonProcess, setup: dict[str, Path]
+) -> None:
+    """The lock of a `vm save` killed with SIGKILL goes with its process: the next save
+    of the VM is not refused."""
+    ram, d, image = setup["ram"], setup["dir"], setup["image"]
+    fill_random(ram, 256 * MiB, seed=48)
+    migd = await connect(str(daemon.socket_path))
+    try:
+        async with QemuVM(qemu_args(ram, d / "a-cli.sock", 256 * MiB), d, name="a"):
+            # Killed in its live pass: QEMU refuses to save a guest a save left in
+            # postmigrate ("paused due to previous migration") whatever migd does.
+            cli = subprocess.Popen(_save_cmd(daemon, d / "a-cli.sock", image, "--live"),
+                                   stderr=subprocess.PIPE)  # fmt: skip
+            try:
+                await poll_until(lambda: _execute(migd, "query-jobs"), bool, "migd's job")
+            finally:
+                cli.kill()
+                cli.communicate()
+            result = vm_cli(daemon, d / "a-cli.sock", "save", str(image), check=False)
+            assert result.returncode == 0, result.stderr
+    finally:
+        await _disconnect(migd)

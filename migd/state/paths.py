@@ -339,6 +339,7 @@ def resolve_trusted(path: str, owners: Collection[int]) -> tuple[str, os.stat_re
 # with the last fd of its open: nothing to clean up, and nothing to wait for or scan.
 _CLAIM_BYTE = 1 << 62
 EXTEND_BYTE = _CLAIM_BYTE + 1  # state/memory.py's lock for sizing a memory file
+VM_BYTE = _CLAIM_BYTE + 2  # tools/vm.py's: one `migd vm` save or restore of a VM at once
 _FLOCK = "hhqqi4x"  # struct flock: type, whence, start, len, pid (x86-64 and aarch64)
 
 

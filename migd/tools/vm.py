@@ -31,6 +31,7 @@ import contextlib
 import contextvars
 import dataclasses
 import datetime
+import fcntl
 import hashlib
 import os
 import time
@@ -267,6 +268,44 @@ async def qemu_identity(qemu: Any) -> tuple[str, str]:
 
 async def run_state(qemu: Any) -> str:
     return member(await qemu_execute(qemu, "query-status"), "status", str, "query-status")
+
+
+def lock_vm(
+    backends: Sequence[GuestBackend], ram_fds: Mapping[str, int], locks: list[int]
+) -> None:
+    """One `migd vm save` or `vm restore` of a VM at a time, whatever QMP socket each
+    uses: two saves interleaved QEMU's migration settings (each puts back what it found,
+    the other's x-ignore-shared included). The lock is an OFD lock on one byte
+    (paths.VM_BYTE) of each of the VM's RAM files, the files that make it that VM, taken
+    through an open file of this process alone (the fds migd gets share theirs), appended
+    to `locks`: closing them, or this process's death (SIGKILL too), releases it."""
+    for b in sorted(backends, key=lambda b: b.id):
+        fd = os.open(f"/proc/self/fd/{ram_fds[b.id]}", os.O_RDWR | os.O_CLOEXEC)
+        locks.append(fd)
+        if paths.ofd_lock(fd, fcntl.F_WRLCK, paths.VM_BYTE) is False:
+            holders = ", ".join(map(str, _lock_holders(fd))) or "unknown"
+            raise ClientError(
+                f"another migd vm save or vm restore of this VM is running (pid {holders}): "
+                f"it holds the lock on the RAM file of backend '{b.id}' ({b.mem_path}); "
+                "nothing was changed, try again once it has ended"
+            )
+
+
+def _lock_holders(fd: int) -> list[int]:
+    """The processes holding paths.VM_BYTE of fd's file, from /proc/PID/fdinfo (an OFD
+    lock has no pid of its own: /proc/locks and F_OFD_GETLK say -1). Best effort."""
+    st = os.fstat(fd)
+    file = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino} {paths.VM_BYTE} "
+    holders = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        if int(pid) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            for name in os.listdir(f"/proc/{pid}/fdinfo"):
+                with open(f"/proc/{pid}/fdinfo/{name}") as info:
+                    if any(line.startswith("lock:") and file in line for line in info):
+                        holders.add(int(pid))
+    return sorted(holders)
 
 
 def open_backend_files(qemu: Any, backends: Sequence[GuestBackend]) -> dict[str, int]:
@@ -676,13 +715,21 @@ def _ram_part_info(path: str, fd: int, offset: int) -> SaveInfo:
 
 async def run_vm_save(opts: VmOptions, out: TextIO, err: TextIO) -> int:
     qemu = await connect_qemu(opts.qmp, opts.qemu_timeout)
+    locks: list[int] = []  # lock_vm's, held to the very end (--resume's cont included)
     try:
         # SIGINT/SIGTERM end the wait at hand, and the cleanup after it is not cut short
         # (a killed client left the guest stopped and its temporary file behind).
         with _interruptible(opts.qemu_timeout) as interrupt:
-            return await _save(qemu, opts, out, err, interrupt)
+            return await _save(qemu, opts, out, err, interrupt, locks)
     finally:
         await _disconnect(qemu)  # also after a failure (an in-process caller goes on)
+        _release(locks)
+
+
+def _release(locks: list[int]) -> None:
+    for fd in locks:
+        os.close(fd)
+    locks.clear()
 
 
 def _image_header(
@@ -723,7 +770,14 @@ def _check_header_fits(header: vm_image.ImageHeader) -> None:
         raise ClientError(f"this VM's names do not fit an image header: {exc}") from None
 
 
-async def _save(qemu: Any, opts: VmOptions, out: TextIO, err: TextIO, interrupt: _Interrupt) -> int:
+async def _save(
+    qemu: Any,
+    opts: VmOptions,
+    out: TextIO,
+    err: TextIO,
+    interrupt: _Interrupt,
+    locks: list[int],
+) -> int:
     image = os.path.abspath(opts.image)
     image_id = uuid.uuid4().hex
     tag = image_id[:8]
@@ -744,11 +798,16 @@ async def _save(qemu: Any, opts: VmOptions, out: TextIO, err: TextIO, interrupt:
         backends = await guest_backends(qemu)
         _check_backends(backends)
         ram_fds = open_backend_files(qemu, backends)
+        # Before anything of QEMU's or migd's is changed: a second save of this VM
+        # (through another QMP socket) fails here, the first goes on.
+        lock_vm(backends, ram_fds, locks)
         _check_not_ram(backends, ram_fds, image)
         qemu_version, machine = await qemu_identity(qemu)
         blocks = {b.id: f"vm-{tag}/{b.id}" for b in backends}
         trial = vm_image.DevicePart(0, 0, ""), vm_image.RamPart(0, 0, "", None)
-        _check_header_fits(_image_header(image_id, qemu_version, machine, *trial, backends, blocks))
+        _check_header_fits(
+            _image_header(image_id, qemu_version, machine, *trial, backends, blocks)
+        )
         # Scoped before any object-add or add-fd: if this process is killed, migd cancels
         # its job and drops its backends (the guest's RAM mapped) and fd sets.
         migd = await connect(opts.socket, scoped=True)
@@ -1091,8 +1150,12 @@ async def _check_before_load(qemu: Any, watch: Any) -> None:
 
 async def run_vm_restore(opts: VmOptions, out: TextIO, err: TextIO) -> int:
     # SIGINT/SIGTERM end the wait at hand, and the cleanup after it is not cut short.
-    with _interruptible(opts.qemu_timeout) as interrupt:
-        return await _restore(opts, out, err, interrupt)
+    locks: list[int] = []  # lock_vm's, held until QEMU's settings are put back
+    try:
+        with _interruptible(opts.qemu_timeout) as interrupt:
+            return await _restore(opts, out, err, interrupt, locks)
+    finally:
+        _release(locks)
 
 
 def _open_image(image: str) -> int:
@@ -1112,7 +1175,9 @@ def _open_image(image: str) -> int:
     return fd
 
 
-async def _restore(opts: VmOptions, out: TextIO, err: TextIO, interrupt: _Interrupt) -> int:
+async def _restore(
+    opts: VmOptions, out: TextIO, err: TextIO, interrupt: _Interrupt, locks: list[int]
+) -> int:
     # The guest is down all along: its downtime counts from here, checks included.
     t = opts.timings
     t["start"] = time.monotonic()
@@ -1128,20 +1193,23 @@ async def _restore(opts: VmOptions, out: TextIO, err: TextIO, interrupt: _Interr
         header = check_image(image, fd)
         qemu = await connect_qemu(opts.qmp, opts.qemu_timeout)
         # What other clients of this QEMU do during the restore (QEMU 10 serves several
-        # monitors): watched from here on, checked before QEMU's part loads and after.
-        watch = _watch(qemu, "RESUME", "MIGRATION", "SHUTDOWN")
+        # monitors): watched from here on, checked just before QEMU's part loads.
+        # (A `cont` is harmless here: docs/vm-image.md, test_vm_concurrent.)
+        watch = _watch(qemu, "MIGRATION", "SHUTDOWN")
         settings = QemuMigration(qemu)
         state = await run_state(qemu)
         if state != "inmigrate":
             raise ClientError(
                 f"the VM is in state '{state}': restore needs a QEMU started with -incoming defer"
             )
-        # Set now, not at the load: the MIGRATION events are on for the whole restore.
-        await settings.set_up(incoming=True)
         _, machine = await qemu_identity(qemu)
         backends = await guest_backends(qemu)
         match_guest(header, machine, backends)
         ram_fds = open_backend_files(qemu, backends)
+        lock_vm(backends, ram_fds, locks)  # as a save's: before anything is changed
+        # Set now, not at the load: the MIGRATION events are on while the RAM lands (one
+        # started before and still running, or done, shows in _check_before_load too).
+        await settings.set_up(incoming=True)
         # Scoped before any object-add or add-fd: if this process is killed, migd cancels
         # its job and drops its backends (the guest's RAM mapped) and fd sets.
         migd = await connect(opts.socket, scoped=True)
@@ -1167,7 +1235,9 @@ async def _restore(opts: VmOptions, out: TextIO, err: TextIO, interrupt: _Interr
         # Incoming QEMU starts the guest when its part is loaded unless stopped first.
         await qemu_execute(qemu, "stop")
         uri_path = await settings.add_fd(fd, "migd vm restore")
-        migd_fdset = await pass_image_to_migd(migd, fd, [os.O_RDONLY], direct_io, "migd vm restore")
+        migd_fdset = await pass_image_to_migd(
+            migd, fd, [os.O_RDONLY], direct_io, "migd vm restore"
+        )
         await ram_job(migd, interrupt, opts, "restore", f"vm-restore-{tag}", migd_ids,
                       f"file:/dev/fdset/{migd_fdset},offset={header.ram.offset}",
                       direct_io, err)  # fmt: skip
