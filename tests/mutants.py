@@ -1059,6 +1059,22 @@ MUTANTS = [
          "test_a_guest_another_client_resumes_during_the_save_gives_no_image",),
     ),
     Mutant(
+        "vm-restore-misses-another-clients-migrate-incoming",
+        "migd/tools/vm.py",
+        "        await _check_before_load(qemu, watch)",
+        "        pass",
+        ("tests/test_vm_concurrent.py::"
+         "test_a_migrate_incoming_by_another_client_during_a_restore_fails_it_naming_that",),
+    ),
+    Mutant(
+        "vm-save-takes-no-lock-of-the-vm",
+        "migd/tools/vm.py",
+        "        lock_vm(backends, ram_fds, locks)\n",
+        "        pass\n",
+        ("tests/test_vm_concurrent.py::"
+         "test_a_second_vm_save_of_the_same_vm_through_another_socket_fails_fast",),
+    ),
+    Mutant(
         "vm-save-ctrl-c-skips-qemus-cancel",
         "migd/tools/vm.py",
         "            if _interrupted() and qemu not in _SILENT:",
