@@ -188,24 +188,29 @@ async def test_a_second_vm_save_of_the_same_vm_through_another_socket_fails_fast
 async def test_a_second_vm_restore_into_the_same_qemu_fails_fast(
     daemon: DaemonProcess, setup: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Two `vm restore`s into one QEMU through two QMP sockets: the second fails at
-    once, before it writes any RAM; the first restores its image byte-exact."""
+    """Two `vm restore`s into one QEMU through two QMP sockets and two migd instances:
+    the second fails at once, before it writes any RAM; the first restores its image
+    byte-exact."""
     ram, d, image = setup["ram"], setup["dir"], setup["image"]
     other = d / "other.img"
     await _saved(daemon, setup, other, seed=49)
     saved = await _saved(daemon, setup, image, seed=50)
     fill_random(ram, SIZE, seed=51)
-    cmd = _save_cmd(daemon, d / "c-cli.sock", other)
-    cmd[4] = "restore"
-    seconds = _second_while_first_holds(monkeypatch, cmd, "ram_job")
-    extra = (*INCOMING, "-qmp", f"unix:{d / 'c-cli.sock'},server=on,wait=off")
-    async with QemuVM(qemu_args(ram, d / "b-cli.sock", extra=extra), d, name="b") as qemu:
-        opts = _options(daemon, d / "b-cli.sock", image)
-        opts.paused = True
-        await vm.run_vm_restore(opts, io.StringIO(), io.StringIO())
-        assert ram.read_bytes() == saved
-        assert await status(qemu) == "paused"
-        assert not await ignore_shared(qemu)
+    other_migd = start_daemon(d / "m2.sock")  # with one migd, its object-add refused it
+    try:
+        cmd = _save_cmd(other_migd, d / "c-cli.sock", other)
+        cmd[4] = "restore"
+        seconds = _second_while_first_holds(monkeypatch, cmd, "ram_job")
+        extra = (*INCOMING, "-qmp", f"unix:{d / 'c-cli.sock'},server=on,wait=off")
+        async with QemuVM(qemu_args(ram, d / "b-cli.sock", extra=extra), d, name="b") as qemu:
+            opts = _options(daemon, d / "b-cli.sock", image)
+            opts.paused = True
+            await vm.run_vm_restore(opts, io.StringIO(), io.StringIO())
+            assert ram.read_bytes() == saved
+            assert await status(qemu) == "paused"
+            assert not await ignore_shared(qemu)
+    finally:
+        other_migd.stop()
     _refused(seconds)
 
 
