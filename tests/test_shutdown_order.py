@@ -232,7 +232,7 @@ def test_a_backend_a_stuck_job_thread_uses_is_left_open_at_shutdown(stopping, sh
     shutdown gives up waiting for it and releases the services, but leaves the backend the
     thread writes from open, for the process's exit (before: its fd was closed under the
     thread, which could then get EBADF, or use the number once another file had it)."""
-    daemon, client, log, held_fs = stopping
+    daemon, _client, log, held_fs = stopping
     before = _fds_of(daemon.pid, shm / "ram0")  # the backend's, and its mapping's dup
     daemon.proc.send_signal(signal.SIGTERM)
     log.wait_for(b"migd stopped", DEADLINE)  # step 3 done: the WRITE is still held
