@@ -29,6 +29,8 @@ from typing import TypeVar
 import numpy as np
 import pytest
 
+from migd.app.daemon import DEFAULT_EXECUTOR_THREADS
+from migd.io.blocking import UID_WORKER_THREADS
 from migd.migration.mapped_ram import format
 
 from .conftest import (
@@ -722,6 +724,68 @@ def test_requests_stuck_on_a_dead_filesystem_do_not_hold_other_clients(short_dir
         for client in stuck:
             with contextlib.suppress(OSError):
                 client.recv_reply()
+            client.close()
+        daemon.stop()
+        with contextlib.suppress(StopIteration):
+            next(fs_iter)
+
+
+OTHER_UID = 65534  # nobody
+THIRD_UID = 1234
+
+
+def _connect_as(uid: int, path: Path, timeout: float) -> RawClient:
+    """A client whose peer credentials are uid's: SO_PEERCRED records them at connect."""
+    os.seteuid(uid)
+    try:
+        return RawClient(path, timeout=timeout).negotiate()
+    finally:
+        os.seteuid(0)
+
+
+def test_one_uids_requests_stuck_on_a_dead_filesystem_do_not_hold_other_uids(short_dir, shm):
+    """A local user let on the socket (nobody here) who controls a filesystem that stops
+    answering (its FUSE mount) sends as many object-adds onto it as the daemon has worker
+    threads: at most UID_WORKER_THREADS of them hold a thread, the rest wait their turn,
+    and root's and a third uid's object-add and object-del are answered (before: all 64
+    threads of the default executor were held, and every other client's command that
+    needs one waited as long as the filesystem did)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to connect as another uid")
+    fs_iter = mounted_fuse(short_dir, "dead", HangFS)
+    fs = next(fs_iter)
+    short_dir.chmod(0o711)
+    daemon = start_daemon(short_dir / "qmp.sock", "--socket-mode", "0666")
+    stuck: list[RawClient] = []
+    try:
+        for i in range(DEFAULT_EXECUTOR_THREADS):
+            client = _connect_as(OTHER_UID, daemon.socket_path, timeout=90)
+            client.send({"execute": "object-add", "arguments": {
+                "qom-type": "memory-backend-file", "id": f"stuck{i}", "size": 1 << 20,
+                "mem-path": str(fs.mountpoint / f"hung{i}"), "share": True}})  # fmt: skip
+            stuck.append(client)
+        holding = min(len(stuck), UID_WORKER_THREADS)
+        deadline = time.monotonic() + 30
+        while _threads_waiting_on_fuse(daemon.pid) < holding:
+            assert time.monotonic() < deadline, "the requests did not reach the filesystem"
+            time.sleep(0.01)
+
+        for uid, name in ((0, "root"), (THIRD_UID, "third")):
+            # A bound on "at all": before, these waited as long as the filesystem did.
+            other = _connect_as(uid, daemon.socket_path, timeout=30)
+            assert "return" in other.execute("object-add", {
+                "qom-type": "memory-backend-file", "id": name, "size": 1 << 20,
+                "mem-path": str(shm / name), "share": True})  # fmt: skip
+            assert "return" in other.execute("object-del", {"id": name})
+            other.close()
+        # The capped uid's own requests are held, never lost: each is answered in turn.
+        assert _threads_waiting_on_fuse(daemon.pid) == holding
+        fs.release.set()
+        for client in stuck:
+            assert "id" not in client.recv_reply()  # answered (an error or a backend)
+    finally:
+        fs.release.set()
+        for client in stuck:
             client.close()
         daemon.stop()
         with contextlib.suppress(StopIteration):

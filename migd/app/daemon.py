@@ -36,6 +36,7 @@ from ..api.commands import Context, dispatch
 from ..api.memory import create_backend
 from ..api.scope import release, scope_of
 from ..errors import ConfigError, MigdError
+from ..io import blocking
 from ..io.target import open_channel_fd
 from ..io.threads import WORKERS
 from ..migration.engine import MigrationEngine
@@ -54,7 +55,8 @@ log = logging.getLogger(__name__)
 SD_LISTEN_FDS_START = 3
 # Seconds a request being handled at shutdown gets to finish and reply (step 2 above).
 SESSION_GRACE = 0.25
-# Threads of the event loop's default executor (asyncio.to_thread): see run().
+# Threads of the event loop's default executor, which root's and migd's own clients and
+# the daemon's own steps use (io/blocking.py: other uids have pools of their own): see run().
 DEFAULT_EXECUTOR_THREADS = 64
 
 
@@ -192,7 +194,9 @@ class Daemon:
         # The commands' and jobs' own blocking steps (opens, closes, unmaps, syncs) run in
         # the loop's default executor: min(32, CPUs + 4) threads, 6 on two CPUs. Six of
         # them stuck on a dead filesystem (an NFS or FUSE mount one VM's memory file is on)
-        # held every other client's object-add, object-del, closefd and job step.
+        # held every other client's object-add, object-del, closefd and job step. Clients
+        # of other uids than root's and migd's use pools of their own instead, capped
+        # (io/blocking.py): 64 of theirs stuck on their own FUSE mount held them all.
         loop.set_default_executor(
             ThreadPoolExecutor(max_workers=DEFAULT_EXECUTOR_THREADS, thread_name_prefix="asyncio")
         )
@@ -249,7 +253,7 @@ class Daemon:
         for spec in self.config.memory_backends:
             try:
                 # As object-add: a file an interrupted restore left partial is refused.
-                backend = await asyncio.to_thread(
+                backend = await blocking.to_thread(
                     create_backend, spec, self.services.paths, engine.partial
                 )
             except MigdError as exc:
@@ -274,6 +278,7 @@ class Daemon:
             task.cancel()
         await asyncio.gather(*self._releases, return_exceptions=True)
         await self.services.close()
+        blocking.POOLS.shutdown()
         if self._own_socket is not None:
             remove_socket_file(self.config.socket_path, self._own_socket)
         log.info("migd stopped")

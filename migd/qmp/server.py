@@ -39,6 +39,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..errors import ConfigError, FdError, InvalidRequest, MigdError
+from ..io import blocking
 from ..state.fdsets import check_room_for_passed_fds
 from ..state.paths import (
     MAX_SOCKET_PATH_BYTES,
@@ -353,7 +354,7 @@ async def _close_off_loop(fds: list[int]) -> None:
     memory, 50 ms per GiB, in which no other client would be answered (red-team,
     session 16); the caller goes on once they are closed."""
     if fds:
-        await asyncio.to_thread(close_fds, fds)
+        await blocking.to_thread(close_fds, fds)
 
 
 class _DaemonUnsent:
@@ -480,6 +481,9 @@ class Server:
             task.add_done_callback(self._tasks.discard)
 
     async def _serve(self, session: Session) -> None:
+        # Its worker-thread calls, and those of the jobs and releases it starts, run under
+        # its uid's cap (io/blocking.py): this task's context, which they inherit.
+        blocking.serve_uid(session.peer_uid)
         try:
             await session.run(self._dispatch)
         finally:
@@ -540,7 +544,7 @@ class Server:
 
     def close_later(self, fds: list[int]) -> None:
         """Close fds in a worker thread, without waiting (Session._close_pending_fds)."""
-        closing = asyncio.get_running_loop().run_in_executor(None, close_fds, fds)
+        closing = blocking.submit(close_fds, fds)
         self._fd_closes.add(closing)
         closing.add_done_callback(self._fd_closes.discard)
 
