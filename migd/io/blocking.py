@@ -30,13 +30,13 @@ from typing import Any, TypeVar
 
 from ..state.paths import is_root_or_migd
 
-# Threads one uid other than root's and migd's may hold at once. A dozen requests stuck
-# on one dead filesystem is a case migd serves (test_faults); 16 leaves room for those
-# and a job's steps, and 64 uids' worth would be 1024 threads: each pool's threads are
-# made only as its uid needs them, and a stuck one costs a stack, not CPU. Refusing the
-# 17th call instead would fail a client's object-add or a job's step half-way (a job
-# would fail for its own uid's other requests); waiting keeps QEMU's behaviour, a
-# request that takes as long as its file system.
+# Threads one uid other than root's and migd's may hold at once. 16 leaves room for a
+# dozen requests stuck on one dead NFS or FUSE mount (a case migd serves, test_faults)
+# plus a job's steps; a pool's threads are made only as its uid needs them, and a stuck
+# one costs a stack, not CPU. Calls past the cap wait in the pool's queue rather than
+# being refused: a refusal would fail a client's object-add, or a job's step half-way,
+# for its own uid's other requests; waiting keeps a request's meaning (it takes as long
+# as its filesystem), and a waiting call is dropped when its request is cancelled.
 UID_WORKER_THREADS = 16
 
 # The uid whose requests the current task serves: None for the daemon's own steps.
