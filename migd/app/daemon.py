@@ -9,8 +9,9 @@ order, so that no client can start or change anything once the job is being stop
    started is not run), the request being handled gets SESSION_GRACE seconds to reply,
    queued replies and events are sent, the connections close;
 3. cancel the job and release the services: MigrationEngine.close (the job gets
-   STOP_TIMEOUT seconds to stop), the memory backends, the passed fds; last the socket
-   file, if it is still the one this daemon made.
+   STOP_TIMEOUT seconds to stop), the memory backends (but those of a job still stopping,
+   whose threads may use them: left to the process's exit), the passed fds; last the
+   socket file, if it is still the one this daemon made.
 
 Each step is logged ("shutting down: ...", then "migd stopped"). The whole stays under
 2 s: SESSION_GRACE plus the engine's STOP_TIMEOUT.
