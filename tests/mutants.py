@@ -1178,6 +1178,13 @@ MUTANTS = [
         ("tests/test_shutdown_order.py::"
          "test_a_backend_a_stuck_job_thread_uses_is_left_open_at_shutdown",),
     ),
+    Mutant(
+        "shutdown-waits-for-closes-for-ever",
+        "migd/qmp/server.py",
+        "            _, late = await asyncio.wait(set(self._fd_closes), timeout=FD_CLOSE_WAIT)\n",
+        "            _, late = await asyncio.wait(set(self._fd_closes)), None\n",
+        ("tests/test_faults.py::test_shutdown_goes_on_while_a_uids_threads_are_stuck",),
+    ),
 ]  # fmt: skip
 
 

@@ -7,14 +7,16 @@ order, so that no client can start or change anything once the job is being stop
    systemd passed stays open in systemd, which queues clients for the next migd);
 2. close the client sessions: none reads another request (one already received but not
    started is not run), the request being handled gets SESSION_GRACE seconds to reply,
-   queued replies and events are sent, the connections close;
+   queued replies and events are sent, the connections close, and the fds they left
+   unused are closed (waited for qmp.server.FD_CLOSE_WAIT seconds at most);
 3. cancel the job and release the services: MigrationEngine.close (the job gets
    STOP_TIMEOUT seconds to stop), the memory backends (but those of a job still stopping,
    whose threads may use them: left to the process's exit), the passed fds; last the
    socket file, if it is still the one this daemon made.
 
 Each step is logged ("shutting down: ...", then "migd stopped"). The whole stays under
-2 s: SESSION_GRACE plus the engine's STOP_TIMEOUT.
+2 s: SESSION_GRACE plus the engine's STOP_TIMEOUT (plus FD_CLOSE_WAIT where a close
+waits behind a client uid's stuck calls).
 """
 
 from __future__ import annotations

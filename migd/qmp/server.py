@@ -84,6 +84,12 @@ DAEMON_REPLY_LIMIT_BYTES = 64 << 20
 STALL_SECONDS = 1.0
 # Seconds a closing session's writer gets to send what is queued for its client.
 FLUSH_SECONDS = 2.0
+# Seconds the shutdown waits for the closes of the fds ended sessions left unused. A
+# close of a client of another uid than root's and migd's waits in its uid's pool behind
+# that uid's other calls (io/blocking.py), which may never return (its dead FUSE mount):
+# waited for without a bound, the shutdown stopped there, its jobs never cancelled. A
+# memfd's last close takes 50 ms per GiB.
+FD_CLOSE_WAIT = 1.0
 
 Dispatch = Callable[["Session", Request], Awaitable[dict[str, Any]]]
 # Called once a session has ended, however it ended (EOF, reset, dropped, closed): the
@@ -551,7 +557,7 @@ class Server:
     async def close_sessions(self, grace: float) -> None:
         """End every session: none reads another request, the request being handled
         gets `grace` seconds to finish and reply, then is cancelled. Returns once the
-        fds the sessions left unused are closed."""
+        fds the sessions left unused are closed, or after FD_CLOSE_WAIT seconds."""
         for session in list(self.sessions):
             session.close()
         tasks = set(self._tasks)
@@ -561,7 +567,14 @@ class Server:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
         if self._fd_closes:
-            await asyncio.wait(set(self._fd_closes))
+            _, late = await asyncio.wait(set(self._fd_closes), timeout=FD_CLOSE_WAIT)
+            if late:
+                # Still queued ones are dropped with their pools (blocking.POOLS.shutdown).
+                log.warning(
+                    "shutting down: %d closes of fds clients left unused are still waiting "
+                    "for a worker thread: those fds are left to the process's exit",
+                    len(late),
+                )
 
 
 def check_socket_directory(path: str) -> None:
