@@ -375,7 +375,7 @@ MUTANTS = [
     Mutant(
         "partial-backend-saved-as-whole",
         "migd/migration/engine.py",
-        "        await asyncio.to_thread(self.partial.check_save, backends)",
+        "        await blocking.to_thread(self.partial.check_save, backends)",
         "        await asyncio.sleep(0)",
         ("tests/test_partial_restore.py::"
          "test_a_backend_a_cancelled_restore_left_partial_is_not_saved_as_whole",),
@@ -981,7 +981,7 @@ MUTANTS = [
     Mutant(
         "object-del-unmaps-on-the-event-loop",
         "migd/api/memory.py",
-        "    await asyncio.to_thread(backend.close)",
+        "    await blocking.to_thread(backend.close)",
         "    backend.close()",
         ("tests/test_session_races.py::"
          "test_another_client_is_answered_while_object_del_unmaps_a_backend",),
@@ -989,7 +989,7 @@ MUTANTS = [
     Mutant(
         "remove-fd-closes-on-the-event-loop",
         "migd/api/fds.py",
-        "    await asyncio.to_thread(ctx.services.fdsets.remove_fd, args.fdset_id, args.fd)",
+        "    await blocking.to_thread(ctx.services.fdsets.remove_fd, args.fdset_id, args.fd)",
         "    ctx.services.fdsets.remove_fd(args.fdset_id, args.fd)",
         ("tests/test_session_races.py::"
          "test_another_client_is_answered_while_a_passed_fd_is_closed",),
@@ -1169,6 +1169,37 @@ MUTANTS = [
         "            close_fds(fds)\n",
         ("tests/test_session_races.py::"
          "test_another_client_is_answered_while_a_gone_clients_unused_fds_are_closed",),
+    ),
+    Mutant(
+        "other-uids-share-the-default-executor",
+        "migd/io/blocking.py",
+        "        if uid is None or is_root_or_migd(uid):\n",
+        "        if True:\n",
+        ("tests/test_faults.py::"
+         "test_one_uids_requests_stuck_on_a_dead_filesystem_do_not_hold_other_uids",),
+    ),
+    Mutant(
+        "sessions-run-as-the-daemon",
+        "migd/qmp/server.py",
+        "        blocking.serve_uid(session.peer_uid)\n",
+        "",
+        ("tests/test_faults.py::"
+         "test_one_uids_requests_stuck_on_a_dead_filesystem_do_not_hold_other_uids",),
+    ),
+    Mutant(
+        "shutdown-closes-a-stuck-jobs-backends",
+        "migd/state/memory.py",
+        "            if backend.in_use == 0:\n",
+        "            if True:\n",
+        ("tests/test_shutdown_order.py::"
+         "test_a_backend_a_stuck_job_thread_uses_is_left_open_at_shutdown",),
+    ),
+    Mutant(
+        "shutdown-waits-for-closes-for-ever",
+        "migd/qmp/server.py",
+        "            _, late = await asyncio.wait(set(self._fd_closes), timeout=FD_CLOSE_WAIT)\n",
+        "            _, late = await asyncio.wait(set(self._fd_closes)), None\n",
+        ("tests/test_faults.py::test_shutdown_goes_on_while_a_uids_threads_are_stuck",),
     ),
 ]  # fmt: skip
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import socket
 import threading
@@ -215,3 +216,28 @@ async def test_a_closing_session_answers_the_request_it_handles_and_runs_no_othe
         assert server.sessions == set()
     finally:
         writer.close()
+
+
+def _fds_of(pid: int, path: Path) -> int:
+    """How many of the process's fds are open on `path`."""
+    count = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            count += os.readlink(fd) == str(path)
+    return count
+
+
+def test_a_backend_a_stuck_job_thread_uses_is_left_open_at_shutdown(stopping, shm):
+    """The job's channel thread is held in a WRITE past the engine's STOP_TIMEOUT: the
+    shutdown gives up waiting for it and releases the services, but leaves the backend the
+    thread writes from open, for the process's exit (before: its fd was closed under the
+    thread, which could then get EBADF, or use the number once another file had it)."""
+    daemon, _client, log, held_fs = stopping
+    before = _fds_of(daemon.pid, shm / "ram0")  # the backend's, and its mapping's dup
+    daemon.proc.send_signal(signal.SIGTERM)
+    log.wait_for(b"migd stopped", DEADLINE)  # step 3 done: the WRITE is still held
+    assert held_fs.holding.is_set() and not held_fs.release.is_set()
+    assert _fds_of(daemon.pid, shm / "ram0") == before
+    assert log.has(b"memory backend 'ram0': a stopping job's thread may still use it")
+    held_fs.release.set()
+    assert daemon.proc.wait(DEADLINE) == 0

@@ -11,10 +11,10 @@ its memory, 50 ms per GiB (8 GiB: 400 ms), in which no other client was answered
 
 from __future__ import annotations
 
-import asyncio
 import os
 
 from ..errors import InvalidRequest
+from ..io import blocking
 from ..qapi import Int64
 from ..qmp.dispatch import command
 from ..qmp.validation import Empty, QapiModel
@@ -35,7 +35,7 @@ class GetfdArgs(QapiModel):
 )
 async def getfd(ctx: Context, args: GetfdArgs) -> Empty:
     fd = ctx.session.take_fd()
-    await asyncio.to_thread(ctx.services.fdsets.add_named, args.fdname, fd)
+    await blocking.to_thread(ctx.services.fdsets.add_named, args.fdname, fd)
     return Empty()
 
 
@@ -45,7 +45,7 @@ class ClosefdArgs(QapiModel):
 
 @command("closefd", ClosefdArgs, Empty, "Close the fd kept by getfd under 'fdname'.")
 async def closefd(ctx: Context, args: ClosefdArgs) -> Empty:
-    await asyncio.to_thread(ctx.services.fdsets.close_named, args.fdname)
+    await blocking.to_thread(ctx.services.fdsets.close_named, args.fdname)
     return Empty()
 
 
@@ -103,7 +103,7 @@ class RemoveFdArgs(QapiModel):
     "query-fdsets lists it with no fds and add-fd does not reuse its id.",
 )
 async def remove_fd(ctx: Context, args: RemoveFdArgs) -> Empty:
-    await asyncio.to_thread(ctx.services.fdsets.remove_fd, args.fdset_id, args.fd)
+    await blocking.to_thread(ctx.services.fdsets.remove_fd, args.fdset_id, args.fd)
     return Empty()
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import os
 from collections.abc import Callable, Collection
@@ -11,6 +10,7 @@ from typing import Annotated
 from pydantic import Strict
 
 from ..errors import BackendError, InvalidRequest
+from ..io import blocking
 from ..pages import PAGE_SIZE
 from ..qapi import Uint64
 from ..qmp.dispatch import command
@@ -87,7 +87,7 @@ async def object_add(ctx: Context, args: ObjectAddArgs) -> Empty:
             registry.refuse_shared_file(identity, name)
             engine.refuse_job_file(identity, name)
 
-        backend = await asyncio.to_thread(
+        backend = await blocking.to_thread(
             create_backend,
             args,
             ctx.services.paths,
@@ -178,7 +178,7 @@ async def object_del(ctx: Context, args: ObjectDelArgs) -> Empty:
     # pages): 44-51 ms for 2 GiB, in which no other client was answered (red-team,
     # session 16). Gone from the registry at once; the reply waits for the close, so
     # that the client's next command finds the file and any fdset dup released.
-    await asyncio.to_thread(backend.close)
+    await blocking.to_thread(backend.close)
     return Empty()
 
 

@@ -25,6 +25,7 @@ import logging
 from dataclasses import dataclass, field
 
 from ..errors import MigdError
+from ..io import blocking
 from ..migration.engine import MigrationEngine
 from ..migration.job import Job, JobStatus
 from ..qmp.dispatch import Session, command
@@ -150,7 +151,7 @@ async def _delete_backends(
         memory.take(backend.id)
         log.info("client %d gone: deleting its memory backend '%s'", scope.session, backend.id)
         # Off the loop, as object-del: unmapping a populated mapping takes tens of ms.
-        await asyncio.to_thread(backend.close)
+        await blocking.to_thread(backend.close)
 
 
 async def _remove_fds(scope: SessionScope, fdsets: FdStore) -> None:
@@ -158,7 +159,7 @@ async def _remove_fds(scope: SessionScope, fdsets: FdStore) -> None:
         # Off the loop, as remove-fd: the last close of a memfd frees its memory. By
         # identity: what the client removed itself (its number maybe reused since) is
         # not there any more.
-        removed = await asyncio.to_thread(fdsets.remove_entries, fdset_id, entries)
+        removed = await blocking.to_thread(fdsets.remove_entries, fdset_id, entries)
         if removed:
             log.info("client %d gone: removed its %d fd(s) of fd set %d",
                      scope.session, removed, fdset_id)  # fmt: skip

@@ -7,13 +7,16 @@ order, so that no client can start or change anything once the job is being stop
    systemd passed stays open in systemd, which queues clients for the next migd);
 2. close the client sessions: none reads another request (one already received but not
    started is not run), the request being handled gets SESSION_GRACE seconds to reply,
-   queued replies and events are sent, the connections close;
+   queued replies and events are sent, the connections close, and the fds they left
+   unused are closed (waited for qmp.server.FD_CLOSE_WAIT seconds at most);
 3. cancel the job and release the services: MigrationEngine.close (the job gets
-   STOP_TIMEOUT seconds to stop), the memory backends, the passed fds; last the socket
-   file, if it is still the one this daemon made.
+   STOP_TIMEOUT seconds to stop), the memory backends (but those of a job still stopping,
+   whose threads may use them: left to the process's exit), the passed fds; last the
+   socket file, if it is still the one this daemon made.
 
 Each step is logged ("shutting down: ...", then "migd stopped"). The whole stays under
-2 s: SESSION_GRACE plus the engine's STOP_TIMEOUT.
+2 s: SESSION_GRACE plus the engine's STOP_TIMEOUT (plus FD_CLOSE_WAIT where a close
+waits behind a client uid's stuck calls).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from ..api.commands import Context, dispatch
 from ..api.memory import create_backend
 from ..api.scope import release, scope_of
 from ..errors import ConfigError, MigdError
+from ..io import blocking
 from ..io.target import open_channel_fd
 from ..io.threads import WORKERS
 from ..migration.engine import MigrationEngine
@@ -54,7 +58,8 @@ log = logging.getLogger(__name__)
 SD_LISTEN_FDS_START = 3
 # Seconds a request being handled at shutdown gets to finish and reply (step 2 above).
 SESSION_GRACE = 0.25
-# Threads of the event loop's default executor (asyncio.to_thread): see run().
+# Threads of the event loop's default executor, which root's and migd's own clients and
+# the daemon's own steps use (io/blocking.py: other uids have pools of their own): see run().
 DEFAULT_EXECUTOR_THREADS = 64
 
 
@@ -192,7 +197,9 @@ class Daemon:
         # The commands' and jobs' own blocking steps (opens, closes, unmaps, syncs) run in
         # the loop's default executor: min(32, CPUs + 4) threads, 6 on two CPUs. Six of
         # them stuck on a dead filesystem (an NFS or FUSE mount one VM's memory file is on)
-        # held every other client's object-add, object-del, closefd and job step.
+        # held every other client's object-add, object-del, closefd and job step. Clients
+        # of other uids than root's and migd's use pools of their own instead, capped
+        # (io/blocking.py): 64 of theirs stuck on their own FUSE mount held them all.
         loop.set_default_executor(
             ThreadPoolExecutor(max_workers=DEFAULT_EXECUTOR_THREADS, thread_name_prefix="asyncio")
         )
@@ -249,7 +256,7 @@ class Daemon:
         for spec in self.config.memory_backends:
             try:
                 # As object-add: a file an interrupted restore left partial is refused.
-                backend = await asyncio.to_thread(
+                backend = await blocking.to_thread(
                     create_backend, spec, self.services.paths, engine.partial
                 )
             except MigdError as exc:
@@ -274,6 +281,7 @@ class Daemon:
             task.cancel()
         await asyncio.gather(*self._releases, return_exceptions=True)
         await self.services.close()
+        blocking.POOLS.shutdown()
         if self._own_socket is not None:
             remove_socket_file(self.config.socket_path, self._own_socket)
         log.info("migd stopped")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from ..migration.engine import MigrationEngine
 from ..state.fdsets import FdStore
 from ..state.memory import MemoryRegistry
 from ..state.paths import PathPolicy
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -19,7 +22,13 @@ class Services:
 
     async def close(self) -> None:
         """Shutdown step 3 (app.daemon): end the job (threads joined, or given up on after
-        the engine's STOP_TIMEOUT), unmap the backends, close the passed fds."""
+        the engine's STOP_TIMEOUT), unmap the backends, close the passed fds. A backend a
+        job given up on still uses is not closed (MemoryRegistry.close_all)."""
         await self.engine.close()
-        self.memory.close_all()
+        for backend in self.memory.close_all():
+            log.warning(
+                "memory backend %r: a stopping job's thread may still use it: its fd and "
+                "mapping are left to the process's exit",
+                backend.id,
+            )
         self.fdsets.close_all()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import logging
 import os
 import re
@@ -23,6 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from ..errors import MigdError, MigrationError
+from ..io import blocking
 from ..io.checksums import DIGEST_BYTES, ChecksumMismatch, UnitChecksums, hash_memory, unit_count
 from ..io.engine import HASH_THREADS, BlockIO, IOEngine, PageRun, Transfer, check_sizes, load_engine
 from ..io.file_verify import FileBlock, FileProgress, verify_file
@@ -88,7 +88,8 @@ _T = TypeVar("_T")
 
 
 async def job_thread(func: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
-    """asyncio.to_thread for a job's own steps, except that a job task cancelled while the
+    """blocking.to_thread for a job's own steps (in the threads of the uid that started
+    the job, io/blocking.py), except that a job task cancelled while the
     thread runs waits for it to return before the cancel goes on. The loop cancels a job's
     task at its end (a stop that gave up waiting after STOP_TIMEOUT), and `_run`'s finally
     then closes the job's fds: with the thread still in, say, finish_save, it wrote the end
@@ -98,9 +99,7 @@ async def job_thread(func: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _
 
     A plain executor future, not a task: the loop's end cancels every task, and a cancelled
     to_thread task counts as done while its thread still runs."""
-    future = asyncio.get_running_loop().run_in_executor(
-        None, functools.partial(func, *args, **kwargs)
-    )
+    future = blocking.submit(func, *args, **kwargs)
     try:
         return await asyncio.shield(future)
     except asyncio.CancelledError:
@@ -404,13 +403,13 @@ class MigrationEngine:
         # The file's mark, not only the daemon's `partial_restore`: an xattr left by
         # another instance's interrupted restore of the same file is seen there alone.
         restores_begun = [b.restores_begun for b in backends]
-        await asyncio.to_thread(self.partial.check_save, backends)
+        await blocking.to_thread(self.partial.check_save, backends)
         layout = format.plan_save([(b.block_name, b.size) for b in backends], target.offset)
         job = Job("save", target, backends, sum(b.size for b in backends))
         job.updates = updates
         direction = "update" if updates else "live" if live else "save"
         # In a worker thread: a file on a hung or slow filesystem must not stop the loop.
-        main_fd = await asyncio.to_thread(target.open_main, self.openers, direction, peer_uid)
+        main_fd = await blocking.to_thread(target.open_main, self.openers, direction, peer_uid)
         previous: update.Previous | None = None
         try:
             target.refuse_shared()
@@ -418,7 +417,7 @@ class MigrationEngine:
                 main_fd, target.name, "save", "a save to it would overwrite that memory"
             )
             if updates:
-                previous = await asyncio.to_thread(update.read_previous, job, layout, main_fd)
+                previous = await blocking.to_thread(update.read_previous, job, layout, main_fd)
             # Another request may have started a job (or added or deleted a backend)
             # meanwhile: both checks again, with no await between them and the job's launch.
             _refuse_changed_backends(backends, admit())
@@ -471,7 +470,7 @@ class MigrationEngine:
             return self._resolve_backends(backend_ids)
 
         candidates = admit()
-        main_fd = await asyncio.to_thread(target.open_main, self.openers, "restore", peer_uid)
+        main_fd = await blocking.to_thread(target.open_main, self.openers, "restore", peer_uid)
         try:
             identity = self._refuse_file_conflicts(
                 main_fd,
@@ -479,7 +478,7 @@ class MigrationEngine:
                 "restore",
                 "a restore would overwrite the save while reading it",
             )
-            parsed = await asyncio.to_thread(
+            parsed = await blocking.to_thread(
                 restore.parse, main_fd, target, job_id is not None or self.caps.mapped_ram
             )
             matched, skipped = plan.match_blocks(candidates, parsed, target, skip_unmatched)
@@ -487,7 +486,7 @@ class MigrationEngine:
                 _refuse_readable_memory(backend)
             table = None
             if verify != "off":
-                table = await asyncio.to_thread(restore.read_checksums, main_fd, target, parsed)
+                table = await blocking.to_thread(restore.read_checksums, main_fd, target, parsed)
             # Another request may have started a job (a save to this very file: it would
             # write what this restore reads) or added or deleted a backend meanwhile: every
             # check again, with no await between them and the job's launch.

@@ -39,6 +39,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..errors import ConfigError, FdError, InvalidRequest, MigdError
+from ..io import blocking
 from ..state.fdsets import check_room_for_passed_fds
 from ..state.paths import (
     MAX_SOCKET_PATH_BYTES,
@@ -83,6 +84,12 @@ DAEMON_REPLY_LIMIT_BYTES = 64 << 20
 STALL_SECONDS = 1.0
 # Seconds a closing session's writer gets to send what is queued for its client.
 FLUSH_SECONDS = 2.0
+# Seconds the shutdown waits for the closes of the fds ended sessions left unused. A
+# close of a client of another uid than root's and migd's waits in its uid's pool behind
+# that uid's other calls (io/blocking.py), which may never return (its dead FUSE mount):
+# waited for without a bound, the shutdown stopped there, its jobs never cancelled. A
+# memfd's last close takes 50 ms per GiB.
+FD_CLOSE_WAIT = 1.0
 
 Dispatch = Callable[["Session", Request], Awaitable[dict[str, Any]]]
 # Called once a session has ended, however it ended (EOF, reset, dropped, closed): the
@@ -353,7 +360,7 @@ async def _close_off_loop(fds: list[int]) -> None:
     memory, 50 ms per GiB, in which no other client would be answered (red-team,
     session 16); the caller goes on once they are closed."""
     if fds:
-        await asyncio.to_thread(close_fds, fds)
+        await blocking.to_thread(close_fds, fds)
 
 
 class _DaemonUnsent:
@@ -480,6 +487,9 @@ class Server:
             task.add_done_callback(self._tasks.discard)
 
     async def _serve(self, session: Session) -> None:
+        # Its worker-thread calls, and those of the jobs and releases it starts, run under
+        # its uid's cap (io/blocking.py): this task's context, which they inherit.
+        blocking.serve_uid(session.peer_uid)
         try:
             await session.run(self._dispatch)
         finally:
@@ -540,14 +550,14 @@ class Server:
 
     def close_later(self, fds: list[int]) -> None:
         """Close fds in a worker thread, without waiting (Session._close_pending_fds)."""
-        closing = asyncio.get_running_loop().run_in_executor(None, close_fds, fds)
+        closing = blocking.submit(close_fds, fds)
         self._fd_closes.add(closing)
         closing.add_done_callback(self._fd_closes.discard)
 
     async def close_sessions(self, grace: float) -> None:
         """End every session: none reads another request, the request being handled
         gets `grace` seconds to finish and reply, then is cancelled. Returns once the
-        fds the sessions left unused are closed."""
+        fds the sessions left unused are closed, or after FD_CLOSE_WAIT seconds."""
         for session in list(self.sessions):
             session.close()
         tasks = set(self._tasks)
@@ -557,7 +567,14 @@ class Server:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
         if self._fd_closes:
-            await asyncio.wait(set(self._fd_closes))
+            _, late = await asyncio.wait(set(self._fd_closes), timeout=FD_CLOSE_WAIT)
+            if late:
+                # Still queued ones are dropped with their pools (blocking.POOLS.shutdown).
+                log.warning(
+                    "shutting down: %d closes of fds clients left unused are still waiting "
+                    "for a worker thread: those fds are left to the process's exit",
+                    len(late),
+                )
 
 
 def check_socket_directory(path: str) -> None:

@@ -706,8 +706,17 @@ class MemoryRegistry:
     def __len__(self) -> int:
         return len(self._backends)
 
-    def close_all(self) -> None:
-        """Close every backend at shutdown, in use or not (threads are joined by then)."""
+    def close_all(self) -> list[MemoryBackend]:
+        """Close every backend at shutdown but those a job still uses; -> those.
+
+        A job's backends are in use until its task ends, after its threads have returned.
+        A shutdown gives up waiting for a stuck job (engine.STOP_TIMEOUT): closing its
+        backends then closed fds under its threads, which got EBADF, or used the number
+        once it was another file's. Such a backend is left open: the process's exit
+        closes and unmaps it once the threads are done."""
         backends, self._backends = list(self._backends.values()), {}
+        kept = [backend for backend in backends if backend.in_use > 0]
         for backend in backends:
-            backend.close()
+            if backend.in_use == 0:
+                backend.close()
+        return kept

@@ -1,0 +1,98 @@
+"""Worker-thread calls of the commands and jobs (opens, stats, syncs, closes, unmaps),
+with a cap on how many threads one client uid's requests hold at once.
+
+Every blocking call a session makes goes through `to_thread` or `submit` here: its own
+commands, the jobs it starts (their tasks inherit the session's context) and the release
+of what a scoped session leaves. The server tells this module whose requests its session
+task serves (`serve_uid`), a context variable that tasks started from it carry along.
+
+Root's and migd's own uid (the management), and the daemon's own steps (configuration,
+shutdown), use the event loop's default executor (app/daemon.py: 64 threads), as before.
+Any other uid gets a pool of its own of UID_WORKER_THREADS threads: its further calls
+wait in that pool's queue, so a uid whose calls never return (a FUSE filesystem it
+serves that stops answering) holds its own threads only, never another uid's nor the
+management's.
+
+The job's channel, populator and hashing threads run in io/threads.py's WorkerPool,
+which has no cap and so cannot be held by anyone (a capped one could deadlock: a
+transfer's hashing threads wait for its channels); only a job's own steps (job_thread:
+the head, the syncs, the end section) come here, counted against the uid that started it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from ..state.paths import is_root_or_migd
+
+# Threads one uid other than root's and migd's may hold at once. 16 leaves room for a
+# dozen requests stuck on one dead NFS or FUSE mount (a case migd serves, test_faults)
+# plus a job's steps; a pool's threads are made only as its uid needs them, and a stuck
+# one costs a stack, not CPU. Calls past the cap wait in the pool's queue rather than
+# being refused: a refusal would fail a client's object-add, or a job's step half-way,
+# for its own uid's other requests; waiting keeps a request's meaning (it takes as long
+# as its filesystem), and a waiting call is dropped when its request is cancelled.
+UID_WORKER_THREADS = 16
+
+# The uid whose requests the current task serves: None for the daemon's own steps.
+_SERVING: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "migd_serving_uid", default=None
+)
+# A client whose uid could not be read (SO_PEERCRED failed): capped, as another uid.
+UNKNOWN_UID = -1
+
+_T = TypeVar("_T")
+
+
+def serve_uid(uid: int | None) -> None:
+    """The current task (a session's) serves `uid`'s requests, and so do the tasks it
+    starts from now on (jobs, releases). None: the peer's uid is unknown."""
+    _SERVING.set(UNKNOWN_UID if uid is None else uid)
+
+
+class UidPools:
+    """The per-uid pools, made on first use, kept for the daemon's life: their number is
+    that of the uids let on the socket (socket mode, group)."""
+
+    def __init__(self) -> None:
+        self._pools: dict[int, ThreadPoolExecutor] = {}
+
+    def executor(self, uid: int | None) -> ThreadPoolExecutor | None:
+        """The pool `uid`'s calls run in; None: the loop's default executor."""
+        if uid is None or is_root_or_migd(uid):
+            return None
+        pool = self._pools.get(uid)
+        if pool is None:
+            pool = ThreadPoolExecutor(UID_WORKER_THREADS, thread_name_prefix=f"asyncio-uid{uid}")
+            self._pools[uid] = pool
+        return pool
+
+    def shutdown(self) -> None:
+        """At daemon stop: calls still queued are dropped (their requests were cancelled
+        with their sessions), idle threads end; a thread still in a call is not waited
+        for here."""
+        pools, self._pools = list(self._pools.values()), {}
+        for pool in pools:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+POOLS = UidPools()
+
+
+def submit(func: Callable[..., _T], /, *args: Any, **kwargs: Any) -> asyncio.Future[_T]:
+    """Run func(*args, **kwargs) in a worker thread of the current task's uid: the
+    future's cancel drops a call still queued, not one running (engine.job_thread waits
+    for that one). The call sees the caller's context variables, as asyncio.to_thread."""
+    call = functools.partial(contextvars.copy_context().run, func, *args, **kwargs)
+    executor = POOLS.executor(_SERVING.get())
+    return asyncio.get_running_loop().run_in_executor(executor, call)
+
+
+async def to_thread(func: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
+    """asyncio.to_thread, in the current task's uid's threads (submit)."""
+    return await submit(func, *args, **kwargs)
