@@ -1154,6 +1154,14 @@ MUTANTS = [
         ("tests/test_session_races.py::"
          "test_another_client_is_answered_while_a_gone_clients_unused_fds_are_closed",),
     ),
+    Mutant(
+        "job-file-not-held-against-other-processes",
+        "migd/migration/engine.py",
+        '        if hold_for_job(fd, writes=direction == "save") is False:\n',
+        "        if False:\n",
+        ("tests/test_file_identity.py::"
+         "test_two_migd_processes_never_run_jobs_on_one_file_that_either_writes",),
+    ),
 ]  # fmt: skip
 
 

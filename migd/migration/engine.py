@@ -33,7 +33,7 @@ from ..pages import PAGE_SIZE
 from ..state.fdsets import is_fdset_path
 from ..state.memory import MemoryBackend, MemoryRegistry
 from ..state.partial import PartialMarks
-from ..state.paths import ChannelOpener, FileOpener, plain_open
+from ..state.paths import ChannelOpener, FileOpener, hold_for_job, plain_open
 from . import plan, settings
 from .job import (
     JOB_STEPS,
@@ -417,6 +417,7 @@ class MigrationEngine:
             identity = self._refuse_file_conflicts(
                 main_fd, target.name, "save", "a save to it would overwrite that memory"
             )
+            await asyncio.to_thread(self._hold_file, main_fd, target.name, "save")
             if updates:
                 previous = await asyncio.to_thread(update.read_previous, job, layout, main_fd)
             # Another request may have started a job (or added or deleted a backend)
@@ -479,6 +480,7 @@ class MigrationEngine:
                 "restore",
                 "a restore would overwrite the save while reading it",
             )
+            await asyncio.to_thread(self._hold_file, main_fd, target.name, "restore")
             parsed = await asyncio.to_thread(
                 restore.parse, main_fd, target, job_id is not None or self.caps.mapped_ram
             )
@@ -553,6 +555,19 @@ class MigrationEngine:
                     f"'{job.target.name}'): two jobs cannot use one file while either writes it"
                 )
         return identity
+
+    @staticmethod
+    def _hold_file(fd: int, path: str, direction: str) -> None:
+        """The job's hold on its file (state/paths.hold_for_job), kept until its main fd
+        closes: what refuses a job of another migd process (or one of this migd's that
+        has not launched yet) on a file that either job writes. Blocking: a thread."""
+        if hold_for_job(fd, writes=direction == "save") is False:
+            raise MigrationError(
+                f"'{path}' is in use by another job that "
+                f"{'reads or writes' if direction == 'save' else 'writes'} it (another migd "
+                "process's, or one of this migd's that is starting): two jobs cannot use "
+                "one file while either writes it"
+            )
 
     def refuse_job_file(self, identity: tuple[int, int], path: str) -> None:
         """object-add: refuse a memory file that is the file of a running job (a restore

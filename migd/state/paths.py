@@ -339,6 +339,14 @@ def resolve_trusted(path: str, owners: Collection[int]) -> tuple[str, os.stat_re
 # with the last fd of its open: nothing to clean up, and nothing to wait for or scan.
 _CLAIM_BYTE = 1 << 62
 EXTEND_BYTE = _CLAIM_BYTE + 1  # state/memory.py's lock for sizing a memory file
+# A running job's hold on its file (migration/engine.py), from its open to its end: a
+# save's a write lock, a restore's a read lock. The engine refuses a second job on one
+# file by device and inode, but it knows only its own jobs: two migd processes (the shared
+# daemon and an instance, two instances) saving into one file both `completed`, and the
+# buffered one, whose checksums are read back from its file, recorded the other's pages
+# as its own: a file that `migd verify` passed and that restored the other VM's memory
+# (red-team, session 17).
+JOB_BYTE = _CLAIM_BYTE + 2
 _FLOCK = "hhqqi4x"  # struct flock: type, whence, start, len, pid (x86-64 and aarch64)
 
 
@@ -356,6 +364,14 @@ def ofd_lock(fd: int, kind: int, byte: int) -> bool | None:
             return False
         return None
     return True
+
+
+def hold_for_job(fd: int, writes: bool) -> bool | None:
+    """A job's hold on its file (JOB_BYTE): a writer's excludes every other job's, a
+    reader's only a writer's -> True, False if another open file description (another
+    process's job, or a job of this process) holds a conflicting one, None where the
+    filesystem has no such locks. The kernel drops it with the job's last fd."""
+    return ofd_lock(fd, fcntl.F_WRLCK if writes else fcntl.F_RDLCK, JOB_BYTE)
 
 
 def _claim(fd: int, kind: int) -> bool | None:
