@@ -1157,10 +1157,26 @@ MUTANTS = [
     Mutant(
         "job-file-not-held-against-other-processes",
         "migd/migration/engine.py",
-        '        if hold_for_job(fd, writes=direction == "save") is False:\n',
+        '        if target.hold(writes=direction == "save") is False:\n',
         "        if False:\n",
         ("tests/test_file_identity.py::"
          "test_two_migd_processes_never_run_jobs_on_one_file_that_either_writes",),
+    ),
+    Mutant(
+        "memory-file-not-held-against-other-processes",
+        "migd/migration/engine.py",
+        "and hold_for_job(backend.fd, writes) is False:\n",
+        "and False:\n",
+        ("tests/test_file_identity.py::"
+         "test_two_migd_processes_never_run_jobs_on_one_memory_file_that_either_writes",),
+    ),
+    Mutant(
+        "verify-of-a-file-a-save-writes-says-interrupted",
+        "migd/tools/inspect.py",
+        "    if written_by_a_job(fd):\n",
+        "    if False:\n",
+        ("tests/test_verify_cli.py::"
+         "test_a_file_a_running_save_writes_is_said_to_be_written_not_interrupted",),
     ),
 ]  # fmt: skip
 

@@ -651,3 +651,49 @@ def test_two_migd_processes_never_run_jobs_on_one_file_that_either_writes(
     finally:
         first.stop()
         second.stop()
+
+
+def test_two_migd_processes_never_run_jobs_on_one_memory_file_that_either_writes(
+    short_dir: Path, shm: Path
+) -> None:
+    """Two daemons with a backend on one memory file: a restore by one into it while the
+    other saved it made that save a mix of old and restored memory, `completed` with
+    checksums of the mix; two restores into it both `completed`, the memory a mix of the
+    two files where each checked its pages in a staging buffer. Now a job holds its
+    backends' files too (a restore a write lock, a save a read lock) until it ends."""
+    first = start_daemon(short_dir / "a.sock")
+    second = start_daemon(short_dir / "b.sock")
+    try:
+        a = RawClient(first.socket_path).negotiate()
+        b = RawClient(second.socket_path).negotiate()
+        memory = shm / "m"
+        fill_random(memory, 4 * MiB, seed=1)
+        for client in (a, b):
+            client.ok("object-add", {"qom-type": "memory-backend-file", "id": "ram0",
+                                     "size": 4 * MiB, "mem-path": str(memory)})  # fmt: skip
+        image = short_dir / "f.sav"
+        a.ok("memory-save", {"job-id": "s", "uri": f"file:{image}"})
+        assert "error" not in _job_concluded(a, "s")
+        slow = {"max-bandwidth": 1 << 18}  # 16 s for 4 MiB: running until cancelled
+        b.ok("memory-save", {"job-id": "s", "uri": f"file:{short_dir}/g.sav", **slow})
+        reply = a.execute("memory-restore", {"job-id": "r", "uri": f"file:{image}"})
+        in_use = (
+            f"Memory backend 'ram0' file '{memory}' is in use by a job of another migd "
+            "process that reads or writes it: two jobs cannot use one file while either "
+            "writes it"
+        )
+        assert reply["error"]["desc"] == in_use
+        assert [j["id"] for j in a.ok("query-jobs")] == ["s"]
+        b.ok("job-cancel", {"id": "s"})
+        _job_concluded(b, "s")
+        b.ok("job-dismiss", {"id": "s"})
+        # The hold ends with the job: the restore runs now, and keeps the other's out.
+        a.ok("memory-restore", {"job-id": "r", "uri": f"file:{image}", **slow})
+        reply = b.execute("memory-restore", {"job-id": "r", "uri": f"file:{image}"})
+        assert reply["error"]["desc"] == in_use
+        assert b.ok("query-jobs") == []
+        a.ok("job-cancel", {"id": "r"})
+        _job_concluded(a, "r")
+    finally:
+        first.stop()
+        second.stop()

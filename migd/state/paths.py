@@ -345,7 +345,9 @@ EXTEND_BYTE = _CLAIM_BYTE + 1  # state/memory.py's lock for sizing a memory file
 # daemon and an instance, two instances) saving into one file both `completed`, and the
 # buffered one, whose checksums are read back from its file, recorded the other's pages
 # as its own: a file that `migd verify` passed and that restored the other VM's memory
-# (red-team, session 17).
+# (red-team, session 17). Memory backends' files are held the same way while a job uses
+# them (a restore writes them, a save reads them): two migd processes restoring into one
+# memory file both `completed` with the memory a mix of the two saves.
 JOB_BYTE = _CLAIM_BYTE + 2
 _FLOCK = "hhqqi4x"  # struct flock: type, whence, start, len, pid (x86-64 and aarch64)
 
@@ -372,6 +374,23 @@ def hold_for_job(fd: int, writes: bool) -> bool | None:
     process's job, or a job of this process) holds a conflicting one, None where the
     filesystem has no such locks. The kernel drops it with the job's last fd."""
     return ofd_lock(fd, fcntl.F_WRLCK if writes else fcntl.F_RDLCK, JOB_BYTE)
+
+
+def written_by_a_job(fd: int) -> bool:
+    """Does a job (of any migd process) hold fd's file for writing now (a save, an
+    update)? Asked without taking anything (F_OFD_GETLK), so that a reader such as
+    `migd verify` never keeps a save out."""
+    request = struct.pack(_FLOCK, fcntl.F_RDLCK, os.SEEK_SET, JOB_BYTE, 1, 0)
+    try:
+        answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, request)
+    except OSError:
+        return False  # no such locks here: nothing known
+    return struct.unpack(_FLOCK, answer)[0] != fcntl.F_UNLCK
+
+
+def release_job_hold(fd: int) -> None:
+    """Drop a job's hold on a file whose fd outlives the job (a memory backend's)."""
+    ofd_lock(fd, fcntl.F_UNLCK, JOB_BYTE)
 
 
 def _claim(fd: int, kind: int) -> bool | None:
