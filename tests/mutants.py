@@ -1178,6 +1178,14 @@ MUTANTS = [
         ("tests/test_verify_cli.py::"
          "test_a_file_a_running_save_writes_is_said_to_be_written_not_interrupted",),
     ),
+    Mutant(
+        "save-into-another-processs-memory-file",
+        "migd/migration/engine.py",
+        '        if direction == "save" and mapped_as_memory(fd):\n',
+        "        if False:\n",
+        ("tests/test_file_identity.py::"
+         "test_a_save_into_another_migd_processs_memory_file_is_refused",),
+    ),
 ]  # fmt: skip
 
 

@@ -697,3 +697,35 @@ def test_two_migd_processes_never_run_jobs_on_one_memory_file_that_either_writes
     finally:
         first.stop()
         second.stop()
+
+
+def test_a_save_into_another_migd_processs_memory_file_is_refused(
+    short_dir: Path, shm: Path
+) -> None:
+    """A daemon refuses a save into one of its own backends' files; a save of another
+    daemon into it truncated and overwrote that guest RAM (the first daemon then saved
+    the other's save file as its memory, `completed`). A backend now marks its file while
+    it maps it (state/paths.hold_as_memory), and object-del takes the mark away."""
+    first = start_daemon(short_dir / "a.sock")
+    second = start_daemon(short_dir / "b.sock")
+    try:
+        a = RawClient(first.socket_path).negotiate()
+        b = RawClient(second.socket_path).negotiate()
+        guest = fill_random(shm / "ma", 4 * MiB, seed=1)
+        fill_random(shm / "mb", 4 * MiB, seed=2)
+        for client, name in ((a, "ma"), (b, "mb")):
+            client.ok("object-add", {"qom-type": "memory-backend-file", "id": "ram0",
+                                     "size": 4 * MiB, "mem-path": str(shm / name)})  # fmt: skip
+        reply = b.execute("memory-save", {"job-id": "s", "uri": f"file:{shm / 'ma'}"})
+        assert reply["error"]["desc"] == (
+            f"'{shm / 'ma'}' is the memory file of a memory backend of another migd "
+            "process: a save to it would overwrite that memory"
+        )
+        assert (shm / "ma").read_bytes() == guest
+        assert b.ok("query-jobs") == []
+        a.ok("object-del", {"id": "ram0"})
+        b.ok("memory-save", {"job-id": "s", "uri": f"file:{shm / 'ma'}"})
+        assert "error" not in _job_concluded(b, "s")
+    finally:
+        first.stop()
+        second.stop()

@@ -37,6 +37,7 @@ from ..state.paths import (
     ChannelOpener,
     FileOpener,
     hold_for_job,
+    mapped_as_memory,
     plain_open,
     release_job_hold,
 )
@@ -423,7 +424,7 @@ class MigrationEngine:
             identity = self._refuse_file_conflicts(
                 main_fd, target.name, "save", "a save to it would overwrite that memory"
             )
-            await asyncio.to_thread(self._hold_file, target, target.name, "save")
+            await asyncio.to_thread(self._hold_file, target, main_fd, target.name, "save")
             if updates:
                 previous = await asyncio.to_thread(update.read_previous, job, layout, main_fd)
             # Another request may have started a job (or added or deleted a backend)
@@ -487,7 +488,7 @@ class MigrationEngine:
                 "restore",
                 "a restore would overwrite the save while reading it",
             )
-            await asyncio.to_thread(self._hold_file, target, target.name, "restore")
+            await asyncio.to_thread(self._hold_file, target, main_fd, target.name, "restore")
             parsed = await asyncio.to_thread(
                 restore.parse, main_fd, target, job_id is not None or self.caps.mapped_ram
             )
@@ -565,7 +566,7 @@ class MigrationEngine:
         return identity
 
     @staticmethod
-    def _hold_file(target: Target, path: str, direction: str) -> None:
+    def _hold_file(target: Target, fd: int, path: str, direction: str) -> None:
         """The job's hold on its file (Target.hold), kept until its target closes: what
         refuses a job of another migd process (or one of this migd's that has not
         launched yet) on a file that either job writes. Blocking: a thread."""
@@ -575,6 +576,11 @@ class MigrationEngine:
                 f"{'reads or writes' if direction == 'save' else 'writes'} it (another migd "
                 "process's, or one of this migd's that is starting): two jobs cannot use "
                 "one file while either writes it"
+            )
+        if direction == "save" and mapped_as_memory(fd):
+            raise MigrationError(
+                f"'{path}' is the memory file of a memory backend of another migd process: "
+                "a save to it would overwrite that memory"
             )
 
     @staticmethod

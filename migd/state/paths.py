@@ -349,6 +349,11 @@ EXTEND_BYTE = _CLAIM_BYTE + 1  # state/memory.py's lock for sizing a memory file
 # them (a restore writes them, a save reads them): two migd processes restoring into one
 # memory file both `completed` with the memory a mix of the two saves.
 JOB_BYTE = _CLAIM_BYTE + 2
+# A memory backend's read lock for as long as it maps its file (state/memory.py): a save
+# of another migd process into that file is refused, as the engine refuses one into a
+# backend's file of its own. Before, it truncated and overwrote the other daemon's guest
+# RAM, which that daemon then saved as `completed` (red-team, session 17).
+MAPPED_BYTE = _CLAIM_BYTE + 3
 _FLOCK = "hhqqi4x"  # struct flock: type, whence, start, len, pid (x86-64 and aarch64)
 
 
@@ -380,12 +385,28 @@ def written_by_a_job(fd: int) -> bool:
     """Does a job (of any migd process) hold fd's file for writing now (a save, an
     update)? Asked without taking anything (F_OFD_GETLK), so that a reader such as
     `migd verify` never keeps a save out."""
-    request = struct.pack(_FLOCK, fcntl.F_RDLCK, os.SEEK_SET, JOB_BYTE, 1, 0)
+    return _conflicts(fd, fcntl.F_RDLCK, JOB_BYTE)
+
+
+def _conflicts(fd: int, kind: int, byte: int) -> bool:
+    """Would a lock `kind` on `byte` conflict with another open file description's?
+    Asked without taking anything (F_OFD_GETLK); False where there are no such locks."""
+    request = struct.pack(_FLOCK, kind, os.SEEK_SET, byte, 1, 0)
     try:
         answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, request)
     except OSError:
-        return False  # no such locks here: nothing known
+        return False
     return struct.unpack(_FLOCK, answer)[0] != fcntl.F_UNLCK
+
+
+def hold_as_memory(fd: int, held: bool = True) -> None:
+    """A memory backend's mark on its file while it maps it (MAPPED_BYTE), or its end."""
+    ofd_lock(fd, fcntl.F_RDLCK if held else fcntl.F_UNLCK, MAPPED_BYTE)
+
+
+def mapped_as_memory(fd: int) -> bool:
+    """Does another open of fd's file (another migd's memory backend) map it as memory?"""
+    return _conflicts(fd, fcntl.F_WRLCK, MAPPED_BYTE)
 
 
 def release_job_hold(fd: int) -> None:
