@@ -1186,6 +1186,15 @@ MUTANTS = [
         ("tests/test_file_identity.py::"
          "test_a_save_into_another_migd_processs_memory_file_is_refused",),
     ),
+    Mutant(
+        "job-holds-its-files-past-its-announced-end",
+        "migd/migration/engine.py",
+        "        job.target.close()\n        self._release_memory(job.backends)\n"
+        "        self._set_status(job, status)\n",
+        "        self._set_status(job, status)\n",
+        ("tests/test_file_identity.py::"
+         "test_a_job_lets_go_of_its_files_before_its_end_goes_out",),
+    ),
 ]  # fmt: skip
 
 

@@ -729,3 +729,35 @@ def test_a_save_into_another_migd_processs_memory_file_is_refused(
     finally:
         first.stop()
         second.stop()
+
+
+async def test_a_job_lets_go_of_its_files_before_its_end_goes_out(migd_inproc, qmp, shm, short_dir):
+    """A client that acts on JOB_STATUS_CHANGE `concluded` at once (runs `migd verify`,
+    starts a job of another migd on the file) must not find the job still holding its
+    file or its memory file: the holds went only after the event (red-team, session 17)."""
+    from migd.state.paths import written_by_a_job
+
+    engine = migd_inproc.daemon.services.engine
+    image, memory = short_dir / "f.sav", shm / "m0"
+    fill_random(memory, MiB, seed=1)
+    await add_file_backend(qmp, "m0", memory, MiB)
+    held_at_end: dict[tuple[str, str], bool] = {}
+    emit = engine.emit
+
+    def watching_emit(name: str, data: dict[str, Any]) -> None:
+        if name == "JOB_STATUS_CHANGE" and data["status"] == "concluded":
+            for what, path in (("file", image), ("memory", memory)):
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    held_at_end[data["id"], what] = written_by_a_job(fd)
+                finally:
+                    os.close(fd)
+        emit(name, data)
+
+    engine.emit = watching_emit
+    assert "error" not in await _memory_job(qmp, "memory-save", "s", f"file:{image}")
+    assert "error" not in await _memory_job(qmp, "memory-restore", "r", f"file:{image}")
+    assert held_at_end == {
+        ("s", "file"): False, ("s", "memory"): False,
+        ("r", "file"): False, ("r", "memory"): False,
+    }  # fmt: skip
