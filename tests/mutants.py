@@ -1201,6 +1201,47 @@ MUTANTS = [
         "            _, late = await asyncio.wait(set(self._fd_closes)), None\n",
         ("tests/test_faults.py::test_shutdown_goes_on_while_a_uids_threads_are_stuck",),
     ),
+    Mutant(
+        "job-file-not-held-against-other-processes",
+        "migd/migration/engine.py",
+        '        if target.hold(writes=direction == "save") is False:\n',
+        "        if False:\n",
+        ("tests/test_file_identity.py::"
+         "test_two_migd_processes_never_run_jobs_on_one_file_that_either_writes",),
+    ),
+    Mutant(
+        "memory-file-not-held-against-other-processes",
+        "migd/migration/engine.py",
+        "and hold_for_job(backend.fd, writes) is False:\n",
+        "and False:\n",
+        ("tests/test_file_identity.py::"
+         "test_two_migd_processes_never_run_jobs_on_one_memory_file_that_either_writes",),
+    ),
+    Mutant(
+        "verify-of-a-file-a-save-writes-says-interrupted",
+        "migd/tools/inspect.py",
+        "    if written_by_a_job(fd):\n",
+        "    if False:\n",
+        ("tests/test_verify_cli.py::"
+         "test_a_file_a_running_save_writes_is_said_to_be_written_not_interrupted",),
+    ),
+    Mutant(
+        "save-into-another-processs-memory-file",
+        "migd/migration/engine.py",
+        '        if direction == "save" and mapped_as_memory(fd):\n',
+        "        if False:\n",
+        ("tests/test_file_identity.py::"
+         "test_a_save_into_another_migd_processs_memory_file_is_refused",),
+    ),
+    Mutant(
+        "job-holds-its-files-past-its-announced-end",
+        "migd/migration/engine.py",
+        "        job.target.close()\n        self._release_memory(job.backends)\n"
+        "        self._set_status(job, status)\n",
+        "        self._set_status(job, status)\n",
+        ("tests/test_file_identity.py::"
+         "test_a_job_lets_go_of_its_files_before_its_end_goes_out",),
+    ),
 ]  # fmt: skip
 
 

@@ -12,6 +12,7 @@ import ctypes
 import hashlib
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -291,12 +292,14 @@ async def _two_clients_two_backends(migd_inproc: Any, shm: Path) -> tuple[Any, A
     return a, b
 
 
-async def test_a_save_admitted_while_a_restore_of_its_file_starts_makes_the_restore_refused(
+async def test_a_save_started_while_a_restore_of_its_file_starts_is_refused(
     migd_inproc, shm, short_dir, monkeypatch
 ):
-    """The restore checks its file against running jobs, then reads the file's head and
-    checksums in threads: a save to the same file that starts meanwhile must make the
-    restore refused, not let it read the save's bytes and complete."""
+    """The restore reads its file's head and checksums in threads before it launches: a
+    save to the same file that starts meanwhile must not write what the restore reads.
+    Before session 17 the restore was refused by a second look at the running jobs; since,
+    the restore holds its file (state/paths.hold_for_job) from its open, so the save is
+    refused and the restore completes with the bytes it read."""
     from migd.migration.mapped_ram import restore as restore_module
 
     a, b = await _two_clients_two_backends(migd_inproc, shm)
@@ -306,6 +309,8 @@ async def test_a_save_admitted_while_a_restore_of_its_file_starts_makes_the_rest
             a, "memory-save", "s0", f"file:{image}", backends=["m0"]
         )
         await a.execute("job-dismiss", {"id": "s0"})
+        saved_m0 = (shm / "m0").read_bytes()
+        (shm / "m0").write_bytes(bytes(MiB))
         reading, go_on = threading.Event(), threading.Event()
         read_checksums = restore_module.read_checksums
 
@@ -324,21 +329,19 @@ async def test_a_save_admitted_while_a_restore_of_its_file_starts_makes_the_rest
         await poll_until(
             lambda: asyncio.sleep(0, reading.is_set()), bool, "restore reading checksums"
         )
-        # Throttled: still writing the file when the restore goes on.
-        saved = await a.execute(
-            "memory-save",
-            {"job-id": "s1", "uri": f"file:{image}", "backends": ["m1"], "max-bandwidth": 65536},
+        desc = await qmp_error(
+            a, "memory-save", {"job-id": "s1", "uri": f"file:{image}", "backends": ["m1"]}
         )
-        assert saved == {}
-        go_on.set()
-        with pytest.raises(ExecuteError) as refused:
-            await restoring
-        assert refused.value.error.error.desc == (
-            f"'{image}' is the file of job 's1' (save of '{image}'): two jobs cannot use one "
+        assert desc == (
+            f"'{image}' is in use by another job that reads or writes it (another migd "
+            "process's, or one of this migd's that is starting): two jobs cannot use one "
             "file while either writes it"
         )
-        assert "r" not in [j["id"] for j in await a.execute("query-jobs")]
-        await a.execute("job-cancel", {"id": "s1"})
+        go_on.set()
+        assert await restoring == {}
+        assert "error" not in await _concluded(b, "r")
+        assert (shm / "m0").read_bytes() == saved_m0
+        assert "s1" not in [j["id"] for j in await a.execute("query-jobs")]
     finally:
         go_on.set()
         await a.disconnect()
@@ -582,3 +585,179 @@ async def test_a_backend_deleted_while_a_migration_starts_makes_it_refused(
         go_on.set()
         await a.disconnect()
         await b.disconnect()
+
+
+# --- two migd processes on one file (red-team, session 17) ----------------------------------
+
+
+def _job_concluded(client: RawClient, job_id: str, timeout: float = 30) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = next(j for j in client.ok("query-jobs") if j["id"] == job_id)
+        if job["status"] == "concluded":
+            return job
+        assert time.monotonic() < deadline, job
+        time.sleep(0.01)
+
+
+def _in_use(verb: str, path: Path) -> str:
+    return (
+        f"'{path}' is in use by another job that {verb} it (another migd process's, or one "
+        "of this migd's that is starting): two jobs cannot use one file while either writes it"
+    )
+
+
+def test_two_migd_processes_never_run_jobs_on_one_file_that_either_writes(
+    short_dir: Path, shm: Path
+) -> None:
+    """Each daemon refuses a second job on a file among its own jobs; two daemons (the
+    shared one and an instance, say) knew nothing of each other's. A buffered save into
+    the file another migd was saving into `completed`, and as its checksums are read back
+    from its file, recorded the other save's pages too: `migd verify` passed a file that
+    held 561 of 2048 pages of the other VM's memory. Now a job holds its file (a save a
+    write lock, a restore a read lock) from its open to its end."""
+    first = start_daemon(short_dir / "a.sock")
+    second = start_daemon(short_dir / "b.sock")
+    try:
+        a = RawClient(first.socket_path).negotiate()
+        b = RawClient(second.socket_path).negotiate()
+        for client, name, seed in ((a, "ma", 1), (b, "mb", 2)):
+            fill_random(shm / name, 4 * MiB, seed=seed)
+            client.ok("object-add", {"qom-type": "memory-backend-file", "id": "ram0",
+                                     "size": 4 * MiB, "mem-path": str(shm / name)})  # fmt: skip
+        image = short_dir / "f.sav"
+        # At 256 KiB/s the save runs for 16 s: it holds its file until it is cancelled.
+        a.ok("memory-save", {"job-id": "s", "uri": f"file:{image}", "max-bandwidth": 1 << 18})
+        reply = b.execute("memory-save", {"job-id": "s", "uri": f"file:{image}"})
+        assert reply["error"]["desc"] == _in_use("reads or writes", image)
+        reply = b.execute("memory-restore", {"job-id": "r", "uri": f"file:{image}"})
+        assert reply["error"]["desc"] == _in_use("writes", image)
+        assert b.ok("query-jobs") == []
+        a.ok("job-cancel", {"id": "s"})
+        assert _job_concluded(a, "s")["error"] == "Operation canceled"
+        # The hold ends with the job: the other daemon saves now, and its restore, while it
+        # reads the file, keeps the first daemon's save out.
+        b.ok("memory-save", {"job-id": "s", "uri": f"file:{image}"})
+        assert "error" not in _job_concluded(b, "s")
+        b.ok("memory-restore", {"job-id": "r", "uri": f"file:{image}", "max-bandwidth": 1 << 18})
+        reply = a.execute("memory-save", {"job-id": "s2", "uri": f"file:{image}"})
+        assert reply["error"]["desc"] == _in_use("reads or writes", image)
+        # Two restores may read one file, whichever daemons run them.
+        a.ok("memory-restore", {"job-id": "r", "uri": f"file:{image}", "max-bandwidth": 1 << 18})
+        a.ok("job-cancel", {"id": "r"})
+        _job_concluded(a, "r")
+        b.ok("job-cancel", {"id": "r"})
+        _job_concluded(b, "r")
+    finally:
+        first.stop()
+        second.stop()
+
+
+def test_two_migd_processes_never_run_jobs_on_one_memory_file_that_either_writes(
+    short_dir: Path, shm: Path
+) -> None:
+    """Two daemons with a backend on one memory file: a restore by one into it while the
+    other saved it made that save a mix of old and restored memory, `completed` with
+    checksums of the mix; two restores into it both `completed`, the memory a mix of the
+    two files where each checked its pages in a staging buffer. Now a job holds its
+    backends' files too (a restore a write lock, a save a read lock) until it ends."""
+    first = start_daemon(short_dir / "a.sock")
+    second = start_daemon(short_dir / "b.sock")
+    try:
+        a = RawClient(first.socket_path).negotiate()
+        b = RawClient(second.socket_path).negotiate()
+        memory = shm / "m"
+        fill_random(memory, 4 * MiB, seed=1)
+        for client in (a, b):
+            client.ok("object-add", {"qom-type": "memory-backend-file", "id": "ram0",
+                                     "size": 4 * MiB, "mem-path": str(memory)})  # fmt: skip
+        image = short_dir / "f.sav"
+        a.ok("memory-save", {"job-id": "s", "uri": f"file:{image}"})
+        assert "error" not in _job_concluded(a, "s")
+        slow = {"max-bandwidth": 1 << 18}  # 16 s for 4 MiB: running until cancelled
+        b.ok("memory-save", {"job-id": "s", "uri": f"file:{short_dir}/g.sav", **slow})
+        reply = a.execute("memory-restore", {"job-id": "r", "uri": f"file:{image}"})
+        in_use = (
+            f"Memory backend 'ram0' file '{memory}' is in use by a job of another migd "
+            "process that reads or writes it: two jobs cannot use one file while either "
+            "writes it"
+        )
+        assert reply["error"]["desc"] == in_use
+        assert [j["id"] for j in a.ok("query-jobs")] == ["s"]
+        b.ok("job-cancel", {"id": "s"})
+        _job_concluded(b, "s")
+        b.ok("job-dismiss", {"id": "s"})
+        # The hold ends with the job: the restore runs now, and keeps the other's out.
+        a.ok("memory-restore", {"job-id": "r", "uri": f"file:{image}", **slow})
+        reply = b.execute("memory-restore", {"job-id": "r", "uri": f"file:{image}"})
+        assert reply["error"]["desc"] == in_use
+        assert b.ok("query-jobs") == []
+        a.ok("job-cancel", {"id": "r"})
+        _job_concluded(a, "r")
+    finally:
+        first.stop()
+        second.stop()
+
+
+def test_a_save_into_another_migd_processs_memory_file_is_refused(
+    short_dir: Path, shm: Path
+) -> None:
+    """A daemon refuses a save into one of its own backends' files; a save of another
+    daemon into it truncated and overwrote that guest RAM (the first daemon then saved
+    the other's save file as its memory, `completed`). A backend now marks its file while
+    it maps it (state/paths.hold_as_memory), and object-del takes the mark away."""
+    first = start_daemon(short_dir / "a.sock")
+    second = start_daemon(short_dir / "b.sock")
+    try:
+        a = RawClient(first.socket_path).negotiate()
+        b = RawClient(second.socket_path).negotiate()
+        guest = fill_random(shm / "ma", 4 * MiB, seed=1)
+        fill_random(shm / "mb", 4 * MiB, seed=2)
+        for client, name in ((a, "ma"), (b, "mb")):
+            client.ok("object-add", {"qom-type": "memory-backend-file", "id": "ram0",
+                                     "size": 4 * MiB, "mem-path": str(shm / name)})  # fmt: skip
+        reply = b.execute("memory-save", {"job-id": "s", "uri": f"file:{shm / 'ma'}"})
+        assert reply["error"]["desc"] == (
+            f"'{shm / 'ma'}' is the memory file of a memory backend of another migd "
+            "process: a save to it would overwrite that memory"
+        )
+        assert (shm / "ma").read_bytes() == guest
+        assert b.ok("query-jobs") == []
+        a.ok("object-del", {"id": "ram0"})
+        b.ok("memory-save", {"job-id": "s", "uri": f"file:{shm / 'ma'}"})
+        assert "error" not in _job_concluded(b, "s")
+    finally:
+        first.stop()
+        second.stop()
+
+
+async def test_a_job_lets_go_of_its_files_before_its_end_goes_out(migd_inproc, qmp, shm, short_dir):
+    """A client that acts on JOB_STATUS_CHANGE `concluded` at once (runs `migd verify`,
+    starts a job of another migd on the file) must not find the job still holding its
+    file or its memory file: the holds went only after the event (red-team, session 17)."""
+    from migd.state.paths import written_by_a_job
+
+    engine = migd_inproc.daemon.services.engine
+    image, memory = short_dir / "f.sav", shm / "m0"
+    fill_random(memory, MiB, seed=1)
+    await add_file_backend(qmp, "m0", memory, MiB)
+    held_at_end: dict[tuple[str, str], bool] = {}
+    emit = engine.emit
+
+    def watching_emit(name: str, data: dict[str, Any]) -> None:
+        if name == "JOB_STATUS_CHANGE" and data["status"] == "concluded":
+            for what, path in (("file", image), ("memory", memory)):
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    held_at_end[data["id"], what] = written_by_a_job(fd)
+                finally:
+                    os.close(fd)
+        emit(name, data)
+
+    engine.emit = watching_emit
+    assert "error" not in await _memory_job(qmp, "memory-save", "s", f"file:{image}")
+    assert "error" not in await _memory_job(qmp, "memory-restore", "r", f"file:{image}")
+    assert held_at_end == {
+        ("s", "file"): False, ("s", "memory"): False,
+        ("r", "file"): False, ("r", "memory"): False,
+    }  # fmt: skip

@@ -424,3 +424,49 @@ async def test_a_restore_into_a_backend_a_running_save_reads_is_refused_naming_t
     await qmp.execute("job-cancel", {"id": "slow"})
     await wait_concluded(qmp, "slow")
     assert (shm / "vm0").read_bytes() == data["vm0"]
+
+
+async def test_twenty_saves_and_restores_at_once_are_byte_exact_and_others_are_answered(
+    migd_inproc, qmp, shm, short_dir
+):
+    """Ten restores and ten saves at once, 4 channels each, half of them direct-io (staged
+    through the shared pool of staging buffers): some 150 job threads, more than the 64
+    the worker pool makes ahead. Every job completes byte for byte and another client is
+    answered meanwhile (red-team, session 17: held)."""
+    data = await _backends(qmp, shm, 20, size=2 * MiB)
+    for i in range(10):
+        await qmp.execute(
+            "memory-save",
+            {"job-id": f"first{i}", "backends": [f"vm{i}"], "uri": f"file:{short_dir}/{i}.sav"},
+        )
+    await wait_concluded(qmp, *(f"first{i}" for i in range(10)))
+    for i in range(10):
+        (shm / f"vm{i}").write_bytes(bytes(2 * MiB))
+    # 4 MiB/s: each job runs for half a second, so all twenty run at once.
+    common = {"multifd-channels": 4, "max-bandwidth": 4 * MiB}
+    for i in range(20):
+        command = "memory-restore" if i < 10 else "memory-save"
+        await qmp.execute(
+            command,
+            {"job-id": f"j{i}", "backends": [f"vm{i}"], "uri": f"file:{short_dir}/{i}.sav",
+             "direct-io": i % 2 == 1, **common},
+        )  # fmt: skip
+    other = await migd_inproc.client("other")
+    try:
+        listed = {job["id"] for job in await other.execute("query-jobs")}
+        assert {f"j{i}" for i in range(20)} <= listed
+    finally:
+        await other.disconnect()
+    jobs = await wait_concluded(qmp, *(f"j{i}" for i in range(20)))
+    assert all("error" not in jobs[f"j{i}"] for i in range(20)), jobs
+    for i in range(10):
+        assert (shm / f"vm{i}").read_bytes() == data[f"vm{i}"], i
+    for i in range(10, 20):
+        (shm / f"vm{i}").write_bytes(bytes(2 * MiB))
+        await qmp.execute(
+            "memory-restore",
+            {"job-id": f"back{i}", "backends": [f"vm{i}"], "uri": f"file:{short_dir}/{i}.sav"},
+        )
+    await wait_concluded(qmp, *(f"back{i}" for i in range(10, 20)))
+    for i in range(10, 20):
+        assert (shm / f"vm{i}").read_bytes() == data[f"vm{i}"], i

@@ -27,9 +27,16 @@ import pytest
 import xxhash
 
 from migd.migration.mapped_ram import format
-from migd.tools.verify import CorruptError, NotASaveError, verify_save
+from migd.tools.verify import CorruptError, FileInUse, NotASaveError, verify_save
 
-from .conftest import add_file_backend, enable_mapped_ram, parse_save, read_bitmap, wait_migration
+from .conftest import (
+    add_file_backend,
+    enable_mapped_ram,
+    parse_save,
+    poll_until,
+    read_bitmap,
+    wait_migration,
+)
 from .qemu_vm import requires_qemu
 from .test_faults import _IO_IN, F_READ, FaultFS, mounted_fuse
 from .test_interop_qemu import none_machine_args, qemu_save
@@ -387,3 +394,37 @@ def test_ctrl_c_stops_the_readers_and_exits_130_without_a_traceback(saved_large,
     # The readers stopped: far from every page was read (the read each had in flight,
     # READ_UNITS MiB, and little more).
     assert slow_disk.served < present_pages(saved) * PAGE // 2, slow_disk.served
+
+
+# -- a file a running save writes (red-team, session 17) ----------------------------------
+
+
+async def test_a_file_a_running_save_writes_is_said_to_be_written_not_interrupted(
+    saved, qmp, short_dir
+):
+    """While a save rewrites a file it is half a save: verify and inspect said "the save
+    was interrupted or the file is truncated" (or, at its last write, corrupt) about a
+    save still running. The job holds the file (state/paths.hold_for_job); they say so,
+    without taking anything that would keep the save out."""
+    await qmp.execute(
+        "memory-save", {"job-id": "s", "uri": f"file:{saved}", "max-bandwidth": 1 << 18}
+    )
+    with pytest.raises(FileInUse) as in_use:
+        verify_save(str(saved), 0, 2)
+    writing = (
+        "a migd job is writing it now (a save or an update holds the file): what it holds "
+        "is half a save until that job ends"
+    )
+    assert str(in_use.value) == f"'{saved}': {writing}"
+    done = migd("verify", saved)
+    assert (done.returncode, done.stderr) == (1, f"migd verify: '{saved}': {writing}\n")
+    done = migd("inspect", saved)
+    assert (done.returncode, done.stderr) == (1, f"migd inspect: {saved}: {writing}\n")
+    await qmp.execute("job-cancel", {"id": "s"})
+    await poll_until(
+        lambda: qmp.execute("query-jobs"),
+        lambda jobs: jobs[0]["status"] == "concluded",
+        "the save cancelled",
+    )
+    # Once the job has ended, the file is what it left: a save that did not finish.
+    assert "save file is incomplete" in corrupt_text(saved)

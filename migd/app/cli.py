@@ -607,7 +607,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     import json
 
     from ..tools.client import Progress
-    from ..tools.verify import CorruptError, NotASaveError, VerifyReport, verify_save
+    from ..tools.verify import CorruptError, FileInUse, NotASaveError, VerifyReport, verify_save
 
     path, offset = args.file
     progress = Progress("verify", sys.stderr, quiet=args.quiet)
@@ -638,6 +638,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("migd verify: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except FileInUse as exc:
+        return failed("in-use", str(exc), EXIT_FAILED)
     except NotASaveError as exc:
         return failed("not-a-save", str(exc), EXIT_USAGE)
     except CorruptError as exc:

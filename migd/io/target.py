@@ -28,6 +28,7 @@ from ..state.fdsets import file_name, is_fdset_path
 from ..state.paths import (
     ChannelOpener,
     FileOpener,
+    hold_for_job,
     not_regular,
     open_regular,
     plain_open,
@@ -105,6 +106,11 @@ class Target(Protocol):
         read or write (guest RAM would go into it)."""
         ...
 
+    def hold(self, writes: bool) -> bool | None:
+        """Hold the file for the job until close (state/paths.hold_for_job) -> True, False
+        if another job (of any process) holds it in conflict, None if nothing is known."""
+        ...
+
     def close(self) -> None:
         """Close every fd this target opened."""
         ...
@@ -155,6 +161,7 @@ class FileTarget:
     _created: bool = field(default=False, init=False, repr=False, compare=False)
     _name: str | None = field(default=None, init=False, repr=False, compare=False)
     _channel_fds: list[int] = field(default_factory=list, init=False, repr=False, compare=False)
+    _hold_fd: int | None = field(default=None, init=False, repr=False, compare=False)
 
     def __str__(self) -> str:
         return f"file:{self.path},offset={self.offset}" if self.offset else f"file:{self.path}"
@@ -259,6 +266,23 @@ class FileTarget:
                 "0600) or save to another name"
             )
 
+    def hold(self, writes: bool) -> bool | None:
+        """Through the main fd where this target opened the file itself (the lock goes
+        with it); a passed fd's file through an open of its own, closed with the target:
+        the dup of a passed fd shares its open file description with the fd the fdset
+        keeps after the job, and a lock taken through it outlived the job (and refused
+        the next job on the file)."""
+        main_fd = self._main_fd
+        assert main_fd is not None, "open_main first"
+        if not is_fdset_path(self.path):
+            return hold_for_job(main_fd, writes)
+        flags = (os.O_WRONLY if writes else os.O_RDONLY) | os.O_CLOEXEC
+        try:
+            self._hold_fd = os.open(f"/proc/self/fd/{main_fd}", flags)
+        except OSError:
+            return None  # nothing known, as where the filesystem has no such locks
+        return hold_for_job(self._hold_fd, writes)
+
     def close_channels(self) -> None:
         channel_fds, self._channel_fds = self._channel_fds, []
         for channel_fd in channel_fds:
@@ -266,6 +290,9 @@ class FileTarget:
 
     def close(self) -> None:
         self.close_channels()
+        if self._hold_fd is not None:
+            hold_fd, self._hold_fd = self._hold_fd, None
+            close_quietly(hold_fd)
         if self._main_fd is not None:
             main_fd, self._main_fd = self._main_fd, None
             self._openers.close(main_fd)

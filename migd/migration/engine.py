@@ -33,7 +33,14 @@ from ..pages import PAGE_SIZE
 from ..state.fdsets import is_fdset_path
 from ..state.memory import MemoryBackend, MemoryRegistry
 from ..state.partial import PartialMarks
-from ..state.paths import ChannelOpener, FileOpener, plain_open
+from ..state.paths import (
+    ChannelOpener,
+    FileOpener,
+    hold_for_job,
+    mapped_as_memory,
+    plain_open,
+    release_job_hold,
+)
 from . import plan, settings
 from .job import (
     JOB_STEPS,
@@ -416,6 +423,7 @@ class MigrationEngine:
             identity = self._refuse_file_conflicts(
                 main_fd, target.name, "save", "a save to it would overwrite that memory"
             )
+            await blocking.to_thread(self._hold_file, target, main_fd, target.name, "save")
             if updates:
                 previous = await blocking.to_thread(update.read_previous, job, layout, main_fd)
             # Another request may have started a job (or added or deleted a backend)
@@ -430,6 +438,7 @@ class MigrationEngine:
                         f"Memory backend '{backend.id}' was restored into while this save "
                         "started: try again"
                     )
+            self._hold_memory(backends, "save")
         except BaseException:
             target.discard()
             raise
@@ -478,6 +487,7 @@ class MigrationEngine:
                 "restore",
                 "a restore would overwrite the save while reading it",
             )
+            await blocking.to_thread(self._hold_file, target, main_fd, target.name, "restore")
             parsed = await blocking.to_thread(
                 restore.parse, main_fd, target, job_id is not None or self.caps.mapped_ram
             )
@@ -498,6 +508,7 @@ class MigrationEngine:
                 "restore",
                 "a restore would overwrite the save while reading it",
             )
+            self._hold_memory([b for _, b in matched], "restore")
         except BaseException:
             target.discard()
             raise
@@ -553,6 +564,54 @@ class MigrationEngine:
                 )
         return identity
 
+    @staticmethod
+    def _hold_file(target: Target, fd: int, path: str, direction: str) -> None:
+        """The job's hold on its file (Target.hold), kept until its target closes: what
+        refuses a job of another migd process (or one of this migd's that has not
+        launched yet) on a file that either job writes. Blocking: a thread."""
+        if target.hold(writes=direction == "save") is False:
+            raise MigrationError(
+                f"'{path}' is in use by another job that "
+                f"{'reads or writes' if direction == 'save' else 'writes'} it (another migd "
+                "process's, or one of this migd's that is starting): two jobs cannot use "
+                "one file while either writes it"
+            )
+        if direction == "save" and mapped_as_memory(fd):
+            raise MigrationError(
+                f"'{path}' is the memory file of a memory backend of another migd process: "
+                "a save to it would overwrite that memory"
+            )
+
+    @staticmethod
+    def _hold_memory(backends: Sequence[MemoryBackend], direction: str) -> None:
+        """Each backend's hold on its memory file for the job (a restore writes it, a save
+        reads it), dropped at the job's end: what refuses a job of another migd process on
+        that file. Called with no await after the checks that no job of this migd uses
+        these backends, and a backend's fd is this migd's one open of its file, so a
+        conflict is another process's (an explicit unlock would drop a hold of this
+        migd's taken through the same fd)."""
+        writes = direction == "restore"
+        held: list[MemoryBackend] = []
+        try:
+            for backend in backends:
+                if backend.fd is not None and hold_for_job(backend.fd, writes) is False:
+                    raise MigrationError(
+                        f"Memory backend '{backend.id}' file '{backend.file_name}' is in use "
+                        f"by a job of another migd process that "
+                        f"{'reads or writes' if writes else 'writes'} it: two jobs cannot use "
+                        "one file while either writes it"
+                    )
+                held.append(backend)
+        except BaseException:
+            MigrationEngine._release_memory(held)
+            raise
+
+    @staticmethod
+    def _release_memory(backends: Sequence[MemoryBackend]) -> None:
+        for backend in backends:
+            if backend.fd is not None:
+                release_job_hold(backend.fd)
+
     def refuse_job_file(self, identity: tuple[int, int], path: str) -> None:
         """object-add: refuse a memory file that is the file of a running job (a restore
         into the new backend would overwrite the save the job reads or writes).
@@ -590,22 +649,22 @@ class MigrationEngine:
                         "Restore cancelled after its last page had landed; memory "
                         f"backends {names} hold the whole restored data"
                     )
-                self._set_status(job, MigrationStatus.cancelled)
+                self._conclude(job, MigrationStatus.cancelled)
             else:
-                self._set_status(job, MigrationStatus.completed)
+                self._conclude(job, MigrationStatus.completed)
         except JobCancelled:
             if job.direction == "restore":
                 job.error_desc = self._partial_note(job, "Restore cancelled")
-            self._set_status(job, MigrationStatus.cancelled)
+            self._conclude(job, MigrationStatus.cancelled)
         except MigdError as exc:  # ChannelError included: I/O failures name the file
             job.mismatch = isinstance(exc, ChecksumMismatch)
             text = exc.desc
             job.error_desc = self._partial_note(job, text) if job.direction == "restore" else text
-            self._set_status(job, MigrationStatus.failed)
+            self._conclude(job, MigrationStatus.failed)
         except Exception as exc:  # a bug: fail the job, keep the daemon
             log.exception("migration job crashed")
             job.error_desc = f"Internal error: {type(exc).__name__}: {exc}"
-            self._set_status(job, MigrationStatus.failed)
+            self._conclude(job, MigrationStatus.failed)
         finally:
             sampler.cancel()
             job.target.close()
@@ -616,8 +675,18 @@ class MigrationEngine:
                 job.checksums.release()
             for b in job.backends:
                 b.in_use -= 1
+            self._release_memory(job.backends)  # also for a job that never concluded
             if job.auto_dismiss:
                 self._dismiss(job)
+
+    def _conclude(self, job: Job, status: MigrationStatus) -> None:
+        """The job's final status, once its holds on its file and memory files are gone:
+        the status goes out to clients at once, and one that acts on it (`migd verify` of
+        the file, another migd's job on it) must not find this job still holding them.
+        Every thread of the job has returned by now."""
+        job.target.close()
+        self._release_memory(job.backends)
+        self._set_status(job, status)
 
     def _dismiss(self, job: Job) -> None:
         if self.jobs.get(job.id) is job:

@@ -18,6 +18,7 @@ from .fdsets import AppendingFd, file_name, pwrite_at
 from .paths import (
     EXTEND_BYTE,
     FileOpener,
+    hold_as_memory,
     ofd_lock,
     open_regular,
     plain_open,
@@ -433,6 +434,9 @@ class MemoryBackend:
             # start reading its marks) then sees the backend closed whenever its fd may
             # already be closed, or its number taken by another file.
             fd, self._fd = self._fd, None
+            # Explicitly: a passed fd's dup shares its description with the fdset's fd,
+            # which may stay open after this backend.
+            hold_as_memory(fd, held=False)
             self._close_fd(fd)
 
 
@@ -564,6 +568,7 @@ def create_file_backend(
         raise
     if extending:
         _unlock_extending(fd)
+    hold_as_memory(fd)  # another migd's save into this file is refused while it is mapped
     backend = MemoryBackend(
         id, size, "memory-backend-file", mm, fd, mem_path, share, block_name, close_fd
     )

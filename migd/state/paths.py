@@ -340,6 +340,21 @@ def resolve_trusted(path: str, owners: Collection[int]) -> tuple[str, os.stat_re
 _CLAIM_BYTE = 1 << 62
 EXTEND_BYTE = _CLAIM_BYTE + 1  # state/memory.py's lock for sizing a memory file
 VM_BYTE = _CLAIM_BYTE + 2  # tools/vm.py's: one `migd vm` save or restore of a VM at once
+# A running job's hold on its file (migration/engine.py), from its open to its end: a
+# save's a write lock, a restore's a read lock. The engine refuses a second job on one
+# file by device and inode, but it knows only its own jobs: two migd processes (the shared
+# daemon and an instance, two instances) saving into one file both `completed`, and the
+# buffered one, whose checksums are read back from its file, recorded the other's pages
+# as its own: a file that `migd verify` passed and that restored the other VM's memory
+# (red-team, session 17). Memory backends' files are held the same way while a job uses
+# them (a restore writes them, a save reads them): two migd processes restoring into one
+# memory file both `completed` with the memory a mix of the two saves.
+JOB_BYTE = _CLAIM_BYTE + 3
+# A memory backend's read lock for as long as it maps its file (state/memory.py): a save
+# of another migd process into that file is refused, as the engine refuses one into a
+# backend's file of its own. Before, it truncated and overwrote the other daemon's guest
+# RAM, which that daemon then saved as `completed` (red-team, session 17).
+MAPPED_BYTE = _CLAIM_BYTE + 4
 _FLOCK = "hhqqi4x"  # struct flock: type, whence, start, len, pid (x86-64 and aarch64)
 
 
@@ -357,6 +372,47 @@ def ofd_lock(fd: int, kind: int, byte: int) -> bool | None:
             return False
         return None
     return True
+
+
+def hold_for_job(fd: int, writes: bool) -> bool | None:
+    """A job's hold on its file (JOB_BYTE): a writer's excludes every other job's, a
+    reader's only a writer's -> True, False if another open file description (another
+    process's job, or a job of this process) holds a conflicting one, None where the
+    filesystem has no such locks. The kernel drops it with the job's last fd."""
+    return ofd_lock(fd, fcntl.F_WRLCK if writes else fcntl.F_RDLCK, JOB_BYTE)
+
+
+def written_by_a_job(fd: int) -> bool:
+    """Does a job (of any migd process) hold fd's file for writing now (a save, an
+    update)? Asked without taking anything (F_OFD_GETLK), so that a reader such as
+    `migd verify` never keeps a save out."""
+    return _conflicts(fd, fcntl.F_RDLCK, JOB_BYTE)
+
+
+def _conflicts(fd: int, kind: int, byte: int) -> bool:
+    """Would a lock `kind` on `byte` conflict with another open file description's?
+    Asked without taking anything (F_OFD_GETLK); False where there are no such locks."""
+    request = struct.pack(_FLOCK, kind, os.SEEK_SET, byte, 1, 0)
+    try:
+        answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, request)
+    except OSError:
+        return False
+    return struct.unpack(_FLOCK, answer)[0] != fcntl.F_UNLCK
+
+
+def hold_as_memory(fd: int, held: bool = True) -> None:
+    """A memory backend's mark on its file while it maps it (MAPPED_BYTE), or its end."""
+    ofd_lock(fd, fcntl.F_RDLCK if held else fcntl.F_UNLCK, MAPPED_BYTE)
+
+
+def mapped_as_memory(fd: int) -> bool:
+    """Does another open of fd's file (another migd's memory backend) map it as memory?"""
+    return _conflicts(fd, fcntl.F_WRLCK, MAPPED_BYTE)
+
+
+def release_job_hold(fd: int) -> None:
+    """Drop a job's hold on a file whose fd outlives the job (a memory backend's)."""
+    ofd_lock(fd, fcntl.F_UNLCK, JOB_BYTE)
 
 
 def _claim(fd: int, kind: int) -> bool | None:

@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import FormatError
 from ..io.checksums import ALGORITHM, UNIT_BYTES
 from ..migration.mapped_ram import checksum_table, format
-from ..state.paths import kind_of
+from ..state.paths import kind_of, written_by_a_job
 
 # A truncated file is parsed again as if zeros followed its end; this is how far it may go.
 # Bitmaps are counted in slices so that a TiB-sized block needs no GiB-sized array.
@@ -187,10 +187,25 @@ def _checksums(reader: _Reader, parsed: format.ParsedStream, size: int) -> Check
     )
 
 
+IN_USE = (
+    "a migd job is writing it now (a save or an update holds the file): what it holds is "
+    "half a save until that job ends"
+)
+
+
+def refuse_if_being_written(fd: int) -> None:
+    """A file a running save writes reads as an interrupted (or, at its last write, a
+    corrupt) save: say what it is instead (red-team, session 17: "the save was
+    interrupted" about a save still running)."""
+    if written_by_a_job(fd):
+        raise InspectError(IN_USE)
+
+
 def inspect_file(path: str | os.PathLike[str], offset: int = 0) -> SaveInfo:
     """Describe the save at `offset` of `path`; raises InspectError or OSError."""
     fd = open_regular(path)
     try:
+        refuse_if_being_written(fd)
         st = os.fstat(fd)
         size = st.st_size
         _check_magic(fd, offset, size)

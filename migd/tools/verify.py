@@ -27,7 +27,7 @@ from ..io.checksums import ALGORITHM, UNIT_BYTES
 from ..io.file_verify import FileBlock, FileProgress, verify_file
 from ..io.target import parse_offset
 from ..migration.mapped_ram import checksum_table, format
-from .inspect import InspectError, open_regular
+from .inspect import InspectError, open_regular, refuse_if_being_written
 
 POLL_SECONDS = 0.1  # how often the progress callback runs while the threads read
 _MAGIC = struct.pack(">I", format.QEVM_MAGIC)
@@ -36,6 +36,10 @@ _OFFSET_OPTION = ",offset="
 
 class NotASaveError(Exception):
     """Not a save file at all: unreadable, not a regular file, empty, foreign (exit 2)."""
+
+
+class FileInUse(NotASaveError):
+    """A migd job is writing the file now: no verdict on half a save (exit 1)."""
 
 
 class CorruptError(Exception):
@@ -101,6 +105,7 @@ def _open_save(path: str, offset: int) -> tuple[int, int]:
     except InspectError as exc:
         raise NotASaveError(f"'{path}': {exc}") from None
     try:
+        _refuse_if_being_written(fd, path)
         st = os.fstat(fd)
         try:
             head = os.pread(fd, len(_MAGIC), offset) if offset < st.st_size else b""
@@ -117,6 +122,13 @@ def _open_save(path: str, offset: int) -> tuple[int, int]:
         os.close(fd)
         raise
     return fd, st.st_size
+
+
+def _refuse_if_being_written(fd: int, path: str) -> None:
+    try:
+        refuse_if_being_written(fd)
+    except InspectError as exc:
+        raise FileInUse(f"'{path}': {exc}") from None
 
 
 def _reader(fd: int, path: str) -> format.ReadAt:
@@ -302,6 +314,10 @@ def verify_save(
                 for fd in fds:
                     os.close(fd)
             report.units_checked, report.bytes_read = progress.units_done, progress.bytes_read
+        _refuse_if_being_written(main_fd, path)  # a save began meanwhile: no verdict
+    except CorruptError:
+        _refuse_if_being_written(main_fd, path)  # its writes, not corruption
+        raise
     finally:
         os.close(main_fd)
     report.seconds = time.monotonic() - started
