@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -124,22 +125,30 @@ def test_a_restore_killed_midway_leaves_a_mark_that_object_add_reports(short_dir
         daemon.stop()
 
 
-def test_on_ramfs_a_cancelled_restore_leaves_a_sidecar_mark(short_dir: Path, ramfs: Path):
+def _sidecars(marks: Path, mem: Path) -> list[Path]:
+    st = mem.stat()
+    return sorted(marks.glob(f"{st.st_dev}-{st.st_ino}.*"))
+
+
+def test_on_ramfs_a_cancelled_restore_leaves_a_sidecar_mark(
+    short_dir: Path, ramfs: Path, partial_marks_dir: Path
+):
     sock, mem, save = short_dir / "qmp.sock", ramfs / "ram0", short_dir / "save.img"
     with pytest.raises(OSError):
         mem.touch()
         os.setxattr(mem, "user.probe", b"1")  # the case under test: no user xattrs
     fill_random(mem, SIZE, seed=13)
-    sidecars = short_dir / SIDECAR_DIR
+    assert not (short_dir / SIDECAR_DIR).exists()
     daemon = start_daemon(sock)
     try:
         client = RawClient(sock).negotiate()
         saved = _restore_under_way(client, mem, save)
-        assert len(list(sidecars.iterdir())) == 1
+        assert [p.name.rsplit(".", 1)[1] for p in _sidecars(partial_marks_dir, mem)] == ["0"]
+        assert stat.S_IMODE(partial_marks_dir.stat().st_mode) == 0o1777
         client.ok("migrate_cancel")
         info = client.wait_final()
         assert info["status"] == "cancelled" and "hold partial data" in info["error-desc"]
-        assert len(list(sidecars.iterdir())) == 1  # a cancelled restore keeps the mark
+        assert len(_sidecars(partial_marks_dir, mem)) == 1  # a cancelled restore keeps it
 
         client.ok("object-del", {"id": "ram0"})
         add = {"qom-type": "memory-backend-file", "id": "ram0", "size": SIZE, "mem-path": str(mem)}
@@ -150,11 +159,49 @@ def test_on_ramfs_a_cancelled_restore_leaves_a_sidecar_mark(short_dir: Path, ram
         client.ok("migrate-set-parameters", {"max-bandwidth": 0})
         client.ok("migrate-incoming", {"uri": f"file:{save}"})
         assert client.wait_final()["status"] == "completed"
-        assert list(sidecars.iterdir()) == []
+        assert _sidecars(partial_marks_dir, mem) == []
         assert mem.read_bytes() == saved
         client.close()
     finally:
         daemon.stop()
+    assert not (short_dir / SIDECAR_DIR).exists()  # nothing beside the socket
+
+
+def test_on_ramfs_a_daemon_sees_another_daemons_mark_whatever_its_socket_dir(
+    short_dir: Path, ramfs: Path
+):
+    """Two daemons with a backend on one ramfs file, their sockets in different
+    directories: the first's restore into it is cancelled half-way. The second kept
+    no xattr to read and looked for the sidecar beside its own socket only: it saved the
+    mix of old and restored pages `completed` (red-team, session 18). Both keep their
+    marks in one shared directory now: the save is refused, and so is object-add."""
+    mem, save, again = ramfs / "ram0", short_dir / "save.img", short_dir / "again.img"
+    fill_random(mem, SIZE, seed=14)
+    (short_dir / "a").mkdir()
+    (short_dir / "b").mkdir()
+    first = start_daemon(short_dir / "a" / "q.sock")
+    second = start_daemon(short_dir / "b" / "q.sock")
+    try:
+        a = RawClient(first.socket_path).negotiate()
+        b = RawClient(second.socket_path).negotiate()
+        _setup(b, mem)
+        _restore_under_way(a, mem, save)
+        a.ok("migrate_cancel")
+        assert a.wait_final()["status"] == "cancelled"
+
+        desc = b.execute("migrate", {"uri": f"file:{again}"})["error"]["desc"]
+        assert desc.startswith("Memory backend 'ram0' holds partial data"), desc
+        assert f"interrupted restore of '{save}'" in desc
+        assert not again.exists()
+        b.ok("object-del", {"id": "ram0"})
+        add = {"qom-type": "memory-backend-file", "id": "ram0", "size": SIZE, "mem-path": str(mem)}
+        desc = b.execute("object-add", add)["error"]["desc"]
+        assert f"Memory file '{mem}'" in desc and f"interrupted restore of '{save}'" in desc
+        a.close()
+        b.close()
+    finally:
+        first.stop()
+        second.stop()
 
 
 def test_a_configured_backend_on_a_partial_file_stops_the_start_unless_accepted(
