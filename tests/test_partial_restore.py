@@ -14,12 +14,14 @@ import signal
 import stat
 import subprocess
 import sys
+import types
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from migd.state.partial import SIDECAR_DIR, XATTR
+from migd.errors import MigrationError
+from migd.state.partial import SIDECAR_DIR, XATTR, PartialMarks
 
 from .conftest import RawClient, fill_random, start_daemon
 
@@ -326,3 +328,87 @@ def test_memory_with_no_file_to_mark_is_not_saved_half_restored_either(
         daemon.stop()
         mem.unlink(missing_ok=True)
         private.unlink(missing_ok=True)
+
+
+# --- whose sidecar marks a daemon trusts (state/partial.py) ---------------------------------
+
+OTHER_UID = 65534  # nobody
+_CHILD_MARKS = """
+import os, sys, types
+from migd.state.partial import PartialMarks
+os.setgid({uid}); os.setuid({uid})
+fd = os.open(sys.argv[1], os.O_RDWR)
+PartialMarks(None, sys.argv[2]).set(
+    types.SimpleNamespace(id="ram0", fd=fd, file_name=sys.argv[1], partial_accepted=False),
+    "restore of '/x.sav' by uid {uid}",
+)
+"""
+
+
+def _backend(mem: Path) -> Any:
+    fd = os.open(mem, os.O_RDWR)
+    return types.SimpleNamespace(id="ram0", fd=fd, file_name=str(mem), partial_accepted=False)
+
+
+def _marks_dir(short_dir: Path) -> Path:
+    short_dir.chmod(0o755)  # reachable by OTHER_UID
+    return short_dir / "run" / "partial-restores"
+
+
+def test_a_non_root_daemons_mark_is_seen_by_roots_and_squats_are_not_marks(
+    short_dir: Path, ramfs: Path
+):
+    """The shared directory is root's, sticky and world-writable: a migd of another uid
+    marks there under its own uid (DEV-INO.UID), and root's migd trusts that for a file of
+    that uid. An entry under root's name (or the owner's) that another uid made is not a
+    mark: root's migd writes its own over it."""
+    marks, mem = _marks_dir(short_dir), ramfs / "m"
+    mem.write_bytes(bytes(4096))
+    ramfs.chmod(0o755)
+    ours = PartialMarks(None, str(marks))
+    backend = _backend(mem)
+    try:
+        ours.set(backend, "restore of '/a.sav' by root")  # makes run/ and partial-restores/
+        assert stat.S_IMODE(marks.stat().st_mode) == 0o1777 and marks.stat().st_uid == 0
+        ours.clear(backend)
+        assert list(marks.iterdir()) == []
+
+        os.chown(mem, OTHER_UID, OTHER_UID)
+        child = _CHILD_MARKS.format(uid=OTHER_UID)
+        subprocess.run([sys.executable, "-c", child, str(mem), str(marks)], check=True)
+        assert ours.read(backend) == f"restore of '/x.sav' by uid {OTHER_UID}"
+        ours.clear(backend)  # a completed restore by root's migd removes it
+        assert ours.read(backend) is None and list(marks.iterdir()) == []
+
+        os.chown(mem, 0, 0)
+        st = mem.stat()
+        squat = marks / f"{st.st_dev}-{st.st_ino}.0"
+        squat.write_text("restore of '/forged.sav'\n")
+        os.chown(squat, OTHER_UID, OTHER_UID)
+        assert ours.read(backend) is None  # not root's: forged
+        ours.set(backend, "restore of '/b.sav' by root")
+        assert squat.stat().st_uid == 0 and ours.read(backend) == "restore of '/b.sav' by root"
+    finally:
+        os.close(backend.fd)
+
+
+@pytest.mark.parametrize("problem", ["owner", "mode"])
+def test_a_shared_marks_directory_another_user_could_change_is_refused(
+    short_dir: Path, ramfs: Path, problem: str
+):
+    marks, mem = _marks_dir(short_dir), ramfs / "m"
+    marks.mkdir(parents=True)
+    if problem == "owner":
+        os.chown(marks, OTHER_UID, OTHER_UID)
+        expected = f"is owned by uid {OTHER_UID}, not root or migd's (0)"
+    else:
+        marks.chmod(0o777)
+        expected = "is writable by group or others and not sticky (mode 0777)"
+    mem.write_bytes(bytes(4096))
+    backend = _backend(mem)
+    try:
+        with pytest.raises(MigrationError) as refused:
+            PartialMarks(None, str(marks)).set(backend, "restore of '/a.sav'")
+        assert f"'{marks}' {expected}" in str(refused.value)
+    finally:
+        os.close(backend.fd)
