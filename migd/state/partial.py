@@ -140,7 +140,12 @@ class PartialMarks:
                     f"The partial-restore marks' directory '{path}' {problem}: migd keeps "
                     "marks only in a directory no other user can change"
                 )
-        return True
+        if make and euid == 0 == st.st_uid and stat.S_IMODE(st.st_mode) != 0o1777:
+            # Made 0700 by an older migd whose socket was beside it: open it to the
+            # non-root ones (sticky: nobody removes another's marks).
+            os.chmod(self.shared, 0o1777)
+        # A non-root migd that may not use it (an older root's 0700) keeps its own.
+        return os.access(self.shared, os.W_OK | os.X_OK if make else os.X_OK)
 
     def _shared_names(self, fd: int) -> Iterator[tuple[str, int]]:
         """The shared directory's sidecars this daemon trusts for `fd`'s file, each with
