@@ -165,8 +165,10 @@ class PartialMarks:
         except OSError as exc:
             if isinstance(exc, FileNotFoundError) or exc.errno == errno.ELOOP:
                 return None
+            if exc.errno != errno.EACCES:
+                raise
             st = os.lstat(path)
-            if exc.errno == errno.EACCES and stat.S_ISREG(st.st_mode) and st.st_uid == uid:
+            if stat.S_ISREG(st.st_mode) and st.st_uid == uid:
                 # A mark of an older migd (0600), read without CAP_DAC_OVERRIDE: a mark.
                 return f"restore whose mark '{path}' of uid {uid} cannot be read"
             raise
