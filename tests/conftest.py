@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 
 import pytest
 
+from migd.state.partial import SHARED_DIR_ENV
+
 START_TIMEOUT = 15.0
 # An illegal job status change raises in every daemon the tests run (in-process or not).
 os.environ["MIGD_STRICT_STATUS"] = "1"
@@ -25,6 +27,16 @@ os.environ["MIGD_STRICT_STATUS"] = "1"
 # as a careful operator would. A test that needs a readable file says so with chmod.
 os.umask(0o077)
 T = TypeVar("T")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def partial_marks_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every daemon of the session (subprocess or in-process) shares one partial-marks
+    directory of the session's, not the host's /run/migd/partial-restores."""
+    path = tmp_path_factory.mktemp("marks") / "partial-restores"
+    os.environ[SHARED_DIR_ENV] = str(path)
+    yield path
+    del os.environ[SHARED_DIR_ENV]
 
 
 @pytest.fixture

@@ -1242,6 +1242,46 @@ MUTANTS = [
         ("tests/test_file_identity.py::"
          "test_a_job_lets_go_of_its_files_before_its_end_goes_out",),
     ),
+    Mutant(
+        "partial-marks-beside-each-socket",
+        "migd/app/daemon.py",
+        "SIDECAR_DIR), shared_dir()",
+        "SIDECAR_DIR), None",
+        ("tests/test_partial_restore.py::"
+         "test_on_ramfs_a_daemon_sees_another_daemons_mark_whatever_its_socket_dir",),
+    ),
+    Mutant(
+        "partial-mark-of-another-uid-trusted",
+        "migd/state/partial.py",
+        "if not stat.S_ISREG(st.st_mode) or st.st_uid != uid:",
+        "if not stat.S_ISREG(st.st_mode):",
+        ("tests/test_partial_restore.py::"
+         "test_a_non_root_daemons_mark_is_seen_by_roots_and_squats_are_not_marks",),
+    ),
+    Mutant(
+        "older-0700-marks-dir-kept-closed",
+        "migd/state/partial.py",
+        "            os.chmod(self.shared, 0o1777)\n",
+        "            pass\n",
+        ("tests/test_partial_restore.py::"
+         "test_a_non_root_daemons_mark_is_seen_by_roots_and_squats_are_not_marks",),
+    ),
+    Mutant(
+        "shared-marks-dir-of-another-user-trusted",
+        "migd/state/partial.py",
+        "            problem = _shared_dir_problem(st, euid)\n",
+        "            problem = None\n",
+        ("tests/test_partial_restore.py::"
+         "test_a_shared_marks_directory_another_user_could_change_is_refused",),
+    ),
+    Mutant(
+        "object-add-of-a-file-another-processs-job-writes",
+        "migd/state/memory.py",
+        "        _refuse_written_by_a_job(fd, mem_path)\n",
+        "",
+        ("tests/test_file_identity.py::"
+         "test_object_add_of_a_file_another_migd_processs_job_writes_is_refused",),
+    ),
 ]  # fmt: skip
 
 

@@ -11,6 +11,8 @@ import asyncio
 import ctypes
 import hashlib
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -322,9 +324,7 @@ async def test_a_save_started_while_a_restore_of_its_file_starts_is_refused(
 
         monkeypatch.setattr(restore_module, "read_checksums", held_read_checksums)
         restoring = asyncio.ensure_future(
-            b.execute(
-                "memory-restore", {"job-id": "r", "uri": f"file:{image}", "backends": ["m0"]}
-            )
+            b.execute("memory-restore", {"job-id": "r", "uri": f"file:{image}", "backends": ["m0"]})
         )
         await poll_until(
             lambda: asyncio.sleep(0, reading.is_set()), bool, "restore reading checksums"
@@ -761,3 +761,63 @@ async def test_a_job_lets_go_of_its_files_before_its_end_goes_out(migd_inproc, q
         ("s", "file"): False, ("s", "memory"): False,
         ("r", "file"): False, ("r", "memory"): False,
     }  # fmt: skip
+
+
+def _verify(image: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "migd", "verify", str(image)], capture_output=True, text=True
+    )
+
+
+async def test_object_add_of_a_file_another_migd_processs_job_writes_is_refused(
+    migd_inproc, qmp, shm, short_dir, monkeypatch
+):
+    """Another migd's object-add of a save file while the save runs: caught just after
+    the save cut its file empty (write_head), it extended it to its `size`, and the save
+    went on to `completed` with zeros past its end: `migd verify` and every restore refused
+    it (red-team, session 18; a cut landing after the extension instead left the backend
+    mapping nothing). Refused now, as is one of a memory file a restore of that other
+    migd writes; the save is whole."""
+    from migd.migration.mapped_ram import save as save_module
+
+    cut, go_on = threading.Event(), threading.Event()
+    truncate = save_module.truncate
+
+    def held_truncate(fd: int, at: int, path: str) -> None:
+        truncate(fd, at, path)
+        cut.set()
+        assert go_on.wait(30)
+
+    monkeypatch.setattr(save_module, "truncate", held_truncate)
+    fill_random(shm / "m0", 4 * MiB, seed=1)
+    await add_file_backend(qmp, "m0", shm / "m0", 4 * MiB)
+    image = short_dir / "f.sav"
+    other = start_daemon(short_dir / "b.sock")
+    try:
+        b = RawClient(other.socket_path).negotiate()
+        await qmp.execute("memory-save", {"job-id": "s", "uri": f"file:{image}"})
+        await poll_until(lambda: asyncio.sleep(0, cut.is_set()), bool, "the save cut its file")
+        assert image.stat().st_size == 0
+        add = {"qom-type": "memory-backend-file", "id": "x", "size": 8 * MiB}
+        reply = b.execute("object-add", {**add, "mem-path": str(image)})
+        go_on.set()
+        assert "error" not in await _concluded(qmp, "s")
+        verified = _verify(image)
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+        assert reply.get("error", {}).get("desc") == (
+            f"Memory file '{image}' is being written by a job of another migd process: it "
+            "is that job's save file or memory until it ends"
+        ), reply
+        assert b.ok("query-memdev") == []
+
+        # A restore of this migd's into its backend's file: that file too.
+        args = {"job-id": "r", "uri": f"file:{image}", "max-bandwidth": 1 << 18}
+        await qmp.execute("memory-restore", args)
+        reply = b.execute("object-add", {**add, "size": 4 * MiB, "mem-path": str(shm / "m0")})
+        assert reply["error"]["desc"].startswith(f"Memory file '{shm / 'm0'}' is being written")
+        await qmp.execute("job-cancel", {"id": "r"})
+        await _concluded(qmp, "r")
+        b.close()
+    finally:
+        go_on.set()
+        other.stop()

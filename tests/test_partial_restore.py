@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import subprocess
 import sys
+import types
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from migd.state.partial import SIDECAR_DIR, XATTR
+from migd.errors import MigrationError
+from migd.state.partial import SIDECAR_DIR, XATTR, PartialMarks
 
 from .conftest import RawClient, fill_random, start_daemon
 
@@ -124,22 +127,30 @@ def test_a_restore_killed_midway_leaves_a_mark_that_object_add_reports(short_dir
         daemon.stop()
 
 
-def test_on_ramfs_a_cancelled_restore_leaves_a_sidecar_mark(short_dir: Path, ramfs: Path):
+def _sidecars(marks: Path, mem: Path) -> list[Path]:
+    st = mem.stat()
+    return sorted(marks.glob(f"{st.st_dev}-{st.st_ino}.*"))
+
+
+def test_on_ramfs_a_cancelled_restore_leaves_a_sidecar_mark(
+    short_dir: Path, ramfs: Path, partial_marks_dir: Path
+):
     sock, mem, save = short_dir / "qmp.sock", ramfs / "ram0", short_dir / "save.img"
     with pytest.raises(OSError):
         mem.touch()
         os.setxattr(mem, "user.probe", b"1")  # the case under test: no user xattrs
     fill_random(mem, SIZE, seed=13)
-    sidecars = short_dir / SIDECAR_DIR
+    assert not (short_dir / SIDECAR_DIR).exists()
     daemon = start_daemon(sock)
     try:
         client = RawClient(sock).negotiate()
         saved = _restore_under_way(client, mem, save)
-        assert len(list(sidecars.iterdir())) == 1
+        assert [p.name.rsplit(".", 1)[1] for p in _sidecars(partial_marks_dir, mem)] == ["0"]
+        assert stat.S_IMODE(partial_marks_dir.stat().st_mode) == 0o1777
         client.ok("migrate_cancel")
         info = client.wait_final()
         assert info["status"] == "cancelled" and "hold partial data" in info["error-desc"]
-        assert len(list(sidecars.iterdir())) == 1  # a cancelled restore keeps the mark
+        assert len(_sidecars(partial_marks_dir, mem)) == 1  # a cancelled restore keeps it
 
         client.ok("object-del", {"id": "ram0"})
         add = {"qom-type": "memory-backend-file", "id": "ram0", "size": SIZE, "mem-path": str(mem)}
@@ -150,11 +161,49 @@ def test_on_ramfs_a_cancelled_restore_leaves_a_sidecar_mark(short_dir: Path, ram
         client.ok("migrate-set-parameters", {"max-bandwidth": 0})
         client.ok("migrate-incoming", {"uri": f"file:{save}"})
         assert client.wait_final()["status"] == "completed"
-        assert list(sidecars.iterdir()) == []
+        assert _sidecars(partial_marks_dir, mem) == []
         assert mem.read_bytes() == saved
         client.close()
     finally:
         daemon.stop()
+    assert not (short_dir / SIDECAR_DIR).exists()  # nothing beside the socket
+
+
+def test_on_ramfs_a_daemon_sees_another_daemons_mark_whatever_its_socket_dir(
+    short_dir: Path, ramfs: Path
+):
+    """Two daemons with a backend on one ramfs file, their sockets in different
+    directories: the first's restore into it is cancelled half-way. The second kept
+    no xattr to read and looked for the sidecar beside its own socket only: it saved the
+    mix of old and restored pages `completed` (red-team, session 18). Both keep their
+    marks in one shared directory now: the save is refused, and so is object-add."""
+    mem, save, again = ramfs / "ram0", short_dir / "save.img", short_dir / "again.img"
+    fill_random(mem, SIZE, seed=14)
+    (short_dir / "a").mkdir()
+    (short_dir / "b").mkdir()
+    first = start_daemon(short_dir / "a" / "q.sock")
+    second = start_daemon(short_dir / "b" / "q.sock")
+    try:
+        a = RawClient(first.socket_path).negotiate()
+        b = RawClient(second.socket_path).negotiate()
+        _setup(b, mem)
+        _restore_under_way(a, mem, save)
+        a.ok("migrate_cancel")
+        assert a.wait_final()["status"] == "cancelled"
+
+        desc = b.execute("migrate", {"uri": f"file:{again}"})["error"]["desc"]
+        assert desc.startswith("Memory backend 'ram0' holds partial data"), desc
+        assert f"interrupted restore of '{save}'" in desc
+        assert not again.exists()
+        b.ok("object-del", {"id": "ram0"})
+        add = {"qom-type": "memory-backend-file", "id": "ram0", "size": SIZE, "mem-path": str(mem)}
+        desc = b.execute("object-add", add)["error"]["desc"]
+        assert f"Memory file '{mem}'" in desc and f"interrupted restore of '{save}'" in desc
+        a.close()
+        b.close()
+    finally:
+        first.stop()
+        second.stop()
 
 
 def test_a_configured_backend_on_a_partial_file_stops_the_start_unless_accepted(
@@ -279,3 +328,91 @@ def test_memory_with_no_file_to_mark_is_not_saved_half_restored_either(
         daemon.stop()
         mem.unlink(missing_ok=True)
         private.unlink(missing_ok=True)
+
+
+# --- whose sidecar marks a daemon trusts (state/partial.py) ---------------------------------
+
+OTHER_UID = 65534  # nobody
+_CHILD_MARKS = """
+import os, sys, types
+from migd.state.partial import PartialMarks
+os.setgid({uid}); os.setuid({uid})
+fd = os.open(sys.argv[1], os.O_RDWR)
+PartialMarks(None, sys.argv[2]).set(
+    types.SimpleNamespace(id="ram0", fd=fd, file_name=sys.argv[1], partial_accepted=False),
+    "restore of '/x.sav' by uid {uid}",
+)
+"""
+
+
+def _backend(mem: Path) -> Any:
+    fd = os.open(mem, os.O_RDWR)
+    return types.SimpleNamespace(id="ram0", fd=fd, file_name=str(mem), partial_accepted=False)
+
+
+def _marks_dir(short_dir: Path) -> Path:
+    short_dir.chmod(0o755)  # reachable by OTHER_UID
+    return short_dir / "run" / "partial-restores"
+
+
+def test_a_non_root_daemons_mark_is_seen_by_roots_and_squats_are_not_marks(
+    short_dir: Path, ramfs: Path
+):
+    """The shared directory is root's, sticky and world-writable: a migd of another uid
+    marks there under its own uid (DEV-INO.UID), and root's migd trusts that for a file of
+    that uid. An entry under root's name (or the owner's) that another uid made is not a
+    mark: root's migd writes its own over it."""
+    marks, mem = _marks_dir(short_dir), ramfs / "m"
+    mem.write_bytes(bytes(4096))
+    ramfs.chmod(0o755)
+    ours = PartialMarks(None, str(marks))
+    backend = _backend(mem)
+    try:
+        ours.set(backend, "restore of '/a.sav' by root")  # makes run/ and partial-restores/
+        assert stat.S_IMODE(marks.stat().st_mode) == 0o1777 and marks.stat().st_uid == 0
+        ours.clear(backend)
+        marks.chmod(0o700)  # as an older root migd with its socket beside it made it
+        ours.set(backend, "restore of '/a.sav' by root")  # opens it to the others
+        assert stat.S_IMODE(marks.stat().st_mode) == 0o1777 and marks.stat().st_uid == 0
+        ours.clear(backend)
+        assert list(marks.iterdir()) == []
+
+        os.chown(mem, OTHER_UID, OTHER_UID)
+        child = _CHILD_MARKS.format(uid=OTHER_UID)
+        subprocess.run([sys.executable, "-c", child, str(mem), str(marks)], check=True)
+        assert ours.read(backend) == f"restore of '/x.sav' by uid {OTHER_UID}"
+        ours.clear(backend)  # a completed restore by root's migd removes it
+        assert ours.read(backend) is None and list(marks.iterdir()) == []
+
+        os.chown(mem, 0, 0)
+        st = mem.stat()
+        squat = marks / f"{st.st_dev}-{st.st_ino}.0"
+        squat.write_text("restore of '/forged.sav'\n")
+        os.chown(squat, OTHER_UID, OTHER_UID)
+        assert ours.read(backend) is None  # not root's: forged
+        ours.set(backend, "restore of '/b.sav' by root")
+        assert squat.stat().st_uid == 0 and ours.read(backend) == "restore of '/b.sav' by root"
+    finally:
+        os.close(backend.fd)
+
+
+@pytest.mark.parametrize("problem", ["owner", "mode"])
+def test_a_shared_marks_directory_another_user_could_change_is_refused(
+    short_dir: Path, ramfs: Path, problem: str
+):
+    marks, mem = _marks_dir(short_dir), ramfs / "m"
+    marks.mkdir(parents=True)
+    if problem == "owner":
+        os.chown(marks, OTHER_UID, OTHER_UID)
+        expected = f"is owned by uid {OTHER_UID}, not root or migd's (0)"
+    else:
+        marks.chmod(0o777)
+        expected = "is writable by group or others and not sticky (mode 0777)"
+    mem.write_bytes(bytes(4096))
+    backend = _backend(mem)
+    try:
+        with pytest.raises(MigrationError) as refused:
+            PartialMarks(None, str(marks)).set(backend, "restore of '/a.sav'")
+        assert f"'{marks}' {expected}" in str(refused.value)
+    finally:
+        os.close(backend.fd)

@@ -48,7 +48,7 @@ from ..qmp.server import Server, Session, bind_unix_socket
 from ..qmp.wire import Request, greeting
 from ..state.fdsets import FdStore
 from ..state.memory import MemoryRegistry
-from ..state.partial import SIDECAR_DIR, PartialMarks
+from ..state.partial import SIDECAR_DIR, PartialMarks, shared_dir
 from ..state.paths import PathPolicy
 from .config import Config
 from .services import Services
@@ -137,9 +137,10 @@ class Daemon:
         engine = MigrationEngine(
             memory, self._emit, self.notify, fdsets.open_path, fdsets.close_dup, paths.open
         )
-        # Partial-restore marks where memory files have no xattrs: next to the socket.
+        # Partial-restore marks where memory files have no xattrs: in the directory every
+        # migd shares (state/partial.py), or next to the socket where that is unusable.
         engine.partial = PartialMarks(
-            os.path.join(os.path.dirname(config.socket_path), SIDECAR_DIR)
+            os.path.join(os.path.dirname(config.socket_path), SIDECAR_DIR), shared_dir()
         )
         self.services = Services(memory, engine, fdsets, paths)
         self.server: Server | None = None

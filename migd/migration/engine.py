@@ -589,7 +589,20 @@ class MigrationEngine:
         that file. Called with no await after the checks that no job of this migd uses
         these backends, and a backend's fd is this migd's one open of its file, so a
         conflict is another process's (an explicit unlock would drop a hold of this
-        migd's taken through the same fd)."""
+        migd's taken through the same fd).
+
+        On the event loop, though fcntl may block on NFS: there a lock request, F_OFD_SETLK
+        without waiting too, is an RPC to the server (NLM, or NFSv4 LOCK/LOCKT) unless the
+        mount says `nolock` / `local_lock=posix`, and on a hard mount whose server hangs
+        it waits (killable) until the server answers, stalling the daemon. Not moved to a
+        thread, because it is what makes the start atomic: the holds go through the
+        backends' own fds, one open file description each, so a hold taken in a thread
+        before the final checks would not conflict with another of this migd's jobs
+        starting on those backends meanwhile, and the refused one's unlock would drop the
+        other's hold; taken after an await following the checks, another request could
+        start a job on the backends in between. Memory files live on tmpfs, hugetlbfs or
+        ramfs (migd maps them as guest RAM), where locks are local and never wait; a
+        memory file on NFS is the case this leaves open (README, Reliability)."""
         writes = direction == "restore"
         held: list[MemoryBackend] = []
         try:

@@ -25,6 +25,7 @@ from .paths import (
     remove_created,
     settle_claim,
     trusted_owners,
+    written_by_a_job,
 )
 
 MAX_SIZE = (1 << 62) - PAGE_SIZE  # leaves room in a 64-bit file for the save's metadata
@@ -511,7 +512,7 @@ def create_file_backend(
             ) from None
     step = "use"
     st: os.stat_result | None = None
-    extending = False
+    extending = held = False
     try:
         st = os.fstat(fd)
         if stat.S_ISDIR(st.st_mode):
@@ -520,6 +521,12 @@ def create_file_backend(
             raise BackendError(f"Could not use '{mem_path}': not a regular file")
         if refuse_file is not None:
             refuse_file((st.st_dev, st.st_ino))
+        # Marked before the look at jobs, as a job holds its file before it looks for the
+        # mark (engine._hold_file): of a save starting meanwhile, one of the two sees the
+        # other.
+        hold_as_memory(fd)
+        held = True
+        _refuse_written_by_a_job(fd, mem_path)
         # Two requests may set up one existing empty file at once (no claim covers a file
         # neither created): one extended it and, refused after all, cut it back to empty
         # under the mapping of the other, which had seen it extended or empty (red-team,
@@ -562,18 +569,32 @@ def create_file_backend(
             _restore_empty(fd, st)
         if extending:
             _unlock_extending(fd)
+        if held:  # a passed fd's open may outlive this close (its fdset keeps it)
+            hold_as_memory(fd, held=False)
         close_fd(fd)
         if isinstance(e, OSError):
             raise BackendError(f"Could not {step} '{mem_path}': {e.strerror}") from None
         raise
     if extending:
         _unlock_extending(fd)
-    hold_as_memory(fd)  # another migd's save into this file is refused while it is mapped
     backend = MemoryBackend(
         id, size, "memory-backend-file", mm, fd, mem_path, share, block_name, close_fd
     )
     backend.created_file = created
     return backend
+
+
+def _refuse_written_by_a_job(fd: int, mem_path: str) -> None:
+    """A file another migd process's job writes (its save's file, its restore's memory)
+    is no memory to add: extended while that save had just cut it empty, it made the save
+    `completed` with zeros past its end, a file `migd verify` and every restore refused;
+    cut by that save under the mapping, the backend held no memory at all (red-team,
+    session 18). This migd's own jobs are refused before (`refuse_file`), by name."""
+    if written_by_a_job(fd):
+        raise BackendError(
+            f"Memory file '{mem_path}' is being written by a job of another migd process: "
+            "it is that job's save file or memory until it ends"
+        )
 
 
 def _lock_extending(fd: int, mem_path: str) -> bool:
@@ -639,8 +660,7 @@ class MemoryRegistry:
         for other_id, name in self._reserved.items():
             if name == block_name and not (reserved and other_id == id):
                 raise BackendError(
-                    f"RAM block name '{block_name}' is already used by memory backend "
-                    f"'{other_id}'"
+                    f"RAM block name '{block_name}' is already used by memory backend '{other_id}'"
                 )
 
     @contextlib.contextmanager
