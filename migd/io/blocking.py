@@ -55,6 +55,14 @@ def serve_uid(uid: int | None) -> None:
     _SERVING.set(UNKNOWN_UID if uid is None else uid)
 
 
+def capped_uid() -> int | None:
+    """The uid whose requests the current task serves when it is capped (any uid but
+    root's and migd's, UNKNOWN_UID included); None for root's, migd's and the daemon's
+    own steps. The job table counts a job against it as the pools count its calls."""
+    uid = _SERVING.get()
+    return None if uid is None or is_root_or_migd(uid) else uid
+
+
 class UidPools:
     """The per-uid pools, made on first use, kept for the daemon's life: their number is
     that of the uids let on the socket (socket mode, group)."""

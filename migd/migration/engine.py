@@ -67,6 +67,13 @@ JOB_NOT_FOUND = "Job not found"
 # Concluded jobs stay listed until job-dismiss: bound what a client that never dismisses
 # can make the daemon keep.
 MAX_JOBS = 256  # QEMU's text (job-qmp.c find_job_locked)
+# Jobs one uid other than root's and migd's may have listed, running or concluded and not
+# dismissed: they count apart from MAX_JOBS, which counts root's and migd's alone, so a
+# user let on the socket whose jobs hang on its own FUSE file, or who never dismisses
+# them, cannot fill the table and have the management's jobs refused (before, 256 of
+# one such uid's did). 32 is twice UID_WORKER_THREADS (io/blocking.py): more jobs than
+# its threads could serve at once, and concluded ones waiting for job-dismiss.
+UID_MAX_JOBS = 32
 # QEMU's id_wellformed: a letter, then letters, digits, '-', '.', '_'.
 _JOB_ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
 SAMPLE_PERIOD = 0.1  # seconds between throughput samples (QEMU's BUFFER_DELAY)
@@ -334,9 +341,27 @@ class MigrationEngine:
             raise MigrationError(f"Invalid job ID '{job_id}'")
         if job_id in self.jobs or job_id == MIGRATION_JOB_ID:
             raise MigrationError(f"Job ID '{job_id}' already in use")
-        if len(self.jobs) >= MAX_JOBS:
+
+    def _check_room(self, job_id: str | None) -> None:
+        """A job of a capped uid (io/blocking.py): under UID_MAX_JOBS of its own, whether
+        a memory job or a migration; root's and migd's memory jobs: under MAX_JOBS of
+        theirs (a migration is one at a time, refuse_if_busy). Concluded jobs count until
+        dismissed: the table keeps them as long."""
+        owner = blocking.capped_uid()
+        if owner is not None:
+            held = sum(1 for job in self.jobs.values() if job.owner == owner)
+            if held >= UID_MAX_JOBS:
+                raise MigrationError(
+                    f"uid {owner} has {held} jobs listed, the most migd keeps for a uid other "
+                    f"than root's and migd's (UID_MAX_JOBS {UID_MAX_JOBS}): dismiss its "
+                    "concluded jobs with job-dismiss (or start jobs with 'auto-dismiss'), "
+                    "or cancel running ones"
+                )
+            return
+        listed = sum(1 for job in self.jobs.values() if job.owner is None)
+        if job_id is not None and listed >= MAX_JOBS:
             raise MigrationError(
-                f"{len(self.jobs)} jobs are listed, the most migd keeps: dismiss concluded "
+                f"{listed} jobs are listed, the most migd keeps: dismiss concluded "
                 "jobs with job-dismiss (or start jobs with 'auto-dismiss')"
             )
 
@@ -392,6 +417,7 @@ class MigrationEngine:
             if job_id is None:
                 self._check_can_start()
             self._check_job_id(job_id)
+            self._check_room(job_id)
             chosen = self._resolve_backends(backend_ids)
             self._check_backends_free(chosen)
             return chosen
@@ -476,6 +502,7 @@ class MigrationEngine:
             if job_id is None:
                 self._check_can_start()
             self._check_job_id(job_id)
+            self._check_room(job_id)
             return self._resolve_backends(backend_ids)
 
         candidates = admit()
@@ -625,6 +652,7 @@ class MigrationEngine:
                 )
 
     def _launch(self, job: Job, body: Any) -> None:
+        job.owner = blocking.capped_uid()  # the uid admission counted it for
         for b in job.backends:
             b.in_use += 1
             if job.direction == "restore":

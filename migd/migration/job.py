@@ -122,6 +122,7 @@ class Job:
     id: str = MIGRATION_JOB_ID  # its id in query-jobs
     migration: bool = True  # started by migrate / migrate-incoming (query-migrate's job)
     auto_dismiss: bool = True  # leaves query-jobs once concluded, without job-dismiss
+    owner: int | None = None  # the capped uid that started it (None: root, migd, daemon)
     status: MigrationStatus = MigrationStatus.none
     job_status: JobStatus = JobStatus.undefined
     file_identity: tuple[int, int] | None = None  # (st_dev, st_ino) of its file
