@@ -11,6 +11,7 @@ counters.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import logging
 import os
@@ -19,7 +20,7 @@ import stat
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from ..errors import MigdError, MigrationError
 from ..io import blocking
@@ -101,6 +102,12 @@ def _refuse_readable_memory(backend: MemoryBackend) -> None:
 _T = TypeVar("_T")
 
 
+# The job whose task runs: set by _run, read by job_thread to let a cancel drop a step.
+_RUNNING_JOB: contextvars.ContextVar[Job | None] = contextvars.ContextVar(
+    "migd_running_job", default=None
+)
+
+
 async def job_thread(func: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
     """blocking.to_thread for a job's own steps (in the threads of the uid that started
     the job, io/blocking.py), except that a job task cancelled while the
@@ -111,12 +118,39 @@ async def job_thread(func: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _
     closed fd's number may by then be another file's (red-team, session 16). The thread
     sees the job's cancel event, which every stop sets first.
 
+    A step no thread has started yet is dropped by the job's cancel (_cancel), and one
+    asked for after it is not queued at all: JobCancelled, and the job ends `cancelled`
+    at once. Before, a step waiting behind its uid's stuck calls (a FUSE filesystem of
+    theirs that stopped answering) kept a cancelled job `cancelling` until they returned.
+    A cleanup a cancel needs (save.withdraw_end) goes through job_cleanup_thread instead.
+
     A plain executor future, not a task: the loop's end cancels every task, and a cancelled
     to_thread task counts as done while its thread still runs."""
-    future = blocking.submit(func, *args, **kwargs)
+    job = _RUNNING_JOB.get()
+    if job is not None:
+        check_cancel(job)
+    step = blocking.Step(func, *args, **kwargs)
+    if job is not None:
+        job.steps.add(step)
+    try:
+        return cast(_T, await _wait_step(step))
+    finally:
+        if job is not None:
+            job.steps.discard(step)
+
+
+async def job_cleanup_thread(func: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
+    """job_thread for a step a cancelled job still needs: never dropped."""
+    return cast(_T, await _wait_step(blocking.Step(func, *args, **kwargs)))
+
+
+async def _wait_step(step: blocking.Step) -> Any:
+    future = step.future
     try:
         return await asyncio.shield(future)
     except asyncio.CancelledError:
+        if step.dropped:
+            raise JobCancelled() from None  # no thread ever ran it: nothing to wait for
         while not future.done():
             try:
                 await asyncio.shield(future)
@@ -664,6 +698,7 @@ class MigrationEngine:
         job.task = asyncio.create_task(self._run(job, body))
 
     async def _run(self, job: Job, body: Any) -> None:
+        _RUNNING_JOB.set(job)  # this task's own context: job_thread's steps are its
         sampler = asyncio.create_task(self._sample(job))
         try:
             await body
@@ -754,6 +789,8 @@ class MigrationEngine:
         if job.active and job.status != MigrationStatus.cancelling:
             job.cancel.set()
             self._set_status(job, MigrationStatus.cancelling)
+            for step in list(job.steps):
+                step.drop()  # one still queued: its job_thread ends the job (JobCancelled)
 
     def _find(self, job_id: str, verb: str, allowed: set[JobStatus]) -> Job:
         """A job for job-cancel or job-dismiss, with QEMU's texts (job.c)."""
@@ -925,7 +962,7 @@ class MigrationEngine:
             if job.cancel.is_set():
                 # Answered after finish_save's own last look, while its thread returned:
                 # _run ends the job cancelled, so its file must not read as a save.
-                await job_thread(save.withdraw_end, job, layout, main_fd)
+                await job_cleanup_thread(save.withdraw_end, job, layout, main_fd)
         finally:
             job.target.close_channels()
             if read_fd is not None:
