@@ -111,7 +111,7 @@ class Step:
         self._call = functools.partial(func, *args, **kwargs)
         self._lock = threading.Lock()
         self._state = "queued"  # -> "running" or "dropped", once
-        self.future = submit(self._run)
+        self.future: asyncio.Future[Any] | None = submit(self._run)
 
     def _run(self) -> Any:
         with self._lock:
@@ -131,8 +131,15 @@ class Step:
             if self._state != "queued":
                 return False
             self._state = "dropped"
-        self.future.cancel()
+        if self.future is not None:
+            self.future.cancel()
         return True
+
+    def forget(self) -> None:
+        """Its waiter is done with it: the future holds the call's error, whose traceback
+        holds the waiter's frames, which hold this step (a cycle that kept the error's
+        frames, and views of backends' memory with them, until a GC pass)."""
+        self.future = None
 
 
 async def to_thread(func: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:

@@ -146,6 +146,7 @@ async def job_cleanup_thread(func: Callable[..., _T], /, *args: Any, **kwargs: A
 
 async def _wait_step(step: blocking.Step) -> Any:
     future = step.future
+    assert future is not None  # forgotten only here, once it is done
     try:
         return await asyncio.shield(future)
     except asyncio.CancelledError:
@@ -164,6 +165,7 @@ async def _wait_step(step: blocking.Step) -> Any:
         # that kept the error's frames, and with them views of the backends' memory, until
         # a GC pass (object-del could not unmap at once; test_faults).
         del future
+        step.forget()
 
 
 def _reopen_for_reading(fd: int) -> int | None:
