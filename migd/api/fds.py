@@ -80,7 +80,8 @@ async def add_fd(ctx: Context, args: AddFdArgs) -> AddfdInfo:
         # clients made it hundreds of MiB, encoded on the event loop for seconds.
         os.close(fd)
         raise InvalidRequest(
-            f"Parameter 'opaque' is {len(args.opaque)} characters long: at most {MAX_OPAQUE_CHARS}"
+            f"Parameter 'opaque' is {len(args.opaque)} characters long: at most "
+            f"{MAX_OPAQUE_CHARS}"
         )
     fdset_id, number = ctx.services.fdsets.add_fd(fd, args.fdset_id, args.opaque)
     record_fd(ctx, fdset_id, number)

@@ -535,7 +535,8 @@ def _print_vm_image(image: dict[str, Any], as_json: bool) -> int:
         print(f"{path}: migd VM image{' (DAMAGED)' if problems else ''}")
         print(f"  image id:      {shown(header['image-id'])}")
         print(
-            f"  created:       {shown(header['created'])} by migd {shown(header['migd-version'])}"
+            f"  created:       {shown(header['created'])} by migd "
+            f"{shown(header['migd-version'])}"
         )
         print(f"  QEMU:          {shown(qemu['version'])}, machine {shown(qemu['machine'])}")
         print(

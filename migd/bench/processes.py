@@ -95,7 +95,9 @@ class QMP:
         while True:
             if proc.poll() is not None:
                 program = proc.args[0] if isinstance(proc.args, list) else proc.args
-                raise BenchError(f"{program!s} exited with {proc.returncode}:\n{tail(log_path)}")
+                raise BenchError(
+                    f"{program!s} exited with {proc.returncode}:\n{tail(log_path)}"
+                )
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 sock.connect(str(path))

@@ -62,7 +62,9 @@ def _describe(exc: OSError, verb: str, path: str) -> ChannelError:
     return MemoryFault(text) if exc.errno == errno.EFAULT else ChannelError(text)
 
 
-def write_fully(fd: int, data: memoryview, offset: int, path: str, vectored: bool = True) -> None:
+def write_fully(
+    fd: int, data: memoryview, offset: int, path: str, vectored: bool = True
+) -> None:
     """pwritev until every byte is written; a short write continues where it stopped.
 
     `vectored=False` writes with pwrite: the file's metadata (head, bitmaps, end section)

@@ -156,7 +156,9 @@ def plan_restore_runs(
             )
         )
         runs += split_runs(index, format.set_runs(~present), zero=True)
-        runs += split_runs(index, format.set_runs(present), chunk=READ_CHUNK_PAGES, staged=held)
+        runs += split_runs(
+            index, format.set_runs(present), chunk=READ_CHUNK_PAGES, staged=held
+        )
     return blocks, runs
 
 

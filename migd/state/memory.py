@@ -639,7 +639,8 @@ class MemoryRegistry:
         for other_id, name in self._reserved.items():
             if name == block_name and not (reserved and other_id == id):
                 raise BackendError(
-                    f"RAM block name '{block_name}' is already used by memory backend '{other_id}'"
+                    f"RAM block name '{block_name}' is already used by memory backend "
+                    f"'{other_id}'"
                 )
 
     @contextlib.contextmanager

@@ -198,7 +198,8 @@ def check_trusted(path: str, st: os.stat_result, owners: Collection[int]) -> Non
                 "own and root's clients (they may be another VM's)"
             )
         raise FileRefused(
-            f"'{path}' is owned by uid {st.st_uid}: migd uses an existing file only if it " + rule
+            f"'{path}' is owned by uid {st.st_uid}: migd uses an existing file only if it "
+            + rule
         )
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise FileRefused(

@@ -630,7 +630,7 @@ async def run_migration(
                     # Most likely left by an earlier run killed before it could clean up.
                     raise ClientError(
                         f"{exc} (left by an earlier run that was killed? `migd call "
-                        f'object-del \'{{"id": "{backend["id"]}"}}\'` removes it, or give '
+                        f"object-del '{{\"id\": \"{backend['id']}\"}}'` removes it, or give "
                         "another --id)"
                     ) from None
                 added = True

@@ -270,7 +270,9 @@ async def run_state(qemu: Any) -> str:
     return member(await qemu_execute(qemu, "query-status"), "status", str, "query-status")
 
 
-def lock_vm(backends: Sequence[GuestBackend], ram_fds: Mapping[str, int], locks: list[int]) -> None:
+def lock_vm(
+    backends: Sequence[GuestBackend], ram_fds: Mapping[str, int], locks: list[int]
+) -> None:
     """One `migd vm save` or `vm restore` of a VM at a time, whatever QMP socket each
     uses: two saves interleaved QEMU's migration settings (each puts back what it found,
     the other's x-ignore-shared included). The lock is an OFD lock on one byte
@@ -803,7 +805,9 @@ async def _save(
         qemu_version, machine = await qemu_identity(qemu)
         blocks = {b.id: f"vm-{tag}/{b.id}" for b in backends}
         trial = vm_image.DevicePart(0, 0, ""), vm_image.RamPart(0, 0, "", None)
-        _check_header_fits(_image_header(image_id, qemu_version, machine, *trial, backends, blocks))
+        _check_header_fits(
+            _image_header(image_id, qemu_version, machine, *trial, backends, blocks)
+        )
         # Scoped before any object-add or add-fd: if this process is killed, migd cancels
         # its job and drops its backends (the guest's RAM mapped) and fd sets.
         migd = await connect(opts.socket, scoped=True)
@@ -1231,7 +1235,9 @@ async def _restore(
         # Incoming QEMU starts the guest when its part is loaded unless stopped first.
         await qemu_execute(qemu, "stop")
         uri_path = await settings.add_fd(fd, "migd vm restore")
-        migd_fdset = await pass_image_to_migd(migd, fd, [os.O_RDONLY], direct_io, "migd vm restore")
+        migd_fdset = await pass_image_to_migd(
+            migd, fd, [os.O_RDONLY], direct_io, "migd vm restore"
+        )
         await ram_job(migd, interrupt, opts, "restore", f"vm-restore-{tag}", migd_ids,
                       f"file:/dev/fdset/{migd_fdset},offset={header.ram.offset}",
                       direct_io, err)  # fmt: skip

@@ -165,7 +165,8 @@ def is_unfinished(fd: int) -> bool:
     if os.pread(fd, len(MAGIC), 0) != bytes(len(MAGIC)):
         return False
     return any(
-        os.pread(fd, len(_PART_MAGIC), at) == _PART_MAGIC for at in (HEADER_AREA, LIVE_RAM_OFFSET)
+        os.pread(fd, len(_PART_MAGIC), at) == _PART_MAGIC
+        for at in (HEADER_AREA, LIVE_RAM_OFFSET)
     )
 
 

@@ -44,7 +44,9 @@ def parse(fd: int, target: Target, require_mapped_ram: bool) -> format.ParsedStr
     return parsed
 
 
-def read_bitmaps(job: Job, layouts: Sequence[format.BlockLayout], main_fd: int) -> list[np.ndarray]:
+def read_bitmaps(
+    job: Job, layouts: Sequence[format.BlockLayout], main_fd: int
+) -> list[np.ndarray]:
     path = job.target.name
     out = []
     for layout in layouts:
