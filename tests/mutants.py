@@ -1282,6 +1282,22 @@ MUTANTS = [
         ("tests/test_file_identity.py::"
          "test_object_add_of_a_file_another_migd_processs_job_writes_is_refused",),
     ),
+    Mutant(
+        "one-uids-jobs-fill-the-global-job-table",
+        "migd/migration/engine.py",
+        "        job.owner = blocking.capped_uid()  # the uid admission counted it for\n",
+        "",
+        ("tests/test_uid_jobs.py::test_one_uids_undismissed_jobs_do_not_fill_the_job_table",),
+    ),
+    Mutant(
+        "a-cancel-waits-for-a-step-still-queued",
+        "migd/migration/engine.py",
+        "                step.drop()  # one still queued: its job_thread ends the job"
+        " (JobCancelled)\n",
+        "                pass\n",
+        ("tests/test_uid_jobs.py::"
+         "test_a_cancel_drops_a_job_step_queued_behind_its_uids_stuck_calls",),
+    ),
 ]  # fmt: skip
 
 

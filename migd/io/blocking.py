@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -53,6 +54,14 @@ def serve_uid(uid: int | None) -> None:
     """The current task (a session's) serves `uid`'s requests, and so do the tasks it
     starts from now on (jobs, releases). None: the peer's uid is unknown."""
     _SERVING.set(UNKNOWN_UID if uid is None else uid)
+
+
+def capped_uid() -> int | None:
+    """The uid whose requests the current task serves when it is capped (any uid but
+    root's and migd's, UNKNOWN_UID included); None for root's, migd's and the daemon's
+    own steps. The job table counts a job against it as the pools count its calls."""
+    uid = _SERVING.get()
+    return None if uid is None or is_root_or_migd(uid) else uid
 
 
 class UidPools:
@@ -91,6 +100,46 @@ def submit(func: Callable[..., _T], /, *args: Any, **kwargs: Any) -> asyncio.Fut
     call = functools.partial(contextvars.copy_context().run, func, *args, **kwargs)
     executor = POOLS.executor(_SERVING.get())
     return asyncio.get_running_loop().run_in_executor(executor, call)
+
+
+class Step:
+    """A call submitted to a worker thread that a cancel may drop while it is still
+    queued (engine.job_thread: a job's step waiting behind its uid's stuck calls). Once
+    its thread has started it, the call runs to its end: nothing is closed under it."""
+
+    def __init__(self, func: Callable[..., _T], /, *args: Any, **kwargs: Any) -> None:
+        self._call = functools.partial(func, *args, **kwargs)
+        self._lock = threading.Lock()
+        self._state = "queued"  # -> "running" or "dropped", once
+        self.future: asyncio.Future[Any] | None = submit(self._run)
+
+    def _run(self) -> Any:
+        with self._lock:
+            if self._state == "dropped":
+                return None  # its future is cancelled: nobody reads this
+            self._state = "running"
+        return self._call()
+
+    @property
+    def dropped(self) -> bool:
+        return self._state == "dropped"
+
+    def drop(self) -> bool:
+        """Drop the call if no thread has started it (it never will): True; False when it
+        runs or ran. Its future is then cancelled, which frees its place in the queue."""
+        with self._lock:
+            if self._state != "queued":
+                return False
+            self._state = "dropped"
+        if self.future is not None:
+            self.future.cancel()
+        return True
+
+    def forget(self) -> None:
+        """Its waiter is done with it: the future holds the call's error, whose traceback
+        holds the waiter's frames, which hold this step (a cycle that kept the error's
+        frames, and views of backends' memory with them, until a GC pass)."""
+        self.future = None
 
 
 async def to_thread(func: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:

@@ -11,6 +11,7 @@ counters.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import logging
 import os
@@ -19,7 +20,7 @@ import stat
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from ..errors import MigdError, MigrationError
 from ..io import blocking
@@ -67,6 +68,13 @@ JOB_NOT_FOUND = "Job not found"
 # Concluded jobs stay listed until job-dismiss: bound what a client that never dismisses
 # can make the daemon keep.
 MAX_JOBS = 256  # QEMU's text (job-qmp.c find_job_locked)
+# Jobs one uid other than root's and migd's may have listed, running or concluded and not
+# dismissed: they count apart from MAX_JOBS, which counts root's and migd's alone, so a
+# user let on the socket whose jobs hang on its own FUSE file, or who never dismisses
+# them, cannot fill the table and have the management's jobs refused (before, 256 of
+# one such uid's did). 32 is twice UID_WORKER_THREADS (io/blocking.py): more jobs than
+# its threads could serve at once, and concluded ones waiting for job-dismiss.
+UID_MAX_JOBS = 32
 # QEMU's id_wellformed: a letter, then letters, digits, '-', '.', '_'.
 _JOB_ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
 SAMPLE_PERIOD = 0.1  # seconds between throughput samples (QEMU's BUFFER_DELAY)
@@ -94,6 +102,12 @@ def _refuse_readable_memory(backend: MemoryBackend) -> None:
 _T = TypeVar("_T")
 
 
+# The job whose task runs: set by _run, read by job_thread to let a cancel drop a step.
+_RUNNING_JOB: contextvars.ContextVar[Job | None] = contextvars.ContextVar(
+    "migd_running_job", default=None
+)
+
+
 async def job_thread(func: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
     """blocking.to_thread for a job's own steps (in the threads of the uid that started
     the job, io/blocking.py), except that a job task cancelled while the
@@ -104,12 +118,40 @@ async def job_thread(func: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _
     closed fd's number may by then be another file's (red-team, session 16). The thread
     sees the job's cancel event, which every stop sets first.
 
+    A step no thread has started yet is dropped by the job's cancel (_cancel), and one
+    asked for after it is not queued at all: JobCancelled, and the job ends `cancelled`
+    at once. Before, a step waiting behind its uid's stuck calls (a FUSE filesystem of
+    theirs that stopped answering) kept a cancelled job `cancelling` until they returned.
+    A cleanup a cancel needs (save.withdraw_end) goes through job_cleanup_thread instead.
+
     A plain executor future, not a task: the loop's end cancels every task, and a cancelled
     to_thread task counts as done while its thread still runs."""
-    future = blocking.submit(func, *args, **kwargs)
+    job = _RUNNING_JOB.get()
+    if job is not None:
+        check_cancel(job)
+    step = blocking.Step(func, *args, **kwargs)
+    if job is not None:
+        job.steps.add(step)
+    try:
+        return cast(_T, await _wait_step(step))
+    finally:
+        if job is not None:
+            job.steps.discard(step)
+
+
+async def job_cleanup_thread(func: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
+    """job_thread for a step a cancelled job still needs: never dropped."""
+    return cast(_T, await _wait_step(blocking.Step(func, *args, **kwargs)))
+
+
+async def _wait_step(step: blocking.Step) -> Any:
+    future = step.future
+    assert future is not None  # forgotten only here, once it is done
     try:
         return await asyncio.shield(future)
     except asyncio.CancelledError:
+        if step.dropped:
+            raise JobCancelled() from None  # no thread ever ran it: nothing to wait for
         while not future.done():
             try:
                 await asyncio.shield(future)
@@ -123,6 +165,7 @@ async def job_thread(func: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _
         # that kept the error's frames, and with them views of the backends' memory, until
         # a GC pass (object-del could not unmap at once; test_faults).
         del future
+        step.forget()
 
 
 def _reopen_for_reading(fd: int) -> int | None:
@@ -334,9 +377,27 @@ class MigrationEngine:
             raise MigrationError(f"Invalid job ID '{job_id}'")
         if job_id in self.jobs or job_id == MIGRATION_JOB_ID:
             raise MigrationError(f"Job ID '{job_id}' already in use")
-        if len(self.jobs) >= MAX_JOBS:
+
+    def _check_room(self, job_id: str | None) -> None:
+        """A job of a capped uid (io/blocking.py): under UID_MAX_JOBS of its own, whether
+        a memory job or a migration; root's and migd's memory jobs: under MAX_JOBS of
+        theirs (a migration is one at a time, refuse_if_busy). Concluded jobs count until
+        dismissed: the table keeps them as long."""
+        owner = blocking.capped_uid()
+        if owner is not None:
+            held = sum(1 for job in self.jobs.values() if job.owner == owner)
+            if held >= UID_MAX_JOBS:
+                raise MigrationError(
+                    f"uid {owner} has {held} jobs listed, the most migd keeps for a uid other "
+                    f"than root's and migd's (UID_MAX_JOBS {UID_MAX_JOBS}): dismiss its "
+                    "concluded jobs with job-dismiss (or start jobs with 'auto-dismiss'), "
+                    "or cancel running ones"
+                )
+            return
+        listed = sum(1 for job in self.jobs.values() if job.owner is None)
+        if job_id is not None and listed >= MAX_JOBS:
             raise MigrationError(
-                f"{len(self.jobs)} jobs are listed, the most migd keeps: dismiss concluded "
+                f"{listed} jobs are listed, the most migd keeps: dismiss concluded "
                 "jobs with job-dismiss (or start jobs with 'auto-dismiss')"
             )
 
@@ -392,6 +453,7 @@ class MigrationEngine:
             if job_id is None:
                 self._check_can_start()
             self._check_job_id(job_id)
+            self._check_room(job_id)
             chosen = self._resolve_backends(backend_ids)
             self._check_backends_free(chosen)
             return chosen
@@ -476,6 +538,7 @@ class MigrationEngine:
             if job_id is None:
                 self._check_can_start()
             self._check_job_id(job_id)
+            self._check_room(job_id)
             return self._resolve_backends(backend_ids)
 
         candidates = admit()
@@ -638,6 +701,7 @@ class MigrationEngine:
                 )
 
     def _launch(self, job: Job, body: Any) -> None:
+        job.owner = blocking.capped_uid()  # the uid admission counted it for
         for b in job.backends:
             b.in_use += 1
             if job.direction == "restore":
@@ -649,6 +713,7 @@ class MigrationEngine:
         job.task = asyncio.create_task(self._run(job, body))
 
     async def _run(self, job: Job, body: Any) -> None:
+        _RUNNING_JOB.set(job)  # this task's own context: job_thread's steps are its
         sampler = asyncio.create_task(self._sample(job))
         try:
             await body
@@ -739,6 +804,8 @@ class MigrationEngine:
         if job.active and job.status != MigrationStatus.cancelling:
             job.cancel.set()
             self._set_status(job, MigrationStatus.cancelling)
+            for step in list(job.steps):
+                step.drop()  # one still queued: its job_thread ends the job (JobCancelled)
 
     def _find(self, job_id: str, verb: str, allowed: set[JobStatus]) -> Job:
         """A job for job-cancel or job-dismiss, with QEMU's texts (job.c)."""
@@ -910,7 +977,7 @@ class MigrationEngine:
             if job.cancel.is_set():
                 # Answered after finish_save's own last look, while its thread returned:
                 # _run ends the job cancelled, so its file must not read as a save.
-                await job_thread(save.withdraw_end, job, layout, main_fd)
+                await job_cleanup_thread(save.withdraw_end, job, layout, main_fd)
         finally:
             job.target.close_channels()
             if read_fd is not None:

@@ -10,6 +10,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from ..io.blocking import Step
 from ..io.checksums import UnitChecksums
 from ..io.engine import Counters
 from ..io.file_verify import FileProgress
@@ -122,6 +123,9 @@ class Job:
     id: str = MIGRATION_JOB_ID  # its id in query-jobs
     migration: bool = True  # started by migrate / migrate-incoming (query-migrate's job)
     auto_dismiss: bool = True  # leaves query-jobs once concluded, without job-dismiss
+    # Its steps submitted to a worker thread (engine.job_thread): a cancel drops queued ones.
+    steps: set[Step] = field(default_factory=set)
+    owner: int | None = None  # the capped uid that started it (None: root, migd, daemon)
     status: MigrationStatus = MigrationStatus.none
     job_status: JobStatus = JobStatus.undefined
     file_identity: tuple[int, int] | None = None  # (st_dev, st_ino) of its file

@@ -1,0 +1,182 @@
+"""One uid other than root's and migd's cannot hold the job table, nor keep a job it
+cancels waiting behind its own stuck worker threads (migration/engine.py UID_MAX_JOBS,
+job_thread)."""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from migd.io.blocking import UID_WORKER_THREADS
+from migd.migration.engine import MAX_JOBS, UID_MAX_JOBS
+
+from .conftest import RawClient, start_daemon
+from .test_faults import (
+    F_WRITE,
+    OTHER_UID,
+    THIRD_UID,
+    FaultFS,
+    HangFS,
+    _connect_as,
+    _threads_waiting_on_fuse,
+    mounted_fuse,
+)
+from .test_serving import LogWatcher
+
+MiB = 1 << 20
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as another uid")
+
+
+def _concluded(client: RawClient, job_id: str, timeout: float = 30) -> dict[str, Any]:
+    """query-jobs until the job is concluded (a bounded busy wait: its event may come
+    before the reply that started it, which execute() skips)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        jobs = {job["id"]: job for job in client.ok("query-jobs")}
+        if jobs[job_id]["status"] == "concluded":
+            return jobs[job_id]
+        assert time.monotonic() < deadline, jobs[job_id]
+        time.sleep(0.001)
+
+
+def _save(client: RawClient, short_dir: Path, job_id: str) -> dict[str, Any]:
+    return client.execute(
+        "memory-save",
+        {"job-id": job_id, "uri": f"file:{short_dir}/{job_id}.sav", "checksums": False},
+    )
+
+
+def test_one_uids_undismissed_jobs_do_not_fill_the_job_table(short_dir, shm):
+    """`nobody` starts saves it never dismisses: the 33rd is refused naming UID_MAX_JOBS,
+    and root's and a third uid's saves are still accepted; a dismissed job makes room
+    (before: nobody's 256 filled the table, MAX_JOBS, and root's save was refused)."""
+    short_dir.chmod(0o711)
+    daemon = start_daemon(short_dir / "qmp.sock", "--socket-mode", "0666")
+    LogWatcher(daemon.proc)  # hundreds of jobs log more than a pipe holds
+    try:
+        root = RawClient(daemon.socket_path, timeout=30).negotiate()
+        (shm / "ram").write_bytes(b"\0" * MiB)
+        root.ok("object-add", {"qom-type": "memory-backend-file", "id": "ram", "size": MiB,
+                               "mem-path": str(shm / "ram"), "share": True})  # fmt: skip
+        nobody = _connect_as(OTHER_UID, daemon.socket_path, timeout=30)
+        refused = None
+        for i in range(MAX_JOBS + 1):
+            reply = _save(nobody, short_dir, f"n{i}")
+            if "error" in reply:
+                refused = (i, reply["error"]["desc"])
+                break
+            _concluded(nobody, f"n{i}")
+        assert refused is not None
+        assert refused[0] == UID_MAX_JOBS, refused
+        assert f"UID_MAX_JOBS {UID_MAX_JOBS}" in refused[1]
+        assert refused[1].startswith(f"uid {OTHER_UID} has {UID_MAX_JOBS} jobs listed")
+
+        for client, name in ((root, "r"), (_connect_as(THIRD_UID, daemon.socket_path, 30), "t")):
+            assert "return" in _save(client, short_dir, name)
+            _concluded(client, name)
+        # Concluded jobs count until dismissed: one dismissed makes room for one more.
+        nobody.ok("job-dismiss", {"id": "n0"})
+        assert "return" in _save(nobody, short_dir, "again")
+        _concluded(nobody, "again")
+        assert "error" in _save(nobody, short_dir, "over")
+    finally:
+        daemon.stop()
+        with contextlib.suppress(OSError):
+            os.unlink(shm / "ram")
+
+
+class GateFS(FaultFS):
+    """FaultFS whose WRITEs wait until `gate` opens: `writing` is set once one does."""
+
+    def __init__(self, backing: Path, mountpoint: Path) -> None:
+        super().__init__(backing, mountpoint)
+        self.gate, self.writing = threading.Event(), threading.Event()
+
+    def _handle(self, op: int, node: int, body: memoryview) -> bytes:
+        if op == F_WRITE and not self.gate.is_set():
+            self.writing.set()
+            self.gate.wait(60)  # bounded: a failing test must not hang the mount
+        return super()._handle(op, node, body)
+
+
+def _wait_fuse_threads(pid: int, count: int) -> None:
+    deadline = time.monotonic() + 30
+    while _threads_waiting_on_fuse(pid) < count:
+        assert time.monotonic() < deadline, "the requests did not reach the filesystem"
+        time.sleep(0.01)
+
+
+def test_a_cancel_drops_a_job_step_queued_behind_its_uids_stuck_calls(short_dir, shm):
+    """`nobody` saves into a file of its FUSE filesystem (passed as an fd); while the
+    save's head is written (in one of its uid's UID_WORKER_THREADS threads), it sends as
+    many object-adds onto names the filesystem never answers; the head is written, its
+    thread goes to the last object-add, and the save's next step waits in the queue.
+    job-cancel ends the job `cancelled` at once, the filesystem still stuck (before: it
+    stayed `cancelling` until the filesystem answered)."""
+    # Two filesystems: the job's file on one that answers once its gate opens, the
+    # stuck calls on one that never does.
+    for sub in ("g", "h"):
+        (short_dir / sub).mkdir()
+    gate_iter = mounted_fuse(short_dir / "g", "fs", GateFS)
+    gated = next(gate_iter)
+    fs_iter = mounted_fuse(short_dir / "h", "fs", HangFS)
+    fs = next(fs_iter)
+    short_dir.chmod(0o711)
+    daemon = start_daemon(short_dir / "qmp.sock", "--socket-mode", "0666")
+    LogWatcher(daemon.proc)
+    stuck: list[RawClient] = []
+    try:
+        root = RawClient(daemon.socket_path, timeout=30).negotiate()
+        (shm / "ram").write_bytes(b"\0" * MiB)
+        root.ok("object-add", {"qom-type": "memory-backend-file", "id": "ram", "size": MiB,
+                               "mem-path": str(shm / "ram"), "share": True})  # fmt: skip
+        nobody = _connect_as(OTHER_UID, daemon.socket_path, timeout=30)
+        fd = os.open(gated.mountpoint / "vm.sav", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            nobody.sock.sendmsg(
+                [b'{"execute": "add-fd", "arguments": {"fdset-id": 0}}\n'],
+                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))],
+            )
+        finally:
+            os.close(fd)
+        assert "return" in nobody.recv_reply()
+        reply = nobody.execute(
+            "memory-save", {"job-id": "s", "uri": "file:/dev/fdset/0", "checksums": False}
+        )
+        assert "return" in reply, reply
+        assert gated.writing.wait(30), "the save did not write its head"
+        for i in range(UID_WORKER_THREADS):
+            client = _connect_as(OTHER_UID, daemon.socket_path, timeout=90)
+            client.send({"execute": "object-add", "arguments": {
+                "qom-type": "memory-backend-file", "id": f"stuck{i}", "size": MiB,
+                "mem-path": str(fs.mountpoint / f"hung{i}"), "share": True}})  # fmt: skip
+            stuck.append(client)
+        # The head's thread and UID_WORKER_THREADS - 1 object-adds: the uid's every thread.
+        _wait_fuse_threads(daemon.pid, UID_WORKER_THREADS)
+        gated.gate.set()
+        # The head is written; its thread takes the last object-add, which the filesystem
+        # never answers either: every thread of the uid is stuck again.
+        _wait_fuse_threads(daemon.pid, UID_WORKER_THREADS)
+        assert "return" in nobody.execute("job-cancel", {"id": "s"})
+        job = _concluded(nobody, "s")  # a bound on "at all": before, not until release
+        assert job["error"] == "Operation canceled"
+        assert not fs.release.is_set()
+        assert _threads_waiting_on_fuse(daemon.pid) == UID_WORKER_THREADS
+    finally:
+        gated.gate.set()
+        fs.release.set()
+        for client in stuck:
+            client.close()
+        daemon.stop()
+        for mount in (fs_iter, gate_iter):
+            with contextlib.suppress(StopIteration):
+                next(mount)
