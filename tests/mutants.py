@@ -1236,7 +1236,8 @@ MUTANTS = [
     Mutant(
         "job-holds-its-files-past-its-announced-end",
         "migd/migration/engine.py",
-        "        job.target.close()\n        self._release_memory(job.backends)\n"
+        "        await job_cleanup_thread(job.target.close)\n"
+        "        self._release_memory(job.backends)\n"
         "        self._set_status(job, status)\n",
         "        self._set_status(job, status)\n",
         ("tests/test_file_identity.py::"
@@ -1295,6 +1296,21 @@ MUTANTS = [
         "                step.drop()  # one still queued: its job_thread ends the job"
         " (JobCancelled)\n",
         "                pass\n",
+        ("tests/test_uid_jobs.py::"
+         "test_a_cancel_drops_a_job_step_queued_behind_its_uids_stuck_calls",),
+    ),
+    Mutant(
+        "a-jobs-channel-closes-on-the-event-loop",
+        "migd/migration/engine.py",
+        "            await job_cleanup_thread(job.target.close_channels)  # may wait, as _conclude's\n",
+        "            job.target.close_channels()\n",
+        ("tests/test_faults.py::test_a_save_whose_file_close_waits_does_not_hold_the_daemon",),
+    ),
+    Mutant(
+        "a-jobs-cleanups-queue-behind-its-uids-calls",
+        "migd/migration/engine.py",
+        "blocking.Step(func, *args, cleanup=True, **kwargs)",
+        "blocking.Step(func, *args, cleanup=False, **kwargs)",
         ("tests/test_uid_jobs.py::"
          "test_a_cancel_drops_a_job_step_queued_behind_its_uids_stuck_calls",),
     ),

@@ -854,3 +854,62 @@ def test_shutdown_goes_on_while_a_uids_threads_are_stuck(short_dir, shm):
         daemon.proc.wait()
         with contextlib.suppress(StopIteration):
             next(fs_iter)
+
+
+class FlushHoldFS(FaultFS):
+    """FaultFS whose FLUSH (sent by every close of an fd of it) waits until `release`
+    once `armed`: a close on a FUSE or NFS mount whose server stopped answering."""
+
+    def __init__(self, backing: Path, mountpoint: Path) -> None:
+        super().__init__(backing, mountpoint)
+        self.armed = False
+        self.held = threading.Event()
+        self.release = threading.Event()
+
+    def _handle(self, op: int, node: int, body: memoryview) -> bytes:
+        if op == F_FLUSH and self.armed:
+            self.held.set()
+            self.release.wait(60)  # bounded: a failing test must not hang the mount
+        return super()._handle(op, node, body)
+
+
+def test_a_save_whose_file_close_waits_does_not_hold_the_daemon(short_dir, shm):
+    """The job's closes of its file (its channels' fds once the pages are out, its main
+    fd at its end) wait for the filesystem's FLUSH: on the event loop they froze the
+    daemon, every client's every command (before: query-version unanswered until the
+    filesystem answered); now in a worker thread, and the save completes once it does."""
+    fs_iter = mounted_fuse(short_dir, "slow", FlushHoldFS)
+    fs = next(fs_iter)
+    daemon = start_daemon(short_dir / "qmp.sock")
+    try:
+        data = fill_random(shm / "ram0", 4 * MiB, seed=7)
+        client = RawClient(daemon.socket_path, timeout=90).negotiate()
+        client.ok("object-add", {"qom-type": "memory-backend-file", "id": "ram0",
+                                 "size": 4 * MiB, "mem-path": str(shm / "ram0")})  # fmt: skip
+        caps = [{"capability": c, "state": True} for c in ("mapped-ram", "multifd")]
+        client.ok("migrate-set-capabilities", {"capabilities": caps})
+        client.ok("migrate-set-parameters", {"multifd-channels": 2})
+        target = fs.mountpoint / "save.img"
+        fs.armed = True
+        client.ok("migrate", {"uri": f"file:{target}"})
+        assert fs.held.wait(30), "no close of the save's file reached the filesystem"
+
+        other = RawClient(daemon.socket_path, timeout=30).negotiate()  # bound on "at all"
+        assert "return" in other.execute("query-version")
+        assert other.ok("query-migrate")["status"] in ("active", "device")
+        other.close()
+
+        fs.release.set()
+        deadline = time.monotonic() + 60
+        while (info := client.ok("query-migrate"))["status"] in ("active", "device"):
+            assert time.monotonic() < deadline, info
+            time.sleep(0.01)
+        assert info["status"] == "completed", info
+        layout = format.plan_save([("ram0", 4 * MiB)])
+        with open(target, "rb") as f:
+            assert os.pread(f.fileno(), 4 * MiB, layout.blocks[0].pages_offset) == data
+    finally:
+        fs.release.set()
+        daemon.stop()
+        with contextlib.suppress(StopIteration):
+            next(fs_iter)

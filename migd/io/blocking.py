@@ -17,6 +17,9 @@ The job's channel, populator and hashing threads run in io/threads.py's WorkerPo
 which has no cap and so cannot be held by anyone (a capped one could deadlock: a
 transfer's hashing threads wait for its channels); only a job's own steps (job_thread:
 the head, the syncs, the end section) come here, counted against the uid that started it.
+What ends a job (closing its files, taking back a cancelled save's end) runs in a second
+pool of the uid's (submit_cleanup), so a cancel is never kept waiting behind that uid's
+stuck calls.
 """
 
 from __future__ import annotations
@@ -69,16 +72,18 @@ class UidPools:
     that of the uids let on the socket (socket mode, group)."""
 
     def __init__(self) -> None:
-        self._pools: dict[int, ThreadPoolExecutor] = {}
+        self._pools: dict[tuple[int, str], ThreadPoolExecutor] = {}
 
-    def executor(self, uid: int | None) -> ThreadPoolExecutor | None:
-        """The pool `uid`'s calls run in; None: the loop's default executor."""
+    def executor(self, uid: int | None, kind: str = "calls") -> ThreadPoolExecutor | None:
+        """The pool `uid`'s calls of `kind` run in ("calls", or "cleanups": see
+        submit_cleanup); None: the loop's default executor."""
         if uid is None or is_root_or_migd(uid):
             return None
-        pool = self._pools.get(uid)
+        pool = self._pools.get((uid, kind))
         if pool is None:
-            pool = ThreadPoolExecutor(UID_WORKER_THREADS, thread_name_prefix=f"asyncio-uid{uid}")
-            self._pools[uid] = pool
+            prefix = f"asyncio-uid{uid}" + ("" if kind == "calls" else f"-{kind}")
+            pool = ThreadPoolExecutor(UID_WORKER_THREADS, thread_name_prefix=prefix)
+            self._pools[(uid, kind)] = pool
         return pool
 
     def shutdown(self) -> None:
@@ -97,9 +102,23 @@ def submit(func: Callable[..., _T], /, *args: Any, **kwargs: Any) -> asyncio.Fut
     """Run func(*args, **kwargs) in a worker thread of the current task's uid: the
     future's cancel drops a call still queued, not one running (engine.job_thread waits
     for that one). The call sees the caller's context variables, as asyncio.to_thread."""
-    call = functools.partial(contextvars.copy_context().run, func, *args, **kwargs)
-    executor = POOLS.executor(_SERVING.get())
-    return asyncio.get_running_loop().run_in_executor(executor, call)
+    return _submit("calls", functools.partial(func, *args, **kwargs))
+
+
+def submit_cleanup(func: Callable[..., _T], /, *args: Any, **kwargs: Any) -> asyncio.Future[_T]:
+    """submit, for what ends a job (closing its files, taking back a cancelled save's
+    end): a capped uid's run in a pool of their own, so they never wait behind that
+    uid's other calls. A cancel drops a job's steps queued behind its uid's stuck calls
+    and must then close the job's files: in the same queue, the job stayed `cancelling`
+    for as long as they did. Closes are not done on the event loop either: a close on a
+    FUSE or NFS mount that stopped answering waits for it (its FLUSH)."""
+    return _submit("cleanups", functools.partial(func, *args, **kwargs))
+
+
+def _submit(kind: str, call: Callable[[], _T]) -> asyncio.Future[_T]:
+    executor = POOLS.executor(_SERVING.get(), kind)
+    run = functools.partial(contextvars.copy_context().run, call)
+    return asyncio.get_running_loop().run_in_executor(executor, run)
 
 
 class Step:
@@ -107,11 +126,16 @@ class Step:
     queued (engine.job_thread: a job's step waiting behind its uid's stuck calls). Once
     its thread has started it, the call runs to its end: nothing is closed under it."""
 
-    def __init__(self, func: Callable[..., _T], /, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self, func: Callable[..., _T], /, *args: Any, cleanup: bool = False, **kwargs: Any
+    ) -> None:
+        """`cleanup`: in the uid's cleanups pool (submit_cleanup), not its calls'."""
         self._call = functools.partial(func, *args, **kwargs)
         self._lock = threading.Lock()
         self._state = "queued"  # -> "running" or "dropped", once
-        self.future: asyncio.Future[Any] | None = submit(self._run)
+        self.future: asyncio.Future[Any] | None = (submit_cleanup if cleanup else submit)(
+            self._run
+        )
 
     def _run(self) -> Any:
         with self._lock:

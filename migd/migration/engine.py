@@ -140,8 +140,9 @@ async def job_thread(func: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _
 
 
 async def job_cleanup_thread(func: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
-    """job_thread for a step a cancelled job still needs: never dropped."""
-    return cast(_T, await _wait_step(blocking.Step(func, *args, **kwargs)))
+    """job_thread for a step a cancelled job still needs (closing its files, taking back
+    its end): never dropped, and in its uid's cleanups pool (blocking.submit_cleanup)."""
+    return cast(_T, await _wait_step(blocking.Step(func, *args, cleanup=True, **kwargs)))
 
 
 async def _wait_step(step: blocking.Step) -> Any:
@@ -502,7 +503,7 @@ class MigrationEngine:
                     )
             self._hold_memory(backends, "save")
         except BaseException:
-            target.discard()
+            await job_cleanup_thread(target.discard)  # a close may wait (FUSE, NFS)
             raise
         job.settings = job_settings if job_settings is not None else self.migration_settings()
         self._identify(job, job_id, auto_dismiss, identity)
@@ -573,7 +574,7 @@ class MigrationEngine:
             )
             self._hold_memory([b for _, b in matched], "restore")
         except BaseException:
-            target.discard()
+            await job_cleanup_thread(target.discard)  # a close may wait (FUSE, NFS)
             raise
         backends = [b for _, b in matched]
         job = Job("restore", target, backends, sum(layout.length for layout, _ in matched))
@@ -727,25 +728,25 @@ class MigrationEngine:
                         "Restore cancelled after its last page had landed; memory "
                         f"backends {names} hold the whole restored data"
                     )
-                self._conclude(job, MigrationStatus.cancelled)
+                await self._conclude(job, MigrationStatus.cancelled)
             else:
-                self._conclude(job, MigrationStatus.completed)
+                await self._conclude(job, MigrationStatus.completed)
         except JobCancelled:
             if job.direction == "restore":
                 job.error_desc = self._partial_note(job, "Restore cancelled")
-            self._conclude(job, MigrationStatus.cancelled)
+            await self._conclude(job, MigrationStatus.cancelled)
         except MigdError as exc:  # ChannelError included: I/O failures name the file
             job.mismatch = isinstance(exc, ChecksumMismatch)
             text = exc.desc
             job.error_desc = self._partial_note(job, text) if job.direction == "restore" else text
-            self._conclude(job, MigrationStatus.failed)
+            await self._conclude(job, MigrationStatus.failed)
         except Exception as exc:  # a bug: fail the job, keep the daemon
             log.exception("migration job crashed")
             job.error_desc = f"Internal error: {type(exc).__name__}: {exc}"
-            self._conclude(job, MigrationStatus.failed)
+            await self._conclude(job, MigrationStatus.failed)
         finally:
             sampler.cancel()
-            job.target.close()
+            job.target.close()  # nothing left once _conclude closed it: a task cut short
             if job.checksums is not None:
                 # Also when the job ended before its transfer (a cancel during setup): the
                 # concluded job is kept until dismissed, and its views of the backends'
@@ -757,12 +758,14 @@ class MigrationEngine:
             if job.auto_dismiss:
                 self._dismiss(job)
 
-    def _conclude(self, job: Job, status: MigrationStatus) -> None:
+    async def _conclude(self, job: Job, status: MigrationStatus) -> None:
         """The job's final status, once its holds on its file and memory files are gone:
         the status goes out to clients at once, and one that acts on it (`migd verify` of
         the file, another migd's job on it) must not find this job still holding them.
-        Every thread of the job has returned by now."""
-        job.target.close()
+        Every thread of the job has returned by now. The close is a thread's: closing a
+        file on a FUSE or NFS mount that stopped answering waits for it (its FLUSH), and
+        on the loop that froze every client of the daemon (red-team, session 17)."""
+        await job_cleanup_thread(job.target.close)
         self._release_memory(job.backends)
         self._set_status(job, status)
 
@@ -979,9 +982,9 @@ class MigrationEngine:
                 # _run ends the job cancelled, so its file must not read as a save.
                 await job_cleanup_thread(save.withdraw_end, job, layout, main_fd)
         finally:
-            job.target.close_channels()
+            await job_cleanup_thread(job.target.close_channels)  # may wait, as _conclude's
             if read_fd is not None:
-                os.close(read_fd)
+                await job_cleanup_thread(os.close, read_fd)
 
     async def _changed_runs(
         self, job: Job, blocks: Sequence[BlockIO], previous: update.Previous
@@ -1057,7 +1060,7 @@ class MigrationEngine:
             await self._move_pages(job, fds, blocks, runs, cached_fd)
             job.sync_count = 1
         finally:
-            job.target.close_channels()
+            await job_cleanup_thread(job.target.close_channels)  # a FLUSH may wait, as a save's
         # A cancel that came while the last pages landed ends the job cancelled (_run):
         # then the marks stay, as for any cancelled restore.
         check_cancel(job)
