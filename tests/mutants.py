@@ -981,8 +981,8 @@ MUTANTS = [
     Mutant(
         "object-del-unmaps-on-the-event-loop",
         "migd/api/memory.py",
-        "    await blocking.to_thread(backend.close)",
-        "    backend.close()",
+        "\n    await blocking.to_thread(backend.close)",
+        "\n    backend.close()",
         ("tests/test_session_races.py::"
          "test_another_client_is_answered_while_object_del_unmaps_a_backend",),
     ),
@@ -1302,7 +1302,8 @@ MUTANTS = [
     Mutant(
         "a-jobs-channel-closes-on-the-event-loop",
         "migd/migration/engine.py",
-        "            await job_cleanup_thread(job.target.close_channels)  # may wait, as _conclude's\n",
+        "            await job_cleanup_thread(job.target.close_channels)"
+        "  # may wait, as _conclude's\n",
         "            job.target.close_channels()\n",
         ("tests/test_faults.py::test_a_save_whose_file_close_waits_does_not_hold_the_daemon",),
     ),
@@ -1313,6 +1314,14 @@ MUTANTS = [
         "blocking.Step(func, *args, cleanup=False, **kwargs)",
         ("tests/test_uid_jobs.py::"
          "test_a_cancel_drops_a_job_step_queued_behind_its_uids_stuck_calls",),
+    ),
+    Mutant(
+        "add-fd-closes-a-refused-fd-on-the-event-loop",
+        "migd/api/fds.py",
+        "        await blocking.to_thread(os.close, fd)  # a close may wait (add_fd's comment)\n",
+        "        os.close(fd)\n",
+        ("tests/test_faults.py::test_a_refused_add_fd_of_a_file_whose_close_waits_does_not_hold"
+         "_the_daemon[opaque-too-long]",),
     ),
 ]  # fmt: skip
 

@@ -15,6 +15,7 @@ import ctypes
 import errno
 import gc
 import hashlib
+import json
 import os
 import signal
 import socket
@@ -908,6 +909,45 @@ def test_a_save_whose_file_close_waits_does_not_hold_the_daemon(short_dir, shm):
         layout = format.plan_save([("ram0", 4 * MiB)])
         with open(target, "rb") as f:
             assert os.pread(f.fileno(), 4 * MiB, layout.blocks[0].pages_offset) == data
+    finally:
+        fs.release.set()
+        daemon.stop()
+        with contextlib.suppress(StopIteration):
+            next(fs_iter)
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [{"fdset-id": -1}, {"opaque": "x" * 1025}],
+    ids=["negative-fdset-id", "opaque-too-long"],
+)
+def test_a_refused_add_fd_of_a_file_whose_close_waits_does_not_hold_the_daemon(
+    short_dir, arguments
+):
+    """add-fd refuses the fd and closes it: a client's file on a FUSE mount of theirs
+    that never answers the FLUSH of that close held the event loop (before: no other
+    client answered until the filesystem did); now the close is a worker thread's."""
+    fs_iter = mounted_fuse(short_dir, "slow", FlushHoldFS)
+    fs = next(fs_iter)
+    daemon = start_daemon(short_dir / "qmp.sock")
+    try:
+        client = RawClient(daemon.socket_path, timeout=90).negotiate()
+        fd = os.open(fs.mountpoint / "passed", os.O_RDWR | os.O_CREAT, 0o600)
+        fs.armed = True
+        try:
+            request = {"execute": "add-fd", "arguments": arguments}
+            client.sock.sendmsg(
+                [json.dumps(request).encode() + b"\n"],
+                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))],
+            )
+        finally:
+            threading.Thread(target=os.close, args=(fd,), daemon=True).start()  # FLUSH too
+        assert fs.held.wait(30), "no close of the passed fd reached the filesystem"
+        other = RawClient(daemon.socket_path, timeout=30).negotiate()  # bound on "at all"
+        assert "return" in other.execute("query-version")
+        other.close()
+        fs.release.set()
+        assert "error" in client.recv_reply()
     finally:
         fs.release.set()
         daemon.stop()

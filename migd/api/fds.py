@@ -78,12 +78,17 @@ async def add_fd(ctx: Context, args: AddFdArgs) -> AddfdInfo:
     if args.opaque is not None and len(args.opaque) > MAX_OPAQUE_CHARS:
         # Kept as long as the fd and sent back by every query-fdsets: unbounded, a few
         # clients made it hundreds of MiB, encoded on the event loop for seconds.
-        os.close(fd)
+        await blocking.to_thread(os.close, fd)  # a close may wait (add_fd's comment)
         raise InvalidRequest(
             f"Parameter 'opaque' is {len(args.opaque)} characters long: at most "
             f"{MAX_OPAQUE_CHARS}"
         )
-    fdset_id, number = ctx.services.fdsets.add_fd(fd, args.fdset_id, args.opaque)
+    # In a thread: a refused fd is closed, and the close of a client's file on a FUSE mount
+    # of theirs waits for its FLUSH, which they may never answer (on the event loop, it
+    # froze the daemon; red-team, session 17).
+    fdset_id, number = await blocking.to_thread(
+        ctx.services.fdsets.add_fd, fd, args.fdset_id, args.opaque
+    )
     record_fd(ctx, fdset_id, number)
     return AddfdInfo(fdset_id=fdset_id, fd=number)
 
