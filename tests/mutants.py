@@ -746,7 +746,7 @@ MUTANTS = [
     Mutant(
         "save-into-a-file-others-may-read",
         "migd/migration/engine.py",
-        "            target.refuse_shared()\n",
+        "            await blocking.to_thread(target.refuse_shared)\n",
         "",
         ("tests/test_file_ownership.py::"
          "test_an_existing_save_file_readable_by_others_is_refused",),
@@ -754,7 +754,7 @@ MUTANTS = [
     Mutant(
         "restore-into-memory-others-may-read",
         "migd/migration/engine.py",
-        "                _refuse_readable_memory(backend)\n",
+        "                await blocking.to_thread(_refuse_readable_memory, backend)\n",
         "                pass\n",
         ("tests/test_restore_private_memory.py::"
          "test_a_restore_into_a_memory_file_others_may_read_is_refused",),
@@ -1322,6 +1322,14 @@ MUTANTS = [
         "        os.close(fd)\n",
         ("tests/test_faults.py::test_a_refused_add_fd_of_a_file_whose_close_waits_does_not_hold"
          "_the_daemon[opaque-too-long]",),
+    ),
+    Mutant(
+        "a-saves-file-stat-on-the-event-loop",
+        "migd/migration/engine.py",
+        "            identity = await blocking.to_thread(_file_identity, main_fd)\n",
+        "            identity = _file_identity(main_fd)\n",
+        ("tests/test_faults.py::"
+         "test_whichever_stat_of_a_saves_file_waits_the_daemon_answers_others",),
     ),
 ]  # fmt: skip
 

@@ -953,3 +953,85 @@ def test_a_refused_add_fd_of_a_file_whose_close_waits_does_not_hold_the_daemon(
         daemon.stop()
         with contextlib.suppress(StopIteration):
             next(fs_iter)
+
+
+class GetattrHoldFS(FaultFS):
+    """FaultFS whose `hold_at`-th GETATTR of a file (counted from when it is set; an
+    fstat of a file here asks the server each time: nothing is cached) waits until
+    `release`: a FUSE or NFS server that stops answering in the middle of a job's start."""
+
+    def __init__(self, backing: Path, mountpoint: Path) -> None:
+        super().__init__(backing, mountpoint)
+        self.hold_at: int | None = None
+        self.getattrs = 0
+        self.held = threading.Event()
+        self.release = threading.Event()
+
+    def _handle(self, op: int, node: int, body: memoryview) -> bytes:
+        if op == F_GETATTR and node != 1 and self.hold_at is not None:
+            self.getattrs += 1
+            if self.getattrs == self.hold_at:
+                self.held.set()
+                self.release.wait(60)  # bounded: a failing test must not hang the mount
+        return super()._handle(op, node, body)
+
+
+def test_whichever_stat_of_a_saves_file_waits_the_daemon_answers_others(short_dir, shm):
+    """Each GETATTR a save of a file on a FUSE mount makes, held in turn (the 1st, the
+    2nd, ... until a save makes no more): meanwhile other clients are answered. Before,
+    the start's fstat of its file (the conflict check by device and inode) ran on the
+    event loop, and a server that did not answer froze every client; each save
+    completes once the filesystem answers."""
+    fs_iter = mounted_fuse(short_dir, "slow", GetattrHoldFS)
+    fs = next(fs_iter)
+    daemon = start_daemon(short_dir / "qmp.sock")
+    try:
+        fill_random(shm / "ram0", MiB, seed=8)
+        client = RawClient(daemon.socket_path, timeout=90).negotiate()
+        client.ok("object-add", {"qom-type": "memory-backend-file", "id": "ram0",
+                                 "size": MiB, "mem-path": str(shm / "ram0")})  # fmt: skip
+        # Bounds on "at all": a frozen daemon answers neither.
+        poller = RawClient(daemon.socket_path, timeout=30).negotiate()
+        other = RawClient(daemon.socket_path, timeout=30).negotiate()
+        held_at: list[int] = []
+        for at in range(1, 100):
+            fs.held.clear()
+            fs.release.clear()
+            fs.getattrs, fs.hold_at = 0, at
+            job_id = f"s{at}"
+            client.send({"execute": "memory-save", "arguments": {
+                "job-id": job_id, "uri": f"file:{fs.mountpoint / (job_id + '.img')}"}})  # fmt: skip
+            deadline = time.monotonic() + 30
+            while not fs.held.is_set():
+                jobs = {j["id"]: j for j in poller.ok("query-jobs")}
+                if jobs.get(job_id, {}).get("status") == "concluded":
+                    break  # this save made fewer than `at` GETATTRs
+                assert time.monotonic() < deadline, jobs
+                time.sleep(0.01)
+            if fs.held.is_set():
+                held_at.append(at)
+                assert "return" in other.execute("query-version")
+                assert "return" in poller.execute("query-jobs")
+            fs.release.set()
+            assert client.recv_reply() == {"return": {}}
+            job = poll_jobs_concluded(poller, job_id)
+            assert "error" not in job, job
+            poller.ok("job-dismiss", {"id": job_id})
+            if not held_at or held_at[-1] != at:
+                break
+        assert len(held_at) >= 2, held_at  # a save stats its file more than once
+    finally:
+        fs.release.set()
+        daemon.stop()
+        with contextlib.suppress(StopIteration):
+            next(fs_iter)
+
+
+def poll_jobs_concluded(client: RawClient, job_id: str) -> dict:
+    deadline = time.monotonic() + 60
+    while True:
+        jobs = {j["id"]: j for j in client.ok("query-jobs")}
+        if jobs[job_id]["status"] == "concluded":
+            return jobs[job_id]
+        assert time.monotonic() < deadline, jobs
+        time.sleep(0.01)

@@ -169,6 +169,12 @@ async def _wait_step(step: blocking.Step) -> Any:
         step.forget()
 
 
+def _file_identity(fd: int) -> tuple[int, int]:
+    """(st_dev, st_ino) of a job's file. Blocking: on FUSE or NFS an fstat asks the server."""
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
 def _reopen_for_reading(fd: int) -> int | None:
     """The file of a save's (write-only) main fd opened again for reading, or None where
     it cannot be (then the checksums are read from memory, as before)."""
@@ -482,9 +488,12 @@ class MigrationEngine:
         main_fd = await blocking.to_thread(target.open_main, self.openers, direction, peer_uid)
         previous: update.Previous | None = None
         try:
-            target.refuse_shared()
-            identity = self._refuse_file_conflicts(
-                main_fd, target.name, "save", "a save to it would overwrite that memory"
+            # Threads': an fstat of a file on FUSE or NFS asks its server, which may not
+            # answer (on the loop, that froze the daemon; red-team, session 17).
+            await blocking.to_thread(target.refuse_shared)
+            identity = await blocking.to_thread(_file_identity, main_fd)
+            self._refuse_file_conflicts(
+                identity, target.name, "save", "a save to it would overwrite that memory"
             )
             await blocking.to_thread(self._hold_file, target, main_fd, target.name, "save")
             if updates:
@@ -493,7 +502,7 @@ class MigrationEngine:
             # meanwhile: both checks again, with no await between them and the job's launch.
             _refuse_changed_backends(backends, admit())
             self._refuse_file_conflicts(
-                main_fd, target.name, "save", "a save to it would overwrite that memory"
+                identity, target.name, "save", "a save to it would overwrite that memory"
             )
             for backend, begun in zip(backends, restores_begun, strict=True):
                 if backend.restores_begun != begun:  # it may have ended partial since
@@ -545,8 +554,9 @@ class MigrationEngine:
         candidates = admit()
         main_fd = await blocking.to_thread(target.open_main, self.openers, "restore", peer_uid)
         try:
-            identity = self._refuse_file_conflicts(
-                main_fd,
+            identity = await blocking.to_thread(_file_identity, main_fd)  # as a save's
+            self._refuse_file_conflicts(
+                identity,
                 target.name,
                 "restore",
                 "a restore would overwrite the save while reading it",
@@ -556,8 +566,8 @@ class MigrationEngine:
                 restore.parse, main_fd, target, job_id is not None or self.caps.mapped_ram
             )
             matched, skipped = plan.match_blocks(candidates, parsed, target, skip_unmatched)
-            for _, backend in matched:
-                _refuse_readable_memory(backend)
+            for _, backend in matched:  # an fstat each: a thread's, as _file_identity
+                await blocking.to_thread(_refuse_readable_memory, backend)
             table = None
             if verify != "off":
                 table = await blocking.to_thread(restore.read_checksums, main_fd, target, parsed)
@@ -567,7 +577,7 @@ class MigrationEngine:
             _refuse_changed_backends(candidates, admit())
             self._check_backends_free([b for _, b in matched])
             self._refuse_file_conflicts(
-                main_fd,
+                identity,
                 target.name,
                 "restore",
                 "a restore would overwrite the save while reading it",
@@ -600,14 +610,12 @@ class MigrationEngine:
             job.id, job.migration, job.auto_dismiss = job_id, False, auto_dismiss
 
     def _refuse_file_conflicts(
-        self, fd: int, path: str, direction: str, consequence: str
-    ) -> tuple[int, int]:
-        """Refuse a job whose file is a memory backend's own file, by device and inode:
-        the save would truncate the memory it reads, the restore overwrite the file it
-        reads from, each reporting success; or the file of a running job when either of
-        them writes it. -> the file's (device, inode)."""
-        st = os.fstat(fd)
-        identity = (st.st_dev, st.st_ino)
+        self, identity: tuple[int, int], path: str, direction: str, consequence: str
+    ) -> None:
+        """Refuse a job whose file (`identity`: its device and inode) is a memory
+        backend's own file: the save would truncate the memory it reads, the restore
+        overwrite the file it reads from, each reporting success; or the file of a
+        running job when either of them writes it."""
         for backend in self.memory:
             if backend.file_identity() == identity:
                 named = backend.file_name if backend.file_name not in (None, path) else None
@@ -626,7 +634,6 @@ class MigrationEngine:
                     f"'{path}' is the file of job '{job.id}' ({job.direction} of "
                     f"'{job.target.name}'): two jobs cannot use one file while either writes it"
                 )
-        return identity
 
     @staticmethod
     def _hold_file(target: Target, fd: int, path: str, direction: str) -> None:
