@@ -1329,7 +1329,7 @@ MUTANTS = [
         "            identity = await blocking.to_thread(_file_identity, main_fd)\n",
         "            identity = _file_identity(main_fd)\n",
         ("tests/test_faults.py::"
-         "test_whichever_stat_of_a_saves_file_waits_the_daemon_answers_others",),
+         "test_whichever_stat_of_a_jobs_file_waits_the_daemon_answers_others[memory-save]",),
     ),
 ]  # fmt: skip
 

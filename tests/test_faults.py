@@ -976,12 +976,15 @@ class GetattrHoldFS(FaultFS):
         return super()._handle(op, node, body)
 
 
-def test_whichever_stat_of_a_saves_file_waits_the_daemon_answers_others(short_dir, shm):
-    """Each GETATTR a save of a file on a FUSE mount makes, held in turn (the 1st, the
-    2nd, ... until a save makes no more): meanwhile other clients are answered. Before,
-    the start's fstat of its file (the conflict check by device and inode) ran on the
-    event loop, and a server that did not answer froze every client; each save
-    completes once the filesystem answers."""
+@pytest.mark.parametrize("command", ["memory-save", "memory-restore"])
+def test_whichever_stat_of_a_jobs_file_waits_the_daemon_answers_others(
+    short_dir, shm, command
+):
+    """Each GETATTR a save (or a restore) of a file on a FUSE mount makes, held in turn
+    (the 1st, the 2nd, ... until a job makes no more): meanwhile other clients are
+    answered. Before, the start's fstat of its file (the conflict check by device and
+    inode) ran on the event loop, and a server that did not answer froze every client;
+    each job completes once the filesystem answers."""
     fs_iter = mounted_fuse(short_dir, "slow", GetattrHoldFS)
     fs = next(fs_iter)
     daemon = start_daemon(short_dir / "qmp.sock")
@@ -993,14 +996,19 @@ def test_whichever_stat_of_a_saves_file_waits_the_daemon_answers_others(short_di
         # Bounds on "at all": a frozen daemon answers neither.
         poller = RawClient(daemon.socket_path, timeout=30).negotiate()
         other = RawClient(daemon.socket_path, timeout=30).negotiate()
+        saved = fs.mountpoint / "saved.img"
+        if command == "memory-restore":
+            client.ok("memory-save", {"job-id": "first", "uri": f"file:{saved}"})
+            assert "error" not in poll_jobs_concluded(poller, "first")
         held_at: list[int] = []
         for at in range(1, 100):
             fs.held.clear()
             fs.release.clear()
             fs.getattrs, fs.hold_at = 0, at
             job_id = f"s{at}"
-            client.send({"execute": "memory-save", "arguments": {
-                "job-id": job_id, "uri": f"file:{fs.mountpoint / (job_id + '.img')}"}})  # fmt: skip
+            path = saved if command == "memory-restore" else fs.mountpoint / f"{job_id}.img"
+            client.send({"execute": command, "arguments": {
+                "job-id": job_id, "uri": f"file:{path}"}})  # fmt: skip
             deadline = time.monotonic() + 30
             while not fs.held.is_set():
                 jobs = {j["id"]: j for j in poller.ok("query-jobs")}
@@ -1019,7 +1027,7 @@ def test_whichever_stat_of_a_saves_file_waits_the_daemon_answers_others(short_di
             poller.ok("job-dismiss", {"id": job_id})
             if not held_at or held_at[-1] != at:
                 break
-        assert len(held_at) >= 2, held_at  # a save stats its file more than once
+        assert len(held_at) >= 2, held_at  # a job stats its file more than once
     finally:
         fs.release.set()
         daemon.stop()
