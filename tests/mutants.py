@@ -1212,8 +1212,8 @@ MUTANTS = [
     Mutant(
         "memory-file-not-held-against-other-processes",
         "migd/migration/engine.py",
-        "and hold_for_job(backend.fd, writes) is False:\n",
-        "and False:\n",
+        "            if refusal is None and hold_for_job(fd, writes) is False:\n",
+        "            if False:\n",
         ("tests/test_file_identity.py::"
          "test_two_migd_processes_never_run_jobs_on_one_memory_file_that_either_writes",),
     ),
@@ -1237,7 +1237,7 @@ MUTANTS = [
         "job-holds-its-files-past-its-announced-end",
         "migd/migration/engine.py",
         "        await job_cleanup_thread(job.target.close)\n"
-        "        self._release_memory(job.backends)\n"
+        "        await job_cleanup_thread(_close_all, job.memory_holds)\n"
         "        self._set_status(job, status)\n",
         "        self._set_status(job, status)\n",
         ("tests/test_file_identity.py::"
@@ -1330,6 +1330,15 @@ MUTANTS = [
         "            identity = _file_identity(main_fd)\n",
         ("tests/test_faults.py::"
          "test_whichever_stat_of_a_jobs_file_waits_the_daemon_answers_others[memory-save]",),
+    ),
+    Mutant(
+        "memory-file-holds-on-the-event-loop",
+        "migd/migration/engine.py",
+        "            holds, refusal = await blocking.to_thread("
+        "_hold_memory_files, backends, \"save\")\n",
+        "            holds, refusal = _hold_memory_files(backends, \"save\")\n",
+        ("tests/test_faults.py::"
+         "test_a_memory_files_lock_server_that_stops_answering_does_not_hold_the_daemon",),
     ),
 ]  # fmt: skip
 

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import fcntl
 import gc
 import hashlib
 import json
@@ -1043,3 +1044,64 @@ def poll_jobs_concluded(client: RawClient, job_id: str) -> dict:
             return jobs[job_id]
         assert time.monotonic() < deadline, jobs
         time.sleep(0.01)
+
+
+F_GETLK, F_SETLK, F_SETLKW = 31, 32, 33
+_FUSE_POSIX_LOCKS = 1 << 1
+
+
+class LockHoldFS(FaultFS):
+    """FaultFS that handles locks itself (FUSE_POSIX_LOCKS: the kernel then sends it every
+    lock request, open-file-description ones too) and, once `armed`, holds a SETLK until
+    `release`: a lock server that stops answering, as a hung NFS server's."""
+
+    def __init__(self, backing: Path, mountpoint: Path) -> None:
+        super().__init__(backing, mountpoint)
+        self.armed = False
+        self.held = threading.Event()
+        self.release = threading.Event()
+
+    def _handle(self, op: int, node: int, body: memoryview) -> bytes:
+        if op == F_INIT:
+            fields = list(_INIT_OUT.unpack(super()._handle(op, node, body)))
+            fields[3] |= _FUSE_POSIX_LOCKS
+            return _INIT_OUT.pack(*fields)
+        if op == F_GETLK:
+            return struct.pack("<QQII", 0, 0, fcntl.F_UNLCK, 0)  # nothing in the way
+        if op in (F_SETLK, F_SETLKW):
+            if self.armed:
+                self.held.set()
+                self.release.wait(60)  # bounded: a failing test must not hang the mount
+            return b""  # granted: this server keeps no locks
+        return super()._handle(op, node, body)
+
+
+def test_a_memory_files_lock_server_that_stops_answering_does_not_hold_the_daemon(
+    short_dir, shm
+):
+    """A job's hold on its backends' memory files (an OFD lock, which a FUSE server that
+    handles locks, or NFS's, is asked for) waits for that server: taken on the event loop
+    through the backends' own fds, it froze every client until the server answered; now
+    through opens of the job's own in a worker thread, and the save completes after."""
+    fs_iter = mounted_fuse(short_dir, "locks", LockHoldFS)
+    fs = next(fs_iter)
+    daemon = start_daemon(short_dir / "qmp.sock")
+    try:
+        client = RawClient(daemon.socket_path, timeout=90).negotiate()
+        client.ok("object-add", {
+            "qom-type": "memory-backend-file", "id": "ram0", "size": MiB,
+            "mem-path": str(fs.mountpoint / "ram0"), "share": True})  # fmt: skip
+        other = RawClient(daemon.socket_path, timeout=30).negotiate()  # bound on "at all"
+        fs.armed = True
+        client.send({"execute": "memory-save", "arguments": {
+            "job-id": "s", "uri": f"file:{shm / 's.img'}"}})  # fmt: skip
+        assert fs.held.wait(30), "the save asked the filesystem for no lock"
+        assert "return" in other.execute("query-version")
+        fs.release.set()
+        assert client.recv_reply() == {"return": {}}
+        assert "error" not in poll_jobs_concluded(other, "s")
+    finally:
+        fs.release.set()
+        daemon.stop()
+        with contextlib.suppress(StopIteration):
+            next(fs_iter)

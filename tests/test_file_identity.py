@@ -678,9 +678,9 @@ def test_two_migd_processes_never_run_jobs_on_one_memory_file_that_either_writes
         b.ok("memory-save", {"job-id": "s", "uri": f"file:{short_dir}/g.sav", **slow})
         reply = a.execute("memory-restore", {"job-id": "r", "uri": f"file:{image}"})
         in_use = (
-            f"Memory backend 'ram0' file '{memory}' is in use by a job of another migd "
-            "process that reads or writes it: two jobs cannot use one file while either "
-            "writes it"
+            f"Memory backend 'ram0' file '{memory}' is in use by a job that reads or "
+            "writes it (another migd process's, or one of this migd's that is starting): "
+            "two jobs cannot use one file while either writes it"
         )
         assert reply["error"]["desc"] == in_use
         assert [j["id"] for j in a.ok("query-jobs")] == ["s"]

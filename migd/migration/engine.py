@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import dataclasses
+import fcntl
 import logging
 import os
 import re
@@ -40,7 +41,6 @@ from ..state.paths import (
     hold_for_job,
     mapped_as_memory,
     plain_open,
-    release_job_hold,
 )
 from . import plan, settings
 from .job import (
@@ -167,6 +167,52 @@ async def _wait_step(step: blocking.Step) -> Any:
         # a GC pass (object-del could not unmap at once; test_faults).
         del future
         step.forget()
+
+
+def _hold_memory_files(
+    backends: Sequence[MemoryBackend], direction: str
+) -> tuple[list[int], str | None]:
+    """Each backend's hold on its memory file for the job (a restore writes it, a save
+    reads it), through an open of the file of the job's own, closed at the job's end: what
+    refuses a job of another migd process on that file. -> (the fds holding, the refusal
+    if another open file description holds a conflicting hold), the refusal raised by the
+    caller after its own checks, whose texts name this migd's jobs.
+
+    Blocking, in a worker thread: on NFS, or a FUSE mount whose server handles locks
+    (FUSE_POSIX_LOCKS), the kernel sends every lock request to the server, and one that
+    did not answer stalled the daemon while these were taken on the event loop through the
+    backends' own fds (red-team, session 17). An open of the job's own makes each job's
+    hold its own: a refused start's close drops its holds only, never another job's."""
+    writes = direction == "restore"
+    fds: list[int] = []
+    refusal = None
+    try:
+        for backend in backends:
+            if backend.fd is None:
+                continue
+            access = fcntl.fcntl(backend.fd, fcntl.F_GETFL) & os.O_ACCMODE
+            try:
+                fd = os.open(f"/proc/self/fd/{backend.fd}", access | os.O_CLOEXEC)
+            except OSError:
+                continue  # nothing known, as where the filesystem has no such locks
+            fds.append(fd)
+            if refusal is None and hold_for_job(fd, writes) is False:
+                refusal = (
+                    f"Memory backend '{backend.id}' file '{backend.file_name}' is in use by "
+                    f"a job that {'reads or writes' if writes else 'writes'} it (another migd "
+                    "process's, or one of this migd's that is starting): two jobs cannot use "
+                    "one file while either writes it"
+                )
+    except BaseException:
+        _close_all(fds)
+        raise
+    return fds, refusal
+
+
+def _close_all(fds: list[int]) -> None:
+    """Close fds (a job's holds on its memory files) and empty the list."""
+    while fds:
+        close_quietly(fds.pop())
 
 
 def _file_identity(fd: int) -> tuple[int, int]:
@@ -487,6 +533,7 @@ class MigrationEngine:
         # In a worker thread: a file on a hung or slow filesystem must not stop the loop.
         main_fd = await blocking.to_thread(target.open_main, self.openers, direction, peer_uid)
         previous: update.Previous | None = None
+        holds: list[int] = []
         try:
             # Threads': an fstat of a file on FUSE or NFS asks its server, which may not
             # answer (on the loop, that froze the daemon; red-team, session 17).
@@ -496,6 +543,7 @@ class MigrationEngine:
                 identity, target.name, "save", "a save to it would overwrite that memory"
             )
             await blocking.to_thread(self._hold_file, target, main_fd, target.name, "save")
+            holds, refusal = await blocking.to_thread(_hold_memory_files, backends, "save")
             if updates:
                 previous = await blocking.to_thread(update.read_previous, job, layout, main_fd)
             # Another request may have started a job (or added or deleted a backend)
@@ -510,10 +558,13 @@ class MigrationEngine:
                         f"Memory backend '{backend.id}' was restored into while this save "
                         "started: try again"
                     )
-            self._hold_memory(backends, "save")
+            if refusal is not None:
+                raise MigrationError(refusal)
         except BaseException:
             await job_cleanup_thread(target.discard)  # a close may wait (FUSE, NFS)
+            await job_cleanup_thread(_close_all, holds)
             raise
+        job.memory_holds = holds
         job.settings = job_settings if job_settings is not None else self.migration_settings()
         self._identify(job, job_id, auto_dismiss, identity)
         job.expected_downtime = self.params.downtime_limit
@@ -553,6 +604,7 @@ class MigrationEngine:
 
         candidates = admit()
         main_fd = await blocking.to_thread(target.open_main, self.openers, "restore", peer_uid)
+        holds: list[int] = []
         try:
             identity = await blocking.to_thread(_file_identity, main_fd)  # as a save's
             self._refuse_file_conflicts(
@@ -568,6 +620,9 @@ class MigrationEngine:
             matched, skipped = plan.match_blocks(candidates, parsed, target, skip_unmatched)
             for _, backend in matched:  # an fstat each: a thread's, as _file_identity
                 await blocking.to_thread(_refuse_readable_memory, backend)
+            holds, refusal = await blocking.to_thread(
+                _hold_memory_files, [b for _, b in matched], "restore"
+            )
             table = None
             if verify != "off":
                 table = await blocking.to_thread(restore.read_checksums, main_fd, target, parsed)
@@ -582,12 +637,15 @@ class MigrationEngine:
                 "restore",
                 "a restore would overwrite the save while reading it",
             )
-            self._hold_memory([b for _, b in matched], "restore")
+            if refusal is not None:
+                raise MigrationError(refusal)
         except BaseException:
             await job_cleanup_thread(target.discard)  # a close may wait (FUSE, NFS)
+            await job_cleanup_thread(_close_all, holds)
             raise
         backends = [b for _, b in matched]
         job = Job("restore", target, backends, sum(layout.length for layout, _ in matched))
+        job.memory_holds = holds
         chosen = job_settings if job_settings is not None else self.migration_settings()
         job.settings = dataclasses.replace(chosen, read_cached=read_cached)
         self._identify(job, job_id, auto_dismiss, identity)
@@ -652,49 +710,6 @@ class MigrationEngine:
                 f"'{path}' is the memory file of a memory backend of another migd process: "
                 "a save to it would overwrite that memory"
             )
-
-    @staticmethod
-    def _hold_memory(backends: Sequence[MemoryBackend], direction: str) -> None:
-        """Each backend's hold on its memory file for the job (a restore writes it, a save
-        reads it), dropped at the job's end: what refuses a job of another migd process on
-        that file. Called with no await after the checks that no job of this migd uses
-        these backends, and a backend's fd is this migd's one open of its file, so a
-        conflict is another process's (an explicit unlock would drop a hold of this
-        migd's taken through the same fd).
-
-        On the event loop, though fcntl may block on NFS: there a lock request, F_OFD_SETLK
-        without waiting too, is an RPC to the server (NLM, or NFSv4 LOCK/LOCKT) unless the
-        mount says `nolock` / `local_lock=posix`, and on a hard mount whose server hangs
-        it waits (killable) until the server answers, stalling the daemon. Not moved to a
-        thread, because it is what makes the start atomic: the holds go through the
-        backends' own fds, one open file description each, so a hold taken in a thread
-        before the final checks would not conflict with another of this migd's jobs
-        starting on those backends meanwhile, and the refused one's unlock would drop the
-        other's hold; taken after an await following the checks, another request could
-        start a job on the backends in between. Memory files live on tmpfs, hugetlbfs or
-        ramfs (migd maps them as guest RAM), where locks are local and never wait; a
-        memory file on NFS is the case this leaves open (README, Reliability)."""
-        writes = direction == "restore"
-        held: list[MemoryBackend] = []
-        try:
-            for backend in backends:
-                if backend.fd is not None and hold_for_job(backend.fd, writes) is False:
-                    raise MigrationError(
-                        f"Memory backend '{backend.id}' file '{backend.file_name}' is in use "
-                        f"by a job of another migd process that "
-                        f"{'reads or writes' if writes else 'writes'} it: two jobs cannot use "
-                        "one file while either writes it"
-                    )
-                held.append(backend)
-        except BaseException:
-            MigrationEngine._release_memory(held)
-            raise
-
-    @staticmethod
-    def _release_memory(backends: Sequence[MemoryBackend]) -> None:
-        for backend in backends:
-            if backend.fd is not None:
-                release_job_hold(backend.fd)
 
     def refuse_job_file(self, identity: tuple[int, int], path: str) -> None:
         """object-add: refuse a memory file that is the file of a running job (a restore
@@ -761,7 +776,7 @@ class MigrationEngine:
                 job.checksums.release()
             for b in job.backends:
                 b.in_use -= 1
-            self._release_memory(job.backends)  # also for a job that never concluded
+            _close_all(job.memory_holds)  # none left once concluded: a task cut short
             if job.auto_dismiss:
                 self._dismiss(job)
 
@@ -773,7 +788,7 @@ class MigrationEngine:
         file on a FUSE or NFS mount that stopped answering waits for it (its FLUSH), and
         on the loop that froze every client of the daemon (red-team, session 17)."""
         await job_cleanup_thread(job.target.close)
-        self._release_memory(job.backends)
+        await job_cleanup_thread(_close_all, job.memory_holds)
         self._set_status(job, status)
 
     def _dismiss(self, job: Job) -> None:

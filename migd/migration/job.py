@@ -125,6 +125,8 @@ class Job:
     auto_dismiss: bool = True  # leaves query-jobs once concluded, without job-dismiss
     # Its steps submitted to a worker thread (engine.job_thread): a cancel drops queued ones.
     steps: set[Step] = field(default_factory=set)
+    # Its holds on its backends' memory files (engine._hold_memory_files), closed at its end.
+    memory_holds: list[int] = field(default_factory=list)
     owner: int | None = None  # the capped uid that started it (None: root, migd, daemon)
     status: MigrationStatus = MigrationStatus.none
     job_status: JobStatus = JobStatus.undefined

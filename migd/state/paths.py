@@ -410,11 +410,6 @@ def mapped_as_memory(fd: int) -> bool:
     return _conflicts(fd, fcntl.F_WRLCK, MAPPED_BYTE)
 
 
-def release_job_hold(fd: int) -> None:
-    """Drop a job's hold on a file whose fd outlives the job (a memory backend's)."""
-    ofd_lock(fd, fcntl.F_UNLCK, JOB_BYTE)
-
-
 def _claim(fd: int, kind: int) -> bool | None:
     """Take (or change to) the claim lock `kind` (fcntl.F_WRLCK / F_RDLCK) on `fd` ->
     True, False if another request holds a conflicting one, None where the filesystem
