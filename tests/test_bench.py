@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -427,3 +428,62 @@ def _backing_file(device: str) -> str:
     return subprocess.run(
         ["losetup", "-n", "-O", "BACK-FILE", device], capture_output=True, text=True
     ).stdout.strip()
+
+
+def _processes_naming(text: str) -> list[str]:
+    """The command lines of the live processes that name `text` (a test's directory)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue  # it exited
+        if text in argv:
+            found.append(argv)
+    return found
+
+
+def _bench_until(argv: list[str], line: str) -> tuple[subprocess.Popen[str], list[str]]:
+    """`migd bench ARGV` started, and its stderr read until a line containing `line`."""
+    code = "import sys; from migd.app.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "bench", *argv],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    seen: list[str] = []
+    for text in proc.stderr:
+        seen.append(text)
+        if line in text:
+            return proc, seen
+    proc.wait()
+    raise AssertionError(f"no {line!r} in its output:\n{''.join(seen)}")
+
+
+@requires_qemu
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_bench_vm_interrupted_leaves_nothing(sig: signal.Signals) -> None:
+    """`migd bench --vm` signalled once its first round has begun: its migd daemon, the
+    QEMU it was starting, the socket directory and the guest's memory file are all gone,
+    and it says so (before: SIGTERM and SIGHUP killed the bench outright and left them
+    all; once it unwound, a QEMU still starting was left running)."""
+    work = Path(tempfile.mkdtemp(prefix="mb-", dir="/tmp"))  # short: QEMU's socket paths
+    try:
+        (work / "d").mkdir()
+        (work / "m").mkdir()
+        proc, _ = _bench_until(
+            ["--vm", "--vm-sizes-gib", "0.015625", "--runs", "1", "--channels", "1",
+             "--dir", str(work / "d"), "--memory-dir", str(work / "m")],
+            "vm round 1/1",
+        )  # fmt: skip
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode in (128 + sig, 130), err
+        assert "interrupted" in err and "Traceback" not in err, err
+        assert list((work / "d").iterdir()) == [] and list((work / "m").iterdir()) == []
+        assert _processes_naming(str(work)) == []
+    finally:
+        for argv in _processes_naming(str(work)):
+            print("left running:", argv)
+        shutil.rmtree(work, ignore_errors=True)
