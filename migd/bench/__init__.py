@@ -98,6 +98,7 @@ from .common import (
     floats_in,
     int_in,
     log,
+    signals_deferred,
 )
 from .fastdisk import FastDisk
 from .processes import Cleanup
@@ -394,9 +395,10 @@ def run_suite(args: argparse.Namespace) -> int:
         log("interrupted")
         code = 130
     finally:
-        cleanup.close()
-        if fast is not None:
-            fast.close()  # after cleanup: its directories live on the fast disk
+        with signals_deferred():
+            cleanup.close()
+            if fast is not None:
+                fast.close()  # after cleanup: its directories live on the fast disk
         if bench is not None and bench.measured():
             bench.finished = time.time()
             bench.loadavg_end = os.getloadavg()[0]
