@@ -18,7 +18,7 @@ from migd.io.target import parse_uri
 from migd.tools.client import parse_offset, parse_size, probe_direct_io
 from migd.tools.inspect import inspect_file
 
-from .conftest import RawClient, fill_random
+from .conftest import RawClient, fill_random, start_daemon
 
 MiB = 1 << 20
 SUMMARY = re.compile(r"^(save|restore) completed: .* in [\d.]+ s, [\d.]+ GiB/s ", re.MULTILINE)
@@ -480,3 +480,34 @@ def test_a_server_that_goes_silent_is_given_up_on(short_dir, monkeypatch, capsys
     assert code in (1, 2) and "within 3 s" in err, err
     expected = "does not speak QMP" if silent_after == "greeting" else "migd did not answer"
     assert expected in err, err
+
+
+@pytest.mark.parametrize("as_job", [False, True], ids=["migrate", "job"])
+def test_the_daemon_killed_during_a_save_is_said_plainly_and_exits_1(shm, short_dir, as_job):
+    """migd SIGKILLed while `migd save` follows its save: exit 1 and "lost the connection
+    to migd: migd closed it (it stopped or was killed)", with no cleanup call attempted
+    on the dead connection (before: qemu.qmp's "QMPClient is disconnecting. Call
+    disconnect() to return to IDLE state." and a warning that object-del failed)."""
+    fill_random(shm / "src", 64 * MiB)
+    sock = short_dir / "m.sock"
+    daemon = start_daemon(sock).proc
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "migd", "save", str(short_dir / "c.img"), "--socket",
+             str(sock), "--mem-path", str(shm / "src"), "--max-bandwidth", "4M",
+             *(["--job-id", "j1"] if as_job else [])],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert proc.stderr is not None
+        first = proc.stderr.readline()  # its first progress line: the save runs
+        assert first.startswith("save "), first
+        daemon.kill()
+        daemon.wait()
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+    assert proc.returncode == 1, err
+    assert "lost the connection to migd: migd closed it (it stopped or was killed)" in err, err
+    assert "QMPClient" not in err and "warning" not in err and "Traceback" not in err, err
