@@ -6,8 +6,10 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -511,3 +513,35 @@ def test_the_daemon_killed_during_a_save_is_said_plainly_and_exits_1(shm, short_
     assert proc.returncode == 1, err
     assert "lost the connection to migd: migd closed it (it stopped or was killed)" in err, err
     assert "QMPClient" not in err and "warning" not in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("command", ["jobs", "status", "save"])
+def test_a_listener_that_greets_with_garbage_is_named_not_taken_for_a_missing_daemon(
+    short_dir, command
+):
+    """Another program on the socket answering bytes that are not a QMP greeting: exit 2,
+    "answered, but not as migd's QMP server does" (before: "cannot connect to migd ...:
+    'utf-16-be' codec can't decode byte 0x0a ... is the daemon running? start it")."""
+    path = short_dir / "g.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.sendall(b"\x00\xffnot json\n")
+            conn.recv(100)  # until the client hangs up
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        extra = [short_dir / "x.img", "--size", "1M", "--mem-path", short_dir / "m"]
+        proc = migd(command, *(extra if command == "save" else []), "--socket", path)
+    finally:
+        listener.close()
+    server.join(30)
+    assert proc.returncode == 2, proc.stderr
+    assert f"{path} answered, but not as migd's QMP server does: " in proc.stderr, proc.stderr
+    assert "is the daemon running" not in proc.stderr and "Traceback" not in proc.stderr
+    assert not (short_dir / "x.img").exists()

@@ -158,6 +158,13 @@ async def connect(
         reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause)
         if failure is not None:
             raise UsageError(f"{failure}: {reason}") from None
+        if not isinstance(cause, OSError):
+            # Something listens there and answered, but not with a QMP greeting: "is the
+            # daemon running? start it" (and a codec's error text alone) misled.
+            raise UsageError(
+                f"{socket_path} answered, but not as migd's QMP server does: {reason} "
+                "(another program listens on it?)"
+            ) from None
         raise UsageError(
             f"cannot connect to migd at {socket_path}: {reason}\n"
             f"is the daemon running? start it with: migd serve --socket {socket_path}"
