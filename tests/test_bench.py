@@ -5,11 +5,14 @@ The real run (4 GiB, 3 rounds, 20+ minutes) is never a test: see README.md.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.util
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -427,3 +430,167 @@ def _backing_file(device: str) -> str:
     return subprocess.run(
         ["losetup", "-n", "-O", "BACK-FILE", device], capture_output=True, text=True
     ).stdout.strip()
+
+
+def _processes_naming(text: str) -> list[str]:
+    """The command lines of the live processes that name `text` (a test's directory)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue  # it exited
+        if text in argv:
+            found.append(argv)
+    return found
+
+
+def _bench_until(argv: list[str], line: str) -> tuple[subprocess.Popen[str], list[str]]:
+    """`migd bench ARGV` started, and its stderr read until a line containing `line`."""
+    code = "import sys; from migd.app.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "bench", *argv],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    seen: list[str] = []
+    for text in proc.stderr:
+        seen.append(text)
+        if line in text:
+            return proc, seen
+    proc.wait()
+    raise AssertionError(f"no {line!r} in its output:\n{''.join(seen)}")
+
+
+@requires_qemu
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_bench_vm_interrupted_leaves_nothing(sig: signal.Signals) -> None:
+    """`migd bench --vm` signalled once its first round has begun: its migd daemon, the
+    QEMU it was starting, the socket directory and the guest's memory file are all gone,
+    and it says so (before: SIGTERM and SIGHUP killed the bench outright and left them
+    all; once it unwound, a QEMU still starting was left running)."""
+    work = Path(tempfile.mkdtemp(prefix="mb-", dir="/tmp"))  # short: QEMU's socket paths
+    try:
+        (work / "d").mkdir()
+        (work / "m").mkdir()
+        proc, _ = _bench_until(
+            ["--vm", "--vm-sizes-gib", "0.015625", "--runs", "1", "--channels", "1",
+             "--dir", str(work / "d"), "--memory-dir", str(work / "m")],
+            "vm round 1/1",
+        )  # fmt: skip
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode in (128 + sig, 130), err
+        assert "interrupted" in err and "Traceback" not in err, err
+        assert list((work / "d").iterdir()) == [] and list((work / "m").iterdir()) == []
+        assert _processes_naming(str(work)) == []
+    finally:
+        for argv in _processes_naming(str(work)):
+            print("left running:", argv)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _fast_disk_tools(bin_dir: Path, ctl: Path) -> None:
+    """Wrappers of the fast disk's tools in `bin_dir`: each logs its call to ctl/calls
+    (with what it printed), fails if ctl/fail-TOOL exists, and if ctl/hold-TOOL exists
+    writes to the FIFO ctl/reached and waits for the test's flock on ctl/go."""
+    bin_dir.mkdir()
+    os.mkfifo(ctl / "reached")
+    for tool in FAST_DISK_TOOLS:
+        wrapper = bin_dir / tool
+        wrapper.write_text(
+            f"#!/bin/sh\n"
+            f"if [ -e {ctl}/hold-{tool} ]; then\n"
+            f"  echo {tool} > {ctl}/reached; flock {ctl}/go true\nfi\n"
+            f'if [ -e {ctl}/fail-{tool} ]; then echo "planted failure" >&2; exit 32; fi\n'
+            f'out=$({shutil.which(tool)} "$@"); code=$?\n'
+            f'echo "{tool} $* -> $out" >> {ctl}/calls; [ -n "$out" ] && echo "$out"\n'
+            f"exit $code\n"
+        )  # fmt: skip
+        wrapper.chmod(0o755)
+
+
+def _fast_disk_left(ctl: Path, err: str) -> list[str]:
+    """What this bench's fast disk left: its backing file, its mount, its loop device
+    (by the names in its log and its tools' calls: other sessions may build their own)."""
+    left = []
+    for backing in re.findall(r"backing file (/dev/shm/migd-fastdisk-\S+)", err):
+        if Path(backing).exists():
+            left.append(backing)
+    calls = (ctl / "calls").read_text() if (ctl / "calls").exists() else ""
+    for mount in re.findall(r"(/tmp/migd-fastdisk-mnt-\S+)", calls + err):
+        if mount in Path("/proc/mounts").read_text() or Path(mount).exists():
+            left.append(mount)
+    for device in re.findall(r"--show .* -> (/dev/loop\d+)", calls):
+        if "migd-fastdisk-" in _backing_file(device):
+            left.append(device)
+    return sorted(set(left))
+
+
+FAST_DISK_FAULTS = [
+    # (a file planted in ctl, where the first signal goes ("" for none), a second signal
+    # at the umount, the error it says)
+    ("fail-mkfs.ext4", "", "mkfs.ext4 -q -F"),
+    ("fail-mount", "", "mount -o nodiscard"),
+    ("hold-mkfs.ext4", "reached", ""),
+    ("hold-mount", "reached", ""),
+    ("hold-umount", "mounted at", ""),
+]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(os.geteuid() != 0, reason="--fast-disk needs root (loop devices)")
+@pytest.mark.parametrize(("plant", "signal_at", "error"), FAST_DISK_FAULTS)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_bench_fast_disk_failed_or_interrupted_leaves_nothing(
+    tmp_path: Path, plant: str, signal_at: str, error: str, sig: signal.Signals
+) -> None:
+    """`migd bench --fast-disk` whose mkfs or mount fails, or signalled while mkfs or
+    mount runs, or signalled during the bench and again while its teardown unmounts:
+    no backing file in /dev/shm, no mount, no loop device of its own is left, and it says
+    what failed."""
+    ctl = tmp_path / "ctl"
+    ctl.mkdir()
+    _fast_disk_tools(tmp_path / "bin", ctl)
+    (ctl / plant).write_text("")
+    code = "import sys; from migd.app.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "bench", "--fast-disk", "--size-gib", "0.0625",
+         "--runs", "1", "--channels", "1", "--no-qemu"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+        env={**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"},
+    )  # fmt: skip
+    assert proc.stderr is not None
+    seen = []
+    go = os.open(ctl / "go", os.O_WRONLY | os.O_CREAT, 0o600)
+    fcntl.flock(go, fcntl.LOCK_EX)  # a held tool waits until it is closed
+    try:
+        if signal_at == "reached":  # a tool is held: signal the bench while it runs
+            assert (ctl / "reached").read_text().strip() == plant.removeprefix("hold-")
+            proc.send_signal(sig)
+        elif signal_at:  # signal once the disk is up, and again during its umount
+            for text in proc.stderr:
+                seen.append(text)
+                if signal_at in text:
+                    break
+            proc.send_signal(sig)
+            assert (ctl / "reached").read_text().strip() == "umount"
+            proc.send_signal(sig)
+        os.close(go)
+        _, rest = proc.communicate(timeout=240)
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(go)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = "".join(seen) + rest
+    assert _fast_disk_left(ctl, err) == [], err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    if error:
+        assert proc.returncode == 1 and f"error: {error}" in err, err[-3000:]
+        assert "planted failure" in err, err[-3000:]
+    else:
+        assert proc.returncode in (128 + sig, 130), err[-3000:]
+        assert "interrupted" in err, err[-3000:]

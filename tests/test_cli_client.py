@@ -6,8 +6,10 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from migd.io.target import parse_uri
 from migd.tools.client import parse_offset, parse_size, probe_direct_io
 from migd.tools.inspect import inspect_file
 
-from .conftest import RawClient, fill_random
+from .conftest import RawClient, fill_random, start_daemon
 
 MiB = 1 << 20
 SUMMARY = re.compile(r"^(save|restore) completed: .* in [\d.]+ s, [\d.]+ GiB/s ", re.MULTILINE)
@@ -480,3 +482,66 @@ def test_a_server_that_goes_silent_is_given_up_on(short_dir, monkeypatch, capsys
     assert code in (1, 2) and "within 3 s" in err, err
     expected = "does not speak QMP" if silent_after == "greeting" else "migd did not answer"
     assert expected in err, err
+
+
+@pytest.mark.parametrize("as_job", [False, True], ids=["migrate", "job"])
+def test_the_daemon_killed_during_a_save_is_said_plainly_and_exits_1(shm, short_dir, as_job):
+    """migd SIGKILLed while `migd save` follows its save: exit 1 and "lost the connection
+    to migd: migd closed it (it stopped or was killed)", with no cleanup call attempted
+    on the dead connection (before: qemu.qmp's "QMPClient is disconnecting. Call
+    disconnect() to return to IDLE state." and a warning that object-del failed)."""
+    fill_random(shm / "src", 64 * MiB)
+    sock = short_dir / "m.sock"
+    daemon = start_daemon(sock).proc
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "migd", "save", str(short_dir / "c.img"), "--socket",
+             str(sock), "--mem-path", str(shm / "src"), "--max-bandwidth", "4M",
+             *(["--job-id", "j1"] if as_job else [])],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert proc.stderr is not None
+        first = proc.stderr.readline()  # its first progress line: the save runs
+        assert first.startswith("save "), first
+        daemon.kill()
+        daemon.wait()
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+    assert proc.returncode == 1, err
+    assert "lost the connection to migd: migd closed it (it stopped or was killed)" in err, err
+    assert "QMPClient" not in err and "warning" not in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("command", ["jobs", "status", "save"])
+def test_a_listener_that_greets_with_garbage_is_named_not_taken_for_a_missing_daemon(
+    short_dir, command
+):
+    """Another program on the socket answering bytes that are not a QMP greeting: exit 2,
+    "answered, but not as migd's QMP server does" (before: "cannot connect to migd ...:
+    'utf-16-be' codec can't decode byte 0x0a ... is the daemon running? start it")."""
+    path = short_dir / "g.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.sendall(b"\x00\xffnot json\n")
+            conn.recv(100)  # until the client hangs up
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        extra = [short_dir / "x.img", "--size", "1M", "--mem-path", short_dir / "m"]
+        proc = migd(command, *(extra if command == "save" else []), "--socket", path)
+    finally:
+        listener.close()
+    server.join(30)
+    assert proc.returncode == 2, proc.stderr
+    assert f"{path} answered, but not as migd's QMP server does: " in proc.stderr, proc.stderr
+    assert "is the daemon running" not in proc.stderr and "Traceback" not in proc.stderr
+    assert not (short_dir / "x.img").exists()

@@ -533,3 +533,29 @@ def test_sighup_is_logged_and_ignored_not_fatal(short_dir):
     err = d.proc.stderr.read().decode() if d.proc.stderr else ""
     assert "SIGHUP ignored" in err
     assert not (short_dir / "qmp.sock").exists()
+
+
+def test_an_unreachable_notify_socket_is_logged_and_migd_serves(short_dir):
+    """NOTIFY_SOCKET naming nothing (a unit's wrong sandboxing, a stale environment): migd
+    serves and says it could not send READY=1, naming the address (before: sdnotify
+    swallowed the error and nothing was logged)."""
+    sock = short_dir / "qmp.sock"
+    missing = str(short_dir / "no-such-notify-socket")
+    proc = subprocess.Popen(
+        [*SERVE, "--socket", str(sock)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "NOTIFY_SOCKET": missing},
+    )
+    try:
+        wait_for_socket(sock, proc, 15)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    text = err.decode()
+    assert f"cannot send READY=1 to systemd at NOTIFY_SOCKET='{missing}': No such file" in text
+    assert "cannot send STOPPING=1" in text and "Traceback" not in text

@@ -145,15 +145,31 @@ class Daemon:
         self.services = Services(memory, engine, fdsets, paths)
         self.server: Server | None = None
         self._stop: asyncio.Event | None = None
-        self._notifier = sdnotify.SystemdNotifier()
+        self._notifier: sdnotify.SystemdNotifier | None = None  # made at the first notify
         self._own_socket: tuple[int, int] | None = None  # (st_dev, st_ino) of the file we bound
         # Releases of ended scoped sessions still running (held: the loop keeps only weak
         # references to tasks).
         self._releases: set[asyncio.Task[None]] = set()
 
     def notify(self, state: str) -> None:
-        if os.environ.get("NOTIFY_SOCKET"):
+        """sd_notify; a failure is logged (sdnotify's default swallowed it: a Type=notify
+        unit then waited for READY=1 until its start timed out, with no word why)."""
+        address = os.environ.get("NOTIFY_SOCKET")
+        if not address:
+            return
+        try:
+            if self._notifier is None:
+                self._notifier = sdnotify.SystemdNotifier(debug=True)
             self._notifier.notify(state)
+        except OSError as exc:
+            self._notifier = None  # the next notify tries again
+            what = state.splitlines()[0]
+            log.warning(
+                "cannot send %s to systemd at NOTIFY_SOCKET=%r: %s",
+                what,
+                address,
+                exc.strerror or exc,
+            )
 
     def _emit(self, name: str, data: dict[str, Any]) -> None:
         if self.server is not None:

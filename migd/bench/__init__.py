@@ -74,6 +74,7 @@ the same VM).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -97,6 +98,7 @@ from .common import (
     floats_in,
     int_in,
     log,
+    signals_deferred,
 )
 from .fastdisk import FastDisk
 from .processes import Cleanup
@@ -346,11 +348,34 @@ def run(args: argparse.Namespace) -> int:
     if error:
         print(f"migd bench: error: {error}", file=sys.stderr)
         return 2
-    if getattr(args, "concurrency", False):
-        return run_concurrency(args)
-    if getattr(args, "vm", False):
-        return run_vm(args)
+    # SIGTERM and SIGHUP unwind like Ctrl-C, for every section: their default action
+    # killed `--vm` and `--concurrency` outright, leaving their migd daemon, its socket
+    # directory and the guests' memory files (GiB in /dev/shm) behind.
     old = {s: signal.signal(s, _terminate) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        if getattr(args, "concurrency", False):
+            return run_concurrency(args)
+        if getattr(args, "vm", False):
+            return run_vm(args)
+        return run_suite(args)
+    except SystemExit as exc:
+        log(f"interrupted ({_signal_name(exc.code)})")
+        raise
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def _signal_name(code: object) -> str:
+    """SIGTERM for _terminate's exit code 143."""
+    if isinstance(code, int):
+        with contextlib.suppress(ValueError):
+            return signal.Signals(code - 128).name
+    return f"exit {code}"
+
+
+def run_suite(args: argparse.Namespace) -> int:
+    """The main suite (optionally on --fast-disk); the exit code."""
     cleanup = Cleanup()
     bench: Bench | None = None
     fast: FastDisk | None = None
@@ -370,11 +395,10 @@ def run(args: argparse.Namespace) -> int:
         log("interrupted")
         code = 130
     finally:
-        cleanup.close()
-        if fast is not None:
-            fast.close()  # after cleanup: its directories live on the fast disk
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
+        with signals_deferred():
+            cleanup.close()
+            if fast is not None:
+                fast.close()  # after cleanup: its directories live on the fast disk
         if bench is not None and bench.measured():
             bench.finished = time.time()
             bench.loadavg_end = os.getloadavg()[0]

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
 from typing import TypeVar
 
 from ..pages import PAGE_SIZE
@@ -42,6 +45,24 @@ class BenchError(Exception):
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Ctrl-C, SIGTERM and SIGHUP only logged while the bench removes what it made: a
+    second one (an impatient operator, a service manager repeating its SIGTERM) cut the
+    teardown short and left the fast disk mounted on its loop device, its GiB of /dev/shm
+    kept. The bench is stopping already, so they are not acted on afterwards either."""
+
+    def note(signum: int, _frame: FrameType | None) -> None:
+        log(f"{signal.Signals(signum).name}: still removing what the bench made")
+
+    old = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 DEFAULT_QEMU = "qemu-system-x86_64"

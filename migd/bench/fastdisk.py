@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -70,8 +71,14 @@ class FastDisk:
 
     def close(self) -> None:
         if self.mount is not None:
-            with contextlib.suppress(BenchError):
+            try:
                 self._run(["umount", str(self.mount)])
+            except BenchError as exc:
+                # Still in use (a shell's cwd, a process the bench could not stop): detach
+                # it from the tree now; the kernel frees it, and the loop device set to
+                # autoclear below, once the last user lets go.
+                log(f"fast disk: {exc}; unmounting it lazily")
+                self._run_logged(["umount", "--lazy", str(self.mount)])
             with contextlib.suppress(OSError):
                 self.mount.rmdir()
             self.mount = None
@@ -84,8 +91,7 @@ class FastDisk:
         else:
             devices = []
         for device in devices:
-            with contextlib.suppress(BenchError):
-                self._run(["losetup", "-d", device])
+            self._run_logged(["losetup", "-d", device])
         self.device = None
         if self.backing is not None:
             self.backing.unlink(missing_ok=True)
@@ -99,15 +105,28 @@ class FastDisk:
             return [line.split(":", 1)[0] for line in out.splitlines() if line.strip()]
         return []
 
+    @classmethod
+    def _run_logged(cls, argv: list[str]) -> None:
+        """A teardown step: its failure is said, and the teardown goes on."""
+        try:
+            cls._run(argv)
+        except BenchError as exc:
+            log(f"fast disk: {exc}")
+
     @staticmethod
     def _run(argv: list[str]) -> str:
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # Its own process group: a Ctrl-C at the terminal reaches only the bench, which
+        # ends a set-up step's tool itself and does not let it cut the teardown's short.
+        proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, process_group=0
+        )
         try:
             stdout, stderr = proc.communicate()
         except BaseException:
             # A signal (Ctrl-C, the bench's SIGTERM): the tool may still finish its step
             # (attach, mount) before it dies, so wait for it; close() then undoes the step.
-            proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # its group: what it started too
             proc.wait()
             raise
         if proc.returncode != 0:

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import QMPClient
+from qemu.qmp import QMPClient, Runstate
 
 from ..migration.settings import CHANNELS_MAX
 from .common import (
@@ -139,12 +139,15 @@ class Vm:
         await self.cmd("migrate-set-parameters", params)
 
     async def close(self) -> None:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.cmd("quit"), 5)
+        asked = self.qmp.runstate == Runstate.RUNNING  # else QEMU is killed at once below
+        if asked:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.cmd("quit"), 5)
         with contextlib.suppress(Exception):
             await self.qmp.disconnect()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(10)
+        if asked:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(10)
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
@@ -176,8 +179,11 @@ async def one_round(
         path.unlink(missing_ok=True)
     if args.fill == "random":
         fill_memory(saved, row.size, "random", seed)
-    vm = await Vm(work, "a", saved, row.size, args, incoming=False).connect()
+    # Made before the try and connected inside it: a signal during connect() (QEMU
+    # starting) still ends this QEMU (before: it was left running, its memory file kept).
+    vm = Vm(work, "a", saved, row.size, args, incoming=False)
     try:
+        await vm.connect()
         if args.guest:
             await wait_for_guest(work / "a.serial")
         if who == "migd":
@@ -213,8 +219,11 @@ async def one_round(
         fill_memory(saved, row.size, "random", seed + 1000)
         restored = saved
     drop_caches(work, enabled=os.geteuid() == 0)
-    vm = await Vm(work, "b", restored, row.size, args, incoming=True).connect()
+    # Made before the try and connected inside it: a signal during connect() (QEMU
+    # starting) still ends this QEMU (before: it was left running, its memory file kept).
+    vm = Vm(work, "b", restored, row.size, args, incoming=True)
     try:
+        await vm.connect()
         if who.startswith("migd"):
             out = migd_cli(sock, vm, "restore", "--paused", str(image))
             log(f"  migd vm restore: {out['seconds']}")

@@ -71,6 +71,19 @@ def human_bytes(n: float) -> str:
     return f"{int(n)} B"
 
 
+def _lost_text(exc: BaseException) -> str:
+    """Why the connection to migd ended, in an operator's words: qemu.qmp's own text for a
+    peer that went away ("QMPClient is disconnecting. Call disconnect() to return to IDLE
+    state.") is about its API, not about migd."""
+    from qemu.qmp import QMPError
+
+    if isinstance(exc, (EOFError, ConnectionResetError, BrokenPipeError)) or (
+        isinstance(exc, QMPError) and not isinstance(exc, OSError)
+    ):
+        return "migd closed it (it stopped or was killed)"
+    return _error_text(exc)
+
+
 def _error_text(exc: BaseException) -> str:
     from qemu.qmp import ExecuteError
 
@@ -145,6 +158,13 @@ async def connect(
         reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause)
         if failure is not None:
             raise UsageError(f"{failure}: {reason}") from None
+        if not isinstance(cause, OSError):
+            # Something listens there and answered, but not with a QMP greeting: "is the
+            # daemon running? start it" (and a codec's error text alone) misled.
+            raise UsageError(
+                f"{socket_path} answered, but not as migd's QMP server does: {reason} "
+                "(another program listens on it?)"
+            ) from None
         raise UsageError(
             f"cannot connect to migd at {socket_path}: {reason}\n"
             f"is the daemon running? start it with: migd serve --socket {socket_path}"
@@ -185,7 +205,7 @@ async def _execute(client: Any, command: str, arguments: Mapping[str, Any] | Non
     except ExecuteError as exc:
         raise ClientError(f"{command}: {exc.error.error.desc}") from exc
     except (QMPError, OSError, EOFError) as exc:
-        raise ClientError(f"{command}: lost the connection to migd ({_error_text(exc)})") from exc
+        raise ClientError(f"{command}: lost the connection to migd: {_lost_text(exc)}") from exc
 
 
 async def _disconnect(client: Any) -> None:
@@ -206,7 +226,7 @@ async def run_call(socket_path: str, command: str, arguments: dict[str, Any]) ->
     except ExecuteError:
         raise
     except (QMPError, OSError, EOFError) as exc:
-        raise ClientError(f"{command}: lost the connection to migd ({_error_text(exc)})") from exc
+        raise ClientError(f"{command}: lost the connection to migd: {_lost_text(exc)}") from exc
     finally:
         await _disconnect(client)
 
@@ -604,6 +624,8 @@ async def run_migration(
     direction: str, socket_path: str, opts: MigrateOptions, out: TextIO, err: TextIO
 ) -> int:
     """`migd save` / `migd restore`: set up, start, follow to a final state, clean up."""
+    from qemu.qmp import Runstate
+
     assert direction in ("save", "restore")
     opts.file = os.path.abspath(opts.file)  # the daemon has its own working directory
     if opts.as_job and opts.job_id is None:
@@ -648,7 +670,9 @@ async def run_migration(
             finally:
                 progress.close()
     finally:
-        if added and backend is not None:
+        # Once the connection is gone there is no one to ask, and nothing to ask for: migd
+        # deletes a connection's backends as it ends, or its process is gone with them.
+        if added and backend is not None and client.runstate == Runstate.RUNNING:
             try:
                 await _execute(client, "object-del", {"id": backend["id"]})
             except ClientError as exc:

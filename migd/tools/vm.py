@@ -216,7 +216,9 @@ async def qemu_execute(
             return call.result()
         except ClientError as exc:
             raise ClientError(
-                f"QEMU: {exc}".replace("lost the connection to migd", "lost QEMU")
+                f"QEMU: {exc}".replace("lost the connection to migd", "lost QEMU").replace(
+                    "migd closed it", "QEMU closed it"
+                )
             ) from None
     if interrupt is not None and interrupt.is_set():
         raise ClientError(f"QEMU: {command}: interrupted (Ctrl-C or SIGTERM)")
