@@ -1340,6 +1340,40 @@ MUTANTS = [
         ("tests/test_faults.py::"
          "test_a_memory_files_lock_server_that_stops_answering_does_not_hold_the_daemon",),
     ),
+    Mutant(
+        "bench-teardown-cut-short-by-a-second-signal",
+        "migd/bench/__init__.py",
+        "        with signals_deferred():\n",
+        "        if True:\n",
+        ("tests/test_bench.py::test_bench_fast_disk_failed_or_interrupted_leaves_nothing"
+         "[15-hold-umount-mounted at-]",),
+    ),
+    Mutant(
+        "a-failed-sd-notify-is-silent",
+        "migd/app/daemon.py",
+        "sdnotify.SystemdNotifier(debug=True)",
+        "sdnotify.SystemdNotifier(debug=False)",
+        ("tests/test_systemd.py::test_an_unreachable_notify_socket_is_logged_and_migd_serves",),
+    ),
+    Mutant(
+        "migd-killed-said-in-qemu-qmps-words",
+        "migd/tools/client.py",
+        "        return \"migd closed it (it stopped or was killed)\"\n",
+        "        return _error_text(exc)\n",
+        ("tests/test_cli_client.py::"
+         "test_the_daemon_killed_during_a_save_is_said_plainly_and_exits_1[migrate]",),
+    ),
+    Mutant(
+        "bench-vm-killed-by-sigterm",
+        "migd/bench/__init__.py",
+        "        if getattr(args, \"vm\", False):\n            return run_vm(args)\n"
+        "        return run_suite(args)\n",
+        "        if getattr(args, \"vm\", False):\n"
+        "            signal.signal(signal.SIGTERM, signal.SIG_DFL)\n"
+        "            return run_vm(args)\n"
+        "        return run_suite(args)\n",
+        ("tests/test_bench.py::test_bench_vm_interrupted_leaves_nothing[15]",),
+    ),
 ]  # fmt: skip
 
 

@@ -482,13 +482,22 @@ def test_bench_vm_interrupted_leaves_nothing(sig: signal.Signals) -> None:
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)
         assert proc.returncode in (128 + sig, 130), err
-        assert "interrupted" in err and "Traceback" not in err, err
+        assert "interrupted" in err and "Traceback" not in _without_dropped(err), err
         assert list((work / "d").iterdir()) == [] and list((work / "m").iterdir()) == []
         assert _processes_naming(str(work)) == []
     finally:
         for argv in _processes_naming(str(work)):
             print("left running:", argv)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _without_dropped(err: str) -> str:
+    """err without Python's report of the signal's exception raised in a finalizer or a
+    weakref callback ("Exception ignored in ...", its traceback, "SystemExit: 143"): not a
+    crash of the bench, which asks again between rounds (bench/common.raise_if_stopped)."""
+    return re.sub(
+        r"Exception ignored in.*?\n(SystemExit: \d+|KeyboardInterrupt:? ?)\n", "", err, flags=re.S
+    )
 
 
 def _fast_disk_tools(bin_dir: Path, ctl: Path) -> None:

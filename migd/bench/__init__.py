@@ -84,6 +84,7 @@ from pathlib import Path
 from types import FrameType
 
 from ..migration.settings import CHANNELS_MAX
+from ..signals import hand_caught_signals_to
 from .common import (
     DEFAULT_QEMU,
     JOB_MIB_MAX,
@@ -98,6 +99,7 @@ from .common import (
     floats_in,
     int_in,
     log,
+    note_stop,
     signals_deferred,
 )
 from .fastdisk import FastDisk
@@ -294,8 +296,19 @@ def check_arguments(args: argparse.Namespace) -> str | None:
     return None
 
 
+@hand_caught_signals_to
 def _terminate(signum: int, _frame: FrameType | None) -> None:
+    note_stop(signum)  # asked again between rounds, should this exception be dropped
     raise SystemExit(128 + signum)
+
+
+@hand_caught_signals_to
+def _keyboard_interrupt(_signum: int, _frame: FrameType | None) -> None:
+    """Ctrl-C as Python's own handler has it, but a handler of the bench's: an in-process
+    `migd vm` command (bench/vm.py) that caught one hands it on to such a handler when it
+    ends (tools/client._Interrupt), not to Python's default one, which the CLI keeps."""
+    note_stop(_signum)
+    raise KeyboardInterrupt
 
 
 def run_concurrency(args: argparse.Namespace) -> int:
@@ -352,6 +365,7 @@ def run(args: argparse.Namespace) -> int:
     # killed `--vm` and `--concurrency` outright, leaving their migd daemon, its socket
     # directory and the guests' memory files (GiB in /dev/shm) behind.
     old = {s: signal.signal(s, _terminate) for s in (signal.SIGTERM, signal.SIGHUP)}
+    old[signal.SIGINT] = signal.signal(signal.SIGINT, _keyboard_interrupt)
     try:
         if getattr(args, "concurrency", False):
             return run_concurrency(args)

@@ -47,6 +47,25 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+# The stop signal the bench's handlers saw (bench/__init__.py). They raise at once, but
+# a signal that lands in a finalizer or a weakref callback has its exception printed and
+# dropped ("Exception ignored in ..."), and the bench went on to its next round: the
+# rounds ask again (raise_if_stopped).
+_stopped: list[int] = []
+
+
+def note_stop(signum: int) -> None:
+    _stopped.append(signum)
+
+
+def raise_if_stopped() -> None:
+    """Raise what a stop signal the bench saw should have raised (SIGINT: Ctrl-C)."""
+    if _stopped:
+        if _stopped[0] == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + _stopped[0])
+
+
 @contextlib.contextmanager
 def signals_deferred() -> Iterator[None]:
     """Ctrl-C, SIGTERM and SIGHUP only logged while the bench removes what it made: a

@@ -56,6 +56,7 @@ from .common import (
     floats_in,
     int_in,
     log,
+    raise_if_stopped,
 )
 from .disk import drop_caches, python_disk
 from .fill import fill_memory, same_contents
@@ -353,12 +354,14 @@ async def main(argv: list[str] | None = None) -> int:
                     order = ("migd", "migd-live", "qemu")
                     order = order if round_ % 2 == 0 else order[::-1]
                     for who in order:
+                        raise_if_stopped()
                         log(f"vm round {round_ + 1}/{args.runs}: {who}, {row.size / GiB:g} GiB")
                         await one_round(who, row, Path(work), Path(shm), sock, args, round_)
                     write, read = python_disk(Path(work), row.size, lambda: drop_caches(
                         Path(work), enabled=os.geteuid() == 0))  # fmt: skip
                     row.disk_write.append(write)
                     row.disk_read.append(read)
+            raise_if_stopped()  # a stop in the last round's step: not a finished bench
         finally:
             daemon.terminate()
             daemon.wait(30)

@@ -25,6 +25,7 @@ from typing import Any, TextIO
 
 from ..errors import MigrationError
 from ..io.target import parse_offset as parse_uri_offset
+from ..signals import wants_caught_signals
 from ..units import size_bytes
 from .terminal import write_control
 
@@ -544,23 +545,36 @@ class _Interrupt:
     def __init__(self) -> None:
         self.event = asyncio.Event()
         self.count = 0
+        self.received: list[int] = []
         self._loop = asyncio.get_running_loop()
-        self._installed: list[int] = []
+        self._installed: dict[int, Any] = {}  # signal -> its handler before
 
-    def _fire(self) -> None:
+    def _fire(self, sig: int) -> None:
         self.count += 1
+        self.received.append(sig)
         self.event.set()
 
     def __enter__(self) -> _Interrupt:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                self._loop.add_signal_handler(sig, self._fire)
-                self._installed.append(sig)
+                before = signal.getsignal(sig)
+                self._loop.add_signal_handler(sig, self._fire, sig)
+                self._installed[sig] = before
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for sig in self._installed:
+        """The handlers from before put back (asyncio's remove_signal_handler sets the
+        default ones), and a signal caught here handed on to a handler of the caller's
+        own: an in-process caller (`migd bench --vm`) otherwise never saw the SIGTERM
+        that ended the command, and went on to its next round (and a later SIGTERM then
+        killed it outright, its daemon and memory files left behind)."""
+        for sig, before in self._installed.items():
             self._loop.remove_signal_handler(sig)
+            if before is not None:
+                signal.signal(sig, before)
+        for sig in dict.fromkeys(self.received):
+            if wants_caught_signals(self._installed.get(sig)):
+                signal.raise_signal(sig)  # the caller's handler acts now (or raises)
 
 
 async def _follow_until_final(
