@@ -251,6 +251,18 @@ async def qmp(migd_inproc: InProcessDaemon):
     await client.disconnect()
 
 
+def wait_job_concluded(client: RawClient, job_id: str, timeout: float = 60) -> dict[str, Any]:
+    """query-jobs until the job is concluded; its entry (a bounded poll: its event may
+    come before the reply that started it, which RawClient.execute skips)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        jobs = {job["id"]: job for job in client.ok("query-jobs")}
+        if jobs[job_id]["status"] == "concluded":
+            return jobs[job_id]
+        assert time.monotonic() < deadline, jobs[job_id]
+        time.sleep(0.005)
+
+
 async def wait_migration(client: Any, timeout: float = 120.0) -> dict[str, Any]:
     """Poll query-migrate until the job reaches a final state; return its info."""
     import asyncio

@@ -40,6 +40,7 @@ from .conftest import (
     fill_random,
     parse_save,
     wait_for_socket,
+    wait_job_concluded,
     wait_migration,
 )
 
@@ -243,7 +244,7 @@ def restore_traced(
         client.ok(name, args)
     if job:
         client.ok("memory-restore", {"job-id": "r", "uri": f"file:{path}", **(arguments or {})})
-        job_info = _wait_job(client, "r")
+        job_info = wait_job_concluded(client, "r")
         assert "error" not in job_info, job_info
     else:
         client.ok("migrate-incoming", {"uri": f"file:{path}", **(arguments or {})})
@@ -264,18 +265,6 @@ def restore_traced(
             assert got > 0
     assert sum(got for _, offset, got in calls if offset in pages) == SIZE
     return buffered, direct
-
-
-def _wait_job(client: RawClient, job_id: str) -> dict:
-    import time
-
-    deadline = time.monotonic() + 60
-    while True:
-        jobs = {j["id"]: j for j in client.ok("query-jobs")}
-        if jobs[job_id]["status"] == "concluded":
-            return jobs[job_id]
-        assert time.monotonic() < deadline, jobs
-        time.sleep(0.01)
 
 
 @pytest.fixture

@@ -48,6 +48,7 @@ from .conftest import (
     reached,
     save,
     start_daemon,
+    wait_job_concluded,
     wait_migration,
 )
 from .test_serving import LogWatcher
@@ -701,6 +702,40 @@ def _threads_waiting_on_fuse(pid: int) -> int:
     return count
 
 
+def wait_fuse_threads(pid: int, count: int) -> None:
+    """Until `count` of the daemon's threads wait on a FUSE request (bounded)."""
+    deadline = time.monotonic() + 30
+    while _threads_waiting_on_fuse(pid) < count:
+        assert time.monotonic() < deadline, "the requests did not reach the filesystem"
+        time.sleep(0.01)
+
+
+def stick_object_adds(
+    socket_path: Path, fs: FaultFS, count: int, uid: int | None = None
+) -> list[RawClient]:
+    """`count` clients (of `uid`, else root), each with an object-add sent onto a name
+    of HangFS `fs` that it never answers, and not read: they stay in the daemon."""
+    stuck = []
+    for i in range(count):
+        if uid is None:
+            client = RawClient(socket_path, timeout=90).negotiate()
+        else:
+            client = _connect_as(uid, socket_path, timeout=90)
+        client.send({"execute": "object-add", "arguments": {
+            "qom-type": "memory-backend-file", "id": f"stuck{i}", "size": 1 << 20,
+            "mem-path": str(fs.mountpoint / f"hung{i}"), "share": True}})  # fmt: skip
+        stuck.append(client)
+    return stuck
+
+
+def send_with_fd(client: RawClient, request: dict, fd: int) -> None:
+    """Send `request` with `fd` passed along (SCM_RIGHTS), as a management app does."""
+    client.sock.sendmsg(
+        [json.dumps(request).encode() + b"\n"],
+        [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))],
+    )
+
+
 def test_requests_stuck_on_a_dead_filesystem_do_not_hold_other_clients(short_dir, shm):
     """A dozen object-adds whose mem-paths are on a filesystem that no longer answers each
     hold a worker thread; another client's object-add and object-del are still answered
@@ -711,16 +746,8 @@ def test_requests_stuck_on_a_dead_filesystem_do_not_hold_other_clients(short_dir
     daemon = start_daemon(short_dir / "qmp.sock")
     stuck: list[RawClient] = []
     try:
-        for i in range(12):
-            client = RawClient(daemon.socket_path, timeout=90).negotiate()
-            client.send({"execute": "object-add", "arguments": {
-                "qom-type": "memory-backend-file", "id": f"stuck{i}", "size": 1 << 20,
-                "mem-path": str(fs.mountpoint / f"hung{i}"), "share": True}})  # fmt: skip
-            stuck.append(client)
-        deadline = time.monotonic() + 30
-        while _threads_waiting_on_fuse(daemon.pid) < len(stuck):
-            assert time.monotonic() < deadline, "the requests did not reach the filesystem"
-            time.sleep(0.01)
+        stuck.extend(stick_object_adds(daemon.socket_path, fs, 12))
+        wait_fuse_threads(daemon.pid, len(stuck))
 
         other = RawClient(daemon.socket_path, timeout=30).negotiate()
         (shm / "ram").write_bytes(b"")
@@ -768,17 +795,11 @@ def test_one_uids_requests_stuck_on_a_dead_filesystem_do_not_hold_other_uids(sho
     daemon = start_daemon(short_dir / "qmp.sock", "--socket-mode", "0666")
     stuck: list[RawClient] = []
     try:
-        for i in range(DEFAULT_EXECUTOR_THREADS):
-            client = _connect_as(OTHER_UID, daemon.socket_path, timeout=90)
-            client.send({"execute": "object-add", "arguments": {
-                "qom-type": "memory-backend-file", "id": f"stuck{i}", "size": 1 << 20,
-                "mem-path": str(fs.mountpoint / f"hung{i}"), "share": True}})  # fmt: skip
-            stuck.append(client)
+        stuck.extend(
+            stick_object_adds(daemon.socket_path, fs, DEFAULT_EXECUTOR_THREADS, OTHER_UID)
+        )
         holding = min(len(stuck), UID_WORKER_THREADS)
-        deadline = time.monotonic() + 30
-        while _threads_waiting_on_fuse(daemon.pid) < holding:
-            assert time.monotonic() < deadline, "the requests did not reach the filesystem"
-            time.sleep(0.01)
+        wait_fuse_threads(daemon.pid, holding)
 
         for uid, name in ((0, "root"), (THIRD_UID, "third")):
             # A bound on "at all": before, these waited as long as the filesystem did.
@@ -817,26 +838,15 @@ def test_shutdown_goes_on_while_a_uids_threads_are_stuck(short_dir, shm):
     log = LogWatcher(daemon.proc)
     clients: list[RawClient] = []
     try:
-        for i in range(UID_WORKER_THREADS):
-            client = _connect_as(OTHER_UID, daemon.socket_path, timeout=90)
-            client.send({"execute": "object-add", "arguments": {
-                "qom-type": "memory-backend-file", "id": f"stuck{i}", "size": 1 << 20,
-                "mem-path": str(fs.mountpoint / f"hung{i}"), "share": True}})  # fmt: skip
-            clients.append(client)
-        deadline = time.monotonic() + 30
-        while _threads_waiting_on_fuse(daemon.pid) < UID_WORKER_THREADS:
-            assert time.monotonic() < deadline, "the requests did not reach the filesystem"
-            time.sleep(0.01)
+        clients.extend(stick_object_adds(daemon.socket_path, fs, UID_WORKER_THREADS, OTHER_UID))
+        wait_fuse_threads(daemon.pid, UID_WORKER_THREADS)
         # A client of the same uid passes an fd no command takes: its close, when the
         # session ends, waits behind the stuck calls.
         holder = _connect_as(OTHER_UID, daemon.socket_path, timeout=30)
         clients.append(holder)
         fd = os.open(shm / "passed", os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            holder.sock.sendmsg(
-                [b'{"execute": "query-version"}\n'],
-                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))],
-            )
+            send_with_fd(holder, {"execute": "query-version"}, fd)
         finally:
             os.close(fd)
         assert "return" in holder.recv_reply()  # the fd is the session's now
@@ -936,11 +946,7 @@ def test_a_refused_add_fd_of_a_file_whose_close_waits_does_not_hold_the_daemon(
         fd = os.open(fs.mountpoint / "passed", os.O_RDWR | os.O_CREAT, 0o600)
         fs.armed = True
         try:
-            request = {"execute": "add-fd", "arguments": arguments}
-            client.sock.sendmsg(
-                [json.dumps(request).encode() + b"\n"],
-                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))],
-            )
+            send_with_fd(client, {"execute": "add-fd", "arguments": arguments}, fd)
         finally:
             threading.Thread(target=os.close, args=(fd,), daemon=True).start()  # FLUSH too
         assert fs.held.wait(30), "no close of the passed fd reached the filesystem"
@@ -1000,7 +1006,7 @@ def test_whichever_stat_of_a_jobs_file_waits_the_daemon_answers_others(
         saved = fs.mountpoint / "saved.img"
         if command == "memory-restore":
             client.ok("memory-save", {"job-id": "first", "uri": f"file:{saved}"})
-            assert "error" not in poll_jobs_concluded(poller, "first")
+            assert "error" not in wait_job_concluded(poller, "first")
         held_at: list[int] = []
         for at in range(1, 100):
             fs.held.clear()
@@ -1023,7 +1029,7 @@ def test_whichever_stat_of_a_jobs_file_waits_the_daemon_answers_others(
                 assert "return" in poller.execute("query-jobs")
             fs.release.set()
             assert client.recv_reply() == {"return": {}}
-            job = poll_jobs_concluded(poller, job_id)
+            job = wait_job_concluded(poller, job_id)
             assert "error" not in job, job
             poller.ok("job-dismiss", {"id": job_id})
             if not held_at or held_at[-1] != at:
@@ -1034,16 +1040,6 @@ def test_whichever_stat_of_a_jobs_file_waits_the_daemon_answers_others(
         daemon.stop()
         with contextlib.suppress(StopIteration):
             next(fs_iter)
-
-
-def poll_jobs_concluded(client: RawClient, job_id: str) -> dict:
-    deadline = time.monotonic() + 60
-    while True:
-        jobs = {j["id"]: j for j in client.ok("query-jobs")}
-        if jobs[job_id]["status"] == "concluded":
-            return jobs[job_id]
-        assert time.monotonic() < deadline, jobs
-        time.sleep(0.01)
 
 
 F_GETLK, F_SETLK, F_SETLKW = 31, 32, 33
@@ -1099,7 +1095,7 @@ def test_a_memory_files_lock_server_that_stops_answering_does_not_hold_the_daemo
         assert "return" in other.execute("query-version")
         fs.release.set()
         assert client.recv_reply() == {"return": {}}
-        assert "error" not in poll_jobs_concluded(other, "s")
+        assert "error" not in wait_job_concluded(other, "s")
     finally:
         fs.release.set()
         daemon.stop()

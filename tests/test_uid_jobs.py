@@ -4,12 +4,9 @@ job_thread)."""
 
 from __future__ import annotations
 
-import array
 import contextlib
 import os
-import socket
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +15,7 @@ import pytest
 from migd.io.blocking import UID_WORKER_THREADS
 from migd.migration.engine import MAX_JOBS, UID_MAX_JOBS
 
-from .conftest import RawClient, start_daemon
+from .conftest import RawClient, start_daemon, wait_job_concluded
 from .test_faults import (
     F_WRITE,
     OTHER_UID,
@@ -28,24 +25,15 @@ from .test_faults import (
     _connect_as,
     _threads_waiting_on_fuse,
     mounted_fuse,
+    send_with_fd,
+    stick_object_adds,
+    wait_fuse_threads,
 )
 from .test_serving import LogWatcher
 
 MiB = 1 << 20
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as another uid")
-
-
-def _concluded(client: RawClient, job_id: str, timeout: float = 30) -> dict[str, Any]:
-    """query-jobs until the job is concluded (a bounded busy wait: its event may come
-    before the reply that started it, which execute() skips)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        jobs = {job["id"]: job for job in client.ok("query-jobs")}
-        if jobs[job_id]["status"] == "concluded":
-            return jobs[job_id]
-        assert time.monotonic() < deadline, jobs[job_id]
-        time.sleep(0.001)
 
 
 def _save(client: RawClient, short_dir: Path, job_id: str) -> dict[str, Any]:
@@ -74,7 +62,7 @@ def test_one_uids_undismissed_jobs_do_not_fill_the_job_table(short_dir, shm):
             if "error" in reply:
                 refused = (i, reply["error"]["desc"])
                 break
-            _concluded(nobody, f"n{i}")
+            wait_job_concluded(nobody, f"n{i}")
         assert refused is not None
         assert refused[0] == UID_MAX_JOBS, refused
         assert f"UID_MAX_JOBS {UID_MAX_JOBS}" in refused[1]
@@ -82,11 +70,11 @@ def test_one_uids_undismissed_jobs_do_not_fill_the_job_table(short_dir, shm):
 
         for client, name in ((root, "r"), (_connect_as(THIRD_UID, daemon.socket_path, 30), "t")):
             assert "return" in _save(client, short_dir, name)
-            _concluded(client, name)
+            wait_job_concluded(client, name)
         # Concluded jobs count until dismissed: one dismissed makes room for one more.
         nobody.ok("job-dismiss", {"id": "n0"})
         assert "return" in _save(nobody, short_dir, "again")
-        _concluded(nobody, "again")
+        wait_job_concluded(nobody, "again")
         assert "error" in _save(nobody, short_dir, "over")
     finally:
         daemon.stop()
@@ -106,13 +94,6 @@ class GateFS(FaultFS):
             self.writing.set()
             self.gate.wait(60)  # bounded: a failing test must not hang the mount
         return super()._handle(op, node, body)
-
-
-def _wait_fuse_threads(pid: int, count: int) -> None:
-    deadline = time.monotonic() + 30
-    while _threads_waiting_on_fuse(pid) < count:
-        assert time.monotonic() < deadline, "the requests did not reach the filesystem"
-        time.sleep(0.01)
 
 
 def test_a_cancel_drops_a_job_step_queued_behind_its_uids_stuck_calls(short_dir, shm):
@@ -142,10 +123,7 @@ def test_a_cancel_drops_a_job_step_queued_behind_its_uids_stuck_calls(short_dir,
         nobody = _connect_as(OTHER_UID, daemon.socket_path, timeout=30)
         fd = os.open(gated.mountpoint / "vm.sav", os.O_WRONLY | os.O_CREAT, 0o600)
         try:
-            nobody.sock.sendmsg(
-                [b'{"execute": "add-fd", "arguments": {"fdset-id": 0}}\n'],
-                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))],
-            )
+            send_with_fd(nobody, {"execute": "add-fd", "arguments": {"fdset-id": 0}}, fd)
         finally:
             os.close(fd)
         assert "return" in nobody.recv_reply()
@@ -154,20 +132,15 @@ def test_a_cancel_drops_a_job_step_queued_behind_its_uids_stuck_calls(short_dir,
         )
         assert "return" in reply, reply
         assert gated.writing.wait(30), "the save did not write its head"
-        for i in range(UID_WORKER_THREADS):
-            client = _connect_as(OTHER_UID, daemon.socket_path, timeout=90)
-            client.send({"execute": "object-add", "arguments": {
-                "qom-type": "memory-backend-file", "id": f"stuck{i}", "size": MiB,
-                "mem-path": str(fs.mountpoint / f"hung{i}"), "share": True}})  # fmt: skip
-            stuck.append(client)
+        stuck.extend(stick_object_adds(daemon.socket_path, fs, UID_WORKER_THREADS, OTHER_UID))
         # The head's thread and UID_WORKER_THREADS - 1 object-adds: the uid's every thread.
-        _wait_fuse_threads(daemon.pid, UID_WORKER_THREADS)
+        wait_fuse_threads(daemon.pid, UID_WORKER_THREADS)
         gated.gate.set()
         # The head is written; its thread takes the last object-add, which the filesystem
         # never answers either: every thread of the uid is stuck again.
-        _wait_fuse_threads(daemon.pid, UID_WORKER_THREADS)
+        wait_fuse_threads(daemon.pid, UID_WORKER_THREADS)
         assert "return" in nobody.execute("job-cancel", {"id": "s"})
-        job = _concluded(nobody, "s")  # a bound on "at all": before, not until release
+        job = wait_job_concluded(nobody, "s")  # a bound on "at all": before, not until release
         assert job["error"] == "Operation canceled"
         assert not fs.release.is_set()
         assert _threads_waiting_on_fuse(daemon.pid) == UID_WORKER_THREADS
