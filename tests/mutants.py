@@ -1429,7 +1429,8 @@ def run_tests(
         code = done.returncode
         if show:  # the failure pytest reports: why the mutant was caught
             lines = [line for line in done.stdout.splitlines() if line.startswith("E ")]
-            print(*("      " + line for line in lines[:6]), sep="\n")
+            failed = [line for line in done.stdout.splitlines() if line.startswith("FAILED")]
+            print(*("      " + line for line in failed + lines[:6]), sep="\n")
     except subprocess.TimeoutExpired:
         code = -1
     return code, time.monotonic() - started
@@ -1444,7 +1445,7 @@ def run(mutants: list[Mutant], show: bool = False) -> int:
         tree = copy_tree(Path(tmp))
         env = environment(tree)
         selected = tuple(dict.fromkeys(t for m in mutants for t in m.tests))
-        code, seconds = run_tests(tree, env, selected)
+        code, seconds = run_tests(tree, env, selected, show=True)  # a failure: which
         if code != 0:
             print(f"unmutated tree: the selected tests FAIL (exit {code}); nothing to compare")
             return 2
