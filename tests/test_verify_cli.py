@@ -409,6 +409,14 @@ async def test_a_file_a_running_save_writes_is_said_to_be_written_not_interrupte
     await qmp.execute(
         "memory-save", {"job-id": "s", "uri": f"file:{saved}", "max-bandwidth": 1 << 18}
     )
+    # Pages going out: its head is written, the file cut. A cancel before that leaves
+    # the earlier, complete save as it was (one run in three of `make test` got there
+    # first, and the end below found that save whole).
+    await poll_until(
+        lambda: qmp.execute("query-jobs"),
+        lambda jobs: jobs[0]["status"] == "running" and jobs[0]["current-progress"] > 0,
+        "the save's pages going out",
+    )
     with pytest.raises(FileInUse) as in_use:
         verify_save(str(saved), 0, 2)
     writing = (
