@@ -868,9 +868,10 @@ def test_shutdown_goes_on_while_a_uids_threads_are_stuck(short_dir, shm):
             next(fs_iter)
 
 
-class FlushHoldFS(FaultFS):
-    """FaultFS whose FLUSH (sent by every close of an fd of it) waits until `release`
-    once `armed`: a close on a FUSE or NFS mount whose server stopped answering."""
+class HoldFS(FaultFS):
+    """FaultFS with a request that, once `armed`, waits in the server until `release`
+    (`held` says it is waiting): a FUSE or NFS server that stops answering. Subclasses
+    say which request."""
 
     def __init__(self, backing: Path, mountpoint: Path) -> None:
         super().__init__(backing, mountpoint)
@@ -878,10 +879,18 @@ class FlushHoldFS(FaultFS):
         self.held = threading.Event()
         self.release = threading.Event()
 
+    def hold(self) -> None:
+        self.held.set()
+        self.release.wait(60)  # bounded: a failing test must not hang the mount
+
+
+class FlushHoldFS(HoldFS):
+    """FaultFS whose FLUSH (sent by every close of an fd of it) waits until `release`
+    once `armed`: a close on a FUSE or NFS mount whose server stopped answering."""
+
     def _handle(self, op: int, node: int, body: memoryview) -> bytes:
         if op == F_FLUSH and self.armed:
-            self.held.set()
-            self.release.wait(60)  # bounded: a failing test must not hang the mount
+            self.hold()
         return super()._handle(op, node, body)
 
 
@@ -962,7 +971,7 @@ def test_a_refused_add_fd_of_a_file_whose_close_waits_does_not_hold_the_daemon(
             next(fs_iter)
 
 
-class GetattrHoldFS(FaultFS):
+class GetattrHoldFS(HoldFS):
     """FaultFS whose `hold_at`-th GETATTR of a file (counted from when it is set; an
     fstat of a file here asks the server each time: nothing is cached) waits until
     `release`: a FUSE or NFS server that stops answering in the middle of a job's start."""
@@ -971,15 +980,12 @@ class GetattrHoldFS(FaultFS):
         super().__init__(backing, mountpoint)
         self.hold_at: int | None = None
         self.getattrs = 0
-        self.held = threading.Event()
-        self.release = threading.Event()
 
     def _handle(self, op: int, node: int, body: memoryview) -> bytes:
         if op == F_GETATTR and node != 1 and self.hold_at is not None:
             self.getattrs += 1
             if self.getattrs == self.hold_at:
-                self.held.set()
-                self.release.wait(60)  # bounded: a failing test must not hang the mount
+                self.hold()
         return super()._handle(op, node, body)
 
 
@@ -1046,16 +1052,10 @@ F_GETLK, F_SETLK, F_SETLKW = 31, 32, 33
 _FUSE_POSIX_LOCKS = 1 << 1
 
 
-class LockHoldFS(FaultFS):
+class LockHoldFS(HoldFS):
     """FaultFS that handles locks itself (FUSE_POSIX_LOCKS: the kernel then sends it every
     lock request, open-file-description ones too) and, once `armed`, holds a SETLK until
     `release`: a lock server that stops answering, as a hung NFS server's."""
-
-    def __init__(self, backing: Path, mountpoint: Path) -> None:
-        super().__init__(backing, mountpoint)
-        self.armed = False
-        self.held = threading.Event()
-        self.release = threading.Event()
 
     def _handle(self, op: int, node: int, body: memoryview) -> bytes:
         if op == F_INIT:
@@ -1066,8 +1066,7 @@ class LockHoldFS(FaultFS):
             return struct.pack("<QQII", 0, 0, fcntl.F_UNLCK, 0)  # nothing in the way
         if op in (F_SETLK, F_SETLKW):
             if self.armed:
-                self.held.set()
-                self.release.wait(60)  # bounded: a failing test must not hang the mount
+                self.hold()
             return b""  # granted: this server keeps no locks
         return super()._handle(op, node, body)
 
