@@ -1234,8 +1234,7 @@ MUTANTS = [
     Mutant(
         "job-holds-its-files-past-its-announced-end",
         "migd/migration/engine.py",
-        "        await job_cleanup_thread(job.target.close)\n"
-        "        await job_cleanup_thread(_close_all, job.memory_holds)\n"
+        "        await job_cleanup_thread(_let_go, job.target.close, job.memory_holds)\n"
         "        self._set_status(job, status)\n",
         "        self._set_status(job, status)\n",
         ("tests/test_file_identity.py::"

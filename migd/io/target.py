@@ -33,6 +33,7 @@ from ..state.paths import (
     open_regular,
     plain_open,
     remove_created,
+    reopen,
     settle_claim,
     sync_directory_of,
     trusted_owners,
@@ -142,10 +143,10 @@ def _refuse_stream(path: str, fd: int, openers: Openers) -> None:
 def _reopener(main_fd: int) -> FileOpener:
     """An open_file that reopens the main fd's file, whatever its name is now."""
 
-    def reopen(_path: str, flags: int, mode: int) -> int:
-        return os.open(f"/proc/self/fd/{main_fd}", flags | os.O_CLOEXEC)
+    def reopen_main(_path: str, flags: int, mode: int) -> int:
+        return reopen(main_fd, flags)
 
-    return reopen
+    return reopen_main
 
 
 @dataclass
@@ -276,9 +277,8 @@ class FileTarget:
         assert main_fd is not None, "open_main first"
         if not is_fdset_path(self.path):
             return hold_for_job(main_fd, writes)
-        flags = (os.O_WRONLY if writes else os.O_RDONLY) | os.O_CLOEXEC
         try:
-            self._hold_fd = os.open(f"/proc/self/fd/{main_fd}", flags)
+            self._hold_fd = reopen(main_fd, os.O_WRONLY if writes else os.O_RDONLY)
         except OSError:
             return None  # nothing known, as where the filesystem has no such locks
         return hold_for_job(self._hold_fd, writes)

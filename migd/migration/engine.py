@@ -41,6 +41,7 @@ from ..state.paths import (
     hold_for_job,
     mapped_as_memory,
     plain_open,
+    reopen,
 )
 from . import plan, settings
 from .job import (
@@ -192,7 +193,7 @@ def _hold_memory_files(
                 continue
             access = fcntl.fcntl(backend.fd, fcntl.F_GETFL) & os.O_ACCMODE
             try:
-                fd = os.open(f"/proc/self/fd/{backend.fd}", access | os.O_CLOEXEC)
+                fd = reopen(backend.fd, access)
             except OSError:
                 continue  # nothing known, as where the filesystem has no such locks
             fds.append(fd)
@@ -215,6 +216,14 @@ def _close_all(fds: list[int]) -> None:
         close_quietly(fds.pop())
 
 
+def _let_go(close_target: Callable[[], None], holds: list[int]) -> None:
+    """A job's file and its holds on its memory files let go, in one worker thread (a
+    close on FUSE or NFS waits for the server): `close_target` is the target's close, or
+    its discard for a start refused after the open."""
+    close_target()
+    _close_all(holds)
+
+
 def _file_identity(fd: int) -> tuple[int, int]:
     """(st_dev, st_ino) of a job's file. Blocking: on FUSE or NFS an fstat asks the server."""
     st = os.fstat(fd)
@@ -225,8 +234,7 @@ def _reopen_for_reading(fd: int) -> int | None:
     """The file of a save's (write-only) main fd opened again for reading, or None where
     it cannot be (then the checksums are read from memory, as before)."""
     try:
-        # The magic link reopens this very file, whatever its name is now.
-        return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+        return reopen(fd, os.O_RDONLY)  # this very file, whatever its name is now
     except OSError as exc:
         log.warning("save: cannot read its file back for the checksums: %s", exc.strerror)
         return None
@@ -561,8 +569,7 @@ class MigrationEngine:
             if refusal is not None:
                 raise MigrationError(refusal)
         except BaseException:
-            await job_cleanup_thread(target.discard)  # a close may wait (FUSE, NFS)
-            await job_cleanup_thread(_close_all, holds)
+            await job_cleanup_thread(_let_go, target.discard, holds)  # may wait (FUSE, NFS)
             raise
         job.memory_holds = holds
         job.settings = job_settings if job_settings is not None else self.migration_settings()
@@ -640,8 +647,7 @@ class MigrationEngine:
             if refusal is not None:
                 raise MigrationError(refusal)
         except BaseException:
-            await job_cleanup_thread(target.discard)  # a close may wait (FUSE, NFS)
-            await job_cleanup_thread(_close_all, holds)
+            await job_cleanup_thread(_let_go, target.discard, holds)  # may wait (FUSE, NFS)
             raise
         backends = [b for _, b in matched]
         job = Job("restore", target, backends, sum(layout.length for layout, _ in matched))
@@ -787,8 +793,7 @@ class MigrationEngine:
         Every thread of the job has returned by now. The close is a thread's: closing a
         file on a FUSE or NFS mount that stopped answering waits for it (its FLUSH), and
         on the loop that froze every client of the daemon (red-team, session 17)."""
-        await job_cleanup_thread(job.target.close)
-        await job_cleanup_thread(_close_all, job.memory_holds)
+        await job_cleanup_thread(_let_go, job.target.close, job.memory_holds)
         self._set_status(job, status)
 
     def _dismiss(self, job: Job) -> None:

@@ -374,6 +374,13 @@ def ofd_lock(fd: int, kind: int, byte: int) -> bool | None:
     return True
 
 
+def reopen(fd: int, flags: int) -> int:
+    """fd's file opened again through its /proc/self/fd magic link: the very file,
+    whatever its name is now, in a new open file description of its own (OFD locks taken
+    through it are its own: not shared with fd's, nor dropped by another close of fd's)."""
+    return os.open(f"/proc/self/fd/{fd}", flags | os.O_CLOEXEC)
+
+
 def hold_for_job(fd: int, writes: bool) -> bool | None:
     """A job's hold on its file (JOB_BYTE): a writer's excludes every other job's, a
     reader's only a writer's -> True, False if another open file description (another

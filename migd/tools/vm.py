@@ -282,7 +282,7 @@ def lock_vm(
     through an open file of this process alone (the fds migd gets share theirs), appended
     to `locks`: closing them, or this process's death (SIGKILL too), releases it."""
     for b in sorted(backends, key=lambda b: b.id):
-        fd = os.open(f"/proc/self/fd/{ram_fds[b.id]}", os.O_RDWR | os.O_CLOEXEC)
+        fd = paths.reopen(ram_fds[b.id], os.O_RDWR)
         locks.append(fd)
         if paths.ofd_lock(fd, fcntl.F_WRLCK, paths.VM_BYTE) is False:
             holders = ", ".join(map(str, _lock_holders(fd))) or "unknown"
