@@ -280,11 +280,16 @@ MUTANTS = [
         "            end_units()\n",
         ("tests/test_job_status.py::test_a_job_task_cancelled_under_its_threads_tells_them_to_stop",),
     ),
-    # (Left out since session 17: "cancel-during-setup-goes-back-to-active", _activate's
-    # check_cancel. Its test cancels a save while its channels open, and a save's body now
-    # checks right before _activate, as job_thread does at each step: equivalent there. A
-    # restore reaches _activate straight from its planning step, where the check still
-    # matters, with no deterministic test yet.)
+    Mutant(
+        "cancel-during-setup-goes-back-to-active",
+        "migd/migration/engine.py",
+        "        check_cancel(job)\n        job.setup_done = time.monotonic()",
+        "        job.setup_done = time.monotonic()",
+        (
+            "tests/test_job_status.py::"
+            "test_a_cancel_while_a_restore_plans_its_runs_ends_cancelled_memory_untouched",
+        ),
+    ),
     # --- memory backends, restores ----------------------------------------------------
     Mutant(
         "shrink-check-removed",

@@ -175,6 +175,40 @@ async def test_a_cancel_accepted_as_a_restore_ends_says_its_memory_is_whole(
     )
 
 
+async def test_a_cancel_while_a_restore_plans_its_runs_ends_cancelled_memory_untouched(
+    short_dir, monkeypatch
+):
+    """The restore's last step before `active` is planning its runs (a thread: the memory
+    files' SEEK_DATA walks). A cancel accepted meanwhile (`cancelling`) must end the job
+    there: `cancelling` never goes back to `active`, and no page of the backend changes."""
+    from migd.migration import plan
+
+    events: list[str] = []
+    image = short_dir / "s.img"
+    engine = _engine(events)
+    await engine.start_save(FileTarget(str(image)))
+    assert engine.job is not None and engine.job.task is not None
+    await engine.job.task
+    backend = engine.memory.get("ram0")
+    backend.view(0, backend.size)[:] = b"\xa5" * backend.size  # unlike the saved pages
+    events.clear()
+    loop = asyncio.get_running_loop()
+    plan_restore_runs = plan.plan_restore_runs
+
+    def cancelled_while_planning(*args: object, **kwargs: object) -> object:
+        planned = plan_restore_runs(*args, **kwargs)
+        asyncio.run_coroutine_threadsafe(engine.cancel(), loop).result(timeout=30)
+        return planned
+
+    monkeypatch.setattr(plan, "plan_restore_runs", cancelled_while_planning)
+    await engine.start_restore(FileTarget(str(image)), skip_unmatched=False)
+    assert engine.job is not None and engine.job.task is not None
+    await engine.job.task
+    assert events == ["setup", "cancelling", "cancelled"]
+    assert bytes(backend.view(0, backend.size)) == b"\xa5" * backend.size
+    assert engine.job.error_desc is None or "no memory backend was changed" in engine.job.error_desc
+
+
 async def test_a_save_whose_backend_was_restored_into_while_it_started_is_refused(
     short_dir, monkeypatch
 ):
