@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import os
 import shutil
@@ -457,21 +458,26 @@ def _serve_with_fd3(
     def put_at_3() -> None:
         if fd3 is not None:
             os.dup2(fd3, 3)
+        else:  # nothing passed at 3 after all
+            with contextlib.suppress(OSError):
+                os.close(3)
 
     return subprocess.run(
         ["sh", "-c", 'LISTEN_PID=$$ LISTEN_FDS="$0" exec "$@"', listen_fds, *SERVE,
          "--socket", str(short_dir / "own.sock")],
-        preexec_fn=put_at_3, pass_fds=(3,), capture_output=True, text=True, timeout=60,
+        preexec_fn=put_at_3, pass_fds=() if fd3 is None else (3,), capture_output=True,
+        text=True, timeout=60,
     )  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", ["tcp", "unix-datagram", "not-listening", "regular-file",
-                                  "two-sockets", "not-a-number"])  # fmt: skip
+                                  "two-sockets", "not-a-number", "fd-3-closed"])  # fmt: skip
 def test_a_passed_socket_that_is_not_a_listening_unix_stream_is_refused(short_dir, kind):
     """A TCP socket (a wrong ListenStream= in a drop-in) was served: root's QMP on the
     network; a datagram socket left a migd that served no one; a file or LISTEN_FDS=abc
     gave a traceback (red-team, session 14). Each is one line and exit 2 now, before
-    anything is served or created."""
+    anything is served or created. LISTEN_FDS=1 with fd 3 closed was called "not a
+    socket": the event loop's own epoll fd had taken number 3 (red-team, session 17)."""
     made: list[Any] = []
     listen_fds = "1"
     if kind == "tcp":
@@ -512,6 +518,7 @@ def test_a_passed_socket_that_is_not_a_listening_unix_stream_is_refused(short_di
         "tcp": "is AF_INET SOCK_STREAM", "unix-datagram": "is AF_UNIX SOCK_DGRAM",
         "not-listening": "not listening", "regular-file": "is not a socket",
         "two-sockets": "passed 2 sockets", "not-a-number": "LISTEN_FDS='abc'",
+        "fd-3-closed": "fd 3 is not open: migd was not started by systemd's socket",
     }[kind]  # fmt: skip
     assert expected in result.stderr, result.stderr
     assert "serving QMP" not in result.stderr

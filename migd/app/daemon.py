@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import logging
 import os
@@ -64,7 +65,12 @@ DEFAULT_EXECUTOR_THREADS = 64
 
 
 def inherited_listener() -> socket.socket | None:
-    """The socket systemd passed us (LISTEN_FDS/LISTEN_PID), if any."""
+    """The socket systemd passed us (LISTEN_FDS/LISTEN_PID), if any.
+
+    Taken before the event loop exists (Daemon.__init__): the loop's own fds (epoll, its
+    signal pipe, the executor's) take the lowest free numbers, so with fd 3 not passed
+    after all the loop's epoll fd was found there and called "the fd systemd passed",
+    "not a socket" (red-team, session 17)."""
     if os.environ.get("LISTEN_PID") != str(os.getpid()):
         return None
     raw = os.environ.get("LISTEN_FDS", "0") or "0"
@@ -82,6 +88,13 @@ def inherited_listener() -> socket.socket | None:
     try:
         sock = socket.socket(fileno=SD_LISTEN_FDS_START)
     except OSError as exc:
+        if exc.errno == errno.EBADF:
+            raise ConfigError(
+                f"LISTEN_FDS={count} says a socket was passed, but fd {SD_LISTEN_FDS_START} "
+                "is not open: migd was not started by systemd's socket activation (or the "
+                "program that started it closed the socket); unset LISTEN_FDS and LISTEN_PID "
+                "to have migd bind its own socket"
+            ) from None
         raise ConfigError(
             f"the fd systemd passed ({SD_LISTEN_FDS_START}) is not a socket: {exc.strerror}"
         ) from None
@@ -143,6 +156,7 @@ class Daemon:
             os.path.join(os.path.dirname(config.socket_path), SIDECAR_DIR), shared_dir()
         )
         self.services = Services(memory, engine, fdsets, paths)
+        self._inherited = inherited_listener()  # before any fd of the loop's: see there
         self.server: Server | None = None
         self._stop: asyncio.Event | None = None
         self._notifier: sdnotify.SystemdNotifier | None = None  # made at the first notify
@@ -222,7 +236,7 @@ class Daemon:
         )
         try:
             await self._apply_config()
-            listener = inherited_listener()
+            listener, self._inherited = self._inherited, None
             if listener is None:
                 listener = bind_unix_socket(self.config.socket_path, self.config.socket_mode)
                 self._own_socket = file_identity(self.config.socket_path)
