@@ -64,10 +64,34 @@ def test_live_socket_is_refused_with_exit_code_1_and_left_working(short_dir):
             timeout=20,
         )
         assert second.returncode == 1
-        assert b"another migd is serving it" in second.stderr
+        assert f"another migd is serving it (pid {d.proc.pid}".encode() in second.stderr
         assert "return" in RawClient(d.socket_path).execute("qmp_capabilities")
     finally:
         d.stop()
+
+
+def test_a_live_socket_of_another_program_is_refused_naming_it_not_called_a_migd(short_dir):
+    """Every live socket at the path was "another migd" (red-team, session 17): here a
+    listener of the test's own process, as a QEMU's QMP socket or another service's."""
+    path = short_dir / "qmp.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen()
+    try:
+        second = subprocess.run(
+            [sys.executable, "-m", "migd", "serve", "--socket", str(path)],
+            capture_output=True, text=True, timeout=20,
+        )  # fmt: skip
+        assert second.returncode == 1
+        assert "another migd" not in second.stderr, second.stderr
+        with open("/proc/self/cmdline", "rb") as f:  # how this process was started
+            program = os.path.basename(os.fsdecode(f.read().split(b"\0")[0]))
+        assert f"it is in use: {program!r} (pid {os.getpid()}, uid {os.getuid()})" in (
+            second.stderr
+        ), second.stderr
+        assert stat.S_ISSOCK(os.lstat(path).st_mode)  # left in place
+    finally:
+        listener.close()
 
 
 def test_a_regular_file_in_the_socket_path_is_not_deleted(short_dir):

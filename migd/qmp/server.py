@@ -108,6 +108,33 @@ def _peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     return pid, uid, gid
 
 
+def _listener_description(probe: socket.socket) -> str:
+    """Who listens on a live socket path, for the refusal: the process that made the
+    listening socket (SO_PEERCRED) and whether it is a migd. Every live socket was called
+    "another migd" before, a QEMU's QMP socket or another service's included (red-team,
+    session 17)."""
+    pid, uid, _ = _peer_credentials(probe)
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = [os.fsdecode(arg) for arg in f.read().split(b"\0") if arg]
+    except OSError:
+        argv = []
+    if not argv:
+        return (
+            f"a live socket is there, made by pid {pid} (uid {uid}), which no longer runs "
+            "(a child it passed the socket to serves it)"
+        )
+    is_migd = any(os.path.basename(arg) == "migd" for arg in argv[:3]) and "serve" in argv
+    program = os.path.basename(argv[0])
+    if is_migd:
+        return f"another migd is serving it (pid {pid}, uid {uid})"
+    # Not "not a migd": systemd (or systemd-socket-activate) listens for the migd it starts.
+    return (
+        f"it is in use: {program!r} (pid {pid}, uid {uid}) listens on it; choose another "
+        "--socket, or stop that program"
+    )
+
+
 class Session:
     """One client connection."""
 
@@ -635,7 +662,7 @@ def bind_unix_socket(path: str, mode: int) -> socket.socket:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         else:
-            raise SocketInUse(f"Cannot listen on '{path}': another migd is serving it")
+            raise SocketInUse(f"Cannot listen on '{path}': {_listener_description(probe)}")
         finally:
             probe.close()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
