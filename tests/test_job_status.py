@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+from pathlib import Path
 
 import pytest
 
@@ -28,6 +29,17 @@ def _engine(events: list[str], **params: object) -> MigrationEngine:
     engine = MigrationEngine(memory, emit=emit)
     engine.set_capabilities({"mapped_ram": True, "multifd": True, "events": True})
     engine.set_parameters(params)
+    return engine
+
+
+async def _engine_with_a_save(events: list[str], image: Path) -> MigrationEngine:
+    """An engine whose backend was saved, completed, into `image`: a file to restore
+    from; `events` is cleared of the save's."""
+    engine = _engine(events)
+    await engine.start_save(FileTarget(str(image)))
+    assert engine.job is not None and engine.job.task is not None
+    await engine.job.task
+    events.clear()
     return engine
 
 
@@ -92,12 +104,8 @@ async def test_a_cancel_while_the_channels_open_ends_cancelled_and_never_active(
     comes while the first channel fd is being opened (an fdset opener, in its thread)."""
     events: list[str] = []
     image = short_dir / "s.img"
-    engine = _engine(events)
-    if direction == "restore":  # a file to restore from, saved first
-        await engine.start_save(FileTarget(str(image)))
-        assert engine.job is not None and engine.job.task is not None
-        await engine.job.task
-        events.clear()
+    # A restore's file to restore from is saved first.
+    engine = await _engine_with_a_save(events, image) if direction == "restore" else _engine(events)
     loop = asyncio.get_running_loop()
     calls = 0
 
@@ -152,11 +160,7 @@ async def test_a_cancel_accepted_as_a_restore_ends_says_its_memory_is_whole(
     cleared (every page landed): cancelled, saying the backends hold the restored data."""
     events: list[str] = []
     image = short_dir / "s.img"
-    engine = _engine(events)
-    await engine.start_save(FileTarget(str(image)))
-    assert engine.job is not None and engine.job.task is not None
-    await engine.job.task
-    events.clear()
+    engine = await _engine_with_a_save(events, image)
     loop = asyncio.get_running_loop()
     clear_all = engine.partial.clear_all
 
@@ -185,13 +189,9 @@ async def test_a_cancel_while_a_restore_plans_its_runs_ends_cancelled_memory_unt
 
     events: list[str] = []
     image = short_dir / "s.img"
-    engine = _engine(events)
-    await engine.start_save(FileTarget(str(image)))
-    assert engine.job is not None and engine.job.task is not None
-    await engine.job.task
+    engine = await _engine_with_a_save(events, image)
     backend = engine.memory.get("ram0")
     backend.view(0, backend.size)[:] = b"\xa5" * backend.size  # unlike the saved pages
-    events.clear()
     loop = asyncio.get_running_loop()
     plan_restore_runs = plan.plan_restore_runs
 

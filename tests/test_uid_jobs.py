@@ -36,6 +36,23 @@ MiB = 1 << 20
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as another uid")
 
 
+def _open_daemon_with_root_backend(short_dir: Path, shm: Path) -> tuple[Any, RawClient]:
+    """A daemon other uids may reach, root's client to it, and root's 1 MiB backend 'ram'
+    (whose file the caller removes)."""
+    short_dir.chmod(0o711)
+    daemon = start_daemon(short_dir / "qmp.sock", "--socket-mode", "0666")
+    LogWatcher(daemon.proc)  # hundreds of jobs log more than a pipe holds
+    try:
+        root = RawClient(daemon.socket_path, timeout=30).negotiate()
+        (shm / "ram").write_bytes(b"\0" * MiB)
+        root.ok("object-add", {"qom-type": "memory-backend-file", "id": "ram", "size": MiB,
+                               "mem-path": str(shm / "ram"), "share": True})  # fmt: skip
+    except BaseException:
+        daemon.stop()
+        raise
+    return daemon, root
+
+
 def _save(client: RawClient, short_dir: Path, job_id: str) -> dict[str, Any]:
     return client.execute(
         "memory-save",
@@ -47,14 +64,8 @@ def test_one_uids_undismissed_jobs_do_not_fill_the_job_table(short_dir, shm):
     """`nobody` starts saves it never dismisses: the 33rd is refused naming UID_MAX_JOBS,
     and root's and a third uid's saves are still accepted; a dismissed job makes room
     (before: nobody's 256 filled the table, MAX_JOBS, and root's save was refused)."""
-    short_dir.chmod(0o711)
-    daemon = start_daemon(short_dir / "qmp.sock", "--socket-mode", "0666")
-    LogWatcher(daemon.proc)  # hundreds of jobs log more than a pipe holds
+    daemon, root = _open_daemon_with_root_backend(short_dir, shm)
     try:
-        root = RawClient(daemon.socket_path, timeout=30).negotiate()
-        (shm / "ram").write_bytes(b"\0" * MiB)
-        root.ok("object-add", {"qom-type": "memory-backend-file", "id": "ram", "size": MiB,
-                               "mem-path": str(shm / "ram"), "share": True})  # fmt: skip
         nobody = _connect_as(OTHER_UID, daemon.socket_path, timeout=30)
         refused = None
         for i in range(MAX_JOBS + 1):
@@ -111,15 +122,9 @@ def test_a_cancel_drops_a_job_step_queued_behind_its_uids_stuck_calls(short_dir,
     gated = next(gate_iter)
     fs_iter = mounted_fuse(short_dir / "h", "fs", HangFS)
     fs = next(fs_iter)
-    short_dir.chmod(0o711)
-    daemon = start_daemon(short_dir / "qmp.sock", "--socket-mode", "0666")
-    LogWatcher(daemon.proc)
+    daemon, _ = _open_daemon_with_root_backend(short_dir, shm)
     stuck: list[RawClient] = []
     try:
-        root = RawClient(daemon.socket_path, timeout=30).negotiate()
-        (shm / "ram").write_bytes(b"\0" * MiB)
-        root.ok("object-add", {"qom-type": "memory-backend-file", "id": "ram", "size": MiB,
-                               "mem-path": str(shm / "ram"), "share": True})  # fmt: skip
         nobody = _connect_as(OTHER_UID, daemon.socket_path, timeout=30)
         fd = os.open(gated.mountpoint / "vm.sav", os.O_WRONLY | os.O_CREAT, 0o600)
         try:
