@@ -70,9 +70,11 @@ QEMU_TIMEOUT = 60.0
 # here; a QEMU stuck in `active` must end in an error, not a client waiting for ever.
 QEMU_MIGRATION_TIMEOUT = 600.0
 CLEANUP_TIMEOUT = 5.0  # for the commands that undo a failed save (cont, settings)
-# query-migrate statuses that leave an incoming QEMU free to load: none yet, or a load
-# that ended without loading (a restore tried before).
-_QEMU_NOT_LOADING = (None, "none", "failed", "cancelled")
+# query-migrate statuses that leave an incoming QEMU free to load: none yet. QEMU takes one
+# migrate-incoming per process, whatever became of it: after a load that failed (a
+# restore tried before) or a listener of `-incoming URI` its next is refused ("The
+# incoming migration has already been started").
+_QEMU_NOT_LOADING = (None, "none")
 # QEMU's device state (its x-ignore-shared stream: CPU and device state, ROMs, video RAM)
 # is a few MiB; anything near this is not a device state worth copying during the downtime.
 MAX_DEVICE_STATE = 1 << 30
@@ -1122,6 +1124,24 @@ async def _load_device_state(qemu: Any, image: str, uri: str) -> None:
         ) from None
 
 
+async def _check_incoming_unused(qemu: Any) -> None:
+    """Before anything is written: this QEMU can still take migd's migrate-incoming. One
+    started with `-incoming URI` (not defer) listens already, and one whose earlier load
+    failed refuses a second: found only after the RAM landed, either was reported as
+    "another incoming migration was started ... during the restore" or as a device state
+    QEMU "could not load", its RAM files overwritten for nothing."""
+    command = "query-migrate"
+    info = expect(await qemu_execute(qemu, command), dict, f"reply to {command}")
+    status = info.get("status")
+    if status not in _QEMU_NOT_LOADING:
+        raise ClientError(
+            f"this QEMU's incoming migration was already started (it is {status}: QEMU "
+            "started with `-incoming URI` rather than `-incoming defer`, or an earlier "
+            "migrate-incoming, a failed restore's say); QEMU takes one per process: "
+            "restore into a new QEMU started with -incoming defer (nothing was written)"
+        )
+
+
 async def _check_before_load(qemu: Any, watch: Any) -> None:
     """Just before QEMU loads its part: no other client of this QEMU has quit it or
     started an incoming migration since the restore began (its device state would be
@@ -1204,6 +1224,7 @@ async def _restore(
             raise ClientError(
                 f"the VM is in state '{state}': restore needs a QEMU started with -incoming defer"
             )
+        await _check_incoming_unused(qemu)
         _, machine = await qemu_identity(qemu)
         backends = await guest_backends(qemu)
         match_guest(header, machine, backends)
