@@ -224,7 +224,9 @@ def _add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
         "verify",
         help="check a save file's structure and every checksum; needs no daemon",
         description="Check a save file as a restore would, and every page against its "
-        "checksum. Exit 0: good; 1: corrupt; 2: not a save file, or a usage error.",
+        "checksum; a `migd vm save` image (no offset) also its header and device state, "
+        "as `migd vm restore` would. Exit 0: good; 1: corrupt; 2: not a save file, or a "
+        "usage error.",
     )
     verify.add_argument(
         "file",
@@ -565,7 +567,9 @@ def _print_vm_image(image: dict[str, Any], as_json: bool) -> int:
     for problem in problems:
         print(f"migd inspect: {path}: {shown(problem)}", file=sys.stderr)
     if not as_json and header is not None and not problems:
-        print("  status:   complete (migd vm restore accepts it)")
+        # inspect reads no page data: a flipped page is found by verify (or the restore).
+        print("  status:   complete (migd vm restore accepts its structure; "
+              "`migd verify` checks every page)")  # fmt: skip
     return EXIT_FAILED if problems else EXIT_OK
 
 
@@ -629,12 +633,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return code
 
     try:
+        image = _vm_image_to_verify(path, offset)
+        if image is not None:
+            offset = image.ram.offset  # the pages: the RAM part's, as a restore reads them
         try:
             report: VerifyReport = verify_save(
                 path, offset, args.threads, on_progress=show, warn=warn
             )
         finally:
             progress.close()
+        if image is not None:
+            _check_image_ram(path, image, report)
     except KeyboardInterrupt:
         print("migd verify: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -646,14 +655,53 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return failed("corrupt", str(exc), EXIT_FAILED)
     try:
         if args.json:
-            print(json.dumps(report.to_dict(), indent=2))
+            out = report.to_dict()
+            if image is not None:
+                out["vm-image"] = image.to_json()
+            print(json.dumps(out, indent=2))
         else:
+            if image is not None:
+                _print_verified_image(path, image)
             _print_verify(report)
         sys.stdout.flush()
     except BrokenPipeError:
         _drop_stdout()
         return EXIT_FAILED
     return EXIT_OK
+
+
+def _vm_image_to_verify(path: str, offset: int) -> Any:
+    """The header of a `migd vm save` image named without an offset, its header, device
+    state and RAM part's structure checked (CorruptError otherwise); None for a save file."""
+    from ..tools.client import ClientError
+    from ..tools.verify import CorruptError
+    from ..tools.vm import check_image_file
+
+    if offset != 0:
+        return None
+    try:
+        return check_image_file(path)
+    except ClientError as exc:
+        raise CorruptError(str(exc)) from None
+
+
+def _check_image_ram(path: str, image: Any, report: Any) -> None:
+    """The RAM part verified must still be the one the header names (the file may have
+    been rewritten between the header's check and the pages')."""
+    from ..tools.verify import CorruptError
+
+    if (report.save_id, report.table_digest) != (image.ram.save_id, image.ram.table_digest):
+        raise CorruptError(
+            f"'{path}': its RAM part is save {report.save_id}, the header names save "
+            f"{image.ram.save_id}: the parts do not belong together"
+        )
+
+
+def _print_verified_image(path: str, image: Any) -> None:
+    print(
+        f"{shown(path)}: migd VM image {image.image_id}: header and device state "
+        f"({image.device.length} bytes, SHA-256) good; its RAM part:"
+    )
 
 
 def _run_client(name: str, coro: Coroutine[Any, Any, int]) -> int:

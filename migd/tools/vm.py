@@ -1313,6 +1313,25 @@ async def _restore(
     return 0
 
 
+def check_image_file(path: str) -> vm_image.ImageHeader | None:
+    """For `migd verify`: the header of the VM image `path`, its parts checked as `vm
+    restore` checks them (ClientError names what is wrong), or None when the file is
+    not a VM image (or cannot be opened: verify's own open says why). The RAM part's
+    pages are left to verify, at the header's offset: a VM image starts with this
+    header, not QEVM, and was called "not a QEMU/migd save file", its device state and
+    the tie between the parts checked by nothing short of a restore."""
+    try:
+        fd = open_regular(path)
+    except (InspectError, OSError):
+        return None
+    try:
+        if not (vm_image.is_image(fd) or vm_image.is_unfinished(fd)):
+            return None
+        return check_image(path, fd)
+    finally:
+        os.close(fd)
+
+
 def describe(path: str) -> dict[str, Any] | None:
     """For `migd inspect`: the image's header and what each part holds, with "problems"
     listing why `migd vm restore` would refuse it; None when the file is not a VM image
