@@ -724,7 +724,18 @@ async def run_vm_save(opts: VmOptions, out: TextIO, err: TextIO) -> int:
         # SIGINT/SIGTERM end the wait at hand, and the cleanup after it is not cut short
         # (a killed client left the guest stopped and its temporary file behind).
         with _interruptible(opts.qemu_timeout) as interrupt:
-            return await _save(qemu, opts, out, err, interrupt, locks)
+            try:
+                return await _save(qemu, opts, out, err, interrupt, locks)
+            except ClientError as exc:
+                if not qemu_gone(exc):
+                    raise
+                # Raised only before the rename (a cont or quit after it is not an
+                # error): the temporary file is gone, IMAGE untouched.
+                image = os.path.abspath(opts.image)
+                raise ClientError(
+                    f"QEMU quit or was killed during the save ({exc}): the image is not "
+                    f"written, {image} is as it was"
+                ) from None
     finally:
         await _disconnect(qemu)  # also after a failure (an in-process caller goes on)
         _release(locks)
@@ -935,14 +946,19 @@ async def _save(
             await settings.restore()
         if not done and stopped and was_running:
             await _resume_after_failure(qemu, err)
-    resumed = True
+    resumed, after = True, opts.after
     if opts.after == "resume":
         try:
             await qemu_execute(qemu, "cont", cleanup=True)
         except ClientError as exc:
-            resumed = False
-            print(f"the image is saved, but the VM could not be resumed ({exc}): it is paused",
-                  file=err, flush=True)  # fmt: skip
+            resumed, after = False, "pause"
+            if qemu_gone(exc):  # not paused: there is no VM left to resume
+                after = "gone"
+                print("the image is saved, but QEMU is gone (it quit or was killed): there "
+                      "is no VM to resume", file=err, flush=True)  # fmt: skip
+            else:
+                print(f"the image is saved, but the VM could not be resumed ({exc}): it is "
+                      "paused", file=err, flush=True)  # fmt: skip
     elif opts.after == "quit":
         with contextlib.suppress(ClientError):  # QEMU closes the socket as it goes
             await qemu_execute(qemu, "quit", cleanup=True)
@@ -953,7 +969,6 @@ async def _save(
             ram=t["ram"] - t["device"], downtime=t["durable"] - t["start"],
         )  # fmt: skip
     else:
-        after = opts.after if resumed else "pause"
         _print_save_summary(image, header, t, after, out)
     return 0 if resumed else 1
 
@@ -988,12 +1003,22 @@ async def _check_still_stopped(qemu: Any, resumes: Any) -> None:
         )
 
 
+def qemu_gone(exc: ClientError) -> bool:
+    """Whether QEMU's connection ended (QEMU quit or was killed) under a command:
+    qemu_execute's text says so. Then there is no VM to resume or to load into."""
+    return "lost QEMU" in str(exc)
+
+
 async def _resume_after_failure(qemu: Any, err: TextIO) -> None:
     """A save that stopped a running guest failed: run it again, and say what came of it;
-    a guest left paused must never go unmentioned."""
+    a guest left paused must never go unmentioned (nor one that is gone called paused)."""
     try:
         await qemu_execute(qemu, "cont", cleanup=True)
     except ClientError as exc:
+        if qemu_gone(exc):
+            print("the save failed, and QEMU is gone (it quit or was killed): there is no "
+                  "VM to resume", file=err, flush=True)  # fmt: skip
+            return
         print(f"the save failed, and the VM could not be resumed ({exc}): it is paused",
               file=err, flush=True)  # fmt: skip
     else:
@@ -1017,6 +1042,15 @@ def _print_json(
     print(json.dumps(summary), file=out, flush=True)
 
 
+# What the summary says of the VM after the save (`gone`: QEMU ended before --resume's cont).
+_AFTER_SAVE = {
+    "pause": "paused",
+    "resume": "running",
+    "quit": "gone (quit)",
+    "gone": "gone (QEMU quit or was killed)",
+}
+
+
 def _print_save_summary(
     image: str, header: vm_image.ImageHeader, t: Mapping[str, float], after: str, out: TextIO,
 ) -> None:  # fmt: skip
@@ -1037,7 +1071,7 @@ def _print_save_summary(
         f"  RAM:          {ram_what}{human_bytes(ram_bytes)} by migd in "
         f"{t['ram'] - t['device']:.3f} s ({', '.join(b.id for b in header.backends)})\n"
         f"  downtime:     {t['durable'] - t['start']:.3f} s (stop -> image durable)\n"
-        f"  the VM is {dict(pause='paused', resume='running', quit='gone (quit)')[after]}",
+        f"  the VM is {_AFTER_SAVE[after]}",
         file=out,
         flush=True,
     )
@@ -1117,6 +1151,11 @@ async def _load_device_state(qemu: Any, image: str, uri: str) -> None:
         await qemu_execute(qemu, "migrate-incoming", {"uri": uri, "exit-on-error": False})
         await wait_qemu_migration(qemu, "device-state load")
     except ClientError as exc:
+        if qemu_gone(exc):  # not a stream QEMU refused: QEMU itself ended
+            raise ClientError(
+                f"QEMU quit or was killed as it loaded the device state of '{image}' "
+                f"({exc}): there is no VM; the image's RAM landed in its memory files"
+            ) from None
         raise ClientError(
             f"QEMU could not load the device state of '{image}' ({exc}); QEMU's own output "
             "says why (often a device the saved VM had that this QEMU lacks): the RAM is "
@@ -1151,7 +1190,7 @@ async def _check_before_load(qemu: Any, watch: Any) -> None:
         state = await run_state(qemu)
         info = expect(await qemu_execute(qemu, "query-migrate"), dict, "reply to query-migrate")
     except ClientError as exc:
-        if _seen(watch, "SHUTDOWN") or "lost QEMU" in str(exc):
+        if _seen(watch, "SHUTDOWN") or qemu_gone(exc):
             raise ClientError(
                 "QEMU quit during the restore (a `quit` by another client of this QEMU?): "
                 "the RAM landed in its file, but there is no VM to load the device state into"
