@@ -31,6 +31,7 @@ import contextlib
 import contextvars
 import dataclasses
 import datetime
+import errno
 import fcntl
 import hashlib
 import os
@@ -670,6 +671,19 @@ def _remove_if_ours(path: str, fd: int) -> None:
         os.unlink(path)
 
 
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    """All of `data` at `offset`, or OSError. A full filesystem cuts a write short rather
+    than failing it when some of it fits: a header longer than a page (many backends,
+    long paths) lost its digest, and the image that then replaced IMAGE was unusable
+    while the save said "completed". The next write past the room raises ENOSPC."""
+    done = 0
+    while done < len(data):
+        written = os.pwrite(fd, memoryview(data)[done:], offset + done)
+        if written <= 0:  # not seen from a regular file; never loop for ever
+            raise OSError(errno.EIO, f"nothing written at {offset + done}")
+        done += written
+
+
 def _copy_device_state(source: int, image_fd: int) -> vm_image.DevicePart:
     """QEMU's part, from the memory file it wrote, into the image after the header."""
     length = os.fstat(source).st_size
@@ -915,7 +929,7 @@ async def _save(
         )
         # Both parts durable before the header that makes the file an image.
         os.fsync(fd)
-        os.pwrite(fd, vm_image.encode(header), 0)
+        _pwrite_all(fd, vm_image.encode(header), 0)
         os.fsync(fd)
         _check_still_named(tmp, fd)
         os.rename(tmp, image)
