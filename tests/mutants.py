@@ -575,6 +575,27 @@ MUTANTS = [
         (V + "test_a_damaged_image_is_refused_before_anything_is_written[other ram part]",),
     ),
     Mutant(
+        "vm-header-write-cut-short-unnoticed",
+        "migd/tools/vm.py",
+        "        _pwrite_all(fd, vm_image.encode(header), 0)",
+        "        os.pwrite(fd, vm_image.encode(header), 0)",
+        ("tests/test_vm_disk_full.py",),
+    ),
+    Mutant(
+        "vm-restore-into-a-used-incoming-qemu",
+        "migd/tools/vm.py",
+        "        await _check_incoming_unused(qemu)\n",
+        "",
+        ("tests/test_vm_incoming.py",),
+    ),
+    Mutant(
+        "verify-of-a-vm-image-checks-only-its-ram",
+        "migd/app/cli.py",
+        "        image = _vm_image_to_verify(path, offset)",
+        "        image = None",
+        ("tests/test_vm_verify.py",),
+    ),
+    Mutant(
         "vm-backend-size-unchecked",
         "migd/tools/vm.py",
         "        elif b.size != entry.size:",
