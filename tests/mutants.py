@@ -1125,8 +1125,8 @@ MUTANTS = [
     Mutant(
         "inspect-takes-an-unfinished-vm-save-for-foreign",
         "migd/tools/vm.py",
-        "is_image(fd) or vm_image.is_unfinished(fd)):",
-        "is_image(fd)):",
+        "    return vm_image.is_image(fd) or vm_image.is_unfinished(fd)",
+        "    return vm_image.is_image(fd)",
         ("tests/test_vm_red_team.py::"
          "test_inspect_of_a_save_killed_before_its_header_says_the_save_did_not_finish",),
     ),

@@ -1366,6 +1366,12 @@ async def _restore(
     return 0
 
 
+def _image_or_unfinished(fd: int) -> bool:
+    """A VM image, or a `vm save` killed before its header (shown and refused as such,
+    not as a foreign file)."""
+    return vm_image.is_image(fd) or vm_image.is_unfinished(fd)
+
+
 def check_image_file(path: str) -> vm_image.ImageHeader | None:
     """For `migd verify`: the header of the VM image `path`, its parts checked as `vm
     restore` checks them (ClientError names what is wrong), or None when the file is
@@ -1378,7 +1384,7 @@ def check_image_file(path: str) -> vm_image.ImageHeader | None:
     except (InspectError, OSError):
         return None
     try:
-        if not (vm_image.is_image(fd) or vm_image.is_unfinished(fd)):
+        if not _image_or_unfinished(fd):
             return None
         return check_image(path, fd)
     finally:
@@ -1391,7 +1397,7 @@ def describe(path: str) -> dict[str, Any] | None:
     (a plain save file)."""
     fd = open_regular(path)
     try:
-        if not (vm_image.is_image(fd) or vm_image.is_unfinished(fd)):
+        if not _image_or_unfinished(fd):
             return None
         try:
             header = vm_image.read_header(fd, path)
