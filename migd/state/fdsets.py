@@ -72,6 +72,13 @@ def check_room_for_passed_fds() -> None:
     Counts every open fd of the process (the passed fds just received included), so a
     client holding fds pending or a running job's channels count too.
     """
+    check_room_for_fds("passed ones", "close some with remove-fd or closefd")
+
+
+def check_room_for_fds(kept: str, remedy: str) -> None:
+    """Refuse to keep more of what `kept` names (passed fds; a memory backend of a uid
+    other than root's and migd's, api/memory.py) once migd's open fds reach its limit
+    minus the reserve; `remedy` says how the client frees some."""
     limit, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if limit == resource.RLIM_INFINITY:
         return
@@ -85,9 +92,9 @@ def check_room_for_passed_fds() -> None:
     open_now = _open_fd_count()
     if open_now > allowed:
         raise FdError(
-            f"Too many file descriptors: migd has {open_now} open and keeps passed ones "
+            f"Too many file descriptors: migd has {open_now} open and keeps {kept} "
             f"under {allowed}, so that {limit - allowed} of its limit of {limit} stay free "
-            "for clients and migrations; close some with remove-fd or closefd"
+            f"for clients and migrations; {remedy}"
         )
 
 
