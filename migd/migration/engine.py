@@ -76,6 +76,11 @@ MAX_JOBS = 256  # QEMU's text (job-qmp.c find_job_locked)
 # one such uid's did). 32 is twice UID_WORKER_THREADS (io/blocking.py): more jobs than
 # its threads could serve at once, and concluded ones waiting for job-dismiss.
 UID_MAX_JOBS = 32
+# All those uids' jobs together: each uid's cap alone let a socket open to all (a rootless
+# container's 65,536 sub-uids) list 32 jobs per uid, some 10 KiB each, and query-jobs
+# answer all of them (1,920 jobs of 60 uids: 19 MiB kept, a 440 KB reply). 1024 is 32
+# uids' full tables. Root's and migd's jobs are not counted (MAX_JOBS is theirs).
+OTHER_UIDS_MAX_JOBS = 1024
 # QEMU's id_wellformed: a letter, then letters, digits, '-', '.', '_'.
 _JOB_ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
 SAMPLE_PERIOD = 0.1  # seconds between throughput samples (QEMU's BUFFER_DELAY)
@@ -453,6 +458,14 @@ class MigrationEngine:
                     f"than root's and migd's (UID_MAX_JOBS {UID_MAX_JOBS}): dismiss its "
                     "concluded jobs with job-dismiss (or start jobs with 'auto-dismiss'), "
                     "or cancel running ones"
+                )
+            others = sum(1 for job in self.jobs.values() if job.owner is not None)
+            if others >= OTHER_UIDS_MAX_JOBS:
+                raise MigrationError(
+                    f"uids other than root's and migd's have {others} jobs listed, the most "
+                    f"migd keeps for them together (OTHER_UIDS_MAX_JOBS {OTHER_UIDS_MAX_JOBS}): "
+                    "dismiss concluded jobs with job-dismiss (or start jobs with "
+                    "'auto-dismiss'), or cancel running ones"
                 )
             return
         listed = sum(1 for job in self.jobs.values() if job.owner is None)
