@@ -1,6 +1,7 @@
 """Uids other than root's and migd's cannot hold migd's fds or mappings through memory
 backends they never delete (state/memory.py UID_MAX_BACKENDS, OTHER_UIDS_MAX_BACKENDS;
-api/memory.py's fd check). Root's backends and saves keep working."""
+api/memory.py's fd check) nor through fds they pass (state/fdsets.py check_room_for_fds).
+Root's backends, passed fds and saves keep working."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 from migd.state.memory import OTHER_UIDS_MAX_BACKENDS, UID_MAX_BACKENDS
 
 from .conftest import RawClient, start_daemon, wait_job_concluded
-from .test_faults import OTHER_UID, _connect_as
+from .test_faults import OTHER_UID, _connect_as, send_with_fd
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as another uid")
 
@@ -97,9 +98,45 @@ def test_other_uids_together_list_at_most_their_backends(short_dir: Path, shm: P
         daemon.stop()
 
 
+def limit_fds(daemon: Any, limit: int) -> None:
+    subprocess.run(["prlimit", f"--pid={daemon.proc.pid}", f"--nofile={limit}:{limit}"], check=True)
+
+
+def test_one_uids_passed_fds_leave_root_room_to_pass_its_own(short_dir: Path) -> None:
+    """Under a low open-file limit (600), `nobody` passes one fd of its own again and
+    again, with add-fd and getfd, until refused: it is refused at half of what root's may
+    use, and root's add-fd and getfd are accepted (before: nobody's fds filled the cap
+    passed fds share, and root's add-fd, every `migd vm save`'s, was refused "Too many
+    file descriptors")."""
+    daemon = open_daemon(short_dir)
+    fd = os.open("/dev/null", os.O_RDONLY)
+    try:
+        limit_fds(daemon, 600)
+        other = _connect_as(OTHER_UID, daemon.socket_path, timeout=60)
+        for command, arguments in (("add-fd", {}), ("getfd", {"fdname": "n"})):
+            replies = []
+            for i in range(600):
+                named = {"fdname": f"n{i}"} if command == "getfd" else arguments
+                send_with_fd(other, {"execute": command, "arguments": named}, fd)
+                replies.append(other.recv_reply())
+                if "error" in replies[-1]:
+                    break
+            [refused] = errors(replies)
+            assert "passed ones of uids other than root's and migd's" in refused
+        root = RawClient(daemon.socket_path, timeout=60).negotiate()
+        send_with_fd(root, {"execute": "add-fd", "arguments": {}}, fd)
+        assert "return" in root.recv_reply()
+        send_with_fd(root, {"execute": "getfd", "arguments": {"fdname": "root"}}, fd)
+        assert "return" in root.recv_reply()
+        root.close()
+    finally:
+        os.close(fd)
+        daemon.stop()
+
+
 def test_one_uids_file_backends_leave_root_its_fds(short_dir: Path, shm: Path) -> None:
     """Under a low open-file limit (600), `nobody` adds file backends until refused: it is
-    refused while migd keeps the reserve free (state/fdsets.py), with a clear error, and
+    refused at half of what root's fds may use (state/fdsets.py), with a clear error, and
     root's object-add and save of a file work (before: nobody's backends took every fd,
     its last refusal was "Internal error: OSError: Too many open files", and root's
     object-add and save failed with "Too many open files")."""
@@ -109,9 +146,7 @@ def test_one_uids_file_backends_leave_root_its_fds(short_dir: Path, shm: Path) -
     os.chown(mine, OTHER_UID, OTHER_UID)
     limit = 600
     try:
-        subprocess.run(
-            ["prlimit", f"--pid={daemon.proc.pid}", f"--nofile={limit}:{limit}"], check=True
-        )
+        limit_fds(daemon, limit)
         other = _connect_as(OTHER_UID, daemon.socket_path, timeout=60)
         files = [{
             "qom-type": "memory-backend-file", "id": f"f{i}", "size": PAGE,

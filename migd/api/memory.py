@@ -72,8 +72,8 @@ async def object_add(ctx: Context, args: ObjectAddArgs) -> Empty:
     owner = blocking.capped_uid()
     if owner is not None and args.mem_path is not None:
         # A file backend holds two fds while listed: another uid's may not take the fds
-        # migd keeps free for root's clients and jobs (state/fdsets.py FD_RESERVE).
-        check_room_for_fds("other uids' memory backends", "delete some with object-del")
+        # migd keeps free for root's clients, passed fds and jobs (state/fdsets.py).
+        check_room_for_fds("memory backends", "delete some with object-del", capped=True)
     # Before anything is created, and held until the backend is added: a refused
     # object-add must leave no file behind.
     with registry.reserving(args.id, args.ramblock_name or args.id, owner):
