@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import threading
 from pathlib import Path
 from typing import Any
@@ -202,3 +203,39 @@ def test_a_cancel_drops_a_job_step_queued_behind_its_uids_stuck_calls(short_dir,
         for mount in (fs_iter, gate_iter):
             with contextlib.suppress(StopIteration):
                 next(mount)
+
+
+def test_other_uids_running_jobs_hold_a_bounded_share_of_fds(short_dir, shm):
+    """Under a low open-file limit (600, so 75 fds for such jobs: a quarter of what passed
+    fds may use), `nobody` starts saves of 16 channels each (17 fds) that run on at
+    1 byte/s: the fifth is refused, naming the budget, and root's save runs (before: 32
+    such saves of 255 channels held 8,300 fds, three uids every fd migd had)."""
+    daemon, root = _open_daemon_with_root_backend(short_dir, shm)
+    try:
+        subprocess.run(["prlimit", f"--pid={daemon.pid}", "--nofile=600:600"], check=True)
+        nobody = _connect_as(OTHER_UID, daemon.socket_path, timeout=30)
+        replies = []
+        for i in range(5):
+            memory = shm / f"n{i}"
+            memory.write_bytes(os.urandom(MiB))
+            memory.chmod(0o600)
+            os.chown(memory, OTHER_UID, OTHER_UID)
+            nobody.ok("object-add", {
+                "qom-type": "memory-backend-file", "id": f"n{i}", "size": MiB,
+                "mem-path": str(memory), "share": True})  # fmt: skip
+            replies.append(nobody.execute("memory-save", {
+                "job-id": f"n{i}", "uri": f"file:{short_dir}/n{i}.sav", "backends": [f"n{i}"],
+                "multifd-channels": 16, "max-bandwidth": 1, "checksums": False}))  # fmt: skip
+        assert ["error" in reply for reply in replies] == [False] * 4 + [True]
+        refused = replies[4]["error"]["desc"]
+        assert refused.startswith("the running jobs of uids other than root's and migd's")
+        assert "hold 68 fds" in refused
+        assert "under 75" in refused
+        assert "return" in root.execute("memory-save", {
+            "job-id": "r", "uri": f"file:{short_dir}/r.sav", "checksums": False,
+            "backends": ["ram"], "multifd-channels": 16})  # fmt: skip
+        assert wait_job_concluded(root, "r").get("error") is None
+    finally:
+        daemon.stop()
+        with contextlib.suppress(OSError):
+            os.unlink(shm / "ram")

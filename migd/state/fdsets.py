@@ -49,6 +49,15 @@ def fd_reserve(limit: int) -> int:
     return min(FD_RESERVE, limit // 2)
 
 
+def fd_budget(share: int) -> int | None:
+    """1/`share` of the fds passed ones may use (the open-file limit minus the reserve);
+    None under no limit."""
+    limit, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if limit == resource.RLIM_INFINITY:
+        return None
+    return (limit - fd_reserve(limit)) // share
+
+
 def _open_fd_count() -> int:
     return len(os.listdir("/proc/self/fd")) - 1  # without the listing's own fd
 
