@@ -1197,10 +1197,47 @@ MUTANTS = [
     Mutant(
         "other-uids-share-the-default-executor",
         "migd/io/blocking.py",
-        "        if uid is None or is_root_or_migd(uid):\n",
-        "        if True:\n",
+        "    if uid is None or is_root_or_migd(uid):\n",
+        "    if True:\n",
         ("tests/test_faults.py::"
          "test_one_uids_requests_stuck_on_a_dead_filesystem_do_not_hold_other_uids",),
+    ),
+    Mutant(
+        "uid-pools-kept-for-the-daemons-life",
+        "migd/io/blocking.py",
+        "        if pool.pending > 0 or self._pools.get((uid, kind)) is not pool:\n",
+        "        if True:\n",
+        ("tests/test_uid_pools.py::test_a_uids_pool_is_let_go_once_its_calls_are_done",
+         "tests/test_long_run.py"),
+    ),
+    Mutant(
+        "other-uids-backends-uncapped-together",
+        "migd/state/memory.py",
+        "        if len(self._owners) >= OTHER_UIDS_MAX_BACKENDS:\n",
+        "        if False:\n",
+        ("tests/test_uid_backends.py::test_other_uids_together_list_at_most_their_backends",),
+    ),
+    Mutant(
+        "other-uids-jobs-uncapped-together",
+        "migd/migration/engine.py",
+        "            if others >= OTHER_UIDS_MAX_JOBS:\n",
+        "            if False:\n",
+        ("tests/test_uid_jobs.py::"
+         "test_many_uids_jobs_together_do_not_grow_the_job_table_for_ever",),
+    ),
+    Mutant(
+        "other-uids-passed-fds-share-roots-cap",
+        "migd/state/fdsets.py",
+        "    if capped:\n        allowed //= 2\n",
+        "    if False:\n        allowed //= 2\n",
+        ("tests/test_uid_backends.py::test_one_uids_passed_fds_leave_root_room_to_pass_its_own",),
+    ),
+    Mutant(
+        "other-uids-job-fds-unbounded",
+        "migd/migration/engine.py",
+        "        if held + _job_fds(settings) > budget:\n",
+        "        if False:\n",
+        ("tests/test_uid_jobs.py::test_other_uids_running_jobs_hold_a_bounded_share_of_fds",),
     ),
     Mutant(
         "sessions-run-as-the-daemon",

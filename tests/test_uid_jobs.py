@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import threading
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 
 from migd.io.blocking import UID_WORKER_THREADS
-from migd.migration.engine import MAX_JOBS, UID_MAX_JOBS
+from migd.migration.engine import MAX_JOBS, OTHER_UIDS_MAX_JOBS, UID_MAX_JOBS
 
 from .conftest import RawClient, start_daemon, wait_job_concluded
 from .test_faults import (
@@ -93,6 +94,50 @@ def test_one_uids_undismissed_jobs_do_not_fill_the_job_table(short_dir, shm):
             os.unlink(shm / "ram")
 
 
+def _fill_as(uid: int, daemon: Any, short_dir: Path, count: int) -> list[dict[str, Any]]:
+    """`uid` adds `count` 4 KiB backends and starts a save of each, every request sent
+    before a reply is read (one job per backend: they may run at once)."""
+    client = _connect_as(uid, daemon.socket_path, timeout=60)
+    ids = [f"u{uid}-{i}" for i in range(count)]
+    for id in ids:
+        client.send({"execute": "object-add", "arguments": {
+            "qom-type": "memory-backend-ram", "id": id, "size": 4096}})  # fmt: skip
+    for id in ids:
+        client.send({"execute": "memory-save", "arguments": {
+            "job-id": id, "uri": f"file:{short_dir}/{id}.sav", "checksums": False,
+            "backends": [id]}})  # fmt: skip
+    replies = [client.recv_reply() for _ in range(2 * count)]
+    client.close()
+    return replies
+
+
+def test_many_uids_jobs_together_do_not_grow_the_job_table_for_ever(short_dir, shm):
+    """Uids let on a socket open to all (a rootless container's sub-uids) each fill their
+    own UID_MAX_JOBS: once all of theirs reach OTHER_UIDS_MAX_JOBS, a further uid's job
+    is refused naming it, and root's save is still accepted (before: 32 more jobs kept
+    for every uid there is, about 10 KiB each, all answered by every query-jobs)."""
+    daemon, root = _open_daemon_with_root_backend(short_dir, shm)
+    uids = range(100000, 100000 + OTHER_UIDS_MAX_JOBS // UID_MAX_JOBS)
+    try:
+        for uid in uids:
+            replies = _fill_as(uid, daemon, short_dir, UID_MAX_JOBS)
+            assert [r for r in replies if "error" in r] == []
+        replies = _fill_as(uids[-1] + 1, daemon, short_dir, 1)
+        assert "return" in replies[0]
+        refused = replies[1]["error"]["desc"]
+        assert f"have {OTHER_UIDS_MAX_JOBS} jobs listed" in refused
+        assert f"OTHER_UIDS_MAX_JOBS {OTHER_UIDS_MAX_JOBS}" in refused
+        # Root's own backend: the default, every backend, names the others' too.
+        assert "return" in root.execute("memory-save", {
+            "job-id": "r", "uri": f"file:{short_dir}/r.sav", "checksums": False,
+            "backends": ["ram"]})  # fmt: skip
+        assert wait_job_concluded(root, "r").get("error") is None
+    finally:
+        daemon.stop()
+        with contextlib.suppress(OSError):
+            os.unlink(shm / "ram")
+
+
 class GateFS(FaultFS):
     """FaultFS whose WRITEs wait until `gate` opens: `writing` is set once one does."""
 
@@ -158,3 +203,39 @@ def test_a_cancel_drops_a_job_step_queued_behind_its_uids_stuck_calls(short_dir,
         for mount in (fs_iter, gate_iter):
             with contextlib.suppress(StopIteration):
                 next(mount)
+
+
+def test_other_uids_running_jobs_hold_a_bounded_share_of_fds(short_dir, shm):
+    """Under a low open-file limit (600, so 75 fds for such jobs: a quarter of what passed
+    fds may use), `nobody` starts saves of 16 channels each (17 fds) that run on at
+    1 byte/s: the fifth is refused, naming the budget, and root's save runs (before: 32
+    such saves of 255 channels held 8,300 fds, three uids every fd migd had)."""
+    daemon, root = _open_daemon_with_root_backend(short_dir, shm)
+    try:
+        subprocess.run(["prlimit", f"--pid={daemon.pid}", "--nofile=600:600"], check=True)
+        nobody = _connect_as(OTHER_UID, daemon.socket_path, timeout=30)
+        replies = []
+        for i in range(5):
+            memory = shm / f"n{i}"
+            memory.write_bytes(os.urandom(MiB))
+            memory.chmod(0o600)
+            os.chown(memory, OTHER_UID, OTHER_UID)
+            nobody.ok("object-add", {
+                "qom-type": "memory-backend-file", "id": f"n{i}", "size": MiB,
+                "mem-path": str(memory), "share": True})  # fmt: skip
+            replies.append(nobody.execute("memory-save", {
+                "job-id": f"n{i}", "uri": f"file:{short_dir}/n{i}.sav", "backends": [f"n{i}"],
+                "multifd-channels": 16, "max-bandwidth": 1, "checksums": False}))  # fmt: skip
+        assert ["error" in reply for reply in replies] == [False] * 4 + [True]
+        refused = replies[4]["error"]["desc"]
+        assert refused.startswith("the running jobs of uids other than root's and migd's")
+        assert "hold 68 fds" in refused
+        assert "under 75" in refused
+        assert "return" in root.execute("memory-save", {
+            "job-id": "r", "uri": f"file:{short_dir}/r.sav", "checksums": False,
+            "backends": ["ram"], "multifd-channels": 16})  # fmt: skip
+        assert wait_job_concluded(root, "r").get("error") is None
+    finally:
+        daemon.stop()
+        with contextlib.suppress(OSError):
+            os.unlink(shm / "ram")

@@ -87,3 +87,44 @@ async def test_a_uids_calls_past_the_cap_wait_and_root_is_not_held() -> None:
     finally:
         release.set()
         blocking.POOLS.shutdown()
+
+
+def uid_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("asyncio-uid")]
+
+
+async def test_a_uids_pool_is_let_go_once_its_calls_are_done() -> None:
+    """Many uids making one call each (a socket open to all, a rootless container's
+    sub-uids) leave no pool and no thread behind: a pool whose calls are all done is let
+    go and its threads end (before: each uid's pool, and a thread of it, was kept for the
+    daemon's life, 65,536 sub-uids made 65,536 threads). A uid with a call still
+    running keeps its pool, and its next call runs in it."""
+    uids = range(70000, 70000 + 200)
+    release = threading.Event()
+
+    async def one_call(uid: int) -> str:
+        blocking.serve_uid(uid)
+        return await blocking.to_thread(thread_name)
+
+    async def held_and_next(uid: int) -> tuple[asyncio.Future[bool], str]:
+        blocking.serve_uid(uid)
+        held = blocking.submit(release.wait, HOLD)
+        return held, await blocking.to_thread(thread_name)
+
+    try:
+        for uid in uids:
+            assert (await asyncio.create_task(one_call(uid))).startswith(f"asyncio-uid{uid}_")
+        assert blocking.POOLS._pools == {}
+        for thread in uid_threads():
+            thread.join(HOLD)
+        assert uid_threads() == []
+
+        held, name = await asyncio.create_task(held_and_next(65534))
+        assert name.startswith("asyncio-uid65534_")
+        assert list(blocking.POOLS._pools) == [(65534, "calls")]
+        release.set()
+        assert await held
+        assert blocking.POOLS._pools == {}
+    finally:
+        release.set()
+        blocking.POOLS.shutdown()

@@ -35,7 +35,8 @@ class GetfdArgs(QapiModel):
 )
 async def getfd(ctx: Context, args: GetfdArgs) -> Empty:
     fd = ctx.session.take_fd()
-    await blocking.to_thread(ctx.services.fdsets.add_named, args.fdname, fd)
+    capped = blocking.capped_uid() is not None
+    await blocking.to_thread(ctx.services.fdsets.add_named, args.fdname, fd, capped)
     return Empty()
 
 
@@ -86,8 +87,9 @@ async def add_fd(ctx: Context, args: AddFdArgs) -> AddfdInfo:
     # In a thread: a refused fd is closed, and the close of a client's file on a FUSE mount
     # of theirs waits for its FLUSH, which they may never answer (on the event loop, it
     # froze the daemon; red-team, session 17).
+    capped = blocking.capped_uid() is not None
     fdset_id, number = await blocking.to_thread(
-        ctx.services.fdsets.add_fd, fd, args.fdset_id, args.opaque
+        ctx.services.fdsets.add_fd, fd, args.fdset_id, args.opaque, capped
     )
     record_fd(ctx, fdset_id, number)
     return AddfdInfo(fdset_id=fdset_id, fd=number)

@@ -15,7 +15,7 @@ from ..pages import PAGE_SIZE
 from ..qapi import Uint64
 from ..qmp.dispatch import command
 from ..qmp.validation import Empty, QapiModel
-from ..state.fdsets import file_name, is_fdset_path
+from ..state.fdsets import check_room_for_fds, file_name, is_fdset_path
 from ..state.memory import MemoryBackend, create_file_backend, create_ram_backend
 from ..state.partial import PartialMarks
 from ..state.paths import PathPolicy, trusted_owners
@@ -69,9 +69,14 @@ async def object_add(ctx: Context, args: ObjectAddArgs) -> Empty:
             raise InvalidRequest("Parameter 'mem-path' is unexpected")
         if args.share:
             raise InvalidRequest("Parameter 'share' is unexpected: memory-backend-ram is private")
+    owner = blocking.capped_uid()
+    if owner is not None and args.mem_path is not None:
+        # A file backend holds two fds while listed: another uid's may not take the fds
+        # migd keeps free for root's clients, passed fds and jobs (state/fdsets.py).
+        check_room_for_fds("memory backends", "delete some with object-del", capped=True)
     # Before anything is created, and held until the backend is added: a refused
     # object-add must leave no file behind.
-    with registry.reserving(args.id, args.ramblock_name or args.id):
+    with registry.reserving(args.id, args.ramblock_name or args.id, owner):
         fd = None
         # A VMM's memfd or file passed by add-fd: map a read-write dup the backend owns.
         if args.mem_path is not None and is_fdset_path(args.mem_path):

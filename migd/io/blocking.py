@@ -29,7 +29,7 @@ import contextvars
 import functools
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from ..state.paths import is_root_or_migd
@@ -67,32 +67,77 @@ def capped_uid() -> int | None:
     return None if uid is None or is_root_or_migd(uid) else uid
 
 
+class _Pool:
+    """One uid's pool of one kind, with the count of its calls not yet done (queued or
+    running): the pool is let go when that count falls to zero."""
+
+    def __init__(self, uid: int, kind: str) -> None:
+        prefix = f"asyncio-uid{uid}" + ("" if kind == "calls" else f"-{kind}")
+        self.executor = ThreadPoolExecutor(UID_WORKER_THREADS, thread_name_prefix=prefix)
+        self.pending = 0
+
+
 class UidPools:
-    """The per-uid pools, made on first use, kept for the daemon's life: their number is
-    that of the uids let on the socket (socket mode, group)."""
+    """The per-uid pools, made on a uid's first call and let go once it has no call
+    queued or running. A ThreadPoolExecutor's threads never end while it lives: kept for
+    the daemon's life, every uid that ever made one request (a socket open to all, the
+    65,536 sub-uids of a rootless container's user) kept a thread per pool for months,
+    until thread creation hit the pids limit and failed root's calls too. A uid's next
+    call after that makes a new pool, which costs a thread start, not a leak."""
 
     def __init__(self) -> None:
-        self._pools: dict[tuple[int, str], ThreadPoolExecutor] = {}
+        self._pools: dict[tuple[int, str], _Pool] = {}
+        # Taken on the event loop (submit) and in worker threads (a call's end): never
+        # held while a future is cancelled or a pool shut down, whose callbacks take it.
+        self._lock = threading.Lock()
 
-    def executor(self, uid: int | None, kind: str = "calls") -> ThreadPoolExecutor | None:
-        """The pool `uid`'s calls of `kind` run in ("calls", or "cleanups": see
-        submit_cleanup); None: the loop's default executor."""
-        if uid is None or is_root_or_migd(uid):
-            return None
-        pool = self._pools.get((uid, kind))
-        if pool is None:
-            prefix = f"asyncio-uid{uid}" + ("" if kind == "calls" else f"-{kind}")
-            pool = ThreadPoolExecutor(UID_WORKER_THREADS, thread_name_prefix=prefix)
-            self._pools[(uid, kind)] = pool
-        return pool
+    def submit(self, uid: int, kind: str, call: Callable[[], _T]) -> Future[_T]:
+        """Run `call` in `uid`'s pool of `kind` ("calls", or "cleanups": see
+        submit_cleanup), counted until its future is done (run, failed or cancelled)."""
+        with self._lock:
+            pool = self._pools.get((uid, kind))
+            if pool is None:
+                pool = self._pools[(uid, kind)] = _Pool(uid, kind)
+            # Counted before it is submitted: a done callback may run before submit returns.
+            pool.pending += 1
+            try:
+                future = pool.executor.submit(call)
+            except BaseException:
+                self._done(uid, kind, pool)
+                raise
+        future.add_done_callback(lambda _: self._release(uid, kind, pool))
+        return future
+
+    def _release(self, uid: int, kind: str, pool: _Pool) -> None:
+        with self._lock:
+            idle = self._done(uid, kind, pool)
+        if idle:
+            # Its threads end once idle; one still running a call (cancelled, say) ends
+            # after it. Not waited for: this runs in one of them.
+            pool.executor.shutdown(wait=False)
+
+    def _done(self, uid: int, kind: str, pool: _Pool) -> bool:
+        """One of `pool`'s calls is done (the lock held): True when it was the last and
+        the pool was let go (the caller shuts it down, outside the lock)."""
+        pool.pending -= 1
+        if pool.pending > 0 or self._pools.get((uid, kind)) is not pool:
+            return False
+        del self._pools[(uid, kind)]
+        return True
+
+    def count(self) -> int:
+        """The pools alive (tests: none once no call of other uids is left)."""
+        with self._lock:
+            return len(self._pools)
 
     def shutdown(self) -> None:
         """At daemon stop: calls still queued are dropped (their requests were cancelled
         with their sessions), idle threads end; a thread still in a call is not waited
         for here."""
-        pools, self._pools = list(self._pools.values()), {}
+        with self._lock:
+            pools, self._pools = list(self._pools.values()), {}
         for pool in pools:
-            pool.shutdown(wait=False, cancel_futures=True)
+            pool.executor.shutdown(wait=False, cancel_futures=True)
 
 
 POOLS = UidPools()
@@ -116,9 +161,13 @@ def submit_cleanup(func: Callable[..., _T], /, *args: Any, **kwargs: Any) -> asy
 
 
 def _submit(kind: str, call: Callable[[], _T]) -> asyncio.Future[_T]:
-    executor = POOLS.executor(_SERVING.get(), kind)
+    uid = _SERVING.get()
     run = functools.partial(contextvars.copy_context().run, call)
-    return asyncio.get_running_loop().run_in_executor(executor, run)
+    loop = asyncio.get_running_loop()
+    if uid is None or is_root_or_migd(uid):
+        return loop.run_in_executor(None, run)
+    # What run_in_executor does, with the pool's own submit (which counts the call).
+    return asyncio.wrap_future(POOLS.submit(uid, kind, run), loop=loop)
 
 
 class Step:

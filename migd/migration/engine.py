@@ -32,7 +32,7 @@ from ..io.share import DEFAULT_SLOTS, DiskShare
 from ..io.target import Openers, Target, close_quietly, open_channel_fd
 from ..io.throttle import Throttle
 from ..pages import PAGE_SIZE
-from ..state.fdsets import is_fdset_path
+from ..state.fdsets import fd_budget, is_fdset_path
 from ..state.memory import MemoryBackend, MemoryRegistry
 from ..state.partial import PartialMarks
 from ..state.paths import (
@@ -76,10 +76,27 @@ MAX_JOBS = 256  # QEMU's text (job-qmp.c find_job_locked)
 # one such uid's did). 32 is twice UID_WORKER_THREADS (io/blocking.py): more jobs than
 # its threads could serve at once, and concluded ones waiting for job-dismiss.
 UID_MAX_JOBS = 32
+# All those uids' jobs together: each uid's cap alone let a socket open to all (a rootless
+# container's 65,536 sub-uids) list 32 jobs per uid, some 10 KiB each, and query-jobs
+# answer all of them (1,920 jobs of 60 uids: 19 MiB kept, a 440 KB reply). 1024 is 32
+# uids' full tables. Root's and migd's jobs are not counted (MAX_JOBS is theirs).
+OTHER_UIDS_MAX_JOBS = 1024
+# The fds the running jobs of those uids open (a main fd and a channel fd per multifd
+# channel, up to 255) may together be a quarter of what passed fds may use
+# (state/fdsets.py fd_budget): unbounded, one uid's 32 saves of 255 channels held
+# 8,300 fds, and three uids every fd migd had, so root's clients were no longer accepted
+# and its jobs failed, "Too many open files". A quarter: such uids' passed fds and
+# backends stop at half (check_room_for_fds), which leaves root at least a quarter.
+OTHER_UIDS_FD_SHARE = 4
 # QEMU's id_wellformed: a letter, then letters, digits, '-', '.', '_'.
 _JOB_ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
 SAMPLE_PERIOD = 0.1  # seconds between throughput samples (QEMU's BUFFER_DELAY)
 STOP_TIMEOUT = 1.5  # seconds a shutdown waits for a cancelled job (SIGTERM ends in < 2 s)
+
+
+def _job_fds(settings: JobSettings) -> int:
+    """The fds a job with `settings` opens: its main fd and one per multifd channel."""
+    return 1 + (settings.channels if settings.multifd else 0)
 
 
 def _refuse_readable_memory(backend: MemoryBackend) -> None:
@@ -454,12 +471,38 @@ class MigrationEngine:
                     "concluded jobs with job-dismiss (or start jobs with 'auto-dismiss'), "
                     "or cancel running ones"
                 )
+            others = sum(1 for job in self.jobs.values() if job.owner is not None)
+            if others >= OTHER_UIDS_MAX_JOBS:
+                raise MigrationError(
+                    f"uids other than root's and migd's have {others} jobs listed, the most "
+                    f"migd keeps for them together (OTHER_UIDS_MAX_JOBS {OTHER_UIDS_MAX_JOBS}): "
+                    "dismiss concluded jobs with job-dismiss (or start jobs with "
+                    "'auto-dismiss'), or cancel running ones"
+                )
             return
         listed = sum(1 for job in self.jobs.values() if job.owner is None)
         if job_id is not None and listed >= MAX_JOBS:
             raise MigrationError(
                 f"{listed} jobs are listed, the most migd keeps: dismiss concluded "
                 "jobs with job-dismiss (or start jobs with 'auto-dismiss')"
+            )
+
+    def _check_fd_room(self, settings: JobSettings) -> None:
+        """A capped uid's job (io/blocking.py): its fds, with those of the capped uids'
+        running jobs, within OTHER_UIDS_FD_SHARE's budget. Counted from the jobs'
+        settings, not the open fds: a job opens its channels after its start returns, so a
+        burst of starts would each have seen the fds free."""
+        budget = fd_budget(OTHER_UIDS_FD_SHARE)
+        if blocking.capped_uid() is None or budget is None:
+            return
+        held = sum(_job_fds(job.settings) for job in self.jobs.values()
+                   if job.owner is not None and job.active)  # fmt: skip
+        if held + _job_fds(settings) > budget:
+            raise MigrationError(
+                f"the running jobs of uids other than root's and migd's hold {held} fds, "
+                f"and this one needs {_job_fds(settings)}: migd keeps theirs under "
+                f"{budget}, so that its clients and root's jobs have theirs; wait for "
+                "them to end, or use fewer multifd-channels"
             )
 
     def _resolve_backends(self, ids: Sequence[str] | None) -> list[MemoryBackend]:
@@ -520,6 +563,8 @@ class MigrationEngine:
             return chosen
 
         backends = admit()
+        settings = job_settings if job_settings is not None else self.migration_settings()
+        self._check_fd_room(settings)  # again just before the launch
         if not backends:
             raise MigrationError("There is no memory backend to save: add one with object-add")
         if (live or updates) and not checksums:
@@ -557,6 +602,7 @@ class MigrationEngine:
             # Another request may have started a job (or added or deleted a backend)
             # meanwhile: both checks again, with no await between them and the job's launch.
             _refuse_changed_backends(backends, admit())
+            self._check_fd_room(settings)
             self._refuse_file_conflicts(
                 identity, target.name, "save", "a save to it would overwrite that memory"
             )
@@ -572,7 +618,7 @@ class MigrationEngine:
             await job_cleanup_thread(_let_go, target.discard, holds)  # may wait (FUSE, NFS)
             raise
         job.memory_holds = holds
-        job.settings = job_settings if job_settings is not None else self.migration_settings()
+        job.settings = settings
         self._identify(job, job_id, auto_dismiss, identity)
         job.expected_downtime = self.params.downtime_limit
         job.save_id = uuid.uuid4().hex
@@ -610,6 +656,8 @@ class MigrationEngine:
             return self._resolve_backends(backend_ids)
 
         candidates = admit()
+        chosen = job_settings if job_settings is not None else self.migration_settings()
+        self._check_fd_room(chosen)  # again just before the launch
         main_fd = await blocking.to_thread(target.open_main, self.openers, "restore", peer_uid)
         holds: list[int] = []
         try:
@@ -637,6 +685,7 @@ class MigrationEngine:
             # write what this restore reads) or added or deleted a backend meanwhile: every
             # check again, with no await between them and the job's launch.
             _refuse_changed_backends(candidates, admit())
+            self._check_fd_room(chosen)
             self._check_backends_free([b for _, b in matched])
             self._refuse_file_conflicts(
                 identity,
@@ -652,7 +701,6 @@ class MigrationEngine:
         backends = [b for _, b in matched]
         job = Job("restore", target, backends, sum(layout.length for layout, _ in matched))
         job.memory_holds = holds
-        chosen = job_settings if job_settings is not None else self.migration_settings()
         job.settings = dataclasses.replace(chosen, read_cached=read_cached)
         self._identify(job, job_id, auto_dismiss, identity)
         job.skipped_blocks = [layout.name for layout in skipped]

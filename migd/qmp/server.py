@@ -175,7 +175,8 @@ class Session:
         self.pending_fds = fds
         self._fds_refused = None
         try:
-            check_room_for_passed_fds()
+            # This task serves the session's uid (blocking.serve_uid).
+            check_room_for_passed_fds(capped=blocking.capped_uid() is not None)
         except FdError as exc:
             # Over the cap: close the batch now; the command meant to take it says why.
             unused += self._take_pending_fds()

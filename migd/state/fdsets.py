@@ -49,6 +49,15 @@ def fd_reserve(limit: int) -> int:
     return min(FD_RESERVE, limit // 2)
 
 
+def fd_budget(share: int) -> int | None:
+    """1/`share` of the fds passed ones may use (the open-file limit minus the reserve);
+    None under no limit."""
+    limit, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if limit == resource.RLIM_INFINITY:
+        return None
+    return (limit - fd_reserve(limit)) // share
+
+
 def _open_fd_count() -> int:
     return len(os.listdir("/proc/self/fd")) - 1  # without the listing's own fd
 
@@ -66,16 +75,32 @@ def _fd_table_size() -> int | None:
     return None
 
 
-def check_room_for_passed_fds() -> None:
+def check_room_for_passed_fds(capped: bool = False) -> None:
     """Refuse to keep more passed fds once migd's open fds reach its limit minus the reserve.
 
     Counts every open fd of the process (the passed fds just received included), so a
-    client holding fds pending or a running job's channels count too.
+    client holding fds pending or a running job's channels count too. `capped`: they come
+    from a uid other than root's and migd's (io/blocking.py capped_uid), which stops at
+    half that (check_room_for_fds).
     """
+    check_room_for_fds("passed ones", "close some with remove-fd or closefd", capped)
+
+
+def check_room_for_fds(kept: str, remedy: str, capped: bool = False) -> None:
+    """Refuse to keep more of what `kept` names (passed fds; a memory backend of a uid
+    other than root's and migd's, api/memory.py) once migd's open fds reach its limit
+    minus the reserve; `remedy` says how the client frees some.
+
+    `capped` (for a uid other than root's and migd's): at half of that. At the same
+    bound, such a uid's passed fds (one fd sent a thousand times costs it nothing) or
+    backends filled it, and root's add-fd was refused, and with it every `migd vm save`;
+    the other half is left to root's and migd's clients (the management)."""
     limit, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if limit == resource.RLIM_INFINITY:
         return
     allowed = limit - fd_reserve(limit)
+    if capped:
+        allowed //= 2
     table = _fd_table_size()
     if table is not None and table <= allowed:
         # Fewer fds are open than the table holds: no need to count them. Listing
@@ -84,10 +109,11 @@ def check_room_for_passed_fds() -> None:
         return
     open_now = _open_fd_count()
     if open_now > allowed:
+        whose = " of uids other than root's and migd's" if capped else ""
         raise FdError(
-            f"Too many file descriptors: migd has {open_now} open and keeps passed ones "
+            f"Too many file descriptors: migd has {open_now} open and keeps {kept}{whose} "
             f"under {allowed}, so that {limit - allowed} of its limit of {limit} stay free "
-            "for clients and migrations; close some with remove-fd or closefd"
+            f"for {'root' if capped else 'clients'} and migrations; {remedy}"
         )
 
 
@@ -102,10 +128,10 @@ def _close(fd: int) -> None:
         os.close(fd)
 
 
-def _close_unless_room(fd: int) -> None:
+def _close_unless_room(fd: int, capped: bool) -> None:
     """Keep fd only if there is room for it (check_room_for_passed_fds); else close it."""
     try:
-        check_room_for_passed_fds()
+        check_room_for_passed_fds(capped)
     except FdError:
         _close(fd)
         raise
@@ -185,13 +211,14 @@ class FdStore:
 
     # -- getfd / closefd -------------------------------------------------------------
 
-    def add_named(self, name: str, fd: int) -> None:
-        """Name fd (owned from now on, even on error), replacing and closing a namesake."""
+    def add_named(self, name: str, fd: int, capped: bool = False) -> None:
+        """Name fd (owned from now on, even on error), replacing and closing a namesake.
+        `capped`: passed by a uid other than root's and migd's (check_room_for_fds)."""
         if name and name[0] in string.digits:
             _close(fd)
             raise FdError("Parameter 'fdname' expects a name not starting with a digit")
         if name not in self._named:  # replacing a namesake keeps the count
-            _close_unless_room(fd)
+            _close_unless_room(fd, capped)
         with self._lock:
             old = self._named.get(name)
             self._named[name] = fd
@@ -207,9 +234,12 @@ class FdStore:
 
     # -- add-fd / remove-fd / query-fdsets -------------------------------------------
 
-    def add_fd(self, fd: int, fdset_id: int | None, opaque: str | None) -> tuple[int, int]:
-        """Put fd (owned from now on, even on error) in a set; -> (fdset id, fd)."""
-        _close_unless_room(fd)
+    def add_fd(
+        self, fd: int, fdset_id: int | None, opaque: str | None, capped: bool = False
+    ) -> tuple[int, int]:
+        """Put fd (owned from now on, even on error) in a set; -> (fdset id, fd).
+        `capped`: passed by a uid other than root's and migd's (check_room_for_fds)."""
+        _close_unless_room(fd, capped)
         with self._lock:
             if fdset_id is None:
                 fdset_id = 0

@@ -37,6 +37,15 @@ _MADV_POPULATE_WRITE = 23
 _HUGETLBFS_MAGIC = 0x958458F6
 _ZERO_STEP = 4 << 20  # bytes of zeros per read of /dev/zero
 ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9._-]*")  # QEMU's id_wellformed()
+# Backends of uids other than root's and migd's (io/blocking.py capped_uid): each holds a
+# mapping and, for a file, two fds for as long as it is listed. Unbounded, one such uid
+# (or many, a socket open to all) took every fd of migd's limit, or every mapping of
+# vm.max_map_count, and root's object-add and saves then failed with "Too many open
+# files". 256 per uid: the memory slots of a QEMU machine (ACPI's 256 DIMMs); 4096 for all
+# of them together: 8192 fds and 4096 of the 65,530 mappings Linux allows by default.
+# Root's and migd's own backends (the management's) are not counted.
+UID_MAX_BACKENDS = 256
+OTHER_UIDS_MAX_BACKENDS = 4096
 
 _libc = ctypes.CDLL(None, use_errno=True)
 # fallocate64 keeps 64-bit offsets even where off_t is 32 bits wide.
@@ -646,6 +655,8 @@ class MemoryRegistry:
     def __init__(self) -> None:
         self._backends: dict[str, MemoryBackend] = {}
         self._reserved: dict[str, str] = {}  # id -> block name, of object-adds under way
+        # id -> the capped uid whose backend it is (listed or under way): see UID_MAX_BACKENDS.
+        self._owners: dict[str, int] = {}
 
     def check_new(self, id: str, block_name: str, *, reserved: bool = False) -> None:
         """Refuse an id or block name already taken, or reserved by an object-add still
@@ -664,16 +675,39 @@ class MemoryRegistry:
                 )
 
     @contextlib.contextmanager
-    def reserving(self, id: str, block_name: str) -> Iterator[None]:
+    def reserving(self, id: str, block_name: str, owner: int | None = None) -> Iterator[None]:
         """Hold `id` and `block_name` while a backend is made off the event loop: a second
         object-add of the same id meanwhile is refused before it creates a file (it used
-        to create one, be refused at add(), and leave the file behind)."""
+        to create one, be refused at add(), and leave the file behind). `owner`: the
+        capped uid that asks (None: root's, migd's, the configuration's), whose backends,
+        those under way included, must stay under UID_MAX_BACKENDS and
+        OTHER_UIDS_MAX_BACKENDS."""
         self.check_new(id, block_name)
+        if owner is not None:
+            self._check_owner_room(owner)
+            self._owners[id] = owner
         self._reserved[id] = block_name
         try:
             yield
         finally:
             del self._reserved[id]
+            if id not in self._backends:
+                self._owners.pop(id, None)  # refused: it holds nothing
+
+    def _check_owner_room(self, owner: int) -> None:
+        held = sum(1 for uid in self._owners.values() if uid == owner)
+        if held >= UID_MAX_BACKENDS:
+            raise BackendError(
+                f"uid {owner} has {held} memory backends, the most migd keeps for a uid other "
+                f"than root's and migd's (UID_MAX_BACKENDS {UID_MAX_BACKENDS}): delete some "
+                "with object-del"
+            )
+        if len(self._owners) >= OTHER_UIDS_MAX_BACKENDS:
+            raise BackendError(
+                f"uids other than root's and migd's have {len(self._owners)} memory backends, "
+                f"the most migd keeps for them together (OTHER_UIDS_MAX_BACKENDS "
+                f"{OTHER_UIDS_MAX_BACKENDS}): delete some with object-del"
+            )
 
     def add(self, backend: MemoryBackend, *, reserved: bool = False) -> None:
         """Register backend; on refusal the caller still owns (and closes) it."""
@@ -714,6 +748,7 @@ class MemoryRegistry:
         if backend.in_use > 0:
             raise BackendError(f"Memory backend '{id}' is in use by a migration")
         del self._backends[id]
+        self._owners.pop(id, None)
         return backend
 
     def get(self, id: str) -> MemoryBackend:
@@ -740,6 +775,7 @@ class MemoryRegistry:
         once it was another file's. Such a backend is left open: the process's exit
         closes and unmaps it once the threads are done."""
         backends, self._backends = list(self._backends.values()), {}
+        self._owners = {}
         kept = [backend for backend in backends if backend.in_use > 0]
         for backend in backends:
             if backend.in_use == 0:
