@@ -494,3 +494,10 @@ async def qmp_error(client: Any, command: str, arguments: dict[str, Any] | None 
     with pytest.raises(ExecuteError) as info:
         await client.execute(command, arguments)
     return info.value.error.error.desc
+
+
+@pytest.fixture
+def setup(short_dir: Path, shm: Path, daemon: DaemonProcess) -> dict[str, Path]:
+    """The files of a whole-VM test (tests/test_vm*.py): its directory, the guest's RAM
+    file on tmpfs and the image path; the daemon started."""
+    return {"dir": short_dir, "ram": shm / "guest-ram", "image": short_dir / "vm.img"}

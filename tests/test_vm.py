@@ -74,11 +74,6 @@ async def ignore_shared(vm: QemuVM) -> bool:
     return next(c["state"] for c in caps if c["capability"] == "x-ignore-shared")
 
 
-@pytest.fixture
-def setup(short_dir: Path, shm: Path, daemon: DaemonProcess) -> dict[str, Path]:
-    return {"dir": short_dir, "ram": shm / "guest-ram", "image": short_dir / "vm.img"}
-
-
 async def saved_image(daemon: DaemonProcess, setup: dict[str, Path], *flags: str) -> bytes:
     """Run a firmware-only VM on random RAM, `vm save` it; the RAM file it had then."""
     ram, d = setup["ram"], setup["dir"]

@@ -28,11 +28,6 @@ from .test_vm import INCOMING, SIZE, _options, ignore_shared, qemu_args, status,
 pytestmark = requires_qemu
 
 
-@pytest.fixture
-def setup(short_dir: Path, shm: Path, daemon: DaemonProcess) -> dict[str, Path]:
-    return {"dir": short_dir, "ram": shm / "guest-ram", "image": short_dir / "vm.img"}
-
-
 async def _saved(daemon: DaemonProcess, setup: dict[str, Path], image: Path, seed: int) -> bytes:
     ram, d = setup["ram"], setup["dir"]
     fill_random(ram, SIZE, seed=seed)

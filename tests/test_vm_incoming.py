@@ -17,11 +17,6 @@ from .test_vm import INCOMING, SIZE, qemu_args, saved_image, status, vm_cli
 pytestmark = requires_qemu
 
 
-@pytest.fixture
-def setup(short_dir: Path, shm: Path, daemon: DaemonProcess) -> dict[str, Path]:
-    return {"dir": short_dir, "ram": shm / "guest-ram", "image": short_dir / "vm.img"}
-
-
 @pytest.mark.parametrize("how", ["-incoming unix:", "an earlier load failed"])
 async def test_a_qemu_whose_incoming_migration_was_started_is_refused_before_the_ram(
     daemon: DaemonProcess, setup: dict[str, Path], how: str

@@ -20,11 +20,6 @@ from .test_vm import INCOMING, SIZE, _options, qemu_args, saved_image
 pytestmark = requires_qemu
 
 
-@pytest.fixture
-def setup(short_dir: Path, shm: Path, daemon: DaemonProcess) -> dict[str, Path]:
-    return {"dir": short_dir, "ram": shm / "guest-ram", "image": short_dir / "vm.img"}
-
-
 async def test_qemu_killed_during_the_saves_ram_part_keeps_the_old_image_and_says_so(
     daemon: DaemonProcess, setup: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:

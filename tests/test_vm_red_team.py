@@ -24,11 +24,6 @@ from .test_vm import INCOMING, SIZE, MiB, _options, ignore_shared, qemu_args, st
 pytestmark = requires_qemu
 
 
-@pytest.fixture
-def setup(short_dir: Path, shm: Path, daemon: DaemonProcess) -> dict[str, Path]:
-    return {"dir": short_dir, "ram": shm / "guest-ram", "image": short_dir / "vm.img"}
-
-
 async def test_a_guest_another_client_resumes_during_the_save_gives_no_image(
     daemon: DaemonProcess, setup: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -21,11 +21,6 @@ from .test_vm import MiB, _damage, saved_image
 pytestmark = requires_qemu
 
 
-@pytest.fixture
-def setup(short_dir: Path, shm: Path, daemon: DaemonProcess) -> dict[str, Path]:
-    return {"dir": short_dir, "ram": shm / "guest-ram", "image": short_dir / "vm.img"}
-
-
 def verify(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "migd", "verify", "-q", *args],
                           capture_output=True, text=True, timeout=120)  # fmt: skip
