@@ -388,12 +388,20 @@ def test_sizes_take_binary_suffixes(text, value):
     assert parse_size(text) == value
 
 
-@pytest.mark.parametrize("text", ["+5", "1_000", " 7", "7 ", "-5", "-0", "0x", "0x-1", "12k"])
+@pytest.mark.parametrize("text", ["1_000", "7 ", "-5", "-0", "0x", "0x-1", "12q", "1.5"])
 def test_the_client_refuses_an_offset_exactly_when_a_file_uri_would(text):
     with pytest.raises(MigrationError, match="bad offset"):
         parse_uri(f"file:/x.img,offset={text}")
     with pytest.raises(ValueError, match=f"'{re.escape(text)}' is not an offset"):
         parse_offset(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "value"), [("+5", 5), (" 7", 7), ("12k", 12 << 10), ("1.5k", 1536)]
+)
+def test_the_client_takes_an_offset_exactly_when_a_file_uri_does(text, value):
+    assert parse_uri(f"file:/x.img,offset={text}").offset == value
+    assert parse_offset(text) == value
 
 
 @pytest.mark.parametrize(("text", "value"), [("0", 0), ("4096", 4096), ("0x11921", 0x11921)])

@@ -228,6 +228,13 @@ ROWS: list[Row] = [
          msg("migrate", {"uri": "file:/nonexistent/dir/x"})),
     same("migrate with a uri and an empty channel list", CAPS,
          msg("migrate", {"uri": "gopher:x", "channels": []})),
+    # -- file: URIs as QEMU's file_parse_offset splits them: the first ",offset=" is the
+    # option, every other comma is part of the name; the offset is a qemu_strtosz size.
+    *[same(f"migrate to file:{rest}", CAPS, caps_of(("mapped-ram", True)),
+           msg("migrate", {"uri": f"file:/nonexistent/{rest}"}))
+      for rest in ("a,b", "a,x,offset=4096", "a,OFFSET=1", "a,offset=4k", "a,offset=1.5k",
+                   "a,offset=+4096", "a,offset= 4096", "a,offset=1.5", "a,offset=0x1k",
+                   "a,offset=-4096", "a,offset=18446744073709551616", "a,offset=16E")],
 ]  # fmt: skip
 
 

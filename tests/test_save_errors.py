@@ -36,7 +36,10 @@ async def ready(qmp, shm):
         ({}, "need either 'uri' or 'channels' argument"),
         ({"channels": []}, "need either 'uri' or 'channels' argument"),  # [] is no list
         ({"uri": "file:/tmp/x,offset=0x20M"}, "file URI has bad offset 0x20M: Invalid argument"),
-        ({"uri": "file:/tmp/x,offset=-1"}, "file URI has bad offset -1: Invalid argument"),
+        (
+            {"uri": "file:/tmp/x,offset=-1"},
+            "file URI has bad offset -1: Numerical result out of range",
+        ),
         ({"uri": "unix:/tmp/sock"}, "Migration requires seekable transport (e.g. file)"),
         ({"uri": "tcp:127.0.0.1:4444"}, "Migration requires seekable transport (e.g. file)"),
         ({"uri": "exec:cat"}, "Migration requires seekable transport (e.g. file)"),

@@ -214,7 +214,8 @@ class MigrateArgs(TargetArgs):
     MigrateArgs,
     Empty,
     "Save every memory backend to a file in QEMU's mapped-ram layout: 'uri' "
-    "'file:PATH[,offset=N]' (N decimal or 0x-hex; bytes before N are kept) or 'channels' "
+    "'file:PATH[,offset=N]' (split at the first ',offset=' as QEMU does, N a size as "
+    "QEMU reads it: 4096, 0x1000, 4k; bytes before N are kept) or 'channels' "
     "with one 'main' file address. Needs the mapped-ram capability. Returns at once; "
     "follow the job with query-migrate or MIGRATION events. 'detach' is accepted and "
     "ignored, as in QEMU; 'resume' (postcopy recovery) is refused. The file must be a "

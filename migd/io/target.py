@@ -40,7 +40,12 @@ from ..state.paths import (
 )
 
 _OTHER_TRANSPORTS = ("unix", "tcp", "fd", "exec", "rdma", "vsock")
-_OFFSET = re.compile(r"(0[xX][0-9a-fA-F]+|[0-9]+)")
+# qemu_strtosz's syntax: decimal, optionally with a fraction, then a binary suffix; or hex.
+_DECIMAL_SIZE = re.compile(r"\s*\+?(?P<int>[0-9]*)(?P<frac>\.[0-9]*)?(?P<suffix>[bkmgtpe]?)", re.I)
+_HEX_SIZE = re.compile(r"\s*\+?0[xX](?P<hex>[0-9a-fA-F]+)")
+_SIZE_SUFFIXES = "bkmgtpe"
+# QEMU's file URI option: the first ",offset=" (strstr); every other comma is in the name.
+_OFFSET_OPTION = ",offset="
 
 
 def _open_error(path: str, exc: OSError, verb: str = "open") -> ChannelError:
@@ -175,13 +180,10 @@ class FileTarget:
 
     @classmethod
     def parse(cls, rest: str) -> FileTarget:
-        """What follows `file:` in `file:PATH[,offset=N]`."""
-        path, comma, option = rest.partition(",")
-        offset = 0
-        if comma:
-            if not option.startswith("offset="):
-                raise MigrationError(f"file URI has bad option '{option}': only offset= is known")
-            offset = parse_offset(option[len("offset=") :])
+        """What follows `file:` in `file:PATH[,offset=N]`, split as QEMU's
+        file_parse_offset splits it: a path may hold commas ("file:/vms/a,b.sav")."""
+        path, option, value = rest.partition(_OFFSET_OPTION)
+        offset = parse_offset(value) if option else 0
         if not path:
             raise MigrationError("file URI has no path")
         return cls(path, offset)
@@ -328,10 +330,36 @@ class NotSeekable(MigrationError):
 
 
 def parse_offset(text: str) -> int:
-    """Decimal or 0x-hex, as QEMU's qemu_strtosz accepts without a suffix."""
-    if not _OFFSET.fullmatch(text):
-        raise MigrationError(f"file URI has bad offset {text}: Invalid argument")
-    return int(text, 16) if text[:2].lower() == "0x" else int(text, 10)
+    """A size as QEMU's qemu_strtosz reads a file URI's offset ("4096", "0x1000", "4k",
+    "1.5M"), with its errors: EINVAL for what it cannot read, ERANGE for a negative
+    number or one of 2^64 or more."""
+    value = _strtosz(text)
+    if value is None or not 0 <= value < 1 << 64:
+        reason = "Numerical result out of range" if value is not None else "Invalid argument"
+        raise MigrationError(f"file URI has bad offset {text}: {reason}")
+    return value
+
+
+def _strtosz(text: str) -> int | None:
+    """The value (possibly >= 2^64, or -1 for a negative number) or None if unreadable."""
+    if text.lstrip().startswith("-"):
+        return -1 if _strtosz(text.lstrip()[1:]) is not None else None
+    hexa = _HEX_SIZE.fullmatch(text)
+    if hexa:  # QEMU: hex takes no fraction and no suffix
+        return int(hexa["hex"], 16)
+    dec = _DECIMAL_SIZE.fullmatch(text)
+    if not dec or not (dec["int"] or (dec["frac"] or "")[1:]):
+        return None
+    mul = 1 << 10 * _SIZE_SUFFIXES.index(dec["suffix"].lower()) if dec["suffix"] else 1
+    if dec["frac"] and dec["frac"] != "." and mul == 1:
+        return None  # "a fraction needs a scale"
+    whole = int(dec["int"] or "0") * mul
+    frac = dec["frac"][1:] if dec["frac"] else ""
+    if not frac:
+        return whole
+    scaled = int(frac) * mul
+    # QEMU rounds the fraction's bytes half up.
+    return whole + (2 * scaled + 10 ** len(frac)) // (2 * 10 ** len(frac))
 
 
 # URI scheme -> the target's parser, given what follows "scheme:".

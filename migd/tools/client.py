@@ -57,8 +57,9 @@ def parse_size(text: str) -> int:
 
 
 def parse_offset(text: str) -> int:
-    """Decimal or 0x-hex: the daemon's own parser of file: URI offsets, so that the client
-    takes exactly what a URI may carry; with the command line's error text."""
+    """A size as QEMU reads a file: URI's offset (4096, 0x1000, 4k): the daemon's own
+    parser of file: URI offsets, so that the client takes exactly what a URI may carry;
+    with the command line's error text."""
     try:
         return parse_uri_offset(text)
     except MigrationError:
