@@ -11,8 +11,8 @@ import typing
 from typing import Any, cast
 
 import annotated_types
-from pydantic import BaseModel, ConfigDict, ValidationError
-from pydantic_core import ErrorDetails
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 from ..errors import InvalidRequest
 from ..qapi import QAPI_INT_ERROR, UINT64_T, Alternate, CheckedAs, QapiInt
@@ -33,6 +33,54 @@ class QapiModel(BaseModel):
         strict=True,
         use_enum_values=False,
     )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _optional_null_is_a_wrong_type(cls, value: Any, info: ValidationInfo) -> Any:
+        """QEMU's visitor: an optional member sent as JSON null has the wrong type (absent
+        is fine), unless null is one of its values (an alternate such as StrOrNull).
+        Requests only (validate's context): migd builds replies with None members."""
+        if value is None and info.context is _REQUEST and info.field_name is not None:
+            field = cls.model_fields[info.field_name]
+            kind = _null_error(field.annotation, field.metadata)
+            if kind is not None:
+                raise PydanticCustomError(kind, "null")
+        return value
+
+
+# validate()'s context: what marks a client's request (and its nested members).
+_REQUEST: dict[str, bool] = {"request": True}
+
+
+def _null_error(annotation: Any, metadata: list[Any]) -> str | None:
+    """The type error for null in an optional member `X | None`, named by X's JSON type;
+    None where null is a value (an alternate) or pydantic refuses it already."""
+    if any(isinstance(m, Alternate) for m in metadata):
+        return None
+    if typing.get_origin(annotation) not in (typing.Union, types.UnionType):
+        return None
+    branches = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if len(branches) != 1 or len(branches) == len(typing.get_args(annotation)):
+        return None
+    tp, inner = _strip(branches[0])
+    if any(isinstance(m, Alternate) for m in inner):
+        return None
+    origin = typing.get_origin(tp) or tp
+    for types_, kind in _NULL_ERRORS:
+        if isinstance(origin, type) and issubclass(origin, types_):
+            return kind
+    return None
+
+
+# bool before int: a bool is an int in Python, not in JSON.
+_NULL_ERRORS: tuple[tuple[type | tuple[type, ...], str], ...] = (
+    (bool, "bool_type"),
+    (int, "int_type"),
+    ((str, enum.Enum), "string_type"),
+    (float, "float_type"),
+    (list, "list_type"),
+    ((dict, BaseModel), "dict_type"),
+)
 
 
 class Empty(QapiModel):
@@ -194,6 +242,6 @@ def _qapi_int_text(qapi: QapiInt, kind: str, value: Any, name: str, full: str) -
 
 def validate(model: type[QapiModel], arguments: dict[str, Any]) -> QapiModel:
     try:
-        return model.model_validate(arguments)
+        return model.model_validate(arguments, context=_REQUEST)
     except ValidationError as exc:
         raise translate(model, exc) from None
