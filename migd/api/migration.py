@@ -229,7 +229,8 @@ class MigrateArgs(TargetArgs):
 async def migrate(ctx: Context, args: MigrateArgs) -> Empty:
     target = args.target(outgoing=True)
     if args.resume:
-        raise MigrationError("migd has no postcopy: 'resume' cannot be used")
+        # QEMU's text, always true here: migd has no postcopy, so nothing is ever paused.
+        raise MigrationError("Cannot resume if there is no paused migration")
     job = await ctx.services.engine.start_save(target, ctx.session.peer_uid, args.checksums)
     record_job(ctx, job)
     return Empty()
