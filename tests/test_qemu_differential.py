@@ -242,6 +242,13 @@ ROWS: list[Row] = [
          msg("migrate", {"uri": "file:/nonexistent/dir/x"})),
     same("migrate with a uri and an empty channel list", CAPS,
          msg("migrate", {"uri": "gopher:x", "channels": []})),
+    # -- other transports: QEMU parses the address (socket_parse, inet_parse) before it
+    # refuses a transport that cannot seek, so a malformed one is named as malformed.
+    *[same(f"migrate to {uri}", CAPS, caps_of(("mapped-ram", True)), msg("migrate", {"uri": uri}))
+      for uri in ("tcp:", "tcp:host", "tcp:h:", "tcp::", "tcp:[::1]", "tcp:[::1]:", "unix:",
+                  "fd:", "vsock:1", "vsock:1:2,x", "rdma:h:1", "tcp:h:1,to=x",
+                  "tcp:h:1,ipv4=x", "tcp:h:1,ipv4,,x", "tcp:h:1,keep-alive-count=5",
+                  "tcp:h:1,ipv4=on,ipv6=off", "tcp:127.0.0.1:1", "unix:/x", "fd:1")],
     # -- file: URIs as QEMU's file_parse_offset splits them: the first ",offset=" is the
     # option, every other comma is part of the name; the offset is a qemu_strtosz size.
     *[same(f"migrate to file:{rest}", CAPS, caps_of(("mapped-ram", True)),

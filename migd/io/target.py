@@ -377,5 +377,66 @@ def parse_uri(uri: str) -> Target:
     if parse is not None:
         return parse(rest)
     if scheme in _OTHER_TRANSPORTS:
+        # QEMU parses the address before it asks whether the transport can seek.
+        _check_address(scheme, rest)
         raise NotSeekable("Migration requires seekable transport (e.g. file)")
     raise MigrationError(f"unknown migration protocol: {uri}")
+
+
+# QEMU's sscanf patterns of util/qemu-sockets.c: inet_parse's three address forms (no
+# host, [IPv6], host or IPv4) and vsock_parse's cid:port, each matched as a prefix.
+_INET_PORT_ONLY = re.compile(r":[^,]{1,32}")
+_INET_IPV6 = re.compile(r"\[[^\]]{1,64}\]:[^,]{1,32}")
+_INET_HOST = re.compile(r"[^:]{1,64}:[^,]{1,32}")
+_INET_TO = re.compile(r"\s*[+-]?[0-9]+")
+_VSOCK = re.compile(r"[^:]{1,32}:[^,]{1,32}")
+
+
+def _check_address(scheme: str, address: str) -> None:
+    """QEMU's socket_parse and inet_parse errors for the address of a transport migd does
+    not carry, so that a malformed URI is named as QEMU names it."""
+    if scheme == "unix" and not address:
+        raise MigrationError("invalid Unix socket address")
+    if scheme == "fd" and not address:
+        raise MigrationError("invalid file descriptor address")
+    if scheme == "vsock":
+        match = _VSOCK.match(address)
+        if match is None:
+            raise MigrationError(f"error parsing address '{address}'")
+        if match.end() != len(address):
+            raise MigrationError(f"trailing characters in address '{address}'")
+    if scheme in ("tcp", "rdma"):
+        _check_inet(address)
+
+
+def _check_inet(address: str) -> None:
+    if address.startswith(":"):
+        form, what = _INET_PORT_ONLY, "port in address"
+    elif address.startswith("["):
+        form, what = _INET_IPV6, "IPv6 address"
+    else:
+        form, what = _INET_HOST, "address"
+    match = form.match(address)
+    if match is None:
+        raise MigrationError(f"error parsing {what} '{address}'")
+    options = address[match.end() :]
+    _, to, value = options.partition(",to=")
+    if to:
+        number = _INET_TO.match(value)
+        if number is None or value[number.end() : number.end() + 1] not in ("", ","):
+            raise MigrationError("error parsing to= argument")
+    for flag in _INET_FLAGS:
+        _, found, value = options.partition(f",{flag}")
+        if found:
+            _check_flag(flag, value)
+
+
+_INET_FLAGS = ("ipv4", "ipv6", "keep-alive", "mptcp")
+
+
+def _check_flag(flag: str, value: str) -> None:
+    """inet_parse_flag: what follows the first ',FLAG' up to a comma is '', '=on' or '=off'
+    (and ',,' after it is refused)."""
+    own, comma, rest = value.partition(",")
+    if (comma and rest.startswith(",")) or own not in ("", "=on", "=off"):
+        raise MigrationError(f"error parsing '{flag}' flag '{value}'")
