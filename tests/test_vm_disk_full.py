@@ -7,6 +7,7 @@ daemon, a real size-limited tmpfs (its room is counted in whole pages, exactly).
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,7 +70,14 @@ async def test_a_disk_that_fills_up_as_the_header_is_written_keeps_the_old_image
     async with QemuVM(qemu_args(ram, d / "b-cli.sock", extra=("-S",)), d, name="b") as qemu:
         result = vm_cli(daemon, d / "b-cli.sock", "save", str(image), check=False)
         assert result.returncode == 1, result.stdout
-        assert f"{image}: No space left on device" in result.stderr, result.stderr
+        # The write that failed was to the temporary file beside IMAGE: named, and what
+        # is left said (before: "IMAGE: No space left on device", as if IMAGE were hit).
+        tmp = re.escape(f"{tmpfs_80m}/") + r"\.vm\.img\.[0-9a-f]{8}\.migd-vm-tmp"
+        assert re.search(
+            rf"{tmp} \(the image being written\): No space left on device: the old image "
+            rf"{re.escape(str(image))} is kept, untouched; the temporary file was removed",
+            result.stderr,
+        ), result.stderr
         # Not started (it had not run): QEMU calls a VM whose part it wrote postmigrate.
         assert await status(qemu) == "postmigrate"
     assert image.read_bytes() == b"the previous image"

@@ -663,12 +663,29 @@ def _check_still_named(path: str, fd: int) -> None:
         raise ClientError(f"{path} was replaced during the save: the image is not renamed")
 
 
-def _remove_if_ours(path: str, fd: int) -> None:
+def _remove_if_ours(path: str, fd: int) -> bool:
     """Remove the temporary file of a failed save, but only if `path` still names the
-    file open as `fd`: whatever was put in its place is not ours to delete."""
-    with contextlib.suppress(OSError, ClientError):
+    file open as `fd`: whatever was put in its place is not ours to delete. True if it
+    was removed."""
+    try:
         _check_still_named(path, fd)
         os.unlink(path)
+    except (OSError, ClientError):
+        return False
+    return True
+
+
+def _temporary_failure(image: str, tmp: str, exc: OSError, removed: bool) -> str:
+    """What failed (the temporary file, not IMAGE) and what is left of the save."""
+    what = f"{tmp} (the image being written)"
+    if exc.filename is not None and exc.filename != tmp:  # not a write of the image
+        what = str(exc.filename)
+    if os.path.lexists(image):
+        kept = f"the old image {image} is kept, untouched"
+    else:
+        kept = f"{image} was not created"
+    left = "the temporary file was removed" if removed else f"{tmp} could not be removed"
+    return f"{what}: {exc.strerror or exc}: {kept}; {left}"
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
@@ -938,7 +955,13 @@ async def _save(
         t["durable"] = time.monotonic()
         done = True
     except OSError as exc:
-        raise ClientError(f"{image}: {exc.strerror or exc}") from None
+        if tmp is None:
+            raise ClientError(f"{image}: {exc.strerror or exc}") from None
+        # The write that failed was to the temporary file: name it, and say what is left
+        # (a full disk's "IMAGE: No space left on device" read as if IMAGE were damaged).
+        removed = _remove_if_ours(tmp, fd)
+        failed, tmp = tmp, None
+        raise ClientError(_temporary_failure(image, failed, exc, removed)) from None
     finally:
         if resumes is not None:
             qemu.remove_listener(resumes)
