@@ -836,6 +836,7 @@ async def _save(
     settings = QemuMigration(qemu)
     resumes: Any = None  # QEMU's RESUME events from the stop on (_watch)
     was_running, stopped, done = False, False, False
+    unsynced: str | None = None  # a failed sync of IMAGE's directory, said after the save
     t = opts.timings
     try:
         state = await run_state(qemu)
@@ -949,9 +950,13 @@ async def _save(
         _pwrite_all(fd, vm_image.encode(header), 0)
         os.fsync(fd)
         _check_still_named(tmp, fd)
+        replaced = os.path.lexists(image)
         os.rename(tmp, image)
         tmp = None
-        paths.sync_directory_of(image)
+        # The image is complete and its content durable; only its name's durability can
+        # still fail. It is saved: report that exactly rather than a failure (before: "the
+        # save failed", the guest run again, the new image in place all the same).
+        unsynced = _sync_directory(image, replaced)
         t["durable"] = time.monotonic()
         done = True
     except OSError as exc:
@@ -979,11 +984,19 @@ async def _save(
             for fdset in migd_fdsets:
                 await drop_migd_fdset(migd, fdset)
             await _disconnect(migd)
-        if not (done and opts.after == "quit"):
+        if not (done and opts.after == "quit" and unsynced is None):
             await settings.restore()
         if not done and stopped and was_running:
             await _resume_after_failure(qemu, err)
     resumed, after = True, opts.after
+    if unsynced is not None:
+        print(unsynced, file=err, flush=True)
+        resumed = False  # the exit status says the save is not known durable
+        if opts.after == "quit":
+            # QEMU is all of the VM whose saving is known durable: it is kept.
+            after = "pause"
+            print("QEMU was not quit: the VM is paused (quit it once the directory is "
+                  "synced, e.g. with `sync -f`)", file=err, flush=True)  # fmt: skip
     if opts.after == "resume":
         try:
             await qemu_execute(qemu, "cont", cleanup=True)
@@ -996,7 +1009,7 @@ async def _save(
             else:
                 print(f"the image is saved, but the VM could not be resumed ({exc}): it is "
                       "paused", file=err, flush=True)  # fmt: skip
-    elif opts.after == "quit":
+    elif after == "quit":
         with contextlib.suppress(ClientError):  # QEMU closes the socket as it goes
             await qemu_execute(qemu, "quit", cleanup=True)
     if opts.json:
@@ -1008,6 +1021,21 @@ async def _save(
     else:
         _print_save_summary(image, header, t, after, out)
     return 0 if resumed else 1
+
+
+def _sync_directory(image: str, replaced: bool) -> str | None:
+    """fsync IMAGE's directory after the rename: None, or what is left if it failed (the
+    image complete and its content synced; after a crash, the name may be undone)."""
+    try:
+        paths.sync_directory_of(image)
+    except OSError as exc:
+        before = "the old image again" if replaced else "gone"
+        return (
+            f"{image} is saved, complete and its content synced, but syncing its directory "
+            f"failed ({exc.strerror or exc}): the new name may not survive a crash (it would "
+            f"then be {before}); sync the directory (`sync -f`) or save again"
+        )
+    return None
 
 
 def _watch(qemu: Any, *names: str) -> Any:
