@@ -984,7 +984,7 @@ async def _save(
             for fdset in migd_fdsets:
                 await drop_migd_fdset(migd, fdset)
             await _disconnect(migd)
-        if not (done and opts.after == "quit" and unsynced is None):
+        if not (done and opts.after == "quit"):
             await settings.restore()
         if not done and stopped and was_running:
             await _resume_after_failure(qemu, err)
