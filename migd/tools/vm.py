@@ -680,12 +680,16 @@ def _temporary_failure(image: str, tmp: str, exc: OSError, removed: bool) -> str
     what = f"{tmp} (the image being written)"
     if exc.filename is not None and exc.filename != tmp:  # not a write of the image
         what = str(exc.filename)
+    return f"{what}: {exc.strerror or exc}: {_what_is_left(image, tmp, removed)}"
+
+
+def _what_is_left(image: str, tmp: str, removed: bool) -> str:
     if os.path.lexists(image):
         kept = f"the old image {image} is kept, untouched"
     else:
         kept = f"{image} was not created"
     left = "the temporary file was removed" if removed else f"{tmp} could not be removed"
-    return f"{what}: {exc.strerror or exc}: {kept}; {left}"
+    return f"{kept}; {left}"
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
@@ -967,6 +971,13 @@ async def _save(
         removed = _remove_if_ours(tmp, fd)
         failed, tmp = tmp, None
         raise ClientError(_temporary_failure(image, failed, exc, removed)) from None
+    except ClientError as exc:
+        if tmp is None or tmp not in str(exc):
+            raise
+        # migd's RAM part failed writing the temporary file (a full disk): say what is left.
+        removed = _remove_if_ours(tmp, fd)
+        failed, tmp = tmp, None
+        raise ClientError(f"{exc}: {_what_is_left(image, failed, removed)}") from None
     finally:
         if resumes is not None:
             qemu.remove_listener(resumes)
