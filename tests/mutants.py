@@ -1260,7 +1260,16 @@ MUTANTS = [
         "migd/qmp/server.py",
         "            _, late = await asyncio.wait(set(self._fd_closes), timeout=FD_CLOSE_WAIT)\n",
         "            _, late = await asyncio.wait(set(self._fd_closes)), None\n",
-        ("tests/test_faults.py::test_shutdown_goes_on_while_a_uids_threads_are_stuck",),
+        ("tests/test_faults.py::"
+         "test_shutdown_goes_on_while_the_close_of_a_clients_unused_fd_waits",),
+    ),
+    Mutant(
+        "gone-clients-fds-closed-behind-stuck-calls",
+        "migd/qmp/server.py",
+        "        closing = blocking.submit_cleanup(close_fds, fds)\n",
+        "        closing = blocking.submit(close_fds, fds)\n",
+        ("tests/test_faults.py::"
+         "test_a_gone_clients_fds_are_closed_while_its_uids_calls_are_stuck",),
     ),
     Mutant(
         "job-file-not-held-against-other-processes",

@@ -18,6 +18,7 @@ import gc
 import hashlib
 import json
 import os
+import select
 import signal
 import socket
 import stat
@@ -823,12 +824,19 @@ def test_one_uids_requests_stuck_on_a_dead_filesystem_do_not_hold_other_uids(sho
             next(fs_iter)
 
 
-def test_shutdown_goes_on_while_a_uids_threads_are_stuck(short_dir, shm):
-    """A uid's calls beyond its UID_WORKER_THREADS stuck ones wait in its pool's queue,
-    among them the close of the fds its clients leave unused: SIGTERM's step 2 waited
-    for that close, which never came, so the daemon stopped nothing further (its jobs
-    never cancelled). It waits a bounded while for such closes, then goes on and leaves
-    those fds to the process's exit."""
+def _eof_within(fd: int, timeout: float) -> bool:
+    """True once the pipe's read end `fd` reads EOF (every write end closed), within
+    `timeout` (a bound on "at all")."""
+    ready, _, _ = select.select([fd], [], [], timeout)
+    return bool(ready) and os.read(fd, 1) == b""
+
+
+def test_a_gone_clients_fds_are_closed_while_its_uids_calls_are_stuck(short_dir, shm):
+    """A uid's UID_WORKER_THREADS calls are stuck on its dead FUSE mount; a client of
+    that uid passes an fd no command takes and goes: the fd is closed at once, in the
+    uid's cleanups pool (before: in its calls pool, queued behind the stuck calls, the fd
+    stayed open for as long as the filesystem did not answer, and SIGTERM waited for it
+    FD_CLOSE_WAIT). The fd is a pipe's write end: its read end reads EOF once closed."""
     if os.geteuid() != 0:
         pytest.skip("needs root to connect as another uid")
     fs_iter = mounted_fuse(short_dir, "dead", HangFS)
@@ -837,30 +845,68 @@ def test_shutdown_goes_on_while_a_uids_threads_are_stuck(short_dir, shm):
     daemon = start_daemon(short_dir / "qmp.sock", "--socket-mode", "0666")
     log = LogWatcher(daemon.proc)
     clients: list[RawClient] = []
+    read_end, write_end = os.pipe()
     try:
         clients.extend(stick_object_adds(daemon.socket_path, fs, UID_WORKER_THREADS, OTHER_UID))
         wait_fuse_threads(daemon.pid, UID_WORKER_THREADS)
-        # A client of the same uid passes an fd no command takes: its close, when the
-        # session ends, waits behind the stuck calls.
         holder = _connect_as(OTHER_UID, daemon.socket_path, timeout=30)
-        clients.append(holder)
-        fd = os.open(shm / "passed", os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            send_with_fd(holder, {"execute": "query-version"}, fd)
+            send_with_fd(holder, {"execute": "query-version"}, write_end)
         finally:
-            os.close(fd)
+            os.close(write_end)
         assert "return" in holder.recv_reply()  # the fd is the session's now
+        holder.close()
+        assert _eof_within(read_end, 30), "the gone client's fd was not closed"
+        assert not fs.release.is_set()
+
+        daemon.proc.send_signal(signal.SIGTERM)
+        log.wait_for(b"migd stopped", 30)
+        assert not log.has(b"closes of fds clients left unused are still waiting")
+        fs.release.set()
+        assert daemon.proc.wait(30) == 0
+    finally:
+        os.close(read_end)
+        fs.release.set()
+        for client in clients:
+            client.close()
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+        daemon.proc.wait()
+        with contextlib.suppress(StopIteration):
+            next(fs_iter)
+
+
+def test_shutdown_goes_on_while_the_close_of_a_clients_unused_fd_waits(short_dir, shm):
+    """A client of a capped uid leaves a passed fd unused, of a file on a FUSE mount
+    that holds the FLUSH of its close: SIGTERM's step 2 waits FD_CLOSE_WAIT for that
+    close, logs it, goes on and leaves the fd to the process's exit (before the wait was
+    bounded: the daemon stopped nothing further, its jobs never cancelled)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to connect as another uid")
+    fs_iter = mounted_fuse(short_dir, "slow", FlushHoldFS)
+    fs = next(fs_iter)
+    short_dir.chmod(0o711)
+    daemon = start_daemon(short_dir / "qmp.sock", "--socket-mode", "0666")
+    log = LogWatcher(daemon.proc)
+    fd = -1
+    try:
+        holder = _connect_as(OTHER_UID, daemon.socket_path, timeout=30)
+        fd = os.open(fs.mountpoint / "passed", os.O_RDWR | os.O_CREAT, 0o600)
+        send_with_fd(holder, {"execute": "query-version"}, fd)
+        assert "return" in holder.recv_reply()  # the fd is the session's now
+        fs.armed = True  # from here on, every close's FLUSH waits
 
         daemon.proc.send_signal(signal.SIGTERM)
         log.wait_for(b"migd stopped", 30)  # a bound on "at all": before, never
         assert log.has(b"1 closes of fds clients left unused are still waiting")
-        assert not fs.release.is_set()
+        assert fs.held.is_set() and not fs.release.is_set()
         fs.release.set()
         assert daemon.proc.wait(30) == 0
+        holder.close()
     finally:
         fs.release.set()
-        for client in clients:
-            client.close()
+        if fd >= 0:
+            os.close(fd)
         if daemon.proc.poll() is None:
             daemon.proc.kill()
         daemon.proc.wait()

@@ -7,6 +7,7 @@ daemon, a real size-limited tmpfs (its room is counted in whole pages, exactly).
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,8 +70,38 @@ async def test_a_disk_that_fills_up_as_the_header_is_written_keeps_the_old_image
     async with QemuVM(qemu_args(ram, d / "b-cli.sock", extra=("-S",)), d, name="b") as qemu:
         result = vm_cli(daemon, d / "b-cli.sock", "save", str(image), check=False)
         assert result.returncode == 1, result.stdout
-        assert f"{image}: No space left on device" in result.stderr, result.stderr
+        # The write that failed was to the temporary file beside IMAGE: named, and what
+        # is left said (before: "IMAGE: No space left on device", as if IMAGE were hit).
+        tmp = re.escape(f"{tmpfs_80m}/") + r"\.vm\.img\.[0-9a-f]{8}\.migd-vm-tmp"
+        assert re.search(
+            rf"{tmp} \(the image being written\): No space left on device: the old image "
+            rf"{re.escape(str(image))} is kept, untouched; the temporary file was removed",
+            result.stderr,
+        ), result.stderr
         # Not started (it had not run): QEMU calls a VM whose part it wrote postmigrate.
         assert await status(qemu) == "postmigrate"
     assert image.read_bytes() == b"the previous image"
     assert sorted(p.name for p in tmpfs_80m.iterdir()) == ["filler", "vm.img"]
+
+
+async def test_a_disk_that_fills_up_as_the_ram_is_written_says_what_is_left(
+    daemon: DaemonProcess, short_dir: Path, shm: Path, tmpfs_80m: Path
+) -> None:
+    """migd's RAM part fails on the full disk: its error names the temporary file, and
+    the CLI adds what is left (before: nothing said of IMAGE or of the temporary file)."""
+    d, image = short_dir, tmpfs_80m / "vm.img"
+    ram = shm / "guest-ram"
+    fill_random(ram, SIZE, seed=72)
+    st = os.statvfs(tmpfs_80m)
+    filler = st.f_bavail * st.f_frsize - SIZE // 2  # room for half the RAM
+    subprocess.run(["fallocate", "-l", str(filler), str(tmpfs_80m / "filler")], check=True)
+    async with QemuVM(qemu_args(ram, d / "b-cli.sock", extra=("-S",)), d, name="b"):
+        result = vm_cli(daemon, d / "b-cli.sock", "save", str(image), check=False)
+        assert result.returncode == 1, result.stdout
+        tmp = re.escape(f"{tmpfs_80m}/") + r"\.vm\.img\.[0-9a-f]{8}\.migd-vm-tmp"
+        assert re.search(
+            rf"Could not write '{tmp}': No space left on device: {re.escape(str(image))} was "
+            r"not created; the temporary file was removed",
+            result.stderr,
+        ), result.stderr
+    assert sorted(p.name for p in tmpfs_80m.iterdir()) == ["filler"]

@@ -71,9 +71,11 @@ def signals_deferred() -> Iterator[None]:
     """Ctrl-C, SIGTERM and SIGHUP only logged while the bench removes what it made: a
     second one (an impatient operator, a service manager repeating its SIGTERM) cut the
     teardown short and left the fast disk mounted on its loop device, its GiB of /dev/shm
-    kept. The bench is stopping already, so they are not acted on afterwards either."""
+    kept (and `--vm`'s QEMU or daemon running). Noted as a stop: a teardown between
+    rounds (`--vm`'s QEMU) is followed by raise_if_stopped, not by the next round."""
 
     def note(signum: int, _frame: FrameType | None) -> None:
+        note_stop(signum)
         log(f"{signal.Signals(signum).name}: still removing what the bench made")
 
     old = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}

@@ -57,6 +57,7 @@ from .common import (
     int_in,
     log,
     raise_if_stopped,
+    signals_deferred,
 )
 from .disk import drop_caches, python_disk
 from .fill import fill_memory, same_contents
@@ -140,6 +141,13 @@ class Vm:
         await self.cmd("migrate-set-parameters", params)
 
     async def close(self) -> None:
+        """QEMU quit (killed if it does not), a second signal only noted meanwhile: one
+        raised in the quit's wait cut the teardown short and left QEMU running, its GiB
+        memory file mapped (the bench stops at its next round, raise_if_stopped)."""
+        with signals_deferred():
+            await self._quit()
+
+    async def _quit(self) -> None:
         asked = self.qmp.runstate == Runstate.RUNNING  # else QEMU is killed at once below
         if asked:
             with contextlib.suppress(Exception):
@@ -210,6 +218,7 @@ async def one_round(
             row.qemu_save.append(time.monotonic() - started)
     finally:
         await vm.close()
+    raise_if_stopped()  # a signal deferred while QEMU quit
     expected = saved
     # QEMU's mapped-ram load leaves the pages the file has as zero untouched: it needs a
     # zeroed memory file (a new one) to restore correctly, so it gets one in any case.
@@ -341,30 +350,36 @@ async def main(argv: list[str] | None = None) -> int:
     # whole MiB (QEMU's -m); at least 16 MiB, as --sizes-gib's type checked
     sizes = [int(s * GiB) // (1 << 20) * (1 << 20) for s in args.sizes_gib]
     rows = [Row(size) for size in sizes]
-    with (
-        tempfile.TemporaryDirectory(prefix="migd-vm-", dir=args.memory_dir) as shm,
-        tempfile.TemporaryDirectory(prefix="migd-vm-", dir=args.dir) as work,
-    ):
+    made: list[str] = []  # the directories, removed with signals deferred (below)
+    daemon = None
+    try:
+        made.append(shm := tempfile.mkdtemp(prefix="migd-vm-", dir=args.memory_dir))
+        made.append(work := tempfile.mkdtemp(prefix="migd-vm-", dir=args.dir))
         sock = Path(work) / "migd.sock"
         daemon = start_migd(sock, "--log-level", "warning")
-        try:
-            await (await connect_qmp(sock, daemon, "bench")).disconnect()  # it listens
-            for round_ in range(args.runs):
-                for row in rows:
-                    order = ("migd", "migd-live", "qemu")
-                    order = order if round_ % 2 == 0 else order[::-1]
-                    for who in order:
-                        raise_if_stopped()
-                        log(f"vm round {round_ + 1}/{args.runs}: {who}, {row.size / GiB:g} GiB")
-                        await one_round(who, row, Path(work), Path(shm), sock, args, round_)
-                    write, read = python_disk(Path(work), row.size, lambda: drop_caches(
-                        Path(work), enabled=os.geteuid() == 0))  # fmt: skip
-                    row.disk_write.append(write)
-                    row.disk_read.append(read)
-            raise_if_stopped()  # a stop in the last round's step: not a finished bench
-        finally:
-            daemon.terminate()
-            daemon.wait(30)
+        await (await connect_qmp(sock, daemon, "bench")).disconnect()  # it listens
+        for round_ in range(args.runs):
+            for row in rows:
+                order = ("migd", "migd-live", "qemu")
+                order = order if round_ % 2 == 0 else order[::-1]
+                for who in order:
+                    raise_if_stopped()
+                    log(f"vm round {round_ + 1}/{args.runs}: {who}, {row.size / GiB:g} GiB")
+                    await one_round(who, row, Path(work), Path(shm), sock, args, round_)
+                write, read = python_disk(Path(work), row.size, lambda: drop_caches(
+                    Path(work), enabled=os.geteuid() == 0))  # fmt: skip
+                row.disk_write.append(write)
+                row.disk_read.append(read)
+        raise_if_stopped()  # a stop in the last round's step: not a finished bench
+    finally:
+        # A second signal here cut the teardown short: the daemon left running, the
+        # memory files (GiB in --memory-dir) kept, as fastdisk's teardown once did.
+        with signals_deferred():
+            if daemon is not None:
+                daemon.terminate()
+                daemon.wait(30)
+            for path in reversed(made):
+                shutil.rmtree(path, ignore_errors=True)
     print(report(rows, args))
     return 0
 

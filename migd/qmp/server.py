@@ -577,8 +577,11 @@ class Server:
         self.listener.close()
 
     def close_later(self, fds: list[int]) -> None:
-        """Close fds in a worker thread, without waiting (Session._close_pending_fds)."""
-        closing = blocking.submit(close_fds, fds)
+        """Close fds in a worker thread, without waiting (Session._close_pending_fds). In
+        the uid's cleanups pool, not its calls pool: there they queued behind that uid's
+        stuck calls (a dead FUSE mount of theirs), and a gone client's fds (guest RAM
+        memfds, say) stayed open for as long as the filesystem did not answer."""
+        closing = blocking.submit_cleanup(close_fds, fds)
         self._fd_closes.add(closing)
         closing.add_done_callback(self._fd_closes.discard)
 

@@ -663,12 +663,33 @@ def _check_still_named(path: str, fd: int) -> None:
         raise ClientError(f"{path} was replaced during the save: the image is not renamed")
 
 
-def _remove_if_ours(path: str, fd: int) -> None:
+def _remove_if_ours(path: str, fd: int) -> bool:
     """Remove the temporary file of a failed save, but only if `path` still names the
-    file open as `fd`: whatever was put in its place is not ours to delete."""
-    with contextlib.suppress(OSError, ClientError):
+    file open as `fd`: whatever was put in its place is not ours to delete. True if it
+    was removed."""
+    try:
         _check_still_named(path, fd)
         os.unlink(path)
+    except (OSError, ClientError):
+        return False
+    return True
+
+
+def _temporary_failure(image: str, tmp: str, exc: OSError, removed: bool) -> str:
+    """What failed (the temporary file, not IMAGE) and what is left of the save."""
+    what = f"{tmp} (the image being written)"
+    if exc.filename is not None and exc.filename != tmp:  # not a write of the image
+        what = str(exc.filename)
+    return f"{what}: {exc.strerror or exc}: {_what_is_left(image, tmp, removed)}"
+
+
+def _what_is_left(image: str, tmp: str, removed: bool) -> str:
+    if os.path.lexists(image):
+        kept = f"the old image {image} is kept, untouched"
+    else:
+        kept = f"{image} was not created"
+    left = "the temporary file was removed" if removed else f"{tmp} could not be removed"
+    return f"{kept}; {left}"
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
@@ -819,6 +840,7 @@ async def _save(
     settings = QemuMigration(qemu)
     resumes: Any = None  # QEMU's RESUME events from the stop on (_watch)
     was_running, stopped, done = False, False, False
+    unsynced: str | None = None  # a failed sync of IMAGE's directory, said after the save
     t = opts.timings
     try:
         state = await run_state(qemu)
@@ -932,13 +954,30 @@ async def _save(
         _pwrite_all(fd, vm_image.encode(header), 0)
         os.fsync(fd)
         _check_still_named(tmp, fd)
+        replaced = os.path.lexists(image)
         os.rename(tmp, image)
         tmp = None
-        paths.sync_directory_of(image)
+        # The image is complete and its content durable; only its name's durability can
+        # still fail. It is saved: report that exactly rather than a failure (before: "the
+        # save failed", the guest run again, the new image in place all the same).
+        unsynced = _sync_directory(image, replaced)
         t["durable"] = time.monotonic()
         done = True
     except OSError as exc:
-        raise ClientError(f"{image}: {exc.strerror or exc}") from None
+        if tmp is None:
+            raise ClientError(f"{image}: {exc.strerror or exc}") from None
+        # The write that failed was to the temporary file: name it, and say what is left
+        # (a full disk's "IMAGE: No space left on device" read as if IMAGE were damaged).
+        removed = _remove_if_ours(tmp, fd)
+        failed, tmp = tmp, None
+        raise ClientError(_temporary_failure(image, failed, exc, removed)) from None
+    except ClientError as exc:
+        if tmp is None or tmp not in str(exc):
+            raise
+        # migd's RAM part failed writing the temporary file (a full disk): say what is left.
+        removed = _remove_if_ours(tmp, fd)
+        failed, tmp = tmp, None
+        raise ClientError(f"{exc}: {_what_is_left(image, failed, removed)}") from None
     finally:
         if resumes is not None:
             qemu.remove_listener(resumes)
@@ -961,6 +1000,14 @@ async def _save(
         if not done and stopped and was_running:
             await _resume_after_failure(qemu, err)
     resumed, after = True, opts.after
+    if unsynced is not None:
+        print(unsynced, file=err, flush=True)
+        resumed = False  # the exit status says the save is not known durable
+        if opts.after == "quit":
+            # QEMU is all of the VM whose saving is known durable: it is kept.
+            after = "pause"
+            print("QEMU was not quit: the VM is paused (quit it once the directory is "
+                  "synced, e.g. with `sync -f`)", file=err, flush=True)  # fmt: skip
     if opts.after == "resume":
         try:
             await qemu_execute(qemu, "cont", cleanup=True)
@@ -973,7 +1020,7 @@ async def _save(
             else:
                 print(f"the image is saved, but the VM could not be resumed ({exc}): it is "
                       "paused", file=err, flush=True)  # fmt: skip
-    elif opts.after == "quit":
+    elif after == "quit":
         with contextlib.suppress(ClientError):  # QEMU closes the socket as it goes
             await qemu_execute(qemu, "quit", cleanup=True)
     if opts.json:
@@ -985,6 +1032,21 @@ async def _save(
     else:
         _print_save_summary(image, header, t, after, out)
     return 0 if resumed else 1
+
+
+def _sync_directory(image: str, replaced: bool) -> str | None:
+    """fsync IMAGE's directory after the rename: None, or what is left if it failed (the
+    image complete and its content synced; after a crash, the name may be undone)."""
+    try:
+        paths.sync_directory_of(image)
+    except OSError as exc:
+        before = "the old image again" if replaced else "gone"
+        return (
+            f"{image} is saved, complete and its content synced, but syncing its directory "
+            f"failed ({exc.strerror or exc}): the new name may not survive a crash (it would "
+            f"then be {before}); sync the directory (`sync -f`) or save again"
+        )
+    return None
 
 
 def _watch(qemu: Any, *names: str) -> Any:
