@@ -1443,6 +1443,13 @@ MUTANTS = [
         "        return run_suite(args)\n",
         ("tests/test_bench.py::test_bench_vm_interrupted_leaves_nothing[15]",),
     ),
+    Mutant(
+        "optional-member-null-taken-as-absent",
+        "migd/qmp/validation.py",
+        "        if value is None and info.context is _REQUEST and info.field_name is not None:",
+        "        if False:",
+        ("tests/test_qemu_differential.py",),
+    ),
 ]  # fmt: skip
 
 
