@@ -1450,6 +1450,13 @@ MUTANTS = [
         "        if False:",
         ("tests/test_qemu_differential.py",),
     ),
+    Mutant(
+        "fast-disk-left-mounted",
+        "migd/bench/fastdisk.py",
+        "    def close(self) -> None:\n        if self.mount is not None:",
+        "    def close(self) -> None:\n        return\n        if self.mount is not None:",
+        ("tests/test_bench.py::test_bench_fast_disk_runs_on_a_loop_over_tmpfs_and_leaves_nothing",),
+    ),
 ]  # fmt: skip
 
 
