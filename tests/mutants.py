@@ -1457,6 +1457,13 @@ MUTANTS = [
         "    def close(self) -> None:\n        return\n        if self.mount is not None:",
         ("tests/test_bench.py::test_bench_fast_disk_runs_on_a_loop_over_tmpfs_and_leaves_nothing",),
     ),
+    Mutant(
+        "verify-splits-at-the-last-offset",
+        "migd/tools/verify.py",
+        "    path, option, value = text.partition(_OFFSET_OPTION)",
+        "    path, option, value = text.rpartition(_OFFSET_OPTION)",
+        ("tests/test_verify_cli.py::test_the_file_argument_is_split_as_a_file_uri_is",),
+    ),
 ]  # fmt: skip
 
 

@@ -340,7 +340,7 @@ def test_call_of_a_failing_command_prints_class_and_text_and_exits_1(daemon):
         (["call", "query-version", "[1, 2]"], "must be a JSON object"),
         (["save", "x.img", "--size", "12Q"], "is not a size"),
         (["save", "x.img", "--channels", "0"], "out of range 1..255"),
-        (["save", "x.img", "--offset", "-5"], "'-5' is not an offset (decimal or 0x-hex)"),
+        (["save", "x.img", "--offset", "-5"], "'-5' is not an offset (a size as in a file: URI"),
         (["save", "x.img", "--bogus"], "unrecognized arguments"),
         (["save"], "required: FILE"),
         (["save", "x.img", "--size", "1M"], "--size, --id and --block-name go with --mem-path"),

@@ -26,6 +26,8 @@ import numpy as np
 import pytest
 import xxhash
 
+from migd.errors import MigrationError
+from migd.io.target import parse_uri
 from migd.migration.mapped_ram import format
 from migd.tools.verify import CorruptError, FileInUse, NotASaveError, verify_save
 
@@ -194,6 +196,21 @@ async def test_a_save_at_an_offset_verifies_with_the_offset_form(qmp, shm, short
     assert report.units_checked == UNITS and report.direct_io
     with pytest.raises(NotASaveError, match="no QEVM magic at offset 0"):
         verify_save(str(path), 0, 1)  # the application's header is not a save
+
+
+async def test_the_file_argument_is_split_as_a_file_uri_is(qmp, shm, short_dir):
+    """At the first `,offset=`, as QEMU and migrate-incoming split `file:TEXT`, and the
+    offset read with QEMU's size syntax: what verifies is what a restore of TEXT reads."""
+    path = short_dir / "a.img"
+    path.write_bytes(b"H" * 4096)
+    await migd_save(qmp, shm, path, offset=4096)
+    result = migd("verify", f"{path},offset=4k", "-q")
+    assert result.returncode == 0, result.stderr
+    odd = path.rename(short_dir / "a,offset=0")  # a name no file: URI with an offset gives
+    result = migd("verify", f"{odd},offset=4k", "-q")
+    assert result.returncode == 2 and "'0,offset=4k' is not an offset" in result.stderr
+    with pytest.raises(MigrationError, match="bad offset 0,offset=4k"):
+        parse_uri(f"file:{odd},offset=4k")
 
 
 # -- corrupt files -------------------------------------------------------------------------

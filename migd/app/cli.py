@@ -232,7 +232,7 @@ def _add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
         "file",
         metavar="FILE[,offset=N]",
         type=_type(_verify_file),
-        help="the save file, and the stream's offset in it (decimal or 0x-hex) as in a file: URI",
+        help="the save file, and the stream's offset in it (4096, 0x1000, 4k) as in a file: URI",
     )
     verify.add_argument(
         "--threads",

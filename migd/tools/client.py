@@ -63,7 +63,9 @@ def parse_offset(text: str) -> int:
     try:
         return parse_uri_offset(text)
     except MigrationError:
-        raise ValueError(f"'{text}' is not an offset (decimal or 0x-hex)") from None
+        raise ValueError(
+            f"'{text}' is not an offset (a size as in a file: URI: 4096, 0x1000, 4k, 1M)"
+        ) from None
 
 
 def human_bytes(n: float) -> str:

@@ -25,8 +25,8 @@ import numpy as np
 from ..errors import FormatError, MigrationError
 from ..io.checksums import ALGORITHM, UNIT_BYTES
 from ..io.file_verify import FileBlock, FileProgress, verify_file
-from ..io.target import parse_offset
 from ..migration.mapped_ram import checksum_table, format
+from .client import parse_offset
 from .inspect import InspectError, open_regular, refuse_if_being_written
 
 POLL_SECONDS = 0.1  # how often the progress callback runs while the threads read
@@ -81,19 +81,14 @@ class VerifyReport:
 
 
 def parse_file_argument(text: str) -> tuple[str, int]:
-    """`FILE[,offset=N]` (as in a file: URI) -> (path, offset); ValueError if bad. Only a
-    trailing `,offset=` is an option, so other commas stay part of the name."""
-    path, option, value = text.rpartition(_OFFSET_OPTION)
-    if not option:
-        path, value = text, ""
+    """`FILE[,offset=N]` (as in a file: URI) -> (path, offset); ValueError if bad. Split
+    at the first `,offset=`, as QEMU's file_parse_offset and migd's FileTarget.parse
+    split a file: URI, and the offset read as they read it ("4k" too): the file that
+    verifies is the one `migrate-incoming file:TEXT` would read."""
+    path, option, value = text.partition(_OFFSET_OPTION)
     if not path:
         raise ValueError(f"'{text}' names no file")
-    if not option:
-        return path, 0
-    try:
-        return path, parse_offset(value)
-    except MigrationError:
-        raise ValueError(f"'{value}' is not an offset (decimal or 0x-hex)") from None
+    return path, parse_offset(value) if option else 0
 
 
 def _open_save(path: str, offset: int) -> tuple[int, int]:

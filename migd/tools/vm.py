@@ -675,12 +675,18 @@ def _remove_if_ours(path: str, fd: int) -> bool:
     return True
 
 
-def _temporary_failure(image: str, tmp: str, exc: OSError, removed: bool) -> str:
+def _temporary_failure(tmp: str, exc: OSError, left: str) -> str:
     """What failed (the temporary file, not IMAGE) and what is left of the save."""
     what = f"{tmp} (the image being written)"
     if exc.filename is not None and exc.filename != tmp:  # not a write of the image
         what = str(exc.filename)
-    return f"{what}: {exc.strerror or exc}: {_what_is_left(image, tmp, removed)}"
+    return f"{what}: {exc.strerror or exc}: {left}"
+
+
+def _drop_temporary(image: str, tmp: str, fd: int) -> str:
+    """After a failed write of the temporary file: remove it if it is still ours, and
+    say what is left (IMAGE kept or never created; the temporary file gone or not)."""
+    return _what_is_left(image, tmp, _remove_if_ours(tmp, fd))
 
 
 def _what_is_left(image: str, tmp: str, removed: bool) -> str:
@@ -968,16 +974,15 @@ async def _save(
             raise ClientError(f"{image}: {exc.strerror or exc}") from None
         # The write that failed was to the temporary file: name it, and say what is left
         # (a full disk's "IMAGE: No space left on device" read as if IMAGE were damaged).
-        removed = _remove_if_ours(tmp, fd)
         failed, tmp = tmp, None
-        raise ClientError(_temporary_failure(image, failed, exc, removed)) from None
+        left = _drop_temporary(image, failed, fd)
+        raise ClientError(_temporary_failure(failed, exc, left)) from None
     except ClientError as exc:
         if tmp is None or tmp not in str(exc):
             raise
         # migd's RAM part failed writing the temporary file (a full disk): say what is left.
-        removed = _remove_if_ours(tmp, fd)
         failed, tmp = tmp, None
-        raise ClientError(f"{exc}: {_what_is_left(image, failed, removed)}") from None
+        raise ClientError(f"{exc}: {_drop_temporary(image, failed, fd)}") from None
     finally:
         if resumes is not None:
             qemu.remove_listener(resumes)
