@@ -1464,6 +1464,13 @@ MUTANTS = [
         "    path, option, value = text.rpartition(_OFFSET_OPTION)",
         ("tests/test_verify_cli.py::test_the_file_argument_is_split_as_a_file_uri_is",),
     ),
+    Mutant(
+        "trim-timer-keeps-the-job",
+        "migd/io/threads.py",
+        "StagingPool.IDLE + 0.5, STAGING.trim, context=contextvars.Context()",
+        "StagingPool.IDLE + 0.5, STAGING.trim",
+        ("tests/test_job_status.py::test_an_ended_and_dismissed_job_is_not_kept_alive_by_the_daemon",),
+    ),
 ]  # fmt: skip
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import os
+import weakref
 from pathlib import Path
 
 import pytest
@@ -245,3 +247,23 @@ async def test_a_save_whose_backend_was_restored_into_while_it_started_is_refuse
     with pytest.raises(Exception, match="'ram0' was restored into while this save started"):
         await saving
     assert not other.exists()
+
+
+async def test_an_ended_and_dismissed_job_is_not_kept_alive_by_the_daemon(short_dir):
+    """Nothing the daemon schedules after a job's end holds the job: the staging pool's
+    trim timer (scheduled at every job's end, run 10 s later) kept the job's task
+    context, and with it the job, its plan and its target (round 8b)."""
+    engine = _engine([])
+    await engine.start_save(FileTarget(str(short_dir / "gone.img")))
+    job = engine.job
+    assert job is not None and job.task is not None
+    await job.task
+    if job.id in engine.jobs:  # listed until job-dismiss (unless auto-dismissed)
+        engine.dismiss_job(job.id)
+    ref = weakref.ref(job)
+    del job
+    await engine.start_save(FileTarget(str(short_dir / "next.img")))  # query-migrate's now
+    assert engine.job is not None and engine.job.task is not None
+    await engine.job.task
+    gc.collect()
+    assert ref() is None, [type(r).__name__ for r in gc.get_referrers(ref())]

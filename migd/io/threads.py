@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import ctypes
 import errno
 import logging
@@ -954,8 +955,12 @@ class ThreadEngine:
         try:
             await self._run(transfer)
         finally:
-            # The staging buffers this job gave back go once no job took them again.
-            asyncio.get_running_loop().call_later(StagingPool.IDLE + 0.5, STAGING.trim)
+            # The staging buffers this job gave back go once no job took them again. In an
+            # empty context: the job task's own (its running job, its uid's pool) would
+            # keep the job and all it holds alive until the timer ran.
+            asyncio.get_running_loop().call_later(
+                StagingPool.IDLE + 0.5, STAGING.trim, context=contextvars.Context()
+            )
 
     async def _run(self, transfer: Transfer) -> None:
         work: queue.SimpleQueue[PageRun | None] = queue.SimpleQueue()
