@@ -611,3 +611,19 @@ def test_bench_fast_disk_failed_or_interrupted_leaves_nothing(
     else:
         assert proc.returncode in (128 + sig, 130), err[-3000:]
         assert "interrupted" in err, err[-3000:]
+
+
+def test_load_bench_reports_answers_and_where_the_cpu_went(disk: Path) -> None:
+    """`python -m migd.bench.load` at a tiny size: no errors, and the CPU rows."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "migd.bench.load", "--size-gib", "0.0625", "--clients", "8",
+         "--dir", str(disk)],
+        capture_output=True, text=True, timeout=240, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = dict(re.findall(r"^\| ([^|]+?) \| ([^|]+?) \|", proc.stdout, re.M))
+    assert rows["errors"] == "0" and int(rows["query-migrate answers during the save"]) > 0
+    # A difference of CPU times: at this size it may be noise of either sign.
+    assert re.fullmatch(r"-?\d+ us", rows["daemon CPU per answer"]), rows
+    cpu = re.fullmatch(r"([\d.]+) / ([\d.]+) s", rows["daemon CPU, save alone / polled"])
+    assert cpu is not None and float(cpu[2]) > 0, rows

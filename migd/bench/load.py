@@ -4,7 +4,10 @@ Runs, in one process and one run, the same direct-io save twice: alone, then wit
 clients (default 200) each polling query-migrate every --interval seconds (default
 0.1, as a management app's progress display would; 0 hammers without pause). Prints the
 p50/p99/max answer times seen by the pollers, the number of errors (must be 0), and the
-save throughput with polling as a ratio of the throughput without (target >= 0.9).
+save throughput with polling as a ratio of the throughput without (target >= 0.9), and
+where the CPU went: the daemon's CPU per answer (its CPU during the polled save less
+during the save alone, per answer) and the pollers' own (this process: on a machine of
+few cores the clients compete with the save as much as the daemon's answers do).
 
     .venv/bin/python -m migd.bench.load [--size-gib 2] [--clients 200] [--interval 0.1]
 """
@@ -25,7 +28,7 @@ import numpy as np
 from qemu.qmp import QMPClient
 
 from .disk import drop_caches
-from .processes import connect_qmp, start_migd
+from .processes import connect_qmp, cpu_seconds, start_migd
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -36,6 +39,11 @@ def prepare(target: Path) -> None:
     block this process's event loop and would show up as slow answers."""
     target.unlink(missing_ok=True)
     drop_caches(target.parent, enabled=os.geteuid() == 0)
+
+
+def _own_cpu() -> float:
+    times = os.times()
+    return times.user + times.system
 
 
 async def query_migrate(control: QMPClient) -> dict[str, Any]:
@@ -119,7 +127,9 @@ async def main() -> int:
             prepare(target)
             await timed_save(control, target)  # warm-up: maps the memory once
             prepare(target)
+            daemon_cpu, own_cpu = cpu_seconds(daemon.pid), _own_cpu()
             alone = await timed_save(control, target)
+            cpu_alone = cpu_seconds(daemon.pid) - daemon_cpu
             prepare(target)
 
             pollers = await asyncio.gather(
@@ -133,7 +143,10 @@ async def main() -> int:
             ]
             await asyncio.sleep(0.5)  # let every poller reach its steady loop
             times.clear()
+            daemon_cpu, own_cpu = cpu_seconds(daemon.pid), _own_cpu()
             loaded = await timed_save(control, target)
+            cpu_loaded = cpu_seconds(daemon.pid) - daemon_cpu
+            cpu_pollers = _own_cpu() - own_cpu
             stop.set()
             await asyncio.gather(*tasks)
             await asyncio.gather(*(c.disconnect() for c in pollers))
@@ -160,6 +173,10 @@ async def main() -> int:
     print(f"| save alone | {size / alone / GiB:.2f} GiB/s | |")
     print(f"| save with the pollers | {size / loaded / GiB:.2f} GiB/s | |")
     print(f"| throughput with / without polling | {alone / loaded:.2f} | >= 0.90 |")
+    per_answer = (cpu_loaded - cpu_alone) / max(len(ms), 1) * 1e6
+    print(f"| daemon CPU per answer | {per_answer:.0f} us | |")
+    print(f"| daemon CPU, save alone / polled | {cpu_alone:.2f} / {cpu_loaded:.2f} s | |")
+    print(f"| the pollers' own CPU (this process) | {cpu_pollers:.2f} s | |")
     return 0 if not errors else 1
 
 
