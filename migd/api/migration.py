@@ -344,6 +344,13 @@ class MigrationPassEvent(QapiModel):
 event("MIGRATION_PASS", MigrationPassEvent)
 
 
+def _members(stats: Any) -> dict[str, Any]:
+    """A flat dataclass's members, not copied: query-migrate is what every management
+    application polls, and dataclasses.asdict deep-copies (a third of its answer's
+    CPU, 200 clients polling a save: README, "Control plane under load")."""
+    return {f.name: getattr(stats, f.name) for f in dataclasses.fields(stats)}
+
+
 @command(
     "query-migrate",
     Empty,
@@ -372,10 +379,10 @@ async def query_migrate(ctx: Context, args: Empty) -> MigrationInfo:
         downtime=stats.downtime,
         setup_time=stats.setup_time,
         error_desc=stats.error_desc,
-        ram=None if stats.ram is None else MigrationStats(**dataclasses.asdict(stats.ram)),
+        ram=None if stats.ram is None else MigrationStats(**_members(stats.ram)),
         x_skipped_blocks=list(stats.skipped_blocks) or None,
         x_checksums=(
-            None if stats.checksums is None else ChecksumInfo(**dataclasses.asdict(stats.checksums))
+            None if stats.checksums is None else ChecksumInfo(**_members(stats.checksums))
         ),
     )
 
