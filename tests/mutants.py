@@ -1471,6 +1471,13 @@ MUTANTS = [
         "StagingPool.IDLE + 0.5, STAGING.trim",
         ("tests/test_job_status.py::test_an_ended_and_dismissed_job_is_not_kept_alive_by_the_daemon",),
     ),
+    Mutant(
+        "device-state-buffer-failure-blamed-on-the-image",
+        "migd/tools/vm.py",
+        "        device_fd = _device_state_buffer()",
+        '        device_fd = os.memfd_create("migd-vm-device-state", os.MFD_CLOEXEC)',
+        ("tests/test_vm.py::test_a_device_state_buffer_that_cannot_be_made_is_named_not_the_image",),
+    ),
 ]  # fmt: skip
 
 

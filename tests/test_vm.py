@@ -270,6 +270,39 @@ async def test_a_save_that_fails_keeps_the_old_image_and_runs_the_vm_again(
         subprocess.run(["umount", str(small)], check=True)
 
 
+async def test_a_device_state_buffer_that_cannot_be_made_is_named_not_the_image(
+    daemon: DaemonProcess, setup: dict[str, Path]
+) -> None:
+    """memfd_create failing (ENOMEM, a seccomp filter) raises an OSError with no file
+    name: it was reported as a write of the image that failed ("vm.img.TMP (the image
+    being written): Cannot allocate memory"). The client's os.memfd_create fails here."""
+    ram, d = setup["ram"], setup["dir"]
+    image = d / "vm.img"
+    image.write_bytes(b"the previous image")
+    fill_random(ram, SIZE, seed=8)
+    prelude = (
+        "import errno, os, sys\n"
+        "def refuse(*a):\n    raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))\n"
+        "os.memfd_create = refuse\n"
+        "from migd.app.cli import main\nsys.exit(main())\n"
+    )
+    async with QemuVM(qemu_args(ram, d / "a-cli.sock"), d, name="a") as vm:
+        result = subprocess.run(
+            [sys.executable, "-c", prelude, "vm", "save", "--qmp", str(d / "a-cli.sock"),
+             "--socket", str(daemon.socket_path), "-q", str(image)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert result.returncode == 1, result.stderr
+        assert (
+            "cannot create the memory file that takes QEMU's device state: Cannot allocate "
+            "memory" in result.stderr
+        ), result.stderr
+        assert "image being written" not in result.stderr
+        assert await status(vm) == "running"
+    assert image.read_bytes() == b"the previous image"
+    assert sorted(p.name for p in d.iterdir() if "vm.img" in p.name) == ["vm.img"]
+
+
 async def test_inspect_shows_both_parts(daemon: DaemonProcess, setup: dict[str, Path]) -> None:
     await saved_image(daemon, setup, "--quit")
     out = subprocess.run([sys.executable, "-m", "migd", "inspect", str(setup["image"])],

@@ -655,6 +655,17 @@ def _check_not_ram(
                 )
 
 
+def _device_state_buffer() -> int:
+    """The memfd QEMU writes its part into. Its own failure says so: an OSError without
+    a file name here was reported as a write of the image that failed."""
+    try:
+        return os.memfd_create("migd-vm-device-state", os.MFD_CLOEXEC)
+    except OSError as exc:
+        raise ClientError(
+            f"cannot create the memory file that takes QEMU's device state: {exc.strerror}"
+        ) from None
+
+
 def _check_still_named(path: str, fd: int) -> None:
     """The temporary name must still be the file written through `fd` before it is
     renamed over IMAGE: a file put in its place would become the image."""
@@ -898,7 +909,7 @@ async def _save(
         await settings.set_up(incoming=False)
         # QEMU writes its part into memory first (it truncates the file it is given,
         # which would cut off a RAM part written before it); it is copied in after.
-        device_fd = os.memfd_create("migd-vm-device-state", os.MFD_CLOEXEC)
+        device_fd = _device_state_buffer()
         # QEMU opens the fdset's fd write-only: it looks for one with those flags.
         qemu_fd = os.open(f"/proc/self/fd/{device_fd}", os.O_WRONLY | os.O_CLOEXEC)
         try:
