@@ -1478,6 +1478,13 @@ MUTANTS = [
         '        device_fd = os.memfd_create("migd-vm-device-state", os.MFD_CLOEXEC)',
         ("tests/test_vm.py::test_a_device_state_buffer_that_cannot_be_made_is_named_not_the_image",),
     ),
+    Mutant(
+        "bench-vm-teardown-not-deferred",
+        "migd/bench/vm.py",
+        "        with signals_deferred():\n            await self._quit()",
+        "        await self._quit()",
+        ("tests/test_bench_vm_teardown.py",),
+    ),
 ]  # fmt: skip
 
 

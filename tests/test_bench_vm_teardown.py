@@ -5,11 +5,13 @@ to this process from inside the teardown, through the bench's own handler."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,6 +19,8 @@ from qemu.qmp import QMPClient
 
 from migd.bench import _terminate, common
 from migd.bench.vm import Vm
+
+from .qemu_vm import requires_qemu
 
 
 class SignalledPopen(subprocess.Popen[bytes]):
@@ -57,3 +61,34 @@ async def test_a_second_sigterm_while_a_qemu_is_ended_still_ends_it(
         if proc.poll() is None:
             super(SignalledPopen, proc).kill()
             proc.wait()
+
+
+class SignalledQuitVm(Vm):
+    """A QEMU whose `quit` (the teardown's) is preceded by a SIGTERM to this process."""
+
+    async def cmd(self, name: str, arguments: dict[str, Any] | None = None) -> Any:
+        if name == "quit":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return await super().cmd(name, arguments)
+
+
+@requires_qemu
+async def test_a_second_sigterm_as_a_qemu_is_asked_to_quit_still_ends_it(
+    bench_handler: None, capfd: Any, short_dir: Path
+) -> None:
+    """The teardown's other path: QEMU's QMP connected, so it is asked to quit and
+    waited for (before: the signal's SystemExit left before `quit` was sent)."""
+    ram = short_dir / "ram"
+    ram.write_bytes(b"")
+    args = argparse.Namespace(qemu="qemu-system-x86_64", guest=None)
+    vm = await SignalledQuitVm(short_dir, "q", ram, 16 << 20, args, incoming=True).connect()
+    try:
+        await vm.close()
+        assert vm.proc.returncode == 0  # it quit when asked: not killed
+        assert "SIGTERM: still removing what the bench made" in capfd.readouterr().err
+        with pytest.raises(SystemExit):
+            common.raise_if_stopped()
+    finally:
+        if vm.proc.poll() is None:
+            vm.proc.kill()
+            vm.proc.wait()
