@@ -613,11 +613,11 @@ def test_bench_fast_disk_failed_or_interrupted_leaves_nothing(
         assert "interrupted" in err, err[-3000:]
 
 
-def test_load_bench_reports_answers_and_where_the_cpu_went(disk: Path) -> None:
+def test_load_bench_reports_answers_and_where_the_cpu_went(short_dir: Path) -> None:
     """`python -m migd.bench.load` at a tiny size: no errors, and the CPU rows."""
     proc = subprocess.run(
         [sys.executable, "-m", "migd.bench.load", "--size-gib", "0.0625", "--clients", "8",
-         "--dir", str(disk)],
+         "--dir", str(short_dir)],
         capture_output=True, text=True, timeout=240, cwd=REPO,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
