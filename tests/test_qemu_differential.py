@@ -93,6 +93,40 @@ ERROR = (REPLY, "error", "desc")
 MAIN_FILE = {"channel-type": "main",
              "addr": {"transport": "file", "filename": "/nonexistent/x", "offset": 0}}  # fmt: skip
 
+INET_NO_PORT = {"transport": "socket", "type": "inet", "host": "h"}
+# Channel addresses of every transport, well-formed and not: the flat unions' checks.
+CHANNEL_ADDRS: list[dict[str, Any]] = [
+    {**INET_NO_PORT, "port": None}, INET_NO_PORT, {**INET_NO_PORT, "port": 1},
+    {**INET_NO_PORT, "port": "1"},
+    *[{**INET_NO_PORT, "port": "1", k: v} for k, v in (
+        ("numeric", "x"), ("to", "x"), ("to", 70000), ("to", -1), ("keep-alive", 1),
+        ("mptcp", None), ("x", 1))],
+    {"transport": "socket"}, {"transport": "socket", "type": "nope"},
+    {"transport": "socket", "type": None}, {"transport": "socket", "type": "unix"},
+    {"transport": "socket", "type": "unix", "path": "/x"},
+    {"transport": "socket", "type": "unix", "path": "/x", "abstract": 1},
+    {"transport": "socket", "type": "unix", "path": "/x", "x": 1},
+    {"transport": "socket", "type": "vsock", "cid": 1, "port": "2"},
+    {"transport": "socket", "type": "fd"}, {"transport": "socket", "type": "fd", "str": "3"},
+    {"transport": "exec"}, {"transport": "exec", "args": "x"}, {"transport": "exec", "args": [1]},
+    {"transport": "exec", "args": ["true"]}, {"transport": "exec", "args": [], "x": 1},
+    {"transport": "rdma", "host": "h"}, {"transport": "rdma", "host": "h", "port": "1"},
+    {"transport": "file"}, {"transport": "file", "filename": "/nonexistent/x"},
+    {"transport": "file", "filename": "/nonexistent/x", "offset": "x"},
+    {"transport": "file", "filename": "/nonexistent/x", "offset": 0, "x": 1},
+    {"transport": "file", "filename": 1, "offset": 0},
+    {}, {"transport": "nope"}, {"transport": 1}, {"transport": None},
+]
+WELL_FORMED = ({**INET_NO_PORT, "port": "1"}, {"transport": "socket", "type": "unix", "path": "/x"},
+               {"transport": "socket", "type": "fd", "str": "3"},
+               {"transport": "exec", "args": ["true"]},
+               {"transport": "rdma", "host": "h", "port": "1"})
+
+
+def _well_formed(addr: dict[str, Any]) -> bool:
+    return addr in WELL_FORMED
+
+
 ROWS: list[Row] = [
     # -- greeting and negotiation
     differs("greeting", [], f"{INTENDED}: migd offers no out-of-band execution",
@@ -249,6 +283,31 @@ ROWS: list[Row] = [
                   "fd:", "vsock:1", "vsock:1:2,x", "rdma:h:1", "tcp:h:1,to=x",
                   "tcp:h:1,ipv4=x", "tcp:h:1,ipv4,,x", "tcp:h:1,keep-alive-count=5",
                   "tcp:h:1,ipv4=on,ipv6=off", "tcp:127.0.0.1:1", "unix:/x", "fd:1")],
+    # -- channel addresses (round 10a): QEMU's visitor checks every transport's members
+    # (MigrationAddress and SocketAddress are flat unions) before qmp_migrate refuses the
+    # transport; the well-formed ones then get the seekable-transport refusal in both.
+    *[same(f"migrate channel {json.dumps(addr)}", CAPS, caps_of(("mapped-ram", True)),
+           msg("migrate", {"channels": [{"channel-type": "main", "addr": addr}]}))
+      for addr in CHANNEL_ADDRS],
+    *[differs(f"migrate-incoming channel {json.dumps(addr)}", [CAPS, caps_of(
+          ("mapped-ram", True)), msg("migrate-incoming", {"channels": [
+              {"channel-type": "main", "addr": addr}]})],
+          f"{INTENDED}: migd restores without -incoming defer (QEMU: '-incoming' was not "
+          "specified); a well-formed other transport is refused as not seekable",
+          (3, "error", "desc"))
+      for addr in WELL_FORMED],
+    *[same(f"migrate-incoming channel {json.dumps(addr)}", CAPS, caps_of(("mapped-ram", True)),
+           msg("migrate-incoming", {"channels": [{"channel-type": "main", "addr": addr}]}))
+      for addr in CHANNEL_ADDRS if not _well_formed(addr)],
+    same("migrate with a bad uri and a bad channel address", CAPS, msg("migrate", {
+         "uri": 1, "channels": [{"channel-type": "main", "addr": INET_NO_PORT}]})),
+    same("migrate with a bad channel address and a bad detach", CAPS, msg("migrate", {
+         "detach": 1, "channels": [{"channel-type": "main", "addr": INET_NO_PORT}]})),
+    same("migrate with a bad second channel address", CAPS, msg("migrate", {"channels": [
+         MAIN_FILE, {"channel-type": "main", "addr": {"transport": "file", "filename": "x"}}]})),
+    same("migrate with a well-formed socket main channel and a cpr one", CAPS, msg("migrate", {
+         "channels": [{**MAIN_FILE, "channel-type": "cpr"}, {"channel-type": "main", "addr": {
+             "transport": "socket", "type": "unix", "path": "/x"}}]})),
     # -- file: URIs as QEMU's file_parse_offset splits them: the first ",offset=" is the
     # option, every other comma is part of the name; the offset is a qemu_strtosz size.
     *[same(f"migrate to file:{rest}", CAPS, caps_of(("mapped-ram", True)),

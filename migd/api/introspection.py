@@ -24,7 +24,7 @@ from pydantic import BaseModel
 
 from ..qapi import Alternate
 from ..qmp.dispatch import COMMANDS, EVENTS, command
-from ..qmp.validation import Empty
+from ..qmp.validation import Empty, QapiUnion
 from .context import Context
 
 SchemaInfo = dict[str, Any]
@@ -113,7 +113,11 @@ class SchemaBuilder:
         name = self._masked(model)
         entity: SchemaInfo = {"name": name, "meta-type": "object", "members": []}
         self.entities.append(entity)  # before its members: a model may refer to itself
-        for field_name, info in model.model_fields.items():
+        union = getattr(model, "qapi_union", None)
+        fields = model.model_fields
+        if isinstance(union, QapiUnion) and union.base is not None:
+            fields = {n: fields[n] for n in union.base}
+        for field_name, info in fields.items():
             # pydantic keeps Annotated's markers in .metadata, not in .annotation
             kind = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
             member: dict[str, Any] = {
@@ -123,6 +127,15 @@ class SchemaBuilder:
             if not info.is_required():
                 member["default"] = None  # QEMU: optional, no default advertised
             entity["members"].append(member)
+        if isinstance(union, QapiUnion):
+            # QEMU's flat union: the base's members, the tag, and per case an object of
+            # that case's own members (qapi/introspect.json's SchemaInfoObject).
+            tag = model.model_fields[union.tag]
+            entity["tag"] = tag.alias or union.tag
+            entity["variants"] = [
+                {"case": case, "type": self.type_name(variant)}
+                for case, variant in union.described().items()
+            ]
         return name
 
     def _enum(self, key: Any, values: list[str]) -> str:

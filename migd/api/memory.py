@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import enum
 import os
+import typing
 from collections.abc import Callable, Collection
-from typing import Annotated
+from typing import Annotated, Any, ClassVar
 
-from pydantic import Strict
+from pydantic import Strict, create_model
 
 from ..errors import BackendError, InvalidRequest
 from ..io import blocking
 from ..pages import PAGE_SIZE
 from ..qapi import Uint64
 from ..qmp.dispatch import command
-from ..qmp.validation import Empty, QapiModel
+from ..qmp.validation import Empty, QapiModel, QapiUnion
 from ..state.fdsets import check_room_for_fds, file_name, is_fdset_path
 from ..state.memory import MemoryBackend, create_file_backend, create_ram_backend
 from ..state.partial import PartialMarks
@@ -29,6 +30,9 @@ class QomType(enum.StrEnum):
 
 
 class ObjectAddArgs(QapiModel):
+    """One flat model checks both types (QEMU's texts for each); query-qmp-schema shows
+    it as QEMU's ObjectOptions is shown, a union on 'qom-type' (qapi_union below)."""
+
     qom_type: Annotated[QomType, Strict(False)]
     id: str
     size: Uint64
@@ -36,6 +40,43 @@ class ObjectAddArgs(QapiModel):
     share: bool | None = None
     ramblock_name: str | None = None
     x_accept_partial: bool = False
+
+    qapi_union: ClassVar[QapiUnion]  # set below, from these fields
+
+
+def _properties(name: str, *members: str, required: Collection[str] = ()) -> type[QapiModel]:
+    """A case of object-add's union for introspection: those members of ObjectAddArgs,
+    as declared there, `required` ones mandatory (mem-path of a file, as in QEMU)."""
+    fields: dict[str, Any] = {}
+    for member in members:
+        info = ObjectAddArgs.model_fields[member]
+        kind = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
+        fields[member] = (_strip_none(kind), ...) if member in required else (kind, info)
+    model: type[QapiModel] = create_model(name, __base__=QapiModel, **fields)
+    return model
+
+
+def _strip_none(kind: Any) -> Any:
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    return args[0] if len(args) == 1 else kind
+
+
+# QEMU's ObjectOptions for the two types migd creates: base 'qom-type' and 'id', then each
+# type's properties (QEMU's MemoryBackendFileProperties / MemoryBackendProperties).
+ObjectAddArgs.qapi_union = QapiUnion(
+    "qom_type",
+    {
+        "memory-backend-file": _properties(
+            "MemoryBackendFileProperties",
+            "size", "share", "mem_path", "ramblock_name", "x_accept_partial",
+            required=("mem_path",),
+        ),
+        "memory-backend-ram": _properties(
+            "MemoryBackendProperties", "size", "share", "ramblock_name", "x_accept_partial"
+        ),
+    },
+    base=("qom_type", "id"),
+)  # fmt: skip
 
 
 @command(
