@@ -189,10 +189,65 @@ async def test_migd_schema_read_with_qemus_own_definitions(qmp: Any, short_dir: 
     assert "migrate" in shared and "query-migrate-parameters" in shared
     for query in LIBVIRT_PROBES:  # what a prober finds in QEMU, it finds in migd
         assert (qemu.path(query) is None) == (ours.path(query) is None), query
+    # QEMU's 'unstable'/'deprecated' markers on what both have, and migd's on the same
+    marked = {p: f for n in shared for p, f in _feature_paths(qemu, n).items()}
+    assert "migrate-set-parameters/arg-type/x-checkpoint-delay" in marked
+    mine = {p: f for n in shared for p, f in _feature_paths(ours, n).items()}
+    for path, features in marked.items():
+        if ours.path(path) is not None:
+            assert mine.get(path) == features, path
+    for path, features in mine.items():
+        if qemu.path(path) is not None:
+            assert marked.get(path) == features, f"{path}: QEMU does not mark it"
     for name in shared:
         for side in ("arg-type", "ret-type"):
             _same_members(ours, qemu, ours[name][side], qemu[name][side], f"{name}/{side}")
     qemu.check(await qmp.execute("query-version"), qemu.ret_type("query-version"), "version")
+
+
+def _feature_paths(schema: Schema, command: str) -> dict[str, list[str]]:
+    """Every member and enum value under a command's argument and result types that has
+    features, by its libvirt-style path (the command's own under its name)."""
+    out: dict[str, list[str]] = {}
+    if schema[command].get("features"):
+        out[command] = schema[command]["features"]
+
+    def walk(type_name: str, path: str, depth: int) -> None:
+        e = schema[type_name]
+        while e["meta-type"] == "array":
+            e = schema[e["element-type"]]
+        if depth > 6 or e["meta-type"] not in ("object", "enum"):
+            return
+        for m in e["members"]:
+            if m.get("features"):
+                out[f"{path}/{m['name']}"] = m["features"]
+            if "type" in m:
+                walk(m["type"], f"{path}/{m['name']}", depth + 1)
+        for v in e.get("variants", []):
+            walk(v["type"], f"{path}/+{v['case']}", depth + 1)
+
+    for side in ("arg-type", "ret-type"):
+        if side in schema[command]:
+            walk(schema[command][side], f"{command}/{side}", 0)
+    return out
+
+
+async def test_feature_markers(qmp: Any) -> None:
+    """'unstable' on every x- command, member and enum value (QAPI's rule, and what QEMU 10
+    marks: x-checkpoint-delay, x-colo, ...), 'deprecated' where QEMU 10 marks it."""
+    schema = await migd_schema(qmp)
+    marked = {p: f for n in schema.entities if schema[n]["meta-type"] == "command"
+              for p, f in _feature_paths(schema, n).items()}  # fmt: skip
+    assert marked["migrate-set-parameters/arg-type/x-checkpoint-delay"] == ["unstable"]
+    assert marked["query-migrate-parameters/ret-type/x-vcpu-dirty-limit-period"] == ["unstable"]
+    assert marked["migrate-set-capabilities/arg-type/capabilities/capability/x-colo"] == [
+        "unstable"]  # fmt: skip
+    assert marked["query-migrate-capabilities/ret-type/capability/zero-blocks"] == ["deprecated"]
+    assert marked["x-migd-session-scope"] == ["unstable"]
+    assert marked["migrate-incoming/arg-type/x-read-cached"] == ["unstable"]
+    for path, features in marked.items():
+        assert path.rsplit("/", 1)[-1].startswith("x-") or features == ["deprecated"], path
+    assert "migrate-set-parameters/arg-type/multifd-channels" not in marked
 
 
 # Paths libvirt-style probers ask (virQEMUQAPISchemaPathGet): found in both or in neither.

@@ -22,6 +22,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel
 
+from ..migration.settings import DEPRECATED
 from ..qapi import Alternate
 from ..qmp.dispatch import COMMANDS, EVENTS, command
 from ..qmp.validation import Empty, QapiUnion
@@ -53,6 +54,16 @@ def _strip(tp: Any) -> Any:
                 tp = rest[0]
                 continue
         return tp
+
+
+def _features(name: str) -> dict[str, list[str]]:
+    """QEMU's feature markers for a command, member or enum value: 'unstable' for an x-
+    name (QAPI's rule: QEMU 10 marks x-checkpoint-delay, x-colo, ... so, and migd's own
+    x- extensions are as unstable), 'deprecated' where QEMU 10 says so."""
+    features = ["unstable"] if name.startswith("x-") else []
+    if name in DEPRECATED:
+        features.append("deprecated")
+    return {"features": features} if features else {}
 
 
 def _is_union(tp: Any) -> bool:
@@ -126,6 +137,7 @@ class SchemaBuilder:
             }
             if not info.is_required():
                 member["default"] = None  # QEMU: optional, no default advertised
+            member.update(_features(member["name"]))
             entity["members"].append(member)
         if isinstance(union, QapiUnion):
             # QEMU's flat union: the base's members, the tag, and per case an object of
@@ -144,7 +156,7 @@ class SchemaBuilder:
             {
                 "name": name,
                 "meta-type": "enum",
-                "members": [{"name": v} for v in values],
+                "members": [{"name": v, **_features(v)} for v in values],
                 "values": values,
             }
         )
@@ -169,6 +181,7 @@ def build_schema() -> list[SchemaInfo]:
                 "meta-type": "command",
                 "arg-type": builder.type_name(cmd.arguments),
                 "ret-type": builder.type_name(cmd.result),
+                **_features(name),
             }
         )
     for name, model in sorted(EVENTS.items()):
