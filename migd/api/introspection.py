@@ -56,11 +56,15 @@ def _strip(tp: Any) -> Any:
         return tp
 
 
+# x- names QEMU 10 does not mark unstable (older than the rule; kept for compatibility).
+_STABLE_X = frozenset({"x-use-canonical-path-for-ramblock-id"})
+
+
 def _features(name: str) -> dict[str, list[str]]:
     """QEMU's feature markers for a command, member or enum value: 'unstable' for an x-
     name (QAPI's rule: QEMU 10 marks x-checkpoint-delay, x-colo, ... so, and migd's own
     x- extensions are as unstable), 'deprecated' where QEMU 10 says so."""
-    features = ["unstable"] if name.startswith("x-") else []
+    features = ["unstable"] if name.startswith("x-") and name not in _STABLE_X else []
     if name in DEPRECATED:
         features.append("deprecated")
     return {"features": features} if features else {}
