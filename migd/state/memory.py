@@ -130,9 +130,11 @@ def pages_are_huge(fd: int) -> bool:
 class MemoryBackend:
     """One RAM block: a page-aligned mapping plus, for file backends, its fd."""
 
-    # What query-memdev reports in QEMU's MemdevInfo members, true of every mapping made
-    # here: no MADV_MERGEABLE (KSM), no MADV_DONTDUMP, no MAP_NORESERVE, nothing touched
-    # at creation (pages are populated only by a save or restore), no NUMA binding.
+    # What query-memdev reports in QEMU's MemdevInfo members, true of a mapping made here
+    # unless object-add asked otherwise (advise_mergeable, advise_dontdump, preallocate
+    # set them on the instance): no MADV_MERGEABLE (KSM), no MADV_DONTDUMP, nothing
+    # touched at creation (pages are populated only by a save or restore); always: no
+    # MAP_NORESERVE, no NUMA binding.
     mergeable = False
     dumpable = True
     preallocated = False
