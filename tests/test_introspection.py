@@ -264,6 +264,11 @@ LIBVIRT_PROBES = (
     "object-add/arg-type/+memory-backend-file/size",
     "object-add/arg-type/+memory-backend-file/share",
     "object-add/arg-type/+memory-backend-ram/size",
+    "object-add/arg-type/+memory-backend-ram/prealloc-threads",
+    "object-add/arg-type/+memory-backend-file/prealloc",
+    "object-add/arg-type/+memory-backend-file/readonly",
+    "object-add/arg-type/+memory-backend-file/policy/bind",
+    "object-add/arg-type/+memory-backend-ram/align",
     "object-add/arg-type/mem-path",
     "object-add/arg-type/size",
 )
