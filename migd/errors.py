@@ -17,6 +17,12 @@ class CommandNotFound(MigdError):
     qmp_class = "CommandNotFound"
 
 
+class DeviceNotFound(MigdError):
+    """QEMU's class for an object named that does not exist (a thread-context, say)."""
+
+    qmp_class = "DeviceNotFound"
+
+
 class InvalidRequest(MigdError):
     """Malformed QMP input or arguments (QEMU's dispatcher texts)."""
 

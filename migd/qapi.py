@@ -60,11 +60,13 @@ class CheckedAs:
 
 
 UINT8_T = QapiInt("uint8_t", 0, (1 << 8) - 1)
+UINT16_T = QapiInt("uint16_t", 0, (1 << 16) - 1)
 UINT32_T = QapiInt("uint32_t", 0, (1 << 32) - 1)
 UINT64_T = QapiInt("uint64", 0, (1 << 64) - 1)
 INT64_T = QapiInt("int64", -(1 << 63), (1 << 63) - 1)
 
 Uint8 = Annotated[int, UINT8_T]
+Uint16 = Annotated[int, UINT16_T]
 Uint32 = Annotated[int, UINT32_T]
 Uint64 = Annotated[int, UINT64_T]
 Int64 = Annotated[int, INT64_T]

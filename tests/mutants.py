@@ -1450,6 +1450,42 @@ MUTANTS = [
         "        if False:",
         ("tests/test_qemu_differential.py",),
     ),
+    # --- round 10a: QEMU-exact answers to what libvirt-style clients probe --------------
+    Mutant(
+        "channel-address-members-unchecked",
+        "migd/api/migration.py",
+        "            channel.addr.check_variant((\"channels\", i, \"addr\"))",
+        "            pass",
+        ("tests/test_channel_addresses.py",),
+    ),
+    Mutant(
+        "union-flattened-in-introspection",
+        "migd/api/introspection.py",
+        "        if isinstance(union, QapiUnion) and union.base is not None:",
+        "        if False:",
+        ("tests/test_introspection.py::test_libvirt_style_probes",),
+    ),
+    Mutant(
+        "no-unstable-feature-markers",
+        "migd/api/introspection.py",
+        "features = [\"unstable\"] if name.startswith(\"x-\") and name not in _STABLE_X",
+        "features = [] if name.startswith(\"x-\") and name not in _STABLE_X",
+        ("tests/test_introspection.py::test_feature_markers",),
+    ),
+    Mutant(
+        "prealloc-accepted-but-not-done",
+        "migd/api/memory.py",
+        "    if spec.prealloc:\n        backend.preallocate()",
+        "    if False:\n        backend.preallocate()",
+        ("tests/test_object_add_texts.py::test_merge_dump_and_prealloc_take_effect",),
+    ),
+    Mutant(
+        "readonly-backend-taken-read-write",
+        "migd/api/memory.py",
+        "            bool(args.readonly),",
+        "            False,",
+        ("tests/test_object_add_texts.py",),
+    ),
     Mutant(
         "fast-disk-left-mounted",
         "migd/bench/fastdisk.py",

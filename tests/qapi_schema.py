@@ -61,7 +61,8 @@ class Schema:
 
     def path(self, query: str) -> dict[str, Any] | None:
         """Resolve "command/arg-type/member/..." (libvirt's virQEMUQAPISchemaPathGet,
-        simplified): None when some step does not exist."""
+        simplified): None when some step does not exist. A plain step is a member of the
+        object (of a union: of its base only); "+case" steps into a union's variant."""
         first, *steps = query.split("/")
         entity = self.entities.get(first)
         for step in steps:
@@ -71,6 +72,14 @@ class Schema:
                 entity = self.entities.get(entity.get(step, ""))
                 while entity is not None and entity["meta-type"] == "array":
                     entity = self.entities.get(entity["element-type"])
+                continue
+            if entity["meta-type"] == "object" and step.startswith("+"):
+                # libvirt's "+case": the variant of a flat union whose tag has that value
+                variant = next((v for v in entity.get("variants", []) if v["case"] == step[1:]),
+                               None)  # fmt: skip
+                if variant is None:
+                    return None
+                entity = self.entities.get(variant["type"])
                 continue
             if entity["meta-type"] == "object":
                 member = next((m for m in entity["members"] if m["name"] == step), None)

@@ -53,7 +53,12 @@ async def test_libvirt_style_probes(qmp: Any) -> None:
     schema = await migd_schema(qmp)
     for query in (
         "migrate/arg-type/uri",
-        "migrate/arg-type/channels/addr/offset",
+        "migrate/arg-type/channels/addr/+file/offset",
+        "migrate-incoming/arg-type/channels/addr/+file/filename",
+        "migrate/arg-type/channels/addr/transport/file",
+        "object-add/arg-type/+memory-backend-file/mem-path",
+        "object-add/arg-type/+memory-backend-ram/size",
+        "object-add/arg-type/id",
         "migrate-incoming/arg-type/exit-on-error",
         "migrate-set-parameters/arg-type/direct-io",
         "migrate-set-parameters/arg-type/multifd-channels",
@@ -68,8 +73,47 @@ async def test_libvirt_style_probes(qmp: Any) -> None:
         "migrate/arg-type/nope",
         "query-migrate-capabilities/ret-type/capability/xbzrle-nope",
         "no-such-command/arg-type",
+        # unions as QEMU shows them: a case's members only through its "+case"
+        "migrate/arg-type/channels/addr/offset",
+        "object-add/arg-type/mem-path",
+        # cases migd refuses are not advertised
+        "migrate/arg-type/channels/addr/+socket",
+        "object-add/arg-type/+memory-backend-memfd",
     ):
         assert schema.path(query) is None, query
+
+
+async def test_unions_shaped_as_qemus(qmp: Any) -> None:
+    """migrate's channel address and object-add's arguments are flat unions, as QEMU 10
+    reports them (a base with the tag, then one object per case): the shapes a client
+    checks its request against before it sends it."""
+    schema = await migd_schema(qmp)
+    addr = schema.path("migrate/arg-type/channels/addr")
+    assert addr is not None and addr["tag"] == "transport"
+    assert [m["name"] for m in addr["members"]] == ["transport"]
+    assert [v["case"] for v in addr["variants"]] == ["file"]
+    assert schema.path("migrate/arg-type/channels/addr/transport")["values"] == [
+        "socket", "exec", "rdma", "file"]  # fmt: skip
+    channel = schema.path("migrate/arg-type/channels")
+    assert channel is not None
+    good = {"channel-type": "main", "addr": {"transport": "file", "filename": "f", "offset": 0}}
+    schema.check(good, channel["name"])
+    for bad in (
+        {"channel-type": "main", "addr": {"transport": "file", "filename": "f"}},
+        {"channel-type": "main", "addr": {"transport": "socket", "type": "unix", "path": "p"}},
+    ):
+        with pytest.raises(SchemaError):
+            schema.check(bad, channel["name"])
+    add = schema[schema["object-add"]["arg-type"]]
+    assert add["tag"] == "qom-type"
+    assert [m["name"] for m in add["members"]] == ["qom-type", "id"]
+    file_case = schema.path("object-add/arg-type/+memory-backend-file")
+    assert file_case is not None
+    assert {m["name"]: "default" in m for m in file_case["members"]}["mem-path"] is False
+    request = {"qom-type": "memory-backend-file", "id": "m", "size": 4096, "mem-path": "/p"}
+    schema.check(request, add["name"])
+    with pytest.raises(SchemaError):
+        schema.check({**request, "qom-type": "memory-backend-ram"}, add["name"])
 
 
 async def test_replies_and_events_conform_to_the_schema(qmp: Any, short_dir: Path) -> None:
@@ -143,31 +187,121 @@ async def test_migd_schema_read_with_qemus_own_definitions(qmp: Any, short_dir: 
         if e["meta-type"] == "command" and n in qemu.entities
     ]
     assert "migrate" in shared and "query-migrate-parameters" in shared
+    for query in LIBVIRT_PROBES:  # what a prober finds in QEMU, it finds in migd
+        assert (qemu.path(query) is None) == (ours.path(query) is None), query
+    # QEMU's 'unstable'/'deprecated' markers on what both have, and migd's on the same
+    marked = {p: f for n in shared for p, f in _feature_paths(qemu, n).items()}
+    assert "migrate-set-parameters/arg-type/x-checkpoint-delay" in marked
+    mine = {p: f for n in shared for p, f in _feature_paths(ours, n).items()}
+    for path, features in marked.items():
+        if ours.path(path) is not None:
+            assert mine.get(path) == features, path
+    for path, features in mine.items():
+        if qemu.path(path) is not None:
+            assert marked.get(path) == features, f"{path}: QEMU does not mark it"
     for name in shared:
         for side in ("arg-type", "ret-type"):
             _same_members(ours, qemu, ours[name][side], qemu[name][side], f"{name}/{side}")
     qemu.check(await qmp.execute("query-version"), qemu.ret_type("query-version"), "version")
 
 
+def _feature_paths(schema: Schema, command: str) -> dict[str, list[str]]:
+    """Every member and enum value under a command's argument and result types that has
+    features, by its libvirt-style path (the command's own under its name)."""
+    out: dict[str, list[str]] = {}
+    if schema[command].get("features"):
+        out[command] = schema[command]["features"]
+
+    def walk(type_name: str, path: str, depth: int) -> None:
+        e = schema[type_name]
+        while e["meta-type"] == "array":
+            e = schema[e["element-type"]]
+        if depth > 6 or e["meta-type"] not in ("object", "enum"):
+            return
+        for m in e["members"]:
+            if m.get("features"):
+                out[f"{path}/{m['name']}"] = m["features"]
+            if "type" in m:
+                walk(m["type"], f"{path}/{m['name']}", depth + 1)
+        for v in e.get("variants", []):
+            walk(v["type"], f"{path}/+{v['case']}", depth + 1)
+
+    for side in ("arg-type", "ret-type"):
+        if side in schema[command]:
+            walk(schema[command][side], f"{command}/{side}", 0)
+    return out
+
+
+async def test_feature_markers(qmp: Any) -> None:
+    """'unstable' on every x- command, member and enum value (QAPI's rule, and what QEMU 10
+    marks: x-checkpoint-delay, x-colo, ...), 'deprecated' where QEMU 10 marks it."""
+    schema = await migd_schema(qmp)
+    marked = {p: f for n in schema.entities if schema[n]["meta-type"] == "command"
+              for p, f in _feature_paths(schema, n).items()}  # fmt: skip
+    assert marked["migrate-set-parameters/arg-type/x-checkpoint-delay"] == ["unstable"]
+    assert marked["query-migrate-parameters/ret-type/x-vcpu-dirty-limit-period"] == ["unstable"]
+    assert marked["migrate-set-capabilities/arg-type/capabilities/capability/x-colo"] == [
+        "unstable"]  # fmt: skip
+    assert marked["query-migrate-capabilities/ret-type/capability/zero-blocks"] == ["deprecated"]
+    assert marked["x-migd-session-scope"] == ["unstable"]
+    assert marked["migrate-incoming/arg-type/x-read-cached"] == ["unstable"]
+    for path, features in marked.items():
+        assert path.rsplit("/", 1)[-1].startswith("x-") or features == ["deprecated"], path
+    assert "migrate-set-parameters/arg-type/multifd-channels" not in marked
+
+
+# Paths libvirt-style probers ask (virQEMUQAPISchemaPathGet): found in both or in neither.
+LIBVIRT_PROBES = (
+    "migrate/arg-type/channels",
+    "migrate/arg-type/channels/addr/+file/offset",
+    "migrate/arg-type/channels/addr/+file/filename",
+    "migrate/arg-type/channels/addr/transport/file",
+    "migrate/arg-type/channels/addr/offset",
+    "migrate/arg-type/channels/channel-type/main",
+    "migrate-incoming/arg-type/channels/addr/+file/offset",
+    "object-add/arg-type/qom-type/memory-backend-file",
+    "object-add/arg-type/+memory-backend-file/mem-path",
+    "object-add/arg-type/+memory-backend-file/size",
+    "object-add/arg-type/+memory-backend-file/share",
+    "object-add/arg-type/+memory-backend-ram/size",
+    "object-add/arg-type/+memory-backend-ram/prealloc-threads",
+    "object-add/arg-type/+memory-backend-file/prealloc",
+    "object-add/arg-type/+memory-backend-file/readonly",
+    "object-add/arg-type/+memory-backend-file/policy/bind",
+    "object-add/arg-type/+memory-backend-ram/align",
+    "object-add/arg-type/mem-path",
+    "object-add/arg-type/size",
+)
+
+
 def _same_members(ours: Schema, qemu: Schema, our_type: str, qemu_type: str, where: str) -> None:
     """Arguments: what a QEMU client may omit, migd must let it omit. Results: what a QEMU
     client may count on (mandatory members), migd always sends. Shared members: the same
-    JSON type."""
+    JSON type. A union of QEMU's is one in migd, on the same tag, each of migd's cases
+    one of QEMU's, compared the same way."""
     a, b = ours[our_type], qemu[qemu_type]
     while a["meta-type"] == "array" and b["meta-type"] == "array":
         a, b = ours[a["element-type"]], qemu[b["element-type"]]
     if a["meta-type"] != "object" or b["meta-type"] != "object":
         return
+    assert a.get("tag") == b.get("tag"), f"{where}: union tag"
+    cases = {v["case"]: v["type"] for v in b.get("variants", [])}
+    for variant in a.get("variants", []):
+        assert variant["case"] in cases, f"{where}: case {variant['case']} not QEMU's"
+        _same_members(ours, qemu, variant["type"], cases[variant["case"]],
+                      f"{where}/+{variant['case']}")  # fmt: skip
     mine = {m["name"]: m for m in a["members"]}
     for q in b["members"]:
         m = mine.get(q["name"])
         path = f"{where}/{q['name']}"
-        if where.endswith("ret-type") and "default" not in q:
+        if "/ret-type" in where and "default" not in q:
             assert m is not None and "default" not in m, f"{path}: QEMU always sends it"
         if m is None:
             continue  # an argument migd does not take: refused by name, as unknown
-        if where.endswith("arg-type") and "default" in q:
+        if "/arg-type" in where and "default" in q:
             assert "default" in m, f"{path}: optional in QEMU, mandatory in migd"
         t, u = ours[m["type"]], qemu[q["type"]]
         if t["meta-type"] == "builtin" or u["meta-type"] == "builtin":
             assert t.get("json-type") == u.get("json-type"), f"{path}: type"
+        else:
+            _same_members(ours, qemu, m["type"], q["type"], path)  # nested: channels/addr

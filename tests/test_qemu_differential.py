@@ -16,6 +16,7 @@ memory-backend-file; migd has the same backend. Skipped, saying so, without QEMU
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -92,6 +93,66 @@ ERROR = (REPLY, "error", "desc")
 # Every message gets exactly one reply read. Paths index [greeting, reply 1, reply 2, ...].
 MAIN_FILE = {"channel-type": "main",
              "addr": {"transport": "file", "filename": "/nonexistent/x", "offset": 0}}  # fmt: skip
+
+INET_NO_PORT = {"transport": "socket", "type": "inet", "host": "h"}
+# Channel addresses of every transport, well-formed and not: the flat unions' checks.
+CHANNEL_ADDRS: list[dict[str, Any]] = [
+    {**INET_NO_PORT, "port": None}, INET_NO_PORT, {**INET_NO_PORT, "port": 1},
+    {**INET_NO_PORT, "port": "1"},
+    *[{**INET_NO_PORT, "port": "1", k: v} for k, v in (
+        ("numeric", "x"), ("to", "x"), ("to", 70000), ("to", -1), ("keep-alive", 1),
+        ("mptcp", None), ("x", 1))],
+    {"transport": "socket"}, {"transport": "socket", "type": "nope"},
+    {"transport": "socket", "type": None}, {"transport": "socket", "type": "unix"},
+    {"transport": "socket", "type": "unix", "path": "/x"},
+    {"transport": "socket", "type": "unix", "path": "/x", "abstract": 1},
+    {"transport": "socket", "type": "unix", "path": "/x", "x": 1},
+    {"transport": "socket", "type": "vsock", "cid": 1, "port": "2"},
+    {"transport": "socket", "type": "fd"}, {"transport": "socket", "type": "fd", "str": "3"},
+    {"transport": "exec"}, {"transport": "exec", "args": "x"}, {"transport": "exec", "args": [1]},
+    {"transport": "exec", "args": ["true"]}, {"transport": "exec", "args": [], "x": 1},
+    {"transport": "rdma", "host": "h"}, {"transport": "rdma", "host": "h", "port": "1"},
+    {"transport": "file"}, {"transport": "file", "filename": "/nonexistent/x"},
+    {"transport": "file", "filename": "/nonexistent/x", "offset": "x"},
+    {"transport": "file", "filename": "/nonexistent/x", "offset": 0, "x": 1},
+    {"transport": "file", "filename": 1, "offset": 0},
+    {}, {"transport": "nope"}, {"transport": 1}, {"transport": None},
+]
+WELL_FORMED = ({**INET_NO_PORT, "port": "1"}, {"transport": "socket", "type": "unix", "path": "/x"},
+               {"transport": "socket", "type": "fd", "str": "3"},
+               {"transport": "exec", "args": ["true"]},
+               {"transport": "rdma", "host": "h", "port": "1"})
+
+
+def _well_formed(addr: dict[str, Any]) -> bool:
+    return addr in WELL_FORMED
+
+
+# A file both sides map in turn (QEMU creates it; migd takes it as the caller's own).
+OPTS_PATH = f"/dev/shm/migd-diff-opts-{os.getpid()}"
+OPTS_RAM = {"qom-type": "memory-backend-ram", "id": "r9", "size": 4096}
+OPTS_FILE = {"qom-type": "memory-backend-file", "id": "f9", "size": 4096, "mem-path": OPTS_PATH}
+BACKEND_OPTIONS: list[tuple[str, Any]] = [
+    ("merge", "x"), ("merge", True), ("merge", False), ("dump", "x"), ("dump", False),
+    ("prealloc", "x"), ("prealloc", True), ("prealloc-threads", "x"), ("prealloc-threads", 0),
+    ("prealloc-threads", -1), ("prealloc-threads", 2), ("prealloc-threads", 1 << 32),
+    ("prealloc-context", "x"), ("prealloc-context", 1), ("reserve", "x"), ("reserve", True),
+    ("host-nodes", "x"), ("host-nodes", [0]), ("host-nodes", []), ("host-nodes", ["x"]),
+    ("policy", "x"), ("policy", "bind"), ("policy", "default"), ("policy", 1),
+    ("x-use-canonical-path-for-ramblock-id", True),
+    ("x-use-canonical-path-for-ramblock-id", "x"),
+    ("align", "x"), ("align", 3), ("align", 4096), ("offset", "x"), ("offset", 0),
+    ("discard-data", False), ("discard-data", "x"), ("pmem", False), ("readonly", False),
+    ("readonly", "x"), ("rom", "x"), ("rom", "on"), ("rom", "auto"),
+]
+# Taken by QEMU, refused by migd, saying why (on a memory-backend-ram QEMU refuses the
+# file's own members as unexpected, and so does migd).
+MIGD_REFUSES: list[tuple[str, Any]] = [
+    ("align", 8192), ("offset", 4096), ("discard-data", True), ("pmem", True),
+    ("readonly", True), ("reserve", False),
+]
+BACKEND_OPTIONS += MIGD_REFUSES
+
 
 ROWS: list[Row] = [
     # -- greeting and negotiation
@@ -249,6 +310,45 @@ ROWS: list[Row] = [
                   "fd:", "vsock:1", "vsock:1:2,x", "rdma:h:1", "tcp:h:1,to=x",
                   "tcp:h:1,ipv4=x", "tcp:h:1,ipv4,,x", "tcp:h:1,keep-alive-count=5",
                   "tcp:h:1,ipv4=on,ipv6=off", "tcp:127.0.0.1:1", "unix:/x", "fd:1")],
+    # -- channel addresses (round 10a): QEMU's visitor checks every transport's members
+    # (MigrationAddress and SocketAddress are flat unions) before qmp_migrate refuses the
+    # transport; the well-formed ones then get the seekable-transport refusal in both.
+    *[same(f"migrate channel {json.dumps(addr)}", CAPS, caps_of(("mapped-ram", True)),
+           msg("migrate", {"channels": [{"channel-type": "main", "addr": addr}]}))
+      for addr in CHANNEL_ADDRS],
+    *[differs(f"migrate-incoming channel {json.dumps(addr)}", [CAPS, caps_of(
+          ("mapped-ram", True)), msg("migrate-incoming", {"channels": [
+              {"channel-type": "main", "addr": addr}]})],
+          f"{INTENDED}: migd restores without -incoming defer (QEMU: '-incoming' was not "
+          "specified); a well-formed other transport is refused as not seekable",
+          (3, "error", "desc"))
+      for addr in WELL_FORMED],
+    *[same(f"migrate-incoming channel {json.dumps(addr)}", CAPS, caps_of(("mapped-ram", True)),
+           msg("migrate-incoming", {"channels": [{"channel-type": "main", "addr": addr}]}))
+      for addr in CHANNEL_ADDRS if not _well_formed(addr)],
+    same("migrate with a bad uri and a bad channel address", CAPS, msg("migrate", {
+         "uri": 1, "channels": [{"channel-type": "main", "addr": INET_NO_PORT}]})),
+    same("migrate with a bad channel address and a bad detach", CAPS, msg("migrate", {
+         "detach": 1, "channels": [{"channel-type": "main", "addr": INET_NO_PORT}]})),
+    same("migrate with a bad second channel address", CAPS, msg("migrate", {"channels": [
+         MAIN_FILE, {"channel-type": "main", "addr": {"transport": "file", "filename": "x"}}]})),
+    same("migrate with a well-formed socket main channel and a cpr one", CAPS, msg("migrate", {
+         "channels": [{**MAIN_FILE, "channel-type": "cpr"}, {"channel-type": "main", "addr": {
+             "transport": "socket", "type": "unix", "path": "/x"}}]})),
+    # -- object-add's memory backend properties (round 10a): QEMU's types and checks, then
+    # what migd does not do refused by name (docs/qemu-conformance.md, object-add)
+    *[same(f"{add['qom-type']} {key}={json.dumps(value)}", CAPS, msg("object-add",
+           {**add, key: value}), msg("object-del", {"id": add["id"]}))
+      for add in (OPTS_RAM, OPTS_FILE) for key, value in BACKEND_OPTIONS
+      if (key, value) not in MIGD_REFUSES or (add is OPTS_RAM and key != "reserve")],
+    *[differs(f"{add['qom-type']} {key}={json.dumps(value)}", [CAPS, msg("object-add",
+              {**add, key: value}), msg("object-del", {"id": add["id"]})],
+              f"{INTENDED}: migd does not support '{key}' = {json.dumps(value)} (a QEMU "
+              "backend can; the reason is in migd's text)", (REPLY,), (REPLY + 1,))
+      for add in (OPTS_RAM, OPTS_FILE) for key, value in MIGD_REFUSES
+      if add is OPTS_FILE or key == "reserve"],
+    same("memory-backend-ram prealloc with reserve off", CAPS, msg("object-add",
+         {**OPTS_RAM, "prealloc": True, "reserve": False})),
     # -- file: URIs as QEMU's file_parse_offset splits them: the first ",offset=" is the
     # option, every other comma is part of the name; the offset is a qemu_strtosz size.
     *[same(f"migrate to file:{rest}", CAPS, caps_of(("mapped-ram", True)),
@@ -337,6 +437,7 @@ def sides() -> Iterator[tuple[Path, Path]]:
         qemu.wait(10)
         shutil.rmtree(mem, ignore_errors=True)
         shutil.rmtree(sock_dir, ignore_errors=True)
+        Path(OPTS_PATH).unlink(missing_ok=True)
 
 
 @pytest.mark.parametrize(("name", "messages", "difference"), ROWS, ids=[r[0] for r in ROWS])

@@ -22,9 +22,10 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel
 
+from ..migration.settings import DEPRECATED
 from ..qapi import Alternate
 from ..qmp.dispatch import COMMANDS, EVENTS, command
-from ..qmp.validation import Empty
+from ..qmp.validation import Empty, QapiUnion
 from .context import Context
 
 SchemaInfo = dict[str, Any]
@@ -53,6 +54,20 @@ def _strip(tp: Any) -> Any:
                 tp = rest[0]
                 continue
         return tp
+
+
+# x- names QEMU 10 does not mark unstable (older than the rule; kept for compatibility).
+_STABLE_X = frozenset({"x-use-canonical-path-for-ramblock-id"})
+
+
+def _features(name: str) -> dict[str, list[str]]:
+    """QEMU's feature markers for a command, member or enum value: 'unstable' for an x-
+    name (QAPI's rule: QEMU 10 marks x-checkpoint-delay, x-colo, ... so, and migd's own
+    x- extensions are as unstable), 'deprecated' where QEMU 10 says so."""
+    features = ["unstable"] if name.startswith("x-") and name not in _STABLE_X else []
+    if name in DEPRECATED:
+        features.append("deprecated")
+    return {"features": features} if features else {}
 
 
 def _is_union(tp: Any) -> bool:
@@ -113,7 +128,11 @@ class SchemaBuilder:
         name = self._masked(model)
         entity: SchemaInfo = {"name": name, "meta-type": "object", "members": []}
         self.entities.append(entity)  # before its members: a model may refer to itself
-        for field_name, info in model.model_fields.items():
+        union = getattr(model, "qapi_union", None)
+        fields = model.model_fields
+        if isinstance(union, QapiUnion) and union.base is not None:
+            fields = {n: fields[n] for n in union.base}
+        for field_name, info in fields.items():
             # pydantic keeps Annotated's markers in .metadata, not in .annotation
             kind = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
             member: dict[str, Any] = {
@@ -122,7 +141,17 @@ class SchemaBuilder:
             }
             if not info.is_required():
                 member["default"] = None  # QEMU: optional, no default advertised
+            member.update(_features(member["name"]))
             entity["members"].append(member)
+        if isinstance(union, QapiUnion):
+            # QEMU's flat union: the base's members, the tag, and per case an object of
+            # that case's own members (qapi/introspect.json's SchemaInfoObject).
+            tag = model.model_fields[union.tag]
+            entity["tag"] = tag.alias or union.tag
+            entity["variants"] = [
+                {"case": case, "type": self.type_name(variant)}
+                for case, variant in union.described().items()
+            ]
         return name
 
     def _enum(self, key: Any, values: list[str]) -> str:
@@ -131,7 +160,7 @@ class SchemaBuilder:
             {
                 "name": name,
                 "meta-type": "enum",
-                "members": [{"name": v} for v in values],
+                "members": [{"name": v, **_features(v)} for v in values],
                 "values": values,
             }
         )
@@ -156,6 +185,7 @@ def build_schema() -> list[SchemaInfo]:
                 "meta-type": "command",
                 "arg-type": builder.type_name(cmd.arguments),
                 "ret-type": builder.type_name(cmd.result),
+                **_features(name),
             }
         )
     for name, model in sorted(EVENTS.items()):

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import enum
 import os
+import typing
 from collections.abc import Callable, Collection
-from typing import Annotated
+from typing import Annotated, Any, ClassVar
 
-from pydantic import Strict
+from pydantic import ModelWrapValidatorHandler, Strict, create_model, model_validator
 
-from ..errors import BackendError, InvalidRequest
+from ..errors import BackendError, DeviceNotFound, InvalidRequest
 from ..io import blocking
 from ..pages import PAGE_SIZE
-from ..qapi import Uint64
+from ..qapi import Uint16, Uint32, Uint64
 from ..qmp.dispatch import command
-from ..qmp.validation import Empty, QapiModel
+from ..qmp.validation import ArgumentError, Empty, QapiModel, QapiUnion
 from ..state.fdsets import check_room_for_fds, file_name, is_fdset_path
 from ..state.memory import MemoryBackend, create_file_backend, create_ram_backend
 from ..state.partial import PartialMarks
@@ -28,14 +29,115 @@ class QomType(enum.StrEnum):
     memory_backend_ram = "memory-backend-ram"
 
 
+class HostMemPolicy(enum.StrEnum):
+    default = "default"
+    preferred = "preferred"
+    bind = "bind"
+    interleave = "interleave"
+
+
+class OnOffAuto(enum.StrEnum):
+    auto = "auto"
+    on = "on"
+    off = "off"
+
+
+# memory-backend-file's own properties (QEMU's MemoryBackendFileProperties): a
+# memory-backend-ram given one is refused as QEMU refuses it, as unexpected.
+FILE_ONLY = ("align", "offset", "discard-data", "mem-path", "pmem", "readonly", "rom")
+
+
 class ObjectAddArgs(QapiModel):
+    """One flat model checks both types (QEMU's texts for each); query-qmp-schema shows
+    it as QEMU's ObjectOptions is shown, a union on 'qom-type' (qapi_union below). Every
+    property of QEMU's two backends is taken with its QAPI type; what migd does with
+    each is in check_backend_options and docs/qemu-conformance.md."""
+
     qom_type: Annotated[QomType, Strict(False)]
     id: str
-    size: Uint64
-    mem_path: str | None = None
+    # QEMU's MemoryBackendProperties, in its order
+    dump: bool | None = None
+    host_nodes: list[Uint16] | None = None
+    merge: bool | None = None
+    policy: Annotated[HostMemPolicy, Strict(False)] | None = None
+    prealloc: bool | None = None
+    prealloc_threads: Uint32 | None = None
+    prealloc_context: str | None = None
     share: bool | None = None
+    reserve: bool | None = None
+    size: Uint64
+    x_use_canonical_path_for_ramblock_id: bool | None = None
+    # MemoryBackendFileProperties
+    align: Uint64 | None = None
+    offset: Uint64 | None = None
+    discard_data: bool | None = None
+    mem_path: str | None = None
+    pmem: bool | None = None
+    readonly: bool | None = None
+    rom: Annotated[OnOffAuto, Strict(False)] | None = None
+    # migd's
     ramblock_name: str | None = None
     x_accept_partial: bool = False
+
+    qapi_union: ClassVar[QapiUnion]  # set below, from these fields
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _file_only_members(cls, data: Any, handler: ModelWrapValidatorHandler[Any]) -> Any:
+        """QEMU reads a memory-backend-ram's own members first, then refuses a file's
+        member as unexpected (mem-path is refused later, in migd's words)."""
+        if isinstance(data, dict) and data.get("qom-type") == QomType.memory_backend_ram:
+            extra = [k for k in data if k in FILE_ONLY and k != "mem-path"]
+            if extra:
+                handler({k: v for k, v in data.items() if k not in extra})
+                raise ArgumentError(f"Parameter '{extra[0]}' is unexpected")
+        return handler(data)
+
+    @property
+    def block_name(self) -> str:
+        """The RAM block's name in save files: 'ramblock-name', else QEMU's: the id, or
+        with x-use-canonical-path-for-ramblock-id the object's path, '/objects/ID'."""
+        if self.ramblock_name:
+            return self.ramblock_name
+        return f"/objects/{self.id}" if self.x_use_canonical_path_for_ramblock_id else self.id
+
+
+def _properties(name: str, *members: str, required: Collection[str] = ()) -> type[QapiModel]:
+    """A case of object-add's union for introspection: those members of ObjectAddArgs,
+    as declared there, `required` ones mandatory (mem-path of a file, as in QEMU)."""
+    fields: dict[str, Any] = {}
+    for member in members:
+        info = ObjectAddArgs.model_fields[member]
+        kind = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
+        fields[member] = (_strip_none(kind), ...) if member in required else (kind, info)
+    model: type[QapiModel] = create_model(name, __base__=QapiModel, **fields)
+    return model
+
+
+def _strip_none(kind: Any) -> Any:
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    return args[0] if len(args) == 1 else kind
+
+
+_COMMON = (
+    *("dump", "host_nodes", "merge", "policy", "prealloc", "prealloc_threads"),
+    *("prealloc_context", "share", "reserve", "size", "x_use_canonical_path_for_ramblock_id"),
+)
+_FILE = ("align", "offset", "discard_data", "mem_path", "pmem", "readonly", "rom")
+_MIGD = ("ramblock_name", "x_accept_partial")
+
+# QEMU's ObjectOptions for the two types migd creates: base 'qom-type' and 'id', then each
+# type's properties (QEMU's MemoryBackendFileProperties / MemoryBackendProperties).
+ObjectAddArgs.qapi_union = QapiUnion(
+    "qom_type",
+    {
+        "memory-backend-file": _properties(
+            "MemoryBackendFileProperties", *_COMMON, *_FILE, *_MIGD, required=("mem_path",)
+        ),
+        "memory-backend-ram": _properties("MemoryBackendProperties", *_COMMON, *_MIGD),
+    },
+    base=("qom_type", "id"),
+)  # fmt: skip
 
 
 @command(
@@ -76,7 +178,7 @@ async def object_add(ctx: Context, args: ObjectAddArgs) -> Empty:
         check_room_for_fds("memory backends", "delete some with object-del", capped=True)
     # Before anything is created, and held until the backend is added: a refused
     # object-add must leave no file behind.
-    with registry.reserving(args.id, args.ramblock_name or args.id, owner):
+    with registry.reserving(args.id, args.block_name, owner):
         fd = None
         # A VMM's memfd or file passed by add-fd: map a read-write dup the backend owns.
         if args.mem_path is not None and is_fdset_path(args.mem_path):
@@ -124,6 +226,67 @@ def check_size(qom_type: QomType, size: int) -> None:
         raise BackendError(f"backend '{qom_type}' memory size must be multiple of 4 KiB")
 
 
+def check_backend_options(args: ObjectAddArgs) -> None:
+    """QEMU's own checks of the backend properties, in its texts and order, then what migd
+    does not do, named with why (docs/qemu-conformance.md has the table). merge, dump,
+    prealloc, prealloc-threads and x-use-canonical-path-for-ramblock-id are honoured
+    (create_backend); the others are taken at the value that asks for nothing."""
+    qom_type = args.qom_type.value
+    if args.prealloc_threads == 0:
+        raise BackendError(f"property 'prealloc-threads' of {qom_type} doesn't take value '0'")
+    if args.prealloc_context is not None:
+        # QEMU's answer for a thread-context object that does not exist: migd has none.
+        raise DeviceNotFound(f"Device '{args.prealloc_context}' not found")
+    policy = args.policy or HostMemPolicy.default
+    if args.host_nodes and policy is HostMemPolicy.default:
+        raise BackendError(
+            "host-nodes must be empty for policy default, or you should explicitly "
+            "specify a policy other than default"
+        )
+    if not args.host_nodes and policy is not HostMemPolicy.default:
+        raise BackendError(f"host-nodes must be set for policy {policy.value}")
+    if args.prealloc and args.reserve is False:
+        raise BackendError("'prealloc=on' and 'reserve=off' are incompatible")
+    if args.align is not None and args.align % PAGE_SIZE:
+        raise BackendError(
+            f"alignment {args.align:#x} must be multiples of page size {PAGE_SIZE:#x}"
+        )
+    if args.rom is OnOffAuto.on and not args.readonly:
+        raise BackendError("property 'rom' = 'on' is not supported with 'readonly' = 'off'")
+    _refuse_unsupported(args, policy)
+
+
+def _refuse_unsupported(args: ObjectAddArgs, policy: HostMemPolicy) -> None:
+    """What a QEMU backend can do and migd's cannot: refused by name, with why."""
+    why: dict[str, tuple[bool, str]] = {
+        "reserve": (
+            args.reserve is False,
+            "migd's mappings always reserve their memory (no MAP_NORESERVE), so that a "
+            "restore fails with an error rather than a process killed for want of memory",
+        ),
+        "policy": (policy is not HostMemPolicy.default, "migd binds no memory to NUMA nodes"),
+        "align": (
+            args.align is not None and args.align > PAGE_SIZE,
+            "migd maps memory aligned to the page size only",
+        ),
+        "offset": (bool(args.offset), "migd maps a memory file from its start"),
+        "discard-data": (
+            bool(args.discard_data),
+            "migd never destroys a memory file's contents: they are what it saves",
+        ),
+        "pmem": (bool(args.pmem), "migd makes no persistent-memory (MAP_SYNC) guarantees"),
+        "readonly": (
+            bool(args.readonly),
+            "migd maps its backends read-write, so that a restore can land in them",
+        ),
+    }
+    for name, (refused, reason) in why.items():
+        if refused:
+            value = getattr(args, name.replace("-", "_"))
+            shown = str(value).lower() if isinstance(value, bool) else str(value)
+            raise BackendError(f"migd does not support '{name}' = '{shown}': {reason}")
+
+
 def create_backend(
     spec: ObjectAddArgs,
     paths: PathPolicy,
@@ -138,28 +301,45 @@ def create_backend(
     table of the configuration, which derives from them): a file one is refused if an
     interrupted restore left it partial (unless spec.x_accept_partial), and then closed.
     Blocking: run it in a thread."""
+    check_backend_options(spec)
     if spec.qom_type != QomType.memory_backend_file:
-        return create_ram_backend(spec.id, spec.size, ramblock_name=spec.ramblock_name)
+        backend = create_ram_backend(spec.id, spec.size, ramblock_name=spec.block_name)
+        _apply_advice(backend, spec)
+        return backend
     assert spec.mem_path is not None  # object-add and the configuration require it
     backend = create_file_backend(
         spec.id,
         spec.size,
         spec.mem_path,
         share=True if spec.share is None else spec.share,
-        ramblock_name=spec.ramblock_name,
+        ramblock_name=spec.block_name,
         fd=fd,
         close_fd=close_fd,
         open_file=paths.open,
         owners=owners,
         refuse_file=refuse_file,
     )
-    if partial is not None:
-        try:
+    try:
+        if partial is not None:
             partial.check_add(backend, spec.x_accept_partial)
-        except BaseException:
-            backend.close()
-            raise
+        _apply_advice(backend, spec)
+    except BaseException:
+        backend.close()
+        raise
     return backend
+
+
+def _apply_advice(backend: MemoryBackend, spec: ObjectAddArgs) -> None:
+    """merge (MADV_MERGEABLE: KSM may share its pages), dump false (MADV_DONTDUMP) and
+    prealloc (every page populated now, MADV_POPULATE_WRITE, as QEMU's prealloc does, in
+    one call whatever prealloc-threads says); query-memdev reports what took effect. A
+    prealloc that fails refuses the backend."""
+    if spec.merge:
+        backend.advise_mergeable()
+    if spec.dump is False:
+        backend.advise_dontdump()
+    if spec.prealloc:
+        backend.preallocate()
 
 
 class ObjectDelArgs(QapiModel):
@@ -186,13 +366,6 @@ async def object_del(ctx: Context, args: ObjectDelArgs) -> Empty:
     # that the client's next command finds the file and any fdset dup released.
     await blocking.to_thread(backend.close)
     return Empty()
-
-
-class HostMemPolicy(enum.StrEnum):
-    default = "default"
-    preferred = "preferred"
-    bind = "bind"
-    interleave = "interleave"
 
 
 class Memdev(QapiModel):

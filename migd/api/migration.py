@@ -14,9 +14,9 @@ from ..errors import MigrationError
 from ..io.target import FileTarget, NotSeekable, Target, parse_uri
 from ..migration.job import MigrationStatus, RamStats
 from ..migration.settings import MigrationCapability, Parameters, plain_types, set_types
-from ..qapi import Uint64
+from ..qapi import Uint16, Uint64
 from ..qmp.dispatch import command, event
-from ..qmp.validation import Empty, QapiModel
+from ..qmp.validation import Empty, QapiModel, QapiUnion, QapiUnionModel
 from .context import Context
 from .scope import record_job
 
@@ -123,20 +123,86 @@ class ChannelType(enum.StrEnum):
     cpr = "cpr"
 
 
-class Transport(enum.StrEnum):
-    file = "file"
+class Transport(enum.StrEnum):  # QEMU's order
     socket = "socket"
     exec = "exec"
     rdma = "rdma"
+    file = "file"
 
 
-class MigrationAddress(QapiModel):
-    # Other transports carry other members; they are refused by transport, not by shape.
-    model_config = ConfigDict(extra="allow")
+class FileMigrationArgs(QapiModel):
+    filename: str
+    offset: Uint64
+
+
+class InetSocketAddress(QapiModel):
+    host: str
+    port: str
+    numeric: bool | None = None
+    to: Uint16 | None = None
+    ipv4: bool | None = None
+    ipv6: bool | None = None
+    keep_alive: bool | None = None
+    mptcp: bool | None = None
+
+
+class UnixSocketAddress(QapiModel):
+    path: str
+    abstract: bool | None = None
+    tight: bool | None = None
+
+
+class VsockSocketAddress(QapiModel):
+    cid: str
+    port: str
+
+
+class FdSocketAddress(QapiModel):  # QEMU's String
+    str_: str = Field(alias="str")
+
+
+class SocketAddressType(enum.StrEnum):
+    inet = "inet"
+    unix = "unix"
+    vsock = "vsock"
+    fd = "fd"
+
+
+class SocketAddress(QapiUnionModel):
+    qapi_union = QapiUnion(
+        "type",
+        {
+            "inet": InetSocketAddress,
+            "unix": UnixSocketAddress,
+            "vsock": VsockSocketAddress,
+            "fd": FdSocketAddress,
+        },
+    )
+
+    type: Annotated[SocketAddressType, Strict(False)]
+
+
+class MigrationExecCommand(QapiModel):
+    args: list[str]
+
+
+class MigrationAddress(QapiUnionModel):
+    """QEMU's MigrationAddress, a flat union on 'transport'. Every transport's members
+    are checked as QEMU checks them, so a malformed address gets QEMU's text before the
+    transport is refused; query-qmp-schema describes only 'file', the one migd takes."""
+
+    qapi_union = QapiUnion(
+        "transport",
+        {
+            "socket": SocketAddress,
+            "exec": MigrationExecCommand,
+            "rdma": InetSocketAddress,
+            "file": FileMigrationArgs,
+        },
+        introspected=frozenset({"file"}),
+    )
 
     transport: Annotated[Transport, Strict(False)]
-    filename: str | None = None
-    offset: Uint64 | None = None
 
 
 class MigrationChannel(QapiModel):
@@ -171,14 +237,9 @@ def resolve_target(
     channel = next((c for c in channels if c.channel_type is ChannelType.main), None)
     if channel is None:
         raise MigrationError("Channel list has no main entry")
-    addr = channel.addr
-    if addr.transport is not Transport.file:
+    addr = channel.addr.variant
+    if not isinstance(addr, FileMigrationArgs):
         raise NotSeekable("Migration requires seekable transport (e.g. file)")
-    # QEMU's texts: the member's full path (only one channel gets this far).
-    if addr.filename is None:
-        raise MigrationError("Parameter 'channels[0].addr.filename' is missing")
-    if addr.offset is None:
-        raise MigrationError("Parameter 'channels[0].addr.offset' is missing")
     if not addr.filename:
         raise MigrationError("file address has no filename")
     return FileTarget(addr.filename, addr.offset)
@@ -197,6 +258,17 @@ class TargetArgs(QapiModel):
         if value is None:
             raise PydanticCustomError("string_type" if info.field_name == "uri" else "list_type",
                                       "null")  # fmt: skip
+        return value
+
+    @field_validator("channels", mode="after")
+    @classmethod
+    def _addresses_as_qemu_reads_them(
+        cls, value: list[MigrationChannel] | None
+    ) -> list[MigrationChannel] | None:
+        """Each address's transport members, checked before any rule on the list (QEMU's
+        visitor reads the whole request before qmp_migrate looks at it)."""
+        for i, channel in enumerate(value or ()):
+            channel.addr.check_variant(("channels", i, "addr"))
         return value
 
     def target(self, outgoing: bool = False) -> Target:

@@ -180,10 +180,6 @@ class BackendConfig(ObjectAddArgs):
                 raise KeyedError("share", "memory-backend-ram is always private (share = false)")
         return self
 
-    @property
-    def block_name(self) -> str:
-        return self.ramblock_name or self.id
-
 
 class Config(Section):
     """What `migd serve` runs with; every field is optional in the file."""

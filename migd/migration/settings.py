@@ -96,6 +96,10 @@ class Capabilities:
     mapped_ram: bool = False
 
 
+# What QEMU 10's schema marks 'deprecated' among the names migd shares with it (its
+# 'unstable' ones are the x- names, which query-qmp-schema marks by their prefix).
+DEPRECATED = frozenset({"zero-blocks"})
+
 # Wire names, in QEMU's order; each member's name is its Capabilities field.
 # Built from the table (one declaration); mypy cannot see members of a functional enum.
 MigrationCapability = enum.StrEnum(  # type: ignore[misc]

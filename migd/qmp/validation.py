@@ -8,10 +8,20 @@ from __future__ import annotations
 import enum
 import types
 import typing
-from typing import Any, cast
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, cast
 
 import annotated_types
-from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    GetJsonSchemaHandler,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from ..errors import InvalidRequest
@@ -85,6 +95,86 @@ _NULL_ERRORS: tuple[tuple[type | tuple[type, ...], str], ...] = (
 
 class Empty(QapiModel):
     """No arguments / an empty object result."""
+
+
+class ArgumentError(InvalidRequest, ValueError):
+    """An InvalidRequest raised inside a validator: pydantic records a ValueError in its
+    place among the other members' errors, and translate() hands it back as it is."""
+
+
+@dataclass(frozen=True)
+class QapiUnion:
+    """A QAPI flat union: the model's own fields are its base (the tag among them), the
+    members of each case those of `variants[case]` (a case not listed has none). Cases
+    outside `introspected` (None: all) are checked as QEMU checks them but left out of
+    query-qmp-schema: migd refuses them after the check, and a prober must not read
+    them as supported. `base` (None: every field) narrows the base members introspection
+    shows, for a union whose model also holds its variants' members (object-add)."""
+
+    tag: str
+    variants: Mapping[str, type[QapiModel]]
+    introspected: frozenset[str] | None = None
+    base: tuple[str, ...] | None = None
+
+    def described(self) -> dict[str, type[QapiModel]]:
+        return {
+            case: model
+            for case, model in self.variants.items()
+            if self.introspected is None or case in self.introspected
+        }
+
+
+class QapiUnionModel(QapiModel):
+    """A flat union's base; its case's members arrive as extras and are checked by
+    check_variant(), which the containing model calls with the member's path (QEMU names
+    a nested member by its full path: 'channels[0].addr.port')."""
+
+    model_config = ConfigDict(extra="allow")
+    qapi_union: ClassVar[QapiUnion]
+    _variant: QapiModel | None = PrivateAttr(None)
+
+    def check_variant(self, loc: tuple[Any, ...]) -> QapiModel | None:
+        """The case's members as their model, checked as QEMU's visitor does (presence
+        and types, then members it does not know); a nested union's in turn."""
+        tag = getattr(self, self.qapi_union.tag)
+        case = tag.value if isinstance(tag, enum.Enum) else str(tag)
+        model = self.qapi_union.variants.get(case)
+        extra = dict(self.model_extra or {})
+        if model is None:
+            if extra:
+                name = _full_name((*loc, next(iter(extra))))
+                raise ArgumentError(f"Parameter '{name}' is unexpected")
+            return None
+        try:
+            variant = model.model_validate(extra, context=_REQUEST)
+        except ValidationError as exc:
+            raise ArgumentError(translate(model, exc, prefix=loc).desc) from None
+        if isinstance(variant, QapiUnionModel):
+            variant.check_variant(loc)
+        self._variant = variant
+        return variant
+
+    @property
+    def variant(self) -> QapiModel | None:
+        return self._variant
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core: Any, handler: GetJsonSchemaHandler) -> Any:
+        """The JSON Schema (schemas/*.json): the base, and per described case its members
+        (`oneOf`), as query-qmp-schema describes them."""
+        schema = handler(core)
+        target = handler.resolve_ref_schema(schema)
+        tag = cls.model_fields[cls.qapi_union.tag]
+        cases = []
+        for case, model in cls.qapi_union.described().items():
+            variant = model.model_json_schema()
+            assert "$defs" not in variant, "a described case refers to no other type"
+            variant.pop("title", None)
+            variant["properties"] = {tag.alias or cls.qapi_union.tag: {"const": case},
+                                     **variant.get("properties", {})}  # fmt: skip
+            cases.append(variant)
+        target["oneOf"] = cases
+        return schema
 
 
 _JSON_TYPE_BY_ERROR = {
@@ -193,15 +283,18 @@ def _expects(model: type[BaseModel], loc: tuple[Any, ...], err: ErrorDetails) ->
     return "a valid value"
 
 
-def translate(model: type[BaseModel], exc: ValidationError) -> InvalidRequest:
-    """Turn the first pydantic error into QEMU's wording for that kind of mistake."""
+def translate(
+    model: type[BaseModel], exc: ValidationError, prefix: tuple[Any, ...] = ()
+) -> InvalidRequest:
+    """Turn the first pydantic error into QEMU's wording for that kind of mistake;
+    `prefix` is where `model` sits in the request (a union's case: its members' path)."""
     errors = exc.errors(include_url=False)
     # Report missing members before type errors, as QEMU's visitor walks members in order.
     err = errors[0]
     loc = tuple(err["loc"])
     # QEMU names the member by its full path for presence and type errors, by its own
     # name for values it does not accept.
-    name, full = _member_name(loc), _full_name(loc)
+    name, full = _member_name(loc), _full_name((*prefix, *loc))
     kind = err["type"]
     _, metadata = _field_at(model, loc)
     qapi = next((m for m in metadata if isinstance(m, QapiInt)), None)

@@ -130,9 +130,11 @@ def pages_are_huge(fd: int) -> bool:
 class MemoryBackend:
     """One RAM block: a page-aligned mapping plus, for file backends, its fd."""
 
-    # What query-memdev reports in QEMU's MemdevInfo members, true of every mapping made
-    # here: no MADV_MERGEABLE (KSM), no MADV_DONTDUMP, no MAP_NORESERVE, nothing touched
-    # at creation (pages are populated only by a save or restore), no NUMA binding.
+    # What query-memdev reports in QEMU's MemdevInfo members, true of a mapping made here
+    # unless object-add asked otherwise (advise_mergeable, advise_dontdump, preallocate
+    # set them on the instance): no MADV_MERGEABLE (KSM), no MADV_DONTDUMP, nothing
+    # touched at creation (pages are populated only by a save or restore); always: no
+    # MAP_NORESERVE, no NUMA binding.
     mergeable = False
     dumpable = True
     preallocated = False
@@ -370,6 +372,26 @@ class MemoryBackend:
         except OSError as exc:
             if exc.errno in _ALLOCATION_ERRNOS:
                 raise self.shrink_error("restore") or self._allocation_error(exc.errno) from None
+
+    def preallocate(self) -> None:
+        """object-add's prealloc: every page allocated and mapped now, as QEMU's prealloc
+        does; no room raises BackendError, and query-memdev then says prealloc true."""
+        self.populate(0, self.size)
+        self.preallocated = True
+
+    def advise_mergeable(self) -> None:
+        """object-add's merge: KSM may merge the pages (MADV_MERGEABLE). A kernel without
+        KSM refuses the advice and QEMU then goes on; so does migd, and query-memdev says
+        merge false."""
+        with contextlib.suppress(OSError):
+            self._advise(mmap.MADV_MERGEABLE, 0, self.size)
+            self.mergeable = True
+
+    def advise_dontdump(self) -> None:
+        """object-add's dump false: the pages are left out of migd's core dumps."""
+        with contextlib.suppress(OSError):
+            self._advise(mmap.MADV_DONTDUMP, 0, self.size)
+            self.dumpable = False
 
     def prefault(self, offset: int, length: int) -> None:
         """Map the range for reading before a save writes it out (MADV_POPULATE_READ).
