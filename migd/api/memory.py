@@ -304,7 +304,11 @@ def create_backend(
     check_backend_options(spec)
     if spec.qom_type != QomType.memory_backend_file:
         backend = create_ram_backend(spec.id, spec.size, ramblock_name=spec.block_name)
-        _apply_advice(backend, spec)
+        try:
+            _apply_advice(backend, spec)
+        except BaseException:  # a prealloc with no room: the mapping goes with the refusal
+            backend.close()
+            raise
         return backend
     assert spec.mem_path is not None  # object-add and the configuration require it
     backend = create_file_backend(
