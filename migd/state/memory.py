@@ -159,9 +159,9 @@ class MemoryBackend:
         self.file_name = file_name(mem_path, fd) if mem_path and fd is not None else mem_path
         self.share = share
         self.in_use = 0
-        # Its file carries a partial-restore mark the client accepted (x-accept-partial):
-        # saves of it are allowed (state/partial.py).
-        self.partial_accepted = False
+        # The partial-restore mark of its file the client accepted (x-accept-partial):
+        # saves of it are allowed while its file carries that very mark (state/partial.py).
+        self.partial_accepted: str | None = None
         self.restores_begun = 0  # restore jobs launched into it: a save's checks see one
         # What a restore that has not completed left in it (state/partial.py), for memory
         # with no file of its own to carry the mark.
