@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from qemu.qmp import ExecuteError
 from .conftest import (
     DaemonProcess,
     RawClient,
+    _mounted,
     add_file_backend,
     enable_mapped_ram,
     fill_random,
@@ -517,6 +519,57 @@ async def test_object_add_refuses_a_second_backend_on_one_file(qmp, shm, alias):
     assert text == expected + ": two backends cannot map one file"
     assert [b["id"] for b in await qmp.execute("query-memdev")] == ["m0"]
     assert (shm / "m0").read_bytes() == data
+
+
+# --- one file through an overlayfs mount and through its layer (red-team, round 10b)
+
+
+@pytest.fixture
+def overlay(shm: Path, short_dir: Path) -> Iterator[tuple[Path, Path]]:
+    """(upper layer, merged view) of an overlayfs mount whose layers are on tmpfs: a file
+    of the upper layer has two names, with two devices (the overlay's, tmpfs's)."""
+    for layer in ("lower", "upper", "work"):
+        (shm / layer).mkdir()
+    options = f"lowerdir={shm / 'lower'},upperdir={shm / 'upper'},workdir={shm / 'work'}"
+    mount = ["-t", "overlay", "overlay", "-o", options]
+    for merged in _mounted(short_dir / "ov", mount, "overlay"):
+        yield shm / "upper", merged
+
+
+@pytest.mark.parametrize("first", ["upper", "merged"])
+async def test_object_add_refuses_a_second_backend_on_one_file_through_an_overlay(
+    qmp, overlay, first
+):
+    """A backend's file named again through an overlayfs mount (a container's merged view
+    of the host's layer directory): the overlay gives it its own device, and the second
+    backend was added; a restore into it then overwrote the first's memory, both
+    `completed`."""
+    upper, merged = overlay
+    data = fill_random(upper / "m0", MiB)
+    names = {"upper": upper / "m0", "merged": merged / "m0"}
+    second = names["merged" if first == "upper" else "upper"]
+    await add_file_backend(qmp, "m0", names[first], MiB)
+    text = await qmp_error(
+        qmp,
+        "object-add",
+        {"qom-type": "memory-backend-file", "id": "m1", "size": MiB, "mem-path": str(second)},
+    )
+    assert text.startswith(f"'{second}' is already the memory file of memory backend 'm0'"), text
+    assert [b["id"] for b in await qmp.execute("query-memdev")] == ["m0"]
+    assert (upper / "m0").read_bytes() == data
+
+
+async def test_a_save_into_a_backends_file_through_an_overlay_is_refused(qmp, overlay):
+    """A save to the merged name of a backend's memory file, which the backend maps by its
+    layer's name: it would truncate and overwrite that memory."""
+    upper, merged = overlay
+    fill_random(upper / "ram0", MiB)
+    await add_file_backend(qmp, "ram0", upper / "ram0", MiB)
+    await enable_mapped_ram(qmp)
+    before = _digest(upper / "ram0")
+    text = await qmp_error(qmp, "migrate", {"uri": f"file:{merged / 'ram0'}"})
+    assert text.startswith(f"'{merged / 'ram0'}' is the memory file of memory backend 'ram0'")
+    assert _digest(upper / "ram0") == before
 
 
 # --- a backend deleted while migrate / migrate-incoming starts (red-team, session 13)

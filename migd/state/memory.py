@@ -18,6 +18,7 @@ from .fdsets import AppendingFd, file_name, pwrite_at
 from .paths import (
     EXTEND_BYTE,
     FileOpener,
+    file_identity,
     hold_as_memory,
     ofd_lock,
     open_regular,
@@ -452,10 +453,7 @@ class MemoryBackend:
 
 def _identity_of(fd: int | None) -> tuple[int, int] | None:
     """(st_dev, st_ino) of fd's file; None without an fd."""
-    if fd is None:
-        return None
-    st = os.fstat(fd)
-    return st.st_dev, st.st_ino
+    return None if fd is None else file_identity(fd)
 
 
 def _validate(id: str, size: int, ramblock_name: str | None) -> str:
