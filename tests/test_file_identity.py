@@ -572,6 +572,30 @@ async def test_a_save_into_a_backends_file_through_an_overlay_is_refused(qmp, ov
     assert _digest(upper / "ram0") == before
 
 
+async def test_a_save_into_a_running_restores_file_through_an_overlay_is_refused(qmp, overlay):
+    """A memory-save to the merged name of the file a running restore reads by its layer's
+    name: the two jobs' holds are locks on two inodes (the overlay's, the layer's), which
+    never conflict, so only the job's file identity can tell; the save truncated the file
+    the restore read."""
+    upper, merged = overlay
+    fill_random(upper / "m0", MiB, seed=1)
+    fill_random(upper / "m1", MiB, seed=2)
+    await add_file_backend(qmp, "m0", upper / "m0", MiB)
+    await add_file_backend(qmp, "m1", upper / "m1", MiB)
+    await enable_mapped_ram(qmp)
+    image = upper / "img"
+    saved = await _memory_job(qmp, "memory-save", "s", f"file:{image}", backends=["m0"])
+    assert saved["status"] == "concluded" and saved.get("error") is None
+    before = _digest(image)
+    restore_job = {"job-id": "r", "uri": f"file:{image}", "backends": ["m0"], "max-bandwidth": 1}
+    await qmp.execute("memory-restore", restore_job)  # held by its 1 byte/s until cancelled
+    save_job = {"job-id": "s2", "uri": f"file:{merged / 'img'}", "backends": ["m1"]}
+    text = await qmp_error(qmp, "memory-save", save_job)
+    assert text.startswith(f"'{merged / 'img'}' is the file of job 'r' (restore of"), text
+    await qmp.execute("job-cancel", {"id": "r"})
+    assert _digest(image) == before
+
+
 # --- a backend deleted while migrate / migrate-incoming starts (red-team, session 13)
 
 
