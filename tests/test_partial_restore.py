@@ -258,6 +258,46 @@ def test_a_partial_file_one_daemon_accepted_is_not_saved_once_another_left_it_pa
         second.stop()
 
 
+def test_a_private_backend_on_a_file_another_daemon_left_partial_is_not_saved_as_whole(
+    short_dir: Path, shm: Path
+):
+    """A `share=false` backend of one daemon on a memory file another daemon's backend
+    shares: the other's restore into the file is cancelled half-way. The private mapping
+    shows the file's pages wherever it has not written its own, so it holds that mix too;
+    its daemon looked only at its own in-daemon mark (a restore into private memory
+    leaves none on the file) and saved the mix `completed` (red-team, round 10b). Its
+    file's mark is read too now, until a restore into the private memory completes."""
+    mem, save, again = shm / "ram0", short_dir / "save.img", short_dir / "again.img"
+    fill_random(mem, SIZE, seed=17)
+    (short_dir / "a").mkdir()
+    (short_dir / "b").mkdir()
+    first = start_daemon(short_dir / "a" / "q.sock")
+    second = start_daemon(short_dir / "b" / "q.sock")
+    try:
+        a = RawClient(first.socket_path).negotiate()
+        b = RawClient(second.socket_path).negotiate()
+        _setup(b, mem, share=False)
+        _restore_under_way(a, mem, save)
+        a.ok("migrate_cancel")
+        assert a.wait_final()["status"] == "cancelled"
+
+        desc = b.execute("migrate", {"uri": f"file:{again}"})["error"]["desc"]
+        assert desc.startswith("Memory backend 'ram0' holds partial data"), desc
+        assert f"interrupted restore of '{save}'" in desc
+        assert not again.exists()
+
+        # A restore into the private memory, completed, makes every page its own: saved.
+        b.ok("migrate-incoming", {"uri": f"file:{save}"})
+        assert b.wait_final()["status"] == "completed"
+        b.ok("migrate", {"uri": f"file:{again}"})
+        assert b.wait_final()["status"] == "completed"
+        a.close()
+        b.close()
+    finally:
+        first.stop()
+        second.stop()
+
+
 def test_a_configured_backend_on_a_partial_file_stops_the_start_unless_accepted(
     short_dir: Path, shm: Path
 ):

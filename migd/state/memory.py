@@ -164,6 +164,9 @@ class MemoryBackend:
         # saves of it are allowed while its file carries that very mark (state/partial.py).
         self.partial_accepted: str | None = None
         self.restores_begun = 0  # restore jobs launched into it: a save's checks see one
+        # A restore into it completed since it was added: for a private mapping of a file,
+        # every page is its own copy, whatever the file holds (state/partial.py).
+        self.restored_whole = False
         # What a restore that has not completed left in it (state/partial.py), for memory
         # with no file of its own to carry the mark.
         self.partial_restore: str | None = None

@@ -315,6 +315,7 @@ class PartialMarks:
         value = describe(save_path)
         for backend in backends:
             backend.partial_restore = value
+            backend.restored_whole = False
             if self.needs_mark(backend):
                 self.set(backend, value)
 
@@ -323,6 +324,7 @@ class PartialMarks:
             if self.needs_mark(backend):
                 self.clear(backend)
             backend.partial_restore = None
+            backend.restored_whole = True
 
     def check_save(self, backends: Iterable[MemoryBackend]) -> None:
         """A save: refuse a backend whose file a restore left partial (cancelled, failed,
@@ -341,6 +343,8 @@ class PartialMarks:
             marked = self.needs_mark(backend)
             try:
                 mark = self.read(backend) if marked else backend.partial_restore
+                if mark is None and self._shows_its_file(backend):
+                    mark = self.read(backend)
             except OSError as exc:
                 if backend.fd is None:
                     continue  # closed meanwhile: below
@@ -362,6 +366,15 @@ class PartialMarks:
                     f"{mark}. A save would keep that mix of old and restored pages as if it "
                     "were whole; restore into it again first"
                 )
+
+    @staticmethod
+    def _shows_its_file(backend: MemoryBackend) -> bool:
+        """A private mapping of a file (share=false) shows the file's pages wherever it
+        has not written its own: a restore another migd process left partial in the file
+        (its backend shares it) is in this memory too, its mark on the file alone (a
+        restore into private memory marks none). Not once a restore into this memory
+        completed: every page is its own copy then (red-team, round 10b: saved as whole)."""
+        return backend.fd is not None and not backend.share and not backend.restored_whole
 
     def check_add(self, backend: MemoryBackend, accept: bool) -> None:
         """object-add: refuse a file an interrupted restore left partial, unless accepted."""
