@@ -271,6 +271,32 @@ def _check_directory(
         )
 
 
+_PROC_MAGIC = 0x9FA0
+
+
+def _refuse_magic_link(path: str, there: str, here: str, target: str) -> None:
+    """A link of /proc whose text is a file's name (/proc/PID/root, cwd, exe, fd/N,
+    map_files/...): the kernel follows it into that process's own view of the files (its
+    mount namespace, a removed file, an fd), which the text does not name. Followed by
+    its text, a backend on /proc/PID/root/dev/shm/ram (a containerized VM's RAM) mapped
+    migd's own /dev/shm/ram, and its save `completed` with other memory (red-team, round
+    10b). Ordinary links of /proc (self, thread-self, mounts: a name inside /proc, no
+    '/' first and no ':') are followed."""
+    if not target.startswith("/") and ":" not in target:
+        return
+    buf = ctypes.create_string_buffer(256)  # struct statfs: f_type is its first field
+    if _libc.statfs(os.fsencode(here), buf) != 0:
+        return
+    if ctypes.c_ulong.from_buffer(buf).value & 0xFFFFFFFF != _PROC_MAGIC:
+        return
+    where = "is" if there == os.path.abspath(path) else f"goes through '{there}',"
+    raise FileRefused(
+        f"'{path}' {where} a magic link of /proc: the kernel follows it into a process's "
+        "own view of the files, which its text does not name; name the file itself, or "
+        "pass it as an fd (add-fd)"
+    )
+
+
 def resolve_trusted(path: str, owners: Collection[int]) -> tuple[str, os.stat_result | None]:
     """The name `path` resolves to, with no symbolic link left in it, and what is there
     (lstat; None: nothing, or a directory on the way is missing: the open says which).
@@ -311,6 +337,7 @@ def resolve_trusted(path: str, owners: Collection[int]) -> tuple[str, os.stat_re
                     f"follows only links of migd's or the client's uid ({_who(owners)})"
                 )
             target = os.readlink(there)
+            _refuse_magic_link(path, there, here, target)
             if target.startswith("/"):
                 here = "/"
             parts.extend(reversed([p for p in target.split("/") if p not in ("", ".")]))
