@@ -898,3 +898,52 @@ async def test_object_add_of_a_file_another_migd_processs_job_writes_is_refused(
     finally:
         go_on.set()
         other.stop()
+
+
+def test_two_migd_processes_on_one_file_through_an_overlay_and_its_layer_never_share_a_job(
+    short_dir: Path, overlay: tuple[Path, Path]
+) -> None:
+    """Two daemons, one naming a file by its overlayfs name and the other by its layer's
+    name: their jobs' holds (OFD locks) were taken on two inodes, the overlay's and the
+    layer's, and never met: a restore by one into the memory file both map ran beside the
+    other's save of it, and a restore from a file beside the other's save into it (the
+    mixes the holds are there to refuse). Now a job on overlayfs holds its layer's file."""
+    upper, merged = overlay
+    first = start_daemon(short_dir / "a.sock")
+    second = start_daemon(short_dir / "b.sock")
+    try:
+        a = RawClient(first.socket_path).negotiate()
+        b = RawClient(second.socket_path).negotiate()
+        fill_random(upper / "m", 4 * MiB, seed=1)
+        for client, name in ((a, upper / "m"), (b, merged / "m")):
+            client.ok("object-add", {"qom-type": "memory-backend-file", "id": "ram0",
+                                     "size": 4 * MiB, "mem-path": str(name)})  # fmt: skip
+        image = short_dir / "f.sav"
+        a.ok("memory-save", {"job-id": "s", "uri": f"file:{image}"})
+        assert "error" not in _job_concluded(a, "s")
+        slow = {"max-bandwidth": 1 << 18}  # 16 s for 4 MiB: running until cancelled
+        a.ok("memory-restore", {"job-id": "r", "uri": f"file:{image}", **slow})
+        reply = b.execute("memory-save", {"job-id": "s", "uri": f"file:{short_dir}/g.sav"})
+        assert reply.get("error", {}).get("desc", "").startswith(
+            f"Memory backend 'ram0' file '{merged / 'm'}' is in use by a job that writes it"
+        ), reply
+        a.ok("job-cancel", {"id": "r"})
+        _job_concluded(a, "r")
+
+        # A save into the file by its merged name, slow; a restore from it by its
+        # layer's name in the other daemon.
+        b.ok("object-del", {"id": "ram0"})
+        a.ok("object-del", {"id": "ram0"})
+        fill_random(upper / "n", 4 * MiB, seed=2)
+        b.ok("object-add", {"qom-type": "memory-backend-file", "id": "ram1",
+                            "size": 4 * MiB, "mem-path": str(upper / "n")})  # fmt: skip
+        b.ok("memory-save", {"job-id": "t", "uri": f"file:{merged / 'h.sav'}", **slow})
+        a.ok("object-add", {"qom-type": "memory-backend-file", "id": "ram1",
+                            "size": 4 * MiB, "mem-path": str(short_dir / "n2")})  # fmt: skip
+        reply = a.execute("memory-restore", {"job-id": "u", "uri": f"file:{upper / 'h.sav'}"})
+        assert reply.get("error", {}).get("desc") == _in_use("writes", upper / "h.sav"), reply
+        b.ok("job-cancel", {"id": "t"})
+        _job_concluded(b, "t")
+    finally:
+        first.stop()
+        second.stop()

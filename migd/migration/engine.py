@@ -43,6 +43,7 @@ from ..state.paths import (
     mapped_as_memory,
     plain_open,
     reopen,
+    reopen_for_locks,
 )
 from . import plan, settings
 from .job import (
@@ -211,7 +212,7 @@ def _hold_memory_files(
                 continue
             access = fcntl.fcntl(backend.fd, fcntl.F_GETFL) & os.O_ACCMODE
             try:
-                fd = reopen(backend.fd, access)
+                fd = reopen_for_locks(backend.fd, access)  # overlayfs: its layer's file
             except OSError:
                 continue  # nothing known, as where the filesystem has no such locks
             fds.append(fd)
