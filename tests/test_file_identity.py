@@ -947,3 +947,36 @@ def test_two_migd_processes_on_one_file_through_an_overlay_and_its_layer_never_s
     finally:
         first.stop()
         second.stop()
+
+
+@pytest.mark.parametrize("backend_by", ["upper", "merged"])
+def test_a_save_into_another_migd_processs_memory_file_by_its_other_name_is_refused(
+    short_dir: Path, overlay: tuple[Path, Path], backend_by: str
+) -> None:
+    """A save by one daemon into the memory file another daemon's backend maps, the two
+    naming it by its overlayfs name and by its layer's: the backend's mark (an OFD lock)
+    was on one inode and the save looked on the other, and the save truncated and
+    overwrote that memory. The mark and the look are on the layer's file too now."""
+    upper, merged = overlay
+    names = {"upper": upper / "m", "merged": merged / "m"}
+    saved_by = names["merged" if backend_by == "upper" else "upper"]
+    first = start_daemon(short_dir / "a.sock")
+    second = start_daemon(short_dir / "b.sock")
+    try:
+        a = RawClient(first.socket_path).negotiate()
+        b = RawClient(second.socket_path).negotiate()
+        data = fill_random(upper / "m", 4 * MiB, seed=1)
+        a.ok("object-add", {"qom-type": "memory-backend-file", "id": "ram0",
+                            "size": 4 * MiB, "mem-path": str(names[backend_by])})  # fmt: skip
+        fill_random(short_dir / "n", MiB, seed=2)
+        b.ok("object-add", {"qom-type": "memory-backend-file", "id": "ram1",
+                            "size": MiB, "mem-path": str(short_dir / "n")})  # fmt: skip
+        reply = b.execute("memory-save", {"job-id": "s", "uri": f"file:{saved_by}"})
+        assert reply.get("error", {}).get("desc") == (
+            f"'{saved_by}' is the memory file of a memory backend of another migd process: "
+            "a save to it would overwrite that memory"
+        ), reply
+        assert (upper / "m").read_bytes() == data
+    finally:
+        first.stop()
+        second.stop()

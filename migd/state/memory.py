@@ -20,6 +20,7 @@ from .paths import (
     FileOpener,
     file_identity,
     hold_as_memory,
+    layer_file,
     ofd_lock,
     open_regular,
     plain_open,
@@ -173,6 +174,8 @@ class MemoryBackend:
         # Its file was created for it (object-add): the claim of paths.open_regular is
         # settled once the backend is registered.
         self.created_file = False
+        # Its file on overlayfs opened by its layer's name, holding its mark there too.
+        self.layer_fd: int | None = None
         self._mm: mmap.mmap | None = mm
         self._mv: memoryview | None = memoryview(mm)
         self._fd = fd
@@ -452,6 +455,9 @@ class MemoryBackend:
             # which may stay open after this backend.
             hold_as_memory(fd, held=False)
             self._close_fd(fd)
+        if self.layer_fd is not None:
+            layer, self.layer_fd = self.layer_fd, None
+            os.close(layer)  # its mark goes with it
 
 
 def _identity_of(fd: int | None) -> tuple[int, int] | None:
@@ -522,6 +528,7 @@ def create_file_backend(
             ) from None
     step = "use"
     st: os.stat_result | None = None
+    layer: int | None = None
     extending = held = False
     try:
         st = os.fstat(fd)
@@ -536,6 +543,11 @@ def create_file_backend(
         # other.
         hold_as_memory(fd)
         held = True
+        # On overlayfs, on its layer's file too: another migd's save into the file by
+        # that name looks there (paths.mapped_as_memory).
+        layer = layer_file(fd, os.O_RDONLY)
+        if layer is not None:
+            hold_as_memory(layer)
         _refuse_written_by_a_job(fd, mem_path)
         # Two requests may set up one existing empty file at once (no claim covers a file
         # neither created): one extended it and, refused after all, cut it back to empty
@@ -581,6 +593,8 @@ def create_file_backend(
             _unlock_extending(fd)
         if held:  # a passed fd's open may outlive this close (its fdset keeps it)
             hold_as_memory(fd, held=False)
+        if layer is not None:
+            os.close(layer)
         close_fd(fd)
         if isinstance(e, OSError):
             raise BackendError(f"Could not {step} '{mem_path}': {e.strerror}") from None
@@ -591,6 +605,7 @@ def create_file_backend(
         id, size, "memory-backend-file", mm, fd, mem_path, share, block_name, close_fd
     )
     backend.created_file = created
+    backend.layer_fd = layer
     return backend
 
 

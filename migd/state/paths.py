@@ -435,13 +435,29 @@ def reopen_for_locks(fd: int, flags: int) -> int:
     met (red-team, round 10b: two daemons' restore and save of one memory file both ran).
     So a file on overlayfs is opened through its layer's name, if that is still the same
     file (pinned O_PATH, no link followed, checked by device and inode); else as reopen."""
-    if on_overlayfs(fd):
-        layer = _overlay_layer_file(fd, os.fstat(fd))
-        if layer is not None:
-            opened = _open_checked(layer[0], layer[1], flags)
-            if opened is not None:
-                return opened
-    return reopen(fd, flags)
+    opened = layer_file(fd, flags)
+    return opened if opened is not None else reopen(fd, flags)
+
+
+def layer_file(fd: int, flags: int) -> int | None:
+    """fd's file on overlayfs opened with `flags` through its layer's name (as
+    reopen_for_locks); None if fd is not on overlayfs or its layer's file is not found."""
+    if not on_overlayfs(fd):
+        return None
+    layer = _overlay_layer_file(fd, os.fstat(fd))
+    return None if layer is None else _open_checked(layer[0], layer[1], flags)
+
+
+def _conflicts_through_layer(fd: int, kind: int, byte: int) -> bool:
+    """_conflicts for fd's layer's file, on overlayfs (another process's lock by the
+    layer's name is on the layer's inode, not the overlay's)."""
+    layer = layer_file(fd, os.O_RDONLY)
+    if layer is None:
+        return False
+    try:
+        return _conflicts(layer, kind, byte)
+    finally:
+        os.close(layer)
 
 
 def _open_checked(name: str, expected: os.stat_result, flags: int) -> int | None:
@@ -542,7 +558,9 @@ def written_by_a_job(fd: int) -> bool:
     """Does a job (of any migd process) hold fd's file for writing now (a save, an
     update)? Asked without taking anything (F_OFD_GETLK), so that a reader such as
     `migd verify` never keeps a save out."""
-    return _conflicts(fd, fcntl.F_RDLCK, JOB_BYTE)
+    return _conflicts(fd, fcntl.F_RDLCK, JOB_BYTE) or _conflicts_through_layer(
+        fd, fcntl.F_RDLCK, JOB_BYTE
+    )
 
 
 def _conflicts(fd: int, kind: int, byte: int) -> bool:
@@ -563,7 +581,9 @@ def hold_as_memory(fd: int, held: bool = True) -> None:
 
 def mapped_as_memory(fd: int) -> bool:
     """Does another open of fd's file (another migd's memory backend) map it as memory?"""
-    return _conflicts(fd, fcntl.F_WRLCK, MAPPED_BYTE)
+    return _conflicts(fd, fcntl.F_WRLCK, MAPPED_BYTE) or _conflicts_through_layer(
+        fd, fcntl.F_WRLCK, MAPPED_BYTE
+    )
 
 
 def _claim(fd: int, kind: int) -> bool | None:
