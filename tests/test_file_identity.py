@@ -907,7 +907,9 @@ def test_two_migd_processes_on_one_file_through_an_overlay_and_its_layer_never_s
     name: their jobs' holds (OFD locks) were taken on two inodes, the overlay's and the
     layer's, and never met: a restore by one into the memory file both map ran beside the
     other's save of it, and a restore from a file beside the other's save into it (the
-    mixes the holds are there to refuse). Now a job on overlayfs holds its layer's file."""
+    mixes the holds are there to refuse). Now a job on overlayfs holds its layer's file.
+    The saves start first: a restore running first would have marked the memory file
+    partial, which refuses a save of it before its holds are looked at."""
     upper, merged = overlay
     first = start_daemon(short_dir / "a.sock")
     second = start_daemon(short_dir / "b.sock")
@@ -922,13 +924,14 @@ def test_two_migd_processes_on_one_file_through_an_overlay_and_its_layer_never_s
         a.ok("memory-save", {"job-id": "s", "uri": f"file:{image}"})
         assert "error" not in _job_concluded(a, "s")
         slow = {"max-bandwidth": 1 << 18}  # 16 s for 4 MiB: running until cancelled
-        a.ok("memory-restore", {"job-id": "r", "uri": f"file:{image}", **slow})
-        reply = b.execute("memory-save", {"job-id": "s", "uri": f"file:{short_dir}/g.sav"})
+        b.ok("memory-save", {"job-id": "s", "uri": f"file:{short_dir}/g.sav", **slow})
+        reply = a.execute("memory-restore", {"job-id": "r", "uri": f"file:{image}"})
         assert reply.get("error", {}).get("desc", "").startswith(
-            f"Memory backend 'ram0' file '{merged / 'm'}' is in use by a job that writes it"
+            f"Memory backend 'ram0' file '{upper / 'm'}' is in use by a job that reads or "
+            "writes it"
         ), reply
-        a.ok("job-cancel", {"id": "r"})
-        _job_concluded(a, "r")
+        b.ok("job-cancel", {"id": "s"})
+        _job_concluded(b, "s")
 
         # A save into the file by its merged name, slow; a restore from it by its
         # layer's name in the other daemon.
