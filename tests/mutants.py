@@ -1521,6 +1521,54 @@ MUTANTS = [
         "        await self._quit()",
         ("tests/test_bench_vm_teardown.py",),
     ),
+    # --- red-team round 10b: aliasing between objects and processes ---------------------
+    Mutant(
+        "partial-acceptance-of-any-mark",
+        "migd/state/partial.py",
+        "            if mark is not None and mark != backend.partial_accepted:",
+        "            if mark is not None and backend.partial_accepted is None:",
+        ("tests/test_partial_restore.py::"
+         "test_a_partial_file_one_daemon_accepted_is_not_saved_once_another_left_it_partial_again",),
+    ),
+    Mutant(
+        "private-backend-file-mark-unread",
+        "migd/state/partial.py",
+        "                if mark is None and self._shows_its_file(backend):",
+        "                if False:",
+        ("tests/test_partial_restore.py::"
+         "test_a_private_backend_on_a_file_another_daemon_left_partial_is_not_saved_as_whole",),
+    ),
+    Mutant(
+        "overlay-file-known-by-the-overlay",
+        "migd/state/paths.py",
+        "    if _fs_type(fd) == _OVERLAYFS_MAGIC:",
+        "    if False:",
+        ("tests/test_file_identity.py::"
+         "test_object_add_refuses_a_second_backend_on_one_file_through_an_overlay",),
+    ),
+    Mutant(
+        "overlay-job-holds-on-the-overlay",
+        "migd/state/paths.py",
+        "    opened = layer_file(fd, flags)",
+        "    opened = None",
+        ("tests/test_file_identity.py::"
+         "test_two_migd_processes_on_one_file_through_an_overlay_and_its_layer_never_share_a_job",),
+    ),
+    Mutant(
+        "overlay-memory-mark-on-the-overlay",
+        "migd/state/memory.py",
+        "        if layer is not None:\n            hold_as_memory(layer)",
+        "        if layer is not None:\n            pass",
+        ("tests/test_file_identity.py::"
+         "test_a_save_into_another_migd_processs_memory_file_by_its_other_name_is_refused",),
+    ),
+    Mutant(
+        "proc-magic-link-followed",
+        "migd/state/paths.py",
+        "            _refuse_magic_link(path, there, here, target)",
+        "            pass",
+        ("tests/test_file_kinds.py::test_a_name_through_a_magic_link_of_proc_is_refused",),
+    ),
 ]  # fmt: skip
 
 

@@ -710,3 +710,25 @@ async def test_a_pipe_passed_as_the_file_is_refused_at_once_naming_it(qmp, shm, 
     finally:
         os.close(read_end)
         os.close(write_end)
+
+
+async def test_one_memfd_passed_twice_is_not_two_backends(qmp):
+    """A VMM's memfd passed in two fd sets, the second time through a new open of it (its
+    own open file description): a second backend on it would take a restore's pages over
+    the first's memory. Refused, as two names of one file are (red-team, round 10b: checked,
+    it was refused already; no test passed one memfd twice)."""
+    memfd = os.memfd_create("twice", os.MFD_CLOEXEC)
+    again = os.open(f"/proc/self/fd/{memfd}", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        os.ftruncate(memfd, MiB)
+        await _add_fd(qmp, memfd, **{"fdset-id": 1})
+        await _add_fd(qmp, again, **{"fdset-id": 2})
+        add = {"qom-type": "memory-backend-file", "size": MiB}
+        await qmp.execute("object-add", {**add, "id": "m0", "mem-path": "/dev/fdset/1"})
+        text = await qmp_error(qmp, "object-add", {**add, "id": "m1", "mem-path": "/dev/fdset/2"})
+        assert "is already the memory file of memory backend 'm0'" in text, text
+        assert text.endswith(": two backends cannot map one file")
+        assert [b["id"] for b in await qmp.execute("query-memdev")] == ["m0"]
+    finally:
+        os.close(again)
+        os.close(memfd)

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from qemu.qmp import ExecuteError
 from .conftest import (
     DaemonProcess,
     RawClient,
+    _mounted,
     add_file_backend,
     enable_mapped_ram,
     fill_random,
@@ -519,6 +521,81 @@ async def test_object_add_refuses_a_second_backend_on_one_file(qmp, shm, alias):
     assert (shm / "m0").read_bytes() == data
 
 
+# --- one file through an overlayfs mount and through its layer (red-team, round 10b)
+
+
+@pytest.fixture
+def overlay(shm: Path, short_dir: Path) -> Iterator[tuple[Path, Path]]:
+    """(upper layer, merged view) of an overlayfs mount whose layers are on tmpfs: a file
+    of the upper layer has two names, with two devices (the overlay's, tmpfs's)."""
+    for layer in ("lower", "upper", "work"):
+        (shm / layer).mkdir()
+    options = f"lowerdir={shm / 'lower'},upperdir={shm / 'upper'},workdir={shm / 'work'}"
+    mount = ["-t", "overlay", "overlay", "-o", options]
+    for merged in _mounted(short_dir / "ov", mount, "overlay"):
+        yield shm / "upper", merged
+
+
+@pytest.mark.parametrize("first", ["upper", "merged"])
+async def test_object_add_refuses_a_second_backend_on_one_file_through_an_overlay(
+    qmp, overlay, first
+):
+    """A backend's file named again through an overlayfs mount (a container's merged view
+    of the host's layer directory): the overlay gives it its own device, and the second
+    backend was added; a restore into it then overwrote the first's memory, both
+    `completed`."""
+    upper, merged = overlay
+    data = fill_random(upper / "m0", MiB)
+    names = {"upper": upper / "m0", "merged": merged / "m0"}
+    second = names["merged" if first == "upper" else "upper"]
+    await add_file_backend(qmp, "m0", names[first], MiB)
+    text = await qmp_error(
+        qmp,
+        "object-add",
+        {"qom-type": "memory-backend-file", "id": "m1", "size": MiB, "mem-path": str(second)},
+    )
+    assert text.startswith(f"'{second}' is already the memory file of memory backend 'm0'"), text
+    assert [b["id"] for b in await qmp.execute("query-memdev")] == ["m0"]
+    assert (upper / "m0").read_bytes() == data
+
+
+async def test_a_save_into_a_backends_file_through_an_overlay_is_refused(qmp, overlay):
+    """A save to the merged name of a backend's memory file, which the backend maps by its
+    layer's name: it would truncate and overwrite that memory."""
+    upper, merged = overlay
+    fill_random(upper / "ram0", MiB)
+    await add_file_backend(qmp, "ram0", upper / "ram0", MiB)
+    await enable_mapped_ram(qmp)
+    before = _digest(upper / "ram0")
+    text = await qmp_error(qmp, "migrate", {"uri": f"file:{merged / 'ram0'}"})
+    assert text.startswith(f"'{merged / 'ram0'}' is the memory file of memory backend 'ram0'")
+    assert _digest(upper / "ram0") == before
+
+
+async def test_a_save_into_a_running_restores_file_through_an_overlay_is_refused(qmp, overlay):
+    """A memory-save to the merged name of the file a running restore reads by its layer's
+    name: the two jobs' holds are locks on two inodes (the overlay's, the layer's), which
+    never conflict, so only the job's file identity can tell; the save truncated the file
+    the restore read."""
+    upper, merged = overlay
+    fill_random(upper / "m0", MiB, seed=1)
+    fill_random(upper / "m1", MiB, seed=2)
+    await add_file_backend(qmp, "m0", upper / "m0", MiB)
+    await add_file_backend(qmp, "m1", upper / "m1", MiB)
+    await enable_mapped_ram(qmp)
+    image = upper / "img"
+    saved = await _memory_job(qmp, "memory-save", "s", f"file:{image}", backends=["m0"])
+    assert saved["status"] == "concluded" and saved.get("error") is None
+    before = _digest(image)
+    restore_job = {"job-id": "r", "uri": f"file:{image}", "backends": ["m0"], "max-bandwidth": 1}
+    await qmp.execute("memory-restore", restore_job)  # held by its 1 byte/s until cancelled
+    save_job = {"job-id": "s2", "uri": f"file:{merged / 'img'}", "backends": ["m1"]}
+    text = await qmp_error(qmp, "memory-save", save_job)
+    assert text.startswith(f"'{merged / 'img'}' is the file of job 'r' (restore of"), text
+    await qmp.execute("job-cancel", {"id": "r"})
+    assert _digest(image) == before
+
+
 # --- a backend deleted while migrate / migrate-incoming starts (red-team, session 13)
 
 
@@ -821,3 +898,88 @@ async def test_object_add_of_a_file_another_migd_processs_job_writes_is_refused(
     finally:
         go_on.set()
         other.stop()
+
+
+def test_two_migd_processes_on_one_file_through_an_overlay_and_its_layer_never_share_a_job(
+    short_dir: Path, overlay: tuple[Path, Path]
+) -> None:
+    """Two daemons, one naming a file by its overlayfs name and the other by its layer's
+    name: their jobs' holds (OFD locks) were taken on two inodes, the overlay's and the
+    layer's, and never met: a restore by one into the memory file both map ran beside the
+    other's save of it, and a restore from a file beside the other's save into it (the
+    mixes the holds are there to refuse). Now a job on overlayfs holds its layer's file.
+    The saves start first: a restore running first would have marked the memory file
+    partial, which refuses a save of it before its holds are looked at."""
+    upper, merged = overlay
+    first = start_daemon(short_dir / "a.sock")
+    second = start_daemon(short_dir / "b.sock")
+    try:
+        a = RawClient(first.socket_path).negotiate()
+        b = RawClient(second.socket_path).negotiate()
+        fill_random(upper / "m", 4 * MiB, seed=1)
+        for client, name in ((a, upper / "m"), (b, merged / "m")):
+            client.ok("object-add", {"qom-type": "memory-backend-file", "id": "ram0",
+                                     "size": 4 * MiB, "mem-path": str(name)})  # fmt: skip
+        image = short_dir / "f.sav"
+        a.ok("memory-save", {"job-id": "s", "uri": f"file:{image}"})
+        assert "error" not in _job_concluded(a, "s")
+        slow = {"max-bandwidth": 1 << 18}  # 16 s for 4 MiB: running until cancelled
+        b.ok("memory-save", {"job-id": "s", "uri": f"file:{short_dir}/g.sav", **slow})
+        reply = a.execute("memory-restore", {"job-id": "r", "uri": f"file:{image}"})
+        assert reply.get("error", {}).get("desc", "").startswith(
+            f"Memory backend 'ram0' file '{upper / 'm'}' is in use by a job that reads or "
+            "writes it"
+        ), reply
+        b.ok("job-cancel", {"id": "s"})
+        _job_concluded(b, "s")
+
+        # A save into the file by its merged name, slow; a restore from it by its
+        # layer's name in the other daemon.
+        b.ok("object-del", {"id": "ram0"})
+        a.ok("object-del", {"id": "ram0"})
+        fill_random(upper / "n", 4 * MiB, seed=2)
+        b.ok("object-add", {"qom-type": "memory-backend-file", "id": "ram1",
+                            "size": 4 * MiB, "mem-path": str(upper / "n")})  # fmt: skip
+        b.ok("memory-save", {"job-id": "t", "uri": f"file:{merged / 'h.sav'}", **slow})
+        a.ok("object-add", {"qom-type": "memory-backend-file", "id": "ram1",
+                            "size": 4 * MiB, "mem-path": str(short_dir / "n2")})  # fmt: skip
+        reply = a.execute("memory-restore", {"job-id": "u", "uri": f"file:{upper / 'h.sav'}"})
+        assert reply.get("error", {}).get("desc") == _in_use("writes", upper / "h.sav"), reply
+        b.ok("job-cancel", {"id": "t"})
+        _job_concluded(b, "t")
+    finally:
+        first.stop()
+        second.stop()
+
+
+@pytest.mark.parametrize("backend_by", ["upper", "merged"])
+def test_a_save_into_another_migd_processs_memory_file_by_its_other_name_is_refused(
+    short_dir: Path, overlay: tuple[Path, Path], backend_by: str
+) -> None:
+    """A save by one daemon into the memory file another daemon's backend maps, the two
+    naming it by its overlayfs name and by its layer's: the backend's mark (an OFD lock)
+    was on one inode and the save looked on the other, and the save truncated and
+    overwrote that memory. The mark and the look are on the layer's file too now."""
+    upper, merged = overlay
+    names = {"upper": upper / "m", "merged": merged / "m"}
+    saved_by = names["merged" if backend_by == "upper" else "upper"]
+    first = start_daemon(short_dir / "a.sock")
+    second = start_daemon(short_dir / "b.sock")
+    try:
+        a = RawClient(first.socket_path).negotiate()
+        b = RawClient(second.socket_path).negotiate()
+        data = fill_random(upper / "m", 4 * MiB, seed=1)
+        a.ok("object-add", {"qom-type": "memory-backend-file", "id": "ram0",
+                            "size": 4 * MiB, "mem-path": str(names[backend_by])})  # fmt: skip
+        fill_random(short_dir / "n", MiB, seed=2)
+        b.ok("object-add", {"qom-type": "memory-backend-file", "id": "ram1",
+                            "size": MiB, "mem-path": str(short_dir / "n")})  # fmt: skip
+        reply = b.execute("memory-save", {"job-id": "s", "uri": f"file:{saved_by}"})
+        assert reply.get("error", {}).get("desc") == (
+            f"'{saved_by}' is the memory file of a memory backend of another migd process: "
+            "a save to it would overwrite that memory"
+        ), reply
+        assert (upper / "m").read_bytes() == data
+    finally:
+        first.stop()
+        second.stop()

@@ -209,3 +209,46 @@ async def test_a_file_of_a_kernel_pseudo_filesystem_is_refused(qmp, shm):
         assert await qmp_error(qmp, "migrate-incoming", {"uri": f"file:{path}"}) == expected
         arguments = {"qom-type": "memory-backend-file", "id": "m", "size": MiB, "mem-path": path}
         assert await qmp_error(qmp, "object-add", arguments) == expected
+
+
+@pytest.fixture
+def other_namespace(short_dir: Path) -> Iterator[tuple[int, Path]]:
+    """(pid, directory) of a process in a mount namespace of its own, with a tmpfs over
+    the directory: its DIR/ram is another file than migd's DIR/ram."""
+    where = short_dir / "d"
+    where.mkdir()
+    script = (
+        f"mount -t tmpfs tmpfs {where} && cd {where} && head -c {MiB} /dev/urandom > ram "
+        "&& echo ready && exec sleep 600"
+    )
+    unshare = ["unshare", "-m", "--propagation", "private", "sh", "-c", script]
+    proc = subprocess.Popen(unshare, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert proc.stdout is not None
+        if proc.stdout.readline() != b"ready\n":
+            pytest.skip("cannot make a mount namespace here (needs root)")
+        yield proc.pid, where
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+async def test_a_name_through_a_magic_link_of_proc_is_refused(qmp, other_namespace):
+    """/proc/PID/root (cwd, fd/N, map_files/...) are links the kernel follows into that
+    process's own view of the files, whose text (readlink: '/') names a file in migd's.
+    migd walks every name to check its links, and followed that text: a backend on
+    /proc/PID/root/DIR/ram, a containerized VM's RAM, mapped migd's own DIR/ram instead,
+    and its save or restore `completed` with the wrong memory (red-team, round 10b).
+    Refused now, naming the link; /proc/self still leads into /proc."""
+    pid, where = other_namespace
+    ours = fill_random(where / "ram", MiB, seed=3)  # migd's DIR/ram, not the namespace's
+    await enable_mapped_ram(qmp)
+    for link, rest in [(f"/proc/{pid}/root", f"{where}/ram"), (f"/proc/{pid}/cwd", "ram")]:
+        name = f"{link}/{rest.lstrip('/')}"
+        arguments = {"qom-type": "memory-backend-file", "id": "m", "size": MiB, "mem-path": name}
+        text = await qmp_error(qmp, "object-add", arguments)
+        assert text.startswith(f"'{name}' goes through '{link}', a magic link of /proc"), text
+        text = await qmp_error(qmp, "migrate-incoming", {"uri": f"file:{name}"})
+        assert text.startswith(f"'{name}' goes through '{link}', a magic link of /proc"), text
+    assert await qmp.execute("query-memdev") == []
+    assert (where / "ram").read_bytes() == ours

@@ -206,6 +206,98 @@ def test_on_ramfs_a_daemon_sees_another_daemons_mark_whatever_its_socket_dir(
         second.stop()
 
 
+@pytest.mark.parametrize("fs", ["shm", "ramfs"])
+def test_a_partial_file_one_daemon_accepted_is_not_saved_once_another_left_it_partial_again(
+    short_dir: Path, request: pytest.FixtureRequest, fs: str
+):
+    """Two daemons with a backend on one memory file. The first's restore into it is
+    cancelled half-way; the second adds its backend accepting that mix (x-accept-partial).
+    The first then restores into the file again, and that restore too is cancelled: a new
+    mix of pages nobody accepted. The second's save of it completed, as whole (red-team,
+    round 10b: the acceptance was a flag on the backend, not of the mark it accepted, and
+    only the restoring daemon's own backend lost it). Refused now: a backend's
+    acceptance holds for the mark it accepted only."""
+    where: Path = request.getfixturevalue(fs)
+    mem, save, again = where / "ram0", short_dir / "save.img", short_dir / "again.img"
+    fill_random(mem, SIZE, seed=16)
+    (short_dir / "a").mkdir()
+    (short_dir / "b").mkdir()
+    first = start_daemon(short_dir / "a" / "q.sock")
+    second = start_daemon(short_dir / "b" / "q.sock")
+    try:
+        a = RawClient(first.socket_path).negotiate()
+        b = RawClient(second.socket_path).negotiate()
+        _restore_under_way(a, mem, save)
+        a.ok("migrate_cancel")
+        assert a.wait_final()["status"] == "cancelled"
+        _setup(b, mem, **{"x-accept-partial": True})  # this mix, as it is, is b's choice
+
+        _start_slow_restore(a, save)
+        a.ok("migrate_cancel")
+        assert a.wait_final()["status"] == "cancelled"
+
+        for command, arguments in [
+            ("migrate", {"uri": f"file:{again}"}),
+            ("memory-save", {"job-id": "s", "uri": f"file:{again}", "backends": ["ram0"]}),
+        ]:
+            desc = b.execute(command, arguments)["error"]["desc"]
+            assert desc.startswith("Memory backend 'ram0' holds partial data"), desc
+            assert f"interrupted restore of '{save}'" in desc
+            assert not again.exists()
+
+        # Accepted again, this mix: saved.
+        b.ok("object-del", {"id": "ram0"})
+        add = {"qom-type": "memory-backend-file", "id": "ram0", "size": SIZE, "mem-path": str(mem)}
+        b.ok("object-add", {**add, "x-accept-partial": True})
+        b.ok("migrate", {"uri": f"file:{again}"})
+        assert b.wait_final()["status"] == "completed"
+        a.close()
+        b.close()
+    finally:
+        first.stop()
+        second.stop()
+
+
+def test_a_private_backend_on_a_file_another_daemon_left_partial_is_not_saved_as_whole(
+    short_dir: Path, shm: Path
+):
+    """A `share=false` backend of one daemon on a memory file another daemon's backend
+    shares: the other's restore into the file is cancelled half-way. The private mapping
+    shows the file's pages wherever it has not written its own, so it holds that mix too;
+    its daemon looked only at its own in-daemon mark (a restore into private memory
+    leaves none on the file) and saved the mix `completed` (red-team, round 10b). Its
+    file's mark is read too now, until a restore into the private memory completes."""
+    mem, save, again = shm / "ram0", short_dir / "save.img", short_dir / "again.img"
+    fill_random(mem, SIZE, seed=17)
+    (short_dir / "a").mkdir()
+    (short_dir / "b").mkdir()
+    first = start_daemon(short_dir / "a" / "q.sock")
+    second = start_daemon(short_dir / "b" / "q.sock")
+    try:
+        a = RawClient(first.socket_path).negotiate()
+        b = RawClient(second.socket_path).negotiate()
+        _setup(b, mem, share=False)
+        _restore_under_way(a, mem, save)
+        a.ok("migrate_cancel")
+        assert a.wait_final()["status"] == "cancelled"
+
+        desc = b.execute("migrate", {"uri": f"file:{again}"})["error"]["desc"]
+        assert desc.startswith("Memory backend 'ram0' holds partial data"), desc
+        assert f"interrupted restore of '{save}'" in desc
+        assert not again.exists()
+
+        # A restore into the private memory, completed, makes every page its own: saved.
+        b.ok("migrate-incoming", {"uri": f"file:{save}"})
+        assert b.wait_final()["status"] == "completed"
+        b.ok("migrate", {"uri": f"file:{again}"})
+        assert b.wait_final()["status"] == "completed"
+        a.close()
+        b.close()
+    finally:
+        first.stop()
+        second.stop()
+
+
 def test_a_configured_backend_on_a_partial_file_stops_the_start_unless_accepted(
     short_dir: Path, shm: Path
 ):
@@ -339,7 +431,7 @@ from migd.state.partial import PartialMarks
 os.setgid({uid}); os.setuid({uid})
 fd = os.open(sys.argv[1], os.O_RDWR)
 PartialMarks(None, sys.argv[2]).set(
-    types.SimpleNamespace(id="ram0", fd=fd, file_name=sys.argv[1], partial_accepted=False),
+    types.SimpleNamespace(id="ram0", fd=fd, file_name=sys.argv[1], partial_accepted=None),
     "restore of '/x.sav' by uid {uid}",
 )
 """
@@ -347,7 +439,7 @@ PartialMarks(None, sys.argv[2]).set(
 
 def _backend(mem: Path) -> Any:
     fd = os.open(mem, os.O_RDWR)
-    return types.SimpleNamespace(id="ram0", fd=fd, file_name=str(mem), partial_accepted=False)
+    return types.SimpleNamespace(id="ram0", fd=fd, file_name=str(mem), partial_accepted=None)
 
 
 def _marks_dir(short_dir: Path) -> Path:

@@ -30,10 +30,12 @@ from ..state.paths import (
     FileOpener,
     hold_for_job,
     not_regular,
+    on_overlayfs,
     open_regular,
     plain_open,
     remove_created,
     reopen,
+    reopen_for_locks,
     settle_claim,
     sync_directory_of,
     trusted_owners,
@@ -277,10 +279,12 @@ class FileTarget:
         the next job on the file)."""
         main_fd = self._main_fd
         assert main_fd is not None, "open_main first"
-        if not is_fdset_path(self.path):
+        # On overlayfs, through its layer's file: a lock on the overlay's inode never
+        # meets one another process's job takes by the layer's name (paths.reopen_for_locks).
+        if not is_fdset_path(self.path) and not on_overlayfs(main_fd):
             return hold_for_job(main_fd, writes)
         try:
-            self._hold_fd = reopen(main_fd, os.O_WRONLY if writes else os.O_RDONLY)
+            self._hold_fd = reopen_for_locks(main_fd, os.O_WRONLY if writes else os.O_RDONLY)
         except OSError:
             return None  # nothing known, as where the filesystem has no such locks
         return hold_for_job(self._hold_fd, writes)

@@ -38,10 +38,12 @@ from ..state.partial import PartialMarks
 from ..state.paths import (
     ChannelOpener,
     FileOpener,
+    file_identity,
     hold_for_job,
     mapped_as_memory,
     plain_open,
     reopen,
+    reopen_for_locks,
 )
 from . import plan, settings
 from .job import (
@@ -210,7 +212,7 @@ def _hold_memory_files(
                 continue
             access = fcntl.fcntl(backend.fd, fcntl.F_GETFL) & os.O_ACCMODE
             try:
-                fd = reopen(backend.fd, access)
+                fd = reopen_for_locks(backend.fd, access)  # overlayfs: its layer's file
             except OSError:
                 continue  # nothing known, as where the filesystem has no such locks
             fds.append(fd)
@@ -242,9 +244,10 @@ def _let_go(close_target: Callable[[], None], holds: list[int]) -> None:
 
 
 def _file_identity(fd: int) -> tuple[int, int]:
-    """(st_dev, st_ino) of a job's file. Blocking: on FUSE or NFS an fstat asks the server."""
-    st = os.fstat(fd)
-    return st.st_dev, st.st_ino
+    """(st_dev, st_ino) of a job's file, as a backend's is taken (paths.file_identity: a
+    file reached through overlayfs is its layer's). Blocking: on FUSE or NFS an fstat asks
+    the server."""
+    return file_identity(fd)
 
 
 def _reopen_for_reading(fd: int) -> int | None:

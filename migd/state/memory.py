@@ -18,7 +18,9 @@ from .fdsets import AppendingFd, file_name, pwrite_at
 from .paths import (
     EXTEND_BYTE,
     FileOpener,
+    file_identity,
     hold_as_memory,
+    layer_file,
     ofd_lock,
     open_regular,
     plain_open,
@@ -161,16 +163,21 @@ class MemoryBackend:
         self.file_name = file_name(mem_path, fd) if mem_path and fd is not None else mem_path
         self.share = share
         self.in_use = 0
-        # Its file carries a partial-restore mark the client accepted (x-accept-partial):
-        # saves of it are allowed (state/partial.py).
-        self.partial_accepted = False
+        # The partial-restore mark of its file the client accepted (x-accept-partial):
+        # saves of it are allowed while its file carries that very mark (state/partial.py).
+        self.partial_accepted: str | None = None
         self.restores_begun = 0  # restore jobs launched into it: a save's checks see one
+        # A restore into it completed since it was added: for a private mapping of a file,
+        # every page is its own copy, whatever the file holds (state/partial.py).
+        self.restored_whole = False
         # What a restore that has not completed left in it (state/partial.py), for memory
         # with no file of its own to carry the mark.
         self.partial_restore: str | None = None
         # Its file was created for it (object-add): the claim of paths.open_regular is
         # settled once the backend is registered.
         self.created_file = False
+        # Its file on overlayfs opened by its layer's name, holding its mark there too.
+        self.layer_fd: int | None = None
         self._mm: mmap.mmap | None = mm
         self._mv: memoryview | None = memoryview(mm)
         self._fd = fd
@@ -470,14 +477,14 @@ class MemoryBackend:
             # which may stay open after this backend.
             hold_as_memory(fd, held=False)
             self._close_fd(fd)
+        if self.layer_fd is not None:
+            layer, self.layer_fd = self.layer_fd, None
+            os.close(layer)  # its mark goes with it
 
 
 def _identity_of(fd: int | None) -> tuple[int, int] | None:
     """(st_dev, st_ino) of fd's file; None without an fd."""
-    if fd is None:
-        return None
-    st = os.fstat(fd)
-    return st.st_dev, st.st_ino
+    return None if fd is None else file_identity(fd)
 
 
 def _validate(id: str, size: int, ramblock_name: str | None) -> str:
@@ -543,6 +550,7 @@ def create_file_backend(
             ) from None
     step = "use"
     st: os.stat_result | None = None
+    layer: int | None = None
     extending = held = False
     try:
         st = os.fstat(fd)
@@ -557,6 +565,11 @@ def create_file_backend(
         # other.
         hold_as_memory(fd)
         held = True
+        # On overlayfs, on its layer's file too: another migd's save into the file by
+        # that name looks there (paths.mapped_as_memory).
+        layer = layer_file(fd, os.O_RDONLY)
+        if layer is not None:
+            hold_as_memory(layer)
         _refuse_written_by_a_job(fd, mem_path)
         # Two requests may set up one existing empty file at once (no claim covers a file
         # neither created): one extended it and, refused after all, cut it back to empty
@@ -602,6 +615,8 @@ def create_file_backend(
             _unlock_extending(fd)
         if held:  # a passed fd's open may outlive this close (its fdset keeps it)
             hold_as_memory(fd, held=False)
+        if layer is not None:
+            os.close(layer)
         close_fd(fd)
         if isinstance(e, OSError):
             raise BackendError(f"Could not {step} '{mem_path}': {e.strerror}") from None
@@ -612,6 +627,7 @@ def create_file_backend(
         id, size, "memory-backend-file", mm, fd, mem_path, share, block_name, close_fd
     )
     backend.created_file = created
+    backend.layer_fd = layer
     return backend
 
 

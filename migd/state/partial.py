@@ -51,9 +51,13 @@ _MAX_MARK = 4096
 
 
 def describe(save_path: str) -> str:
-    """The mark's value: which restore left the file partial, and when it started."""
-    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    return f"restore of '{save_path}' started {started} by migd pid {os.getpid()}"
+    """The mark's value: which restore left the file partial, and when it started. To the
+    microsecond: an acceptance (x-accept-partial) holds for one mark, and two restores of
+    one save by one daemon must not leave the same one."""
+    now = time.time()
+    started = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
+    micros = int(now * 1_000_000) % 1_000_000
+    return f"restore of '{save_path}' started {started}.{micros:06d}Z by migd pid {os.getpid()}"
 
 
 def shared_dir() -> str:
@@ -258,7 +262,7 @@ class PartialMarks:
         if fd is None:
             return
         raw = value.encode(errors="backslashreplace")[:_MAX_MARK]
-        backend.partial_accepted = False  # a new mix of pages: nobody accepted this one
+        backend.partial_accepted = None  # a new mix of pages: nobody accepted this one
         try:
             try:
                 os.setxattr(fd, XATTR, raw)
@@ -311,6 +315,7 @@ class PartialMarks:
         value = describe(save_path)
         for backend in backends:
             backend.partial_restore = value
+            backend.restored_whole = False
             if self.needs_mark(backend):
                 self.set(backend, value)
 
@@ -319,20 +324,27 @@ class PartialMarks:
             if self.needs_mark(backend):
                 self.clear(backend)
             backend.partial_restore = None
+            backend.restored_whole = True
 
     def check_save(self, backends: Iterable[MemoryBackend]) -> None:
         """A save: refuse a backend whose file a restore left partial (cancelled, failed,
         killed), unless the client accepted that file as it is when adding it. Saved, the
         mix of old and restored pages would be a whole, verified save of it (red-team,
-        session 15: a cancelled restore's backend saved `completed`, verify passed)."""
+        session 15: a cancelled restore's backend saved `completed`, verify passed).
+
+        The acceptance is of the mark the file carried then, not of the file for good:
+        another migd process's backend on that file may restore into it again, and a
+        restore cancelled there leaves a new mix, with a new mark, that nobody accepted
+        (red-team, round 10b: it was saved `completed`; only the restoring daemon's own
+        backend lost its acceptance)."""
         for backend in backends:
-            if backend.partial_accepted:
-                continue
             # Memory with no file of its own to mark (memory-backend-ram, share=false)
             # carries its mark in the daemon only: it does not outlive the daemon anyway.
             marked = self.needs_mark(backend)
             try:
                 mark = self.read(backend) if marked else backend.partial_restore
+                if mark is None and self._shows_its_file(backend):
+                    mark = self.read(backend)
             except OSError as exc:
                 if backend.fd is None:
                     continue  # closed meanwhile: below
@@ -347,13 +359,22 @@ class PartialMarks:
                 # naming that (engine._refuse_changed_backends); before, "Internal
                 # error: OSError: Bad file descriptor" (red-team, session 16).
                 continue
-            if mark is not None:
+            if mark is not None and mark != backend.partial_accepted:
                 where = f": its file '{backend.file_name}' was left so by" if marked else ", from"
                 raise MigrationError(
                     f"Memory backend '{backend.id}' holds partial data{where} an interrupted "
                     f"{mark}. A save would keep that mix of old and restored pages as if it "
                     "were whole; restore into it again first"
                 )
+
+    @staticmethod
+    def _shows_its_file(backend: MemoryBackend) -> bool:
+        """A private mapping of a file (share=false) shows the file's pages wherever it
+        has not written its own: a restore another migd process left partial in the file
+        (its backend shares it) is in this memory too, its mark on the file alone (a
+        restore into private memory marks none). Not once a restore into this memory
+        completed: every page is its own copy then (red-team, round 10b: saved as whole)."""
+        return backend.fd is not None and not backend.share and not backend.restored_whole
 
     def check_add(self, backend: MemoryBackend, accept: bool) -> None:
         """object-add: refuse a file an interrupted restore left partial, unless accepted."""
@@ -364,7 +385,7 @@ class PartialMarks:
             log.warning(
                 "memory file '%s' accepted with a partial restore: %s", backend.file_name, mark
             )
-            backend.partial_accepted = True
+            backend.partial_accepted = mark
             return
         raise BackendError(
             f"Memory file '{backend.file_name}' was left partial by an interrupted {mark}: it "

@@ -29,6 +29,7 @@ import errno
 import fcntl
 import logging
 import os
+import re
 import stat
 import struct
 from collections.abc import Callable, Collection, Sequence
@@ -270,6 +271,32 @@ def _check_directory(
         )
 
 
+_PROC_MAGIC = 0x9FA0
+
+
+def _refuse_magic_link(path: str, there: str, here: str, target: str) -> None:
+    """A link of /proc whose text is a file's name (/proc/PID/root, cwd, exe, fd/N,
+    map_files/...): the kernel follows it into that process's own view of the files (its
+    mount namespace, a removed file, an fd), which the text does not name. Followed by
+    its text, a backend on /proc/PID/root/dev/shm/ram (a containerized VM's RAM) mapped
+    migd's own /dev/shm/ram, and its save `completed` with other memory (red-team, round
+    10b). Ordinary links of /proc (self, thread-self, mounts: a name inside /proc, no
+    '/' first and no ':') are followed."""
+    if not target.startswith("/") and ":" not in target:
+        return
+    buf = ctypes.create_string_buffer(256)  # struct statfs: f_type is its first field
+    if _libc.statfs(os.fsencode(here), buf) != 0:
+        return
+    if ctypes.c_ulong.from_buffer(buf).value & 0xFFFFFFFF != _PROC_MAGIC:
+        return
+    where = "is" if there == os.path.abspath(path) else f"goes through '{there}',"
+    raise FileRefused(
+        f"'{path}' {where} a magic link of /proc: the kernel follows it into a process's "
+        "own view of the files, which its text does not name; name the file itself, or "
+        "pass it as an fd (add-fd)"
+    )
+
+
 def resolve_trusted(path: str, owners: Collection[int]) -> tuple[str, os.stat_result | None]:
     """The name `path` resolves to, with no symbolic link left in it, and what is there
     (lstat; None: nothing, or a directory on the way is missing: the open says which).
@@ -310,6 +337,7 @@ def resolve_trusted(path: str, owners: Collection[int]) -> tuple[str, os.stat_re
                     f"follows only links of migd's or the client's uid ({_who(owners)})"
                 )
             target = os.readlink(there)
+            _refuse_magic_link(path, there, here, target)
             if target.startswith("/"):
                 here = "/"
             parts.extend(reversed([p for p in target.split("/") if p not in ("", ".")]))
@@ -374,6 +402,143 @@ def ofd_lock(fd: int, kind: int, byte: int) -> bool | None:
     return True
 
 
+_OVERLAYFS_MAGIC = 0x794C7630
+_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")  # mountinfo's escapes of space, tab, '\\', ','
+
+
+def file_identity(fd: int) -> tuple[int, int]:
+    """(st_dev, st_ino) of fd's file, by which migd tells two names of one file: two
+    backends on it, a save into a backend's memory file, a job on another job's file.
+
+    Through an overlayfs mount a file has the overlay's device, though it is the file of
+    its upper (or a lower) layer, which the layer's own name reaches with that layer's
+    device: the two were taken for two files (red-team, round 10b: a second backend on a
+    backend's file was added through the overlay, and a restore into it overwrote the
+    other's memory). A file on overlayfs is known by its layer's file where that is
+    found. Blocking: an fstat (FUSE, NFS ask their server)."""
+    st = os.fstat(fd)
+    if _fs_type(fd) == _OVERLAYFS_MAGIC:
+        layer = _overlay_layer_file(fd, st)
+        if layer is not None:
+            return layer[1].st_dev, layer[1].st_ino
+    return st.st_dev, st.st_ino
+
+
+def on_overlayfs(fd: int) -> bool:
+    return _fs_type(fd) == _OVERLAYFS_MAGIC
+
+
+def reopen_for_locks(fd: int, flags: int) -> int:
+    """fd's file opened again (reopen) for a job's hold: an OFD lock, which another migd
+    process's job must see. Through overlayfs a lock is the overlay inode's, and another
+    process's job on the file by its layer's name locks the layer's inode: the two never
+    met (red-team, round 10b: two daemons' restore and save of one memory file both ran).
+    So a file on overlayfs is opened through its layer's name, if that is still the same
+    file (pinned O_PATH, no link followed, checked by device and inode); else as reopen."""
+    opened = layer_file(fd, flags)
+    return opened if opened is not None else reopen(fd, flags)
+
+
+def layer_file(fd: int, flags: int) -> int | None:
+    """fd's file on overlayfs opened with `flags` through its layer's name (as
+    reopen_for_locks); None if fd is not on overlayfs or its layer's file is not found."""
+    if not on_overlayfs(fd):
+        return None
+    layer = _overlay_layer_file(fd, os.fstat(fd))
+    return None if layer is None else _open_checked(layer[0], layer[1], flags)
+
+
+def _conflicts_through_layer(fd: int, kind: int, byte: int) -> bool:
+    """_conflicts for fd's layer's file, on overlayfs (another process's lock by the
+    layer's name is on the layer's inode, not the overlay's)."""
+    layer = layer_file(fd, os.O_RDONLY)
+    if layer is None:
+        return False
+    try:
+        return _conflicts(layer, kind, byte)
+    finally:
+        os.close(layer)
+
+
+def _open_checked(name: str, expected: os.stat_result, flags: int) -> int | None:
+    """`name` opened with `flags` if it is the regular file `expected` (lstat) still."""
+    try:
+        pinned = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(pinned)
+        if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != (
+            expected.st_dev,
+            expected.st_ino,
+        ):
+            return None
+        return os.open(f"/proc/self/fd/{pinned}", flags | os.O_CLOEXEC)
+    except OSError:
+        return None
+    finally:
+        os.close(pinned)
+
+
+def _fs_type(fd: int) -> int | None:
+    """The f_type of fd's filesystem (fstatfs; os.fstatvfs lacks it)."""
+    buf = ctypes.create_string_buffer(256)  # larger than struct statfs on any arch
+    if _libc.fstatfs(fd, buf) != 0:
+        return None
+    return ctypes.c_ulong.from_buffer(buf).value & 0xFFFFFFFF
+
+
+def _unescape(text: str) -> str:
+    return _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), text)
+
+
+def _overlay_layer_file(fd: int, st: os.stat_result) -> tuple[str, os.stat_result] | None:
+    """The name and lstat of what the layer holding fd's overlayfs file has at its name:
+    the overlay mount with fd's device that its name lies under (/proc/self/mountinfo),
+    then its layers, upper first, as overlayfs looks them up. None where it cannot be
+    told (a removed name, a mount not listed): then the overlay's own identity stands."""
+    try:
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            lines = f.readlines()
+    except OSError:
+        return None
+    device = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    for line in lines:
+        head, dash, tail = line.rstrip("\n").partition(" - ")
+        fields, super_fields = head.split(), tail.split()
+        if not dash or len(fields) < 5 or len(super_fields) < 3 or fields[2] != device:
+            continue
+        root, point = _unescape(fields[3]), _unescape(fields[4])
+        if name != point and not name.startswith(point.rstrip("/") + "/"):
+            continue
+        inside = os.path.join(root, name[len(point) :].lstrip("/")).lstrip("/")
+        for layer in _overlay_layers(super_fields[2]):
+            there = os.path.join(layer, inside)
+            try:
+                found = os.lstat(there)
+            except OSError:
+                continue
+            # The first layer with the name is the one overlayfs uses (a whiteout or a
+            # directory there hides the lower ones).
+            return (there, found) if stat.S_ISREG(found.st_mode) else None
+    return None
+
+
+def _overlay_layers(options: str) -> list[str]:
+    """An overlay mount's layer directories, upper first, from its super options."""
+    upper: list[str] = []
+    lower: list[str] = []
+    for option in options.split(","):
+        key, _, value = option.partition("=")
+        if key == "upperdir":
+            upper.append(_unescape(value))
+        elif key in ("lowerdir", "lowerdir+"):
+            parts = re.split(r"(?<!\\):", _unescape(value))
+            lower += [part.replace("\\:", ":") for part in parts if part]
+    return upper + lower
+
+
 def reopen(fd: int, flags: int) -> int:
     """fd's file opened again through its /proc/self/fd magic link: the very file,
     whatever its name is now, in a new open file description of its own (OFD locks taken
@@ -393,7 +558,9 @@ def written_by_a_job(fd: int) -> bool:
     """Does a job (of any migd process) hold fd's file for writing now (a save, an
     update)? Asked without taking anything (F_OFD_GETLK), so that a reader such as
     `migd verify` never keeps a save out."""
-    return _conflicts(fd, fcntl.F_RDLCK, JOB_BYTE)
+    return _conflicts(fd, fcntl.F_RDLCK, JOB_BYTE) or _conflicts_through_layer(
+        fd, fcntl.F_RDLCK, JOB_BYTE
+    )
 
 
 def _conflicts(fd: int, kind: int, byte: int) -> bool:
@@ -414,7 +581,9 @@ def hold_as_memory(fd: int, held: bool = True) -> None:
 
 def mapped_as_memory(fd: int) -> bool:
     """Does another open of fd's file (another migd's memory backend) map it as memory?"""
-    return _conflicts(fd, fcntl.F_WRLCK, MAPPED_BYTE)
+    return _conflicts(fd, fcntl.F_WRLCK, MAPPED_BYTE) or _conflicts_through_layer(
+        fd, fcntl.F_WRLCK, MAPPED_BYTE
+    )
 
 
 def _claim(fd: int, kind: int) -> bool | None:

@@ -201,9 +201,14 @@ def refuse_if_being_written(fd: int) -> None:
         raise InspectError(IN_USE)
 
 
-def inspect_file(path: str | os.PathLike[str], offset: int = 0) -> SaveInfo:
-    """Describe the save at `offset` of `path`; raises InspectError or OSError."""
-    fd = open_regular(path)
+def inspect_file(
+    path: str | os.PathLike[str], offset: int = 0, *, fd: int | None = None
+) -> SaveInfo:
+    """Describe the save at `offset` of `path`; raises InspectError or OSError. `fd`: the
+    file already open (read through a dup of it; `path` only names it): a name through
+    /proc/self/fd/N is refused as a magic link, and was read by its link's text, the
+    file's name again, before (paths.resolve_trusted)."""
+    fd = open_regular(path) if fd is None else os.dup(fd)
     try:
         refuse_if_being_written(fd)
         st = os.fstat(fd)

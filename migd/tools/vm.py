@@ -756,7 +756,7 @@ def _ram_part_info(path: str, fd: int, offset: int) -> SaveInfo:
     """The RAM part of the image open as `fd` (`path` names it in errors): read through
     the fd, not by the name again, so that a file swapped in since is not the one read."""
     try:
-        info = inspect_file(f"/proc/self/fd/{fd}", offset)
+        info = inspect_file(path, offset, fd=fd)
     except (InspectError, OSError) as exc:
         raise ClientError(f"{path}: the RAM part at {offset:#x} cannot be read: {exc}") from None
     if not info.complete:
