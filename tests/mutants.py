@@ -1540,8 +1540,8 @@ MUTANTS = [
     ),
     Mutant(
         "overlay-file-known-by-the-overlay",
-        "migd/state/paths.py",
-        "    if _fs_type(fd) == _OVERLAYFS_MAGIC:",
+        "migd/state/overlay.py",
+        "    if fs_type(fd) == _OVERLAYFS_MAGIC:",
         "    if False:",
         ("tests/test_file_identity.py::"
          "test_object_add_refuses_a_second_backend_on_one_file_through_an_overlay",),

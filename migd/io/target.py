@@ -25,12 +25,12 @@ from typing import Protocol
 
 from ..errors import ChannelError, MigrationError
 from ..state.fdsets import file_name, is_fdset_path
+from ..state.overlay import on_overlayfs
 from ..state.paths import (
     ChannelOpener,
     FileOpener,
     hold_for_job,
     not_regular,
-    on_overlayfs,
     open_regular,
     plain_open,
     remove_created,

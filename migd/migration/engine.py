@@ -34,11 +34,11 @@ from ..io.throttle import Throttle
 from ..pages import PAGE_SIZE
 from ..state.fdsets import fd_budget, is_fdset_path
 from ..state.memory import MemoryBackend, MemoryRegistry
+from ..state.overlay import file_identity
 from ..state.partial import PartialMarks
 from ..state.paths import (
     ChannelOpener,
     FileOpener,
-    file_identity,
     hold_for_job,
     mapped_as_memory,
     plain_open,

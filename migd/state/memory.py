@@ -15,12 +15,11 @@ from collections.abc import Callable, Collection, Iterator
 from ..errors import BackendError
 from ..pages import PAGE_SIZE
 from .fdsets import AppendingFd, file_name, pwrite_at
+from .overlay import file_identity, layer_file
 from .paths import (
     EXTEND_BYTE,
     FileOpener,
-    file_identity,
     hold_as_memory,
-    layer_file,
     ofd_lock,
     open_regular,
     plain_open,
