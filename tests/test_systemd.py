@@ -542,6 +542,41 @@ def test_sighup_is_logged_and_ignored_not_fatal(short_dir):
     assert not (short_dir / "qmp.sock").exists()
 
 
+def _read_log_until(proc: subprocess.Popen[bytes], text: str) -> str:
+    """migd's stderr up to the first line holding `text`; AssertionError at its end (the
+    daemon exited without logging it)."""
+    assert proc.stderr is not None
+    seen = []
+    for raw in proc.stderr:
+        seen.append(raw.decode())
+        if text in seen[-1]:
+            return "".join(seen)
+    raise AssertionError(f"migd exited ({proc.wait()}) without logging {text!r}: {seen}")
+
+
+def test_sigusr1_and_sigusr2_during_a_save_are_logged_and_ignored(short_dir):
+    """SIGUSR1 or SIGUSR2 (a log-rotation or reload script written for other daemons)
+    killed migd by their default action, mid-save, without a log line, its socket left
+    behind (red-team, round 10c). Each is logged and ignored now; the save runs on."""
+    d = start_daemon(short_dir / "qmp.sock")
+    try:
+        client = RawClient(d.socket_path).negotiate()
+        client.ok("object-add", {"qom-type": "memory-backend-ram", "id": "r", "size": 64 << 20})
+        caps = [{"capability": "mapped-ram", "state": True}]
+        client.ok("migrate-set-capabilities", {"capabilities": caps})
+        client.ok("migrate-set-parameters", {"max-bandwidth": 1 << 20})  # 64 s: still running
+        client.ok("migrate", {"uri": f"file:{short_dir / 'save.img'}"})
+        for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP):
+            d.proc.send_signal(sig)
+            _read_log_until(d.proc, f"{sig.name} ignored")
+        assert client.ok("query-migrate")["status"] in ("setup", "active")  # not cut off
+        client.ok("migrate_cancel")
+        client.close()
+    finally:
+        assert d.stop() == 0
+    assert not (short_dir / "qmp.sock").exists()
+
+
 def test_an_unreachable_notify_socket_is_logged_and_migd_serves(short_dir):
     """NOTIFY_SOCKET naming nothing (a unit's wrong sandboxing, a stale environment): migd
     serves and says it could not send READY=1, naming the address (before: sdnotify

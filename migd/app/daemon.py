@@ -62,6 +62,17 @@ SESSION_GRACE = 0.25
 # Threads of the event loop's default executor, which root's and migd's own clients and
 # the daemon's own steps use (io/blocking.py: other uids have pools of their own): see run().
 DEFAULT_EXECUTOR_THREADS = 64
+# Signals whose default action would end migd, socket left behind and jobs cut off, that
+# an operator's tools send for other reasons: logged and ignored. SIGHUP asks a daemon to
+# reload and reaches one started from a terminal that closes (red-team, session 14);
+# SIGUSR1 and SIGUSR2 are what log rotation and reload scripts send many daemons
+# (nginx, rsyslog: "reopen your logs"), and killed migd mid-save without a log line
+# (red-team, round 10c). SIGQUIT keeps its core dump: it is asked for on purpose.
+IGNORED_SIGNALS = {
+    signal.SIGHUP: "migd has no configuration to reload",
+    signal.SIGUSR1: "migd has no use for it (it logs to stderr: no log file to reopen)",
+    signal.SIGUSR2: "migd has no use for it (it logs to stderr: no log file to reopen)",
+}
 
 
 def inherited_listener() -> socket.socket | None:
@@ -214,12 +225,8 @@ class Daemon:
         # the default action would kill migd without its shutdown (socket left behind).
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
-        # SIGHUP asks a daemon to reload, and reaches one started from a terminal that
-        # closes: its default action killed migd mid-job, socket left behind. migd has
-        # nothing to reload; it says so and goes on.
-        loop.add_signal_handler(
-            signal.SIGHUP, log.warning, "SIGHUP ignored: migd has no configuration to reload"
-        )
+        for sig, why in IGNORED_SIGNALS.items():
+            loop.add_signal_handler(sig, log.warning, "%s ignored: %s", sig.name, why)
         raise_open_file_limit()
         # The job threads exist before the first client: made when the first job starts,
         # they kept the event loop from answering for some 20 ms (thread stacks are mapped
