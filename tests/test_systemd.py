@@ -577,6 +577,42 @@ def test_sigusr1_and_sigusr2_during_a_save_are_logged_and_ignored(short_dir):
     assert not (short_dir / "qmp.sock").exists()
 
 
+@pytest.mark.parametrize("kind", ["mode-0666", "abstract"])
+def test_a_passed_socket_open_to_others_is_warned_about_whatever_socket_mode_says(short_dir, kind):
+    """Under socket activation the socket's mode is systemd's (SocketMode=), and
+    migd.toml's socket-mode is not used; the warning that others control migd read
+    socket-mode alone, so a drop-in's SocketMode=0666, or an abstract socket
+    (ListenStream=@migd, which every local user may connect to), was not mentioned
+    (red-team, round 10c)."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    if kind == "abstract":
+        listener.bind(f"\0migd-test-{os.getpid()}-{short_dir.name}")
+    else:
+        listener.bind(str(short_dir / "open.sock"))
+        os.chmod(short_dir / "open.sock", 0o666)
+    listener.listen()
+    fd = listener.fileno()
+    proc = subprocess.Popen(
+        ["sh", "-c", 'LISTEN_PID=$$ LISTEN_FDS=1 exec "$@"', "sh", *SERVE,
+         "--socket", str(short_dir / "own.sock")],
+        preexec_fn=lambda: os.dup2(fd, 3), pass_fds=(3,),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        log = _read_log_until(proc, "serving QMP on inherited socket")
+        proc.send_signal(signal.SIGTERM)  # handled after the start's own log lines
+        rest = proc.communicate(timeout=30)[1].decode()
+    finally:
+        listener.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, log + rest
+    mode = "0777" if kind == "abstract" else "0666"
+    assert f"socket mode {mode} lets other users control migd" in log + rest, log + rest
+    assert "make migd open any file it can open" in log + rest
+
+
 def test_an_unreachable_notify_socket_is_logged_and_migd_serves(short_dir):
     """NOTIFY_SOCKET naming nothing (a unit's wrong sandboxing, a stale environment): migd
     serves and says it could not send READY=1, naming the address (before: sdnotify

@@ -30,6 +30,7 @@ import os
 import resource
 import signal
 import socket
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -128,6 +129,21 @@ def check_listener(sock: socket.socket) -> None:
             f"the socket systemd passed is {kind}: migd serves QMP only on a listening UNIX "
             "stream socket (ListenStream=/run/migd/....sock)"
         )
+
+
+def passed_socket_mode(sock: socket.socket, fallback: int) -> int:
+    """Who may connect to a passed socket: its file's mode (SocketMode=), not the
+    configuration's socket-mode, which applies only to a socket migd binds itself. The
+    warning about a socket open to others read socket-mode alone, so a drop-in's
+    SocketMode=0666 went unmentioned (red-team, round 10c). An abstract socket
+    (ListenStream=@name) has no file and no mode: every local user may connect."""
+    name = sock.getsockname()
+    if isinstance(name, bytes) or not name or name.startswith("\0"):
+        return 0o777
+    try:
+        return stat.S_IMODE(os.stat(name).st_mode)
+    except OSError:  # the name was unlinked (or is out of this mount namespace)
+        return fallback
 
 
 def raise_open_file_limit() -> int:
@@ -247,9 +263,10 @@ class Daemon:
             if listener is None:
                 listener = bind_unix_socket(self.config.socket_path, self.config.socket_mode)
                 self._own_socket = file_identity(self.config.socket_path)
-                where = self.config.socket_path
+                where, mode = self.config.socket_path, self.config.socket_mode
             else:
                 where = f"inherited socket {listener.getsockname()!r}"
+                mode = passed_socket_mode(listener, self.config.socket_mode)
         except BaseException:
             self.services.memory.close_all()
             raise
@@ -262,7 +279,7 @@ class Daemon:
         )
         self.server.start()
         log.info("migd %s serving QMP on %s", __version__, where)
-        self._log_path_policy()
+        self._log_path_policy(mode)
         self.notify("READY=1\nSTATUS=serving")
         try:
             await self._stop.wait()
@@ -270,18 +287,18 @@ class Daemon:
             self.notify("STOPPING=1")
             await self.shutdown()
 
-    def _log_path_policy(self) -> None:
+    def _log_path_policy(self, socket_mode: int) -> None:
         paths = self.services.paths
         if paths.restricted:
             log.info("files and mem-paths named by path are confined to %s",
                      ", ".join(paths.allowed))  # fmt: skip
-        if self.config.socket_mode & 0o066:
+        if socket_mode & 0o066:
             # Access to the socket is control of every backend: allowed-dirs limits the
             # names clients give, not the fds they pass nor what they do to backends.
             log.warning(
                 "socket mode %04o lets other users control migd: they can save any backend "
                 "into fds they pass, restore into it, or delete it%s",
-                self.config.socket_mode,
+                socket_mode,
                 "" if paths.restricted else ", and make migd open any file it can open",
             )
 
