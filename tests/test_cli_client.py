@@ -553,3 +553,59 @@ def test_a_listener_that_greets_with_garbage_is_named_not_taken_for_a_missing_da
     assert f"{path} answered, but not as migd's QMP server does: " in proc.stderr, proc.stderr
     assert "is the daemon running" not in proc.stderr and "Traceback" not in proc.stderr
     assert not (short_dir / "x.img").exists()
+
+
+@pytest.fixture
+def stopped_daemon(short_dir):
+    """A migd stopped by SIGSTOP (waitpid says so), continued and ended after the test."""
+    d = start_daemon(short_dir / "m.sock")
+    try:
+        yield d
+    finally:
+        d.proc.send_signal(signal.SIGCONT)
+        d.stop()
+
+
+def _stop_process(pid: int) -> None:
+    os.kill(pid, signal.SIGSTOP)
+    _, status = os.waitpid(pid, os.WUNTRACED)  # returns once the kernel has stopped it
+    assert os.WIFSTOPPED(status)
+
+
+def test_status_of_a_stopped_migd_says_it_is_stopped_and_how_to_continue_it(
+    stopped_daemon, capsys, monkeypatch
+):
+    """A migd stopped by SIGSTOP still has its connections accepted by the kernel:
+    `migd status` waited the whole ANSWER_TIMEOUT and then said "the server accepts
+    connections but does not speak QMP" (red-team, round 10c). It says the process is
+    stopped, names it and how to continue it, without waiting the timeout out."""
+    from migd.app.cli import main
+    from migd.tools import client as client_module
+
+    pid = stopped_daemon.pid
+    _stop_process(pid)
+    monkeypatch.setattr(client_module, "ANSWER_TIMEOUT", 20.0)  # the bug: waited it out
+    code = main(["status", "--socket", str(stopped_daemon.socket_path)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"does not answer: its process (pid {pid}, " in err, err
+    assert f"is stopped (SIGSTOP, SIGTSTP or a job control stop): `kill -CONT {pid}`" in err
+    assert "does not speak QMP" not in err
+
+
+async def test_a_migd_stopped_during_a_session_is_named_as_stopped(stopped_daemon, monkeypatch):
+    """The same once connected: a command's answer waited for, then "is it hung?"."""
+    from migd.tools import client as client_module
+
+    client = await client_module.connect(str(stopped_daemon.socket_path))
+    try:
+        _stop_process(stopped_daemon.pid)
+        monkeypatch.setattr(client_module, "ANSWER_TIMEOUT", 20.0)
+        with pytest.raises(client_module.ClientError) as caught:
+            await client_module._execute(client, "query-migrate")
+    finally:
+        stopped_daemon.proc.send_signal(signal.SIGCONT)
+        await client_module._disconnect(client)
+    text = str(caught.value)
+    assert text.startswith("query-migrate: migd does not answer: its process (pid "), text
+    assert f"`kill -CONT {stopped_daemon.pid}`" in text
