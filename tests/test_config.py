@@ -360,7 +360,9 @@ mem-path = "{shm}/no/such/dir/ram"
     result = run_serve("--config", str(conf), "--socket", str(sock))
     assert result.returncode == 1
     cause = f"can't open backing store {shm}/no/such/dir/ram for guest RAM"
-    assert f"Cannot create memory backend 'broken': {cause}" in result.stderr
+    # Named as the file's own errors are: the file and the key (red-team, round 10c).
+    where = f"{conf}: memory-backend[1]: "
+    assert f"{where}Cannot create memory backend 'broken': {cause}" in result.stderr
     assert not sock.exists()
 
 

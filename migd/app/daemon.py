@@ -308,14 +308,18 @@ class Daemon:
         engine.set_capabilities(self.config.capabilities.model_dump(exclude_none=True))
         engine.set_parameters(self.config.parameters.model_dump(exclude_none=True))
         engine.set_daemon_bandwidth(self.config.max_bandwidth)
-        for spec in self.config.memory_backends:
+        for i, spec in enumerate(self.config.memory_backends):
             try:
                 # As object-add: a file an interrupted restore left partial is refused.
                 backend = await blocking.to_thread(
                     create_backend, spec, self.services.paths, engine.partial
                 )
             except MigdError as exc:
-                raise MigdError(f"Cannot create memory backend '{spec.id}': {exc.desc}") from None
+                # Named as the file's own errors are (the journal showed the id alone).
+                raise MigdError(
+                    f"{self.config.where(f'memory-backend[{i}]')}"
+                    f"Cannot create memory backend '{spec.id}': {exc.desc}"
+                ) from None
             try:
                 memory.add(backend)  # no clash: the config model checks ids and block names
             except BaseException:
