@@ -366,6 +366,26 @@ mem-path = "{shm}/no/such/dir/ram"
     assert not sock.exists()
 
 
+def test_allowed_dirs_that_cannot_hold_files_are_warned_about_at_the_start(
+    short_dir, readonly_dir
+):
+    """An allowed directory that does not exist (a typo), is a file, or is read-only (a
+    directory added to allowed-dirs but not to the unit's ReadWritePaths=, under
+    ProtectSystem=strict) started migd without a word: each client's save failed later
+    (red-team, round 10c). Each is a warning at the start; migd still serves."""
+    missing, a_file = short_dir / "no-such-dir", short_dir / "file"
+    a_file.write_bytes(b"")
+    conf = short_dir / "migd.toml"
+    conf.write_text(f'allowed-dirs = ["{missing}", "{a_file}", "{readonly_dir}", "{short_dir}"]\n')
+    conf.chmod(0o600)
+    sock = short_dir / "qmp.sock"
+    log = stop(start_serve(sock, "--config", str(conf), "--socket", str(sock)))
+    assert f"allowed-dirs: '{missing}' cannot be used: No such file or directory" in log, log
+    assert f"allowed-dirs: '{a_file}' is not a directory" in log
+    assert f"allowed-dirs: '{readonly_dir}' is on a read-only mount here" in log
+    assert f"allowed-dirs: '{short_dir}'" not in log
+
+
 def test_without_config_option_the_default_file_is_read_when_it_exists(tmp_path, monkeypatch):
     default = tmp_path / "migd.toml"
     monkeypatch.setattr(config_module, "DEFAULT_CONFIG_PATH", str(default))

@@ -146,6 +146,28 @@ def passed_socket_mode(sock: socket.socket, fallback: int) -> int:
         return fallback
 
 
+def allowed_dir_problem(directory: str) -> str | None:
+    """Why no file can be made in an allowed directory, said at the start: a typo in
+    allowed-dirs, or a directory added there but not to the unit's ReadWritePaths= (read
+    only under ProtectSystem=strict), showed only as each client's save failing
+    (red-team, round 10c). Not an error: the directory may be mounted later."""
+    try:
+        st = os.stat(directory)
+    except OSError as exc:
+        return f"cannot be used: {exc.strerror}; requests naming files there fail until it can"
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a directory: requests naming files there fail"
+    read_only = 0
+    with contextlib.suppress(OSError):
+        read_only = os.statvfs(directory).f_flag & os.ST_RDONLY
+    if read_only:
+        return (
+            "is on a read-only mount here (under ProtectSystem=strict, a directory missing "
+            "from the unit's ReadWritePaths=): saves and restores into files there fail"
+        )
+    return None
+
+
 def raise_open_file_limit() -> int:
     """Soft RLIMIT_NOFILE up to the hard limit (the usual soft 1024 is easily reached by
     passed fds and a job's channels); returns the soft limit in force."""
@@ -292,6 +314,10 @@ class Daemon:
         if paths.restricted:
             log.info("files and mem-paths named by path are confined to %s",
                      ", ".join(paths.allowed))  # fmt: skip
+        for directory in self.config.allowed_dirs:
+            problem = allowed_dir_problem(directory)
+            if problem is not None:
+                log.warning("allowed-dirs: '%s' %s", directory, problem)
         if socket_mode & 0o066:
             # Access to the socket is control of every backend: allowed-dirs limits the
             # names clients give, not the fds they pass nor what they do to backends.
