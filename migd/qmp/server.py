@@ -47,6 +47,7 @@ from ..state.paths import (
     is_root_or_migd,
     resolve_trusted,
 )
+from ..state.serving import serve_client
 from .wire import (
     MessageSplitter,
     Refused,
@@ -518,6 +519,7 @@ class Server:
         # Its worker-thread calls, and those of the jobs and releases it starts, run under
         # its uid's cap (io/blocking.py): this task's context, which they inherit.
         blocking.serve_uid(session.peer_uid)
+        serve_client(f"client {session.number}")  # named in its jobs' log lines
         try:
             await session.run(self._dispatch)
         finally:
