@@ -126,8 +126,9 @@ def run_serve(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[st
 
 
 def assert_config_error(result: subprocess.CompletedProcess[str], prefix: str) -> str:
-    """Exit code 2 and exactly one stderr line, starting with `prefix`; returns the line."""
-    assert result.returncode == 2, result.stderr
+    """Exit code 78 (EX_CONFIG) and exactly one stderr line, starting with `prefix`;
+    returns the line."""
+    assert result.returncode == 78, result.stderr
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith(prefix), lines[0]
@@ -137,7 +138,7 @@ def assert_config_error(result: subprocess.CompletedProcess[str], prefix: str) -
 @pytest.mark.parametrize(
     ("text", "key", "words"), BAD_CONFIGS, ids=[key for _, key, _ in BAD_CONFIGS]
 )
-def test_a_bad_config_file_is_one_error_line_naming_the_key_with_exit_code_2_and_no_socket(
+def test_a_bad_config_file_is_one_error_line_naming_the_key_with_exit_code_78_and_no_socket(
     short_dir, text, key, words
 ):
     conf = short_dir / "migd.toml"
@@ -435,6 +436,6 @@ def test_a_socket_path_too_long_is_refused_before_any_directory_is_made(short_di
     made on the way (red-team, session 14)."""
     sock = short_dir / "new" / ("x" * 120) / "qmp.sock"
     result = run_serve("--socket", str(sock))
-    assert result.returncode == 2, result.stderr
+    assert result.returncode == 78, result.stderr
     assert "is longer than 107 bytes" in result.stderr
     assert not (short_dir / "new").exists()

@@ -349,7 +349,9 @@ def _instance_command(instance: str, confdir: Path, rundir: Path) -> list[str]:
     """The template's ExecStart for `instance`, with /etc/migd/instances and /run/migd
     moved into the test's directories (systemd's %i is the instance name)."""
     (line,) = unit_settings(UNITS / "migd@.service")["ExecStart"]
-    line = line.replace("%i", instance).replace("/usr/local/bin/migd", str(MIGD_SCRIPT))
+    # This checkout's migd: the venv's script imports the package it was installed
+    # from, which in a git worktree sharing the venv is another checkout's.
+    line = line.replace("%i", instance).replace("/usr/local/bin/migd", f"{sys.executable} -m migd")
     line = line.replace("/etc/migd/instances/", f"{confdir}/").replace("/run/migd/", f"{rundir}/")
     return line.split()
 
@@ -440,12 +442,12 @@ def test_two_socket_activated_instances_serve_their_own_sockets_without_interfer
         assert str(confdir / f"{name}.toml") in " ".join(proc.args), proc.args
 
 
-def test_an_instance_without_its_configuration_exits_2_naming_the_file(short_dir):
+def test_an_instance_without_its_configuration_exits_78_naming_the_file(short_dir):
     confdir, rundir = short_dir / "etc", short_dir / "run"
     result = subprocess.run(
         _instance_command("nothere", confdir, rundir), capture_output=True, text=True, timeout=30
     )
-    assert result.returncode == 2  # RestartPreventExitStatus=2: systemd does not retry
+    assert result.returncode == 78  # EX_CONFIG, in RestartPreventExitStatus=: no retry
     assert f"{confdir}/nothere.toml: cannot read" in result.stderr, result.stderr
     assert not rundir.exists()  # no socket made before the configuration was read
 
@@ -512,7 +514,7 @@ def test_a_passed_socket_that_is_not_a_listening_unix_stream_is_refused(short_di
             sock.close()
         if kind == "regular-file":
             os.close(fd)
-    assert result.returncode == 2, result.stderr
+    assert result.returncode == 78, result.stderr
     assert "Traceback" not in result.stderr
     expected = {
         "tcp": "is AF_INET SOCK_STREAM", "unix-datagram": "is AF_UNIX SOCK_DGRAM",

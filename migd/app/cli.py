@@ -22,6 +22,11 @@ from .config import DEFAULT_CONFIG_PATH, default_socket_path, load_config
 T = TypeVar("T")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+# sysexits.h EX_CONFIG, which systemd shows as "status=78/CONFIG": `migd serve` exits so
+# on a bad configuration (file, options, the socket systemd passed), which no restart
+# mends; 2 (INVALIDARGUMENT to systemd) stays argparse's, for a command line it cannot
+# parse.
+EXIT_CONFIG = 78
 
 
 def _mode(text: str) -> int:
@@ -133,13 +138,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = load_config(args.config, **overrides)
     except ConfigError as exc:  # before logging is set up or any socket exists
         print(f"migd: {exc.desc}", file=sys.stderr)
-        return EXIT_USAGE
+        return EXIT_CONFIG
     _setup_logging(config.log_level)
     try:
         _run_loop(Daemon(config).run())
     except ConfigError as exc:  # the setup systemd gave (the passed socket): no retry helps
         logging.getLogger("migd").error("%s", exc.desc)
-        return EXIT_USAGE
+        return EXIT_CONFIG
     except MigdError as exc:
         logging.getLogger("migd").error("%s", exc.desc)
         return EXIT_FAILED
