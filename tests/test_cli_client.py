@@ -368,6 +368,26 @@ def test_no_daemon_exits_2_naming_the_socket_and_suggesting_migd_serve(short_dir
     assert "Traceback" not in result.stderr
 
 
+def test_a_socket_nothing_listens_on_is_said_to_be_so_not_taken_for_no_daemon(short_dir):
+    """The socket file of a migd that is stopping (its listener closes first, its file
+    goes last) or was killed: "is the daemon running?" hid that the file is there and
+    nothing listens (red-team, round 10c)."""
+    sock = short_dir / "left.sock"
+    left = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    left.bind(str(sock))  # bound, not listening: as a closed listener leaves the file
+    try:
+        result = migd("status", "--socket", sock)
+    finally:
+        left.close()
+    assert result.returncode == 2
+    assert (
+        f"cannot connect to migd at {sock}: Connection refused: the socket is there but "
+        "nothing listens on it (a migd stopping, or one that was killed and left it)"
+        in result.stderr
+    ), result.stderr
+    assert f"start one with: migd serve --socket {sock}" in result.stderr
+
+
 def test_without_socket_the_client_uses_the_default_socket(short_dir):
     runtime = short_dir / "rt"
     env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime)}

@@ -172,6 +172,15 @@ async def connect(
                 f"{socket_path} answered, but not as migd's QMP server does: {reason} "
                 "(another program listens on it?)"
             ) from None
+        if isinstance(cause, ConnectionRefusedError):
+            # The socket file is there, but nothing listens: "is the daemon running?"
+            # hid that a migd may be stopping now (its listener closes first and its
+            # socket goes last), or died and left it (red-team, round 10c).
+            raise UsageError(
+                f"cannot connect to migd at {socket_path}: {reason}: the socket is there "
+                "but nothing listens on it (a migd stopping, or one that was killed and "
+                f"left it); start one with: migd serve --socket {socket_path}"
+            ) from None
         raise UsageError(
             f"cannot connect to migd at {socket_path}: {reason}\n"
             f"is the daemon running? start it with: migd serve --socket {socket_path}"
