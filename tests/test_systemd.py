@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import ctypes
 import os
+import re
 import shutil
 import signal
 import socket
@@ -613,6 +614,47 @@ def test_a_passed_socket_open_to_others_is_warned_about_whatever_socket_mode_say
     mode = "0777" if kind == "abstract" else "0666"
     assert f"socket mode {mode} lets other users control migd" in log + rest, log + rest
     assert "make migd open any file it can open" in log + rest
+
+
+@pytest.mark.parametrize("journal", [True, False], ids=["stderr-is-the-journal", "another"])
+def test_under_journald_each_line_carries_its_syslog_priority(short_dir, journal):
+    """systemd connects stderr to journald and names that stream in JOURNAL_STREAM;
+    journald reads a "<N>" prefix as a line's priority. migd wrote none, so every line,
+    errors too, was stored at info priority and `journalctl -p warning` showed nothing
+    (red-team, round 10c). With stderr the journal: "<4>" for a warning, "<6>" for info,
+    "<3>" for a configuration error, and no timestamp (the journal has its own); with
+    JOURNAL_STREAM naming another stream (a redirected child), the plain lines."""
+    log_path, other = short_dir / "journal", short_dir / "other"
+    other.write_text("")
+    sock = short_dir / "qmp.sock"
+    with open(log_path, "w+") as log:
+        named = os.fstat(log.fileno()) if journal else os.stat(other)
+        env = {**os.environ, "JOURNAL_STREAM": f"{named.st_dev}:{named.st_ino}"}
+        proc = subprocess.Popen(
+            [*SERVE, "--socket", str(sock), "--socket-mode", "0666"],
+            stdout=subprocess.DEVNULL, stderr=log, env=env,
+        )  # fmt: skip
+        try:
+            wait_for_socket(sock, proc, 15)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+        bad = subprocess.run(
+            [*SERVE, "--config", str(short_dir / "missing.toml")],
+            stdout=subprocess.DEVNULL, stderr=log, env=env, timeout=30,
+        )  # fmt: skip
+        assert bad.returncode == 78
+    lines = log_path.read_text().splitlines()
+    warning = next(line for line in lines if "lets other users control migd" in line)
+    serving = next(line for line in lines if "serving QMP on" in line)
+    refused = next(line for line in lines if "missing.toml: cannot read" in line)
+    if journal:
+        assert warning.startswith("<4>WARNING migd.app.daemon: socket mode 0666"), warning
+        assert serving.startswith("<6>INFO migd.app.daemon: migd "), serving
+        assert refused.startswith("<3>migd: "), refused
+    else:
+        assert re.match(r"\d{4}-\d\d-\d\d [\d:,]+ WARNING migd.app.daemon: ", warning), warning
+        assert refused.startswith("migd: "), refused
 
 
 def test_an_unreachable_notify_socket_is_logged_and_migd_serves(short_dir):
