@@ -387,6 +387,21 @@ def test_allowed_dirs_that_cannot_hold_files_are_warned_about_at_the_start(
     assert f"allowed-dirs: '{short_dir}'" not in log
 
 
+@pytest.mark.parametrize("option", ["--config", "--socket", "--log-level"])
+def test_an_option_of_serve_given_twice_is_a_usage_error(short_dir, option):
+    """`--config A --config B` (a drop-in's ExecStart= adding one to the unit's) read B
+    alone, silently (red-team, round 10c): the operator editing A saw nothing change."""
+    values = {
+        "--config": [str(short_dir / "a.toml"), str(short_dir / "b.toml")],
+        "--socket": [str(short_dir / "a.sock"), str(short_dir / "b.sock")],
+        "--log-level": ["info", "debug"],
+    }[option]
+    result = run_serve(option, values[0], option, values[1], "--config", str(short_dir / "x"))
+    assert result.returncode == 2, result.stderr
+    assert f"migd serve: error: {option} given twice: give it once" in result.stderr
+    assert list(short_dir.iterdir()) == []
+
+
 def test_without_config_option_the_default_file_is_read_when_it_exists(tmp_path, monkeypatch):
     default = tmp_path / "migd.toml"
     monkeypatch.setattr(config_module, "DEFAULT_CONFIG_PATH", str(default))

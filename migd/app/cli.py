@@ -40,6 +40,20 @@ def _mode(text: str) -> int:
     return value
 
 
+class _Once(argparse.Action):
+    """An option that may be given once: `--config A --config B` (a drop-in's ExecStart=
+    adding one to the unit's) silently read B alone, and the operator editing A saw no
+    change (red-team, round 10c)."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+        values: Any, option_string: str | None = None,
+    ) -> None:  # fmt: skip
+        if getattr(namespace, self.dest) is not None:
+            parser.error(f"{option_string} given twice: give it once")
+        setattr(namespace, self.dest, values)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="migd", description="Save and restore memory to QEMU mapped-ram files over QMP."
@@ -50,16 +64,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the daemon in the foreground")
     serve.add_argument(
         "--config",
+        action=_Once,
         default=None,
         metavar="FILE",
         help=f"TOML configuration file (default {DEFAULT_CONFIG_PATH} if it exists); "
         "the options below override it",
     )
     serve.add_argument(
-        "--socket", default=None, help=f"QMP socket (default {default_socket_path()})"
+        "--socket", action=_Once, default=None,
+        help=f"QMP socket (default {default_socket_path()})",
+    )  # fmt: skip
+    serve.add_argument(
+        "--socket-mode", action=_Once, type=_mode, default=None, help="socket mode (default 0600)"
     )
-    serve.add_argument("--socket-mode", type=_mode, default=None, help="socket mode (default 0600)")
-    serve.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
+    serve.add_argument(
+        "--log-level", action=_Once, default=None, choices=["debug", "info", "warning", "error"]
+    )
 
     schema = sub.add_parser("schema", help="write or check the JSON Schemas in schemas/")
     action = schema.add_mutually_exclusive_group(required=True)
