@@ -368,6 +368,26 @@ def test_no_daemon_exits_2_naming_the_socket_and_suggesting_migd_serve(short_dir
     assert "Traceback" not in result.stderr
 
 
+def test_a_socket_nothing_listens_on_is_said_to_be_so_not_taken_for_no_daemon(short_dir):
+    """The socket file of a migd that is stopping (its listener closes first, its file
+    goes last) or was killed: "is the daemon running?" hid that the file is there and
+    nothing listens (red-team, round 10c)."""
+    sock = short_dir / "left.sock"
+    left = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    left.bind(str(sock))  # bound, not listening: as a closed listener leaves the file
+    try:
+        result = migd("status", "--socket", sock)
+    finally:
+        left.close()
+    assert result.returncode == 2
+    assert (
+        f"cannot connect to migd at {sock}: Connection refused: the socket is there but "
+        "nothing listens on it (a migd stopping, or one that was killed and left it)"
+        in result.stderr
+    ), result.stderr
+    assert f"start one with: migd serve --socket {sock}" in result.stderr
+
+
 def test_without_socket_the_client_uses_the_default_socket(short_dir):
     runtime = short_dir / "rt"
     env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime)}
@@ -553,3 +573,59 @@ def test_a_listener_that_greets_with_garbage_is_named_not_taken_for_a_missing_da
     assert f"{path} answered, but not as migd's QMP server does: " in proc.stderr, proc.stderr
     assert "is the daemon running" not in proc.stderr and "Traceback" not in proc.stderr
     assert not (short_dir / "x.img").exists()
+
+
+@pytest.fixture
+def stopped_daemon(short_dir):
+    """A migd stopped by SIGSTOP (waitpid says so), continued and ended after the test."""
+    d = start_daemon(short_dir / "m.sock")
+    try:
+        yield d
+    finally:
+        d.proc.send_signal(signal.SIGCONT)
+        d.stop()
+
+
+def _stop_process(pid: int) -> None:
+    os.kill(pid, signal.SIGSTOP)
+    _, status = os.waitpid(pid, os.WUNTRACED)  # returns once the kernel has stopped it
+    assert os.WIFSTOPPED(status)
+
+
+def test_status_of_a_stopped_migd_says_it_is_stopped_and_how_to_continue_it(
+    stopped_daemon, capsys, monkeypatch
+):
+    """A migd stopped by SIGSTOP still has its connections accepted by the kernel:
+    `migd status` waited the whole ANSWER_TIMEOUT and then said "the server accepts
+    connections but does not speak QMP" (red-team, round 10c). It says the process is
+    stopped, names it and how to continue it, without waiting the timeout out."""
+    from migd.app.cli import main
+    from migd.tools import client as client_module
+
+    pid = stopped_daemon.pid
+    _stop_process(pid)
+    monkeypatch.setattr(client_module, "ANSWER_TIMEOUT", 20.0)  # the bug: waited it out
+    code = main(["status", "--socket", str(stopped_daemon.socket_path)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"does not answer: its process (pid {pid}, " in err, err
+    assert f"is stopped (SIGSTOP, SIGTSTP or a job control stop): `kill -CONT {pid}`" in err
+    assert "does not speak QMP" not in err
+
+
+async def test_a_migd_stopped_during_a_session_is_named_as_stopped(stopped_daemon, monkeypatch):
+    """The same once connected: a command's answer waited for, then "is it hung?"."""
+    from migd.tools import client as client_module
+
+    client = await client_module.connect(str(stopped_daemon.socket_path))
+    try:
+        _stop_process(stopped_daemon.pid)
+        monkeypatch.setattr(client_module, "ANSWER_TIMEOUT", 20.0)
+        with pytest.raises(client_module.ClientError) as caught:
+            await client_module._execute(client, "query-migrate")
+    finally:
+        stopped_daemon.proc.send_signal(signal.SIGCONT)
+        await client_module._disconnect(client)
+    text = str(caught.value)
+    assert text.startswith("query-migrate: migd does not answer: its process (pid "), text
+    assert f"`kill -CONT {stopped_daemon.pid}`" in text

@@ -126,8 +126,9 @@ def run_serve(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[st
 
 
 def assert_config_error(result: subprocess.CompletedProcess[str], prefix: str) -> str:
-    """Exit code 2 and exactly one stderr line, starting with `prefix`; returns the line."""
-    assert result.returncode == 2, result.stderr
+    """Exit code 78 (EX_CONFIG) and exactly one stderr line, starting with `prefix`;
+    returns the line."""
+    assert result.returncode == 78, result.stderr
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith(prefix), lines[0]
@@ -137,7 +138,7 @@ def assert_config_error(result: subprocess.CompletedProcess[str], prefix: str) -
 @pytest.mark.parametrize(
     ("text", "key", "words"), BAD_CONFIGS, ids=[key for _, key, _ in BAD_CONFIGS]
 )
-def test_a_bad_config_file_is_one_error_line_naming_the_key_with_exit_code_2_and_no_socket(
+def test_a_bad_config_file_is_one_error_line_naming_the_key_with_exit_code_78_and_no_socket(
     short_dir, text, key, words
 ):
     conf = short_dir / "migd.toml"
@@ -360,8 +361,45 @@ mem-path = "{shm}/no/such/dir/ram"
     result = run_serve("--config", str(conf), "--socket", str(sock))
     assert result.returncode == 1
     cause = f"can't open backing store {shm}/no/such/dir/ram for guest RAM"
-    assert f"Cannot create memory backend 'broken': {cause}" in result.stderr
+    # Named as the file's own errors are: the file and the key (red-team, round 10c).
+    where = f"{conf}: memory-backend[1]: "
+    assert f"{where}Cannot create memory backend 'broken': {cause}" in result.stderr
     assert not sock.exists()
+
+
+def test_allowed_dirs_that_cannot_hold_files_are_warned_about_at_the_start(
+    short_dir, readonly_dir
+):
+    """An allowed directory that does not exist (a typo), is a file, or is read-only (a
+    directory added to allowed-dirs but not to the unit's ReadWritePaths=, under
+    ProtectSystem=strict) started migd without a word: each client's save failed later
+    (red-team, round 10c). Each is a warning at the start; migd still serves."""
+    missing, a_file = short_dir / "no-such-dir", short_dir / "file"
+    a_file.write_bytes(b"")
+    conf = short_dir / "migd.toml"
+    conf.write_text(f'allowed-dirs = ["{missing}", "{a_file}", "{readonly_dir}", "{short_dir}"]\n')
+    conf.chmod(0o600)
+    sock = short_dir / "qmp.sock"
+    log = stop(start_serve(sock, "--config", str(conf), "--socket", str(sock)))
+    assert f"allowed-dirs: '{missing}' cannot be used: No such file or directory" in log, log
+    assert f"allowed-dirs: '{a_file}' is not a directory" in log
+    assert f"allowed-dirs: '{readonly_dir}' is on a read-only mount here" in log
+    assert f"allowed-dirs: '{short_dir}'" not in log
+
+
+@pytest.mark.parametrize("option", ["--config", "--socket", "--log-level"])
+def test_an_option_of_serve_given_twice_is_a_usage_error(short_dir, option):
+    """`--config A --config B` (a drop-in's ExecStart= adding one to the unit's) read B
+    alone, silently (red-team, round 10c): the operator editing A saw nothing change."""
+    values = {
+        "--config": [str(short_dir / "a.toml"), str(short_dir / "b.toml")],
+        "--socket": [str(short_dir / "a.sock"), str(short_dir / "b.sock")],
+        "--log-level": ["info", "debug"],
+    }[option]
+    result = run_serve(option, values[0], option, values[1], "--config", str(short_dir / "x"))
+    assert result.returncode == 2, result.stderr
+    assert f"migd serve: error: {option} given twice: give it once" in result.stderr
+    assert list(short_dir.iterdir()) == []
 
 
 def test_without_config_option_the_default_file_is_read_when_it_exists(tmp_path, monkeypatch):
@@ -413,6 +451,6 @@ def test_a_socket_path_too_long_is_refused_before_any_directory_is_made(short_di
     made on the way (red-team, session 14)."""
     sock = short_dir / "new" / ("x" * 120) / "qmp.sock"
     result = run_serve("--socket", str(sock))
-    assert result.returncode == 2, result.stderr
+    assert result.returncode == 78, result.stderr
     assert "is longer than 107 bytes" in result.stderr
     assert not (short_dir / "new").exists()

@@ -107,6 +107,60 @@ def test_a_regular_file_in_the_socket_path_is_not_deleted(short_dir):
     assert path.read_text() == "precious"
 
 
+@pytest.mark.parametrize("where", ["read-only", "under-a-file"])
+def test_a_socket_directory_that_cannot_be_made_is_one_error_line(short_dir, readonly_dir, where):
+    """The socket's directory on a read-only mount (the unit's ProtectSystem=strict and
+    a --socket outside /run) or under a file: a traceback ending in os.makedirs was all
+    the journal said (red-team, round 10c). Now one line naming the directory; exit 1."""
+    if where == "read-only":
+        path, directory, why = readonly_dir / "d" / "m.sock", readonly_dir / "d", "Read-only"
+    else:
+        (short_dir / "f").write_text("")
+        path, directory, why = short_dir / "f" / "m.sock", short_dir / "f", "is not a directory"
+    result = subprocess.run(
+        [sys.executable, "-m", "migd", "serve", "--socket", str(path)],
+        capture_output=True, text=True, timeout=20,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    (line,) = result.stderr.splitlines()
+    assert f"Cannot listen on '{path}': cannot create its directory '{directory}': " in line
+    assert why in line, line
+
+
+def test_a_listener_whose_backlog_is_full_is_refused_not_waited_for(short_dir):
+    """A socket whose listener accepts nothing and whose backlog is full (a stopped or
+    hung migd its clients piled up on): the start's probe of it blocked in connect() for
+    ever, with no log line (red-team, round 10c). It is refused at once now, exit 1."""
+    path = short_dir / "qmp.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(0)
+    queued = []
+    try:
+        while True:  # fill the backlog: the kernel refuses the next connect with EAGAIN
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            client.setblocking(False)
+            queued.append(client)
+            try:
+                client.connect(str(path))
+            except BlockingIOError:
+                break
+        result = subprocess.run(
+            [sys.executable, "-m", "migd", "serve", "--socket", str(path)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    finally:
+        for client in queued:
+            client.close()
+        listener.close()
+    assert result.returncode == 1, result.stderr
+    (line,) = result.stderr.splitlines()
+    assert f"Cannot listen on '{path}': a socket is there and migd cannot tell whether" in line
+    assert "Resource temporarily unavailable" in line, line
+    assert path.exists()
+
+
 def test_bad_socket_mode_is_a_usage_error(short_dir):
     result = subprocess.run(
         [

@@ -26,6 +26,7 @@ from migd.errors import MigdError
 from migd.state.paths import PathPolicy
 
 from .conftest import (
+    DaemonProcess,
     InProcessDaemon,
     RawClient,
     add_file_backend,
@@ -34,6 +35,7 @@ from .conftest import (
     qmp_error,
     save,
     start_daemon,
+    wait_for_socket,
 )
 
 MiB = 1 << 20
@@ -258,6 +260,46 @@ def test_a_client_of_another_uid_cannot_reach_another_instances_memory(open_daem
         assert reply == {"return": {}}, reply
     finally:
         root_client.close()
+
+
+def test_without_cap_chown_a_new_file_for_another_uid_is_refused_and_not_kept(short_dir, shm):
+    """The shipped unit gives migd no capabilities (CapabilityBoundingSet= empty), so its
+    fchown of a file it made for a client of another uid failed: the file stayed root's,
+    a warning was logged, and the client's next object-add (or restore) of it was refused
+    as root's, the file stuck in /dev/shm where that client cannot remove it (red-team,
+    round 10c). The request is refused now, naming CAP_CHOWN, and the file removed;
+    root's clients still create files."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run migd as a root without capabilities")
+    short_dir.chmod(0o711)
+    sock = short_dir / "qmp.sock"
+    proc = subprocess.Popen(
+        ["setpriv", "--bounding-set", "-all", "--inh-caps", "-all", "--",
+         sys.executable, "-m", "migd", "serve", "--socket", str(sock), "--socket-mode", "0666"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    d = DaemonProcess(sock, proc)
+    try:
+        wait_for_socket(sock, proc, 15)
+        add = {"qom-type": "memory-backend-file", "size": MiB}
+        client = _connect_as(OTHER_UID, sock)
+        try:
+            reply = client.execute("object-add", {**add, "id": "b", "mem-path": f"{shm}/new"})
+        finally:
+            client.close()
+        assert "error" in reply, reply
+        desc = reply["error"]["desc"]
+        assert f"cannot give the new file '{shm}/new' to uid {OTHER_UID}" in desc, desc
+        assert "migd needs CAP_CHOWN" in desc and "the file was not kept" in desc
+        assert not (shm / "new").exists()
+        root_client = _connect_as(0, sock)
+        try:
+            reply = root_client.execute("object-add", {**add, "id": "r", "mem-path": f"{shm}/r"})
+            assert reply == {"return": {}}, reply
+        finally:
+            root_client.close()
+    finally:
+        assert d.stop() == 0
 
 
 # -- item 16: a trailing slash names a directory -------------------------------------------

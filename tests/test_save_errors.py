@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 
 import pytest
 
@@ -249,3 +251,25 @@ async def test_cancel_mid_save_joins_threads_closes_fds_and_leaves_an_incomplete
     assert not is_complete_save(short_dir / "save.img")
     # cancelling when nothing runs is fine, as in QEMU
     assert await ready.execute("migrate_cancel") == {}
+
+
+async def test_a_failed_save_is_logged_as_a_warning_naming_its_job_and_client(
+    qmp, shm, small_tmpfs, caplog
+):
+    """A failed job was logged at info level with neither its job id nor its client: a
+    journal read at warning priority (or log-level = "warning") showed no failed save at
+    all, and one read whole did not say whose it was (red-team, round 10c)."""
+    caplog.set_level(logging.INFO, logger="migd")
+    fill_random(shm / "big", 16 * MiB)
+    await add_file_backend(qmp, "big", shm / "big", 16 * MiB)
+    await enable_mapped_ram(qmp, channels=2, direct_io=False)
+    target = small_tmpfs / "save.img"  # 8 MiB: the save runs out of room
+    assert (await save(qmp, target))["status"] == "failed"
+    engine = [r for r in caplog.records if r.name == "migd.migration.engine"]
+    ends = [r for r in engine if ": failed" in r.message]
+    assert len(ends) == 1, [r.message for r in caplog.records]
+    assert ends[0].levelno == logging.WARNING
+    text = ends[0].message
+    assert text.startswith(f"save file:{target}: failed (Could not write '{target}': No space")
+    assert re.search(r" \[job 'migration', client \d+\]$", text), text
+    assert [r.levelno for r in engine if ": setup" in r.message] == [logging.INFO]

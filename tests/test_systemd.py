@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import ctypes
 import os
+import re
 import shutil
 import signal
 import socket
@@ -349,7 +350,9 @@ def _instance_command(instance: str, confdir: Path, rundir: Path) -> list[str]:
     """The template's ExecStart for `instance`, with /etc/migd/instances and /run/migd
     moved into the test's directories (systemd's %i is the instance name)."""
     (line,) = unit_settings(UNITS / "migd@.service")["ExecStart"]
-    line = line.replace("%i", instance).replace("/usr/local/bin/migd", str(MIGD_SCRIPT))
+    # This checkout's migd: the venv's script imports the package it was installed
+    # from, which in a git worktree sharing the venv is another checkout's.
+    line = line.replace("%i", instance).replace("/usr/local/bin/migd", f"{sys.executable} -m migd")
     line = line.replace("/etc/migd/instances/", f"{confdir}/").replace("/run/migd/", f"{rundir}/")
     return line.split()
 
@@ -440,12 +443,12 @@ def test_two_socket_activated_instances_serve_their_own_sockets_without_interfer
         assert str(confdir / f"{name}.toml") in " ".join(proc.args), proc.args
 
 
-def test_an_instance_without_its_configuration_exits_2_naming_the_file(short_dir):
+def test_an_instance_without_its_configuration_exits_78_naming_the_file(short_dir):
     confdir, rundir = short_dir / "etc", short_dir / "run"
     result = subprocess.run(
         _instance_command("nothere", confdir, rundir), capture_output=True, text=True, timeout=30
     )
-    assert result.returncode == 2  # RestartPreventExitStatus=2: systemd does not retry
+    assert result.returncode == 78  # EX_CONFIG, in RestartPreventExitStatus=: no retry
     assert f"{confdir}/nothere.toml: cannot read" in result.stderr, result.stderr
     assert not rundir.exists()  # no socket made before the configuration was read
 
@@ -512,7 +515,7 @@ def test_a_passed_socket_that_is_not_a_listening_unix_stream_is_refused(short_di
             sock.close()
         if kind == "regular-file":
             os.close(fd)
-    assert result.returncode == 2, result.stderr
+    assert result.returncode == 78, result.stderr
     assert "Traceback" not in result.stderr
     expected = {
         "tcp": "is AF_INET SOCK_STREAM", "unix-datagram": "is AF_UNIX SOCK_DGRAM",
@@ -540,6 +543,118 @@ def test_sighup_is_logged_and_ignored_not_fatal(short_dir):
     err = d.proc.stderr.read().decode() if d.proc.stderr else ""
     assert "SIGHUP ignored" in err
     assert not (short_dir / "qmp.sock").exists()
+
+
+def _read_log_until(proc: subprocess.Popen[bytes], text: str) -> str:
+    """migd's stderr up to the first line holding `text`; AssertionError at its end (the
+    daemon exited without logging it)."""
+    assert proc.stderr is not None
+    seen = []
+    for raw in proc.stderr:
+        seen.append(raw.decode())
+        if text in seen[-1]:
+            return "".join(seen)
+    raise AssertionError(f"migd exited ({proc.wait()}) without logging {text!r}: {seen}")
+
+
+def test_sigusr1_and_sigusr2_during_a_save_are_logged_and_ignored(short_dir):
+    """SIGUSR1 or SIGUSR2 (a log-rotation or reload script written for other daemons)
+    killed migd by their default action, mid-save, without a log line, its socket left
+    behind (red-team, round 10c). Each is logged and ignored now; the save runs on."""
+    d = start_daemon(short_dir / "qmp.sock")
+    try:
+        client = RawClient(d.socket_path).negotiate()
+        client.ok("object-add", {"qom-type": "memory-backend-ram", "id": "r", "size": 64 << 20})
+        caps = [{"capability": "mapped-ram", "state": True}]
+        client.ok("migrate-set-capabilities", {"capabilities": caps})
+        client.ok("migrate-set-parameters", {"max-bandwidth": 1 << 20})  # 64 s: still running
+        client.ok("migrate", {"uri": f"file:{short_dir / 'save.img'}"})
+        for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP):
+            d.proc.send_signal(sig)
+            _read_log_until(d.proc, f"{sig.name} ignored")
+        assert client.ok("query-migrate")["status"] in ("setup", "active")  # not cut off
+        client.ok("migrate_cancel")
+        client.close()
+    finally:
+        assert d.stop() == 0
+    assert not (short_dir / "qmp.sock").exists()
+
+
+@pytest.mark.parametrize("kind", ["mode-0666", "abstract"])
+def test_a_passed_socket_open_to_others_is_warned_about_whatever_socket_mode_says(short_dir, kind):
+    """Under socket activation the socket's mode is systemd's (SocketMode=), and
+    migd.toml's socket-mode is not used; the warning that others control migd read
+    socket-mode alone, so a drop-in's SocketMode=0666, or an abstract socket
+    (ListenStream=@migd, which every local user may connect to), was not mentioned
+    (red-team, round 10c)."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    if kind == "abstract":
+        listener.bind(f"\0migd-test-{os.getpid()}-{short_dir.name}")
+    else:
+        listener.bind(str(short_dir / "open.sock"))
+        os.chmod(short_dir / "open.sock", 0o666)
+    listener.listen()
+    fd = listener.fileno()
+    proc = subprocess.Popen(
+        ["sh", "-c", 'LISTEN_PID=$$ LISTEN_FDS=1 exec "$@"', "sh", *SERVE,
+         "--socket", str(short_dir / "own.sock")],
+        preexec_fn=lambda: os.dup2(fd, 3), pass_fds=(3,),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        log = _read_log_until(proc, "serving QMP on inherited socket")
+        proc.send_signal(signal.SIGTERM)  # handled after the start's own log lines
+        rest = proc.communicate(timeout=30)[1].decode()
+    finally:
+        listener.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, log + rest
+    mode = "0777" if kind == "abstract" else "0666"
+    assert f"socket mode {mode} lets other users control migd" in log + rest, log + rest
+    assert "make migd open any file it can open" in log + rest
+
+
+@pytest.mark.parametrize("journal", [True, False], ids=["stderr-is-the-journal", "another"])
+def test_under_journald_each_line_carries_its_syslog_priority(short_dir, journal):
+    """systemd connects stderr to journald and names that stream in JOURNAL_STREAM;
+    journald reads a "<N>" prefix as a line's priority. migd wrote none, so every line,
+    errors too, was stored at info priority and `journalctl -p warning` showed nothing
+    (red-team, round 10c). With stderr the journal: "<4>" for a warning, "<6>" for info,
+    "<3>" for a configuration error, and no timestamp (the journal has its own); with
+    JOURNAL_STREAM naming another stream (a redirected child), the plain lines."""
+    log_path, other = short_dir / "journal", short_dir / "other"
+    other.write_text("")
+    sock = short_dir / "qmp.sock"
+    with open(log_path, "w+") as log:
+        named = os.fstat(log.fileno()) if journal else os.stat(other)
+        env = {**os.environ, "JOURNAL_STREAM": f"{named.st_dev}:{named.st_ino}"}
+        proc = subprocess.Popen(
+            [*SERVE, "--socket", str(sock), "--socket-mode", "0666"],
+            stdout=subprocess.DEVNULL, stderr=log, env=env,
+        )  # fmt: skip
+        try:
+            wait_for_socket(sock, proc, 15)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+        bad = subprocess.run(
+            [*SERVE, "--config", str(short_dir / "missing.toml")],
+            stdout=subprocess.DEVNULL, stderr=log, env=env, timeout=30,
+        )  # fmt: skip
+        assert bad.returncode == 78
+    lines = log_path.read_text().splitlines()
+    warning = next(line for line in lines if "lets other users control migd" in line)
+    serving = next(line for line in lines if "serving QMP on" in line)
+    refused = next(line for line in lines if "missing.toml: cannot read" in line)
+    if journal:
+        assert warning.startswith("<4>WARNING migd.app.daemon: socket mode 0666"), warning
+        assert serving.startswith("<6>INFO migd.app.daemon: migd "), serving
+        assert refused.startswith("<3>migd: "), refused
+    else:
+        assert re.match(r"\d{4}-\d\d-\d\d [\d:,]+ WARNING migd.app.daemon: ", warning), warning
+        assert refused.startswith("migd: "), refused
 
 
 def test_an_unreachable_notify_socket_is_logged_and_migd_serves(short_dir):

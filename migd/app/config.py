@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     BaseModel,
     Field,
+    PrivateAttr,
     ValidationError,
     create_model,
     field_validator,
@@ -193,6 +194,12 @@ class Config(Section):
     capabilities: CapabilitiesConfig = Field(default_factory=CapabilitiesConfig)
     parameters: ParametersConfig = Field(default_factory=ParametersConfig)
     memory_backends: list[BackendConfig] = Field(default_factory=list, alias="memory-backend")
+    # The file this was read from (None: defaults), for errors found after reading it.
+    _source: str | None = PrivateAttr(default=None)
+
+    def where(self, key: str) -> str:
+        """'FILE: KEY: ' for an error about `key` of the file, as the file's own errors say."""
+        return f"{self._source}: {key}: " if self._source else ""
 
     @field_validator("socket_path")
     @classmethod
@@ -343,10 +350,12 @@ def _parse(path: str) -> Config:
     except RecursionError:
         raise ConfigError(f"{path}: invalid TOML: nested too deeply") from None
     try:
-        return Config.model_validate(data, by_alias=True, by_name=False)
+        config = Config.model_validate(data, by_alias=True, by_name=False)
     except ValidationError as exc:
         key, message = describe_error(exc.errors()[0])
         raise ConfigError(f"{path}: {key}: {message}") from None
+    config._source = path
+    return config
 
 
 def _key(loc: tuple[Any, ...]) -> str:

@@ -30,6 +30,7 @@ import os
 import resource
 import signal
 import socket
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -62,6 +63,17 @@ SESSION_GRACE = 0.25
 # Threads of the event loop's default executor, which root's and migd's own clients and
 # the daemon's own steps use (io/blocking.py: other uids have pools of their own): see run().
 DEFAULT_EXECUTOR_THREADS = 64
+# Signals whose default action would end migd, socket left behind and jobs cut off, that
+# an operator's tools send for other reasons: logged and ignored. SIGHUP asks a daemon to
+# reload and reaches one started from a terminal that closes (red-team, session 14);
+# SIGUSR1 and SIGUSR2 are what log rotation and reload scripts send many daemons
+# (nginx, rsyslog: "reopen your logs"), and killed migd mid-save without a log line
+# (red-team, round 10c). SIGQUIT keeps its core dump: it is asked for on purpose.
+IGNORED_SIGNALS = {
+    signal.SIGHUP: "migd has no configuration to reload",
+    signal.SIGUSR1: "migd has no use for it (it logs to stderr: no log file to reopen)",
+    signal.SIGUSR2: "migd has no use for it (it logs to stderr: no log file to reopen)",
+}
 
 
 def inherited_listener() -> socket.socket | None:
@@ -117,6 +129,43 @@ def check_listener(sock: socket.socket) -> None:
             f"the socket systemd passed is {kind}: migd serves QMP only on a listening UNIX "
             "stream socket (ListenStream=/run/migd/....sock)"
         )
+
+
+def passed_socket_mode(sock: socket.socket, fallback: int) -> int:
+    """Who may connect to a passed socket: its file's mode (SocketMode=), not the
+    configuration's socket-mode, which applies only to a socket migd binds itself. The
+    warning about a socket open to others read socket-mode alone, so a drop-in's
+    SocketMode=0666 went unmentioned (red-team, round 10c). An abstract socket
+    (ListenStream=@name) has no file and no mode: every local user may connect."""
+    name = sock.getsockname()
+    if isinstance(name, bytes) or not name or name.startswith("\0"):
+        return 0o777
+    try:
+        return stat.S_IMODE(os.stat(name).st_mode)
+    except OSError:  # the name was unlinked (or is out of this mount namespace)
+        return fallback
+
+
+def allowed_dir_problem(directory: str) -> str | None:
+    """Why no file can be made in an allowed directory, said at the start: a typo in
+    allowed-dirs, or a directory added there but not to the unit's ReadWritePaths= (read
+    only under ProtectSystem=strict), showed only as each client's save failing
+    (red-team, round 10c). Not an error: the directory may be mounted later."""
+    try:
+        st = os.stat(directory)
+    except OSError as exc:
+        return f"cannot be used: {exc.strerror}; requests naming files there fail until it can"
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a directory: requests naming files there fail"
+    read_only = 0
+    with contextlib.suppress(OSError):
+        read_only = os.statvfs(directory).f_flag & os.ST_RDONLY
+    if read_only:
+        return (
+            "is on a read-only mount here (under ProtectSystem=strict, a directory missing "
+            "from the unit's ReadWritePaths=): saves and restores into files there fail"
+        )
+    return None
 
 
 def raise_open_file_limit() -> int:
@@ -214,12 +263,8 @@ class Daemon:
         # the default action would kill migd without its shutdown (socket left behind).
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
-        # SIGHUP asks a daemon to reload, and reaches one started from a terminal that
-        # closes: its default action killed migd mid-job, socket left behind. migd has
-        # nothing to reload; it says so and goes on.
-        loop.add_signal_handler(
-            signal.SIGHUP, log.warning, "SIGHUP ignored: migd has no configuration to reload"
-        )
+        for sig, why in IGNORED_SIGNALS.items():
+            loop.add_signal_handler(sig, log.warning, "%s ignored: %s", sig.name, why)
         raise_open_file_limit()
         # The job threads exist before the first client: made when the first job starts,
         # they kept the event loop from answering for some 20 ms (thread stacks are mapped
@@ -240,9 +285,10 @@ class Daemon:
             if listener is None:
                 listener = bind_unix_socket(self.config.socket_path, self.config.socket_mode)
                 self._own_socket = file_identity(self.config.socket_path)
-                where = self.config.socket_path
+                where, mode = self.config.socket_path, self.config.socket_mode
             else:
                 where = f"inherited socket {listener.getsockname()!r}"
+                mode = passed_socket_mode(listener, self.config.socket_mode)
         except BaseException:
             self.services.memory.close_all()
             raise
@@ -255,7 +301,7 @@ class Daemon:
         )
         self.server.start()
         log.info("migd %s serving QMP on %s", __version__, where)
-        self._log_path_policy()
+        self._log_path_policy(mode)
         self.notify("READY=1\nSTATUS=serving")
         try:
             await self._stop.wait()
@@ -263,18 +309,22 @@ class Daemon:
             self.notify("STOPPING=1")
             await self.shutdown()
 
-    def _log_path_policy(self) -> None:
+    def _log_path_policy(self, socket_mode: int) -> None:
         paths = self.services.paths
         if paths.restricted:
             log.info("files and mem-paths named by path are confined to %s",
                      ", ".join(paths.allowed))  # fmt: skip
-        if self.config.socket_mode & 0o066:
+        for directory in self.config.allowed_dirs:
+            problem = allowed_dir_problem(directory)
+            if problem is not None:
+                log.warning("allowed-dirs: '%s' %s", directory, problem)
+        if socket_mode & 0o066:
             # Access to the socket is control of every backend: allowed-dirs limits the
             # names clients give, not the fds they pass nor what they do to backends.
             log.warning(
                 "socket mode %04o lets other users control migd: they can save any backend "
                 "into fds they pass, restore into it, or delete it%s",
-                self.config.socket_mode,
+                socket_mode,
                 "" if paths.restricted else ", and make migd open any file it can open",
             )
 
@@ -284,14 +334,18 @@ class Daemon:
         engine.set_capabilities(self.config.capabilities.model_dump(exclude_none=True))
         engine.set_parameters(self.config.parameters.model_dump(exclude_none=True))
         engine.set_daemon_bandwidth(self.config.max_bandwidth)
-        for spec in self.config.memory_backends:
+        for i, spec in enumerate(self.config.memory_backends):
             try:
                 # As object-add: a file an interrupted restore left partial is refused.
                 backend = await blocking.to_thread(
                     create_backend, spec, self.services.paths, engine.partial
                 )
             except MigdError as exc:
-                raise MigdError(f"Cannot create memory backend '{spec.id}': {exc.desc}") from None
+                # Named as the file's own errors are (the journal showed the id alone).
+                raise MigdError(
+                    f"{self.config.where(f'memory-backend[{i}]')}"
+                    f"Cannot create memory backend '{spec.id}': {exc.desc}"
+                ) from None
             try:
                 memory.add(backend)  # no clash: the config model checks ids and block names
             except BaseException:

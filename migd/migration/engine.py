@@ -400,12 +400,17 @@ class MigrationEngine:
         job.status = status
         if status in (MigrationStatus.completed, MigrationStatus.failed, MigrationStatus.cancelled):
             job.finished = time.monotonic()
-        log.info(
-            "%s %s: %s%s",
+        # A failure at warning level: a journal read at that priority (or log-level =
+        # "warning") showed no failed save or restore at all (red-team, round 10c).
+        log.log(
+            logging.WARNING if status == MigrationStatus.failed else logging.INFO,
+            "%s %s: %s%s [job '%s'%s]",
             job.direction,
             job.target,
             status.value,
             f" ({job.error_desc})" if job.error_desc else "",
+            job.id,
+            f", {job.client}" if job.client else "",
         )
         if job.migration and self.caps.events:
             self.emit("MIGRATION", {"status": status.value})

@@ -18,6 +18,7 @@ from ..io.target import Target
 from ..io.throttle import Throttle
 from ..pages import PAGE_SIZE
 from ..state.memory import MemoryBackend
+from ..state.serving import current_client
 
 
 class MigrationStatus(enum.StrEnum):
@@ -128,6 +129,8 @@ class Job:
     # Its holds on its backends' memory files (engine._hold_memory_files), closed at its end.
     memory_holds: list[int] = field(default_factory=list)
     owner: int | None = None  # the capped uid that started it (None: root, migd, daemon)
+    # The client that started it ("client 3"), named in its log lines; None: the daemon.
+    client: str | None = field(default_factory=current_client)
     status: MigrationStatus = MigrationStatus.none
     job_status: JobStatus = JobStatus.undefined
     file_identity: tuple[int, int] | None = None  # (st_dev, st_ino) of its file

@@ -47,6 +47,7 @@ from ..state.paths import (
     is_root_or_migd,
     resolve_trusted,
 )
+from ..state.serving import serve_client
 from .wire import (
     MessageSplitter,
     Refused,
@@ -518,6 +519,7 @@ class Server:
         # Its worker-thread calls, and those of the jobs and releases it starts, run under
         # its uid's cap (io/blocking.py): this task's context, which they inherit.
         blocking.serve_uid(session.peer_uid)
+        serve_client(f"client {session.number}")  # named in its jobs' log lines
         try:
             await session.run(self._dispatch)
         finally:
@@ -649,7 +651,15 @@ def bind_unix_socket(path: str, mode: int) -> socket.socket:
         raise ConfigError(f"Socket path '{path}' is longer than {MAX_SOCKET_PATH_BYTES} bytes")
     parent = os.path.dirname(os.path.abspath(path))
     check_socket_directory(path)
-    os.makedirs(parent, mode=0o755, exist_ok=True)
+    try:
+        os.makedirs(parent, mode=0o755, exist_ok=True)
+    except OSError as exc:
+        # A directory that cannot be made (read-only under the unit's ProtectSystem=strict,
+        # a file on the way) was a traceback in the journal (red-team, round 10c).
+        why = "it exists and is not a directory" if exc.errno == errno.EEXIST else exc.strerror
+        raise MigdError(
+            f"Cannot listen on '{path}': cannot create its directory '{exc.filename}': {why}"
+        ) from None
     check_socket_directory(path)
     try:
         st = os.lstat(path)
@@ -659,12 +669,21 @@ def bind_unix_socket(path: str, mode: int) -> socket.socket:
         if not stat.S_ISSOCK(st.st_mode):
             raise MigdError(f"Cannot listen on '{path}': it exists and is not a socket")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Without blocking: a UNIX connect to a listener whose backlog is full (a hung or
+        # stopped migd its clients piled up on) waited for ever, migd's start with it.
+        probe.setblocking(False)
         try:
             probe.connect(path)
         except (ConnectionRefusedError, FileNotFoundError):
             log.info("replacing stale socket %s", path)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+        except OSError as exc:  # EACCES, EAGAIN (a backlog full): not known to be stale
+            raise MigdError(
+                f"Cannot listen on '{path}': a socket is there and migd cannot tell whether "
+                f"it is in use (connecting to it failed: {exc.strerror}); remove it if it is "
+                "stale"
+            ) from None
         else:
             raise SocketInUse(f"Cannot listen on '{path}': {_listener_description(probe)}")
         finally:

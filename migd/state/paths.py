@@ -580,8 +580,18 @@ def _give_to_client(path: str, fd: int, owners: Collection[int]) -> None:
     (uid,) = owners
     try:
         os.fchown(fd, uid, -1)
-    except OSError as exc:  # a migd that is not root: the file stays its own
-        log.warning("could not give '%s' to uid %d: %s", path, uid, exc.strerror)
+    except OSError as exc:
+        # Left migd's, the file was one this client may never use again (nor, in a
+        # sticky /dev/shm, remove): its next object-add or restore of it was refused
+        # "owned by uid 0". That was every file of such a client under the shipped unit,
+        # which gives migd no capabilities (red-team, round 10c). So the request fails
+        # and the caller removes the new file.
+        raise FileRefused(
+            f"cannot give the new file '{path}' to uid {uid}, the client's: "
+            f"{exc.strerror}; left migd's, the client could not use it again. migd needs "
+            "CAP_CHOWN for clients of other uids (CapabilityBoundingSet=CAP_CHOWN "
+            "CAP_DAC_OVERRIDE in a drop-in of its unit); the file was not kept"
+        ) from None
 
 
 def _mode_of(path: str) -> int | None:

@@ -27,7 +27,7 @@ from ..errors import MigrationError
 from ..io.target import parse_offset as parse_uri_offset
 from ..signals import wants_caught_signals
 from ..units import size_bytes
-from .terminal import write_control
+from .terminal import shown, write_control
 
 FINAL_STATES = ("completed", "failed", "cancelled")
 # How long migd may take to greet or to answer one command. Its commands answer at once
@@ -150,13 +150,16 @@ async def connect(
         ) from None
     client = QMPClient(name)
     try:
-        await asyncio.wait_for(client.connect(socket_path), ANSWER_TIMEOUT)
+        await _watched(client, client.connect(socket_path))
     except TimeoutError:
         await _disconnect(client)
         raise UsageError(
             f"{failure or f'migd at {socket_path}'}: no answer within {ANSWER_TIMEOUT:g} s "
-            "(the server accepts connections but does not speak QMP)"
+            f"(the server{_peer_text(client, '')} accepts connections but does not speak QMP)"
         ) from None
+    except StoppedServer as exc:
+        await _disconnect(client)
+        raise UsageError(f"{failure or f'migd at {socket_path}'} does not answer: {exc}") from None
     except Exception as exc:
         cause = getattr(exc, "exc", exc)
         reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause)
@@ -168,6 +171,15 @@ async def connect(
             raise UsageError(
                 f"{socket_path} answered, but not as migd's QMP server does: {reason} "
                 "(another program listens on it?)"
+            ) from None
+        if isinstance(cause, ConnectionRefusedError):
+            # The socket file is there, but nothing listens: "is the daemon running?"
+            # hid that a migd may be stopping now (its listener closes first and its
+            # socket goes last), or died and left it (red-team, round 10c).
+            raise UsageError(
+                f"cannot connect to migd at {socket_path}: {reason}: the socket is there "
+                "but nothing listens on it (a migd stopping, or one that was killed and "
+                f"left it); start one with: migd serve --socket {socket_path}"
             ) from None
         raise UsageError(
             f"cannot connect to migd at {socket_path}: {reason}\n"
@@ -188,14 +200,87 @@ async def connect(
     return client
 
 
-async def _answer(command: str, reply: Awaitable[Any]) -> Any:
-    """`reply`, or ClientError once migd has taken ANSWER_TIMEOUT to give it."""
+async def _answer(command: str, reply: Awaitable[Any], client: Any = None) -> Any:
+    """`reply`, or ClientError once migd has taken ANSWER_TIMEOUT to give it, or as soon
+    as its process is seen stopped."""
     try:
-        return await asyncio.wait_for(reply, ANSWER_TIMEOUT)
+        return await _watched(client, reply)
     except TimeoutError:
         raise ClientError(
-            f"{command}: migd did not answer within {ANSWER_TIMEOUT:g} s (is it hung?)"
+            f"{command}: migd did not answer within {ANSWER_TIMEOUT:g} s (is it hung?"
+            f"{_peer_text(client, ' its process:')})"
         ) from None
+    except StoppedServer as exc:
+        raise ClientError(f"{command}: migd does not answer: {exc}") from None
+
+
+class StoppedServer(Exception):
+    """The server's process is stopped: it answers nothing until it is continued."""
+
+
+# How often a client waiting for an answer looks whether the server's process is stopped.
+PEER_CHECK_PERIOD = 0.5
+
+
+async def _watched(client: Any, reply: Awaitable[Any]) -> Any:
+    """`reply` within ANSWER_TIMEOUT (TimeoutError after it), or StoppedServer as soon as
+    the server's process (SO_PEERCRED) is seen stopped. A migd stopped by SIGSTOP, a
+    debugger or a frozen cgroup still has the kernel accept connections to its socket,
+    so `migd status` waited the whole minute and then called it "a server that does not
+    speak QMP" (red-team, round 10c)."""
+    task = asyncio.ensure_future(reply)
+    deadline = asyncio.get_running_loop().time() + ANSWER_TIMEOUT
+    try:
+        while True:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                raise TimeoutError
+            done, _ = await asyncio.wait({task}, timeout=min(PEER_CHECK_PERIOD, remaining))
+            if done:
+                return task.result()
+            stopped = stopped_peer(client)
+            if stopped is not None:
+                raise StoppedServer(stopped)
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+
+def _peer(client: Any) -> tuple[int, str, str] | None:
+    """(pid, command name, state letter of /proc/PID/stat) of the server's process, if
+    the connection exists and the process is visible here."""
+    try:
+        pid, _, _ = peer_credentials(client)
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+    except (ClientError, OSError, AttributeError):
+        return None
+    if pid <= 0 or ")" not in text:  # pid 0: a server in another pid namespace
+        return None
+    comm = text[text.index("(") + 1 : text.rindex(")")]
+    return pid, comm, text[text.rindex(")") + 2 : text.rindex(")") + 3]
+
+
+def _peer_text(client: Any, lead: str) -> str:
+    """' pid N (COMM)' after `lead` for a timeout's text, or nothing if it is unknown."""
+    peer = _peer(client) if client is not None else None
+    return "" if peer is None else f"{lead} pid {peer[0]} ({shown(peer[1])})"
+
+
+def stopped_peer(client: Any) -> str | None:
+    """Why the server cannot answer, if its process is stopped; else None."""
+    peer = _peer(client) if client is not None else None
+    if peer is None or peer[2] not in ("T", "t"):
+        return None
+    pid, comm = peer[0], shown(peer[1])
+    if peer[2] == "t":
+        return f"its process (pid {pid}, {comm}) is stopped by a debugger that traces it"
+    return (
+        f"its process (pid {pid}, {comm}) is stopped (SIGSTOP, SIGTSTP or a job control "
+        f"stop): `kill -CONT {pid}` lets it go on"
+    )
 
 
 async def _execute(client: Any, command: str, arguments: Mapping[str, Any] | None = None) -> Any:
@@ -204,7 +289,9 @@ async def _execute(client: Any, command: str, arguments: Mapping[str, Any] | Non
 
     try:
         return await _answer(
-            command, client.execute(command, dict(arguments) if arguments is not None else None)
+            command,
+            client.execute(command, dict(arguments) if arguments is not None else None),
+            client,
         )
     except ExecuteError as exc:
         raise ClientError(f"{command}: {exc.error.error.desc}") from exc
@@ -226,7 +313,7 @@ async def run_call(socket_path: str, command: str, arguments: dict[str, Any]) ->
 
     client = await connect(socket_path)
     try:
-        return await _answer(command, client.execute(command, arguments))
+        return await _answer(command, client.execute(command, arguments), client)
     except ExecuteError:
         raise
     except (QMPError, OSError, EOFError) as exc:
