@@ -1569,6 +1569,70 @@ MUTANTS = [
         "            pass",
         ("tests/test_file_kinds.py::test_a_name_through_a_magic_link_of_proc_is_refused",),
     ),
+    # --- round 10c: the operator's world --------------------------------------------------
+    Mutant(
+        "sigusr1-kills-migd",
+        "migd/app/daemon.py",
+        '    signal.SIGUSR1: "migd has no use for it (it logs to stderr: no log file to reopen)",',
+        "",
+        ("tests/test_systemd.py::test_sigusr1_and_sigusr2_during_a_save_are_logged_and_ignored",),
+    ),
+    Mutant(
+        "passed-socket-mode-from-the-config",
+        "migd/app/daemon.py",
+        "                mode = passed_socket_mode(listener, self.config.socket_mode)",
+        "                mode = self.config.socket_mode",
+        ("tests/test_systemd.py",),
+    ),
+    Mutant(
+        "stopped-migd-not-noticed",
+        "migd/tools/client.py",
+        "            if stopped is not None:\n                raise StoppedServer(stopped)",
+        "            if False:\n                raise StoppedServer(stopped)",
+        ("tests/test_cli_client.py",),
+    ),
+    Mutant(
+        "file-left-migds-without-cap-chown",
+        "migd/state/paths.py",
+        "    except OSError as exc:\n        # Left migd's, the file was one",
+        "    except OSError as exc:\n        return\n        # Left migd's, the file was one",
+        ("tests/test_file_ownership.py",),
+    ),
+    Mutant(
+        "journal-lines-without-priority",
+        "migd/app/cli.py",
+        "    if stderr_is_journal():\n        handler.setFormatter(JournalFormatter(",
+        "    if False:\n        handler.setFormatter(JournalFormatter(",
+        ("tests/test_systemd.py::test_under_journald_each_line_carries_its_syslog_priority",),
+    ),
+    Mutant(
+        "config-errors-exit-2",
+        "migd/app/cli.py",
+        "EXIT_CONFIG = 78",
+        "EXIT_CONFIG = 2",
+        ("tests/test_config.py",),
+    ),
+    Mutant(
+        "serve-option-twice-taken",
+        "migd/app/cli.py",
+        "        if getattr(namespace, self.dest) is not None:",
+        "        if False:",
+        ("tests/test_config.py::test_an_option_of_serve_given_twice_is_a_usage_error",),
+    ),
+    Mutant(
+        "failed-job-logged-at-info",
+        "migd/migration/engine.py",
+        "            logging.WARNING if status == MigrationStatus.failed else logging.INFO,",
+        "            logging.INFO,",
+        ("tests/test_save_errors.py::test_a_failed_save_is_logged_as_a_warning_naming_its_job_and_client",),
+    ),
+    Mutant(
+        "unusable-allowed-dir-not-warned",
+        "migd/app/daemon.py",
+        "            problem = allowed_dir_problem(directory)",
+        "            problem = None",
+        ("tests/test_config.py::test_allowed_dirs_that_cannot_hold_files_are_warned_about_at_the_start",),
+    ),
 ]  # fmt: skip
 
 
