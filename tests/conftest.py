@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -45,6 +46,28 @@ def short_dir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="migd-", dir="/tmp"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+def rest_of_output(proc: subprocess.Popen[Any], timeout: float) -> tuple[Any, Any]:
+    """(stdout, stderr) that `proc` writes from here until it exits, for a test that has
+    already read lines of them. Popen.communicate(timeout=...) reads the pipes' raw fds,
+    so what their buffered readers took in beside the lines read is lost: a daemon's
+    warning logged in the same instant as the line a test waited for was missing, two
+    runs in eight (test_systemd, round 10c). Each pipe is read to its end through its
+    own reader, in a thread, while the process is waited for."""
+    got: dict[str, Any] = {}
+    pipes = {"out": proc.stdout, "err": proc.stderr}
+    readers = [
+        threading.Thread(target=lambda n=name, p=pipe: got.__setitem__(n, p.read()), daemon=True)
+        for name, pipe in pipes.items()
+        if pipe is not None
+    ]
+    for reader in readers:
+        reader.start()
+    proc.wait(timeout)
+    for reader in readers:
+        reader.join(timeout)
+    return got.get("out"), got.get("err")
 
 
 def wait_for_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import rest_of_output
 from .qemu_vm import requires_qemu
 
 REPO = Path(__file__).resolve().parent.parent
@@ -595,7 +596,7 @@ def test_bench_fast_disk_failed_or_interrupted_leaves_nothing(
             assert (ctl / "reached").read_text().strip() == "umount"
             proc.send_signal(sig)
         os.close(go)
-        _, rest = proc.communicate(timeout=240)
+        _, rest = rest_of_output(proc, 240)
     finally:
         with contextlib.suppress(OSError):
             os.close(go)

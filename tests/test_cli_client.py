@@ -20,7 +20,7 @@ from migd.io.target import parse_uri
 from migd.tools.client import parse_offset, parse_size, probe_direct_io
 from migd.tools.inspect import inspect_file
 
-from .conftest import RawClient, fill_random, start_daemon
+from .conftest import RawClient, fill_random, rest_of_output, start_daemon
 
 MiB = 1 << 20
 SUMMARY = re.compile(r"^(save|restore) completed: .* in [\d.]+ s, [\d.]+ GiB/s ", re.MULTILINE)
@@ -533,7 +533,7 @@ def test_the_daemon_killed_during_a_save_is_said_plainly_and_exits_1(shm, short_
         assert first.startswith("save "), first
         daemon.kill()
         daemon.wait()
-        _, err = proc.communicate(timeout=60)
+        _, err = rest_of_output(proc, 60)
     finally:
         if daemon.poll() is None:
             daemon.kill()

@@ -22,7 +22,7 @@ import pytest
 
 from migd.app.config import load_config
 
-from .conftest import RawClient, fill_random, start_daemon, wait_for_socket
+from .conftest import RawClient, fill_random, rest_of_output, start_daemon, wait_for_socket
 
 UNITS = Path(__file__).resolve().parent.parent / "systemd"
 MIGD_SCRIPT = Path(sys.executable).parent / "migd"
@@ -604,7 +604,7 @@ def test_a_passed_socket_open_to_others_is_warned_about_whatever_socket_mode_say
     try:
         log = _read_log_until(proc, "serving QMP on inherited socket")
         proc.send_signal(signal.SIGTERM)  # handled after the start's own log lines
-        rest = proc.communicate(timeout=30)[1].decode()
+        rest = rest_of_output(proc, 30)[1].decode()
     finally:
         listener.close()
         if proc.poll() is None:
