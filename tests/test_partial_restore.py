@@ -206,6 +206,27 @@ def test_on_ramfs_a_daemon_sees_another_daemons_mark_whatever_its_socket_dir(
         second.stop()
 
 
+def _refused_then_saved_once_accepted(
+    client: RawClient, mem: Path, save: Path, again: Path
+) -> None:
+    """Backend ram0 on `mem`, left partial by a restore of `save`: `migrate` and
+    `memory-save` of it are refused naming that restore, and write nothing; added again
+    accepting the mix as it is (x-accept-partial, the client's choice), it is saved."""
+    for command, arguments in [
+        ("migrate", {"uri": f"file:{again}"}),
+        ("memory-save", {"job-id": "s", "uri": f"file:{again}", "backends": ["ram0"]}),
+    ]:
+        desc = client.execute(command, arguments)["error"]["desc"]
+        assert desc.startswith("Memory backend 'ram0' holds partial data"), desc
+        assert f"interrupted restore of '{save}'" in desc
+        assert not again.exists()
+    client.ok("object-del", {"id": "ram0"})
+    add = {"qom-type": "memory-backend-file", "id": "ram0", "size": SIZE, "mem-path": str(mem)}
+    client.ok("object-add", {**add, "x-accept-partial": True})
+    client.ok("migrate", {"uri": f"file:{again}"})
+    assert client.wait_final()["status"] == "completed"
+
+
 @pytest.mark.parametrize("fs", ["shm", "ramfs"])
 def test_a_partial_file_one_daemon_accepted_is_not_saved_once_another_left_it_partial_again(
     short_dir: Path, request: pytest.FixtureRequest, fs: str
@@ -236,21 +257,7 @@ def test_a_partial_file_one_daemon_accepted_is_not_saved_once_another_left_it_pa
         a.ok("migrate_cancel")
         assert a.wait_final()["status"] == "cancelled"
 
-        for command, arguments in [
-            ("migrate", {"uri": f"file:{again}"}),
-            ("memory-save", {"job-id": "s", "uri": f"file:{again}", "backends": ["ram0"]}),
-        ]:
-            desc = b.execute(command, arguments)["error"]["desc"]
-            assert desc.startswith("Memory backend 'ram0' holds partial data"), desc
-            assert f"interrupted restore of '{save}'" in desc
-            assert not again.exists()
-
-        # Accepted again, this mix: saved.
-        b.ok("object-del", {"id": "ram0"})
-        add = {"qom-type": "memory-backend-file", "id": "ram0", "size": SIZE, "mem-path": str(mem)}
-        b.ok("object-add", {**add, "x-accept-partial": True})
-        b.ok("migrate", {"uri": f"file:{again}"})
-        assert b.wait_final()["status"] == "completed"
+        _refused_then_saved_once_accepted(b, mem, save, again)  # accepted again, this mix
         a.close()
         b.close()
     finally:
@@ -355,21 +362,7 @@ def test_a_backend_a_cancelled_restore_left_partial_is_not_saved_as_whole(
         client.ok("migrate-set-parameters", {"max-bandwidth": 0})
 
         again = short_dir / "again.img"
-        for command, arguments in [
-            ("migrate", {"uri": f"file:{again}"}),
-            ("memory-save", {"job-id": "s", "uri": f"file:{again}", "backends": ["ram0"]}),
-        ]:
-            desc = client.execute(command, arguments)["error"]["desc"]
-            assert desc.startswith("Memory backend 'ram0' holds partial data"), desc
-            assert f"interrupted restore of '{save}'" in desc
-            assert not again.exists()
-
-        # Accepted as it is when added: the client's choice, and then saved.
-        client.ok("object-del", {"id": "ram0"})
-        add = {"qom-type": "memory-backend-file", "id": "ram0", "size": SIZE, "mem-path": str(mem)}
-        client.ok("object-add", {**add, "x-accept-partial": True})
-        client.ok("migrate", {"uri": f"file:{again}"})
-        assert client.wait_final()["status"] == "completed"
+        _refused_then_saved_once_accepted(client, mem, save, again)
         again.unlink()
 
         # A completed restore clears the mark: saved like any backend.
