@@ -15,7 +15,7 @@ from collections.abc import Callable, Collection, Iterator
 from ..errors import BackendError
 from ..pages import PAGE_SIZE
 from .fdsets import AppendingFd, file_name, pwrite_at
-from .overlay import file_identity, layer_file
+from .overlay import file_identity, fs_type, layer_file
 from .paths import (
     EXTEND_BYTE,
     FileOpener,
@@ -64,16 +64,8 @@ _madvise.restype = ctypes.c_int
 _ALLOCATION_ERRNOS = frozenset({errno.ENOSPC, errno.ENOMEM, errno.EFAULT})
 
 
-def _fs_magic(fd: int) -> int | None:
-    """The f_type of fd's filesystem; statvfs lacks it, so ask fstatfs directly."""
-    buf = ctypes.create_string_buffer(256)  # larger than struct statfs on any arch
-    if _libc.fstatfs(fd, buf) != 0:
-        return None
-    return ctypes.c_ulong.from_buffer(buf).value & 0xFFFFFFFF
-
-
 def _is_hugetlbfs(fd: int) -> bool:
-    return _fs_magic(fd) == _HUGETLBFS_MAGIC
+    return fs_type(fd) == _HUGETLBFS_MAGIC
 
 
 _TMPFS_MAGIC = 0x01021994
@@ -114,7 +106,7 @@ def pages_are_huge(fd: int) -> bool:
     CPU than through staging buffers (pinning a huge page is one entry, not 512), and
     the save does so (io/threads.py Staging, docs/bench/fast-disk). A guess from
     settings: 'advise' depends on who faulted the pages in, and is taken as 4 KiB."""
-    magic = _fs_magic(fd)
+    magic = fs_type(fd)
     if magic == _HUGETLBFS_MAGIC:
         return True
     if magic != _TMPFS_MAGIC:
