@@ -15,6 +15,7 @@ import stat
 import subprocess
 import sys
 import types
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -169,8 +170,37 @@ def test_on_ramfs_a_cancelled_restore_leaves_a_sidecar_mark(
     assert not (short_dir / SIDECAR_DIR).exists()  # nothing beside the socket
 
 
+@pytest.fixture
+def memory_dir(request: pytest.FixtureRequest) -> Path:
+    """The filesystem fixture named by the test's parameter (shm, ramfs), set up before
+    the daemons that map files there (and so torn down after they stop)."""
+    path: Path = request.getfixturevalue(request.param)
+    return path
+
+
+@pytest.fixture
+def two_daemons(short_dir: Path) -> Iterator[tuple[RawClient, RawClient]]:
+    """A client of each of two migd processes whose sockets are in different directories
+    (so neither finds marks kept beside the other's socket), both stopped at the end."""
+    (short_dir / "a").mkdir()
+    (short_dir / "b").mkdir()
+    first = start_daemon(short_dir / "a" / "q.sock")
+    try:
+        second = start_daemon(short_dir / "b" / "q.sock")
+        try:
+            a = RawClient(first.socket_path).negotiate()
+            b = RawClient(second.socket_path).negotiate()
+            yield a, b
+            a.close()
+            b.close()
+        finally:
+            second.stop()
+    finally:
+        first.stop()
+
+
 def test_on_ramfs_a_daemon_sees_another_daemons_mark_whatever_its_socket_dir(
-    short_dir: Path, ramfs: Path
+    short_dir: Path, ramfs: Path, two_daemons: tuple[RawClient, RawClient]
 ):
     """Two daemons with a backend on one ramfs file, their sockets in different
     directories: the first's restore into it is cancelled half-way. The second kept
@@ -179,31 +209,20 @@ def test_on_ramfs_a_daemon_sees_another_daemons_mark_whatever_its_socket_dir(
     marks in one shared directory now: the save is refused, and so is object-add."""
     mem, save, again = ramfs / "ram0", short_dir / "save.img", short_dir / "again.img"
     fill_random(mem, SIZE, seed=14)
-    (short_dir / "a").mkdir()
-    (short_dir / "b").mkdir()
-    first = start_daemon(short_dir / "a" / "q.sock")
-    second = start_daemon(short_dir / "b" / "q.sock")
-    try:
-        a = RawClient(first.socket_path).negotiate()
-        b = RawClient(second.socket_path).negotiate()
-        _setup(b, mem)
-        _restore_under_way(a, mem, save)
-        a.ok("migrate_cancel")
-        assert a.wait_final()["status"] == "cancelled"
+    a, b = two_daemons
+    _setup(b, mem)
+    _restore_under_way(a, mem, save)
+    a.ok("migrate_cancel")
+    assert a.wait_final()["status"] == "cancelled"
 
-        desc = b.execute("migrate", {"uri": f"file:{again}"})["error"]["desc"]
-        assert desc.startswith("Memory backend 'ram0' holds partial data"), desc
-        assert f"interrupted restore of '{save}'" in desc
-        assert not again.exists()
-        b.ok("object-del", {"id": "ram0"})
-        add = {"qom-type": "memory-backend-file", "id": "ram0", "size": SIZE, "mem-path": str(mem)}
-        desc = b.execute("object-add", add)["error"]["desc"]
-        assert f"Memory file '{mem}'" in desc and f"interrupted restore of '{save}'" in desc
-        a.close()
-        b.close()
-    finally:
-        first.stop()
-        second.stop()
+    desc = b.execute("migrate", {"uri": f"file:{again}"})["error"]["desc"]
+    assert desc.startswith("Memory backend 'ram0' holds partial data"), desc
+    assert f"interrupted restore of '{save}'" in desc
+    assert not again.exists()
+    b.ok("object-del", {"id": "ram0"})
+    add = {"qom-type": "memory-backend-file", "id": "ram0", "size": SIZE, "mem-path": str(mem)}
+    desc = b.execute("object-add", add)["error"]["desc"]
+    assert f"Memory file '{mem}'" in desc and f"interrupted restore of '{save}'" in desc
 
 
 def _refused_then_saved_once_accepted(
@@ -227,9 +246,9 @@ def _refused_then_saved_once_accepted(
     assert client.wait_final()["status"] == "completed"
 
 
-@pytest.mark.parametrize("fs", ["shm", "ramfs"])
+@pytest.mark.parametrize("memory_dir", ["shm", "ramfs"], indirect=True)
 def test_a_partial_file_one_daemon_accepted_is_not_saved_once_another_left_it_partial_again(
-    short_dir: Path, request: pytest.FixtureRequest, fs: str
+    short_dir: Path, memory_dir: Path, two_daemons: tuple[RawClient, RawClient]
 ):
     """Two daemons with a backend on one memory file. The first's restore into it is
     cancelled half-way; the second adds its backend accepting that mix (x-accept-partial).
@@ -238,35 +257,23 @@ def test_a_partial_file_one_daemon_accepted_is_not_saved_once_another_left_it_pa
     round 10b: the acceptance was a flag on the backend, not of the mark it accepted, and
     only the restoring daemon's own backend lost it). Refused now: a backend's
     acceptance holds for the mark it accepted only."""
-    where: Path = request.getfixturevalue(fs)
-    mem, save, again = where / "ram0", short_dir / "save.img", short_dir / "again.img"
+    mem, save, again = memory_dir / "ram0", short_dir / "save.img", short_dir / "again.img"
     fill_random(mem, SIZE, seed=16)
-    (short_dir / "a").mkdir()
-    (short_dir / "b").mkdir()
-    first = start_daemon(short_dir / "a" / "q.sock")
-    second = start_daemon(short_dir / "b" / "q.sock")
-    try:
-        a = RawClient(first.socket_path).negotiate()
-        b = RawClient(second.socket_path).negotiate()
-        _restore_under_way(a, mem, save)
-        a.ok("migrate_cancel")
-        assert a.wait_final()["status"] == "cancelled"
-        _setup(b, mem, **{"x-accept-partial": True})  # this mix, as it is, is b's choice
+    a, b = two_daemons
+    _restore_under_way(a, mem, save)
+    a.ok("migrate_cancel")
+    assert a.wait_final()["status"] == "cancelled"
+    _setup(b, mem, **{"x-accept-partial": True})  # this mix, as it is, is b's choice
 
-        _start_slow_restore(a, save)
-        a.ok("migrate_cancel")
-        assert a.wait_final()["status"] == "cancelled"
+    _start_slow_restore(a, save)
+    a.ok("migrate_cancel")
+    assert a.wait_final()["status"] == "cancelled"
 
-        _refused_then_saved_once_accepted(b, mem, save, again)  # accepted again, this mix
-        a.close()
-        b.close()
-    finally:
-        first.stop()
-        second.stop()
+    _refused_then_saved_once_accepted(b, mem, save, again)  # accepted again, this mix
 
 
 def test_a_private_backend_on_a_file_another_daemon_left_partial_is_not_saved_as_whole(
-    short_dir: Path, shm: Path
+    short_dir: Path, shm: Path, two_daemons: tuple[RawClient, RawClient]
 ):
     """A `share=false` backend of one daemon on a memory file another daemon's backend
     shares: the other's restore into the file is cancelled half-way. The private mapping
@@ -276,33 +283,22 @@ def test_a_private_backend_on_a_file_another_daemon_left_partial_is_not_saved_as
     file's mark is read too now, until a restore into the private memory completes."""
     mem, save, again = shm / "ram0", short_dir / "save.img", short_dir / "again.img"
     fill_random(mem, SIZE, seed=17)
-    (short_dir / "a").mkdir()
-    (short_dir / "b").mkdir()
-    first = start_daemon(short_dir / "a" / "q.sock")
-    second = start_daemon(short_dir / "b" / "q.sock")
-    try:
-        a = RawClient(first.socket_path).negotiate()
-        b = RawClient(second.socket_path).negotiate()
-        _setup(b, mem, share=False)
-        _restore_under_way(a, mem, save)
-        a.ok("migrate_cancel")
-        assert a.wait_final()["status"] == "cancelled"
+    a, b = two_daemons
+    _setup(b, mem, share=False)
+    _restore_under_way(a, mem, save)
+    a.ok("migrate_cancel")
+    assert a.wait_final()["status"] == "cancelled"
 
-        desc = b.execute("migrate", {"uri": f"file:{again}"})["error"]["desc"]
-        assert desc.startswith("Memory backend 'ram0' holds partial data"), desc
-        assert f"interrupted restore of '{save}'" in desc
-        assert not again.exists()
+    desc = b.execute("migrate", {"uri": f"file:{again}"})["error"]["desc"]
+    assert desc.startswith("Memory backend 'ram0' holds partial data"), desc
+    assert f"interrupted restore of '{save}'" in desc
+    assert not again.exists()
 
-        # A restore into the private memory, completed, makes every page its own: saved.
-        b.ok("migrate-incoming", {"uri": f"file:{save}"})
-        assert b.wait_final()["status"] == "completed"
-        b.ok("migrate", {"uri": f"file:{again}"})
-        assert b.wait_final()["status"] == "completed"
-        a.close()
-        b.close()
-    finally:
-        first.stop()
-        second.stop()
+    # A restore into the private memory, completed, makes every page its own: saved.
+    b.ok("migrate-incoming", {"uri": f"file:{save}"})
+    assert b.wait_final()["status"] == "completed"
+    b.ok("migrate", {"uri": f"file:{again}"})
+    assert b.wait_final()["status"] == "completed"
 
 
 def test_a_configured_backend_on_a_partial_file_stops_the_start_unless_accepted(
