@@ -42,9 +42,11 @@ class OnOffAuto(enum.StrEnum):
     off = "off"
 
 
-# memory-backend-file's own properties (QEMU's MemoryBackendFileProperties): a
-# memory-backend-ram given one is refused as QEMU refuses it, as unexpected.
-FILE_ONLY = ("align", "offset", "discard-data", "mem-path", "pmem", "readonly", "rom")
+# memory-backend-file's own properties (QEMU's MemoryBackendFileProperties), as fields
+# of ObjectAddArgs and as QMP names: a memory-backend-ram given one is refused as QEMU
+# refuses it, as unexpected.
+_FILE = ("align", "offset", "discard_data", "mem_path", "pmem", "readonly", "rom")
+FILE_ONLY = tuple(field.replace("_", "-") for field in _FILE)
 
 
 class ObjectAddArgs(QapiModel):
@@ -123,7 +125,6 @@ _COMMON = (
     *("dump", "host_nodes", "merge", "policy", "prealloc", "prealloc_threads"),
     *("prealloc_context", "share", "reserve", "size", "x_use_canonical_path_for_ramblock_id"),
 )
-_FILE = ("align", "offset", "discard_data", "mem_path", "pmem", "readonly", "rom")
 _MIGD = ("ramblock_name", "x_accept_partial")
 
 # QEMU's ObjectOptions for the two types migd creates: base 'qom-type' and 'id', then each
@@ -304,14 +305,28 @@ def create_backend(
     check_backend_options(spec)
     if spec.qom_type != QomType.memory_backend_file:
         backend = create_ram_backend(spec.id, spec.size, ramblock_name=spec.block_name)
-        try:
-            _apply_advice(backend, spec)
-        except BaseException:  # a prealloc with no room: the mapping goes with the refusal
-            backend.close()
-            raise
-        return backend
+    else:
+        backend = _create_file_backend(spec, paths, owners, fd, close_fd, refuse_file)
+    try:
+        if partial is not None:  # a file's mark (memory-backend-ram has none: no-op)
+            partial.check_add(backend, spec.x_accept_partial)
+        _apply_advice(backend, spec)
+    except BaseException:  # refused (partial, a prealloc with no room): nothing is kept
+        backend.close()
+        raise
+    return backend
+
+
+def _create_file_backend(
+    spec: ObjectAddArgs,
+    paths: PathPolicy,
+    owners: Collection[int] | None,
+    fd: int | None,
+    close_fd: Callable[[int], None],
+    refuse_file: Callable[[tuple[int, int]], None] | None,
+) -> MemoryBackend:
     assert spec.mem_path is not None  # object-add and the configuration require it
-    backend = create_file_backend(
+    return create_file_backend(
         spec.id,
         spec.size,
         spec.mem_path,
@@ -323,14 +338,6 @@ def create_backend(
         owners=owners,
         refuse_file=refuse_file,
     )
-    try:
-        if partial is not None:
-            partial.check_add(backend, spec.x_accept_partial)
-        _apply_advice(backend, spec)
-    except BaseException:
-        backend.close()
-        raise
-    return backend
 
 
 def _apply_advice(backend: MemoryBackend, spec: ObjectAddArgs) -> None:
