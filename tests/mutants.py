@@ -1398,8 +1398,8 @@ MUTANTS = [
     Mutant(
         "a-saves-file-stat-on-the-event-loop",
         "migd/migration/engine.py",
-        "            identity = await blocking.to_thread(_file_identity, main_fd)\n",
-        "            identity = _file_identity(main_fd)\n",
+        "            identity = await blocking.to_thread(file_identity, main_fd)\n",
+        "            identity = file_identity(main_fd)\n",
         ("tests/test_faults.py::"
          "test_whichever_stat_of_a_jobs_file_waits_the_daemon_answers_others[memory-save]",),
     ),

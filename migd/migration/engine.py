@@ -243,13 +243,6 @@ def _let_go(close_target: Callable[[], None], holds: list[int]) -> None:
     _close_all(holds)
 
 
-def _file_identity(fd: int) -> tuple[int, int]:
-    """(st_dev, st_ino) of a job's file, as a backend's is taken (paths.file_identity: a
-    file reached through overlayfs is its layer's). Blocking: on FUSE or NFS an fstat asks
-    the server."""
-    return file_identity(fd)
-
-
 def _reopen_for_reading(fd: int) -> int | None:
     """The file of a save's (write-only) main fd opened again for reading, or None where
     it cannot be (then the checksums are read from memory, as before)."""
@@ -599,7 +592,9 @@ class MigrationEngine:
             # Threads': an fstat of a file on FUSE or NFS asks its server, which may not
             # answer (on the loop, that froze the daemon; red-team, session 17).
             await blocking.to_thread(target.refuse_shared)
-            identity = await blocking.to_thread(_file_identity, main_fd)
+            # As a backend's is taken (a file through overlayfs is its layer's); in a
+            # thread: on FUSE or NFS an fstat asks the server.
+            identity = await blocking.to_thread(file_identity, main_fd)
             self._refuse_file_conflicts(
                 identity, target.name, "save", "a save to it would overwrite that memory"
             )
@@ -669,7 +664,7 @@ class MigrationEngine:
         main_fd = await blocking.to_thread(target.open_main, self.openers, "restore", peer_uid)
         holds: list[int] = []
         try:
-            identity = await blocking.to_thread(_file_identity, main_fd)  # as a save's
+            identity = await blocking.to_thread(file_identity, main_fd)  # as a save's
             self._refuse_file_conflicts(
                 identity,
                 target.name,
@@ -681,7 +676,7 @@ class MigrationEngine:
                 restore.parse, main_fd, target, job_id is not None or self.caps.mapped_ram
             )
             matched, skipped = plan.match_blocks(candidates, parsed, target, skip_unmatched)
-            for _, backend in matched:  # an fstat each: a thread's, as _file_identity
+            for _, backend in matched:  # an fstat each: a thread's, as file_identity
                 await blocking.to_thread(_refuse_readable_memory, backend)
             holds, refusal = await blocking.to_thread(
                 _hold_memory_files, [b for _, b in matched], "restore"
