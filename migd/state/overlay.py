@@ -78,6 +78,20 @@ def fs_type(fd: int) -> int | None:
     buf = ctypes.create_string_buffer(256)  # larger than struct statfs on any arch
     if _libc.fstatfs(fd, buf) != 0:
         return None
+    return _f_type(buf)
+
+
+def fs_type_at(path: str) -> int | None:
+    """The f_type of the filesystem `path` lies on (statfs, links followed), or None if
+    it cannot be had (no such name: the open that follows says what is wrong)."""
+    buf = ctypes.create_string_buffer(256)
+    if _libc.statfs(os.fsencode(path), buf) != 0:
+        return None
+    return _f_type(buf)
+
+
+def _f_type(buf: ctypes.Array[ctypes.c_char]) -> int:
+    """struct statfs's first field, f_type (a long; its magic numbers fit 32 bits)."""
     return ctypes.c_ulong.from_buffer(buf).value & 0xFFFFFFFF
 
 

@@ -24,7 +24,6 @@ never come here: the client already holds them.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
 import logging
@@ -34,7 +33,7 @@ import struct
 from collections.abc import Callable, Collection, Sequence
 
 from ..errors import MigdError
-from .overlay import layer_file
+from .overlay import fs_type_at, layer_file
 
 log = logging.getLogger(__name__)
 
@@ -229,16 +228,14 @@ _PSEUDO_FILESYSTEMS = {
     0xDE5E81E4: "efivarfs",
     0x6E736673: "nsfs",
 }
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def refuse_pseudo_filesystem(path: str, real: str) -> None:
     """Refuse a file of a kernel pseudo-filesystem (proc, sysfs, ...): a regular file to
     stat(), a kernel setting or interface to write."""
-    buf = ctypes.create_string_buffer(256)  # struct statfs: f_type is its first field
-    if _libc.statfs(os.fsencode(real), buf) != 0:
+    f_type = fs_type_at(real)
+    if f_type is None:
         return  # the open reports what is wrong with the name
-    f_type = ctypes.c_ulong.from_buffer(buf).value & 0xFFFFFFFF
     name = _PSEUDO_FILESYSTEMS.get(f_type)
     if name is not None:
         raise FileRefused(
@@ -284,10 +281,7 @@ def _refuse_magic_link(path: str, there: str, here: str, target: str) -> None:
     '/' first and no ':') are followed."""
     if not target.startswith("/") and ":" not in target:
         return
-    buf = ctypes.create_string_buffer(256)  # struct statfs: f_type is its first field
-    if _libc.statfs(os.fsencode(here), buf) != 0:
-        return
-    if ctypes.c_ulong.from_buffer(buf).value & 0xFFFFFFFF != _PROC_MAGIC:
+    if fs_type_at(here) != _PROC_MAGIC:
         return
     where = "is" if there == os.path.abspath(path) else f"goes through '{there}',"
     raise FileRefused(
