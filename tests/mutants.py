@@ -655,8 +655,8 @@ MUTANTS = [
     Mutant(
         "staged-save-memory-still-populated",
         "migd/io/threads.py",
-        "            and run.block not in unmapped\n",
-        "",
+        " and run.block not in unmapped\n",
+        "\n",
         ("tests/test_save_staging.py::"
          "test_a_direct_io_save_maps_none_of_the_memory_only_through_staging",),
     ),
@@ -685,9 +685,9 @@ MUTANTS = [
     ),
     Mutant(
         "staged-restore-memory-still-populated",
-        "migd/io/threads.py",
-        "            and not run.staged\n",
-        "",
+        "migd/migration/plan.py",
+        "backend.allocate if stage else backend.populate,",
+        "backend.populate,",
         ("tests/test_save_staging.py::test_a_restore_into_used_memory_maps_none_of_it",),
     ),
     Mutant(

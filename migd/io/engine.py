@@ -44,7 +44,8 @@ class PageRun:
     pages: int
     zero: bool = False  # restore only: make these pages zero instead of reading them
     # restore only: read into a channel's staging buffer, checked there, and written into
-    # the memory file with BlockIO.store (io/threads.py Staging); the populator skips it
+    # the memory file with BlockIO.store (io/threads.py Staging); the populator allocates
+    # its pages in the file ahead (the block's populate is the backend's allocate)
     staged: bool = False
 
 
@@ -59,7 +60,8 @@ class BlockIO:
     present: np.ndarray  # one bool per page: the save's bitmap, filled in by the channels
     zero_range: Callable[[int, int], None] | None = None  # restore: cheap zeroing
     # What the Populator does to a run before a channel reads or writes it: on restore,
-    # allocate and map the memory; on save, map it for reading.
+    # allocate and map the memory (a staged block's: allocate its file's pages, unmapped);
+    # on save, map it for reading.
     populate: Callable[[int, int], None] | None = None
     # Why the kernel could not reach this memory (EFAULT), given "save" or "restore": the
     # backend's file shrank, or its memory could not be allocated; None if neither.
@@ -102,15 +104,14 @@ def split_runs(
     runs: Sequence[tuple[int, int]],
     zero: bool = False,
     chunk: int = CHUNK_PAGES,
-    staged: Callable[[int, int], bool] | None = None,
+    staged: bool = False,
 ) -> list[PageRun]:
     """Cut (first, count) runs of one block into PageRuns of at most `chunk` pages;
-    `staged(first, pages)` marks those a restore stages (PageRun.staged)."""
+    `staged`: a restore stages them (PageRun.staged)."""
     out: list[PageRun] = []
     for first, count in runs:
         for at in range(first, first + count, chunk):
-            pages = min(chunk, first + count - at)
-            out.append(PageRun(block, at, pages, zero, staged is not None and staged(at, pages)))
+            out.append(PageRun(block, at, min(chunk, first + count - at), zero, staged))
     return out
 
 

@@ -236,17 +236,18 @@ class Staging:
     memory changes under it (a live pass). A memory file cut short reads short: that is
     MemoryFault, which the backend explains, as EFAULT is for the mapping.
 
-    Restores use it for the runs whose memory file holds data already (used memory;
-    migration/plan.py marks them PageRun.staged): a run is read into the buffer, its
-    whole units are checked there, and it is written into the file with pwrite (paired
-    with restores into the mapping: 1.26x on the fast disk, 1.21x on the virtio disk)
-    (MemoryBackend.write_at: never grows the file; engine.check_stored finds pages a
-    truncate took meanwhile). A corrupt unit so never reaches the memory. Into a file's
-    holes the mapping stays: a write allocates the page under the file's inode lock, so
-    the writes serialize, and where a new page is costly (on this machine, in some
-    restores, 3-6 CPU s/GiB) that made staged restores into an empty file 0.70x the
-    mapped ones, whose page faults run in parallel (docs/bench/fast-disk/README.md,
-    "Restores into holes").
+    Restores use it for the memory files on 4 KiB pages (migration/plan.py marks their
+    runs PageRun.staged): a run is read into the buffer, its whole units are checked
+    there, and it is written into the file with pwrite (MemoryBackend.write_at: never
+    grows the file; engine.check_stored finds pages a truncate took meanwhile). A
+    corrupt unit so never reaches the memory, and none of it is mapped. Into used
+    memory, paired with restores into the mapping: 1.26x on the fast disk, 1.21x on the
+    virtio disk. Into a file's holes the Populator allocates the pages ahead with
+    fallocate (MemoryBackend.allocate), so the writes only copy: a write into a hole
+    allocates under the file's inode lock, one writer at a time, which made staged
+    restores into an empty file 0.70x the mapped ones before (session 10); with the
+    pages allocated ahead, 1 GiB and 2 GiB into a new /dev/shm file ran 1.2-1.5x the
+    mapped way (docs/bench/fast-disk/README.md, "Restores into holes").
     """
 
     def __init__(self) -> None:
@@ -827,7 +828,10 @@ class Populator:
     runs: restoring into a new tmpfs file, 1.57 GiB/s with this thread against 1.02
     populating in the channels and 1.04 not populating at all (as QEMU); into a file that
     held data, 1.84 against 1.73; saving random memory, 1.87 against 1.63 without it.
-    A channel that overtakes it simply faults its pages in, which is only slower.
+    A channel that overtakes it simply faults its pages in, which is only slower. For a
+    staged restore's runs (io/threads.py Staging) it only allocates the memory file's
+    pages (the block's populate is MemoryBackend.allocate), which a staged write that
+    overtakes it allocates instead.
 
     It maps only runs ahead of the channels (RunCursor): on a disk faster than it maps
     (ext4 over a loop device on tmpfs, issue 19), it fell behind and went on mapping runs
@@ -851,10 +855,7 @@ class Populator:
         self.runs = [
             (index, run)
             for index, run in enumerate(runs)
-            if not run.zero
-            and not run.staged
-            and blocks[run.block].populate is not None
-            and run.block not in unmapped
+            if not run.zero and blocks[run.block].populate is not None and run.block not in unmapped
         ]
         self.cancel = cancel
         self.cursor = cursor

@@ -3,8 +3,7 @@ file, whether the restore fits, and the page runs the channel threads share."""
 
 from __future__ import annotations
 
-import bisect
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -131,15 +130,15 @@ def plan_restore_runs(
 ) -> tuple[list[BlockIO], list[PageRun]]:
     """The restore's blocks and page runs: absent pages zeroed, present ones read.
 
-    With `staging`, runs whose memory is a shared file on 4 KiB pages that holds data
-    there already (used memory) are read through the channels' staging buffers and
-    written into the file (PageRun.staged, io/threads.py Staging); into a file's holes
-    the mapping stays faster (tmpfs allocates pages under the file's lock on write)."""
+    With `staging`, the present runs of a shared memory file on 4 KiB pages are read
+    through the channels' staging buffers and written into the file (PageRun.staged,
+    io/threads.py Staging), its pages allocated ahead by the Populator with fallocate
+    (the block's populate is the backend's allocate): nothing of it is mapped, and the
+    writes only copy. Other memory is read into its mapping, populated ahead."""
     blocks: list[BlockIO] = []
     runs: list[PageRun] = []
     for index, ((layout, backend), present) in enumerate(zip(matched, bitmaps, strict=True)):
         stage = staging and backend.shared_fd is not None and not backend.huge_pages
-        held = _held_pages(backend) if stage else None
         blocks.append(
             BlockIO(
                 layout.name,
@@ -148,31 +147,13 @@ def plan_restore_runs(
                 backend.view(0, backend.size),
                 present,
                 backend.zero_range,
-                backend.populate,
+                backend.allocate if stage else backend.populate,
                 backend.fault_error,
                 backend.shrink_error,
                 backend.shared_fd,
-                store=backend.write_at if held is not None else None,
+                store=backend.write_at if stage else None,
             )
         )
         runs += split_runs(index, format.set_runs(~present), zero=True)
-        runs += split_runs(
-            index, format.set_runs(present), chunk=READ_CHUNK_PAGES, staged=held
-        )
+        runs += split_runs(index, format.set_runs(present), chunk=READ_CHUNK_PAGES, staged=stage)
     return blocks, runs
-
-
-def _held_pages(backend: MemoryBackend) -> Callable[[int, int], bool] | None:
-    """Whether the memory file holds data (no hole) over pages [first, first + pages),
-    from its data ranges as they are now; None if they cannot be known."""
-    ranges = backend.data_ranges()
-    if ranges is None:
-        return None
-    starts = [offset // PAGE_SIZE for offset, _ in ranges]
-    ends = [(offset + length) // PAGE_SIZE for offset, length in ranges]
-
-    def held(first: int, pages: int) -> bool:
-        at = bisect.bisect_right(starts, first) - 1
-        return at >= 0 and ends[at] >= first + pages
-
-    return held

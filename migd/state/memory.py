@@ -345,26 +345,39 @@ class MemoryBackend:
         finally:
             os.close(fd)
 
+    def allocate(self, offset: int, length: int) -> None:
+        """Allocate the shared memory file's pages over the range, mapping nothing, before
+        a staged restore writes them (write_at); nothing for other memory.
+
+        fallocate allocates and zeroes a file's pages several times faster than faulting
+        them in one by one, and a write into pages that exist only copies, where a write
+        into a hole allocates under the file's inode lock, one writer at a time
+        (FALLOC_FL_KEEP_SIZE: a file another process cut short is never grown back over
+        the pages it lost). Running out of memory or of room in the file's filesystem
+        raises BackendError, as the write would; a file cut short raises the shrink
+        error. Other failures (a filesystem without fallocate) only cost speed.
+        """
+        self._check(offset, length)
+        if length == 0 or self._fd is None or not self.share:
+            return
+        if _fallocate(self._fd, _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+            code = ctypes.get_errno()
+            if code in _ALLOCATION_ERRNOS:
+                raise self.shrink_error("restore") or self._allocation_error(code)
+
     def populate(self, offset: int, length: int) -> None:
         """Allocate and map the range in bulk before it is read into; faults make restores slow.
 
-        A shared file first gets fallocate, which allocates and zeroes its pages several
-        times faster than faulting them in one by one (FALLOC_FL_KEEP_SIZE: a file another
-        process cut short is never grown back over the pages it lost); then MADV_POPULATE_WRITE
+        A shared file's pages are allocated first (allocate); then MADV_POPULATE_WRITE
         maps them (or, for anonymous and private memory, allocates them too), so the
         O_DIRECT read that follows pins pages without faulting. Running out of memory or
         of room in the file's filesystem raises BackendError: the read would fail anyway,
         with a less helpful EFAULT; a file cut short under the mapping raises the shrink
         error. Other failures only cost speed and are ignored.
         """
-        self._check(offset, length)
+        self.allocate(offset, length)
         if length == 0:
             return
-        shared_file = self._fd is not None and self.share
-        if shared_file and _fallocate(self._fd, _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
-            code = ctypes.get_errno()
-            if code in _ALLOCATION_ERRNOS:
-                raise self.shrink_error("restore") or self._allocation_error(code)
         try:
             self._advise(_MADV_POPULATE_WRITE, offset, length)
         except OSError as exc:
