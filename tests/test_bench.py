@@ -96,6 +96,7 @@ def test_bench_end_to_end(disk: Path) -> None:
         "migd-save-2-adjacent", "migd-save-2-zero75", "migd-save-2-zero30",
         "migd-save-2-holes75", "migd-save-2-staged", "migd-save-2-mapped",
         "migd-restore-2-staged", "migd-restore-2-mapped",
+        "migd-restore-2-empty-staged", "migd-restore-2-empty-mapped",
     } | set(CHECKSUM_STATES)
     if doc["qemu"]:  # QEMU >= 9.1 installed
         expected |= {
@@ -126,9 +127,10 @@ def test_bench_end_to_end(disk: Path) -> None:
     # the main rows run migd's defaults: checksums recorded, verified on restore
     assert rows["migd-save-2"]["checksum_states"] == ["recorded"]
     assert rows["migd-restore-2"]["checksum_states"] == ["verified"]
-    # saves and restores through staging buffers or the mapping, paired: ratios reported
+    # saves and restores (into used memory, into an empty file) through staging buffers or
+    # the mapping, paired: ratios reported
     staging = [r for n, r in ratios.items() if "staging buffers / " in n]
-    assert len(staging) == 2 and all(r["value"] > 0 for r in staging)
+    assert len(staging) == 3 and all(r["value"] > 0 for r in staging)
 
     md = (out / "bench.md").read_text()
     assert "migd bench --size-gib 0.0625" in md and "| ch |" in md

@@ -145,14 +145,18 @@ class BenchReport:
         rows = self.measured()
         ch = self.ref
         out = []
-        for op, other in (("save", "from"), ("restore", "into")):
+        for op, empty, other in (
+            ("save", "", "from the mapping"),
+            ("restore", "", "into the mapping"),
+            ("restore", "-empty", "into the mapping, empty memory file"),
+        ):
             per_round = paired_rounds(
-                rows.get(f"migd-{op}-{ch}-staged"), rows.get(f"migd-{op}-{ch}-mapped")
+                rows.get(f"migd-{op}-{ch}{empty}-staged"), rows.get(f"migd-{op}-{ch}{empty}-mapped")
             )
             value = statistics.median(per_round) if per_round else None
             out.append(
                 Ratio(
-                    f"{op} throughput, staging buffers / {other} the mapping ({ch} ch, "
+                    f"{op} throughput, staging buffers / {other} ({ch} ch, "
                     f"paired, {len(per_round)} round{'s' * (len(per_round) != 1)})",
                     value,
                     ">= 0.95",

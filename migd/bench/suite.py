@@ -485,15 +485,19 @@ class Bench(BenchReport):
         loader.detach()
 
     def paired_staging(self, saver: Migd, loader: Migd, mapped: Migd) -> None:
-        """Saves and restores (into used memory) through the channels' staging buffers
-        (`saver`, `loader`: the default) and straight from and into the mapping (`mapped`,
-        a daemon with MIGD_STAGING=0), at the reference channel count with direct-io, in
-        mirrored order as paired_checksums: their time ratios round by round (report.py's
-        staging_ratios), and each one's CPU per GiB. The restores read the file of the
-        rounds' reference save."""
-        for op, daemon in (("save", saver), ("restore", loader)):
+        """Saves, restores into used memory and restores into an empty memory file through
+        the channels' staging buffers (`saver`, `loader`: the default) and straight from
+        and into the mapping (`mapped`, a daemon with MIGD_STAGING=0), at the reference
+        channel count with direct-io, in mirrored order as paired_checksums: their time
+        ratios round by round (report.py's staging_ratios), and each one's CPU per GiB.
+        The restores read the file of the rounds' reference save."""
+        for op, empty, daemon in (
+            ("save", False, saver),
+            ("restore", False, loader),
+            ("restore", True, loader),
+        ):
             rows = {
-                path: self.migration_row("migd", op, self.ref, staging=path)
+                path: self.migration_row("migd", op, self.ref, empty=empty, staging=path)
                 for path in ("staged", "mapped")
             }
             daemons = {"staged": daemon, "mapped": mapped}
