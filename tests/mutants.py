@@ -1016,8 +1016,8 @@ MUTANTS = [
     Mutant(
         "remove-fd-closes-on-the-event-loop",
         "migd/api/fds.py",
-        "    await blocking.to_thread(ctx.services.fdsets.remove_fd, args.fdset_id, args.fd)",
-        "    ctx.services.fdsets.remove_fd(args.fdset_id, args.fd)",
+        "    await blocking.to_thread(ctx.services.fdsets.remove_fd, args.fdset_id, args.fd, uid)",
+        "    ctx.services.fdsets.remove_fd(args.fdset_id, args.fd, uid)",
         ("tests/test_session_races.py::"
          "test_another_client_is_answered_while_a_passed_fd_is_closed",),
     ),
@@ -1639,6 +1639,27 @@ MUTANTS = [
         "            problem = allowed_dir_problem(directory)",
         "            problem = None",
         ("tests/test_config.py::test_allowed_dirs_that_cannot_hold_files_are_warned_about_at_the_start",),
+    ),
+    Mutant(
+        "fd-sets-seen-by-every-uid",
+        "migd/state/fdsets.py",
+        "(uid is None or self._owners.get(fdset_id) == uid)",
+        "True",
+        ("tests/test_fdset_ownership.py::test_another_uids_client_cannot_see_or_use_roots_fd_set",),
+    ),
+    Mutant(
+        "a-jobs-fdset-opened-for-every-uid",
+        "migd/app/daemon.py",
+        "        return fdsets.open_path(path, flags, direct, blocking.capped_uid())",
+        "        return fdsets.open_path(path, flags, direct)",
+        ("tests/test_fdset_ownership.py::test_another_uids_client_cannot_see_or_use_roots_fd_set",),
+    ),
+    Mutant(
+        "getfd-names-shared-by-every-uid",
+        "migd/api/fds.py",
+        "    await blocking.to_thread(ctx.services.fdsets.add_named, args.fdname, fd, uid)",
+        "    await blocking.to_thread(ctx.services.fdsets.add_named, args.fdname, fd)",
+        ("tests/test_fdset_ownership.py::test_getfd_names_are_the_uids_own",),
     ),
 ]  # fmt: skip
 

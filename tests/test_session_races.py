@@ -279,7 +279,7 @@ async def test_another_client_is_answered_while_a_passed_fd_is_closed(
             closing_it = owner.execute("remove-fd", {"fdset-id": 7})
         else:
             await owner.execute("getfd", {"fdname": "ram"})
-            slow.add(migd_inproc.daemon.services.fdsets._named["ram"])
+            slow.add(migd_inproc.daemon.services.fdsets._named[(None, "ram")])  # root's
             if command == "closefd":
                 closing_it = owner.execute("closefd", {"fdname": "ram"})
             else:

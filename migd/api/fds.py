@@ -31,12 +31,13 @@ class GetfdArgs(QapiModel):
     GetfdArgs,
     Empty,
     "Keep the fd sent with this command (SCM_RIGHTS) under 'fdname', closing any fd "
-    "already of that name. The name must not start with a digit.",
+    "already of that name. The name must not start with a digit. Names are the client's "
+    "uid's (root's and migd's share theirs).",
 )
 async def getfd(ctx: Context, args: GetfdArgs) -> Empty:
     fd = ctx.session.take_fd()
-    capped = blocking.capped_uid() is not None
-    await blocking.to_thread(ctx.services.fdsets.add_named, args.fdname, fd, capped)
+    uid = blocking.capped_uid()
+    await blocking.to_thread(ctx.services.fdsets.add_named, args.fdname, fd, uid)
     return Empty()
 
 
@@ -46,7 +47,8 @@ class ClosefdArgs(QapiModel):
 
 @command("closefd", ClosefdArgs, Empty, "Close the fd kept by getfd under 'fdname'.")
 async def closefd(ctx: Context, args: ClosefdArgs) -> Empty:
-    await blocking.to_thread(ctx.services.fdsets.close_named, args.fdname)
+    uid = blocking.capped_uid()
+    await blocking.to_thread(ctx.services.fdsets.close_named, args.fdname, uid)
     return Empty()
 
 
@@ -72,7 +74,9 @@ class AddfdInfo(QapiModel):
     "needed; default: the lowest free id), with an optional 'opaque' note (at most 1024 "
     "characters). A path "
     "'/dev/fdset/N' then opens as a dup of the newest fd of set N whose access mode and "
-    "O_DIRECT flag match the open. Returns the set's id and migd's number for the fd.",
+    "O_DIRECT flag match the open. Returns the set's id and migd's number for the fd. A "
+    "set belongs to the uid that made it: a client of another uid than root's and migd's "
+    "sees, opens, joins and removes only its own uid's (migd's).",
 )
 async def add_fd(ctx: Context, args: AddFdArgs) -> AddfdInfo:
     fd = ctx.session.take_fd()
@@ -87,9 +91,10 @@ async def add_fd(ctx: Context, args: AddFdArgs) -> AddfdInfo:
     # In a thread: a refused fd is closed, and the close of a client's file on a FUSE mount
     # of theirs waits for its FLUSH, which they may never answer (on the event loop, it
     # froze the daemon; red-team, session 17).
-    capped = blocking.capped_uid() is not None
+    # The set is the uid's (state/fdsets.py): another uid's is refused.
+    uid = blocking.capped_uid()
     fdset_id, number = await blocking.to_thread(
-        ctx.services.fdsets.add_fd, fd, args.fdset_id, args.opaque, capped
+        ctx.services.fdsets.add_fd, fd, args.fdset_id, args.opaque, uid
     )
     record_fd(ctx, fdset_id, number)
     return AddfdInfo(fdset_id=fdset_id, fd=number)
@@ -110,7 +115,8 @@ class RemoveFdArgs(QapiModel):
     "query-fdsets lists it with no fds and add-fd does not reuse its id.",
 )
 async def remove_fd(ctx: Context, args: RemoveFdArgs) -> Empty:
-    await blocking.to_thread(ctx.services.fdsets.remove_fd, args.fdset_id, args.fd)
+    uid = blocking.capped_uid()
+    await blocking.to_thread(ctx.services.fdsets.remove_fd, args.fdset_id, args.fd, uid)
     return Empty()
 
 
@@ -128,10 +134,11 @@ class FdsetInfo(QapiModel):
     "query-fdsets",
     Empty,
     list[FdsetInfo],
-    "List the fdsets and their fds (with 'opaque' where given), in QEMU's order.",
+    "List the fdsets and their fds (with 'opaque' where given), in QEMU's order: for a "
+    "client of another uid than root's and migd's, its own uid's sets only (migd's).",
 )
 async def query_fdsets(ctx: Context, args: Empty) -> list[FdsetInfo]:
     return [
         FdsetInfo(fdset_id=fdset_id, fds=[FdsetFdInfo(fd=f.fd, opaque=f.opaque) for f in fds])
-        for fdset_id, fds in ctx.services.fdsets.query()
+        for fdset_id, fds in ctx.services.fdsets.query(blocking.capped_uid())
     ]

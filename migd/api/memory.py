@@ -183,7 +183,7 @@ async def object_add(ctx: Context, args: ObjectAddArgs) -> Empty:
         fd = None
         # A VMM's memfd or file passed by add-fd: map a read-write dup the backend owns.
         if args.mem_path is not None and is_fdset_path(args.mem_path):
-            fd = ctx.services.fdsets.dup_from_fdset(args.mem_path, os.O_RDWR)
+            fd = ctx.services.fdsets.dup_from_fdset(args.mem_path, os.O_RDWR, owner)
         engine = ctx.services.engine
         # Messages name a passed fd's file by its real name (state/fdsets.file_name).
         name = file_name(args.mem_path, fd) if args.mem_path and fd is not None else None

@@ -51,7 +51,7 @@ from ..qmp.wire import Request, greeting
 from ..state.fdsets import FdStore
 from ..state.memory import MemoryRegistry
 from ..state.partial import SIDECAR_DIR, PartialMarks, shared_dir
-from ..state.paths import PathPolicy
+from ..state.paths import ChannelOpener, PathPolicy
 from .config import Config
 from .services import Services
 
@@ -168,6 +168,17 @@ def allowed_dir_problem(directory: str) -> str | None:
     return None
 
 
+def _fdset_opener(fdsets: FdStore) -> ChannelOpener:
+    """The engine's opener of /dev/fdset/N, for the uid whose job opens it: a job's steps
+    run in its session's context (io/blocking.py), so a job of a uid other than root's
+    and migd's opens only its own uid's sets (state/fdsets.py), as its commands do."""
+
+    def open_path(path: str, flags: int, direct: bool) -> int:
+        return fdsets.open_path(path, flags, direct, blocking.capped_uid())
+
+    return open_path
+
+
 def raise_open_file_limit() -> int:
     """Soft RLIMIT_NOFILE up to the hard limit (the usual soft 1024 is easily reached by
     passed fds and a job's channels); returns the soft limit in force."""
@@ -197,7 +208,7 @@ class Daemon:
         paths = PathPolicy(config.allowed_dirs)
         fdsets = FdStore(functools.partial(open_channel_fd, open_file=paths.open))
         engine = MigrationEngine(
-            memory, self._emit, self.notify, fdsets.open_path, fdsets.close_dup, paths.open
+            memory, self._emit, self.notify, _fdset_opener(fdsets), fdsets.close_dup, paths.open
         )
         # Partial-restore marks where memory files have no xattrs: in the directory every
         # migd shares (state/partial.py), or next to the socket where that is unusable.

@@ -13,6 +13,19 @@ Passed fds are capped (unlike QEMU): migd keeps no more than its open-file limit
 reserve open, so that passing fds (getfd, add-fd, or fds sent with no command yet) can
 never stop migd accepting a client or opening a job's channels with "Too many open
 files". A passed fd over the cap is closed and the command fails with a clear error.
+
+Sets and getfd names belong to a uid (unlike QEMU, whose monitors are all one user's):
+the methods take `uid`, the uid of a client other than root's and migd's (io/blocking.py
+capped_uid), or None for root's, migd's and the daemon's own. Such a uid's clients see
+and use only the sets its clients made (every session of the uid shares them, as
+libvirt's connections do); another's set is answered as one that does not exist. A set's
+id is still one namespace (/dev/fdset/N names one set for everyone), so add-fd into
+another uid's set is refused, which alone says it exists. Root's and migd's clients see
+and use every set, as in QEMU. getfd names are one namespace per uid (root's and migd's
+share theirs): another uid's getfd of the same name makes its own rather than closing
+root's (QEMU keeps them per monitor). Before, all were global: `nobody`, let on the
+socket, listed root's sets, saved into or restored from the file of one, removed it,
+joined it, and closed root's getfd names.
 """
 
 from __future__ import annotations
@@ -200,34 +213,42 @@ def parse_fdset_id(path: str) -> int:
 
 
 class FdStore:
-    """The daemon's passed fds, shared by every session as QEMU's fdsets are by monitors."""
+    """The daemon's passed fds, shared by every session of a uid as QEMU's fdsets are by
+    monitors (a uid's: the module docstring; `uid` None is root's, migd's, the daemon's)."""
 
     def __init__(self, fallback: ChannelOpener) -> None:
         self._fallback = fallback
         self._lock = threading.Lock()
-        self._named: dict[str, int] = {}
+        self._named: dict[tuple[int | None, str], int] = {}  # (uid, name) -> fd
         self._sets: dict[int, list[FdsetFd]] = {}  # each list newest first, as QEMU's
+        self._owners: dict[int, int | None] = {}  # set id -> the uid that made it
         self._dups: dict[int, int] = {}  # open dup fd -> the set it came from
+
+    def _visible(self, fdset_id: int, uid: int | None) -> bool:
+        """Set `fdset_id` exists for a client of `uid` (lock held): every set for root's
+        and migd's (None), only its own uid's for another's."""
+        return fdset_id in self._sets and (uid is None or self._owners.get(fdset_id) == uid)
 
     # -- getfd / closefd -------------------------------------------------------------
 
-    def add_named(self, name: str, fd: int, capped: bool = False) -> None:
-        """Name fd (owned from now on, even on error), replacing and closing a namesake.
-        `capped`: passed by a uid other than root's and migd's (check_room_for_fds)."""
+    def add_named(self, name: str, fd: int, uid: int | None = None) -> None:
+        """Name fd (owned from now on, even on error) among `uid`'s names, replacing and
+        closing a namesake of that uid's. `uid` not None: passed by a uid other than
+        root's and migd's (capped: check_room_for_fds)."""
         if name and name[0] in string.digits:
             _close(fd)
             raise FdError("Parameter 'fdname' expects a name not starting with a digit")
-        if name not in self._named:  # replacing a namesake keeps the count
-            _close_unless_room(fd, capped)
+        if (uid, name) not in self._named:  # replacing a namesake keeps the count
+            _close_unless_room(fd, uid is not None)
         with self._lock:
-            old = self._named.get(name)
-            self._named[name] = fd
+            old = self._named.get((uid, name))
+            self._named[(uid, name)] = fd
         if old is not None:
             _close(old)
 
-    def close_named(self, name: str) -> None:
+    def close_named(self, name: str, uid: int | None = None) -> None:
         with self._lock:
-            fd = self._named.pop(name, None)
+            fd = self._named.pop((uid, name), None)
         if fd is None:
             raise FdError(f"File descriptor named '{name}' not found")
         _close(fd)
@@ -235,19 +256,29 @@ class FdStore:
     # -- add-fd / remove-fd / query-fdsets -------------------------------------------
 
     def add_fd(
-        self, fd: int, fdset_id: int | None, opaque: str | None, capped: bool = False
+        self, fd: int, fdset_id: int | None, opaque: str | None, uid: int | None = None
     ) -> tuple[int, int]:
-        """Put fd (owned from now on, even on error) in a set; -> (fdset id, fd).
-        `capped`: passed by a uid other than root's and migd's (check_room_for_fds)."""
-        _close_unless_room(fd, capped)
+        """Put fd (owned from now on, even on error) in a set; -> (fdset id, fd). A set
+        made here is `uid`'s; `uid` not None (a uid other than root's and migd's, capped:
+        check_room_for_fds) adds only to its own."""
+        _close_unless_room(fd, uid is not None)
         with self._lock:
             if fdset_id is None:
                 fdset_id = 0
-                while fdset_id in self._sets:  # the lowest free id
+                while fdset_id in self._sets:  # the lowest free id, of every uid's
                     fdset_id += 1
             elif fdset_id < 0:
                 _close(fd)
                 raise FdError("Parameter 'fdset-id' expects a non-negative value")
+            elif fdset_id in self._sets and not self._visible(fdset_id, uid):
+                _close(fd)
+                raise FdError(
+                    f"Parameter 'fdset-id': fd set {fdset_id} is not one of uid {uid}'s: a "
+                    "client of a uid other than root's and migd's adds fds only to its own "
+                    "uid's sets (without 'fdset-id', a new set)"
+                )
+            if fdset_id not in self._sets:
+                self._owners[fdset_id] = uid
             self._sets.setdefault(fdset_id, []).insert(0, FdsetFd(fd, opaque))
         return fdset_id, fd
 
@@ -263,18 +294,23 @@ class FdStore:
         wanted = {id(e) for e in entries}
         return len(self._remove(fdset_id, lambda each: id(each) in wanted))
 
-    def remove_fd(self, fdset_id: int, fd: int | None = None) -> None:
-        """Close one fd of a set, or all of them; an empty set disappears."""
-        if not self._remove(fdset_id, lambda each: fd is None or each.fd == fd):
+    def remove_fd(self, fdset_id: int, fd: int | None = None, uid: int | None = None) -> None:
+        """Close one fd of a set `uid` sees, or all of them; an empty set disappears.
+        Another uid's set is not found, as one that does not exist."""
+        if not self._remove(fdset_id, lambda each: fd is None or each.fd == fd, uid):
             where = f"fdset-id:{fdset_id}" + ("" if fd is None else f", fd:{fd}")
             raise FdError(f"File descriptor named '{where}' not found")
 
-    def _remove(self, fdset_id: int, goes: Callable[[FdsetFd], bool]) -> list[FdsetFd]:
-        """Take the set's entries `goes` picks out of it and close their fds -> them."""
+    def _remove(
+        self, fdset_id: int, goes: Callable[[FdsetFd], bool], uid: int | None = None
+    ) -> list[FdsetFd]:
+        """Take the entries `goes` picks out of the set, if `uid` sees it, and close their
+        fds -> them."""
         with self._lock:
             gone: list[FdsetFd] = []
             kept: list[FdsetFd] = []
-            for each in self._sets.get(fdset_id, []):
+            visible = self._visible(fdset_id, uid)
+            for each in self._sets.get(fdset_id, []) if visible else []:
                 # One pass: `f not in gone` compared every fd with every other (dataclass
                 # __eq__), and a set of 19,000 fds froze the daemon for 100 s (red-team,
                 # session 14).
@@ -290,6 +326,7 @@ class FdStore:
         """monitor_fdset_cleanup: a set with no fds and no open dups is gone (lock held)."""
         if not self._sets.get(fdset_id) and fdset_id not in self._dups.values():
             self._sets.pop(fdset_id, None)
+            self._owners.pop(fdset_id, None)
 
     def close_dup(self, fd: int) -> None:
         """Close an fd that open_path or dup_from_fdset gave out (any other fd is just
@@ -300,24 +337,28 @@ class FdStore:
                 self._forget_if_unused(fdset_id)
         _close(fd)
 
-    def query(self) -> list[tuple[int, list[FdsetFd]]]:
-        """QEMU's order: sets by descending id, each set's fds oldest first."""
+    def query(self, uid: int | None = None) -> list[tuple[int, list[FdsetFd]]]:
+        """The sets `uid` sees, in QEMU's order: by descending id, each one's fds oldest
+        first."""
         with self._lock:
             return [
                 (fdset_id, list(reversed(self._sets[fdset_id])))
                 for fdset_id in sorted(self._sets, reverse=True)
+                if self._visible(fdset_id, uid)
             ]
 
     # -- opening ---------------------------------------------------------------------
 
-    def open_path(self, path: str, flags: int, direct: bool) -> int:
-        """The migration engine's opener: /dev/fdset/N from the store, anything else opened."""
+    def open_path(self, path: str, flags: int, direct: bool, uid: int | None = None) -> int:
+        """The migration engine's opener: /dev/fdset/N from the store (a set `uid` sees),
+        anything else opened."""
         if is_fdset_path(path):
-            return self.dup_from_fdset(path, flags | (_O_DIRECT if direct else 0))
+            return self.dup_from_fdset(path, flags | (_O_DIRECT if direct else 0), uid)
         return self._fallback(path, flags, direct)
 
-    def dup_from_fdset(self, path: str, flags: int) -> int:
-        """monitor_fdset_dup_fd_add: a close-on-exec dup of the newest matching fd of the set.
+    def dup_from_fdset(self, path: str, flags: int, uid: int | None = None) -> int:
+        """monitor_fdset_dup_fd_add: a close-on-exec dup of the newest matching fd of the set,
+        one `uid` sees (another uid's set is not found, as one that does not exist).
 
         Only the access mode and O_DIRECT decide; O_CREAT and the like are ignored. O_DIRECT
         belongs to the open file description, so a dup of the same fd never matches both
@@ -326,7 +367,7 @@ class FdStore:
         fdset_id = parse_fdset_id(path)
         wanted = (flags & os.O_ACCMODE) | (flags & _O_DIRECT)
         with self._lock:
-            fds = self._sets.get(fdset_id)
+            fds = self._sets.get(fdset_id) if self._visible(fdset_id, uid) else None
             if fds is None:
                 raise FdError(f"Failed to find fdset /dev/fdset/{fdset_id}")
             chosen = None
@@ -363,6 +404,7 @@ class FdStore:
         with self._lock:
             named, self._named = list(self._named.values()), {}
             sets, self._sets = list(self._sets.values()), {}
+            self._owners = {}
             self._dups = {}  # their holders close them (the job and the backends stop first)
         for fd in named:
             _close(fd)
