@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import threading
@@ -66,7 +67,13 @@ def held_fs(short_dir: Path) -> Iterator[HeldWritesFS]:
 def stopping(short_dir: Path, shm: Path, held_fs: HeldWritesFS) -> Iterator[Any]:
     """A daemon whose save is held in a page WRITE, a client with events on, and the
     daemon's log; the test sends the SIGTERM."""
-    daemon = start_daemon(short_dir / "qmp.sock")
+    yield from _held_save(short_dir, shm, held_fs)
+
+
+def _held_save(
+    short_dir: Path, shm: Path, held_fs: HeldWritesFS, env: dict[str, str] | None = None
+) -> Iterator[Any]:
+    daemon = start_daemon(short_dir / "qmp.sock", env=env)
     log = LogWatcher(daemon.proc)
     try:
         fill_random(shm / "ram0", SIZE, seed=3)
@@ -241,3 +248,32 @@ def test_a_backend_a_stuck_job_thread_uses_is_left_open_at_shutdown(stopping, sh
     assert log.has(b"memory backend 'ram0': a stopping job's thread may still use it")
     held_fs.release.set()
     assert daemon.proc.wait(DEADLINE) == 0
+
+
+def test_shutdown_says_which_job_thread_stuck_in_io_its_exit_waits_for(short_dir, shm, held_fs):
+    """The save's channel thread is held in a WRITE (as on a dead NFS mount): after step 3
+    the exit waits for it, and says so in the log and in sd_notify's STATUS=, naming the
+    job, its file and how long (before: nothing after "migd stopped" until SIGKILL)."""
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(short_dir / "notify"))
+    notify.settimeout(DEADLINE)
+    env = {**os.environ, "NOTIFY_SOCKET": str(short_dir / "notify")}
+    try:
+        for daemon, _client, log, fs in _held_save(short_dir, shm, held_fs, env):
+            daemon.proc.send_signal(signal.SIGTERM)
+            # How long is the time it has waited: any number of seconds.
+            wanted = re.compile(
+                r"a job thread stuck in I/O for \d+ s: job 'migration' "
+                + re.escape(f"(save file:{fs.mountpoint / 'save.img'})")
+            )
+            log.wait_for(b"shutting down: the exit waits for a job thread stuck in I/O", DEADLINE)
+            line = next(x.decode() for x in log.lines if b"the exit waits for" in x)
+            assert wanted.search(line), line
+            while not (status := notify.recv(4096).decode()).startswith("STATUS=stopping"):
+                assert status.startswith(("READY=1", "STATUS=", "STOPPING=1")), status
+            assert re.fullmatch("STATUS=stopping: waiting for " + wanted.pattern, status), status
+            assert daemon.proc.poll() is None and not fs.release.is_set()
+            fs.release.set()
+            assert daemon.proc.wait(DEADLINE) == 0
+    finally:
+        notify.close()

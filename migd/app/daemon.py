@@ -31,6 +31,7 @@ import resource
 import signal
 import socket
 import stat
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -45,6 +46,7 @@ from ..io import blocking
 from ..io.target import open_channel_fd
 from ..io.threads import WORKERS
 from ..migration.engine import MigrationEngine
+from ..migration.job import Job
 from ..qmp.dispatch import version_numbers
 from ..qmp.server import Server, Session, bind_unix_socket
 from ..qmp.wire import Request, greeting
@@ -60,6 +62,8 @@ log = logging.getLogger(__name__)
 SD_LISTEN_FDS_START = 3
 # Seconds a request being handled at shutdown gets to finish and reply (step 2 above).
 SESSION_GRACE = 0.25
+# Seconds between the reports of job threads the exit still waits for (after the first).
+STUCK_REPORT_INTERVAL = 10.0
 # Threads of the event loop's default executor, which root's and migd's own clients and
 # the daemon's own steps use (io/blocking.py: other uids have pools of their own): see run().
 DEFAULT_EXECUTOR_THREADS = 64
@@ -361,6 +365,7 @@ class Daemon:
         log.info("shutting down: no longer accepting clients")
         await self.server.close_sessions(SESSION_GRACE)
         log.info("shutting down: client sessions closed; stopping the job and the services")
+        stopping_since = time.monotonic()
         # A release under way would race step 3 for the same jobs and backends.
         for task in list(self._releases):
             task.cancel()
@@ -370,6 +375,28 @@ class Daemon:
         if self._own_socket is not None:
             remove_socket_file(self.config.socket_path, self._own_socket)
         log.info("migd stopped")
+        await self._wait_for_stuck_jobs(stopping_since)
+
+    async def _wait_for_stuck_jobs(self, since: float) -> None:
+        """Wait for the jobs whose thread is still in a syscall (a dead NFS mount, a
+        suspended device): the process's exit would wait for those threads anyway, until
+        systemd's SIGKILL, and said nothing of it (an operator saw a migd that would not
+        stop). Say which, at once and every STUCK_REPORT_INTERVAL, in the log and in
+        sd_notify's STATUS=."""
+        engine = self.services.engine
+        while stuck := engine.unfinished_jobs():
+            text = stuck_jobs_text(stuck, time.monotonic() - since)
+            log.warning("shutting down: the exit waits for %s", text)
+            self.notify(f"STATUS=stopping: waiting for {text}")
+            tasks = {job.task for job in stuck if job.task is not None}
+            await asyncio.wait(tasks, timeout=STUCK_REPORT_INTERVAL)
+
+
+def stuck_jobs_text(jobs: list[Job], waited: float) -> str:
+    """What the exit waits for: each job's id, direction and file, and for how long."""
+    each = ", ".join(f"job '{job.id}' ({job.direction} {job.target})" for job in jobs)
+    what = "a job thread" if len(jobs) == 1 else f"{len(jobs)} jobs' threads"
+    return f"{what} stuck in I/O for {waited:.0f} s: {each}"
 
 
 def file_identity(path: str) -> tuple[int, int]:
