@@ -242,7 +242,9 @@ class Daemon:
         if self.server is not None:
             self.server.broadcast_event(name, data)
 
-    def request_stop(self) -> None:
+    def request_stop(self, sig: signal.Signals | None = None) -> None:
+        if sig is not None:
+            log.info("%s received: stopping", sig.name)
         if self._stop is not None:
             self._stop.set()
 
@@ -266,7 +268,7 @@ class Daemon:
         # Before the socket listens: a client may connect and a SIGTERM come at once, and
         # the default action would kill migd without its shutdown (socket left behind).
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.request_stop)
+            loop.add_signal_handler(sig, self.request_stop, sig)
         for sig, why in IGNORED_SIGNALS.items():
             loop.add_signal_handler(sig, log.warning, "%s ignored: %s", sig.name, why)
         raise_open_file_limit()
@@ -285,6 +287,12 @@ class Daemon:
         )
         try:
             await self._apply_config()
+            if self._stop.is_set():
+                # SIGTERM while the configured backends were made: stop without serving,
+                # and without READY=1 (systemd would take migd for up, then stopping).
+                log.info("stopped before serving: nothing was listening yet")
+                self.services.memory.close_all()
+                return
             listener, self._inherited = self._inherited, None
             if listener is None:
                 listener = bind_unix_socket(self.config.socket_path, self.config.socket_mode)
@@ -339,6 +347,8 @@ class Daemon:
         engine.set_parameters(self.config.parameters.model_dump(exclude_none=True))
         engine.set_daemon_bandwidth(self.config.max_bandwidth)
         for i, spec in enumerate(self.config.memory_backends):
+            if self._stop is not None and self._stop.is_set():
+                return  # SIGTERM meanwhile: the rest are not made (run stops)
             try:
                 # As object-add: a file an interrupted restore left partial is refused.
                 backend = await blocking.to_thread(
