@@ -346,6 +346,9 @@ class Daemon:
         engine.set_capabilities(self.config.capabilities.model_dump(exclude_none=True))
         engine.set_parameters(self.config.parameters.model_dump(exclude_none=True))
         engine.set_daemon_bandwidth(self.config.max_bandwidth)
+        if self.config.max_bandwidth:
+            log.info("all jobs' page I/O together capped at %d bytes/s (max-bandwidth)",
+                     self.config.max_bandwidth)  # fmt: skip
         for i, spec in enumerate(self.config.memory_backends):
             if self._stop is not None and self._stop.is_set():
                 return  # SIGTERM meanwhile: the rest are not made (run stops)
