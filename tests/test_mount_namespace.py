@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import DaemonProcess, fill_random
+from .conftest import DaemonProcess, fill_random, wait_for_socket
 
 MiB = 1 << 20
 
@@ -87,3 +87,29 @@ def test_a_file_in_a_directory_the_client_sees_elsewhere_is_refused(
     assert answers["migrate-incoming"] == f"'{private}/vm.sav': {cause}"
     # Nothing created where migd would have put it (the directory beneath the tmpfs).
     assert list(private.iterdir()) == []
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv(1)")
+def test_a_client_migd_may_not_look_into_is_served_as_before(short_dir: Path, shm: Path) -> None:
+    """migd without capabilities (the shipped unit's CapabilityBoundingSet=) may not look
+    into the root of a client that holds some (EACCES on /proc/PID/root): the name is used
+    as before, never refused for it; the file lands in migd's view of the directory."""
+    sock = short_dir / "qmp.sock"
+    proc = subprocess.Popen(
+        ["setpriv", "--inh-caps=-all", "--bounding-set=-all",
+         sys.executable, "-m", "migd", "serve", "--socket", str(sock)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    daemon = DaemonProcess(sock, proc)
+    try:
+        wait_for_socket(sock, proc, 15)
+        private = short_dir / "private"
+        private.mkdir()
+        fill_random(shm / "ram0", MiB)
+        answers = _client_in_own_namespace(sock, private, shm)
+        assert answers["private-backend"] == "ok"
+        assert (private / "ram1").exists()  # in migd's view: the client never sees it
+    finally:
+        daemon.stop()
+        if proc.stderr:
+            proc.stderr.close()

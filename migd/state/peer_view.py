@@ -93,6 +93,8 @@ def refuse_other_view(path: str, pid: int | None, pidfd: int | None) -> None:
     it than migd does. Called before anything is created."""
     if pid is None or pid <= 0 or pidfd is None or pid == os.getpid():
         return
+    if not os.path.isabs(path):
+        return  # relative to migd's working directory: no directory of the client's to compare
     directory = os.path.dirname(os.path.normpath(path)) or "/"
     try:
         st = os.stat(directory)
