@@ -17,6 +17,7 @@ import re
 import signal
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -277,3 +278,38 @@ def test_shutdown_says_which_job_thread_stuck_in_io_its_exit_waits_for(short_dir
             assert daemon.proc.wait(DEADLINE) == 0
     finally:
         notify.close()
+
+
+async def test_the_report_of_a_stuck_job_repeats_until_its_thread_returns(short_dir, monkeypatch):
+    """The report's loop on its own: with the interval at 0, each round reports again (log
+    and STATUS=) while the job's task runs, and the wait ends once it is done."""
+    from types import SimpleNamespace
+
+    from migd.app import daemon as daemon_module
+    from migd.app.config import Config
+
+    monkeypatch.setattr(daemon_module, "STUCK_REPORT_INTERVAL", 0)
+    d = daemon_module.Daemon(Config(socket=str(short_dir / "unused.sock")))
+    thread_returned = asyncio.get_running_loop().create_future()
+    job = SimpleNamespace(
+        id="s1", direction="save", target="file:/nfs/vm.sav", task=thread_returned
+    )
+    monkeypatch.setattr(
+        d.services.engine, "unfinished_jobs", lambda: [] if thread_returned.done() else [job]
+    )
+    statuses: list[str] = []
+
+    def notify(state: str) -> None:
+        statuses.append(state)
+        if len(statuses) == 3:
+            thread_returned.set_result(None)
+
+    monkeypatch.setattr(d, "notify", notify)
+    await d._wait_for_stuck_jobs(time.monotonic())
+    assert len(statuses) == 3
+    for status in statuses:
+        assert re.fullmatch(
+            r"STATUS=stopping: waiting for a job thread stuck in I/O for \d+ s: "
+            r"job 's1' \(save file:/nfs/vm.sav\)",
+            status,
+        ), status
