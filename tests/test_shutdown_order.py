@@ -31,6 +31,7 @@ from migd.qmp.wire import Request, greeting, return_reply
 from .conftest import DaemonProcess, RawClient, fill_random, poll_until, start_daemon
 from .test_faults import _IO_IN, FaultFS, mounted_fuse
 from .test_serving import LogWatcher
+from .test_systemd import HeldLookupFS
 
 MiB = 1 << 20
 SIZE = 4 * MiB
@@ -313,3 +314,40 @@ async def test_the_report_of_a_stuck_job_repeats_until_its_thread_returns(short_
             r"job 's1' \(save file:/nfs/vm.sav\)",
             status,
         ), status
+
+
+def test_shutdown_says_which_worker_thread_call_its_exit_waits_for(short_dir, shm):
+    """An object-add whose mem-path's LOOKUP a FUSE server holds (a dead NFS mount): its
+    worker thread is still in the call after step 3, and the exit waits for it; the log and
+    STATUS= name the call and how long (before: "migd stopped", then nothing)."""
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(short_dir / "notify"))
+    notify.settimeout(DEADLINE)
+    env = {**os.environ, "NOTIFY_SOCKET": str(short_dir / "notify")}
+    for fs in mounted_fuse(short_dir, "hang", HeldLookupFS):
+        daemon = start_daemon(short_dir / "qmp.sock", env=env)
+        log = LogWatcher(daemon.proc)
+        try:
+            client = RawClient(daemon.socket_path, timeout=DEADLINE).negotiate()
+            client.send({"execute": "object-add", "arguments": {
+                "qom-type": "memory-backend-file", "id": "ram0", "size": MiB,
+                "mem-path": str(fs.mountpoint / "hung-ram0")}})  # fmt: skip
+            assert fs.held.wait(DEADLINE), "the mem-path was never looked up"
+            daemon.proc.send_signal(signal.SIGTERM)
+            log.wait_for(b"shutting down: the exit waits for a worker-thread call", DEADLINE)
+            wanted = re.compile(r"a worker-thread call still running: create_backend for \d+ s")
+            line = next(x.decode() for x in log.lines if b"the exit waits for" in x)
+            assert wanted.search(line), line
+            while not (status := notify.recv(4096).decode()).startswith("STATUS=stopping"):
+                pass  # READY=1, STOPPING=1
+            assert re.fullmatch("STATUS=stopping: waiting for " + wanted.pattern, status), status
+            assert daemon.proc.poll() is None
+            fs.release.set()
+            assert daemon.proc.wait(DEADLINE) == 0
+            client.close()
+        finally:
+            fs.release.set()
+            if daemon.proc.poll() is None:
+                daemon.proc.kill()
+            daemon.proc.wait()
+    notify.close()

@@ -686,7 +686,7 @@ def test_an_unreachable_notify_socket_is_logged_and_migd_serves(short_dir):
     assert "cannot send STOPPING=1" in text and "Traceback" not in text
 
 
-class _HeldLookupFS(HangFS):
+class HeldLookupFS(HangFS):
     """HangFS that says when its held LOOKUP (of a name starting with "hung") came."""
 
     def __init__(self, backing: Path, mountpoint: Path) -> None:
@@ -706,7 +706,7 @@ def test_sigterm_while_the_configured_backends_are_made_stops_without_ready(
     whose mem-path's LOOKUP a FUSE server holds): migd stops, exit 0, and never sends
     READY=1, nor listens (before: READY=1, then STOPPING=1, as if it had served)."""
     notify, notify_path = notify_socket
-    for fs in mounted_fuse(short_dir, "held", _HeldLookupFS):
+    for fs in mounted_fuse(short_dir, "held", HeldLookupFS):
         conf = short_dir / "migd.toml"
         conf.write_text(
             "[[memory-backend]]\n"

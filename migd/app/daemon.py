@@ -391,25 +391,38 @@ class Daemon:
         await self._wait_for_stuck_jobs(stopping_since)
 
     async def _wait_for_stuck_jobs(self, since: float) -> None:
-        """Wait for the jobs whose thread is still in a syscall (a dead NFS mount, a
-        suspended device): the process's exit would wait for those threads anyway, until
+        """Wait for the jobs and worker-thread calls still in a syscall (a dead NFS mount,
+        a suspended device): the process's exit would wait for those threads anyway, until
         systemd's SIGKILL, and said nothing of it (an operator saw a migd that would not
         stop). Say which, at once and every STUCK_REPORT_INTERVAL, in the log and in
         sd_notify's STATUS=."""
         engine = self.services.engine
-        while stuck := engine.unfinished_jobs():
-            text = stuck_jobs_text(stuck, time.monotonic() - since)
+        while True:
+            stuck, calls = engine.unfinished_jobs(), blocking.RUNNING.snapshot()
+            if not stuck and not calls:
+                return
+            text = stuck_text(stuck, calls, time.monotonic() - since)
             log.warning("shutting down: the exit waits for %s", text)
             self.notify(f"STATUS=stopping: waiting for {text}")
-            tasks = {job.task for job in stuck if job.task is not None}
-            await asyncio.wait(tasks, timeout=STUCK_REPORT_INTERVAL)
+            waits: set[asyncio.Future[Any]] = {job.task for job in stuck if job.task is not None}
+            if calls:
+                waits.add(blocking.RUNNING.idle())
+            await asyncio.wait(waits, timeout=STUCK_REPORT_INTERVAL)
 
 
-def stuck_jobs_text(jobs: list[Job], waited: float) -> str:
-    """What the exit waits for: each job's id, direction and file, and for how long."""
-    each = ", ".join(f"job '{job.id}' ({job.direction} {job.target})" for job in jobs)
-    what = "a job thread" if len(jobs) == 1 else f"{len(jobs)} jobs' threads"
-    return f"{what} stuck in I/O for {waited:.0f} s: {each}"
+def stuck_text(jobs: list[Job], calls: list[tuple[str, float]], waited: float) -> str:
+    """What the exit waits for: each job's id, direction and file, and for how long; each
+    worker-thread call still running, and for how long."""
+    parts = []
+    if jobs:
+        each = ", ".join(f"job '{job.id}' ({job.direction} {job.target})" for job in jobs)
+        what = "a job thread" if len(jobs) == 1 else f"{len(jobs)} jobs' threads"
+        parts.append(f"{what} stuck in I/O for {waited:.0f} s: {each}")
+    if calls:
+        each = ", ".join(f"{name} for {seconds:.0f} s" for name, seconds in calls)
+        what = "a worker-thread call" if len(calls) == 1 else f"{len(calls)} worker-thread calls"
+        parts.append(f"{what} still running: {each}")
+    return "; ".join(parts)
 
 
 def file_identity(path: str) -> tuple[int, int]:
