@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 SD_LISTEN_FDS_START = 3
 # Seconds a request being handled at shutdown gets to finish and reply (step 2 above).
 SESSION_GRACE = 0.25
-# Seconds between the reports of job threads the exit still waits for (after the first).
+# Seconds between the reports of the job threads and calls the exit still waits for.
 STUCK_REPORT_INTERVAL = 10.0
 # Threads of the event loop's default executor, which root's and migd's own clients and
 # the daemon's own steps use (io/blocking.py: other uids have pools of their own): see run().
