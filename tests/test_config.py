@@ -75,6 +75,8 @@ BAD_CONFIGS = [
     ("[parameters]\nmultifd-channels = 256", "parameters.multifd-channels", "between 1 and 255"),
     ("[parameters]\nmultifd-channels = 4.0", "parameters.multifd-channels", "must be an integer"),
     ("[parameters]\nmax-bandwidth = -1", "parameters.max-bandwidth", "must be 0 (unlimited)"),
+    ('max-bandwidth = "2X"', "max-bandwidth", 'must be a size like 1073741824 or "1G", not \'2X\''),
+    ("max-bandwidth = -1", "max-bandwidth", "must be an integer from 0 to 18446744073709551615"),
     ('[parameters]\ndirect-io = "on"', "parameters.direct-io", "must be true or false"),
     (
         '[parameters]\nzero-page-detection = "nope"',
@@ -454,3 +456,15 @@ def test_a_socket_path_too_long_is_refused_before_any_directory_is_made(short_di
     assert result.returncode == 78, result.stderr
     assert "is longer than 107 bytes" in result.stderr
     assert not (short_dir / "new").exists()
+
+
+def test_the_top_level_max_bandwidth_takes_a_size_as_object_adds_size_does(short_dir):
+    """max-bandwidth = "1G" (QEMU's size syntax, as a backend's size takes it): migd starts
+    with all jobs capped at 1 GiB/s (before: exit 78, "max-bandwidth: must be an integer").
+    [parameters] max-bandwidth stays an integer, as migrate-set-parameters takes it."""
+    sock = short_dir / "run" / "qmp.sock"
+    conf = short_dir / "migd.toml"
+    conf.write_text('max-bandwidth = "1G"\n')
+    proc = start_serve(sock, "--config", str(conf), "--socket", str(sock))
+    log = stop(proc)
+    assert "all jobs' page I/O together capped at 1073741824 bytes/s (max-bandwidth)" in log

@@ -13,9 +13,11 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from migd.qmp.wire import Request, greeting, return_reply
 from .conftest import DaemonProcess, RawClient, fill_random, poll_until, start_daemon
 from .test_faults import _IO_IN, FaultFS, mounted_fuse
 from .test_serving import LogWatcher
+from .test_systemd import HeldLookupFS
 
 MiB = 1 << 20
 SIZE = 4 * MiB
@@ -66,7 +69,13 @@ def held_fs(short_dir: Path) -> Iterator[HeldWritesFS]:
 def stopping(short_dir: Path, shm: Path, held_fs: HeldWritesFS) -> Iterator[Any]:
     """A daemon whose save is held in a page WRITE, a client with events on, and the
     daemon's log; the test sends the SIGTERM."""
-    daemon = start_daemon(short_dir / "qmp.sock")
+    yield from _held_save(short_dir, shm, held_fs)
+
+
+def _held_save(
+    short_dir: Path, shm: Path, held_fs: HeldWritesFS, env: dict[str, str] | None = None
+) -> Iterator[Any]:
+    daemon = start_daemon(short_dir / "qmp.sock", env=env)
     log = LogWatcher(daemon.proc)
     try:
         fill_random(shm / "ram0", SIZE, seed=3)
@@ -241,3 +250,104 @@ def test_a_backend_a_stuck_job_thread_uses_is_left_open_at_shutdown(stopping, sh
     assert log.has(b"memory backend 'ram0': a stopping job's thread may still use it")
     held_fs.release.set()
     assert daemon.proc.wait(DEADLINE) == 0
+
+
+def test_shutdown_says_which_job_thread_stuck_in_io_its_exit_waits_for(short_dir, shm, held_fs):
+    """The save's channel thread is held in a WRITE (as on a dead NFS mount): after step 3
+    the exit waits for it, and says so in the log and in sd_notify's STATUS=, naming the
+    job, its file and how long (before: nothing after "migd stopped" until SIGKILL)."""
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(short_dir / "notify"))
+    notify.settimeout(DEADLINE)
+    env = {**os.environ, "NOTIFY_SOCKET": str(short_dir / "notify")}
+    try:
+        for daemon, _client, log, fs in _held_save(short_dir, shm, held_fs, env):
+            daemon.proc.send_signal(signal.SIGTERM)
+            # How long is the time it has waited: any number of seconds.
+            wanted = re.compile(
+                r"a job thread stuck in I/O for \d+ s: job 'migration' "
+                + re.escape(f"(save file:{fs.mountpoint / 'save.img'})")
+            )
+            log.wait_for(b"shutting down: the exit waits for a job thread stuck in I/O", DEADLINE)
+            line = next(x.decode() for x in log.lines if b"the exit waits for" in x)
+            assert wanted.search(line), line
+            while not (status := notify.recv(4096).decode()).startswith("STATUS=stopping"):
+                assert status.startswith(("READY=1", "STATUS=", "STOPPING=1")), status
+            assert re.fullmatch("STATUS=stopping: waiting for " + wanted.pattern, status), status
+            assert daemon.proc.poll() is None and not fs.release.is_set()
+            fs.release.set()
+            assert daemon.proc.wait(DEADLINE) == 0
+    finally:
+        notify.close()
+
+
+async def test_the_report_of_a_stuck_job_repeats_until_its_thread_returns(short_dir, monkeypatch):
+    """The report's loop on its own: with the interval at 0, each round reports again (log
+    and STATUS=) while the job's task runs, and the wait ends once it is done."""
+    from types import SimpleNamespace
+
+    from migd.app import daemon as daemon_module
+    from migd.app.config import Config
+
+    monkeypatch.setattr(daemon_module, "STUCK_REPORT_INTERVAL", 0)
+    d = daemon_module.Daemon(Config(socket=str(short_dir / "unused.sock")))
+    thread_returned = asyncio.get_running_loop().create_future()
+    job = SimpleNamespace(
+        id="s1", direction="save", target="file:/nfs/vm.sav", task=thread_returned
+    )
+    monkeypatch.setattr(
+        d.services.engine, "unfinished_jobs", lambda: [] if thread_returned.done() else [job]
+    )
+    statuses: list[str] = []
+
+    def notify(state: str) -> None:
+        statuses.append(state)
+        if len(statuses) == 3:
+            thread_returned.set_result(None)
+
+    monkeypatch.setattr(d, "notify", notify)
+    await d._wait_for_stuck_jobs(time.monotonic())
+    assert len(statuses) == 3
+    for status in statuses:
+        assert re.fullmatch(
+            r"STATUS=stopping: waiting for a job thread stuck in I/O for \d+ s: "
+            r"job 's1' \(save file:/nfs/vm.sav\)",
+            status,
+        ), status
+
+
+def test_shutdown_says_which_worker_thread_call_its_exit_waits_for(short_dir, shm):
+    """An object-add whose mem-path's LOOKUP a FUSE server holds (a dead NFS mount): its
+    worker thread is still in the call after step 3, and the exit waits for it; the log and
+    STATUS= name the call and how long (before: "migd stopped", then nothing)."""
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(short_dir / "notify"))
+    notify.settimeout(DEADLINE)
+    env = {**os.environ, "NOTIFY_SOCKET": str(short_dir / "notify")}
+    for fs in mounted_fuse(short_dir, "hang", HeldLookupFS):
+        daemon = start_daemon(short_dir / "qmp.sock", env=env)
+        log = LogWatcher(daemon.proc)
+        try:
+            client = RawClient(daemon.socket_path, timeout=DEADLINE).negotiate()
+            client.send({"execute": "object-add", "arguments": {
+                "qom-type": "memory-backend-file", "id": "ram0", "size": MiB,
+                "mem-path": str(fs.mountpoint / "hung-ram0")}})  # fmt: skip
+            assert fs.held.wait(DEADLINE), "the mem-path was never looked up"
+            daemon.proc.send_signal(signal.SIGTERM)
+            log.wait_for(b"shutting down: the exit waits for a worker-thread call", DEADLINE)
+            wanted = re.compile(r"a worker-thread call still running: create_backend for \d+ s")
+            line = next(x.decode() for x in log.lines if b"the exit waits for" in x)
+            assert wanted.search(line), line
+            while not (status := notify.recv(4096).decode()).startswith("STATUS=stopping"):
+                pass  # READY=1, STOPPING=1
+            assert re.fullmatch("STATUS=stopping: waiting for " + wanted.pattern, status), status
+            assert daemon.proc.poll() is None
+            fs.release.set()
+            assert daemon.proc.wait(DEADLINE) == 0
+            client.close()
+        finally:
+            fs.release.set()
+            if daemon.proc.poll() is None:
+                daemon.proc.kill()
+            daemon.proc.wait()
+    notify.close()

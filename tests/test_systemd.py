@@ -13,6 +13,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +24,8 @@ import pytest
 from migd.app.config import load_config
 
 from .conftest import RawClient, fill_random, rest_of_output, start_daemon, wait_for_socket
+from .test_faults import F_LOOKUP, HangFS, mounted_fuse
+from .test_serving import LogWatcher
 
 UNITS = Path(__file__).resolve().parent.parent / "systemd"
 MIGD_SCRIPT = Path(sys.executable).parent / "migd"
@@ -681,3 +684,59 @@ def test_an_unreachable_notify_socket_is_logged_and_migd_serves(short_dir):
     text = err.decode()
     assert f"cannot send READY=1 to systemd at NOTIFY_SOCKET='{missing}': No such file" in text
     assert "cannot send STOPPING=1" in text and "Traceback" not in text
+
+
+class HeldLookupFS(HangFS):
+    """HangFS that says when its held LOOKUP (of a name starting with "hung") came."""
+
+    def __init__(self, backing: Path, mountpoint: Path) -> None:
+        super().__init__(backing, mountpoint)
+        self.held = threading.Event()
+
+    def _handle(self, op: int, node: int, body: memoryview) -> bytes:
+        if op == F_LOOKUP and bytes(body).startswith(b"hung"):
+            self.held.set()
+        return super()._handle(op, node, body)
+
+
+def test_sigterm_while_the_configured_backends_are_made_stops_without_ready(
+    short_dir, notify_socket
+):
+    """SIGTERM while `migd serve` still makes the configuration file's backends (here one
+    whose mem-path's LOOKUP a FUSE server holds): migd stops, exit 0, and never sends
+    READY=1, nor listens (before: READY=1, then STOPPING=1, as if it had served)."""
+    notify, notify_path = notify_socket
+    for fs in mounted_fuse(short_dir, "held", HeldLookupFS):
+        conf = short_dir / "migd.toml"
+        conf.write_text(
+            "[[memory-backend]]\n"
+            'qom-type = "memory-backend-file"\nid = "ram0"\nsize = "1M"\n'
+            f'mem-path = "{fs.mountpoint / "hung-ram0"}"\n'
+        )
+        sock = short_dir / "qmp.sock"
+        proc = subprocess.Popen(
+            [*SERVE, "--config", str(conf), "--socket", str(sock)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env={**os.environ, "NOTIFY_SOCKET": notify_path},
+        )
+        log = LogWatcher(proc)
+        try:
+            assert fs.held.wait(15), "the backend's mem-path was never looked up"
+            proc.send_signal(signal.SIGTERM)
+            log.wait_for(b"SIGTERM received: stopping", 15)  # handled while it waits
+            fs.release.set()
+            assert proc.wait(15) == 0
+        finally:
+            fs.release.set()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        notify.setblocking(False)
+        sent = []
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                sent.append(notify.recv(4096).decode())
+        assert not any("READY=1" in msg.splitlines() for msg in sent), sent
+        assert not sock.exists()
+        assert b"stopped before serving" in log.all()

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from ..io import blocking
 from ..migration.engine import MigrationEngine
 from ..qmp import dispatch
-from ..state.fdsets import FdStore
+from ..state.fdsets import FdStore, is_fdset_path
 from ..state.memory import MemoryRegistry
 from ..state.paths import PathPolicy
 
@@ -25,3 +26,11 @@ class Services(Protocol):
 
 
 Context = dispatch.Context[Services]
+
+
+async def refuse_other_view(ctx: Context, path: str | None) -> None:
+    """Before a file named by path is opened or created: refused if the client sees its
+    directory elsewhere than migd (state/peer_view.py). A passed fd is the client's own."""
+    if path is None or is_fdset_path(path):
+        return
+    await blocking.to_thread(ctx.session.refuse_other_view, path)

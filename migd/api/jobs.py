@@ -21,7 +21,7 @@ from ..qapi import Size, Uint8
 from ..qmp.dispatch import command, event
 from ..qmp.validation import Empty, QapiModel
 from .context import Context
-from .migration import READ_CACHED_TEXT, ReadCached, TargetArgs, VerifyMode
+from .migration import READ_CACHED_TEXT, ReadCached, TargetArgs, VerifyMode, client_target
 from .scope import record_job
 
 
@@ -81,7 +81,7 @@ _COMMON = (
 )
 async def memory_save(ctx: Context, args: MemorySaveArgs) -> Empty:
     job = await ctx.services.engine.start_save(
-        args.target(outgoing=True),
+        await client_target(ctx, args, outgoing=True),
         ctx.session.peer_uid,
         args.checksums,
         job_id=args.job_id,
@@ -112,7 +112,7 @@ class MemoryRestoreArgs(MemoryJobArgs):
 )
 async def memory_restore(ctx: Context, args: MemoryRestoreArgs) -> Empty:
     job = await ctx.services.engine.start_restore(
-        args.target(),
+        await client_target(ctx, args),
         args.skip_unmatched_blocks,
         ctx.session.peer_uid,
         args.verify.value,

@@ -20,7 +20,7 @@ from ..state.fdsets import check_room_for_fds, file_name, is_fdset_path
 from ..state.memory import MemoryBackend, create_file_backend, create_ram_backend
 from ..state.partial import PartialMarks
 from ..state.paths import PathPolicy, trusted_owners
-from .context import Context
+from .context import Context, refuse_other_view
 from .scope import record_backend
 
 
@@ -177,6 +177,7 @@ async def object_add(ctx: Context, args: ObjectAddArgs) -> Empty:
         # A file backend holds two fds while listed: another uid's may not take the fds
         # migd keeps free for root's clients, passed fds and jobs (state/fdsets.py).
         check_room_for_fds("memory backends", "delete some with object-del", capped=True)
+    await refuse_other_view(ctx, args.mem_path)
     # Before anything is created, and held until the backend is added: a refused
     # object-add must leave no file behind.
     with registry.reserving(args.id, args.block_name, owner):

@@ -17,7 +17,7 @@ from ..migration.settings import MigrationCapability, Parameters, plain_types, s
 from ..qapi import Uint16, Uint64
 from ..qmp.dispatch import command, event
 from ..qmp.validation import Empty, QapiModel, QapiUnion, QapiUnionModel
-from .context import Context
+from .context import Context, refuse_other_view
 from .scope import record_job
 
 
@@ -275,6 +275,15 @@ class TargetArgs(QapiModel):
         return resolve_target(self.uri, self.channels, outgoing)
 
 
+async def client_target(ctx: Context, args: TargetArgs, outgoing: bool = False) -> Target:
+    """The request's target, a file refused if the client sees its directory elsewhere
+    than migd does (another mount namespace: it would never find the file)."""
+    target = args.target(outgoing)
+    if isinstance(target, FileTarget):
+        await refuse_other_view(ctx, target.path)
+    return target
+
+
 class MigrateArgs(TargetArgs):
     detach: bool | None = None
     resume: bool | None = None
@@ -299,10 +308,11 @@ class MigrateArgs(TargetArgs):
     "restore and 'migd verify' can prove the pages (docs/checksums.md).",
 )
 async def migrate(ctx: Context, args: MigrateArgs) -> Empty:
-    target = args.target(outgoing=True)
+    args.target(outgoing=True)  # its errors first, as QEMU orders them
     if args.resume:
         # QEMU's text, always true here: migd has no postcopy, so nothing is ever paused.
         raise MigrationError("Cannot resume if there is no paused migration")
+    target = await client_target(ctx, args, outgoing=True)
     job = await ctx.services.engine.start_save(target, ctx.session.peer_uid, args.checksums)
     record_job(ctx, job)
     return Empty()
@@ -353,7 +363,7 @@ class MigrateIncomingArgs(TargetArgs):
     f"query-migrate's 'x-checksums' says. {READ_CACHED_TEXT}",
 )
 async def migrate_incoming(ctx: Context, args: MigrateIncomingArgs) -> Empty:
-    target = args.target()
+    target = await client_target(ctx, args)
     job = await ctx.services.engine.start_restore(
         target,
         args.skip_unmatched_blocks,

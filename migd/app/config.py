@@ -117,6 +117,17 @@ class _ParametersBase(Section):
         return value
 
 
+def _size_text(value: Any) -> Any:
+    """A size written as text ("1G", QEMU's size syntax, as object-add's `size` on
+    QEMU's command line) as its bytes; anything else as it is, for the field's own type."""
+    if isinstance(value, str):
+        size = size_bytes(value)
+        if size is None:
+            raise ValueError(f"must be a size like 1073741824 or \"1G\", not '{value}'")
+        return size
+    return value
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -145,11 +156,7 @@ class BackendConfig(ObjectAddArgs):
     @field_validator("size", mode="before")
     @classmethod
     def _size(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            size = size_bytes(value)
-            if size is None:
-                raise ValueError(f"must be a size like 1073741824 or \"1G\", not '{value}'")
-            value = size
+        value = _size_text(value)
         is_int = isinstance(value, int) and not isinstance(value, bool)
         if is_int and (value <= 0 or value % PAGE_SIZE):
             raise ValueError(f"must be a positive multiple of {PAGE_SIZE} bytes")
@@ -196,6 +203,13 @@ class Config(Section):
     memory_backends: list[BackendConfig] = Field(default_factory=list, alias="memory-backend")
     # The file this was read from (None: defaults), for errors found after reading it.
     _source: str | None = PrivateAttr(default=None)
+
+    # Bytes/s written as object-add's size is ("1G"); [parameters] max-bandwidth stays an
+    # integer, as QEMU's migrate-set-parameters takes it.
+    @field_validator("max_bandwidth", mode="before")
+    @classmethod
+    def _max_bandwidth(cls, value: Any) -> Any:
+        return _size_text(value)
 
     def where(self, key: str) -> str:
         """'FILE: KEY: ' for an error about `key` of the file, as the file's own errors say."""

@@ -31,6 +31,7 @@ import resource
 import signal
 import socket
 import stat
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -45,6 +46,7 @@ from ..io import blocking
 from ..io.target import open_channel_fd
 from ..io.threads import WORKERS
 from ..migration.engine import MigrationEngine
+from ..migration.job import Job
 from ..qmp.dispatch import version_numbers
 from ..qmp.server import Server, Session, bind_unix_socket
 from ..qmp.wire import Request, greeting
@@ -60,6 +62,8 @@ log = logging.getLogger(__name__)
 SD_LISTEN_FDS_START = 3
 # Seconds a request being handled at shutdown gets to finish and reply (step 2 above).
 SESSION_GRACE = 0.25
+# Seconds between the reports of the job threads and calls the exit still waits for.
+STUCK_REPORT_INTERVAL = 10.0
 # Threads of the event loop's default executor, which root's and migd's own clients and
 # the daemon's own steps use (io/blocking.py: other uids have pools of their own): see run().
 DEFAULT_EXECUTOR_THREADS = 64
@@ -249,7 +253,9 @@ class Daemon:
         if self.server is not None:
             self.server.broadcast_event(name, data)
 
-    def request_stop(self) -> None:
+    def request_stop(self, sig: signal.Signals | None = None) -> None:
+        if sig is not None:
+            log.info("%s received: stopping", sig.name)
         if self._stop is not None:
             self._stop.set()
 
@@ -273,7 +279,7 @@ class Daemon:
         # Before the socket listens: a client may connect and a SIGTERM come at once, and
         # the default action would kill migd without its shutdown (socket left behind).
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.request_stop)
+            loop.add_signal_handler(sig, self.request_stop, sig)
         for sig, why in IGNORED_SIGNALS.items():
             loop.add_signal_handler(sig, log.warning, "%s ignored: %s", sig.name, why)
         raise_open_file_limit()
@@ -292,6 +298,12 @@ class Daemon:
         )
         try:
             await self._apply_config()
+            if self._stop.is_set():
+                # SIGTERM while the configured backends were made: stop without serving,
+                # and without READY=1 (systemd would take migd for up, then stopping).
+                log.info("stopped before serving: nothing was listening yet")
+                self.services.memory.close_all()
+                return
             listener, self._inherited = self._inherited, None
             if listener is None:
                 listener = bind_unix_socket(self.config.socket_path, self.config.socket_mode)
@@ -345,7 +357,12 @@ class Daemon:
         engine.set_capabilities(self.config.capabilities.model_dump(exclude_none=True))
         engine.set_parameters(self.config.parameters.model_dump(exclude_none=True))
         engine.set_daemon_bandwidth(self.config.max_bandwidth)
+        if self.config.max_bandwidth:
+            log.info("all jobs' page I/O together capped at %d bytes/s (max-bandwidth)",
+                     self.config.max_bandwidth)  # fmt: skip
         for i, spec in enumerate(self.config.memory_backends):
+            if self._stop is not None and self._stop.is_set():
+                return  # SIGTERM meanwhile: the rest are not made (run stops)
             try:
                 # As object-add: a file an interrupted restore left partial is refused.
                 backend = await blocking.to_thread(
@@ -372,6 +389,7 @@ class Daemon:
         log.info("shutting down: no longer accepting clients")
         await self.server.close_sessions(SESSION_GRACE)
         log.info("shutting down: client sessions closed; stopping the job and the services")
+        stopping_since = time.monotonic()
         # A release under way would race step 3 for the same jobs and backends.
         for task in list(self._releases):
             task.cancel()
@@ -381,6 +399,41 @@ class Daemon:
         if self._own_socket is not None:
             remove_socket_file(self.config.socket_path, self._own_socket)
         log.info("migd stopped")
+        await self._wait_for_stuck_jobs(stopping_since)
+
+    async def _wait_for_stuck_jobs(self, since: float) -> None:
+        """Wait for the jobs and worker-thread calls still in a syscall (a dead NFS mount,
+        a suspended device): the process's exit would wait for those threads anyway, until
+        systemd's SIGKILL, and said nothing of it (an operator saw a migd that would not
+        stop). Say which, at once and every STUCK_REPORT_INTERVAL, in the log and in
+        sd_notify's STATUS=."""
+        engine = self.services.engine
+        while True:
+            stuck, calls = engine.unfinished_jobs(), blocking.RUNNING.snapshot()
+            if not stuck and not calls:
+                return
+            text = stuck_text(stuck, calls, time.monotonic() - since)
+            log.warning("shutting down: the exit waits for %s", text)
+            self.notify(f"STATUS=stopping: waiting for {text}")
+            waits: set[asyncio.Future[Any]] = {job.task for job in stuck if job.task is not None}
+            if calls:
+                waits.add(blocking.RUNNING.idle())
+            await asyncio.wait(waits, timeout=STUCK_REPORT_INTERVAL)
+
+
+def stuck_text(jobs: list[Job], calls: list[tuple[str, float]], waited: float) -> str:
+    """What the exit waits for: each job's id, direction and file, and for how long; each
+    worker-thread call still running, and for how long."""
+    parts = []
+    if jobs:
+        each = ", ".join(f"job '{job.id}' ({job.direction} {job.target})" for job in jobs)
+        what = "a job thread" if len(jobs) == 1 else f"{len(jobs)} jobs' threads"
+        parts.append(f"{what} stuck in I/O for {waited:.0f} s: {each}")
+    if calls:
+        each = ", ".join(f"{name} for {seconds:.0f} s" for name, seconds in calls)
+        what = "a worker-thread call" if len(calls) == 1 else f"{len(calls)} worker-thread calls"
+        parts.append(f"{what} still running: {each}")
+    return "; ".join(parts)
 
 
 def file_identity(path: str) -> tuple[int, int]:

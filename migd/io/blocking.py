@@ -25,9 +25,12 @@ stuck calls.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
+import itertools
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -160,9 +163,76 @@ def submit_cleanup(func: Callable[..., _T], /, *args: Any, **kwargs: Any) -> asy
     return _submit("cleanups", functools.partial(func, *args, **kwargs))
 
 
+class RunningCalls:
+    """The calls worker threads are running now, by name and start: the process's exit
+    waits for each (the executors' threads are joined), so shutdown says which are still
+    running (app/daemon.py) rather than wait in silence for one stuck on a dead mount."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._calls: dict[int, tuple[str, float]] = {}
+        self._keys = itertools.count()
+        self._idle_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+
+    def run(self, name: str, call: Callable[[], _T]) -> _T:
+        """call(), listed as `name` while it runs (in its worker thread)."""
+        key = next(self._keys)
+        with self._lock:
+            self._calls[key] = (name, time.monotonic())
+        try:
+            return call()
+        finally:
+            waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+            with self._lock:
+                del self._calls[key]
+                if not self._calls:
+                    waiters, self._idle_waiters = self._idle_waiters, []
+            for loop, future in waiters:
+                with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+                    loop.call_soon_threadsafe(_set_done, future)
+
+    def snapshot(self) -> list[tuple[str, float]]:
+        """(name, seconds running) of each call running now, longest first."""
+        now = time.monotonic()
+        with self._lock:
+            calls = sorted(self._calls.values(), key=lambda c: c[1])
+        return [(name, now - start) for name, start in calls]
+
+    def idle(self) -> asyncio.Future[None]:
+        """A future of the running loop, done once no call runs."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        with self._lock:
+            if self._calls:
+                self._idle_waiters.append((loop, future))
+                return future
+        future.set_result(None)
+        return future
+
+
+def _set_done(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+RUNNING = RunningCalls()
+
+
+def _call_name(call: Callable[..., Any]) -> str:
+    """The function a (partial of a) call runs, for shutdown's report."""
+    while isinstance(call, functools.partial):
+        call = call.func
+    inner = getattr(getattr(call, "__self__", None), "_call", None)  # a Step's own call
+    if inner is not None:
+        return _call_name(inner)
+    return getattr(call, "__qualname__", type(call).__name__)
+
+
 def _submit(kind: str, call: Callable[[], _T]) -> asyncio.Future[_T]:
     uid = _SERVING.get()
-    run = functools.partial(contextvars.copy_context().run, call)
+    run = functools.partial(
+        RUNNING.run, _call_name(call), functools.partial(contextvars.copy_context().run, call)
+    )
     loop = asyncio.get_running_loop()
     if uid is None or is_root_or_migd(uid):
         return loop.run_in_executor(None, run)

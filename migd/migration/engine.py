@@ -909,6 +909,11 @@ class MigrationEngine:
         """job-dismiss: a concluded job leaves query-jobs (status null)."""
         self._dismiss(self._find(job_id, "dismiss", {JobStatus.concluded}))
 
+    def unfinished_jobs(self) -> list[Job]:
+        """Jobs whose task has not ended: after close(), those a thread stuck in a
+        syscall holds (the process's exit waits for that thread)."""
+        return [job for job in self.jobs.values() if job.task is not None and not job.task.done()]
+
     async def close(self, timeout: float = STOP_TIMEOUT) -> None:
         """Shutdown: cancel every job, and give them `timeout` seconds to stop. A thread
         still in a syscall after that is not waited for here: the daemon goes on closing,
@@ -922,7 +927,7 @@ class MigrationEngine:
         done, _ = await asyncio.wait(tasks, timeout=timeout)
         for job in running:
             if job.task is not None and job.task not in done and not job.task.done():
-                log.warning("%s %s: still stopping after %.1f s, not waiting for it",
+                log.warning("%s %s: still stopping after %.1f s, going on with the shutdown",
                             job.direction, job.target, timeout)  # fmt: skip
 
     async def _verify_file(

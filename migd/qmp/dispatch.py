@@ -35,6 +35,10 @@ class Session(Protocol):
 
     def take_fd(self) -> int: ...
 
+    def refuse_other_view(self, path: str) -> None:
+        """Refuse `path` if the client sees its directory elsewhere than migd (another
+        mount namespace); blocking."""
+
 
 ServicesT = TypeVar("ServicesT")
 

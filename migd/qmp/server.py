@@ -47,6 +47,7 @@ from ..state.paths import (
     is_root_or_migd,
     resolve_trusted,
 )
+from ..state.peer_view import check_client_view
 from ..state.serving import serve_client
 from .wire import (
     MessageSplitter,
@@ -140,7 +141,12 @@ class Session:
     """One client connection."""
 
     def __init__(
-        self, server: Server, sock: socket.socket, number: int, peer_uid: int | None
+        self,
+        server: Server,
+        sock: socket.socket,
+        number: int,
+        peer_uid: int | None,
+        peer_pid: int | None = None,
     ) -> None:
         self.server = server
         self.sock = sock
@@ -148,6 +154,8 @@ class Session:
         # The client's uid (SO_PEERCRED, read once at accept): it may own the existing
         # files it names.
         self.peer_uid = peer_uid
+        # Its pid (SO_PEERCRED): whose view of the files it names counts (refuse_other_view).
+        self.peer_pid = peer_pid
         self.negotiated = False
         self.pending_fds: list[int] = []
         self._fd_taken = False
@@ -159,6 +167,11 @@ class Session:
         # What the api layer ties to this connection (x-migd-session-scope): carried here
         # for it, never looked into by this layer.
         self.scope: Any = None
+
+    def refuse_other_view(self, path: str) -> None:
+        """Refuse a file the client names whose directory it sees elsewhere than migd
+        (another mount namespace). Blocking: call it in a worker thread."""
+        check_client_view(path, self.peer_pid, self.sock)
 
     # -- fds -------------------------------------------------------------------------
 
@@ -508,7 +521,9 @@ class Server:
             sock.setblocking(False)
             self._count += 1
             log.info("client %d connected: pid=%d uid=%d gid=%d", self._count, pid, uid, gid)
-            session = Session(self, sock, self._count, uid if uid >= 0 else None)
+            session = Session(
+                self, sock, self._count, uid if uid >= 0 else None, pid if pid > 0 else None
+            )
             # In the set before its task runs: close_sessions() must find it.
             self.sessions.add(session)
             task = asyncio.create_task(self._serve(session))
