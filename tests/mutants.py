@@ -1661,6 +1661,79 @@ MUTANTS = [
         "    await blocking.to_thread(ctx.services.fdsets.add_named, args.fdname, fd)",
         ("tests/test_fdset_ownership.py::test_getfd_names_are_the_uids_own",),
     ),
+    # --- session 20: refusals logged; round 10d (a name means what the client sees,
+    # shutdown's report, SIGTERM at start, config sizes) -----------------------------------
+    Mutant(
+        "refused-requests-not-logged",
+        "migd/qmp/server.py",
+        '            self.server.refusals.refused(self.number, command, reply["error"])',
+        "            pass",
+        ("tests/test_refusal_log.py::"
+         "test_a_refused_command_is_logged_with_its_client_and_error",),
+    ),
+    Mutant(
+        "refusal-log-writes-the-clients-newline",
+        "migd/qmp/refusals.py",
+        "    if not text.isprintable():",
+        "    if False:",
+        ("tests/test_refusal_log.py::test_a_command_name_with_a_newline_is_logged_on_one_line",),
+    ),
+    Mutant(
+        "refusal-log-unbounded",
+        "migd/qmp/refusals.py",
+        "        if self._logged < LIMIT:",
+        "        if True:",
+        ("tests/test_refusal_log.py::"
+         "test_a_flood_of_refused_requests_is_logged_at_most_limit_lines_then_counted",),
+    ),
+    Mutant(
+        "client-view-not-compared",
+        "migd/api/context.py",
+        "    await blocking.to_thread(ctx.session.refuse_other_view, path)",
+        "    return",
+        ("tests/test_mount_namespace.py::"
+         "test_a_file_in_a_directory_the_client_sees_elsewhere_is_refused",),
+    ),
+    Mutant(
+        "client-view-no-mount-table-fallback",
+        "migd/state/peer_view.py",
+        "        if _tables_disagree(pid, pidfd, directory):",
+        "        if False:",
+        ("tests/test_mount_namespace.py::"
+         "test_a_client_migd_may_not_look_into_is_refused_by_the_mount_tables",),
+    ),
+    Mutant(
+        "mount-table-first-mount-on-a-point-wins",
+        "migd/state/peer_view.py",
+        "len(point) >= len(best[0])",
+        "len(point) > len(best[0])",
+        ("tests/test_mount_namespace.py::"
+         "test_the_mount_holding_a_name_is_the_last_listed_on_the_longest_point",),
+    ),
+    Mutant(
+        "shutdown-waits-silently-for-stuck-jobs",
+        "migd/app/daemon.py",
+        "        await self._wait_for_stuck_jobs(stopping_since)\n",
+        "",
+        ("tests/test_shutdown_order.py::"
+         "test_shutdown_says_which_job_thread_stuck_in_io_its_exit_waits_for",),
+    ),
+    Mutant(
+        "ready-after-a-sigterm-at-start",
+        "migd/app/daemon.py",
+        "            if self._stop.is_set():\n",
+        "            if False:\n",
+        ("tests/test_systemd.py::"
+         "test_sigterm_while_the_configured_backends_are_made_stops_without_ready",),
+    ),
+    Mutant(
+        "config-max-bandwidth-integers-only",
+        "migd/app/config.py",
+        "        return _size_text(value)",
+        "        return value",
+        ("tests/test_config.py::"
+         "test_the_top_level_max_bandwidth_takes_a_size_as_object_adds_size_does",),
+    ),
 ]  # fmt: skip
 
 

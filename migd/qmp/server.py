@@ -49,6 +49,7 @@ from ..state.paths import (
 )
 from ..state.peer_view import check_client_view
 from ..state.serving import serve_client
+from .refusals import RefusalLog
 from .wire import (
     MessageSplitter,
     Refused,
@@ -375,12 +376,22 @@ class Session:
             await asyncio.sleep(0)
 
     async def _handle(self, text: bytes | Refused, dispatch: Dispatch) -> dict[str, Any]:
+        command = None
         if isinstance(text, Refused):  # over a bound of the framing: QEMU's text, no id
-            return error_reply(InvalidRequest(text.desc), None)
-        try:
-            req = decode_request(text)
-        except InvalidRequest as exc:
-            return error_reply(exc, getattr(exc, "request", None))
+            reply = error_reply(InvalidRequest(text.desc), None)
+        else:
+            try:
+                req = decode_request(text)
+            except InvalidRequest as exc:
+                reply = error_reply(exc, getattr(exc, "request", None))
+            else:
+                command = req.execute
+                reply = await self._run(req, dispatch)
+        if "error" in reply:
+            self.server.refusals.refused(self.number, command, reply["error"])
+        return reply
+
+    async def _run(self, req: Request, dispatch: Dispatch) -> dict[str, Any]:
         self._fd_taken = False
         try:
             return await dispatch(self, req)
@@ -482,6 +493,7 @@ class Server:
         self._count = 0
         self._refused = 0  # connections closed at once: MAX_SESSIONS were connected
         self.unsent = _DaemonUnsent()
+        self.refusals = RefusalLog()  # error replies, logged at a bounded rate
 
     def start(self) -> None:
         self.listener.setblocking(False)
@@ -614,6 +626,7 @@ class Server:
             for task in unfinished:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+        self.refusals.close()
         if self._fd_closes:
             _, late = await asyncio.wait(set(self._fd_closes), timeout=FD_CLOSE_WAIT)
             if late:
