@@ -671,7 +671,9 @@ MUTANTS = [
         "staged-restore-stores-before-checking",
         "migd/io/threads.py",
         "        rest = sums.landed(run.block, run.first_page, data) if sums is not None else []\n"
+        "        started = time.thread_time()\n"
         "        store(data, run.first_page * PAGE_SIZE)\n",
+        "        started = time.thread_time()\n"
         "        store(data, run.first_page * PAGE_SIZE)\n"
         "        rest = sums.landed(run.block, run.first_page, data) if sums is not None else []\n",
         ("tests/test_save_staging.py::test_a_corrupt_unit_never_reaches_used_memory",),
@@ -1733,6 +1735,22 @@ MUTANTS = [
         "        return value",
         ("tests/test_config.py::"
          "test_the_top_level_max_bandwidth_takes_a_size_as_object_adds_size_does",),
+    ),
+    Mutant(
+        "dear-new-pages-still-staged",
+        "migd/io/threads.py",
+        "            and not self.storer.pages.dear  # then straight into the mapping (NewPages)\n",
+        "",
+        ("tests/test_save_staging.py::"
+         "test_once_new_pages_are_dear_the_rest_is_read_into_the_mapping",),
+    ),
+    Mutant(
+        "storer-writes-never-timed",
+        "migd/io/threads.py",
+        "        self.pages.wrote(len(data), time.thread_time() - started)\n",
+        "",
+        ("tests/test_save_staging.py::"
+         "test_once_new_pages_are_dear_the_rest_is_read_into_the_mapping",),
     ),
 ]  # fmt: skip
 

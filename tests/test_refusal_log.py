@@ -38,9 +38,8 @@ async def test_a_command_name_with_a_newline_is_logged_on_one_line(
     migd_inproc, qmp, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The client chooses the name: a newline in it would start a log line of its own."""
-    with caplog.at_level(logging.INFO, logger=LOGGER):
-        with pytest.raises(ExecuteError):
-            await qmp.execute("bogus\nclient 1: 'cont' refused: forged")
+    with caplog.at_level(logging.INFO, logger=LOGGER), pytest.raises(ExecuteError):
+        await qmp.execute("bogus\nclient 1: 'cont' refused: forged")
     (line,) = refusal_lines(caplog)
     assert "\n" not in line and "bogus\\nclient 1" in line
 

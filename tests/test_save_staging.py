@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from migd.io.threads import NewPages
 from migd.pages import PAGE_SIZE
 
 from .conftest import (
@@ -182,10 +183,14 @@ def test_which_memory_files_count_as_on_huge_pages(shm, huge_tmpfs, short_dir):
 
 
 @pytest.mark.parametrize("used", [True, False], ids=["used-memory", "empty-file"])
-async def test_a_restore_into_used_memory_maps_none_of_it(migd_inproc, qmp, shm, short_dir, used):
+async def test_a_restore_into_used_memory_maps_none_of_it(
+    migd_inproc, qmp, shm, short_dir, used, monkeypatch
+):
     """A restore into a memory file goes through the staging buffers and pwrite, into
     pages that held data as into its holes (allocated ahead with fallocate): none of the
-    memory is mapped (a restore into the mapping faults in more than half of it)."""
+    memory is mapped (a restore into the mapping faults in more than half of it). New
+    pages are taken as cheap, whatever this machine's are now (the next test: dear)."""
+    monkeypatch.setattr(NewPages, "DEAR_SECONDS_PER_GIB", float("inf"))
     data = memory_with_zero_runs(shm / "ram0")
     await add_file_backend(qmp, "ram0", shm / "ram0", SIZE, share=True)
     await enable_mapped_ram(qmp, channels=4, direct_io=True)
@@ -201,6 +206,33 @@ async def test_a_restore_into_used_memory_maps_none_of_it(migd_inproc, qmp, shm,
     info = await restore(qmp, short_dir / "save.img")
     assert info["status"] == "completed", info
     assert mapped_rss(shm / "ram0") == 0
+    assert (shm / "ram0").read_bytes() == data
+
+
+async def test_once_new_pages_are_dear_the_rest_is_read_into_the_mapping(
+    migd_inproc, qmp, shm, short_dir, monkeypatch
+):
+    """Where writing into new pages is dear (each write's CPU time over the bound: here
+    every write's), the channel reads the runs it has not staged yet straight into the
+    mapping and the populator maps them ahead, and the restore is whole, its checksums
+    verified, as the staged way's. One channel, six 4 MiB runs of random data: the
+    first write into the file frees the buffer the third run waits for, so the fourth to
+    sixth at least are read into the mapping."""
+    monkeypatch.setattr(NewPages, "DEAR_SECONDS_PER_GIB", -1.0)
+    monkeypatch.setattr(NewPages, "WINDOW", 1)  # judged at every write
+    data = np.random.default_rng(7).bytes(SIZE)
+    (shm / "ram0").write_bytes(data)
+    await add_file_backend(qmp, "ram0", shm / "ram0", SIZE, share=True)
+    await enable_mapped_ram(qmp, channels=1, direct_io=True)
+    assert (await save(qmp, short_dir / "save.img"))["status"] == "completed"
+    await qmp.execute("object-del", {"id": "ram0"})
+    os.truncate(shm / "ram0", 0)
+    os.truncate(shm / "ram0", SIZE)
+    await add_file_backend(qmp, "ram0", shm / "ram0", SIZE, share=True)
+    info = await restore(qmp, short_dir / "save.img")
+    assert info["status"] == "completed", info
+    assert info["x-checksums"]["state"] == "verified", info
+    assert mapped_rss(shm / "ram0") >= 3 * 4 * MiB
     assert (shm / "ram0").read_bytes() == data
 
 

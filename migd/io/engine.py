@@ -78,6 +78,10 @@ class BlockIO:
     # Restore: write bytes at a byte offset of the memory through its file (pwrite;
     # MemoryBackend.write_at), for the runs planned `staged`; None: no such way in.
     store: Callable[[memoryview, int], None] | None = None
+    # A staged restore's block: allocate and map the memory, for runs read straight into
+    # the mapping once writing into its new pages turns out dear (io/threads.py NewPages);
+    # `populate` only allocates its file's pages. None: not staged.
+    map_in: Callable[[int, int], None] | None = None
 
     def page_offset(self, page_index: int) -> int:
         """Absolute file offset of page `page_index`."""

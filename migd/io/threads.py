@@ -474,6 +474,68 @@ class Loader:
         self.buffers = []
 
 
+class NewPages:
+    """Whether a staged restore's writes into the memory file's new pages are dear.
+
+    On this machine (a guest with free page reporting), a page that was freed a while
+    ago costs the first write that puts data in it 3-6 CPU s/GiB at times, where it
+    costs about 0.1 (a copy) at others: the host maps it back in under that write. A
+    staged restore makes that write with the CPU (the Storer's pwrite copies into the
+    page, after fallocate zeroed it), one writer at a time under the file's inode lock;
+    a read into the mapping has the disk's DMA make it, and faulting pages in runs in
+    parallel. perf of a staged restore into dear pages: 72% of the daemon's samples in
+    copy_folio_from_iter_atomic (the pwrite's copy), 5% in clear_page. So the Storer
+    times its writes (CPU time of its thread: waiting for the lock or a CPU costs none)
+    and, once WINDOW bytes of them cost more than DEAR_SECONDS_PER_GIB, says so here:
+    the channels then read the rest of the runs into the mapping (Channel._restore_run)
+    and the Populator maps them ahead in more threads. Restoring 2 GiB into a new /dev/shm file:
+    with dear pages (4 GiB just taken beside it) staged alone 3.7-5.5 s, mapped 2.5-5.3;
+    with cheap ones staged 0.89-1.02 s, mapped 1.30-1.43 (docs/bench/fast-disk/README.md,
+    "Restores into holes, allocated ahead").
+    """
+
+    # Dear pages cost 3-6 CPU s/GiB here, cheap ones 0.1-0.2, a few writes of cheap ones
+    # up to 1.4: judged over WINDOW bytes of writes at a time, not write by write.
+    DEAR_SECONDS_PER_GIB = 2.0
+    WINDOW = 16 << 20
+
+    def __init__(self) -> None:
+        self.dear = False
+        self._lock = threading.Lock()
+        self._waiters: list[threading.Event] = []
+        self._bytes = 0  # of the writes in this window so far
+        self._seconds = 0.0
+
+    def waiter(self) -> threading.Event:
+        """An event set once the pages are found dear (the Populator's other threads)."""
+        event = threading.Event()
+        with self._lock:
+            self._waiters.append(event)
+            if self.dear:
+                event.set()
+        return event
+
+    def wrote(self, length: int, cpu_seconds: float) -> None:
+        """A write of `length` bytes into the memory file took `cpu_seconds` of CPU."""
+        if self.dear:
+            return
+        with self._lock:
+            self._bytes += length
+            self._seconds += cpu_seconds
+            if self._bytes < self.WINDOW:
+                return
+            cost = self._seconds * 2**30 / self._bytes
+            self._bytes, self._seconds = 0, 0.0
+            if self.dear or cost <= self.DEAR_SECONDS_PER_GIB:
+                return
+            self.dear = True
+            waiters = list(self._waiters)
+        log.debug("writing into new pages is dear (%.1f CPU s/GiB): the rest of the restore "
+                  "is read into the mapping", cost)  # fmt: skip
+        for event in waiters:
+            event.set()
+
+
 class Storer:
     """A restore's writer into memory files: takes the staged runs the channels have read
     into their buffers, checks their whole units, writes them into the memory file
@@ -490,11 +552,16 @@ class Storer:
     """
 
     def __init__(
-        self, blocks: Sequence[BlockIO], checksums: UnitSink | None, threads: int = 1
+        self,
+        blocks: Sequence[BlockIO],
+        checksums: UnitSink | None,
+        threads: int = 1,
+        pages: NewPages | None = None,
     ) -> None:
         self.blocks = blocks
         self.checksums = checksums
         self.threads = threads  # run() bodies
+        self.pages = pages if pages is not None else NewPages()
         self.work: queue.SimpleQueue[tuple[PageRun, memoryview, threading.Semaphore] | None]
         self.work = queue.SimpleQueue()
         self.finished = threading.Event()  # every run() returned: nobody holds a buffer
@@ -537,7 +604,9 @@ class Storer:
         sums = self.checksums
         # Whole units are checked before a byte of them reaches the memory.
         rest = sums.landed(run.block, run.first_page, data) if sums is not None else []
+        started = time.thread_time()
         store(data, run.first_page * PAGE_SIZE)
+        self.pages.wrote(len(data), time.thread_time() - started)
         for first, count in rest:  # in memory now: the hashing threads read them there
             assert sums is not None
             sums.done(run.block, first, count)
@@ -739,7 +808,12 @@ class Channel:
                 block.zero_range(run.first_page * PAGE_SIZE, run.pages * PAGE_SIZE)
             self.counters.pages_zero += run.pages
             self.counters.pages_done += run.pages
-        elif run.staged and block.store is not None and self.storer is not None:
+        elif (
+            run.staged
+            and block.store is not None
+            and self.storer is not None
+            and not self.storer.pages.dear  # then straight into the mapping (NewPages)
+        ):
             self._restore_staged(run, block, self.storer, self._fd_for(run, block))
             return  # the Storer reports its units
         else:
@@ -828,18 +902,19 @@ class Populator:
     runs: restoring into a new tmpfs file, 1.57 GiB/s with this thread against 1.02
     populating in the channels and 1.04 not populating at all (as QEMU); into a file that
     held data, 1.84 against 1.73; saving random memory, 1.87 against 1.63 without it.
-    A channel that overtakes it simply faults its pages in, which is only slower. For a
-    staged restore's runs (io/threads.py Staging) it only allocates the memory file's
-    pages (the block's populate is MemoryBackend.allocate), which a staged write that
-    overtakes it allocates instead.
+    A channel that overtakes it simply faults its pages in, which is only slower.
 
-    It maps only runs ahead of the channels (RunCursor): on a disk faster than it maps
-    (ext4 over a loop device on tmpfs, issue 19), it fell behind and went on mapping runs
-    the channels had already read, walking every page twice. Skipping those, restores of
-    1.5 GiB into used memory went from 2.80 to 3.15 GiB/s and from 0.51 to 0.43 s of system
-    CPU per GiB (4 rounds each, one daemon, modes alternated); saves, restores into a new
-    file, and everything on the virtio disk measured the same (docs/bench/fast-disk).
+    For a staged restore's runs (Staging) it only allocates the memory file's pages
+    (fallocate: the block's populate is MemoryBackend.allocate), mapping nothing, which a
+    staged write that overtakes it does instead. Once writing into new pages turns out
+    dear (NewPages), the channels read the rest of the runs into the mapping, and it maps
+    their memory ahead as for any mapped run (BlockIO.map_in), in THREADS threads.
     """
+
+    # Threads once new pages are dear: mapping them is the restore's bound then, and page
+    # faults of two threads run in parallel (2 GiB into a new file with dear pages: one
+    # populator 2.9-5.3 s, two 2.5-3.2; docs/bench/fast-disk/README.md).
+    THREADS = 2
 
     def __init__(
         self,
@@ -848,6 +923,7 @@ class Populator:
         cancel: threading.Event,
         cursor: RunCursor,
         unmapped: frozenset[int] = frozenset(),
+        pages: NewPages | None = None,
     ) -> None:
         self.blocks = blocks
         # (index in the channels' queue, run): the queue holds every run, zero ones too;
@@ -859,17 +935,47 @@ class Populator:
         ]
         self.cancel = cancel
         self.cursor = cursor
+        self._next = iter(self.runs)  # shared by the threads
+        self._lock = threading.Lock()
+        self.pages = pages
+        # Set once new pages are dear, or once the first thread has ended: the others
+        # start, or go.
+        self._wake = pages.waiter() if pages is not None else threading.Event()
+        staged = any(blocks[run.block].map_in is not None for _, run in self.runs)
+        # Its bodies: run, then run_once_dear in the others.
+        self.threads = self.THREADS if staged and pages is not None else 1
 
     def run(self) -> None:
+        """The first thread's body."""
         try:
-            for index, run in self.runs:
+            self._work()
+        finally:
+            self._wake.set()  # the others go, if not dear yet
+
+    def run_once_dear(self) -> None:
+        """Another thread's body: it joins the first once new pages are dear. Started after
+        the first (whose end wakes it whatever happens), from an uncapped pool."""
+        self._wake.wait()
+        if self.pages is not None and self.pages.dear:
+            self._work()
+
+    def _take(self) -> tuple[int, PageRun] | None:
+        with self._lock:
+            return next(self._next, None)
+
+    def _work(self) -> None:
+        try:
+            while (item := self._take()) is not None:
+                index, run = item
                 if self.cancel.is_set():
                     return
                 if index <= self.cursor.taken:
                     # Taken by a channel already, or next: it faults those pages in as it
                     # reads, and mapping them here as well would only walk them twice.
                     continue
-                populate = self.blocks[run.block].populate
+                block = self.blocks[run.block]
+                dear = self.pages is not None and self.pages.dear
+                populate = block.map_in if block.map_in is not None and dear else block.populate
                 assert populate is not None
                 populate(run.first_page * PAGE_SIZE, run.pages * PAGE_SIZE)
         except BaseException:
@@ -981,7 +1087,7 @@ class ThreadEngine:
         # A restore with staged runs: one thread writes them into the memory files.
         storer = None
         if transfer.direction == "restore" and any(run.staged for run in transfer.runs):
-            storer = Storer(transfer.blocks, transfer.checksums, COPY_THREADS)
+            storer = Storer(transfer.blocks, transfer.checksums, COPY_THREADS, NewPages())
         stage = transfer.stage_saves and transfer.direction == "save"
         staged = frozenset(
             i
@@ -1017,12 +1123,17 @@ class ThreadEngine:
         # The populator is first in the list, so that its error (out of memory, on restore)
         # is the one reported, not the EFAULT that reads into memory that cannot be
         # allocated get meanwhile.
-        populator = Populator(transfer.blocks, transfer.runs, cancel, cursor, staged)
+        populator = Populator(transfer.blocks, transfer.runs, cancel, cursor, staged,
+                              storer.pages if storer is not None else None)  # fmt: skip
         threads: list[Channel | Populator | Loader] = [populator, *channels]
-        bodies = [populator.run, *(getattr(ch, transfer.direction) for ch in channels)]
+        bodies = [
+            populator.run,
+            *[populator.run_once_dear] * (populator.threads - 1),
+            *(getattr(ch, transfer.direction) for ch in channels),
+        ]
         if loader is not None:  # after the populator: its error before the channels'
             threads.insert(1, loader)
-            bodies[1:1] = [loader.run] * loader.threads
+            bodies[populator.threads : populator.threads] = [loader.run] * loader.threads
         del channels
         sums = transfer.checksums
         hashers = transfer.hash_threads if sums is not None else 0

@@ -133,8 +133,10 @@ def plan_restore_runs(
     With `staging`, the present runs of a shared memory file on 4 KiB pages are read
     through the channels' staging buffers and written into the file (PageRun.staged,
     io/threads.py Staging), its pages allocated ahead by the Populator with fallocate
-    (the block's populate is the backend's allocate): nothing of it is mapped, and the
-    writes only copy. Other memory is read into its mapping, populated ahead."""
+    (the block's populate is the backend's allocate): the writes only copy. Where
+    writing into new pages turns out dear, the rest of the runs are read into the
+    mapping, populated ahead (map_in; io/threads.py NewPages). Other memory is read into
+    its mapping, populated ahead."""
     blocks: list[BlockIO] = []
     runs: list[PageRun] = []
     for index, ((layout, backend), present) in enumerate(zip(matched, bitmaps, strict=True)):
@@ -152,6 +154,7 @@ def plan_restore_runs(
                 backend.shrink_error,
                 backend.shared_fd,
                 store=backend.write_at if stage else None,
+                map_in=backend.populate if stage else None,
             )
         )
         runs += split_runs(index, format.set_runs(~present), zero=True)
