@@ -243,11 +243,11 @@ class Staging:
     corrupt unit so never reaches the memory, and none of it is mapped. Into used
     memory, paired with restores into the mapping: 1.26x on the fast disk, 1.21x on the
     virtio disk. Into a file's holes the Populator allocates the pages ahead with
-    fallocate (MemoryBackend.allocate), so the writes only copy: a write into a hole
-    allocates under the file's inode lock, one writer at a time, which made staged
-    restores into an empty file 0.70x the mapped ones before (session 10); with the
-    pages allocated ahead, 1 GiB and 2 GiB into a new /dev/shm file ran 1.2-1.5x the
-    mapped way (docs/bench/fast-disk/README.md, "Restores into holes").
+    fallocate (MemoryBackend.allocate), so the writes only copy (a write into a hole
+    allocates under the file's inode lock, one writer at a time): 1 GiB and 2 GiB into
+    a new /dev/shm file ran 1.2-1.5x the mapped way. Where the first write into a new
+    page is dear, the rest of the runs go into the mapping (NewPages says why;
+    docs/bench/fast-disk/README.md, "Restores into holes, allocated ahead").
     """
 
     def __init__(self) -> None:
@@ -483,15 +483,17 @@ class NewPages:
     staged restore makes that write with the CPU (the Storer's pwrite copies into the
     page, after fallocate zeroed it), one writer at a time under the file's inode lock;
     a read into the mapping has the disk's DMA make it, and faulting pages in runs in
-    parallel. perf of a staged restore into dear pages: 72% of the daemon's samples in
-    copy_folio_from_iter_atomic (the pwrite's copy), 5% in clear_page. So the Storer
+    parallel, as QEMU's restores do. perf of a staged restore into dear pages: 72% of the
+    daemon's samples in copy_folio_from_iter_atomic (the pwrite's copy), 5% in
+    clear_page. So the Storer
     times its writes (CPU time of its thread: waiting for the lock or a CPU costs none)
     and, once WINDOW bytes of them cost more than DEAR_SECONDS_PER_GIB, says so here:
     the channels then read the rest of the runs into the mapping (Channel._restore_run)
-    and the Populator maps them ahead in more threads. Restoring 2 GiB into a new /dev/shm file:
-    with dear pages (4 GiB just taken beside it) staged alone 3.7-5.5 s, mapped 2.5-5.3;
-    with cheap ones staged 0.89-1.02 s, mapped 1.30-1.43 (docs/bench/fast-disk/README.md,
-    "Restores into holes, allocated ahead").
+    and the Populator maps them ahead in more threads. Restoring 2 GiB into a new
+    /dev/shm file with dear pages (4 GiB just taken beside it): staged alone 3.7-5.5 s,
+    mapped 2.7-3.3, this way 2.8-4.7 (median 3.0); with cheap ones: this way 0.91-1.06
+    s, mapped 1.21-1.38 (docs/bench/fast-disk/README.md, "Restores into holes, allocated
+    ahead").
     """
 
     # Dear pages cost 3-6 CPU s/GiB here, cheap ones 0.1-0.2, a few writes of cheap ones
