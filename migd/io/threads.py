@@ -247,7 +247,8 @@ class Staging:
     allocates under the file's inode lock, one writer at a time): 1 GiB and 2 GiB into
     a new /dev/shm file ran 1.2-1.5x the mapped way. Where the first write into a new
     page is dear, the rest of the runs go into the mapping (NewPages says why;
-    docs/bench/fast-disk/README.md, "Restores into holes, allocated ahead").
+    docs/bench/fast-disk/README.md, "Restores into holes, allocated ahead, mapped where
+    dear").
     """
 
     def __init__(self) -> None:
@@ -485,15 +486,14 @@ class NewPages:
     a read into the mapping has the disk's DMA make it, and faulting pages in runs in
     parallel, as QEMU's restores do. perf of a staged restore into dear pages: 72% of the
     daemon's samples in copy_folio_from_iter_atomic (the pwrite's copy), 5% in
-    clear_page. So the Storer
-    times its writes (CPU time of its thread: waiting for the lock or a CPU costs none)
-    and, once WINDOW bytes of them cost more than DEAR_SECONDS_PER_GIB, says so here:
-    the channels then read the rest of the runs into the mapping (Channel._restore_run)
-    and the Populator maps them ahead in more threads. Restoring 2 GiB into a new
-    /dev/shm file with dear pages (4 GiB just taken beside it): staged alone 3.7-5.5 s,
-    mapped 2.7-3.3, this way 2.8-4.7 (median 3.0); with cheap ones: this way 0.91-1.06
-    s, mapped 1.21-1.38 (docs/bench/fast-disk/README.md, "Restores into holes, allocated
-    ahead").
+    clear_page. So the Storer times its writes (CPU time of its thread: waiting for the
+    lock or a CPU costs none) and, once WINDOW bytes of them cost more than
+    DEAR_SECONDS_PER_GIB, says so here: the channels then read the rest of the runs into
+    the mapping (Channel._restore_run) and the Populator maps them ahead in more threads.
+    Restoring 2 GiB into a new /dev/shm file with dear pages (4 GiB just taken beside
+    it): staged alone 3.7-5.5 s, mapped 2.7-3.3, this way 2.8-4.7 (median 3.0); with
+    cheap ones: this way 0.91-1.06 s, mapped 1.21-1.38 (docs/bench/fast-disk/README.md,
+    "Restores into holes, allocated ahead, mapped where dear").
     """
 
     # Dear pages cost 3-6 CPU s/GiB here, cheap ones 0.1-0.2, a few writes of cheap ones
@@ -905,6 +905,13 @@ class Populator:
     populating in the channels and 1.04 not populating at all (as QEMU); into a file that
     held data, 1.84 against 1.73; saving random memory, 1.87 against 1.63 without it.
     A channel that overtakes it simply faults its pages in, which is only slower.
+
+    It maps only runs ahead of the channels (RunCursor): on a disk faster than it maps
+    (ext4 over a loop device on tmpfs, issue 19), it fell behind and went on mapping runs
+    the channels had already read, walking every page twice. Skipping those, restores of
+    1.5 GiB into used memory went from 2.80 to 3.15 GiB/s and from 0.51 to 0.43 s of system
+    CPU per GiB (4 rounds each, one daemon, modes alternated); saves, restores into a new
+    file, and everything on the virtio disk measured the same (docs/bench/fast-disk).
 
     For a staged restore's runs (Staging) it only allocates the memory file's pages
     (fallocate: the block's populate is MemoryBackend.allocate), mapping nothing, which a
