@@ -40,7 +40,9 @@ def test_the_populator_maps_only_runs_ahead_of_the_channels() -> None:
     too walked every page twice on a fast disk (issue 19). Zero runs count in the queue's
     order but are never populated."""
     mapped: list[int] = []
-    block = SimpleNamespace(populate=lambda offset, length: mapped.append(offset // PAGE_SIZE))
+    block = SimpleNamespace(
+        populate=lambda offset, length: mapped.append(offset // PAGE_SIZE), map_in=None
+    )
     runs = [PageRun(0, first, 8, zero=(first == 40)) for first in range(0, 80, 8)]
     cursor = RunCursor()
     cursor.taken = 3  # runs 0-2 taken, run 3 about to be
