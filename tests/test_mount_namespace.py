@@ -78,6 +78,22 @@ def _client_in_own_namespace(
     return json.loads(run.stdout)
 
 
+def assert_all_refused(answers: dict[str, str], private: Path) -> None:
+    """Every request naming a file in `private` (a tmpfs only the client sees there) got
+    the refusal that names the path and the cause, and nothing was created where migd
+    would have put it (the directory beneath the tmpfs)."""
+    cause = (
+        f"the client's {private} is not migd's (migd runs in another mount namespace, e.g. "
+        "systemd's PrivateTmp=yes): use a directory both see, such as /var/lib/migd, or "
+        "pass the file as an fd"
+    )
+    assert answers["private-backend"] == f"'{private}/ram1': {cause}"
+    assert answers["migrate"] == f"'{private}/vm.sav': {cause}"
+    assert answers["memory-save"] == f"'{private}/vm2.sav': {cause}"
+    assert answers["migrate-incoming"] == f"'{private}/vm.sav': {cause}"
+    assert list(private.iterdir()) == []
+
+
 def test_a_file_in_a_directory_the_client_sees_elsewhere_is_refused(
     daemon: DaemonProcess, short_dir: Path, shm: Path
 ) -> None:
@@ -88,17 +104,7 @@ def test_a_file_in_a_directory_the_client_sees_elsewhere_is_refused(
     # The directory both see works from the other namespace as from migd's.
     assert answers["shared-backend"] == "ok"
     assert answers["caps"] == "ok"
-    cause = (
-        f"the client's {private} is not migd's (migd runs in another mount namespace, e.g. "
-        "systemd's PrivateTmp=yes): use a directory both see, such as /var/lib/migd, or "
-        "pass the file as an fd"
-    )
-    assert answers["private-backend"] == f"'{private}/ram1': {cause}"
-    assert answers["migrate"] == f"'{private}/vm.sav': {cause}"
-    assert answers["memory-save"] == f"'{private}/vm2.sav': {cause}"
-    assert answers["migrate-incoming"] == f"'{private}/vm.sav': {cause}"
-    # Nothing created where migd would have put it (the directory beneath the tmpfs).
-    assert list(private.iterdir()) == []
+    assert_all_refused(answers, private)
 
 
 @pytest.fixture
@@ -135,16 +141,7 @@ def test_a_client_migd_may_not_look_into_is_refused_by_the_mount_tables(
     fill_random(shm / "ram0", MiB)
     answers = _client_in_own_namespace(capless_daemon, private, shm)
     assert answers["shared-backend"] == "ok"
-    cause = (
-        f"the client's {private} is not migd's (migd runs in another mount namespace, e.g. "
-        "systemd's PrivateTmp=yes): use a directory both see, such as /var/lib/migd, or "
-        "pass the file as an fd"
-    )
-    assert answers["private-backend"] == f"'{private}/ram1': {cause}"
-    assert answers["migrate"] == f"'{private}/vm.sav': {cause}"
-    assert answers["memory-save"] == f"'{private}/vm2.sav': {cause}"
-    assert answers["migrate-incoming"] == f"'{private}/vm.sav': {cause}"
-    assert list(private.iterdir()) == []
+    assert_all_refused(answers, private)
 
 
 def test_a_client_in_another_namespace_with_the_same_mounts_is_served(
