@@ -67,7 +67,9 @@ def finish_save(
         raise
     # A cancel answered while the end was written ends the job cancelled (engine._run):
     # its file must not read as a save. Looked at here too, not only by the caller: a
-    # stop that gave up waiting cancels the caller's task, which then never looks.
+    # stop that gave up waiting used to end the event loop before the caller looked;
+    # shutdown now waits for a stuck job's task (app/daemon.py), so both look, and this
+    # one stays for any caller that is never resumed.
     if job.cancel.is_set():
         withdraw_end(job, layout, main_fd)
         check_cancel(job)
