@@ -196,6 +196,17 @@ class RawClient:
 
 
 @pytest.fixture
+def open_daemon(short_dir: Path) -> Iterator[DaemonProcess]:
+    """A daemon whose socket other uids may reach (mode 0666 in a searchable dir)."""
+    short_dir.chmod(0o711)
+    d = start_daemon(short_dir / "qmp.sock", "--socket-mode", "0666")
+    yield d
+    d.stop()
+    if d.proc.stderr:
+        d.proc.stderr.close()
+
+
+@pytest.fixture
 def raw(daemon: DaemonProcess) -> Iterator[RawClient]:
     client = RawClient(daemon.socket_path)
     yield client

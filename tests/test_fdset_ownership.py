@@ -9,27 +9,17 @@ closed or replaced root's getfd names."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from .conftest import RawClient, fill_random, start_daemon, wait_job_concluded
+from .conftest import RawClient, fill_random, wait_job_concluded
 from .test_faults import OTHER_UID, THIRD_UID, _connect_as, send_with_fd
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as another uid")
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def daemon(short_dir: Path) -> Iterator[Any]:
-    """A daemon whose socket other uids may reach (mode 0666 in a searchable dir)."""
-    short_dir.chmod(0o711)
-    d = start_daemon(short_dir / "qmp.sock", "--socket-mode", "0666")
-    yield d
-    d.stop()
 
 
 def add_fd(client: RawClient, fd: int, **arguments: Any) -> dict[str, Any]:
@@ -51,7 +41,7 @@ def backend(client: RawClient, id: str) -> None:
     client.ok("object-add", {"qom-type": "memory-backend-ram", "id": id, "size": MiB})
 
 
-def test_another_uids_client_cannot_see_or_use_roots_fd_set(daemon: Any, shm: Path) -> None:
+def test_another_uids_client_cannot_see_or_use_roots_fd_set(open_daemon: Any, shm: Path) -> None:
     """Root's client adds a file (guest RAM, 0600) as fd set 0, opened write-only,
     read-only and read-write (a save, a restore, a mem-path would each find theirs);
     `nobody`'s client gets, for every use of set 0, the answer a set that does not exist
@@ -61,8 +51,8 @@ def test_another_uids_client_cannot_see_or_use_roots_fd_set(daemon: Any, shm: Pa
     before = fill_random(ram, MiB)
     ram.chmod(0o600)
     fds = [os.open(ram, flags) for flags in (os.O_WRONLY, os.O_RDONLY, os.O_RDWR)]
-    root = RawClient(daemon.socket_path).negotiate()
-    other = _connect_as(OTHER_UID, daemon.socket_path, timeout=30)
+    root = RawClient(open_daemon.socket_path).negotiate()
+    other = _connect_as(OTHER_UID, open_daemon.socket_path, timeout=30)
     try:
         for fd in fds:
             assert add_fd(root, fd, opaque="root's", **{"fdset-id": 0})["return"]["fdset-id"] == 0
@@ -108,12 +98,12 @@ def test_another_uids_client_cannot_see_or_use_roots_fd_set(daemon: Any, shm: Pa
     assert ram.read_bytes() == before
 
 
-def test_getfd_names_are_the_uids_own(daemon: Any) -> None:
+def test_getfd_names_are_the_uids_own(open_daemon: Any) -> None:
     """`nobody`'s closefd of root's name is refused as a name that does not exist, and its
     getfd of the same name makes its own, replacing (closing) nothing of root's."""
     fd = os.open("/dev/null", os.O_RDONLY)
-    root = RawClient(daemon.socket_path).negotiate()
-    other = _connect_as(OTHER_UID, daemon.socket_path, timeout=30)
+    root = RawClient(open_daemon.socket_path).negotiate()
+    other = _connect_as(OTHER_UID, open_daemon.socket_path, timeout=30)
     try:
         assert getfd(root, fd, "vm") == {"return": {}}
         reply = other.execute("closefd", {"fdname": "vm"})
@@ -130,7 +120,7 @@ def test_getfd_names_are_the_uids_own(daemon: Any) -> None:
         os.close(fd)
 
 
-def test_sessions_of_one_uid_share_its_sets_and_root_uses_them(daemon: Any, shm: Path) -> None:
+def test_sessions_of_one_uid_share_its_sets_and_root_uses_them(open_daemon: Any, shm: Path) -> None:
     """As libvirt does: `nobody` adds its file on one connection and saves to it on
     another; a third uid sees none of it; root's client saves to `nobody`'s set too."""
     target = shm / "nobody.save"
@@ -138,10 +128,10 @@ def test_sessions_of_one_uid_share_its_sets_and_root_uses_them(daemon: Any, shm:
     target.chmod(0o600)
     os.chown(target, OTHER_UID, OTHER_UID)
     fd = os.open(target, os.O_WRONLY)
-    first = _connect_as(OTHER_UID, daemon.socket_path, timeout=30)
-    second = _connect_as(OTHER_UID, daemon.socket_path, timeout=30)
-    third = _connect_as(THIRD_UID, daemon.socket_path, timeout=30)
-    root = RawClient(daemon.socket_path).negotiate()
+    first = _connect_as(OTHER_UID, open_daemon.socket_path, timeout=30)
+    second = _connect_as(OTHER_UID, open_daemon.socket_path, timeout=30)
+    third = _connect_as(THIRD_UID, open_daemon.socket_path, timeout=30)
+    root = RawClient(open_daemon.socket_path).negotiate()
     try:
         fdset = add_fd(first, fd, opaque="nobody's")["return"]["fdset-id"]
         assert [s["fdset-id"] for s in second.ok("query-fdsets")] == [fdset]

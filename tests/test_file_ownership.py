@@ -14,7 +14,7 @@ import shutil
 import stat
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -177,17 +177,6 @@ async def test_an_fd_passed_file_is_exempt(qmp, shm):
 
 
 # -- the client's own files: SO_PEERCRED ---------------------------------------------------
-
-
-@pytest.fixture
-def open_daemon(short_dir: Path) -> Iterator[Any]:
-    """A daemon whose socket another uid may reach (mode 0666 in a searchable dir)."""
-    short_dir.chmod(0o711)
-    d = start_daemon(short_dir / "qmp.sock", "--socket-mode", "0666")
-    yield d
-    d.stop()
-    if d.proc.stderr:
-        d.proc.stderr.close()
 
 
 def _connect_as(uid: int, path: Path) -> RawClient:
