@@ -215,14 +215,22 @@ def test_on_ramfs_a_daemon_sees_another_daemons_mark_whatever_its_socket_dir(
     a.ok("migrate_cancel")
     assert a.wait_final()["status"] == "cancelled"
 
-    desc = b.execute("migrate", {"uri": f"file:{again}"})["error"]["desc"]
-    assert desc.startswith("Memory backend 'ram0' holds partial data"), desc
-    assert f"interrupted restore of '{save}'" in desc
-    assert not again.exists()
+    _assert_save_refused(b, "migrate", {"uri": f"file:{again}"}, save, again)
     b.ok("object-del", {"id": "ram0"})
     add = {"qom-type": "memory-backend-file", "id": "ram0", "size": SIZE, "mem-path": str(mem)}
     desc = b.execute("object-add", add)["error"]["desc"]
     assert f"Memory file '{mem}'" in desc and f"interrupted restore of '{save}'" in desc
+
+
+def _assert_save_refused(
+    client: RawClient, command: str, arguments: dict[str, Any], save: Path, again: Path
+) -> None:
+    """A save of backend ram0 (`command` into `again`) refused as partial data from the
+    interrupted restore of `save`, nothing written."""
+    desc = client.execute(command, arguments)["error"]["desc"]
+    assert desc.startswith("Memory backend 'ram0' holds partial data"), desc
+    assert f"interrupted restore of '{save}'" in desc
+    assert not again.exists()
 
 
 def _refused_then_saved_once_accepted(
@@ -235,10 +243,7 @@ def _refused_then_saved_once_accepted(
         ("migrate", {"uri": f"file:{again}"}),
         ("memory-save", {"job-id": "s", "uri": f"file:{again}", "backends": ["ram0"]}),
     ]:
-        desc = client.execute(command, arguments)["error"]["desc"]
-        assert desc.startswith("Memory backend 'ram0' holds partial data"), desc
-        assert f"interrupted restore of '{save}'" in desc
-        assert not again.exists()
+        _assert_save_refused(client, command, arguments, save, again)
     client.ok("object-del", {"id": "ram0"})
     add = {"qom-type": "memory-backend-file", "id": "ram0", "size": SIZE, "mem-path": str(mem)}
     client.ok("object-add", {**add, "x-accept-partial": True})
@@ -289,10 +294,7 @@ def test_a_private_backend_on_a_file_another_daemon_left_partial_is_not_saved_as
     a.ok("migrate_cancel")
     assert a.wait_final()["status"] == "cancelled"
 
-    desc = b.execute("migrate", {"uri": f"file:{again}"})["error"]["desc"]
-    assert desc.startswith("Memory backend 'ram0' holds partial data"), desc
-    assert f"interrupted restore of '{save}'" in desc
-    assert not again.exists()
+    _assert_save_refused(b, "migrate", {"uri": f"file:{again}"}, save, again)
 
     # A restore into the private memory, completed, makes every page its own: saved.
     b.ok("migrate-incoming", {"uri": f"file:{save}"})
