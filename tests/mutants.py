@@ -767,7 +767,7 @@ MUTANTS = [
     Mutant(
         "inspect-does-not-check-bitmaps",
         "migd/tools/inspect.py",
-        "                    format.read_bitmap(reader, b)\n",
+        "                    format.check_bitmap(reader, b)\n",
         "                    pass\n",
         ("tests/test_inspect.py::"
          "test_a_corrupt_bitmap_is_reported_as_restore_would_refuse_it",),

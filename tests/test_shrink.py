@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from migd.errors import BackendError
-from migd.io.checksums import UnitChecksums, digest
+from migd.io.checksums import UnitChecksums
+from migd.io.digests import digest
 from migd.io.engine import BlockIO, PageRun
 from migd.state.memory import create_file_backend
 

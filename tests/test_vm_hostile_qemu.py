@@ -339,7 +339,7 @@ def test_a_ram_part_whose_checksum_table_is_not_the_one_saved_is_refused_before_
     what was saved; unchecked, the changed page was restored into the guest."""
     import xxhash
 
-    from migd.io.checksums import UNIT_BYTES
+    from migd.io.digests import UNIT_BYTES
     from migd.tools import vm_image
     from migd.tools.inspect import inspect_file
 

@@ -16,9 +16,9 @@ from typing import Any, TypeVar
 
 from .. import __version__
 from ..errors import ConfigError, MigdError
-from ..migration.settings import CHANNELS_MAX, CHANNELS_MIN, channels_in_range
+from ..limits import CHANNELS_MAX, CHANNELS_MIN, channels_in_range
 from ..tools.terminal import safe_output, shown
-from .config import DEFAULT_CONFIG_PATH, default_socket_path, load_config
+from .locations import DEFAULT_CONFIG_PATH, default_socket_path
 
 T = TypeVar("T")
 
@@ -183,6 +183,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.socket_mode is not None:
         overrides["socket_mode"] = args.socket_mode
     try:
+        from .config import load_config  # pydantic models: the daemon's, not a client's
+
         config = load_config(args.config, **overrides)
     except ConfigError as exc:  # before logging is set up or any socket exists
         priority = "<3>" if stderr_is_journal() else ""  # an error, to journald

@@ -26,15 +26,13 @@ from pydantic import (
 
 from ..api.memory import ObjectAddArgs
 from ..errors import ConfigError
+from ..limits import CHANNELS_MAX, CHANNELS_MIN, channels_in_range
 from ..migration.settings import (
-    CHANNELS_MAX,
-    CHANNELS_MIN,
     Capabilities,
     Parameters,
     SettingError,
     apply_capabilities,
     apply_parameters,
-    channels_in_range,
     field_types,
 )
 from ..pages import PAGE_SIZE
@@ -43,16 +41,7 @@ from ..qmp.validation import QapiModel, qapi_name
 from ..state.memory import ID_RE
 from ..state.paths import MAX_SOCKET_PATH_BYTES, FileRefused, kind_of, resolve_trusted
 from ..units import size_bytes
-
-DEFAULT_CONFIG_PATH = "/etc/migd/migd.toml"
-
-
-def default_socket_path() -> str:
-    """/run/migd/migd.sock for root, $XDG_RUNTIME_DIR/migd/migd.sock otherwise."""
-    if os.geteuid() == 0:
-        return "/run/migd/migd.sock"
-    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/migd-{os.geteuid()}"
-    return os.path.join(runtime, "migd", "migd.sock")
+from .locations import DEFAULT_CONFIG_PATH, default_socket_path
 
 
 class KeyedError(ValueError):

@@ -83,7 +83,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from ..migration.settings import CHANNELS_MAX
+from ..limits import CHANNELS_MAX
 from ..signals import hand_caught_signals_to
 from .common import (
     DEFAULT_QEMU,
@@ -102,9 +102,6 @@ from .common import (
     note_stop,
     signals_deferred,
 )
-from .fastdisk import FastDisk
-from .processes import Cleanup
-from .suite import Bench
 
 # --- command line ----------------------------------------------------------------------
 
@@ -390,6 +387,13 @@ def _signal_name(code: object) -> str:
 
 def run_suite(args: argparse.Namespace) -> int:
     """The main suite (optionally on --fast-disk); the exit code."""
+    # Here, not at the top: `migd`'s parser takes add_arguments from this package, and
+    # every client command (`migd vm restore` among them, whose start-up is downtime)
+    # would load the suite first.
+    from .fastdisk import FastDisk
+    from .processes import Cleanup
+    from .suite import Bench
+
     cleanup = Cleanup()
     bench: Bench | None = None
     fast: FastDisk | None = None

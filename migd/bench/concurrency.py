@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from qemu.qmp import QMPClient
 
-from ..migration.settings import CHANNELS_MAX
+from ..limits import CHANNELS_MAX
 from .common import JOB_MIB_MAX, JOBS_MAX, RUNS_MAX, int_in
 from .disk import drop_caches
 from .processes import connect_qmp, rss_anon, start_migd

@@ -39,14 +39,11 @@ import xxhash
 from ..errors import MemoryFault, MigrationError
 from ..pages import PAGE_SIZE
 from ..runs import true_runs
+from .digests import DIGEST_BYTES, UNIT_BYTES, UNIT_PAGES, digest, unit_count
 from .engine import BlockIO, PageRun
 from .threads import WORKERS
 from .zero_scan import SCAN_CHUNK_PAGES, MemoryReader, address_of
 
-ALGORITHM = "xxh3-128"
-UNIT_BYTES = 1 << 20
-UNIT_PAGES = UNIT_BYTES // PAGE_SIZE
-DIGEST_BYTES = 16
 _ZEROS = memoryview(bytes(UNIT_BYTES))
 
 # (first page, pages) -> the bytes of those pages, valid until the next call.
@@ -55,15 +52,6 @@ PageSource = Callable[[int, int], memoryview]
 
 class ChecksumMismatch(MigrationError):
     """A unit's content does not match the checksum its save recorded."""
-
-
-def unit_count(pages: int) -> int:
-    return -(-pages // UNIT_PAGES)
-
-
-def digest(data: bytes | memoryview) -> bytes:
-    """The algorithm's digest of bytes (a table's checksum of checksums, say)."""
-    return xxhash.xxh3_128_digest(data)
 
 
 @functools.lru_cache(maxsize=4)

@@ -25,7 +25,8 @@ from typing import Any, TypeVar, cast
 
 from ..errors import MigdError, MigrationError
 from ..io import blocking
-from ..io.checksums import DIGEST_BYTES, ChecksumMismatch, UnitChecksums, hash_memory, unit_count
+from ..io.checksums import ChecksumMismatch, UnitChecksums, hash_memory
+from ..io.digests import DIGEST_BYTES, unit_count
 from ..io.engine import HASH_THREADS, BlockIO, IOEngine, PageRun, Transfer, check_sizes, load_engine
 from ..io.file_verify import FileBlock, FileProgress, verify_file
 from ..io.share import DEFAULT_SLOTS, DiskShare

@@ -31,10 +31,9 @@ from typing import Annotated, Any
 from pydantic import Strict
 
 from ..errors import MigrationError
+from ..limits import CHANNELS_MAX, CHANNELS_MIN
 from ..qapi import QapiStruct, Size, StrOrNull, Uint8, Uint32, Uint64
 
-CHANNELS_MIN = 1
-CHANNELS_MAX = 255  # QEMU's range for multifd-channels
 MAX_DOWNTIME_MS = 2000 * 1000  # QEMU's MAX_MIGRATE_DOWNTIME
 TARGET_PAGE_SIZE = 4096  # x86's, what xbzrle-cache-size is checked against
 
@@ -398,7 +397,3 @@ def plain_types(settings: type[Capabilities] | type[Parameters]) -> dict[str, An
         name: typing.get_args(kind)[0] if typing.get_origin(kind) is Annotated else kind
         for name, kind in field_types(settings).items()
     }
-
-
-def channels_in_range(value: int) -> bool:
-    return CHANNELS_MIN <= value <= CHANNELS_MAX

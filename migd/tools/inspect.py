@@ -13,10 +13,8 @@ import struct
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
-
 from ..errors import FormatError
-from ..io.checksums import ALGORITHM, UNIT_BYTES
+from ..io.digests import ALGORITHM, UNIT_BYTES
 from ..migration.mapped_ram import checksum_table, format
 from ..state.paths import kind_of, written_by_a_job
 
@@ -141,7 +139,7 @@ def _count_present(reader: _Reader, block: format.BlockLayout) -> int:
     for first in range(0, last, pages_per_chunk):
         pages = min(pages_per_chunk, last - first)
         data = reader(block.bitmap_offset + first // 8, -(-pages // 8))
-        present += int(np.count_nonzero(format.decode_bitmap(data, pages)))
+        present += format.count_bitmap(data, pages)
     return present
 
 
@@ -248,7 +246,7 @@ def inspect_file(
                 # As a restore reads it: checked against the description's count and
                 # digest, so that inspect never calls good a file restore refuses.
                 try:
-                    format.read_bitmap(reader, b)
+                    format.check_bitmap(reader, b)
                 except FormatError as exc:
                     bitmap_problem = exc.desc
             blocks.append(

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import FormatError, MigrationError
-from ..io.checksums import ALGORITHM, UNIT_BYTES
+from ..io.digests import ALGORITHM, UNIT_BYTES
 from ..io.file_verify import FileBlock, FileProgress, verify_file
 from ..migration.mapped_ram import checksum_table, format
 from .client import parse_offset

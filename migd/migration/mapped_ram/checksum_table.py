@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...errors import FormatError
-from ...io.checksums import ALGORITHM, DIGEST_BYTES, UNIT_BYTES, digest, unit_count
+from ...io.digests import ALGORITHM, DIGEST_BYTES, UNIT_BYTES, digest, unit_count
 from .format import ParsedStream, ReadAt
 
 TABLE_ALIGN = 4096

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...errors import MigrationError
-from ...io.checksums import DIGEST_BYTES, UNIT_PAGES
+from ...io.digests import DIGEST_BYTES, UNIT_PAGES
 from ...io.engine import BlockIO
 from ...io.target import Target
 from ..job import Job
