@@ -1744,6 +1744,28 @@ MUTANTS = [
         ("tests/test_save_staging.py::"
          "test_once_new_pages_are_dear_the_rest_is_read_into_the_mapping",),
     ),
+    Mutant(
+        "client-commands-load-the-daemons-config",
+        "migd/app/cli.py",
+        "from .locations import DEFAULT_CONFIG_PATH, default_socket_path\n",
+        "from .config import DEFAULT_CONFIG_PATH, default_socket_path\n",
+        ("tests/test_vm.py::test_restore_loads_none_of_the_daemons_modules",),
+    ),
+    Mutant(
+        "inspect-decodes-bitmaps-with-numpy",
+        "migd/tools/inspect.py",
+        "        present += format.count_bitmap(data, pages)\n",
+        "        present += int(format.decode_bitmap(data, pages).sum())\n",
+        ("tests/test_vm.py::test_restore_loads_none_of_the_daemons_modules",),
+    ),
+    Mutant(
+        "restore-start-up-from-the-wrong-stat-field",
+        "migd/tools/vm.py",
+        "        began = int(fields[19]) / os.sysconf(\"SC_CLK_TCK\")  # field 22, starttime\n",
+        "        began = int(fields[18]) / os.sysconf(\"SC_CLK_TCK\")  # field 22, starttime\n",
+        ("tests/test_vm.py::"
+         "test_a_saved_vm_restores_into_a_new_qemu_byte_exact_and_runs",),
+    ),
 ]  # fmt: skip
 
 

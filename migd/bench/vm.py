@@ -252,6 +252,7 @@ async def one_round(
             finally:
                 os.close(fd)
             row.qemu_save.append(time.monotonic() - started)
+            log(f"  QEMU save: {row.qemu_save[-1]:.6f} s")
     finally:
         await vm.close()
     raise_if_stopped()  # a signal deferred while QEMU quit
@@ -281,6 +282,7 @@ async def one_round(
             await vm.cmd("migrate-incoming", {"uri": f"file:{image}"})
             await vm.wait_migration()
             row.qemu_restore.append(time.monotonic() - started)
+            log(f"  QEMU restore: {row.qemu_restore[-1]:.6f} s")  # beside migd's, per round
         if not same_contents(expected, restored, row.size):
             raise BenchError(f"{who}: the restored guest memory differs from the saved memory")
     finally:
