@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -195,6 +196,7 @@ def test_vm_suspend_resume_suspends_and_resumes_a_firmware_guest(
     assert save in out and "(stop -> image durable)" in out
     assert ("while the guest ran" in out) == live
     assert "==> migd vm restore" in out and "the new QEMU is running" in out
+    assert re.search(r"downtime \d+\.\d+ s \(command -> running\): start-up 0\.\d+ s", out), out
     assert out.rstrip().endswith("==> done")
     client = RawClient(daemon.socket_path).negotiate()
     assert client.ok("query-memdev") == [] and client.ok("query-jobs") == []
