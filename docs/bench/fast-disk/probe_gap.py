@@ -76,7 +76,7 @@ def perf(name, pid, once):
 
 
 try:
-    random_file(mem)
+    random_file(mem); os.chmod(mem, 0o600)  # migd restores into no file others may read
     if OP == "restore":
         random_file(plain_file)
     else:
