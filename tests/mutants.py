@@ -1766,6 +1766,14 @@ MUTANTS = [
         ("tests/test_vm.py::"
          "test_a_saved_vm_restores_into_a_new_qemu_byte_exact_and_runs",),
     ),
+    Mutant(
+        "restore-start-up-formatted-when-unknown",
+        "migd/tools/vm.py",
+        "        if startup is not None\n        else \"\"\n",
+        "        if True\n        else \"\"\n",
+        ("tests/test_vm.py::"
+         "test_a_restore_whose_start_is_unknown_reports_without_its_start_up",),
+    ),
 ]  # fmt: skip
 
 

@@ -416,6 +416,25 @@ async def test_restore_reads_the_image_it_checked_even_if_its_name_is_replaced(
         assert await status(qemu) == "paused"
 
 
+async def test_a_restore_whose_start_is_unknown_reports_without_its_start_up(
+    daemon: DaemonProcess, setup: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where /proc/self/stat cannot be read, the summary leaves the start-up out (before:
+    formatting the missing figure raised TypeError after the guest was restored)."""
+    ram, d, image = setup["ram"], setup["dir"], setup["image"]
+    saved = await saved_image(daemon, setup, "--quit")
+    monkeypatch.setattr(vm, "_process_age", lambda: None)
+    fill_random(ram, SIZE, seed=97)
+    async with QemuVM(qemu_args(ram, d / "b-cli.sock", extra=INCOMING), d, name="b") as qemu:
+        options = _options(daemon, d / "b-cli.sock", image)
+        options.paused = True
+        out = io.StringIO()
+        assert await vm.run_vm_restore(options, out, io.StringIO()) == 0
+        assert "vm restore completed" in out.getvalue() and "start-up" not in out.getvalue()
+        assert ram.read_bytes() == saved
+        assert await status(qemu) == "paused"
+
+
 async def test_a_temporary_file_replaced_during_the_save_is_not_renamed_into_place(
     daemon: DaemonProcess, setup: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -176,10 +176,15 @@ async def wait_for_guest(console: Path) -> None:
         await asyncio.sleep(0.2)  # the console is a file the guest writes
 
 
-def migd_cli(sock: Path, vm: Vm, *args: str) -> dict[str, Any]:
-    argv = [sys.executable, "-m", "migd", "vm", args[0], "--qmp", str(vm.cli_sock),
+def cli_argv(sock: Path, vm: Vm, *args: str) -> list[str]:
+    """`migd vm ARGS[0] ... ARGS[1:]` against this VM's CLI socket, with JSON output."""
+    return [sys.executable, "-m", "migd", "vm", args[0], "--qmp", str(vm.cli_sock),
             "--socket", str(sock), "--json", "-q", *args[1:]]  # fmt: skip
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+
+
+def migd_cli(sock: Path, vm: Vm, *args: str) -> dict[str, Any]:
+    result = subprocess.run(cli_argv(sock, vm, *args), capture_output=True, text=True,
+                            timeout=600)  # fmt: skip
     if result.returncode != 0:
         raise BenchError(f"migd vm {args[0]} failed: {result.stderr.strip()}")
     return dict(json.loads(result.stdout))
@@ -190,8 +195,7 @@ async def migd_restore(sock: Path, vm: Vm, image: Path) -> tuple[dict[str, Any],
     reports its part loaded (the guest ready to run): its start-up counts, as it does for
     a management application that runs the command during the downtime (the command's
     own figure starts once it has loaded: 0.2-0.5 s later here)."""
-    argv = [sys.executable, "-m", "migd", "vm", "restore", "--qmp", str(vm.cli_sock),
-            "--socket", str(sock), "--json", "-q", "--paused", str(image)]  # fmt: skip
+    argv = cli_argv(sock, vm, "restore", "--paused", str(image))
     started = time.monotonic()
     proc = await asyncio.create_subprocess_exec(
         *argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE

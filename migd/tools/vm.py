@@ -1446,10 +1446,14 @@ async def _restore(
             **({"startup": startup} if startup is not None else {}),
         )  # fmt: skip
         return 0
-    loading = f"  start-up:     {startup:.2f} s (the command loading, before the restore)\n"
+    loading = (
+        f"  start-up:     {startup:.2f} s (the command loading, before the restore)\n"
+        if startup is not None
+        else ""
+    )
     print(
         f"vm restore completed: {image} (image id {header.image_id})\n"
-        f"{loading if startup is not None else ''}"
+        f"{loading}"
         f"  checks:       image and QEMU in {t['checked'] - t['start']:.3f} s\n"
         f"  RAM:          {human_bytes(ram_bytes)} by migd in {t['ram'] - t['checked']:.3f} s\n"
         f"  device state: {human_bytes(header.device.length)} by QEMU in "
