@@ -456,6 +456,14 @@ def _add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
                 help="restore into RAM files an interrupted or failed restore left partial "
                 "(migd refuses them otherwise: their content is a mix)",
             )
+            p.add_argument(
+                "--postcopy",
+                action="store_true",
+                help="start the guest before its RAM is back: this command streams the RAM "
+                "into QEMU, which asks for the pages the guest touches first (a downtime of "
+                "the device state's load; a damaged image found after the start costs the "
+                "guest; docs/postcopy.md)",
+            )
 
     call = sub.add_parser("call", help="run any QMP command and print its JSON result")
     call.add_argument("--socket", default=None, help=socket_help)
@@ -887,6 +895,7 @@ def cmd_vm(args: argparse.Namespace) -> int:
         return _run_client("vm save", run_vm_save(opts, sys.stdout, sys.stderr))
     opts.paused = args.paused
     opts.accept_partial = args.accept_partial
+    opts.postcopy = args.postcopy
     return _run_client("vm restore", run_vm_restore(opts, sys.stdout, sys.stderr))
 
 

@@ -134,6 +134,7 @@ class VmOptions:
     live: bool = False  # save: copy the RAM while the guest runs, then only what changed
     paused: bool = False  # restore: leave the guest paused
     accept_partial: bool = False  # restore: into RAM files an earlier restore left partial
+    postcopy: bool = False  # restore: the guest runs before its RAM is back (vm_postcopy.py)
     qemu_timeout: float = QEMU_TIMEOUT  # seconds for each QEMU command to answer
     json: bool = False  # print the summary as JSON
     timings: dict[str, float] = field(default_factory=dict)
@@ -343,15 +344,16 @@ class QemuMigration:
 
     def __init__(self, qemu: Any) -> None:
         self.qemu = qemu
-        self.wanted = self.CAPS
+        self.wanted: dict[str, bool] = self.CAPS
         self.saved_caps: dict[str, bool] = {}
         self.saved_bandwidth: int | None = None
         self.fdset: int | None = None
 
-    async def set_up(self, incoming: bool) -> None:
+    async def set_up(self, incoming: bool, wanted: Mapping[str, bool] | None = None) -> None:
+        """`wanted`: other capabilities than a split restore's (a postcopy restore's)."""
         command = "query-migrate-capabilities"
         caps = expect(await qemu_execute(self.qemu, command), list, f"reply to {command}")
-        self.wanted = self.INCOMING_CAPS if incoming else self.CAPS
+        self.wanted = dict(wanted) if wanted else self.INCOMING_CAPS if incoming else self.CAPS
         self.saved_caps = {}
         for cap in caps:
             name = member(cap, "capability", str, command)
@@ -1121,9 +1123,19 @@ def _print_json(
     out: TextIO, what: str, image: str, header: vm_image.ImageHeader, **seconds: float
 ) -> None:
     """--json: one object, for management applications and `migd bench --vm`."""
+    _print_summary_json(out, _summary(what, image, header, seconds))
+
+
+def _print_summary_json(out: TextIO, summary: Mapping[str, Any]) -> None:
     import json
 
-    summary = {
+    print(json.dumps(summary), file=out, flush=True)
+
+
+def _summary(
+    what: str, image: str, header: vm_image.ImageHeader, seconds: Mapping[str, float]
+) -> dict[str, Any]:
+    return {
         "command": f"vm {what}",
         "image": image,
         "image-id": header.image_id,
@@ -1131,7 +1143,6 @@ def _print_json(
         "ram-bytes": sum(b.size for b in header.backends),
         "seconds": {key.replace("_", "-"): round(value, 6) for key, value in seconds.items()},
     }
-    print(json.dumps(summary), file=out, flush=True)
 
 
 # What the summary says of the VM after the save (`gone`: QEMU ended before --resume's cont).
@@ -1376,49 +1387,62 @@ async def _restore(
         match_guest(header, machine, backends)
         ram_fds = open_backend_files(qemu, backends)
         lock_vm(backends, ram_fds, locks)  # as a save's: before anything is changed
-        # Set now, not at the load: the MIGRATION events are on while the RAM lands (one
-        # started before and still running, or done, shows in _check_before_load too).
-        await settings.set_up(incoming=True)
-        # Scoped before any object-add or add-fd: if this process is killed, migd cancels
-        # its job and drops its backends (the guest's RAM mapped) and fd sets.
-        migd = await connect(opts.socket, scoped=True)
-        direct_io = opts.direct_io
-        if direct_io is None:
-            direct_io = probe_direct_io(f"/proc/self/fd/{fd}", for_write=False)
-        tag = f"{header.image_id[:8]}-{os.getpid()}"
-        t["checked"] = time.monotonic()
-        try:
-            migd_ids = await add_migd_backends(
-                migd,
-                [(f"vm-{tag}-{e.id}", e.block, e.size, ram_fds[e.id]) for e in header.backends],
-                migd_fdsets,
-                opts.accept_partial,
+        if opts.postcopy:
+            from .vm_postcopy import CAPS, restore_postcopy  # numpy: only when needed
+
+            await settings.set_up(incoming=True, wanted=CAPS)
+            t["checked"] = time.monotonic()
+            # Incoming QEMU starts the guest at RUN unless stopped first (--paused).
+            await qemu_execute(qemu, "stop")
+            await _check_before_load(qemu, watch)
+            postcopy = await restore_postcopy(
+                qemu, fd, image, header, ram_fds, opts.paused, opts.quiet, err
             )
-        except ClientError as exc:
-            if "left partial" not in str(exc):
-                raise
-            raise ClientError(
-                f"{exc}\n(this QEMU's RAM file holds a partial restore; "
-                "`migd vm restore --accept-partial` restores into it anyway)"
-            ) from None
-        # Incoming QEMU starts the guest when its part is loaded unless stopped first.
-        await qemu_execute(qemu, "stop")
-        uri_path = await settings.add_fd(fd, "migd vm restore")
-        migd_fdset = await pass_image_to_migd(
-            migd, fd, [os.O_RDONLY], direct_io, "migd vm restore"
-        )
-        await ram_job(migd, interrupt, opts, "restore", f"vm-restore-{tag}", migd_ids,
-                      f"file:/dev/fdset/{migd_fdset},offset={header.ram.offset}",
-                      direct_io, err)  # fmt: skip
-        t["ram"] = time.monotonic()
-        await _check_before_load(qemu, watch)
-        await _load_device_state(qemu, image, f"file:{uri_path},offset={header.device.offset}")
-        t["device"] = time.monotonic()
-        if not opts.paused:
-            # Not ended by Ctrl-C: a cont QEMU carried out but answered late would be
-            # reported as a failed restore of a guest that runs.
-            await qemu_execute(qemu, "cont", interruptible=False)
-        t["running"] = time.monotonic()
+            t["device"], t["running"], t["ram"] = postcopy.started, postcopy.running, postcopy.ram
+        else:
+            # Set now, not at the load: the MIGRATION events are on while the RAM lands (one
+            # started before and still running, or done, shows in _check_before_load too).
+            await settings.set_up(incoming=True)
+            # Scoped before any object-add or add-fd: if this process is killed, migd cancels
+            # its job and drops its backends (the guest's RAM mapped) and fd sets.
+            migd = await connect(opts.socket, scoped=True)
+            direct_io = opts.direct_io
+            if direct_io is None:
+                direct_io = probe_direct_io(f"/proc/self/fd/{fd}", for_write=False)
+            tag = f"{header.image_id[:8]}-{os.getpid()}"
+            t["checked"] = time.monotonic()
+            try:
+                migd_ids = await add_migd_backends(
+                    migd,
+                    [(f"vm-{tag}-{e.id}", e.block, e.size, ram_fds[e.id]) for e in header.backends],
+                    migd_fdsets,
+                    opts.accept_partial,
+                )
+            except ClientError as exc:
+                if "left partial" not in str(exc):
+                    raise
+                raise ClientError(
+                    f"{exc}\n(this QEMU's RAM file holds a partial restore; "
+                    "`migd vm restore --accept-partial` restores into it anyway)"
+                ) from None
+            # Incoming QEMU starts the guest when its part is loaded unless stopped first.
+            await qemu_execute(qemu, "stop")
+            uri_path = await settings.add_fd(fd, "migd vm restore")
+            migd_fdset = await pass_image_to_migd(
+                migd, fd, [os.O_RDONLY], direct_io, "migd vm restore"
+            )
+            await ram_job(migd, interrupt, opts, "restore", f"vm-restore-{tag}", migd_ids,
+                          f"file:/dev/fdset/{migd_fdset},offset={header.ram.offset}",
+                          direct_io, err)  # fmt: skip
+            t["ram"] = time.monotonic()
+            await _check_before_load(qemu, watch)
+            await _load_device_state(qemu, image, f"file:{uri_path},offset={header.device.offset}")
+            t["device"] = time.monotonic()
+            if not opts.paused:
+                # Not ended by Ctrl-C: a cont QEMU carried out but answered late would be
+                # reported as a failed restore of a guest that runs.
+                await qemu_execute(qemu, "cont", interruptible=False)
+            t["running"] = time.monotonic()
         # QEMU's settings and migd's mappings are undone once the guest runs
         # (unmapping GiBs takes tens of ms), and also after a failure.
     finally:
@@ -1438,6 +1462,8 @@ async def _restore(
         if qemu is not None:
             await _disconnect(qemu)
     ram_bytes = sum(b.size for b in header.backends)
+    if opts.postcopy:
+        return _print_postcopy_summary(out, opts, image, header, t, startup, ram_bytes)
     if opts.json:
         _print_json(
             out, "restore", image, header, checks=t["checked"] - t["start"],
@@ -1460,6 +1486,50 @@ async def _restore(
         f"{t['device'] - t['ram']:.3f} s\n"
         f"  downtime:     {t['running'] - t['start']:.3f} s (restore start -> "
         f"{'paused, ready' if opts.paused else 'running'})",
+        file=out,
+        flush=True,
+    )
+    return 0
+
+
+def _print_postcopy_summary(
+    out: TextIO,
+    opts: VmOptions,
+    image: str,
+    header: vm_image.ImageHeader,
+    t: Mapping[str, float],
+    startup: float | None,
+    ram_bytes: int,
+) -> int:
+    """A postcopy restore's timings: its downtime ends before its RAM is in."""
+    state = "paused, ready" if opts.paused else "running"
+    if opts.json:
+        seconds = {
+            "checks": t["checked"] - t["start"],
+            "device_state": t["device"] - t["checked"],
+            "downtime": t["running"] - t["start"],
+            "ram": t["ram"] - t["start"],
+            "ram_after_start": t["ram"] - t["running"],
+            **({"startup": startup} if startup is not None else {}),
+        }
+        summary = _summary("restore", image, header, seconds)
+        summary["postcopy"] = True
+        _print_summary_json(out, summary)
+        return 0
+    loading = (
+        f"  start-up:     {startup:.2f} s (the command loading, before the restore)\n"
+        if startup is not None
+        else ""
+    )
+    print(
+        f"vm restore completed (postcopy): {image} (image id {header.image_id})\n"
+        f"{loading}"
+        f"  checks:       image and QEMU in {t['checked'] - t['start']:.3f} s\n"
+        f"  device state: {human_bytes(header.device.length)} by QEMU in "
+        f"{t['device'] - t['checked']:.3f} s\n"
+        f"  downtime:     {t['running'] - t['start']:.3f} s (restore start -> {state})\n"
+        f"  RAM:          {human_bytes(ram_bytes)} in {t['ram'] - t['running']:.3f} s more, "
+        f"the guest {state} (all in {t['ram'] - t['start']:.3f} s after the start)",
         file=out,
         flush=True,
     )
