@@ -1,5 +1,6 @@
 """A real Linux guest suspended to one image by `migd vm save --quit` and resumed in a new
-QEMU by `migd vm restore` (tests/guest.py builds it; TCG unless KVM can boot it here).
+QEMU by `migd vm restore`, also with --postcopy (tests/guest.py builds it; TCG unless KVM
+can boot it here).
 
 The guest re-checks 64 MiB of tmpfs data and a rewritten 16 MiB region every round and
 prints `tick N ok`: after the restore into a QEMU whose RAM file was filled with garbage,
@@ -29,11 +30,16 @@ def with_cli_socket(args: list[str], sock: Path) -> list[str]:
 
 
 # --live: the RAM is copied while the guest runs its checks (and rewrites its region),
-# then only the units that changed are saved again once it is stopped.
-@pytest.mark.parametrize("live", [False, True], ids=["stopped", "live"])
+# then only the units that changed are saved again once it is stopped. postcopy: the
+# guest runs again before its RAM is back, asking for the pages it touches first.
+@pytest.mark.parametrize(
+    "live, postcopy", [(False, False), (True, False), (False, True)],
+    ids=["stopped", "live", "postcopy"],
+)  # fmt: skip
 async def test_a_suspended_guest_resumes_in_a_new_qemu_and_its_memory_checks_pass(
-    daemon: DaemonProcess, short_dir: Path, shm: Path, live: bool
+    daemon: DaemonProcess, short_dir: Path, shm: Path, live: bool, postcopy: bool
 ) -> None:
+    restore = ("restore", "--postcopy") if postcopy else ("restore",)
     guest_dir()
     accel = accelerator()
     ram, image = shm / "guest-ram", short_dir / "guest.img"
@@ -53,8 +59,10 @@ async def test_a_suspended_guest_resumes_in_a_new_qemu_and_its_memory_checks_pas
     args = qemu_args(ram, RAM_MIB, second, accel, incoming=True)
     async with QemuVM(with_cli_socket(args, short_dir / "b-cli.sock"), short_dir, name="b") as vm:
         assert vm.proc is not None
-        vm_cli(daemon, short_dir / "b-cli.sock", "restore", str(image))
+        out = vm_cli(daemon, short_dir / "b-cli.sock", *restore, str(image)).stdout
+        assert ("(postcopy)" in out) == postcopy, out
         assert (await vm.cmd("query-status"))["status"] == "running"
+        assert (await vm.cmd("query-migrate"))["status"] == "completed"
         counter = await wait_for_tick(second, last + 1, BOOT_TIMEOUT, vm.proc)
         console = second.read_text(errors="replace")
         assert "guest: boot" not in console, console  # went on, not rebooted
@@ -69,7 +77,7 @@ async def test_a_suspended_guest_resumes_in_a_new_qemu_and_its_memory_checks_pas
     before = ram.read_bytes()
     args = qemu_args(ram, RAM_MIB // 2, short_dir / "third.serial", accel, incoming=True)
     async with QemuVM(with_cli_socket(args, short_dir / "c-cli.sock"), short_dir, name="c") as vm:
-        result = vm_cli(daemon, short_dir / "c-cli.sock", "restore", str(image), check=False)
+        result = vm_cli(daemon, short_dir / "c-cli.sock", *restore, str(image), check=False)
         assert result.returncode == 1
         assert f"memory backend 'ram0' has {(RAM_MIB // 2) << 20} bytes" in result.stderr
         assert ram.read_bytes() == before

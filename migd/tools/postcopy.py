@@ -20,6 +20,7 @@ QEMU's requests into a queue for the writer.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import queue
 import socket
@@ -113,8 +114,10 @@ class PostcopySource:
             self._serve_requests()
             self.sock.sendall(self.stream.part_end_and_eof())
         finally:
-            self._view.release()
-            self._buffer.close()
+            # A traceback may still hold views of the buffer: then it goes with them.
+            with contextlib.suppress(BufferError):
+                self._view.release()
+                self._buffer.close()
 
     def _check_cancel(self) -> None:
         if self.cancel.is_set():

@@ -185,7 +185,7 @@ def split_device_state(data: bytes) -> DeviceState:
         if kind == fmt.VM_SECTION_END:
             break
     start, end = cur.pos, _end_of_devices(data)
-    if end < start or (end > start and data[start] != fmt.VM_SECTION_FULL):
+    if end <= start or data[start] != fmt.VM_SECTION_FULL:
         raise FormatError(f"no device sections after the RAM end section (offset {start})")
     known = {b.name for b in blocks}
     if not names <= known:

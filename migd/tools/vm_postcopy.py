@@ -231,8 +231,13 @@ async def restore_postcopy(
         times.requests = source.progress.requests
         times.requested_pages = source.progress.requested_pages
         return times
-    except (ClientError, PostcopyError, MigrationError, OSError) as exc:
-        text = exc.desc if isinstance(exc, MigrationError) else str(exc)
+    except Exception as exc:  # whatever it was, the guest's fate is told
+        if isinstance(exc, MigrationError):
+            text = exc.desc
+        elif isinstance(exc, (ClientError, PostcopyError, OSError)):
+            text = str(exc)
+        else:
+            text = f"internal error: {type(exc).__name__}: {exc}"
         if started:
             raise ClientError(
                 f"the postcopy restore of '{image}' failed after the guest started: {text}; "
