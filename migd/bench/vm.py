@@ -80,6 +80,9 @@ class Row:
     migd_restore: list[float] = field(default_factory=list)
     live_restore: list[float] = field(default_factory=list)  # of --live's image
     qemu_restore: list[float] = field(default_factory=list)
+    # migd vm restore --postcopy of migd's image: until the guest can run, until all in
+    postcopy_ready: list[float] = field(default_factory=list)
+    postcopy_all: list[float] = field(default_factory=list)
     disk_write: list[float] = field(default_factory=list)  # the same bytes, O_DIRECT
     disk_read: list[float] = field(default_factory=list)
 
@@ -139,6 +142,17 @@ class Vm:
                 raise BenchError(f"QEMU migration {info.get('status')}: {info.get('error-desc')}")
             await asyncio.sleep(QEMU_POLL)
 
+    async def wait_started(self) -> float:
+        """The monotonic time at which QEMU was first seen out of `inmigrate` (a postcopy
+        load that has handled RUN: the guest can run; polled every QEMU_POLL)."""
+        while True:
+            if (await self.cmd("query-status")).get("status") != "inmigrate":
+                return time.monotonic()
+            info = await self.cmd("query-migrate")
+            if info.get("status") in ("failed", "cancelled"):
+                raise BenchError(f"QEMU migration {info.get('status')}: {info.get('error-desc')}")
+            await asyncio.sleep(QEMU_POLL)
+
     async def mapped_ram(self, channels: int) -> None:
         caps = [{"capability": c, "state": True} for c in ("multifd", "mapped-ram")]
         await self.cmd("migrate-set-capabilities", {"capabilities": caps})
@@ -190,18 +204,22 @@ def migd_cli(sock: Path, vm: Vm, *args: str) -> dict[str, Any]:
     return dict(json.loads(result.stdout))
 
 
-async def migd_restore(sock: Path, vm: Vm, image: Path) -> tuple[dict[str, Any], float]:
+async def migd_restore(
+    sock: Path, vm: Vm, image: Path, postcopy: bool = False
+) -> tuple[dict[str, Any], float]:
     """`migd vm restore --paused IMAGE`'s JSON, and the seconds from its spawn until QEMU
     reports its part loaded (the guest ready to run): its start-up counts, as it does for
     a management application that runs the command during the downtime (the command's
-    own figure starts once it has loaded: 0.2-0.5 s later here)."""
-    argv = cli_argv(sock, vm, "restore", "--paused", str(image))
+    own figure starts once it has loaded: 0.2-0.5 s later here). With `postcopy`, until
+    QEMU leaves `inmigrate` (the guest can run; its RAM still coming)."""
+    extra = ("--postcopy",) if postcopy else ()
+    argv = cli_argv(sock, vm, "restore", "--paused", *extra, str(image))
     started = time.monotonic()
     proc = await asyncio.create_subprocess_exec(
         *argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     ended = asyncio.ensure_future(asyncio.wait_for(proc.communicate(), 600))
-    loaded = asyncio.ensure_future(vm.wait_migration())
+    loaded = asyncio.ensure_future(vm.wait_started() if postcopy else vm.wait_migration())
     try:
         await asyncio.wait({ended, loaded}, return_when=asyncio.FIRST_COMPLETED)
         stdout, stderr = await ended
@@ -291,9 +309,36 @@ async def one_round(
             raise BenchError(f"{who}: the restored guest memory differs from the saved memory")
     finally:
         await vm.close()
+    if who == "migd" and args.postcopy:
+        await postcopy_round(row, work, shm, sock, args, image, expected)
     image.unlink()
     if expected != saved:
         expected.unlink()
+
+
+async def postcopy_round(
+    row: Row, work: Path, shm: Path, sock: Path, args: argparse.Namespace, image: Path,
+    expected: Path,
+) -> None:  # fmt: skip
+    """migd's image again, by `migd vm restore --postcopy` into a new memory file: timed
+    until the guest can run and until all of its RAM is in (the command's end)."""
+    restored = shm / "postcopy-ram"
+    restored.unlink(missing_ok=True)
+    drop_caches(work, enabled=os.geteuid() == 0)
+    vm = Vm(work, "c", restored, row.size, args, incoming=True)
+    try:
+        await vm.connect()
+        started = time.monotonic()
+        out, ready = await migd_restore(sock, vm, image, postcopy=True)
+        row.postcopy_ready.append(ready)
+        row.postcopy_all.append(time.monotonic() - started)
+        log(f"  migd vm restore --postcopy: ready {ready:.6f} s from its spawn, all in "
+            f"{row.postcopy_all[-1]:.6f} s; its own: {out['seconds']}")  # fmt: skip
+        if not same_contents(expected, restored, row.size):
+            raise BenchError("postcopy: the restored guest memory differs from the saved memory")
+    finally:
+        await vm.close()
+        restored.unlink(missing_ok=True)
 
 
 def _median_range(values: list[float]) -> str:
@@ -346,6 +391,19 @@ def report(rows: list[Row], args: argparse.Namespace) -> str:
             f"| {_median_range(r.live_pass)} | {_median_range(r.live_restore)} "
             f"| {_ratio(r.live_restore, r.qemu_restore)} |"
         )
+    if args.postcopy:
+        lines += [
+            "",
+            "| guest RAM | migd vm restore --postcopy: guest can run | QEMU restore "
+            "| --postcopy / QEMU (target <= 0.8) | all RAM in | all in / QEMU |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for r in rows:
+            lines.append(
+                f"| {r.size / GiB:g} GiB | {_median_range(r.postcopy_ready)} "
+                f"| {_median_range(r.qemu_restore)} | {_ratio(r.postcopy_ready, r.qemu_restore)} "
+                f"| {_median_range(r.postcopy_all)} | {_ratio(r.postcopy_all, r.qemu_restore)} |"
+            )
     lines += [
         "",
         "--live: the RAM is saved while the guest runs (then read back for its checksums), "
@@ -386,6 +444,12 @@ async def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--memory-dir", default="/dev/shm", help="where the guests' memory files live"
+    )
+    parser.add_argument(
+        "--postcopy",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also restore migd's image with `migd vm restore --postcopy` each round",
     )
     parser.add_argument("--qemu", default="qemu-system-x86_64")
     args = parser.parse_args(argv)
