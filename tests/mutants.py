@@ -1082,8 +1082,8 @@ MUTANTS = [
     Mutant(
         "vm-restore-misses-another-clients-migrate-incoming",
         "migd/tools/vm.py",
-        "        await _check_before_load(qemu, watch)",
-        "        pass",
+        "            await _check_before_load(qemu, watch)\n            await _load_device_state(",
+        "            await _load_device_state(",
         ("tests/test_vm_concurrent.py::"
          "test_a_migrate_incoming_by_another_client_during_a_restore_fails_it_naming_that",),
     ),
@@ -1769,10 +1769,52 @@ MUTANTS = [
     Mutant(
         "restore-start-up-formatted-when-unknown",
         "migd/tools/vm.py",
-        "        if startup is not None\n        else \"\"\n",
-        "        if True\n        else \"\"\n",
+        "        if startup is not None\n        else \"\"\n    )\n    print(\n"
+        "        f\"vm restore completed: ",
+        "        if True\n        else \"\"\n    )\n    print(\n"
+        "        f\"vm restore completed: ",
         ("tests/test_vm.py::"
          "test_a_restore_whose_start_is_unknown_reports_without_its_start_up",),
+    ),
+    Mutant(
+        "postcopy-listen-without-a-discard",
+        "migd/tools/postcopy_stream.py",
+        "        out += command(CMD_POSTCOPY_RAM_DISCARD, discard)\n",
+        "",
+        ("tests/test_vm_postcopy.py::"
+         "test_a_device_state_splits_into_blocks_records_and_devices",),
+    ),
+    Mutant(
+        "postcopy-block-list-keeps-guest-addresses",
+        "migd/tools/postcopy_stream.py",
+        "_str8(b.name) + _BE64.pack(b.length) for b in s.blocks",
+        "_str8(b.name) + _BE64.pack(b.length) + _BE64.pack(0) for b in s.blocks",
+        ("tests/test_vm_postcopy.py::"
+         "test_a_device_state_splits_into_blocks_records_and_devices",),
+    ),
+    Mutant(
+        "postcopy-devices-take-the-eof-byte",
+        "migd/tools/postcopy_stream.py",
+        "            return at - 1\n",
+        "            return at\n",
+        ("tests/test_vm_postcopy.py::"
+         "test_a_device_state_splits_into_blocks_records_and_devices",),
+    ),
+    Mutant(
+        "postcopy-pages-sent-unchecked",
+        "migd/tools/postcopy.py",
+        "        if block.digests is not None:\n            self._check_units(",
+        "        if False:\n            self._check_units(",
+        ("tests/test_vm_postcopy.py::"
+         "test_a_page_that_fails_its_checksum_never_reaches_the_guest",),
+    ),
+    Mutant(
+        "postcopy-pages-not-marked-sent",
+        "migd/tools/postcopy.py",
+        "        block.sent[first + where] = True  # before sending",
+        "        block.sent[first + where] = False  # before sending",
+        ("tests/test_vm_postcopy.py::"
+         "test_a_postcopy_restore_gives_qemu_the_saved_ram_byte_for_byte",),
     ),
 ]  # fmt: skip
 

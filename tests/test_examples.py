@@ -181,22 +181,27 @@ def test_qemu_walkthrough_runs_every_step_with_identical_bytes(short_dir):
 
 
 @requires_qemu
-@pytest.mark.parametrize("live", [False, True], ids=["stopped", "live"])
+@pytest.mark.parametrize(
+    "flag", [None, "--live", "--postcopy"], ids=["stopped", "live", "postcopy"]
+)
 def test_vm_suspend_resume_suspends_and_resumes_a_firmware_guest(
-    daemon: DaemonProcess, live: bool
+    daemon: DaemonProcess, flag: str | None
 ) -> None:
     """Firmware only here (tests/test_vm_guest.py runs a Linux guest); against a running
     migd, which it leaves without backends or jobs."""
+    live = flag == "--live"
     code, out, _ = run_example(
         "vm_suspend_resume.py", "--size-mib", "64", "--socket", str(daemon.socket_path),
-        *(["--live"] if live else []),
+        *([flag] if flag else []),
     )  # fmt: skip
     assert code == 0, out
     save = "==> migd vm save --live --quit" if live else "==> migd vm save --quit"
     assert save in out and "(stop -> image durable)" in out
     assert ("while the guest ran" in out) == live
-    assert "==> migd vm restore" in out and "the new QEMU is running" in out
+    restore = "==> migd vm restore --postcopy" if flag == "--postcopy" else "==> migd vm restore"
+    assert restore in out and "the new QEMU is running" in out
     assert re.search(r"downtime \d+\.\d+ s \(command -> running\): start-up 0\.\d+ s", out), out
+    assert ("its RAM all in" in out) == (flag == "--postcopy"), out
     assert out.rstrip().endswith("==> done")
     client = RawClient(daemon.socket_path).negotiate()
     assert client.ok("query-memdev") == [] and client.ok("query-jobs") == []

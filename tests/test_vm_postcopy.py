@@ -150,8 +150,7 @@ def _device_state(*, caps: tuple[str, ...] = ("x-ignore-shared",), records: byte
     out += struct.pack(">QBI", ps.FLAG_EOS, fmt.VM_SECTION_FOOTER, 2)
     out += struct.pack(">BHH", fmt.VM_COMMAND, ps.CMD_SWITCHOVER_START, 0)
     out += struct.pack(">BIQBI", fmt.VM_SECTION_END, 2, ps.FLAG_EOS, fmt.VM_SECTION_FOOTER, 2)
-    devices = struct.pack(">BIB", fmt.VM_SECTION_FULL, 0, 5) + b"timer" + bytes(40)
-    out += devices if tail is None else tail
+    out += DEVICES if tail is None else tail
     out += bytes([fmt.VM_EOF])
     if vmdesc:
         desc = b'{"page_size": 4096, "devices": []}'
@@ -159,6 +158,7 @@ def _device_state(*, caps: tuple[str, ...] = ("x-ignore-shared",), records: byte
     return bytes(out)
 
 
+DEVICES = struct.pack(">BIB", fmt.VM_SECTION_FULL, 0, 5) + b"timer" + bytes(39) + b"\x7e"
 BIOS_PAGE = struct.pack(">Q", ps.FLAG_PAGE) + b"\x07pc.bios" + b"\xaa" * PAGE
 BIOS_ZERO = struct.pack(">Q", PAGE | ps.FLAG_ZERO | ps.FLAG_CONTINUE) + b"\0"
 
@@ -170,7 +170,7 @@ def test_a_device_state_splits_into_blocks_records_and_devices() -> None:
     assert blocks == [("ram0", 64 * MiB), ("pc.bios", 256 << 10)]
     assert state.records == BIOS_PAGE + BIOS_ZERO
     assert state.record_blocks == {"pc.bios"}
-    assert state.devices.startswith(bytes([fmt.VM_SECTION_FULL])) and b"timer" in state.devices
+    assert state.devices == DEVICES  # from the RAM end section up to EOF, not one byte more
     prefix = ps.PostcopyStream(state, "ram0").prefix()
     # No x-ignore-shared for the destination, no guest addresses in the block list.
     assert b"x-ignore-shared" not in prefix and b"configuration/" not in prefix
