@@ -61,6 +61,7 @@ async def test_a_suspended_guest_resumes_in_a_new_qemu_and_its_memory_checks_pas
         assert vm.proc is not None
         out = vm_cli(daemon, short_dir / "b-cli.sock", *restore, str(image)).stdout
         assert ("(postcopy)" in out) == postcopy, out
+        assert ("pages in" in out and "requests of QEMU's" in out) == postcopy, out
         assert (await vm.cmd("query-status"))["status"] == "running"
         assert (await vm.cmd("query-migrate"))["status"] == "completed"
         counter = await wait_for_tick(second, last + 1, BOOT_TIMEOUT, vm.proc)

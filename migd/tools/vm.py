@@ -1368,6 +1368,7 @@ async def _restore(
     migd_ids: list[str] = []
     migd_fdsets: list[int] = []
     migd_fdset: int | None = None
+    requests = (0, 0)  # a postcopy restore's: QEMU's page requests, the pages they named
     try:
         header = check_image(image, fd)
         qemu = await connect_qemu(opts.qmp, opts.qemu_timeout)
@@ -1399,6 +1400,7 @@ async def _restore(
                 qemu, fd, image, header, ram_fds, opts.paused, opts.quiet, err
             )
             t["device"], t["running"], t["ram"] = postcopy.started, postcopy.running, postcopy.ram
+            requests = (postcopy.requests, postcopy.requested_pages)
         else:
             # Set now, not at the load: the MIGRATION events are on while the RAM lands (one
             # started before and still running, or done, shows in _check_before_load too).
@@ -1463,7 +1465,7 @@ async def _restore(
             await _disconnect(qemu)
     ram_bytes = sum(b.size for b in header.backends)
     if opts.postcopy:
-        return _print_postcopy_summary(out, opts, image, header, t, startup, ram_bytes)
+        return _print_postcopy_summary(out, opts, image, header, t, startup, ram_bytes, requests)
     if opts.json:
         _print_json(
             out, "restore", image, header, checks=t["checked"] - t["start"],
@@ -1500,8 +1502,10 @@ def _print_postcopy_summary(
     t: Mapping[str, float],
     startup: float | None,
     ram_bytes: int,
+    requests: tuple[int, int],
 ) -> int:
-    """A postcopy restore's timings: its downtime ends before its RAM is in."""
+    """A postcopy restore's timings: its downtime ends before its RAM is in; and how
+    often the guest had to wait for a page (QEMU's requests)."""
     state = "paused, ready" if opts.paused else "running"
     if opts.json:
         seconds = {
@@ -1514,6 +1518,7 @@ def _print_postcopy_summary(
         }
         summary = _summary("restore", image, header, seconds)
         summary["postcopy"] = True
+        summary["page-requests"], summary["pages-requested"] = requests
         _print_summary_json(out, summary)
         return 0
     loading = (
@@ -1529,7 +1534,8 @@ def _print_postcopy_summary(
         f"{t['device'] - t['checked']:.3f} s\n"
         f"  downtime:     {t['running'] - t['start']:.3f} s (restore start -> {state})\n"
         f"  RAM:          {human_bytes(ram_bytes)} in {t['ram'] - t['running']:.3f} s more, "
-        f"the guest {state} (all in {t['ram'] - t['start']:.3f} s after the start)",
+        f"the guest {state} (all in {t['ram'] - t['start']:.3f} s after the start)\n"
+        f"  asked for:    {requests[1]} pages in {requests[0]} requests of QEMU's, sent first",
         file=out,
         flush=True,
     )

@@ -97,6 +97,23 @@ def _block_names(
     return names
 
 
+# The socket's send buffer: 2 MiB, not Linux's default ~200 KiB. Fewer wake-ups of both
+# ends: 1 GiB of RAM went in 1.5-3.0 s after the start against 2.7-3.6 s (alternated
+# rounds, docs/postcopy.md), with less CPU in this process. Not larger: a page the guest
+# asks for waits behind what is queued already (2 MiB: a few ms).
+SEND_BUFFER = 2 << 20
+_SO_SNDBUFFORCE = 32  # Linux: root may exceed net.core.wmem_max
+
+
+def _enlarge_send_buffer(sock: socket.socket) -> None:
+    for option in (_SO_SNDBUFFORCE, socket.SO_SNDBUF):  # SO_SNDBUF: capped by wmem_max
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, SEND_BUFFER)
+            return
+        except OSError:
+            continue
+
+
 def _check_page_sizes(ram_fds: dict[str, int]) -> None:
     """Postcopy here places 4 KiB pages; hugetlbfs RAM would need whole huge pages."""
     for backend, fd in ram_fds.items():
@@ -158,6 +175,7 @@ async def restore_postcopy(
     state = _device_state(fd, image, header)
     names = _block_names(state, header, image)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    _enlarge_send_buffer(ours)
     source, readers = _source(ours, fd, image, header, state, names)
     times = PostcopyTimes()
     errors: list[BaseException] = []
