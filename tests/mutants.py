@@ -1814,7 +1814,23 @@ MUTANTS = [
         "        block.sent[first + where] = True  # before sending",
         "        block.sent[first + where] = False  # before sending",
         ("tests/test_vm_postcopy.py::"
-         "test_a_postcopy_restore_gives_qemu_the_saved_ram_byte_for_byte",),
+         "test_the_writer_sends_each_present_page_once_and_asked_for_zeros_as_zero_records",),
+    ),
+    Mutant(
+        "postcopy-asked-for-zeros-never-sent",
+        "migd/tools/postcopy.py",
+        "            zeros = [p for p in range(start, start + count) if not block.sent[p]]",
+        "            zeros: list[int] = []",
+        ("tests/test_vm_postcopy.py::"
+         "test_the_writer_sends_each_present_page_once_and_asked_for_zeros_as_zero_records",),
+    ),
+    Mutant(
+        "postcopy-request-range-unchecked",
+        "migd/tools/postcopy.py",
+        "or length % PAGE_SIZE or start + length > size_bytes:",
+        "or length % PAGE_SIZE:",
+        ("tests/test_vm_postcopy.py::"
+         "test_what_a_qemu_asks_outside_its_blocks_ends_the_stream_saying_what",),
     ),
 ]  # fmt: skip
 

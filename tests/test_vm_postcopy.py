@@ -13,15 +13,21 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import struct
+import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from migd.errors import FormatError
+from migd.io.checksums import ChecksumMismatch, unit_digest
+from migd.io.digests import UNIT_PAGES
 from migd.migration.mapped_ram import format as fmt
 from migd.tools import postcopy_stream as ps
 from migd.tools import vm_image
+from migd.tools.postcopy import PostcopyError, PostcopySource, ram_blocks
 
 from .conftest import DaemonProcess, fill_random
 from .qemu_vm import QemuVM, requires_qemu
@@ -209,3 +215,217 @@ def test_a_cut_short_device_state_is_refused() -> None:
     for cut in (4, 30, 200, 4000):
         with pytest.raises(FormatError):
             ps.split_device_state(data[:cut])
+
+
+# --- the source's writer and return path, against a socket pair (no QEMU) --------------------
+
+
+def _image_part(tmp: Path, pages: int, absent: set[int]) -> tuple[int, fmt.BlockLayout, bytes]:
+    """A file with `pages` pages of random data at 1 MiB (absent ones left holes): its fd,
+    the block's layout and the data the present pages hold (zeros for absent ones)."""
+    rng = np.random.default_rng(7)
+    data = bytearray(rng.integers(0, 256, pages * PAGE, dtype=np.uint8).tobytes())
+    for page in absent:
+        data[page * PAGE : (page + 1) * PAGE] = bytes(PAGE)
+    path = tmp / "ram.part"
+    with open(path, "wb") as f:
+        for page in range(pages):
+            if page not in absent:
+                f.seek(MiB + page * PAGE)
+                f.write(data[page * PAGE : (page + 1) * PAGE])
+        f.truncate(MiB + pages * PAGE)
+    layout = fmt.BlockLayout("pc.ram", pages * PAGE, 0, 0, MiB)
+    return os.open(path, os.O_RDONLY), layout, bytes(data)
+
+
+def _digests(data: bytes, present: np.ndarray) -> bytes:
+    def source(page: int, count: int) -> bytes:
+        return data[page * PAGE : (page + count) * PAGE]
+
+    out = b""
+    for unit in range(0, present.size, UNIT_PAGES):
+        out += unit_digest(present[unit : unit + UNIT_PAGES], unit, source)
+    return out
+
+
+def _records(stream: bytes) -> list[tuple[int, int, bytes]]:
+    """(flags, page, payload) of the RAM records up to EOS."""
+    out, at = [], 0
+    while True:
+        (value,) = struct.unpack_from(">Q", stream, at)
+        at += 8
+        flags, offset = value & 0xFFF, value & ~0xFFF
+        if flags & ps.FLAG_EOS:
+            return out
+        if not flags & ps.FLAG_CONTINUE:
+            at += 1 + stream[at]
+        size = PAGE if flags & ps.FLAG_PAGE else 1
+        out.append((flags & (ps.FLAG_PAGE | ps.FLAG_ZERO), offset // PAGE, stream[at : at + size]))
+        at += size
+
+
+def _run_source(
+    tmp: Path, absent: set[int], requests: list[tuple[int, int]], flip: int | None = None
+) -> tuple[bytes, bytes, ps.PostcopyStream, BaseException | None]:
+    pages = 3 * UNIT_PAGES  # three units
+    fd, layout, data = _image_part(tmp, pages, absent)
+    present = np.ones(pages, dtype=bool)
+    present[list(absent)] = False
+    digests = _digests(data, present)
+    if flip is not None:  # a byte of the file, not of the data the checksums were made of
+        byte = os.pread(fd, 1, MiB + flip)
+        with open(tmp / "ram.part", "r+b") as f:
+            f.seek(MiB + flip)
+            f.write(bytes([byte[0] ^ 1]))
+    state = ps.split_device_state(_device_state(records=BIOS_PAGE))
+    stream = ps.PostcopyStream(state, "ram0")
+    ours, theirs = socket.socketpair()
+    blocks = ram_blocks(["ram0"], [layout], [present], [digests])
+    source = PostcopySource(ours, stream, blocks, fd, str(tmp / "ram.part"))
+    for start, count in requests:  # as the return-path reader queues them
+        source.requests.put((0, start, count))
+    got = bytearray()
+    reader = threading.Thread(target=lambda: got.extend(_read_all(theirs)))
+    reader.start()
+    error = None
+    try:
+        source.send()
+    except BaseException as exc:  # handed to the test
+        error = exc
+    ours.close()
+    reader.join()
+    theirs.close()
+    os.close(fd)
+    return bytes(got), data, stream, error
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    out = bytearray()
+    while chunk := sock.recv(1 << 20):
+        out += chunk
+    return bytes(out)
+
+
+def test_the_writer_sends_each_present_page_once_and_asked_for_zeros_as_zero_records(
+    short_dir: Path,
+) -> None:
+    absent = {5, 300, 301, 700}
+    # QEMU asked for an absent page twice (overlapping) and for a present page.
+    got, data, stream, error = _run_source(short_dir, absent, [(300, 2), (299, 3), (600, 1)])
+    assert error is None
+    prefix = stream.prefix() + stream.part_start()
+    assert got.startswith(prefix)
+    records = _records(got[len(prefix) :])
+    pages = [page for _, page, _ in records]
+    assert len(pages) == len(set(pages))  # none twice: QEMU cannot place a page twice
+    sent = {page: (flags, payload) for flags, page, payload in records}
+    assert set(sent) == (set(range(3 * UNIT_PAGES)) - absent) | {300, 301}
+    assert sent[300] == (ps.FLAG_ZERO, b"\0") and sent[301] == (ps.FLAG_ZERO, b"\0")
+    for page in set(sent) - {300, 301}:
+        assert sent[page] == (ps.FLAG_PAGE, data[page * PAGE : (page + 1) * PAGE]), page
+    # The pages asked for come first: the whole units around them, before the rest.
+    assert pages.index(300) < pages.index(0) and pages.index(600) < pages.index(0)
+    assert got.endswith(stream.part_end_and_eof()[8:])
+
+
+def test_a_unit_that_fails_its_checksum_stops_the_writer_before_any_of_its_pages(
+    short_dir: Path,
+) -> None:
+    flipped = UNIT_PAGES + 10  # a page of the second unit
+    got, _, stream, error = _run_source(short_dir, set(), [], flip=flipped * PAGE + 7)
+    assert isinstance(error, ChecksumMismatch), error
+    assert "checksum mismatch in ramblock 'pc.ram'" in error.desc
+    pages = [page for _, page, _ in _records_until_cut(got[len(stream.prefix()) + 5 :])]
+    assert not any(UNIT_PAGES <= page < 2 * UNIT_PAGES for page in pages)
+    assert stream.part_end_and_eof() not in got  # no end: QEMU never sees a whole stream
+
+
+def _records_until_cut(stream: bytes) -> list[tuple[int, int, bytes]]:
+    """The whole records of a stream cut off mid-way (no EOS)."""
+    try:
+        return _records(stream)
+    except struct.error:
+        pass
+    out, at = [], 0
+    while at + 8 <= len(stream):
+        (value,) = struct.unpack_from(">Q", stream, at)
+        flags = value & 0xFFF
+        head = 8 + (0 if flags & ps.FLAG_CONTINUE else 1 + stream[at + 8])
+        size = PAGE if flags & ps.FLAG_PAGE else 1
+        if at + head + size > len(stream):
+            break
+        out.append((flags, (value & ~0xFFF) // PAGE, stream[at + head : at + head + size]))
+        at += head + size
+    return out
+
+
+def _return_path(source: PostcopySource, messages: bytes) -> BaseException | None:
+    """Feed QEMU's return path `messages`, then its end; what the reader queued last."""
+    peer = source.sock
+    other = source._other  # type: ignore[attr-defined]
+    other.sendall(messages)
+    other.shutdown(socket.SHUT_WR)
+    try:
+        source.read_return_path()
+    except BaseException as exc:  # the test looks at it
+        return exc
+    finally:
+        peer.close()
+        other.close()
+    return None
+
+
+def _bare_source(short_dir: Path) -> PostcopySource:
+    fd, layout, _ = _image_part(short_dir, UNIT_PAGES, set())
+    os.close(fd)
+    ours, theirs = socket.socketpair()
+    state = ps.split_device_state(_device_state(records=BIOS_PAGE))
+    blocks = ram_blocks(["ram0"], [layout], [np.ones(UNIT_PAGES, dtype=bool)], None)
+    source = PostcopySource(ours, ps.PostcopyStream(state, "ram0"), blocks, -1, "x")
+    source._other = theirs  # type: ignore[attr-defined]
+    return source
+
+
+def _rp(kind: int, body: bytes) -> bytes:
+    return struct.pack(">HH", kind, len(body)) + body
+
+
+def _req_id(start: int, length: int, name: bytes) -> bytes:
+    return _rp(ps.RP_REQ_PAGES_ID, struct.pack(">QIB", start, length, len(name)) + name)
+
+
+@pytest.mark.parametrize(
+    "messages, text",
+    [
+        (_req_id(0, PAGE, b"vga.vram"), "unknown RAM block 'vga.vram'"),
+        (_req_id(0, PAGE, b"pc.bios"), "which the device state loaded"),
+        (_req_id(MiB - PAGE, 2 * PAGE, b"ram0"), "asked for bytes"),
+        (_req_id(100, PAGE, b"ram0"), "asked for bytes"),
+        (_rp(ps.RP_REQ_PAGES, struct.pack(">QI", 0, PAGE)), "before naming their RAM block"),
+        (_rp(7, b""), "return-path message 7"),
+        (_rp(ps.RP_REQ_PAGES, b"\0\0"), "return-path message 4"),
+        (struct.pack(">HH", ps.RP_PONG, 4) + b"\0", "in the middle of a message"),
+    ],
+)
+def test_what_a_qemu_asks_outside_its_blocks_ends_the_stream_saying_what(
+    short_dir: Path, messages: bytes, text: str
+) -> None:
+    source = _bare_source(short_dir)
+    error = _return_path(source, messages)
+    assert isinstance(error, PostcopyError) and text in str(error), error
+    queued = source.requests.get_nowait()
+    assert queued is error  # the writer raises it at its next look
+
+
+def test_requests_are_queued_for_the_writer_and_shut_ends_the_return_path(
+    short_dir: Path,
+) -> None:
+    source = _bare_source(short_dir)
+    messages = (
+        _rp(ps.RP_PONG, b"\0\0\0\1") + _req_id(8 * PAGE, 2 * PAGE, b"ram0")
+        + _rp(ps.RP_REQ_PAGES, struct.pack(">QI", 0, PAGE))
+        + _rp(ps.RP_SHUT, b"\0\0\0\0")
+    )  # fmt: skip
+    assert _return_path(source, messages) is None
+    assert source.shut == 0
+    assert [source.requests.get_nowait() for _ in range(2)] == [(0, 8, 2), (0, 0, 1)]
