@@ -1832,6 +1832,14 @@ MUTANTS = [
         ("tests/test_vm_postcopy.py::"
          "test_what_a_qemu_asks_outside_its_blocks_ends_the_stream_saying_what",),
     ),
+    Mutant(
+        "postcopy-request-beyond-one-buffer-dropped",
+        "migd/tools/postcopy.py",
+        "            for unit in range(first_unit, end_unit, CHUNK_UNITS):",
+        "            for unit in range(first_unit, end_unit, end_unit):",
+        ("tests/test_vm_postcopy.py::"
+         "test_a_request_larger_than_the_writers_buffer_is_served_whole",),
+    ),
 ]  # fmt: skip
 
 

@@ -27,7 +27,7 @@ from migd.io.digests import UNIT_PAGES
 from migd.migration.mapped_ram import format as fmt
 from migd.tools import postcopy_stream as ps
 from migd.tools import vm_image
-from migd.tools.postcopy import PostcopyError, PostcopySource, ram_blocks
+from migd.tools.postcopy import CHUNK_UNITS, PostcopyError, PostcopySource, ram_blocks
 
 from .conftest import DaemonProcess, fill_random
 from .qemu_vm import QemuVM, requires_qemu
@@ -265,9 +265,10 @@ def _records(stream: bytes) -> list[tuple[int, int, bytes]]:
 
 
 def _run_source(
-    tmp: Path, absent: set[int], requests: list[tuple[int, int]], flip: int | None = None
+    tmp: Path, absent: set[int], requests: list[tuple[int, int]], flip: int | None = None,
+    units: int = 3,
 ) -> tuple[bytes, bytes, ps.PostcopyStream, BaseException | None]:
-    pages = 3 * UNIT_PAGES  # three units
+    pages = units * UNIT_PAGES
     fd, layout, data = _image_part(tmp, pages, absent)
     present = np.ones(pages, dtype=bool)
     present[list(absent)] = False
@@ -326,6 +327,19 @@ def test_the_writer_sends_each_present_page_once_and_asked_for_zeros_as_zero_rec
     # The pages asked for come first: the whole units around them, before the rest.
     assert pages.index(300) < pages.index(0) and pages.index(600) < pages.index(0)
     assert got.endswith(stream.part_end_and_eof()[8:])
+
+
+def test_a_request_larger_than_the_writers_buffer_is_served_whole(short_dir: Path) -> None:
+    units = CHUNK_UNITS + 2  # one request for all of it: more than one buffer's read
+    got, data, stream, error = _run_source(short_dir, {3}, [(0, units * UNIT_PAGES)], units=units)
+    assert error is None
+    records = _records(got[len(stream.prefix()) + 5 :])
+    pages = [page for _, page, _ in records]
+    assert sorted(pages) == list(range(units * UNIT_PAGES))  # every page, once
+    for flags, page, payload in records:
+        page_data = data[page * PAGE : (page + 1) * PAGE]
+        want = (ps.FLAG_ZERO, b"\0") if page == 3 else (ps.FLAG_PAGE, page_data)
+        assert (flags, payload) == want, page
 
 
 def test_a_unit_that_fails_its_checksum_stops_the_writer_before_any_of_its_pages(

@@ -90,7 +90,6 @@ class PostcopySource:
             queue.SimpleQueue()
         )
         self.progress = Progress(self.blocks)
-        self.prefix_sent = threading.Event()
         self.shut: int | None = None  # QEMU's SHUT value: 0 all good
         self.cancel = threading.Event()
         self._buffer = mmap.mmap(-1, CHUNK_UNITS * UNIT_PAGES * PAGE_SIZE)  # aligned: O_DIRECT
@@ -103,7 +102,6 @@ class PostcopySource:
         """Write the whole stream; raises PostcopyError, ChecksumMismatch or OSError."""
         try:
             self.sock.sendall(self.stream.prefix())
-            self.prefix_sent.set()
             self.sock.sendall(self.stream.part_start())
             for index, block in enumerate(self.blocks):
                 units = -(-block.pages // UNIT_PAGES)
@@ -136,7 +134,9 @@ class PostcopySource:
             self.progress.requests += 1
             self.progress.requested_pages += count
             first_unit, end_unit = start // UNIT_PAGES, -(-(start + count) // UNIT_PAGES)
-            self._send_units(index, first_unit, end_unit, piece_requests=False)
+            for unit in range(first_unit, end_unit, CHUNK_UNITS):  # the buffer's size at most
+                last = min(unit + CHUNK_UNITS, end_unit)
+                self._send_units(index, unit, last, piece_requests=False)
             # Absent pages asked for: zeros (their slots in the file hold no data).
             zeros = [p for p in range(start, start + count) if not block.sent[p]]
             for page in zeros:

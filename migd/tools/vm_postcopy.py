@@ -37,6 +37,7 @@ from .verify import CorruptError, _check_structure, open_readers
 from .vm import QEMU_POLL, _interrupted, qemu_execute, run_state
 
 FD_NAME = "migd-postcopy"
+THREAD_STOP_SECONDS = 10  # a stopped writer's read in flight (8 MiB) ends long before
 # QEMU's settings for a postcopy load: QEMU's own RAM handling (x-ignore-shared off), the
 # pages over a socket, not a mapped-ram file.
 CAPS = {
@@ -46,7 +47,6 @@ CAPS = {
     "postcopy-ram": True,
     "events": True,
 }
-_LOADING = ("setup", "active", None)
 
 
 @dataclass
@@ -194,6 +194,7 @@ async def restore_postcopy(
                 done.set()
 
     started = named = False
+    threads: list[threading.Thread] = []
     try:
         qemu.send_fd_scm(theirs.fileno())
         await qemu_execute(qemu, "getfd", {"fdname": FD_NAME})
@@ -202,7 +203,7 @@ async def restore_postcopy(
         uri = f"fd:{FD_NAME}"
         await qemu_execute(qemu, "migrate-incoming", {"uri": uri, "exit-on-error": False})
         named = False  # QEMU took the fd
-        threads = [
+        threads += [
             threading.Thread(target=run, args=(source.read_return_path,), daemon=True),
             threading.Thread(target=run, args=(source.send,), daemon=True),
         ]
@@ -270,10 +271,15 @@ async def restore_postcopy(
         source.cancel.set()
         with contextlib.suppress(OSError):
             ours.shutdown(socket.SHUT_RDWR)
+        # The writer reads through `readers`: they are closed only once it has stopped
+        # (the shutdown ends its send), never under it (a number reused by another open).
+        for thread in threads:
+            thread.join(THREAD_STOP_SECONDS)
         ours.close()
         theirs.close()
-        for reader in readers:
-            os.close(reader)
+        if not any(thread.is_alive() for thread in threads):
+            for reader in readers:
+                os.close(reader)
         if named:
             with contextlib.suppress(ClientError):
                 await qemu_execute(qemu, "closefd", {"fdname": FD_NAME}, cleanup=True)
