@@ -297,18 +297,25 @@ def test_bench_vm_section(disk: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if "GiB |" in line]
     # The stopped saves' table, then --live's (downtime, QEMU's, ratio, its live pass,
-    # the restore of its image, ratio).
-    assert [r[0].strip() for r in rows] == ["0.03125 GiB", "0.0625 GiB"] * 2
+    # the restore of its image, ratio), then --postcopy's restores (until the guest can
+    # run, QEMU's restore, ratio, until all of its RAM is in, ratio).
+    assert [r[0].strip() for r in rows] == ["0.03125 GiB", "0.0625 GiB"] * 3
     for row in rows[:2]:
         for cell in (row[1], row[2], row[4], row[6], row[7], row[9]):  # seconds
             assert float(cell.split()[0]) > 0
         for cell in (row[3], row[5], row[8], row[10]):  # ratios
             assert float(cell.split("x")[0]) > 0
-    for row in rows[2:]:
+    for row in rows[2:4]:
         for cell in (row[1], row[2], row[4], row[5]):  # seconds
             assert float(cell.split()[0]) > 0
         for cell in (row[3], row[6]):  # ratios
             assert float(cell.split("x")[0]) > 0
+    for row in rows[4:]:
+        ready, qemu, all_in = (float(row[i].split()[0]) for i in (1, 2, 4))
+        assert 0 < ready < all_in and qemu > 0  # the guest could run before its RAM was in
+        for cell in (row[3], row[5]):  # ratios
+            assert float(cell.split("x")[0]) > 0
+    assert "--postcopy" in proc.stderr  # each round's log names it
     assert list(disk.iterdir()) == []
     assert run_bench(["--vm", "--vm-sizes-gib", "x"]).returncode == 2
 
