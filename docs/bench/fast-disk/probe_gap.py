@@ -5,7 +5,9 @@ O_DIRECT preadv 4 MiB from a file into a huge-page buffer, hash every MiB (xxh3-
 pwrite it into the memory file. Save (SAVE=1): migd's migrate against 4 threads that each
 pread 4 MiB from the memory file, hash it and write it with O_DIRECT. GiB/s and CPU s/GiB
 (migd: its process; the loop: this one). PERF=1: instead, `perf record -g` of migd over 3
-operations (and, for restores, of the loop over 3), into perf-migd.data / perf-plain.data.
+operations (and, for restores, of the loop over 3), into perf-migd.data / perf-plain.data
+(PERF_EVENT=cpu-clock where hardware counters are missing; MIGD_STAGING=0 for a daemon
+that reads into the mapping).
 
     sudo .venv/bin/python docs/bench/fast-disk/probe_gap.py [ROUNDS]   # from the repo root
 """
@@ -68,7 +70,9 @@ def plain_once():
 
 
 def perf(name, pid, once):
-    pr = subprocess.Popen(["perf", "record", "-F", "1999", "-g", "-p", str(pid), "-o",
+    # PERF_EVENT=cpu-clock where the CPU's counters are not exposed (the Intel machine).
+    event = ["-e", os.environ["PERF_EVENT"]] if os.environ.get("PERF_EVENT") else []
+    pr = subprocess.Popen(["perf", "record", *event, "-F", "1999", "-g", "-p", str(pid), "-o",
                            f"perf-{name}.data"], stderr=subprocess.DEVNULL)
     time.sleep(1)  # perf attached
     for _ in range(3): once()
