@@ -48,6 +48,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# numpy is used in every round (fill.py) but loaded here, before any round: a stop
+# signal whose handler raised while a round's first `import numpy` built an ImportError
+# (numpy's optional _distributor_init_local) surfaced as "TypeError: expected a message
+# argument" and exit 1, not as the bench's stop (test_bench_vm_interrupted_leaves_nothing).
+import numpy  # noqa: F401
 from qemu.qmp import QMPClient, Runstate
 
 from ..limits import CHANNELS_MAX
