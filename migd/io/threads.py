@@ -328,10 +328,13 @@ STAGING = StagingPool()
 
 
 # Threads per job that copy between memory files and staging buffers (a save's Loader,
-# a restore's Storer): with one, paired staged saves on the fast disk ran 1.50x the
-# mapped ones and restores 1.14x; with two, 1.67x and 1.26x (docs/bench/fast-disk,
-# run 6): one thread copying for four channels waited for the GIL among them.
-COPY_THREADS = 2
+# a restore's Storer). Two ran faster on the AMD cores of session 9 (paired staged saves
+# 1.67x the mapped ones against 1.50x with one, restores 1.26x against 1.14x; run 6);
+# on the Intel cores since session 20 one is as fast and cheaper: restores 0.98-1.01x
+# the speed of two at 0.22 against 0.25 CPU s/GiB (two Storers spin on the memory
+# file's inode lock: tmpfs writes into one file serialize), saves 1.02-1.09x, on the
+# fast disk and the virtio disk (docs/bench/fast-disk/README.md, "Session 23").
+COPY_THREADS = 1
 
 
 class Loaded:
@@ -546,8 +549,8 @@ class Storer:
     in the channel itself, restores into used memory on this machine's virtio disk ran at
     0.84x the mapped way (docs/bench/virtio-staging); a probe of the two (one writer per
     job, two buffers per channel) gave 2.23 against 1.73 GiB/s there. COPY_THREADS of
-    them per job: one checks (hashes) a run while the other writes, as writes into one
-    tmpfs file serialize on its inode lock anyway.
+    them per job (one: writes into one tmpfs file serialize on its inode lock, and a
+    second writer spent its CPU spinning on it).
 
     A failure (a unit's mismatch, the file cut short) cancels the job; the writer then
     goes on freeing the buffers queued to it, unwritten, until no_more(), and raises it.
