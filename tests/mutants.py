@@ -1840,6 +1840,20 @@ MUTANTS = [
         ("tests/test_vm_postcopy.py::"
          "test_a_request_larger_than_the_writers_buffer_is_served_whole",),
     ),
+    Mutant(
+        "allocate-walks-a-file-without-holes",
+        "migd/state/memory.py",
+        "not self.share or self.fully_allocated():",
+        "not self.share:",
+        ("tests/test_memory.py::test_allocate_skips_a_file_without_holes_and_fills_one_with_holes",),
+    ),
+    Mutant(
+        "fully-allocated-ignores-the-file-length",
+        "migd/state/memory.py",
+        "return st.st_size == self.size and st.st_blocks * 512 >= self.size",
+        "return st.st_blocks * 512 >= self.size",
+        ("tests/test_memory.py::test_a_file_longer_than_its_mapping_is_not_taken_as_fully_allocated",),
+    ),
 ]  # fmt: skip
 
 

@@ -254,6 +254,50 @@ def test_data_ranges_stop_at_the_backend_size_of_a_larger_file(fsdir: Path) -> N
         b.close()
 
 
+def test_allocate_skips_a_file_without_holes_and_fills_one_with_holes(
+        fsdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The Populator allocates a staged restore's pages ahead; over a file whose pages all
+    # exist that fallocate walked every page under the inode lock the Storer's writes
+    # need (docs/bench/fast-disk/README.md, "Session 23"): it must not run there.
+    calls: list[tuple[int, int]] = []
+    real = memory._fallocate
+
+    def spy(fd: int, mode: int, offset: int, length: int) -> int:
+        calls.append((offset, length))
+        return real(fd, mode, offset, length)
+
+    monkeypatch.setattr(memory, "_fallocate", spy)
+    path = fsdir / "ram"
+    data = pattern(2 * MiB, seed=9)
+    path.write_bytes(data)
+    b = create_file_backend("m", 2 * MiB, str(path))
+    try:
+        assert b.fully_allocated()
+        b.allocate(0, 2 * MiB)
+        assert calls == []
+        b.zero_range(MiB, PAGE_SIZE)  # a hole now
+        calls.clear()
+        assert not b.fully_allocated()
+        b.allocate(0, 2 * MiB)
+        assert calls == [(0, 2 * MiB)]
+        assert b.fully_allocated()
+        assert path.read_bytes() == data[:MiB] + bytes(PAGE_SIZE) + data[MiB + PAGE_SIZE :]
+    finally:
+        b.close()
+
+
+def test_a_file_longer_than_its_mapping_is_not_taken_as_fully_allocated(fsdir: Path) -> None:
+    path = fsdir / "ram"
+    with open(path, "wb") as f:  # a hole in the mapped first MiB, 3 MiB of data after it
+        f.seek(MiB)
+        f.write(b"z" * (3 * MiB))
+    b = create_file_backend("m", 2 * MiB, str(path))
+    try:
+        assert not b.fully_allocated()
+    finally:
+        b.close()
+
+
 def test_a_passed_fd_is_used_and_owned_by_the_backend() -> None:
     fd = os.memfd_create("migd-test", os.MFD_CLOEXEC)
     os.ftruncate(fd, MiB)
