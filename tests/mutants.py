@@ -1098,7 +1098,7 @@ MUTANTS = [
     Mutant(
         "vm-save-ctrl-c-skips-qemus-cancel",
         "migd/tools/vm.py",
-        "            if _interrupted() and qemu not in _SILENT:",
+        "            if interrupted() and qemu not in _SILENT:",
         "            if False:",
         ("tests/test_vm_red_team.py::"
          "test_ctrl_c_while_qemu_writes_its_part_cancels_it_and_puts_the_settings_back",),
@@ -1769,10 +1769,8 @@ MUTANTS = [
     Mutant(
         "restore-start-up-formatted-when-unknown",
         "migd/tools/vm.py",
-        "        if startup is not None\n        else \"\"\n    )\n    print(\n"
-        "        f\"vm restore completed: ",
-        "        if True\n        else \"\"\n    )\n    print(\n"
-        "        f\"vm restore completed: ",
+        "    if startup is None:\n        return \"\"\n",
+        "    if False:\n        return \"\"\n",
         ("tests/test_vm.py::"
          "test_a_restore_whose_start_is_unknown_reports_without_its_start_up",),
     ),

@@ -140,11 +140,8 @@ class Vm:
         """The monotonic time at which QEMU was first seen to report its migration
         completed (polled every QEMU_POLL)."""
         while True:
-            info = await self.cmd("query-migrate")
-            if info.get("status") == "completed":
+            if await self._migration_status() == "completed":
                 return time.monotonic()
-            if info.get("status") in ("failed", "cancelled"):
-                raise BenchError(f"QEMU migration {info.get('status')}: {info.get('error-desc')}")
             await asyncio.sleep(QEMU_POLL)
 
     async def wait_started(self) -> float:
@@ -153,10 +150,16 @@ class Vm:
         while True:
             if (await self.cmd("query-status")).get("status") != "inmigrate":
                 return time.monotonic()
-            info = await self.cmd("query-migrate")
-            if info.get("status") in ("failed", "cancelled"):
-                raise BenchError(f"QEMU migration {info.get('status')}: {info.get('error-desc')}")
+            await self._migration_status()
             await asyncio.sleep(QEMU_POLL)
+
+    async def _migration_status(self) -> str | None:
+        """query-migrate's status; a failed or cancelled migration raises BenchError."""
+        info = await self.cmd("query-migrate")
+        status = info.get("status")
+        if status in ("failed", "cancelled"):
+            raise BenchError(f"QEMU migration {status}: {info.get('error-desc')}")
+        return status
 
     async def mapped_ram(self, channels: int) -> None:
         caps = [{"capability": c, "state": True} for c in ("multifd", "mapped-ram")]

@@ -63,7 +63,7 @@ class RamBlock:
         return self.layout.pages
 
 
-class Progress:
+class SendCounters:
     """Counters the writer updates; read as a snapshot."""
 
     def __init__(self, blocks: Sequence[RamBlock]) -> None:
@@ -89,7 +89,7 @@ class PostcopySource:
         self.requests: queue.SimpleQueue[tuple[int, int, int] | BaseException] = (
             queue.SimpleQueue()
         )
-        self.progress = Progress(self.blocks)
+        self.counters = SendCounters(self.blocks)
         self.shut: int | None = None  # QEMU's SHUT value: 0 all good
         self.cancel = threading.Event()
         self._buffer = mmap.mmap(-1, CHUNK_UNITS * UNIT_PAGES * PAGE_SIZE)  # aligned: O_DIRECT
@@ -131,8 +131,8 @@ class PostcopySource:
                 raise item
             index, start, count = item
             block = self.blocks[index]
-            self.progress.requests += 1
-            self.progress.requested_pages += count
+            self.counters.requests += 1
+            self.counters.requested_pages += count
             first_unit, end_unit = start // UNIT_PAGES, -(-(start + count) // UNIT_PAGES)
             for unit in range(first_unit, end_unit, CHUNK_UNITS):  # the buffer's size at most
                 last = min(unit + CHUNK_UNITS, end_unit)
@@ -217,7 +217,7 @@ class PostcopySource:
         self.sock.sendall(pages[int(piece[0])])
         if rest.size:
             self.sock.sendall(records.data)
-        self.progress.bytes_sent += piece.size * PAGE_SIZE
+        self.counters.bytes_sent += piece.size * PAGE_SIZE
 
     # -- the return path -------------------------------------------------------------------
 

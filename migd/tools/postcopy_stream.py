@@ -82,7 +82,7 @@ class DeviceState:
     devices: bytes  # the devices' sections, from after the RAM end section to EOF
 
 
-def _records(cur: fmt._Cursor, out: bytearray, names: set[str]) -> None:
+def _records(cur: fmt.Cursor, out: bytearray, names: set[str]) -> None:
     """Copy a RAM section's records up to its EOS into `out`; record the blocks named."""
     while True:
         start = cur.pos
@@ -108,7 +108,7 @@ def _records(cur: fmt._Cursor, out: bytearray, names: set[str]) -> None:
         out += cur.read_at(start, cur.pos - start)
 
 
-def _footer(cur: fmt._Cursor, section_id: int) -> None:
+def _footer(cur: fmt.Cursor, section_id: int) -> None:
     mark, got = _FOOTER.unpack(cur.take(_FOOTER.size))
     if mark != fmt.VM_SECTION_FOOTER or got != section_id:
         raise FormatError(f"RAM section {section_id} has no footer at offset {cur.pos - 5}")
@@ -134,7 +134,7 @@ def _end_of_devices(data: bytes) -> int:
 def split_device_state(data: bytes) -> DeviceState:
     """Take a saved device state (QEMU's stream, x-ignore-shared on) apart; FormatError
     says what does not fit."""
-    cur = fmt._Cursor(lambda at, n: data[at : at + n], 0, len(data))
+    cur = fmt.Cursor(lambda at, n: data[at : at + n], 0, len(data))
     magic, version = cur.unpack(">II")
     if magic != fmt.QEVM_MAGIC or version != fmt.STREAM_VERSION:
         raise FormatError("the device state is not a QEMU migration stream (no QEVM header)")
@@ -142,7 +142,7 @@ def split_device_state(data: bytes) -> DeviceState:
     if kind != fmt.VM_CONFIGURATION:
         raise FormatError("the device state has no configuration section")
     cur.pos -= 1
-    machine, caps = fmt._parse_configuration(cur)
+    machine, caps = fmt.parse_configuration(cur)
     if IGNORE_SHARED not in caps or fmt.CAP_MAPPED_RAM in caps:
         raise FormatError(
             f"the device state was saved with capabilities {list(caps)}, not x-ignore-shared "

@@ -136,7 +136,7 @@ def _reader(fd: int, path: str) -> format.ReadAt:
     return read_at
 
 
-def _check_structure(
+def check_structure(
     fd: int, path: str, offset: int, size: int
 ) -> tuple[format.ParsedStream, list[np.ndarray], checksum_table.ChecksumTable | None]:
     """The checks a restore makes before it reads a page: (stream, bitmaps, table)."""
@@ -274,7 +274,7 @@ def verify_save(
     started = time.monotonic()
     main_fd, size = _open_save(path, offset)
     try:
-        parsed, bitmaps, table = _check_structure(main_fd, path, offset, size)
+        parsed, bitmaps, table = check_structure(main_fd, path, offset, size)
         report = VerifyReport(
             path=path,
             offset=offset,

@@ -168,7 +168,7 @@ def _interruptible(timeout: float) -> Any:
             _LIMITS.reset(token)
 
 
-def _interrupted() -> bool:
+def interrupted() -> bool:
     limits = _LIMITS.get(None)
     return limits is not None and limits.interrupt is not None and limits.interrupt.is_set()
 
@@ -420,7 +420,7 @@ async def wait_qemu_migration(
     is interrupted (then QEMU is asked to cancel it)."""
     deadline = time.monotonic() + limit
     while True:
-        if _interrupted():
+        if interrupted():
             await _cancel_qemu_migration(qemu)
             raise ClientError(f"QEMU's {what} interrupted (Ctrl-C or SIGTERM): cancelled")
         try:
@@ -428,7 +428,7 @@ async def wait_qemu_migration(
         except ClientError:
             # A Ctrl-C ends this query too: it must still reach migrate_cancel above (it
             # did not, and QEMU's migration ran on under a guest said to run again).
-            if _interrupted() and qemu not in _SILENT:
+            if interrupted() and qemu not in _SILENT:
                 continue
             raise
         status = info.get("status")
@@ -1474,11 +1474,7 @@ async def _restore(
             **({"startup": startup} if startup is not None else {}),
         )  # fmt: skip
         return 0
-    loading = (
-        f"  start-up:     {startup:.2f} s (the command loading, before the restore)\n"
-        if startup is not None
-        else ""
-    )
+    loading = _startup_line(startup)
     print(
         f"vm restore completed: {image} (image id {header.image_id})\n"
         f"{loading}"
@@ -1492,6 +1488,13 @@ async def _restore(
         flush=True,
     )
     return 0
+
+
+def _startup_line(startup: float | None) -> str:
+    """The restore summary's start-up line; none where /proc did not say (_process_age)."""
+    if startup is None:
+        return ""
+    return f"  start-up:     {startup:.2f} s (the command loading, before the restore)\n"
 
 
 def _print_postcopy_summary(
@@ -1521,11 +1524,7 @@ def _print_postcopy_summary(
         summary["page-requests"], summary["pages-requested"] = requests
         _print_summary_json(out, summary)
         return 0
-    loading = (
-        f"  start-up:     {startup:.2f} s (the command loading, before the restore)\n"
-        if startup is not None
-        else ""
-    )
+    loading = _startup_line(startup)
     print(
         f"vm restore completed (postcopy): {image} (image id {header.image_id})\n"
         f"{loading}"

@@ -33,8 +33,8 @@ from . import vm_image
 from .client import ClientError, Progress
 from .postcopy import PostcopyError, PostcopySource, ram_blocks
 from .qemu_peer import expect
-from .verify import CorruptError, _check_structure, open_readers
-from .vm import QEMU_POLL, _interrupted, qemu_execute, run_state
+from .verify import CorruptError, check_structure, open_readers
+from .vm import QEMU_POLL, interrupted, qemu_execute, run_state
 
 FD_NAME = "migd-postcopy"
 THREAD_STOP_SECONDS = 10  # a stopped writer's read in flight (8 MiB) ends long before
@@ -134,7 +134,7 @@ def _source(
 ) -> tuple[PostcopySource, list[int]]:
     size = os.fstat(fd).st_size
     try:
-        parsed, bitmaps, table = _check_structure(fd, image, header.ram.offset, size)
+        parsed, bitmaps, table = check_structure(fd, image, header.ram.offset, size)
     except CorruptError as exc:
         raise ClientError(str(exc)) from None
     layouts = {b.name: i for i, b in enumerate(parsed.blocks)}
@@ -213,7 +213,7 @@ async def restore_postcopy(
         while True:
             if errors:
                 raise errors[0]
-            if _interrupted():
+            if interrupted():
                 raise ClientError("interrupted (Ctrl-C or SIGTERM) before the guest started")
             info = await _migration_status(qemu)
             if info.get("status") in ("failed", "cancelled"):
@@ -229,13 +229,13 @@ async def restore_postcopy(
         progress = Progress("restore (postcopy)", err, quiet=quiet)
         try:
             while True:
-                total = source.progress.bytes_total
-                remaining = total - source.progress.bytes_sent
+                total = source.counters.bytes_total
+                remaining = total - source.counters.bytes_sent
                 ram = {"total": total, "remaining": remaining}
                 progress.update({"status": "active", "ram": ram})
                 if errors:
                     raise errors[0]
-                if _interrupted():
+                if interrupted():
                     raise ClientError("interrupted (Ctrl-C or SIGTERM)")
                 if done.is_set():
                     info = await _migration_status(qemu)
@@ -247,8 +247,8 @@ async def restore_postcopy(
         finally:
             progress.close()
         times.ram = time.monotonic()
-        times.requests = source.progress.requests
-        times.requested_pages = source.progress.requested_pages
+        times.requests = source.counters.requests
+        times.requested_pages = source.counters.requested_pages
         return times
     except Exception as exc:  # whatever it was, the guest's fate is told
         if isinstance(exc, MigrationError):

@@ -4,6 +4,11 @@ daemon imports migd from its tree (its working directory); the old one is a work
 
     git worktree add /tmp/wt-old <commit>
     sudo OLD_TREE=/tmp/wt-old [SIZE_MIB=1536] .venv/bin/python docs/bench/fast-disk/probe_ab.py [ROUNDS]
+
+DIR=/some/dir: the image files there instead of on a fast disk (DIR=/tmp: the virtio disk).
+EMPTY=1: each restore into an empty memory file (truncated to 0 and back just before).
+SERVE_ARGS="--log-level debug": extra `migd serve` arguments; each restore line then also
+counts the daemon's "new pages are dear" messages so far (io/threads.py NewPages).
 """
 import os, subprocess, sys, tempfile, statistics as st
 from pathlib import Path
@@ -14,7 +19,8 @@ MiB = 1 << 20; SIZE = int(os.environ.get("SIZE_MIB", "1536")) * MiB; G = SIZE / 
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 6
 trees = {"old": os.environ["OLD_TREE"], "new": os.getcwd()}
 work = Path(tempfile.mkdtemp(prefix="probe-ab-"))
-disk = FastDisk(3 * SIZE + 512 * MiB); outdir = disk.open()
+disk = FastDisk(3 * SIZE + 512 * MiB) if not os.environ.get("DIR") else None
+outdir = disk.open() if disk else os.environ["DIR"]
 procs = []; mems = {}
 try:
     d = {}
@@ -22,8 +28,9 @@ try:
         mem = f"/dev/shm/ab-{name}"; mems[name] = mem
         with open(mem, "wb") as f:
             for _ in range(SIZE // (64 * MiB)): f.write(os.urandom(64 * MiB))
+        os.chmod(mem, 0o600)
         sock, log = work / f"{name}.sock", work / f"{name}.log"
-        p = subprocess.Popen(serve_argv(sock), cwd=tree, stdout=open(log, "wb"), stderr=subprocess.STDOUT); procs.append(p)
+        p = subprocess.Popen(serve_argv(sock, *os.environ.get("SERVE_ARGS", "").split()), cwd=tree, stdout=open(log, "wb"), stderr=subprocess.STDOUT); procs.append(p)
         q = QMP(sock, p, log)
         q.execute("object-add", {"qom-type": "memory-backend-file", "id": "ram0", "size": SIZE, "mem-path": mem, "share": True})
         configure(q, 4, True)
@@ -38,10 +45,13 @@ try:
                     if os.path.exists(img): os.unlink(img)
                     t = timed_migration(q, "migrate", {"uri": f"file:{img}"}, p.pid)
                 else:
+                    if os.environ.get("EMPTY"):  # restore into an empty memory file
+                        with open(mems[name], "r+b") as f:
+                            os.ftruncate(f.fileno(), 0); os.ftruncate(f.fileno(), SIZE)
                     t = timed_migration(q, "migrate-incoming", {"uri": f"file:{img}"}, p.pid)
                 res.setdefault((op, name), []).append((G / t.seconds, t.cpu / G))
                 lat = sorted(t.latencies)
-                print(f"r{r} {op} {name}: {G/t.seconds:.2f} GiB/s {t.cpu/G:.3f} CPU s/GiB; query-migrate max {lat[-1]*1000:.1f} ms, 2nd {lat[-2]*1000:.1f} ms ({len(lat)} polls)", flush=True)
+                print(f"r{r} {op} {name}: {G/t.seconds:.2f} GiB/s {t.cpu/G:.3f} CPU s/GiB; query-migrate max {lat[-1]*1000:.1f} ms, 2nd {lat[-2]*1000:.1f} ms ({len(lat)} polls); dear so far {(work / (name + '.log')).read_text().count(' is dear ')}", flush=True)
     for op in ("save", "restore"):
         o, n = res[(op, "old")], res[(op, "new")]
         ratios = [b[0] / a[0] for a, b in zip(o, n)]
@@ -53,4 +63,4 @@ finally:
     for m in mems.values():
         try: os.unlink(m)
         except OSError: pass
-    disk.close()
+    disk and disk.close()

@@ -328,7 +328,7 @@ class ParsedStream:
     description_end: int = 0
 
 
-class _Cursor:
+class Cursor:
     """Sequential reads over `read_at`, never past `file_size`."""
 
     def __init__(self, read_at: ReadAt, pos: int, file_size: int) -> None:
@@ -372,7 +372,7 @@ class _Cursor:
         return self.text(self.u8(), what)
 
 
-def _parse_configuration(cur: _Cursor) -> tuple[str, tuple[str, ...]]:
+def parse_configuration(cur: Cursor) -> tuple[str, tuple[str, ...]]:
     kind = cur.u8()
     if kind != VM_CONFIGURATION:
         raise FormatError(f"Configuration section missing, {kind:#x} != {VM_CONFIGURATION:#x}")
@@ -421,7 +421,7 @@ def _check_capabilities(caps: tuple[str, ...], require_mapped_ram: bool) -> None
         raise FormatError("Capability x-ignore-shared is off, but received capability is on")
 
 
-def _parse_ram_start(cur: _Cursor) -> int:
+def _parse_ram_start(cur: Cursor) -> int:
     """Consume the RAM SECTION_START header; return its section id."""
     at = cur.pos
     kind = cur.u8()
@@ -444,7 +444,7 @@ def _parse_ram_start(cur: _Cursor) -> int:
     return section_id
 
 
-def _parse_block(cur: _Cursor) -> BlockLayout:
+def _parse_block(cur: Cursor) -> BlockLayout:
     """One (idstr, used_length, MappedRamHeader) record; leaves `cur` after its region."""
     name = cur.str8("RAM block name")
     if not name:
@@ -497,7 +497,7 @@ def _parse_block(cur: _Cursor) -> BlockLayout:
     return block
 
 
-def _parse_ram_setup(cur: _Cursor) -> tuple[int, tuple[BlockLayout, ...]]:
+def _parse_ram_setup(cur: Cursor) -> tuple[int, tuple[BlockLayout, ...]]:
     """RAM records of the start section up to its EOS: (MEM_SIZE total, blocks)."""
     total: int | None = None
     blocks: list[BlockLayout] = []
@@ -530,13 +530,13 @@ def _parse_ram_setup(cur: _Cursor) -> tuple[int, tuple[BlockLayout, ...]]:
     return total, tuple(blocks)
 
 
-def _expect_footer(cur: _Cursor, section_id: int) -> None:
+def _expect_footer(cur: Cursor, section_id: int) -> None:
     marker, sid = cur.unpack(">BI")
     if marker != VM_SECTION_FOOTER or sid != section_id:
         raise FormatError("Missing section footer for ram")
 
 
-def _find_ram_end(cur: _Cursor, section_id: int) -> bool:
+def _find_ram_end(cur: Cursor, section_id: int) -> bool:
     """Skip RAM part sections and commands; True iff the RAM end section follows."""
     # Every step consumes bytes and the cursor cannot pass file_size, so this ends.
     try:
@@ -558,7 +558,7 @@ def _find_ram_end(cur: _Cursor, section_id: int) -> bool:
         return False
 
 
-def _read_vmdescription(cur: _Cursor) -> dict[str, Any] | None:
+def _read_vmdescription(cur: Cursor) -> dict[str, Any] | None:
     """The JSON after `EOF` when it follows the RAM end section at once (migd's layout).
 
     QEMU's files have device sections there, which are not self-describing: None. A flip
@@ -616,7 +616,7 @@ def _read_vmdescription(cur: _Cursor) -> dict[str, Any] | None:
     return desc
 
 
-def _migd_description_follows(cur: _Cursor) -> bool:
+def _migd_description_follows(cur: Cursor) -> bool:
     """Whether a vmdescription with migd's object follows (its be32 length first)."""
     try:
         size = cur.be32()
@@ -698,13 +698,13 @@ def parse_stream(
         raise FormatError(f"invalid file offset {offset}")
     if file_size <= offset:
         raise FormatError(empty_file_text(offset, file_size))
-    cur = _Cursor(read_at, offset, file_size)
+    cur = Cursor(read_at, offset, file_size)
     magic, version = cur.unpack(">II")
     if magic != QEVM_MAGIC:
         raise FormatError(f"Not a migration stream, magic: {magic:#x} != {QEVM_MAGIC:#x}")
     if version != STREAM_VERSION:
         raise FormatError(f"Unsupported migration stream version, {version} != {STREAM_VERSION}")
-    machine, caps = _parse_configuration(cur)
+    machine, caps = parse_configuration(cur)
     _check_capabilities(caps, require_mapped_ram)
     section_id = _parse_ram_start(cur)
     total, blocks = _parse_ram_setup(cur)
@@ -737,11 +737,11 @@ def parse_cut_short(
     Follows parse_stream but stops at the file's end instead of failing there, so a
     tool can show what an interrupted save still holds. Regions are not checked.
     """
-    cur = _Cursor(read_at, offset, 1 << 62)  # reads past file_size just come back short
+    cur = Cursor(read_at, offset, 1 << 62)  # reads past file_size just come back short
     magic, version = cur.unpack(">II")
     if magic != QEVM_MAGIC or version != STREAM_VERSION:
         raise FormatError("not a migration stream")
-    machine, caps = _parse_configuration(cur)
+    machine, caps = parse_configuration(cur)
     _check_capabilities(caps, True)
     _parse_ram_start(cur)
     value = cur.be64()
