@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from migd.errors import FormatError
+from migd.errors import ChannelError, FormatError
 from migd.io.checksums import ChecksumMismatch, unit_digest
 from migd.io.digests import UNIT_PAGES
 from migd.migration.mapped_ram import format as fmt
@@ -266,7 +266,7 @@ def _records(stream: bytes) -> list[tuple[int, int, bytes]]:
 
 def _run_source(
     tmp: Path, absent: set[int], requests: list[tuple[int, int]], flip: int | None = None,
-    units: int = 3,
+    units: int = 3, cut: int | None = None,
 ) -> tuple[bytes, bytes, ps.PostcopyStream, BaseException | None]:
     pages = units * UNIT_PAGES
     fd, layout, data = _image_part(tmp, pages, absent)
@@ -278,6 +278,8 @@ def _run_source(
         with open(tmp / "ram.part", "r+b") as f:
             f.seek(MiB + flip)
             f.write(bytes([byte[0] ^ 1]))
+    if cut is not None:  # the image cut short after the checks: `cut` bytes of pages left
+        os.truncate(tmp / "ram.part", MiB + cut)
     state = ps.split_device_state(_device_state(records=BIOS_PAGE))
     stream = ps.PostcopyStream(state, "ram0")
     ours, theirs = socket.socketpair()
@@ -351,6 +353,24 @@ def test_a_unit_that_fails_its_checksum_stops_the_writer_before_any_of_its_pages
     assert "checksum mismatch in ramblock 'pc.ram'" in error.desc
     pages = [page for _, page, _ in _records_until_cut(got[len(stream.prefix()) + 5 :])]
     assert not any(UNIT_PAGES <= page < 2 * UNIT_PAGES for page in pages)
+    assert stream.part_end_and_eof() not in got  # no end: QEMU never sees a whole stream
+
+
+def test_an_image_cut_short_while_it_streams_ends_the_stream_naming_the_file(
+    short_dir: Path,
+) -> None:
+    # The image was whole when checked; it is cut short inside the second buffer's read.
+    units = CHUNK_UNITS + 2
+    cut_page = (CHUNK_UNITS + 1) * UNIT_PAGES + 3
+    got, data, stream, error = _run_source(short_dir, set(), [], units=units, cut=cut_page * PAGE)
+    assert isinstance(error, ChannelError), error
+    assert str(short_dir / "ram.part") in error.desc and "file ends at offset" in error.desc
+    records = _records_until_cut(got[len(stream.prefix()) + 5 :])
+    sent = {page: payload for _, page, payload in records}
+    first_read = CHUNK_UNITS * UNIT_PAGES
+    assert sorted(sent) == list(range(first_read))  # the first read's pages, then nothing
+    for page, payload in sent.items():
+        assert payload == data[page * PAGE : (page + 1) * PAGE], page
     assert stream.part_end_and_eof() not in got  # no end: QEMU never sees a whole stream
 
 
