@@ -1761,8 +1761,8 @@ MUTANTS = [
     Mutant(
         "restore-start-up-from-the-wrong-stat-field",
         "migd/tools/vm.py",
-        "        began = int(fields[19]) / os.sysconf(\"SC_CLK_TCK\")  # field 22, starttime\n",
-        "        began = int(fields[18]) / os.sysconf(\"SC_CLK_TCK\")  # field 22, starttime\n",
+        "        began = int(read_stat()[1][19]) / os.sysconf(\"SC_CLK_TCK\")",
+        "        began = int(read_stat()[1][18]) / os.sysconf(\"SC_CLK_TCK\")",
         ("tests/test_vm.py::"
          "test_a_saved_vm_restores_into_a_new_qemu_byte_exact_and_runs",),
     ),
@@ -1851,6 +1851,14 @@ MUTANTS = [
         "return st.st_size == self.size and st.st_blocks * 512 >= self.size",
         "return st.st_blocks * 512 >= self.size",
         ("tests/test_memory.py::test_a_file_longer_than_its_mapping_is_not_taken_as_fully_allocated",),
+    ),
+    Mutant(
+        "proc-stat-split-at-the-first-parenthesis",
+        "migd/procstat.py",
+        'head, closing, rest = text.rpartition(")")',
+        'head, closing, rest = text.partition(")")',
+        ("tests/test_procstat.py::"
+         "test_a_command_name_with_spaces_and_parentheses_leaves_the_fields_in_place",),
     ),
 ]  # fmt: skip
 

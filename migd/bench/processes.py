@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..procstat import read_stat
 from .common import FINAL, PACKAGE_PARENT, POLL, BenchError
 
 if TYPE_CHECKING:
@@ -152,8 +153,7 @@ class Timed:
 
 def cpu_times(pid: int) -> tuple[float, float]:
     """(user, system) CPU seconds of the process so far, all its threads."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()  # fields[0] is field 3, the state
+    fields = read_stat(pid)[1]
     tick = os.sysconf("SC_CLK_TCK")
     return int(fields[11]) / tick, int(fields[12]) / tick
 

@@ -25,6 +25,7 @@ from typing import Any, TextIO
 
 from ..errors import MigrationError
 from ..io.target import parse_offset as parse_uri_offset
+from ..procstat import read_stat
 from ..signals import wants_caught_signals
 from ..units import size_bytes
 from .terminal import shown, write_control
@@ -253,14 +254,12 @@ def _peer(client: Any) -> tuple[int, str, str] | None:
     the connection exists and the process is visible here."""
     try:
         pid, _, _ = peer_credentials(client)
-        with open(f"/proc/{pid}/stat") as f:
-            text = f.read()
-    except (ClientError, OSError, AttributeError):
+        if pid <= 0:  # a server in another pid namespace
+            return None
+        comm, fields = read_stat(pid)
+    except (ClientError, OSError, AttributeError, ValueError):
         return None
-    if pid <= 0 or ")" not in text:  # pid 0: a server in another pid namespace
-        return None
-    comm = text[text.index("(") + 1 : text.rindex(")")]
-    return pid, comm, text[text.rindex(")") + 2 : text.rindex(")") + 3]
+    return pid, comm, fields[0][:1] if fields else ""
 
 
 def _peer_text(client: Any, lead: str) -> str:

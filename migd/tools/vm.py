@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from .. import __version__
+from ..procstat import read_stat
 from ..state import paths
 from . import vm_image
 from .client import (
@@ -1344,9 +1345,7 @@ def _process_age() -> float | None:
     boot: 10 ms steps), None where /proc does not say. A restore's start-up: the guest is
     down while the command loads too, and a management application counts from its spawn."""
     try:
-        with open("/proc/self/stat", "rb") as stat_file:
-            fields = stat_file.read().rsplit(b")", 1)[1].split()
-        began = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime
+        began = int(read_stat()[1][19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime
     except (OSError, ValueError, IndexError):
         return None
     return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - began)
