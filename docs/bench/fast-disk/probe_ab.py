@@ -7,6 +7,8 @@ daemon imports migd from its tree (its working directory); the old one is a work
 
 DIR=/some/dir: the image files there instead of on a fast disk (DIR=/tmp: the virtio disk).
 EMPTY=1: each restore into an empty memory file (truncated to 0 and back just before).
+FRESH=1: each restore into a backend added again just before (object-del, object-add): one
+the daemon has not mapped yet, as a restore into a new VM's memory finds it.
 SERVE_ARGS="--log-level debug": extra `migd serve` arguments; each restore line then also
 counts the daemon's "new pages are dear" messages so far (io/threads.py NewPages).
 """
@@ -45,6 +47,9 @@ try:
                     if os.path.exists(img): os.unlink(img)
                     t = timed_migration(q, "migrate", {"uri": f"file:{img}"}, p.pid)
                 else:
+                    if os.environ.get("FRESH"):  # a backend the daemon has not mapped yet
+                        q.execute("object-del", {"id": "ram0"})
+                        q.execute("object-add", {"qom-type": "memory-backend-file", "id": "ram0", "size": SIZE, "mem-path": mems[name], "share": True})
                     if os.environ.get("EMPTY"):  # restore into an empty memory file
                         with open(mems[name], "r+b") as f:
                             os.ftruncate(f.fileno(), 0); os.ftruncate(f.fileno(), SIZE)
