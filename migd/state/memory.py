@@ -440,7 +440,9 @@ class MemoryBackend:
     def fully_allocated(self) -> bool:
         """A shared file as long as its mapping, with as many blocks as bytes: it has no
         holes (pages allocated by fallocate and not written yet count as allocated). A
-        file of another length: not known, False."""
+        file of another length: not known, False. Exact on tmpfs; where a filesystem
+        counts its own metadata blocks too (ext4's extent blocks), a file with a few
+        holes may pass, which its callers only pay for in speed."""
         if self._fd is None or not self.share:
             return False
         st = os.fstat(self._fd)
