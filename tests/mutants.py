@@ -1860,6 +1860,41 @@ MUTANTS = [
         ("tests/test_procstat.py::"
          "test_a_command_name_with_spaces_and_parentheses_leaves_the_fields_in_place",),
     ),
+    Mutant(
+        "save-slots-never-allocated-ahead",
+        "migd/migration/mapped_ram/page_slots.py",
+        "    if fs_type(fd) != EXT4_MAGIC or not runs:\n",
+        "    if True:\n",
+        ("tests/test_save_page_slots.py::test_slots_allocated_ahead_on_ext4_only_and_zero_pages_freed_after",),
+    ),
+    Mutant(
+        "save-slots-allocated-on-any-filesystem",
+        "migd/migration/mapped_ram/page_slots.py",
+        "    if fs_type(fd) != EXT4_MAGIC or not runs:\n",
+        "    if not runs:\n",
+        ("tests/test_save_page_slots.py::test_slots_allocated_ahead_on_ext4_only_and_zero_pages_freed_after",),
+    ),
+    Mutant(
+        "zero-page-slots-never-freed",
+        "migd/migration/engine.py",
+        "            if slots:\n                await job_thread(page_slots.free_absent",
+        "            if False:\n                await job_thread(page_slots.free_absent",
+        ("tests/test_save_page_slots.py::test_slots_allocated_ahead_on_ext4_only_and_zero_pages_freed_after",),
+    ),
+    Mutant(
+        "save-slots-allocated-without-room",
+        "migd/migration/mapped_ram/page_slots.py",
+        "    if st.f_bavail * st.f_frsize < needed + HEADROOM:\n",
+        "    if False:\n",
+        ("tests/test_save_page_slots.py::test_a_save_that_fits_only_without_its_zero_pages_is_not_allocated_ahead",),
+    ),
+    Mutant(
+        "save-channels-read-memory-all-at-once",
+        "migd/io/threads.py",
+        "        copying = threading.Semaphore(COPY_THREADS)",
+        "        copying = threading.Semaphore(64)",
+        ("tests/test_save_page_slots.py::test_a_saves_channels_read_their_memory_one_at_a_time",),
+    ),
 ]  # fmt: skip
 
 

@@ -213,8 +213,8 @@ _MADV_HUGEPAGE = 14
 
 
 class Staging:
-    """A buffer between a memory file and a channel's O_DIRECT fd (a save's Loader fills
-    it for the channels, a restore's channel fills it for the Storer).
+    """A buffer between a memory file and a channel's O_DIRECT fd (a save's channel fills
+    and writes its own, a restore's channel fills it for the Storer).
 
     Saving straight from the mapping (zero-copy) makes the kernel map every 4 KiB page of
     the memory into migd (populate), pin each one again for every O_DIRECT write, read
@@ -327,155 +327,21 @@ class StagingPool:
 STAGING = StagingPool()
 
 
-# Threads per job that copy between memory files and staging buffers (a save's Loader,
-# a restore's Storer). Two ran faster on the AMD cores of session 9 (paired staged saves
-# 1.67x the mapped ones against 1.50x with one, restores 1.26x against 1.14x; run 6);
-# on the Intel cores since session 20 one is as fast and cheaper: restores 0.98-1.01x
-# the speed of two at 0.22 against 0.25 CPU s/GiB (two Storers spin on the memory
-# file's inode lock: tmpfs writes into one file serialize), saves 1.02-1.09x, on the
-# fast disk and the virtio disk (docs/bench/fast-disk/README.md, "Session 23").
+# How many threads of a job copy between memory files and staging buffers at once: a
+# save's channels, each reading, scanning and hashing into its own buffer in turn
+# (Channel._save_staged), a restore's Storer threads. Restores: two Storers ran as fast
+# as one and cost more (0.25 against 0.22 CPU s/GiB on the Intel cores: writes into one
+# tmpfs file serialize on its inode lock, and the second spun on it). Saves: until
+# session 24 one Loader thread read for all channels, which only wrote, so that each
+# always had a write in flight; handing each buffer from one thread to another cost
+# (docs/bench/fast-disk/README.md, "Session 23": the plain loop of that shape 0.73x the
+# fused one). Channels that read their own buffers, one at a time, against the Loader
+# (both with the save file's slots allocated ahead, migration/mapped_ram/page_slots.py),
+# 1.5 GiB, 4 channels, alternated: 1.45x at 0.100 against 0.160 CPU s/GiB on the fast
+# disk, 0.98x at 0.120 against 0.160 on the virtio disk; all four reading at once
+# instead: as fast on the fast disk, 0.90x on the virtio disk (two CPUs: the copies
+# crowd out the I/O path). ("Session 24".)
 COPY_THREADS = 1
-
-
-class Loaded:
-    """A piece of a save run in a staging buffer, ready for a channel to write."""
-
-    __slots__ = ("block", "data", "first_page", "free", "pieces", "rest")
-
-    def __init__(
-        self,
-        block: int,
-        first_page: int,
-        data: memoryview,
-        pieces: list[tuple[int, int]],
-        rest: list[tuple[int, int]],
-        free: threading.Semaphore,
-    ) -> None:
-        self.block, self.first_page, self.data = block, first_page, data
-        self.pieces = pieces  # (first, count) of `data` to write: the rest is zero pages
-        self.rest = rest  # pages of units it covers in part, for UnitSink.done once written
-        self.free = free  # released once the buffer may be filled again
-
-
-class Loader:
-    """A save's reader of memory files: takes the runs from the channels' queue, reads
-    those of staged blocks into staging buffers (4 MiB pieces), zero-scans them and hashes
-    their whole units there, and hands them to the channels, which only write; runs of
-    other blocks go to the channels as they are (written from the mapping). So a channel
-    always has a write in flight: with the read, scan and hash in the channel itself,
-    staged saves on this machine's virtio disk measured 0.86-1.05x the mapped ones in
-    three runs (docs/bench/virtio-staging); the restores' Storer showed the cost of a
-    channel with nothing in flight. Two buffers per channel; one thread per job, as the
-    copy runs at several times a disk's speed.
-
-    Its failure (the memory file cut short: MemoryFault, explained by the backend)
-    cancels the job. It always ends the channels' queue (one None each), also when it
-    fails or the job is cancelled, so that no channel waits for work that never comes.
-    """
-
-    def __init__(
-        self,
-        blocks: Sequence[BlockIO],
-        work: queue.SimpleQueue[PageRun | None],
-        staged: frozenset[int],
-        channels: int,
-        detect_zero: bool,
-        checksums: UnitSink | None,
-        cancel: threading.Event,
-        cursor: RunCursor,
-        threads: int = 1,
-    ) -> None:
-        self.blocks = blocks
-        self.work = work
-        self.staged = staged
-        self.threads = threads  # run() bodies
-        self._running = threads
-        self.channels = channels
-        self.detect_zero = detect_zero
-        self.checksums = checksums
-        self.cancel = cancel
-        self.cursor = cursor
-        self.ready: queue.SimpleQueue[Loaded | PageRun | None] = queue.SimpleQueue()
-        self.buffers: list[tuple[Staging, threading.Semaphore]] = []
-        self._next = 0
-        self._ended = False
-        self._lock = threading.Lock()
-
-    def end(self) -> None:
-        """One end marker per channel, once."""
-        with self._lock:
-            if self._ended:
-                return
-            self._ended = True
-        for _ in range(self.channels):
-            self.ready.put(None)
-
-    def run(self) -> None:
-        try:
-            while not self.cancel.is_set():
-                run = self.work.get()
-                if run is None:
-                    self.work.put(None)  # for the Loader's other threads
-                    return
-                self.cursor.taken += 1
-                block = self.blocks[run.block]
-                if run.block not in self.staged or block.content_fd is None:
-                    self.ready.put(run)
-                    continue
-                try:
-                    self._load(run, block, block.content_fd)
-                except MemoryFault as fault:
-                    explain = block.explain_fault
-                    raise (explain("save") if explain is not None else None) or fault from None
-        except BaseException:
-            self.cancel.set()
-            raise
-        finally:
-            with self._lock:
-                self._running -= 1
-                last = self._running == 0
-            if last or self.cancel.is_set():
-                self.end()
-
-    def _load(self, run: PageRun, block: BlockIO, fd: int) -> None:
-        for at in range(0, run.pages, STAGE_PAGES):
-            taken = self._free_buffer()
-            if taken is None:
-                return
-            buffer, free = taken
-            try:
-                first, pages = run.first_page + at, min(STAGE_PAGES, run.pages - at)
-                data = buffer.fill(fd, first * PAGE_SIZE, pages)
-                if self.detect_zero:
-                    pieces = runs_to_write(zero_pages(data, reader=buffer.reader))
-                else:
-                    pieces = [(0, pages)]
-                sums = self.checksums
-                # Whole units hashed from the bytes about to be written; the others once
-                # their pages are written (their bitmap bits say what they hold).
-                rest = sums.landed(run.block, first, data) if sums is not None else []
-            except BaseException:
-                free.release()
-                raise
-            self.ready.put(Loaded(run.block, first, data, pieces, rest, free))
-
-    def _free_buffer(self) -> tuple[Staging, threading.Semaphore] | None:
-        with self._lock:
-            if not self.buffers:
-                count = 2 * self.channels
-                self.buffers = [(STAGING.take(), threading.Semaphore(1)) for _ in range(count)]
-            buffer, free = self.buffers[self._next]
-            self._next = (self._next + 1) % len(self.buffers)
-        while not free.acquire(timeout=0.05):
-            if self.cancel.is_set():
-                return None
-        return buffer, free
-
-    def close(self) -> None:
-        """Give the buffers back (StagingPool): once the loader and every channel have
-        stopped."""
-        STAGING.give([buffer for buffer, _ in self.buffers])
-        self.buffers = []
 
 
 class NewPages:
@@ -636,7 +502,8 @@ class Channel:
         cached_fd: int | None = None,
         cursor: RunCursor | None = None,
         storer: Storer | None = None,
-        loader: Loader | None = None,
+        staged: frozenset[int] = frozenset(),
+        copying: threading.Semaphore | None = None,
     ) -> None:
         self.fd = fd
         self.path = path
@@ -658,7 +525,11 @@ class Channel:
         self.cursor = cursor
         # A restore's staged runs: two buffers, each free (1) or with the Storer (0)
         self.storer = storer
-        self.loader = loader  # a save with staged blocks: the runs come through it
+        # A direct-io save's blocks, read into the channel's own buffer (Staging) by one
+        # channel of the job at a time (`copying`: COPY_THREADS says why)
+        self.staged = staged
+        self.copying = copying if copying is not None else threading.Semaphore(COPY_THREADS)
+        self.save_buffer: Staging | None = None
         self.restore_buffers: list[tuple[Staging, threading.Semaphore]] = []
         self.next_buffer = 0
 
@@ -691,38 +562,12 @@ class Channel:
         return self.share.slot(self.share_key, self.cancel)
 
     def save(self) -> None:
-        if self.loader is not None:
-            self._save_loaded(self.loader)
-            return
-        self._drain(self._save_run, "save")
-
-    def _save_loaded(self, loader: Loader) -> None:
-        """Write what the Loader hands over: pieces in its buffers, or runs to write from
-        the mapping, until its end marker."""
         try:
-            while (item := loader.ready.get()) is not None:
-                if isinstance(item, PageRun):
-                    if self.cancel.is_set():
-                        continue  # drain to the end marker: the job is over
-                    try:
-                        self._save_run(item)
-                    except MemoryFault as fault:
-                        raise self._explain(fault, item, "save") from None
-                    continue
-                try:
-                    if self.cancel.is_set():
-                        continue
-                    block = self.blocks[item.block]
-                    if not self._write_pieces(block, item.first_page, item.data, item.pieces):
-                        continue
-                finally:
-                    item.free.release()
-                if self.checksums is not None:
-                    for first, count in item.rest:
-                        self.checksums.done(item.block, first, count)
-        except BaseException:
-            self.cancel.set()
-            raise
+            self._drain(self._save_run, "save")
+        finally:
+            if self.save_buffer is not None:
+                STAGING.give([self.save_buffer])
+                self.save_buffer = None
 
     def restore(self) -> None:
         try:
@@ -755,6 +600,9 @@ class Channel:
 
     def _save_run(self, run: PageRun) -> None:
         block = self.blocks[run.block]
+        if run.block in self.staged and block.content_fd is not None:
+            self._save_staged(run, block, block.content_fd)
+            return
         start = run.first_page * PAGE_SIZE
         memory = block.memory[start : start + run.pages * PAGE_SIZE]
         if self.detect_zero:
@@ -766,6 +614,36 @@ class Channel:
             return
         if self.checksums is not None:
             self.checksums.done(run.block, run.first_page, run.pages)
+
+    def _save_staged(self, run: PageRun, block: BlockIO, fd: int) -> None:
+        """A run of a staged block: a piece at a time read from the memory file into the
+        channel's own buffer, zero-scanned and its whole units hashed there, then written
+        from it (Staging). The reading, scanning and hashing under the job's `copying`
+        semaphore (COPY_THREADS)."""
+        if self.save_buffer is None:
+            self.save_buffer = STAGING.take()
+        buffer, sums = self.save_buffer, self.checksums
+        for at in range(0, run.pages, STAGE_PAGES):
+            first, pages = run.first_page + at, min(STAGE_PAGES, run.pages - at)
+            while not self.copying.acquire(timeout=0.05):
+                if self.cancel.is_set():
+                    return
+            try:
+                data = buffer.fill(fd, first * PAGE_SIZE, pages)  # cut short: MemoryFault
+                if self.detect_zero:
+                    pieces = runs_to_write(zero_pages(data, reader=buffer.reader))
+                else:
+                    pieces = [(0, pages)]
+                # Whole units hashed from the bytes about to be written; the others once
+                # their pages are written (their bitmap bits say what they hold).
+                rest = sums.landed(run.block, first, data) if sums is not None else []
+            finally:
+                self.copying.release()
+            if not self._write_pieces(block, first, data, pieces):
+                return
+            for unit_first, count in rest:
+                assert sums is not None
+                sums.done(run.block, unit_first, count)
 
     def _write_pieces(
         self, block: BlockIO, first_page: int, data: memoryview, pieces: list[tuple[int, int]]
@@ -1082,6 +960,12 @@ class ThreadEngine:
             )
 
     async def _run(self, transfer: Transfer) -> None:
+        stage = transfer.stage_saves and transfer.direction == "save"
+        staged = frozenset(
+            i
+            for i, block in enumerate(transfer.blocks)
+            if stage and block.content_fd is not None and not block.huge_pages
+        )
         work: queue.SimpleQueue[PageRun | None] = queue.SimpleQueue()
         for run in transfer.runs:
             work.put(run)
@@ -1100,17 +984,7 @@ class ThreadEngine:
         storer = None
         if transfer.direction == "restore" and any(run.staged for run in transfer.runs):
             storer = Storer(transfer.blocks, transfer.checksums, COPY_THREADS, NewPages())
-        stage = transfer.stage_saves and transfer.direction == "save"
-        staged = frozenset(
-            i
-            for i, block in enumerate(transfer.blocks)
-            if stage and block.content_fd is not None and not block.huge_pages
-        )
-        # A save with staged blocks: one thread reads them into buffers for the channels.
-        loader = None
-        if staged:
-            loader = Loader(transfer.blocks, work, staged, len(transfer.fds), transfer.detect_zero,
-                            transfer.checksums, cancel, cursor, COPY_THREADS)  # fmt: skip
+        copying = threading.Semaphore(COPY_THREADS)  # a staged save's channels' reads
         channels = [
             Channel(
                 fd,
@@ -1127,7 +1001,8 @@ class ThreadEngine:
                 transfer.cached_fd,
                 cursor,
                 storer,
-                loader,
+                staged,
+                copying,
             )
             for fd in transfer.fds
         ]
@@ -1137,15 +1012,12 @@ class ThreadEngine:
         # allocated get meanwhile.
         populator = Populator(transfer.blocks, transfer.runs, cancel, cursor, staged,
                               storer.pages if storer is not None else None)  # fmt: skip
-        threads: list[Channel | Populator | Loader] = [populator, *channels]
+        threads: list[Channel | Populator] = [populator, *channels]
         bodies = [
             populator.run,
             *[populator.run_once_dear] * (populator.threads - 1),
             *(getattr(ch, transfer.direction) for ch in channels),
         ]
-        if loader is not None:  # after the populator: its error before the channels'
-            threads.insert(1, loader)
-            bodies[populator.threads : populator.threads] = [loader.run] * loader.threads
         del channels
         sums = transfer.checksums
         hashers = transfer.hash_threads if sums is not None else 0
@@ -1195,18 +1067,12 @@ class ThreadEngine:
             end_units()
             if storer is not None:
                 storer.no_more()  # a second end marker, should the first not be in yet
-            if loader is not None:
-                loader.end()  # should it never have started
             concurrent.futures.wait(submitted)
-            if loader is not None:
-                loader.close()
             raise
         for thread in threads:
             thread.blocks = ()  # drop the mmap views so object-del really unmaps afterwards
         if storer is not None:
             storer.blocks = ()
-        if loader is not None:
-            loader.close()
         del threads, bodies
         failures = [r for r in results if isinstance(r, BaseException)]
         del results, futures

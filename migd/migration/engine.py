@@ -62,7 +62,7 @@ from .job import (
     MigrationStatus,
     check_cancel,
 )
-from .mapped_ram import checksum_table, format, restore, save, update
+from .mapped_ram import checksum_table, format, page_slots, restore, save, update
 from .settings import Capabilities, Parameters
 
 log = logging.getLogger(__name__)
@@ -1029,6 +1029,7 @@ class MigrationEngine:
         # without it) must fail before write_head truncates what the file held.
         fds = await self._open_channels(job, main_fd)
         read_fd: int | None = None
+        slots: page_slots.Slots = []
         try:
             if previous is None:
                 await job_thread(save.write_head, job, layout, main_fd)
@@ -1040,6 +1041,8 @@ class MigrationEngine:
                 blocks, runs = await job_thread(
                     plan.plan_save_runs, job, layout, job.settings.detect_zero
                 )
+                if job.settings.direct_io:  # the channels' writes side by side on ext4
+                    slots = await job_thread(page_slots.allocate, job, blocks, runs, main_fd)
                 if checksums and not live:
                     job.checksums = UnitChecksums(blocks, job.target.name, None, runs)
                     if not job.settings.direct_io:
@@ -1060,6 +1063,8 @@ class MigrationEngine:
             if live and checksums:
                 await self._checksums_of_file(job, blocks, fds)
             self._pass(job, 2)
+            if slots:
+                await job_thread(page_slots.free_absent, job, blocks, slots, main_fd)
             await job_thread(save.finish_save, job, layout, blocks, fds, main_fd)
             if job.cancel.is_set():
                 # Answered after finish_save's own last look, while its thread returned:

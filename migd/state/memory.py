@@ -13,6 +13,7 @@ import stat
 from collections.abc import Callable, Collection, Iterator
 
 from ..errors import BackendError
+from ..fallocate import KEEP_SIZE, PUNCH_HOLE, fallocate
 from ..pages import PAGE_SIZE
 from .fdsets import AppendingFd, file_name, pwrite_at
 from .overlay import file_identity, fs_type, layer_file
@@ -31,8 +32,6 @@ from .paths import (
 
 MAX_SIZE = (1 << 62) - PAGE_SIZE  # leaves room in a 64-bit file for the save's metadata
 
-_FALLOC_FL_KEEP_SIZE = 1
-_FALLOC_FL_PUNCH_HOLE = 2
 _MADV_POPULATE_READ = 22  # Linux 5.14; neither is exported by the 3.11 mmap module
 _MADV_POPULATE_WRITE = 23
 _HUGETLBFS_MAGIC = 0x958458F6
@@ -49,10 +48,6 @@ UID_MAX_BACKENDS = 256
 OTHER_UIDS_MAX_BACKENDS = 4096
 
 _libc = ctypes.CDLL(None, use_errno=True)
-# fallocate64 keeps 64-bit offsets even where off_t is 32 bits wide.
-_fallocate = getattr(_libc, "fallocate64", None) or _libc.fallocate
-_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_fallocate.restype = ctypes.c_int
 # mmap.madvise holds the GIL for the whole call, and MADV_POPULATE_WRITE of a large range
 # takes long enough to stall every channel thread; a ctypes call releases the GIL.
 _madvise = _libc.madvise
@@ -314,8 +309,7 @@ class MemoryBackend:
                 pass
         elif self.share:
             # Punching the file also unmaps the pages, so the view reads zeros at once.
-            mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
-            if _fallocate(self._fd, mode, offset, length) == 0:
+            if fallocate(self._fd, PUNCH_HOLE | KEEP_SIZE, offset, length) == 0:
                 return
             try:
                 self._advise(mmap.MADV_REMOVE, offset, length)
@@ -366,10 +360,9 @@ class MemoryBackend:
         self._check(offset, length)
         if length == 0 or self._fd is None or not self.share or self.fully_allocated():
             return
-        if _fallocate(self._fd, _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
-            code = ctypes.get_errno()
-            if code in _ALLOCATION_ERRNOS:
-                raise self.shrink_error("restore") or self._allocation_error(code)
+        code = fallocate(self._fd, KEEP_SIZE, offset, length)
+        if code in _ALLOCATION_ERRNOS:
+            raise self.shrink_error("restore") or self._allocation_error(code)
 
     def populate(self, offset: int, length: int) -> None:
         """Allocate and map the range in bulk before it is read into; faults make restores slow.

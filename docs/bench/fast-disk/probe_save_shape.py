@@ -25,7 +25,8 @@ from migd.bench.processes import QMP, serve_argv, timed_migration, configure
 MiB = 1 << 20; RUN = 4 * MiB; SIZE = 1536 * MiB; GIB = SIZE / 2**30; PAGE = 4096
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 5
 work = Path(tempfile.mkdtemp(prefix="probe-shape-"))
-disk = FastDisk(2 * SIZE + 512 * MiB); outdir = disk.open()
+disk = FastDisk(2 * SIZE + 512 * MiB) if not os.environ.get("DIR") else None
+outdir = disk.open() if disk else os.environ["DIR"]
 img = f"{outdir}/shape-img"; migd_img = f"{outdir}/shape-migd.img"; mem = "/dev/shm/probe-shape-mem"
 procs = []
 
@@ -45,15 +46,15 @@ def prepare(view, scan):
         xxhash.xxh3_128_digest(view[m:m + MiB])
 
 
-def four_threads(scan):
+def four_threads(scan, threads=4):
     def body(i):
         b = buffer(); v = memoryview(b)
-        for at in range(i * RUN, SIZE, 4 * RUN):
+        for at in range(i * RUN, SIZE, threads * RUN):
             os.preadv(mem_fd, [v], at)
             prepare(v, scan)
             os.pwritev(disk_fd, [v], at)
         v.release(); b.close()
-    ts = [threading.Thread(target=body, args=(i,)) for i in range(4)]
+    ts = [threading.Thread(target=body, args=(i,)) for i in range(threads)]
     [t.start() for t in ts]; [t.join() for t in ts]
 
 
@@ -95,8 +96,20 @@ def one_copier(scan, copiers=1):
     for b in ring: b.close()
 
 
+def new_image():
+    """NEWFILE=1: each plain loop writes a new file, sized and allocated first (fallocate),
+    as migd's saves do; else they overwrite the one file, whose blocks exist."""
+    global disk_fd
+    if not os.environ.get("NEWFILE"):
+        return
+    os.close(disk_fd); os.unlink(img)
+    disk_fd = os.open(img, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600)
+    os.ftruncate(disk_fd, SIZE); os.posix_fallocate(disk_fd, 0, SIZE)
+
+
 def timed(body):
     def run():
+        new_image()
         r0 = resource.getrusage(resource.RUSAGE_SELF); t0 = time.perf_counter()
         body()
         secs = time.perf_counter() - t0; r1 = resource.getrusage(resource.RUSAGE_SELF)
@@ -126,6 +139,7 @@ try:
     open(migd_img, "wb").close()
     ways = {"four threads": timed(lambda: four_threads(False)),
             "four threads + zero scan": timed(lambda: four_threads(True)),
+            "eight threads + zero scan": timed(lambda: four_threads(True, 8)),
             "one copier, four writers": timed(lambda: one_copier(False)),
             "one copier + zero scan, four writers": timed(lambda: one_copier(True)),
             "two copiers, four writers": timed(lambda: one_copier(False, 2)),
@@ -147,4 +161,5 @@ finally:
         try: os.unlink(f)
         except OSError: pass
     shutil.rmtree(work, ignore_errors=True)
-    disk.close()
+    if disk: disk.close()
+    else: os.unlink(img); os.unlink(migd_img)
