@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import struct
@@ -166,7 +167,7 @@ def test_zero_range_zeroes_a_shared_file_backend_and_keeps_its_size(fsdir: Path)
 
 def test_zero_range_writes_zeros_when_neither_punching_nor_madv_remove_work(
         fsdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(memory, "_fallocate", lambda *args: -1)
+    monkeypatch.setattr(memory, "fallocate", lambda *args: errno.EOPNOTSUPP)
     monkeypatch.setattr(memory.mmap, "MADV_REMOVE", 0x7FFF, raising=False)  # invalid: EINVAL
     path = fsdir / "ram"
     data = pattern(12 * MiB, seed=2)
@@ -260,13 +261,13 @@ def test_allocate_skips_a_file_without_holes_and_fills_one_with_holes(
     # exist that fallocate walked every page under the inode lock the Storer's writes
     # need (docs/bench/fast-disk/README.md, "Session 23"): it must not run there.
     calls: list[tuple[int, int]] = []
-    real = memory._fallocate
+    real = memory.fallocate
 
     def spy(fd: int, mode: int, offset: int, length: int) -> int:
         calls.append((offset, length))
         return real(fd, mode, offset, length)
 
-    monkeypatch.setattr(memory, "_fallocate", spy)
+    monkeypatch.setattr(memory, "fallocate", spy)
     path = fsdir / "ram"
     data = pattern(2 * MiB, seed=9)
     path.write_bytes(data)

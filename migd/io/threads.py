@@ -337,10 +337,10 @@ STAGING = StagingPool()
 # (docs/bench/fast-disk/README.md, "Session 23": the plain loop of that shape 0.73x the
 # fused one). Channels that read their own buffers, one at a time, against the Loader
 # (both with the save file's slots allocated ahead, migration/mapped_ram/page_slots.py),
-# 1.5 GiB, 4 channels, alternated: 1.45x at 0.100 against 0.160 CPU s/GiB on the fast
-# disk, 0.98x at 0.120 against 0.160 on the virtio disk; all four reading at once
-# instead: as fast on the fast disk, 0.90x on the virtio disk (two CPUs: the copies
-# crowd out the I/O path). ("Session 24".)
+# 1.5 GiB, 4 channels, alternated, on two AMD EPYC cores: 1.45x at 0.100 against 0.160
+# CPU s/GiB on the fast disk, 0.98x at 0.120 against 0.160 on the virtio disk; all four
+# reading at once instead: as fast on the fast disk, 0.90x on the virtio disk (two CPUs:
+# the copies crowd out the I/O path). ("Session 24".)
 COPY_THREADS = 1
 
 

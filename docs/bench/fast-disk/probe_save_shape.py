@@ -9,11 +9,16 @@ memory file, 4 writers with 4 MiB O_DIRECT calls:
 - one copier, four writers: one thread preads, (scans,) hashes into a ring of 8 buffers
   and hands them over a queue to four threads that only write (migd's Loader shape);
   two or four copiers: the same with the runs dealt out among them in turn;
+- eight threads + zero scan: as four threads + zero scan, with eight;
 - migd: a daemon's save of the same memory (`migrate`), checksums and zero scan on.
+
+The plain loops overwrite one file, whose blocks exist after the first round; NEWFILE=1
+gives each a new file, sized and allocated first (as migd's saves on ext4 since session
+24). DIR=/some/dir: the files there instead of on a fast disk (DIR=/tmp: the virtio disk).
 
 Printed: GiB/s, CPU s/GiB (this process, or the daemon), medians of the rounds.
 
-    sudo .venv/bin/python docs/bench/fast-disk/probe_save_shape.py [ROUNDS]   # from the repo root
+    sudo [DIR=...] [NEWFILE=1] .venv/bin/python docs/bench/fast-disk/probe_save_shape.py [ROUNDS]
 """
 import mmap, os, queue, resource, shutil, subprocess, sys, tempfile, threading, time, statistics as st
 sys.path.insert(0, os.getcwd())
