@@ -11,6 +11,11 @@ share of the offsets:
   that does nothing else: no checks, no staging);
 - restore, hashed: read into a buffer, xxh3-128 of each MiB, pwrite into the memory file
   (migd's staged restore, without the daemon);
+- restore, hashed, kernel copy (warm / new mapping): read into a buffer, xxh3-128 of
+  each MiB, then process_vm_writev of the buffer into the memory file's mapping (the
+  kernel copies, so a file cut short is EFAULT, not SIGBUS; no inode lock: the four
+  threads copy side by side); "new mapping" maps the file afresh each round and unmaps
+  it at the end, inside the timing, as a restore into a backend just added would;
 - save, bench baseline: O_DIRECT writes from each thread's own 4 MiB buffer;
 - save from memory: O_DIRECT writes straight from the mapping (no checks, no copy);
 - save, hashed: pread from the memory file into a buffer, xxh3-128 of each MiB, O_DIRECT
@@ -19,9 +24,11 @@ share of the offsets:
 Printed: GiB/s, this process's CPU s/GiB, and the whole machine's busy CPUs over the
 loop (from /proc/stat: the loop disk's own copying runs in kernel threads, not here).
 
-    sudo .venv/bin/python docs/bench/fast-disk/probe_ceiling.py [ROUNDS]   # from the repo root
+    sudo [ONLY=restore] .venv/bin/python docs/bench/fast-disk/probe_ceiling.py [ROUNDS]
+
+ONLY=restore (or save): only the loops whose name starts so.
 """
-import mmap, os, resource, sys, tempfile, threading, time, statistics as st
+import ctypes, mmap, os, resource, sys, tempfile, threading, time, statistics as st
 sys.path.insert(0, os.getcwd())
 import xxhash
 from migd.bench.fastdisk import FastDisk
@@ -37,12 +44,31 @@ def busy_jiffies():
     return sum(v) - v[3] - v[4], sum(v)  # all but idle and iowait, all
 
 
+class IoVec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+libc = ctypes.CDLL(None, use_errno=True)
+libc.process_vm_writev.restype = ctypes.c_ssize_t
+libc.process_vm_writev.argtypes = [ctypes.c_int, ctypes.POINTER(IoVec), ctypes.c_ulong,
+                                   ctypes.POINTER(IoVec), ctypes.c_ulong, ctypes.c_ulong]
+fresh = {}  # "new mapping" ways: the mapping of this round
+
+
+def address(m):
+    return ctypes.addressof(ctypes.c_char.from_buffer(m))
+
+
 def run(body):
     os.posix_fadvise(fd_img, 0, 0, os.POSIX_FADV_DONTNEED)
     b0, a0 = busy_jiffies(); r0 = resource.getrusage(resource.RUSAGE_SELF); t0 = time.perf_counter()
+    if getattr(body, "new_mapping", False):
+        fresh["map"] = mmap.mmap(fd_mem, SIZE); fresh["at"] = address(fresh["map"])
     threads = [threading.Thread(target=body, args=(i,)) for i in range(4)]
     for t in threads: t.start()
     for t in threads: t.join()
+    if "map" in fresh:
+        fresh.pop("at"); fresh.pop("map").close()
     t = time.perf_counter() - t0; r1 = resource.getrusage(resource.RUSAGE_SELF); b1, a1 = busy_jiffies()
     cpu = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
     return GIB / t, cpu / GIB, 2 * (b1 - b0) / (a1 - a0)
@@ -73,6 +99,29 @@ def read_hashed(i):
         os.pwrite(fd_mem, v, at)
 
 
+def read_hashed_kernel_copy(i, target=None):
+    b = buffer(); v = memoryview(b)
+    local = IoVec(address(b), RUN); pid = os.getpid()
+    for at in offsets(i):
+        os.preadv(fd_direct, [b], at)
+        for m in range(0, RUN, MiB): xxhash.xxh3_128_digest(v[m:m + MiB])
+        remote = IoVec((target if target is not None else fresh["at"]) + at, RUN)
+        if libc.process_vm_writev(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0) != RUN:
+            raise OSError(ctypes.get_errno(), "process_vm_writev")
+    del v; b.close()
+
+
+def read_hashed_kernel_copy_warm(i):
+    read_hashed_kernel_copy(i, map_at)
+
+
+def read_hashed_kernel_copy_new(i):
+    read_hashed_kernel_copy(i)
+
+
+read_hashed_kernel_copy_new.new_mapping = True
+
+
 def write_baseline(i):
     b = buffer(); b.write(os.urandom(RUN))
     for at in offsets(i): os.pwritev(fd_direct, [b], at)
@@ -96,13 +145,17 @@ try:
             for _ in range(SIZE // (64 * MiB)): f.write(os.urandom(64 * MiB))
     fd_direct = os.open(img, os.O_RDWR | os.O_DIRECT); fd_img = os.open(img, os.O_RDONLY)
     fd_mem = os.open(mem, os.O_RDWR)
-    mapping = mmap.mmap(fd_mem, SIZE); view = memoryview(mapping)
+    mapping = mmap.mmap(fd_mem, SIZE); view = memoryview(mapping); map_at = address(mapping)
     loops = {"restore, bench baseline (reused buffers)": read_baseline,
              "restore into memory (O_DIRECT into the mapping)": read_into_memory,
              "restore, hashed (buffer, xxh3, pwrite)": read_hashed,
+             "restore, hashed, kernel copy into the mapping (warm)": read_hashed_kernel_copy_warm,
+             "restore, hashed, kernel copy into a new mapping": read_hashed_kernel_copy_new,
              "save, bench baseline (reused buffers)": write_baseline,
              "save from memory (O_DIRECT from the mapping)": write_from_memory,
              "save, hashed (pread, xxh3, O_DIRECT write)": write_hashed}
+    only = os.environ.get("ONLY")
+    loops = {k: v for k, v in loops.items() if not only or k.startswith(only)}
     res = {k: [] for k in loops}
     for r in range(ROUNDS):
         names = list(loops) if r % 2 == 0 else list(reversed(loops))
