@@ -1876,10 +1876,17 @@ MUTANTS = [
     ),
     Mutant(
         "zero-page-slots-never-freed",
-        "migd/migration/engine.py",
-        "            if slots:\n                await job_thread(page_slots.free_absent",
-        "            if False:\n                await job_thread(page_slots.free_absent",
+        "migd/migration/mapped_ram/page_slots.py",
+        "            code = fallocate(fd, PUNCH_HOLE | KEEP_SIZE, io.page_offset(first + lo),",
+        "            code = fallocate(fd, KEEP_SIZE, io.page_offset(first + lo),",
         ("tests/test_save_page_slots.py::test_slots_allocated_ahead_on_ext4_only_and_zero_pages_freed_after",),
+    ),
+    Mutant(
+        "cancelled-save-keeps-its-unwritten-slots",
+        "migd/migration/engine.py",
+        "            if slots:\n                # Failed or cancelled",
+        "            if False:\n                # Failed or cancelled",
+        ("tests/test_save_page_slots.py::test_a_cancelled_save_leaves_no_room_taken_by_pages_it_never_wrote",),
     ),
     Mutant(
         "save-slots-allocated-without-room",

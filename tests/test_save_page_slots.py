@@ -71,6 +71,23 @@ async def test_slots_allocated_ahead_on_ext4_only_and_zero_pages_freed_after(
     assert (shm / "ram0").read_bytes() == data
 
 
+async def test_a_cancelled_save_leaves_no_room_taken_by_pages_it_never_wrote(
+    qmp, shm, short_dir
+):
+    memory_with_zeros_between(shm / "ram0", SIZE, 12 * MiB, 12 * MiB)
+    await add_file_backend(qmp, "ram0", shm / "ram0", SIZE, share=True)
+    await enable_mapped_ram(qmp, channels=2, direct_io=True, **{"max-bandwidth": MiB})
+    target = short_dir / "save.img"
+    await qmp.execute("migrate", {"uri": f"file:{target}"})
+    await wait_status(qmp, "active")
+    assert allocated(target) >= SIZE  # every slot, ahead
+    await qmp.execute("migrate_cancel")
+    info = await wait_migration(qmp)
+    assert info["status"] == "cancelled", info
+    # At 1 MiB/s it wrote a few MiB before the cancel: only those keep their room.
+    assert allocated(target) < SIZE // 2, allocated(target)
+
+
 async def test_a_save_that_fits_only_without_its_zero_pages_is_not_allocated_ahead(
     qmp, shm, small_ext4
 ):

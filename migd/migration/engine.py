@@ -1064,13 +1064,18 @@ class MigrationEngine:
                 await self._checksums_of_file(job, blocks, fds)
             self._pass(job, 2)
             if slots:
-                await job_thread(page_slots.free_absent, job, blocks, slots, main_fd)
+                freeing, slots = slots, []
+                await job_thread(page_slots.free_absent, job, blocks, freeing, main_fd)
             await job_thread(save.finish_save, job, layout, blocks, fds, main_fd)
             if job.cancel.is_set():
                 # Answered after finish_save's own last look, while its thread returned:
                 # _run ends the job cancelled, so its file must not read as a save.
                 await job_cleanup_thread(save.withdraw_end, job, layout, main_fd)
         finally:
+            if slots:
+                # Failed or cancelled before its end (the channels have stopped): the slots
+                # of the pages never written take no room in the file it leaves.
+                await job_cleanup_thread(page_slots.free_absent, job, blocks, slots, main_fd)
             await job_cleanup_thread(job.target.close_channels)  # may wait, as _conclude's
             if read_fd is not None:
                 await job_cleanup_thread(os.close, read_fd)

@@ -16,7 +16,8 @@ docs/bench/fast-disk/README.md, "Session 24".
 The slots allocated are those of the runs the save will write (a memory file's holes are
 not among them); the zero scan finds the rest of the zero pages only as the channels go,
 so their slots are allocated too, and punched out again at the end (free_absent), before
-the save's syncs: the file takes no more room than a save without it. Only on ext4, where
+the save's syncs: the file takes no more room than a save without it. A save that fails
+or is cancelled frees the slots of every page it did not write the same way. Only on ext4, where
 it was measured, and only where the filesystem has room for every slot and HEADROOM
 besides: a save whose zero pages made it fit must not fail for want of their room.
 """
@@ -49,7 +50,10 @@ def allocate(job: Job, blocks: Sequence[BlockIO], runs: Sequence[PageRun], fd: i
         return []
     slots = _coalesce(runs)
     needed = sum(pages for _, _, pages in slots) * PAGE_SIZE
-    st = os.fstatvfs(fd)
+    try:
+        st = os.fstatvfs(fd)
+    except OSError:
+        return []  # the writes allocate, as without this
     if st.f_bavail * st.f_frsize < needed + HEADROOM:
         log.debug("'%s': %d bytes free, not enough to allocate the %d bytes of page slots "
                   "ahead", job.target.name, st.f_bavail * st.f_frsize, needed)  # fmt: skip
