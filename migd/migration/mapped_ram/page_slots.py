@@ -17,9 +17,10 @@ The slots allocated are those of the runs the save will write (a memory file's h
 not among them); the zero scan finds the rest of the zero pages only as the channels go,
 so their slots are allocated too, and punched out again at the end (free_absent), before
 the save's syncs: the file takes no more room than a save without it. A save that fails
-or is cancelled frees the slots of every page it did not write the same way. Only on ext4, where
-it was measured, and only where the filesystem has room for every slot and HEADROOM
-besides: a save whose zero pages made it fit must not fail for want of their room.
+or is cancelled frees the slots of every page it did not write the same way. Only on
+ext4, where it was measured, and only where the filesystem has room for every slot and
+HEADROOM besides: a save whose zero pages made it fit must not fail for want of their
+room.
 """
 
 from __future__ import annotations
