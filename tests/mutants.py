@@ -1902,6 +1902,27 @@ MUTANTS = [
         "        copying = threading.Semaphore(64)",
         ("tests/test_save_page_slots.py::test_a_saves_channels_read_their_memory_one_at_a_time",),
     ),
+    Mutant(
+        "zero-scan-short-cut-where-any-sample-is-data",
+        "migd/io/zero_scan.py",
+        "    if samples.all():\n",
+        "    if samples.any():\n",
+        ("tests/test_zero_scan.py::test_zero_scan_finds_exactly_the_long_zero_runs",),
+    ),
+    Mutant(
+        "run-without-zero-pages-not-written",
+        "migd/io/zero_scan.py",
+        "        return [(0, n)] if n else []\n",
+        "        return []\n",
+        ("tests/test_zero_scan.py::test_memory_without_zero_samples_is_written_whole",),
+    ),
+    Mutant(
+        "bench-times-migrations-to-the-poll-that-saw-the-end",
+        "migd/bench/processes.py",
+        "    if ended is not None and 0 < ended - wall_start <= seconds:\n",
+        "    if False:\n",
+        ("tests/test_bench_timing.py::test_a_save_is_timed_to_its_completed_event",),
+    ),
 ]  # fmt: skip
 
 

@@ -56,6 +56,16 @@ def test_zero_scan_finds_exactly_the_long_zero_runs(seed: int) -> None:
     assert runs_to_write(found, min_run) == runs_to_write(reference(pages, min_run), min_run)
 
 
+@pytest.mark.parametrize("pages", [0, 1, 256, 1024])
+def test_memory_without_zero_samples_is_written_whole(pages: int) -> None:
+    """The short cut for memory whose sampled words are all non-zero (a busy guest's):
+    no zero page, and one write of the whole run."""
+    data = np.full((pages, PAGE // 8), 0x0101010101010101, dtype=np.uint64)
+    found = zero_pages(memoryview(bytearray(data.tobytes())), MIN_SKIP_PAGES, MemoryReader())
+    assert found.size == pages and not found.any()
+    assert runs_to_write(found) == ([(0, pages)] if pages else [])
+
+
 def test_a_page_past_the_end_of_a_cut_file_is_a_memory_fault_not_sigbus(
     tmp_path: Path,
 ) -> None:

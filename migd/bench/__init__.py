@@ -47,10 +47,12 @@ throughput with / without for each round and the median and min-max of the round
 Every other migd row runs migd's defaults: its saves record checksums, its restores
 verify them as they land. With --checksums-only, only these pairs are measured.
 
-A migration is timed from the `migrate` / `migrate-incoming` command to query-migrate
-reporting `completed`, polled every 10 ms; the polls' round trips give the control plane
-latency, /proc/PID/stat the CPU time of migd or QEMU, and /proc/PID/status migd's private
-memory (RssAnon). migd maps the memory file afresh (object-del, object-add) before every
+A migration is timed from the `migrate` / `migrate-incoming` command to the timestamp of
+its `completed` MIGRATION event (both migd and QEMU send it, the capability `events` on);
+query-migrate is polled every 10 ms meanwhile (the end time where no event came, a poll
+being up to 10 ms late); the polls' round trips give the control plane latency,
+/proc/PID/stat the CPU time of migd or QEMU, and /proc/PID/status migd's private memory
+(RssAnon). migd maps the memory file afresh (object-del, object-add) before every
 timed operation, as for a real save or restore; QEMU is a new process each time. As root
 the page cache is dropped before every measurement (after syncfs of --dir only: a global
 sync would wait on every other filesystem too). All files and processes the benchmark

@@ -7,7 +7,9 @@ pread 4 MiB from the memory file, hash it and write it with O_DIRECT. GiB/s and 
 (migd: its process; the loop: this one). PERF=1: instead, `perf record -g` of migd over 3
 operations (and, for restores, of the loop over 3), into perf-migd.data / perf-plain.data
 (PERF_EVENT=cpu-clock where hardware counters are missing; MIGD_STAGING=0 for a daemon
-that reads into the mapping).
+that reads into the mapping). PYSPY=1: `py-spy record --native --format raw` of migd over
+8 operations into pyspy-migd.txt (collapsed stacks, busy samples only; py-spy is not one of
+migd's dependencies: `pip install py-spy`).
 
     sudo .venv/bin/python docs/bench/fast-disk/probe_gap.py [ROUNDS]   # from the repo root
 """
@@ -100,6 +102,15 @@ try:
         perf("migd", daemon.pid, migd_once)
         if OP == "restore":
             perf("plain", os.getpid(), plain_once)
+        ROUNDS = 0
+    if os.environ.get("PYSPY"):
+        spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--native",
+                                "--threads", "--format", "raw", "-r", "500", "-o",
+                                "pyspy-migd.txt", "-p", str(daemon.pid)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(2)  # py-spy attached
+        for _ in range(8): migd_once()
+        spy.send_signal(2); spy.wait()
         ROUNDS = 0
     ways = {"migd": migd_once, "plain loop": plain_once}
     res = {name: [] for name in ways}

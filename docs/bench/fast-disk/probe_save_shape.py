@@ -10,17 +10,21 @@ memory file, 4 writers with 4 MiB O_DIRECT calls:
   and hands them over a queue to four threads that only write (migd's Loader shape);
   two or four copiers: the same with the runs dealt out among them in turn;
 - eight threads + zero scan: as four threads + zero scan, with eight;
+- four threads + zero scan, one copying at a time: the reading, scanning and hashing
+  under one lock, the writes side by side (migd's shape since session 24);
 - migd: a daemon's save of the same memory (`migrate`), checksums and zero scan on.
 
 The plain loops overwrite one file, whose blocks exist after the first round; NEWFILE=1
 gives each a new file, sized and allocated first (as migd's saves on ext4 since session
 24). DIR=/some/dir: the files there instead of on a fast disk (DIR=/tmp: the virtio disk).
 
+ONLY="name;name": only those ways (names as printed).
+
 Printed: GiB/s, CPU s/GiB (this process, or the daemon), medians of the rounds.
 
     sudo [DIR=...] [NEWFILE=1] .venv/bin/python docs/bench/fast-disk/probe_save_shape.py [ROUNDS]
 """
-import mmap, os, queue, resource, shutil, subprocess, sys, tempfile, threading, time, statistics as st
+import contextlib, mmap, os, queue, resource, shutil, subprocess, sys, tempfile, threading, time, statistics as st
 sys.path.insert(0, os.getcwd())
 from pathlib import Path
 import numpy as np
@@ -51,12 +55,16 @@ def prepare(view, scan):
         xxhash.xxh3_128_digest(view[m:m + MiB])
 
 
-def four_threads(scan, threads=4):
+def four_threads(scan, threads=4, one_at_a_time=False):
+    """`one_at_a_time`: the reading, scanning and hashing under one lock (migd's shape)."""
+    copying = threading.Lock() if one_at_a_time else contextlib.nullcontext()
+
     def body(i):
         b = buffer(); v = memoryview(b)
         for at in range(i * RUN, SIZE, threads * RUN):
-            os.preadv(mem_fd, [v], at)
-            prepare(v, scan)
+            with copying:
+                os.preadv(mem_fd, [v], at)
+                prepare(v, scan)
             os.pwritev(disk_fd, [v], at)
         v.release(); b.close()
     ts = [threading.Thread(target=body, args=(i,)) for i in range(threads)]
@@ -149,7 +157,10 @@ try:
             "one copier + zero scan, four writers": timed(lambda: one_copier(True)),
             "two copiers, four writers": timed(lambda: one_copier(False, 2)),
             "four copiers, four writers": timed(lambda: one_copier(False, 4)),
+            "four threads + zero scan, one copying at a time": timed(lambda: four_threads(True, 4, True)),
             "migd (daemon)": migd_once}
+    if os.environ.get("ONLY"):  # ONLY="four threads + zero scan;migd (daemon)": those ways
+        ways = {name: ways[name] for name in os.environ["ONLY"].split(";")}
     res = {name: [] for name in ways}
     for r in range(ROUNDS):
         for name in (list(ways) if r % 2 == 0 else list(reversed(ways))):
