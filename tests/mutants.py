@@ -1923,6 +1923,14 @@ MUTANTS = [
         "    if False:\n",
         ("tests/test_bench_timing.py::test_a_save_is_timed_to_its_completed_event",),
     ),
+    Mutant(
+        "save-head-written-before-the-file-is-sized",
+        "migd/migration/mapped_ram/save.py",
+        "    truncate(main_fd, layout.end_offset, path)\n",
+        "",
+        ("tests/test_save_page_slots.py::"
+         "test_the_head_is_written_into_a_file_already_sized_to_its_end",),
+    ),
 ]  # fmt: skip
 
 

@@ -10,12 +10,15 @@ from __future__ import annotations
 import os
 import threading
 import time
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from migd.io import threads
+from migd.migration.mapped_ram import format
+from migd.migration.mapped_ram import save as save_io
 
 from .conftest import (
     add_file_backend,
@@ -134,3 +137,35 @@ async def test_a_saves_channels_read_their_memory_one_at_a_time(
     os.truncate(shm / "ram0", SIZE)
     assert (await restore(qmp, short_dir / "save.img"))["status"] == "completed"
     assert (shm / "ram0").read_bytes() == data
+
+
+def test_the_head_is_written_into_a_file_already_sized_to_its_end(
+    short_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """write_head sizes the file (ftruncate: its size on disk too) before the head's
+    pieces go in through the page cache: ext4 takes every O_DIRECT page write past the
+    size on disk for one that extends the file, one at a time under the inode lock."""
+    layout = format.plan_save([("pc.ram", 16 * MiB), ("vga.vram", 4 * MiB)])
+    path = short_dir / "save.img"
+    path.write_bytes(b"\xaa" * (layout.end_offset + 8 * MiB))  # an old, longer file
+    sizes: list[int] = []
+    original = save_io.pwrite_all
+
+    def recording(fd: int, data: bytes, offset: int, name: str) -> None:
+        sizes.append(os.fstat(fd).st_size)
+        original(fd, data, offset, name)
+
+    monkeypatch.setattr(save_io, "pwrite_all", recording)
+    job = types.SimpleNamespace(target=types.SimpleNamespace(name=str(path)), main_bytes=0)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        save_io.write_head(job, layout, fd)  # type: ignore[arg-type]
+    finally:
+        os.close(fd)
+    assert sizes == [layout.end_offset] * len(layout.head_writes) and len(sizes) >= 2
+    content = path.read_bytes()
+    assert len(content) == layout.end_offset
+    for at, data in layout.head_writes:
+        assert content[at : at + len(data)] == data
+    slots = layout.blocks[0]
+    assert content[slots.pages_offset : slots.end].count(0) == slots.end - slots.pages_offset
