@@ -49,7 +49,7 @@ def write_head(job: Job, layout: format.SaveLayout, main_fd: int) -> None:
     which takes the inode lock exclusively and puts the inode on the orphan list: the
     channels' page writes went one at a time (ftruncate sets both sizes). 1.5 GiB on the
     fast disk, migd's own channels in a process of their own, alternated with the file
-    made the old way: 10.5 against 7.7 GiB/s (docs/bench/fast-disk/README.md, session 25).
+    made the old way: 10.3 against 7.7 GiB/s (docs/bench/fast-disk/README.md, session 25).
     """
     path = job.target.name
     truncate(main_fd, layout.offset, path)
