@@ -671,10 +671,14 @@ MUTANTS = [
         "staged-restore-stores-before-checking",
         "migd/io/threads.py",
         "        rest = sums.landed(run.block, run.first_page, data) if sums is not None else []\n"
-        "        started = time.thread_time()\n"
-        "        store(data, run.first_page * PAGE_SIZE)\n",
-        "        started = time.thread_time()\n"
-        "        store(data, run.first_page * PAGE_SIZE)\n"
+        "        with self.store_lock:\n"
+        "            started = time.thread_time()\n"
+        "            store(data, run.first_page * PAGE_SIZE)\n"
+        "            self.pages.wrote(len(data), time.thread_time() - started)\n",
+        "        with self.store_lock:\n"
+        "            started = time.thread_time()\n"
+        "            store(data, run.first_page * PAGE_SIZE)\n"
+        "            self.pages.wrote(len(data), time.thread_time() - started)\n"
         "        rest = sums.landed(run.block, run.first_page, data) if sums is not None else []\n",
         ("tests/test_save_staging.py::test_a_corrupt_unit_never_reaches_used_memory",),
     ),
@@ -1739,7 +1743,7 @@ MUTANTS = [
     Mutant(
         "storer-writes-never-timed",
         "migd/io/threads.py",
-        "        self.pages.wrote(len(data), time.thread_time() - started)\n",
+        "            self.pages.wrote(len(data), time.thread_time() - started)\n",
         "",
         ("tests/test_save_staging.py::"
          "test_once_new_pages_are_dear_the_rest_is_read_into_the_mapping",),
@@ -1930,6 +1934,36 @@ MUTANTS = [
         "",
         ("tests/test_save_page_slots.py::"
          "test_the_head_is_written_into_a_file_already_sized_to_its_end",),
+    ),
+    Mutant(
+        "storer-never-found-the-bound",
+        "migd/io/threads.py",
+        "            self.inline = True\n",
+        "",
+        ("tests/test_save_staging.py::test_channels_that_store_their_own_runs_restore_whole_and_verified",
+         "tests/test_save_staging.py::test_the_storer_is_the_bound_only_when_it_is_seldom_idle"),
+    ),
+    Mutant(
+        "storer-found-the-bound-when-idle",
+        "migd/io/threads.py",
+        "            if share >= self.IDLE or self.inline:\n",
+        "            if share < self.IDLE or self.inline:\n",
+        ("tests/test_save_staging.py::test_channels_that_store_their_own_runs_restore_whole_and_verified",
+         "tests/test_save_staging.py::test_the_storer_is_the_bound_only_when_it_is_seldom_idle"),
+    ),
+    Mutant(
+        "storer-idle-counts-the-first-reads-wait",
+        "migd/io/threads.py",
+        "                self._since = now\n                return\n",
+        "                self._since = now\n",
+        ("tests/test_save_staging.py::test_the_storer_is_the_bound_only_when_it_is_seldom_idle",),
+    ),
+    Mutant(
+        "channels-store-their-own-runs-unchecked",
+        "migd/io/threads.py",
+        "                    storer.store(run, data)\n",
+        "                    block.store(data, run.first_page * PAGE_SIZE)  # type: ignore[misc]\n",
+        ("tests/test_save_staging.py::test_a_corrupt_unit_never_reaches_used_memory",),
     ),
 ]  # fmt: skip
 

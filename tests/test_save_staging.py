@@ -7,12 +7,14 @@ mapping makes, byte for byte.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-from migd.io.threads import NewPages
+from migd.io.threads import NewPages, Storer, StorerLoad
 from migd.pages import PAGE_SIZE
 
 from .conftest import (
@@ -236,17 +238,93 @@ async def test_once_new_pages_are_dear_the_rest_is_read_into_the_mapping(
     assert (shm / "ram0").read_bytes() == data
 
 
-@pytest.mark.parametrize("channels", [1, 4])
-async def test_a_corrupt_unit_never_reaches_used_memory(qmp, shm, short_dir, channels):
-    """A staged restore checks each whole unit in its buffer before it writes it: the unit
-    whose byte was flipped in the file fails the job, and that unit of memory keeps what
-    it held (a restore into the mapping would have landed it, then failed)."""
+def channels_store_their_own_runs(monkeypatch) -> dict[str, Any]:
+    """Make every staged restore's Storer judge itself the bound at its second run (idle
+    under twice its time), so that the channels check and store the runs after it (with
+    one channel: from the fourth run on, read into the buffer the second run frees);
+    the threads that ran Storer.run ("storer") and that stored each run, by its first
+    page ("stored")."""
+    monkeypatch.setattr(StorerLoad, "IDLE", 2.0)
+    monkeypatch.setattr(StorerLoad, "WINDOW", 1)
+    seen: dict[str, Any] = {"storer": set(), "stored": {}}
+    run, store = Storer.run, Storer.store
+
+    def spied_run(self, cancel):
+        seen["storer"].add(threading.get_ident())
+        return run(self, cancel)
+
+    def spied_store(self, page_run, data):
+        seen["stored"][page_run.first_page] = threading.get_ident()
+        return store(self, page_run, data)
+
+    monkeypatch.setattr(Storer, "run", spied_run)
+    monkeypatch.setattr(Storer, "store", spied_store)
+    return seen
+
+
+async def test_channels_that_store_their_own_runs_restore_whole_and_verified(
+    migd_inproc, qmp, shm, short_dir, monkeypatch
+):
+    """Once the Storer is found to bound a restore (StorerLoad), the channels check and
+    write their own runs: the memory is the saved one, its checksums verified, none of it
+    mapped; the first runs were stored by the Storer, the last ones by the channel."""
+    monkeypatch.setattr(NewPages, "DEAR_SECONDS_PER_GIB", float("inf"))
+    seen = channels_store_their_own_runs(monkeypatch)
+    data = np.random.default_rng(11).bytes(SIZE)
+    (shm / "ram0").write_bytes(data)
+    await add_file_backend(qmp, "ram0", shm / "ram0", SIZE, share=True)
+    await enable_mapped_ram(qmp, channels=1, direct_io=True)
+    assert (await save(qmp, short_dir / "save.img"))["status"] == "completed"
+    await qmp.execute("object-del", {"id": "ram0"})
+    (shm / "ram0").write_bytes(b"\xee" * SIZE)
+    await add_file_backend(qmp, "ram0", shm / "ram0", SIZE, share=True)
+    info = await restore(qmp, short_dir / "save.img")
+    assert info["status"] == "completed", info
+    assert info["x-checksums"]["state"] == "verified", info
+    assert mapped_rss(shm / "ram0") == 0
+    assert (shm / "ram0").read_bytes() == data
+    stored = [seen["stored"][first] for first in sorted(seen["stored"])]
+    assert len(stored) == SIZE // (4 * MiB), seen
+    assert stored[0] in seen["storer"] and stored[-1] not in seen["storer"], seen
+
+
+def test_the_storer_is_the_bound_only_when_it_is_seldom_idle():
+    """StorerLoad: the wait for the first run starts the window and is not counted; a
+    window in which the Storer waited under IDLE of its time switches the job for good, a
+    window in which it waited more does not."""
+    load = StorerLoad()
+    load.stored(4 * MiB, 100.0)  # the first run: the first read's wait, not the Storer's
+    for _ in range(StorerLoad.WINDOW // (4 * MiB)):
+        load.stored(4 * MiB, 0.0)
+    assert load.inline
+    idle = StorerLoad()
+    idle.stored(4 * MiB, 0.0)
+    for _ in range(2 * StorerLoad.WINDOW // (4 * MiB)):
+        idle.stored(4 * MiB, 10.0)  # waited far longer than it stored
+    assert not idle.inline
+
+
+@pytest.mark.parametrize(
+    ("channels", "own_runs"),
+    [(1, False), (4, False), (1, True)],
+    ids=["1-storer", "4-storer", "1-channel-stores"],
+)
+async def test_a_corrupt_unit_never_reaches_used_memory(
+    qmp, shm, short_dir, channels, own_runs, monkeypatch
+):
+    """A staged restore checks each whole unit in its buffer before it writes it, the
+    Storer as a channel that stores its own runs (the unit flipped then lies in the last
+    run, which the channel stores): the unit whose byte was flipped in the file fails the
+    job, and that unit of memory keeps what it held (a restore into the mapping would
+    have landed it, then failed)."""
+    seen = channels_store_their_own_runs(monkeypatch) if own_runs else None
     memory_with_zero_runs(shm / "ram0")
     await add_file_backend(qmp, "ram0", shm / "ram0", SIZE, share=True)
     await enable_mapped_ram(qmp, channels=channels, direct_io=True)
     assert (await save(qmp, short_dir / "save.img"))["status"] == "completed"
     block = parse_save(short_dir / "save.img").blocks[0]
-    unit = 2  # random data, saved in full; with 4 channels, runs after it are in flight
+    # random data, saved in full; with 4 channels, runs after it are in flight
+    unit = 21 if own_runs else 2
     with open(short_dir / "save.img", "r+b") as f:
         at = block.pages_offset + unit * MiB + 4000
         f.seek(at)
@@ -259,6 +337,10 @@ async def test_a_corrupt_unit_never_reaches_used_memory(qmp, shm, short_dir, cha
     assert "checksum mismatch in ramblock 'ram0'" in info["error-desc"], info
     with open(shm / "ram0", "rb") as f:
         assert os.pread(f.fileno(), MiB, unit * MiB) == b"\xee" * MiB
+    if seen is not None:  # the channel's thread met the flipped unit: in its last run
+        last = max(seen["stored"])
+        assert last <= unit * MiB // PAGE_SIZE, seen
+        assert seen["stored"][last] not in seen["storer"], seen
 
 
 def test_pages_lost_from_a_file_written_through_are_found_after_the_restore(shm):

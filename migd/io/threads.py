@@ -407,6 +407,59 @@ class NewPages:
             event.set()
 
 
+class StorerLoad:
+    """Whether the Storer bounds a staged restore: then its channels check and store their
+    own runs (Channel._restore_staged), one write into the memory files at a time.
+
+    One Storer keeps every channel's next read in flight while it checks and writes the
+    last run, which is what a disk whose reads cost this machine no CPU wants (the
+    virtio disk). Where the disk's reads cost CPU too (ext4 on a loop device over tmpfs,
+    issue 19: the loop's worker copies every read), one thread checking and writing
+    everything is the job's bound, and four channels each checking and writing their
+    own runs (the writes under Storer.store_lock) ran faster. Plain loops of the shapes,
+    1.5 GiB into used memory, 4 channels, 4 MiB runs, medians of 4-6 alternated rounds
+    (docs/bench/fast-disk/README.md, "Session 26"): fast disk, the channels storing
+    7.4-8.3 GiB/s against the Storer's 6.2-6.5; virtio disk 2.9-3.5 against 3.2-3.8.
+    So a job starts with the Storer and switches for good once the Storer was idle
+    (waiting for runs) less than IDLE of its time over WINDOW bytes: this way 7.9 GiB/s
+    on the fast disk, switched after 28-64 MiB, and 3.9 on the virtio disk, where it
+    never switched."""
+
+    WINDOW = 32 << 20
+    IDLE = 0.1
+
+    def __init__(self, threads: int = 1) -> None:
+        self.threads = threads  # the Storer's
+        self.inline = False  # the channels check and store their own runs
+        self._lock = threading.Lock()
+        self._bytes = 0  # stored in this window so far
+        self._idle = 0.0  # seconds the Storer waited for runs in it
+        self._since: float | None = None  # the window's start: the first run's arrival
+        self._total = 0  # bytes stored by the Storer
+
+    def stored(self, length: int, idle: float) -> None:
+        """The Storer stored `length` bytes after waiting `idle` seconds for them."""
+        if self.inline:
+            return
+        with self._lock:
+            now = time.monotonic()
+            if self._since is None:  # the wait for the first run is the first read's
+                self._since = now
+                return
+            self._bytes += length
+            self._total += length
+            self._idle += idle
+            if self._bytes < self.WINDOW:
+                return
+            share = self._idle / max(1e-9, self.threads * (now - self._since))
+            self._bytes, self._idle, self._since = 0, 0.0, now
+            if share >= self.IDLE or self.inline:
+                return
+            self.inline = True
+        log.debug("the Storer was idle %.0f%% of its time over %d MiB: the channels check "
+                  "and store their own runs from now on", 100 * share, self._total >> 20)
+
+
 class Storer:
     """A restore's writer into memory files: takes the staged runs the channels have read
     into their buffers, checks their whole units, writes them into the memory file
@@ -433,6 +486,13 @@ class Storer:
         self.checksums = checksums
         self.threads = threads  # run() bodies
         self.pages = pages if pages is not None else NewPages()
+        self.load = StorerLoad(threads)
+        # The job's writes into its memory files, one at a time, whoever makes them (the
+        # Storer, or the channels once they store their own runs): tmpfs takes them one
+        # at a time anyway, under the file's inode lock, on which waiting writers spin;
+        # on this lock they sleep (plain loops, fast disk: 7.4-7.8 GiB/s at 0.12-0.13 CPU
+        # s/GiB against 6.9-7.3 at 0.14-0.15 without it).
+        self.store_lock = threading.Lock()
         self.work: queue.SimpleQueue[tuple[PageRun, memoryview, threading.Semaphore] | None]
         self.work = queue.SimpleQueue()
         self.finished = threading.Event()  # every run() returned: nobody holds a buffer
@@ -450,11 +510,16 @@ class Storer:
     def run(self, cancel: threading.Event) -> None:
         error: BaseException | None = None
         try:
-            while (item := self.work.get()) is not None:
+            while True:
+                waited = time.monotonic()
+                if (item := self.work.get()) is None:
+                    break
+                waited = time.monotonic() - waited
                 run, data, free = item
                 try:
                     if error is None and not cancel.is_set():
-                        self._store(run, data)
+                        self.store(run, data)
+                        self.load.stored(len(data), waited)
                 except BaseException as exc:
                     cancel.set()  # the channels stop at their next call
                     error = exc
@@ -468,16 +533,19 @@ class Storer:
         if error is not None:
             raise error
 
-    def _store(self, run: PageRun, data: memoryview) -> None:
+    def store(self, run: PageRun, data: memoryview) -> None:
+        """Check `data`, the bytes of `run`, and write them into its memory file (the
+        Storer's threads, or a channel's once StorerLoad says so)."""
         block = self.blocks[run.block]
         store = block.store
         assert store is not None
         sums = self.checksums
         # Whole units are checked before a byte of them reaches the memory.
         rest = sums.landed(run.block, run.first_page, data) if sums is not None else []
-        started = time.thread_time()
-        store(data, run.first_page * PAGE_SIZE)
-        self.pages.wrote(len(data), time.thread_time() - started)
+        with self.store_lock:
+            started = time.thread_time()
+            store(data, run.first_page * PAGE_SIZE)
+            self.pages.wrote(len(data), time.thread_time() - started)
         for first, count in rest:  # in memory now: the hashing threads read them there
             assert sums is not None
             sums.done(run.block, first, count)
@@ -595,7 +663,11 @@ class Channel:
         while not free.acquire(timeout=0.05):
             if self.cancel.is_set() or self._storer_gone():
                 return None
-        self.next_buffer ^= 1
+        if self.storer is None or not self.storer.load.inline:
+            # A channel that stores its own runs takes the same buffer again: the one
+            # just read, hashed and written is in the CPU's caches (the plain loop of
+            # that shape ran 1.04x the one with two buffers in turn).
+            self.next_buffer ^= 1
         return buffer, free
 
     def _save_run(self, run: PageRun) -> None:
@@ -707,7 +779,8 @@ class Channel:
     def _restore_staged(self, run: PageRun, block: BlockIO, storer: Storer, fd: int) -> None:
         """A run read into one of the channel's two buffers and handed to the Storer,
         which checks and writes it while this channel reads its next run (Staging and
-        Storer say why)."""
+        Storer say why); or, once the Storer is found to bound the job, checked and
+        written by this channel (StorerLoad)."""
         assert run.pages <= STAGE_PAGES
         taken = self._free_buffer()
         if taken is None:
@@ -721,6 +794,13 @@ class Channel:
             raise
         if not read:
             free.release()
+            return
+        if storer.load.inline:
+            try:
+                if not self.cancel.is_set():
+                    storer.store(run, data)
+            finally:
+                free.release()
             return
         storer.put(run, data, free)
 

@@ -10,7 +10,8 @@ EMPTY=1: each restore into an empty memory file (truncated to 0 and back just be
 FRESH=1: each restore into a backend added again just before (object-del, object-add): one
 the daemon has not mapped yet, as a restore into a new VM's memory finds it.
 SERVE_ARGS="--log-level debug": extra `migd serve` arguments; each restore line then also
-counts the daemon's "new pages are dear" messages so far (io/threads.py NewPages).
+counts the daemon's "new pages are dear" messages so far (io/threads.py NewPages) and its
+"store their own runs" ones (StorerLoad).
 """
 import os, subprocess, sys, tempfile, statistics as st
 from pathlib import Path
@@ -56,7 +57,7 @@ try:
                     t = timed_migration(q, "migrate-incoming", {"uri": f"file:{img}"}, p.pid)
                 res.setdefault((op, name), []).append((G / t.seconds, t.cpu / G))
                 lat = sorted(t.latencies)
-                print(f"r{r} {op} {name}: {G/t.seconds:.2f} GiB/s {t.cpu/G:.3f} CPU s/GiB; query-migrate max {lat[-1]*1000:.1f} ms, 2nd {lat[-2]*1000:.1f} ms ({len(lat)} polls); dear so far {(work / (name + '.log')).read_text().count(' is dear ')}", flush=True)
+                print(f"r{r} {op} {name}: {G/t.seconds:.2f} GiB/s {t.cpu/G:.3f} CPU s/GiB; query-migrate max {lat[-1]*1000:.1f} ms, 2nd {lat[-2]*1000:.1f} ms ({len(lat)} polls); dear so far {(work / (name + '.log')).read_text().count(' is dear ')}; own runs so far {(work / (name + '.log')).read_text().count('store their own runs')}", flush=True)
     for op in ("save", "restore"):
         o, n = res[(op, "old")], res[(op, "new")]
         ratios = [b[0] / a[0] for a, b in zip(o, n)]
