@@ -1952,10 +1952,11 @@ MUTANTS = [
          "tests/test_save_staging.py::test_the_storer_is_the_bound_only_when_it_is_seldom_idle"),
     ),
     Mutant(
-        "storer-idle-counts-the-first-reads-wait",
+        "storer-judged-in-its-warm-up-window",
         "migd/io/threads.py",
-        "                self._since = now\n                return\n",
-        "                self._since = now\n",
+        "            if not self._warm:  # the first window (the job's start, the first reads,"
+        " the\n",
+        "            if False:  # the first window (the job's start, the first reads, the\n",
         ("tests/test_save_staging.py::test_the_storer_is_the_bound_only_when_it_is_seldom_idle",),
     ),
     Mutant(

@@ -239,9 +239,10 @@ async def test_once_new_pages_are_dear_the_rest_is_read_into_the_mapping(
 
 
 def channels_store_their_own_runs(monkeypatch) -> dict[str, Any]:
-    """Make every staged restore's Storer judge itself the bound at its second run (idle
-    under twice its time), so that the channels check and store the runs after it (with
-    one channel: from the fourth run on, read into the buffer the second run frees);
+    """Make every staged restore's Storer judge itself the bound at its third run (the
+    second is the warm-up window; idle under twice its time), so that the channels check
+    and store the runs after it (with one channel: from the fifth run on, read into the
+    buffer the third run frees);
     the threads that ran Storer.run ("storer") and that stored each run, by its first
     page ("stored")."""
     monkeypatch.setattr(StorerLoad, "IDLE", 2.0)
@@ -289,17 +290,27 @@ async def test_channels_that_store_their_own_runs_restore_whole_and_verified(
 
 
 def test_the_storer_is_the_bound_only_when_it_is_seldom_idle():
-    """StorerLoad: the wait for the first run starts the window and is not counted; a
-    window in which the Storer waited under IDLE of its time switches the job for good, a
-    window in which it waited more does not."""
+    """StorerLoad: the first window decides nothing (the job's start, the first reads, the
+    backlog of the channels' buffers filled at once); a window in which the Storer waited
+    under IDLE of its time switches the job for good, one in which it waited more does
+    not."""
+    window = StorerLoad.WINDOW // (4 * MiB)
     load = StorerLoad()
     load.stored(4 * MiB, 100.0)  # the first run: the first read's wait, not the Storer's
-    for _ in range(StorerLoad.WINDOW // (4 * MiB)):
+    for _ in range(window - 1):
+        load.stored(4 * MiB, 0.0)
+    assert not load.inline  # the warm-up window
+    for _ in range(window):
         load.stored(4 * MiB, 0.0)
     assert load.inline
+    for _ in range(3 * window):
+        load.stored(4 * MiB, 10.0)
+    assert load.inline  # for good
     idle = StorerLoad()
     idle.stored(4 * MiB, 0.0)
-    for _ in range(2 * StorerLoad.WINDOW // (4 * MiB)):
+    for _ in range(window):
+        idle.stored(4 * MiB, 0.0)  # busy while warming up only
+    for _ in range(3 * window):
         idle.stored(4 * MiB, 10.0)  # waited far longer than it stored
     assert not idle.inline
 

@@ -416,14 +416,16 @@ class StorerLoad:
     virtio disk). Where the disk's reads cost CPU too (ext4 on a loop device over tmpfs,
     issue 19: the loop's worker copies every read), one thread checking and writing
     everything is the job's bound, and four channels each checking and writing their
-    own runs (the writes under Storer.store_lock) ran faster. Plain loops of the shapes,
-    1.5 GiB into used memory, 4 channels, 4 MiB runs, medians of 4-6 alternated rounds
-    (docs/bench/fast-disk/README.md, "Session 26"): fast disk, the channels storing
-    7.4-8.3 GiB/s against the Storer's 6.2-6.5; virtio disk 2.9-3.5 against 3.2-3.8.
-    So a job starts with the Storer and switches for good once the Storer was idle
-    (waiting for runs) less than IDLE of its time over WINDOW bytes: this way 7.9 GiB/s
-    on the fast disk, switched after 28-64 MiB, and 3.9 on the virtio disk, where it
-    never switched."""
+    own runs (the writes under Storer.store_lock) ran faster. Plain loops of the shapes
+    (docs/bench/fast-disk/probe_shapes.py), 1.5 GiB into used memory, 4 channels, 4 MiB
+    runs, medians of alternated rounds (docs/bench/fast-disk/README.md, "Session 26"):
+    fast disk, the channels storing 7.6-8.8 GiB/s against the Storer's 6.3; virtio disk
+    3.1-3.3 against 3.5-3.6. So a job starts with the Storer and switches for good once
+    the Storer was idle (waiting for runs) under IDLE of its time over WINDOW bytes; the
+    first window only warms up, since every channel's buffers fill at once at the start
+    and make a backlog on any disk (judged from it, the virtio disk's loop switched in
+    one round of four). This way: 7.9 GiB/s on the fast disk (switched after 48-60 MiB)
+    and 3.5 on the virtio disk, where it never switched (6 and 8 rounds)."""
 
     WINDOW = 32 << 20
     IDLE = 0.1
@@ -434,8 +436,9 @@ class StorerLoad:
         self._lock = threading.Lock()
         self._bytes = 0  # stored in this window so far
         self._idle = 0.0  # seconds the Storer waited for runs in it
-        self._since: float | None = None  # the window's start: the first run's arrival
+        self._since = time.monotonic()  # the window's start
         self._total = 0  # bytes stored by the Storer
+        self._warm = False  # past the first window
 
     def stored(self, length: int, idle: float) -> None:
         """The Storer stored `length` bytes after waiting `idle` seconds for them."""
@@ -443,9 +446,6 @@ class StorerLoad:
             return
         with self._lock:
             now = time.monotonic()
-            if self._since is None:  # the wait for the first run is the first read's
-                self._since = now
-                return
             self._bytes += length
             self._total += length
             self._idle += idle
@@ -453,6 +453,9 @@ class StorerLoad:
                 return
             share = self._idle / max(1e-9, self.threads * (now - self._since))
             self._bytes, self._idle, self._since = 0, 0.0, now
+            if not self._warm:  # the first window (the job's start, the first reads, the
+                self._warm = True  # backlog of every channel's buffers filled at once)
+                return
             if share >= self.IDLE or self.inline:
                 return
             self.inline = True

@@ -1,8 +1,33 @@
-"""Restore shapes as plain loops: storer / inline / uring (read ahead in the same thread)."""
+"""Restore shapes as plain loops, no daemon: 1.5 GiB from a file on the fast disk (or
+DIR) into a memory file in /dev/shm whose pages are all present, 4 channels (threads
+with their own O_DIRECT fd), 4 MiB runs, each MiB hashed (xxh3-128) before the run is
+written with pwrite. Alternated round by round; GiB/s and this process's CPU s/GiB.
+
+- storer: each channel reads into two buffers in turn, one Storer thread hashes and
+  writes (migd's shape until session 26);
+- storer2: the channels read and hash, the Storer only writes;
+- inline: each channel reads, hashes and writes its own runs, one buffer;
+- inlinel: inline, the writes under one lock (waiters sleep instead of spinning on the
+  memory file's inode lock); inline2buf: the same with two buffers in turn; inlinel8:
+  two threads per channel fd;
+- uring / uringl: inline (/ with the lock), the next run's read in flight through
+  io_uring (uring_ring.py: a minimal ring in ctypes) while the last one is hashed and
+  written;
+- hybrid: the Storer, a channel that finds it busy (HY runs handed and not yet written)
+  stores its own run;
+- adaptive: the Storer until the channels waited for buffers over FRAC of their time in
+  a WIN-byte window, then inline (two buffers in turn);
+- adaptive2: the Storer until it was idle under IDLE of its time over WIN bytes, then
+  inline with one buffer (migd's shape since session 26, io/threads.py StorerLoad); the
+  first window only warms up (WARMUP=0: it decides too).
+
+    sudo [DIR=/tmp/abv] [ONLY="storer;inlinel;adaptive2"] [WIN=33554432] \
+        .venv/bin/python docs/bench/fast-disk/probe_shapes.py [ROUNDS]   # from the repo root
+"""
 import mmap, os, queue, resource, sys, threading, time, statistics as st
-sys.path.insert(0, "/work/main"); sys.path.insert(0, "/tmp/h")
+sys.path.insert(0, os.getcwd()); sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import xxhash
-from ring import Ring
+from uring_ring import Ring
 from migd.bench.fastdisk import FastDisk
 MiB = 1 << 20; RUN = 4 * MiB; SIZE = 1536 * MiB; GIB = SIZE / 2**30; T = 4
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 5
@@ -165,7 +190,7 @@ def adaptive2():
     """As adaptive, judged by the Storer's idle time: under IDLE of a window -> inline."""
     q = queue.SimpleQueue(); state = {"inline": False}
     def st_body():
-        idle, nbytes, since = 0.0, 0, None
+        idle, nbytes, since, warm = 0.0, 0, None, not WARMUP
         while True:
             w0 = time.perf_counter(); item = q.get(); w1 = time.perf_counter()
             if item is None: break
@@ -179,7 +204,9 @@ def adaptive2():
             nbytes += n
             if nbytes >= WIN and not state["inline"]:
                 now = time.perf_counter()
-                if idle < IDLE * (now - since):
+                if not warm:
+                    warm = True
+                elif idle < IDLE * (now - since):
                     state["inline"] = True; adaptive2.at = off
                 idle, nbytes, since = 0.0, 0, now
     def body(i):
@@ -202,6 +229,7 @@ def adaptive2():
     adaptive2.switched = state["inline"]
 adaptive2.at = 0
 IDLE = float(os.environ.get("IDLE", "0.1"))
+WARMUP = os.environ.get("WARMUP", "1") == "1"  # the first window decides nothing
 
 
 def inline2buf():
@@ -288,6 +316,7 @@ try:
     for rnd in range(ROUNDS):
         for name in (ONLY if rnd % 2 == 0 else ONLY[::-1]):
             u0 = resource.getrusage(resource.RUSAGE_SELF); t0 = time.perf_counter()
+            fns[name].at = 0
             fns[name]()
             secs = time.perf_counter() - t0; u1 = resource.getrusage(resource.RUSAGE_SELF)
             cpu = u1.ru_utime - u0.ru_utime + u1.ru_stime - u0.ru_stime

@@ -1,4 +1,7 @@
-"""A minimal io_uring for reads (ctypes, no liburing)."""
+"""A minimal io_uring for O_DIRECT reads in ctypes (no liburing: its newest wheels die
+with SIGILL on this CPU), for probe_shapes.py: setup, one mmap of both rings, READ
+submissions, completions reaped after io_uring_enter. x86 only (no memory barriers:
+the syscall orders the ring updates)."""
 import ctypes, mmap, os, struct
 
 libc = ctypes.CDLL(None, use_errno=True)
