@@ -1966,6 +1966,28 @@ MUTANTS = [
         "                    block.store(data, run.first_page * PAGE_SIZE)  # type: ignore[misc]\n",
         ("tests/test_save_staging.py::test_a_corrupt_unit_never_reaches_used_memory",),
     ),
+    Mutant(
+        "bench-waiting-for-the-event-polls-all-the-same",
+        "migd/bench/processes.py",
+        "        if not poll and not qmp.wait_event(_final_migration_event, EVENT_SAMPLE):\n",
+        "        if False:\n",
+        ("tests/test_bench_timing.py::test_waiting_for_the_event_asks_query_migrate_once",),
+    ),
+    Mutant(
+        "bench-paired-event-saves-polled",
+        "migd/bench/suite.py",
+        "            migd.qmp, \"migrate\", arguments, migd.proc.pid,"
+        " poll=row.polled is not False\n",
+        "            migd.qmp, \"migrate\", arguments, migd.proc.pid, poll=True\n",
+        ("tests/test_bench.py::test_bench_end_to_end",),
+    ),
+    Mutant(
+        "bench-headline-takes-a-paired-polling-row",
+        "migd/bench/report.py",
+        "            and r.checksums is None\n            and r.polled is None\n",
+        "            and r.checksums is None\n",
+        ("tests/test_bench.py::test_the_headline_figures_leave_the_paired_polling_rows_out",),
+    ),
 ]  # fmt: skip
 
 

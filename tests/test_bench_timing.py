@@ -71,3 +71,60 @@ def test_event_time_takes_the_status_asked_for() -> None:
     assert event_time(events, "completed") == 102.5
     assert event_time(events, "active") == 100.25
     assert event_time(events, "failed") is None
+
+
+def counting_queries(qmp: QMP) -> list[str]:
+    """The names of the commands `qmp` executes from now on."""
+    sent: list[str] = []
+    execute = qmp.execute
+
+    def counted(name: str, arguments: dict | None = None) -> object:
+        sent.append(name)
+        return execute(name, arguments)
+
+    qmp.execute = counted  # type: ignore[method-assign]
+    return sent
+
+
+def test_waiting_for_the_event_asks_query_migrate_once(
+    daemon: tuple[QMP, int], short_dir: Path
+) -> None:
+    """timed_migration(poll=False), as the bench's paired polling rows: a save held to
+    about a quarter of a second by max-bandwidth is timed to its event with one
+    query-migrate, at the end (polling, it takes one every 10 ms), the daemon's memory
+    sampled all the same, and no latencies reported."""
+    qmp, pid = daemon
+    configure(qmp, 2, False, **{"max-bandwidth": 64 << 20})
+    sent = counting_queries(qmp)
+    timed = timed_migration(
+        qmp, "migrate", {"uri": f"file:{short_dir / 'c.img'}"}, pid, poll=False
+    )
+    assert timed.info["status"] == "completed" and timed.by_event
+    assert timed.seconds > 0.1
+    assert sent == ["migrate", "query-migrate"]
+    assert timed.latencies == [] and timed.peak_anon > 0
+    sent.clear()
+    polled = timed_migration(qmp, "migrate", {"uri": f"file:{short_dir / 'd.img'}"}, pid)
+    assert sent.count("query-migrate") >= 5 and len(polled.latencies) == sent.count(
+        "query-migrate"
+    )
+
+
+def test_waiting_without_events_a_slow_poll_finds_the_end(
+    daemon: tuple[QMP, int], short_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that sends no MIGRATION event (capability `events` off): the wait asks
+    query-migrate every SAFETY_POLL seconds and ends at the answer that says completed."""
+    import migd.bench.processes as processes
+
+    monkeypatch.setattr(processes, "SAFETY_POLL", 0.1)
+    qmp, pid = daemon
+    configure(qmp, 2, False, **{"max-bandwidth": 64 << 20})
+    qmp.execute("migrate-set-capabilities",
+                {"capabilities": [{"capability": "events", "state": False}]})  # fmt: skip
+    sent = counting_queries(qmp)
+    timed = timed_migration(
+        qmp, "migrate", {"uri": f"file:{short_dir / 'e.img'}"}, pid, poll=False
+    )
+    assert timed.info["status"] == "completed" and not timed.by_event
+    assert 2 <= sent.count("query-migrate") <= 10, sent

@@ -47,6 +47,14 @@ throughput with / without for each round and the median and min-max of the round
 Every other migd row runs migd's defaults: its saves record checksums, its restores
 verify them as they land. With --checksums-only, only these pairs are measured.
 
+Then what the bench's own polling costs, in pairs the same way: migd saves and restores
+at the reference channel count timed while query-migrate is polled every 10 ms (as every
+other row is) and waiting for the `completed` MIGRATION event alone (as libvirt waits
+with `events` on; the daemon's memory still sampled from /proc, which wakes only the
+bench); the report gives event / polled throughput per round. On two CPUs that the
+migration keeps busy, waking the daemon and the bench every 10 ms cost about a tenth of
+a save on the fast disk (docs/bench/fast-disk, "Session 25").
+
 A migration is timed from the `migrate` / `migrate-incoming` command to the timestamp of
 its `completed` MIGRATION event (both migd and QEMU send it, the capability `events` on);
 query-migrate is polled every 10 ms meanwhile (the end time where no event came, a poll

@@ -8,13 +8,14 @@ import asyncio
 import contextlib
 import json
 import os
+import select
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -125,6 +126,21 @@ class QMP:
         line, self._buf = self._buf.split(b"\n", 1)
         return json.loads(line)
 
+    def wait_event(self, is_it: Callable[[dict[str, Any]], bool], timeout: float) -> bool:
+        """Whether an event `is_it` came, among those kept or those arriving within
+        `timeout` seconds (read as they come; kept in `events` as execute keeps them)."""
+        deadline = time.monotonic() + timeout
+        while not any(is_it(event) for event in self.events):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if b"\n" not in self._buf and not select.select([self.sock], [], [], left)[0]:
+                return False
+            message = self._recv()
+            if "event" in message:
+                self.events.append(message)
+        return True
+
     def execute(self, name: str, arguments: dict[str, Any] | None = None) -> Any:
         msg: dict[str, Any] = {"execute": name}
         if arguments is not None:
@@ -175,17 +191,29 @@ def rss_anon(pid: int) -> int:
 
 
 def timed_migration(
-    qmp: QMP, command: str, arguments: dict[str, Any], pid: int, rss: bool = True
+    qmp: QMP,
+    command: str,
+    arguments: dict[str, Any],
+    pid: int,
+    rss: bool = True,
+    poll: bool = True,
 ) -> Timed:
-    """Issue migrate / migrate-incoming, poll query-migrate every 10 ms until final.
+    """Issue migrate / migrate-incoming and wait until its final status: polling
+    query-migrate every 10 ms, or (`poll` False) waiting for the MIGRATION event of it.
 
     The time ends at the server's MIGRATION event of that final status (its timestamp,
     the wall clock as QEMU's and migd's events carry it), where one came before the
     poll that saw the end: a poll finds the end up to POLL plus a round trip late, about
     6 ms on average, 3% of a 1.5 GiB save on the fast disk (docs/bench/fast-disk), which
-    the disk baselines, timed in this process, never lose. The polls stay: their round
-    trips are the report's query-migrate latencies, and a management application polls
-    during a migration too."""
+    the disk baselines, timed in this process, never lose. The polls' round trips are
+    the report's query-migrate latencies, and a management application may poll during
+    a migration too; but on a machine whose CPUs the migration keeps busy, waking the
+    server (and this process) every 10 ms costs the migration itself (about a tenth of a
+    save on the fast disk, docs/bench/fast-disk "Session 25"), so the bench's paired
+    polling rows (Bench.paired_polling) also time it as libvirt waits for it with
+    `events` on: for the event alone, the server's memory sampled from /proc every
+    EVENT_SAMPLE seconds (which wakes only this process), query-migrate asked once at
+    the end (and every SAFETY_POLL seconds, should no event come)."""
     latencies: list[float] = []
     peak = 0
     user, system = cpu_times(pid)
@@ -193,7 +221,14 @@ def timed_migration(
     wall_start = time.time()  # the events' clock
     start = time.perf_counter()
     qmp.execute(command, arguments)
+    next_poll = start + SAFETY_POLL
     while True:
+        if not poll and not qmp.wait_event(_final_migration_event, EVENT_SAMPLE):
+            if rss:
+                peak = max(peak, rss_anon(pid))
+            if time.perf_counter() < next_poll:
+                continue
+            next_poll += SAFETY_POLL
         sent = time.perf_counter()
         info = qmp.execute("query-migrate")
         now = time.perf_counter()
@@ -202,7 +237,8 @@ def timed_migration(
             peak = max(peak, rss_anon(pid))
         if info.get("status") in FINAL:
             break
-        time.sleep(POLL)
+        if poll or any(_final_migration_event(event) for event in qmp.events):
+            time.sleep(POLL)  # (an event ahead of the status it announces: asked again)
     if info["status"] != "completed":
         raise BenchError(f"{command} ended {info['status']}: {info.get('error-desc')}")
     user_end, system_end = cpu_times(pid)
@@ -212,8 +248,20 @@ def timed_migration(
     if ended is not None and 0 < ended - wall_start <= seconds:
         seconds, by_event = ended - wall_start, True
     qmp.events.clear()
+    if not poll:
+        latencies = []  # the closing query and safety polls: not the polled latencies
     return Timed(seconds, info, latencies, peak, used_user + used_sys, used_user, used_sys,
                  by_event)  # fmt: skip
+
+
+# Waiting for the MIGRATION event (timed_migration, poll False): how often the server's
+# memory is sampled from /proc, and how often query-migrate is asked all the same.
+EVENT_SAMPLE = 0.05
+SAFETY_POLL = 1.0
+
+
+def _final_migration_event(event: dict[str, Any]) -> bool:
+    return event.get("event") == "MIGRATION" and event.get("data", {}).get("status") in FINAL
 
 
 def event_time(events: Sequence[dict[str, Any]], status: str) -> float | None:

@@ -96,13 +96,19 @@ class BenchReport:
             and not r.empty_dst
             and r.detect
             and r.checksums is None
+            and r.polled is None
             and all(getattr(r, k) == v for k, v in match.items())
         ]
         return max(rows, key=lambda r: r.gibs) if rows else None
 
     def qemu_match(self, row: Row) -> Row | None:
         """QEMU's figure for the same operation, channels, direct-io and destination."""
-        if row.tool != "migd" or row.memory != "random" or row.checksums is not None:
+        if (
+            row.tool != "migd"
+            or row.memory != "random"
+            or row.checksums is not None
+            or row.polled is not None
+        ):
             return None
         key = (
             f"qemu-{row.op}-{row.channels}"
@@ -133,6 +139,31 @@ class BenchReport:
                     value,
                     f">= {target:.2f}" if target else "(for reference)",
                     None if value is None or target is None else value >= target,
+                    span=(min(per_round), max(per_round)) if len(per_round) > 1 else None,
+                )
+            )
+        return out
+
+    def polling_ratios(self) -> list[Ratio]:
+        """Saves and restores waiting for the MIGRATION event over the same polled every
+        10 ms (paired rows), as checksum_costs: per round, then the median. For reference:
+        what the bench's own polling costs the rows it times."""
+        rows = self.measured()
+        ch = self.ref
+        out = []
+        for op in ("save", "restore"):
+            per_round = paired_rounds(
+                rows.get(f"migd-{op}-{ch}-event"), rows.get(f"migd-{op}-{ch}-polled")
+            )
+            value = statistics.median(per_round) if per_round else None
+            out.append(
+                Ratio(
+                    f"{op} throughput, waiting for the event / polling query-migrate every "
+                    f"10 ms ({ch} ch, paired, {len(per_round)} "
+                    f"round{'s' * (len(per_round) != 1)})",
+                    value,
+                    "(for reference)",
+                    None,
                     span=(min(per_round), max(per_round)) if len(per_round) > 1 else None,
                 )
             )
@@ -294,6 +325,7 @@ class BenchReport:
         )
         out += [r for r in self.checksum_costs() if r.value is not None]
         out += [r for r in self.staging_ratios() if r.value is not None]
+        out += [r for r in self.polling_ratios() if r.value is not None]
         peak = max((r.peak_anon for r in rows.values()), default=0)
         bitmaps = self.size // PAGE // 8
         add(
@@ -620,6 +652,7 @@ class BenchReport:
                     and not r.empty_dst
                     and r.detect
                     and r.checksums is None
+                    and r.polled is None
                 )
                 if not pts:
                     continue

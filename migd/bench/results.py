@@ -31,6 +31,9 @@ class Row:
     # defaults: saves record checksums, restores verify them): a save's "on" or "off", a
     # restore's verify mode "on", "off" or "before-write"
     checksums: str | None = None
+    # set only in the paired polling rows (Bench.paired_polling): True, query-migrate
+    # every 10 ms as in every other row; False, waiting for the MIGRATION event alone
+    polled: bool | None = None
     times: list[float] = field(default_factory=list)
     cache_pct: list[float] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)
@@ -107,6 +110,7 @@ class Row:
             "empty_dst": self.empty_dst,
             "zero_detection": self.detect,
             "checksums": self.checksums,
+            "polled": self.polled,
             "checksum_states": self.sum_states or None,
             "bytes": self.nbytes,
             "seconds": self.times,

@@ -48,6 +48,14 @@ SUM_LABELS = {
     ("restore", "before-write"): "verify before-write (paired)",
 }
 
+# The paired polling rows (Bench.paired_polling): timed while query-migrate is polled
+# every 10 ms, as every other row is, or waiting for the MIGRATION event alone.
+POLL_KEYS = {True: "-polled", False: "-event"}
+POLL_LABELS = {
+    True: "query-migrate every 10 ms (paired)",
+    False: "waiting for the MIGRATION event (paired)",
+}
+
 # The paired staging rows (Bench.paired_staging): saves and restores through the
 # channels' staging buffers (the default) or straight from and into the mapping (a daemon
 # with MIGD_STAGING=0).
@@ -131,6 +139,7 @@ class Bench(BenchReport):
         memory: str = "random",
         checksums: str | None = None,
         staging: str | None = None,
+        polled: bool | None = None,
     ) -> Row:
         key = (
             f"{tool}-{op}-{channels}"
@@ -140,6 +149,7 @@ class Bench(BenchReport):
             + ("" if memory == "random" else f"-{memory}")
             + ("" if checksums is None else SUM_KEYS[op, checksums])
             + ("" if staging is None else PATH_KEYS[staging])
+            + ("" if polled is None else POLL_KEYS[polled])
         )
         name = "migd" if tool == "migd" else f"QEMU {self.qemu_str()}"
         what = [f"{name} {op}", f"{channels} ch", "direct-io" if direct_io else "buffered"]
@@ -158,6 +168,8 @@ class Bench(BenchReport):
             what.append(SUM_LABELS[op, checksums])
         if staging is not None:
             what.append(PATH_LABELS[op, staging])
+        if polled is not None:
+            what.append(POLL_LABELS[polled])
         return self.row(
             key,
             ", ".join(what),
@@ -169,6 +181,7 @@ class Bench(BenchReport):
             detect=detect,
             memory=memory,
             checksums=checksums,
+            polled=polled,
         )
 
     def check_space(self) -> None:
@@ -301,7 +314,9 @@ class Bench(BenchReport):
         arguments: dict[str, Any] = {"uri": f"file:{path}"}
         if row.checksums is not None:
             arguments["checksums"] = row.checksums == "on"
-        timed = timed_migration(migd.qmp, "migrate", arguments, migd.proc.pid)
+        timed = timed_migration(
+            migd.qmp, "migrate", arguments, migd.proc.pid, poll=row.polled is not False
+        )
         cache = self.cache_left(path, before)
         if cache is not None:
             row.cache_pct.append(cache)
@@ -363,7 +378,10 @@ class Bench(BenchReport):
             arguments: dict[str, Any] = {"uri": f"file:{source}"}
             if row.checksums is not None:
                 arguments["verify"] = row.checksums
-            timed = timed_migration(migd.qmp, "migrate-incoming", arguments, migd.proc.pid)
+            timed = timed_migration(
+                migd.qmp, "migrate-incoming", arguments, migd.proc.pid,
+                poll=row.polled is not False,
+            )  # fmt: skip
         else:
             with self.qemu_session(self.dst, incoming=True) as (qmp, proc):
                 configure(qmp, row.channels, row.direct_io)
@@ -484,6 +502,26 @@ class Bench(BenchReport):
         saver.detach()
         loader.detach()
 
+    def paired_polling(self, saver: Migd, loader: Migd) -> None:
+        """Saves and restores (into used memory, of the rounds' reference save's file) at
+        the reference channel count, timed while query-migrate is polled every 10 ms, as
+        every other row is, and waiting for the MIGRATION event alone, as libvirt waits
+        with `events` on, in mirrored order as paired_checksums: what the polling costs
+        the migration on this machine (report.py's polling_ratios). The other rows poll,
+        for their query-migrate latencies."""
+        ch = self.ref
+        for op in ("save", "restore"):
+            rows = [self.migration_row("migd", op, ch, polled=p) for p in (True, False)]
+            for run in range(self.runs):
+                order = rows[run % 2 :] + rows[: run % 2]
+                for row in order + order[::-1]:
+                    if op == "save":
+                        self.migd_save(saver, row, self.src, run)
+                    else:
+                        self.restore(row, run, loader)
+        saver.detach()
+        loader.detach()
+
     def paired_staging(self, saver: Migd, loader: Migd, mapped: Migd) -> None:
         """Saves, restores into used memory and restores into an empty memory file through
         the channels' staging buffers (`saver`, `loader`: the default) and straight from
@@ -532,6 +570,7 @@ class Bench(BenchReport):
             finally:
                 mapped.close()
             self.paired_checksums(saver, loader)
+            self.paired_polling(saver, loader)
             for path in (self.dst, self.restore_src):
                 path.unlink(missing_ok=True)  # room in /dev/shm for the zero-page memory
             self.paired_saves(saver)
