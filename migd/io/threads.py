@@ -425,7 +425,12 @@ class StorerLoad:
     first window only warms up, since every channel's buffers fill at once at the start
     and make a backlog on any disk (judged from it, the virtio disk's loop switched in
     one round of four). This way: 7.9 GiB/s on the fast disk (switched after 48-60 MiB)
-    and 3.5 on the virtio disk, where it never switched (6 and 8 rounds)."""
+    and 3.5 on the virtio disk, where it never switched (6 and 8 rounds). In the daemon,
+    A/B against the Storer alone (12 and 8 rounds): restores 1.04x on the fast disk at
+    0.183 against 0.193 CPU s/GiB, switched every time; 1.00x on the virtio disk,
+    switched once in eight. The daemon gains less than the loop: once the channels
+    store, the one memory file's writes, one at a time, bound it (the channels waited
+    for Storer.store_lock longer than they wrote or hashed)."""
 
     WINDOW = 32 << 20
     IDLE = 0.1
@@ -493,8 +498,9 @@ class Storer:
         # The job's writes into its memory files, one at a time, whoever makes them (the
         # Storer, or the channels once they store their own runs): tmpfs takes them one
         # at a time anyway, under the file's inode lock, on which waiting writers spin;
-        # on this lock they sleep (plain loops, fast disk: 7.4-7.8 GiB/s at 0.12-0.13 CPU
-        # s/GiB against 6.9-7.3 at 0.14-0.15 without it).
+        # on this lock they sleep (plain loops with four writers, fast disk: 8.82 GiB/s
+        # at 0.113 CPU s/GiB against 8.78 at 0.127 without it; virtio disk 3.26 at 0.172
+        # against 3.27 at 0.222; docs/bench/fast-disk/session26/shapes-*.txt).
         self.store_lock = threading.Lock()
         self.work: queue.SimpleQueue[tuple[PageRun, memoryview, threading.Semaphore] | None]
         self.work = queue.SimpleQueue()
