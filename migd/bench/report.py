@@ -117,85 +117,70 @@ class BenchReport:
         )
         return self.measured().get(key)
 
-    def checksum_costs(self) -> list[Ratio]:
-        """Throughput with checksums over without, from the paired rows: per round (each
-        setting's SUM_REPEATS times of the round summed, so that the mirrored order
-        cancels a steady drift), the median of the rounds with their min-max."""
+    def paired_ratio(self, what: str, a_key: str, b_key: str, target: float | None) -> Ratio:
+        """Throughput of row a_key over row b_key, paired rows at the reference channel
+        count: per round (each side's SUM_REPEATS times of the round summed, so that the
+        mirrored order cancels a steady drift), the median of the rounds with their
+        min-max; held against `target` (None: for reference)."""
         rows = self.measured()
+        per_round = paired_rounds(rows.get(a_key), rows.get(b_key))
+        value = statistics.median(per_round) if per_round else None
+        return Ratio(
+            f"{what} ({self.ref} ch, paired, {len(per_round)} "
+            f"round{'s' * (len(per_round) != 1)})",
+            value,
+            f">= {target:.2f}" if target else "(for reference)",
+            None if value is None or target is None else value >= target,
+            span=(min(per_round), max(per_round)) if len(per_round) > 1 else None,
+        )
+
+    def checksum_costs(self) -> list[Ratio]:
+        """Throughput with checksums over without, from the paired rows."""
         ch = self.ref
-        out = []
-        for op, on, off, what, target in (
-            ("save", "-sums", "-nosum", "checksums on / off", 0.95),
-            ("restore", "-verify", "-noverify", "verify on / off", 0.95),
-            ("restore", "-verify-before-write", "-noverify", "verify before-write / off", None),
-        ):
-            a, b = rows.get(f"migd-{op}-{ch}{on}"), rows.get(f"migd-{op}-{ch}{off}")
-            per_round = paired_rounds(a, b)
-            value = statistics.median(per_round) if per_round else None
-            out.append(
-                Ratio(
-                    f"{op} throughput, {what} ({ch} ch, paired, {len(per_round)} "
-                    f"round{'s' * (len(per_round) != 1)})",
-                    value,
-                    f">= {target:.2f}" if target else "(for reference)",
-                    None if value is None or target is None else value >= target,
-                    span=(min(per_round), max(per_round)) if len(per_round) > 1 else None,
-                )
+        return [
+            self.paired_ratio(
+                f"{op} throughput, {what}", f"migd-{op}-{ch}{on}", f"migd-{op}-{ch}{off}", target
             )
-        return out
+            for op, on, off, what, target in (
+                ("save", "-sums", "-nosum", "checksums on / off", 0.95),
+                ("restore", "-verify", "-noverify", "verify on / off", 0.95),
+                ("restore", "-verify-before-write", "-noverify", "verify before-write / off",
+                 None),
+            )
+        ]  # fmt: skip
 
     def polling_ratios(self) -> list[Ratio]:
         """Saves and restores waiting for the MIGRATION event over the same polled every
-        10 ms (paired rows), as checksum_costs: per round, then the median. For reference:
-        what the bench's own polling costs the rows it times."""
-        rows = self.measured()
+        10 ms (paired rows), for reference: what the bench's own polling costs the rows
+        it times."""
         ch = self.ref
-        out = []
-        for op in ("save", "restore"):
-            per_round = paired_rounds(
-                rows.get(f"migd-{op}-{ch}-event"), rows.get(f"migd-{op}-{ch}-polled")
+        return [
+            self.paired_ratio(
+                f"{op} throughput, waiting for the event / polling query-migrate every 10 ms",
+                f"migd-{op}-{ch}-event",
+                f"migd-{op}-{ch}-polled",
+                None,
             )
-            value = statistics.median(per_round) if per_round else None
-            out.append(
-                Ratio(
-                    f"{op} throughput, waiting for the event / polling query-migrate every "
-                    f"10 ms ({ch} ch, paired, {len(per_round)} "
-                    f"round{'s' * (len(per_round) != 1)})",
-                    value,
-                    "(for reference)",
-                    None,
-                    span=(min(per_round), max(per_round)) if len(per_round) > 1 else None,
-                )
-            )
-        return out
+            for op in ("save", "restore")
+        ]
 
     def staging_ratios(self) -> list[Ratio]:
         """Saves and restores through staging buffers over the same straight from or into
-        the mapping (paired rows), as checksum_costs: per round, then the median. Issue
-        19's rule for the virtio disk: nothing slower."""
-        rows = self.measured()
+        the mapping (paired rows). Issue 19's rule for the virtio disk: nothing slower."""
         ch = self.ref
-        out = []
-        for op, empty, other in (
-            ("save", "", "from the mapping"),
-            ("restore", "", "into the mapping"),
-            ("restore", "-empty", "into the mapping, empty memory file"),
-        ):
-            per_round = paired_rounds(
-                rows.get(f"migd-{op}-{ch}{empty}-staged"), rows.get(f"migd-{op}-{ch}{empty}-mapped")
+        return [
+            self.paired_ratio(
+                f"{op} throughput, staging buffers / {other}",
+                f"migd-{op}-{ch}{empty}-staged",
+                f"migd-{op}-{ch}{empty}-mapped",
+                0.95,
             )
-            value = statistics.median(per_round) if per_round else None
-            out.append(
-                Ratio(
-                    f"{op} throughput, staging buffers / {other} ({ch} ch, "
-                    f"paired, {len(per_round)} round{'s' * (len(per_round) != 1)})",
-                    value,
-                    ">= 0.95",
-                    None if value is None else value >= 0.95,
-                    span=(min(per_round), max(per_round)) if len(per_round) > 1 else None,
-                )
+            for op, empty, other in (
+                ("save", "", "from the mapping"),
+                ("restore", "", "into the mapping"),
+                ("restore", "-empty", "into the mapping, empty memory file"),
             )
-        return out
+        ]
 
     def ratios(self) -> list[Ratio]:
         rows = self.measured()

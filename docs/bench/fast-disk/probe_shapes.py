@@ -53,9 +53,14 @@ def address(m):
 bufs = [[thp(RUN) for _ in range(2)] for _ in range(T)]
 
 
-def store(fd, buf, off, n):
+def store(fd, buf, off, n, lock=None):
+    """Hash each MiB of the run, then write it (under `lock`, if given)."""
     for u in range(0, n, MiB): xxhash.xxh3_128_digest(buf[u:u + MiB])
-    os.pwrite(fd, buf[:n], off)
+    if lock is None:
+        os.pwrite(fd, buf[:n], off)
+    else:
+        with lock:
+            os.pwrite(fd, buf[:n], off)
 
 
 def inline():
@@ -76,14 +81,12 @@ def inline_lock():
         s = os.open(src, os.O_RDONLY | os.O_DIRECT); buf = memoryview(bufs[i][0])
         for off in range(i * RUN, SIZE, T * RUN):
             n = os.preadv(s, [buf], off)
-            for u in range(0, n, MiB): xxhash.xxh3_128_digest(buf[u:u + MiB])
-            with store_lock:
-                os.pwrite(memfd, buf[:n], off)
+            store(memfd, buf, off, n, store_lock)
         buf.release(); os.close(s)
     run_threads(body)
 
 
-def uring():
+def uring(lock=None):
     def body(i):
         s = os.open(src, os.O_RDONLY | os.O_DIRECT); r = Ring(4)
         views = [memoryview(b) for b in bufs[i]]; addrs = [address(b) for b in bufs[i]]
@@ -93,7 +96,7 @@ def uring():
             if k + 1 < len(offs):
                 r.read(s, addrs[(k + 1) & 1], RUN, offs[k + 1], k + 1); r.enter(0)
             ud, res = r.reap(); assert ud == k and res == RUN, (ud, k, res)
-            store(memfd, views[k & 1], off, res)
+            store(memfd, views[k & 1], off, res, lock)
         [v.release() for v in views]; r.close(); os.close(s)
     run_threads(body)
 
@@ -104,9 +107,7 @@ def inline_lock8():
         s = os.open(src, os.O_RDONLY | os.O_DIRECT); buf = memoryview(bufs[i // 2][i % 2])
         for off in range(i * RUN, SIZE, 2 * T * RUN):
             n = os.preadv(s, [buf], off)
-            for u in range(0, n, MiB): xxhash.xxh3_128_digest(buf[u:u + MiB])
-            with store_lock:
-                os.pwrite(memfd, buf[:n], off)
+            store(memfd, buf, off, n, store_lock)
         buf.release(); os.close(s)
     ts = [threading.Thread(target=body, args=(i,)) for i in range(2 * T)]
     [t.start() for t in ts]; [t.join() for t in ts]
@@ -119,9 +120,7 @@ def hybrid():
     def st_body():
         while (item := q.get()) is not None:
             buf, off, n, free = item
-            for u in range(0, n, MiB): xxhash.xxh3_128_digest(buf[u:u + MiB])
-            with store_lock:
-                os.pwrite(memfd, buf[:n], off)
+            store(memfd, buf, off, n, store_lock)
             busy[0] -= 1; free.release()
     def body(i):
         s = os.open(src, os.O_RDONLY | os.O_DIRECT)
@@ -130,9 +129,7 @@ def hybrid():
             buf, free = pairs[k & 1]; free.acquire()
             n = os.preadv(s, [buf], off)
             if busy[0] >= HY:
-                for u in range(0, n, MiB): xxhash.xxh3_128_digest(buf[u:u + MiB])
-                with store_lock:
-                    os.pwrite(memfd, buf[:n], off)
+                store(memfd, buf, off, n, store_lock)
                 free.release()
             else:
                 busy[0] += 1; q.put((buf, off, n, free))
@@ -150,9 +147,7 @@ def adaptive():
     def st_body():
         while (item := q.get()) is not None:
             buf, off, n, free = item
-            for u in range(0, n, MiB): xxhash.xxh3_128_digest(buf[u:u + MiB])
-            with store_lock:
-                os.pwrite(memfd, buf[:n], off)
+            store(memfd, buf, off, n, store_lock)
             free.release()
     def body(i):
         s = os.open(src, os.O_RDONLY | os.O_DIRECT)
@@ -162,9 +157,7 @@ def adaptive():
             w0 = time.perf_counter(); free.acquire(); w = time.perf_counter() - w0
             n = os.preadv(s, [buf], off)
             if state["inline"]:
-                for u in range(0, n, MiB): xxhash.xxh3_128_digest(buf[u:u + MiB])
-                with store_lock:
-                    os.pwrite(memfd, buf[:n], off)
+                store(memfd, buf, off, n, store_lock)
                 free.release(); continue
             q.put((buf, off, n, free))
             with lock:
@@ -197,9 +190,7 @@ def adaptive2():
             if since is None: since = w1
             else: idle += w1 - w0
             buf, off, n, free = item
-            for u in range(0, n, MiB): xxhash.xxh3_128_digest(buf[u:u + MiB])
-            with store_lock:
-                os.pwrite(memfd, buf[:n], off)
+            store(memfd, buf, off, n, store_lock)
             free.release()
             nbytes += n
             if nbytes >= WIN and not state["inline"]:
@@ -217,9 +208,7 @@ def adaptive2():
             free.acquire()
             n = os.preadv(s, [buf], off)
             if state["inline"]:
-                for u in range(0, n, MiB): xxhash.xxh3_128_digest(buf[u:u + MiB])
-                with store_lock:
-                    os.pwrite(memfd, buf[:n], off)
+                store(memfd, buf, off, n, store_lock)
                 free.release(); continue
             q.put((buf, off, n, free))
         for buf, free in pairs: free.acquire(); buf.release()
@@ -238,29 +227,13 @@ def inline2buf():
         for k, off in enumerate(range(i * RUN, SIZE, T * RUN)):
             buf = views[k & 1]
             n = os.preadv(s, [buf], off)
-            for u in range(0, n, MiB): xxhash.xxh3_128_digest(buf[u:u + MiB])
-            with store_lock:
-                os.pwrite(memfd, buf[:n], off)
+            store(memfd, buf, off, n, store_lock)
         [v.release() for v in views]; os.close(s)
     run_threads(body)
 
 
 def uring_lock():
-    def body(i):
-        s = os.open(src, os.O_RDONLY | os.O_DIRECT); r = Ring(4)
-        views = [memoryview(b) for b in bufs[i]]; addrs = [address(b) for b in bufs[i]]
-        offs = list(range(i * RUN, SIZE, T * RUN))
-        r.read(s, addrs[0], RUN, offs[0], 0); r.enter(0)
-        for k, off in enumerate(offs):
-            if k + 1 < len(offs):
-                r.read(s, addrs[(k + 1) & 1], RUN, offs[k + 1], k + 1); r.enter(0)
-            ud, res = r.reap(); assert ud == k and res == RUN, (ud, k, res)
-            buf = views[k & 1]
-            for u in range(0, res, MiB): xxhash.xxh3_128_digest(buf[u:u + MiB])
-            with store_lock:
-                os.pwrite(memfd, buf[:res], off)
-        [v.release() for v in views]; r.close(); os.close(s)
-    run_threads(body)
+    uring(store_lock)
 
 
 def storer():
