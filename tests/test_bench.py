@@ -361,9 +361,16 @@ def test_bench_fast_disk_runs_on_a_loop_over_tmpfs_and_leaves_nothing() -> None:
     doc = json.loads(proc.stdout)
     assert doc["machine"]["dir_fs"] == "ext4", doc["machine"]
     assert doc["machine"]["dir_device"].startswith("/dev/loop"), doc["machine"]
-    save = {r["key"]: r for r in doc["rows"]}["migd-save-2"]
-    assert len(save["cpu_user_seconds"]) == 1 and len(save["cpu_system_seconds"]) == 1
-    assert save["cpu_user_seconds"][0] + save["cpu_system_seconds"][0] > 0
+    rows = {r["key"]: r for r in doc["rows"] if r["key"].startswith("migd-")}
+    assert {"migd-save-2", "migd-restore-2"} <= set(rows), sorted(rows)
+    for row in rows.values():
+        runs = len(row["seconds"])  # 1, or 2 for a row paired in mirrored order
+        assert len(row["cpu_user_seconds"]) == len(row["cpu_system_seconds"]) == runs, row
+        assert min(row["cpu_user_seconds"] + row["cpu_system_seconds"]) >= 0, row
+    # /proc/PID/stat counts in clock ticks (10 ms): a 64 MiB save alone may spend less
+    # than one (CI saw 0 + 0 once), all the rows together do not.
+    spent = sum(sum(r["cpu_user_seconds"]) + sum(r["cpu_system_seconds"]) for r in rows.values())
+    assert spent > 0, rows
     assert _fast_disk_leftovers(proc.stderr) == []
     assert "fast disk: ext4 on /dev/loop" in proc.stderr
 
