@@ -1988,6 +1988,34 @@ MUTANTS = [
         "            and r.checksums is None\n",
         ("tests/test_bench.py::test_the_headline_figures_leave_the_paired_polling_rows_out",),
     ),
+    Mutant(
+        "holds-every-page-on-any-filesystem",
+        "migd/state/memory.py",
+        "        if self._fd is None or not self.share or fs_type(self._fd) != _TMPFS_MAGIC:\n",
+        "        if self._fd is None or not self.share:\n",
+        ("tests/test_save_staging.py::test_pages_lost_from_a_memory_backend_are_found_where_its_blocks_count_too",),
+    ),
+    Mutant(
+        "check-stored-never-walks",
+        "migd/io/engine.py",
+        "    if block.holds_every_page is not None and block.holds_every_page():\n",
+        "    if True:\n",
+        ("tests/test_save_staging.py::test_pages_lost_from_a_memory_backend_are_found_where_its_blocks_count_too",),
+    ),
+    Mutant(
+        "check-stored-always-walks",
+        "migd/io/engine.py",
+        "    if block.holds_every_page is not None and block.holds_every_page():\n",
+        "    if False:\n",
+        ("tests/test_save_staging.py::test_a_whole_tmpfs_memory_file_is_checked_without_walking_its_pages",),
+    ),
+    Mutant(
+        "staged-restores-walk-every-page",
+        "migd/migration/plan.py",
+        "                holds_every_page=backend.holds_every_page if stage else None,\n",
+        "                holds_every_page=None,\n",
+        ("tests/test_save_staging.py::test_a_restore_into_a_whole_tmpfs_file_ends_without_walking_its_pages",),
+    ),
 ]  # fmt: skip
 
 

@@ -378,6 +378,106 @@ def test_pages_lost_from_a_file_written_through_are_found_after_the_restore(shm)
         os.close(fd)
 
 
+def _stored_block(backend: Any) -> Any:
+    """The BlockIO a staged restore has of `backend` (plan_restore_runs), all pages present."""
+    from migd.io.engine import BlockIO
+
+    pages = backend.size // PAGE_SIZE
+    return BlockIO("ram0", 0, pages, memoryview(bytearray(0)), np.ones(pages, dtype=bool),
+                   content_fd=backend.shared_fd, store=backend.write_at,
+                   holds_every_page=backend.holds_every_page)  # fmt: skip
+
+
+@pytest.mark.parametrize("where", ["tmpfs", "ext4"])
+def test_pages_lost_from_a_memory_backend_are_found_where_its_blocks_count_too(
+    shm: Path, where: str
+) -> None:
+    """check_stored trusts a tmpfs file's block count instead of walking its pages: a
+    file cut short and grown back by a later write has holes, fewer blocks than bytes,
+    and the walk finds them; on ext4 (whose blocks count its metadata too) it always
+    walks."""
+    import tempfile
+
+    from migd.errors import MemoryFault
+    from migd.io.engine import check_sizes
+    from migd.state.memory import create_file_backend
+
+    with tempfile.TemporaryDirectory(dir=shm if where == "tmpfs" else "/tmp") as d:
+        path = Path(d) / "ram0"
+        path.write_bytes(b"\x01" * (4 * MiB))
+        backend = create_file_backend("m", 4 * MiB, str(path))
+        try:
+            assert backend.holds_every_page() is (where == "tmpfs")
+            check_sizes([_stored_block(backend)], "restore")
+            os.truncate(path, MiB)
+            os.pwrite(backend.shared_fd, b"\x02" * PAGE_SIZE, 4 * MiB - PAGE_SIZE)
+            assert os.path.getsize(path) == 4 * MiB
+            assert not backend.holds_every_page()
+            with pytest.raises(MemoryFault, match="lost restored pages at byte 0x100000"):
+                check_sizes([_stored_block(backend)], "restore")
+        finally:
+            backend.close()
+
+
+def test_a_whole_tmpfs_memory_file_is_checked_without_walking_its_pages(
+    shm: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restore through a tmpfs file with no hole ends with one fstat, not a SEEK_HOLE
+    walk over every page (8 ms per GiB, docs/bench/fast-disk "Session 27"); one with a
+    hole anywhere is walked."""
+    from migd.io.engine import check_sizes
+    from migd.state.memory import create_file_backend
+
+    seeks: list[int] = []
+    real = os.lseek
+
+    def spy(fd: int, pos: int, how: int) -> int:
+        seeks.append(how)
+        return real(fd, pos, how)
+
+    path = shm / "ram0"
+    path.write_bytes(b"\x01" * (4 * MiB))
+    backend = create_file_backend("m", 4 * MiB, str(path))
+    try:
+        monkeypatch.setattr(os, "lseek", spy)
+        check_sizes([_stored_block(backend)], "restore")
+        assert os.SEEK_HOLE not in seeks
+        backend.zero_range(3 * MiB, PAGE_SIZE)  # a hole outside the present pages
+        block = _stored_block(backend)
+        block.present[3 * MiB // PAGE_SIZE] = False
+        check_sizes([block], "restore")
+        assert os.SEEK_HOLE in seeks
+    finally:
+        monkeypatch.undo()
+        backend.close()
+
+
+async def test_a_restore_into_a_whole_tmpfs_file_ends_without_walking_its_pages(
+    migd_inproc, qmp, shm, short_dir, monkeypatch
+):
+    """The daemon's staged restores hand check_stored the backend's holds_every_page: a
+    restore of memory without zero pages into a used tmpfs file seeks no hole."""
+    data = np.random.default_rng(11).bytes(SIZE)
+    (shm / "ram0").write_bytes(data)
+    await add_file_backend(qmp, "ram0", shm / "ram0", SIZE, share=True)
+    await enable_mapped_ram(qmp, channels=2, direct_io=True)
+    assert (await save(qmp, short_dir / "save.img"))["status"] == "completed"
+    (shm / "ram0").write_bytes(b"\xee" * SIZE)
+    seeks: list[int] = []
+    real = os.lseek
+
+    def spy(fd: int, pos: int, how: int) -> int:
+        seeks.append(how)
+        return real(fd, pos, how)
+
+    monkeypatch.setattr(os, "lseek", spy)
+    info = await restore(qmp, short_dir / "save.img")
+    monkeypatch.undo()
+    assert info["status"] == "completed", info
+    assert os.SEEK_HOLE not in seeks
+    assert (shm / "ram0").read_bytes() == data
+
+
 async def test_a_memory_file_whose_data_starts_pages_in_saves_staged_and_restores_verified(
     migd_inproc, qmp, shm, short_dir
 ):

@@ -82,6 +82,9 @@ class BlockIO:
     # the mapping once writing into its new pages turns out dear (io/threads.py NewPages);
     # `populate` only allocates its file's pages. None: not staged.
     map_in: Callable[[int, int], None] | None = None
+    # Restore: whether the memory file surely has no hole now, cheaply (MemoryBackend's
+    # holds_every_page); check_stored walks the file's pages only where it says no.
+    holds_every_page: Callable[[], bool] | None = None
 
     def page_offset(self, page_index: int) -> int:
         """Absolute file offset of page `page_index`."""
@@ -232,6 +235,8 @@ def check_stored(block: BlockIO) -> None:
     pages in between, as holes: found here, where the size alone would pass."""
     fd = block.content_fd
     assert fd is not None
+    if block.holds_every_page is not None and block.holds_every_page():
+        return  # no page of the file is a hole: none was lost (one fstat, not the walk)
     for first, stop in zip(*(r.tolist() for r in true_runs(block.present)), strict=True):
         start, end = first * PAGE_SIZE, stop * PAGE_SIZE
         try:

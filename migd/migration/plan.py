@@ -155,6 +155,7 @@ def plan_restore_runs(
                 backend.shared_fd,
                 store=backend.write_at if stage else None,
                 map_in=backend.populate if stage else None,
+                holds_every_page=backend.holds_every_page if stage else None,
             )
         )
         runs += split_runs(index, format.set_runs(~present), zero=True)

@@ -441,6 +441,22 @@ class MemoryBackend:
         st = os.fstat(self._fd)
         return st.st_size == self.size and st.st_blocks * 512 >= self.size
 
+    def holds_every_page(self) -> bool:
+        """Whether the shared memory file surely has no hole now (an fstatfs and an
+        fstat, where walking its pages with SEEK_HOLE takes 8 ms per GiB): on tmpfs, a
+        file of the mapping's length with exactly as many blocks as bytes, since tmpfs
+        counts exactly the pages it holds (and their swapped-out copies). A file cut short
+        and grown back by a later write keeps holes where it lost pages, so it never
+        passes. False elsewhere, where a filesystem counts its own metadata blocks too.
+
+        Blind, as the SEEK_HOLE walk is not, to pages cut off and then allocated again by
+        another process's fallocate (they read as zeros): that process might as well have
+        written zeros into the memory, which no check after the fact could tell."""
+        if self._fd is None or not self.share or fs_type(self._fd) != _TMPFS_MAGIC:
+            return False
+        st = os.fstat(self._fd)
+        return st.st_size == self.size and st.st_blocks * 512 == self.size
+
     def data_ranges(self) -> list[tuple[int, int]] | None:
         """Page-rounded (offset, length) ranges that may hold data; None if unknown."""
         if self._fd is None or not self.share or self._mv is None:
