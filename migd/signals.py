@@ -1,6 +1,6 @@
 """Signal handlers of in-process callers that want a signal handed on to them.
 
-A client command (tools/client.py's _Interrupt) catches SIGINT, SIGTERM and SIGHUP while
+A client command (tools/client.py's Interrupt) catches SIGINT, SIGTERM and SIGHUP while
 it runs, to cancel what it started and clean up before it ends. The CLI then exits
 saying it was interrupted. An in-process caller that runs such commands in a loop
 (`migd bench --vm`) must see that signal too, or it goes on to its next round: it marks

@@ -622,10 +622,10 @@ async def test_a_migd_stopped_during_a_session_is_named_as_stopped(stopped_daemo
         _stop_process(stopped_daemon.pid)
         monkeypatch.setattr(client_module, "ANSWER_TIMEOUT", 20.0)
         with pytest.raises(client_module.ClientError) as caught:
-            await client_module._execute(client, "query-migrate")
+            await client_module.execute(client, "query-migrate")
     finally:
         stopped_daemon.proc.send_signal(signal.SIGCONT)
-        await client_module._disconnect(client)
+        await client_module.disconnect(client)
     text = str(caught.value)
     assert text.startswith("query-migrate: migd does not answer: its process (pid "), text
     assert f"`kill -CONT {stopped_daemon.pid}`" in text

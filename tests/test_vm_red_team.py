@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from migd.tools import vm, vm_image
-from migd.tools.client import ClientError, _disconnect, _execute, connect
+from migd.tools.client import ClientError, connect, disconnect, execute
 
 from .conftest import DaemonProcess, fill_random, poll_until
 from .qemu_vm import QemuVM, requires_qemu
@@ -198,7 +198,7 @@ async def test_a_killed_vm_save_leaves_qemu_without_x_ignore_shared(
                    "--socket", str(daemon.socket_path), "-q", *flags, str(image)]  # fmt: skip
             cli = subprocess.Popen(cmd, stderr=subprocess.PIPE)
             try:
-                jobs = await poll_until(lambda: _execute(migd, "query-jobs"), bool, "migd's job")
+                jobs = await poll_until(lambda: execute(migd, "query-jobs"), bool, "migd's job")
             finally:
                 cli.kill()
                 cli.communicate()
@@ -206,7 +206,7 @@ async def test_a_killed_vm_save_leaves_qemu_without_x_ignore_shared(
             assert await status(qemu) == ("running" if during == "live pass" else "postmigrate")
             assert not await ignore_shared(qemu)
     finally:
-        await _disconnect(migd)
+        await disconnect(migd)
 
 
 async def test_a_killed_vm_save_leaves_nothing_of_it_in_migd(
@@ -226,15 +226,15 @@ async def test_a_killed_vm_save_leaves_nothing_of_it_in_migd(
                    "--socket", str(daemon.socket_path), "-q", str(image)]  # fmt: skip
             cli = subprocess.Popen(cmd, stderr=subprocess.PIPE)
             try:
-                await poll_until(lambda: _execute(migd, "query-jobs"), bool, "migd's job")
+                await poll_until(lambda: execute(migd, "query-jobs"), bool, "migd's job")
             finally:
                 cli.kill()
                 cli.communicate()
             async def left() -> list[Any]:
-                return [await _execute(migd, c)
+                return [await execute(migd, c)
                         for c in ("query-jobs", "query-memdev", "query-fdsets")]  # fmt: skip
 
             # Released in the background once migd sees the connection end.
             await poll_until(left, lambda lists: not any(lists), "the killed save's release")
     finally:
-        await _disconnect(migd)
+        await disconnect(migd)

@@ -313,7 +313,7 @@ def _terminate(signum: int, _frame: FrameType | None) -> None:
 def _keyboard_interrupt(_signum: int, _frame: FrameType | None) -> None:
     """Ctrl-C as Python's own handler has it, but a handler of the bench's: an in-process
     `migd vm` command (bench/vm.py) that caught one hands it on to such a handler when it
-    ends (tools/client._Interrupt), not to Python's default one, which the CLI keeps."""
+    ends (tools/client.Interrupt), not to Python's default one, which the CLI keeps."""
     note_stop(_signum)
     raise KeyboardInterrupt
 

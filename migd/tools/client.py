@@ -153,13 +153,13 @@ async def connect(
     try:
         await _watched(client, client.connect(socket_path))
     except TimeoutError:
-        await _disconnect(client)
+        await disconnect(client)
         raise UsageError(
             f"{failure or f'migd at {socket_path}'}: no answer within {ANSWER_TIMEOUT:g} s "
             f"(the server{_peer_text(client, '')} accepts connections but does not speak QMP)"
         ) from None
     except StoppedServer as exc:
-        await _disconnect(client)
+        await disconnect(client)
         raise UsageError(f"{failure or f'migd at {socket_path}'} does not answer: {exc}") from None
     except Exception as exc:
         cause = getattr(exc, "exc", exc)
@@ -190,13 +190,13 @@ async def connect(
         try:
             check_migd_server(client, socket_path)
         except BaseException:
-            await _disconnect(client)
+            await disconnect(client)
             raise
     if scoped:
         try:
-            await _execute(client, "x-migd-session-scope")
+            await execute(client, "x-migd-session-scope")
         except BaseException:
-            await _disconnect(client)
+            await disconnect(client)
             raise
     return client
 
@@ -282,7 +282,7 @@ def stopped_peer(client: Any) -> str | None:
     )
 
 
-async def _execute(client: Any, command: str, arguments: Mapping[str, Any] | None = None) -> Any:
+async def execute(client: Any, command: str, arguments: Mapping[str, Any] | None = None) -> Any:
     """Run one command; a daemon error becomes ClientError 'command: CLASS: desc'."""
     from qemu.qmp import ExecuteError, QMPError
 
@@ -298,7 +298,7 @@ async def _execute(client: Any, command: str, arguments: Mapping[str, Any] | Non
         raise ClientError(f"{command}: lost the connection to migd: {_lost_text(exc)}") from exc
 
 
-async def _disconnect(client: Any) -> None:
+async def disconnect(client: Any) -> None:
     with contextlib.suppress(Exception):
         await client.disconnect()
 
@@ -318,16 +318,16 @@ async def run_call(socket_path: str, command: str, arguments: dict[str, Any]) ->
     except (QMPError, OSError, EOFError) as exc:
         raise ClientError(f"{command}: lost the connection to migd: {_lost_text(exc)}") from exc
     finally:
-        await _disconnect(client)
+        await disconnect(client)
 
 
 async def run_status(socket_path: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(query-migrate, query-jobs)."""
     client = await connect(socket_path)
     try:
-        return await _execute(client, "query-migrate"), await _execute(client, "query-jobs")
+        return await execute(client, "query-migrate"), await execute(client, "query-jobs")
     finally:
-        await _disconnect(client)
+        await disconnect(client)
 
 
 def format_status(info: Mapping[str, Any]) -> list[str]:
@@ -612,7 +612,7 @@ def _backend_line(backend: Mapping[str, Any]) -> str:
 async def _check_backends(client: Any, direction: str, wanted: list[str], job: bool) -> None:
     """--backend: each must exist; a migrate must cover all of them, since it saves every
     one (a job saves only its own)."""
-    have = [m["id"] for m in await _execute(client, "query-memdev")]
+    have = [m["id"] for m in await execute(client, "query-memdev")]
     missing = [b for b in wanted if b not in have]
     if missing:
         raise ClientError(f"no memory backend {', '.join(repr(b) for b in missing)} in migd")
@@ -625,7 +625,7 @@ async def _check_backends(client: Any, direction: str, wanted: list[str], job: b
         )
 
 
-class _Interrupt:
+class Interrupt:
     """SIGINT/SIGTERM/SIGHUP during a migration: ask for migrate_cancel, don't die
     mid-way. SIGHUP too: a client whose terminal or ssh session went away died at once,
     leaving its backend and job in the daemon for the next run to trip over (red-team,
@@ -643,7 +643,7 @@ class _Interrupt:
         self.received.append(sig)
         self.event.set()
 
-    def __enter__(self) -> _Interrupt:
+    def __enter__(self) -> Interrupt:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 before = signal.getsignal(sig)
@@ -670,7 +670,7 @@ async def _follow_until_final(
     poll: Callable[[], Awaitable[dict[str, Any]]],
     is_final: Callable[[dict[str, Any]], bool],
     cancel: Callable[[], Awaitable[object]],
-    interrupt: _Interrupt,
+    interrupt: Interrupt,
     progress: Progress,
     direction: str,
     still_cancelling: str,
@@ -698,19 +698,19 @@ async def _follow_until_final(
 
 
 async def _follow(
-    client: Any, interrupt: _Interrupt, progress: Progress, direction: str
+    client: Any, interrupt: Interrupt, progress: Progress, direction: str
 ) -> tuple[dict[str, Any], bool]:
     """Poll query-migrate until a final state; (last info, whether the user cancelled)."""
 
     async def poll() -> dict[str, Any]:
-        info = await _execute(client, "query-migrate")
+        info = await execute(client, "query-migrate")
         progress.update(info)
         return info
 
     return await _follow_until_final(
         poll,
         lambda info: info.get("status") in FINAL_STATES,
-        lambda: _execute(client, "migrate_cancel"),
+        lambda: execute(client, "migrate_cancel"),
         interrupt,
         progress,
         direction,
@@ -745,10 +745,10 @@ async def run_migration(
     client = await connect(socket_path, scoped=True)
     added = False
     try:
-        with _Interrupt() as interrupt:
+        with Interrupt() as interrupt:
             if backend is not None:
                 try:
-                    await _execute(client, "object-add", backend)
+                    await execute(client, "object-add", backend)
                 except ClientError as exc:
                     if "already exists" not in str(exc):
                         raise
@@ -777,10 +777,10 @@ async def run_migration(
         # deletes a connection's backends as it ends, or its process is gone with them.
         if added and backend is not None and client.runstate == Runstate.RUNNING:
             try:
-                await _execute(client, "object-del", {"id": backend["id"]})
+                await execute(client, "object-del", {"id": backend["id"]})
             except ClientError as exc:
                 print(f"warning: {exc}", file=err)
-        await _disconnect(client)
+        await disconnect(client)
 
     status = info.get("status")
     if status == "completed":
@@ -803,12 +803,12 @@ async def run_migration(
 
 
 async def _start_migration(
-    client: Any, interrupt: _Interrupt, direction: str, opts: MigrateOptions, direct_io: bool
+    client: Any, interrupt: Interrupt, direction: str, opts: MigrateOptions, direct_io: bool
 ) -> None:
     """migrate / migrate-incoming, with the daemon's capabilities and parameters set first."""
     caps = [{"capability": name, "state": True} for name in ("mapped-ram", "multifd", "events")]
-    await _execute(client, "migrate-set-capabilities", {"capabilities": caps})
-    await _execute(
+    await execute(client, "migrate-set-capabilities", {"capabilities": caps})
+    await execute(
         client,
         "migrate-set-parameters",
         {
@@ -822,7 +822,7 @@ async def _start_migration(
     arguments = _uri_arguments(opts.file, opts.offset)
     if direction == "restore" and opts.skip_unmatched:
         arguments["skip-unmatched-blocks"] = True
-    await _execute(client, "migrate" if direction == "save" else "migrate-incoming", arguments)
+    await execute(client, "migrate" if direction == "save" else "migrate-incoming", arguments)
 
 
 # --- jobs (memory-save, memory-restore, query-jobs) ---------------------------------------
@@ -830,7 +830,7 @@ async def _start_migration(
 
 async def _run_job(
     client: Any,
-    interrupt: _Interrupt,
+    interrupt: Interrupt,
     direction: str,
     opts: MigrateOptions,
     backends: list[str],
@@ -857,7 +857,7 @@ async def _run_job(
     if interrupt.event.is_set():
         raise ClientError(f"{direction} interrupted before it started")
     started = time.monotonic()
-    await _execute(client, "memory-save" if direction == "save" else "memory-restore", arguments)
+    await execute(client, "memory-save" if direction == "save" else "memory-restore", arguments)
     progress = Progress(direction, err, quiet=opts.quiet)
     try:
         job, by_user = await _follow_job(client, interrupt, progress, direction, opts.job_id)
@@ -865,7 +865,7 @@ async def _run_job(
         progress.close()
     seconds = time.monotonic() - started
     try:  # the job's outcome is known: failing to dismiss it does not change it
-        await _execute(client, "job-dismiss", {"id": opts.job_id})
+        await execute(client, "job-dismiss", {"id": opts.job_id})
     except ClientError as exc:
         print(f"warning: {exc}", file=err)
     error = job.get("error")
@@ -890,14 +890,14 @@ def job_as_migration(job: Mapping[str, Any]) -> dict[str, Any]:
 
 
 async def _query_job(client: Any, job_id: str) -> dict[str, Any]:
-    for job in await _execute(client, "query-jobs"):
+    for job in await execute(client, "query-jobs"):
         if job.get("id") == job_id:
             return dict(job)
     raise ClientError(f"job '{job_id}' is gone from query-jobs (dismissed by another client?)")
 
 
 async def _follow_job(
-    client: Any, interrupt: _Interrupt, progress: Progress, direction: str, job_id: str
+    client: Any, interrupt: Interrupt, progress: Progress, direction: str, job_id: str
 ) -> tuple[dict[str, Any], bool]:
     """Poll query-jobs until the job concludes; (its entry, whether the user cancelled)."""
 
@@ -909,7 +909,7 @@ async def _follow_job(
     return await _follow_until_final(
         poll,
         lambda job: job.get("status") == "concluded",
-        lambda: _execute(client, "job-cancel", {"id": job_id}),
+        lambda: execute(client, "job-cancel", {"id": job_id}),
         interrupt,
         progress,
         direction,
@@ -971,13 +971,13 @@ async def run_jobs(socket_path: str, out: TextIO, watch: bool, as_json: bool) ->
     client = await connect(socket_path)
     try:
         if not watch:
-            jobs = await _execute(client, "query-jobs")
+            jobs = await execute(client, "query-jobs")
             print(json.dumps(jobs, indent=2) if as_json else "\n".join(format_jobs(jobs)), file=out)
             return 0
         tty = out.isatty()
-        with _Interrupt() as interrupt:
+        with Interrupt() as interrupt:
             while not interrupt.event.is_set():
-                jobs = await _execute(client, "query-jobs")
+                jobs = await execute(client, "query-jobs")
                 stamp = time.strftime("%H:%M:%S")
                 if as_json:
                     text = json.dumps(jobs)
@@ -992,4 +992,4 @@ async def run_jobs(socket_path: str, out: TextIO, watch: bool, as_json: bool) ->
                     await asyncio.wait_for(interrupt.event.wait(), WATCH_PERIOD)
         return 0
     finally:
-        await _disconnect(client)
+        await disconnect(client)

@@ -48,12 +48,12 @@ from ..state import paths
 from . import vm_image
 from .client import (
     ClientError,
+    Interrupt,
     Progress,
     UsageError,
-    _disconnect,
-    _execute,
-    _Interrupt,
     connect,
+    disconnect,
+    execute,
     human_bytes,
     job_as_migration,
     probe_direct_io,
@@ -159,9 +159,9 @@ _SILENT: weakref.WeakSet[Any] = weakref.WeakSet()
 
 @contextlib.contextmanager
 def _interruptible(timeout: float) -> Any:
-    """SIGINT/SIGTERM caught (client._Interrupt) for the whole block, and every QEMU
+    """SIGINT/SIGTERM caught (client.Interrupt) for the whole block, and every QEMU
     command and wait in it ended by them, or by `timeout` seconds without an answer."""
-    with _Interrupt() as interrupt:
+    with Interrupt() as interrupt:
         token = _LIMITS.set(_Limits(timeout, interrupt.event))
         try:
             yield interrupt
@@ -206,7 +206,7 @@ async def qemu_execute(
     if qemu in _SILENT:
         # One command went unanswered: the next would wait as long for nothing.
         raise ClientError(f"QEMU: {command}: not sent, QEMU has stopped answering")
-    call = asyncio.ensure_future(_execute(qemu, command, arguments))
+    call = asyncio.ensure_future(execute(qemu, command, arguments))
     waits: set[asyncio.Future[Any]] = {call}
     if interrupt is not None:
         waits.add(asyncio.ensure_future(interrupt.wait()))
@@ -477,10 +477,10 @@ async def add_migd_backends(
     try:
         for id, block, size, fd in backends:
             migd.send_fd_scm(fd)
-            reply = await _execute(migd, "add-fd", {"opaque": f"migd vm: RAM of {block}"})
+            reply = await execute(migd, "add-fd", {"opaque": f"migd vm: RAM of {block}"})
             fdset = int(reply["fdset-id"])
             fdsets.append(fdset)
-            await _execute(
+            await execute(
                 migd,
                 "object-add",
                 {
@@ -503,7 +503,7 @@ async def add_migd_backends(
 async def del_migd_backends(migd: Any, ids: Sequence[str]) -> None:
     for id in ids:
         with contextlib.suppress(ClientError):
-            await _execute(migd, "object-del", {"id": id})
+            await execute(migd, "object-del", {"id": id})
 
 
 async def pass_image_to_migd(
@@ -523,7 +523,7 @@ async def pass_image_to_migd(
                 arguments: dict[str, Any] = {"opaque": opaque}
                 if fdset_id is not None:
                     arguments["fdset-id"] = fdset_id
-                reply = await _execute(migd, "add-fd", arguments)
+                reply = await execute(migd, "add-fd", arguments)
                 fdset_id = int(reply["fdset-id"])
             finally:
                 os.close(twin)
@@ -534,12 +534,12 @@ async def pass_image_to_migd(
 async def drop_migd_fdset(migd: Any, fdset_id: int | None) -> None:
     if fdset_id is not None:
         with contextlib.suppress(ClientError):
-            await _execute(migd, "remove-fd", {"fdset-id": fdset_id})
+            await execute(migd, "remove-fd", {"fdset-id": fdset_id})
 
 
 async def run_migd_job(
     migd: Any,
-    interrupt: _Interrupt,
+    interrupt: Interrupt,
     command: str,
     arguments: dict[str, Any],
     progress: Progress,
@@ -558,11 +558,11 @@ async def run_migd_job(
     listener = EventListener("JOB_STATUS_CHANGE", event_filter=ours)
     migd.register_listener(listener)
     try:
-        await _execute(migd, command, arguments)
+        await execute(migd, command, arguments)
         cancelled = False
         while True:
             job = next(
-                (j for j in await _execute(migd, "query-jobs") if j.get("id") == job_id), None
+                (j for j in await execute(migd, "query-jobs") if j.get("id") == job_id), None
             )
             if job is None:
                 raise ClientError(f"migd job '{job_id}' is gone (dismissed by another client?)")
@@ -574,7 +574,7 @@ async def run_migd_job(
                 progress.close()
                 # Refused when the job ended meanwhile: its end is what counts then.
                 with contextlib.suppress(ClientError):
-                    await _execute(migd, "job-cancel", {"id": job_id})
+                    await execute(migd, "job-cancel", {"id": job_id})
             waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(listener.get())]
             if not cancelled:
                 waits.append(asyncio.ensure_future(interrupt.event.wait()))
@@ -585,7 +585,7 @@ async def run_migd_job(
         migd.remove_listener(listener)
         # Whatever ended the wait: a concluded job left listed would stay for ever.
         with contextlib.suppress(ClientError):
-            await _execute(migd, "job-dismiss", {"id": job_id})
+            await execute(migd, "job-dismiss", {"id": job_id})
     if job.get("error") is not None:
         raise ClientError(f"migd {command} failed: {job['error']}")
     if cancelled:
@@ -594,7 +594,7 @@ async def run_migd_job(
 
 
 async def ram_job(
-    migd: Any, interrupt: _Interrupt, opts: VmOptions, direction: str, job_id: str,
+    migd: Any, interrupt: Interrupt, opts: VmOptions, direction: str, job_id: str,
     backends: list[str], uri: str, direct_io: bool, err: TextIO,
     extra: Mapping[str, Any] | None = None,
 ) -> None:  # fmt: skip
@@ -792,7 +792,7 @@ async def run_vm_save(opts: VmOptions, out: TextIO, err: TextIO) -> int:
                     f"written, {image} is as it was"
                 ) from None
     finally:
-        await _disconnect(qemu)  # also after a failure (an in-process caller goes on)
+        await disconnect(qemu)  # also after a failure (an in-process caller goes on)
         _release(locks)
 
 
@@ -845,7 +845,7 @@ async def _save(
     opts: VmOptions,
     out: TextIO,
     err: TextIO,
-    interrupt: _Interrupt,
+    interrupt: Interrupt,
     locks: list[int],
 ) -> int:
     image = os.path.abspath(opts.image)
@@ -1013,7 +1013,7 @@ async def _save(
             await del_migd_backends(migd, migd_ids)
             for fdset in migd_fdsets:
                 await drop_migd_fdset(migd, fdset)
-            await _disconnect(migd)
+            await disconnect(migd)
         if not (done and opts.after == "quit"):
             await settings.restore()
         if not done and stopped and was_running:
@@ -1352,7 +1352,7 @@ def _process_age() -> float | None:
 
 
 async def _restore(
-    opts: VmOptions, out: TextIO, err: TextIO, interrupt: _Interrupt, locks: list[int]
+    opts: VmOptions, out: TextIO, err: TextIO, interrupt: Interrupt, locks: list[int]
 ) -> int:
     # The guest is down all along: its downtime counts from here, checks included, and
     # the command's own start-up before it is reported beside it.
@@ -1459,9 +1459,9 @@ async def _restore(
             await del_migd_backends(migd, migd_ids)
             for fdset in migd_fdsets:
                 await drop_migd_fdset(migd, fdset)
-            await _disconnect(migd)
+            await disconnect(migd)
         if qemu is not None:
-            await _disconnect(qemu)
+            await disconnect(qemu)
     ram_bytes = sum(b.size for b in header.backends)
     if opts.postcopy:
         return _print_postcopy_summary(out, opts, image, header, t, startup, ram_bytes, requests)
