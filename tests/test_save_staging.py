@@ -388,6 +388,19 @@ def _stored_block(backend: Any) -> Any:
                    holds_every_page=backend.holds_every_page)  # fmt: skip
 
 
+def _record_seeks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The `whence` of every os.lseek from now on (until monkeypatch.undo), in order."""
+    seeks: list[int] = []
+    real = os.lseek
+
+    def spy(fd: int, pos: int, how: int) -> int:
+        seeks.append(how)
+        return real(fd, pos, how)
+
+    monkeypatch.setattr(os, "lseek", spy)
+    return seeks
+
+
 @pytest.mark.parametrize("where", ["tmpfs", "ext4"])
 def test_pages_lost_from_a_memory_backend_are_found_where_its_blocks_count_too(
     shm: Path, where: str
@@ -428,18 +441,11 @@ def test_a_whole_tmpfs_memory_file_is_checked_without_walking_its_pages(
     from migd.io.engine import check_sizes
     from migd.state.memory import create_file_backend
 
-    seeks: list[int] = []
-    real = os.lseek
-
-    def spy(fd: int, pos: int, how: int) -> int:
-        seeks.append(how)
-        return real(fd, pos, how)
-
     path = shm / "ram0"
     path.write_bytes(b"\x01" * (4 * MiB))
     backend = create_file_backend("m", 4 * MiB, str(path))
     try:
-        monkeypatch.setattr(os, "lseek", spy)
+        seeks = _record_seeks(monkeypatch)
         check_sizes([_stored_block(backend)], "restore")
         assert os.SEEK_HOLE not in seeks
         backend.zero_range(3 * MiB, PAGE_SIZE)  # a hole outside the present pages
@@ -463,14 +469,7 @@ async def test_a_restore_into_a_whole_tmpfs_file_ends_without_walking_its_pages(
     await enable_mapped_ram(qmp, channels=2, direct_io=True)
     assert (await save(qmp, short_dir / "save.img"))["status"] == "completed"
     (shm / "ram0").write_bytes(b"\xee" * SIZE)
-    seeks: list[int] = []
-    real = os.lseek
-
-    def spy(fd: int, pos: int, how: int) -> int:
-        seeks.append(how)
-        return real(fd, pos, how)
-
-    monkeypatch.setattr(os, "lseek", spy)
+    seeks = _record_seeks(monkeypatch)
     info = await restore(qmp, short_dir / "save.img")
     monkeypatch.undo()
     assert info["status"] == "completed", info
