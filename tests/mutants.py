@@ -2016,6 +2016,21 @@ MUTANTS = [
         "                holds_every_page=None,\n",
         ("tests/test_save_staging.py::test_a_restore_into_a_whole_tmpfs_file_ends_without_walking_its_pages",),
     ),
+    Mutant(
+        "saves-held-against-the-median-disk-write",
+        "migd/bench/report.py",
+        "            self.best_disk_per_round(save, \"write\"),",
+        "            speed(save, self.best_disk(\"write\")),",
+        ("tests/test_bench.py::test_saves_are_held_against_the_disk_write_of_their_own_round",
+         "tests/test_bench.py::test_bench_end_to_end"),
+    ),
+    Mutant(
+        "disk-passes-at-the-round-start-only",
+        "migd/bench/report.py",
+        "            min(r.times[i] for r in pool) / row.times[i] for i in range(rounds)",
+        "            min(r.times[0] for r in pool) / row.times[i] for i in range(rounds)",
+        ("tests/test_bench.py::test_saves_are_held_against_the_disk_write_of_their_own_round",),
+    ),
 ]  # fmt: skip
 
 

@@ -13,7 +13,10 @@ In every round:
   fio installed: psync with 1 MiB blocks, 1 and 4 jobs, and libaio with 8 x 4 MiB in
   flight (the best is the 100% line).
   Without fio: a built-in loop of 4 threads, each with its own O_DIRECT fd, doing
-  os.pwritev / os.preadv of 4 MiB mmap-allocated (aligned) buffers.
+  os.pwritev / os.preadv of 4 MiB mmap-allocated (aligned) buffers. These passes are
+  one of the saves' group, shuffled with the saves, and the saves' ratio to the disk is
+  taken round by round (each round's best save against the same round's best write),
+  as the restores' is.
 * migd save of --size-gib of random data held in a /dev/shm memory-backend-file
   (multifd + mapped-ram) for each --channels count, with direct-io and without it (for
   --buffered-channels).

@@ -9,7 +9,9 @@ fast disk (session 25: this found the save file's size on disk, save.write_head)
 - server: the same in a process of its own (a line on its stdin, one save);
 - daemon: a migd daemon's `migrate` of the same memory, timed to its MIGRATION event;
 - plain: four threads, one copying at a time (pread, sampled zero test, xxh3 per MiB),
-  each writing its own buffers.
+  each writing its own buffers;
+- baseline: the bench's disk write baseline (migd/bench/disk.py's direct_pass: 4 threads,
+  each an anonymous 4 MiB buffer written over and over, into a file allocated first).
 
 LIKE_DAEMON=1: the server makes its file as save.write_head did before session 25 (cut
 to 0, the head's first piece written at 0 and its last one past the pages through the
@@ -20,7 +22,7 @@ REATTACH=1: the daemon's backend added again before each, as the bench does; POL
 the daemon's saves timed as the bench times them, query-migrate polled every 10 ms;
 PAUSE=seconds: a pause before each operation; PERF=FILE: `perf record -g` of the daemon
 over the rounds into FILE.
-WAYS=engine,server,daemon,plain: those only. TREE=/path: migd imported from that tree
+WAYS=engine,server,daemon,plain,baseline: those only. TREE=/path: migd imported from that tree
 (the engine, the server and the daemon). Printed: GiB/s and CPU s/GiB (the process
 that saved), medians.
 
@@ -31,7 +33,7 @@ from pathlib import Path
 TREE = os.environ.get("TREE", os.getcwd())
 sys.path.insert(0, TREE)
 import numpy as np, uvloop, xxhash
-from migd.bench.disk import drop_caches
+from migd.bench.disk import direct_pass, drop_caches
 from migd.bench.fastdisk import FastDisk
 from migd.bench.processes import QMP, configure, cpu_seconds, serve_argv, timed_migration
 from migd.fallocate import KEEP_SIZE, fallocate
@@ -130,6 +132,17 @@ try:
         os.close(main)
         return secs
 
+    def baseline():
+        if os.path.exists(img):
+            os.unlink(img)
+        fd = os.open(img, os.O_WRONLY | os.O_CREAT, 0o600)
+        fallocate(fd, 0, 0, SIZE); os.close(fd)
+        buffers = [mmap.mmap(-1, RUN) for _ in range(4)]
+        for b in buffers: b.write(os.urandom(RUN))
+        secs = direct_pass(Path(img), SIZE, buffers, write=True)
+        for b in buffers: b.close()
+        return secs
+
     def on_server():
         server.stdin.write("save\n"); server.stdin.flush()
         return float(server.stdout.readline())
@@ -150,7 +163,7 @@ try:
 
     ways = {"engine": (lambda: engine_save(mem_fd, mapping, img), None),
             "server": (on_server, server.pid), "daemon": (on_daemon, daemon.pid),
-            "plain": (plain, None)}
+            "plain": (plain, None), "baseline": (baseline, None)}
     if os.environ.get("WAYS"):
         ways = {name: ways[name] for name in os.environ["WAYS"].split(",")}
     res = {name: [] for name in ways}
