@@ -1983,10 +1983,17 @@ MUTANTS = [
     ),
     Mutant(
         "bench-headline-takes-a-paired-polling-row",
-        "migd/bench/report.py",
-        "            and r.checksums is None\n            and r.polled is None\n",
-        "            and r.checksums is None\n",
-        ("tests/test_bench.py::test_the_headline_figures_leave_the_paired_polling_rows_out",),
+        "migd/bench/results.py",
+        " or self.staging is not None or self.polled is not None\n",
+        " or self.staging is not None\n",
+        ("tests/test_bench.py::test_the_headline_figures_leave_the_paired_rows_out",),
+    ),
+    Mutant(
+        "bench-headline-takes-a-paired-staging-row",
+        "migd/bench/results.py",
+        " or self.staging is not None or self.polled is not None\n",
+        " or self.polled is not None\n",
+        ("tests/test_bench.py::test_the_headline_figures_leave_the_paired_rows_out",),
     ),
     Mutant(
         "holds-every-page-on-any-filesystem",

@@ -113,20 +113,14 @@ class BenchReport:
             and r.memory == "random"
             and not r.empty_dst
             and r.detect
-            and r.checksums is None
-            and r.polled is None
+            and not r.paired
             and all(getattr(r, k) == v for k, v in match.items())
         ]
         return max(rows, key=lambda r: r.gibs) if rows else None
 
     def qemu_match(self, row: Row) -> Row | None:
         """QEMU's figure for the same operation, channels, direct-io and destination."""
-        if (
-            row.tool != "migd"
-            or row.memory != "random"
-            or row.checksums is not None
-            or row.polled is not None
-        ):
+        if row.tool != "migd" or row.memory != "random" or row.paired:
             return None
         key = (
             f"qemu-{row.op}-{row.channels}"
@@ -660,8 +654,7 @@ class BenchReport:
                     and r.memory == "random"
                     and not r.empty_dst
                     and r.detect
-                    and r.checksums is None
-                    and r.polled is None
+                    and not r.paired
                 )
                 if not pts:
                     continue

@@ -34,6 +34,9 @@ class Row:
     # set only in the paired polling rows (Bench.paired_polling): True, query-migrate
     # every 10 ms as in every other row; False, waiting for the MIGRATION event alone
     polled: bool | None = None
+    # set only in the paired staging rows (Bench.paired_staging): "staged", through
+    # staging buffers, or "mapped", from or into the mapping (a daemon with MIGD_STAGING=0)
+    staging: str | None = None
     times: list[float] = field(default_factory=list)
     cache_pct: list[float] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)
@@ -74,6 +77,12 @@ class Row:
         return statistics.median(self.cpu_user) / gib, statistics.median(self.cpu_sys) / gib
 
     @property
+    def paired(self) -> bool:
+        """One of the paired rows (checksums, staging, polling), which run after the
+        rounds, two samples a round: never a headline figure nor QEMU's match."""
+        return self.checksums is not None or self.staging is not None or self.polled is not None
+
+    @property
     def seconds(self) -> float:
         return statistics.median(self.times)
 
@@ -111,6 +120,7 @@ class Row:
             "zero_detection": self.detect,
             "checksums": self.checksums,
             "polled": self.polled,
+            "staging": self.staging,
             "checksum_states": self.sum_states or None,
             "bytes": self.nbytes,
             "seconds": self.times,

@@ -182,6 +182,7 @@ class Bench(BenchReport):
             memory=memory,
             checksums=checksums,
             polled=polled,
+            staging=staging,
         )
 
     def check_space(self) -> None:
