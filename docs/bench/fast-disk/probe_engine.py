@@ -20,7 +20,9 @@ page cache, so only the page cache knows the file's size), and opens its channel
 DROP=1: the page cache dropped before each save (the save file removed first), and
 REATTACH=1: the daemon's backend added again before each, as the bench does; POLL=1:
 the daemon's saves timed as the bench times them, query-migrate polled every 10 ms;
-PAUSE=seconds: a pause before each operation; PERF=FILE: `perf record -g` of the daemon
+PAUSE=seconds: a pause before each operation; FRESH=1: the memory file written over
+before each operation (the same bytes), so that every way reads memory it has not read
+since (session 28: the first read of such memory cost twice the kernel CPU of a re-read); PERF=FILE: `perf record -g` of the daemon
 over the rounds into FILE.
 WAYS=engine,server,daemon,plain,baseline: those only. TREE=/path: migd imported from that tree
 (the engine, the server and the daemon). Printed: GiB/s and CPU s/GiB (the process
@@ -94,8 +96,9 @@ disk = FastDisk(4096 * MiB); outdir = disk.open()
 mem, img = "/dev/shm/probe-engine-mem", f"{outdir}/probe-engine.img"
 procs = []
 try:
+    fresh_bytes = [os.urandom(64 * MiB) for _ in range(SIZE // (64 * MiB))]
     with open(mem, "wb") as f:
-        for _ in range(SIZE // (64 * MiB)): f.write(os.urandom(64 * MiB))
+        for chunk in fresh_bytes: f.write(chunk)
     os.chmod(mem, 0o600)
     mem_fd = os.open(mem, os.O_RDWR); mapping = mmap.mmap(mem_fd, SIZE, mmap.MAP_SHARED)
     env = {**os.environ, "PYTHONPATH": TREE}
@@ -179,6 +182,9 @@ try:
                 q.execute("object-del", {"id": "ram0"})
                 q.execute("object-add", {"qom-type": "memory-backend-file", "id": "ram0",
                                          "size": SIZE, "mem-path": mem, "share": True})
+            if os.environ.get("FRESH"):  # every page written since anyone last read it
+                for at in range(0, SIZE, 64 * MiB):
+                    os.pwrite(mem_fd, fresh_bytes[at // (64 * MiB)], at)
             if os.environ.get("PAUSE"):  # seconds between the operations
                 time.sleep(float(os.environ["PAUSE"]))
             if os.environ.get("DROP"):  # as the bench does before each measurement
