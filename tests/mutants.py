@@ -2026,7 +2026,7 @@ MUTANTS = [
     Mutant(
         "saves-held-against-the-median-disk-write",
         "migd/bench/report.py",
-        "            self.best_disk_per_round(save, \"write\"),",
+        "            self.share_of_disk_per_round(save, \"write\"),",
         "            speed(save, self.best_disk(\"write\")),",
         ("tests/test_bench.py::test_saves_are_held_against_the_disk_write_of_their_own_round",
          "tests/test_bench.py::test_bench_end_to_end"),

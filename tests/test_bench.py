@@ -712,7 +712,7 @@ def test_saves_are_held_against_the_disk_write_of_their_own_round() -> None:
     report = Report.__new__(Report)
     report.ref, report.size = 4, 1 << 30
     # per round: 1.6 / 2.0, 0.8 / 1.0, 0.8 / 1.0; the median of those
-    assert report.best_disk_per_round(save, "write") == pytest.approx(0.8)
+    assert report.share_of_disk_per_round(save, "write") == pytest.approx(0.8)
     ratios = {r.name: r for r in report.ratios()}
     held = ratios["best migd save (4 ch) / best disk write of the same round (per round)"]
     assert held.value == pytest.approx(0.8) and held.ok is False  # target >= 0.90
@@ -720,8 +720,8 @@ def test_saves_are_held_against_the_disk_write_of_their_own_round() -> None:
     assert save.gibs / report.best_disk("write").gibs == pytest.approx(0.9)
     # an interrupted round (the save ran, the disk did not) is left out
     save.times.append(0.5)
-    assert report.best_disk_per_round(save, "write") == pytest.approx(0.8)
+    assert report.share_of_disk_per_round(save, "write") == pytest.approx(0.8)
     # without fio the Python loop is the disk
     del rows[1:3]
-    assert report.best_disk_per_round(save, "write") == pytest.approx(0.1)
-    assert report.best_disk_per_round(None, "write") is None
+    assert report.share_of_disk_per_round(save, "write") == pytest.approx(0.1)
+    assert report.share_of_disk_per_round(None, "write") is None

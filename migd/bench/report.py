@@ -85,7 +85,7 @@ class BenchReport:
         rows = [r for r in self.measured().values() if r.op == rw]
         return [r for r in rows if r.tool == "fio"] or rows
 
-    def best_disk_per_round(self, row: Row | None, rw: str) -> float | None:
+    def share_of_disk_per_round(self, row: Row | None, rw: str) -> float | None:
         """row's throughput over the best of the disk's passes in the same round (they ran
         among the saves: Bench.round), the median of the rounds; the rounds that every
         pass and the row completed."""
@@ -239,7 +239,7 @@ class BenchReport:
 
         add(
             f"best migd save ({ch(save)}) / best disk write of the same round (per round)",
-            self.best_disk_per_round(save, "write"),
+            self.share_of_disk_per_round(save, "write"),
             ">= 0.90",
             lambda v: v >= 0.9,
         )

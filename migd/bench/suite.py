@@ -408,8 +408,8 @@ class Bench(BenchReport):
         buffered save, for one, leaves the host writing back for a while after it ends.
         The disk's own passes are one of the saves' group, so that the saves' 100% line
         shares their disk weather as the restores' read of their file does (a fast disk
-        here swings by tens of percent over minutes: measured only at the round's start,
-        it made saves 0.74-0.77x of it while alternated probes found 0.92-1.13x).
+        here swings by tens of percent within a minute), and report.py takes the save
+        ratio round by round.
         """
         mig = self.migration_row
         saves: list[Callable[[], None]] = [partial(self.disk, run)]
